@@ -1,0 +1,90 @@
+# phabmesh: everything a contributor or operator runs. `make help` lists the targets.
+# Each target installs what it needs (the virtualenv, the control-plane build) by itself.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
+NAMESPACE ?= phabmesh-system
+# kubectl: yours if installed, otherwise the one built with the local control plane.
+KUBECTL ?= $(shell command -v kubectl 2>/dev/null || echo "$(BIN)/python -m phabmesh.devcluster kubectl-path")
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+.PHONY: venv
+venv: $(STAMP) ## Create the virtualenv with phabmesh and its test tools
+
+.PHONY: controlplane
+controlplane: $(STAMP) ## Build the local Kubernetes control plane (once; cached)
+	$(BIN)/python -m phabmesh.devcluster build
+
+.PHONY: fmt
+fmt: $(STAMP) ## Format and auto-fix the code
+	$(BIN)/ruff format operator tests bench
+	$(BIN)/ruff check --fix operator tests bench
+
+.PHONY: lint
+lint: $(STAMP) ## ruff (lint + format check) and mypy --strict
+	$(BIN)/ruff check operator tests bench
+	$(BIN)/ruff format --check operator tests bench
+	$(BIN)/mypy
+
+.PHONY: manifests
+manifests: $(STAMP) ## Verify CRDs and typed models agree (fails on drift)
+	$(BIN)/python -m phabmesh.schemacheck crds/
+
+.PHONY: test
+test: controlplane ## Run all tests (unit, integration against a real API server, e2e)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+.PHONY: test-unit
+test-unit: $(STAMP) ## Run only the fast, pure unit tests
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+.PHONY: test-e2e
+test-e2e: controlplane ## Run the end-to-end flows
+	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
+
+.PHONY: run
+run: controlplane ## Run phabmesh (current kubeconfig, or a local control plane if none)
+	$(BIN)/phabmesh run
+
+.PHONY: dev-cluster
+dev-cluster: controlplane ## Start a local control plane in the foreground (Ctrl-C stops it)
+	$(BIN)/phabmesh dev-cluster
+
+.PHONY: install
+install: $(STAMP) ## Install the CRDs into the current cluster
+	$(KUBECTL) apply --server-side -f crds/
+
+.PHONY: uninstall
+uninstall: $(STAMP) ## Remove the CRDs (and every phabmesh object) from the current cluster
+	$(KUBECTL) delete --ignore-not-found -f crds/
+
+.PHONY: deploy
+deploy: install ## Deploy the operator and gateway into the current cluster
+	$(KUBECTL) apply -k manifests/
+
+.PHONY: undeploy
+undeploy: $(STAMP) ## Remove the operator and gateway from the current cluster
+	$(KUBECTL) delete --ignore-not-found -k manifests/
+
+.PHONY: bench
+bench: controlplane ## Run the benchmarks and print percentiles and ratios
+	$(BIN)/python -m bench
+
+.PHONY: clean
+clean: ## Remove the virtualenv and caches (the control-plane build cache stays)
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

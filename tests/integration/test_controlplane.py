@@ -1,0 +1,191 @@
+"""The test harness itself: a real kube-apiserver, etcd and controller manager."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from tests.kube import Cluster, wait_for
+
+WIDGET_CRD = """
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: widgets.harness.phabmesh.io
+spec:
+  group: harness.phabmesh.io
+  scope: Namespaced
+  names: {plural: widgets, singular: widget, kind: Widget}
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema:
+          type: object
+          properties:
+            spec:
+              type: object
+              required: [size]
+              properties:
+                size: {type: integer, minimum: 1, maximum: 10}
+                colour: {type: string, enum: [red, green]}
+"""
+
+
+def test_crd_schema_is_enforced(cluster: Cluster, namespace: str) -> None:
+    cluster.kubectl("apply", "-f", "-", input=WIDGET_CRD)
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "crd/widgets.harness.phabmesh.io", "--timeout=30s"
+    )
+    good = {
+        "apiVersion": "harness.phabmesh.io/v1",
+        "kind": "Widget",
+        "metadata": {"name": "ok"},
+        "spec": {"size": 3, "colour": "red"},
+    }
+    created = cluster.custom.create_namespaced_custom_object(
+        "harness.phabmesh.io", "v1", namespace, "widgets", good
+    )
+    assert created["spec"]["size"] == 3
+
+    bad = dict(good, metadata={"name": "bad"}, spec={"size": 99, "colour": "blue"})
+    with pytest.raises(ApiException) as refused:
+        cluster.custom.create_namespaced_custom_object(
+            "harness.phabmesh.io", "v1", namespace, "widgets", bad
+        )
+    assert refused.value.status == 422
+    message = json.loads(refused.value.body)["message"]
+    assert "spec.size" in message
+    assert "spec.colour" in message
+
+
+def _pod(name: str, node: str | None = None) -> client.V1Pod:
+    return client.V1Pod(
+        metadata=client.V1ObjectMeta(name=name),
+        spec=client.V1PodSpec(
+            node_name=node,
+            containers=[client.V1Container(name="app", image="registry.invalid/app:1")],
+        ),
+    )
+
+
+def _set_running(cluster: Cluster, namespace: str, name: str) -> client.V1Pod:
+    status = {
+        "status": {
+            "phase": "Running",
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "containerStatuses": [
+                {
+                    "name": "app",
+                    "ready": True,
+                    "restartCount": 0,
+                    "image": "registry.invalid/app:1",
+                    "imageID": "",
+                    "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
+                }
+            ],
+        }
+    }
+    return cluster.core.patch_namespaced_pod_status(name, namespace, status)
+
+
+def _pod_exists(cluster: Cluster, namespace: str, name: str) -> bool:
+    try:
+        cluster.core.read_namespaced_pod(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
+def test_pod_lifecycle_both_ways(cluster: Cluster, namespace: str) -> None:
+    # A pod without a node stays Pending until its status is patched...
+    cluster.core.create_namespaced_pod(namespace, _pod("floating"))
+    assert cluster.core.read_namespaced_pod("floating", namespace).status.phase == "Pending"
+    running = _set_running(cluster, namespace, "floating")
+    assert running.status.phase == "Running"
+    assert running.status.conditions[0].type == "Ready"
+    # ...and vanishes at once when deleted.
+    cluster.core.delete_namespaced_pod("floating", namespace)
+    assert not _pod_exists(cluster, namespace, "floating")
+
+    # A pod bound to a node stays Terminating (no kubelet) until force-deleted.
+    cluster.core.create_namespaced_pod(namespace, _pod("bound", node="node-a"))
+    _set_running(cluster, namespace, "bound")
+    cluster.core.delete_namespaced_pod("bound", namespace)
+    terminating = cluster.core.read_namespaced_pod("bound", namespace)
+    assert terminating.metadata.deletion_timestamp is not None
+    cluster.core.delete_namespaced_pod("bound", namespace, grace_period_seconds=0)
+    assert not _pod_exists(cluster, namespace, "bound")
+
+
+def _review(cluster: Cluster, token: str) -> client.V1TokenReviewStatus:
+    review = client.AuthenticationV1Api(cluster.api).create_token_review(
+        client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token, audiences=["phabmesh.io"]))
+    )
+    return review.status
+
+
+def test_pod_bound_token_review(cluster: Cluster, namespace: str) -> None:
+    pod = cluster.core.create_namespaced_pod(namespace, _pod("holder", node="node-a"))
+    request = client.AuthenticationV1TokenRequest(
+        spec=client.V1TokenRequestSpec(
+            audiences=["phabmesh.io"],
+            expiration_seconds=600,
+            bound_object_ref=client.V1BoundObjectReference(
+                api_version="v1", kind="Pod", name="holder", uid=pod.metadata.uid
+            ),
+        )
+    )
+    token = cluster.core.create_namespaced_service_account_token(
+        "default", namespace, request
+    ).status.token
+
+    status = _review(cluster, token)
+    assert status.authenticated is True
+    assert status.user.username == f"system:serviceaccount:{namespace}:default"
+    assert status.user.extra["authentication.kubernetes.io/pod-uid"] == [pod.metadata.uid]
+    assert status.user.extra["authentication.kubernetes.io/pod-name"] == ["holder"]
+
+    cluster.core.delete_namespaced_pod("holder", namespace, grace_period_seconds=0)
+    # Successful reviews are cached by the API server for up to 10 s.
+    wait_for(
+        lambda: not _review(cluster, token).authenticated,
+        timeout=30,
+        interval=0.5,
+        what="the deleted pod's token to be refused",
+    )
+
+
+def test_garbage_collector_removes_dependents(cluster: Cluster, namespace: str) -> None:
+    owner = cluster.core.create_namespaced_config_map(
+        namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="owner"))
+    )
+    cluster.core.create_namespaced_config_map(
+        namespace,
+        client.V1ConfigMap(
+            metadata=client.V1ObjectMeta(
+                name="dependent",
+                owner_references=[
+                    client.V1OwnerReference(
+                        api_version="v1", kind="ConfigMap", name="owner", uid=owner.metadata.uid
+                    )
+                ],
+            )
+        ),
+    )
+    cluster.core.delete_namespaced_config_map("owner", namespace)
+
+    def gone() -> bool:
+        try:
+            cluster.core.read_namespaced_config_map("dependent", namespace)
+        except ApiException as exc:
+            return exc.status == 404
+        return False
+
+    wait_for(gone, timeout=60, interval=0.2, what="the garbage collector")
