@@ -1,0 +1,278 @@
+"""Async Kubernetes API calls over one pooled aiohttp session.
+
+Errors form a small tree: :class:`NotFound`, :class:`Conflict`, :class:`Gone`
+(permanent for that call) and :class:`Unavailable` (the API server could not be
+reached or answered 429/5xx: retryable). Transient failures are retried a few
+times with jittered backoff before :class:`Unavailable` is raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from phabmesh.kube.config import Connection
+
+JSON = dict[str, Any]
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+
+
+class KubeError(Exception):
+    """The API server refused a call."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class NotFound(KubeError):
+    pass
+
+
+class Conflict(KubeError):
+    """409: AlreadyExists or a resourceVersion conflict."""
+
+
+class Gone(KubeError):
+    """410: a watch's resourceVersion is too old; list again."""
+
+
+class Unavailable(KubeError):
+    """The API server was unreachable or answered 429/5xx (after retries)."""
+
+
+def _error_for(status: int, body: str) -> KubeError:
+    reason, message = "", body[:500]
+    try:
+        parsed = json.loads(body)
+        if isinstance(parsed, dict):
+            reason = str(parsed.get("reason", ""))
+            message = str(parsed.get("message", message))
+    except ValueError:
+        pass
+    cls: type[KubeError] = KubeError
+    if status == 404:
+        cls = NotFound
+    elif status == 409:
+        cls = Conflict
+    elif status == 410:
+        cls = Gone
+    elif status == 429 or status >= 500:
+        cls = Unavailable
+    return cls(status, reason, message)
+
+
+def resource_path(
+    group: str,
+    version: str,
+    plural: str,
+    namespace: str | None = None,
+    name: str | None = None,
+    subresource: str | None = None,
+) -> str:
+    """``/api/v1/namespaces/ns/pods/name/status`` and its CRD equivalents."""
+    base = f"/api/{version}" if group in ("", "core") else f"/apis/{group}/{version}"
+    if namespace is not None:
+        base += f"/namespaces/{quote(namespace, safe='')}"
+    base += f"/{plural}"
+    if name is not None:
+        base += f"/{quote(name, safe='')}"
+    if subresource is not None:
+        base += f"/{subresource}"
+    return base
+
+
+class _TokenBucket:
+    """Client-side rate limit: ``qps`` sustained, ``burst`` at once."""
+
+    def __init__(self, qps: float, burst: int) -> None:
+        self.rate = qps
+        self.capacity = float(max(burst, 1))
+        self.tokens = self.capacity
+        self.stamp = time.monotonic()
+        self.lock = asyncio.Lock()
+
+    async def take(self) -> None:
+        if self.rate <= 0:
+            return
+        async with self.lock:
+            now = time.monotonic()
+            self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            if self.tokens < 1:
+                await asyncio.sleep((1 - self.tokens) / self.rate)
+                self.stamp = time.monotonic()
+                self.tokens = 1
+            self.tokens -= 1
+
+
+class KubeClient:
+    """One per process; create it inside the running event loop and ``close()`` it."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        *,
+        qps: float = 50.0,
+        burst: int = 100,
+        timeout: float = 30.0,
+        attempts: int = 4,
+        connections: int = 64,
+    ) -> None:
+        self.connection = connection
+        self.timeout = timeout
+        self.attempts = max(1, attempts)
+        self._limit = _TokenBucket(qps, burst)
+        self._connections = connections
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    ssl=self.connection.ssl_context, limit=self._connections
+                ),
+                raise_for_status=False,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        timeout: float | None = None,
+        attempts: int | None = None,
+    ) -> JSON:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Accept": "application/json", **self.connection.headers()}
+        if data is not None:
+            headers["Content-Type"] = content_type
+        tries = attempts or self.attempts
+        delay = 0.05
+        for attempt in range(1, tries + 1):
+            await self._limit.take()
+            try:
+                async with self.session.request(
+                    method,
+                    self.connection.host + path,
+                    params=params,
+                    data=data,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=timeout or self.timeout),
+                ) as resp:
+                    text = await resp.text()
+                    if resp.status < 300:
+                        parsed: JSON = json.loads(text) if text else {}
+                        return parsed
+                    error = _error_for(resp.status, text)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                error = Unavailable(0, type(exc).__name__, str(exc) or type(exc).__name__)
+            if not isinstance(error, Unavailable) or attempt == tries:
+                raise error
+            await asyncio.sleep(delay * (1 + random.random()))  # noqa: S311 - jitter, not crypto
+            delay = min(delay * 2, 2.0)
+        raise AssertionError("unreachable")
+
+    # -- conveniences ---------------------------------------------------------------------
+
+    async def get(self, path: str, **kw: Any) -> JSON:
+        return await self.request("GET", path, **kw)
+
+    async def create(self, path: str, body: JSON, **kw: Any) -> JSON:
+        return await self.request("POST", path, body=body, **kw)
+
+    async def merge_patch(self, path: str, patch: JSON, **kw: Any) -> JSON:
+        return await self.request("PATCH", path, body=patch, content_type=MERGE_PATCH, **kw)
+
+    async def json_patch(self, path: str, ops: list[JSON], **kw: Any) -> JSON:
+        return await self.request("PATCH", path, body=ops, content_type=JSON_PATCH, **kw)
+
+    async def delete(self, path: str, body: JSON | None = None, **kw: Any) -> JSON:
+        return await self.request("DELETE", path, body=body, **kw)
+
+    async def list_all(
+        self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
+    ) -> tuple[list[JSON], str]:
+        """Every item of a collection, read in pages; returns (items, resourceVersion)."""
+        items: list[JSON] = []
+        query = dict(params or {}, limit=str(chunk))
+        while True:
+            page = await self.get(path, params=query)
+            items.extend(page.get("items") or [])
+            meta = page.get("metadata") or {}
+            cont = meta.get("continue")
+            if not cont:
+                return items, str(meta.get("resourceVersion", ""))
+            query["continue"] = cont
+
+    async def watch(
+        self,
+        path: str,
+        resource_version: str,
+        params: Mapping[str, str] | None = None,
+        timeout_seconds: int = 300,
+    ) -> AsyncIterator[JSON]:
+        """Raw watch events from ``resource_version`` until the server ends the stream.
+
+        Raises :class:`Gone` when the version is too old and :class:`Unavailable`
+        when the connection fails.
+        """
+        query = dict(
+            params or {},
+            watch="true",
+            resourceVersion=resource_version,
+            allowWatchBookmarks="true",
+            timeoutSeconds=str(timeout_seconds),
+        )
+        headers = {"Accept": "application/json", **self.connection.headers()}
+        try:
+            async with self.session.get(
+                self.connection.host + path,
+                params=query,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=10, sock_read=timeout_seconds + 30
+                ),
+            ) as resp:
+                if resp.status >= 300:
+                    raise _error_for(resp.status, await resp.text())
+                async for line in resp.content:
+                    if not line.strip():
+                        continue
+                    event: JSON = json.loads(line)
+                    if event.get("type") == "ERROR":
+                        obj = event.get("object") or {}
+                        raise _error_for(int(obj.get("code", 500)), json.dumps(obj))
+                    yield event
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise Unavailable(0, type(exc).__name__, str(exc) or type(exc).__name__) from exc
+
+    async def token_review(self, token: str, audiences: list[str]) -> JSON:
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": token, "audiences": audiences},
+        }
+        review = await self.create("/apis/authentication.k8s.io/v1/tokenreviews", body)
+        status: JSON = review.get("status") or {}
+        return status

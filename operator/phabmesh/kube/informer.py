@@ -1,0 +1,120 @@
+"""List-then-watch caches of Kubernetes objects, reduced to small values.
+
+An :class:`Informer` lists a collection in pages, then watches it from the
+list's resourceVersion, keeping ``items`` (key ``namespace/name`` → the value
+``transform`` made of the object) current. It resumes after disconnects from
+the last version seen (bookmarks included), lists again after ``410 Gone``
+(emitting DELETED for objects that vanished meanwhile), and reports whether it
+is ``connected`` so that readers can fail closed while it is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
+
+import structlog
+
+from phabmesh.kube.client import JSON, Gone, KubeClient, KubeError, Unavailable
+
+V = TypeVar("V")
+log = structlog.get_logger(__name__)
+
+ADDED, MODIFIED, DELETED = "ADDED", "MODIFIED", "DELETED"
+
+
+def object_key(obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    ns = meta.get("namespace")
+    return f"{ns}/{meta.get('name')}" if ns else str(meta.get("name"))
+
+
+class Informer(Generic[V]):
+    def __init__(
+        self,
+        client: KubeClient,
+        path: str,
+        transform: Callable[[JSON], V],
+        *,
+        params: Mapping[str, str] | None = None,
+        on_event: Callable[[str, str, V | None], None] | None = None,
+        name: str = "",
+        chunk: int = 500,
+    ) -> None:
+        self.client = client
+        self.path = path
+        self.transform = transform
+        self.params = dict(params or {})
+        self.on_event = on_event
+        self.name = name or path
+        self.chunk = chunk
+        self.items: dict[str, V] = {}
+        self.synced = asyncio.Event()
+        self.connected = False
+        self.resource_version = ""
+
+    def _emit(self, kind: str, key: str, value: V | None) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(kind, key, value)
+            except Exception:
+                log.exception("informer_handler_failed", informer=self.name, key=key)
+
+    async def relist(self) -> None:
+        objects, version = await self.client.list_all(self.path, self.params, self.chunk)
+        fresh = {object_key(obj): self.transform(obj) for obj in objects}
+        for key in [k for k in self.items if k not in fresh]:
+            del self.items[key]
+            self._emit(DELETED, key, None)
+        for key, value in fresh.items():
+            kind = MODIFIED if key in self.items else ADDED
+            self.items[key] = value
+            self._emit(kind, key, value)
+        self.resource_version = version
+        self.connected = True
+        self.synced.set()
+
+    def _apply(self, event: JSON) -> None:
+        kind = event.get("type", "")
+        obj = event.get("object") or {}
+        version = (obj.get("metadata") or {}).get("resourceVersion")
+        if version:
+            self.resource_version = str(version)
+        if kind == "BOOKMARK":
+            return
+        key = object_key(obj)
+        if kind == DELETED:
+            self.items.pop(key, None)
+            self._emit(DELETED, key, None)
+        elif kind in (ADDED, MODIFIED):
+            value = self.transform(obj)
+            self.items[key] = value
+            self._emit(kind, key, value)
+
+    async def run(self) -> None:
+        """Run until cancelled."""
+        delay = 0.1
+        need_list = True
+        while True:
+            try:
+                if need_list:
+                    await self.relist()
+                    need_list = False
+                async for event in self.client.watch(self.path, self.resource_version, self.params):
+                    self.connected = True
+                    delay = 0.1
+                    self._apply(event)
+                # The server closed the stream (timeoutSeconds): resume from the last version.
+            except Gone:
+                log.info("watch_expired", informer=self.name)
+                need_list = True
+            except (Unavailable, KubeError) as exc:
+                if self.connected:
+                    log.warning("watch_disconnected", informer=self.name, error=str(exc))
+                self.connected = False
+                await asyncio.sleep(delay * (1 + random.random()))  # noqa: S311 - jitter
+                delay = min(delay * 2, 5.0)
+                if isinstance(exc, KubeError) and not isinstance(exc, Unavailable):
+                    need_list = True
