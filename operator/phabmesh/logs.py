@@ -16,7 +16,7 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import IO, Any
 
 import structlog
 
@@ -100,14 +100,17 @@ def _shared_processors() -> list[structlog.types.Processor]:
     ]
 
 
-def configure(level: str = "INFO", json_output: bool | None = None) -> None:
+def configure(
+    level: str = "INFO", json_output: bool | None = None, stream: IO[str] | None = None
+) -> None:
     """Configure structlog and the standard library's logging for this process."""
+    stream = stream or sys.stderr
     if json_output is None:
-        json_output = not sys.stderr.isatty()
+        json_output = not stream.isatty()
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
         if json_output
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
     shared = _shared_processors()
     structlog.configure(
@@ -124,7 +127,7 @@ def configure(level: str = "INFO", json_output: bool | None = None) -> None:
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -42,6 +42,7 @@ class Informer(Generic[V]):
         on_event: Callable[[str, str, V | None], None] | None = None,
         name: str = "",
         chunk: int = 500,
+        watch_timeout: int = 300,
     ) -> None:
         self.client = client
         self.path = path
@@ -50,6 +51,7 @@ class Informer(Generic[V]):
         self.on_event = on_event
         self.name = name or path
         self.chunk = chunk
+        self.watch_timeout = watch_timeout
         self.items: dict[str, V] = {}
         self.synced = asyncio.Event()
         self.connected = False
@@ -102,7 +104,9 @@ class Informer(Generic[V]):
                 if need_list:
                     await self.relist()
                     need_list = False
-                async for event in self.client.watch(self.path, self.resource_version, self.params):
+                async for event in self.client.watch(
+                    self.path, self.resource_version, self.params, self.watch_timeout
+                ):
                     self.connected = True
                     delay = 0.1
                     self._apply(event)

@@ -1,0 +1,45 @@
+import pytest
+
+from phabmesh.settings import Settings, parse_seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90", 90.0), ("90s", 90.0), ("1m30s", 90.0), ("1h", 3600.0), ("250ms", 0.25), ("1.5", 1.5)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "m", "5x", "1h 5m", "-", "5m1"])
+def test_bad_durations_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_seconds(text)
+
+
+def test_environment_overrides_defaults() -> None:
+    settings = Settings.from_env(
+        {
+            "PHABMESH_NAMESPACE": "mesh",
+            "PHABMESH_BOT_RECHECK_INTERVAL": "2m",
+            "PHABMESH_KUBE_BURST": "7",
+            "PHABMESH_LOG_JSON": "true",
+            "UNRELATED": "x",
+        }
+    )
+    assert settings.namespace == "mesh"
+    assert settings.bot_recheck_interval == 120.0
+    assert settings.kube_burst == 7
+    assert settings.log_json is True
+    assert settings.trust_domain == "cluster.local"
+
+
+def test_a_bad_value_names_its_variable() -> None:
+    with pytest.raises(ValueError, match="PHABMESH_CLOCK_SKEW"):
+        Settings.from_env({"PHABMESH_CLOCK_SKEW": "soon"})
+
+
+def test_every_setting_is_documented_with_its_variable() -> None:
+    documented = Settings.documented()
+    assert ("PHABMESH_GATEWAY_PORT", "gateway_port", 8080) in documented
+    assert all(var.startswith("PHABMESH_") for var, _, _ in documented)
