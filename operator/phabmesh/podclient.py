@@ -1,0 +1,140 @@
+"""The pod side: exchange the projected service-account token for a credential.
+
+``phabmesh credential`` reads the token file, calls the credential endpoint and
+writes the credential to a file (mode 0600, replaced atomically). With
+``--watch`` it keeps the file fresh before expiry (sidecar mode) and survives
+endpoint restarts with backoff. It never prints the credential unless asked to
+with ``--print``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import requests
+import structlog
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_TOKEN_FILE = "/var/run/secrets/phabmesh.io/serviceaccount/token"  # noqa: S105 - a path
+DEFAULT_ENDPOINT = "http://phabmesh-issuer.phabmesh-system.svc:8443"
+
+
+class ExchangeError(Exception):
+    """The endpoint refused or could not be reached. ``retryable`` says whether to retry."""
+
+    def __init__(self, message: str, *, status: int = 0, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+
+
+@dataclasses.dataclass(frozen=True)
+class Credential:
+    token: str = dataclasses.field(repr=False)
+    expires_at: datetime.datetime
+    identity: str
+    binding: str
+    bot: str
+
+
+def exchange(
+    endpoint: str,
+    service_account_token: str,
+    *,
+    binding: str | None = None,
+    session: requests.Session | None = None,
+    timeout: float = 10.0,
+) -> Credential:
+    if session is None:
+        with requests.Session() as own:
+            return exchange(
+                endpoint, service_account_token, binding=binding, session=own, timeout=timeout
+            )
+    params = {"binding": binding} if binding else None
+    try:
+        resp = session.post(
+            endpoint.rstrip("/") + "/v1/credentials",
+            headers={"Authorization": f"Bearer {service_account_token}"},
+            params=params,
+            timeout=timeout,
+        )
+    except requests.RequestException as exc:
+        raise ExchangeError(f"credential endpoint unreachable: {type(exc).__name__}") from exc
+    try:
+        body: dict[str, Any] = resp.json()
+    except ValueError:
+        body = {}
+    if resp.status_code != 200:
+        message = body.get("message") or resp.reason or "error"
+        retryable = resp.status_code >= 500 or resp.status_code in (403, 429)
+        raise ExchangeError(
+            f"{resp.status_code} {body.get('error', '')}: {message}",
+            status=resp.status_code,
+            retryable=retryable,
+        )
+    expires = datetime.datetime.fromisoformat(str(body["expiresAt"]).replace("Z", "+00:00"))
+    return Credential(
+        token=str(body["credential"]),
+        expires_at=expires,
+        identity=str(body.get("identity", "")),
+        binding=str(body.get("binding", "")),
+        bot=str(body.get("bot", "")),
+    )
+
+
+def write_atomically(path: Path, content: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(content)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def refresh_delay(credential: Credential, now: datetime.datetime) -> float:
+    """Refresh when a third of the remaining life is left, and never later than 30 s before."""
+    left = (credential.expires_at - now).total_seconds()
+    return max(1.0, min(left * 2 / 3, left - 30))
+
+
+def watch(
+    fetch: Callable[[], Credential],
+    store: Callable[[Credential], None],
+    *,
+    stop: Callable[[], bool] = lambda: False,
+    sleep: Callable[[float], None] = time.sleep,
+    now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
+    max_backoff: float = 30.0,
+) -> None:
+    """Keep a fresh credential stored until ``stop()``; retry failures with backoff."""
+    backoff = 1.0
+    while not stop():
+        try:
+            credential = fetch()
+        except ExchangeError as exc:
+            log.warning("credential_refresh_failed", error=str(exc), retry_in=round(backoff, 1))
+            sleep(backoff * (0.5 + random.random()))  # noqa: S311 - jitter, not crypto
+            backoff = min(backoff * 2, max_backoff)
+            continue
+        store(credential)
+        backoff = 1.0
+        log.info(
+            "credential_refreshed",
+            expires_at=credential.expires_at.isoformat(),
+            binding=credential.binding,
+            bot=credential.bot,
+        )
+        sleep(refresh_delay(credential, now()))

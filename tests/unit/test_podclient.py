@@ -1,0 +1,131 @@
+"""The pod-side client: exchange over a real socket, refresh timing, atomic writes."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from phabmesh import podclient
+
+NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+
+
+class _Endpoint(BaseHTTPRequestHandler):
+    answers: ClassVar[list[tuple[int, dict[str, object]]]] = []
+    seen: ClassVar[list[dict[str, str]]] = []
+
+    def do_POST(self) -> None:
+        self.seen.append({"auth": self.headers.get("Authorization", ""), "path": self.path})
+        status, body = self.answers.pop(0)
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def endpoint() -> Iterator[str]:
+    _Endpoint.answers, _Endpoint.seen = [], []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_exchange_sends_the_token_and_reads_the_credential(endpoint: str) -> None:
+    _Endpoint.answers.append(
+        (
+            200,
+            {
+                "credential": "c.r.d",
+                "expiresAt": "2026-01-01T00:15:00Z",
+                "identity": "i",
+                "binding": "b",
+                "bot": "ci-bot",
+            },
+        )
+    )
+    credential = podclient.exchange(endpoint, "sa-token", binding="b")
+    assert credential.token == "c.r.d"
+    assert credential.expires_at == NOW + datetime.timedelta(minutes=15)
+    assert _Endpoint.seen == [{"auth": "Bearer sa-token", "path": "/v1/credentials?binding=b"}]
+    assert "c.r.d" not in repr(credential)
+
+
+@pytest.mark.parametrize(
+    ("status", "retryable"), [(401, False), (403, True), (409, False), (503, True)]
+)
+def test_refusals_carry_the_endpoints_message(endpoint: str, status: int, retryable: bool) -> None:
+    _Endpoint.answers.append((status, {"error": "no_lease", "message": "the pod is not meshed"}))
+    with pytest.raises(podclient.ExchangeError, match="the pod is not meshed") as refused:
+        podclient.exchange(endpoint, "sa-token")
+    assert refused.value.status == status
+    assert refused.value.retryable is retryable
+
+
+def test_unreachable_endpoint_is_retryable() -> None:
+    with pytest.raises(podclient.ExchangeError, match="unreachable") as refused:
+        podclient.exchange("http://127.0.0.1:9", "sa-token", timeout=2)
+    assert refused.value.retryable
+
+
+def _credential(minutes: float) -> podclient.Credential:
+    return podclient.Credential("t", NOW + datetime.timedelta(minutes=minutes), "i", "b", "bot")
+
+
+def test_refresh_happens_well_before_expiry() -> None:
+    assert podclient.refresh_delay(_credential(15), NOW) == 600.0  # two thirds of 15 min
+    assert podclient.refresh_delay(_credential(1), NOW) == 30.0  # never later than 30 s before
+    assert podclient.refresh_delay(_credential(0), NOW) == 1.0
+
+
+def test_watch_backs_off_on_failure_then_refreshes() -> None:
+    outcomes: list[object] = [
+        podclient.ExchangeError("down"),
+        podclient.ExchangeError("down"),
+        _credential(15),
+        _credential(15),
+    ]
+    stored: list[podclient.Credential] = []
+    sleeps: list[float] = []
+
+    def fetch() -> podclient.Credential:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        assert isinstance(outcome, podclient.Credential)
+        return outcome
+
+    podclient.watch(
+        fetch,
+        stored.append,
+        stop=lambda: not outcomes,
+        sleep=sleeps.append,
+        now=lambda: NOW,
+    )
+    assert len(stored) == 2
+    assert 0.5 <= sleeps[0] <= 1.5 and 1.0 <= sleeps[1] <= 3.0  # jittered, doubling
+    assert sleeps[2:] == [600.0, 600.0]
+
+
+def test_credential_file_is_private_and_replaced_whole(tmp_path: Path) -> None:
+    target = tmp_path / "run" / "credential"
+    podclient.write_atomically(target, "one\n")
+    podclient.write_atomically(target, "two\n")
+    assert target.read_text() == "two\n"
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in target.parent.iterdir()] == ["credential"]
