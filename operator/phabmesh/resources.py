@@ -1,0 +1,202 @@
+"""phabmesh's custom resources as typed models, and Kubernetes condition conventions.
+
+Pure: no I/O. The CRDs in ``crds/`` and these models must agree; ``python -m
+phabmesh.schemacheck crds/`` (``make manifests``) fails when they drift.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+GROUP = "phabmesh.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+BOT_KIND, BOT_PLURAL = "PhabricatorBot", "phabricatorbots"
+BINDING_KIND, BINDING_PLURAL = "PhabricatorBinding", "phabricatorbindings"
+CREDENTIAL_KIND, CREDENTIAL_PLURAL = "PhabricatorCredential", "phabricatorcredentials"
+
+_DURATION = re.compile(r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> datetime.timedelta:
+    """Go ``time.ParseDuration`` syntax for h, m, s, ms: ``15m``, ``1h30m``, ``90s``."""
+    if not _DURATION.match(text):
+        raise ValueError(f"not a duration: {text!r} (use e.g. 15m, 1h30m)")
+    seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION_PART.findall(text))
+    return datetime.timedelta(seconds=seconds)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
+
+
+class LabelSelectorRequirement(_Model):
+    key: str
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: tuple[str, ...] = ()
+
+
+class LabelSelector(_Model):
+    match_labels: dict[str, str] = Field(default_factory=dict, alias="matchLabels")
+    match_expressions: tuple[LabelSelectorRequirement, ...] = Field(
+        default=(), alias="matchExpressions"
+    )
+
+
+class SecretKeyRef(_Model):
+    name: str
+    key: str = "token"
+
+
+class BotSpec(_Model):
+    username: str
+    token_secret_ref: SecretKeyRef = Field(alias="tokenSecretRef")
+    namespace_selector: LabelSelector = Field(alias="namespaceSelector")
+
+
+class BotRef(_Model):
+    name: str
+
+
+class IdentityRef(_Model):
+    kind: Literal["ServiceAccount", "Namespace"]
+    name: str
+    namespace: str | None = None
+
+
+class BindingSpec(_Model):
+    bot_ref: BotRef = Field(alias="botRef")
+    identities: tuple[str, ...] = ()
+    identity_refs: tuple[IdentityRef, ...] = Field(default=(), alias="identityRefs")
+    pod_selector: LabelSelector | None = Field(default=None, alias="podSelector")
+    credential_ttl: str = Field(default="15m", alias="credentialTTL")
+    allowed_methods: tuple[str, ...] = Field(alias="allowedMethods")
+    require_client_id: bool = Field(default=False, alias="requireClientID")
+
+    @field_validator("credential_ttl")
+    @classmethod
+    def _ttl(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+    @property
+    def ttl(self) -> datetime.timedelta:
+        return parse_duration(self.credential_ttl)
+
+
+class CredentialSpec(_Model):
+    pod_name: str = Field(alias="podName")
+    pod_uid: str = Field(alias="podUID")
+    service_account: str = Field(alias="serviceAccount")
+    identity: str
+    binding: str
+    bot: str
+
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+class Condition(_Model):
+    """``metav1.Condition``."""
+
+    type: str
+    status: ConditionStatus
+    reason: str
+    message: str = ""
+    last_transition_time: str = Field(alias="lastTransitionTime")
+    observed_generation: int | None = Field(default=None, alias="observedGeneration")
+
+    @classmethod
+    def new(
+        cls, type_: str, status: ConditionStatus, reason: str, message: str, generation: int
+    ) -> Condition:
+        """A condition whose lastTransitionTime :func:`set_condition` fills in."""
+        return cls(
+            type=type_,
+            status=status,
+            reason=reason,
+            message=message,
+            last_transition_time="",
+            observed_generation=generation,
+        )
+
+
+class BotStatus(_Model):
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+    phid: str | None = None
+    observed_generation: int | None = Field(default=None, alias="observedGeneration")
+    last_checked_at: str | None = Field(default=None, alias="lastCheckedAt")
+    conditions: tuple[Condition, ...] = ()
+
+
+class BindingStatus(_Model):
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+    observed_generation: int | None = Field(default=None, alias="observedGeneration")
+    conditions: tuple[Condition, ...] = ()
+    matched_pods: int = Field(default=0, alias="matchedPods")
+    active_credentials: int = Field(default=0, alias="activeCredentials")
+    unmeshed_pods: int = Field(default=0, alias="unmeshedPods")
+    bot_phid: str | None = Field(default=None, alias="botPHID")
+
+
+class CredentialStatus(_Model):
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+    phase: Literal["Active", "Revoked"] | None = None
+    issued_at: str | None = Field(default=None, alias="issuedAt")
+    renewed_at: str | None = Field(default=None, alias="renewedAt")
+    expires_at: str | None = Field(default=None, alias="expiresAt")
+    revoked_at: str | None = Field(default=None, alias="revokedAt")
+    reason: str | None = None
+    message: str | None = None
+    bot_phid: str | None = Field(default=None, alias="botPHID")
+
+
+SPECS: dict[str, type[_Model]] = {
+    BOT_KIND: BotSpec,
+    BINDING_KIND: BindingSpec,
+    CREDENTIAL_KIND: CredentialSpec,
+}
+STATUSES: dict[str, type[_Model]] = {
+    BOT_KIND: BotStatus,
+    BINDING_KIND: BindingStatus,
+    CREDENTIAL_KIND: CredentialStatus,
+}
+
+
+def _timestamp(now: datetime.datetime) -> str:
+    return now.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_conditions(raw: object) -> list[Condition]:
+    """Conditions as stored on an object; malformed entries are dropped."""
+    out: list[Condition] = []
+    for item in raw if isinstance(raw, list) else []:
+        try:
+            out.append(Condition.model_validate(item))
+        except ValueError:
+            continue
+    return out
+
+
+def set_condition(
+    conditions: list[Condition], new: Condition, now: datetime.datetime
+) -> list[Condition]:
+    """Put ``new`` in place of the condition of its type.
+
+    ``lastTransitionTime`` moves only when ``status`` flips (Kubernetes API
+    conventions); reason, message and observedGeneration follow ``new``.
+    """
+    previous = next((c for c in conditions if c.type == new.type), None)
+    if previous is not None and previous.status == new.status and previous.last_transition_time:
+        stamp = previous.last_transition_time
+    else:
+        stamp = _timestamp(now)
+    updated = new.model_copy(update={"last_transition_time": stamp})
+    rest = [c for c in conditions if c.type != new.type]
+    return sorted([*rest, updated], key=lambda c: c.type)
