@@ -1,0 +1,49 @@
+"""Signing keys, credential mint and verify, JWKS. Knows nothing of kopf or Kubernetes.
+
+Credentials are compact JWS (EdDSA over Ed25519) JWTs; see :mod:`.tokens`.
+"""
+
+from phabmesh.credentials.errors import (
+    BadSignature,
+    CredentialError,
+    Expired,
+    Malformed,
+    NotYetValid,
+    UnknownKey,
+    UnsupportedAlgorithm,
+    WrongAudience,
+    WrongIssuer,
+)
+from phabmesh.credentials.keys import KeyRing, SigningKey, rotate, thumbprint
+from phabmesh.credentials.tokens import (
+    Claims,
+    discovery_document,
+    jwks,
+    mint,
+    unverified_claims,
+    verify,
+    verify_with_jwks,
+)
+
+__all__ = [
+    "BadSignature",
+    "Claims",
+    "CredentialError",
+    "Expired",
+    "KeyRing",
+    "Malformed",
+    "NotYetValid",
+    "SigningKey",
+    "UnknownKey",
+    "UnsupportedAlgorithm",
+    "WrongAudience",
+    "WrongIssuer",
+    "discovery_document",
+    "jwks",
+    "mint",
+    "rotate",
+    "thumbprint",
+    "unverified_claims",
+    "verify",
+    "verify_with_jwks",
+]
