@@ -32,7 +32,8 @@ def add_health_routes(app: web.Application, ready: ReadyCheck) -> None:
 
 async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
     """Serve ``app`` on host:port; returns the runner to ``cleanup()`` later."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # Request bodies stay as sent: Conduit bodies are decompressed, bounded, by wire.decompress.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

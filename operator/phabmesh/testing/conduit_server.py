@@ -236,7 +236,10 @@ class ConduitServer:
         return app
 
     async def start_async(self) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        # Bodies are decompressed by wire.decompress, which bounds their size.
+        self._runner = web.AppRunner(
+            self.app(), access_log=None, handle_signals=False, auto_decompress=False
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
