@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from phabmesh import __version__
+from phabmesh import __version__, logs
+from phabmesh.podclient import DEFAULT_TOKEN_FILE as _TOKEN_FILE
+from phabmesh.settings import Settings
 
 
 def _dev_cluster(args: argparse.Namespace) -> int:
@@ -15,6 +18,73 @@ def _dev_cluster(args: argparse.Namespace) -> int:
 
     crds = Path(args.crds) if args.crds else None
     devcluster.serve_forever(Path(args.data_dir) if args.data_dir else None, crds)
+    return 0
+
+
+def _settings() -> Settings:
+    settings = Settings.from_env()
+    logs.configure(settings.log_level, settings.log_json)
+    return settings
+
+
+def _controller(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from phabmesh.issuer.process import OperatorProcess
+
+    settings = _settings()
+    process = OperatorProcess(settings, kubeconfig=args.kubeconfig, standalone=not args.peering)
+    asyncio.run(process.run_until_signalled())
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from phabmesh import quickstart
+
+    logs.configure(os.environ.get("PHABMESH_LOG_LEVEL", "WARNING"))
+    return quickstart.run(wait=not args.no_wait)
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from phabmesh.gateway.process import GatewayProcess
+
+    settings = _settings()
+    asyncio.run(GatewayProcess(settings, kubeconfig=args.kubeconfig).run_until_signalled())
+    return 0
+
+
+def _credential(args: argparse.Namespace) -> int:
+    from phabmesh import podclient
+
+    logs.configure("INFO")
+    endpoint = args.endpoint or os.environ.get(
+        "PHABMESH_CREDENTIAL_ENDPOINT", podclient.DEFAULT_ENDPOINT
+    )
+    token_file = Path(args.token_file)
+
+    def fetch() -> podclient.Credential:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            raise podclient.ExchangeError(f"cannot read {token_file}: {exc.strerror}") from exc
+        return podclient.exchange(endpoint, token, binding=args.binding)
+
+    def store(credential: podclient.Credential) -> None:
+        if args.output:
+            podclient.write_atomically(Path(args.output), credential.token + "\n")
+        if args.print:
+            print(credential.token, flush=True)
+
+    if args.watch:
+        podclient.watch(fetch, store)
+        return 0
+    try:
+        store(fetch())
+    except podclient.ExchangeError as exc:
+        print(f"phabmesh credential: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -33,12 +103,49 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--data-dir", help="keep its files here (default: a fresh temporary dir)")
     dev.add_argument("--crds", help="apply the CRDs in this directory once it is ready")
     dev.set_defaults(func=_dev_cluster)
+
+    ctl = sub.add_parser(
+        "controller", help="run the operator: the controller and the credential endpoint"
+    )
+    ctl.add_argument("--kubeconfig", help="default: $KUBECONFIG, ~/.kube/config or in-cluster")
+    ctl.add_argument(
+        "--peering",
+        action="store_true",
+        help="coordinate with other replicas (kopf peering) so that only one acts",
+    )
+    ctl.set_defaults(func=_controller)
+
+    run = sub.add_parser(
+        "run",
+        help="run phabmesh: against the current cluster, or the quick start on a local one",
+    )
+    run.add_argument("--no-wait", action="store_true", help="exit when the quick start is done")
+    run.set_defaults(func=_run)
+
+    gw = sub.add_parser("gateway", help="run the Conduit gateway")
+    gw.add_argument("--kubeconfig", help="default: $KUBECONFIG, ~/.kube/config or in-cluster")
+    gw.set_defaults(func=_gateway)
+
+    cred = sub.add_parser(
+        "credential", help="(in a pod) exchange the service-account token for a credential"
+    )
+    cred.add_argument(
+        "--endpoint", help="credential endpoint URL (env PHABMESH_CREDENTIAL_ENDPOINT)"
+    )
+    cred.add_argument("--token-file", default=os.environ.get("PHABMESH_TOKEN_FILE", _TOKEN_FILE))
+    cred.add_argument("--binding", help="which binding, when several grant this pod a credential")
+    cred.add_argument("--output", "-o", help="write the credential to this file (mode 0600)")
+    cred.add_argument("--print", action="store_true", help="print the credential on stdout")
+    cred.add_argument("--watch", action="store_true", help="keep refreshing it before expiry")
+    cred.set_defaults(func=_credential)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "func", None) is _credential and not (args.output or args.print):
+        parser.error("credential: give --output FILE and/or --print")
     result: int = args.func(args)
     return result
 

@@ -1,0 +1,40 @@
+"""The phabmesh controller: kopf handlers for bots, bindings, pods and leases."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+
+import kopf
+
+from phabmesh.settings import Settings
+
+
+async def operate(
+    settings: Settings,
+    *,
+    kubeconfig: str | None = None,
+    stop_flag: asyncio.Event | threading.Event | None = None,
+    ready_flag: asyncio.Event | threading.Event | None = None,
+    standalone: bool = True,
+    peering_name: str | None = None,
+    liveness_endpoint: str | None = None,
+) -> None:
+    """Run the controller until ``stop_flag`` is set (or the task is cancelled)."""
+    from phabmesh.controller import handlers
+    from phabmesh.controller.state import Memo
+
+    if kubeconfig:
+        os.environ["KUBECONFIG"] = kubeconfig  # kopf's login reads it
+    memo = Memo(settings, kubeconfig=kubeconfig)
+    await kopf.operator(
+        registry=handlers.registry,
+        memo=memo,
+        clusterwide=True,
+        standalone=standalone,
+        peering_name=peering_name,
+        stop_flag=stop_flag,
+        ready_flag=ready_flag,
+        liveness_endpoint=liveness_endpoint,
+    )

@@ -1,0 +1,181 @@
+"""kopf handlers: the controller's top layer. Watch events feed the World; decisions
+come from :mod:`phabmesh.controller.decide`; writes go through the Writer.
+
+Only ``on.event`` handlers and timers are used, so kopf needs no diff-base
+copies of objects and writes no annotations; pods get no finalizers and are
+never written to.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+import structlog
+
+from phabmesh import identity, resources
+from phabmesh.controller.state import Memo
+from phabmesh.controller.world import BindingView, BotView, Key
+from phabmesh.lease import LeaseView
+
+log = structlog.get_logger(__name__)
+registry = kopf.OperatorRegistry()
+
+TICK = 5.0  # seconds between bot due-checks and binding renewal passes
+
+
+class _NoDiffBase(kopf.DiffBaseStorage):
+    """No diff-base: with only event handlers and timers, kopf needs none (and copies none)."""
+
+    def build(self, *, body: Any, extra_fields: Any = None) -> Any:
+        return {}
+
+    def fetch(self, *, body: Any) -> Any:
+        return None
+
+    def store(self, *, body: Any, patch: Any, essence: Any) -> None:
+        return None
+
+
+@kopf.on.login(registry=registry)
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod: its service account; elsewhere: $KUBECONFIG or ~/.kube/config."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.startup(registry=registry)
+async def configure(settings: kopf.OperatorSettings, memo: Memo, **_: Any) -> None:
+    settings.persistence.diffbase_storage = _NoDiffBase()
+    settings.watching.chunk_size = 500
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.posting.level = 30  # warnings and errors only, as Events on our objects
+    settings.networking.request_timeout = 30
+    await memo.start()
+    await memo.preload()
+    swept = await memo.sweep()
+    log.info("controller_started", swept=swept, pods_known=len(memo.world.pods))
+
+
+@kopf.on.cleanup(registry=registry)
+async def shutdown(memo: Memo, **_: Any) -> None:
+    await memo.stop()
+
+
+# -- namespaces -------------------------------------------------------------------------------
+
+
+@kopf.on.event("", "v1", "namespaces", registry=registry)
+async def namespace_event(
+    event: kopf.RawEvent, body: kopf.Body, name: str, memo: Memo, **_: Any
+) -> None:
+    world = memo.world
+    labels = dict(body.get("metadata", {}).get("labels") or {})
+    if event.get("type") == "DELETED":
+        world.namespaces.pop(name, None)
+    elif world.namespaces.get(name) == labels:
+        return
+    else:
+        world.namespaces[name] = labels
+    if world.bindings_by_ns.get(name):
+        await memo.refresh_namespace(name)
+
+
+# -- bots -------------------------------------------------------------------------------------
+
+
+@kopf.on.event(resources.GROUP, resources.VERSION, resources.BOT_PLURAL, registry=registry)
+async def bot_event(event: kopf.RawEvent, body: kopf.Body, name: str, memo: Memo, **_: Any) -> None:
+    world = memo.world
+    if event.get("type") == "DELETED":
+        world.bots.pop(name, None)
+        memo.schedules.pop(name, None)
+    else:
+        fresh = BotView.from_body(body)
+        old = world.bots.get(name)
+        # Keep the readiness this process decided; take spec changes from the event.
+        if old is not None and old.generation == fresh.generation and old.spec == fresh.spec:
+            return
+        world.bots[name] = fresh
+        if fresh.generation != (old.generation if old else -1):
+            await memo.check_bot(name)
+    for namespace in world.namespaces_of_bot(name):
+        await memo.refresh_namespace(namespace)
+
+
+@kopf.timer(
+    resources.GROUP, resources.VERSION, resources.BOT_PLURAL, interval=TICK, registry=registry
+)
+async def bot_tick(name: str, memo: Memo, **_: Any) -> None:
+    await memo.check_bot(name, only_if_due=True)
+
+
+# -- bindings ---------------------------------------------------------------------------------
+
+
+@kopf.on.event(resources.GROUP, resources.VERSION, resources.BINDING_PLURAL, registry=registry)
+async def binding_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, memo: Memo, **_: Any
+) -> None:
+    assert namespace is not None  # a namespaced resource
+    world = memo.world
+    key: Key = (namespace, name)
+    if event.get("type") == "DELETED":
+        world.drop_binding(key)
+        memo.verdicts.pop(key, None)
+        memo.statuses.pop(key, None)
+    else:
+        fresh = BindingView.from_body(body)
+        old = world.bindings.get(key)
+        if old is not None and old.generation == fresh.generation and old.spec == fresh.spec:
+            return
+        world.put_binding(fresh)
+    await memo.refresh_namespace(namespace)
+
+
+@kopf.timer(
+    resources.GROUP, resources.VERSION, resources.BINDING_PLURAL, interval=TICK, registry=registry
+)
+async def binding_tick(namespace: str | None, name: str, memo: Memo, **_: Any) -> None:
+    assert namespace is not None  # a namespaced resource
+    binding = memo.world.bindings.get((namespace, name))
+    if binding is not None:
+        await memo.renew_leases(binding)
+        await memo.write_binding_status(binding)
+
+
+# -- pods and leases --------------------------------------------------------------------------
+
+
+@kopf.on.event("", "v1", "pods", registry=registry)
+async def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: Memo, **_: Any) -> None:
+    uid = str(body.get("metadata", {}).get("uid"))
+    if event.get("type") == "DELETED":
+        memo.world.drop_pod(uid)
+    else:
+        memo.world.put_pod(identity.PodFacts.from_pod(body))
+    await memo.reconcile_pod(uid)
+
+
+@kopf.on.event(resources.GROUP, resources.VERSION, resources.CREDENTIAL_PLURAL, registry=registry)
+async def lease_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, memo: Memo, **_: Any
+) -> None:
+    assert namespace is not None  # a namespaced resource
+    if event.get("type") == "DELETED":
+        memo.world.drop_lease((namespace, name))
+        return
+    memo.world.put_lease(LeaseView.from_body(body))
+
+
+__all__ = [
+    "binding_event",
+    "binding_tick",
+    "bot_event",
+    "bot_tick",
+    "configure",
+    "lease_event",
+    "namespace_event",
+    "pod_event",
+    "shutdown",
+]

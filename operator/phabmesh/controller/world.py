@@ -1,0 +1,178 @@
+"""The controller's in-memory view of the cluster: small values, kept by watch events.
+
+No I/O here. Pods are kept as :class:`~phabmesh.identity.PodFacts` (a few strings
+each) so that thousands of pods cost little; bindings, bots, namespaces and
+leases are kept as the few fields decisions need. Secondary indices (pods by
+namespace, leases by pod, bindings by bot) are maintained alongside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from phabmesh import identity, resources
+from phabmesh.lease import LeaseView
+
+Key = tuple[str, str]  # (namespace, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class BotView:
+    name: str
+    generation: int
+    spec: resources.BotSpec | None
+    ready: bool
+    phid: str | None
+    reason: str
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> BotView:
+        meta = body.get("metadata") or {}
+        status = body.get("status") or {}
+        try:
+            spec: resources.BotSpec | None = resources.BotSpec.model_validate(
+                body.get("spec") or {}
+            )
+        except ValueError:
+            spec = None
+        ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
+        return cls(
+            name=str(meta.get("name")),
+            generation=int(meta.get("generation") or 0),
+            spec=spec,
+            ready=bool(ready and ready.get("status") == "True"),
+            phid=status.get("phid"),
+            reason=str((ready or {}).get("reason") or "Unknown"),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class BindingView:
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    spec: resources.BindingSpec | None
+    problems: tuple[str, ...]
+
+    @property
+    def key(self) -> Key:
+        return (self.namespace, self.name)
+
+    @property
+    def bot(self) -> str | None:
+        return self.spec.bot_ref.name if self.spec else None
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> BindingView:
+        meta = body.get("metadata") or {}
+        problems: list[str] = []
+        spec: resources.BindingSpec | None = None
+        try:
+            spec = resources.BindingSpec.model_validate(body.get("spec") or {})
+        except ValueError as exc:
+            problems.append(f"spec: {exc}")
+        return cls(
+            namespace=str(meta.get("namespace")),
+            name=str(meta.get("name")),
+            uid=str(meta.get("uid")),
+            generation=int(meta.get("generation") or 0),
+            spec=spec,
+            problems=tuple(problems),
+        )
+
+
+class World:
+    """Everything the controller knows, indexed for its questions."""
+
+    def __init__(self) -> None:
+        self.pods: dict[str, identity.PodFacts] = {}
+        self.pods_by_ns: defaultdict[str, set[str]] = defaultdict(set)
+        self.bindings: dict[Key, BindingView] = {}
+        self.bindings_by_ns: defaultdict[str, set[str]] = defaultdict(set)
+        self.bots: dict[str, BotView] = {}
+        self.namespaces: dict[str, Mapping[str, str]] = {}
+        self.leases: dict[Key, LeaseView] = {}
+        self.leases_by_pod: defaultdict[str, set[Key]] = defaultdict(set)
+        self.leases_by_binding: defaultdict[Key, set[Key]] = defaultdict(set)
+
+    # pods
+
+    def put_pod(self, pod: identity.PodFacts) -> None:
+        self.pods[pod.uid] = pod
+        self.pods_by_ns[pod.namespace].add(pod.uid)
+
+    def drop_pod(self, uid: str) -> identity.PodFacts | None:
+        pod = self.pods.pop(uid, None)
+        if pod is not None:
+            members = self.pods_by_ns.get(pod.namespace)
+            if members is not None:
+                members.discard(uid)
+                if not members:
+                    del self.pods_by_ns[pod.namespace]
+        return pod
+
+    def pods_in(self, namespace: str) -> list[identity.PodFacts]:
+        return [self.pods[uid] for uid in self.pods_by_ns.get(namespace, ())]
+
+    # bindings
+
+    def put_binding(self, binding: BindingView) -> None:
+        self.bindings[binding.key] = binding
+        self.bindings_by_ns[binding.namespace].add(binding.name)
+
+    def drop_binding(self, key: Key) -> BindingView | None:
+        binding = self.bindings.pop(key, None)
+        names = self.bindings_by_ns.get(key[0])
+        if names is not None:
+            names.discard(key[1])
+            if not names:
+                del self.bindings_by_ns[key[0]]
+        return binding
+
+    def bindings_in(self, namespace: str) -> list[BindingView]:
+        return [self.bindings[(namespace, n)] for n in self.bindings_by_ns.get(namespace, ())]
+
+    def bindings_of_bot(self, bot: str) -> list[BindingView]:
+        return [b for b in self.bindings.values() if b.bot == bot]
+
+    # leases
+
+    def put_lease(self, lease: LeaseView) -> None:
+        old = self.leases.get(lease.key)
+        if old is not None and old.pod_uid != lease.pod_uid:
+            self._unindex_lease(old)
+        self.leases[lease.key] = lease
+        self.leases_by_pod[lease.pod_uid].add(lease.key)
+        self.leases_by_binding[(lease.namespace, lease.binding)].add(lease.key)
+
+    def drop_lease(self, key: Key) -> LeaseView | None:
+        lease = self.leases.pop(key, None)
+        if lease is not None:
+            self._unindex_lease(lease)
+        return lease
+
+    def _unindex_lease(self, lease: LeaseView) -> None:
+        by_pod = self.leases_by_pod.get(lease.pod_uid)
+        if by_pod is not None:
+            by_pod.discard(lease.key)
+            if not by_pod:
+                del self.leases_by_pod[lease.pod_uid]
+        slot = (lease.namespace, lease.binding)
+        by_binding = self.leases_by_binding.get(slot)
+        if by_binding is not None:
+            by_binding.discard(lease.key)
+            if not by_binding:
+                del self.leases_by_binding[slot]
+
+    def leases_of_pod(self, uid: str) -> list[LeaseView]:
+        return [self.leases[k] for k in self.leases_by_pod.get(uid, ())]
+
+    def leases_of_binding(self, key: Key) -> list[LeaseView]:
+        return [self.leases[k] for k in self.leases_by_binding.get(key, ())]
+
+    def namespaces_of_bot(self, bot: str) -> Iterable[str]:
+        return {b.namespace for b in self.bindings_of_bot(bot)}

@@ -1,0 +1,229 @@
+"""The controller's writes: leases, statuses and Events. All I/O of the controller is here."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from phabmesh import identity, logs, resources
+from phabmesh.controller.world import BindingView, World
+from phabmesh.kube import Conflict, KubeClient, NotFound
+from phabmesh.kube.client import JSON, resource_path
+from phabmesh.lease import LeaseView, format_time
+
+log = structlog.get_logger(__name__)
+
+Clock = Callable[[], datetime.datetime]
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def lease_name(pod_name: str, binding: str, pod_uid: str) -> str:
+    """``<pod>.<binding>.<uid prefix>``: one per pod incarnation and binding, ≤ 253 chars."""
+    name = f"{pod_name}.{binding}.{pod_uid[:8]}"
+    if len(name) <= 253:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    return f"{pod_name[:100]}.{binding[:100]}.{digest}"
+
+
+def lease_path(namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+    return resource_path(
+        resources.GROUP,
+        resources.VERSION,
+        resources.CREDENTIAL_PLURAL,
+        namespace,
+        name,
+        subresource,
+    )
+
+
+class Writer:
+    def __init__(self, client: KubeClient, world: World, clock: Clock = utcnow) -> None:
+        self.client = client
+        self.world = world
+        self.clock = clock
+
+    async def issue(
+        self,
+        pod: identity.PodFacts,
+        binding: BindingView,
+        pod_identity: str,
+        ttl: datetime.timedelta,
+        bot_phid: str | None,
+    ) -> LeaseView | None:
+        """Create an Active lease owned by ``pod``; None when it already exists."""
+        now = self.clock()
+        name = lease_name(pod.name, binding.name, pod.uid)
+        assert binding.bot is not None
+        body: JSON = {
+            "apiVersion": f"{resources.GROUP}/{resources.VERSION}",
+            "kind": resources.CREDENTIAL_KIND,
+            "metadata": {
+                "name": name,
+                "namespace": pod.namespace,
+                "labels": {
+                    "phabmesh.io/binding": binding.name[:63],
+                    "phabmesh.io/bot": binding.bot[:63],
+                },
+                "ownerReferences": [
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Pod",
+                        "name": pod.name,
+                        "uid": pod.uid,
+                        "blockOwnerDeletion": False,
+                        "controller": False,
+                    }
+                ],
+            },
+            "spec": {
+                "podName": pod.name,
+                "podUID": pod.uid,
+                "serviceAccount": pod.service_account,
+                "identity": pod_identity,
+                "binding": binding.name,
+                "bot": binding.bot,
+            },
+        }
+        try:
+            created = await self.client.create(lease_path(pod.namespace), body)
+        except Conflict:
+            return None  # another pass already created it; its watch event will index it
+        status: JSON = {
+            "phase": "Active",
+            "issuedAt": format_time(now),
+            "renewedAt": format_time(now),
+            "expiresAt": format_time(now + ttl),
+        }
+        if bot_phid:
+            status["botPHID"] = bot_phid
+        created["status"] = status
+        updated = await self.client.merge_patch(
+            lease_path(pod.namespace, name, "status"), {"status": status}
+        )
+        lease = LeaseView.from_body(updated)
+        self.world.put_lease(lease)
+        log.info(
+            "lease_issued",
+            **{
+                logs.NAMESPACE: pod.namespace,
+                logs.POD: pod.name,
+                logs.BINDING: binding.name,
+                logs.BOT: binding.bot,
+                logs.IDENTITY: pod_identity,
+                logs.LEASE: name,
+            },
+        )
+        await self.event(
+            _pod_ref(pod.namespace, pod.name, pod.uid),
+            "CredentialIssued",
+            f"credential {name} issued for PhabricatorBot {binding.bot} "
+            f"via binding {binding.name}, expires {format_time(now + ttl)}",
+        )
+        return lease
+
+    async def renew(self, lease: LeaseView, ttl: datetime.timedelta) -> None:
+        now = self.clock()
+        status = {"renewedAt": format_time(now), "expiresAt": format_time(now + ttl)}
+        try:
+            updated = await self.client.merge_patch(
+                lease_path(lease.namespace, lease.name, "status"), {"status": status}
+            )
+        except NotFound:
+            self.world.drop_lease(lease.key)
+            return
+        self.world.put_lease(LeaseView.from_body(updated))
+        log.debug("lease_renewed", **{logs.NAMESPACE: lease.namespace, logs.LEASE: lease.name})
+
+    async def revoke(self, lease: LeaseView, reason: str, message: str = "") -> None:
+        """Mark the lease Revoked (the gateway refuses it on this event), then delete it."""
+        now = self.clock()
+        path = lease_path(lease.namespace, lease.name)
+        patch = {
+            "status": {
+                "phase": "Revoked",
+                "reason": reason,
+                "revokedAt": format_time(now),
+                "message": message or _REVOKE_MESSAGES.get(reason, reason),
+            }
+        }
+        with contextlib.suppress(NotFound):
+            await self.client.merge_patch(path + "/status", patch)
+        with contextlib.suppress(NotFound):
+            await self.client.delete(path, body={"propagationPolicy": "Background"})
+        self.world.drop_lease(lease.key)
+        log.info(
+            "lease_revoked",
+            **{
+                logs.NAMESPACE: lease.namespace,
+                logs.POD: lease.pod_name,
+                logs.BINDING: lease.binding,
+                logs.BOT: lease.bot,
+                logs.LEASE: lease.name,
+                logs.REASON: reason,
+            },
+        )
+        await self.event(
+            _pod_ref(lease.namespace, lease.pod_name, lease.pod_uid),
+            "CredentialRevoked",
+            f"credential {lease.name} for PhabricatorBot {lease.bot} revoked: {reason}",
+        )
+
+    async def event(self, ref: JSON, reason: str, message: str, type_: str = "Normal") -> None:
+        """Post a Kubernetes Event about ``ref``; failures are logged, never raised."""
+        now = self.clock()
+        namespace = ref.get("namespace") or "default"
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "name": f"{ref.get('name', 'phabmesh')}.{uuid.uuid4().hex[:12]}"[:253],
+                "namespace": namespace,
+            },
+            "involvedObject": ref,
+            "reason": reason,
+            "message": message[:1024],
+            "type": type_,
+            "source": {"component": "phabmesh"},
+            "reportingComponent": "phabmesh.io/controller",
+            "reportingInstance": "phabmesh",
+            "firstTimestamp": format_time(now),
+            "lastTimestamp": format_time(now),
+            "count": 1,
+        }
+        try:
+            await self.client.create(resource_path("", "v1", "events", namespace), body, attempts=1)
+        except Exception as exc:  # an Event is best effort
+            log.warning("event_post_failed", reason=reason, error=str(exc))
+
+    async def patch_status(self, path: str, status: JSON) -> None:
+        with contextlib.suppress(NotFound):
+            await self.client.merge_patch(path + "/status", {"status": status})
+
+
+def _pod_ref(namespace: str, name: str, uid: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod", "namespace": namespace, "name": name, "uid": uid}
+
+
+_REVOKE_MESSAGES = {
+    "PodTerminating": "the pod is terminating",
+    "PodSucceeded": "the pod has completed",
+    "PodFailed": "the pod has failed",
+    "PodDeleted": "the pod was deleted",
+    "PodGone": "the pod no longer exists",
+    "PodNotRunning": "the pod is not running",
+    "PodNotMeshed": "the pod is not meshed",
+    "NoLongerMatched": "the binding no longer matches the pod",
+    "BindingDeleted": "the binding was deleted",
+    "BindingNotReady": "the binding is not Ready",
+    "BotNotReady": "the bot is not Ready",
+}

@@ -1,0 +1,121 @@
+"""What the gateway knows, kept current by watches: leases, bindings, bots, bot tokens, keys.
+
+No API server call is made per request. While the lease watch is disconnected
+the gateway cannot confirm a lease and refuses credentials (fails closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import datetime
+from typing import Any
+
+from phabmesh import resources
+from phabmesh.keystore import KeyStore
+from phabmesh.kube import KubeClient
+from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.informer import Informer
+from phabmesh.leasewatch import LeaseIndex
+from phabmesh.settings import Settings
+
+
+@dataclasses.dataclass(frozen=True)
+class BindingRules:
+    allowed_methods: tuple[str, ...]
+    require_client_id: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class BotRef:
+    secret_name: str
+    secret_key: str
+
+
+def _binding_rules(obj: JSON) -> BindingRules:
+    spec = obj.get("spec") or {}
+    return BindingRules(
+        allowed_methods=tuple(str(m) for m in spec.get("allowedMethods") or ()),
+        require_client_id=bool(spec.get("requireClientID", False)),
+    )
+
+
+def _bot_ref(obj: JSON) -> BotRef:
+    ref = (obj.get("spec") or {}).get("tokenSecretRef") or {}
+    return BotRef(str(ref.get("name", "")), str(ref.get("key") or "token"))
+
+
+def _secret_data(obj: JSON) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in (obj.get("data") or {}).items():
+        try:
+            out[key] = base64.b64decode(value).decode().strip()
+        except ValueError:
+            continue
+    return out
+
+
+class GatewayState:
+    def __init__(self, settings: Settings, client: KubeClient) -> None:
+        self.settings = settings
+        self.client = client
+        self.leases = LeaseIndex(client)
+        g, v = resources.GROUP, resources.VERSION
+        self.bindings: Informer[BindingRules] = Informer(
+            client, resource_path(g, v, resources.BINDING_PLURAL), _binding_rules, name="bindings"
+        )
+        self.bots: Informer[BotRef] = Informer(
+            client, resource_path(g, v, resources.BOT_PLURAL), _bot_ref, name="bots"
+        )
+        self.secrets: Informer[dict[str, str]] = Informer(
+            client,
+            resource_path("", "v1", "secrets", settings.namespace),
+            _secret_data,
+            name="bot-secrets",
+        )
+        self.keys = KeyStore(
+            client,
+            settings.namespace,
+            settings.signing_secret,
+            rotate_every=datetime.timedelta(seconds=settings.key_rotation_interval),
+            max_credential_ttl=datetime.timedelta(seconds=settings.max_credential_ttl),
+        )
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def start(self) -> None:
+        for runner in (
+            self.leases.run(),
+            self.bindings.run(),
+            self.bots.run(),
+            self.secrets.run(),
+            self.keys.watch(),
+        ):
+            self._tasks.append(asyncio.create_task(runner))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self.leases.synced
+            and self.leases.connected
+            and self.bindings.synced.is_set()
+            and self.bots.synced.is_set()
+            and self.secrets.synced.is_set()
+            and self.keys.ring is not None
+        )
+
+    def binding(self, namespace: str, name: str) -> BindingRules | None:
+        return self.bindings.items.get(f"{namespace}/{name}")
+
+    def bot_token(self, bot: str) -> str | None:
+        ref = self.bots.items.get(bot)
+        if ref is None:
+            return None
+        data = self.secrets.items.get(f"{self.settings.namespace}/{ref.secret_name}") or {}
+        return data.get(ref.secret_key) or None

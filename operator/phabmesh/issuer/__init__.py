@@ -1,0 +1,1 @@
+"""The credential endpoint (served by the operator process)."""

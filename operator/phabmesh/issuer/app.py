@@ -1,0 +1,300 @@
+"""The credential endpoint: a pod's projected service-account token in, a credential out.
+
+``POST /v1/credentials`` with ``Authorization: Bearer <token>`` (audience
+``phabmesh.io``) → TokenReview (successes cached by token hash for at most
+10 s) → the pod's UID → its Active lease (from a watch; no API call) → a signed
+credential whose ``exp`` never passes the lease's ``expiresAt``.
+
+Also serves ``/.well-known/jwks.json`` and ``/.well-known/openid-configuration``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from phabmesh import credentials, identity, logs, matching, resources
+from phabmesh.keystore import KeyStore
+from phabmesh.kube import KubeClient, KubeError, NotFound
+from phabmesh.kube.client import resource_path
+from phabmesh.lease import LeaseView
+from phabmesh.leasewatch import LeaseIndex
+from phabmesh.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+POD_NAME = "authentication.kubernetes.io/pod-name"
+POD_UID = "authentication.kubernetes.io/pod-uid"
+CLIENT_ID_HEADER = "l5d-client-id"
+JWKS_PATH = "/.well-known/jwks.json"
+DISCOVERY_PATH = "/.well-known/openid-configuration"
+
+
+class Reviewed:
+    """Who a TokenReview says the caller is."""
+
+    __slots__ = ("namespace", "pod_name", "pod_uid", "service_account")
+
+    def __init__(self, namespace: str, service_account: str, pod_name: str, pod_uid: str) -> None:
+        self.namespace = namespace
+        self.service_account = service_account
+        self.pod_name = pod_name
+        self.pod_uid = pod_uid
+
+
+class TokenReviewer:
+    """TokenReview with a short cache of successes, keyed by the token's hash."""
+
+    def __init__(
+        self,
+        client: KubeClient,
+        audience: str,
+        cache_ttl: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.audience = audience
+        self.cache_ttl = cache_ttl
+        self.clock = clock
+        self._cache: dict[str, tuple[float, Reviewed]] = {}
+
+    async def review(self, token: str) -> Reviewed | None:
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        now = self.clock()
+        hit = self._cache.get(digest)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        status = await self.client.token_review(token, [self.audience])
+        result = _reviewed(status, self.audience)
+        if result is not None and self.cache_ttl > 0:
+            if len(self._cache) > 10_000:
+                self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+            self._cache[digest] = (now + self.cache_ttl, result)
+        return result
+
+
+def _reviewed(status: dict[str, Any], audience: str) -> Reviewed | None:
+    if not status.get("authenticated"):
+        return None
+    if audience not in (status.get("audiences") or [audience]):
+        return None
+    user = status.get("user") or {}
+    parts = str(user.get("username", "")).split(":")
+    extra = user.get("extra") or {}
+    pod_names, pod_uids = extra.get(POD_NAME) or [], extra.get(POD_UID) or []
+    if len(parts) != 4 or parts[:2] != ["system", "serviceaccount"]:
+        return None
+    if not pod_names or not pod_uids:
+        return Reviewed(parts[2], parts[3], "", "")
+    return Reviewed(parts[2], parts[3], str(pod_names[0]), str(pod_uids[0]))
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": code, "message": message, **extra}, status=status)
+
+
+class Issuer:
+    def __init__(
+        self,
+        settings: Settings,
+        client: KubeClient,
+        keys: KeyStore,
+        leases: LeaseIndex,
+        reviewer: TokenReviewer,
+        clock: Callable[[], datetime.datetime] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.keys = keys
+        self.leases = leases
+        self.reviewer = reviewer
+        self.clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
+        self.naming = identity.Naming(
+            control_plane_namespace=settings.linkerd_namespace,
+            trust_domain=settings.trust_domain,
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self.keys.ready and self.leases.synced and self.leases.connected
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/credentials", self.issue)
+        app.router.add_get(JWKS_PATH, self.jwks)
+        app.router.add_get(DISCOVERY_PATH, self.discovery)
+
+    async def jwks(self, request: web.Request) -> web.Response:
+        if self.keys.ring is None:
+            return _error(503, "not_ready", "signing keys are not loaded yet")
+        return web.json_response(
+            credentials.jwks(self.keys.ring), headers={"Cache-Control": "max-age=60"}
+        )
+
+    async def discovery(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            credentials.discovery_document(
+                self.settings.issuer, self.settings.issuer.rstrip("/") + JWKS_PATH
+            )
+        )
+
+    async def issue(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        response = await self._issue(request)
+        log.info(
+            "credential_requested",
+            status=response.status,
+            latency_ms=round((time.perf_counter() - started) * 1000, 2),
+            **request.get("log", {}),
+        )
+        return response
+
+    async def _issue(self, request: web.Request) -> web.Response:
+        if not self.ready:
+            return _error(503, "not_ready", "the credential endpoint is starting; retry shortly")
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return _error(
+                401,
+                "invalid_token",
+                "send the pod's projected service-account token as 'Authorization: Bearer ...'",
+            )
+        try:
+            who = await self.reviewer.review(token.strip())
+        except KubeError as exc:
+            log.warning("token_review_failed", **{logs.ERROR: str(exc)})
+            return _error(503, "review_unavailable", "TokenReview failed; retry shortly")
+        if who is None:
+            return _error(
+                401,
+                "invalid_token",
+                f"the token is not a valid service-account token for audience "
+                f'"{self.settings.token_audience}" (expired, revoked or another audience)',
+            )
+        if not who.pod_uid:
+            return _error(
+                401,
+                "invalid_token",
+                "the token is not bound to a pod: use a projected service-account token",
+            )
+        request["log"] = {logs.NAMESPACE: who.namespace, logs.POD: who.pod_name}
+        now = self.clock()
+        held = [
+            lease
+            for lease in self.leases.of_pod(who.pod_uid)
+            if lease.active and lease.expires_at is not None and lease.expires_at > now
+        ]
+        wanted = request.query.get("binding")
+        if wanted:
+            held = [lease for lease in held if lease.binding == wanted]
+        if not held:
+            reason = await self._why_no_lease(who, wanted)
+            return _error(403, "no_lease", reason)
+        if len(held) > 1:
+            names = sorted(lease.binding for lease in held)
+            return _error(
+                409,
+                "ambiguous_binding",
+                "several bindings grant this pod a credential: choose one with ?binding=NAME",
+                bindings=names,
+            )
+        lease = held[0]
+        client_id = request.headers.get(CLIENT_ID_HEADER)
+        if client_id is not None and client_id != lease.identity:
+            return _error(
+                403,
+                "identity_mismatch",
+                f"the mTLS client identity does not match the pod's identity {lease.identity}",
+            )
+        return self._mint(lease, now, request)
+
+    def _mint(self, lease: LeaseView, now: datetime.datetime, request: web.Request) -> web.Response:
+        assert self.keys.ring is not None and lease.expires_at is not None
+        token = credentials.mint(
+            self.keys.ring,
+            issuer=self.settings.issuer,
+            audience=self.settings.credential_audience,
+            subject=lease.identity,
+            now=now,
+            not_after=lease.expires_at,
+            pod=lease.pod_name,
+            pod_uid=lease.pod_uid,
+            namespace=lease.namespace,
+            binding=lease.binding,
+            bot=lease.bot,
+            bot_phid=lease.bot_phid,
+            lease_uid=lease.uid,
+        )
+        request["log"].update({logs.BINDING: lease.binding, logs.BOT: lease.bot})
+        return web.json_response(
+            {
+                "credential": token,
+                "expiresAt": lease.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "identity": lease.identity,
+                "binding": lease.binding,
+                "bot": lease.bot,
+            },
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def _why_no_lease(self, who: Reviewed, wanted: str | None) -> str:
+        """A reason the caller can act on (error path only: may call the API server)."""
+        try:
+            pod = await self.client.get(
+                resource_path("", "v1", "pods", who.namespace, who.pod_name)
+            )
+        except NotFound:
+            return "the pod no longer exists"
+        except KubeError:
+            return "no active credential lease for this pod"
+        facts = identity.PodFacts.from_pod(pod)
+        if facts.uid != who.pod_uid or facts.terminating:
+            return "the pod is terminating: its credential was revoked"
+        if facts.phase != "Running":
+            return f"the pod is {facts.phase}, not Running"
+        if not facts.meshed:
+            return "the pod is not meshed (no linkerd-proxy): only meshed pods get credentials"
+        try:
+            listing = await self.client.get(
+                resource_path(
+                    resources.GROUP, resources.VERSION, resources.BINDING_PLURAL, who.namespace
+                )
+            )
+        except KubeError:
+            return "no active credential lease for this pod"
+        pod_identity = identity.linkerd_identity(
+            facts.service_account, facts.namespace, self.naming
+        )
+        for body in listing.get("items") or []:
+            name = body["metadata"]["name"]
+            if wanted and name != wanted:
+                continue
+            try:
+                spec = resources.BindingSpec.model_validate(body.get("spec") or {})
+            except ValueError:
+                continue
+            if not matching.matches(spec, who.namespace, facts, self.naming):
+                continue
+            ready = next(
+                (
+                    c
+                    for c in (body.get("status") or {}).get("conditions") or []
+                    if c.get("type") == "Ready"
+                ),
+                None,
+            )
+            if ready is None or ready.get("status") != "True":
+                detail = (ready or {}).get("message") or "not reconciled yet"
+                return f'PhabricatorBinding "{name}" matches this pod but is not Ready: {detail}'
+            return f'PhabricatorBinding "{name}" matches; the credential is being issued: retry'
+        scope = f'named "{wanted}" ' if wanted else ""
+        return (
+            f"no PhabricatorBinding {scope}in namespace {who.namespace} matches "
+            f"identity {pod_identity}"
+        )

@@ -1,0 +1,116 @@
+"""The operator process: the kopf controller and the credential endpoint side by side.
+
+Both share one Kubernetes client; the endpoint keeps serving on a standby
+replica (kopf peering pauses only the controller's handlers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import signal
+
+import structlog
+from aiohttp import web
+
+from phabmesh import controller, serving
+from phabmesh.issuer.app import Issuer, TokenReviewer
+from phabmesh.keystore import KeyStore
+from phabmesh.kube import KubeClient, load_connection
+from phabmesh.leasewatch import LeaseIndex
+from phabmesh.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+class OperatorProcess:
+    """Start with :meth:`start`, stop with :meth:`stop`; ports are known after start."""
+
+    def __init__(
+        self, settings: Settings, *, kubeconfig: str | None = None, standalone: bool = True
+    ) -> None:
+        self.settings = settings
+        self.kubeconfig = kubeconfig
+        self.standalone = standalone
+        self.stop_flag = asyncio.Event()
+        self.controller_ready = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.runners: list[web.AppRunner] = []
+        self.issuer_port = 0
+        self.metrics_port = 0
+
+    def ready(self) -> bool:
+        return self.controller_ready.is_set() and self.issuer.ready
+
+    async def start(self) -> None:
+        s = self.settings
+        self.client = KubeClient(
+            load_connection(self.kubeconfig), qps=s.kube_qps, burst=s.kube_burst
+        )
+        self.keys = KeyStore(
+            self.client,
+            s.namespace,
+            s.signing_secret,
+            rotate_every=datetime.timedelta(seconds=s.key_rotation_interval),
+            max_credential_ttl=datetime.timedelta(seconds=s.max_credential_ttl + s.clock_skew),
+        )
+        self.leases = LeaseIndex(self.client)
+        self.issuer = Issuer(
+            s,
+            self.client,
+            self.keys,
+            self.leases,
+            TokenReviewer(self.client, s.token_audience, s.token_review_cache_ttl),
+        )
+        await self.keys.ensure()
+        self.tasks.append(asyncio.create_task(self.keys.run()))
+        self.tasks.append(asyncio.create_task(self.leases.run()))
+        self.tasks.append(
+            asyncio.create_task(
+                controller.operate(
+                    s,
+                    kubeconfig=self.kubeconfig,
+                    stop_flag=self.stop_flag,
+                    ready_flag=self.controller_ready,
+                    standalone=self.standalone,
+                    peering_name=None if self.standalone else "phabmesh",
+                )
+            )
+        )
+        app = web.Application(client_max_size=64 * 1024)
+        self.issuer.routes(app)
+        runner = await serving.start_site(app, s.issuer_host, s.issuer_port)
+        self.runners.append(runner)
+        self.issuer_port = serving.bound_port(runner)
+        health = web.Application()
+        serving.add_health_routes(health, self.ready)
+        runner = await serving.start_site(health, s.issuer_host, s.metrics_port)
+        self.runners.append(runner)
+        self.metrics_port = serving.bound_port(runner)
+        log.info("operator_started", issuer_port=self.issuer_port, metrics_port=self.metrics_port)
+
+    async def stop(self) -> None:
+        self.stop_flag.set()
+        for runner in self.runners:
+            await runner.cleanup()
+        controller_task = self.tasks[-1] if self.tasks else None
+        if controller_task is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(controller_task), timeout=10)
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.client.close()
+
+    async def run_until_signalled(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, done.set)
+        controller_task = self.tasks[-1]
+        waiter = asyncio.create_task(done.wait())
+        await asyncio.wait({waiter, controller_task}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        await self.stop()

@@ -1,0 +1,68 @@
+"""A PhabricatorCredential (lease) reduced to the few fields every process needs.
+
+Shared by the controller, the credential endpoint and the gateway; pure data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Mapping
+from typing import Any
+
+
+def parse_time(value: object) -> datetime.datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def format_time(value: datetime.datetime) -> str:
+    return value.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaseView:
+    namespace: str
+    name: str
+    pod_uid: str
+    pod_name: str
+    binding: str
+    bot: str
+    identity: str
+    phase: str
+    expires_at: datetime.datetime | None
+    issued_at: datetime.datetime | None
+
+    uid: str = ""
+    reason: str = ""
+    bot_phid: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    @property
+    def active(self) -> bool:
+        return self.phase == "Active"
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> LeaseView:
+        meta = body.get("metadata") or {}
+        spec = body.get("spec") or {}
+        status = body.get("status") or {}
+        return cls(
+            namespace=str(meta.get("namespace")),
+            name=str(meta.get("name")),
+            pod_uid=str(spec.get("podUID", "")),
+            pod_name=str(spec.get("podName", "")),
+            binding=str(spec.get("binding", "")),
+            bot=str(spec.get("bot", "")),
+            identity=str(spec.get("identity", "")),
+            phase=str(status.get("phase") or "Pending"),
+            expires_at=parse_time(status.get("expiresAt")),
+            issued_at=parse_time(status.get("issuedAt")),
+            uid=str(meta.get("uid", "")),
+            reason=str(status.get("reason") or ""),
+            bot_phid=str(status.get("botPHID") or ""),
+        )

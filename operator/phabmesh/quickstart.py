@@ -1,0 +1,342 @@
+"""``phabmesh run``: the whole story on one machine, in plain words.
+
+With a cluster configured (``$KUBECONFIG``, ``~/.kube/config`` or in-cluster), it
+runs the operator and the gateway as local processes against it. Without one,
+it starts a local control plane and walks through the quick start: a Conduit
+test server with a demo bot stands in for Phabricator, the samples are applied,
+a meshed pod is simulated (there is no kubelet), its credential is exchanged,
+a Conduit call goes through the gateway, the pod is scaled down, and the same
+credential is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+
+from phabmesh import devcluster, resources
+from phabmesh.kube import Conflict, KubeClient, load_connection
+from phabmesh.kube.client import JSON, resource_path
+from phabmesh.settings import Settings
+
+T = TypeVar("T")
+SYSTEM = "phabmesh-system"
+DEMO_NAMESPACE = "ci"
+DEMO_BOT = "ci-bot"
+G, V = resources.GROUP, resources.VERSION
+
+
+class Say:
+    """Numbered steps on stdout."""
+
+    def __init__(self, out: Callable[[str], None] = print) -> None:
+        self.out = out
+        self.n = 0
+
+    def step(self, text: str) -> None:
+        self.n += 1
+        self.out(f"\n[{self.n}] {text}")
+
+    def detail(self, text: str) -> None:
+        self.out(f"    {text}")
+
+
+async def wait_for(
+    predicate: Callable[[], Awaitable[T | None]], what: str, timeout: float = 30
+) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def repo_file(*parts: str) -> Path:
+    root = devcluster.repo_root()
+    if root is None:
+        raise RuntimeError("run from a phabmesh checkout (the samples and CRDs live there)")
+    return root.joinpath(*parts)
+
+
+@contextlib.asynccontextmanager
+async def running(process: Any) -> AsyncIterator[Any]:
+    """Start a phabmesh process (OperatorProcess, GatewayProcess) in this event loop."""
+    await process.start()
+    try:
+        yield process
+    finally:
+        await process.stop()
+
+
+def _ready(obj: JSON) -> JSON | None:
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Ready" and cond.get("status") == "True":
+            return dict(cond)
+    return None
+
+
+async def demo(plane: devcluster.ControlPlane, say: Say) -> dict[str, Any]:
+    """The quick start on a running control plane. Returns what it observed."""
+    from phabmesh.gateway.process import GatewayProcess
+    from phabmesh.issuer.process import OperatorProcess
+    from phabmesh.testing import ConduitServer
+
+    seen: dict[str, Any] = {}
+    kube = KubeClient(load_connection(str(plane.kubeconfig)))
+    http = aiohttp.ClientSession()
+    try:
+        say.step("Installing the CRDs (kubectl apply -f crds/)")
+        crds = str(repo_file("crds"))
+        plane.kubectl("apply", "--server-side", "-f", crds)
+        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", crds)
+        with contextlib.suppress(Conflict):
+            await kube.create(
+                resource_path("", "v1", "namespaces"),
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM}},
+            )
+
+        say.step("Starting a Conduit test server standing in for Phabricator, with bot ci-bot")
+        async with ConduitServer() as conduit:
+            conduit.add_user(DEMO_BOT, bot=True, real_name="CI Bot")
+            token = conduit.add_token(DEMO_BOT)
+            say.detail(f"Phabricator (test server) at {conduit.url}")
+            await kube.create(
+                resource_path("", "v1", "secrets", SYSTEM),
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "metadata": {"name": "ci-bot-token"},
+                    "data": {"token": base64.b64encode(token.encode()).decode()},
+                },
+            )
+            say.detail("the bot's Conduit token is in Secret phabmesh-system/ci-bot-token")
+            settings = Settings(
+                namespace=SYSTEM,
+                phabricator_url=conduit.url,
+                issuer_host="127.0.0.1",
+                issuer_port=0,
+                gateway_host="127.0.0.1",
+                gateway_port=0,
+                metrics_port=0,
+            )
+            kubeconfig = str(plane.kubeconfig)
+            say.step("Starting the operator (controller + credential endpoint) and the gateway")
+            async with (
+                running(OperatorProcess(settings, kubeconfig=kubeconfig)) as operator,
+                running(GatewayProcess(settings, kubeconfig=kubeconfig)) as gateway,
+            ):
+                await wait_for(_true(operator.ready), "the operator", 60)
+                await wait_for(_true(lambda: gateway.state.ready), "the gateway", 60)
+                issuer_url = f"http://127.0.0.1:{operator.issuer_port}"
+                gateway_url = f"http://127.0.0.1:{gateway.port}"
+                say.detail(f"credential endpoint {issuer_url}, gateway {gateway_url}")
+                await _story(plane, kube, http, issuer_url, gateway_url, say, seen)
+    finally:
+        await http.close()
+        await kube.close()
+    return seen
+
+
+def _true(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def probe() -> bool:
+        return check()
+
+    return probe
+
+
+async def _story(
+    plane: devcluster.ControlPlane,
+    kube: KubeClient,
+    http: aiohttp.ClientSession,
+    issuer_url: str,
+    gateway_url: str,
+    say: Say,
+    seen: dict[str, Any],
+) -> None:
+    say.step("Applying the samples: bot ci-bot, namespace ci, binding ci-runners")
+    plane.kubectl("apply", "-f", str(repo_file("manifests", "samples", "demo.yaml")))
+    bot_path = resource_path(G, V, resources.BOT_PLURAL, None, DEMO_BOT)
+    ready = await wait_for(lambda: _get_ready(kube, bot_path), "bot Ready")
+    say.detail(f"PhabricatorBot ci-bot: Ready ({ready['reason']}: {ready['message']})")
+    binding_path = resource_path(G, V, resources.BINDING_PLURAL, DEMO_NAMESPACE, "ci-runners")
+    ready = await wait_for(lambda: _get_ready(kube, binding_path), "binding Ready")
+    say.detail(f"PhabricatorBinding ci/ci-runners: Ready ({ready['message']})")
+
+    say.step("Simulating a meshed pod ci/ci-runner-0 (Linkerd proxy as native sidecar)")
+    pod = await _meshed_pod(kube)
+    lease = await wait_for(lambda: _active_lease(kube), "the lease")
+    seen["lease"] = lease["metadata"]["name"]
+    say.detail(
+        f"PhabricatorCredential {lease['metadata']['name']} is Active, "
+        f"expires {lease['status']['expiresAt']}"
+    )
+
+    say.step("The pod exchanges its projected service-account token for a credential")
+    sa_token = await _pod_token(kube, pod)
+    async with http.post(
+        f"{issuer_url}/v1/credentials", headers={"Authorization": f"Bearer {sa_token}"}
+    ) as resp:
+        issued = await resp.json()
+        if resp.status != 200:
+            raise RuntimeError(f"credential refused: {issued}")
+    credential = issued["credential"]
+    say.detail(
+        f"credential for {issued['identity']} (bot {issued['bot']}), "
+        f"valid until {issued['expiresAt']}"
+    )
+
+    say.step("Calling Conduit through the gateway: user.whoami, as curl would")
+    answer = await _whoami(http, gateway_url, credential)
+    seen["whoami"] = answer
+    say.detail(
+        f"Phabricator says: userName={answer['result']['userName']}, "
+        f"phid={answer['result']['phid']}"
+    )
+
+    say.step("Scaling down: the pod is deleted")
+    await kube.delete(
+        resource_path("", "v1", "pods", DEMO_NAMESPACE, pod["metadata"]["name"]),
+        body={"gracePeriodSeconds": 0},
+    )
+
+    async def revoked() -> bool:
+        return await _active_lease(kube) is None
+
+    await wait_for(revoked, "the lease to be revoked")
+    say.detail("its PhabricatorCredential was revoked and removed")
+
+    say.step("The same credential, once more through the gateway")
+
+    async def refusal() -> JSON | None:
+        answer = await _whoami(http, gateway_url, credential)
+        return answer if answer.get("error_code") else None
+
+    refused = await wait_for(refusal, "the gateway to refuse")
+    seen["refused"] = refused
+    say.detail(f"refused: {refused['error_code']}: {refused['error_info']}")
+
+
+async def _get_ready(kube: KubeClient, path: str) -> JSON | None:
+    return _ready(await kube.get(path))
+
+
+async def _meshed_pod(kube: KubeClient) -> JSON:
+    path = resource_path("", "v1", "pods", DEMO_NAMESPACE)
+    pod = await kube.create(
+        path,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "ci-runner-0", "labels": {"app": "ci-runner"}},
+            "spec": {
+                "serviceAccountName": "ci-runner",
+                "nodeName": "demo-node",
+                "initContainers": [
+                    {
+                        "name": "linkerd-proxy",
+                        "image": "cr.l5d.io/linkerd/proxy:stable",
+                        "restartPolicy": "Always",
+                    }
+                ],
+                "containers": [{"name": "runner", "image": "registry.invalid/ci-runner:1"}],
+            },
+        },
+    )
+    await kube.merge_patch(
+        f"{path}/ci-runner-0/status",
+        {"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}},
+    )
+    return pod
+
+
+async def _active_lease(kube: KubeClient) -> JSON | None:
+    listing = await kube.get(resource_path(G, V, resources.CREDENTIAL_PLURAL, DEMO_NAMESPACE))
+    for item in listing.get("items") or []:
+        if (item.get("status") or {}).get("phase") == "Active":
+            return dict(item)
+    return None
+
+
+async def _pod_token(kube: KubeClient, pod: JSON) -> str:
+    meta = pod["metadata"]
+    request = await kube.create(
+        resource_path("", "v1", "serviceaccounts", DEMO_NAMESPACE, "ci-runner", "token"),
+        {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {
+                "audiences": ["phabmesh.io"],
+                "expirationSeconds": 600,
+                "boundObjectRef": {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                },
+            },
+        },
+    )
+    return str(request["status"]["token"])
+
+
+async def _whoami(http: aiohttp.ClientSession, gateway_url: str, credential: str) -> JSON:
+    async with http.post(
+        f"{gateway_url}/api/user.whoami", data={"api.token": credential, "output": "json"}
+    ) as resp:
+        answer: JSON = json.loads(await resp.text())
+        return answer
+
+
+def run(wait: bool = True) -> int:
+    """The README's run command."""
+    from phabmesh.kube.config import kubeconfig_available
+
+    say = Say()
+    if kubeconfig_available():
+        return run_against_cluster(say)
+    say.step("No cluster configured: starting a local Kubernetes control plane on 127.0.0.1")
+    with devcluster.running() as plane:
+        say.detail(f"export KUBECONFIG={plane.kubeconfig}")
+        asyncio.run(demo(plane, say))
+        say.step("Done: a credential lived exactly as long as its pod.")
+        if wait:
+            say.detail("The control plane keeps running for you to explore; Ctrl-C stops it.")
+            devcluster.wait_for_signal()
+    return 0
+
+
+def run_against_cluster(say: Say) -> int:
+    from phabmesh.gateway.process import GatewayProcess
+    from phabmesh.issuer.process import OperatorProcess
+
+    settings = Settings.from_env()
+    say.step("Using the configured cluster: running the operator and the gateway locally")
+    say.detail(f"Phabricator: {settings.phabricator_url} (set PHABMESH_PHABRICATOR_URL)")
+
+    async def serve() -> None:
+        async with (
+            running(OperatorProcess(settings)) as operator,
+            running(GatewayProcess(settings)) as gateway,
+        ):
+            say.detail(
+                f"credential endpoint :{operator.issuer_port}, gateway :{gateway.port}; "
+                "Ctrl-C stops them"
+            )
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (2, 15):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+
+    asyncio.run(serve())
+    return 0
