@@ -121,6 +121,7 @@ class Memo(kopf.Memo):
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         await self.client.close()
+        self.conduit.session.close()
 
     async def preload(self) -> None:
         """Read namespaces, bots, bindings and leases before any pod event is decided."""

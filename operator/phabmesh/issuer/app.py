@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from phabmesh import credentials, identity, logs, matching, resources
+from phabmesh import credentials, identity, logs, matching, metrics, resources
 from phabmesh.keystore import KeyStore
 from phabmesh.kube import KubeClient, KubeError, NotFound
 from phabmesh.kube.client import resource_path
@@ -145,16 +145,21 @@ class Issuer:
 
     async def issue(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
-        response = await self._issue(request)
+        audit: dict[str, str] = {}
+        response = await self._issue(request, audit)
+        elapsed = time.perf_counter() - started
+        outcome = "issued" if response.status == 200 else f"refused_{response.status}"
+        metrics.CREDENTIAL_REQUESTS.labels(outcome=outcome).inc()
+        metrics.CREDENTIAL_LATENCY.observe(elapsed)
         log.info(
             "credential_requested",
             status=response.status,
-            latency_ms=round((time.perf_counter() - started) * 1000, 2),
-            **request.get("log", {}),
+            latency_ms=round(elapsed * 1000, 2),
+            **audit,
         )
         return response
 
-    async def _issue(self, request: web.Request) -> web.Response:
+    async def _issue(self, request: web.Request, audit: dict[str, str]) -> web.Response:
         if not self.ready:
             return _error(503, "not_ready", "the credential endpoint is starting; retry shortly")
         header = request.headers.get("Authorization", "")
@@ -183,7 +188,7 @@ class Issuer:
                 "invalid_token",
                 "the token is not bound to a pod: use a projected service-account token",
             )
-        request["log"] = {logs.NAMESPACE: who.namespace, logs.POD: who.pod_name}
+        audit.update({logs.NAMESPACE: who.namespace, logs.POD: who.pod_name})
         now = self.clock()
         held = [
             lease
@@ -212,9 +217,10 @@ class Issuer:
                 "identity_mismatch",
                 f"the mTLS client identity does not match the pod's identity {lease.identity}",
             )
-        return self._mint(lease, now, request)
+        audit.update({logs.BINDING: lease.binding, logs.BOT: lease.bot})
+        return self._mint(lease, now)
 
-    def _mint(self, lease: LeaseView, now: datetime.datetime, request: web.Request) -> web.Response:
+    def _mint(self, lease: LeaseView, now: datetime.datetime) -> web.Response:
         assert self.keys.ring is not None and lease.expires_at is not None
         token = credentials.mint(
             self.keys.ring,
@@ -231,7 +237,6 @@ class Issuer:
             bot_phid=lease.bot_phid,
             lease_uid=lease.uid,
         )
-        request["log"].update({logs.BINDING: lease.binding, logs.BOT: lease.bot})
         return web.json_response(
             {
                 "credential": token,
