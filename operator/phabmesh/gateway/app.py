@@ -232,9 +232,9 @@ class Gateway:
             )
         lease = leases.by_uid.get(claims.lease_uid)
         if lease is None:
-            raise Refusal(
-                "ERR-INVALID-AUTH", "credential revoked: lease no longer exists", "revoked"
-            )
+            reason = leases.tombstones.get(claims.lease_uid)
+            detail = _REASONS.get(reason, "lease removed") if reason else "lease no longer exists"
+            raise Refusal("ERR-INVALID-AUTH", f"credential revoked: {detail}", "revoked")
         if not lease.active:
             reason = lease.reason or "revoked"
             raise Refusal(
