@@ -10,6 +10,7 @@ NAMESPACE ?= phabmesh-system
 # kubectl: yours if installed, otherwise the one built with the local control plane.
 KUBECTL ?= $(shell command -v kubectl 2>/dev/null || echo "$(BIN)/python -m phabmesh.devcluster kubectl-path")
 PYTEST_ARGS ?=
+PY_SOURCES := operator tests $(wildcard bench)
 
 .DEFAULT_GOAL := help
 
@@ -32,13 +33,13 @@ controlplane: $(STAMP) ## Build the local Kubernetes control plane (once; cached
 
 .PHONY: fmt
 fmt: $(STAMP) ## Format and auto-fix the code
-	$(BIN)/ruff format operator tests bench
-	$(BIN)/ruff check --fix operator tests bench
+	$(BIN)/ruff format $(PY_SOURCES)
+	$(BIN)/ruff check --fix $(PY_SOURCES)
 
 .PHONY: lint
 lint: $(STAMP) ## ruff (lint + format check) and mypy --strict
-	$(BIN)/ruff check operator tests bench
-	$(BIN)/ruff format --check operator tests bench
+	$(BIN)/ruff check $(PY_SOURCES)
+	$(BIN)/ruff format --check $(PY_SOURCES)
 	$(BIN)/mypy
 
 .PHONY: manifests
