@@ -396,8 +396,14 @@ def test_scale_down_revokes(
     cluster.core.delete_namespaced_pod("runner-1", bound)
     # With a node the pod lingers as Terminating; its lease goes at once all the same.
     wait_for(lambda: leases(cluster, bound) == [], what="the lease to be revoked and deleted")
-    events = cluster.core.list_namespaced_event(bound).items
-    assert {"CredentialIssued", "CredentialRevoked"} <= {e.reason for e in events}
+    # The pod's Events tell the story (posted just after each write).
+    wait_for(
+        lambda: (
+            {"CredentialIssued", "CredentialRevoked"}
+            <= {e.reason for e in cluster.core.list_namespaced_event(bound).items}
+        ),
+        what="CredentialIssued and CredentialRevoked Events",
+    )
 
 
 def test_binding_deleted_or_bot_lost_revokes(
