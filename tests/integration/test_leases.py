@@ -4,213 +4,30 @@ server standing in for Phabricator and the operator running in a background thre
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import requests
-from kubernetes import client
-from kubernetes.client.rest import ApiException
 
 from phabmesh import credentials, resources
-from phabmesh.issuer.process import OperatorProcess
-from phabmesh.settings import Settings
 from phabmesh.testing import ConduitServer
 from tests.kube import Cluster, wait_for
+from tests.phab import (
+    SYSTEM,
+    G,
+    V,
+    active_leases,
+    binding_condition,
+    bot_ready,
+    exchange,
+    label_namespace,
+    leases,
+    make_binding,
+    make_bot,
+    make_pod,
+    pod_token,
+    time_of,
+)
 from tests.stack import Threaded
-
-G, V = resources.GROUP, resources.VERSION
-SYSTEM = "phabmesh-system"
-
-
-@pytest.fixture(scope="module")
-def conduit() -> Iterator[ConduitServer]:
-    server = ConduitServer()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def system(cluster: Cluster, crds: object) -> str:
-    try:
-        cluster.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=SYSTEM)))
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-    return SYSTEM
-
-
-@pytest.fixture(scope="module")
-def operator(cluster: Cluster, system: str, conduit: ConduitServer) -> Iterator[Threaded]:
-    settings = Settings(
-        namespace=system,
-        phabricator_url=conduit.url,
-        bot_recheck_interval=2.0,
-        issuer_host="127.0.0.1",
-        issuer_port=0,
-        metrics_port=0,
-        conduit_timeout=2.0,
-        conduit_attempts=1,
-    )
-    proc = Threaded(OperatorProcess(settings, kubeconfig=str(cluster.kubeconfig))).start()
-    wait_for(proc.process.ready, timeout=60, what="the operator to be ready")  # type: ignore[attr-defined]
-    yield proc
-    proc.stop()
-
-
-def make_bot(cluster: Cluster, conduit: ConduitServer, username: str, *, bot: bool = True) -> str:
-    """A Phabricator account, its token in a Secret, and a PhabricatorBot for it."""
-    conduit.add_user(username, bot=bot)
-    token = conduit.add_token(username)
-    cluster.core.create_namespaced_secret(
-        SYSTEM,
-        client.V1Secret(
-            metadata=client.V1ObjectMeta(name=f"{username}-token"),
-            data={"token": base64.b64encode(token.encode()).decode()},
-        ),
-    )
-    cluster.custom.create_cluster_custom_object(
-        G,
-        V,
-        resources.BOT_PLURAL,
-        {
-            "apiVersion": f"{G}/{V}",
-            "kind": resources.BOT_KIND,
-            "metadata": {"name": username},
-            "spec": {
-                "username": username,
-                "tokenSecretRef": {"name": f"{username}-token"},
-                "namespaceSelector": {"matchLabels": {"phabmesh.io/bots": "allowed"}},
-            },
-        },
-    )
-    return token
-
-
-def label_namespace(cluster: Cluster, namespace: str) -> None:
-    cluster.core.patch_namespace(
-        namespace, {"metadata": {"labels": {"phabmesh.io/bots": "allowed"}}}
-    )
-
-
-def make_binding(cluster: Cluster, namespace: str, name: str, bot: str, **spec: Any) -> None:
-    body = {
-        "apiVersion": f"{G}/{V}",
-        "kind": resources.BINDING_KIND,
-        "metadata": {"name": name},
-        "spec": {
-            "botRef": {"name": bot},
-            "identityRefs": [{"kind": "ServiceAccount", "name": "runner"}],
-            "allowedMethods": ["user.*", "conduit.ping"],
-            **spec,
-        },
-    }
-    cluster.custom.create_namespaced_custom_object(G, V, namespace, resources.BINDING_PLURAL, body)
-
-
-def condition(obj: dict[str, Any], type_: str = "Ready") -> dict[str, Any] | None:
-    return next(
-        (c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == type_), None
-    )
-
-
-def bot_ready(cluster: Cluster, name: str) -> dict[str, Any] | None:
-    bot = cluster.custom.get_cluster_custom_object(G, V, resources.BOT_PLURAL, name)
-    return condition(bot)
-
-
-def binding_condition(cluster: Cluster, namespace: str, name: str) -> dict[str, Any] | None:
-    obj = cluster.custom.get_namespaced_custom_object(
-        G, V, namespace, resources.BINDING_PLURAL, name
-    )
-    return condition(obj)
-
-
-def make_pod(
-    cluster: Cluster,
-    namespace: str,
-    name: str,
-    *,
-    sa: str = "runner",
-    meshed: bool = True,
-    node: str | None = "node-a",
-    labels: dict[str, str] | None = None,
-) -> client.V1Pod:
-    try:
-        cluster.core.create_namespaced_service_account(
-            namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=sa))
-        )
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-    containers = [client.V1Container(name="app", image="registry.invalid/app:1")]
-    init = (
-        [
-            client.V1Container(
-                name="linkerd-proxy", image="cr.l5d.io/linkerd/proxy:edge", restart_policy="Always"
-            )
-        ]
-        if meshed
-        else None
-    )
-    pod = cluster.core.create_namespaced_pod(
-        namespace,
-        client.V1Pod(
-            metadata=client.V1ObjectMeta(name=name, labels=labels or {"app": "runner"}),
-            spec=client.V1PodSpec(
-                service_account_name=sa, node_name=node, containers=containers, init_containers=init
-            ),
-        ),
-    )
-    cluster.core.patch_namespaced_pod_status(
-        name,
-        namespace,
-        {"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}},
-    )
-    return pod
-
-
-def leases(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
-    return cluster.custom.list_namespaced_custom_object(
-        G, V, namespace, resources.CREDENTIAL_PLURAL
-    )["items"]
-
-
-def active_leases(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
-    return [
-        item
-        for item in leases(cluster, namespace)
-        if (item.get("status") or {}).get("phase") == "Active"
-    ]
-
-
-def pod_token(
-    cluster: Cluster, namespace: str, pod: client.V1Pod, audience: str = "phabmesh.io"
-) -> str:
-    request = client.AuthenticationV1TokenRequest(
-        spec=client.V1TokenRequestSpec(
-            audiences=[audience],
-            expiration_seconds=600,
-            bound_object_ref=client.V1BoundObjectReference(
-                api_version="v1", kind="Pod", name=pod.metadata.name, uid=pod.metadata.uid
-            ),
-        )
-    )
-    return cluster.core.create_namespaced_service_account_token(
-        pod.spec.service_account_name, namespace, request
-    ).status.token
-
-
-def exchange(operator: Threaded, token: str, **params: str) -> requests.Response:
-    port = operator.process.issuer_port  # type: ignore[attr-defined]
-    return requests.post(
-        f"http://127.0.0.1:{port}/v1/credentials",
-        headers={"Authorization": f"Bearer {token}"},
-        params=params,
-        timeout=10,
-    )
-
 
 # -- bots and bindings ------------------------------------------------------------------------
 
@@ -297,19 +114,6 @@ def test_namespace_outside_the_selector_is_refused(
 # -- leases -----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def bound(cluster: Cluster, conduit: ConduitServer, operator: Threaded, namespace: str) -> str:
-    """A namespace with a Ready binding `runners` of a Ready bot."""
-    bot = f"bot-{namespace}"
-    make_bot(cluster, conduit, bot)
-    label_namespace(cluster, namespace)
-    make_binding(cluster, namespace, "runners", bot, credentialTTL="2m")
-    wait_for(
-        lambda: (c := binding_condition(cluster, namespace, "runners")) and c["status"] == "True"
-    )
-    return namespace
-
-
 def test_running_meshed_pod_gets_a_lease_and_a_credential(
     cluster: Cluster, operator: Threaded, bound: str
 ) -> None:
@@ -335,7 +139,7 @@ def test_running_meshed_pod_gets_a_lease_and_a_credential(
     )
     assert claims.subject == identity
     assert claims.pod_uid == pod.metadata.uid
-    assert claims.expires_at <= credentials_time(lease["status"]["expiresAt"])
+    assert claims.expires_at <= time_of(lease["status"]["expiresAt"])
 
     # An unmeshed pod gets nothing, and the binding says so.
     make_pod(cluster, bound, "plain", meshed=False)
@@ -352,12 +156,6 @@ def test_running_meshed_pod_gets_a_lease_and_a_credential(
     )
     assert status["matchedPods"] == 1
     assert status["activeCredentials"] == 1
-
-
-def credentials_time(text: str) -> Any:
-    import datetime
-
-    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def test_tokens_cannot_cross_pods_or_audiences(
