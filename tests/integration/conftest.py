@@ -51,7 +51,10 @@ def operator(cluster: Cluster, system: str, conduit: ConduitServer) -> Iterator[
 
 
 @pytest.fixture(scope="session")
-def gateway(cluster: Cluster, system: str, conduit: ConduitServer) -> Iterator[Threaded]:
+def gateway(
+    cluster: Cluster, system: str, conduit: ConduitServer, operator: Threaded
+) -> Iterator[Threaded]:
+    # After the operator: it creates the signing-key Secret the gateway needs to be ready.
     proc = Threaded(GatewayProcess(settings_for(conduit), kubeconfig=str(cluster.kubeconfig)))
     proc.start()
     wait_for(lambda: proc.process.state.ready, timeout=60, what="the gateway to be ready")  # type: ignore[attr-defined]

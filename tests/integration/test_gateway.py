@@ -1,0 +1,239 @@
+"""The Conduit gateway over real sockets: every client style, every refusal, outages."""
+
+from __future__ import annotations
+
+import datetime
+import gzip
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlencode
+
+import jwt
+import pytest
+import requests
+
+from phabmesh import credentials
+from phabmesh.conduit import wire
+from phabmesh.credentials.keys import SigningKey
+from phabmesh.testing import ConduitServer
+from tests.kube import Cluster, wait_for
+from tests.phab import active_leases, exchange, leases, make_pod, pod_token
+from tests.stack import Threaded
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+class Pod:
+    def __init__(self, name: str, credential: str, bot_token: str) -> None:
+        self.name = name
+        self.credential = credential
+        self.bot_token = bot_token
+
+
+@pytest.fixture
+def pod(
+    cluster: Cluster, conduit: ConduitServer, operator: Threaded, gateway: Threaded, bound: str
+) -> Iterator[Pod]:
+    created = make_pod(cluster, bound, "runner-1")
+    wait_for(lambda: active_leases(cluster, bound))
+    issued = exchange(operator, pod_token(cluster, bound, created))
+    assert issued.status_code == 200, issued.text
+    bot_token = conduit.add_token(f"bot-{bound}")
+    wait_for(lambda: _gateway_ready(gateway), what="the gateway to see the lease")
+    yield Pod("runner-1", issued.json()["credential"], bot_token)
+
+
+def _gateway_ready(gateway: Threaded) -> bool:
+    return bool(gateway.process.state.leases.by_uid)  # type: ignore[attr-defined]
+
+
+def url(gateway: Threaded, method: str) -> str:
+    return f"http://127.0.0.1:{gateway.process.port}/api/{method}"  # type: ignore[attr-defined]
+
+
+def call(gateway: Threaded, method: str, **kw: Any) -> requests.Response:
+    return requests.post(url(gateway, method), timeout=10, **kw)
+
+
+def envelope(response: requests.Response) -> dict[str, Any]:
+    answer: dict[str, Any] = json.loads(response.text)
+    return answer
+
+
+def test_every_client_style_passes_and_matches_a_direct_call(
+    gateway: Threaded, conduit: ConduitServer, pod: Pod, bound: str
+) -> None:
+    bot = f"bot-{bound}"
+    direct = requests.post(
+        f"{conduit.url}/api/user.whoami",
+        data=urlencode(wire.encode_form({}, pod.bot_token)),
+        headers=FORM,
+        timeout=10,
+    )
+    styles = {
+        "curl (flat form)": dict(data={"api.token": pod.credential, "output": "json"}),
+        "arcanist (params JSON)": dict(
+            data=urlencode(wire.encode_params_json({}, pod.credential)), headers=FORM
+        ),
+        "arcanist, gzip": dict(
+            data=gzip.compress(urlencode(wire.encode_params_json({}, pod.credential)).encode()),
+            headers={**FORM, "Content-Encoding": "gzip"},
+        ),
+        "query string": dict(params={"api.token": pod.credential}),
+    }
+    for style, kwargs in styles.items():
+        through = call(gateway, "user.whoami", **kwargs)
+        assert through.status_code == 200, style
+        assert through.content == direct.content, style  # byte-identical
+        assert envelope(through)["result"]["userName"] == bot, style
+        assert through.headers["X-Conduit-Capabilities"] == "gzip"
+        assert "Set-Cookie" not in through.headers
+
+
+def test_search_with_constraints_through_the_gateway(
+    gateway: Threaded, pod: Pod, bound: str
+) -> None:
+    answer = envelope(
+        call(
+            gateway,
+            "user.search",
+            data=[("api.token", pod.credential), ("constraints[usernames][0]", f"bot-{bound}")],
+        )
+    )
+    assert [u["fields"]["username"] for u in answer["result"]["data"]] == [f"bot-{bound}"]
+
+
+def test_public_methods_need_no_credential(gateway: Threaded) -> None:
+    assert envelope(call(gateway, "conduit.ping"))["error_code"] is None
+    caps = envelope(call(gateway, "conduit.getcapabilities"))
+    assert "token" in caps["result"]["authentication"]
+
+
+def test_no_credential_is_an_invalid_session(gateway: Threaded) -> None:
+    answer = envelope(call(gateway, "user.whoami", data={"output": "json"}))
+    assert answer["error_code"] == "ERR-INVALID-SESSION"
+
+
+def test_method_outside_the_allowlist_is_refused(gateway: Threaded, pod: Pod) -> None:
+    answer = envelope(call(gateway, "maniphest.edit", data={"api.token": pod.credential}))
+    assert answer["error_code"] == "ERR-CONDUIT-CORE"
+    assert "not allowed by PhabricatorBinding" in answer["error_info"]
+
+
+def test_spoofed_client_identity_is_refused(gateway: Threaded, pod: Pod, bound: str) -> None:
+    answer = envelope(
+        call(
+            gateway,
+            "user.whoami",
+            data={"api.token": pod.credential},
+            headers={
+                "l5d-client-id": f"intruder.{bound}.serviceaccount.identity.linkerd.cluster.local"
+            },
+        )
+    )
+    assert answer["error_code"] == "ERR-INVALID-AUTH"
+    assert "l5d-client-id" in answer["error_info"]
+    matching = f"runner.{bound}.serviceaccount.identity.linkerd.cluster.local"
+    ok = envelope(
+        call(
+            gateway,
+            "user.whoami",
+            data={"api.token": pod.credential},
+            headers={"l5d-client-id": matching},
+        )
+    )
+    assert ok["error_code"] is None
+
+
+def _forged(pod: Pod, how: str) -> str:
+    claims = credentials.unverified_claims(pod.credential)
+    kid = jwt.get_unverified_header(pod.credential)["kid"]
+    other = SigningKey.generate(datetime.datetime.now(datetime.UTC))
+    if how == "unknown key":
+        return jwt.encode(claims, other.private_key, algorithm="EdDSA", headers={"kid": other.kid})
+    if how == "another key, same kid":
+        return jwt.encode(claims, other.private_key, algorithm="EdDSA", headers={"kid": kid})
+    if how == "alg none":
+        head = credentials.keys.b64url(json.dumps({"alg": "none", "kid": kid}).encode())
+        body = credentials.keys.b64url(json.dumps(claims).encode())
+        return f"{head}.{body}."
+    if how == "expired":
+        claims.update(exp=int(time.time()) - 3600)
+    elif how == "other audience":
+        claims.update(aud="someone-else")
+    elif how == "tampered":
+        claims.update(pod_uid="another-pod")
+    head, _, sig = pod.credential.split(".")
+    return f"{head}.{credentials.keys.b64url(json.dumps(claims).encode())}.{sig}"
+
+
+@pytest.mark.parametrize(
+    ("how", "says"),
+    [
+        ("unknown key", "unknown key"),
+        ("another key, same kid", "signature"),
+        ("alg none", "algorithm"),
+        ("expired", "signature"),  # re-signed claims cannot keep the signature
+        ("other audience", "signature"),
+        ("tampered", "signature"),
+    ],
+)
+def test_forged_credentials_are_refused(gateway: Threaded, pod: Pod, how: str, says: str) -> None:
+    answer = envelope(call(gateway, "user.whoami", data={"api.token": _forged(pod, how)}))
+    assert answer["error_code"] == "ERR-INVALID-AUTH"
+    assert says in answer["error_info"]
+    assert pod.credential not in answer["error_info"]
+
+
+def test_deleted_pod_credential_is_refused(
+    cluster: Cluster, gateway: Threaded, pod: Pod, bound: str
+) -> None:
+    assert envelope(call(gateway, "user.whoami", data={"api.token": pod.credential}))["result"]
+    cluster.core.delete_namespaced_pod(pod.name, bound, grace_period_seconds=0)
+    refused = wait_for(
+        lambda: (
+            (a := envelope(call(gateway, "user.whoami", data={"api.token": pod.credential}))).get(
+                "error_code"
+            )
+            and a
+        )
+    )
+    assert refused["error_code"] == "ERR-INVALID-AUTH"
+    assert refused["error_info"].startswith("credential revoked: pod")
+    wait_for(lambda: leases(cluster, bound) == [])
+
+
+def test_phabricator_down_then_back(gateway: Threaded, conduit: ConduitServer, pod: Pod) -> None:
+    conduit.down = True
+    try:
+        started = time.monotonic()
+        down = call(gateway, "user.whoami", data={"api.token": pod.credential})
+        assert time.monotonic() - started < 5
+        assert down.status_code == 503
+        assert envelope(down)["error_code"] == "ERR-PHABRICATOR-UNAVAILABLE"
+        conduit.down, conduit.delay = False, 3.0  # slower than the gateway's 2 s timeout
+        slow = call(gateway, "user.whoami", data={"api.token": pod.credential})
+        assert envelope(slow)["error_code"] == "ERR-PHABRICATOR-UNAVAILABLE"
+    finally:
+        conduit.down, conduit.delay = False, 0.0
+    back = envelope(call(gateway, "user.whoami", data={"api.token": pod.credential}))
+    assert back["error_code"] is None
+
+
+def test_bodies_over_the_limit_are_refused(gateway: Threaded, pod: Pod) -> None:
+    huge = {"api.token": pod.credential, "junk": "x" * (2 << 20)}
+    assert call(gateway, "user.whoami", data=huge).status_code == 413
+    bomb = gzip.compress(b"a=" + b"b" * (8 << 20))
+    refused = call(gateway, "user.whoami", data=bomb, headers={**FORM, "Content-Encoding": "gzip"})
+    assert refused.status_code == 413
+    assert envelope(call(gateway, "conduit.ping"))["error_code"] is None  # still serving
+
+
+def test_metrics_and_audit(gateway: Threaded, pod: Pod) -> None:
+    call(gateway, "user.whoami", data={"api.token": pod.credential})
+    port = gateway.process.metrics_port  # type: ignore[attr-defined]
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    assert 'phabmesh_gateway_requests_total{decision="allowed",method="user.whoami"}' in text
+    assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
