@@ -1,0 +1,83 @@
+"""Leases survive the operator's absence correctly: a sweep at start-up, and the garbage
+collector when the operator is down. Its own control plane, so that no other operator acts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from phabmesh import devcluster
+from phabmesh.issuer.process import OperatorProcess
+from phabmesh.testing import ConduitServer
+from tests.kube import Cluster, wait_for
+from tests.phab import (
+    SYSTEM,
+    active_leases,
+    binding_condition,
+    label_namespace,
+    leases,
+    make_binding,
+    make_bot,
+    make_pod,
+    settings_for,
+)
+from tests.stack import Threaded
+
+NS = "restart"
+
+
+@pytest.fixture
+def alone(tmp_path: Path, conduit: ConduitServer) -> Iterator[Cluster]:
+    with devcluster.ControlPlane(tmp_path / "controlplane") as plane:
+        cluster = Cluster(plane)
+        cluster.kubectl("apply", "--server-side", "-f", str(Path(__file__).parents[2] / "crds"))
+        cluster.kubectl("wait", "--for=condition=Established", "--all", "crd", "--timeout=60s")
+        for name in (SYSTEM, NS):
+            cluster.core.create_namespace(
+                client.V1Namespace(metadata=client.V1ObjectMeta(name=name))
+            )
+        wait_for(lambda: cluster.core.list_namespaced_service_account(NS).items, what="default SA")
+        yield cluster
+
+
+def start_operator(cluster: Cluster, conduit: ConduitServer) -> Threaded:
+    proc = Threaded(OperatorProcess(settings_for(conduit), kubeconfig=str(cluster.kubeconfig)))
+    proc.start()
+    wait_for(proc.process.ready, timeout=60, what="operator ready")  # type: ignore[attr-defined]
+    return proc
+
+
+def test_sweep_and_garbage_collection(alone: Cluster, conduit: ConduitServer) -> None:
+    cluster = alone
+    operator = start_operator(cluster, conduit)
+    try:
+        make_bot(cluster, conduit, "restart-bot")
+        label_namespace(cluster, NS)
+        make_binding(cluster, NS, "runners", "restart-bot")
+        wait_for(lambda: (c := binding_condition(cluster, NS, "runners")) and c["status"] == "True")
+        make_pod(cluster, NS, "kept", node=None)
+        make_pod(cluster, NS, "gone", node=None)
+        wait_for(lambda: len(active_leases(cluster, NS)) == 2)
+    finally:
+        operator.stop()
+
+    # Operator and garbage collector both down: a pod goes, its lease stays behind...
+    cluster.plane.stop_controller_manager()
+    cluster.core.delete_namespaced_pod("gone", NS)
+    assert len(leases(cluster, NS)) == 2
+    # ...until the operator starts again and sweeps it; the live pod's lease is untouched.
+    operator = start_operator(cluster, conduit)
+    try:
+        remaining = wait_for(lambda: (items := leases(cluster, NS)) and len(items) == 1 and items)
+        assert remaining[0]["spec"]["podName"] == "kept"
+        assert remaining[0]["status"]["phase"] == "Active"
+    finally:
+        operator.stop()
+
+    # Operator down, garbage collector up: Kubernetes itself removes the lease with its pod.
+    cluster.plane.start_controller_manager()
+    cluster.core.delete_namespaced_pod("kept", NS)
+    wait_for(lambda: leases(cluster, NS) == [], timeout=60, what="the garbage collector")
