@@ -135,9 +135,12 @@ class KubeClient:
         self._limit = _TokenBucket(qps, burst)
         self._connections = connections
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     @property
     def session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise Unavailable(0, "Closed", "the client is closed")
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
@@ -148,6 +151,7 @@ class KubeClient:
         return self._session
 
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -1,0 +1,196 @@
+"""Lease and readiness decisions: pure functions over a World."""
+
+from __future__ import annotations
+
+import datetime
+
+from phabmesh import identity
+from phabmesh.controller import decide
+from phabmesh.controller.world import BindingView, BotView, World
+from phabmesh.lease import LeaseView
+
+N = identity.DEFAULT_NAMING
+T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+
+
+def bot(ready: bool = True, selector: dict[str, object] | None = None) -> BotView:
+    return BotView.from_body(
+        {
+            "metadata": {"name": "ci-bot", "generation": 1},
+            "spec": {
+                "username": "ci-bot",
+                "tokenSecretRef": {"name": "t"},
+                "namespaceSelector": selector if selector is not None else {},
+            },
+            "status": {
+                "phid": "PHID-USER-x",
+                "conditions": [
+                    {
+                        "type": "Ready",
+                        "status": "True" if ready else "False",
+                        "reason": "Verified" if ready else "Disabled",
+                        "lastTransitionTime": "x",
+                    }
+                ],
+            },
+        }
+    )
+
+
+def binding(name: str = "runners", sa: str = "runner") -> BindingView:
+    return BindingView.from_body(
+        {
+            "metadata": {"name": name, "namespace": "build", "uid": "b1", "generation": 1},
+            "spec": {
+                "botRef": {"name": "ci-bot"},
+                "identityRefs": [{"kind": "ServiceAccount", "name": sa}],
+                "allowedMethods": ["user.whoami"],
+            },
+        }
+    )
+
+
+def pod(
+    uid: str = "p1",
+    phase: str = "Running",
+    meshed: bool = True,
+    deleting: bool = False,
+    sa: str = "runner",
+) -> identity.PodFacts:
+    body: dict[str, object] = {
+        "metadata": {"name": f"pod-{uid}", "namespace": "build", "uid": uid},
+        "spec": {
+            "serviceAccountName": sa,
+            "containers": [{"name": "linkerd-proxy" if meshed else "app"}],
+        },
+        "status": {"phase": phase},
+    }
+    if deleting:
+        body["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"  # type: ignore[index]
+    return identity.PodFacts.from_pod(body)
+
+
+def lease(pod_uid: str = "p1", binding_name: str = "runners", phase: str = "Active") -> LeaseView:
+    return LeaseView.from_body(
+        {
+            "metadata": {"name": f"l-{pod_uid}-{binding_name}", "namespace": "build", "uid": "l"},
+            "spec": {
+                "podUID": pod_uid,
+                "podName": f"pod-{pod_uid}",
+                "binding": binding_name,
+                "bot": "ci-bot",
+                "identity": "i",
+            },
+            "status": {"phase": phase, "expiresAt": "2026-01-01T00:15:00Z"},
+        }
+    )
+
+
+def world(
+    *pods: identity.PodFacts,
+    bindings: tuple[BindingView, ...] = (),
+    leases: tuple[LeaseView, ...] = (),
+) -> World:
+    w = World()
+    for p in pods:
+        w.put_pod(p)
+    for b in bindings:
+        w.put_binding(b)
+    for lease_view in leases:
+        w.put_lease(lease_view)
+    return w
+
+
+def verdicts(w: World, bot_view: BotView | None, labels: dict[str, str] | None = None) -> dict:  # type: ignore[type-arg]
+    return {b.key: decide.judge_binding(b, bot_view, labels or {}) for b in w.bindings.values()}
+
+
+def test_running_meshed_matching_pod_gets_a_lease() -> None:
+    w = world(pod(), bindings=(binding(),))
+    plan = decide.plan_pod(w, "p1", N, verdicts(w, bot()))
+    assert [b.name for b in plan.issue] == ["runners"] and plan.revoke == ()
+    w.put_lease(lease())
+    assert not decide.plan_pod(w, "p1", N, verdicts(w, bot()))  # holds it already
+
+
+def test_pods_that_may_not_hold_a_lease() -> None:
+    for facts in (pod(phase="Pending"), pod(meshed=False), pod(sa="other")):
+        w = world(facts, bindings=(binding(),))
+        assert not decide.plan_pod(w, "p1", N, verdicts(w, bot()))
+
+
+def test_every_revocation_reason() -> None:
+    cases = [
+        (
+            world(pod(deleting=True), bindings=(binding(),), leases=(lease(),)),
+            bot(),
+            decide.POD_TERMINATING,
+        ),
+        (
+            world(pod(phase="Succeeded"), bindings=(binding(),), leases=(lease(),)),
+            bot(),
+            decide.POD_SUCCEEDED,
+        ),
+        (
+            world(pod(phase="Failed"), bindings=(binding(),), leases=(lease(),)),
+            bot(),
+            decide.POD_FAILED,
+        ),
+        (world(bindings=(binding(),), leases=(lease(),)), bot(), decide.POD_DELETED),
+        (world(pod(), leases=(lease(),)), bot(), decide.BINDING_DELETED),
+        (
+            world(pod(sa="other"), bindings=(binding(),), leases=(lease(),)),
+            bot(),
+            decide.NO_LONGER_MATCHED,
+        ),
+        (world(pod(), bindings=(binding(),), leases=(lease(),)), bot(ready=False), decide.BOT_LOST),
+        (world(pod(), bindings=(binding(),), leases=(lease(),)), None, decide.BOT_LOST),
+    ]
+    for w, bot_view, reason in cases:
+        plan = decide.plan_pod(w, "p1", N, verdicts(w, bot_view))
+        assert [(lv.name, r) for lv, r in plan.revoke] == [("l-p1-runners", reason)], reason
+        assert plan.issue == ()
+
+
+def test_namespace_selector_gates_the_binding() -> None:
+    picky = bot(selector={"matchLabels": {"team": "ci"}})
+    b = binding()
+    assert decide.judge_binding(b, picky, {"team": "ci"}).ready
+    refused = decide.judge_binding(b, picky, {"team": "web"})
+    assert (refused.ready, refused.reason, refused.bot_ready) == (
+        False,
+        decide.NAMESPACE_NOT_ALLOWED,
+        True,
+    )
+    missing = decide.judge_binding(b, None, {})
+    assert (missing.reason, missing.bot_reason) == (decide.BOT_NOT_FOUND, decide.BOT_NOT_FOUND)
+
+
+def test_revoked_leases_are_not_held() -> None:
+    w = world(pod(), bindings=(binding(),), leases=(lease(phase="Revoked"),))
+    plan = decide.plan_pod(w, "p1", N, verdicts(w, bot()))
+    assert [b.name for b in plan.issue] == ["runners"]
+
+
+def test_counts() -> None:
+    w = world(
+        pod("a"),
+        pod("b", meshed=False),
+        pod("c", sa="other"),
+        pod("d", deleting=True),
+        bindings=(binding(),),
+        leases=(lease("a"),),
+    )
+    assert decide.count_binding(w, binding(), N) == decide.BindingCounts(
+        matched=1, active=1, unmeshed=1
+    )
+
+
+def test_renewal_at_two_thirds() -> None:
+    ttl = datetime.timedelta(minutes=15)
+    view = lease()  # expires at 00:15
+    assert not decide.due_for_renewal(view, ttl, T0 + datetime.timedelta(minutes=9, seconds=59))
+    assert decide.due_for_renewal(view, ttl, T0 + datetime.timedelta(minutes=10))
+    assert not decide.due_for_renewal(
+        lease(phase="Revoked"), ttl, T0 + datetime.timedelta(minutes=14)
+    )
