@@ -215,3 +215,27 @@ def test_binding_deleted_or_bot_lost_revokes(
     wait_for(lambda: active_leases(cluster, bound), what="re-issue once the bot is back")
     cluster.custom.delete_namespaced_custom_object(G, V, bound, resources.BINDING_PLURAL, "runners")
     wait_for(lambda: leases(cluster, bound) == [], what="revocation on binding deletion")
+
+
+def test_several_bindings_need_a_choice(
+    cluster: Cluster, conduit: ConduitServer, operator: Threaded, bound: str
+) -> None:
+    make_binding(cluster, bound, "second", f"bot-{bound}")
+    wait_for(lambda: (c := binding_condition(cluster, bound, "second")) and c["status"] == "True")
+    pod = make_pod(cluster, bound, "runner-1")
+    wait_for(lambda: len(active_leases(cluster, bound)) == 2)
+    token = pod_token(cluster, bound, pod)
+    ambiguous = exchange(operator, token)
+    assert ambiguous.status_code == 409
+    assert ambiguous.json()["bindings"] == ["runners", "second"]
+    chosen = exchange(operator, token, binding="second")
+    assert chosen.status_code == 200 and chosen.json()["binding"] == "second"
+    port = operator.process.issuer_port  # type: ignore[attr-defined]
+    spoofed = requests.post(
+        f"http://127.0.0.1:{port}/v1/credentials",
+        headers={"Authorization": f"Bearer {token}", "l5d-client-id": "someone.else"},
+        params={"binding": "runners"},
+        timeout=10,
+    )
+    assert spoofed.status_code == 403
+    assert spoofed.json()["error"] == "identity_mismatch"
