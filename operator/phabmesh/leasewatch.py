@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 from collections import defaultdict
+from collections.abc import Callable
 
 from phabmesh import resources
 from phabmesh.kube import KubeClient
@@ -19,7 +20,10 @@ TOMBSTONES = 100_000  # bounded memory: about 10 MB at most
 
 
 class LeaseIndex:
-    def __init__(self, client: KubeClient) -> None:
+    def __init__(
+        self, client: KubeClient, on_revoked: Callable[[LeaseView], None] | None = None
+    ) -> None:
+        self.on_revoked = on_revoked
         self.by_uid: dict[str, LeaseView] = {}
         self.by_pod: defaultdict[str, dict[str, LeaseView]] = defaultdict(dict)
         self._uid_of: dict[str, str] = {}  # "ns/name" -> lease uid
@@ -46,6 +50,7 @@ class LeaseIndex:
 
     def _on_event(self, kind: str, key: str, lease: LeaseView | None) -> None:
         old_uid = self._uid_of.pop(key, None)
+        old: LeaseView | None = None
         if old_uid is not None:
             old = self.by_uid.pop(old_uid, None)
             if old is not None:
@@ -58,6 +63,9 @@ class LeaseIndex:
             if old_uid is not None:
                 self._bury(old_uid, old.reason if old is not None and old.reason else "")
             return
+        revoked_now = lease.phase == "Revoked" and (old is None or old.phase != "Revoked")
+        if revoked_now and self.on_revoked is not None:
+            self.on_revoked(lease)
         self._uid_of[key] = lease.uid
         self.by_uid[lease.uid] = lease
         self.by_pod[lease.pod_uid][lease.uid] = lease

@@ -12,7 +12,7 @@ import dataclasses
 import datetime
 from typing import Any
 
-from phabmesh import resources
+from phabmesh import metrics, resources
 from phabmesh.keystore import KeyStore
 from phabmesh.kube import KubeClient
 from phabmesh.kube.client import JSON, resource_path
@@ -60,7 +60,9 @@ class GatewayState:
     def __init__(self, settings: Settings, client: KubeClient) -> None:
         self.settings = settings
         self.client = client
-        self.leases = LeaseIndex(client)
+        self.leases = LeaseIndex(
+            client, on_revoked=lambda _: metrics.GATEWAY_REVOCATIONS_SEEN.inc()
+        )
         g, v = resources.GROUP, resources.VERSION
         self.bindings: Informer[BindingRules] = Informer(
             client, resource_path(g, v, resources.BINDING_PLURAL), _binding_rules, name="bindings"
