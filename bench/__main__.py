@@ -120,28 +120,6 @@ async def pods(kube: KubeClient, count: int) -> list[JSON]:
     return list(await asyncio.gather(*(one(i) for i in range(count))))
 
 
-async def token_for(kube: KubeClient, pod: JSON) -> str:
-    meta = pod["metadata"]
-    answer = await kube.create(
-        resource_path("", "v1", "serviceaccounts", NS, "runner", "token"),
-        {
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenRequest",
-            "spec": {
-                "audiences": ["phabmesh.io"],
-                "expirationSeconds": 3600,
-                "boundObjectRef": {
-                    "apiVersion": "v1",
-                    "kind": "Pod",
-                    "name": meta["name"],
-                    "uid": meta["uid"],
-                },
-            },
-        },
-    )
-    return str(answer["status"]["token"])
-
-
 async def run(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     with tempfile.TemporaryDirectory(prefix="phabmesh-bench-") as tmp:
@@ -218,7 +196,9 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
         )
 
         # Credential exchange, TokenReview uncached then cached.
-        tokens = await asyncio.gather(*(token_for(kube, p) for p in created))
+        tokens = await asyncio.gather(
+            *(kube.pod_token(NS, "runner", p, seconds=3600) for p in created)
+        )
         first, again, credentials = [], [], []
         for token in tokens:
             for bucket in (first, again):

@@ -73,6 +73,22 @@ class KeyStore:
         except (credentials.CredentialError, ValueError, KeyError) as exc:
             log.error("signing_keys_unreadable", error=str(exc))
 
+    def _secret(self, ring: credentials.KeyRing) -> JSON:
+        meta: JSON = {
+            "name": self.secret_name,
+            "namespace": self.namespace,
+            "labels": {"app.kubernetes.io/part-of": "phabmesh"},
+        }
+        if self.version:
+            meta["resourceVersion"] = self.version
+        return {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": meta,
+            "data": ring.to_secret_data(),
+        }
+
     @property
     def ready(self) -> bool:
         return self.ring is not None and self.informer.connected
@@ -85,17 +101,8 @@ class KeyStore:
         except NotFound:
             pass
         ring = credentials.KeyRing.generate(self.clock())
-        body = {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "type": "Opaque",
-            "metadata": {
-                "name": self.secret_name,
-                "namespace": self.namespace,
-                "labels": {"app.kubernetes.io/part-of": "phabmesh"},
-            },
-            "data": ring.to_secret_data(),
-        }
+        self.version = ""  # a new object carries no resourceVersion
+        body = self._secret(ring)
         try:
             self._load(
                 await self.client.create(resource_path("", "v1", "secrets", self.namespace), body)
@@ -112,28 +119,9 @@ class KeyStore:
         rotated = credentials.rotate(self.ring, now, self.rotate_every, self.max_credential_ttl)
         if rotated is self.ring:
             return False
-        patch = {
-            "metadata": {"resourceVersion": self.version},
-            "data": rotated.to_secret_data(),
-        }
         try:
-            # A replace-style merge with resourceVersion: fails with 409 if anyone wrote first.
-            obj = await self.client.request(
-                "PUT",
-                self.path,
-                body={
-                    "apiVersion": "v1",
-                    "kind": "Secret",
-                    "type": "Opaque",
-                    "metadata": {
-                        "name": self.secret_name,
-                        "namespace": self.namespace,
-                        "resourceVersion": self.version,
-                        "labels": {"app.kubernetes.io/part-of": "phabmesh"},
-                    },
-                    "data": patch["data"],
-                },
-            )
+            # Replaced with the resourceVersion it was read at: 409 if anyone wrote first.
+            obj = await self.client.request("PUT", self.path, body=self._secret(rotated))
         except Conflict:
             self._load(await self.client.get(self.path))
             return False

@@ -182,7 +182,7 @@ async def _story(
     )
 
     say.step("The pod exchanges its projected service-account token for a credential")
-    sa_token = await _pod_token(kube, pod)
+    sa_token = await kube.pod_token(DEMO_NAMESPACE, "ci-runner", pod)
     async with http.post(
         f"{issuer_url}/v1/credentials", headers={"Authorization": f"Bearer {sa_token}"}
     ) as resp:
@@ -265,28 +265,6 @@ async def _active_lease(kube: KubeClient) -> JSON | None:
         if (item.get("status") or {}).get("phase") == "Active":
             return dict(item)
     return None
-
-
-async def _pod_token(kube: KubeClient, pod: JSON) -> str:
-    meta = pod["metadata"]
-    request = await kube.create(
-        resource_path("", "v1", "serviceaccounts", DEMO_NAMESPACE, "ci-runner", "token"),
-        {
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenRequest",
-            "spec": {
-                "audiences": ["phabmesh.io"],
-                "expirationSeconds": 600,
-                "boundObjectRef": {
-                    "apiVersion": "v1",
-                    "kind": "Pod",
-                    "name": meta["name"],
-                    "uid": meta["uid"],
-                },
-            },
-        },
-    )
-    return str(request["status"]["token"])
 
 
 async def _whoami(http: aiohttp.ClientSession, gateway_url: str, credential: str) -> JSON:

@@ -271,6 +271,35 @@ class KubeClient:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise Unavailable(0, type(exc).__name__, str(exc) or type(exc).__name__) from exc
 
+    async def pod_token(
+        self,
+        namespace: str,
+        service_account: str,
+        pod: JSON,
+        audience: str = "phabmesh.io",
+        seconds: int = 600,
+    ) -> str:
+        """A service-account token bound to ``pod`` (TokenRequest), as a projected volume has."""
+        meta = pod["metadata"]
+        answer = await self.create(
+            resource_path("", "v1", "serviceaccounts", namespace, service_account, "token"),
+            {
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenRequest",
+                "spec": {
+                    "audiences": [audience],
+                    "expirationSeconds": seconds,
+                    "boundObjectRef": {
+                        "apiVersion": "v1",
+                        "kind": "Pod",
+                        "name": meta["name"],
+                        "uid": meta["uid"],
+                    },
+                },
+            },
+        )
+        return str(answer["status"]["token"])
+
     async def token_review(self, token: str, audiences: list[str]) -> JSON:
         body = {
             "apiVersion": "authentication.k8s.io/v1",
