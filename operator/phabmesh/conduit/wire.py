@@ -88,8 +88,8 @@ def parse_form(pairs: list[tuple[str, str]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         _set_path(out, key, value)
-    result: dict[str, Any] = _listify(out)
-    return result
+    # The top level is always a map of parameter names, even when they look like 0, 1, 2.
+    return {key: _listify(value) for key, value in out.items()}
 
 
 def flatten(params: Mapping[str, Any] | list[Any], prefix: str = "") -> list[tuple[str, str]]:
