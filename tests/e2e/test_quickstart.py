@@ -6,15 +6,36 @@ It runs on a control plane of its own, so that no other test's operator acts on 
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
+import json
+import logging
 from pathlib import Path
 
-from phabmesh import devcluster, quickstart
+import structlog
+
+from phabmesh import devcluster, logs, quickstart
 
 
 def test_quick_start_flow(tmp_path: Path) -> None:
     lines: list[str] = []
-    with devcluster.ControlPlane(tmp_path / "controlplane") as plane:
-        seen = asyncio.run(quickstart.demo(plane, quickstart.Say(lines.append)))
+    captured = io.StringIO()
+    logs.configure("DEBUG", json_output=True, stream=captured)
+    try:
+        with devcluster.ControlPlane(tmp_path / "controlplane") as plane:
+            seen = asyncio.run(quickstart.demo(plane, quickstart.Say(lines.append)))
+            keys = plane.kubectl(
+                "get",
+                "secret",
+                "phabmesh-signing-keys",
+                "-n",
+                "phabmesh-system",
+                "-o",
+                "jsonpath={.data.keys\\.json}",
+            ).stdout
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
     assert seen["whoami"]["result"]["userName"] == "ci-bot"
     assert seen["whoami"]["error_code"] is None
     assert seen["refused"]["error_code"] == "ERR-INVALID-AUTH"
@@ -24,3 +45,12 @@ def test_quick_start_flow(tmp_path: Path) -> None:
     assert "credential revoked: pod " in text  # "pod terminating" or "pod deleted"
     # What the user reads never shows a token or a credential.
     assert "eyJ" not in text and "api-" not in text
+    # Nor does any log line of the whole run: bot token, service-account token,
+    # credential, signing key.
+    log_text = captured.getvalue()
+    assert log_text.count("\n") > 20  # the run did log (operator, gateway audit lines)
+    assert "conduit_call" in log_text and "lease_issued" in log_text
+    private_pem = json.loads(base64.b64decode(keys))["keys"][0]["privateKey"]
+    for secret in [*seen["secrets"], private_pem.splitlines()[1]]:
+        assert secret not in log_text
+        assert secret not in text
