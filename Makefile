@@ -41,6 +41,16 @@ lint: $(STAMP) ## ruff (lint + format check) and mypy --strict
 	$(BIN)/ruff check $(PY_SOURCES)
 	$(BIN)/ruff format --check $(PY_SOURCES)
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
+
+.PHONY: package
+package: $(STAMP) ## Build the wheel and install it alone in a clean virtualenv (what the image does)
+	rm -rf build/package && mkdir -p build/package
+	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir build/package .
+	$(PYTHON) -m venv build/package/venv
+	build/package/venv/bin/python -m pip install --quiet -c constraints.txt build/package/phabmesh-*.whl
+	build/package/venv/bin/phabmesh --version
+	build/package/venv/bin/python -c "import operator, phabmesh.cli; assert hasattr(operator, 'itemgetter')"
 
 .PHONY: manifests
 manifests: $(STAMP) ## Verify CRDs and typed models agree (fails on drift)
