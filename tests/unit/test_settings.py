@@ -43,3 +43,11 @@ def test_every_setting_is_documented_with_its_variable() -> None:
     documented = Settings.documented()
     assert ("PHABMESH_GATEWAY_PORT", "gateway_port", 8080) in documented
     assert all(var.startswith("PHABMESH_") for var, _, _ in documented)
+
+
+def test_the_settings_document_lists_every_setting() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "settings.md").read_text()
+    for var, _, default in Settings.documented():
+        assert f"| `{var}` | `{default}` |" in text, var
