@@ -41,6 +41,17 @@ class InvalidParams(BadRequest):
         return f"Invalid parameter information was passed to method '{method}'."
 
 
+class InvalidParamValue(BadRequest):
+    """A ``params[key]`` field of the web console's encoding is not JSON."""
+
+    def __init__(self, key: str, value: str) -> None:
+        super().__init__(
+            f"The value for parameter '{key}' is not valid JSON. All parameters must be "
+            "encoded as JSON values, including strings (which means you need to surround "
+            f"them in double quotes). Check your syntax. Value was: {value}."
+        )
+
+
 class RequestTooLarge(BadRequest):
     """The body, decompressed, is over the limit."""
 
@@ -118,6 +129,11 @@ class Call:
     encoding: Encoding
     output: str | None = "json"
 
+    @property
+    def strict(self) -> bool:
+        """Phorge types JSON-encoded params strictly; form fields are loosely typed strings."""
+        return self.encoding != "form"
+
     def without_token(self) -> Call:
         return dataclasses.replace(self, token=None)
 
@@ -126,25 +142,31 @@ class Call:
 
     def encode(self) -> tuple[bytes, str]:
         """Re-encode in the same style (body, content type)."""
-        if self.encoding == "params-json":
-            params = dict(self.params)
-            if self.token is not None:
-                params["__conduit__"] = {"token": self.token}
-            pairs = [("params", json.dumps(params)), ("output", self.output or "json")]
-            pairs.append(("__conduit__", "1"))
-        elif self.encoding == "per-key-json":
-            pairs = [(f"params[{k}]", json.dumps(v)) for k, v in self.params.items()]
-            if self.token is not None:
-                pairs.insert(0, ("api.token", self.token))
-            pairs.append(("output", self.output or "json"))
-        else:
-            pairs = encode_form(self.params, self.token, self.output)
-        return urlencode(pairs).encode(), "application/x-www-form-urlencoded"
+        pairs = encode(self.params, self.token, self.encoding, self.output)
+        return urlencode(pairs).encode(), FORM_CONTENT_TYPE
+
+
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+
+
+def encode(
+    params: Mapping[str, Any],
+    token: str | None,
+    encoding: Encoding = "form",
+    output: str | None = "json",
+) -> list[tuple[str, str]]:
+    """Form fields for a call in any of the three encodings (see the module docstring)."""
+    if encoding == "params-json":
+        return encode_params_json(params, token, output)
+    if encoding == "per-key-json":
+        return encode_per_key_json(params, token, output)
+    return encode_form(params, token, output)
 
 
 def encode_form(
     params: Mapping[str, Any], token: str | None, output: str | None = "json"
 ) -> list[tuple[str, str]]:
+    """Flat PHP-style fields: ``api.token=...&constraints[usernames][0]=x&output=json``."""
     pairs: list[tuple[str, str]] = []
     if token is not None:
         pairs.append(("api.token", token))
@@ -154,11 +176,30 @@ def encode_form(
     return pairs
 
 
-def encode_params_json(params: Mapping[str, Any], token: str | None) -> list[tuple[str, str]]:
+def encode_params_json(
+    params: Mapping[str, Any], token: str | None, output: str | None = "json"
+) -> list[tuple[str, str]]:
+    """Arcanist's ``params=<json>&output=json&__conduit__=1``, the token in ``__conduit__``."""
     body = dict(params)
     if token is not None:
         body["__conduit__"] = {"token": token}
-    return [("params", json.dumps(body)), ("output", "json"), ("__conduit__", "1")]
+    return [("params", json.dumps(body)), ("output", output or "json"), ("__conduit__", "1")]
+
+
+def encode_per_key_json(
+    params: Mapping[str, Any], token: str | None, output: str | None = "json"
+) -> list[tuple[str, str]]:
+    """The web console's ``params[key]=<json>``.
+
+    Phorge reads metadata only from ``params[__conduit__]`` in this encoding (an
+    ``api.token`` field beside it is ignored), so the token goes there.
+    """
+    pairs = [(f"params[{key}]", json.dumps(value)) for key, value in params.items()]
+    if token is not None:
+        pairs.append(("params[__conduit__]", json.dumps({"token": token})))
+    if output:
+        pairs.append(("output", output))
+    return pairs
 
 
 def decompress(body: bytes, content_encoding: str, max_bytes: int) -> bytes:
@@ -181,7 +222,7 @@ def decompress(body: bytes, content_encoding: str, max_bytes: int) -> bytes:
     return out
 
 
-def decode_request(  # noqa: PLR0912 - one branch per encoding and its token spelling
+def decode_request(
     http_method: str,
     content_type: str,
     body: bytes,
@@ -190,61 +231,96 @@ def decode_request(  # noqa: PLR0912 - one branch per encoding and its token spe
     content_encoding: str = "",
     max_bytes: int = 1 << 20,
 ) -> Call:
-    """Read any Conduit request into a :class:`Call`. Raises :class:`BadRequest`."""
-    if content_type.split(";", maxsplit=1)[0].strip().lower() == "application/json":
+    """Read any Conduit request into a :class:`Call`, as Phorge reads it.
+
+    Raises :class:`BadRequest` where Phorge answers ERR-CONDUIT-CORE before even
+    looking the method up. ``http_method`` does not matter: Phorge reads a GET's
+    body like a POST's, and the query string under it.
+    """
+    del http_method
+    # Phorge compares the whole header: "application/json; charset=utf-8" is read as a form.
+    if content_type.strip().lower() == "application/json":
         raise BadRequest(JSON_BODY_REFUSED)
     raw = decompress(body, content_encoding, max_bytes) if body else b""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadRequest("request body is not UTF-8") from exc
-    pairs = parse_qsl(query_string, keep_blank_values=True) if query_string else []
-    pairs += parse_qsl(text, keep_blank_values=True)
-    if len(pairs) > 10_000:
+    body_pairs = parse_qsl(text, keep_blank_values=True)
+    query_pairs = parse_qsl(query_string, keep_blank_values=True) if query_string else []
+    if len(body_pairs) + len(query_pairs) > 10_000:
         raise RequestTooLarge("too many form fields")
-    form = parse_form(pairs)
-    output = form.pop("output", None)
-    token: str | None = None
-    if "params" in form and isinstance(form["params"], str):
-        encoding: Encoding = "params-json"
-        form.pop("__conduit__", None)
+    form = parse_form(body_pairs)
+    for key, value in parse_form(query_pairs).items():
+        form.setdefault(key, value)  # PHP's $_POST + $query: the body wins, key by key
+    output = form.get("output")
+    output = output if isinstance(output, str) else None
+    per_key = form.get("params")
+    if isinstance(per_key, list):
+        per_key = {str(i): v for i, v in enumerate(per_key)}
+    if isinstance(per_key, dict):
+        return _from_json_params(_decode_per_key(per_key), "per-key-json", output)
+    if isinstance(per_key, str) and per_key:
         try:
-            params = json.loads(form.pop("params"))
+            decoded = json.loads(per_key)
         except ValueError as exc:
             raise InvalidParams("invalid params") from exc
-        if not isinstance(params, dict):
+        if isinstance(decoded, list):
+            decoded = {str(i): v for i, v in enumerate(decoded)}
+        if not isinstance(decoded, dict):
             raise InvalidParams("invalid params")
-        meta = params.pop("__conduit__", None)
-        if isinstance(meta, dict) and isinstance(meta.get("token"), str):
-            token = meta["token"]
-        raw_token = form.pop("api.token", None)
-        if token is None and isinstance(raw_token, str):
-            token = raw_token
-        params.update(form)
-    elif "params" in form and isinstance(form["params"], dict):
-        encoding = "per-key-json"
-        params = {}
-        for key, value in form.pop("params").items():
-            try:
-                params[key] = json.loads(value) if isinstance(value, str) else value
-            except ValueError as exc:
-                raise InvalidParams("invalid params") from exc
-        raw_token = form.pop("api.token", None)
-        token = raw_token if isinstance(raw_token, str) else None
-        params.update(form)
-    else:
-        encoding = "form"
-        raw_token = form.pop("api.token", None)
-        token = raw_token if isinstance(raw_token, str) else None
-        params = form
-    if token == "":
-        token = None  # Phorge treats an empty token as absent
-    return Call(
-        params=params,
-        token=token,
-        encoding=encoding,
-        output=output if isinstance(output, str) else None,
-    )
+        return _from_json_params(decoded, "params-json", output)
+    return _from_form(form, output)
+
+
+def _from_form(form: dict[str, Any], output: str | None) -> Call:
+    """Plain form fields: "__"-prefixed names are dropped; "api.*" and a few others are metadata."""
+    params: dict[str, Any] = {}
+    metadata: dict[str, Any] = {}
+    for key, value in form.items():
+        if key.startswith("__"):
+            continue
+        if key.startswith("api."):
+            metadata[key[4:]] = value
+        elif key in METADATA_KEYS:
+            metadata[key] = value
+        else:
+            params[key] = value
+    return Call(params=params, token=_token(metadata), encoding="form", output=output)
+
+
+# Form fields Phorge always treats as request metadata, never as method parameters.
+METADATA_KEYS = frozenset({"access_token", "scope", "output", "__conduit__", "code", "params"})
+
+
+def _decode_per_key(fields: dict[str, Any]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for key, value in fields.items():
+        if not isinstance(value, str):
+            raise InvalidParamValue(key, "(nested fields)")
+        source = value or "null"  # an empty box in the web console means null
+        try:
+            params[key] = json.loads(source)
+        except ValueError as exc:
+            raise InvalidParamValue(key, value) from exc
+        if params[key] is None and source.lower() != "null":
+            raise InvalidParamValue(key, value)
+    return params
+
+
+def _from_json_params(params: dict[str, Any], encoding: Encoding, output: str | None) -> Call:
+    """JSON-encoded params: metadata (the token) comes only from ``__conduit__`` inside."""
+    metadata = params.pop("__conduit__", None)
+    token = _token(metadata) if isinstance(metadata, dict) else None
+    return Call(params=params, token=token, encoding=encoding, output=output)
+
+
+def _token(metadata: Mapping[str, Any]) -> str | None:
+    value = metadata.get("token")
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None
+    token = str(value)
+    return token or None  # Phorge treats an empty token as absent
 
 
 def compress(body: bytes) -> bytes:

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import dataclasses
 import json
+import re
 import secrets
 import socket
 import string
@@ -48,6 +49,15 @@ CONSTRAINTS = frozenset(
     }
 )
 QUERY_KEYS = frozenset({"all", "active"})
+ATTACHMENTS = frozenset({"availability"})
+# Three-state constraints and the account flag each one filters on.
+THREE_STATE = (
+    ("isAdmin", "admin"),
+    ("isDisabled", "disabled"),
+    ("isBot", "bot"),
+    ("isMailingList", "mailing_list"),
+    ("needsApproval", "needs_approval"),
+)
 CAPABILITIES = {
     "authentication": ["token", "asymmetric", "session", "sessionless"],
     "signatures": ["consign"],
@@ -63,6 +73,20 @@ DB_DOWN_PAGE = """<!DOCTYPE html>
   <body class="setup-fatal in-flight"><div class="in-flight-error-detail"><h1 class="in-flight-error-title">A Troublesome Encounter!</h1><div class="in-flight-error-body">Woe! This request had its journey cut short by unexpected circumstances (Can Not Connect to MySQL).</div></div></body>
 </html>
 """  # noqa: E501 - a page, as Phorge sends it
+
+
+RATE_LIMITED_TEXT = (
+    'TOO MANY REQUESTS\nYou ("{client}") are issuing too many requests too quickly.\n'
+)
+# Headers Phorge sends on every page, Conduit answers and fatal pages alike.
+COMMON_HEADERS = {
+    "X-Frame-Options": "Deny",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    "Expires": "Sat, 01 Jan 2000 00:00:00 GMT",
+    "X-Content-Type-Options": "nosniff",
+}
+METHOD_NAME_BYTES = 64
 
 
 def _random(n: int) -> str:
@@ -83,6 +107,8 @@ class TestUser:
     date_created: int = 0
     date_modified: int = 0
     edit_policy: str = "admin"
+    mailing_list: bool = False
+    needs_approval: bool = False
 
     def roles(self, *, whoami: bool = False) -> list[str]:
         roles = ["disabled"] if self.disabled else []
@@ -114,26 +140,94 @@ def _php_json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).replace("/", "\\/").encode()
 
 
-def _as_bool(name: str, value: Any) -> bool:
+_BOOL_STRINGS = {"0": False, "1": True, "false": False, "true": True}
+
+
+def _invalid(key: str, message: str) -> _Failure:
+    """Phorge's parameter types raise a plain exception, which Conduit reports as CORE."""
+    return _Failure("ERR-CONDUIT-CORE", f'Error while reading "{key}": {message}')
+
+
+def _read_bool(key: str, value: Any, strict: bool) -> bool:
+    """``ConduitBoolParameterType``: "true"/"1"/"false"/"0" only from form fields."""
+    if not strict and isinstance(value, str) and value.lower() in _BOOL_STRINGS:
+        return _BOOL_STRINGS[value.lower()]
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.lower() in ("true", "1", "false", "0"):
-        return value.lower() in ("true", "1")
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise _Failure(
-        "ERR-CONDUIT-CORE",
-        f'Error while reading "{name}": Expected boolean (true or false), got something else.',
-    )
+    raise _invalid(key, "Expected boolean (true or false), got something else.")
 
 
-def _as_list(name: str, value: Any) -> list[Any]:
-    if isinstance(value, list):
+def _read_int(key: str, value: Any, strict: bool) -> int:
+    if not strict and isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
-    raise _Failure(
-        "ERR-CONDUIT-CORE",
-        f'Error while reading "{name}": Expected a list, but value is not a list.',
-    )
+    raise _invalid(key, "Expected integer, got something else.")
+
+
+def _read_string(key: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise _invalid(key, "Expected string, got something else.")
+
+
+def _read_list(key: str, value: Any, *, allow_empty: bool = True) -> list[Any]:
+    """``ConduitListParameterType``: a PHP array with keys 0..n-1."""
+    if isinstance(value, dict):
+        if list(value) != [str(i) for i in range(len(value))]:
+            raise _invalid(key, "Expected a list, but value is an object.")
+        value = list(value.values())
+    if not isinstance(value, list):
+        raise _invalid(key, "Expected a list, but value is not a list.")
+    if not value and not allow_empty:
+        raise _invalid(key, "Expected a nonempty list, but value is an empty list.")
+    return value
+
+
+def _php_lt(value: Any, number: int) -> bool:
+    """PHP 8's ``$value < $number``: numeric strings compare as numbers, others as strings."""
+    numeric = _php_number(value)
+    if numeric is not None:
+        return numeric < number
+    return _php_string(value) < str(number)
+
+
+def _php_gt(value: Any, number: int) -> bool:
+    numeric = _php_number(value)
+    if numeric is not None:
+        return numeric > number
+    return _php_string(value) > str(number)
+
+
+def _php_number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip()) if value.strip() else None
+        except ValueError:
+            return None
+    return None
+
+
+def _php_string(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list | dict):
+        return "Array"
+    return "" if value is None else str(value)
+
+
+def _php_intval(value: Any) -> int:
+    """``(int)$value``: leading digits of a string, 0 when there are none."""
+    if isinstance(value, bool | int):
+        return int(value)
+    if isinstance(value, float):
+        return int(value)
+    match = re.match(r"\s*([+-]?\d+)", value) if isinstance(value, str) else None
+    return int(match.group(1)) if match else 0
 
 
 class ConduitServer:
@@ -145,8 +239,11 @@ class ConduitServer:
         self.hostname = hostname or socket.gethostname()
         self.users: dict[str, TestUser] = {}
         self.tokens: dict[str, _Token] = {}
-        self.down = False
-        self.delay = 0.0
+        self.down = False  # every request answers 500 with Phorge's fatal page
+        self.fail_next = 0  # the next N requests answer ``fail_status``, then all is well
+        self.fail_status = 500
+        self.rate_limited = False  # every request answers 429, as Phorge's rate limiter
+        self.delay = 0.0  # seconds to wait before answering
         self.calls: collections.Counter[str] = collections.Counter()
         self.clock: Callable[[], float] = time.time
         self._lock = threading.RLock()
@@ -289,27 +386,52 @@ class ConduitServer:
         return web.Response(
             body=body,
             headers={
-                "Content-Type": "application/json",
                 "X-Conduit-Capabilities": "gzip",
-                "Cache-Control": "no-store",
-                "Expires": "Sat, 01 Jan 2000 00:00:00 GMT",
+                "Content-Type": "application/json",
+                **COMMON_HEADERS,
             },
         )
 
+    def _fault(self, request: web.Request) -> web.Response | None:
+        """A broken or rate-limited server, as Phorge's startup code answers before Conduit."""
+        with self._lock:
+            if self.down:
+                status = 500
+            elif self.fail_next:
+                self.fail_next -= 1
+                status = self.fail_status
+            elif self.rate_limited:
+                status = 429
+            else:
+                return None
+        if status == 429:
+            return web.Response(
+                status=429,
+                text=RATE_LIMITED_TEXT.format(client=request.remote or "127.0.0.1"),
+                content_type="text/plain",
+                charset="utf-8",
+            )
+        return web.Response(
+            status=status,
+            text=DB_DOWN_PAGE,
+            content_type="text/html",
+            charset="UTF-8",
+            headers=COMMON_HEADERS,
+        )
+
     async def _handle(self, request: web.Request) -> web.Response:
+        """Phorge's order: read params, find the method, check its params, authenticate, run."""
         method = request.match_info["method"]
-        self.calls[method] += 1
+        with self._lock:
+            self.calls[method] += 1
         if self.delay:
             await asyncio.sleep(self.delay)
-        if self.down:
-            return web.Response(
-                status=500, text=DB_DOWN_PAGE, content_type="text/html", charset="UTF-8"
-            )
-        if method not in PARAMS:
-            return self._reply(
-                None, "ERR-CONDUIT-CALL", f'Conduit API method "{method}" does not exist.'
-            )
+        fault = self._fault(request)
+        if fault is not None:
+            return fault
         body = await request.read()
+        # Phorge truncates the name to its call log's 64-byte column before anything else.
+        method = method.encode()[:METHOD_NAME_BYTES].decode(errors="ignore")
         try:
             call = wire.decode_request(
                 request.method,
@@ -321,7 +443,11 @@ class ConduitServer:
             )
         except wire.BadRequest as exc:
             return self._reply(None, "ERR-CONDUIT-CORE", exc.info(method))
-        unknown = sorted(set(call.params) - PARAMS[method])
+        if method not in PARAMS:
+            return self._reply(
+                None, "ERR-CONDUIT-CALL", f'Conduit API method "{method}" does not exist.'
+            )
+        unknown = [key for key in call.params if key not in PARAMS[method]]
         if unknown:
             listed = "'" + "', '".join(unknown) + "'"
             return self._reply(
@@ -332,7 +458,7 @@ class ConduitServer:
         try:
             with self._lock:
                 user = None if method in PUBLIC_METHODS else self._authenticate(call.token)
-                result = self._execute(method, call.params, user, str(request.url.origin()))
+                result = self._execute(method, call, user, str(request.url.origin()))
         except _Failure as failure:
             return self._reply(None, failure.code, failure.info)
         return self._reply(result)
@@ -364,9 +490,7 @@ class ConduitServer:
             raise _Failure("ERR-INVALID-AUTH", "User account is not permitted to use the API.")
         return user
 
-    def _execute(
-        self, method: str, params: dict[str, Any], user: TestUser | None, base: str
-    ) -> Any:
+    def _execute(self, method: str, call: wire.Call, user: TestUser | None, base: str) -> Any:
         if method == "conduit.ping":
             return self.hostname
         if method == "conduit.getcapabilities":
@@ -383,48 +507,130 @@ class ConduitServer:
                 "primaryEmail": user.email,
             }
         if method == "user.search":
-            return self._search(params, user)
+            return self._search(call.params, user, strict=call.strict)
         if method == "user.edit":
-            return self._edit(params, user)
-        return self._toggle(params, user, disabled=method == "user.disable")
+            return self._edit(call.params, user, strict=call.strict)
+        return self._toggle(call.params, user, disabled=method == "user.disable")
 
-    def _search(self, params: dict[str, Any], viewer: TestUser) -> Any:
+    def _search(self, params: dict[str, Any], viewer: TestUser, *, strict: bool) -> Any:
+        """``PhabricatorApplicationSearchEngine::buildConduitResponse``, checks in its order."""
         query_key = params.get("queryKey")
-        if query_key is not None and query_key not in QUERY_KEYS:
+        if query_key is not None and query_key != "" and query_key not in QUERY_KEYS:
             raise _Failure("ERR-BAD-QUERYKEY", 'Invalid query for parameter "queryKey".')
-        constraints = params.get("constraints") or {}
-        if not isinstance(constraints, dict):
-            raise _Failure("ERR-CONDUIT-CORE", 'Parameter "constraints" must be a map.')
+        constraints = params.get("constraints")
+        if constraints is None:
+            constraints = {}
+        if not isinstance(constraints, dict | list):
+            raise _Failure(
+                "ERR-INVALID-CONSTRAINTS-FORMAT",
+                'Parameter "constraints" must be a map of constraints.',
+            )
+        if isinstance(constraints, list):  # a PHP array all the same
+            constraints = {str(i): v for i, v in enumerate(constraints)}
         allowed = CONSTRAINTS | ({"mfa"} if viewer.admin else set())
         if set(constraints) - allowed:
             raise _Failure(
                 "ERR-INVALID-CONSTRAINT", 'Parameter "constraints" includes an invalid key.'
             )
-        users = sorted(self.users.values(), key=lambda u: -u.id)
-        if query_key == "active":
-            users = [u for u in users if not u.disabled]
-        for name in ("ids", "phids", "usernames"):
-            if name in constraints:
-                wanted = {str(v) for v in _as_list(name, constraints[name])}
-                field = {"ids": "id", "phids": "phid", "usernames": "username"}[name]
-                users = [u for u in users if str(getattr(u, field)) in wanted]
-        for name, attr in (("isBot", "bot"), ("isDisabled", "disabled"), ("isAdmin", "admin")):
-            if name in constraints:
-                flag = _as_bool(name, constraints[name])
-                users = [u for u in users if getattr(u, attr) is flag]
-        if "mfa" in constraints and _as_bool("mfa", constraints["mfa"]):
-            users = []  # nobody here has enrolled in MFA
-        if "nameLike" in constraints:
-            needle = str(constraints["nameLike"]).lower()
-            users = [u for u in users if needle in u.username.lower()]
+        users = self._filter(self._visible(query_key), constraints, strict)
+        attachments = params.get("attachments")
+        if attachments is None:
+            attachments = {}
+        if not isinstance(attachments, dict | list):
+            raise _Failure(
+                "ERR-INVALID-ATTACHMENTS-FORMAT",
+                'Parameter "attachments" must be a map of attachments.',
+            )
+        if isinstance(attachments, list):
+            attachments = {str(i): v for i, v in enumerate(attachments)}
+        if set(attachments) - ATTACHMENTS:
+            raise _Failure(
+                "ERR-INVALID-ATTACHMENT", 'Parameter "attachments" includes an invalid key.'
+            )
         limit_raw = params.get("limit")
         limit = self._limit(limit_raw)
+        page, after_id, before_id = self._page(users, limit, params)
+        return {
+            "data": [self._user_record(u, attachments) for u in page],
+            "maps": {},
+            "query": {"queryKey": query_key if query_key else None},
+            "cursor": {
+                # AphrontCursorPagerView::setPageSize() stores max(1, $limit): PHP's max()
+                # returns the first of equal values, so a limit of "1" comes back as 1.
+                "limit": 100 if limit_raw is None else (1 if limit == 1 else limit_raw),
+                "after": after_id,
+                "before": before_id,
+                "order": params.get("order"),
+            },
+        }
+
+    def _visible(self, query_key: Any) -> list[TestUser]:
+        users = sorted(self.users.values(), key=lambda u: -u.id)  # newest first
+        if query_key == "active":
+            users = [u for u in users if not u.disabled]
+        return users
+
+    @staticmethod
+    def _filter(users: list[TestUser], constraints: dict[str, Any], strict: bool) -> list[TestUser]:
+        """Read each constraint with its Conduit type (in field order), then filter."""
+        if "usernames" in constraints:
+            names = {
+                _read_string(f"usernames[{i}]", v)
+                for i, v in enumerate(_read_list("usernames", constraints["usernames"]))
+            }
+            users = [u for u in users if u.username in names]
+        if "nameLike" in constraints:
+            needle = _read_string("nameLike", constraints["nameLike"]).lower()
+            # PhabricatorPeopleQuery: username LIKE %x% OR realname LIKE %x%, case-insensitive.
+            users = [
+                u for u in users if needle in u.username.lower() or needle in u.real_name.lower()
+            ]
+        for name, attr in THREE_STATE:
+            if name in constraints:
+                flag = _read_bool(name, constraints[name], strict)
+                users = [u for u in users if getattr(u, attr) is flag]
+        if "mfa" in constraints and _read_bool("mfa", constraints["mfa"], strict):
+            users = []  # nobody here has enrolled in MFA
+        for name, newer in (("createdStart", True), ("createdEnd", False)):
+            if name in constraints:
+                epoch = _read_int(name, constraints[name], strict)
+                if epoch <= 0:
+                    raise _invalid(name, f"Epoch timestamp must be larger than 0, got {epoch}.")
+                users = [
+                    u
+                    for u in users
+                    if (u.date_created >= epoch if newer else u.date_created <= epoch)
+                ]
+        if "ids" in constraints:
+            ids = {
+                _read_int(f"ids[{i}]", v, strict)
+                for i, v in enumerate(_read_list("ids", constraints["ids"], allow_empty=False))
+            }
+            users = [u for u in users if u.id in ids]
+        if "phids" in constraints:
+            phids = {
+                _read_string(f"phids[{i}]", v)
+                for i, v in enumerate(_read_list("phids", constraints["phids"], allow_empty=False))
+            }
+            users = [u for u in users if u.phid in phids]
+        if "query" in constraints:
+            words = _read_string("query", constraints["query"]).lower().split()
+            users = [
+                u for u in users if all(w in f"{u.username} {u.real_name}".lower() for w in words)
+            ]
+        return users
+
+    @staticmethod
+    def _page(
+        users: list[TestUser], limit: int, params: dict[str, Any]
+    ) -> tuple[list[TestUser], str | None, str | None]:
+        """A cursor page of ``users`` (newest first) and the cursors Phorge would give."""
         after, before = params.get("after"), params.get("before")
         if before is not None:
-            window = [u for u in users if u.id > int(before)]
-            page = list(reversed(list(reversed(window))[:limit]))
+            window = [u for u in users if u.id > _php_intval(before)]
+            page = window[-limit:]
         else:
-            window = [u for u in users if after is None or u.id < int(after)]
+            window = [u for u in users if after is None or u.id < _php_intval(after)]
             page = window[:limit]
         more_after = bool(page) and any(u.id < page[-1].id for u in users)
         more_before = (
@@ -432,59 +638,36 @@ class ConduitServer:
             and (after is not None or before is not None)
             and any(u.id > page[0].id for u in users)
         )
-        attachments = params.get("attachments") or {}
-        data = [self._user_record(u, attachments) for u in page]
-        echo: Any = 100 if not limit_raw else (1 if limit == 1 else limit_raw)
-        return {
-            "data": data,
-            "maps": {},
-            "query": {"queryKey": query_key},
-            "cursor": {
-                "limit": echo,
-                "after": str(page[-1].id) if more_after else None,
-                "before": str(page[0].id) if more_before else None,
-                "order": None,
-            },
-        }
+        return (
+            page,
+            str(page[-1].id) if more_after else None,
+            str(page[0].id) if more_before else None,
+        )
 
     @staticmethod
     def _limit(raw: Any) -> int:
-        if not raw:
-            if raw is None or raw == "":
-                return 100
-            raise _Failure(
-                "ERR-INVALID-PAGE-SIZE",
-                "Minimum page size for Conduit API method calls is 1, but this call "
-                f"specified {raw}.",
-            )
-        try:
-            limit = int(raw)
-        except (TypeError, ValueError) as exc:
-            raise _Failure("ERR-CONDUIT-CORE", 'Parameter "limit" must be an integer.') from exc
-        if limit < 1:
-            raise _Failure(
-                "ERR-INVALID-PAGE-SIZE",
-                "Minimum page size for Conduit API method calls is 1, but this call "
-                f"specified {raw}.",
-            )
-        if limit > 100:
+        """``setPagerLimitForConduit``, comparing the raw value as PHP 8 does."""
+        if raw is None:
+            return 100
+        if _php_gt(raw, 100):
             raise _Failure(
                 "ERR-INVALID-PAGE-SIZE",
                 "Maximum page size for Conduit API method calls is 100, but this call "
-                f"specified {raw}.",
+                f"specified {_php_string(raw)}.",
             )
-        return limit
+        if _php_lt(raw, 1):
+            raise _Failure(
+                "ERR-INVALID-PAGE-SIZE",
+                "Minimum page size for Conduit API method calls is 1, but this call "
+                f"specified {_php_string(raw)}.",
+            )
+        return max(1, min(100, _php_intval(raw)))
 
     @staticmethod
     def _user_record(user: TestUser, attachments: Any) -> dict[str, Any]:
         attached: dict[str, Any] = {}
-        if isinstance(attachments, dict) and attachments.get("availability") not in (
-            None,
-            False,
-            "false",
-            "0",
-            "",
-        ):
+        # Phorge attaches every key named, whatever its value (even false).
+        if "availability" in attachments:
             attached["availability"] = {
                 "value": "available",
                 "until": None,
@@ -513,7 +696,7 @@ class ConduitServer:
                 return user
         return None
 
-    def _edit(self, params: dict[str, Any], viewer: TestUser) -> Any:
+    def _edit(self, params: dict[str, Any], viewer: TestUser, *, strict: bool) -> Any:
         target = params.get("objectIdentifier")
         if target is None:
             raise _Failure(
@@ -525,7 +708,7 @@ class ConduitServer:
         if user is None:
             raise _Failure("ERR-CONDUIT-CORE", f'No object exists with ID "{target}".')
         xacts = []
-        for xact in _as_list("transactions", params.get("transactions") or []):
+        for xact in _read_list("transactions", params.get("transactions") or []):
             if not isinstance(xact, dict) or xact.get("type") != "disabled":
                 raise _Failure("ERR-CONDUIT-CORE", "Unsupported transaction type.")
             if not viewer.admin:
@@ -534,7 +717,7 @@ class ConduitServer:
                     "[You Shall Not Pass: People] (Can Disable Users) You do not have permission "
                     "to disable or enable users. // Administrators can take this action.",
                 )
-            user.disabled = _as_bool("value", xact.get("value"))
+            user.disabled = _read_bool("value", xact.get("value"), strict)
             user.date_modified = int(self.clock())
             xacts.append({"phid": f"PHID-XACT-USER-{_random(15)}"})
         return {"object": {"id": user.id, "phid": user.phid}, "transactions": xacts}
@@ -542,7 +725,7 @@ class ConduitServer:
     def _toggle(self, params: dict[str, Any], viewer: TestUser, *, disabled: bool) -> Any:
         if not viewer.admin:
             raise _Failure("ERR-PERMISSIONS", "Only admins can call this method.")
-        for phid in _as_list("phids", params.get("phids") or []):
+        for phid in _read_list("phids", params.get("phids") or []):
             user = self._find(phid)
             if user is not None:
                 user.disabled = disabled
