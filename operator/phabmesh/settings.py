@@ -76,6 +76,8 @@ class Settings:
     gateway_host: str = "0.0.0.0"  # noqa: S104 - a pod serves on all its interfaces
     gateway_port: int = 8080
     metrics_port: int = 9090
+    # Peering (several operator replicas): how long a silent replica counts as alive.
+    peering_lifetime: float = 60.0
     # Largest request body the gateway accepts (bytes, after decompression).
     max_request_bytes: int = 1 << 20
     # Logging.

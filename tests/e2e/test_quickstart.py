@@ -42,7 +42,8 @@ def test_quick_start_flow(tmp_path: Path) -> None:
     assert seen["lease"].startswith("ci-runner-0.ci-runners.")
     text = "\n".join(lines)
     assert "] The same credential, once more through the gateway" in text
-    assert "credential revoked: pod " in text  # "pod terminating" or "pod deleted"
+    # "pod terminating", "pod deleted", or "lease deleted" when the garbage collector won the race
+    assert "credential revoked: " in text
     # What the user reads never shows a token or a credential.
     assert "eyJ" not in text and "api-" not in text
     # Nor does any log line of the whole run: bot token, service-account token,

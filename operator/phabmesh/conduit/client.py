@@ -1,8 +1,10 @@
 """A Conduit client (requests): explicit timeouts, bounded retries, typed errors.
 
-Retries (jittered exponential backoff) happen only on transport errors and HTTP
-5xx/429; a Conduit error envelope is an answer and is never retried. Tokens
-never reach logs or exception messages.
+Synchronous on purpose: the controller runs it in a thread executor. Retries
+(jittered exponential backoff) happen only on transport errors and HTTP 5xx/429;
+a Conduit error envelope is an answer and is never retried. Tokens never reach
+logs, exception messages or reprs: Phorge echoes a refused token in
+``error_info``, so the client removes it before raising.
 """
 
 from __future__ import annotations
@@ -14,37 +16,62 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlencode
 
 import requests
 import structlog
 
 from phabmesh.conduit import wire
-from phabmesh.conduit.errors import ConduitError, PhabricatorUnavailable, error_for
+from phabmesh.conduit.errors import (
+    UNAVAILABLE,
+    CoreError,
+    PhabricatorUnavailable,
+    error_for,
+)
 
 log = structlog.get_logger(__name__)
 
 _TOKEN = re.compile(r"\b(api|cli|clr)-[A-Za-z0-9]+")
+REDACTED = "[REDACTED]"
 
 
-def mask_tokens(text: str) -> str:
-    return _TOKEN.sub("[REDACTED]", text)
+def mask_tokens(text: str, *secrets: str | None) -> str:
+    """``text`` without Conduit tokens: anything token-shaped, and each of ``secrets``."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return _TOKEN.sub(REDACTED, text)
 
 
 @dataclasses.dataclass(frozen=True)
 class WhoAmI:
+    """``user.whoami``: whose token it is. Its roles say ``agent`` for a bot."""
+
     phid: str
     username: str
     real_name: str
     roles: tuple[str, ...]
 
+    @property
+    def is_bot(self) -> bool:
+        return "agent" in self.roles or "bot" in self.roles
+
+    @property
+    def is_disabled(self) -> bool:
+        return "disabled" in self.roles
+
 
 @dataclasses.dataclass(frozen=True)
 class User:
+    """One ``user.search`` result."""
+
     id: int
     phid: str
     username: str
     real_name: str
     roles: tuple[str, ...]
+    date_created: int | None = None
+    date_modified: int | None = None
 
     @property
     def is_bot(self) -> bool:
@@ -54,75 +81,160 @@ class User:
     def is_disabled(self) -> bool:
         return "disabled" in self.roles
 
+    @property
+    def is_admin(self) -> bool:
+        return "admin" in self.roles
+
+    @classmethod
+    def from_result(cls, item: Mapping[str, Any]) -> User:
+        fields = item.get("fields") or {}
+        created, modified = fields.get("dateCreated"), fields.get("dateModified")
+        return cls(
+            id=int(item["id"]),
+            phid=str(item["phid"]),
+            username=str(fields.get("username", "")),
+            real_name=str(fields.get("realName", "")),
+            roles=tuple(str(r) for r in fields.get("roles") or ()),
+            date_created=int(created) if created is not None else None,
+            date_modified=int(modified) if modified is not None else None,
+        )
+
+
+Constraints = Mapping[str, Sequence[str] | Sequence[int] | bool | str | int]
+
 
 class ConduitClient:
+    """Calls one Phabricator/Phorge's Conduit API.
+
+    ``timeout`` is requests' ``(connect, read)`` (or one number for both), passed
+    on every call. At most ``attempts`` tries per call; between them the client
+    sleeps ``backoff * 2**n`` seconds (capped at ``max_backoff``) times a jitter
+    factor in [0.5, 1.5), or what a 429's ``Retry-After`` asks within the same cap;
+    with ``deadline`` it also stops retrying once that many seconds have gone by.
+    ``sleep``, ``clock`` and ``jitter`` are there for tests.
+    """
+
     def __init__(
         self,
         base_url: str,
         *,
         session: requests.Session | None = None,
-        timeout: float | tuple[float, float] = 10.0,
+        timeout: float | tuple[float, float] = (3.05, 10.0),
         attempts: int = 3,
         backoff: float = 0.2,
-        sleep: Callable[[float], None] = time.sleep,
+        max_backoff: float = 5.0,
+        deadline: float | None = None,
         encoding: wire.Encoding = "form",
+        compress: bool = False,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self.session = session or requests.Session()
+        self.session = session if session is not None else requests.Session()
         self.timeout = timeout
         self.attempts = max(1, attempts)
         self.backoff = backoff
-        self.sleep = sleep
+        self.max_backoff = max_backoff
+        self.deadline = deadline
         self.encoding = encoding
+        self.compress = compress
+        self.sleep = sleep
+        self.clock = clock
+        self.jitter = jitter
+
+    def __repr__(self) -> str:
+        return f"ConduitClient({self.base_url!r}, encoding={self.encoding!r})"
 
     def call(
         self, method: str, params: Mapping[str, Any] | None = None, token: str | None = None
     ) -> Any:
         """Call ``method``; return its ``result`` or raise a :class:`ConduitError`."""
-        call = wire.Call(dict(params or {}), token, self.encoding)
-        body, content_type = call.encode()
-        delay = self.backoff
+        body = urlencode(wire.encode(dict(params or {}), token, self.encoding)).encode()
+        headers = {"Content-Type": wire.FORM_CONTENT_TYPE}
+        if self.compress:
+            body = wire.compress(body)
+            headers["Content-Encoding"] = "gzip"
+        started = self.clock()
         for attempt in range(1, self.attempts + 1):
             try:
-                resp = self.session.post(
-                    f"{self.base_url}/api/{method}",
-                    data=body,
-                    headers={"Content-Type": content_type},
-                    timeout=self.timeout,
-                )
-            except requests.RequestException as exc:
-                error: ConduitError = PhabricatorUnavailable(
-                    "ERR-UNAVAILABLE", f"{type(exc).__name__} calling {method}"
-                )
-            else:
-                if resp.status_code < 500 and resp.status_code != 429:
-                    return self._result(method, resp)
-                error = PhabricatorUnavailable(
-                    "ERR-UNAVAILABLE", f"HTTP {resp.status_code} from {method}"
-                )
-            log.warning("conduit_call_failed", method=method, attempt=attempt, error=str(error))
-            if attempt < self.attempts:
-                self.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter, not crypto
-                delay *= 2
-        raise error
+                return self._attempt(method, body, headers, token)
+            except _Retryable as failure:
+                error, delay = failure.error, self._delay(attempt, failure.retry_after)
+                error.__cause__ = failure.__cause__  # the transport error, if any
+            retrying = attempt < self.attempts and (
+                self.deadline is None or self.clock() - started + delay < self.deadline
+            )
+            log.warning(
+                "conduit_call_failed",
+                method=method,
+                attempt=attempt,
+                status=error.status,
+                error=error.info,
+                retrying=retrying,
+            )
+            if not retrying:
+                raise error
+            self.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
 
-    def _result(self, method: str, resp: requests.Response) -> Any:
+    def _attempt(
+        self, method: str, body: bytes, headers: Mapping[str, str], token: str | None
+    ) -> Any:
+        """One request: its result, or :class:`_Retryable`, or a permanent ConduitError."""
+        try:
+            resp = self.session.post(
+                f"{self.base_url}/api/{method}",
+                data=body,
+                headers=dict(headers),
+                timeout=self.timeout,
+            )
+        except requests.RequestException as exc:
+            kind = "timeout" if isinstance(exc, requests.Timeout) else "transport error"
+            raise _Retryable(
+                PhabricatorUnavailable(
+                    UNAVAILABLE, f"{kind} calling {method} ({type(exc).__name__})"
+                )
+            ) from exc
+        if resp.status_code >= 500 or resp.status_code == 429:
+            raise _Retryable(
+                PhabricatorUnavailable(
+                    UNAVAILABLE, f"HTTP {resp.status_code} from {method}", status=resp.status_code
+                ),
+                _retry_after(resp),
+            )
+        return self._result(method, resp, token)
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.max_backoff)
+        base = min(self.backoff * 2.0 ** (attempt - 1), self.max_backoff)
+        return base * (0.5 + self.jitter())
+
+    @staticmethod
+    def _result(method: str, resp: requests.Response, token: str | None) -> Any:
         try:
             envelope = json.loads(resp.text)
         except ValueError as exc:
             raise PhabricatorUnavailable(
-                "ERR-UNAVAILABLE", f"{method} answered HTTP {resp.status_code} without Conduit JSON"
+                UNAVAILABLE,
+                f"{method} answered HTTP {resp.status_code} without Conduit JSON",
+                status=resp.status_code,
             ) from exc
         if not isinstance(envelope, dict) or "error_code" not in envelope:
-            raise PhabricatorUnavailable("ERR-UNAVAILABLE", f"{method} answered no envelope")
+            raise PhabricatorUnavailable(
+                UNAVAILABLE, f"{method} answered no Conduit envelope", status=resp.status_code
+            )
         code = envelope.get("error_code")
         if code:
-            raise error_for(str(code), mask_tokens(str(envelope.get("error_info") or "")))
+            info = mask_tokens(str(envelope.get("error_info") or ""), token)
+            raise error_for(str(code), info)
         return envelope.get("result")
 
     # -- typed helpers --------------------------------------------------------------------
 
     def ping(self) -> str:
+        """``conduit.ping`` (no token): the server's host name."""
         return str(self.call("conduit.ping"))
 
     def whoami(self, token: str) -> WhoAmI:
@@ -131,37 +243,54 @@ class ConduitClient:
             phid=str(result["phid"]),
             username=str(result["userName"]),
             real_name=str(result.get("realName") or ""),
-            roles=tuple(result.get("roles") or ()),
+            roles=tuple(str(r) for r in result.get("roles") or ()),
         )
 
     def user_search(
         self,
         token: str,
-        constraints: Mapping[str, Sequence[str] | bool | str] | None = None,
+        constraints: Constraints | None = None,
         *,
+        query_key: str | None = None,
         limit: int = 100,
         max_pages: int = 100,
     ) -> list[User]:
-        """Every matching user, following ``cursor.after`` page by page."""
+        """Every matching user, following ``cursor.after`` page by page.
+
+        Raises :class:`CoreError` (``ERR-TOO-MANY-PAGES``) rather than return a
+        partial list when there are more than ``max_pages`` pages.
+        """
         users: list[User] = []
         after: str | None = None
         for _ in range(max_pages):
-            params: dict[str, Any] = {"constraints": dict(constraints or {}), "limit": limit}
+            params: dict[str, Any] = {"limit": limit}
+            if constraints:
+                params["constraints"] = dict(constraints)
+            if query_key is not None:
+                params["queryKey"] = query_key
             if after is not None:
                 params["after"] = after
             result = self.call("user.search", params, token=token)
-            for item in result.get("data") or []:
-                fields = item.get("fields") or {}
-                users.append(
-                    User(
-                        id=int(item["id"]),
-                        phid=str(item["phid"]),
-                        username=str(fields.get("username", "")),
-                        real_name=str(fields.get("realName", "")),
-                        roles=tuple(fields.get("roles") or ()),
-                    )
-                )
-            after = (result.get("cursor") or {}).get("after")
-            if after is None:
+            users.extend(User.from_result(item) for item in result.get("data") or [])
+            cursor = result.get("cursor") or {}
+            if cursor.get("after") is None:
                 return users
-        return users
+            after = str(cursor["after"])
+        raise CoreError("ERR-TOO-MANY-PAGES", f"user.search has more than {max_pages} pages")
+
+
+class _Retryable(Exception):
+    """An attempt failed in a way worth another (never leaves the client)."""
+
+    def __init__(self, error: PhabricatorUnavailable, retry_after: float | None = None) -> None:
+        super().__init__(error.info)
+        self.error = error
+        self.retry_after = retry_after
+
+
+def _retry_after(resp: requests.Response) -> float | None:
+    value = resp.headers.get("Retry-After", "")
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None  # an HTTP date: fall back to the backoff

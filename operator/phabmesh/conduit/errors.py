@@ -37,12 +37,25 @@ class CoreError(ConduitError):
 
 
 class PhabricatorUnavailable(ConduitError):
-    """Phabricator could not be reached or is broken (retryable)."""
+    """Phabricator could not be reached or is broken (retryable).
+
+    Transport errors and timeouts, HTTP 5xx, 429 (rate limited), or an answer that
+    is not Conduit's JSON envelope; ``status`` is the HTTP status when there was one.
+    The client raises it only once its retries are spent.
+    """
 
     retryable = True
 
+    def __init__(self, code: str, info: str, *, status: int | None = None) -> None:
+        super().__init__(code, info)
+        self.status = status
+
+
+UNAVAILABLE = "ERR-UNAVAILABLE"  # not Phorge's: the code of PhabricatorUnavailable
+
 
 def error_for(code: str, info: str) -> ConduitError:
+    """The exception for an error envelope's ``error_code`` (never PhabricatorUnavailable)."""
     cls: type[ConduitError] = {
         "ERR-INVALID-SESSION": InvalidSession,
         "ERR-INVALID-AUTH": InvalidAuth,

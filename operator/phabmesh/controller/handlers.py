@@ -8,6 +8,7 @@ never written to.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 import kopf
@@ -51,6 +52,10 @@ async def configure(settings: kopf.OperatorSettings, memo: Memo, **_: Any) -> No
     settings.watching.client_timeout = 330
     settings.posting.level = 30  # warnings and errors only, as Events on our objects
     settings.networking.request_timeout = 30
+    # Replicas are identical; equal priorities would make kopf pause them all. A random
+    # priority per process makes exactly one of them act.
+    settings.peering.priority = secrets.randbelow(1 << 30) + 1
+    settings.peering.lifetime = int(memo.settings.peering_lifetime)
     await memo.start()
     await memo.preload()
     swept = await memo.sweep()

@@ -233,7 +233,7 @@ class Gateway:
         lease = leases.by_uid.get(claims.lease_uid)
         if lease is None:
             reason = leases.tombstones.get(claims.lease_uid)
-            detail = _REASONS.get(reason, "lease removed") if reason else "lease no longer exists"
+            detail = _REASONS.get(reason, "lease deleted") if reason else "lease no longer exists"
             raise Refusal("ERR-INVALID-AUTH", f"credential revoked: {detail}", "revoked")
         if not lease.active:
             reason = lease.reason or "revoked"

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 import requests
 from pytest_mock import MockerFixture
+from structlog.testing import capture_logs
 
 from phabmesh import conduit
-from phabmesh.conduit import wire
 from phabmesh.testing import ConduitServer
 
 
@@ -103,56 +100,164 @@ def test_slow_server_times_out(server: ConduitServer) -> None:
         client.ping()
 
 
-def test_gzip_bodies_are_understood(server: ConduitServer) -> None:
+def test_gzip_requests_like_arcanist(server: ConduitServer) -> None:
     token = server.add_token("admin")
-    body = urlencode(wire.encode_params_json({}, token)).encode()
-    resp = requests.post(
-        f"{server.url}/api/user.whoami",
-        data=gzip.compress(body),
-        headers={"Content-Type": "application/x-www-form-urlencoded", "Content-Encoding": "gzip"},
-        timeout=5,
+    client = conduit.ConduitClient(server.url, encoding="params-json", compress=True, timeout=5)
+    assert client.whoami(token).username == "admin"
+
+
+def test_typed_results(server: ConduitServer) -> None:
+    token = server.add_token("admin")
+    client = conduit.ConduitClient(server.url, timeout=5)
+    me = client.whoami(token)
+    assert me.phid == server.users["admin"].phid and not me.is_bot
+    bot = server.users["bot-3"]
+    assert client.whoami(server.add_token("bot-3")).is_bot  # whoami says "agent"
+    [found] = client.user_search(token, {"phids": [bot.phid]})
+    assert (found.id, found.username, found.date_created) == (bot.id, "bot-3", bot.date_created)
+    assert found.is_bot and not found.is_admin
+    server.disable_user("bot-3")
+    [found] = client.user_search(token, {"usernames": ["bot-3"]})
+    assert found.is_disabled
+    active = client.user_search(token, query_key="active", limit=3)
+    assert "bot-3" not in [u.username for u in active] and len(active) == 7
+
+
+def test_paging_is_bounded(server: ConduitServer) -> None:
+    token = server.add_token("admin")
+    client = conduit.ConduitClient(server.url, timeout=5)
+    with pytest.raises(conduit.CoreError) as endless:
+        client.user_search(token, {"isBot": True}, limit=1, max_pages=3)
+    assert endless.value.code == "ERR-TOO-MANY-PAGES"
+    assert server.calls["user.search"] == 3
+
+
+@pytest.mark.parametrize("secret", ["hunter2", "api-" + "b" * 28, "x" * 32])
+def test_a_refused_token_appears_nowhere(server: ConduitServer, secret: str) -> None:
+    # Phorge echoes a refused token in error_info, whatever its shape.
+    client = conduit.ConduitClient(server.url, timeout=5)
+    with capture_logs() as logs, pytest.raises(conduit.InvalidAuth) as refused:
+        client.whoami(secret)
+    assert secret not in str(refused.value)
+    assert secret not in repr(refused.value)
+    assert secret not in refused.value.info
+    assert secret not in repr(logs)
+
+
+def test_transient_failures_are_retried_until_they_pass(server: ConduitServer) -> None:
+    server.fail_next = 2
+    sleeps: list[float] = []
+    client = conduit.ConduitClient(server.url, attempts=3, sleep=sleeps.append, timeout=5)
+    with capture_logs() as logs:
+        assert client.ping() == "phorge-test"
+    assert server.calls["conduit.ping"] == 3 and len(sleeps) == 2
+    failed = [e for e in logs if e["event"] == "conduit_call_failed"]
+    assert [(e["method"], e["attempt"], e["status"]) for e in failed] == [
+        ("conduit.ping", 1, 500),
+        ("conduit.ping", 2, 500),
+    ]
+
+
+def test_rate_limiting_is_unavailability_after_retries(server: ConduitServer) -> None:
+    server.rate_limited = True
+    client = conduit.ConduitClient(server.url, attempts=2, sleep=lambda _: None, timeout=5)
+    with pytest.raises(conduit.PhabricatorUnavailable) as limited:
+        client.ping()
+    assert limited.value.status == 429
+    assert server.calls["conduit.ping"] == 2
+
+
+def _response(status: int, body: str = "", **headers: str) -> requests.Response:
+    resp = requests.Response()
+    resp.status_code = status
+    resp._content = body.encode()
+    resp.headers.update(headers)
+    return resp
+
+
+def test_retry_after_is_honoured_within_the_cap(mocker: MockerFixture) -> None:
+    session = requests.Session()
+    mocker.patch.object(
+        session,
+        "post",
+        side_effect=[
+            _response(429, "slow down", **{"Retry-After": "2"}),
+            _response(429, "slow down", **{"Retry-After": "120"}),
+            _response(200, '{"result":"ok","error_code":null,"error_info":null}'),
+        ],
     )
-    assert json.loads(resp.text)["result"]["userName"] == "admin"
+    sleeps: list[float] = []
+    client = conduit.ConduitClient(
+        "http://phorge.invalid", session=session, attempts=3, max_backoff=10, sleep=sleeps.append
+    )
+    assert client.ping() == "ok"
+    assert sleeps == [2.0, 10.0]
 
 
-@pytest.mark.parametrize(
-    ("pairs", "params"),
-    [
-        (
-            [("constraints[usernames][0]", "a"), ("constraints[usernames][1]", "b")],
-            {"constraints": {"usernames": ["a", "b"]}},
-        ),
-        (
-            [("constraints[isBot]", "true"), ("limit", "2")],
-            {"constraints": {"isBot": "true"}, "limit": "2"},
-        ),
-        ([("a[]", "x"), ("a[]", "y")], {"a": ["x", "y"]}),
-        ([("m[k]", "v")], {"m": {"k": "v"}}),
-    ],
-)
-def test_php_style_form_fields(pairs: list[tuple[str, str]], params: dict[str, Any]) -> None:
-    assert wire.parse_form(pairs) == params
+def test_backoff_doubles_with_jitter_and_a_cap(mocker: MockerFixture) -> None:
+    session = requests.Session()
+    mocker.patch.object(session, "post", side_effect=requests.ConnectionError("refused"))
+    sleeps: list[float] = []
+    client = conduit.ConduitClient(
+        "http://phorge.invalid",
+        session=session,
+        attempts=5,
+        backoff=1.0,
+        max_backoff=3.0,
+        sleep=sleeps.append,
+        jitter=lambda: 0.5,  # the middle of [0.5, 1.5): no jitter at all
+    )
+    with pytest.raises(conduit.PhabricatorUnavailable) as down:
+        client.ping()
+    assert sleeps == [1.0, 2.0, 3.0, 3.0]
+    assert isinstance(down.value.__cause__, requests.ConnectionError)
 
 
-def test_form_round_trip() -> None:
-    params = {"constraints": {"usernames": ["a", "b"], "isBot": True}, "limit": 5}
-    assert wire.parse_form(wire.flatten(params)) == {
-        "constraints": {"usernames": ["a", "b"], "isBot": "true"},
-        "limit": "5",
-    }
+def test_the_deadline_stops_retrying(mocker: MockerFixture) -> None:
+    session = requests.Session()
+    post = mocker.patch.object(session, "post", side_effect=requests.Timeout("read timed out"))
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    client = conduit.ConduitClient(
+        "http://phorge.invalid",
+        session=session,
+        attempts=10,
+        backoff=1.0,
+        deadline=2.5,
+        sleep=sleep,
+        clock=lambda: now[0],
+        jitter=lambda: 0.5,
+    )
+    with pytest.raises(conduit.PhabricatorUnavailable, match="timeout"):
+        client.ping()
+    assert post.call_count == 2  # slept 1 s; another 2 s would pass the 2.5 s deadline
 
 
-def test_decompression_is_bounded() -> None:
-    bomb = gzip.compress(b"a" * (4 << 20))
-    with pytest.raises(wire.RequestTooLarge):
-        wire.decode_request(
-            "POST",
-            "application/x-www-form-urlencoded",
-            bomb,
-            content_encoding="gzip",
-            max_bytes=1 << 20,
+def test_an_answer_without_an_envelope_is_unavailability(mocker: MockerFixture) -> None:
+    session = requests.Session()
+    mocker.patch.object(session, "post", return_value=_response(200, "<html>login</html>"))
+    client = conduit.ConduitClient("http://phorge.invalid", session=session, attempts=1)
+    with pytest.raises(conduit.PhabricatorUnavailable) as odd:
+        client.ping()
+    assert odd.value.status == 200 and odd.value.retryable
+
+
+def test_error_tree() -> None:
+    assert isinstance(conduit.error_for("ERR-INVALID-SESSION", ""), conduit.InvalidSession)
+    assert isinstance(conduit.error_for("ERR-INVALID-AUTH", ""), conduit.InvalidAuth)
+    assert isinstance(conduit.error_for("ERR-CONDUIT-CALL", ""), conduit.CallError)
+    for code in ("ERR-CONDUIT-CORE", "ERR-INVALID-PAGE-SIZE", "ERR-BAD-QUERYKEY"):
+        assert type(conduit.error_for(code, "")) is conduit.CoreError
+    assert not any(
+        cls.retryable
+        for cls in (
+            conduit.InvalidSession,
+            conduit.InvalidAuth,
+            conduit.CallError,
+            conduit.CoreError,
         )
-    with pytest.raises(wire.BadRequest):
-        wire.decode_request(
-            "POST", "application/x-www-form-urlencoded", b"not gzip", content_encoding="gzip"
-        )
+    )
+    assert conduit.PhabricatorUnavailable.retryable

@@ -1,0 +1,117 @@
+"""Two real operator processes with kopf peering: one acts, the other takes over when it dies.
+
+Its own control plane, so that no other test's operator acts on it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from phabmesh import devcluster
+from phabmesh.testing import ConduitServer
+from tests.kube import Cluster, wait_for
+from tests.phab import (
+    SYSTEM,
+    active_leases,
+    binding_condition,
+    label_namespace,
+    make_binding,
+    make_bot,
+    make_pod,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+NS = "peers"
+
+
+@pytest.fixture
+def alone(tmp_path: Path) -> Iterator[Cluster]:
+    with devcluster.ControlPlane(tmp_path / "controlplane") as plane:
+        cluster = Cluster(plane)
+        cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+        cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "manifests" / "peering.yaml"))
+        cluster.kubectl("wait", "--for=condition=Established", "--all", "crd", "--timeout=60s")
+        for name in (SYSTEM, NS):
+            cluster.core.create_namespace(
+                client.V1Namespace(metadata=client.V1ObjectMeta(name=name))
+            )
+        wait_for(lambda: cluster.core.list_namespaced_service_account(NS).items, what="default SA")
+        yield cluster
+
+
+def spawn(cluster: Cluster, conduit: ConduitServer, log: Path) -> subprocess.Popen[bytes]:
+    env = dict(
+        os.environ,
+        KUBECONFIG=str(cluster.kubeconfig),
+        PHABMESH_NAMESPACE=SYSTEM,
+        PHABMESH_PHABRICATOR_URL=conduit.url,
+        PHABMESH_ISSUER_HOST="127.0.0.1",
+        PHABMESH_ISSUER_PORT="0",
+        PHABMESH_METRICS_PORT="0",
+        PHABMESH_LOG_JSON="true",
+        PHABMESH_LOG_LEVEL="INFO",
+        PHABMESH_PEERING_LIFETIME="10",
+    )
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "phabmesh.cli", "controller", "--peering"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def test_one_of_two_replicas_acts_and_the_other_takes_over(
+    alone: Cluster, conduit: ConduitServer, tmp_path: Path
+) -> None:
+    cluster = alone
+    first = spawn(cluster, conduit, tmp_path / "first.log")
+    wait_for(
+        lambda: "controller_started" in (tmp_path / "first.log").read_text(),
+        timeout=60,
+        what="the first replica",
+    )
+    second = spawn(cluster, conduit, tmp_path / "second.log")
+    try:
+        wait_for(
+            lambda: "controller_started" in (tmp_path / "second.log").read_text(),
+            timeout=60,
+            what="the second replica",
+        )
+        make_bot(cluster, conduit, "peer-bot")
+        label_namespace(cluster, NS)
+        make_binding(cluster, NS, "runners", "peer-bot")
+        wait_for(lambda: (c := binding_condition(cluster, NS, "runners")) and c["status"] == "True")
+        make_pod(cluster, NS, "one", node=None)
+        wait_for(lambda: active_leases(cluster, NS), what="a lease from the active replica")
+        logs = [(tmp_path / f"{n}.log").read_text() for n in ("first", "second")]
+        issued = [text.count('"lease_issued"') for text in logs]
+        assert sorted(issued) == [0, 1], issued  # exactly one replica acted
+        active = issued.index(1)
+
+        # The acting replica dies without a goodbye; the other takes over.
+        victim = (first, second)[active]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        make_pod(cluster, NS, "two", node=None)
+        wait_for(
+            lambda: len(active_leases(cluster, NS)) == 2,
+            timeout=120,
+            what="the standby to take over",
+        )
+    finally:
+        for proc in (first, second):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
