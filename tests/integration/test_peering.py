@@ -37,8 +37,10 @@ def alone(tmp_path: Path) -> Iterator[Cluster]:
     with devcluster.ControlPlane(tmp_path / "controlplane") as plane:
         cluster = Cluster(plane)
         cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-        cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "manifests" / "peering.yaml"))
+        peering = str(ROOT / "manifests" / "peering.yaml")
+        cluster.kubectl("apply", "--server-side", "-f", peering, check=False)  # the CRD first...
         cluster.kubectl("wait", "--for=condition=Established", "--all", "crd", "--timeout=60s")
+        cluster.kubectl("apply", "--server-side", "-f", peering)  # ...then its object
         for name in (SYSTEM, NS):
             cluster.core.create_namespace(
                 client.V1Namespace(metadata=client.V1ObjectMeta(name=name))
