@@ -1,7 +1,8 @@
 """Conduit, Phabricator's API: wire formats, errors, and a client. Knows nothing of Kubernetes."""
 
-from phabmesh.conduit.client import ConduitClient, User, WhoAmI, mask_tokens
+from phabmesh.conduit.client import ConduitClient, Constraints, User, WhoAmI, mask_tokens
 from phabmesh.conduit.errors import (
+    UNAVAILABLE,
     CallError,
     ConduitError,
     CoreError,
@@ -12,9 +13,11 @@ from phabmesh.conduit.errors import (
 )
 
 __all__ = [
+    "UNAVAILABLE",
     "CallError",
     "ConduitClient",
     "ConduitError",
+    "Constraints",
     "CoreError",
     "InvalidAuth",
     "InvalidSession",
