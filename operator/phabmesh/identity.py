@@ -4,12 +4,18 @@ Linkerd names a pod's identity
 ``<serviceaccount>.<namespace>.serviceaccount.identity.<control-plane-ns>.<trust-domain>``
 (built-in certificates carry only this DNS-form name); phabmesh accepts
 ``spiffe://<trust-domain>/ns/<namespace>/sa/<serviceaccount>`` as an equivalent
-spelling. A pod is meshed when it runs a ``linkerd-proxy`` container (a native
-sidecar in ``initContainers`` since Linkerd 2.20, a plain container before) or
-carries the markers Linkerd's injector writes (annotation
-``linkerd.io/proxy-version``, label ``linkerd.io/control-plane-ns``). The
-``linkerd.io/inject: enabled`` annotation alone only *asks* for injection, so it
-does not count.
+spelling. A ServiceAccount name may contain dots (it is a DNS subdomain) but a
+namespace may not (it is a DNS label), so the DNS form parses back unambiguously:
+the namespace is the last label before the suffix, the service account is the rest.
+
+Meshed pods. Linkerd's injector adds a ``linkerd-proxy`` container (since
+Linkerd 2.20 usually a native sidecar in ``initContainers``, a plain container
+before), the annotation ``linkerd.io/proxy-version`` and the label
+``linkerd.io/control-plane-ns`` (whose value is the control plane's namespace:
+Linkerd's own ``IsMeshed`` compares exactly that label). Any of these counts as
+meshed; the proxy container is the strongest sign and is looked at first. The
+annotation ``linkerd.io/inject`` is only a *request* to the injector
+(``enabled``, ``ingress``, ``disabled``): on its own it never means injected.
 """
 
 from __future__ import annotations
@@ -17,21 +23,38 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
-from collections.abc import Mapping
+import weakref
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 PROXY_CONTAINER = "linkerd-proxy"
 PROXY_VERSION_ANNOTATION = "linkerd.io/proxy-version"
 CONTROL_PLANE_LABEL = "linkerd.io/control-plane-ns"
+INJECT_ANNOTATION = "linkerd.io/inject"
+DEFAULT_SERVICE_ACCOUNT = "default"
 
-# Why a pod is, or is not, meshed.
+# Why a pod is, or is not, meshed (PodFacts.mesh_reason).
 MESHED = "Meshed"  # a linkerd-proxy container or the injector's markers are present
-NO_PROXY = "NoProxy"  # neither: Linkerd did not inject this pod
+NO_PROXY = "NoProxy"  # no proxy and no marker: Linkerd was never asked to inject this pod
+INJECTION_DISABLED = "InjectionDisabled"  # no proxy; the pod says linkerd.io/inject: disabled
+NOT_INJECTED = "NotInjected"  # injection was asked for, but no proxy came (webhook skipped it)
+OTHER_CONTROL_PLANE = "OtherControlPlane"  # meshed by a control plane in another namespace
 
 _SPIFFE = re.compile(r"^spiffe://([^/]+)/ns/([^/]+)/sa/([^/]+)$")
+# Kubernetes name shapes: a namespace is a DNS-1123 label, a ServiceAccount a DNS-1123 subdomain.
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
-@dataclasses.dataclass(frozen=True)
+def is_namespace_name(name: str) -> bool:
+    return len(name) <= 63 and bool(_DNS_LABEL.match(name))
+
+
+def is_service_account_name(name: str) -> bool:
+    return len(name) <= 253 and bool(_DNS_SUBDOMAIN.match(name))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Naming:
     """How Linkerd spells identities in this cluster."""
 
@@ -40,6 +63,7 @@ class Naming:
 
     @property
     def suffix(self) -> str:
+        """``serviceaccount.identity.<control-plane-ns>.<trust-domain>``."""
         return f"serviceaccount.identity.{self.control_plane_namespace}.{self.trust_domain}"
 
 
@@ -47,53 +71,136 @@ DEFAULT_NAMING = Naming()
 
 
 def linkerd_identity(service_account: str, namespace: str, naming: Naming = DEFAULT_NAMING) -> str:
+    """The DNS-form identity Linkerd gives pods of this service account."""
     return f"{service_account}.{namespace}.{naming.suffix}"
 
 
 def spiffe_id(service_account: str, namespace: str, naming: Naming = DEFAULT_NAMING) -> str:
+    """The SPIFFE spelling of the same identity."""
     return f"spiffe://{naming.trust_domain}/ns/{namespace}/sa/{service_account}"
 
 
-def spiffe_to_dns(uri: str, naming: Naming = DEFAULT_NAMING) -> str | None:
-    """The DNS-form spelling of a ``spiffe://`` ID, or None if it is not one of ours."""
+def parse_spiffe(uri: str) -> tuple[str, str, str] | None:
+    """(trust domain, namespace, service account) of a well-formed SPIFFE ID, else None."""
     match = _SPIFFE.match(uri)
     if not match:
         return None
     trust_domain, namespace, service_account = match.groups()
+    if not is_namespace_name(namespace) or not is_service_account_name(service_account):
+        return None
+    return trust_domain, namespace, service_account
+
+
+def spiffe_to_dns(uri: str, naming: Naming = DEFAULT_NAMING) -> str | None:
+    """The DNS-form spelling of a ``spiffe://`` ID, or None if it is not one.
+
+    The URI's own trust domain is kept, so an ID from another trust domain turns
+    into a name that no pod of this cluster carries.
+    """
+    parsed = parse_spiffe(uri)
+    if parsed is None:
+        return None
+    trust_domain, namespace, service_account = parsed
     return linkerd_identity(
         service_account, namespace, Naming(naming.control_plane_namespace, trust_domain)
     )
 
 
 def parse_identity(name: str, naming: Naming = DEFAULT_NAMING) -> tuple[str, str] | None:
-    """(service account, namespace) of a DNS-form or SPIFFE identity in this cluster."""
+    """(service account, namespace) of a DNS-form or SPIFFE identity of this cluster, else None."""
     if name.startswith("spiffe://"):
-        dns = spiffe_to_dns(name, naming)
-        if dns is None:
+        parsed = parse_spiffe(name)
+        if parsed is None or parsed[0] != naming.trust_domain:
             return None
-        name = dns
+        return parsed[2], parsed[1]
     tail = "." + naming.suffix
     if not name.endswith(tail):
         return None
-    head = name[: -len(tail)].split(".")
-    if len(head) != 2 or not all(head):
+    service_account, _, namespace = name[: -len(tail)].rpartition(".")
+    if not is_namespace_name(namespace) or not is_service_account_name(service_account):
         return None
-    return head[0], head[1]
+    return service_account, namespace
 
 
-def mesh_status(pod: Mapping[str, Any]) -> tuple[bool, str]:
-    """(meshed, reason) for a pod body as the API returns it."""
-    spec = pod.get("spec") or {}
-    for group in ("initContainers", "containers"):
-        for container in spec.get(group) or ():
-            if container.get("name") == PROXY_CONTAINER:
-                return True, MESHED
+def _has_proxy(spec: Mapping[str, Any]) -> bool:
+    return any(
+        isinstance(container, Mapping) and container.get("name") == PROXY_CONTAINER
+        for group in ("initContainers", "containers")
+        for container in spec.get(group) or ()
+    )
+
+
+def mesh_status(pod: Mapping[str, Any], naming: Naming | None = None) -> tuple[bool, str]:
+    """(meshed, reason) for a pod body as the API returns it.
+
+    With ``naming``, a pod whose ``linkerd.io/control-plane-ns`` label names another
+    control plane (so its identity has another suffix) is not meshed *here*.
+    """
     meta = pod.get("metadata") or {}
-    if PROXY_VERSION_ANNOTATION in (meta.get("annotations") or {}):
+    annotations = meta.get("annotations") or {}
+    labels = meta.get("labels") or {}
+    control_plane = labels.get(CONTROL_PLANE_LABEL)
+    if naming is not None and control_plane and control_plane != naming.control_plane_namespace:
+        return False, OTHER_CONTROL_PLANE
+    if _has_proxy(pod.get("spec") or {}):
         return True, MESHED
-    if CONTROL_PLANE_LABEL in (meta.get("labels") or {}):
+    if annotations.get(PROXY_VERSION_ANNOTATION) or control_plane:
         return True, MESHED
+    inject = annotations.get(INJECT_ANNOTATION)
+    if inject == "disabled":
+        return False, INJECTION_DISABLED
+    if inject in ("enabled", "ingress"):
+        return False, NOT_INJECTED
     return False, NO_PROXY
+
+
+class Labels(Mapping[str, str]):
+    """An immutable, hashable label set. Equal sets are shared: see :func:`labels_of`."""
+
+    __slots__ = ("__weakref__", "_hash", "_items")
+
+    def __init__(self, items: Mapping[str, str]) -> None:
+        self._items: dict[str, str] = {sys.intern(k): sys.intern(v) for k, v in items.items()}
+        self._hash = hash(frozenset(self._items.items()))
+
+    def __getitem__(self, key: str) -> str:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Labels):
+            return self._hash == other._hash and self._items == other._items
+        if isinstance(other, Mapping):
+            return self._items == dict(other.items())
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"Labels({self._items!r})"
+
+
+# Pods of one ReplicaSet carry identical labels: keep one copy for all of them.
+_SHARED_LABELS: weakref.WeakValueDictionary[frozenset[tuple[str, str]], Labels] = (
+    weakref.WeakValueDictionary()
+)
+
+
+def labels_of(items: Mapping[str, Any]) -> Labels:
+    """A shared :class:`Labels` equal to ``items`` (values made strings)."""
+    clean = {str(k): "" if v is None else str(v) for k, v in items.items()}
+    key = frozenset(clean.items())
+    shared = _SHARED_LABELS.get(key)
+    if shared is None:
+        shared = Labels(clean)
+        _SHARED_LABELS[key] = shared
+    return shared
 
 
 def _intern(value: object) -> str:
@@ -102,35 +209,48 @@ def _intern(value: object) -> str:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PodFacts:
-    """The few facts about a pod that decisions need; thousands of these are kept."""
+    """The few facts about a pod that decisions need; thousands of these are kept.
+
+    No resourceVersion, no spec, no status beyond the phase: replace the whole
+    value on every watch event. Repeated strings (namespace, service account,
+    phase, node, label keys and values) are interned, and label sets shared.
+    """
 
     uid: str
     name: str
     namespace: str
     service_account: str
     phase: str
-    labels: Mapping[str, str]
+    labels: Labels
     terminating: bool
     meshed: bool
     mesh_reason: str
     node_name: str
 
     @classmethod
-    def from_pod(cls, pod: Mapping[str, Any]) -> PodFacts:
+    def from_pod(cls, pod: Mapping[str, Any], naming: Naming | None = None) -> PodFacts:
+        """Facts of a pod body as the API returns it (``naming``: see :func:`mesh_status`)."""
         meta = pod.get("metadata") or {}
         spec = pod.get("spec") or {}
         status = pod.get("status") or {}
-        meshed, reason = mesh_status(pod)
-        labels = meta.get("labels") or {}
+        meshed, reason = mesh_status(pod, naming)
+        # serviceAccount is the deprecated alias the API server still fills in.
+        service_account = (
+            spec.get("serviceAccountName") or spec.get("serviceAccount") or DEFAULT_SERVICE_ACCOUNT
+        )
         return cls(
-            uid=str(meta.get("uid", "")),
-            name=str(meta.get("name", "")),
-            namespace=_intern(meta.get("namespace", "")),
-            service_account=_intern(spec.get("serviceAccountName") or "default"),
+            uid=str(meta.get("uid") or ""),
+            name=str(meta.get("name") or ""),
+            namespace=_intern(meta.get("namespace") or ""),
+            service_account=_intern(service_account),
             phase=_intern(status.get("phase") or "Pending"),
-            labels={_intern(k): _intern(v) for k, v in labels.items()},
+            labels=labels_of(meta.get("labels") or {}),
             terminating=meta.get("deletionTimestamp") is not None,
             meshed=meshed,
-            mesh_reason=reason,
+            mesh_reason=sys.intern(reason),
             node_name=_intern(spec.get("nodeName") or ""),
         )
+
+    def identity(self, naming: Naming = DEFAULT_NAMING) -> str:
+        """This pod's DNS-form Linkerd identity."""
+        return linkerd_identity(self.service_account, self.namespace, naming)
