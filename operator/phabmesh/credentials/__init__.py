@@ -1,12 +1,14 @@
 """Signing keys, credential mint and verify, JWKS. Knows nothing of kopf or Kubernetes.
 
-Credentials are compact JWS (EdDSA over Ed25519) JWTs; see :mod:`.tokens`.
+Credentials are compact JWS (EdDSA over Ed25519) JWTs; see :mod:`.tokens`. Keys,
+the ring, its Secret form and rotation: :mod:`.keys`. Refusals: :mod:`.errors`.
 """
 
 from phabmesh.credentials.errors import (
     BadSignature,
     CredentialError,
     Expired,
+    KeyRingError,
     Malformed,
     NotYetValid,
     UnknownKey,
@@ -31,6 +33,7 @@ __all__ = [
     "CredentialError",
     "Expired",
     "KeyRing",
+    "KeyRingError",
     "Malformed",
     "NotYetValid",
     "SigningKey",

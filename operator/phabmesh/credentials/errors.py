@@ -1,12 +1,18 @@
-"""Why a credential was refused. Messages say which check failed and never quote it."""
+"""Why a credential was refused, or a key ring could not be read.
+
+Messages say which check failed and never quote the token, a claim value or key
+material. Every :class:`CredentialError` is permanent: retrying the same token
+cannot help.
+"""
 
 
 class CredentialError(Exception):
-    """The credential is not acceptable. Permanent: retrying the same token cannot help."""
+    """The credential is not acceptable."""
 
 
 class Malformed(CredentialError):
-    """Not a compact JWS with the claims phabmesh writes (truncated, padded, garbled)."""
+    """Not a compact JWS with the header and claims phabmesh writes (truncated, padded,
+    non-canonical base64url, duplicate JSON keys, a claim of the wrong type)."""
 
 
 class UnsupportedAlgorithm(CredentialError):
@@ -14,7 +20,7 @@ class UnsupportedAlgorithm(CredentialError):
 
 
 class UnknownKey(CredentialError):
-    """``kid`` names no key phabmesh signs with or still verifies with."""
+    """``kid`` is missing or names no key phabmesh signs with or still verifies with."""
 
 
 class BadSignature(CredentialError):
@@ -22,7 +28,7 @@ class BadSignature(CredentialError):
 
 
 class Expired(CredentialError):
-    """``exp`` has passed (beyond the allowed clock skew)."""
+    """``exp`` has passed (beyond the allowed clock skew), or, when minting, the lease has."""
 
 
 class NotYetValid(CredentialError):
@@ -30,8 +36,12 @@ class NotYetValid(CredentialError):
 
 
 class WrongAudience(CredentialError):
-    """``aud`` is not the gateway's audience."""
+    """``aud`` is not the expected audience."""
 
 
 class WrongIssuer(CredentialError):
-    """``iss`` is not phabmesh's issuer."""
+    """``iss`` is not the expected issuer."""
+
+
+class KeyRingError(ValueError):
+    """Signing-key material (a Secret's data) cannot be read or does not hold together."""

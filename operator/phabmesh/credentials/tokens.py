@@ -3,13 +3,19 @@
 Header ``{"alg": "EdDSA", "typ": "JWT", "kid": ...}``; claims ``iss``, ``sub``
 (the Linkerd identity), ``aud``, ``iat``, ``nbf``, ``exp`` (never past the
 lease's end), ``jti`` and ``pod``, ``pod_uid``, ``namespace``, ``binding``,
-``bot``, ``bot_phid``, ``lease_uid``. Verification accepts EdDSA only, from a
-known ``kid``, and checks every claim against an injected clock.
+``bot``, ``bot_phid``, ``lease_uid``.
+
+Minting goes through PyJWT. Verification is done here, strictly, because a JWT
+library's leniency is attack surface: the token must be exactly three canonical
+unpadded base64url segments; the header and payload JSON objects without
+duplicate keys; the header exactly ``alg`` EdDSA, ``kid``, optional ``typ`` JWT
+(no ``crit``, ``jku``, ``jwk``, ``x5u``, ``b64`` or anything else); the signature
+64 bytes of Ed25519 from a key of the ring; every claim present with its type;
+then issuer, audience and times against an injected clock and leeway.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import datetime
 import json
@@ -19,34 +25,37 @@ from collections.abc import Mapping
 from typing import Any
 
 import jwt
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from phabmesh.credentials import errors
-from phabmesh.credentials.keys import KeyRing
+from phabmesh.credentials.keys import ALGORITHM, KeyRing, b64url_decode
 
-ALGORITHM = "EdDSA"
-_REQUIRED = (
+DEFAULT_LEEWAY = datetime.timedelta(seconds=30)
+MAX_TOKEN = 8192  # characters; a phabmesh credential is well under 1 KiB
+_STRING_CLAIMS = (
     "iss",
     "sub",
     "aud",
-    "iat",
-    "nbf",
-    "exp",
     "jti",
     "pod",
     "pod_uid",
     "namespace",
     "binding",
     "bot",
+    "bot_phid",
     "lease_uid",
 )
-_MAX_TOKEN = 8192
-# Strict base64url segments: no padding, no whitespace, nothing a lenient decoder forgives.
-_COMPACT = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
+_TIME_CLAIMS = ("iat", "nbf", "exp")
+CLAIMS = (*_STRING_CLAIMS[:3], *_TIME_CLAIMS, *_STRING_CLAIMS[3:])
+_HEADER_FIELDS = frozenset({"alg", "kid", "typ"})
+_SEGMENT = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 @dataclasses.dataclass(frozen=True)
 class Claims:
+    """A verified credential's content."""
+
     subject: str
     issuer: str
     audience: str
@@ -64,7 +73,9 @@ class Claims:
     kid: str
 
 
-def _ts(value: datetime.datetime) -> int:
+def _ts(value: datetime.datetime, what: str) -> int:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{what} must be timezone-aware")
     return int(value.timestamp())
 
 
@@ -83,17 +94,27 @@ def mint(
     bot: str,
     bot_phid: str,
     lease_uid: str,
+    ttl: datetime.timedelta | None = None,
 ) -> str:
-    """Sign a credential with the ring's current key; ``exp`` is ``not_after``, never later."""
-    if not_after <= now:
+    """Sign a credential with the ring's current key.
+
+    ``not_after`` is the lease's expiresAt: ``exp`` is ``now + ttl`` capped at it
+    (or ``not_after`` itself without ``ttl``), rounded down to whole seconds, so
+    never past the lease. Raises :class:`~.errors.Expired` if the lease has ended.
+    """
+    iat = _ts(now, "now")
+    exp = _ts(not_after, "not_after")
+    if ttl is not None:
+        exp = min(exp, _ts(now + ttl, "now"))
+    if exp <= iat:
         raise errors.Expired("the lease has already ended")
     claims = {
         "iss": issuer,
         "sub": subject,
         "aud": audience,
-        "iat": _ts(now),
-        "nbf": _ts(now),
-        "exp": _ts(not_after),  # truncation rounds down: never past the lease
+        "iat": iat,
+        "nbf": iat,
+        "exp": exp,
         "jti": uuid.uuid4().hex,
         "pod": pod,
         "pod_uid": pod_uid,
@@ -109,24 +130,63 @@ def mint(
     )
 
 
-def _header(token: str) -> dict[str, Any]:
-    if len(token) > _MAX_TOKEN or not _COMPACT.match(token):
-        raise errors.Malformed("credential is not a compact JWS")
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate key")
+    return result
+
+
+def _json_object(segment: str, what: str) -> dict[str, Any]:
     try:
-        header = jwt.get_unverified_header(token)
-    except jwt.DecodeError as exc:
-        raise errors.Malformed("credential header is unreadable") from exc
+        value = json.loads(b64url_decode(segment), object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise errors.Malformed(f"credential {what} is not canonical base64url JSON") from exc
+    if not isinstance(value, dict):
+        raise errors.Malformed(f"credential {what} is not a JSON object")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class _Parsed:
+    kid: str
+    signing_input: bytes
+    payload_segment: str
+    signature: bytes
+
+
+def _parse(token: str) -> _Parsed:
+    """Split and check the form and header; nothing is trusted yet."""
+    if not isinstance(token, str) or len(token) > MAX_TOKEN:
+        raise errors.Malformed("credential is not a compact JWS")
+    parts = token.split(".")
+    if len(parts) != 3 or not _SEGMENT.match(parts[0]):
+        raise errors.Malformed("credential is not a compact JWS")
+    head, body, sig = parts
+    header = _json_object(head, "header")
     if header.get("alg") != ALGORITHM:
-        raise errors.UnsupportedAlgorithm(f"algorithm {header.get('alg')!r} is not accepted")
-    if set(header) - {"alg", "typ", "kid"}:
+        raise errors.UnsupportedAlgorithm("credential algorithm is not EdDSA")
+    if not _SEGMENT.match(body) or not _SEGMENT.match(sig):
+        raise errors.Malformed("credential is not a compact JWS")
+    if set(header) - _HEADER_FIELDS:
         raise errors.Malformed("credential header carries unexpected fields")
-    return header
+    if "typ" in header and header["typ"] != "JWT":
+        raise errors.Malformed("credential header typ is not JWT")
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise errors.UnknownKey("credential names no signing key")
+    try:
+        signature = b64url_decode(sig)
+    except ValueError as exc:
+        raise errors.Malformed("credential signature is not canonical base64url") from exc
+    if len(signature) != 64:
+        raise errors.Malformed("credential signature has the wrong length")
+    return _Parsed(kid, f"{head}.{body}".encode(), body, signature)
 
 
-def _decode(
-    token: str,
+def _check(
+    parsed: _Parsed,
     key: Ed25519PublicKey,
-    kid: str,
     *,
     audience: str,
     issuer: str,
@@ -134,56 +194,46 @@ def _decode(
     leeway: datetime.timedelta,
 ) -> Claims:
     try:
-        payload: dict[str, Any] = jwt.decode(
-            token,
-            key,
-            algorithms=[ALGORITHM],
-            options={
-                "verify_exp": False,  # checked below against the injected clock
-                "verify_nbf": False,
-                "verify_iat": False,
-                "verify_aud": False,
-                "verify_iss": False,
-                "require": list(_REQUIRED),
-            },
-        )
-    except jwt.InvalidSignatureError as exc:
-        raise errors.BadSignature("signature does not verify") from exc
-    except jwt.MissingRequiredClaimError as exc:
-        raise errors.Malformed(f"claim {exc.claim!r} is missing") from exc
-    except jwt.InvalidTokenError as exc:
-        raise errors.Malformed(f"credential is unreadable ({type(exc).__name__})") from exc
-    if payload["aud"] != audience:
-        raise errors.WrongAudience("credential is for another audience")
+        key.verify(parsed.signature, parsed.signing_input)
+    except InvalidSignature as exc:
+        raise errors.BadSignature("credential signature does not verify") from exc
+    payload = _json_object(parsed.payload_segment, "payload")
+    for claim in _STRING_CLAIMS:
+        if not isinstance(payload.get(claim), str):
+            raise errors.Malformed(f"credential claim {claim!r} is missing or not a string")
+    times: dict[str, datetime.datetime] = {}
+    for claim in _TIME_CLAIMS:
+        value = payload.get(claim)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise errors.Malformed(f"credential claim {claim!r} is missing or not a number")
+        try:
+            times[claim] = datetime.datetime.fromtimestamp(value, datetime.UTC)
+        except (OverflowError, OSError, ValueError) as exc:
+            raise errors.Malformed(f"credential claim {claim!r} is out of range") from exc
     if payload["iss"] != issuer:
         raise errors.WrongIssuer("credential is from another issuer")
-    try:
-        exp, nbf, iat = (
-            datetime.datetime.fromtimestamp(int(payload[c]), datetime.UTC)
-            for c in ("exp", "nbf", "iat")
-        )
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise errors.Malformed("time claims are not numbers") from exc
-    if now >= exp + leeway:
+    if payload["aud"] != audience:
+        raise errors.WrongAudience("credential is for another audience")
+    if now >= times["exp"] + leeway:
         raise errors.Expired("credential expired")
-    if now + leeway < nbf or now + leeway < iat:
+    if now + leeway < times["nbf"] or now + leeway < times["iat"]:
         raise errors.NotYetValid("credential not yet valid")
     return Claims(
-        subject=str(payload["sub"]),
-        issuer=str(payload["iss"]),
-        audience=str(payload["aud"]),
-        issued_at=iat,
-        not_before=nbf,
-        expires_at=exp,
-        jti=str(payload["jti"]),
-        pod=str(payload["pod"]),
-        pod_uid=str(payload["pod_uid"]),
-        namespace=str(payload["namespace"]),
-        binding=str(payload["binding"]),
-        bot=str(payload["bot"]),
-        bot_phid=str(payload.get("bot_phid") or ""),
-        lease_uid=str(payload["lease_uid"]),
-        kid=kid,
+        subject=payload["sub"],
+        issuer=payload["iss"],
+        audience=payload["aud"],
+        issued_at=times["iat"],
+        not_before=times["nbf"],
+        expires_at=times["exp"],
+        jti=payload["jti"],
+        pod=payload["pod"],
+        pod_uid=payload["pod_uid"],
+        namespace=payload["namespace"],
+        binding=payload["binding"],
+        bot=payload["bot"],
+        bot_phid=payload["bot_phid"],
+        lease_uid=payload["lease_uid"],
+        kid=parsed.kid,
     )
 
 
@@ -194,16 +244,33 @@ def verify(
     audience: str,
     issuer: str,
     now: datetime.datetime,
-    leeway: datetime.timedelta = datetime.timedelta(seconds=30),
+    leeway: datetime.timedelta = DEFAULT_LEEWAY,
 ) -> Claims:
-    """Check a credential completely; raise a :class:`CredentialError` saying why not."""
-    header = _header(token)
-    key = ring.find(str(header.get("kid", "")))
+    """Check a credential completely; raise a :class:`~.errors.CredentialError` saying why not.
+
+    Checks run in this order, so the first failure names itself: form and header
+    (Malformed, UnsupportedAlgorithm), key (UnknownKey), signature (BadSignature),
+    claims' presence and types (Malformed), issuer, audience, expiry, not-before.
+    """
+    parsed = _parse(token)
+    key = ring.find(parsed.kid)
     if key is None:
         raise errors.UnknownKey("credential signed by an unknown key")
-    return _decode(
-        token, key.public_key, key.kid, audience=audience, issuer=issuer, now=now, leeway=leeway
-    )
+    return _check(parsed, key.public_key, audience=audience, issuer=issuer, now=now, leeway=leeway)
+
+
+def _jwk_key(jwk: Mapping[str, Any]) -> Ed25519PublicKey | None:
+    if jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519":
+        return None
+    if jwk.get("alg", ALGORITHM) != ALGORITHM or jwk.get("use", "sig") != "sig":
+        return None
+    try:
+        raw = b64url_decode(str(jwk.get("x", "")))
+    except ValueError:
+        return None
+    if len(raw) != 32:
+        return None
+    return Ed25519PublicKey.from_public_bytes(raw)
 
 
 def verify_with_jwks(
@@ -213,28 +280,30 @@ def verify_with_jwks(
     audience: str,
     issuer: str,
     now: datetime.datetime | None = None,
-    leeway: datetime.timedelta = datetime.timedelta(seconds=30),
+    leeway: datetime.timedelta = DEFAULT_LEEWAY,
 ) -> Claims:
-    """Verify against a published JWKS document, as any outside validator would."""
-    header = _header(token)
-    kid = str(header.get("kid", ""))
-    for jwk in document.get("keys") or []:
-        if jwk.get("kid") == kid and jwk.get("kty") == "OKP" and jwk.get("crv") == "Ed25519":
-            raw = base64.urlsafe_b64decode(str(jwk["x"]) + "=" * (-len(str(jwk["x"])) % 4))
-            key = Ed25519PublicKey.from_public_bytes(raw)
-            when = now or datetime.datetime.now(datetime.UTC)
-            return _decode(
-                token, key, kid, audience=audience, issuer=issuer, now=when, leeway=leeway
-            )
+    """Verify against a published JWKS document, as any outside validator would.
+
+    ``now`` None reads the system clock (for outside callers); pass it everywhere else.
+    """
+    parsed = _parse(token)
+    keys = document.get("keys")
+    for jwk in keys if isinstance(keys, list) else ():
+        if isinstance(jwk, Mapping) and jwk.get("kid") == parsed.kid:
+            key = _jwk_key(jwk)
+            if key is None:
+                continue
+            when = now if now is not None else datetime.datetime.now(datetime.UTC)
+            return _check(parsed, key, audience=audience, issuer=issuer, now=when, leeway=leeway)
     raise errors.UnknownKey("credential signed by a key the JWKS does not list")
 
 
 def unverified_claims(token: str) -> dict[str, Any]:
     """The payload without any check: for display and tests only, never for decisions."""
-    claims: dict[str, Any] = json.loads(
-        base64.urlsafe_b64decode(token.split(".")[1] + "=" * (-len(token.split(".")[1]) % 4))
-    )
-    return claims
+    parts = token.split(".") if isinstance(token, str) else []
+    if len(parts) != 3:
+        raise errors.Malformed("credential is not a compact JWS")
+    return _json_object(parts[1], "payload")
 
 
 def jwks(ring: KeyRing) -> dict[str, Any]:
@@ -243,11 +312,12 @@ def jwks(ring: KeyRing) -> dict[str, Any]:
 
 
 def discovery_document(issuer: str, jwks_uri: str) -> dict[str, Any]:
+    """OpenID Provider Metadata (the parts that apply) for ``/.well-known/openid-configuration``."""
     return {
         "issuer": issuer,
         "jwks_uri": jwks_uri,
         "response_types_supported": ["id_token"],
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": [ALGORITHM],
-        "claims_supported": [*_REQUIRED, "bot_phid"],
+        "claims_supported": list(CLAIMS),
     }
