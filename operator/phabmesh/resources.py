@@ -2,6 +2,13 @@
 
 Pure: no I/O. The CRDs in ``crds/`` and these models must agree; ``python -m
 phabmesh.schemacheck crds/`` (``make manifests``) fails when they drift.
+
+Parse a watched object's parts with ``BotSpec.model_validate(body["spec"])`` (and
+``BindingSpec``, ``CredentialSpec``, ``*Status`` alike): fields are read by their
+CRD (camelCase) names and exposed as snake_case attributes; dump with
+``model_dump(by_alias=True, mode="json")``. Spec models refuse unknown fields;
+status models ignore them. Defaults equal the CRD's, so a spec the API server
+accepted always parses, with the same values the server filled in.
 """
 
 from __future__ import annotations
@@ -18,15 +25,60 @@ API_VERSION = f"{GROUP}/{VERSION}"
 BOT_KIND, BOT_PLURAL = "PhabricatorBot", "phabricatorbots"
 BINDING_KIND, BINDING_PLURAL = "PhabricatorBinding", "phabricatorbindings"
 CREDENTIAL_KIND, CREDENTIAL_PLURAL = "PhabricatorCredential", "phabricatorcredentials"
+CATEGORY = "phabmesh"  # `kubectl get phabmesh` lists all three kinds
 
-_DURATION = re.compile(r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$")
+# Condition types (on bots: Ready; on bindings: Ready and BotReady).
+READY = "Ready"  # the object does its job: a verified bot, a binding that issues credentials
+BOT_READY = "BotReady"  # on a binding: the referenced bot's own Ready, with the bot's reason
+
+# PhabricatorCredential status.phase.
+ACTIVE = "Active"  # the pod may act as the bot until expiresAt
+REVOKED = "Revoked"  # it may not, ever again (the CRD refuses a way back to Active)
+
+# PhabricatorCredential status.reason: why a lease was revoked.
+POD_TERMINATING = "PodTerminating"  # the pod got a deletionTimestamp
+POD_SUCCEEDED = "PodSucceeded"  # the pod finished
+POD_FAILED = "PodFailed"  # the pod failed
+POD_DELETED = "PodDeleted"  # the pod is gone from the API server
+POD_GONE = "PodGone"  # at start-up: the lease's pod no longer exists (or has another UID)
+POD_NOT_RUNNING = "PodNotRunning"  # the pod left the Running phase otherwise
+POD_NOT_MESHED = "PodNotMeshed"  # the pod no longer carries a Linkerd proxy
+NO_LONGER_MATCHED = "NoLongerMatched"  # the binding's subjects or selector no longer match
+BINDING_DELETED = "BindingDeleted"  # the binding was deleted
+BINDING_NOT_READY = "BindingNotReady"  # the binding is not Ready for another reason
+BOT_NOT_READY = "BotNotReady"  # the bot stopped being Ready (disabled, token revoked, deleted)
+REVOCATION_REASONS = frozenset(
+    {
+        POD_TERMINATING,
+        POD_SUCCEEDED,
+        POD_FAILED,
+        POD_DELETED,
+        POD_GONE,
+        POD_NOT_RUNNING,
+        POD_NOT_MESHED,
+        NO_LONGER_MATCHED,
+        BINDING_DELETED,
+        BINDING_NOT_READY,
+        BOT_NOT_READY,
+    }
+)
+
+# The CRD's credentialTTL pattern, without its anchors (used with fullmatch).
+_DURATION = re.compile(r"([0-9]+(\.[0-9]+)?(ms|s|m|h))+")
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# credentialTTL's bounds, as the CRD's CEL rule enforces them.
+MIN_CREDENTIAL_TTL = datetime.timedelta(minutes=1)
+MAX_CREDENTIAL_TTL = datetime.timedelta(hours=24)
 
 
 def parse_duration(text: str) -> datetime.timedelta:
-    """Go ``time.ParseDuration`` syntax for h, m, s, ms: ``15m``, ``1h30m``, ``90s``."""
-    if not _DURATION.match(text):
+    """Go ``time.ParseDuration`` syntax for h, m, s, ms: ``15m``, ``1h30m``, ``90s``, ``1.5h``.
+
+    The same subset the CRD's ``credentialTTL`` pattern admits; raises ``ValueError``
+    for anything else (signs, ``us``/``ns``, spaces, a bare number).
+    """
+    if not _DURATION.fullmatch(text):
         raise ValueError(f"not a duration: {text!r} (use e.g. 15m, 1h30m)")
     seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION_PART.findall(text))
     return datetime.timedelta(seconds=seconds)
@@ -37,12 +89,16 @@ class _Model(BaseModel):
 
 
 class LabelSelectorRequirement(_Model):
+    """One ``matchExpressions`` entry; the CRD checks values against the operator."""
+
     key: str
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
     values: tuple[str, ...] = ()
 
 
 class LabelSelector(_Model):
+    """A Kubernetes LabelSelector; empty selects everything."""
+
     match_labels: dict[str, str] = Field(default_factory=dict, alias="matchLabels")
     match_expressions: tuple[LabelSelectorRequirement, ...] = Field(
         default=(), alias="matchExpressions"
@@ -50,27 +106,37 @@ class LabelSelector(_Model):
 
 
 class SecretKeyRef(_Model):
+    """A key of a Secret in the operator's own namespace."""
+
     name: str
     key: str = "token"
 
 
 class BotSpec(_Model):
+    """``PhabricatorBot.spec``."""
+
     username: str
     token_secret_ref: SecretKeyRef = Field(alias="tokenSecretRef")
     namespace_selector: LabelSelector = Field(alias="namespaceSelector")
 
 
 class BotRef(_Model):
+    """The PhabricatorBot a binding acts as."""
+
     name: str
 
 
 class IdentityRef(_Model):
+    """A ServiceAccount (namespace defaulting to the binding's) or a whole Namespace."""
+
     kind: Literal["ServiceAccount", "Namespace"]
     name: str
     namespace: str | None = None
 
 
 class BindingSpec(_Model):
+    """``PhabricatorBinding.spec``."""
+
     bot_ref: BotRef = Field(alias="botRef")
     identities: tuple[str, ...] = ()
     identity_refs: tuple[IdentityRef, ...] = Field(default=(), alias="identityRefs")
@@ -82,15 +148,20 @@ class BindingSpec(_Model):
     @field_validator("credential_ttl")
     @classmethod
     def _ttl(cls, value: str) -> str:
-        parse_duration(value)
+        ttl = parse_duration(value)
+        if not MIN_CREDENTIAL_TTL <= ttl <= MAX_CREDENTIAL_TTL:
+            raise ValueError(f"credentialTTL {value!r} is not between 1m and 24h")
         return value
 
     @property
     def ttl(self) -> datetime.timedelta:
+        """credentialTTL as a timedelta."""
         return parse_duration(self.credential_ttl)
 
 
 class CredentialSpec(_Model):
+    """``PhabricatorCredential.spec``: immutable once written."""
+
     pod_name: str = Field(alias="podName")
     pod_uid: str = Field(alias="podUID")
     service_account: str = Field(alias="serviceAccount")
@@ -100,15 +171,16 @@ class CredentialSpec(_Model):
 
 
 ConditionStatus = Literal["True", "False", "Unknown"]
+Phase = Literal["Active", "Revoked"]
 
 
 class Condition(_Model):
-    """``metav1.Condition``."""
+    """``metav1.Condition``: every field but observedGeneration is required (message may be "")."""
 
     type: str
     status: ConditionStatus
     reason: str
-    message: str = ""
+    message: str
     last_transition_time: str = Field(alias="lastTransitionTime")
     observed_generation: int | None = Field(default=None, alias="observedGeneration")
 
@@ -128,6 +200,8 @@ class Condition(_Model):
 
 
 class BotStatus(_Model):
+    """``PhabricatorBot.status``."""
+
     model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
     phid: str | None = None
     observed_generation: int | None = Field(default=None, alias="observedGeneration")
@@ -136,6 +210,8 @@ class BotStatus(_Model):
 
 
 class BindingStatus(_Model):
+    """``PhabricatorBinding.status``."""
+
     model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
     observed_generation: int | None = Field(default=None, alias="observedGeneration")
     conditions: tuple[Condition, ...] = ()
@@ -146,8 +222,10 @@ class BindingStatus(_Model):
 
 
 class CredentialStatus(_Model):
+    """``PhabricatorCredential.status``."""
+
     model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
-    phase: Literal["Active", "Revoked"] | None = None
+    phase: Phase | None = None
     issued_at: str | None = Field(default=None, alias="issuedAt")
     renewed_at: str | None = Field(default=None, alias="renewedAt")
     expires_at: str | None = Field(default=None, alias="expiresAt")
