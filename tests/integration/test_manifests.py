@@ -1,151 +1,632 @@
-"""manifests/ on the real API server: it applies, and RBAC is exactly least privilege.
+"""manifests/ on a real API server: it renders, applies, and its RBAC is least privilege.
 
-Linkerd's policy CRDs are not installed here, so those objects are checked offline; the
-kopf peering object is applied after its CRD is established.
+How each kind of object is checked:
+
+- ServiceAccounts, RBAC, the ConfigMap, Services, PodDisruptionBudgets and kopf's peering
+  CRD and object are really created, so that RBAC can be tested by impersonation.
+- Deployments are applied with ``--dry-run=server``: fully validated and admitted, but no
+  pods are created (this control plane has no scheduler or kubelet, and pending pods in
+  phabmesh-system would only be noise for the other tests).
+- Linkerd's policy objects: Linkerd's CRDs are not installed here, so the test installs
+  stand-ins with the same group, versions, kinds and the fields these manifests use
+  (required ones and enums as Linkerd's CRDs declare them). Applying with strict field
+  validation then catches misspelt or missing fields; the references between the objects
+  (policy → Server, policy → authentication, Server → a named container port of the pods
+  it selects) are checked offline.
+- The samples need phabmesh's own CRDs (``crds/``, through the ``crds`` fixture): the
+  bot, the binding and the workload are validated with ``--dry-run=server``.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from tests.kube import Cluster
 
-MANIFESTS = Path(__file__).resolve().parents[2] / "manifests"
-SA = "system:serviceaccount:phabmesh-system:phabmesh-{}"
+REPO = Path(__file__).resolve().parents[2]
+MANIFESTS = REPO / "manifests"
+SAMPLES = MANIFESTS / "samples"
+SYSTEM = "phabmesh-system"
+IMAGE = "ghcr.io/phabmesh/phabmesh:0.1.0"
+LINKERD_GROUP = "policy.linkerd.io"
+Doc = dict[str, Any]
+# (namespace or None for cluster-wide, API group, resource[/subresource], verbs, name or None)
+Calls = list[tuple[str | None, str, str, str, str | None]]
 
-OPERATOR_CALLS = [
-    ("list", "pods", None),
-    ("watch", "pods", None),
-    ("get", "namespaces", None),
-    ("watch", "namespaces", None),
-    ("list", "phabricatorbots.phabmesh.io", None),
-    ("watch", "phabricatorbindings.phabmesh.io", None),
-    ("patch", "phabricatorbots.phabmesh.io/status", None),
-    ("patch", "phabricatorbindings.phabmesh.io/status", None),
-    ("create", "phabricatorcredentials.phabmesh.io", "team-a"),
-    ("patch", "phabricatorcredentials.phabmesh.io/status", "team-a"),
-    ("delete", "phabricatorcredentials.phabmesh.io", "team-a"),
-    ("create", "events", "team-a"),
-    ("create", "tokenreviews.authentication.k8s.io", None),
-    ("list", "customresourcedefinitions.apiextensions.k8s.io", None),
-    ("patch", "clusterkopfpeerings.kopf.dev", None),
-    ("watch", "secrets", "phabmesh-system"),
-    ("create", "secrets", "phabmesh-system"),
-    ("update", "secrets/phabmesh-signing-keys", "phabmesh-system"),
+# Every API call each process makes. The tests check both directions: each call is
+# allowed, and the rendered RBAC grants exactly these and nothing more.
+ALL = None
+OPERATOR_CALLS: Calls = [
+    (ALL, "", "pods", "get list watch", None),
+    (ALL, "", "namespaces", "get list watch", None),
+    (
+        ALL,
+        "phabmesh.io",
+        "phabricatorcredentials",
+        "get list watch create patch update delete",
+        None,
+    ),
+    (ALL, "phabmesh.io", "phabricatorcredentials/status", "patch update", None),
+    (ALL, "phabmesh.io", "phabricatorbots", "get list watch", None),
+    (ALL, "phabmesh.io", "phabricatorbindings", "get list watch", None),
+    (ALL, "phabmesh.io", "phabricatorbots/status", "patch update", None),
+    (ALL, "phabmesh.io", "phabricatorbindings/status", "patch update", None),
+    (ALL, "", "events", "create patch", None),
+    (ALL, "events.k8s.io", "events", "create patch", None),
+    (ALL, "authentication.k8s.io", "tokenreviews", "create", None),
+    (ALL, "apiextensions.k8s.io", "customresourcedefinitions", "list watch", None),
+    (ALL, "kopf.dev", "clusterkopfpeerings", "get list watch patch", None),
+    (ALL, "kopf.dev", "kopfpeerings", "get list watch patch", None),
+    (SYSTEM, "", "secrets", "get list watch create", None),
+    (SYSTEM, "", "secrets", "update patch", "phabmesh-signing-keys"),
 ]
-OPERATOR_DENIED = [
-    ("get", "secrets", "kube-system"),
-    ("list", "secrets", "team-a"),
-    ("update", "secrets/ci-bot-token", "phabmesh-system"),
-    ("patch", "pods", "team-a"),
-    ("delete", "pods", "team-a"),
-    ("update", "phabricatorbindings.phabmesh.io", "team-a"),
-    ("create", "serviceaccounts/token", "team-a"),
+GATEWAY_CALLS: Calls = [
+    (ALL, "phabmesh.io", "phabricatorcredentials", "get list watch", None),
+    (ALL, "phabmesh.io", "phabricatorbindings", "get list watch", None),
+    (ALL, "phabmesh.io", "phabricatorbots", "get list watch", None),
+    (SYSTEM, "", "secrets", "get list watch", None),
 ]
-GATEWAY_CALLS = [
-    ("watch", "phabricatorcredentials.phabmesh.io", None),
-    ("list", "phabricatorbindings.phabmesh.io", None),
-    ("watch", "phabricatorbots.phabmesh.io", None),
-    ("watch", "secrets", "phabmesh-system"),
+# Calls that must be refused, in the same form.
+OPERATOR_DENIED: Calls = [
+    ("kube-system", "", "secrets", "get list", None),
+    ("ci", "", "secrets", "get list watch", None),
+    (ALL, "", "secrets", "get list", None),
+    (SYSTEM, "", "secrets", "update patch", "ci-bot-token"),
+    (SYSTEM, "", "secrets", "delete", "phabmesh-signing-keys"),
+    ("ci", "", "pods", "create patch update delete", None),
+    ("ci", "", "pods/eviction", "create", None),
+    ("ci", "", "serviceaccounts/token", "create", None),
+    ("ci", "phabmesh.io", "phabricatorbindings", "update patch create delete", None),
+    (ALL, "phabmesh.io", "phabricatorbots", "create patch delete", None),
+    (SYSTEM, "coordination.k8s.io", "leases", "get create update", None),
+    (ALL, "apiextensions.k8s.io", "customresourcedefinitions", "get create patch", None),
+    (ALL, "kopf.dev", "clusterkopfpeerings", "create delete", None),
+    (SYSTEM, "", "configmaps", "get", None),
+    (ALL, "rbac.authorization.k8s.io", "clusterroles", "escalate bind", None),
 ]
-GATEWAY_DENIED = [
-    ("get", "secrets", "team-a"),
-    ("create", "phabricatorcredentials.phabmesh.io", "team-a"),
-    ("patch", "phabricatorcredentials.phabmesh.io/status", "team-a"),
-    ("list", "pods", None),
-    ("create", "tokenreviews.authentication.k8s.io", None),
-    ("create", "secrets", "phabmesh-system"),
+GATEWAY_DENIED: Calls = [
+    ("kube-system", "", "secrets", "get", None),
+    ("ci", "", "secrets", "get list", None),
+    (ALL, "", "secrets", "list", None),
+    (SYSTEM, "", "secrets", "create", None),
+    (SYSTEM, "", "secrets", "update patch", "phabmesh-signing-keys"),
+    ("ci", "", "pods", "get create delete", None),
+    ("ci", "phabmesh.io", "phabricatorcredentials", "create update delete", None),
+    ("ci", "phabmesh.io", "phabricatorcredentials/status", "patch", None),
+    ("ci", "phabmesh.io", "phabricatorbindings", "patch", None),
+    (ALL, "authentication.k8s.io", "tokenreviews", "create", None),
+    ("ci", "", "events", "create", None),
+    (ALL, "kopf.dev", "clusterkopfpeerings", "get patch", None),
 ]
 
 
-def _rendered(cluster: Cluster) -> list[dict[str, object]]:
-    out = cluster.kubectl("kustomize", str(MANIFESTS)).stdout
+def _sa(who: str) -> str:
+    return f"system:serviceaccount:{SYSTEM}:phabmesh-{who}"
+
+
+def _expand(calls: Calls) -> set[tuple[Any, ...]]:
+    return {
+        (ns, group, resource, verb, name)
+        for ns, group, resource, verbs, name in calls
+        for verb in verbs.split()
+    }
+
+
+def _render(path: Path, cluster: Cluster) -> list[Doc]:
+    out = cluster.kubectl("kustomize", str(path)).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
 
+def _apply(cluster: Cluster, docs: list[Doc], *extra: str) -> None:
+    cluster.kubectl("apply", "--server-side", *extra, "-f", "-", input=yaml.safe_dump_all(docs))
+
+
+def _by_kind(docs: list[Doc], kind: str) -> dict[str, Doc]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+# --- stand-ins for Linkerd's policy CRDs --------------------------------------------
+
+
+def _ref(required: list[str]) -> Doc:
+    return {
+        "type": "object",
+        "required": required,
+        "properties": {k: {"type": "string"} for k in ("group", "kind", "name", "namespace")},
+    }
+
+
+def _selector() -> Doc:
+    requirement = {
+        "type": "object",
+        "required": ["key", "operator"],
+        "properties": {
+            "key": {"type": "string"},
+            "operator": {"type": "string", "enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+            "values": {"type": "array", "items": {"type": "string"}},
+        },
+    }
+    return {
+        "type": "object",
+        "properties": {
+            "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "matchExpressions": {"type": "array", "items": requirement},
+        },
+    }
+
+
+LINKERD_SPECS: dict[tuple[str, str, str], Doc] = {
+    ("Server", "servers", "v1beta3"): {
+        "type": "object",
+        "required": ["port", "podSelector"],
+        "properties": {
+            "podSelector": _selector(),
+            "port": {"x-kubernetes-int-or-string": True},
+            "proxyProtocol": {
+                "type": "string",
+                "enum": ["unknown", "HTTP/1", "HTTP/2", "gRPC", "opaque", "TLS"],
+            },
+            "accessPolicy": {
+                "type": "string",
+                "enum": [
+                    "all-unauthenticated",
+                    "all-authenticated",
+                    "cluster-authenticated",
+                    "cluster-unauthenticated",
+                    "deny",
+                    "audit",
+                ],
+            },
+        },
+    },
+    ("AuthorizationPolicy", "authorizationpolicies", "v1alpha1"): {
+        "type": "object",
+        "required": ["targetRef", "requiredAuthenticationRefs"],
+        "properties": {
+            "targetRef": _ref(["kind", "name"]),
+            "requiredAuthenticationRefs": {"type": "array", "items": _ref(["kind", "name"])},
+        },
+    },
+    ("MeshTLSAuthentication", "meshtlsauthentications", "v1alpha1"): {
+        "type": "object",
+        "properties": {
+            "identities": {"type": "array", "items": {"type": "string"}},
+            "identityRefs": {"type": "array", "items": _ref(["kind"])},
+        },
+    },
+    ("NetworkAuthentication", "networkauthentications", "v1alpha1"): {
+        "type": "object",
+        "required": ["networks"],
+        "properties": {
+            "networks": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["cidr"],
+                    "properties": {
+                        "cidr": {"type": "string"},
+                        "except": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+            }
+        },
+    },
+}
+
+
+def _linkerd_standin_crds() -> list[Doc]:
+    return [
+        {
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": f"{plural}.{LINKERD_GROUP}"},
+            "spec": {
+                "group": LINKERD_GROUP,
+                "scope": "Namespaced",
+                "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+                "versions": [
+                    {
+                        "name": version,
+                        "served": True,
+                        "storage": True,
+                        "schema": {
+                            "openAPIV3Schema": {
+                                "type": "object",
+                                "required": ["spec"],
+                                "properties": {"spec": spec},
+                            }
+                        },
+                    }
+                ],
+            },
+        }
+        for (kind, plural, version), spec in LINKERD_SPECS.items()
+    ]
+
+
+# --- fixtures -----------------------------------------------------------------------
+
+
 @pytest.fixture(scope="module")
-def installed(cluster: Cluster, crds: object) -> list[dict[str, object]]:
-    docs = _rendered(cluster)
-    local = [d for d in docs if not str(d["apiVersion"]).startswith("policy.linkerd.io")]
-    crd_docs = [d for d in local if d["kind"] == "CustomResourceDefinition"]
-    rest = [d for d in local if d["kind"] != "CustomResourceDefinition"]
-    cluster.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(crd_docs))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev")
-    cluster.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(rest))
-    return docs
+def rendered(cluster: Cluster) -> list[Doc]:
+    return _render(MANIFESTS, cluster)
 
 
-def _can(cluster: Cluster, who: str, verb: str, resource: str, namespace: str | None) -> bool:
-    resource, _, sub = resource.partition("/")
-    extra = []
-    if sub == "status":  # a subresource, not an object's name
-        sub, extra = "", ["--subresource=status"]
-    target = f"{resource}/{sub}" if sub else resource
-    args = ["auth", "can-i", verb, target, f"--as={SA.format(who)}", *extra]
-    args += ["-n", namespace] if namespace else ["--all-namespaces"]
-    return cluster.kubectl(*args, check=False).stdout.strip() == "yes"
-
-
-@pytest.mark.parametrize(("verb", "resource", "namespace"), OPERATOR_CALLS)
-def test_operator_may_make_every_call_it_makes(
-    cluster: Cluster, installed: object, verb: str, resource: str, namespace: str | None
-) -> None:
-    assert _can(cluster, "operator", verb, resource, namespace)
-
-
-@pytest.mark.parametrize(("verb", "resource", "namespace"), OPERATOR_DENIED)
-def test_operator_may_do_nothing_more(
-    cluster: Cluster, installed: object, verb: str, resource: str, namespace: str | None
-) -> None:
-    assert not _can(cluster, "operator", verb, resource, namespace)
-
-
-@pytest.mark.parametrize(("verb", "resource", "namespace"), GATEWAY_CALLS)
-def test_gateway_may_make_every_call_it_makes(
-    cluster: Cluster, installed: object, verb: str, resource: str, namespace: str | None
-) -> None:
-    assert _can(cluster, "gateway", verb, resource, namespace)
-
-
-@pytest.mark.parametrize(("verb", "resource", "namespace"), GATEWAY_DENIED)
-def test_gateway_may_do_nothing_more(
-    cluster: Cluster, installed: object, verb: str, resource: str, namespace: str | None
-) -> None:
-    assert not _can(cluster, "gateway", verb, resource, namespace)
-
-
-def test_workloads_are_hardened_and_meshed(installed: list[dict[str, object]]) -> None:
-    deployments = [d for d in installed if d["kind"] == "Deployment"]
-    assert {d["metadata"]["name"] for d in deployments} == {"phabmesh-operator", "phabmesh-gateway"}  # type: ignore[index]
-    for d in deployments:
-        pod = d["spec"]["template"]  # type: ignore[index]
-        assert pod["metadata"]["annotations"]["linkerd.io/inject"] == "enabled"
-        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
-        assert pod["spec"]["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-        for c in pod["spec"]["containers"]:
-            assert c["securityContext"]["readOnlyRootFilesystem"] is True
-            assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
-            assert c["resources"]["limits"]["memory"]
-            assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert {d["kind"] for d in installed} >= {"PodDisruptionBudget", "Service", "ConfigMap"}
-
-
-def test_only_meshed_clients_reach_the_endpoints(installed: list[dict[str, object]]) -> None:
-    policy = {
-        (d["kind"], d["metadata"]["name"]): d
-        for d in installed  # type: ignore[index]
-        if str(d["apiVersion"]).startswith("policy.linkerd.io")
-    }
-    assert policy[("MeshTLSAuthentication", "phabmesh-meshed-clients")]["spec"] == {
-        "identities": ["*"]
-    }
-    for server in ("phabmesh-gateway", "phabmesh-issuer"):
-        assert ("Server", server) in policy
-        assert any(
-            p["spec"]["targetRef"]["name"] == server  # type: ignore[index]
-            for (kind, _), p in policy.items()
-            if kind == "AuthorizationPolicy"
+@pytest.fixture(scope="module")
+def installed(cluster: Cluster, rendered: list[Doc]) -> Iterator[list[Doc]]:
+    standins = _linkerd_standin_crds()
+    _apply(cluster, standins)
+    crd_docs = [d for d in rendered if d["kind"] == "CustomResourceDefinition"]
+    _apply(cluster, crd_docs)
+    for crd in standins + crd_docs:
+        cluster.kubectl(
+            "wait", "--for=condition=Established", "--timeout=60s", f"crd/{crd['metadata']['name']}"
         )
+    rest = [d for d in rendered if d["kind"] != "CustomResourceDefinition"]
+    _apply(cluster, [d for d in rest if d["kind"] != "Deployment"])
+    _apply(cluster, [d for d in rest if d["kind"] == "Deployment"], "--dry-run=server")
+    yield rendered
+    names = [f"crd/{d['metadata']['name']}" for d in standins]
+    cluster.kubectl("delete", "--ignore-not-found", "--wait=false", *names)
+
+
+def _can(cluster: Cluster, who: str, call: tuple[Any, ...]) -> bool:
+    """Ask the API server, as ServiceAccount phabmesh-<who>, whether it may make ``call``.
+
+    A SelfSubjectAccessReview created with kubectl's impersonation (what
+    ``kubectl auth can-i --as`` sends), spelt out so that group, subresource and name are
+    exact even for resources the API server does not serve (``kopfpeerings``).
+    """
+    namespace, group, resource, verb, name = call
+    resource, _, subresource = resource.partition("/")
+    attributes = {"group": group, "resource": resource, "subresource": subresource, "verb": verb}
+    attributes |= {"namespace": namespace or "", "name": name or ""}
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SelfSubjectAccessReview",
+        "spec": {"resourceAttributes": attributes},
+    }
+    out = cluster.kubectl(
+        "create",
+        f"--as={_sa(who)}",
+        "--validate=false",
+        "-o",
+        "json",
+        "-f",
+        "-",
+        input=json.dumps(review),
+    ).stdout
+    return bool(json.loads(out)["status"]["allowed"])
+
+
+def _calls(table: Calls) -> list[Any]:
+    return [
+        pytest.param(call, id="-".join(p or "all" for p in (call[3], call[2], call[4], call[0])))
+        for call in sorted(_expand(table), key=str)
+    ]
+
+
+# --- rendering and applying ---------------------------------------------------------
+
+
+def test_manifests_render_with_the_release_image(rendered: list[Doc]) -> None:
+    kinds = {d["kind"] for d in rendered}
+    assert kinds >= {"Namespace", "ServiceAccount", "ClusterRole", "Role", "Deployment"}
+    cluster_scoped = {
+        "Namespace",
+        "CustomResourceDefinition",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ClusterKopfPeering",
+    }
+    for d in rendered:
+        if d["kind"] not in cluster_scoped:
+            assert d["metadata"]["namespace"] == SYSTEM, d["metadata"]
+    images = {
+        c["image"]
+        for d in _by_kind(rendered, "Deployment").values()
+        for c in d["spec"]["template"]["spec"]["containers"]
+    }
+    assert images == {IMAGE}
+
+
+def test_everything_applies_to_a_real_api_server(cluster: Cluster, installed: list[Doc]) -> None:
+    for kind, name in [
+        ("serviceaccount", "phabmesh-operator"),
+        ("serviceaccount", "phabmesh-gateway"),
+        ("configmap", "phabmesh-config"),
+        ("service", "phabmesh-issuer"),
+        ("service", "phabmesh-gateway"),
+        ("poddisruptionbudget", "phabmesh-operator"),
+        ("server.policy.linkerd.io", "phabmesh-metrics"),
+    ]:
+        cluster.kubectl("get", "-n", SYSTEM, kind, name)
+    cluster.kubectl("get", "clusterkopfpeering", "phabmesh")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="kopf's peering CRD ships beside its object in manifests/peering.yaml; it belongs "
+    "with the CRDs applied before `kubectl apply -k manifests/`",
+)
+def test_one_apply_installs_on_a_cluster_with_the_crds(rendered: list[Doc]) -> None:
+    # kubectl maps every object before creating any: an object whose CRD is created by the
+    # same apply is refused ("ensure CRDs are installed first").
+    defined_here = {
+        (d["spec"]["group"], d["spec"]["names"]["kind"])
+        for d in rendered
+        if d["kind"] == "CustomResourceDefinition"
+    }
+    needs_them = [
+        d["kind"] for d in rendered if (d["apiVersion"].split("/")[0], d["kind"]) in defined_here
+    ]
+    assert needs_them == []
+
+
+# --- RBAC, by impersonation -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("call", _calls(OPERATOR_CALLS))
+def test_operator_may_make_every_call_it_makes(
+    cluster: Cluster, installed: object, call: tuple[Any, ...]
+) -> None:
+    assert _can(cluster, "operator", call)
+
+
+@pytest.mark.parametrize("call", _calls(GATEWAY_CALLS))
+def test_gateway_may_make_every_call_it_makes(
+    cluster: Cluster, installed: object, call: tuple[Any, ...]
+) -> None:
+    assert _can(cluster, "gateway", call)
+
+
+@pytest.mark.parametrize("call", _calls(OPERATOR_DENIED))
+def test_operator_is_refused_anything_else(
+    cluster: Cluster, installed: object, call: tuple[Any, ...]
+) -> None:
+    assert not _can(cluster, "operator", call)
+
+
+@pytest.mark.parametrize("call", _calls(GATEWAY_DENIED))
+def test_gateway_is_refused_anything_else(
+    cluster: Cluster, installed: object, call: tuple[Any, ...]
+) -> None:
+    assert not _can(cluster, "gateway", call)
+
+
+def _granted(docs: list[Doc], who: str) -> set[tuple[Any, ...]]:
+    """What the rendered (Cluster)RoleBindings grant ServiceAccount phabmesh-<who>."""
+    roles = {(d["kind"], d["metadata"]["name"]): d for d in docs if d["kind"].endswith("Role")}
+    grants: set[tuple[Any, ...]] = set()
+    for binding in (d for d in docs if d["kind"].endswith("RoleBinding")):
+        subjects = binding["subjects"]
+        if {
+            "kind": "ServiceAccount",
+            "name": f"phabmesh-{who}",
+            "namespace": SYSTEM,
+        } not in subjects:
+            continue
+        role = roles[(binding["roleRef"]["kind"], binding["roleRef"]["name"])]
+        ns = binding["metadata"].get("namespace") if binding["kind"] == "RoleBinding" else ALL
+        for rule in role["rules"]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    for verb in rule["verbs"]:
+                        for name in rule.get("resourceNames") or [None]:
+                            grants.add((ns, group, resource, verb, name))
+    return grants
+
+
+def test_rbac_grants_exactly_the_calls_made(rendered: list[Doc]) -> None:
+    assert _granted(rendered, "operator") == _expand(OPERATOR_CALLS)
+    assert _granted(rendered, "gateway") == _expand(GATEWAY_CALLS)
+    # No wildcards anywhere, and only phabmesh's two ServiceAccounts are bound.
+    for role in (d for d in rendered if d["kind"].endswith("Role")):
+        assert "*" not in json.dumps(role["rules"]), role["metadata"]["name"]
+    subjects = [s for d in rendered if d["kind"].endswith("RoleBinding") for s in d["subjects"]]
+    assert {s["name"] for s in subjects} == {"phabmesh-operator", "phabmesh-gateway"}
+
+
+# --- workloads ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "ports", "requests", "memory_limit"),
+    [
+        (
+            "phabmesh-operator",
+            ["controller", "--peering"],
+            {"issuer": 8443, "metrics": 9090},
+            {"cpu": "100m", "memory": "256Mi"},
+            "512Mi",
+        ),
+        (
+            "phabmesh-gateway",
+            ["gateway"],
+            {"conduit": 8080, "metrics": 9090},
+            {"cpu": "100m", "memory": "128Mi"},
+            "256Mi",
+        ),
+    ],
+)
+def test_workloads_are_hardened_and_meshed(
+    rendered: list[Doc],
+    name: str,
+    args: list[str],
+    ports: dict[str, int],
+    requests: dict[str, str],
+    memory_limit: str,
+) -> None:
+    deployment = _by_kind(rendered, "Deployment")[name]
+    assert deployment["spec"]["replicas"] == 2
+    pod = deployment["spec"]["template"]
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["linkerd.io/inject"] == "enabled"
+    assert annotations["config.linkerd.io/default-inbound-policy"] == "deny"
+    spec = pod["spec"]
+    assert spec["serviceAccountName"] == name
+    assert spec["automountServiceAccountToken"] is True
+    assert spec["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    anti = spec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    (container,) = spec["containers"]
+    assert container["args"] == args
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == ports
+    assert container["envFrom"] == [{"configMapRef": {"name": "phabmesh-config"}}]
+    downward = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
+    assert downward == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["resources"] == {"requests": requests, "limits": {"memory": memory_limit}}
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def test_settings_are_the_documented_ones(rendered: list[Doc]) -> None:
+    config = _by_kind(rendered, "ConfigMap")["phabmesh-config"]["data"]
+    assert config == {
+        "PHABMESH_NAMESPACE": SYSTEM,
+        "PHABMESH_PHABRICATOR_URL": "https://phabricator.example.com",
+        "PHABMESH_LINKERD_NAMESPACE": "linkerd",
+        "PHABMESH_TRUST_DOMAIN": "cluster.local",
+        "PHABMESH_ISSUER": "http://phabmesh-issuer.phabmesh-system.svc:8443",
+        "PHABMESH_LOG_JSON": "true",
+    }
+
+
+def _pods_selected(rendered: list[Doc], selector: Doc) -> list[Doc]:
+    """Pod templates of the rendered Deployments that a label selector selects."""
+    selected = []
+    for d in _by_kind(rendered, "Deployment").values():
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        ok = all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+        for expr in selector.get("matchExpressions", []):
+            assert expr["operator"] == "In", expr  # the only operator these manifests use
+            ok = ok and labels.get(expr["key"]) in expr["values"]
+        if ok:
+            selected.append(d["spec"]["template"])
+    return selected
+
+
+def _port_names(pod: Doc) -> set[str]:
+    return {p["name"] for c in pod["spec"]["containers"] for p in c["ports"]}
+
+
+def test_services_and_budgets_select_the_pods(rendered: list[Doc]) -> None:
+    services = _by_kind(rendered, "Service")
+    assert {p["port"]: p["targetPort"] for p in services["phabmesh-issuer"]["spec"]["ports"]} == {
+        8443: "issuer",
+        9090: "metrics",
+    }
+    assert {p["port"]: p["targetPort"] for p in services["phabmesh-gateway"]["spec"]["ports"]} == {
+        8080: "conduit",
+        9090: "metrics",
+    }
+    for service in services.values():
+        (pod,) = _pods_selected(rendered, {"matchLabels": service["spec"]["selector"]})
+        assert {p["targetPort"] for p in service["spec"]["ports"]} <= _port_names(pod)
+    budgets = _by_kind(rendered, "PodDisruptionBudget")
+    assert set(budgets) == {"phabmesh-operator", "phabmesh-gateway"}
+    for budget in budgets.values():
+        assert budget["spec"]["minAvailable"] == 1
+        assert len(_pods_selected(rendered, budget["spec"]["selector"])) == 1
+
+
+# --- Linkerd policy -----------------------------------------------------------------------
+
+
+def test_only_meshed_clients_reach_the_gateway_and_the_issuer(rendered: list[Doc]) -> None:
+    policy = [d for d in rendered if d["apiVersion"].startswith(LINKERD_GROUP + "/")]
+    objects = {(d["kind"], d["metadata"]["name"]): d for d in policy}
+    servers = _by_kind(policy, "Server")
+    # Each Server names a port that every pod it selects declares.
+    for server in servers.values():
+        pods = _pods_selected(rendered, server["spec"]["podSelector"])
+        assert pods, server["metadata"]["name"]
+        for pod in pods:
+            assert server["spec"]["port"] in _port_names(pod), server["metadata"]["name"]
+    # Each authorization targets an existing Server with existing authentications.
+    allowed: dict[str, set[str]] = {}
+    for ap in _by_kind(policy, "AuthorizationPolicy").values():
+        target = ap["spec"]["targetRef"]
+        assert (target["group"], target["kind"]) == (LINKERD_GROUP, "Server")
+        assert ("Server", target["name"]) in objects
+        for ref in ap["spec"]["requiredAuthenticationRefs"]:
+            assert ref["group"] == LINKERD_GROUP
+            assert (ref["kind"], ref["name"]) in objects
+            allowed.setdefault(target["name"], set()).add(ref["kind"])
+    meshed = _by_kind(policy, "MeshTLSAuthentication")["phabmesh-meshed-clients"]
+    assert meshed["spec"] == {"identities": ["*"]}
+    assert allowed == {
+        "phabmesh-gateway": {"MeshTLSAuthentication"},
+        "phabmesh-issuer": {"MeshTLSAuthentication"},
+        "phabmesh-metrics": {"NetworkAuthentication"},
+    }
+    assert {servers[s]["spec"]["port"] for s in allowed} == {"conduit", "issuer", "metrics"}
+    anyone = _by_kind(policy, "NetworkAuthentication")["phabmesh-any-network"]
+    assert {n["cidr"] for n in anyone["spec"]["networks"]} == {"0.0.0.0/0", "::/0"}
+
+
+# --- samples ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def samples(cluster: Cluster, crds: object, installed: object) -> Iterator[list[Doc]]:
+    """The samples, validated by the API server; only their namespace is really created."""
+    docs = _render(SAMPLES, cluster)
+    namespaces = [d for d in docs if d["kind"] == "Namespace"]
+    _apply(cluster, namespaces)
+    _apply(cluster, [d for d in docs if d["kind"] != "Namespace"], "--dry-run=server")
+    yield docs
+    for ns in namespaces:
+        cluster.kubectl("delete", "namespace", ns["metadata"]["name"], "--wait=false")
+
+
+def test_samples_are_not_installed_by_default(rendered: list[Doc]) -> None:
+    assert not [d for d in rendered if d["apiVersion"].startswith("phabmesh.io/")]
+    assert "samples" not in (MANIFESTS / "kustomization.yaml").read_text().split("#")[0]
+
+
+def test_samples_bind_the_ci_runner_to_ci_bot(samples: list[Doc]) -> None:
+    bot = _by_kind(samples, "PhabricatorBot")["ci-bot"]["spec"]
+    assert bot == {
+        "username": "ci-bot",
+        "tokenSecretRef": {"name": "ci-bot-token", "key": "token"},
+        "namespaceSelector": {"matchLabels": {"phabmesh.io/allow-ci-bot": "true"}},
+    }
+    assert _by_kind(samples, "Namespace")["ci"]["metadata"]["labels"] == {
+        "phabmesh.io/allow-ci-bot": "true"
+    }
+    binding = _by_kind(samples, "PhabricatorBinding")["ci-runners"]
+    assert binding["metadata"]["namespace"] == "ci"
+    assert binding["spec"] == {
+        "botRef": {"name": "ci-bot"},
+        "identityRefs": [{"kind": "ServiceAccount", "name": "ci-runner"}],
+        "credentialTTL": "15m",
+        "allowedMethods": ["user.whoami", "differential.*", "conduit.ping"],
+        "requireClientID": False,
+    }
+    runner = _by_kind(samples, "Deployment")["ci-runner"]["spec"]["template"]
+    assert runner["metadata"]["annotations"]["linkerd.io/inject"] == "enabled"
+    assert runner["spec"]["serviceAccountName"] == "ci-runner"
+    assert "ci-runner" in _by_kind(samples, "ServiceAccount")
+
+
+def test_the_sample_token_is_a_placeholder(samples: list[Doc]) -> None:
+    secret = _by_kind(samples, "Secret")["ci-bot-token"]
+    assert secret["metadata"]["namespace"] == SYSTEM
+    assert secret["stringData"]["token"].startswith("api-REPLACEME")
