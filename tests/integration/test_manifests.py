@@ -124,6 +124,8 @@ def _render(path: Path, cluster: Cluster) -> list[Doc]:
 
 
 def _apply(cluster: Cluster, docs: list[Doc], *extra: str) -> None:
+    if not docs:
+        return
     cluster.kubectl("apply", "--server-side", *extra, "-f", "-", input=yaml.safe_dump_all(docs))
 
 
@@ -259,7 +261,7 @@ def rendered(cluster: Cluster) -> list[Doc]:
 
 
 @pytest.fixture(scope="module")
-def installed(cluster: Cluster, rendered: list[Doc]) -> Iterator[list[Doc]]:
+def installed(cluster: Cluster, crds: object, rendered: list[Doc]) -> Iterator[list[Doc]]:
     standins = _linkerd_standin_crds()
     _apply(cluster, standins)
     crd_docs = [d for d in rendered if d["kind"] == "CustomResourceDefinition"]
@@ -350,11 +352,6 @@ def test_everything_applies_to_a_real_api_server(cluster: Cluster, installed: li
     cluster.kubectl("get", "clusterkopfpeering", "phabmesh")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kopf's peering CRD ships beside its object in manifests/peering.yaml; it belongs "
-    "with the CRDs applied before `kubectl apply -k manifests/`",
-)
 def test_one_apply_installs_on_a_cluster_with_the_crds(rendered: list[Doc]) -> None:
     # kubectl maps every object before creating any: an object whose CRD is created by the
     # same apply is refused ("ensure CRDs are installed first").
