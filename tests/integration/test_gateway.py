@@ -237,3 +237,17 @@ def test_metrics_and_audit(gateway: Threaded, pod: Pod) -> None:
     text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     assert 'phabmesh_gateway_requests_total{decision="allowed",method="user.whoami"}' in text
     assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
+
+
+def test_malformed_bodies_get_phorges_own_answers(gateway: Threaded) -> None:
+    bad_json = envelope(
+        call(gateway, "user.whoami", data="params=%7Bnot-json&output=json", headers=FORM)
+    )
+    assert bad_json == {
+        "result": None,
+        "error_code": "ERR-CONDUIT-CORE",
+        "error_info": "Invalid parameter information was passed to method 'user.whoami'.",
+    }
+    json_body = envelope(call(gateway, "user.whoami", json={"api.token": "x"}))
+    assert json_body["error_code"] == "ERR-CONDUIT-CORE"
+    assert json_body["error_info"].startswith("Use form-encoded data")

@@ -132,7 +132,7 @@ class Gateway:
             raise Refusal("ERR-REQUEST-TOO-LARGE", str(exc), "too_large", 413) from exc
         except wire.BadRequest as exc:
             # Phorge answers malformed bodies with ERR-CONDUIT-CORE; so do we.
-            raise Refusal("ERR-CONDUIT-CORE", str(exc), "bad_request") from exc
+            raise Refusal("ERR-CONDUIT-CORE", exc.info(method), "bad_request") from exc
         if method in NO_CREDENTIAL_METHODS:
             audit[logs.DECISION] = "public"
             return await self._forward(method, call.without_token(), None, audit)
