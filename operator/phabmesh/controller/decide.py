@@ -10,7 +10,7 @@ import dataclasses
 import datetime
 from collections.abc import Mapping
 
-from phabmesh import identity, matching
+from phabmesh import identity, matching, resources
 from phabmesh.controller.world import BindingView, BotView, World
 from phabmesh.lease import LeaseView
 
@@ -22,18 +22,19 @@ BOT_NOT_FOUND = "BotNotFound"  # spec.botRef names no PhabricatorBot
 BOT_NOT_READY = "BotNotReady"  # the bot exists but its Ready condition is not True
 NAMESPACE_NOT_ALLOWED = "NamespaceNotAllowed"  # the bot's namespaceSelector excludes us
 
-# Lease revocation reasons (PhabricatorCredential status.reason).
-POD_TERMINATING = "PodTerminating"  # the pod got a deletionTimestamp
-POD_SUCCEEDED = "PodSucceeded"  # the pod finished
-POD_FAILED = "PodFailed"  # the pod failed
-POD_DELETED = "PodDeleted"  # the pod is gone from the API server
-POD_GONE = "PodGone"  # at start-up: the lease's pod no longer exists (or has another UID)
-NOT_RUNNING = "PodNotRunning"  # the pod left the Running phase otherwise
-NOT_MESHED = "PodNotMeshed"  # the pod no longer carries a Linkerd proxy
-NO_LONGER_MATCHED = "NoLongerMatched"  # the binding's subjects or selector no longer match
-BINDING_DELETED = "BindingDeleted"  # the binding was deleted
-BINDING_NOT_READY = "BindingNotReady"  # the binding is not Ready for another reason
-BOT_LOST = "BotNotReady"  # the bot stopped being Ready (disabled, token revoked, deleted)
+# Lease revocation reasons (PhabricatorCredential status.reason) are defined, with the
+# CRD's documentation of each, in phabmesh.resources.
+POD_TERMINATING = resources.POD_TERMINATING
+POD_SUCCEEDED = resources.POD_SUCCEEDED
+POD_FAILED = resources.POD_FAILED
+POD_DELETED = resources.POD_DELETED
+POD_GONE = resources.POD_GONE
+NOT_RUNNING = resources.POD_NOT_RUNNING
+NOT_MESHED = resources.POD_NOT_MESHED
+NO_LONGER_MATCHED = resources.NO_LONGER_MATCHED
+BINDING_DELETED = resources.BINDING_DELETED
+BINDING_NOT_READY = resources.BINDING_NOT_READY
+BOT_LOST = resources.BOT_NOT_READY
 
 
 @dataclasses.dataclass(frozen=True)
