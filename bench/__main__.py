@@ -142,16 +142,7 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
     rows: list[tuple[str, str, str]] = []
     kube = KubeClient(load_connection(str(plane.kubeconfig)), qps=0, burst=1000)
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
-    settings = Settings(
-        namespace=SYSTEM,
-        phabricator_url=conduit.url,
-        issuer_host="127.0.0.1",
-        issuer_port=0,
-        gateway_host="127.0.0.1",
-        gateway_port=0,
-        metrics_port=0,
-        log_level="WARNING",
-    )
+    settings = Settings.local(conduit.url, namespace=SYSTEM, log_level="WARNING")
     operator = OperatorProcess(settings, kubeconfig=str(plane.kubeconfig))
     gateway = GatewayProcess(settings, kubeconfig=str(plane.kubeconfig))
     try:

@@ -21,15 +21,10 @@ SYSTEM = "phabmesh-system"
 
 
 def settings_for(conduit: ConduitServer) -> Settings:
-    return Settings(
+    return Settings.local(
+        conduit.url,
         namespace=SYSTEM,
-        phabricator_url=conduit.url,
         bot_recheck_interval=2.0,
-        issuer_host="127.0.0.1",
-        issuer_port=0,
-        gateway_host="127.0.0.1",
-        gateway_port=0,
-        metrics_port=0,
         conduit_timeout=2.0,
         conduit_attempts=1,
     )

@@ -121,15 +121,7 @@ async def demo(plane: devcluster.ControlPlane, say: Say) -> dict[str, Any]:
                 },
             )
             say.detail("the bot's Conduit token is in Secret phabmesh-system/ci-bot-token")
-            settings = Settings(
-                namespace=SYSTEM,
-                phabricator_url=conduit.url,
-                issuer_host="127.0.0.1",
-                issuer_port=0,
-                gateway_host="127.0.0.1",
-                gateway_port=0,
-                metrics_port=0,
-            )
+            settings = Settings.local(conduit.url, namespace=SYSTEM)
             kubeconfig = str(plane.kubeconfig)
             say.step("Starting the operator (controller + credential endpoint) and the gateway")
             async with (

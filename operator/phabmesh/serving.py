@@ -7,6 +7,8 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from phabmesh.conduit import wire
+
 ReadyCheck = Callable[[], bool]
 
 
@@ -46,3 +48,15 @@ def bound_port(runner: web.AppRunner) -> int:
         if isinstance(address, tuple):
             return int(address[1])
     raise RuntimeError("the runner listens on no TCP port")
+
+
+def decode_conduit(request: web.Request, body: bytes, max_bytes: int) -> wire.Call:
+    """A Conduit call as this request carries it (any encoding, compressed or not)."""
+    return wire.decode_request(
+        request.method,
+        request.headers.get("Content-Type", ""),
+        body,
+        request.query_string,
+        content_encoding=request.headers.get("Content-Encoding", ""),
+        max_bytes=max_bytes,
+    )

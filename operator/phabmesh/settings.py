@@ -97,6 +97,21 @@ class Settings:
         return cls(**values)
 
     @classmethod
+    def local(cls, phabricator_url: str, **overrides: Any) -> Settings:
+        """Every listener on 127.0.0.1 with an ephemeral port: tests, the quick start, benches."""
+        values: dict[str, Any] = {
+            "namespace": "phabmesh-system",
+            "phabricator_url": phabricator_url,
+            "issuer_host": "127.0.0.1",
+            "issuer_port": 0,
+            "gateway_host": "127.0.0.1",
+            "gateway_port": 0,
+            "metrics_port": 0,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
     def documented(cls) -> list[tuple[str, str, Any]]:
         """(environment variable, field, default) for every setting: for the docs."""
         return [(PREFIX + f.name.upper(), f.name, f.default) for f in dataclasses.fields(cls)]

@@ -35,7 +35,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from phabmesh import credentials, logs, matching, metrics
+from phabmesh import credentials, logs, matching, metrics, serving
 from phabmesh.conduit import wire
 from phabmesh.gateway.state import GatewayState
 from phabmesh.settings import Settings
@@ -120,14 +120,7 @@ class Gateway:
     ) -> web.StreamResponse:
         body = await self._read_body(request)
         try:
-            call = wire.decode_request(
-                request.method,
-                request.headers.get("Content-Type", ""),
-                body,
-                request.query_string,
-                content_encoding=request.headers.get("Content-Encoding", ""),
-                max_bytes=self.settings.max_request_bytes,
-            )
+            call = serving.decode_conduit(request, body, self.settings.max_request_bytes)
         except wire.RequestTooLarge as exc:
             raise Refusal("ERR-REQUEST-TOO-LARGE", str(exc), "too_large", 413) from exc
         except wire.BadRequest as exc:

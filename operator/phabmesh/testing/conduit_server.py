@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from phabmesh import serving
 from phabmesh.conduit import wire
 
 _ALNUM = string.ascii_lowercase + string.digits
@@ -433,14 +434,7 @@ class ConduitServer:
         # Phorge truncates the name to its call log's 64-byte column before anything else.
         method = method.encode()[:METHOD_NAME_BYTES].decode(errors="ignore")
         try:
-            call = wire.decode_request(
-                request.method,
-                request.headers.get("Content-Type", ""),
-                body,
-                request.query_string,
-                content_encoding=request.headers.get("Content-Encoding", ""),
-                max_bytes=8 << 20,
-            )
+            call = serving.decode_conduit(request, body, 8 << 20)
         except wire.BadRequest as exc:
             return self._reply(None, "ERR-CONDUIT-CORE", exc.info(method))
         if method not in PARAMS:
