@@ -31,3 +31,6 @@ GATEWAY_UPSTREAM_ERRORS = Counter(
 GATEWAY_REVOCATIONS_SEEN = Counter(
     "phabmesh_gateway_revocations_seen_total", "Lease revocations seen on the gateway's watch"
 )
+POD_INJECTIONS = Counter(
+    "phabmesh_pod_injections_total", "Pods seen by the injection webhook", ["outcome"]
+)

@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+import yaml
 
-from phabmesh import devcluster, resources
+from phabmesh import admission, devcluster, resources, serving
+from phabmesh.admission import inject
 from phabmesh.kube import Conflict, KubeClient, load_connection
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.settings import Settings
@@ -121,7 +123,17 @@ async def demo(plane: devcluster.ControlPlane, say: Say) -> dict[str, Any]:
                 },
             )
             say.detail("the bot's Conduit token is in Secret phabmesh-system/ci-bot-token")
-            settings = Settings.local(conduit.url, namespace=SYSTEM)
+            # The injection webhook's port is chosen now, so that its configuration
+            # (manifests/webhook.yaml, pointed at 127.0.0.1) is in place when the
+            # operator starts and fills in its caBundle.
+            webhook_port = serving.free_port("127.0.0.1")
+            settings = Settings.local(conduit.url, namespace=SYSTEM, webhook_port=webhook_port)
+            webhook_url = f"https://127.0.0.1:{webhook_port}/inject"
+            configuration = yaml.safe_load(repo_file("manifests", "webhook.yaml").read_text())
+            plane.kubectl(
+                "apply", "--server-side", "-f", "-",
+                input=json.dumps(admission.pointed_at(configuration, webhook_url)),
+            )  # fmt: skip
             kubeconfig = str(plane.kubeconfig)
             say.step("Starting the operator (controller + credential endpoint) and the gateway")
             async with (
@@ -133,6 +145,7 @@ async def demo(plane: devcluster.ControlPlane, say: Say) -> dict[str, Any]:
                 issuer_url = f"http://127.0.0.1:{operator.issuer_port}"
                 gateway_url = f"http://127.0.0.1:{gateway.port}"
                 say.detail(f"credential endpoint {issuer_url}, gateway {gateway_url}")
+                say.detail(f"pod injection webhook {webhook_url} (manifests/webhook.yaml)")
                 await _story(plane, kube, http, issuer_url, gateway_url, say, seen)
     finally:
         await http.close()
@@ -167,6 +180,16 @@ async def _story(
 
     say.step("Simulating a meshed pod ci/ci-runner-0 (Linkerd proxy as native sidecar)")
     pod = await _meshed_pod(kube)
+    audience = _injected_audience(pod)
+    seen["injected"] = audience is not None
+    if audience is None:
+        raise RuntimeError("the injection webhook did not add the projected token volume")
+    (runner,) = pod["spec"]["containers"]
+    names = ", ".join(e["name"] for e in runner.get("env") or [])
+    say.detail(
+        f"the injection webhook added volume {inject.VOLUME} (projected token, "
+        f"audience {audience}) and {names} to container runner"
+    )
     lease = await wait_for(lambda: _active_lease(kube), "the lease")
     seen["lease"] = lease["metadata"]["name"]
     say.detail(
@@ -175,7 +198,7 @@ async def _story(
     )
 
     say.step("The pod exchanges its projected service-account token for a credential")
-    sa_token = await kube.pod_token(DEMO_NAMESPACE, "ci-runner", pod)
+    sa_token = await kube.pod_token(DEMO_NAMESPACE, "ci-runner", pod, audience=audience)
     seen["secrets"].append(sa_token)
     async with http.post(
         f"{issuer_url}/v1/credentials", headers={"Authorization": f"Bearer {sa_token}"}
@@ -223,6 +246,14 @@ async def _story(
 
 async def _get_ready(kube: KubeClient, path: str) -> JSON | None:
     return _ready(await kube.get(path))
+
+
+def _injected_audience(pod: JSON) -> str | None:
+    for volume in pod["spec"].get("volumes") or []:
+        if volume["name"] == inject.VOLUME:
+            audience: str = volume["projected"]["sources"][0]["serviceAccountToken"]["audience"]
+            return audience
+    return None
 
 
 async def _meshed_pod(kube: KubeClient) -> JSON:

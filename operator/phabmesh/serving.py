@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 
 from aiohttp import web
@@ -60,3 +61,10 @@ def decode_conduit(request: web.Request, body: bytes, max_bytes: int) -> wire.Ca
         content_encoding=request.headers.get("Content-Encoding", ""),
         max_bytes=max_bytes,
     )
+
+
+def free_port(host: str) -> int:
+    """A port free on ``host`` now, for a server that must be told its port up front."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

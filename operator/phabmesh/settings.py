@@ -56,7 +56,7 @@ class Settings:
     # Audience of the projected service-account tokens pods present.
     token_audience: str = "phabmesh.io"  # noqa: S105 - an audience name, not a secret
     # iss and aud of the credentials phabmesh signs.
-    issuer: str = "https://phabmesh-issuer.phabmesh-system.svc"
+    issuer: str = "http://phabmesh-issuer.phabmesh-system.svc:8443"
     credential_audience: str = "phabmesh-gateway"
     # Signing keys: the Secret holding them, how often they rotate.
     signing_secret: str = "phabmesh-signing-keys"  # noqa: S105 - a Secret's name
@@ -76,6 +76,20 @@ class Settings:
     gateway_host: str = "0.0.0.0"  # noqa: S104 - a pod serves on all its interfaces
     gateway_port: int = 8080
     metrics_port: int = 9090
+    # Pod injection webhook (served by every operator replica over HTTPS).
+    webhook_host: str = "0.0.0.0"  # noqa: S104 - a pod serves on all its interfaces
+    webhook_port: int = 9443
+    # The Service the API server calls it through (names in the serving certificate).
+    webhook_service: str = "phabmesh-webhook"
+    # The Secret with its CA and serving certificate, and the configuration whose caBundle
+    # phabmesh keeps equal to that CA.
+    webhook_secret: str = "phabmesh-webhook-tls"  # noqa: S105 - a Secret's name
+    webhook_configuration: str = "phabmesh"
+    # What injected pods are told: where the credential endpoint and the gateway are, and
+    # how long their projected token lives (the API server's minimum is 600 s).
+    injected_credential_endpoint: str = "http://phabmesh-issuer.phabmesh-system.svc:8443"
+    injected_gateway_url: str = "http://phabmesh-gateway.phabmesh-system.svc:8080"
+    injected_token_ttl: float = 600.0
     # Peering (several operator replicas): how long a silent replica counts as alive.
     peering_lifetime: float = 60.0
     # Largest request body the gateway accepts (bytes, after decompression).
@@ -107,6 +121,8 @@ class Settings:
             "gateway_host": "127.0.0.1",
             "gateway_port": 0,
             "metrics_port": 0,
+            "webhook_host": "127.0.0.1",
+            "webhook_port": 0,
         }
         values.update(overrides)
         return cls(**values)

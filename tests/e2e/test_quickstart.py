@@ -36,6 +36,7 @@ def test_quick_start_flow(tmp_path: Path) -> None:
     finally:
         structlog.reset_defaults()
         logging.getLogger().handlers.clear()
+    assert seen["injected"] is True
     assert seen["whoami"]["result"]["userName"] == "ci-bot"
     assert seen["whoami"]["error_code"] is None
     assert seen["refused"]["error_code"] == "ERR-INVALID-AUTH"

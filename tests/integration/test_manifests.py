@@ -58,13 +58,19 @@ OPERATOR_CALLS: Calls = [
     (ALL, "phabmesh.io", "phabricatorbots/status", "patch update", None),
     (ALL, "phabmesh.io", "phabricatorbindings/status", "patch update", None),
     (ALL, "", "events", "create patch", None),
-    (ALL, "events.k8s.io", "events", "create patch", None),
     (ALL, "authentication.k8s.io", "tokenreviews", "create", None),
     (ALL, "apiextensions.k8s.io", "customresourcedefinitions", "list watch", None),
     (ALL, "kopf.dev", "clusterkopfpeerings", "get list watch patch", None),
-    (ALL, "kopf.dev", "kopfpeerings", "get list watch patch", None),
+    (
+        ALL,
+        "admissionregistration.k8s.io",
+        "mutatingwebhookconfigurations",
+        "get update",
+        "phabmesh",
+    ),
     (SYSTEM, "", "secrets", "get list watch create", None),
     (SYSTEM, "", "secrets", "update patch", "phabmesh-signing-keys"),
+    (SYSTEM, "", "secrets", "update patch", "phabmesh-webhook-tls"),
 ]
 GATEWAY_CALLS: Calls = [
     (ALL, "phabmesh.io", "phabricatorcredentials", "get list watch", None),
@@ -89,6 +95,10 @@ OPERATOR_DENIED: Calls = [
     (ALL, "kopf.dev", "clusterkopfpeerings", "create delete", None),
     (SYSTEM, "", "configmaps", "get", None),
     (ALL, "rbac.authorization.k8s.io", "clusterroles", "escalate bind", None),
+    (ALL, "admissionregistration.k8s.io", "mutatingwebhookconfigurations", "list create", None),
+    (ALL, "admissionregistration.k8s.io", "mutatingwebhookconfigurations", "update", "other"),
+    (ALL, "admissionregistration.k8s.io", "validatingwebhookconfigurations", "get update", None),
+    (ALL, "events.k8s.io", "events", "create", None),
 ]
 GATEWAY_DENIED: Calls = [
     ("kube-system", "", "secrets", "get", None),
@@ -271,8 +281,11 @@ def installed(cluster: Cluster, crds: object, rendered: list[Doc]) -> Iterator[l
             "wait", "--for=condition=Established", "--timeout=60s", f"crd/{crd['metadata']['name']}"
         )
     rest = [d for d in rendered if d["kind"] != "CustomResourceDefinition"]
-    _apply(cluster, [d for d in rest if d["kind"] != "Deployment"])
-    _apply(cluster, [d for d in rest if d["kind"] == "Deployment"], "--dry-run=server")
+    # The webhook configuration too is only dry-run: the Service behind it has no pods here,
+    # and tests/integration/test_injection.py installs it pointed at a running operator.
+    dry = ("Deployment", "MutatingWebhookConfiguration")
+    _apply(cluster, [d for d in rest if d["kind"] not in dry])
+    _apply(cluster, [d for d in rest if d["kind"] in dry], "--dry-run=server")
     yield rendered
     names = [f"crd/{d['metadata']['name']}" for d in standins]
     cluster.kubectl("delete", "--ignore-not-found", "--wait=false", *names)
@@ -326,6 +339,7 @@ def test_manifests_render_with_the_release_image(rendered: list[Doc]) -> None:
         "ClusterRole",
         "ClusterRoleBinding",
         "ClusterKopfPeering",
+        "MutatingWebhookConfiguration",
     }
     for d in rendered:
         if d["kind"] not in cluster_scoped:
@@ -439,7 +453,7 @@ def test_rbac_grants_exactly_the_calls_made(rendered: list[Doc]) -> None:
         (
             "phabmesh-operator",
             ["controller", "--peering"],
-            {"issuer": 8443, "metrics": 9090},
+            {"issuer": 8443, "metrics": 9090, "webhook": 9443},
             {"cpu": "100m", "memory": "256Mi"},
             "512Mi",
         ),
@@ -627,3 +641,49 @@ def test_the_sample_token_is_a_placeholder(samples: list[Doc]) -> None:
     secret = _by_kind(samples, "Secret")["ci-bot-token"]
     assert secret["metadata"]["namespace"] == SYSTEM
     assert secret["stringData"]["token"].startswith("api-REPLACEME")
+
+
+def test_injection_webhook_reaches_the_operator_and_never_blocks_pods(rendered: list[Doc]) -> None:
+    from phabmesh import admission
+    from phabmesh.admission import inject
+    from phabmesh.settings import Settings
+
+    defaults = Settings()
+    config = _by_kind(rendered, "MutatingWebhookConfiguration")[defaults.webhook_configuration]
+    (webhook,) = config["webhooks"]
+    assert webhook["name"].endswith(".phabmesh.io")  # the operator keeps its caBundle
+    assert webhook["failurePolicy"] == "Ignore"
+    assert webhook["sideEffects"] == "None"
+    assert webhook["reinvocationPolicy"] == "IfNeeded"
+    assert webhook["timeoutSeconds"] <= 5
+    assert webhook["rules"] == [
+        {
+            "operations": ["CREATE"],
+            "apiGroups": [""],
+            "apiVersions": ["v1"],
+            "resources": ["pods"],
+            "scope": "Namespaced",
+        }
+    ]
+    skipped = webhook["namespaceSelector"]["matchExpressions"][0]
+    assert skipped["key"] == "kubernetes.io/metadata.name"
+    assert skipped["operator"] == "NotIn"
+    assert set(skipped["values"]) == inject.SYSTEM_NAMESPACES | {SYSTEM, "linkerd"}
+    opt_out = {"key": inject.OPT_OUT_LABEL, "operator": "NotIn", "values": [inject.OPT_OUT_VALUE]}
+    assert opt_out in webhook["namespaceSelector"]["matchExpressions"]
+    assert webhook["objectSelector"]["matchExpressions"] == [opt_out]
+    # Service → operator pods' named port, at kopf's path for the handler.
+    target = webhook["clientConfig"]["service"]
+    assert target["path"] == "/" + admission.HANDLER_ID
+    assert (target["name"], target["namespace"]) == (defaults.webhook_service, SYSTEM)
+    service = next(
+        d for d in rendered if d["kind"] == "Service" and d["metadata"]["name"] == target["name"]
+    )
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == target["port"]]
+    (pod,) = _pods_selected(rendered, {"matchLabels": service["spec"]["selector"]})
+    (container,) = pod["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports[port["targetPort"]] == defaults.webhook_port
+    # The API server is not meshed: the webhook port bypasses the proxy.
+    skip = pod["metadata"]["annotations"]["config.linkerd.io/skip-inbound-ports"]
+    assert skip == str(defaults.webhook_port)

@@ -5,6 +5,8 @@ Its own control plane, so that no other test's operator acts on it.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from kubernetes import client
 
 from phabmesh import devcluster
@@ -58,6 +61,8 @@ def spawn(cluster: Cluster, conduit: ConduitServer, log: Path) -> subprocess.Pop
         PHABMESH_ISSUER_HOST="127.0.0.1",
         PHABMESH_ISSUER_PORT="0",
         PHABMESH_METRICS_PORT="0",
+        PHABMESH_WEBHOOK_HOST="127.0.0.1",
+        PHABMESH_WEBHOOK_PORT="0",
         PHABMESH_LOG_JSON="true",
         PHABMESH_LOG_LEVEL="INFO",
         PHABMESH_PEERING_LIFETIME="10",
@@ -69,6 +74,39 @@ def spawn(cluster: Cluster, conduit: ConduitServer, log: Path) -> subprocess.Pop
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+
+
+def _webhook_port(log: str) -> int:
+    for line in log.splitlines():
+        if '"operator_started"' in line:
+            return int(json.loads(line)["webhook_port"])
+    raise AssertionError("no operator_started line")
+
+
+def _admits_with_injection(port: int, ca: Path) -> bool:
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "x", "namespace": NS, "labels": {"app": "runner"}},
+        "spec": {"serviceAccountName": "runner", "containers": [{"name": "app", "image": "a"}]},
+    }
+    review = {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "0a",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": NS,
+            "operation": "CREATE",
+            "userInfo": {"username": "tester"},
+            "object": pod,
+        },
+    }
+    url = f"https://127.0.0.1:{port}/inject"
+    answer = requests.post(url, json=review, verify=str(ca), timeout=5).json()["response"]
+    patch = json.loads(base64.b64decode(answer.get("patch") or "W10="))
+    return bool(answer["allowed"] and "phabmesh-token" in json.dumps(patch))
 
 
 def test_one_of_two_replicas_acts_and_the_other_takes_over(
@@ -98,6 +136,13 @@ def test_one_of_two_replicas_acts_and_the_other_takes_over(
         issued = [text.count('"lease_issued"') for text in logs]
         assert sorted(issued) == [0, 1], issued  # exactly one replica acted
         active = issued.index(1)
+        # Both replicas serve pod injection (peering pauses only the acting handlers), with
+        # certificates from the one CA in the Secret, and decide alike.
+        ca = tmp_path / "ca.crt"
+        secret = cluster.core.read_namespaced_secret("phabmesh-webhook-tls", SYSTEM)
+        ca.write_bytes(base64.b64decode(secret.data["ca.crt"]))
+        for text in logs:
+            wait_for(lambda text=text: _admits_with_injection(_webhook_port(text), ca))
 
         # The acting replica dies without a goodbye; the other takes over.
         victim = (first, second)[active]

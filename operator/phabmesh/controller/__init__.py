@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from typing import TYPE_CHECKING
 
 import kopf
 
 from phabmesh.settings import Settings
+
+if TYPE_CHECKING:
+    from phabmesh.admission import Injector
 
 
 async def operate(
@@ -20,14 +24,22 @@ async def operate(
     standalone: bool = True,
     peering_name: str | None = None,
     liveness_endpoint: str | None = None,
+    injector: Injector | None = None,
+    webhook_server: kopf.WebhookServer | None = None,
 ) -> None:
-    """Run the controller until ``stop_flag`` is set (or the task is cancelled)."""
+    """Run the controller until ``stop_flag`` is set (or the task is cancelled).
+
+    With ``injector`` and ``webhook_server``, kopf also serves the pod-injection
+    webhook (on every replica: peering pauses only the watching handlers).
+    """
     from phabmesh.controller import handlers
     from phabmesh.controller.state import Memo
 
     if kubeconfig:
         os.environ["KUBECONFIG"] = kubeconfig  # kopf's login reads it
     memo = Memo(settings, kubeconfig=kubeconfig)
+    memo.injector = injector
+    memo.webhook_server = webhook_server
     await kopf.operator(
         registry=handlers.registry,
         memo=memo,

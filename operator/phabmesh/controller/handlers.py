@@ -9,12 +9,12 @@ never written to.
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import structlog
 
-from phabmesh import identity, resources
+from phabmesh import admission, identity, resources
 from phabmesh.controller.state import Memo
 from phabmesh.controller.world import BindingView, BotView, Key
 from phabmesh.lease import LeaseView
@@ -56,6 +56,10 @@ async def configure(settings: kopf.OperatorSettings, memo: Memo, **_: Any) -> No
     # priority per process makes exactly one of them act.
     settings.peering.priority = secrets.randbelow(1 << 30) + 1
     settings.peering.lifetime = int(memo.settings.peering_lifetime)
+    # The injection webhook: served by kopf, configured by phabmesh's own manifest (kopf
+    # does not manage the MutatingWebhookConfiguration; phabmesh keeps its caBundle).
+    settings.admission.server = memo.get("webhook_server")
+    settings.admission.managed = None
     await memo.start()
     await memo.preload()
     swept = await memo.sweep()
@@ -149,6 +153,29 @@ async def binding_tick(namespace: str | None, name: str, memo: Memo, **_: Any) -
         await memo.write_binding_status(binding)
 
 
+# -- pod injection ----------------------------------------------------------------------------
+
+
+@kopf.on.mutate("", "v1", "pods", id=admission.HANDLER_ID, operations=["CREATE"], registry=registry)
+def inject_pod(body: kopf.Body, patch: kopf.Patch, memo: Memo, **_: Any) -> None:
+    """Add the projected token volume and the client settings to a bound pod.
+
+    Never refuses a pod: any error here is logged and the pod is admitted unchanged
+    (the webhook's failure policy is Ignore for the same reason).
+    """
+    injector: admission.Injector | None = memo.get("injector")
+    if injector is None:
+        return
+    namespace = str(body.get("metadata", {}).get("namespace") or "")
+    try:
+        injection = injector.decide(body, namespace)
+    except Exception:
+        log.exception("pod_injection_failed", namespace=namespace)
+        return
+    if injection is not None:
+        patch.fns.append(lambda raw: injection.apply(cast(dict[str, Any], raw)))
+
+
 # -- pods and leases --------------------------------------------------------------------------
 
 
@@ -179,6 +206,7 @@ __all__ = [
     "bot_event",
     "bot_tick",
     "configure",
+    "inject_pod",
     "lease_event",
     "namespace_event",
     "pod_event",

@@ -15,6 +15,8 @@ import structlog
 from aiohttp import web
 
 from phabmesh import controller, serving
+from phabmesh.admission import Injector
+from phabmesh.admission.tls import WebhookServer, WebhookTLS, service_names
 from phabmesh.issuer.app import Issuer, TokenReviewer
 from phabmesh.keystore import KeyStore
 from phabmesh.kube import KubeClient, load_connection
@@ -39,9 +41,10 @@ class OperatorProcess:
         self.runners: list[web.AppRunner] = []
         self.issuer_port = 0
         self.metrics_port = 0
+        self.webhook_port = 0
 
     def ready(self) -> bool:
-        return self.controller_ready.is_set() and self.issuer.ready
+        return self.controller_ready.is_set() and self.issuer.ready and self.injector.ready
 
     async def start(self) -> None:
         s = self.settings
@@ -66,6 +69,25 @@ class OperatorProcess:
         await self.keys.ensure()
         self.tasks.append(asyncio.create_task(self.keys.run()))
         self.tasks.append(asyncio.create_task(self.leases.run()))
+        self.injector = Injector(s, self.client)
+        self.tasks.append(asyncio.create_task(self.injector.bindings.run()))
+        self.webhook_tls = WebhookTLS(
+            self.client,
+            s.namespace,
+            s.webhook_secret,
+            s.webhook_configuration,
+            service_names(s.webhook_service, s.namespace),
+        )
+        await self.webhook_tls.refresh()
+        self.tasks.append(asyncio.create_task(self.webhook_tls.run()))
+        assert self.webhook_tls.material is not None
+        self.webhook_port = s.webhook_port or serving.free_port(s.webhook_host)
+        webhook_server = WebhookServer(
+            addr=s.webhook_host,
+            port=self.webhook_port,
+            context=self.webhook_tls.context,
+            cadata=self.webhook_tls.material.ca_cert,
+        )
         self.tasks.append(
             asyncio.create_task(
                 controller.operate(
@@ -75,6 +97,8 @@ class OperatorProcess:
                     ready_flag=self.controller_ready,
                     standalone=self.standalone,
                     peering_name=None if self.standalone else "phabmesh",
+                    injector=self.injector,
+                    webhook_server=webhook_server,
                 )
             )
         )
@@ -88,7 +112,12 @@ class OperatorProcess:
         runner = await serving.start_site(health, s.issuer_host, s.metrics_port)
         self.runners.append(runner)
         self.metrics_port = serving.bound_port(runner)
-        log.info("operator_started", issuer_port=self.issuer_port, metrics_port=self.metrics_port)
+        log.info(
+            "operator_started",
+            issuer_port=self.issuer_port,
+            metrics_port=self.metrics_port,
+            webhook_port=self.webhook_port,
+        )
 
     async def stop(self) -> None:
         self.stop_flag.set()

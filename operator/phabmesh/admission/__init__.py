@@ -1,0 +1,94 @@
+"""Pod injection: a mutating admission webhook served by every operator replica.
+
+:mod:`~phabmesh.admission.inject` decides what a pod gets, :class:`Injector` keeps the
+bindings it decides by (its own watch, so a standby replica answers as well as the
+acting one), :mod:`~phabmesh.admission.tls` keeps the serving certificate and the
+caBundle. The handler itself is a kopf ``on.mutate`` handler
+(:func:`phabmesh.controller.handlers.inject_pod`), served by kopf's webhook server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+
+from phabmesh import identity, metrics, resources
+from phabmesh.admission import inject
+from phabmesh.kube import KubeClient
+from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.informer import Informer
+from phabmesh.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+HANDLER_ID = "inject"  # kopf's handler id, hence the webhook's URL path: /inject
+
+
+def _binding_spec(obj: JSON) -> resources.BindingSpec | None:
+    try:
+        return resources.BindingSpec.model_validate(obj.get("spec") or {})
+    except ValueError:
+        return None  # an invalid binding names nobody (its status says why)
+
+
+def pointed_at(configuration: JSON, url: str) -> JSON:
+    """``configuration`` (manifests/webhook.yaml) calling ``url`` instead of the Service:
+    for a control plane that cannot reach Services (the local one), with the operator
+    running beside it."""
+    webhooks = [{**hook, "clientConfig": {"url": url}} for hook in configuration["webhooks"]]
+    return {**configuration, "webhooks": webhooks}
+
+
+class Injector:
+    """Answers "what does this new pod get?" from a watch of every binding."""
+
+    def __init__(self, settings: Settings, client: KubeClient) -> None:
+        self.settings = settings
+        self.injection = inject.injection_from(settings)
+        self.naming = identity.Naming(
+            control_plane_namespace=settings.linkerd_namespace,
+            trust_domain=settings.trust_domain,
+        )
+        self.skip = inject.SYSTEM_NAMESPACES | {settings.namespace, settings.linkerd_namespace}
+        self.bindings: Informer[resources.BindingSpec | None] = Informer(
+            client,
+            resource_path(resources.GROUP, resources.VERSION, resources.BINDING_PLURAL),
+            _binding_spec,
+            name="injector-bindings",
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self.bindings.synced.is_set()
+
+    def specs_in(self, namespace: str) -> list[resources.BindingSpec]:
+        prefix = namespace + "/"
+        return [
+            spec
+            for key, spec in self.bindings.items.items()
+            if spec is not None and key.startswith(prefix)
+        ]
+
+    def decide(self, pod: Mapping[str, Any], namespace: str) -> inject.Injection | None:
+        """The injection for a pod being created in ``namespace``, or None."""
+        reason = inject.reason_for(
+            pod,
+            namespace,
+            self.specs_in(namespace),
+            skip_namespaces=self.skip,
+            naming=self.naming,
+        )
+        metrics.POD_INJECTIONS.labels(reason).inc()
+        meta = pod.get("metadata") or {}
+        log.debug(
+            "pod_admission",
+            namespace=namespace,
+            pod=meta.get("name") or meta.get("generateName"),
+            outcome=reason,
+        )
+        return self.injection if reason == inject.INJECTED else None
+
+
+__all__ = ["HANDLER_ID", "Injector", "inject", "pointed_at"]
