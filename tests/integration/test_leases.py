@@ -135,7 +135,7 @@ def test_running_meshed_pod_gets_a_lease_and_a_credential(
         body["credential"],
         jwks,
         audience="phabmesh-gateway",
-        issuer="https://phabmesh-issuer.phabmesh-system.svc",
+        issuer=operator.process.settings.issuer,  # type: ignore[attr-defined]
     )
     assert claims.subject == identity
     assert claims.pod_uid == pod.metadata.uid
