@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import signal
+from collections.abc import Callable
 
 import structlog
 from aiohttp import web
@@ -18,9 +20,16 @@ log = structlog.get_logger(__name__)
 
 
 class GatewayProcess:
-    def __init__(self, settings: Settings, *, kubeconfig: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        kubeconfig: str | None = None,
+        clock: Callable[[], datetime.datetime] | None = None,
+    ) -> None:
         self.settings = settings
         self.kubeconfig = kubeconfig
+        self.clock = clock  # None: the system clock (another only to test clock skew)
         self.runners: list[web.AppRunner] = []
         self.port = 0
         self.metrics_port = 0
@@ -32,7 +41,7 @@ class GatewayProcess:
         )
         self.state = GatewayState(s, self.client)
         await self.state.start()
-        self.gateway = Gateway(s, self.state)
+        self.gateway = Gateway(s, self.state, clock=self.clock)
         # aiohttp's own body limit sits above ours so that ours answers in Conduit's envelope.
         app = web.Application(client_max_size=s.max_request_bytes + 1)
         self.gateway.routes(app)

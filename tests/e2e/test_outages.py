@@ -1,0 +1,288 @@
+"""Faults on the real control plane: the API server and etcd restarted, Phabricator down,
+slow and back, bots lost in Phabricator, the gateway's clock off. Each test has its own
+control plane, Conduit server, operator and gateway, so that what it breaks breaks
+nothing else. Docs: docs/reliability.md."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import urllib3
+from kubernetes import client
+
+from phabmesh import devcluster
+from phabmesh.gateway.process import GatewayProcess
+from phabmesh.issuer.process import OperatorProcess
+from phabmesh.settings import Settings
+from phabmesh.testing import ConduitServer
+from tests.kube import Cluster, wait_for
+from tests.phab import (
+    SYSTEM,
+    active_leases,
+    binding_condition,
+    bot_ready,
+    label_namespace,
+    leases,
+    make_binding,
+    make_bot,
+    make_pod,
+    pod_token,
+)
+from tests.stack import Threaded
+
+ROOT = Path(__file__).resolve().parents[2]
+NS = "faults"
+BOT = "fault-bot"
+
+
+class Stack:
+    """A private control plane with phabmesh's two processes and a Conduit server."""
+
+    def __init__(self, plane: devcluster.ControlPlane, conduit: ConduitServer) -> None:
+        self.plane = plane
+        self.cluster = Cluster(plane)
+        self.conduit = conduit
+        self.settings = Settings.local(
+            conduit.url,
+            namespace=SYSTEM,
+            bot_recheck_interval=10.0,
+            conduit_timeout=1.0,
+            conduit_attempts=2,
+        )
+        self.operator: Threaded | None = None
+        self.gateway: Threaded | None = None
+        self.bot_token = ""
+
+    def start(self, gateway_clock: Callable[[], datetime.datetime] | None = None) -> Stack:
+        kubeconfig = str(self.cluster.kubeconfig)
+        self.operator = Threaded(OperatorProcess(self.settings, kubeconfig=kubeconfig)).start()
+        wait_for(self.operator.process.ready, timeout=60, what="operator ready")  # type: ignore[attr-defined]
+        gateway = GatewayProcess(self.settings, kubeconfig=kubeconfig, clock=gateway_clock)
+        self.gateway = Threaded(gateway).start()
+        wait_for(lambda: gateway.state.ready, timeout=60, what="gateway ready")
+        self.bot_token = make_bot(self.cluster, self.conduit, BOT)
+        label_namespace(self.cluster, NS)
+        make_binding(self.cluster, NS, "runners", BOT, credentialTTL="5m")
+        wait_for(
+            lambda: (c := binding_condition(self.cluster, NS, "runners")) and c["status"] == "True",
+            what="binding Ready",
+        )
+        return self
+
+    def stop(self) -> None:
+        for proc in (self.gateway, self.operator):
+            if proc is not None:
+                proc.stop()
+
+    def pod(self, name: str) -> client.V1Pod:
+        pod = make_pod(self.cluster, NS, name, node=None)
+        wait_for(lambda: self.lease_of(name), what=f"a lease for {name}")
+        return pod
+
+    def lease_of(self, pod: str) -> dict[str, Any] | None:
+        return next(
+            (x for x in active_leases(self.cluster, NS) if x["spec"]["podName"] == pod), None
+        )
+
+    def credential(self, pod: client.V1Pod) -> str:
+        assert self.operator is not None
+        port = self.operator.process.issuer_port  # type: ignore[attr-defined]
+        token = pod_token(self.cluster, NS, pod)
+
+        def exchanged() -> str | None:
+            answer = requests.post(
+                f"http://127.0.0.1:{port}/v1/credentials",
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=10,
+            )
+            return str(answer.json()["credential"]) if answer.status_code == 200 else None
+
+        return wait_for(exchanged, what="a credential")
+
+    def whoami(self, credential: str) -> tuple[int, dict[str, Any]]:
+        assert self.gateway is not None
+        port = self.gateway.process.port  # type: ignore[attr-defined]
+        answer = requests.post(
+            f"http://127.0.0.1:{port}/api/user.whoami", data={"api.token": credential}, timeout=15
+        )
+        body: dict[str, Any] = answer.json()
+        return answer.status_code, body
+
+    def accepted(self, credential: str) -> bool:
+        return self.whoami(credential)[1].get("error_code") is None
+
+    def refused(self, credential: str, says: str = "") -> bool:
+        _, body = self.whoami(credential)
+        return body.get("error_code") == "ERR-INVALID-AUTH" and says in str(body["error_info"])
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    conduit = ConduitServer()
+    conduit.start()
+    with devcluster.ControlPlane(tmp_path / "controlplane") as plane:
+        cluster = Cluster(plane)
+        cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+        cluster.kubectl("wait", "--for=condition=Established", "--all", "crd", "--timeout=60s")
+        for name in (SYSTEM, NS):
+            cluster.core.create_namespace(
+                client.V1Namespace(metadata=client.V1ObjectMeta(name=name))
+            )
+        wait_for(lambda: cluster.core.list_namespaced_service_account(NS).items, what="default SA")
+        made = Stack(plane, conduit)
+        try:
+            yield made
+        finally:
+            made.stop()
+            conduit.stop()
+
+
+def _compact_etcd(plane: devcluster.ControlPlane) -> int:
+    """Compact etcd at its current revision: every older resourceVersion is gone (410)."""
+    base = f"http://127.0.0.1:{plane.etcd_port}/v3/kv"
+
+    def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        request = urllib.request.Request(  # noqa: S310 - loopback etcd
+            f"{base}/{path}", data=json.dumps(body).encode(), method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310
+            answer: dict[str, Any] = json.loads(resp.read())
+            return answer
+
+    revision = int(post("range", {"key": base64.b64encode(b"/").decode()})["header"]["revision"])
+    post("compaction", {"revision": revision, "physical": True})
+    return revision
+
+
+def test_api_server_restart_fails_closed_then_resumes_after_410(stack: Stack) -> None:
+    stack.start()
+    first = stack.pod("first")
+    credential = stack.credential(first)
+    assert stack.accepted(credential)
+
+    stack.plane.stop_apiserver()
+    # The gateway cannot confirm the lease while its watch is down: it refuses.
+    wait_for(lambda: stack.refused(credential, "cannot be confirmed"), what="fail closed")
+    # Every resourceVersion the watches hold is compacted away: resuming gets 410 Gone.
+    _compact_etcd(stack.plane)
+    stack.plane.start_apiserver()
+    wait_for(lambda: stack.accepted(credential), timeout=60, what="the gateway to resume")
+
+    # Pods come and go after the restart; nothing is missed.
+    stack.cluster.core.delete_namespaced_pod("first", NS)
+    second = stack.pod("second")
+    wait_for(lambda: stack.refused(credential, "revoked"), what="first's credential refused")
+    assert stack.accepted(stack.credential(second))
+    assert [x["spec"]["podName"] for x in active_leases(stack.cluster, NS)] == ["second"]
+
+
+def test_etcd_restart_while_pods_come_and_go(stack: Stack) -> None:
+    stack.start()
+    first = stack.pod("first")
+    credential = stack.credential(first)
+    stack.plane.stop_etcd()
+    # The API server cannot store anything: a deletion now fails, so none can be missed.
+    with pytest.raises((client.ApiException, urllib3.exceptions.HTTPError)):
+        stack.cluster.core.delete_namespaced_pod("first", NS, _request_timeout=10)
+    stack.plane.start_etcd()
+    wait_for(lambda: stack.cluster.core.list_namespaced_pod(NS).items, timeout=60, what="etcd")
+    stack.cluster.core.delete_namespaced_pod("first", NS)
+    second = stack.pod("second")
+    wait_for(lambda: stack.refused(credential, "revoked"), what="first's credential refused")
+    assert stack.accepted(stack.credential(second))
+    wait_for(lambda: stack.lease_of("first") is None, what="first's lease gone")
+
+
+def test_phabricator_down_slow_and_back(stack: Stack) -> None:
+    stack.start()
+    credential = stack.credential(stack.pod("runner"))
+    conduit = stack.conduit
+    conduit.down = True
+    try:
+        # The bot degrades with a reason; its leases stay (only a definite "no" revokes).
+        unknown = wait_for(
+            lambda: (c := bot_ready(stack.cluster, BOT)) and c["status"] == "Unknown" and c,
+            timeout=60,
+            what="bot Ready=Unknown",
+        )
+        assert unknown["reason"] == "PhabricatorUnavailable"
+        assert stack.lease_of("runner") is not None
+        # The gateway answers at once, in its documented envelope.
+        started = time.monotonic()
+        status, body = stack.whoami(credential)
+        assert time.monotonic() - started < 3
+        assert (status, body["error_code"]) == (503, "ERR-PHABRICATOR-UNAVAILABLE")
+        # Bounded retries with backoff: over 20 s the controller checks the bot a few times
+        # (backoff 5 s, 10 s, ... capped at the re-check interval), each with 2 attempts.
+        before = conduit.calls["user.whoami"]
+        time.sleep(20)
+        checks = conduit.calls["user.whoami"] - before
+        assert 1 <= checks <= 2 * (20 // 5 + 1), checks
+
+        # Slow: answers after the client's timeout count as unavailable.
+        conduit.down, conduit.delay = False, 1.5
+        started = time.monotonic()
+        status, body = stack.whoami(credential)
+        assert (status, body["error_code"]) == (503, "ERR-PHABRICATOR-UNAVAILABLE")
+        assert time.monotonic() - started < 2 * 1.0 + 2  # attempts x timeout, plus backoff
+    finally:
+        conduit.down, conduit.delay = False, 0.0
+    # Back: everything recovers without a restart.
+    wait_for(
+        lambda: (c := bot_ready(stack.cluster, BOT)) and c["status"] == "True",
+        timeout=60,
+        what="bot Ready again",
+    )
+    assert stack.accepted(credential)
+
+
+@pytest.mark.parametrize("how", ["disabled", "token-revoked"])
+def test_bot_lost_in_phabricator_revokes_leases_and_credentials(stack: Stack, how: str) -> None:
+    stack.start()
+    credential = stack.credential(stack.pod("runner"))
+    assert stack.accepted(credential)
+    if how == "disabled":
+        stack.conduit.disable_user(BOT)
+    else:
+        stack.conduit.terminate_token(stack.bot_token)
+    # Within one re-check (10 s here) the bot is not Ready...
+    lost = wait_for(
+        lambda: (c := bot_ready(stack.cluster, BOT)) and c["status"] == "False" and c,
+        timeout=30,
+        what="bot not Ready",
+    )
+    assert lost["reason"] == {"disabled": "Disabled", "token-revoked": "TokenInvalid"}[how]
+    # ...its leases are revoked and the gateway refuses their credentials.
+    wait_for(lambda: leases(stack.cluster, NS) == [], what="leases revoked")
+    assert stack.refused(credential, "revoked")
+
+
+@pytest.mark.parametrize(
+    ("skew", "accepted"),
+    [(30, True), (-30, True), (-45, False)],
+    ids=["gateway-30s-ahead", "gateway-30s-behind", "gateway-45s-behind"],
+)
+def test_clock_skew_between_endpoint_and_gateway(stack: Stack, skew: int, accepted: bool) -> None:
+    def skewed() -> datetime.datetime:
+        return datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=skew)
+
+    stack.start(gateway_clock=skewed)
+    credential = stack.credential(stack.pod("runner"))
+    if accepted:
+        # Within PHABMESH_CLOCK_SKEW (30 s) a fresh credential is good at once...
+        assert stack.accepted(credential)
+    else:
+        # ...beyond it, a gateway that far behind sees it as not yet valid.
+        assert stack.refused(credential, "not yet valid")
+    # Revocation follows the lease, not the clocks.
+    stack.cluster.core.delete_namespaced_pod("runner", NS)
+    wait_for(lambda: stack.refused(credential, "revoked"), what="refused after deletion")
