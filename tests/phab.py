@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import base64
 import datetime
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -185,3 +189,30 @@ def exchange(operator: Threaded, token: str, **params: str) -> requests.Response
 
 def time_of(text: str) -> datetime.datetime:
     return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def spawn_operator(
+    cluster: Cluster, conduit: ConduitServer, log: Path, *args: str
+) -> subprocess.Popen[bytes]:
+    """``phabmesh controller`` as a real process (loopback listeners, JSON logs to ``log``)."""
+    env = dict(
+        os.environ,
+        KUBECONFIG=str(cluster.kubeconfig),
+        PHABMESH_NAMESPACE=SYSTEM,
+        PHABMESH_PHABRICATOR_URL=conduit.url,
+        PHABMESH_ISSUER_HOST="127.0.0.1",
+        PHABMESH_ISSUER_PORT="0",
+        PHABMESH_METRICS_PORT="0",
+        PHABMESH_WEBHOOK_HOST="127.0.0.1",
+        PHABMESH_WEBHOOK_PORT="0",
+        PHABMESH_LOG_JSON="true",
+        PHABMESH_LOG_LEVEL="INFO",
+        PHABMESH_PEERING_LIFETIME="10",
+    )
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "phabmesh.cli", "controller", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )

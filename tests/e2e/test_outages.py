@@ -8,9 +8,13 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import signal
+import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,7 @@ from tests.phab import (
     make_bot,
     make_pod,
     pod_token,
+    spawn_operator,
 )
 from tests.stack import Threaded
 
@@ -286,3 +291,74 @@ def test_clock_skew_between_endpoint_and_gateway(stack: Stack, skew: int, accept
     # Revocation follows the lease, not the clocks.
     stack.cluster.core.delete_namespaced_pod("runner", NS)
     wait_for(lambda: stack.refused(credential, "revoked"), what="refused after deletion")
+
+
+def _started(log: Path) -> bool:
+    return log.exists() and '"controller_started"' in log.read_text()
+
+
+def test_operator_sigkilled_mid_scale_down_loses_and_duplicates_nothing(
+    stack: Stack, tmp_path: Path
+) -> None:
+    cluster = stack.cluster
+    # No garbage collector: the restarted operator alone must revoke what the dead one missed.
+    stack.plane.stop_controller_manager()
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    first = spawn_operator(cluster, stack.conduit, logs[0])
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        wait_for(lambda: _started(logs[0]), timeout=60, what="the operator")
+        make_bot(cluster, stack.conduit, BOT)
+        label_namespace(cluster, NS)
+        make_binding(cluster, NS, "runners", BOT, credentialTTL="10m")
+        wait_for(lambda: (c := binding_condition(cluster, NS, "runners")) and c["status"] == "True")
+        names = [f"w-{i:03d}" for i in range(200)]
+        make_pod(cluster, NS, names[0], node=None)  # creates the ServiceAccount once
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda n: make_pod(cluster, NS, n, node=None), names[1:]))
+        wait_for(lambda: len(active_leases(cluster, NS)) == 200, timeout=180, what="200 leases")
+        before = {x["spec"]["podName"]: x["metadata"]["name"] for x in active_leases(cluster, NS)}
+
+        # Scale down half; the operator dies (SIGKILL, no goodbye) a few deletions in.
+        doomed, kept = names[::2], names[1::2]
+        deleted = threading.Event()
+
+        def scale_down() -> None:
+            for i, name in enumerate(doomed):
+                cluster.core.delete_namespaced_pod(name, NS)
+                if i == 20:
+                    deleted.set()
+
+        worker = threading.Thread(target=scale_down)
+        worker.start()
+        deleted.wait(60)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        worker.join(120)
+        stale = [x for x in active_leases(cluster, NS) if x["spec"]["podName"] in doomed]
+        assert stale, "the kill came too late to leave anything to catch up on"
+
+        second = spawn_operator(cluster, stack.conduit, logs[1])
+        wait_for(lambda: _started(logs[1]), timeout=60, what="the restarted operator")
+
+        def settled() -> bool:
+            held = [x for x in leases(cluster, NS) if x["spec"]["podName"] in doomed]
+            return all((x.get("status") or {}).get("phase") == "Revoked" for x in held)
+
+        wait_for(settled, timeout=60, what="every deleted pod's lease revoked")
+        after = leases(cluster, NS)
+        live = [x for x in after if x["spec"]["podName"] in kept]
+        # Exactly one lease per live pod, the same one as before, still Active.
+        assert sorted(x["spec"]["podName"] for x in live) == sorted(kept)
+        assert {x["spec"]["podName"]: x["metadata"]["name"] for x in live} == {
+            name: before[name] for name in kept
+        }
+        assert all(x["status"]["phase"] == "Active" for x in live)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()

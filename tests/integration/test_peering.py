@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from tests.phab import (
     make_binding,
     make_bot,
     make_pod,
+    spawn_operator,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,30 +49,6 @@ def alone(tmp_path: Path) -> Iterator[Cluster]:
             )
         wait_for(lambda: cluster.core.list_namespaced_service_account(NS).items, what="default SA")
         yield cluster
-
-
-def spawn(cluster: Cluster, conduit: ConduitServer, log: Path) -> subprocess.Popen[bytes]:
-    env = dict(
-        os.environ,
-        KUBECONFIG=str(cluster.kubeconfig),
-        PHABMESH_NAMESPACE=SYSTEM,
-        PHABMESH_PHABRICATOR_URL=conduit.url,
-        PHABMESH_ISSUER_HOST="127.0.0.1",
-        PHABMESH_ISSUER_PORT="0",
-        PHABMESH_METRICS_PORT="0",
-        PHABMESH_WEBHOOK_HOST="127.0.0.1",
-        PHABMESH_WEBHOOK_PORT="0",
-        PHABMESH_LOG_JSON="true",
-        PHABMESH_LOG_LEVEL="INFO",
-        PHABMESH_PEERING_LIFETIME="10",
-    )
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "phabmesh.cli", "controller", "--peering"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
 
 
 def _webhook_port(log: str) -> int:
@@ -113,13 +88,13 @@ def test_one_of_two_replicas_acts_and_the_other_takes_over(
     alone: Cluster, conduit: ConduitServer, tmp_path: Path
 ) -> None:
     cluster = alone
-    first = spawn(cluster, conduit, tmp_path / "first.log")
+    first = spawn_operator(cluster, conduit, tmp_path / "first.log", "--peering")
     wait_for(
         lambda: "controller_started" in (tmp_path / "first.log").read_text(),
         timeout=60,
         what="the first replica",
     )
-    second = spawn(cluster, conduit, tmp_path / "second.log")
+    second = spawn_operator(cluster, conduit, tmp_path / "second.log", "--peering")
     try:
         wait_for(
             lambda: "controller_started" in (tmp_path / "second.log").read_text(),
