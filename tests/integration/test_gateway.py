@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import gzip
 import json
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -251,3 +252,58 @@ def test_malformed_bodies_get_phorges_own_answers(gateway: Threaded) -> None:
     json_body = envelope(call(gateway, "user.whoami", json={"api.token": "x"}))
     assert json_body["error_code"] == "ERR-CONDUIT-CORE"
     assert json_body["error_info"].startswith("Use form-encoded data")
+
+
+def _raw(gateway: Threaded, request: bytes) -> bytes:
+    """Send bytes as they are (no client library to tidy them up); the answer's first line."""
+    port = gateway.process.port  # type: ignore[attr-defined]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        return sock.recv(65536).split(b"\r\n", 1)[0]
+
+
+def test_hostile_requests_get_clear_answers_and_the_gateway_keeps_serving(
+    gateway: Threaded, pod: Pod
+) -> None:
+    token = {"api.token": pod.credential}
+    # Header injection: CR/LF inside a header value, or a header smuggled in the path.
+    injected = _raw(
+        gateway,
+        b"POST /api/user.whoami HTTP/1.1\r\nHost: x\r\n"
+        b"l5d-client-id: a\rX-Injected: 1\r\nContent-Length: 0\r\n\r\n",
+    )
+    assert injected.split(b" ")[1] == b"400", injected
+    smuggled = _raw(gateway, b"POST /api/user.whoami%0d%0aX-Evil:%201 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert smuggled.split(b" ")[1] in {b"200", b"400", b"404"}, smuggled
+    # Two Content-Length headers (request smuggling) are refused by the parser.
+    double = _raw(
+        gateway,
+        b"POST /api/conduit.ping HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+        b"Content-Length: 5\r\n\r\nhello",
+    )
+    assert double.split(b" ")[1] == b"400", double
+    # Unknown and absurd method names: Phorge's own answer, no upstream call.
+    for method in ("no.such.method", "x" * 5000, "user.whoami.", "../../conduit.ping"):
+        answer = call(gateway, method, data=token)
+        assert answer.status_code in (200, 404), (method[:20], answer.status_code)
+        if answer.status_code == 200:
+            assert envelope(answer)["error_code"] is not None, method[:20]
+    # Absurd parameter counts and sizes: 9,000 fields pass, 20,000 are refused (a bound on
+    # parsing work), a value nested 100,000 deep is refused as Phorge refuses bad params.
+    many = {**token, **{f"k{i}": "v" for i in range(9_000)}}
+    forwarded = call(gateway, "user.whoami", data=many)  # Phorge's answer, whatever it is
+    assert forwarded.status_code == 200
+    assert envelope(forwarded)["error_code"] != "ERR-REQUEST-TOO-LARGE"
+    too_many = call(gateway, "user.whoami", data={**many, **{f"j{i}": "" for i in range(11_000)}})
+    assert too_many.status_code == 413
+    assert envelope(too_many)["error_code"] == "ERR-REQUEST-TOO-LARGE"
+    deep = "[" * 100_000 + "]" * 100_000
+    nested = envelope(call(gateway, "user.whoami", data={**token, "params": deep}))
+    assert nested["error_code"] == "ERR-CONDUIT-CORE"
+    # Wrong content types: read as Phorge reads them, never a crash.
+    for kind in ("text/xml", "multipart/form-data; boundary=x", "application/octet-stream"):
+        answer = call(gateway, "user.whoami", data=b"\x00\xff<a/>", headers={"Content-Type": kind})
+        assert answer.status_code in (200, 400, 413, 415), (kind, answer.status_code)
+        assert envelope(answer)["error_code"] is not None, kind
+    # Still serving, as before.
+    assert envelope(call(gateway, "user.whoami", data=token))["error_code"] is None

@@ -263,7 +263,7 @@ def decode_request(
     if isinstance(per_key, str) and per_key:
         try:
             decoded = json.loads(per_key)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # nested past the parser's depth
             raise InvalidParams("invalid params") from exc
         if isinstance(decoded, list):
             decoded = {str(i): v for i, v in enumerate(decoded)}
@@ -301,7 +301,7 @@ def _decode_per_key(fields: dict[str, Any]) -> dict[str, Any]:
         source = value or "null"  # an empty box in the web console means null
         try:
             params[key] = json.loads(source)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise InvalidParamValue(key, value) from exc
         if params[key] is None and source.lower() != "null":
             raise InvalidParamValue(key, value)

@@ -95,6 +95,14 @@ def test_bad_json_params_are_refused_as_phorge_words_it() -> None:
         decode([("params[limit]", "five")])
 
 
+def test_params_nested_past_the_parsers_depth_are_invalid_not_a_crash() -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(wire.InvalidParams):
+        decode([("params", deep)])
+    with pytest.raises(wire.InvalidParamValue):
+        decode([("params[constraints]", deep)])
+
+
 def test_an_empty_per_key_box_is_null() -> None:
     assert decode([("params[after]", "")]).params == {"after": None}
 
