@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from kubernetes import client, config
 
@@ -53,3 +56,20 @@ def wait_for(
 
 def force_delete_pods(core: client.CoreV1Api, namespace: str) -> None:
     core.delete_collection_namespaced_pod(namespace, grace_period_seconds=0)
+
+
+def compact_etcd(plane: devcluster.ControlPlane) -> int:
+    """Compact etcd at its current revision: every older resourceVersion is gone (410)."""
+    base = f"http://127.0.0.1:{plane.etcd_port}/v3/kv"
+
+    def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        request = urllib.request.Request(  # noqa: S310 - loopback etcd
+            f"{base}/{path}", data=json.dumps(body).encode(), method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310
+            answer: dict[str, Any] = json.loads(resp.read())
+            return answer
+
+    revision = int(post("range", {"key": base64.b64encode(b"/").decode()})["header"]["revision"])
+    post("compaction", {"revision": revision, "physical": True})
+    return revision

@@ -5,14 +5,11 @@ nothing else. Docs: docs/reliability.md."""
 
 from __future__ import annotations
 
-import base64
 import datetime
-import json
 import signal
 import subprocess
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +25,7 @@ from phabmesh.gateway.process import GatewayProcess
 from phabmesh.issuer.process import OperatorProcess
 from phabmesh.settings import Settings
 from phabmesh.testing import ConduitServer
-from tests.kube import Cluster, wait_for
+from tests.kube import Cluster, compact_etcd, wait_for
 from tests.phab import (
     SYSTEM,
     active_leases,
@@ -151,23 +148,6 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
             conduit.stop()
 
 
-def _compact_etcd(plane: devcluster.ControlPlane) -> int:
-    """Compact etcd at its current revision: every older resourceVersion is gone (410)."""
-    base = f"http://127.0.0.1:{plane.etcd_port}/v3/kv"
-
-    def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
-        request = urllib.request.Request(  # noqa: S310 - loopback etcd
-            f"{base}/{path}", data=json.dumps(body).encode(), method="POST"
-        )
-        with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310
-            answer: dict[str, Any] = json.loads(resp.read())
-            return answer
-
-    revision = int(post("range", {"key": base64.b64encode(b"/").decode()})["header"]["revision"])
-    post("compaction", {"revision": revision, "physical": True})
-    return revision
-
-
 def test_api_server_restart_fails_closed_then_resumes_after_410(stack: Stack) -> None:
     stack.start()
     first = stack.pod("first")
@@ -178,7 +158,7 @@ def test_api_server_restart_fails_closed_then_resumes_after_410(stack: Stack) ->
     # The gateway cannot confirm the lease while its watch is down: it refuses.
     wait_for(lambda: stack.refused(credential, "cannot be confirmed"), what="fail closed")
     # Every resourceVersion the watches hold is compacted away: resuming gets 410 Gone.
-    _compact_etcd(stack.plane)
+    compact_etcd(stack.plane)
     stack.plane.start_apiserver()
     wait_for(lambda: stack.accepted(credential), timeout=60, what="the gateway to resume")
 

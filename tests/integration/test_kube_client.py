@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from pytest_mock import MockerFixture
 
 from phabmesh.kube import Conflict, KubeClient, NotFound, load_connection
-from phabmesh.kube.client import resource_path
+from phabmesh.kube.client import Gone, resource_path
 from phabmesh.kube.informer import Informer
 from tests.kube import Cluster
 
@@ -75,3 +77,45 @@ async def test_informer_follows_changes_and_resumes(kube: KubeClient, namespace:
         assert informer.connected
     finally:
         task.cancel()
+
+
+async def test_informer_lists_again_after_410_gone(
+    kube: KubeClient, namespace: str, mocker: MockerFixture
+) -> None:
+    """The informer's side of 410 Gone (injected here; the API server's own 410 after a
+    restart over a compacted etcd is in tests/e2e/test_outages.py)."""
+    path = resource_path("", "v1", "configmaps", namespace)
+    await kube.create(path, _cm("kept", "0"))
+    # Its first watch is told the version is gone, so it lists again.
+    real_watch = kube.watch
+    watches = 0
+
+    def first_one_gone(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        nonlocal watches
+        watches += 1
+        if watches > 1:
+            return real_watch(*args, **kwargs)
+
+        async def gone() -> AsyncIterator[Any]:
+            await kube.create(path, _cm("meanwhile", "1"))  # missed by no watch
+            raise Gone(410, "Expired", "too old resource version")
+            yield  # an async generator
+
+        return gone()
+
+    mocker.patch.object(kube, "watch", side_effect=first_one_gone)
+    informer = Informer(kube, path, lambda obj: obj.get("data", {}).get("v"), watch_timeout=5)
+    relists = mocker.spy(informer, "relist")
+    task = asyncio.create_task(informer.run())
+    try:
+
+        async def current() -> None:
+            while informer.items != {f"{namespace}/kept": "0", f"{namespace}/meanwhile": "1"}:
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(current(), 10)
+        assert relists.call_count == 2
+        assert informer.connected
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
