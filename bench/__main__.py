@@ -1,10 +1,13 @@
 """phabmesh benchmarks on the local control plane: percentiles and ratios from one run.
 
-    python -m bench [--pods 100] [--calls 300] [--seconds 5] [--reviews 20]
+    python -m bench [--pods 200] [--burst 100] [--calls 300] [--seconds 5] [--reviews 20]
+                    [--scale 1000] [--big-pods 5000] [--big-bindings 500]
 
-Everything runs on 127.0.0.1: a real kube-apiserver, the Conduit test server as
-Phabricator, the operator and the gateway in this process. Every load loop is
-bounded in count and time. Nothing here asserts: it measures and prints.
+Everything runs on 127.0.0.1, each part as its own process as deployed: a real
+kube-apiserver and etcd, the Conduit test server as Phabricator (``bench.conduit``),
+``phabmesh controller`` and ``phabmesh gateway``; this process only generates load and
+watches. Every load loop is bounded in count and time. Nothing here asserts: it
+measures and prints.
 """
 
 from __future__ import annotations
@@ -12,6 +15,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import json
+import os
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -19,16 +27,15 @@ from pathlib import Path
 
 import aiohttp
 
-from phabmesh import devcluster, logs, resources
-from phabmesh.gateway.process import GatewayProcess
-from phabmesh.issuer.process import OperatorProcess
+from phabmesh import devcluster, logs, resources, serving
 from phabmesh.kube import KubeClient, load_connection
 from phabmesh.kube.client import JSON, resource_path
-from phabmesh.settings import Settings
-from phabmesh.testing import ConduitServer
+from phabmesh.leasewatch import LeaseIndex
 
 G, V = resources.GROUP, resources.VERSION
 NS, SYSTEM = "bench", "phabmesh-system"
+BOT = "bench-bot"
+BENCH = {"bench": "yes"}
 
 
 def pct(values: list[float], p: float) -> float:
@@ -50,21 +57,158 @@ async def until(check: Callable[[], Awaitable[bool]], limit: float) -> float | N
     return None
 
 
-async def setup(kube: KubeClient, conduit: ConduitServer) -> None:
-    conduit.add_user("bench-bot", bot=True)
-    token = conduit.add_token("bench-bot")
-    for name, labels in ((SYSTEM, {}), (NS, {"bench": "yes"})):
-        await kube.create(
-            resource_path("", "v1", "namespaces"),
-            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}},
+class Child:
+    """A process of the benchmark (a phabmesh process or the Conduit server).
+
+    With ``PHABMESH_BENCH_PROFILE=<dir>`` each phabmesh process runs under cProfile and
+    writes ``<dir>/<name>-<pid>.prof`` when it stops (read with ``python -m pstats``).
+    """
+
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        profile = os.environ.get("PHABMESH_BENCH_PROFILE")
+        if profile:
+            out = Path(profile) / f"{log.stem}-{time.monotonic_ns()}.prof"
+            argv = [argv[0], "-m", "cProfile", "-o", str(out), *argv[1:]]
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+
+    def memory_mb(self) -> tuple[float, float]:
+        """(VmRSS, VmHWM) in MB: resident now, and its peak."""
+        fields = {}
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+        return (int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+class Conduit:
+    """bench.conduit in its own process."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.conduit"],
+            stdout=subprocess.PIPE,
+            stderr=(tmp / "conduit.log").open("ab"),
+            stdin=subprocess.DEVNULL,
         )
+        assert self.proc.stdout is not None
+        info = json.loads(self.proc.stdout.readline())
+        self.url, self.control = info["url"], info["control"]
+        self.secret_token, self.direct_token = info["secret"], info["direct"]
+
+    async def calls(self, http: aiohttp.ClientSession) -> int:
+        async with http.get(f"{self.control}/calls") as r:
+            return sum((await r.json()).values())
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(20)
+
+
+def phabmesh_env(plane: devcluster.ControlPlane, conduit: Conduit, **ports: int) -> dict[str, str]:
+    env = dict(
+        os.environ,
+        KUBECONFIG=str(plane.kubeconfig),
+        PHABMESH_NAMESPACE=SYSTEM,
+        PHABMESH_PHABRICATOR_URL=conduit.url,
+        PHABMESH_ISSUER_HOST="127.0.0.1",
+        PHABMESH_GATEWAY_HOST="127.0.0.1",
+        PHABMESH_WEBHOOK_HOST="127.0.0.1",
+        PHABMESH_LOG_LEVEL="WARNING",
+        PHABMESH_LOG_JSON="true",
+    )
+    env.update({f"PHABMESH_{k.upper()}": str(v) for k, v in ports.items()})
+    return env
+
+
+class Operator(Child):
+    def __init__(self, plane: devcluster.ControlPlane, conduit: Conduit, tmp: Path) -> None:
+        self.issuer_port = serving.free_port("127.0.0.1")
+        self.metrics_port = serving.free_port("127.0.0.1")
+        env = phabmesh_env(
+            plane,
+            conduit,
+            issuer_port=self.issuer_port,
+            metrics_port=self.metrics_port,
+            webhook_port=serving.free_port("127.0.0.1"),
+        )
+        super().__init__([sys.executable, "-m", "phabmesh.cli", "controller"], env, tmp / "op.log")
+
+
+class Gateway(Child):
+    def __init__(self, plane: devcluster.ControlPlane, conduit: Conduit, tmp: Path) -> None:
+        self.port = serving.free_port("127.0.0.1")
+        self.metrics_port = serving.free_port("127.0.0.1")
+        env = phabmesh_env(plane, conduit, gateway_port=self.port, metrics_port=self.metrics_port)
+        super().__init__([sys.executable, "-m", "phabmesh.cli", "gateway"], env, tmp / "gw.log")
+
+
+async def ready(http: aiohttp.ClientSession, metrics_port: int, limit: float = 120) -> float:
+    """Seconds until the process's /readyz says 200 (raises past ``limit``)."""
+
+    async def ok() -> bool:
+        try:
+            async with http.get(f"http://127.0.0.1:{metrics_port}/readyz") as r:
+                return r.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    took = await until(ok, limit)
+    if took is None:
+        raise RuntimeError(f"not ready within {limit} s (port {metrics_port})")
+    return took
+
+
+async def namespace(kube: KubeClient, name: str) -> None:
+    await kube.create(
+        resource_path("", "v1", "namespaces"),
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": BENCH}},
+    )
+    await kube.create(
+        resource_path("", "v1", "serviceaccounts", name),
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "runner"}},
+    )
+
+
+async def binding(kube: KubeClient, ns: str, name: str, selector: JSON | None = None) -> None:
+    spec: JSON = {"botRef": {"name": BOT}, "identities": ["*"], "allowedMethods": ["user.whoami"]}
+    if selector is not None:
+        spec["podSelector"] = selector
+    await kube.create(
+        resource_path(G, V, resources.BINDING_PLURAL, ns),
+        {
+            "apiVersion": f"{G}/{V}",
+            "kind": "PhabricatorBinding",
+            "metadata": {"name": name},
+            "spec": spec,
+        },
+    )
+
+
+async def setup(kube: KubeClient, conduit: Conduit) -> None:
+    await kube.create(
+        resource_path("", "v1", "namespaces"),
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM}},
+    )
     await kube.create(
         resource_path("", "v1", "secrets", SYSTEM),
         {
             "apiVersion": "v1",
             "kind": "Secret",
             "metadata": {"name": "bench-bot-token"},
-            "data": {"token": base64.b64encode(token.encode()).decode()},
+            "data": {"token": base64.b64encode(conduit.secret_token.encode()).decode()},
         },
     )
     await kube.create(
@@ -72,50 +216,53 @@ async def setup(kube: KubeClient, conduit: ConduitServer) -> None:
         {
             "apiVersion": f"{G}/{V}",
             "kind": "PhabricatorBot",
-            "metadata": {"name": "bench-bot"},
+            "metadata": {"name": BOT},
             "spec": {
-                "username": "bench-bot",
+                "username": BOT,
                 "tokenSecretRef": {"name": "bench-bot-token"},
-                "namespaceSelector": {"matchLabels": {"bench": "yes"}},
+                "namespaceSelector": {"matchLabels": BENCH},
             },
         },
     )
-    await kube.create(
-        resource_path(G, V, resources.BINDING_PLURAL, NS),
-        {
-            "apiVersion": f"{G}/{V}",
-            "kind": "PhabricatorBinding",
-            "metadata": {"name": "runners"},
-            "spec": {
-                "botRef": {"name": "bench-bot"},
-                "identities": ["*"],
-                "allowedMethods": ["user.whoami"],
-            },
-        },
-    )
-    await kube.create(
-        resource_path("", "v1", "serviceaccounts", NS),
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "runner"}},
-    )
+    await namespace(kube, NS)
+    await binding(kube, NS, "runners")
 
 
-async def pods(kube: KubeClient, count: int) -> list[JSON]:
+async def pods(
+    kube: KubeClient,
+    ns: str,
+    count: int,
+    *,
+    prefix: str = "runner",
+    labels: Callable[[int], dict[str, str]] = lambda i: {},
+    running: bool = False,
+) -> list[JSON]:
+    """``count`` meshed pods, at most 32 API calls in flight; Running if asked."""
+    gate = asyncio.Semaphore(32)
+
     async def one(i: int) -> JSON:
-        return await kube.create(
-            resource_path("", "v1", "pods", NS),
-            {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": f"runner-{i}"},
-                "spec": {
-                    "serviceAccountName": "runner",
-                    "initContainers": [
-                        {"name": "linkerd-proxy", "image": "proxy", "restartPolicy": "Always"}
-                    ],
-                    "containers": [{"name": "app", "image": "app"}],
+        async with gate:
+            pod = await kube.create(
+                resource_path("", "v1", "pods", ns),
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": f"{prefix}-{i}", "labels": labels(i)},
+                    "spec": {
+                        "serviceAccountName": "runner",
+                        "initContainers": [
+                            {"name": "linkerd-proxy", "image": "proxy", "restartPolicy": "Always"}
+                        ],
+                        "containers": [{"name": "app", "image": "app"}],
+                    },
                 },
-            },
-        )
+            )
+            if running:
+                await kube.merge_patch(
+                    resource_path("", "v1", "pods", ns, pod["metadata"]["name"], "status"),
+                    {"status": {"phase": "Running"}},
+                )
+            return pod
 
     return list(await asyncio.gather(*(one(i) for i in range(count))))
 
@@ -123,39 +270,42 @@ async def pods(kube: KubeClient, count: int) -> list[JSON]:
 async def run(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     with tempfile.TemporaryDirectory(prefix="phabmesh-bench-") as tmp:
-        plane = devcluster.ControlPlane(Path(tmp))
+        plane = devcluster.ControlPlane(Path(tmp) / "plane")
         plane.start()
+        conduit = Conduit(Path(tmp))
         try:
             crds = str(devcluster.repo_root() / "crds")  # type: ignore[operator]
             plane.kubectl("apply", "--server-side", "-f", crds)
             plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", crds)
-            async with ConduitServer() as conduit:
-                rows += await scenario(plane, conduit, args)
+            rows += await scenario(plane, conduit, args, Path(tmp))
         finally:
+            conduit.stop()
             plane.stop()
     return rows
 
 
 async def scenario(  # noqa: PLR0915 - one measured story, told in order
-    plane: devcluster.ControlPlane, conduit: ConduitServer, args: argparse.Namespace
+    plane: devcluster.ControlPlane, conduit: Conduit, args: argparse.Namespace, tmp: Path
 ) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     kube = KubeClient(load_connection(str(plane.kubeconfig)), qps=0, burst=1000)
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
-    settings = Settings.local(conduit.url, namespace=SYSTEM, log_level="WARNING")
-    operator = OperatorProcess(settings, kubeconfig=str(plane.kubeconfig))
-    gateway = GatewayProcess(settings, kubeconfig=str(plane.kubeconfig))
+    leases = LeaseIndex(kube)
+    watching = asyncio.create_task(leases.run())
+    children: list[Child] = []
     try:
         await setup(kube, conduit)
-        await operator.start()
-        await gateway.start()
-        await until(lambda: _true(operator.ready() and gateway.state.ready), 60)
+        operator = Operator(plane, conduit, tmp)
+        gateway = Gateway(plane, conduit, tmp)
+        children += [operator, gateway]
+        await ready(http, operator.metrics_port)
+        await ready(http, gateway.metrics_port)
         issuer = f"http://127.0.0.1:{operator.issuer_port}/v1/credentials"
         gw = f"http://127.0.0.1:{gateway.port}/api/user.whoami"
 
-        # Issuance: N pods patched Running at once -> each lease Active.
-        calls_before = sum(conduit.calls.values())
-        created = await pods(kube, args.pods)
+        # Issuance: `burst` pods patched Running at once -> each lease Active (seen on a watch).
+        calls_before = await conduit.calls(http)
+        created = await pods(kube, NS, args.pods)
         await asyncio.sleep(1)
         started: dict[str, float] = {}
 
@@ -166,31 +316,37 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
                 {"status": {"phase": "Running"}},
             )
 
-        await asyncio.gather(*(run_pod(p) for p in created))
+        burst = created[: args.burst]
+        await asyncio.gather(*(run_pod(p) for p in burst))
         issued: dict[str, float] = {}
 
         async def all_issued() -> bool:
-            for lease in operator.leases.by_uid.values():
-                if lease.active and lease.pod_uid not in issued:
+            for lease in list(leases.by_uid.values()):
+                if lease.active and lease.pod_uid in started and lease.pod_uid not in issued:
                     issued[lease.pod_uid] = time.perf_counter() - started[lease.pod_uid]
-            return len(issued) == len(created)
+            return len(issued) == len(burst)
 
         await until(all_issued, 60)
-        per_pod = (sum(conduit.calls.values()) - calls_before) / max(len(created), 1)
         lat = list(issued.values())
         rows.append(
             (
-                f"issuance: Running -> lease Active, {len(created)} pods at once",
+                f"issuance: Running -> lease Active, {len(burst)} pods at once",
                 f"p50 {ms(pct(lat, 50))}, p99 {ms(pct(lat, 99))}",
                 "p99 <= 200 ms",
             )
         )
+        await asyncio.gather(*(run_pod(p) for p in created[args.burst :]))
+        uids = {p["metadata"]["uid"] for p in created}
+        await until(lambda: _true(_active(leases, uids) == len(uids)), 120)
+        per_pod = (await conduit.calls(http) - calls_before) / max(len(created), 1)
 
         # Credential exchange, TokenReview uncached then cached.
         tokens = await asyncio.gather(
             *(kube.pod_token(NS, "runner", p, seconds=3600) for p in created)
         )
-        first, again, credentials = [], [], []
+        first: list[float] = []
+        again: list[float] = []
+        credentials: list[str] = []
         for token in tokens:
             for bucket in (first, again):
                 t = time.perf_counter()
@@ -214,9 +370,10 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
         )
 
         # Gateway overhead: the same call direct and through the gateway, interleaved.
-        bot_token = conduit.add_token("bench-bot")
+        bot_token = conduit.direct_token
         direct_url = f"{conduit.url}/api/user.whoami"
-        direct, via = [], []
+        direct: list[float] = []
+        via: list[float] = []
         for i in range(args.calls):
             for url, form, bucket in (
                 (direct_url, {"api.token": bot_token}, direct),
@@ -248,7 +405,7 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
                     done += 1
 
             await asyncio.gather(*(client(k) for k in range(32)))
-            return done / args.seconds
+            return float(done / args.seconds)
 
         rate_direct = await throughput(direct_url, lambda k: {"api.token": bot_token})
         rate_via = await throughput(gw, lambda k: {"api.token": credentials[k % len(credentials)]})
@@ -315,11 +472,110 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
             )
         )
         rows.append(("Conduit calls per pod start", f"{per_pod:g}", "0"))
+
+        rows.append(await mass_scale_down(kube, leases, args.scale))
+        rows += await at_size(kube, http, leases, plane, conduit, operator, args, tmp)
     finally:
-        await gateway.stop()
-        await operator.stop()
+        for child in reversed(children):
+            child.stop()
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
         await http.close()
         await kube.close()
+    return rows
+
+
+def _active(leases: LeaseIndex, pod_uids: set[str]) -> int:
+    return sum(1 for x in list(leases.by_uid.values()) if x.active and x.pod_uid in pod_uids)
+
+
+async def mass_scale_down(kube: KubeClient, leases: LeaseIndex, count: int) -> tuple[str, str, str]:
+    """``count`` Running pods deleted at once (64 deletions in flight) -> every lease revoked."""
+    ns = "scale"
+    await namespace(kube, ns)
+    await binding(kube, ns, "workers")
+    created = await pods(kube, ns, count, prefix="worker", running=True)
+    uids = {p["metadata"]["uid"] for p in created}
+    await until(lambda: _true(_active(leases, uids) == count), 300)
+    gate = asyncio.Semaphore(64)
+
+    async def delete(pod: JSON) -> None:
+        async with gate:
+            await kube.delete(
+                resource_path("", "v1", "pods", ns, pod["metadata"]["name"]),
+                body={"gracePeriodSeconds": 0},
+            )
+
+    t = time.perf_counter()
+    await asyncio.gather(*(delete(p) for p in created))
+    issued_in = time.perf_counter() - t
+    took = await until(lambda: _true(_active(leases, uids) == 0), 120)
+    total = time.perf_counter() - t if took is not None else float("nan")
+    return (
+        f"scale-down: {count} pods deleted -> every lease revoked",
+        f"{total:.2f} s (the deletions themselves took {issued_in:.2f} s)",
+        "<= 10 s",
+    )
+
+
+async def at_size(
+    kube: KubeClient,
+    http: aiohttp.ClientSession,
+    leases: LeaseIndex,
+    plane: devcluster.ControlPlane,
+    conduit: Conduit,
+    operator: Operator,
+    args: argparse.Namespace,
+    tmp: Path,
+) -> list[tuple[str, str, str]]:
+    """``big_pods`` pods across ``big_bindings`` bindings (10 per namespace), a third of the
+    pods matched: the operator's memory, then a restart at that size."""
+    per_ns = 10
+    spaces = max(1, args.big_bindings // per_ns)
+    gate = asyncio.Semaphore(16)
+
+    async def space(k: int) -> list[JSON]:
+        ns = f"big-{k}"
+        async with gate:
+            await namespace(kube, ns)
+            for b in range(per_ns):
+                await binding(kube, ns, f"b{b}", {"matchLabels": {"binding": f"b{b}"}})
+
+        def labels(i: int) -> dict[str, str]:
+            # Every third pod carries a label one binding selects; the rest match none.
+            return {"binding": f"b{i % per_ns}" if i % 3 == 0 else "none"}
+
+        return await pods(
+            kube, ns, args.big_pods // spaces, prefix="p", labels=labels, running=True
+        )
+
+    made = [p for chunk in await asyncio.gather(*(space(k) for k in range(spaces))) for p in chunk]
+    matched = {p["metadata"]["uid"] for p in made if p["metadata"]["labels"]["binding"] != "none"}
+    await until(lambda: _true(_active(leases, matched) == len(matched)), 600)
+    await asyncio.sleep(5)  # let the operator settle (timers, status writes)
+    rss, peak = operator.memory_mb()
+    rows = [
+        (
+            f"operator memory: {len(made)} pods, {spaces * per_ns} bindings, "
+            f"{len(matched)} matched",
+            f"RSS {rss:.0f} MB (peak {peak:.0f} MB)",
+            "<= 300 MB",
+        )
+    ]
+    operator.stop()
+    again = Operator(plane, conduit, tmp)
+    try:
+        took = await ready(http, again.metrics_port, 120)  # ready: listed, swept, serving
+        rss_after, _ = again.memory_mb()
+    finally:
+        again.stop()
+    rows.append(
+        (
+            "operator restart at that size: start to ready and swept",
+            f"{took:.1f} s (RSS then {rss_after:.0f} MB)",
+            "<= 30 s",
+        )
+    )
     return rows
 
 
@@ -329,10 +585,14 @@ async def _true(value: bool) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("--pods", type=int, default=100)
+    parser.add_argument("--pods", type=int, default=200, help="pods for exchange and revocation")
+    parser.add_argument("--burst", type=int, default=100, help="of those, Running at once")
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--reviews", type=int, default=20)
+    parser.add_argument("--scale", type=int, default=1000, help="pods in the scale-down")
+    parser.add_argument("--big-pods", type=int, default=5000)
+    parser.add_argument("--big-bindings", type=int, default=500)
     args = parser.parse_args()
     logs.configure("WARNING")
     rows = asyncio.run(run(args))
@@ -341,8 +601,9 @@ def main() -> None:
     for name, value, target in rows:
         print(f"{name:<{width}}  {value:<60}  {target}")
     print(
-        f"\n(python -m bench --pods {args.pods} --calls {args.calls} "
-        f"--seconds {args.seconds:g} --reviews {args.reviews})"
+        f"\n(python -m bench --pods {args.pods} --burst {args.burst} --calls {args.calls} "
+        f"--seconds {args.seconds:g} --reviews {args.reviews} --scale {args.scale} "
+        f"--big-pods {args.big_pods} --big-bindings {args.big_bindings})"
     )
 
 

@@ -67,9 +67,10 @@ class Settings:
     clock_skew: float = 30.0
     # Successful TokenReviews are cached (by token hash) for at most this long.
     token_review_cache_ttl: float = 10.0
-    # Kubernetes client limits for the credential endpoint (TokenReview bursts).
-    kube_qps: float = 100.0
-    kube_burst: int = 200
+    # Kubernetes client limits per process (requests per second sustained, and at once): lease
+    # writes in a mass scale-down, TokenReview bursts. Events get a quarter of these on top.
+    kube_qps: float = 400.0
+    kube_burst: int = 800
     # Listen addresses.
     issuer_host: str = "0.0.0.0"  # noqa: S104 - a pod serves on all its interfaces
     issuer_port: int = 8443

@@ -9,7 +9,9 @@ from bench.__main__ import run
 
 
 def test_benchmarks_produce_every_figure() -> None:
-    args = argparse.Namespace(pods=5, calls=10, seconds=0.5, reviews=1)
+    args = argparse.Namespace(
+        pods=6, burst=3, calls=10, seconds=0.5, reviews=1, scale=10, big_pods=30, big_bindings=20
+    )
     rows = asyncio.run(run(args))
     names = " | ".join(name for name, _, _ in rows)
     for figure in (
@@ -20,6 +22,9 @@ def test_benchmarks_produce_every_figure() -> None:
         "revocation",
         "TokenReview alone",
         "Conduit calls",
+        "scale-down",
+        "operator memory",
+        "operator restart",
     ):
         assert figure in names
     assert all(value and "None" not in value for _, value, _ in rows)

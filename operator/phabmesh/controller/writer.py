@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import hashlib
@@ -47,10 +48,30 @@ def lease_path(namespace: str, name: str | None = None, subresource: str | None 
 
 
 class Writer:
-    def __init__(self, client: KubeClient, world: World, clock: Clock = utcnow) -> None:
+    """Every write the controller makes. Events go out in the background through their own
+    client (its own rate limit), so a burst of them never delays a lease write."""
+
+    MAX_PENDING_EVENTS = 2000
+
+    def __init__(
+        self,
+        client: KubeClient,
+        world: World,
+        clock: Clock = utcnow,
+        *,
+        events_client: KubeClient | None = None,
+    ) -> None:
         self.client = client
+        self.events_client = events_client or client
         self.world = world
         self.clock = clock
+        self._pending: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        """Cancel the Events not posted yet (best effort, as all Events)."""
+        for task in list(self._pending):
+            task.cancel()
+        await asyncio.gather(*self._pending, return_exceptions=True)
 
     async def issue(
         self,
@@ -179,7 +200,16 @@ class Writer:
         )
 
     async def event(self, ref: JSON, reason: str, message: str, type_: str = "Normal") -> None:
-        """Post a Kubernetes Event about ``ref``; failures are logged, never raised."""
+        """Post a Kubernetes Event about ``ref`` in the background; failures are logged, never
+        raised. Past :attr:`MAX_PENDING_EVENTS` not yet posted, new ones are dropped."""
+        if len(self._pending) >= self.MAX_PENDING_EVENTS:
+            log.warning("event_dropped", reason=reason, pending=len(self._pending))
+            return
+        task = asyncio.create_task(self._post_event(ref, reason, message, type_))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _post_event(self, ref: JSON, reason: str, message: str, type_: str) -> None:
         now = self.clock()
         namespace = ref.get("namespace") or "default"
         body = {
@@ -201,7 +231,9 @@ class Writer:
             "count": 1,
         }
         try:
-            await self.client.create(resource_path("", "v1", "events", namespace), body, attempts=1)
+            await self.events_client.create(
+                resource_path("", "v1", "events", namespace), body, attempts=1
+            )
         except Exception as exc:  # an Event is best effort
             log.warning("event_post_failed", reason=reason, error=str(exc))
 
