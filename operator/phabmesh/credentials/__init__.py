@@ -19,6 +19,7 @@ from phabmesh.credentials.errors import (
 from phabmesh.credentials.keys import KeyRing, SigningKey, rotate, thumbprint
 from phabmesh.credentials.tokens import (
     Claims,
+    VerifiedCache,
     discovery_document,
     jwks,
     mint,
@@ -39,6 +40,7 @@ __all__ = [
     "SigningKey",
     "UnknownKey",
     "UnsupportedAlgorithm",
+    "VerifiedCache",
     "WrongAudience",
     "WrongIssuer",
     "discovery_document",

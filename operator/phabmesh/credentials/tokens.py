@@ -16,6 +16,7 @@ then issuer, audience and times against an injected clock and leeway.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import json
@@ -184,6 +185,19 @@ def _parse(token: str) -> _Parsed:
     return _Parsed(kid, f"{head}.{body}".encode(), body, signature)
 
 
+def _check_times(
+    iat: datetime.datetime,
+    nbf: datetime.datetime,
+    exp: datetime.datetime,
+    now: datetime.datetime,
+    leeway: datetime.timedelta,
+) -> None:
+    if now >= exp + leeway:
+        raise errors.Expired("credential expired")
+    if now + leeway < nbf or now + leeway < iat:
+        raise errors.NotYetValid("credential not yet valid")
+
+
 def _check(
     parsed: _Parsed,
     key: Ed25519PublicKey,
@@ -214,10 +228,7 @@ def _check(
         raise errors.WrongIssuer("credential is from another issuer")
     if payload["aud"] != audience:
         raise errors.WrongAudience("credential is for another audience")
-    if now >= times["exp"] + leeway:
-        raise errors.Expired("credential expired")
-    if now + leeway < times["nbf"] or now + leeway < times["iat"]:
-        raise errors.NotYetValid("credential not yet valid")
+    _check_times(times["iat"], times["nbf"], times["exp"], now, leeway)
     return Claims(
         subject=payload["sub"],
         issuer=payload["iss"],
@@ -321,3 +332,46 @@ def discovery_document(issuer: str, jwks_uri: str) -> dict[str, Any]:
         "id_token_signing_alg_values_supported": [ALGORITHM],
         "claims_supported": list(CLAIMS),
     }
+
+
+class VerifiedCache:
+    """Claims of credentials already verified in full, keyed by the exact credential text.
+
+    A pod uses one credential for many calls: after the first, a call costs a lookup and
+    the time checks (``exp``, ``nbf``, ``iat``), which are made on every use. Any other
+    text (one changed character) misses and is verified in full. The cache is emptied
+    whenever the key ring changes, holds at most ``size`` entries (oldest out first), and
+    is only ever filled by :func:`verify`.
+    """
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size = size
+        self._items: collections.OrderedDict[str, Claims] = collections.OrderedDict()
+        self._ring: KeyRing | None = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def verify(
+        self,
+        token: str,
+        ring: KeyRing,
+        *,
+        audience: str,
+        issuer: str,
+        now: datetime.datetime,
+        leeway: datetime.timedelta = DEFAULT_LEEWAY,
+    ) -> Claims:
+        if ring is not self._ring:
+            self._items.clear()
+            self._ring = ring
+        claims = self._items.get(token)
+        if claims is None or claims.audience != audience or claims.issuer != issuer:
+            claims = verify(token, ring, audience=audience, issuer=issuer, now=now, leeway=leeway)
+            self._items[token] = claims
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+            return claims
+        _check_times(claims.issued_at, claims.not_before, claims.expires_at, now, leeway)
+        self._items.move_to_end(token)
+        return claims

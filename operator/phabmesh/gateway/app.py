@@ -78,6 +78,7 @@ class Gateway:
         self.state = state
         self.clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
         self.upstream = settings.phabricator_url.rstrip("/")
+        self.verified = credentials.VerifiedCache()
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -203,7 +204,7 @@ class Gateway:
                 "not_ready",
             )
         try:
-            return credentials.verify(
+            return self.verified.verify(
                 token,
                 ring,
                 audience=self.settings.credential_audience,

@@ -352,3 +352,30 @@ def test_unverified_claims_for_display() -> None:
     assert credentials.unverified_claims(GOOD)["pod_uid"] == "u1"
     with pytest.raises(credentials.Malformed):
         credentials.unverified_claims("nope")
+
+
+def test_the_verified_cache_serves_only_the_same_text_and_still_checks_time() -> None:
+    ring = RING
+    token = _mint(ring)
+    cache = credentials.VerifiedCache(size=2)
+    first = cache.verify(token, ring, audience=AUD, issuer=ISS, now=T0)
+    assert cache.verify(token, ring, audience=AUD, issuer=ISS, now=T0) == first
+    assert len(cache) == 1
+    # Time is checked on every use, cached or not.
+    with pytest.raises(credentials.Expired):
+        cache.verify(token, ring, audience=AUD, issuer=ISS, now=T0 + datetime.timedelta(days=1))
+    # Another audience or issuer is verified in full (and refused).
+    with pytest.raises(credentials.WrongAudience):
+        cache.verify(token, ring, audience="other", issuer=ISS, now=T0)
+    # One changed character is another text: verified in full, refused.
+    tampered = token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1]
+    with pytest.raises(credentials.CredentialError):
+        cache.verify(tampered, ring, audience=AUD, issuer=ISS, now=T0)
+    # A new key ring empties it; the size bound holds.
+    other = credentials.KeyRing.generate(T0)
+    with pytest.raises(credentials.UnknownKey):
+        cache.verify(token, other, audience=AUD, issuer=ISS, now=T0)
+    assert len(cache) == 0
+    for _ in range(3):
+        cache.verify(_mint(other), other, audience=AUD, issuer=ISS, now=T0)
+    assert len(cache) == 2
