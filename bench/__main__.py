@@ -61,15 +61,15 @@ class Child:
     """A process of the benchmark (a phabmesh process or the Conduit server).
 
     With ``PHABMESH_BENCH_PROFILE=<dir>`` each phabmesh process runs under cProfile and
-    writes ``<dir>/<name>-<pid>.prof`` when it stops (read with ``python -m pstats``).
+    writes ``<dir>/<name>-<n>.prof`` when it stops (read with ``python -m pstats``).
     """
 
     def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
         profile = os.environ.get("PHABMESH_BENCH_PROFILE")
         if profile:
-            out = Path(profile) / f"{log.stem}-{time.monotonic_ns()}.prof"
-            argv = [argv[0], "-m", "cProfile", "-o", str(out), *argv[1:]]
+            dump = Path(profile) / f"{log.stem}-{time.monotonic_ns()}.prof"
+            argv = [argv[0], "-m", "cProfile", "-o", str(dump), *argv[1:]]
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
                 argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
@@ -303,7 +303,7 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
         issuer = f"http://127.0.0.1:{operator.issuer_port}/v1/credentials"
         gw = f"http://127.0.0.1:{gateway.port}/api/user.whoami"
 
-        # Issuance: `burst` pods patched Running at once -> each lease Active (seen on a watch).
+        # Issuance: a few pods, then `burst` pods, patched Running at once -> leases Active.
         calls_before = await conduit.calls(http)
         created = await pods(kube, NS, args.pods)
         await asyncio.sleep(1)
@@ -316,26 +316,35 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
                 {"status": {"phase": "Running"}},
             )
 
-        burst = created[: args.burst]
-        await asyncio.gather(*(run_pod(p) for p in burst))
         issued: dict[str, float] = {}
 
-        async def all_issued() -> bool:
-            for lease in list(leases.by_uid.values()):
-                if lease.active and lease.pod_uid in started and lease.pod_uid not in issued:
-                    issued[lease.pod_uid] = time.perf_counter() - started[lease.pod_uid]
-            return len(issued) == len(burst)
+        async def issuance(group: list[JSON]) -> tuple[str, str, str]:
+            """``group`` patched Running at once -> each lease Active, seen on a watch."""
+            t = time.perf_counter()
+            await asyncio.gather(*(run_pod(p) for p in group))
+            patched = time.perf_counter() - t
+            uids = {p["metadata"]["uid"] for p in group}
 
-        await until(all_issued, 60)
-        lat = list(issued.values())
-        rows.append(
-            (
-                f"issuance: Running -> lease Active, {len(burst)} pods at once",
-                f"p50 {ms(pct(lat, 50))}, p99 {ms(pct(lat, 99))}",
+            async def all_issued() -> bool:
+                for lease in list(leases.by_uid.values()):
+                    if lease.active and lease.pod_uid in uids and lease.pod_uid not in issued:
+                        issued[lease.pod_uid] = time.perf_counter() - started[lease.pod_uid]
+                return uids <= issued.keys()
+
+            await until(all_issued, 60)
+            lat = [issued[u] for u in uids if u in issued]
+            return (
+                f"issuance: Running -> lease Active, {len(group)} pods at once",
+                f"p50 {ms(pct(lat, 50))}, p99 {ms(pct(lat, 99))} "
+                f"(the {len(group)} status patches themselves: {ms(patched)})",
                 "p99 <= 200 ms",
             )
-        )
-        await asyncio.gather(*(run_pod(p) for p in created[args.burst :]))
+
+        small = min(10, max(1, args.burst // 10))
+        rows.append(await issuance(created[args.burst : args.burst + small]))
+        await asyncio.sleep(1)
+        rows.append(await issuance(created[: args.burst]))
+        await asyncio.gather(*(run_pod(p) for p in created[args.burst + small :]))
         uids = {p["metadata"]["uid"] for p in created}
         await until(lambda: _true(_active(leases, uids) == len(uids)), 120)
         per_pod = (await conduit.calls(http) - calls_before) / max(len(created), 1)
@@ -509,11 +518,12 @@ async def mass_scale_down(kube: KubeClient, leases: LeaseIndex, count: int) -> t
     t = time.perf_counter()
     await asyncio.gather(*(delete(p) for p in created))
     issued_in = time.perf_counter() - t
-    took = await until(lambda: _true(_active(leases, uids) == 0), 120)
-    total = time.perf_counter() - t if took is not None else float("nan")
+    after = await until(lambda: _true(_active(leases, uids) == 0), 120)
+    total = time.perf_counter() - t if after is not None else float("nan")
     return (
         f"scale-down: {count} pods deleted -> every lease revoked",
-        f"{total:.2f} s (the deletions themselves took {issued_in:.2f} s)",
+        f"{total:.2f} s; the deletions themselves took {issued_in:.2f} s, "
+        f"the last lease went {after or float('nan'):.2f} s after the last deletion",
         "<= 10 s",
     )
 
