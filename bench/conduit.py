@@ -3,7 +3,8 @@
     python -m bench.conduit
 
 Prints one JSON line (its URL, a control URL, the bot's two tokens), then serves until
-SIGTERM or SIGINT. ``GET <control>/calls`` answers the calls counted so far by method.
+SIGTERM or SIGINT. ``GET <control>/calls`` answers the calls counted so far by method;
+``POST <control>/delay`` with ``{"seconds": s}`` makes every answer take ``s`` longer.
 Both listen on 127.0.0.1 only.
 """
 
@@ -29,8 +30,13 @@ async def main() -> None:
         async def calls(_: web.Request) -> web.Response:
             return web.json_response(dict(conduit.calls))
 
+        async def delay(request: web.Request) -> web.Response:
+            conduit.delay = float((await request.json())["seconds"])
+            return web.json_response({"delay": conduit.delay})
+
         app = web.Application()
         app.router.add_get("/calls", calls)
+        app.router.add_post("/delay", delay)
         runner = await serving.start_site(app, "127.0.0.1", 0)
         control = f"http://127.0.0.1:{serving.bound_port(runner)}"
         print(
