@@ -48,10 +48,6 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 async def configure(settings: kopf.OperatorSettings, memo: Memo, **_: Any) -> None:
     settings.persistence.diffbase_storage = _NoDiffBase()
     settings.watching.chunk_size = 500
-    # kopf holds each object's event for batch_window (0.1 s) to fold in later ones; every
-    # pod start and deletion would pay that. Consecutive events are still folded while a
-    # previous one is being handled.
-    settings.batching.batch_window = 0.01
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.posting.level = 30  # warnings and errors only, as Events on our objects
