@@ -31,6 +31,7 @@ from phabmesh import devcluster, logs, resources, serving
 from phabmesh.kube import KubeClient, load_connection
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.leasewatch import LeaseIndex
+from phabmesh.settings import Settings
 
 G, V = resources.GROUP, resources.VERSION
 NS, SYSTEM = "bench", "phabmesh-system"
@@ -122,19 +123,8 @@ class Conduit:
 
 
 def phabmesh_env(plane: devcluster.ControlPlane, conduit: Conduit, **ports: int) -> dict[str, str]:
-    env = dict(
-        os.environ,
-        KUBECONFIG=str(plane.kubeconfig),
-        PHABMESH_NAMESPACE=SYSTEM,
-        PHABMESH_PHABRICATOR_URL=conduit.url,
-        PHABMESH_ISSUER_HOST="127.0.0.1",
-        PHABMESH_GATEWAY_HOST="127.0.0.1",
-        PHABMESH_WEBHOOK_HOST="127.0.0.1",
-        PHABMESH_LOG_LEVEL="WARNING",
-        PHABMESH_LOG_JSON="true",
-    )
-    env.update({f"PHABMESH_{k.upper()}": str(v) for k, v in ports.items()})
-    return env
+    local = Settings.local_env(conduit.url, log_level="WARNING", log_json=True, **ports)
+    return dict(os.environ, KUBECONFIG=str(plane.kubeconfig), **local)
 
 
 class Operator(Child):

@@ -195,20 +195,10 @@ def spawn_operator(
     cluster: Cluster, conduit: ConduitServer, log: Path, *args: str
 ) -> subprocess.Popen[bytes]:
     """``phabmesh controller`` as a real process (loopback listeners, JSON logs to ``log``)."""
-    env = dict(
-        os.environ,
-        KUBECONFIG=str(cluster.kubeconfig),
-        PHABMESH_NAMESPACE=SYSTEM,
-        PHABMESH_PHABRICATOR_URL=conduit.url,
-        PHABMESH_ISSUER_HOST="127.0.0.1",
-        PHABMESH_ISSUER_PORT="0",
-        PHABMESH_METRICS_PORT="0",
-        PHABMESH_WEBHOOK_HOST="127.0.0.1",
-        PHABMESH_WEBHOOK_PORT="0",
-        PHABMESH_LOG_JSON="true",
-        PHABMESH_LOG_LEVEL="INFO",
-        PHABMESH_PEERING_LIFETIME="10",
+    local = Settings.local_env(
+        conduit.url, namespace=SYSTEM, log_json=True, log_level="INFO", peering_lifetime=10
     )
+    env = dict(os.environ, KUBECONFIG=str(cluster.kubeconfig), **local)
     with log.open("wb") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "phabmesh.cli", "controller", *args],

@@ -114,24 +114,43 @@ class Settings:
     @classmethod
     def local(cls, phabricator_url: str, **overrides: Any) -> Settings:
         """Every listener on 127.0.0.1 with an ephemeral port: tests, the quick start, benches."""
-        values: dict[str, Any] = {
-            "namespace": "phabmesh-system",
-            "phabricator_url": phabricator_url,
-            "issuer_host": "127.0.0.1",
-            "issuer_port": 0,
-            "gateway_host": "127.0.0.1",
-            "gateway_port": 0,
-            "metrics_port": 0,
-            "webhook_host": "127.0.0.1",
-            "webhook_port": 0,
-        }
-        values.update(overrides)
-        return cls(**values)
+        return cls(**_local_values(phabricator_url, overrides))
+
+    @classmethod
+    def local_env(cls, phabricator_url: str, **overrides: Any) -> dict[str, str]:
+        """``local`` as environment variables, for phabmesh run as a child process."""
+        values = _local_values(phabricator_url, overrides)
+        cls(**values)  # refuse an unknown field here, not in the child
+        return {PREFIX + name.upper(): _render(value) for name, value in values.items()}
 
     @classmethod
     def documented(cls) -> list[tuple[str, str, Any]]:
         """(environment variable, field, default) for every setting: for the docs."""
         return [(PREFIX + f.name.upper(), f.name, f.default) for f in dataclasses.fields(cls)]
+
+
+def _local_values(phabricator_url: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "namespace": "phabmesh-system",
+        "phabricator_url": phabricator_url,
+        "issuer_host": "127.0.0.1",
+        "issuer_port": 0,
+        "gateway_host": "127.0.0.1",
+        "gateway_port": 0,
+        "metrics_port": 0,
+        "webhook_host": "127.0.0.1",
+        "webhook_port": 0,
+        **overrides,
+    }
+
+
+def _render(value: Any) -> str:
+    """The text ``from_env`` reads back as ``value``."""
+    if value is None:
+        return "auto"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def _convert(name: str, kind: Any, raw: str) -> Any:

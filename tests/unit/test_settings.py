@@ -34,6 +34,21 @@ def test_environment_overrides_defaults() -> None:
     assert settings.trust_domain == "cluster.local"
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"log_json": True, "peering_lifetime": 10.0, "kube_burst": 9}, {"log_json": False}],
+)
+def test_local_settings_survive_the_trip_through_the_environment(overrides: dict) -> None:
+    env = Settings.local_env("http://127.0.0.1:1", **overrides)
+    assert all(var.startswith("PHABMESH_") for var in env)
+    assert Settings.from_env(env) == Settings.local("http://127.0.0.1:1", **overrides)
+
+
+def test_local_env_refuses_an_unknown_setting() -> None:
+    with pytest.raises(TypeError, match="no_such_setting"):
+        Settings.local_env("http://127.0.0.1:1", no_such_setting=1)
+
+
 def test_a_bad_value_names_its_variable() -> None:
     with pytest.raises(ValueError, match="PHABMESH_CLOCK_SKEW"):
         Settings.from_env({"PHABMESH_CLOCK_SKEW": "soon"})
