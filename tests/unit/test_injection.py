@@ -11,7 +11,7 @@ import pytest
 from cryptography import x509
 
 from phabmesh import resources
-from phabmesh.admission import inject, tls
+from phabmesh.admission import Injector, inject, tls
 from phabmesh.settings import Settings
 
 INJECTION = inject.injection_from(Settings())
@@ -177,3 +177,36 @@ def test_renewal_keeps_the_ca_so_the_bundle_stays_valid() -> None:
 def test_a_secret_with_missing_or_broken_fields_is_not_material() -> None:
     assert tls.Material.from_secret({"data": {"ca.crt": "eA=="}}) is None
     assert tls.Material.from_secret({"data": {}}) is None
+
+
+def _event(kind: str, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
+    body = {
+        "botRef": {"name": "bot"},
+        "identityRefs": [{"kind": "ServiceAccount", "name": "runner"}],
+        "allowedMethods": ["user.whoami"],
+        **spec,
+    }
+    return {
+        "type": kind,
+        "object": {"metadata": {"namespace": namespace, "name": name}, "spec": body},
+    }
+
+
+def test_the_injector_keeps_each_namespaces_bindings_apart() -> None:
+    injector = Injector(Settings(), client=None)  # type: ignore[arg-type] # events fed by hand
+    watch = injector.bindings
+    watch._apply(_event("ADDED", "ci", "a"))
+    watch._apply(_event("ADDED", "ci", "b", allowedMethods=["differential.query"]))
+    watch._apply(_event("ADDED", "web", "a"))
+    assert len(injector.specs_in("ci")) == 2
+    assert len(injector.specs_in("web")) == 1
+    assert injector.specs_in("other") == []
+    assert injector.decide(_pod(), "ci") is injector.injection
+
+    watch._apply(_event("MODIFIED", "ci", "b", botRef="not a reference"))  # now invalid
+    assert [s.allowed_methods for s in injector.specs_in("ci")] == [("user.whoami",)]
+    watch._apply(_event("DELETED", "ci", "a"))
+    assert injector.specs_in("ci") == []
+    assert injector.decide(_pod(), "ci") is None
+    assert "ci" not in injector.by_namespace  # nothing kept for emptied namespaces
+    assert len(injector.specs_in("web")) == 1

@@ -56,20 +56,28 @@ class Injector:
             client,
             resource_path(resources.GROUP, resources.VERSION, resources.BINDING_PLURAL),
             _binding_spec,
+            on_event=self._index,
             name="injector-bindings",
         )
+        # namespace -> binding name -> spec: an admission reads only its own namespace's.
+        self.by_namespace: dict[str, dict[str, resources.BindingSpec]] = {}
+
+    def _index(self, _kind: str, key: str, spec: resources.BindingSpec | None) -> None:
+        namespace, _, name = key.partition("/")
+        specs = self.by_namespace.setdefault(namespace, {})
+        if spec is None:  # deleted, or invalid: names nobody
+            specs.pop(name, None)
+        else:
+            specs[name] = spec
+        if not specs:
+            del self.by_namespace[namespace]
 
     @property
     def ready(self) -> bool:
         return self.bindings.synced.is_set()
 
     def specs_in(self, namespace: str) -> list[resources.BindingSpec]:
-        prefix = namespace + "/"
-        return [
-            spec
-            for key, spec in self.bindings.items.items()
-            if spec is not None and key.startswith(prefix)
-        ]
+        return list(self.by_namespace.get(namespace, {}).values())
 
     def decide(self, pod: Mapping[str, Any], namespace: str) -> inject.Injection | None:
         """The injection for a pod being created in ``namespace``, or None."""
