@@ -93,6 +93,10 @@ class Settings:
     injected_token_ttl: float = 600.0
     # Peering (several operator replicas): how long a silent replica counts as alive.
     peering_lifetime: float = 60.0
+    # The gateway also watches pods and refuses a credential as soon as its pod is terminating,
+    # finished or deleted, ahead of the operator's write of the lease's revocation. Off: the
+    # gateway needs no access to pods and follows the leases alone.
+    gateway_watch_pods: bool = True
     # Largest request body the gateway accepts (bytes, after decompression).
     max_request_bytes: int = 1 << 20
     # Logging.

@@ -1,10 +1,11 @@
 """Faults on the real control plane: the API server and etcd restarted, Phabricator down,
-slow and back, bots lost in Phabricator, the gateway's clock off. Each test has its own
-control plane, Conduit server, operator and gateway, so that what it breaks breaks
-nothing else. Docs: docs/reliability.md."""
+slow and back, bots lost in Phabricator, the gateway's clock off, the operator down. Each
+test has its own control plane, Conduit server, operator and gateway, so that what it
+breaks breaks nothing else. Docs: docs/reliability.md."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import signal
 import subprocess
@@ -85,8 +86,8 @@ class Stack:
             if proc is not None:
                 proc.stop()
 
-    def pod(self, name: str) -> client.V1Pod:
-        pod = make_pod(self.cluster, NS, name, node=None)
+    def pod(self, name: str, node: str | None = None) -> client.V1Pod:
+        pod = make_pod(self.cluster, NS, name, node=node)
         wait_for(lambda: self.lease_of(name), what=f"a lease for {name}")
         return pod
 
@@ -271,6 +272,52 @@ def test_clock_skew_between_endpoint_and_gateway(stack: Stack, skew: int, accept
     # Revocation follows the lease, not the clocks.
     stack.cluster.core.delete_namespaced_pod("runner", NS)
     wait_for(lambda: stack.refused(credential, "revoked"), what="refused after deletion")
+
+
+def test_operator_down_the_gateway_still_refuses_pods_that_ended(stack: Stack) -> None:
+    stack.start()
+    names = ("terminating", "completed", "deleted", "live")
+    pods = {n: stack.pod(n, node="node-a" if n == "terminating" else None) for n in names}
+    creds = {n: stack.credential(pod) for n, pod in pods.items()}
+    # Beside it, a gateway that follows the leases alone.
+    assert stack.operator is not None and stack.gateway is not None
+    leases_only = GatewayProcess(
+        dataclasses.replace(stack.settings, gateway_watch_pods=False),
+        kubeconfig=str(stack.cluster.kubeconfig),
+    )
+    second = Threaded(leases_only).start()
+    try:
+        wait_for(lambda: leases_only.state.ready, timeout=60, what="second gateway ready")
+        assert all(stack.accepted(c) for c in creds.values())
+
+        stack.operator.stop()  # nothing writes a lease's revocation from here on
+        stack.operator = None
+        core = stack.cluster.core
+        core.delete_namespaced_pod("terminating", NS)  # has a node: stays Terminating
+        core.patch_namespaced_pod_status("completed", NS, {"status": {"phase": "Succeeded"}})
+        core.delete_namespaced_pod("deleted", NS)  # no node: gone at once
+
+        wait_for(lambda: stack.refused(creds["terminating"], "pod terminating"), what="refused")
+        wait_for(lambda: stack.refused(creds["completed"], "pod completed"), what="refused")
+        wait_for(lambda: stack.refused(creds["deleted"], "revoked"), what="refused")
+        assert stack.accepted(creds["live"])
+        # The leases of the pods that still exist were never revoked: the pod watch refused.
+        active = {x["spec"]["podName"] for x in active_leases(stack.cluster, NS)}
+        assert {"terminating", "completed", "live"} <= active
+
+        def via_second(credential: str) -> dict[str, Any]:
+            url = f"http://127.0.0.1:{leases_only.port}/api/user.whoami"
+            body: dict[str, Any] = requests.post(
+                url, data={"api.token": credential}, timeout=15
+            ).json()
+            return body
+
+        # Following the leases alone, credentials stay good until the operator is back.
+        assert via_second(creds["terminating"])["error_code"] is None
+        assert via_second(creds["completed"])["error_code"] is None
+        assert via_second(creds["live"])["error_code"] is None
+    finally:
+        second.stop()
 
 
 def _started(log: Path) -> bool:

@@ -77,6 +77,7 @@ GATEWAY_CALLS: Calls = [
     (ALL, "phabmesh.io", "phabricatorbindings", "get list watch", None),
     (ALL, "phabmesh.io", "phabricatorbots", "get list watch", None),
     (SYSTEM, "", "secrets", "get list watch", None),
+    (ALL, "", "pods", "list watch", None),
 ]
 # Calls that must be refused, in the same form.
 OPERATOR_DENIED: Calls = [
@@ -106,7 +107,8 @@ GATEWAY_DENIED: Calls = [
     (ALL, "", "secrets", "list", None),
     (SYSTEM, "", "secrets", "create", None),
     (SYSTEM, "", "secrets", "update patch", "phabmesh-signing-keys"),
-    ("ci", "", "pods", "get create delete", None),
+    ("ci", "", "pods", "get create update patch delete", None),
+    ("ci", "", "pods/status", "patch", None),
     ("ci", "phabmesh.io", "phabricatorcredentials", "create update delete", None),
     ("ci", "phabmesh.io", "phabricatorcredentials/status", "patch", None),
     ("ci", "phabmesh.io", "phabricatorbindings", "patch", None),

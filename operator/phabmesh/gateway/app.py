@@ -2,8 +2,9 @@
 
 Per call: find the credential wherever Conduit clients put a token, verify it
 (signature, time, audience, issuer), confirm its lease is Active (from the
-watch), check the binding's method allowlist and the ``l5d-client-id``, swap in
-the bot's real token, forward over a pooled keep-alive connection, and answer.
+watch) and its pod is not terminating or gone (from a watch of pods), check the
+binding's method allowlist and the ``l5d-client-id``, swap in the bot's real
+token, forward over a pooled keep-alive connection, and answer.
 Every refusal is HTTP 200 in Conduit's own envelope, like Phorge; one audit
 line per call.
 
@@ -236,6 +237,11 @@ class Gateway:
             )
         if lease.pod_uid != claims.pod_uid:
             raise Refusal("ERR-INVALID-AUTH", "credential refused: lease mismatch", "invalid")
+        ended = self.state.pod_ended(claims.pod_uid)
+        if ended:  # seen on the pod watch before the lease's revocation was written
+            raise Refusal(
+                "ERR-INVALID-AUTH", f"credential revoked: {_REASONS.get(ended, ended)}", "revoked"
+            )
 
     async def _forward(
         self, method: str, call: wire.Call, bot_token: str | None, audit: dict[str, Any]

@@ -1,4 +1,5 @@
-"""What the gateway knows, kept current by watches: leases, bindings, bots, bot tokens, keys.
+"""What the gateway knows, kept current by watches: leases, bindings, bots, bot tokens, keys,
+and (unless turned off) which pods have ended.
 
 No API server call is made per request. While the lease watch is disconnected
 the gateway cannot confirm a lease and refuses credentials (fails closed).
@@ -18,6 +19,7 @@ from phabmesh.kube import KubeClient
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.kube.informer import Informer
 from phabmesh.leasewatch import LeaseIndex
+from phabmesh.podwatch import PodEnds
 from phabmesh.settings import Settings
 
 
@@ -83,6 +85,7 @@ class GatewayState:
             rotate_every=datetime.timedelta(seconds=settings.key_rotation_interval),
             max_credential_ttl=datetime.timedelta(seconds=settings.max_credential_ttl),
         )
+        self.pods = PodEnds(client) if settings.gateway_watch_pods else None
         self._tasks: list[asyncio.Task[Any]] = []
 
     async def start(self) -> None:
@@ -92,6 +95,7 @@ class GatewayState:
             self.bots.run(),
             self.secrets.run(),
             self.keys.watch(),
+            *([self.pods.run()] if self.pods is not None else []),
         ):
             self._tasks.append(asyncio.create_task(runner))
 
@@ -111,6 +115,10 @@ class GatewayState:
             and self.secrets.synced.is_set()
             and self.keys.ring is not None
         )
+
+    def pod_ended(self, pod_uid: str) -> str | None:
+        """The pod's revocation reason if the pod watch saw it terminating, finished or gone."""
+        return self.pods.reason(pod_uid) if self.pods is not None else None
 
     def binding(self, namespace: str, name: str) -> BindingRules | None:
         return self.bindings.items.get(f"{namespace}/{name}")
