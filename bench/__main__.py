@@ -484,7 +484,7 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
         rows.append(("Conduit calls per pod start", f"{per_pod:g}", "0"))
 
         rows.append(await mass_scale_down(kube, leases, args.scale))
-        rows += await at_size(kube, http, leases, plane, conduit, operator, args, tmp)
+        rows += await at_size(kube, http, leases, plane, conduit, (operator, gateway), args, tmp)
     finally:
         for child in reversed(children):
             child.stop()
@@ -535,12 +535,13 @@ async def at_size(
     leases: LeaseIndex,
     plane: devcluster.ControlPlane,
     conduit: Conduit,
-    operator: Operator,
+    processes: tuple[Operator, Gateway],
     args: argparse.Namespace,
     tmp: Path,
 ) -> list[tuple[str, str, str]]:
     """``big_pods`` pods across ``big_bindings`` bindings (10 per namespace), a third of the
-    pods matched: the operator's memory, then a restart at that size."""
+    pods matched: the operator's and the gateway's memory, then a restart at that size."""
+    operator, gateway = processes
     per_ns = 10
     spaces = max(1, args.big_bindings // per_ns)
     gate = asyncio.Semaphore(16)
@@ -571,7 +572,12 @@ async def at_size(
             f"{len(matched)} matched",
             f"RSS {rss:.0f} MB (peak {peak:.0f} MB)",
             "<= 300 MB",
-        )
+        ),
+        (
+            "gateway memory at that size (watches every pod and lease)",
+            "RSS {:.0f} MB (peak {:.0f} MB)".format(*gateway.memory_mb()),
+            "-",
+        ),
     ]
     operator.stop()
     again = Operator(plane, conduit, tmp)

@@ -24,6 +24,7 @@ def test_benchmarks_produce_every_figure() -> None:
         "Conduit calls",
         "scale-down",
         "operator memory",
+        "gateway memory",
         "operator restart",
     ):
         assert figure in names
