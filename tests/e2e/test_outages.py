@@ -111,9 +111,11 @@ class Stack:
 
         return wait_for(exchanged, what="a credential")
 
-    def whoami(self, credential: str) -> tuple[int, dict[str, Any]]:
-        assert self.gateway is not None
-        port = self.gateway.process.port  # type: ignore[attr-defined]
+    def whoami(self, credential: str, port: int | None = None) -> tuple[int, dict[str, Any]]:
+        """A call through the stack's gateway, or through the gateway listening on ``port``."""
+        if port is None:
+            assert self.gateway is not None
+            port = self.gateway.process.port  # type: ignore[attr-defined]
         answer = requests.post(
             f"http://127.0.0.1:{port}/api/user.whoami", data={"api.token": credential}, timeout=15
         )
@@ -305,17 +307,9 @@ def test_operator_down_the_gateway_still_refuses_pods_that_ended(stack: Stack) -
         active = {x["spec"]["podName"] for x in active_leases(stack.cluster, NS)}
         assert {"terminating", "completed", "live"} <= active
 
-        def via_second(credential: str) -> dict[str, Any]:
-            url = f"http://127.0.0.1:{leases_only.port}/api/user.whoami"
-            body: dict[str, Any] = requests.post(
-                url, data={"api.token": credential}, timeout=15
-            ).json()
-            return body
-
         # Following the leases alone, credentials stay good until the operator is back.
-        assert via_second(creds["terminating"])["error_code"] is None
-        assert via_second(creds["completed"])["error_code"] is None
-        assert via_second(creds["live"])["error_code"] is None
+        for name in ("terminating", "completed", "live"):
+            assert stack.whoami(creds[name], leases_only.port)[1]["error_code"] is None
     finally:
         second.stop()
 

@@ -228,20 +228,17 @@ class Gateway:
         lease = leases.by_uid.get(claims.lease_uid)
         if lease is None:
             reason = leases.tombstones.get(claims.lease_uid)
-            detail = _REASONS.get(reason, "lease deleted") if reason else "lease no longer exists"
-            raise Refusal("ERR-INVALID-AUTH", f"credential revoked: {detail}", "revoked")
+            raise _revoked(
+                _REASONS.get(reason, "lease deleted") if reason else "lease no longer exists"
+            )
         if not lease.active:
             reason = lease.reason or "revoked"
-            raise Refusal(
-                "ERR-INVALID-AUTH", f"credential revoked: {_REASONS.get(reason, reason)}", "revoked"
-            )
+            raise _revoked(_REASONS.get(reason, reason))
         if lease.pod_uid != claims.pod_uid:
             raise Refusal("ERR-INVALID-AUTH", "credential refused: lease mismatch", "invalid")
         ended = self.state.pod_ended(claims.pod_uid)
         if ended:  # seen on the pod watch before the lease's revocation was written
-            raise Refusal(
-                "ERR-INVALID-AUTH", f"credential revoked: {_REASONS.get(ended, ended)}", "revoked"
-            )
+            raise _revoked(_REASONS.get(ended, ended))
 
     async def _forward(
         self, method: str, call: wire.Call, bot_token: str | None, audit: dict[str, Any]
@@ -279,6 +276,10 @@ class Gateway:
             # Phorge echoes a refused token in error_info: never hand the bot's out.
             payload = payload.replace(bot_token.encode(), b"[REDACTED]")
         return web.Response(status=status, body=payload, headers=headers)
+
+
+def _revoked(detail: str) -> Refusal:
+    return Refusal("ERR-INVALID-AUTH", f"credential revoked: {detail}", "revoked")
 
 
 def _metric_method(method: str) -> str:
