@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from phabmesh import resources
 from phabmesh.credentials import phorge
@@ -19,7 +18,11 @@ from phabmesh.kube.client import resource_path
 from phabmesh.kube.informer import DELETED, Informer
 from phabmesh.lease import LeaseView
 
-TOMBSTONES = 100_000  # bounded memory: about 35 MB at most (with the locators' digests)
+TOMBSTONES = 100_000  # bounded memory: about 15 MB at most
+# Of the most recently removed leases, what a Phorge-shaped credential's MAC needs, so that
+# the refusal can say why its lease went (older ones are refused as matching no lease):
+# about 6 MB at most.
+BURIED = 20_000
 
 
 class LeaseIndex:
@@ -35,7 +38,8 @@ class LeaseIndex:
         # Phorge-shaped credentials name their lease by locator: locator -> lease uid ->
         # (lease, its digest); and of the tombstoned leases, locator -> lease uid -> digest.
         self._by_locator: dict[str, dict[str, tuple[LeaseView, bytes]]] = {}
-        self._buried: dict[str, dict[str, bytes]] = {}
+        self._buried: dict[str, tuple[tuple[str, bytes], ...]] = {}
+        self._buried_order: collections.deque[tuple[str, str]] = collections.deque()
         self.informer: Informer[LeaseView] = Informer(
             client,
             resource_path(resources.GROUP, resources.VERSION, resources.CREDENTIAL_PLURAL),
@@ -82,11 +86,20 @@ class LeaseIndex:
 
     def _bury(self, uid: str, old: LeaseView | None) -> None:
         self.tombstones[uid] = (old.reason if old is not None else "") or "Deleted"
-        if old is not None:
-            self._buried.setdefault(phorge.locator(uid), {})[uid] = old.phorge_digest()
         while len(self.tombstones) > TOMBSTONES:
-            gone, _ = self.tombstones.popitem(last=False)
-            _unfile(self._buried, phorge.locator(gone), gone)
+            self.tombstones.popitem(last=False)
+        if old is None:
+            return
+        locator = phorge.locator(uid)
+        self._buried[locator] = (*self._buried.get(locator, ()), (uid, old.phorge_digest()))
+        self._buried_order.append((locator, uid))
+        while len(self._buried_order) > BURIED:
+            locator, gone = self._buried_order.popleft()
+            kept = tuple(entry for entry in self._buried.get(locator, ()) if entry[0] != gone)
+            if kept:
+                self._buried[locator] = kept
+            else:
+                self._buried.pop(locator, None)
 
     def at_locator(self, locator: str) -> Iterable[tuple[LeaseView, bytes]]:
         """The leases a Phorge-shaped credential with this locator may belong to (usually
@@ -95,13 +108,13 @@ class LeaseIndex:
 
     def buried_at(self, locator: str) -> Iterable[tuple[str, bytes]]:
         """Recently removed leases with this locator: (lease uid, digest) each."""
-        return self._buried.get(locator, {}).items()
+        return self._buried.get(locator, ())
 
     def of_pod(self, pod_uid: str) -> list[LeaseView]:
         return list(self.by_pod.get(pod_uid, {}).values())
 
 
-def _unfile(index: dict[str, dict[str, Any]], locator: str, uid: str) -> None:
+def _unfile(index: dict[str, dict[str, tuple[LeaseView, bytes]]], locator: str, uid: str) -> None:
     filed = index.get(locator)
     if filed is not None:
         filed.pop(uid, None)
