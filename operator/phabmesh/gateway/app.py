@@ -13,7 +13,8 @@ Documented errors (``error_code``):
 
 - ``ERR-INVALID-SESSION``: no credential at all.
 - ``ERR-INVALID-AUTH``: the credential is malformed, forged, expired, not yet
-  valid, for another audience or issuer, or its lease is revoked or unknown;
+  valid, for another audience or issuer, matches no lease (a Phorge-shaped one),
+  or its lease is revoked or unknown;
   also when the lease cannot be confirmed because the gateway's watch is down
   (fail closed) and when ``l5d-client-id`` does not match. ``error_info`` says
   which.
