@@ -278,7 +278,7 @@ class Issuer:
         return _SPEC_FORMATS[spec.credential_format if spec else resources.PHORGE_TOKEN]
 
     def _mint(self, lease: LeaseView, now: datetime.datetime, fmt: str) -> web.Response:
-        """A fresh credential from the lease and the ring: no API call, no write."""
+        """A credential made from the lease and the ring alone: no API call, no write."""
         assert self.keys.ring is not None and lease.expires_at is not None
         ttl = datetime.timedelta(seconds=self.settings.max_credential_ttl)
         if fmt == PHORGE_TOKEN:
