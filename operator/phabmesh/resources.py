@@ -134,6 +134,13 @@ class IdentityRef(_Model):
     namespace: str | None = None
 
 
+# PhabricatorBinding.spec.credentialFormat: what a pod gets unless it asks (?format=).
+CredentialFormat = Literal["PhorgeToken", "JWT"]
+# api- and 28 characters, like a Phorge token: any Conduit client takes it.
+PHORGE_TOKEN: CredentialFormat = "PhorgeToken"  # noqa: S105 - a format's name
+JWT: CredentialFormat = "JWT"  # a signed JWT, verifiable by third parties through the JWKS
+
+
 class BindingSpec(_Model):
     """``PhabricatorBinding.spec``."""
 
@@ -144,6 +151,7 @@ class BindingSpec(_Model):
     credential_ttl: str = Field(default="15m", alias="credentialTTL")
     allowed_methods: tuple[str, ...] = Field(alias="allowedMethods")
     require_client_id: bool = Field(default=False, alias="requireClientID")
+    credential_format: CredentialFormat = Field(default=PHORGE_TOKEN, alias="credentialFormat")
 
     @field_validator("credential_ttl")
     @classmethod

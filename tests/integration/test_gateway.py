@@ -5,9 +5,9 @@ from __future__ import annotations
 import datetime
 import gzip
 import json
+import re
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode
 
@@ -18,6 +18,7 @@ import requests
 from phabmesh import credentials
 from phabmesh.conduit import wire
 from phabmesh.credentials.keys import SigningKey
+from phabmesh.lease import LeaseView
 from phabmesh.testing import ConduitServer
 from tests.kube import Cluster, wait_for
 from tests.phab import active_leases, exchange, leases, make_pod, pod_token
@@ -33,21 +34,64 @@ class Pod:
         self.bot_token = bot_token
 
 
-@pytest.fixture
-def pod(
-    cluster: Cluster, conduit: ConduitServer, operator: Threaded, gateway: Threaded, bound: str
-) -> Iterator[Pod]:
+PHORGE_SHAPE = re.compile(r"^api-[a-z0-9]{28}$")  # what clients check a Phorge token against
+PHABFIVE_SHAPE = re.compile(r"^[a-zA-Z0-9-]{32}$")
+
+
+def _pod(
+    cluster: Cluster,
+    conduit: ConduitServer,
+    operator: Threaded,
+    gateway: Threaded,
+    bound: str,
+    **params: str,
+) -> Pod:
     created = make_pod(cluster, bound, "runner-1")
     wait_for(lambda: active_leases(cluster, bound))
-    issued = exchange(operator, pod_token(cluster, bound, created))
+    issued = exchange(operator, pod_token(cluster, bound, created), **params)
     assert issued.status_code == 200, issued.text
     bot_token = conduit.add_token(f"bot-{bound}")
     wait_for(lambda: _gateway_ready(gateway), what="the gateway to see the lease")
-    yield Pod("runner-1", issued.json()["credential"], bot_token)
+    return Pod("runner-1", issued.json()["credential"], bot_token)
+
+
+@pytest.fixture
+def pod(
+    cluster: Cluster, conduit: ConduitServer, operator: Threaded, gateway: Threaded, bound: str
+) -> Pod:
+    """A pod with a credential in the default format (shaped like a Phorge token)."""
+    return _pod(cluster, conduit, operator, gateway, bound)
+
+
+@pytest.fixture
+def jwt_pod(
+    cluster: Cluster, conduit: ConduitServer, operator: Threaded, gateway: Threaded, bound: str
+) -> Pod:
+    """A pod with a JWT credential (?format=jwt)."""
+    return _pod(cluster, conduit, operator, gateway, bound, format="jwt")
+
+
+@pytest.fixture(params=["phorge-token", "jwt"])
+def any_pod(
+    request: pytest.FixtureRequest,
+    cluster: Cluster,
+    conduit: ConduitServer,
+    operator: Threaded,
+    gateway: Threaded,
+    bound: str,
+) -> Pod:
+    """A pod with a credential in each format in turn."""
+    return _pod(cluster, conduit, operator, gateway, bound, format=request.param)
 
 
 def _gateway_ready(gateway: Threaded) -> bool:
     return bool(gateway.process.state.leases.by_uid)  # type: ignore[attr-defined]
+
+
+def _leases_seen(gateway: Threaded, namespace: str) -> list[LeaseView]:
+    """The leases of ``namespace`` in the gateway's index."""
+    index = gateway.process.state.leases.by_uid  # type: ignore[attr-defined]
+    return [lease for lease in index.values() if lease.namespace == namespace]
 
 
 def url(gateway: Threaded, method: str) -> str:
@@ -64,8 +108,9 @@ def envelope(response: requests.Response) -> dict[str, Any]:
 
 
 def test_every_client_style_passes_and_matches_a_direct_call(
-    gateway: Threaded, conduit: ConduitServer, pod: Pod, bound: str
+    gateway: Threaded, conduit: ConduitServer, any_pod: Pod, bound: str
 ) -> None:
+    pod = any_pod
     bot = f"bot-{bound}"
     direct = requests.post(
         f"{conduit.url}/api/user.whoami",
@@ -149,6 +194,7 @@ def test_spoofed_client_identity_is_refused(gateway: Threaded, pod: Pod, bound: 
 
 
 def _forged(pod: Pod, how: str) -> str:
+    """A JWT credential, altered."""
     claims = credentials.unverified_claims(pod.credential)
     kid = jwt.get_unverified_header(pod.credential)["kid"]
     other = SigningKey.generate(datetime.datetime.now(datetime.UTC))
@@ -181,7 +227,10 @@ def _forged(pod: Pod, how: str) -> str:
         ("tampered", "signature"),
     ],
 )
-def test_forged_credentials_are_refused(gateway: Threaded, pod: Pod, how: str, says: str) -> None:
+def test_forged_credentials_are_refused(
+    gateway: Threaded, jwt_pod: Pod, how: str, says: str
+) -> None:
+    pod = jwt_pod
     answer = envelope(call(gateway, "user.whoami", data={"api.token": _forged(pod, how)}))
     assert answer["error_code"] == "ERR-INVALID-AUTH"
     assert says in answer["error_info"]
@@ -189,8 +238,9 @@ def test_forged_credentials_are_refused(gateway: Threaded, pod: Pod, how: str, s
 
 
 def test_deleted_pod_credential_is_refused(
-    cluster: Cluster, gateway: Threaded, pod: Pod, bound: str
+    cluster: Cluster, gateway: Threaded, any_pod: Pod, bound: str
 ) -> None:
+    pod = any_pod
     assert envelope(call(gateway, "user.whoami", data={"api.token": pod.credential}))["result"]
     cluster.core.delete_namespaced_pod(pod.name, bound, grace_period_seconds=0)
     refused = wait_for(
@@ -204,6 +254,11 @@ def test_deleted_pod_credential_is_refused(
     assert refused["error_code"] == "ERR-INVALID-AUTH"
     assert refused["error_info"].startswith("credential revoked: ")  # pod ..., or lease deleted
     wait_for(lambda: leases(cluster, bound) == [])
+    wait_for(lambda: not _leases_seen(gateway, bound), what="the gateway to see the lease go")
+    # With its lease gone from the gateway's index too, it still says why.
+    gone = envelope(call(gateway, "user.whoami", data={"api.token": pod.credential}))
+    assert gone["error_code"] == "ERR-INVALID-AUTH"
+    assert gone["error_info"].startswith("credential revoked: "), gone
 
 
 def test_phabricator_down_then_back(gateway: Threaded, conduit: ConduitServer, pod: Pod) -> None:

@@ -125,10 +125,11 @@ def test_running_meshed_pod_gets_a_lease_and_a_credential(
     assert lease["spec"]["identity"] == identity
     assert lease["spec"]["bot"] == f"bot-{bound}"
 
-    response = exchange(operator, pod_token(cluster, bound, pod))
+    response = exchange(operator, pod_token(cluster, bound, pod), format="jwt")
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["identity"] == identity
+    assert body["format"] == "jwt"
     port = operator.process.issuer_port  # type: ignore[attr-defined]
     jwks = requests.get(f"http://127.0.0.1:{port}/.well-known/jwks.json", timeout=5).json()
     claims = credentials.verify_with_jwks(
@@ -164,7 +165,7 @@ def test_tokens_cannot_cross_pods_or_audiences(
     pod_a = make_pod(cluster, bound, "runner-a")
     make_pod(cluster, bound, "runner-b")
     wait_for(lambda: len(active_leases(cluster, bound)) == 2)
-    a = exchange(operator, pod_token(cluster, bound, pod_a)).json()
+    a = exchange(operator, pod_token(cluster, bound, pod_a), format="jwt").json()
     assert a["credential"]
     lease_names = [item["metadata"]["name"] for item in active_leases(cluster, bound)]
     assert any(name.startswith("runner-a.") for name in lease_names)

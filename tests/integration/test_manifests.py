@@ -632,6 +632,7 @@ def test_samples_bind_the_ci_runner_to_ci_bot(samples: list[Doc]) -> None:
         "credentialTTL": "15m",
         "allowedMethods": ["user.whoami", "differential.*", "conduit.ping"],
         "requireClientID": False,
+        "credentialFormat": "PhorgeToken",
     }
     runner = _by_kind(samples, "Deployment")["ci-runner"]["spec"]["template"]
     assert runner["metadata"]["annotations"]["linkerd.io/inject"] == "enabled"

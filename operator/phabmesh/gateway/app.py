@@ -1,7 +1,8 @@
 """The Conduit gateway: ``/api/<method>`` exactly as Phabricator serves it.
 
 Per call: find the credential wherever Conduit clients put a token, verify it
-(signature, time, audience, issuer), confirm its lease is Active (from the
+(a JWT: signature, time, audience, issuer; a Phorge-shaped token: its lease by
+locator from the watch, MAC, expiry), confirm its lease is Active (from the
 watch) and its pod is not terminating or gone (from a watch of pods), check the
 binding's method allowlist and the ``l5d-client-id``, swap in the bot's real
 token, forward over a pooled keep-alive connection, and answer.
@@ -12,7 +13,8 @@ Documented errors (``error_code``):
 
 - ``ERR-INVALID-SESSION``: no credential at all.
 - ``ERR-INVALID-AUTH``: the credential is malformed, forged, expired, not yet
-  valid, for another audience or issuer, or its lease is revoked or unknown;
+  valid, for another audience or issuer, matches no lease (a Phorge-shaped one),
+  or its lease is revoked or unknown;
   also when the lease cannot be confirmed because the gateway's watch is down
   (fail closed) and when ``l5d-client-id`` does not match. ``error_info`` says
   which.
@@ -26,10 +28,11 @@ Documented errors (``error_code``):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -39,6 +42,7 @@ from aiohttp import web
 from phabmesh import credentials, logs, matching, metrics, serving
 from phabmesh.conduit import wire
 from phabmesh.gateway.state import GatewayState
+from phabmesh.lease import LeaseView
 from phabmesh.settings import Settings
 
 log = structlog.get_logger("phabmesh.audit")
@@ -66,6 +70,47 @@ class Refusal(Exception):
 
     def response(self) -> web.Response:
         return envelope(self.code, self.info, self.status)
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Who a verified credential speaks for, whatever its format: what the checks need."""
+
+    subject: str  # the Linkerd identity
+    namespace: str
+    pod: str
+    pod_uid: str
+    binding: str
+    bot: str
+    lease_uid: str
+    format: str  # "jwt" or "phorge-token"
+
+    @classmethod
+    def from_claims(cls, claims: credentials.Claims) -> Caller:
+        return cls(
+            claims.subject,
+            claims.namespace,
+            claims.pod,
+            claims.pod_uid,
+            claims.binding,
+            claims.bot,
+            claims.lease_uid,
+            "jwt",
+        )
+
+    @classmethod
+    def from_lease(cls, lease: LeaseView) -> Caller:
+        """A Phorge-shaped token carries no claims: its lease's facts, which its MAC covers."""
+        return cls(
+            lease.identity,
+            lease.namespace,
+            lease.pod_name,
+            lease.pod_uid,
+            lease.binding,
+            lease.bot,
+            lease.uid,
+            "phorge-token",
+        )
 
 
 class Gateway:
@@ -141,6 +186,7 @@ class Gateway:
                 logs.POD: claims.pod,
                 logs.BINDING: claims.binding,
                 logs.BOT: claims.bot,
+                logs.CREDENTIAL_FORMAT: claims.format,
             }
         )
         self._check_lease(claims)
@@ -196,7 +242,7 @@ class Gateway:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _verify(self, token: str) -> credentials.Claims:
+    def _verify(self, token: str) -> Caller:
         ring = self.state.keys.ring
         if ring is None:
             raise Refusal(
@@ -204,8 +250,10 @@ class Gateway:
                 "credential cannot be verified yet: keys not loaded",
                 "not_ready",
             )
+        if token.startswith(credentials.phorge.PREFIX):
+            return self._verify_phorge(token, ring)
         try:
-            return self.verified.verify(
+            claims = self.verified.verify(
                 token,
                 ring,
                 audience=self.settings.credential_audience,
@@ -215,22 +263,49 @@ class Gateway:
             )
         except credentials.CredentialError as exc:
             raise Refusal("ERR-INVALID-AUTH", f"credential refused: {exc}", "invalid") from exc
+        return Caller.from_claims(claims)
 
-    def _check_lease(self, claims: credentials.Claims) -> None:
+    def _verify_phorge(self, token: str, ring: credentials.KeyRing) -> Caller:
+        """Its lease, found by locator in the lease watch; one MAC per candidate and key.
+
+        No cache: a call costs a dictionary lookup and an HMAC or two, and the lease is
+        read afresh every time.
+        """
         leases = self.state.leases
         if not leases.connected:
-            raise Refusal(
-                "ERR-INVALID-AUTH",
-                "credential cannot be confirmed: the gateway has lost its watch on leases; "
-                "retry shortly",
-                "unconfirmed",
+            raise _unconfirmed()
+
+        def candidates(locator: str) -> Iterator[tuple[LeaseView | str, bytes]]:
+            yield from leases.at_locator(locator)
+            yield from leases.buried_at(locator)  # removed lately: say why it went
+
+        try:
+            verified = credentials.phorge.verify(
+                token,
+                ring,
+                candidates,
+                now=self.clock(),
+                leeway=datetime.timedelta(seconds=self.settings.clock_skew),
             )
+        except credentials.CredentialError as exc:
+            raise Refusal("ERR-INVALID-AUTH", f"credential refused: {exc}", "invalid") from exc
+        if isinstance(verified.holder, str):
+            raise self._gone(verified.holder)
+        return Caller.from_lease(verified.holder)
+
+    def _gone(self, lease_uid: str) -> Refusal:
+        reason = self.state.leases.tombstones.get(lease_uid)
+        return _revoked(
+            _REASONS.get(reason, "lease deleted") if reason else "lease no longer exists"
+        )
+
+    def _check_lease(self, claims: Caller) -> None:
+        leases = self.state.leases
+        if not leases.connected:
+            raise _unconfirmed()
         lease = leases.by_uid.get(claims.lease_uid)
         if lease is None:
-            reason = leases.tombstones.get(claims.lease_uid)
-            raise _revoked(
-                _REASONS.get(reason, "lease deleted") if reason else "lease no longer exists"
-            )
+            raise self._gone(claims.lease_uid)
         if not lease.active:
             reason = lease.reason or "revoked"
             raise _revoked(_REASONS.get(reason, reason))
@@ -276,6 +351,14 @@ class Gateway:
             # Phorge echoes a refused token in error_info: never hand the bot's out.
             payload = payload.replace(bot_token.encode(), b"[REDACTED]")
         return web.Response(status=status, body=payload, headers=headers)
+
+
+def _unconfirmed() -> Refusal:
+    return Refusal(
+        "ERR-INVALID-AUTH",
+        "credential cannot be confirmed: the gateway has lost its watch on leases; retry shortly",
+        "unconfirmed",
+    )
 
 
 def _revoked(detail: str) -> Refusal:

@@ -2,8 +2,14 @@
 
 ``POST /v1/credentials`` with ``Authorization: Bearer <token>`` (audience
 ``phabmesh.io``) → TokenReview (successes cached by token hash for at most
-10 s) → the pod's UID → its Active lease (from a watch; no API call) → a signed
-credential whose ``exp`` never passes the lease's ``expiresAt``.
+10 s) → the pod's UID → its Active lease (from a watch; no API call) → a
+credential that expires no later than the lease's ``expiresAt``.
+
+Its format: ``?format=phorge-token`` (``api-`` and 28 characters, like a Phorge
+API token: :mod:`phabmesh.credentials.phorge`) or ``?format=jwt`` (a signed JWT:
+:mod:`phabmesh.credentials.tokens`); without the parameter, the binding's
+``credentialFormat`` (from a watch), which defaults to the Phorge-shaped token.
+Either is minted from the lease and the signing keys alone: no API write.
 
 Also serves ``/.well-known/jwks.json`` and ``/.well-known/openid-configuration``.
 """
@@ -14,7 +20,7 @@ import datetime
 import hashlib
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
@@ -23,7 +29,7 @@ from phabmesh import credentials, identity, logs, matching, metrics, resources
 from phabmesh.keystore import KeyStore
 from phabmesh.kube import KubeClient, KubeError, NotFound
 from phabmesh.kube.client import resource_path
-from phabmesh.lease import LeaseView
+from phabmesh.lease import LeaseView, format_time
 from phabmesh.leasewatch import LeaseIndex
 from phabmesh.settings import Settings
 
@@ -34,6 +40,35 @@ POD_UID = "authentication.kubernetes.io/pod-uid"
 CLIENT_ID_HEADER = "l5d-client-id"
 JWKS_PATH = "/.well-known/jwks.json"
 DISCOVERY_PATH = "/.well-known/openid-configuration"
+# Credential formats, as ``?format=`` and the answer's ``format`` spell them.
+PHORGE_TOKEN = "phorge-token"  # noqa: S105 - a format's name
+JWT = "jwt"
+FORMAT_PARAMETER = "format"
+_FORMATS = {"phorgetoken": PHORGE_TOKEN, "jwt": JWT}  # case, '-' and '_' do not matter
+_SPEC_FORMATS = {resources.PHORGE_TOKEN: PHORGE_TOKEN, resources.JWT: JWT}
+
+
+def requested_format(value: str | None) -> str | None:
+    """The format a ``?format=`` value names, None if it is absent; ValueError if unknown."""
+    if value is None:
+        return None
+    wanted = _FORMATS.get(value.strip().lower().replace("-", "").replace("_", ""))
+    if wanted is None:
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise ValueError(
+            f"unknown credential format {shown!r} in query parameter {FORMAT_PARAMETER!r}: "
+            f"use {PHORGE_TOKEN} or {JWT}"
+        )
+    return wanted
+
+
+class Bindings(Protocol):
+    """The bindings as a watch sees them (the operator's pod-injection index)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    def spec(self, namespace: str, name: str) -> resources.BindingSpec | None: ...
 
 
 class Reviewed:
@@ -108,12 +143,14 @@ class Issuer:
         leases: LeaseIndex,
         reviewer: TokenReviewer,
         clock: Callable[[], datetime.datetime] | None = None,
+        bindings: Bindings | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
         self.keys = keys
         self.leases = leases
         self.reviewer = reviewer
+        self.bindings = bindings  # for credentialFormat; None: always the default
         self.clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
         self.naming = identity.Naming(
             control_plane_namespace=settings.linkerd_namespace,
@@ -122,7 +159,12 @@ class Issuer:
 
     @property
     def ready(self) -> bool:
-        return self.keys.ready and self.leases.synced and self.leases.connected
+        return (
+            self.keys.ready
+            and self.leases.synced
+            and self.leases.connected
+            and (self.bindings is None or self.bindings.ready)
+        )
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/credentials", self.issue)
@@ -162,6 +204,10 @@ class Issuer:
     async def _issue(self, request: web.Request, audit: dict[str, str]) -> web.Response:
         if not self.ready:
             return _error(503, "not_ready", "the credential endpoint is starting; retry shortly")
+        try:
+            wanted_format = requested_format(request.query.get(FORMAT_PARAMETER))
+        except ValueError as exc:
+            return _error(400, "invalid_format", str(exc))
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -217,30 +263,57 @@ class Issuer:
                 "identity_mismatch",
                 f"the mTLS client identity does not match the pod's identity {lease.identity}",
             )
-        audit.update({logs.BINDING: lease.binding, logs.BOT: lease.bot})
-        return self._mint(lease, now)
-
-    def _mint(self, lease: LeaseView, now: datetime.datetime) -> web.Response:
-        assert self.keys.ring is not None and lease.expires_at is not None
-        token = credentials.mint(
-            self.keys.ring,
-            issuer=self.settings.issuer,
-            audience=self.settings.credential_audience,
-            subject=lease.identity,
-            now=now,
-            not_after=lease.expires_at,
-            pod=lease.pod_name,
-            pod_uid=lease.pod_uid,
-            namespace=lease.namespace,
-            binding=lease.binding,
-            bot=lease.bot,
-            bot_phid=lease.bot_phid,
-            lease_uid=lease.uid,
+        credential_format = wanted_format or self._binding_format(lease)
+        audit.update(
+            {
+                logs.BINDING: lease.binding,
+                logs.BOT: lease.bot,
+                logs.CREDENTIAL_FORMAT: credential_format,
+            }
         )
+        return self._mint(lease, now, credential_format)
+
+    def _binding_format(self, lease: LeaseView) -> str:
+        spec = self.bindings.spec(lease.namespace, lease.binding) if self.bindings else None
+        return _SPEC_FORMATS[spec.credential_format if spec else resources.PHORGE_TOKEN]
+
+    def _mint(self, lease: LeaseView, now: datetime.datetime, fmt: str) -> web.Response:
+        """A credential made from the lease and the ring alone: no API call, no write."""
+        assert self.keys.ring is not None and lease.expires_at is not None
+        ttl = datetime.timedelta(seconds=self.settings.max_credential_ttl)
+        if fmt == PHORGE_TOKEN:
+            token = credentials.phorge.mint(
+                self.keys.ring,
+                lease_uid=lease.uid,
+                digest=lease.phorge_digest(),
+                now=now,
+                not_after=lease.expires_at,
+                ttl=ttl,
+            )
+        else:
+            token = credentials.mint(
+                self.keys.ring,
+                issuer=self.settings.issuer,
+                audience=self.settings.credential_audience,
+                subject=lease.identity,
+                now=now,
+                not_after=lease.expires_at,
+                pod=lease.pod_name,
+                pod_uid=lease.pod_uid,
+                namespace=lease.namespace,
+                binding=lease.binding,
+                bot=lease.bot,
+                bot_phid=lease.bot_phid,
+                lease_uid=lease.uid,
+                ttl=ttl,
+            )
+        # As both mints compute it: the lease's end or now + ttl, in whole seconds.
+        expires = min(lease.expires_at, now + ttl).replace(microsecond=0)
         return web.json_response(
             {
                 "credential": token,
-                "expiresAt": lease.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "format": fmt,
+                "expiresAt": format_time(expires),
                 "identity": lease.identity,
                 "binding": lease.binding,
                 "bot": lease.bot,

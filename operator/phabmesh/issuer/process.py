@@ -59,17 +59,18 @@ class OperatorProcess:
             max_credential_ttl=datetime.timedelta(seconds=s.max_credential_ttl + s.clock_skew),
         )
         self.leases = LeaseIndex(self.client)
+        self.injector = Injector(s, self.client)
         self.issuer = Issuer(
             s,
             self.client,
             self.keys,
             self.leases,
             TokenReviewer(self.client, s.token_audience, s.token_review_cache_ttl),
+            bindings=self.injector,  # its watch of bindings also tells each one's format
         )
         await self.keys.ensure()
         self.tasks.append(asyncio.create_task(self.keys.run()))
         self.tasks.append(asyncio.create_task(self.leases.run()))
-        self.injector = Injector(s, self.client)
         self.tasks.append(asyncio.create_task(self.injector.bindings.run()))
         self.webhook_tls = WebhookTLS(
             self.client,
