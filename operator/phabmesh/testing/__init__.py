@@ -2,7 +2,7 @@
 
 It is a real HTTP server (aiohttp) on 127.0.0.1, agreeing with the recordings
 of a stock Phorge in ``shared/conduit/recordings``: ``conduit.ping``,
-``conduit.getcapabilities``, ``conduit.query``, ``user.whoami``, ``user.search``, ``user.edit``
+``conduit.getcapabilities``, ``user.whoami``, ``user.search``, ``user.edit``
 (disable/enable) and ``user.disable``, the same checks in the same order, the
 same error codes and messages, the same envelope and headers. Tests drive it:
 add users and tokens, disable an account, terminate or delete a token, take it
