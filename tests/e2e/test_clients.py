@@ -93,10 +93,10 @@ class Stack:
     def start(self, bot_token: str) -> None:
         kubeconfig = str(self.cluster.kubeconfig)
         self.operator = Threaded(OperatorProcess(self.settings, kubeconfig=kubeconfig)).start()
-        wait_for(self.operator.process.ready, timeout=60, what="operator ready")  # type: ignore[attr-defined]
+        wait_for(self.operator.process.ready, timeout=180, what="operator ready")  # type: ignore[attr-defined]
         gateway = GatewayProcess(self.settings, kubeconfig=kubeconfig)
         self.gateway = Threaded(gateway).start()
-        wait_for(lambda: gateway.state.ready, timeout=60, what="gateway ready")
+        wait_for(lambda: gateway.state.ready, timeout=180, what="gateway ready")
         register_bot(self.cluster, self.bot, bot_token)
         label_namespace(self.cluster, NS)
         make_binding(self.cluster, NS, "runners", self.bot, allowedMethods=ALLOWED)
