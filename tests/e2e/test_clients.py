@@ -14,15 +14,19 @@ expects; docs/phabricator.md how to run against a real Phorge."""
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import http.server
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import pytest
 import requests
@@ -32,7 +36,7 @@ from phabmesh import devcluster
 from phabmesh.gateway.process import GatewayProcess
 from phabmesh.issuer.process import OperatorProcess
 from phabmesh.settings import Settings
-from phabmesh.testing import ConduitServer
+from phabmesh.testing import ConduitServer, conduit_server
 from tests.kube import Cluster, wait_for
 from tests.phab import (
     SYSTEM,
@@ -416,3 +420,127 @@ def test_client_through_the_gateway(stack: Stack, name: str, tmp_path: Path) -> 
     )
     echoed = credential in revoked.output
     assert not echoed, f"{name} printed the credential"
+
+
+# What each client sends, as docs/clients.md says: recorded by a loopback server that answers
+# as Phorge does (X-Conduit-Capabilities: gzip; the answer in gzip to a client that accepts it).
+
+SENDS: dict[str, dict[str, Any]] = {
+    "arc": {
+        "accept": "*/*",
+        "accept-encoding": "gzip",
+        "user-agent": None,
+        "fields": ["params", "output", "__conduit__"],
+    },
+    "phabricator": {
+        "accept": "*/*",
+        "accept-encoding": "gzip, deflate",
+        "user-agent": "python-phabricator/1",
+        "fields": ["params", "output"],
+    },
+    "phabfive": {
+        "accept": "*/*",
+        "accept-encoding": "gzip, deflate",
+        "user-agent": "python-phabricator/1",
+        "fields": ["params", "output"],
+    },
+    "canduit": {
+        "accept": "application/json",
+        "accept-encoding": None,
+        "user-agent": None,
+        "fields": ["output", "params"],
+    },
+}
+
+
+@dataclasses.dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class Recorder:
+    """Records each request; answers `conduit.query` and `user.whoami` as Phorge would."""
+
+    def __init__(self, bot: str) -> None:
+        self.bot = bot
+        self.requests: list[Recorded] = []
+        recorder = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                recorded = Recorded(self.command, self.path, headers, self.rfile.read(length))
+                recorder.requests.append(recorded)
+                body = json.dumps(recorder.envelope(self.path.rsplit("/", 1)[-1])).encode()
+                compress = "gzip" in headers.get("accept-encoding", "")
+                if compress:
+                    body = gzip.compress(body)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("X-Conduit-Capabilities", "gzip")
+                if compress:
+                    self.send_header("Content-Encoding", "gzip")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+                return
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def envelope(self, method: str) -> dict[str, Any]:
+        if method == "conduit.query":
+            return {"result": conduit_server.METHODS, "error_code": None, "error_info": None}
+        if method == "user.whoami":
+            me = {"phid": "PHID-USER-aaaaaaaaaaaaaaaaaaaa", "userName": self.bot}
+            me.update(realName=self.bot, primaryEmail="", roles=["bot", "verified"])
+            return {"result": me, "error_code": None, "error_info": None}
+        info = f'Conduit API method "{method}" does not exist.'
+        return {"result": None, "error_code": "ERR-CONDUIT-CALL", "error_info": info}
+
+    def __enter__(self) -> Recorder:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("name", list(CLIENT_TYPES))
+def test_what_each_client_sends_and_reads(name: str, tmp_path: Path) -> None:
+    driver = CLIENT_TYPES[name]()
+    token = "api-" + "k" * 28  # Phorge's shape, which every client takes
+    with Recorder("ci-bot") as recorder:
+        me = driver.whoami(recorder.url, token, tmp_path)
+    # It read the answer, compressed in gzip since it asked for that.
+    assert me.error_code is None and me.result == "ci-bot", f"{name}: {me}"
+    paths = [r.path for r in recorder.requests]
+    if name == "phabfive":  # the method list first, then whoami to verify, then whoami
+        assert paths == ["/api/conduit.query", "/api/user.whoami", "/api/user.whoami"]
+    else:
+        assert paths == ["/api/user.whoami"]
+    sends = SENDS[name]
+    for request in recorder.requests:
+        assert request.method == "POST"
+        assert request.headers["content-type"] == "application/x-www-form-urlencoded"
+        assert "content-encoding" not in request.headers  # a first call is never compressed
+        for header in ("accept", "accept-encoding", "user-agent"):
+            assert request.headers.get(header) == sends[header], (name, header)
+        fields = parse_qsl(request.body.decode(), keep_blank_values=True, strict_parsing=True)
+        assert [key for key, _ in fields] == sends["fields"], name
+        params = json.loads(dict(fields)["params"])
+        assert params["__conduit__"] == {"token": token}, name  # never api.token
+        assert dict(fields)["output"] == "json"
