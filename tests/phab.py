@@ -38,6 +38,12 @@ def make_bot(cluster: Cluster, conduit: ConduitServer, username: str, *, bot: bo
     """A Phabricator account, its token in a Secret, and a PhabricatorBot for it."""
     conduit.add_user(username, bot=bot)
     token = conduit.add_token(username)
+    register_bot(cluster, username, token)
+    return token
+
+
+def register_bot(cluster: Cluster, username: str, token: str) -> None:
+    """The token of an existing Phabricator account in a Secret, and a PhabricatorBot for it."""
     cluster.core.create_namespaced_secret(
         SYSTEM,
         client.V1Secret(
@@ -60,7 +66,6 @@ def make_bot(cluster: Cluster, conduit: ConduitServer, username: str, *, bot: bo
             },
         },
     )
-    return token
 
 
 def label_namespace(cluster: Cluster, namespace: str) -> None:

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from phabmesh.conduit import wire
-from phabmesh.testing import ConduitServer
+from phabmesh.testing import ConduitServer, conduit_server
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
@@ -70,6 +70,19 @@ def test_unknown_parameters_are_listed_as_sent(server: ConduitServer) -> None:
         "ERR-CONDUIT-CALL",
         "API Method \"user.whoami\" does not define these parameters: 'zeta', 'alpha'.",
     )
+
+
+def test_conduit_query_describes_each_method_it_has(server: ConduitServer) -> None:
+    """Phorge describes every method it has; phabfive reads this before its first call."""
+    assert envelope(post(server, "conduit.query", []))[1] == "ERR-INVALID-SESSION"
+    token = server.add_token("ci-bot")
+    result, code, _ = envelope(post(server, "conduit.query", [("api.token", token)]))
+    assert code is None
+    assert set(result) == set(conduit_server.PARAMS)
+    for method, definition in result.items():
+        params = definition["params"] or {}
+        assert set(params) == conduit_server.PARAMS[method], method
+        assert definition["description"] and definition["return"], method
 
 
 def test_json_params_are_strictly_typed(server: ConduitServer) -> None:

@@ -25,6 +25,7 @@ PUBLIC_METHODS = frozenset({"conduit.ping", "conduit.getcapabilities"})
 PARAMS: dict[str, frozenset[str]] = {
     "conduit.ping": frozenset(),
     "conduit.getcapabilities": frozenset(),
+    "conduit.query": frozenset(),
     "user.whoami": frozenset(),
     "user.search": frozenset(
         {"queryKey", "constraints", "attachments", "order", "before", "after", "limit"}
@@ -64,6 +65,74 @@ CAPABILITIES = {
     "signatures": ["consign"],
     "input": ["json", "urlencoded"],
     "output": ["json", "human"],
+}
+# conduit.query: stock Phorge's own description of each method this server has (Phorge lists
+# all of its methods). Clients such as phabfive read it before their first call.
+_SEARCH_DOCS = (
+    "This is a standard **ApplicationSearch** method which will let you list, query, or search "
+    "for objects. For documentation on these endpoints, see **[[ https://we.phorge.it/diviner/"
+    "find/?name=Conduit%20API%3A%20Using%20Search%20Endpoints&type=article&jump=1 | Conduit API: "
+    "Using Search Endpoints ]]**."
+)
+_EDIT_DOCS = (
+    "This is a standard **ApplicationEditor** method which allows you to create and modify "
+    "objects by applying transactions. For documentation on these endpoints, see **[[ "
+    "https://we.phorge.it/diviner/find/?name=Conduit%20API%3A%20Using%20Edit%20Endpoints&type="
+    "article&jump=1 | Conduit API: Using Edit Endpoints ]]**."
+)
+METHODS: dict[str, dict[str, Any]] = {
+    "conduit.getcapabilities": {
+        "description": "List capabilities, wire formats, and authentication protocols available "
+        "on this server.",
+        "params": [],
+        "return": "dict<string, any>",
+    },
+    "conduit.ping": {
+        "description": "Basic ping for monitoring or a health-check.",
+        "params": [],
+        "return": "string",
+    },
+    "conduit.query": {
+        "description": "Returns the parameters of the Conduit methods.",
+        "params": [],
+        "return": "dict<dict>",
+    },
+    "user.disable": {
+        "description": "Permanently disable specified users (admin only).",
+        "params": {"phids": "required list<phid>"},
+        "return": "void",
+    },
+    "user.edit": {
+        "description": _EDIT_DOCS,
+        "params": {
+            "transactions": "list<map<string, wild>>",
+            "objectIdentifier": "optional id|phid|string",
+        },
+        "return": "map<string, wild>",
+    },
+    "user.enable": {
+        "description": "Re-enable specified users (admin only).",
+        "params": {"phids": "required list<phid>"},
+        "return": "void",
+    },
+    "user.search": {
+        "description": _SEARCH_DOCS,
+        "params": {
+            "queryKey": "optional string",
+            "constraints": "optional map<string, wild>",
+            "attachments": "optional map<string, bool>",
+            "order": "optional order",
+            "before": "optional string",
+            "after": "optional string",
+            "limit": "optional int (default = 100)",
+        },
+        "return": "map<string, wild>",
+    },
+    "user.whoami": {
+        "description": "Retrieve information about the logged-in user.",
+        "params": [],
+        "return": "nonempty dict<string, wild>",
+    },
 }
 DB_DOWN_PAGE = """<!DOCTYPE html>
 <html>
@@ -490,6 +559,8 @@ class ConduitServer:
         if method == "conduit.getcapabilities":
             return CAPABILITIES
         assert user is not None
+        if method == "conduit.query":
+            return METHODS
         if method == "user.whoami":
             return {
                 "phid": user.phid,
