@@ -8,7 +8,9 @@ made. The seed comes from the recordings themselves, not from a list written
 here (:class:`Lab`): accounts from ``user.search`` and ``user.whoami`` answers,
 tokens and their owners from successful calls (or their ``token_ref``), and
 each change made outside Conduit (a token terminated, expired or deleted, an
-account disabled) from what the answers say and when they were recorded.
+account disabled) from what the answers say and when they were recorded. Where a
+folder never shows an account at all (a paging cursor alone hints at it), no
+seed can: such a folder needs the recording that shows it.
 The answer must agree: status, the headers a client reads, the encoding
 (``Content-Encoding``, ``Vary``, the compressed bytes), and the decoded body.
 """
@@ -19,6 +21,7 @@ import base64
 import dataclasses
 import datetime
 import gzip
+import hashlib
 import http.client
 import json
 import os
@@ -59,6 +62,11 @@ class Recording:
     @property
     def method(self) -> str:
         return str(self.request["conduit_method"])
+
+    @property
+    def params(self) -> dict[str, Any]:
+        params = self.request.get("params")
+        return params if isinstance(params, dict) else {}
 
     @property
     def token(self) -> str | None:
@@ -130,6 +138,14 @@ class Account:
         return min(born, self.first_seen) <= at
 
 
+# Errors Phorge gives as its refusal of a token, or can give before authenticating (an
+# unknown method or parameter, a body it cannot read): a token that got one of these did
+# not show that it authenticates.
+BEFORE_OR_AT_AUTH = frozenset(
+    {"ERR-INVALID-AUTH", "ERR-INVALID-SESSION", "ERR-CONDUIT-CALL", "ERR-CONDUIT-CORE"}
+)
+
+
 class Lab:
     """The lab server's accounts and tokens over time, as the recordings show them."""
 
@@ -139,6 +155,8 @@ class Lab:
         self.seen: dict[str, list[tuple[float, str, bool]]] = {}
         # (time, phid, disabled): accounts disabled or enabled by a recorded call.
         self.changes: list[tuple[float, str, bool]] = []
+        # (time, phid, disabled, dateModified): when an answer said an account last changed.
+        self.modified_seen: list[tuple[float, str, bool, int]] = []
         self.owners: dict[str, str] = {}  # token -> phid
         ordered = sorted(recs, key=lambda r: (r.at, r.name))
         self.public = {r.method for r in ordered if r.succeeded and r.token is None}
@@ -150,10 +168,17 @@ class Lab:
             self._states(rec)
         self._number()
 
-    def _account(self, rec: Recording, phid: str, username: str, real_name: str) -> Account:
+    def _account(
+        self, rec: Recording, phid: str, username: str | None = None, real_name: str | None = None
+    ) -> Account:
+        """The account with this PHID, first seen in ``rec`` if new; named when an answer
+        names it (an account only ever seen as a PHID gets a name of its own)."""
         account = self.accounts.get(phid)
         if account is None:
-            account = self.accounts[phid] = Account(phid, username, real_name, rec.at)
+            name = username or f"user-{phid.removeprefix('PHID-USER-')[:8]}"
+            account = self.accounts[phid] = Account(phid, name, real_name or name, rec.at)
+        if username is not None:
+            account.username, account.real_name = username, real_name or username
         return account
 
     def _accounts(self, rec: Recording) -> None:
@@ -166,7 +191,9 @@ class Lab:
                 account.date_created = fields["dateCreated"]
                 account.bot = "bot" in fields["roles"]
                 account.admin = "admin" in fields["roles"]
-                self._see(rec, row["phid"], "disabled" in fields["roles"])
+                disabled = "disabled" in fields["roles"]
+                self._see(rec, row["phid"], disabled)
+                self.modified_seen.append((rec.at, row["phid"], disabled, fields["dateModified"]))
         if rec.method == "user.whoami" and isinstance(result, dict):
             account = self._account(rec, result["phid"], result["userName"], result["realName"])
             account.bot = "agent" in result["roles"] or "bot" in result["roles"]
@@ -175,32 +202,62 @@ class Lab:
             account.email = result["primaryEmail"] or None
             if rec.token:
                 self.owners[rec.token] = result["phid"]
+        if rec.method == "user.edit" and isinstance(result, dict):
+            self._account(rec, result["object"]["phid"]).id = result["object"]["id"]
+        target = str(rec.params.get("objectIdentifier"))
+        # An edit answered otherwise than with the account's absence: the account is there.
+        refused = rec.answer is not None and "No object exists" not in rec.error_info
+        if rec.method == "user.edit" and refused and target.startswith("PHID-USER-"):
+            self._account(rec, target)
 
     def _tokens(self, rec: Recording) -> None:
-        """A token's owner from its ``token_ref`` when no answer named it: a username, or
-        a username and a suffix (``ci-bot-expired``)."""
+        """A token's owner when no answer named it: the account its ``token_ref`` names (a
+        username, or a username and a suffix: ``ci-bot-expired``); else, when Phorge knew
+        the token (it authenticated, or was expired, or its account disabled), an account
+        of its own that no answer shows more of."""
         ref = rec.request.get("token_ref")
-        if not rec.token or rec.token in self.owners or not ref:
+        if not rec.token or rec.token in self.owners:
             return
         named = [a for a in self.accounts.values() if f"{ref}-".startswith(f"{a.username}-")]
-        if named:
+        if ref and named:
             self.owners[rec.token] = max(named, key=lambda a: len(a.username)).phid
+        elif self._known(rec):
+            phid = "PHID-USER-" + hashlib.sha256(rec.token.encode()).hexdigest()[:20]
+            username = ref or f"owner-{len(self.accounts) + 1}"
+            self._account(rec, phid, username, username)
+            self.owners[rec.token] = phid
+
+    def _known(self, rec: Recording) -> bool:
+        """Whether ``rec``'s answer shows that Phorge had its token."""
+        return self._authenticated(rec) or rec.error_info.endswith(
+            ("has expired.", "not permitted to use the API.")
+        )
+
+    def _authenticated(self, rec: Recording) -> bool:
+        """Whether ``rec``'s token got past authentication: a result, or an error that only
+        comes after it (ERR-CONDUIT-CORE and ERR-CONDUIT-CALL can come before)."""
+        if rec.method in self.public or rec.answer is None:
+            return False
+        return rec.succeeded or rec.answer.get("error_code") not in BEFORE_OR_AT_AUTH
 
     def _states(self, rec: Recording) -> None:
         owner = self.owners.get(rec.token or "")
-        if owner and rec.method not in self.public and rec.answer is not None:
-            if rec.succeeded:
+        if owner and rec.answer is not None:
+            if self._authenticated(rec):
                 self._see(rec, owner, False)  # authenticated: the account is enabled
             elif "not permitted to use the API" in rec.error_info:
                 self._see(rec, owner, True)
+        changed = len(self.changes)
         if rec.succeeded and rec.method == "user.edit":
-            for xact in rec.request["params"].get("transactions") or []:
+            for xact in rec.params.get("transactions") or []:
                 if isinstance(xact, dict) and xact.get("type") == "disabled":
                     phid = rec.result["object"]["phid"]
                     self.changes.append((rec.at, phid, bool(xact["value"])))
         if rec.succeeded and rec.method in ("user.disable", "user.enable"):
-            for phid in rec.request["params"].get("phids") or []:
+            for phid in rec.params.get("phids") or []:
                 self.changes.append((rec.at, phid, rec.method == "user.disable"))
+        if owner and len(self.changes) > changed:
+            self.accounts[owner].admin = True  # only administrators disable or enable
 
     def _see(self, rec: Recording, phid: str, disabled: bool) -> None:
         self.seen.setdefault(phid, []).append((rec.at, rec.name, disabled))
@@ -226,9 +283,15 @@ class Lab:
         return min(seen, key=lambda s: s[0])[2] if seen else False
 
     def modified(self, account: Account, disabled: bool, rec: Recording) -> int:
-        """dateModified: the last recorded change to this state, else creation."""
+        """dateModified: the last recorded change to this state; else what the nearest answer
+        showing the account in this state said; else its creation."""
         state = (account.phid, disabled)
         times = [t for t, p, d in self.changes if (p, d) == state and t <= rec.at]
+        if not times:
+            shown = [
+                (abs(rec.at - t), -t, m) for t, p, d, m in self.modified_seen if (p, d) == state
+            ]
+            times = [min(shown)[2]] if shown else []
         created = account.date_created if account.date_created is not None else account.first_seen
         return int(max(times, default=created))
 
@@ -341,6 +404,47 @@ def test_the_recordings_are_there() -> None:
 @pytest.mark.parametrize("rec", FILES or [None], ids=[r.name for r in FILES] or ["missing"])
 def test_server_agrees_with_recording(server: ConduitServer, rec: Recording | None) -> None:
     assert rec is not None, f"no recordings in {RECORDINGS}"
+    _replay(server, rec)
+
+
+def _gzipped(rec: Recording) -> Recording:
+    """The same call with its body gzipped, as arcanist sends it once it may."""
+    request = dict(rec.request)
+    request["headers"] = {**request["headers"], "Content-Encoding": "gzip"}
+    request["body_base64"] = base64.b64encode(gzip.compress(rec.body)).decode()
+    return dataclasses.replace(rec, request=request)
+
+
+ARCANIST_STYLE = [r for r in FILES if r.request.get("encoding") == "params-json" and r.body]
+
+
+@pytest.mark.parametrize("rec", ARCANIST_STYLE, ids=[r.name for r in ARCANIST_STYLE])
+def test_a_compressed_request_body_gets_the_same_answer(
+    server: ConduitServer, rec: Recording
+) -> None:
+    compressed = _gzipped(rec)
+    assert compressed.body != rec.body
+    assert gzip.decompress(compressed.body) == rec.body
+    _replay(server, compressed)
+
+
+def test_response_headers_are_read_in_either_shape() -> None:
+    """Newer recordings keep response headers as a list of pairs, older ones as a map."""
+    rec = FILES[0] if FILES else pytest.fail(f"no recordings in {RECORDINGS}")
+    pairs = [["Content-Type", "application/json"], ["Vary", "Accept-Encoding"]]
+    as_list = dataclasses.replace(rec, response={**rec.response, "headers": pairs})
+    as_map = dataclasses.replace(rec, response={**rec.response, "headers": dict(pairs)})
+    assert (
+        as_list.headers
+        == as_map.headers
+        == {
+            "content-type": "application/json",
+            "vary": "Accept-Encoding",
+        }
+    )
+
+
+def _replay(server: ConduitServer, rec: Recording) -> None:
     LAB.seed(server, rec)
     status, headers, raw = _send(server, rec)
     assert status == rec.response["status"]
