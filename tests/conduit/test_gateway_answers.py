@@ -110,6 +110,8 @@ async def test_refusals_are_encoded_the_same_way(
 ) -> None:
     gateway = await gateway_for(conduit.url)
     status, headers, raw = await _post(gateway, "user.whoami", accept)
+    direct = await _post(conduit.url, "user.whoami", accept)
+    assert raw == direct[2]  # Phorge's own refusal, byte for byte
     assert status == 200
     assert headers.get("Content-Encoding") == coding
     assert headers.get("Vary") == ("Accept-Encoding" if coding else None)
@@ -120,7 +122,7 @@ async def test_refusals_are_encoded_the_same_way(
     }
     for name, value in responses.CONDUIT_HEADERS.items():
         assert headers[name] == value, name
-    assert conduit.calls["user.whoami"] == 0  # refused by the gateway itself
+    assert conduit.calls["user.whoami"] == 1  # the direct call: the gateway refused by itself
 
 
 @pytest.mark.parametrize("anyway", ["gzip", "deflate"])

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import zlib
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 Coding = Literal["gzip", "deflate"]
 
@@ -52,6 +53,19 @@ CONDUIT_HEADERS: Mapping[str, str] = {
     "Expires": "Sat, 01 Jan 2000 00:00:00 GMT",
 }
 VARY = "Accept-Encoding"
+
+
+def php_json(value: Any) -> bytes:
+    """JSON as Phorge writes an answer: PHP's ``json_encode`` (compact, slashes escaped,
+    non-ASCII as ``\\u`` escapes), then ``<`` and ``>`` escaped against content sniffing
+    (``AphrontResponse::encodeJSONForHTTPResponse``)."""
+    text = json.dumps(value, separators=(",", ":")).replace("/", "\\/")
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").encode()
+
+
+def envelope(result: Any = None, code: str | None = None, info: str | None = None) -> bytes:
+    """Conduit's answer, byte for byte as Phorge writes it."""
+    return php_json({"result": result, "error_code": code, "error_info": info})
 
 
 class UnreadableBody(ValueError):

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import json
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -70,7 +69,7 @@ def envelope(
     code: str, info: str, status: int = 200, accept_encoding: str | None = None
 ) -> web.Response:
     """A refusal in Conduit's envelope, with Phorge's headers and encoding."""
-    body = json.dumps({"result": None, "error_code": code, "error_info": info}).encode()
+    body = responses.envelope(None, code, info)
     encoded = responses.encode(body, accept_encoding)  # a few hundred bytes
     return web.Response(
         status=status,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import json
 import re
 import secrets
 import socket
@@ -134,11 +133,6 @@ class _Failure(Exception):
         super().__init__(info)
         self.code = code
         self.info = info
-
-
-def _php_json(value: Any) -> bytes:
-    """JSON as PHP's json_encode writes it (slashes escaped)."""
-    return json.dumps(value, separators=(",", ":")).replace("/", "\\/").encode()
 
 
 _BOOL_STRINGS = {"0": False, "1": True, "false": False, "true": True}
@@ -385,7 +379,7 @@ class ConduitServer:
 
     @staticmethod
     def _reply(result: Any = None, code: str | None = None, info: str | None = None) -> bytes:
-        return _php_json({"result": result, "error_code": code, "error_info": info})
+        return responses.envelope(result, code, info)
 
     def _encode(self, request: web.Request, body: bytes) -> web.Response:
         """A Conduit answer compressed as Phorge compresses it (errors too)."""
@@ -479,7 +473,7 @@ class ConduitServer:
     def _authenticate(self, token: str | None) -> TestUser:
         if not token:
             raise _Failure("ERR-INVALID-SESSION", "Session key is not present.")
-        if len(token) != 32:
+        if len(token.encode()) != 32:  # PHP's strlen: bytes
             raise _Failure(
                 "ERR-INVALID-AUTH",
                 f'API token "{token}" has the wrong length. API tokens should be 32 '

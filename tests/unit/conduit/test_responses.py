@@ -138,3 +138,12 @@ def test_the_conduit_headers_are_phorges() -> None:
         "Cache-Control": "no-store",
         "Expires": "Sat, 01 Jan 2000 00:00:00 GMT",
     }
+
+
+def test_the_envelope_is_written_as_php_writes_it() -> None:
+    """Compact, slashes, non-ASCII, < and > escaped: as a stock Phorge answers."""
+    assert responses.envelope(None, "ERR-CONDUIT-CALL", 'method "a/b" does not exist.') == (
+        b'{"result":null,"error_code":"ERR-CONDUIT-CALL",'
+        b'"error_info":"method \\"a\\/b\\" does not exist."}'
+    )
+    assert responses.php_json({"name": "Zoë <b>"}) == b'{"name":"Zo\\u00eb \\u003cb\\u003e"}'
