@@ -189,3 +189,15 @@ async def test_async_context_manager() -> None:
 def test_importable_without_pytest() -> None:
     code = "import sys, phabmesh.testing; assert 'pytest' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=sys.path[0] or None, env=None)
+
+
+def test_token_length_is_counted_in_bytes_and_markup_is_escaped(server: ConduitServer) -> None:
+    """As a stock Phorge answers: PHP's strlen, then json_encode with < and > escaped."""
+    wide = post(server, "user.whoami", [("api.token", "api-\u00eb" + "a" * 27)])
+    assert wide.text == (
+        '{"result":null,"error_code":"ERR-INVALID-AUTH","error_info":"API token '
+        '\\"api-\\u00eb' + "a" * 27 + '\\" has the wrong length. API tokens should be 32 '
+        'characters long."}'
+    )
+    marked = post(server, "user.whoami", [("api.token", "api-<>x/" + "a" * 24)])
+    assert '\\"api-\\u003c\\u003ex\\/' in marked.text

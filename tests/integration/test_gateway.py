@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime
 import gzip
+import http.client
 import json
 import re
 import socket
 import time
+import zlib
 from typing import Any
 from urllib.parse import urlencode
 
@@ -16,7 +18,7 @@ import pytest
 import requests
 
 from phabmesh import credentials
-from phabmesh.conduit import wire
+from phabmesh.conduit import responses, wire
 from phabmesh.credentials.keys import SigningKey
 from phabmesh.lease import LeaseView
 from phabmesh.testing import ConduitServer
@@ -362,3 +364,82 @@ def test_hostile_requests_get_clear_answers_and_the_gateway_keeps_serving(
         assert envelope(answer)["error_code"] is not None, kind
     # Still serving, as before.
     assert envelope(call(gateway, "user.whoami", data=token))["error_code"] is None
+
+
+def _raw_call(
+    gateway: Threaded, method: str, fields: dict[str, str], accept: str | None
+) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """A call with exactly this Accept-Encoding (or none): status, headers, body as sent."""
+    port = gateway.process.port  # type: ignore[attr-defined]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        body = urlencode(fields).encode()
+        conn.putrequest("POST", f"/api/{method}", skip_accept_encoding=True)
+        conn.putheader("Content-Type", FORM["Content-Type"])
+        conn.putheader("Content-Length", str(len(body)))
+        if accept is not None:
+            conn.putheader("Accept-Encoding", accept)
+        conn.endheaders(body)
+        response = conn.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        conn.close()
+
+
+def _decoded(headers: http.client.HTTPMessage, raw: bytes) -> dict[str, Any]:
+    coding = headers.get("Content-Encoding")
+    if coding == "gzip":
+        raw = gzip.decompress(raw)
+    elif coding == "deflate":
+        raw = zlib.decompress(raw)
+    else:
+        assert coding is None, coding
+    answer: dict[str, Any] = json.loads(raw)
+    return answer
+
+
+# What a stock Phorge answers for each Accept-Encoding (absent: None).
+ENCODINGS = [("gzip", "gzip"), ("gzip, deflate", "gzip"), ("deflate", "deflate")]
+ENCODINGS += [("identity", None), (None, None)]
+
+
+@pytest.mark.parametrize(("accept", "coding"), ENCODINGS)
+def test_answers_and_refusals_are_encoded_for_each_client(
+    gateway: Threaded, pod: Pod, bound: str, accept: str | None, coding: str | None
+) -> None:
+    forwarded = _raw_call(gateway, "user.whoami", {"api.token": pod.credential}, accept)
+    refused = _raw_call(gateway, "maniphest.edit", {"api.token": pod.credential}, accept)
+    for status, headers, _ in (forwarded, refused):
+        assert status == 200
+        assert headers.get("Content-Encoding") == coding
+        assert headers.get("Vary") == ("Accept-Encoding" if coding else None)
+        for name, value in responses.CONDUIT_HEADERS.items():
+            assert headers.get(name) == value, name
+        assert "Set-Cookie" not in headers
+    assert _decoded(*forwarded[1:])["result"]["userName"] == f"bot-{bound}"
+    denied = _decoded(*refused[1:])
+    assert denied["error_code"] == "ERR-CONDUIT-CORE"
+    assert "not allowed by PhabricatorBinding" in denied["error_info"]
+
+
+@pytest.mark.parametrize("accept", ["gzip", "deflate", None])
+def test_the_bot_token_phorge_echoes_in_a_compressed_error_is_redacted(
+    gateway: Threaded, conduit: ConduitServer, pod: Pod, bound: str, accept: str | None
+) -> None:
+    """A proxy in front of Phorge compresses its answers; the bot's token is refused there."""
+    bot_token = gateway.process.state.bot_token(f"bot-{bound}")  # type: ignore[attr-defined]
+    assert bot_token
+    conduit.compress_anyway = "gzip"
+    conduit.terminate_token(bot_token)
+    try:
+        status, headers, raw = _raw_call(
+            gateway, "user.whoami", {"api.token": pod.credential}, accept
+        )
+    finally:
+        conduit.add_token(f"bot-{bound}", bot_token)  # valid again, before the next re-check
+        conduit.compress_anyway = None
+    assert status == 200
+    answer = _decoded(headers, raw)
+    assert answer["error_code"] == "ERR-INVALID-AUTH"
+    assert answer["error_info"] == 'API token "[REDACTED]" was previously valid, but has expired.'
+    assert bot_token.encode() not in raw

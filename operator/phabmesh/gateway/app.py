@@ -20,9 +20,17 @@ Documented errors (``error_code``):
   which.
 - ``ERR-CONDUIT-CORE``: the method is not in the binding's ``allowedMethods``.
 - ``ERR-PHABRICATOR-UNAVAILABLE`` (HTTP 503): Phabricator could not be reached,
-  timed out, or answered 5xx.
+  timed out, or answered 5xx; (HTTP 502) its answer is over
+  ``max_response_bytes`` once decoded, or cannot be decoded.
 - ``ERR-REQUEST-TOO-LARGE`` (HTTP 413): the body (after decompression) is over
   the limit.
+
+Answers, forwarded and refusals alike, are encoded for the client exactly as Phorge
+encodes them (:mod:`phabmesh.conduit.responses`): gzip, deflate or none after the
+client's ``Accept-Encoding``, with ``Content-Encoding`` and ``Vary`` to say so. The
+gateway asks Phabricator for an uncompressed answer (``Accept-Encoding: identity``)
+and still decodes one compressed anyway (a proxy in front of Phorge may), bounded,
+so the token redaction and anything else that reads the body see the decoded text.
 """
 
 from __future__ import annotations
@@ -30,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
-import json
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -40,7 +47,7 @@ import structlog
 from aiohttp import web
 
 from phabmesh import credentials, logs, matching, metrics, serving
-from phabmesh.conduit import wire
+from phabmesh.conduit import responses, wire
 from phabmesh.gateway.state import GatewayState
 from phabmesh.lease import LeaseView
 from phabmesh.settings import Settings
@@ -49,14 +56,29 @@ log = structlog.get_logger("phabmesh.audit")
 
 NO_CREDENTIAL_METHODS = frozenset({"conduit.ping", "conduit.getcapabilities"})
 CLIENT_ID_HEADER = "l5d-client-id"
-# Response headers that matter to Conduit clients; everything else (cookies!) stays behind.
-PASSED_HEADERS = ("Content-Type", "X-Conduit-Capabilities", "Cache-Control", "Expires")
+# Upstream response headers passed to the client as Phabricator sent them: what the answer
+# is (Content-Type: JSON, or the text of a 429) and that no cache may keep it (Cache-Control,
+# Expires). Every answer also carries responses.CONDUIT_HEADERS where upstream says nothing,
+# X-Conduit-Capabilities always the gateway's own ("gzip": the gateway itself decodes gzip
+# request bodies, whatever Phabricator does), and Content-Encoding/Vary from the gateway's
+# own encoding. Nothing else passes: not Set-Cookie (an anonymous Phorge session for the
+# caller), not Content-Encoding or Content-Length (the body is re-encoded), not the headers
+# Phorge sends for browsers (X-Powered-By, Content-Security-Policy, X-Frame-Options...).
+PASSED_HEADERS = ("Content-Type", "Cache-Control", "Expires")
+# What the gateway asks Phabricator for: an uncompressed answer.
+UPSTREAM_ACCEPT_ENCODING = "identity"
 
 
-def envelope(code: str, info: str, status: int = 200) -> web.Response:
-    body = json.dumps({"result": None, "error_code": code, "error_info": info})
+def envelope(
+    code: str, info: str, status: int = 200, accept_encoding: str | None = None
+) -> web.Response:
+    """A refusal in Conduit's envelope, with Phorge's headers and encoding."""
+    body = responses.envelope(None, code, info)
+    encoded = responses.encode(body, accept_encoding)  # a few hundred bytes
     return web.Response(
-        status=status, body=body.encode(), headers={"Content-Type": "application/json"}
+        status=status,
+        body=encoded.body,
+        headers={**responses.CONDUIT_HEADERS, **encoded.headers},
     )
 
 
@@ -68,8 +90,8 @@ class Refusal(Exception):
         self.decision = decision
         self.status = status
 
-    def response(self) -> web.Response:
-        return envelope(self.code, self.info, self.status)
+    def response(self, accept_encoding: str | None = None) -> web.Response:
+        return envelope(self.code, self.info, self.status, accept_encoding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +173,7 @@ class Gateway:
             response = await self._handle(request, method, audit)
             decision = audit.get(logs.DECISION, "allowed")
         except Refusal as refusal:
-            response = refusal.response()
+            response = refusal.response(request.headers.get("Accept-Encoding"))
             decision = refusal.decision
             audit["error_code"] = refusal.code
             audit["error_info"] = refusal.info
@@ -175,7 +197,7 @@ class Gateway:
             raise Refusal("ERR-CONDUIT-CORE", exc.info(method), "bad_request") from exc
         if method in NO_CREDENTIAL_METHODS:
             audit[logs.DECISION] = "public"
-            return await self._forward(method, call.without_token(), None, audit)
+            return await self._forward(request, method, call.without_token(), None, audit)
         if not call.token:
             raise Refusal("ERR-INVALID-SESSION", "Session key is not present.", "no_credential")
         claims = self._verify(call.token)
@@ -223,7 +245,7 @@ class Gateway:
                 f"credential refused: the token of bot {claims.bot} is not available",
                 "bot_token_missing",
             )
-        return await self._forward(method, call.with_token(token), token, audit)
+        return await self._forward(request, method, call.with_token(token), token, audit)
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.settings.max_request_bytes
@@ -316,19 +338,35 @@ class Gateway:
             raise _revoked(_REASONS.get(ended, ended))
 
     async def _forward(
-        self, method: str, call: wire.Call, bot_token: str | None, audit: dict[str, Any]
+        self,
+        request: web.Request,
+        method: str,
+        call: wire.Call,
+        bot_token: str | None,
+        audit: dict[str, Any],
     ) -> web.StreamResponse:
         data, content_type = call.encode()
+        limit = self.settings.max_response_bytes
         try:
             async with self.session.post(
                 f"{self.upstream}/api/{method}",
                 data=data,
-                headers={"Content-Type": content_type},
+                headers={"Content-Type": content_type, "Accept-Encoding": UPSTREAM_ACCEPT_ENCODING},
                 timeout=aiohttp.ClientTimeout(total=self.settings.conduit_timeout),
             ) as upstream:
-                payload = await upstream.read()
                 status = upstream.status
-                headers = {h: upstream.headers[h] for h in PASSED_HEADERS if h in upstream.headers}
+                audit["upstream_status"] = status
+                if status >= 500:
+                    metrics.GATEWAY_UPSTREAM_ERRORS.labels(kind=f"http_{status}").inc()
+                    raise Refusal(
+                        "ERR-PHABRICATOR-UNAVAILABLE",
+                        f"Phabricator answered HTTP {status}; retry later",
+                        "upstream_unavailable",
+                        503,
+                    )
+                coding = upstream.headers.get("Content-Encoding")
+                passed = {h: upstream.headers[h] for h in PASSED_HEADERS if h in upstream.headers}
+                raw = await _read_bounded(upstream, limit)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else "connection"
             metrics.GATEWAY_UPSTREAM_ERRORS.labels(kind=kind).inc()
@@ -338,19 +376,50 @@ class Gateway:
                 "upstream_unavailable",
                 503,
             ) from exc
-        audit["upstream_status"] = status
-        if status >= 500:
-            metrics.GATEWAY_UPSTREAM_ERRORS.labels(kind=f"http_{status}").inc()
+        except responses.BodyTooLarge as exc:
+            raise _too_large(limit) from exc
+        try:
+            payload = await responses.decode_async(raw, coding, limit)
+        except responses.BodyTooLarge as exc:
+            raise _too_large(limit) from exc
+        except responses.UnreadableBody as exc:
+            metrics.GATEWAY_UPSTREAM_ERRORS.labels(kind="unreadable").inc()
             raise Refusal(
                 "ERR-PHABRICATOR-UNAVAILABLE",
-                f"Phabricator answered HTTP {status}; retry later",
-                "upstream_unavailable",
-                503,
-            )
+                f"Phabricator's answer cannot be decoded: {exc}",
+                "upstream_unreadable",
+                502,
+            ) from exc
         if bot_token and bot_token.encode() in payload:
             # Phorge echoes a refused token in error_info: never hand the bot's out.
             payload = payload.replace(bot_token.encode(), b"[REDACTED]")
-        return web.Response(status=status, body=payload, headers=headers)
+        encoded = await responses.encode_async(payload, request.headers.get("Accept-Encoding"))
+        headers = {**responses.CONDUIT_HEADERS, **passed, **encoded.headers}
+        return web.Response(status=status, body=encoded.body, headers=headers)
+
+
+async def _read_bounded(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body as sent (perhaps compressed), refused past ``limit`` bytes before reading on."""
+    if upstream.content_length is not None and upstream.content_length > limit:
+        raise responses.BodyTooLarge(f"body over {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in upstream.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise responses.BodyTooLarge(f"body over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> Refusal:
+    metrics.GATEWAY_UPSTREAM_ERRORS.labels(kind="too_large").inc()
+    return Refusal(
+        "ERR-PHABRICATOR-UNAVAILABLE",
+        f"Phabricator's answer is over {limit} bytes (PHABMESH_MAX_RESPONSE_BYTES)",
+        "upstream_too_large",
+        502,
+    )
 
 
 def _unconfirmed() -> Refusal:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import json
 import re
 import secrets
 import socket
@@ -18,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from phabmesh import serving
-from phabmesh.conduit import wire
+from phabmesh.conduit import responses, wire
 
 _ALNUM = string.ascii_lowercase + string.digits
 PUBLIC_METHODS = frozenset({"conduit.ping", "conduit.getcapabilities"})
@@ -205,11 +204,6 @@ class _Failure(Exception):
         self.info = info
 
 
-def _php_json(value: Any) -> bytes:
-    """JSON as PHP's json_encode writes it (slashes escaped)."""
-    return json.dumps(value, separators=(",", ":")).replace("/", "\\/").encode()
-
-
 _BOOL_STRINGS = {"0": False, "1": True, "false": False, "true": True}
 
 
@@ -314,6 +308,9 @@ class ConduitServer:
         self.fail_status = 500
         self.rate_limited = False  # every request answers 429, as Phorge's rate limiter
         self.delay = 0.0  # seconds to wait before answering
+        # As a proxy in front of Phorge that compresses every answer with this coding,
+        # whatever the client's Accept-Encoding says (None: Phorge's own choice).
+        self.compress_anyway: responses.Coding | None = None
         self.calls: collections.Counter[str] = collections.Counter()
         self.clock: Callable[[], float] = time.time
         self._lock = threading.RLock()
@@ -449,21 +446,34 @@ class ConduitServer:
 
     # -- the server -----------------------------------------------------------------------
 
-    def _reply(
-        self, result: Any = None, code: str | None = None, info: str | None = None
-    ) -> web.Response:
-        body = _php_json({"result": result, "error_code": code, "error_info": info})
+    @staticmethod
+    def _reply(result: Any = None, code: str | None = None, info: str | None = None) -> bytes:
+        return responses.envelope(result, code, info)
+
+    def _encode(self, request: web.Request, body: bytes) -> web.Response:
+        """A Conduit answer compressed as Phorge compresses it (errors too)."""
+        if self.compress_anyway is not None:
+            encoded = responses.Encoded(
+                responses.compress(body, self.compress_anyway), self.compress_anyway
+            )
+        else:
+            encoded = responses.encode(body, request.headers.get("Accept-Encoding"))
         return web.Response(
-            body=body,
+            body=encoded.body,
             headers={
                 "X-Conduit-Capabilities": "gzip",
                 "Content-Type": "application/json",
                 **COMMON_HEADERS,
+                **encoded.headers,
             },
         )
 
     def _fault(self, request: web.Request) -> web.Response | None:
-        """A broken or rate-limited server, as Phorge's startup code answers before Conduit."""
+        """A broken or rate-limited server, as Phorge's startup code answers before Conduit.
+
+        These pages are written before ``AphrontResponse`` turns compression on: never
+        compressed.
+        """
         with self._lock:
             if self.down:
                 status = 500
@@ -490,7 +500,6 @@ class ConduitServer:
         )
 
     async def _handle(self, request: web.Request) -> web.Response:
-        """Phorge's order: read params, find the method, check its params, authenticate, run."""
         method = request.match_info["method"]
         with self._lock:
             self.calls[method] += 1
@@ -499,6 +508,10 @@ class ConduitServer:
         fault = self._fault(request)
         if fault is not None:
             return fault
+        return self._encode(request, await self._call(request, method))
+
+    async def _call(self, request: web.Request, method: str) -> bytes:
+        """Phorge's order: read params, find the method, check its params, authenticate, run."""
         body = await request.read()
         # Phorge truncates the name to its call log's 64-byte column before anything else.
         method = method.encode()[:METHOD_NAME_BYTES].decode(errors="ignore")
@@ -529,7 +542,7 @@ class ConduitServer:
     def _authenticate(self, token: str | None) -> TestUser:
         if not token:
             raise _Failure("ERR-INVALID-SESSION", "Session key is not present.")
-        if len(token) != 32:
+        if len(token.encode()) != 32:  # PHP's strlen: bytes
             raise _Failure(
                 "ERR-INVALID-AUTH",
                 f'API token "{token}" has the wrong length. API tokens should be 32 '
