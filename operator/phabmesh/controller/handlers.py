@@ -140,6 +140,10 @@ async def binding_event(
             return
         world.put_binding(fresh)
     await memo.refresh_namespace(namespace)
+    binding = world.bindings.get(key)
+    if binding is not None:
+        # A shorter credentialTTL shortens live leases now, not at their next renewal.
+        await memo.renew_leases(binding)
 
 
 @kopf.timer(
@@ -185,7 +189,9 @@ async def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: Memo, **_: Any)
     if event.get("type") == "DELETED":
         memo.world.drop_pod(uid)
     else:
-        memo.world.put_pod(identity.PodFacts.from_pod(body))
+        # With the cluster's naming: a pod of another control plane or trust domain is not
+        # meshed here (its identity is not the one a lease would carry).
+        memo.world.put_pod(identity.PodFacts.from_pod(body, memo.naming))
     await memo.reconcile_pod(uid)
 
 

@@ -258,4 +258,6 @@ _REVOKE_MESSAGES = {
     "BindingDeleted": "the binding was deleted",
     "BindingNotReady": "the binding is not Ready",
     "BotNotReady": "the bot is not Ready",
+    "BotChanged": "the binding now names another bot",
+    "BotNotAllowed": "the bot no longer exists or no longer allows this namespace",
 }

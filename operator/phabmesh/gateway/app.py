@@ -299,4 +299,6 @@ _REASONS: Mapping[str, str] = {
     "BindingDeleted": "binding deleted",
     "BindingNotReady": "binding not ready",
     "BotNotReady": "bot not ready",
+    "BotChanged": "the binding names another bot now",
+    "BotNotAllowed": "bot not allowed in this namespace",
 }
