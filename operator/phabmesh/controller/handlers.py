@@ -15,6 +15,7 @@ import kopf
 import structlog
 
 from phabmesh import admission, identity, resources
+from phabmesh.controller import decide
 from phabmesh.controller.state import Memo
 from phabmesh.controller.world import BindingView, BotView, Key
 from phabmesh.lease import LeaseView
@@ -203,7 +204,17 @@ async def lease_event(
     if event.get("type") == "DELETED":
         memo.world.drop_lease((namespace, name))
         return
-    memo.world.put_lease(LeaseView.from_body(body))
+    lease = LeaseView.from_body(body)
+    memo.world.put_lease(lease)
+    # A lease that its binding and bot do not grant (written by someone else, or left from
+    # before a change) goes at once. Only for a pod already seen: an unseen pod is not a
+    # deleted one, and the pod's own event reconciles it.
+    if (
+        lease.active
+        and lease.pod_uid in memo.world.pods
+        and decide.lease_problem(memo.world, lease) is not None
+    ):
+        await memo.reconcile_pod(lease.pod_uid)
 
 
 __all__ = [

@@ -169,7 +169,7 @@ class Writer:
         """Mark the lease Revoked (the gateway refuses it on this event), then delete it."""
         now = self.clock()
         path = lease_path(lease.namespace, lease.name)
-        patch = {
+        patch: JSON = {
             "status": {
                 "phase": "Revoked",
                 "reason": reason,
@@ -177,10 +177,16 @@ class Writer:
                 "message": message or _REVOKE_MESSAGES.get(reason, reason),
             }
         }
+        options: JSON = {"propagationPolicy": "Background"}
+        if lease.uid:
+            # Only this lease, not another one issued since under the same name (a lease
+            # re-issued for another bot takes the name): the API server answers 409.
+            patch["metadata"] = {"uid": lease.uid}
+            options["preconditions"] = {"uid": lease.uid}
         with contextlib.suppress(NotFound):
             await self.client.merge_patch(path + "/status", patch)
         with contextlib.suppress(NotFound):
-            await self.client.delete(path, body={"propagationPolicy": "Background"})
+            await self.client.delete(path, body=options)
         self.world.drop_lease(lease.key)
         log.info(
             "lease_revoked",

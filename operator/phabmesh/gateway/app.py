@@ -234,11 +234,31 @@ class Gateway:
         if not lease.active:
             reason = lease.reason or "revoked"
             raise _revoked(_REASONS.get(reason, reason))
-        if lease.pod_uid != claims.pod_uid:
+        if (lease.pod_uid, lease.namespace, lease.binding, lease.bot, lease.identity) != (
+            claims.pod_uid,
+            claims.namespace,
+            claims.binding,
+            claims.bot,
+            claims.subject,
+        ):
             raise Refusal("ERR-INVALID-AUTH", "credential refused: lease mismatch", "invalid")
         ended = self.state.pod_ended(claims.pod_uid)
         if ended:  # seen on the pod watch before the lease's revocation was written
             raise _revoked(_REASONS.get(ended, ended))
+        # The lease is judged by the binding, the bot and the namespace this gateway sees,
+        # not by what the lease says: a lease the operator did not grant grants nothing.
+        problem = self.state.grants.refusal(lease)
+        if problem:
+            raise _revoked(_REASONS.get(problem, problem))
+        now = self.clock()
+        leeway = datetime.timedelta(seconds=self.settings.clock_skew)
+        if lease.expires_at is None or now > lease.expires_at + leeway:
+            raise _revoked("lease expired")
+        binding = self.state.binding(claims.namespace, claims.binding)
+        ttl = binding.ttl if binding is not None else None
+        if ttl is None or now > claims.issued_at + ttl + leeway:
+            # Minted under a longer credentialTTL than the binding has now.
+            raise _revoked("credential outlived the binding's credentialTTL")
 
     async def _forward(
         self, method: str, call: wire.Call, bot_token: str | None, audit: dict[str, Any]

@@ -69,6 +69,7 @@ class OperatorProcess:
         await self.keys.ensure()
         self.tasks.append(asyncio.create_task(self.keys.run()))
         self.tasks.append(asyncio.create_task(self.leases.run()))
+        self.tasks.append(asyncio.create_task(self.issuer.grants.run()))
         self.injector = Injector(s, self.client)
         self.tasks.append(asyncio.create_task(self.injector.bindings.run()))
         self.webhook_tls = WebhookTLS(
