@@ -313,8 +313,9 @@ class Memo(kopf.Memo):
             "activeCredentials": counts.active,
             "unmeshedPods": counts.unmeshed,
             "otherMeshPods": counts.other_mesh,
+            # null removes the field; the merge patch replaces the conditions list whole, so
+            # a BotReady left out above is removed as well.
             "botPHID": verdict.bot_phid if verdict.bot_shown else None,
-            # A merge patch keeps what it does not name: a list is replaced whole.
             "conditions": [c.model_dump(by_alias=True, mode="json") for c in conditions],
         }
         if status == self.statuses.get(binding.key):
