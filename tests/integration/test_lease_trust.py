@@ -112,7 +112,14 @@ def test_narrowing_a_bots_selector_revokes_its_leases(
 # -- forged leases ------------------------------------------------------------------------
 
 
-def _forge(cluster: Cluster, namespace: str, pod: Any, bot: str, binding: str) -> dict[str, Any]:
+def _forge(
+    cluster: Cluster,
+    namespace: str,
+    pod: Any,
+    bot: str,
+    binding: str,
+    lasting: datetime.timedelta = datetime.timedelta(hours=24),
+) -> dict[str, Any]:
     """What anyone allowed to write leases in the namespace could write."""
     sa = pod.spec.service_account_name
     body = {
@@ -136,7 +143,7 @@ def _forge(cluster: Cluster, namespace: str, pod: Any, bot: str, binding: str) -
         "phase": "Active",
         "issuedAt": now().strftime(stamp),
         "renewedAt": now().strftime(stamp),
-        "expiresAt": (now() + datetime.timedelta(hours=24)).strftime(stamp),
+        "expiresAt": (now() + lasting).strftime(stamp),
     }
     forged: dict[str, Any] = cluster.custom.patch_namespaced_custom_object_status(
         G, V, namespace, resources.CREDENTIAL_PLURAL, body["metadata"]["name"], {"status": status}
@@ -192,6 +199,22 @@ def test_a_forged_lease_for_another_bot_gets_nothing(
     assert answer["bot"] == ours  # re-issued by the operator for the binding's own bot
     # The operator revoked the forged lease without waiting for a pod or binding event.
     assert forged.uid not in {item["metadata"]["uid"] for item in active_leases(cluster, bound)}
+
+
+def test_a_forged_lease_for_a_pod_that_is_not_entitled_is_revoked_at_once(
+    cluster: Cluster, operator: Threaded, bound: str
+) -> None:
+    """Binding and bot agree, but the pod is not meshed: the operator revokes the lease
+    from its own event, not at the pod's next event or the lease's renewal."""
+    pod = make_pod(cluster, bound, "plain", meshed=False)
+    wait_for(lambda: _status(cluster, bound).get("unmeshedPods") == 1, what="the pod seen")
+    # Within the binding's 2m TTL and not due for renewal for a minute.
+    lasting = datetime.timedelta(seconds=100)
+    forged = _forge(cluster, bound, pod, f"bot-{bound}", "runners", lasting)
+    assert forged["status"]["phase"] == "Active"
+    wait_for(lambda: not active_leases(cluster, bound), what="the forged lease to be revoked")
+    answer = exchange(operator, pod_token(cluster, bound, pod))
+    assert answer.status_code == 403
 
 
 # -- credentialTTL changes ----------------------------------------------------------------

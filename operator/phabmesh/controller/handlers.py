@@ -206,15 +206,13 @@ async def lease_event(
         return
     lease = LeaseView.from_body(body)
     memo.world.put_lease(lease)
-    # A lease that its binding and bot do not grant (written by someone else, or left from
-    # before a change) goes at once. Only for a pod already seen: an unseen pod is not a
-    # deleted one, and the pod's own event reconciles it.
-    if (
-        lease.active
-        and lease.pod_uid in memo.world.pods
-        and decide.lease_problem(memo.world, lease) is not None
-    ):
-        await memo.reconcile_pod(lease.pod_uid)
+    # A lease the pod should not hold (written by someone else, or left from before a
+    # change) goes at once, not at the pod's next event or the lease's renewal. Only for a
+    # pod already seen: an unseen pod is not a deleted one, and its own event reconciles it.
+    if lease.active and lease.pod_uid in memo.world.pods:
+        plan = decide.plan_pod(memo.world, lease.pod_uid, memo.naming, memo.verdicts)
+        if any(revoked.key == lease.key for revoked, _ in plan.revoke):
+            await memo.reconcile_pod(lease.pod_uid)
 
 
 __all__ = [
