@@ -221,7 +221,7 @@ def test_a_forged_lease_for_a_pod_that_is_not_entitled_is_revoked_at_once(
 
 
 def test_a_shorter_ttl_shortens_live_leases_and_credentials_at_once(
-    cluster: Cluster, conduit: ConduitServer, operator: Threaded, namespace: str
+    cluster: Cluster, conduit: ConduitServer, operator: Threaded, gateway: Threaded, namespace: str
 ) -> None:
     bot = f"bot-{namespace}"
     make_bot(cluster, conduit, bot)
@@ -252,6 +252,29 @@ def test_a_shorter_ttl_shortens_live_leases_and_credentials_at_once(
     assert time_of(issued["expiresAt"]) - now() <= minute
     claims = credentials.unverified_claims(issued["credential"])
     assert claims["exp"] - claims["iat"] <= 60
+    assert wait_for(lambda: acts_as(gateway, issued["credential"])) == bot
+    # A credential signed two minutes ago (under the old TTL, still before its exp) has
+    # outlived the new one: the gateway refuses it.
+    live = LeaseView.from_body(active_leases(cluster, namespace)[0])
+    ring = operator.process.keys.ring  # type: ignore[attr-defined]
+    settings = operator.process.settings  # type: ignore[attr-defined]
+    old = credentials.mint(
+        ring,
+        issuer=settings.issuer,
+        audience=settings.credential_audience,
+        subject=live.identity,
+        now=now() - datetime.timedelta(minutes=2),
+        not_after=now() + datetime.timedelta(minutes=8),
+        pod=live.pod_name,
+        pod_uid=live.pod_uid,
+        namespace=live.namespace,
+        binding=live.binding,
+        bot=live.bot,
+        bot_phid="",
+        lease_uid=live.uid,
+    )
+    refused = whoami(gateway, old)
+    assert "credential outlived the binding's credentialTTL" in (refused["error_info"] or "")
 
     # Longer again: it applies at the next renewal, and the lease stays Active throughout.
     patch_binding(cluster, namespace, "runners", {"credentialTTL": "5m"})
