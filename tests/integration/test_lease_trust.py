@@ -4,12 +4,18 @@ running."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import datetime
 from typing import Any
 
+import pytest
 import requests
 
 from phabmesh import credentials, resources
+from phabmesh.controller.world import World
+from phabmesh.controller.writer import Writer
+from phabmesh.kube import KubeClient, KubeError, load_connection
 from phabmesh.lease import LeaseView
 from phabmesh.testing import ConduitServer
 from tests.kube import Cluster, wait_for
@@ -337,3 +343,28 @@ def test_pods_of_another_control_plane_or_trust_domain_get_no_lease(
     domain = exchange(operator, pod_token(cluster, bound, other_domain))
     assert domain.status_code == 403
     assert "another trust domain" in domain.json()["message"]
+
+
+# -- a lease name taken by a newer lease ----------------------------------------------------
+
+
+def test_revoking_an_old_view_never_revokes_the_lease_now_under_its_name(
+    cluster: Cluster, operator: Threaded, bound: str
+) -> None:
+    """A lease re-issued for another bot takes the old one's name; a revocation decided on a
+    stale view of the old one (a late watch event) must not touch the new one."""
+    make_pod(cluster, bound, "runner-1")
+    current = LeaseView.from_body(wait_for(lambda: active_leases(cluster, bound))[0])
+    stale = dataclasses.replace(current, uid="00000000-0000-0000-0000-000000000000")
+
+    async def revoke() -> None:
+        kube = KubeClient(load_connection(str(cluster.kubeconfig)))
+        try:
+            await Writer(kube, World()).revoke(stale, resources.BOT_CHANGED)
+        finally:
+            await kube.close()
+
+    with pytest.raises(KubeError) as refused:
+        asyncio.run(revoke())
+    assert refused.value.status < 500, refused.value  # a definite no, not an outage
+    assert [item["metadata"]["uid"] for item in active_leases(cluster, bound)] == [current.uid]

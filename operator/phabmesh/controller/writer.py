@@ -169,22 +169,27 @@ class Writer:
         """Mark the lease Revoked (the gateway refuses it on this event), then delete it."""
         now = self.clock()
         path = lease_path(lease.namespace, lease.name)
-        patch: JSON = {
-            "status": {
-                "phase": "Revoked",
-                "reason": reason,
-                "revokedAt": format_time(now),
-                "message": message or _REVOKE_MESSAGES.get(reason, reason),
-            }
+        revoked: JSON = {
+            "phase": "Revoked",
+            "reason": reason,
+            "revokedAt": format_time(now),
+            "message": message or _REVOKE_MESSAGES.get(reason, reason),
         }
         options: JSON = {"propagationPolicy": "Background"}
-        if lease.uid:
-            # Only this lease, not another one issued since under the same name (a lease
-            # re-issued for another bot takes the name): the API server answers 409.
-            patch["metadata"] = {"uid": lease.uid}
-            options["preconditions"] = {"uid": lease.uid}
         with contextlib.suppress(NotFound):
-            await self.client.merge_patch(path + "/status", patch)
+            if lease.uid and lease.phase != "Pending":
+                # Only this lease, not another one issued since under the same name (a
+                # lease re-issued for another bot takes the name): a JSON patch whose
+                # first operation tests the UID (the status subresource ignores a UID in
+                # a merge patch), and a delete with a UID precondition.
+                ops = [{"op": "test", "path": "/metadata/uid", "value": lease.uid}]
+                ops += [
+                    {"op": "add", "path": f"/status/{k}", "value": v} for k, v in revoked.items()
+                ]
+                await self.client.json_patch(path + "/status", ops)
+                options["preconditions"] = {"uid": lease.uid}
+            else:
+                await self.client.merge_patch(path + "/status", {"status": revoked})
         with contextlib.suppress(NotFound):
             await self.client.delete(path, body=options)
         self.world.drop_lease(lease.key)
