@@ -360,7 +360,7 @@ def test_revoking_an_old_view_never_revokes_the_lease_now_under_its_name(
     async def revoke() -> None:
         kube = KubeClient(load_connection(str(cluster.kubeconfig)))
         try:
-            await Writer(kube, World()).revoke(stale, resources.BOT_CHANGED)
+            await Writer(kube, World()).revoke(stale, resources.POD_GONE)
         finally:
             await kube.close()
 
