@@ -116,6 +116,7 @@ def make_pod(
     meshed: bool = True,
     node: str | None = "node-a",
     labels: dict[str, str] | None = None,
+    proxy_env: dict[str, str] | None = None,
 ) -> client.V1Pod:
     try:
         cluster.core.create_namespaced_service_account(
@@ -128,7 +129,11 @@ def make_pod(
     init = (
         [
             client.V1Container(
-                name="linkerd-proxy", image="cr.l5d.io/linkerd/proxy:edge", restart_policy="Always"
+                name="linkerd-proxy",
+                image="cr.l5d.io/linkerd/proxy:edge",
+                restart_policy="Always",
+                env=[client.V1EnvVar(name=k, value=v) for k, v in (proxy_env or {}).items()]
+                or None,
             )
         ]
         if meshed

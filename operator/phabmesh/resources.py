@@ -46,7 +46,9 @@ POD_NOT_MESHED = "PodNotMeshed"  # the pod no longer carries a Linkerd proxy
 NO_LONGER_MATCHED = "NoLongerMatched"  # the binding's subjects or selector no longer match
 BINDING_DELETED = "BindingDeleted"  # the binding was deleted
 BINDING_NOT_READY = "BindingNotReady"  # the binding is not Ready for another reason
-BOT_NOT_READY = "BotNotReady"  # the bot stopped being Ready (disabled, token revoked, deleted)
+BOT_NOT_READY = "BotNotReady"  # the bot stopped being Ready (disabled, token revoked)
+BOT_CHANGED = "BotChanged"  # the binding's botRef now names another bot than the lease's
+BOT_NOT_ALLOWED = "BotNotAllowed"  # the lease's bot is gone or no longer allows the namespace
 REVOCATION_REASONS = frozenset(
     {
         POD_TERMINATING,
@@ -60,6 +62,8 @@ REVOCATION_REASONS = frozenset(
         BINDING_DELETED,
         BINDING_NOT_READY,
         BOT_NOT_READY,
+        BOT_CHANGED,
+        BOT_NOT_ALLOWED,
     }
 )
 
@@ -226,6 +230,7 @@ class BindingStatus(_Model):
     matched_pods: int = Field(default=0, alias="matchedPods")
     active_credentials: int = Field(default=0, alias="activeCredentials")
     unmeshed_pods: int = Field(default=0, alias="unmeshedPods")
+    other_mesh_pods: int = Field(default=0, alias="otherMeshPods")
     bot_phid: str | None = Field(default=None, alias="botPHID")
 
 

@@ -183,6 +183,8 @@ def test_revocation_reasons_are_the_crds_and_the_controllers() -> None:
         decide.BINDING_DELETED,
         decide.BINDING_NOT_READY,
         decide.BOT_LOST,
+        decide.BOT_CHANGED,
+        decide.BOT_GONE_HERE,
     }
     assert controller == resources.REVOCATION_REASONS
 

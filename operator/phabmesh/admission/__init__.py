@@ -79,10 +79,6 @@ class Injector:
     def specs_in(self, namespace: str) -> list[resources.BindingSpec]:
         return list(self.by_namespace.get(namespace, {}).values())
 
-    def spec(self, namespace: str, name: str) -> resources.BindingSpec | None:
-        """One binding's spec (None if it does not exist or is invalid)."""
-        return self.by_namespace.get(namespace, {}).get(name)
-
     def decide(self, pod: Mapping[str, Any], namespace: str) -> inject.Injection | None:
         """The injection for a pod being created in ``namespace``, or None."""
         reason = inject.reason_for(

@@ -106,6 +106,8 @@ class Caller:
     bot: str
     lease_uid: str
     format: str  # "jwt" or "phorge-token"
+    expires_at: datetime.datetime
+    issued_at: datetime.datetime | None  # a Phorge-shaped token does not say when
 
     @classmethod
     def from_claims(cls, claims: credentials.Claims) -> Caller:
@@ -118,10 +120,12 @@ class Caller:
             claims.bot,
             claims.lease_uid,
             "jwt",
+            claims.expires_at,
+            claims.issued_at,
         )
 
     @classmethod
-    def from_lease(cls, lease: LeaseView) -> Caller:
+    def from_lease(cls, lease: LeaseView, expires_at: datetime.datetime) -> Caller:
         """A Phorge-shaped token carries no claims: its lease's facts, which its MAC covers."""
         return cls(
             lease.identity,
@@ -132,7 +136,16 @@ class Caller:
             lease.bot,
             lease.uid,
             "phorge-token",
+            expires_at,
+            None,
         )
+
+    def outlives(self, ttl: datetime.timedelta, now: datetime.datetime) -> bool:
+        """Made under a longer credentialTTL than ``ttl``: used longer than ``ttl`` after it
+        was issued, or (no issue time) valid for longer than ``ttl`` from now."""
+        if self.issued_at is not None:
+            return now > self.issued_at + ttl
+        return self.expires_at > now + ttl
 
 
 class Gateway:
@@ -313,7 +326,7 @@ class Gateway:
             raise Refusal("ERR-INVALID-AUTH", f"credential refused: {exc}", "invalid") from exc
         if isinstance(verified.holder, str):
             raise self._gone(verified.holder)
-        return Caller.from_lease(verified.holder)
+        return Caller.from_lease(verified.holder, verified.expires_at)
 
     def _gone(self, lease_uid: str) -> Refusal:
         reason = self.state.leases.tombstones.get(lease_uid)
@@ -331,11 +344,31 @@ class Gateway:
         if not lease.active:
             reason = lease.reason or "revoked"
             raise _revoked(_REASONS.get(reason, reason))
-        if lease.pod_uid != claims.pod_uid:
+        if (lease.pod_uid, lease.namespace, lease.binding, lease.bot, lease.identity) != (
+            claims.pod_uid,
+            claims.namespace,
+            claims.binding,
+            claims.bot,
+            claims.subject,
+        ):
             raise Refusal("ERR-INVALID-AUTH", "credential refused: lease mismatch", "invalid")
         ended = self.state.pod_ended(claims.pod_uid)
         if ended:  # seen on the pod watch before the lease's revocation was written
             raise _revoked(_REASONS.get(ended, ended))
+        # The lease is judged by the binding, the bot and the namespace this gateway sees,
+        # not by what the lease says: a lease the operator did not grant grants nothing.
+        problem = self.state.grants.refusal(lease)
+        if problem:
+            raise _revoked(_REASONS.get(problem, problem))
+        now = self.clock()
+        leeway = datetime.timedelta(seconds=self.settings.clock_skew)
+        if lease.expires_at is None or now > lease.expires_at + leeway:
+            raise _revoked("lease expired")
+        binding = self.state.binding(claims.namespace, claims.binding)
+        ttl = binding.ttl if binding is not None else None
+        if ttl is None or claims.outlives(ttl + leeway, now):
+            # Minted under a longer credentialTTL than the binding has now.
+            raise _revoked("credential outlived the binding's credentialTTL")
 
     async def _forward(
         self,
@@ -451,4 +484,6 @@ _REASONS: Mapping[str, str] = {
     "BindingDeleted": "binding deleted",
     "BindingNotReady": "binding not ready",
     "BotNotReady": "bot not ready",
+    "BotChanged": "the binding names another bot now",
+    "BotNotAllowed": "bot not allowed in this namespace",
 }

@@ -2,13 +2,16 @@
 
 ``POST /v1/credentials`` with ``Authorization: Bearer <token>`` (audience
 ``phabmesh.io``) → TokenReview (successes cached by token hash for at most
-10 s) → the pod's UID → its Active lease (from a watch; no API call) → a
-credential that expires no later than the lease's ``expiresAt``.
+10 s) → the pod's UID → its Active lease (from a watch; no API call), judged by
+its binding, its bot and its namespace as the watches show them
+(:mod:`phabmesh.leasecheck`), never by what the lease says alone → a credential
+that ends no later than the lease's ``expiresAt`` nor the binding's current
+``credentialTTL`` from now.
 
 Its format: ``?format=phorge-token`` (``api-`` and 28 characters, like a Phorge
 API token: :mod:`phabmesh.credentials.phorge`) or ``?format=jwt`` (a signed JWT:
 :mod:`phabmesh.credentials.tokens`); without the parameter, the binding's
-``credentialFormat`` (from a watch), which defaults to the Phorge-shaped token.
+``credentialFormat`` (from the same watch), which defaults to the Phorge-shaped token.
 Either is minted from the lease and the signing keys alone: no API write.
 
 Also serves ``/.well-known/jwks.json`` and ``/.well-known/openid-configuration``.
@@ -20,12 +23,12 @@ import datetime
 import hashlib
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 from aiohttp import web
 
-from phabmesh import credentials, identity, logs, matching, metrics, resources
+from phabmesh import credentials, identity, leasecheck, logs, matching, metrics, resources
 from phabmesh.keystore import KeyStore
 from phabmesh.kube import KubeClient, KubeError, NotFound
 from phabmesh.kube.client import resource_path
@@ -62,13 +65,10 @@ def requested_format(value: str | None) -> str | None:
     return wanted
 
 
-class Bindings(Protocol):
-    """The bindings as a watch sees them (the operator's pod-injection index)."""
-
-    @property
-    def ready(self) -> bool: ...
-
-    def spec(self, namespace: str, name: str) -> resources.BindingSpec | None: ...
+def _binding_format(binding: leasecheck.BindingFacts) -> str:
+    """The format a binding asks for (``credentialFormat``; the Phorge-shaped token by default)."""
+    spec = binding.spec
+    return _SPEC_FORMATS[spec.credential_format if spec else resources.PHORGE_TOKEN]
 
 
 class Reviewed:
@@ -143,27 +143,26 @@ class Issuer:
         leases: LeaseIndex,
         reviewer: TokenReviewer,
         clock: Callable[[], datetime.datetime] | None = None,
-        bindings: Bindings | None = None,
+        grants: leasecheck.Grants | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
         self.keys = keys
         self.leases = leases
         self.reviewer = reviewer
-        self.bindings = bindings  # for credentialFormat; None: always the default
         self.clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
         self.naming = identity.Naming(
             control_plane_namespace=settings.linkerd_namespace,
             trust_domain=settings.trust_domain,
         )
+        # Its own watches (the process runs them): a standby replica, whose controller
+        # is paused, judges leases as well as the acting one.
+        self.grants = grants or leasecheck.Grants(client, self.naming)
 
     @property
     def ready(self) -> bool:
         return (
-            self.keys.ready
-            and self.leases.synced
-            and self.leases.connected
-            and (self.bindings is None or self.bindings.ready)
+            self.keys.ready and self.leases.synced and self.leases.connected and self.grants.synced
         )
 
     def routes(self, app: web.Application) -> None:
@@ -236,14 +235,16 @@ class Issuer:
             )
         audit.update({logs.NAMESPACE: who.namespace, logs.POD: who.pod_name})
         now = self.clock()
-        held = [
-            lease
-            for lease in self.leases.of_pod(who.pod_uid)
-            if lease.active and lease.expires_at is not None and lease.expires_at > now
-        ]
         wanted = request.query.get("binding")
-        if wanted:
-            held = [lease for lease in held if lease.binding == wanted]
+        held, refused = self._held(who, wanted, now)
+        if not held and refused:
+            name, problem = min(refused.items())
+            return _error(
+                403,
+                "no_lease",
+                f'the credential lease of PhabricatorBinding "{name}" is not honoured: '
+                f"{_REFUSALS.get(problem, problem)}",
+            )
         if not held:
             reason = await self._why_no_lease(who, wanted)
             return _error(403, "no_lease", reason)
@@ -263,7 +264,12 @@ class Issuer:
                 "identity_mismatch",
                 f"the mTLS client identity does not match the pod's identity {lease.identity}",
             )
-        credential_format = wanted_format or self._binding_format(lease)
+        binding = self.grants.binding(lease.namespace, lease.binding)
+        end = leasecheck.credential_end(lease, binding, now) if binding is not None else None
+        if end is None or end <= now:
+            return _error(403, "no_lease", "the credential lease has ended: retry shortly")
+        assert binding is not None
+        credential_format = wanted_format or _binding_format(binding)
         audit.update(
             {
                 logs.BINDING: lease.binding,
@@ -271,15 +277,46 @@ class Issuer:
                 logs.CREDENTIAL_FORMAT: credential_format,
             }
         )
-        return self._mint(lease, now, credential_format)
+        return self._mint(lease, now, end, credential_format)
 
-    def _binding_format(self, lease: LeaseView) -> str:
-        spec = self.bindings.spec(lease.namespace, lease.binding) if self.bindings else None
-        return _SPEC_FORMATS[spec.credential_format if spec else resources.PHORGE_TOKEN]
+    def _held(
+        self, who: Reviewed, wanted: str | None, now: datetime.datetime
+    ) -> tuple[list[LeaseView], dict[str, str]]:
+        """The pod's leases to be honoured, and why each other Active lease is not."""
+        pod_identity = identity.linkerd_identity(who.service_account, who.namespace, self.naming)
+        honoured: list[LeaseView] = []
+        refused: dict[str, str] = {}
+        for lease in self.leases.of_pod(who.pod_uid):
+            if not lease.active or lease.expires_at is None or lease.expires_at <= now:
+                continue
+            if wanted and lease.binding != wanted:
+                continue
+            problem = self._refusal(lease, who, pod_identity)
+            if problem is None:
+                honoured.append(lease)
+            else:
+                refused[lease.binding] = problem
+        return honoured, refused
 
-    def _mint(self, lease: LeaseView, now: datetime.datetime, fmt: str) -> web.Response:
-        """A credential made from the lease and the ring alone: no API call, no write."""
-        assert self.keys.ring is not None and lease.expires_at is not None
+    def _refusal(self, lease: LeaseView, who: Reviewed, pod_identity: str) -> str | None:
+        """Why this pod may not have a credential from ``lease`` (a revocation reason)."""
+        if (lease.namespace, lease.pod_name, lease.identity) != (
+            who.namespace,
+            who.pod_name,
+            pod_identity,
+        ):
+            return _MISMATCH
+        return self.grants.refusal(lease)
+
+    def _mint(
+        self, lease: LeaseView, now: datetime.datetime, end: datetime.datetime, fmt: str
+    ) -> web.Response:
+        """A credential made from the lease and the ring alone: no API call, no write.
+
+        ``end`` is when it must end at the latest (:func:`leasecheck.credential_end`); both
+        mints also cap it at the maximum TTL and round it down to whole seconds.
+        """
+        assert self.keys.ring is not None
         ttl = datetime.timedelta(seconds=self.settings.max_credential_ttl)
         if fmt == PHORGE_TOKEN:
             token = credentials.phorge.mint(
@@ -287,7 +324,7 @@ class Issuer:
                 lease_uid=lease.uid,
                 digest=lease.phorge_digest(),
                 now=now,
-                not_after=lease.expires_at,
+                not_after=end,
                 ttl=ttl,
             )
         else:
@@ -297,7 +334,7 @@ class Issuer:
                 audience=self.settings.credential_audience,
                 subject=lease.identity,
                 now=now,
-                not_after=lease.expires_at,
+                not_after=end,
                 pod=lease.pod_name,
                 pod_uid=lease.pod_uid,
                 namespace=lease.namespace,
@@ -307,8 +344,7 @@ class Issuer:
                 lease_uid=lease.uid,
                 ttl=ttl,
             )
-        # As both mints compute it: the lease's end or now + ttl, in whole seconds.
-        expires = min(lease.expires_at, now + ttl).replace(microsecond=0)
+        expires = min(end, now + ttl).replace(microsecond=0)
         return web.json_response(
             {
                 "credential": token,
@@ -321,6 +357,25 @@ class Issuer:
             headers={"Cache-Control": "no-store"},
         )
 
+    def _pod_problem(self, facts: identity.PodFacts) -> str | None:
+        """Why a live pod of this incarnation gets no credential whatever binds it."""
+        if facts.phase != "Running":
+            return f"the pod is {facts.phase}, not Running"
+        if facts.mesh_reason == identity.OTHER_CONTROL_PLANE:
+            return (
+                "the pod is meshed by another Linkerd control plane: only pods of the "
+                f'control plane in namespace "{self.naming.control_plane_namespace}" get '
+                "credentials"
+            )
+        if facts.mesh_reason == identity.OTHER_TRUST_DOMAIN:
+            return (
+                "the pod's proxy belongs to another trust domain: only pods of trust domain "
+                f'"{self.naming.trust_domain}" get credentials'
+            )
+        if not facts.meshed:
+            return "the pod is not meshed (no linkerd-proxy): only meshed pods get credentials"
+        return None
+
     async def _why_no_lease(self, who: Reviewed, wanted: str | None) -> str:
         """A reason the caller can act on (error path only: may call the API server)."""
         try:
@@ -331,13 +386,12 @@ class Issuer:
             return "the pod no longer exists"
         except KubeError:
             return "no active credential lease for this pod"
-        facts = identity.PodFacts.from_pod(pod)
+        facts = identity.PodFacts.from_pod(pod, self.naming)
         if facts.uid != who.pod_uid or facts.terminating:
             return "the pod is terminating: its credential was revoked"
-        if facts.phase != "Running":
-            return f"the pod is {facts.phase}, not Running"
-        if not facts.meshed:
-            return "the pod is not meshed (no linkerd-proxy): only meshed pods get credentials"
+        problem = self._pod_problem(facts)
+        if problem:
+            return problem
         try:
             listing = await self.client.get(
                 resource_path(
@@ -376,3 +430,15 @@ class Issuer:
             f"no PhabricatorBinding {scope}in namespace {who.namespace} matches "
             f"identity {pod_identity}"
         )
+
+
+_MISMATCH = "LeaseMismatch"
+# Why a lease is not honoured, for the caller: the operator's revocation reasons.
+_REFUSALS = {
+    _MISMATCH: "it names another pod or identity",
+    resources.BINDING_DELETED: "the binding was deleted or is being deleted",
+    resources.BINDING_NOT_READY: "the binding is not Ready",
+    resources.BOT_CHANGED: "the binding names another bot now",
+    resources.BOT_NOT_ALLOWED: "the bot does not exist or does not allow this namespace",
+    resources.NO_LONGER_MATCHED: "the binding does not name this pod's identity",
+}

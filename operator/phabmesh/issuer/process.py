@@ -66,11 +66,11 @@ class OperatorProcess:
             self.keys,
             self.leases,
             TokenReviewer(self.client, s.token_audience, s.token_review_cache_ttl),
-            bindings=self.injector,  # its watch of bindings also tells each one's format
         )
         await self.keys.ensure()
         self.tasks.append(asyncio.create_task(self.keys.run()))
         self.tasks.append(asyncio.create_task(self.leases.run()))
+        self.tasks.append(asyncio.create_task(self.issuer.grants.run()))
         self.tasks.append(asyncio.create_task(self.injector.bindings.run()))
         self.webhook_tls = WebhookTLS(
             self.client,
