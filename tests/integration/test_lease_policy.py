@@ -119,6 +119,14 @@ def policy(cluster: Cluster, crds: object, system: str) -> Iterator[None]:
             for d in docs
         ),
     )
+    # The API server drops the policy from its cache a moment after the delete: wait until
+    # a lease write is no longer refused, so that no later test's operator meets it.
+    probe = _lease(system, f"probe-{uuid.uuid4().hex[:8]}")
+    wait_for(
+        lambda: _refused_create(cluster, ADMIN, probe) is None,
+        timeout=60,
+        what="the policy to be out of force",
+    )
 
 
 @pytest.fixture

@@ -256,9 +256,11 @@ def test_a_shorter_ttl_shortens_live_leases_and_credentials_at_once(
     )
     issued = wait_for(lambda: (r := exchange(operator, token)).status_code == 200 and r.json())
     assert time_of(issued["expiresAt"]) - now() <= minute
-    claims = credentials.unverified_claims(issued["credential"])
-    assert claims["exp"] - claims["iat"] <= 60
     assert wait_for(lambda: acts_as(gateway, issued["credential"])) == bot
+    signed = exchange(operator, token, format="jwt").json()
+    claims = credentials.unverified_claims(signed["credential"])
+    assert claims["exp"] - claims["iat"] <= 60
+    assert acts_as(gateway, signed["credential"]) == bot
     # A credential signed two minutes ago (under the old TTL, still before its exp) has
     # outlived the new one: the gateway refuses it.
     live = LeaseView.from_body(active_leases(cluster, namespace)[0])
@@ -280,6 +282,17 @@ def test_a_shorter_ttl_shortens_live_leases_and_credentials_at_once(
         lease_uid=live.uid,
     )
     refused = whoami(gateway, old)
+    assert "credential outlived the binding's credentialTTL" in (refused["error_info"] or "")
+    # A Phorge-shaped one minted then says no issue time; it is still valid for 8 more
+    # minutes, longer than the binding's TTL from now: refused as well.
+    old_token = credentials.phorge.mint(
+        ring,
+        lease_uid=live.uid,
+        digest=live.phorge_digest(),
+        now=now() - datetime.timedelta(minutes=2),
+        not_after=now() + datetime.timedelta(minutes=8),
+    )
+    refused = whoami(gateway, old_token)
     assert "credential outlived the binding's credentialTTL" in (refused["error_info"] or "")
 
     # Longer again: it applies at the next renewal, and the lease stays Active throughout.
