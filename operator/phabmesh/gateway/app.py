@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -36,7 +37,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from phabmesh import credentials, logs, matching, metrics, serving
+from phabmesh import credentials, logs, matching, metrics
 from phabmesh.conduit import wire
 from phabmesh.gateway.state import GatewayState
 from phabmesh.settings import Settings
@@ -47,6 +48,14 @@ NO_CREDENTIAL_METHODS = frozenset({"conduit.ping", "conduit.getcapabilities"})
 CLIENT_ID_HEADER = "l5d-client-id"
 # Response headers that matter to Conduit clients; everything else (cookies!) stays behind.
 PASSED_HEADERS = ("Content-Type", "X-Conduit-Capabilities", "Cache-Control", "Expires")
+# Bodies up to this size are decoded on the event loop (well under a millisecond); larger or
+# compressed ones in a worker thread, one at a time, so that no body stalls other calls.
+INLINE_DECODE_BYTES = 16 * 1024
+# Longest method name an audit line carries (a Conduit method name is at most 128).
+AUDIT_METHOD_CHARS = 128
+AUDIT_INFO_CHARS = 1024
+# The request's key for its metric label: set only once a call is public or allowed.
+METRIC_METHOD = web.RequestKey("phabmesh.metric_method", str)
 
 
 def envelope(code: str, info: str, status: int = 200) -> web.Response:
@@ -81,6 +90,7 @@ class Gateway:
         self.upstream = settings.phabricator_url.rstrip("/")
         self.verified = credentials.VerifiedCache()
         self._session: aiohttp.ClientSession | None = None
+        self._decoding = asyncio.Semaphore(1)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -88,6 +98,8 @@ class Gateway:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
                 auto_decompress=False,
+                # Phorge sets a session cookie on anonymous calls: no caller's may reach another.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 
@@ -101,7 +113,7 @@ class Gateway:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         method = request.match_info["method"]
-        audit: dict[str, Any] = {logs.METHOD: method}
+        audit: dict[str, Any] = {logs.METHOD: logs.clip(method, AUDIT_METHOD_CHARS)}
         try:
             response = await self._handle(request, method, audit)
             decision = audit.get(logs.DECISION, "allowed")
@@ -109,9 +121,12 @@ class Gateway:
             response = refusal.response()
             decision = refusal.decision
             audit["error_code"] = refusal.code
-            audit["error_info"] = refusal.info
+            audit["error_info"] = logs.clip(refusal.info, AUDIT_INFO_CHARS)
         elapsed = time.perf_counter() - started
-        metrics.GATEWAY_REQUESTS.labels(method=_metric_method(method), decision=decision).inc()
+        # The method label comes only from a fixed set or a binding's allowlist, never from an
+        # unauthenticated request: its series stay bounded by the configuration.
+        label = request.get(METRIC_METHOD, "other")
+        metrics.GATEWAY_REQUESTS.labels(method=label, decision=decision).inc()
         metrics.GATEWAY_LATENCY.labels(decision=decision).observe(elapsed)
         audit[logs.DECISION] = decision
         log.info("conduit_call", latency_ms=round(elapsed * 1000, 2), **audit)
@@ -122,13 +137,15 @@ class Gateway:
     ) -> web.StreamResponse:
         body = await self._read_body(request)
         try:
-            call = serving.decode_conduit(request, body, self.settings.max_request_bytes)
+            call = await self._decode(request, body)
         except wire.RequestTooLarge as exc:
             raise Refusal("ERR-REQUEST-TOO-LARGE", str(exc), "too_large", 413) from exc
         except wire.BadRequest as exc:
             # Phorge answers malformed bodies with ERR-CONDUIT-CORE; so do we.
-            raise Refusal("ERR-CONDUIT-CORE", exc.info(method), "bad_request") from exc
+            info = exc.info(logs.clip(method, AUDIT_METHOD_CHARS))
+            raise Refusal("ERR-CONDUIT-CORE", info, "bad_request") from exc
         if method in NO_CREDENTIAL_METHODS:
+            request[METRIC_METHOD] = method
             audit[logs.DECISION] = "public"
             return await self._forward(method, call.without_token(), None, audit)
         if not call.token:
@@ -162,7 +179,8 @@ class Gateway:
                 "(no l5d-client-id)",
                 "no_client_id",
             )
-        if not matching.method_allowed(method, rules.allowed_methods):
+        glob = matching.allowing_glob(method, rules.allowed_methods)
+        if glob is None:
             raise Refusal(
                 "ERR-CONDUIT-CORE",
                 f"phabmesh: method {method} is not allowed by PhabricatorBinding "
@@ -170,6 +188,7 @@ class Gateway:
                 f"{', '.join(rules.allowed_methods)})",
                 "method_denied",
             )
+        request[METRIC_METHOD] = glob  # the method itself when the binding names it
         token = self.state.bot_token(claims.bot)
         if token is None:
             raise Refusal(
@@ -195,6 +214,22 @@ class Gateway:
                 )
             chunks.append(chunk)
         return b"".join(chunks)
+
+    async def _decode(self, request: web.Request, body: bytes) -> wire.Call:
+        decode = functools.partial(
+            wire.decode_request,
+            request.method,
+            request.headers.get("Content-Type", ""),
+            body,
+            request.query_string,
+            content_encoding=request.headers.get("Content-Encoding", ""),
+            max_bytes=self.settings.max_request_bytes,
+        )
+        plain = decode.keywords["content_encoding"].strip().lower() in ("", "identity")
+        if plain and len(body) + len(request.query_string) <= INLINE_DECODE_BYTES:
+            return decode()
+        async with self._decoding:
+            return await asyncio.to_thread(decode)
 
     def _verify(self, token: str) -> credentials.Claims:
         ring = self.state.keys.ring
@@ -280,11 +315,6 @@ class Gateway:
 
 def _revoked(detail: str) -> Refusal:
     return Refusal("ERR-INVALID-AUTH", f"credential revoked: {detail}", "revoked")
-
-
-def _metric_method(method: str) -> str:
-    """Bound the metric's cardinality: unknown-looking method names collapse."""
-    return method if len(method) <= 64 and method.replace(".", "").isalnum() else "other"
 
 
 _REASONS: Mapping[str, str] = {
