@@ -186,6 +186,8 @@ class Call:
     token: str | None
     encoding: Encoding
     output: str | None = "json"
+    # Bytes of the form it was read from (inflated): a hint of what re-encoding it costs.
+    size: int = 0
 
     @property
     def strict(self) -> bool:
@@ -296,10 +298,19 @@ def decode_request(
     body like a POST's, and the query string under it.
     """
     del http_method
+    raw = _form_bytes(content_type, body, content_encoding, max_bytes)
+    call = _decode_form(raw, query_string)
+    return dataclasses.replace(call, size=len(raw) + len(query_string))
+
+
+def _form_bytes(content_type: str, body: bytes, content_encoding: str, max_bytes: int) -> bytes:
     # Phorge compares the whole header: "application/json; charset=utf-8" is read as a form.
     if content_type.strip().lower() == "application/json":
         raise BadRequest(JSON_BODY_REFUSED)
-    raw = decompress(body, content_encoding, max_bytes) if body else b""
+    return decompress(body, content_encoding, max_bytes) if body else b""
+
+
+def _decode_form(raw: bytes, query_string: str) -> Call:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -48,8 +48,9 @@ NO_CREDENTIAL_METHODS = frozenset({"conduit.ping", "conduit.getcapabilities"})
 CLIENT_ID_HEADER = "l5d-client-id"
 # Response headers that matter to Conduit clients; everything else (cookies!) stays behind.
 PASSED_HEADERS = ("Content-Type", "X-Conduit-Capabilities", "Cache-Control", "Expires")
-# Bodies up to this size are decoded on the event loop (well under a millisecond); larger or
-# compressed ones in a worker thread, one at a time, so that no body stalls other calls.
+# Bodies up to this size are decoded (and re-encoded) on the event loop, in well under a
+# millisecond; larger or compressed ones in a worker thread, one at a time, so that no body
+# stalls other calls (see GatewayProcess for the thread's share of the interpreter).
 INLINE_DECODE_BYTES = 16 * 1024
 # Longest method name an audit line carries (a Conduit method name is at most 128).
 AUDIT_METHOD_CHARS = 128
@@ -231,6 +232,13 @@ class Gateway:
         async with self._decoding:
             return await asyncio.to_thread(decode)
 
+    async def _encode(self, call: wire.Call) -> tuple[bytes, str]:
+        """The body to forward: encoded off the event loop when it is large, like decoding."""
+        if call.size <= INLINE_DECODE_BYTES:
+            return call.encode()
+        async with self._decoding:
+            return await asyncio.to_thread(call.encode)
+
     def _verify(self, token: str) -> credentials.Claims:
         ring = self.state.keys.ring
         if ring is None:
@@ -278,7 +286,7 @@ class Gateway:
     async def _forward(
         self, method: str, call: wire.Call, bot_token: str | None, audit: dict[str, Any]
     ) -> web.StreamResponse:
-        data, content_type = call.encode()
+        data, content_type = await self._encode(call)
         try:
             async with self.session.post(
                 f"{self.upstream}/api/{method}",
