@@ -67,6 +67,16 @@ class Settings:
     clock_skew: float = 30.0
     # Successful TokenReviews are cached (by token hash) for at most this long.
     token_review_cache_ttl: float = 10.0
+    # Refused tokens are refused again without a TokenReview for this long (by token hash).
+    token_review_negative_cache_ttl: float = 5.0
+    # TokenReviews per second (sustained, and at once), a budget apart from kube_qps: a flood
+    # of tokens cannot take the operator's writes' budget, nor exceed this. Past it: 429.
+    token_review_qps: float = 100.0
+    token_review_burst: int = 200
+    # The same per source (its l5d-client-id, else its address): one flooding caller is
+    # refused (429 with Retry-After) while the others go on.
+    token_review_source_qps: float = 20.0
+    token_review_source_burst: int = 100
     # Kubernetes client limits per process (requests per second sustained, and at once): lease
     # writes in a mass scale-down, TokenReview bursts. Events get a quarter of these on top.
     kube_qps: float = 400.0

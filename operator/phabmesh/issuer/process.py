@@ -64,7 +64,7 @@ class OperatorProcess:
             self.client,
             self.keys,
             self.leases,
-            TokenReviewer(self.client, s.token_audience, s.token_review_cache_ttl),
+            TokenReviewer.from_settings(self.client, s),
         )
         await self.keys.ensure()
         self.tasks.append(asyncio.create_task(self.keys.run()))

@@ -166,6 +166,7 @@ class KubeClient:
         content_type: str = "application/json",
         timeout: float | None = None,
         attempts: int | None = None,
+        limited: bool = True,
     ) -> JSON:
         data = None if body is None else json.dumps(body).encode()
         headers = {"Accept": "application/json", **self.connection.headers()}
@@ -174,7 +175,8 @@ class KubeClient:
         tries = attempts or self.attempts
         delay = 0.05
         for attempt in range(1, tries + 1):
-            await self._limit.take()
+            if limited:  # else the caller keeps a budget of its own
+                await self._limit.take()
             try:
                 async with self.session.request(
                     method,
@@ -300,12 +302,14 @@ class KubeClient:
         )
         return str(answer["status"]["token"])
 
-    async def token_review(self, token: str, audiences: list[str]) -> JSON:
+    async def token_review(self, token: str, audiences: list[str], *, limited: bool = True) -> JSON:
         body = {
             "apiVersion": "authentication.k8s.io/v1",
             "kind": "TokenReview",
             "spec": {"token": token, "audiences": audiences},
         }
-        review = await self.create("/apis/authentication.k8s.io/v1/tokenreviews", body)
+        review = await self.create(
+            "/apis/authentication.k8s.io/v1/tokenreviews", body, limited=limited
+        )
         status: JSON = review.get("status") or {}
         return status
