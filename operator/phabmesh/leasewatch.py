@@ -1,7 +1,8 @@
 """A watched index of every PhabricatorCredential (lease), for the issuer and the gateway.
 
 Kept current by one watch; lookups by pod UID and by lease UID cost no API call.
-While the watch is disconnected, ``connected`` is False and readers fail closed.
+While the watch is disconnected, or silent for ``liveness`` seconds (stalled), ``connected``
+is False and readers fail closed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from phabmesh import resources
 from phabmesh.kube import KubeClient
 from phabmesh.kube.client import resource_path
-from phabmesh.kube.informer import DELETED, Informer
+from phabmesh.kube.informer import DEFAULT_LIVENESS, DELETED, Informer
 from phabmesh.lease import LeaseView
 
 TOMBSTONES = 100_000  # bounded memory: about 10 MB at most
@@ -21,7 +22,10 @@ TOMBSTONES = 100_000  # bounded memory: about 10 MB at most
 
 class LeaseIndex:
     def __init__(
-        self, client: KubeClient, on_revoked: Callable[[LeaseView], None] | None = None
+        self,
+        client: KubeClient,
+        on_revoked: Callable[[LeaseView], None] | None = None,
+        liveness: float = DEFAULT_LIVENESS,
     ) -> None:
         self.on_revoked = on_revoked
         self.by_uid: dict[str, LeaseView] = {}
@@ -35,6 +39,7 @@ class LeaseIndex:
             LeaseView.from_body,
             on_event=self._on_event,
             name="leases",
+            liveness=liveness,
         )
 
     @property

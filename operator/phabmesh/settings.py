@@ -107,6 +107,11 @@ class Settings:
     # finished or deleted, ahead of the operator's write of the lease's revocation. Off: the
     # gateway needs no access to pods and follows the leases alone.
     gateway_watch_pods: bool = True
+    # A watch (of leases, bindings, bots, bot Secrets, pods) silent this long counts as lost,
+    # though its connection is open: the gateway and the credential endpoint refuse what
+    # they cannot confirm until a new watch is in place. Each watch is renewed within two
+    # thirds of this, and the API server marks each renewal's end with a bookmark.
+    watch_liveness: float = 30.0
     # Largest request body the gateway accepts (bytes, after decompression).
     max_request_bytes: int = 1 << 20
     # Logging.

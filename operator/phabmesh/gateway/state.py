@@ -62,21 +62,27 @@ class GatewayState:
     def __init__(self, settings: Settings, client: KubeClient) -> None:
         self.settings = settings
         self.client = client
+        live = settings.watch_liveness
         self.leases = LeaseIndex(
-            client, on_revoked=lambda _: metrics.GATEWAY_REVOCATIONS_SEEN.inc()
+            client, on_revoked=lambda _: metrics.GATEWAY_REVOCATIONS_SEEN.inc(), liveness=live
         )
         g, v = resources.GROUP, resources.VERSION
         self.bindings: Informer[BindingRules] = Informer(
-            client, resource_path(g, v, resources.BINDING_PLURAL), _binding_rules, name="bindings"
+            client,
+            resource_path(g, v, resources.BINDING_PLURAL),
+            _binding_rules,
+            name="bindings",
+            liveness=live,
         )
         self.bots: Informer[BotRef] = Informer(
-            client, resource_path(g, v, resources.BOT_PLURAL), _bot_ref, name="bots"
+            client, resource_path(g, v, resources.BOT_PLURAL), _bot_ref, name="bots", liveness=live
         )
         self.secrets: Informer[dict[str, str]] = Informer(
             client,
             resource_path("", "v1", "secrets", settings.namespace),
             _secret_data,
             name="bot-secrets",
+            liveness=live,
         )
         self.keys = KeyStore(
             client,
@@ -85,7 +91,7 @@ class GatewayState:
             rotate_every=datetime.timedelta(seconds=settings.key_rotation_interval),
             max_credential_ttl=datetime.timedelta(seconds=settings.max_credential_ttl),
         )
-        self.pods = PodEnds(client) if settings.gateway_watch_pods else None
+        self.pods = PodEnds(client, live) if settings.gateway_watch_pods else None
         self._tasks: list[asyncio.Task[Any]] = []
 
     async def start(self) -> None:

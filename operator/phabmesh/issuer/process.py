@@ -58,7 +58,7 @@ class OperatorProcess:
             rotate_every=datetime.timedelta(seconds=s.key_rotation_interval),
             max_credential_ttl=datetime.timedelta(seconds=s.max_credential_ttl + s.clock_skew),
         )
-        self.leases = LeaseIndex(self.client)
+        self.leases = LeaseIndex(self.client, liveness=s.watch_liveness)
         self.issuer = Issuer(
             s,
             self.client,

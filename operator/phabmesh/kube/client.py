@@ -12,7 +12,7 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -237,11 +237,16 @@ class KubeClient:
         resource_version: str,
         params: Mapping[str, str] | None = None,
         timeout_seconds: int = 300,
+        *,
+        idle_timeout: float | None = None,
+        opened: Callable[[], None] | None = None,
     ) -> AsyncIterator[JSON]:
         """Raw watch events from ``resource_version`` until the server ends the stream.
 
         Raises :class:`Gone` when the version is too old and :class:`Unavailable`
-        when the connection fails.
+        when the connection fails or stays silent for ``idle_timeout`` seconds (by
+        default 30 s past ``timeout_seconds``). ``opened`` is called once the server
+        has accepted the watch.
         """
         query = dict(
             params or {},
@@ -257,11 +262,15 @@ class KubeClient:
                 params=query,
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=10, sock_read=timeout_seconds + 30
+                    total=None,
+                    sock_connect=10,
+                    sock_read=idle_timeout if idle_timeout is not None else timeout_seconds + 30,
                 ),
             ) as resp:
                 if resp.status >= 300:
                     raise _error_for(resp.status, await resp.text())
+                if opened is not None:
+                    opened()
                 async for line in resp.content:
                     if not line.strip():
                         continue
