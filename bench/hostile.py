@@ -83,6 +83,12 @@ ATTACKS: list[tuple[str, str, Callable[[], bytes], dict[str, str]]] = [
     ("9,999 fields of 90 characters, no credential (1 MiB)", "user.whoami", _fields, {}),
     ("params=<JSON object of 1 MiB>, no credential", "user.whoami", _json_params, {}),
     (
+        "the 9,999 fields to conduit.ping (public: decoded, re-encoded, forwarded)",
+        "conduit.ping",
+        _fields,
+        {},
+    ),
+    (
         "the 9,999 fields gzip-compressed (1 MiB inflated)",
         "user.whoami",
         lambda: gzip.compress(_fields()),

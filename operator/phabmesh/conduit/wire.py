@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import pickle
 import re
 import zlib
 from collections.abc import Iterator, Mapping
@@ -43,6 +44,16 @@ class BadRequest(ValueError):
     def info(self, method: str) -> str:
         """The ``error_info`` Phorge gives for this problem on ``method``."""
         return str(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as it is (from the gateway's worker process), whatever its __init__ takes.
+        return (_rebuild, (type(self), self.args))
+
+
+def _rebuild(cls: type[BadRequest], args: tuple[Any, ...]) -> BadRequest:
+    error = cls.__new__(cls)
+    error.args = args
+    return error
 
 
 class InvalidParams(BadRequest):
@@ -188,6 +199,9 @@ class Call:
     output: str | None = "json"
     # Bytes of the form it was read from (inflated): a hint of what re-encoding it costs.
     size: int = 0
+    # The params pickled, when a worker process decoded them and kept them as bytes (see
+    # decode_packed): ``params`` is empty then, and encoding unpacks them first.
+    packed: bytes | None = dataclasses.field(default=None, repr=False)
 
     @property
     def strict(self) -> bool:
@@ -202,8 +216,17 @@ class Call:
 
     def encode(self) -> tuple[bytes, str]:
         """Re-encode in the same style (body, content type)."""
+        if self.packed is not None:
+            return self.unpacked().encode()
         pairs = encode(self.params, self.token, self.encoding, self.output)
         return urlencode(pairs).encode(), FORM_CONTENT_TYPE
+
+    def unpacked(self) -> Call:
+        """This call with its params decoded (from :attr:`packed`, made by decode_packed)."""
+        if self.packed is None:
+            return self
+        params = pickle.loads(self.packed)  # noqa: S301 - pickled by decode_packed, never sent
+        return dataclasses.replace(self, params=params, packed=None)
 
 
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
@@ -301,6 +324,17 @@ def decode_request(
     raw = _form_bytes(content_type, body, content_encoding, max_bytes)
     call = _decode_form(raw, query_string)
     return dataclasses.replace(call, size=len(raw) + len(query_string))
+
+
+def decode_packed(*args: Any, **kwargs: Any) -> Call:
+    """:func:`decode_request` with the params left pickled in :attr:`Call.packed`.
+
+    For a worker process: its caller gets the token and the encoding as small values and
+    the params as bytes it can hand back for encoding, never building them itself.
+    """
+    call = decode_request(*args, **kwargs)
+    packed = pickle.dumps(call.params, protocol=pickle.HIGHEST_PROTOCOL)
+    return dataclasses.replace(call, params={}, packed=packed)
 
 
 def _form_bytes(content_type: str, body: bytes, content_encoding: str, max_bytes: int) -> bytes:

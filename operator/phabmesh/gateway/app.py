@@ -31,7 +31,8 @@ import functools
 import json
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
 
 import aiohttp
 import structlog
@@ -39,18 +40,20 @@ from aiohttp import web
 
 from phabmesh import credentials, logs, matching, metrics
 from phabmesh.conduit import wire
+from phabmesh.gateway import offload
 from phabmesh.gateway.state import GatewayState
 from phabmesh.settings import Settings
 
 log = structlog.get_logger("phabmesh.audit")
+T = TypeVar("T")
 
 NO_CREDENTIAL_METHODS = frozenset({"conduit.ping", "conduit.getcapabilities"})
 CLIENT_ID_HEADER = "l5d-client-id"
 # Response headers that matter to Conduit clients; everything else (cookies!) stays behind.
 PASSED_HEADERS = ("Content-Type", "X-Conduit-Capabilities", "Cache-Control", "Expires")
 # Bodies up to this size are decoded (and re-encoded) on the event loop, in well under a
-# millisecond; larger or compressed ones in a worker thread, one at a time, so that no body
-# stalls other calls (see GatewayProcess for the thread's share of the interpreter).
+# millisecond; larger or compressed ones in a worker process, one at a time, so that no body
+# stalls other calls (see gateway.offload).
 INLINE_DECODE_BYTES = 16 * 1024
 # Longest method name an audit line carries (a Conduit method name is at most 128).
 AUDIT_METHOD_CHARS = 128
@@ -91,7 +94,7 @@ class Gateway:
         self.upstream = settings.phabricator_url.rstrip("/")
         self.verified = credentials.VerifiedCache()
         self._session: aiohttp.ClientSession | None = None
-        self._decoding = asyncio.Semaphore(1)
+        self.worker = offload.Worker()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -107,6 +110,7 @@ class Gateway:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+        await self.worker.close()
 
     def routes(self, app: web.Application) -> None:
         app.router.add_route("*", "/api/{method}", self.handle)
@@ -217,8 +221,13 @@ class Gateway:
         return b"".join(chunks)
 
     async def _decode(self, request: web.Request, body: bytes) -> wire.Call:
+        encoded = request.headers.get("Content-Encoding", "").strip().lower()
+        plain_and_small = (
+            encoded in ("", "identity")
+            and len(body) + len(request.query_string) <= INLINE_DECODE_BYTES
+        )
         decode = functools.partial(
-            wire.decode_request,
+            wire.decode_request if plain_and_small else wire.decode_packed,
             request.method,
             request.headers.get("Content-Type", ""),
             body,
@@ -226,18 +235,27 @@ class Gateway:
             content_encoding=request.headers.get("Content-Encoding", ""),
             max_bytes=self.settings.max_request_bytes,
         )
-        plain = decode.keywords["content_encoding"].strip().lower() in ("", "identity")
-        if plain and len(body) + len(request.query_string) <= INLINE_DECODE_BYTES:
+        if plain_and_small:
             return decode()
-        async with self._decoding:
-            return await asyncio.to_thread(decode)
+        # The params stay packed: a refused call never costs the event loop their decoding.
+        return await self._offload(decode)
 
     async def _encode(self, call: wire.Call) -> tuple[bytes, str]:
         """The body to forward: encoded off the event loop when it is large, like decoding."""
-        if call.size <= INLINE_DECODE_BYTES:
+        if call.packed is None and call.size <= INLINE_DECODE_BYTES:
             return call.encode()
-        async with self._decoding:
-            return await asyncio.to_thread(call.encode)
+        return await self._offload(call.encode)
+
+    async def _offload(self, work: Callable[[], T]) -> T:
+        try:
+            return await self.worker.run(work)
+        except BrokenProcessPool as exc:
+            raise Refusal(
+                "ERR-CONDUIT-CORE",
+                "phabmesh: the gateway could not read this request; retry",
+                "worker_lost",
+                503,
+            ) from exc
 
     def _verify(self, token: str) -> credentials.Claims:
         ring = self.state.keys.ring

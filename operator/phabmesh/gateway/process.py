@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import signal
-import sys
 from collections.abc import Callable
 
 import structlog
@@ -18,11 +17,6 @@ from phabmesh.kube import KubeClient, load_connection
 from phabmesh.settings import Settings
 
 log = structlog.get_logger(__name__)
-
-# How long a thread may hold the interpreter while another waits (Python's default: 5 ms).
-# Large request bodies are parsed in a worker thread; the event loop waits at most this long
-# for its turn at each step of every other call, instead of 5 ms at each.
-SWITCH_INTERVAL = 0.0005
 
 
 class GatewayProcess:
@@ -42,13 +36,13 @@ class GatewayProcess:
 
     async def start(self) -> None:
         s = self.settings
-        sys.setswitchinterval(SWITCH_INTERVAL)
         self.client = KubeClient(
             load_connection(self.kubeconfig), qps=s.kube_qps, burst=s.kube_burst
         )
         self.state = GatewayState(s, self.client)
         await self.state.start()
         self.gateway = Gateway(s, self.state, clock=self.clock)
+        await self.gateway.worker.start()
         # aiohttp's own body limit sits above ours so that ours answers in Conduit's envelope.
         app = web.Application(client_max_size=s.max_request_bytes + 1)
         self.gateway.routes(app)

@@ -196,3 +196,33 @@ def test_field_count_is_bounded_before_parsing() -> None:
         wire.decode_request("POST", FORM, (fields + "&z=1").encode())
     with pytest.raises(wire.RequestTooLarge):
         wire.decode_request("POST", FORM, fields.encode(), query_string="z=1")
+
+
+def test_refusals_survive_the_trip_to_and_from_a_worker_process() -> None:
+    import pickle
+
+    for error in (
+        wire.InvalidParamValue("k", "v" * 1000),
+        wire.NestedTooDeep("a" + "[x]" * 100),
+        wire.InvalidParams("invalid params"),
+        wire.RequestTooLarge("too many form fields"),
+    ):
+        back = pickle.loads(pickle.dumps(error))  # noqa: S301 - our own bytes
+        assert type(back) is type(error)
+        assert str(back) == str(error)
+        assert back.info("user.whoami") == error.info("user.whoami")
+
+
+@pytest.mark.parametrize("encoding", ["form", "params-json", "per-key-json"])
+def test_packed_params_encode_as_the_decoded_ones(encoding: Any) -> None:
+    params = {"constraints": {"usernames": ["ci-bot", "x"]}, "limit": "5"}
+    body = urlencode(wire.encode(params, TOKEN, encoding)).encode()
+    plain = wire.decode_request("POST", FORM, body)
+    packed = wire.decode_packed("POST", FORM, body)
+    assert packed.params == {} and packed.packed is not None
+    assert (packed.token, packed.encoding, packed.size) == (plain.token, plain.encoding, plain.size)
+    assert packed.unpacked().params == plain.params
+    assert (
+        packed.with_token("api-" + "b" * 28).encode()
+        == plain.with_token("api-" + "b" * 28).encode()
+    )
