@@ -9,15 +9,22 @@ hostile request of up to the body limit over and over on one connection, and bes
 ``conduit.ping`` after another on another connection; it prints the pings' latency
 against the same pings with no attack, and the gateway's memory. Then it sends
 ``--names`` unauthenticated calls to distinct method names and counts the series of
-``phabmesh_gateway_requests_total``. Nothing here asserts: it measures and prints.
+``phabmesh_gateway_requests_total``. Last, with ``phabmesh controller`` beside them, the
+credential endpoint: a real pod's exchange (an uncached TokenReview) alone, then while
+``--flood`` requests with junk tokens and as many with forged ones (JWTs for the right
+audience) arrive at once, and how many TokenReviews the flood cost. Nothing here asserts:
+it measures and prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import concurrent.futures
 import gzip
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -28,8 +35,10 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.__main__ import Child, Conduit, ms, pct
+from bench.__main__ import NS, Child, Conduit, Operator, ms, pct, pods, ready, setup, until
 from phabmesh import devcluster, serving
+from phabmesh.kube import KubeClient, load_connection
+from phabmesh.leasewatch import LeaseIndex
 from phabmesh.settings import Settings
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -230,6 +239,112 @@ async def scenario(gateway: Gateway, args: argparse.Namespace) -> list[tuple[str
     return rows
 
 
+def _flood(url: str, count: int) -> list[int]:
+    """``count`` junk and ``count`` forged tokens at once; their HTTP statuses."""
+
+    async def flood() -> list[int]:
+        connector = aiohttp.TCPConnector(limit=2 * count)
+        async with aiohttp.ClientSession(connector=connector) as http:
+
+            async def bad(token: str) -> int:
+                headers = {"Authorization": f"Bearer {token}"}
+                async with http.post(url, headers=headers) as answer:
+                    await answer.read()
+                    return answer.status
+
+            tokens = [f"junk{i}" for i in range(count)] + [_forged(i) for i in range(count)]
+            return list(await asyncio.gather(*(bad(token) for token in tokens)))
+
+    return asyncio.run(flood())
+
+
+def _forged(i: int) -> str:
+    def part(value: dict[str, object]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'RS256'})}.{part({'aud': ['phabmesh.io'], 'sub': f'x{i}'})}.c2ln"
+
+
+async def credential_flood(
+    plane: devcluster.ControlPlane, conduit: Conduit, tmp: Path, args: argparse.Namespace
+) -> list[tuple[str, str]]:
+    kube = KubeClient(load_connection(str(plane.kubeconfig)), qps=0, burst=1000)
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2 * args.flood + 8))
+    leases = LeaseIndex(kube)
+    watching = asyncio.create_task(leases.run())
+    operator = Operator(plane, conduit, tmp)
+    try:
+        await setup(kube, conduit)
+        await ready(http, operator.metrics_port)
+        created = await pods(kube, NS, 10, running=True)
+        uids = {p["metadata"]["uid"] for p in created}
+
+        async def all_active() -> bool:
+            return sum(
+                1 for lease in leases.by_uid.values() if lease.active and lease.pod_uid in uids
+            ) == len(uids)
+
+        await until(all_active, 60)
+        url = f"http://127.0.0.1:{operator.issuer_port}/v1/credentials"
+        identity = f"runner.{NS}.serviceaccount.identity.linkerd.cluster.local"
+
+        async def exchange(pod: dict[str, object]) -> float:
+            token = await kube.pod_token(NS, "runner", pod, seconds=3600)  # a fresh one: uncached
+            started = time.perf_counter()
+            async with http.post(
+                url, headers={"Authorization": f"Bearer {token}", "l5d-client-id": identity}
+            ) as answer:
+                await answer.read()
+                if answer.status != 200:
+                    raise RuntimeError(f"exchange refused: {answer.status}")
+            return time.perf_counter() - started
+
+        alone = [await exchange(p) for p in created]
+
+        async def reviews() -> float:
+            async with http.get(f"http://127.0.0.1:{operator.metrics_port}/metrics") as answer:
+                text = await answer.text()
+            return sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("phabmesh_token_reviews_total{")
+                and ('result="authenticated"' in line or 'result="refused"' in line)
+            )
+
+        before = await reviews()
+        # The flood comes from a process of its own: this one's loop only times the exchanges.
+        with concurrent.futures.ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(pool, int, "0")  # the process is up
+            flooding = loop.run_in_executor(pool, _flood, url, args.flood)
+            await asyncio.sleep(0.2)
+            during = [await exchange(p) for p in created]
+            statuses = await flooding
+        spent = await reviews() - before - len(created)
+        counts = {s: statuses.count(s) for s in sorted(set(statuses))}
+        rss, peak = operator.memory_mb()
+        return [
+            (
+                "credential exchange (uncached review), alone",
+                f"p50 {ms(pct(alone, 50))}, max {ms(max(alone))}",
+            ),
+            (
+                f"credential exchange during {args.flood} junk + {args.flood} forged tokens",
+                f"p50 {ms(pct(during, 50))}, max {ms(max(during))}; the flood was answered "
+                f"{counts} and cost {spent:.0f} TokenReviews; operator RSS {rss:.0f} MB "
+                f"(peak {peak:.0f} MB)",
+            ),
+        ]
+    finally:
+        operator.stop()
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
+        await http.close()
+        await kube.close()
+
+
 async def run(args: argparse.Namespace) -> list[tuple[str, str]]:
     with tempfile.TemporaryDirectory(prefix="phabmesh-hostile-") as tmp:
         plane = devcluster.ControlPlane(Path(tmp) / "plane")
@@ -240,8 +355,14 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str]]:
             crds = str(devcluster.repo_root() / "crds")  # type: ignore[operator]
             plane.kubectl("apply", "--server-side", "-f", crds)
             plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", crds)
-            gateway = Gateway(plane, conduit, Path(tmp))
-            return await scenario(gateway, args)
+            rows: list[tuple[str, str]] = []
+            if "gateway" in args.parts:
+                gateway = Gateway(plane, conduit, Path(tmp))
+                rows += await scenario(gateway, args)
+                gateway.stop()
+            if "credentials" in args.parts:
+                rows += await credential_flood(plane, conduit, Path(tmp), args)
+            return rows
         finally:
             if gateway is not None:
                 gateway.stop()
@@ -253,12 +374,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.hostile")
     parser.add_argument("--seconds", type=float, default=5.0, help="pings per kind of attack")
     parser.add_argument("--names", type=int, default=30_000, help="distinct method names")
+    parser.add_argument("--flood", type=int, default=600, help="junk tokens (and forged ones)")
+    parser.add_argument("--parts", default="gateway,credentials", help="what to measure")
     args = parser.parse_args()
     rows = asyncio.run(run(args))
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
-    print(f"\n(python -m bench.hostile --seconds {args.seconds:g} --names {args.names})")
+    print(
+        f"\n(python -m bench.hostile --seconds {args.seconds:g} --names {args.names} "
+        f"--flood {args.flood} --parts {args.parts})"
+    )
 
 
 if __name__ == "__main__":
