@@ -82,3 +82,22 @@ async def test_a_flood_of_bad_tokens_costs_few_reviews_and_a_real_pod_goes_on(
     # The flooding source's budget and the real pod's one review, nothing more.
     bound_ = settings.token_review_source_burst + settings.token_review_source_qps * elapsed + 1
     assert reviews <= bound_, (reviews, elapsed)
+
+
+def test_an_overlong_binding_name_is_refused_before_any_review(
+    cluster: Cluster, operator: Threaded
+) -> None:
+    import requests
+
+    url = f"http://127.0.0.1:{operator.process.issuer_port}/v1/credentials"  # type: ignore[attr-defined]
+    before = token_reviews(cluster)
+    answer = requests.post(
+        url,
+        params={"binding": "b" * 5000},
+        headers={"Authorization": f"Bearer {forged(1)}"},
+        timeout=10,
+    )
+    assert answer.status_code == 400
+    assert answer.json()["error"] == "invalid_request"
+    assert len(answer.text) < 200
+    assert token_reviews(cluster) == before

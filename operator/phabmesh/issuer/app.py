@@ -38,6 +38,7 @@ POD_NAME = "authentication.kubernetes.io/pod-name"
 POD_UID = "authentication.kubernetes.io/pod-uid"
 CLIENT_ID_HEADER = "l5d-client-id"
 JWKS_PATH = "/.well-known/jwks.json"
+MAX_NAME = 253  # a Kubernetes object name
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 
 
@@ -259,6 +260,12 @@ class Issuer:
     async def _issue(self, request: web.Request, audit: dict[str, str]) -> web.Response:
         if not self.ready:
             return _error(503, "not_ready", "the credential endpoint is starting; retry shortly")
+        wanted = request.query.get("binding")
+        if wanted is not None and len(wanted) > MAX_NAME:
+            # Refused before any review: the only query parameter is a name, and bounded.
+            return _error(
+                400, "invalid_request", f"binding: a name is at most {MAX_NAME} characters"
+            )
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -303,7 +310,6 @@ class Issuer:
             for lease in self.leases.of_pod(who.pod_uid)
             if lease.active and lease.expires_at is not None and lease.expires_at > now
         ]
-        wanted = request.query.get("binding")
         if wanted:
             held = [lease for lease in held if lease.binding == wanted]
         if not held:
