@@ -3,8 +3,9 @@
 Parsing a body of up to the limit (1 MiB) is linear but takes Python tens to hundreds of
 milliseconds: percent-escapes, thousands of fields. In a thread it would still share the
 interpreter with the event loop and delay every other call; in a process of its own it
-does not. One worker, one body at a time (callers queue); started with the gateway, and
-started again if it dies. Whatever it raises (``wire.BadRequest`` included) is raised here.
+does not. One worker, one body at a time (callers queue), at a lower scheduling priority
+than the gateway; started with the gateway, and started again if it dies. Whatever it
+raises (``wire.BadRequest`` included) is raised here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import multiprocessing
+import os
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
@@ -19,6 +21,7 @@ from typing import TypeVar
 import structlog
 
 T = TypeVar("T")
+WORKER_NICENESS = 10
 log = structlog.get_logger(__name__)
 
 
@@ -31,7 +34,9 @@ class Worker:
         if self._pool is None:
             # spawn: a fresh interpreter, never a fork of this threaded process.
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn")
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_lower_priority,
             )
         return self._pool
 
@@ -59,3 +64,8 @@ class Worker:
 
 def _ready() -> bool:
     return True
+
+
+def _lower_priority() -> None:
+    """Where CPU is short, the gateway's own process (every other call) goes first."""
+    os.nice(WORKER_NICENESS)
