@@ -73,8 +73,8 @@ class Settings:
     # of tokens cannot take the operator's writes' budget, nor exceed this. Past it: 429.
     token_review_qps: float = 100.0
     token_review_burst: int = 200
-    # The same per source (its l5d-client-id, else its address): one flooding caller is
-    # refused (429 with Retry-After) while the others go on.
+    # The same per source (its l5d-client-id through the local Linkerd proxy, else its
+    # address): one flooding caller is refused (429 with Retry-After) while the others go on.
     token_review_source_qps: float = 20.0
     token_review_source_burst: int = 100
     # Kubernetes client limits per process (requests per second sustained, and at once): lease

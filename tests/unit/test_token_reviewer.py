@@ -131,3 +131,16 @@ async def test_both_caches_are_bounded(good: bool) -> None:
     for token in tokens:
         await reviews.review(token, "s")
     assert len(reviews._cache if good else reviews._refused) == 7
+
+
+def test_the_source_is_the_mesh_identity_only_from_the_local_proxy() -> None:
+    from phabmesh.issuer.app import review_source
+
+    identity = "runner.ci.serviceaccount.identity.linkerd.cluster.local"
+    assert review_source(identity, "127.0.0.1") == f"id:{identity}"
+    assert review_source(identity, "::1") == f"id:{identity}"
+    assert review_source(None, "127.0.0.1") == "peer:127.0.0.1"  # unmeshed: the proxy's budget
+    # From anywhere else the header is anyone's to set: the address counts.
+    assert review_source(identity, "10.0.0.9") == "peer:10.0.0.9"
+    long_ones = {review_source(c * 100_000, "127.0.0.1") for c in "xy"}
+    assert len(long_ones) == 2 and all(len(key) < 100 for key in long_ones)

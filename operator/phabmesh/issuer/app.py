@@ -39,6 +39,7 @@ POD_UID = "authentication.kubernetes.io/pod-uid"
 CLIENT_ID_HEADER = "l5d-client-id"
 JWKS_PATH = "/.well-known/jwks.json"
 MAX_NAME = 253  # a Kubernetes object name
+LOOPBACK = frozenset({"127.0.0.1", "::1"})
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 
 
@@ -150,6 +151,22 @@ class TokenReviewer:
             if self.negative_ttl > 0:
                 _remember(self._refused, digest, now + self.negative_ttl, self.cache_size)
         return result
+
+
+def review_source(client_id: str | None, peer: str | None) -> str:
+    """Whose TokenReview budget a call spends.
+
+    Behind Linkerd every call comes from the local proxy (a loopback peer), which sets
+    ``l5d-client-id`` for a meshed caller: that identity is the source, and unmeshed callers
+    share the proxy's budget. From any other peer the header proves nothing (anyone can
+    send it), so the peer's address is the source.
+    """
+    address = peer or ""
+    if client_id and address in LOOPBACK:
+        if len(client_id) > MAX_NAME:  # no identity is that long: keep the key small anyway
+            return "id-sha256:" + hashlib.sha256(client_id.encode()).hexdigest()
+        return "id:" + client_id
+    return "peer:" + address
 
 
 def _remember(cache: collections.OrderedDict[str, T], key: str, value: T, size: int) -> None:
@@ -274,11 +291,9 @@ class Issuer:
                 "invalid_token",
                 "send the pod's projected service-account token as 'Authorization: Bearer ...'",
             )
-        # Behind Linkerd every call comes from the local proxy: a meshed caller's identity is
-        # its source then, an unmeshed caller's the proxy's (one budget for all of those).
-        source = request.headers.get(CLIENT_ID_HEADER) or request.remote or ""
+        source = review_source(request.headers.get(CLIENT_ID_HEADER), request.remote)
         try:
-            who = await self.reviewer.review(token.strip(), logs.clip(source, 256))
+            who = await self.reviewer.review(token.strip(), source)
         except RateLimited as exc:
             retry = max(1, math.ceil(exc.retry_after))
             scope = "from this source" if exc.scope == "source" else "at once"

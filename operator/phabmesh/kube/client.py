@@ -244,9 +244,9 @@ class KubeClient:
         """Raw watch events from ``resource_version`` until the server ends the stream.
 
         Raises :class:`Gone` when the version is too old and :class:`Unavailable`
-        when the connection fails or stays silent for ``idle_timeout`` seconds (by
-        default 30 s past ``timeout_seconds``). ``opened`` is called once the server
-        has accepted the watch.
+        when the connection fails, stays silent for ``idle_timeout`` seconds (by default
+        30 s past ``timeout_seconds``) or outlasts ``timeout_seconds`` by that much.
+        ``opened`` is called once the server has accepted the watch.
         """
         query = dict(
             params or {},
@@ -256,15 +256,18 @@ class KubeClient:
             timeoutSeconds=str(timeout_seconds),
         )
         headers = {"Accept": "application/json", **self.connection.headers()}
+        idle = idle_timeout if idle_timeout is not None else timeout_seconds + 30.0
         try:
             async with self.session.get(
                 self.connection.host + path,
                 params=query,
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(
-                    total=None,
+                    # The server ends the watch after timeout_seconds: one that lasts longer is
+                    # stalled however it trickles.
+                    total=timeout_seconds + idle,
                     sock_connect=10,
-                    sock_read=idle_timeout if idle_timeout is not None else timeout_seconds + 30,
+                    sock_read=idle,
                 ),
             ) as resp:
                 if resp.status >= 300:
