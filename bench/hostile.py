@@ -5,7 +5,8 @@
 A real kube-apiserver and etcd, the Conduit test server (``bench.conduit``) and
 ``phabmesh gateway`` each run in a process of their own on 127.0.0.1, the gateway logging
 its audit lines at INFO as JSON (as deployed). This process sends, one kind at a time, a
-hostile request of up to the body limit over and over on one connection, and beside it one
+hostile request of up to the body limit over and over on one connection (or
+``--attackers`` at once), and beside it one
 ``conduit.ping`` after another on another connection; it prints the pings' latency
 against the same pings with no attack, and the gateway's memory. Then it sends
 ``--names`` unauthenticated calls to distinct method names and counts the series of
@@ -204,7 +205,7 @@ async def scenario(
     rows: list[tuple[str, str]] = []
     base = f"http://127.0.0.1:{gateway.port}/api"
     ping_http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
-    hostile_http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+    hostile_http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.attackers))
     try:
         deadline = time.perf_counter() + 60
         while True:
@@ -220,8 +221,11 @@ async def scenario(
         for what, method, make, headers in ATTACKS:
             body = make()
             stop = asyncio.Event()
-            hostile = asyncio.create_task(
-                attack(hostile_http, f"{base}/{method}", body, headers, stop)
+            hostile = asyncio.gather(
+                *(
+                    attack(hostile_http, f"{base}/{method}", body, headers, stop)
+                    for _ in range(args.attackers)
+                )
             )
             await asyncio.sleep(0.2)
             during = await pings(ping_http, f"{base}/conduit.ping", args.seconds)
@@ -230,7 +234,7 @@ async def scenario(
                 beside = await pings(ping_http, f"{conduit.url}/api/conduit.ping", args.seconds)
                 direct = f"; conduit.ping straight to Phabricator meanwhile: {summary(beside)}"
             stop.set()
-            answers = await hostile
+            answers = [answer for each in await hostile for answer in each]
             codes = sorted({f"{status} {code}" for _, status, code in answers})
             rss, peak = gateway.memory_mb()
             rows.append(
@@ -386,6 +390,7 @@ def main() -> None:
     parser.add_argument("--names", type=int, default=30_000, help="distinct method names")
     parser.add_argument("--flood", type=int, default=600, help="junk tokens (and forged ones)")
     parser.add_argument("--parts", default="gateway,credentials", help="what to measure")
+    parser.add_argument("--attackers", type=int, default=1, help="hostile connections at once")
     args = parser.parse_args()
     rows = asyncio.run(run(args))
     width = max(len(r[0]) for r in rows)
@@ -393,7 +398,7 @@ def main() -> None:
         print(f"{name:<{width}}  {value}")
     print(
         f"\n(python -m bench.hostile --seconds {args.seconds:g} --names {args.names} "
-        f"--flood {args.flood} --parts {args.parts})"
+        f"--flood {args.flood} --parts {args.parts} --attackers {args.attackers})"
     )
 
 
