@@ -11,6 +11,13 @@ NAMESPACE ?= phabmesh-system
 KUBECTL ?= $(shell command -v kubectl 2>/dev/null || echo "$(BIN)/python -m phabmesh.devcluster kubectl-path")
 PYTEST_ARGS ?=
 PY_SOURCES := operator tests $(wildcard bench)
+# Third-party Conduit clients for the e2e tests (tests/clients/): a virtualenv of their own
+# for the Python ones, npm's lockfile for the Node one, Debian's arcanist for arc.
+CLIENTS := tests/clients
+CLIENTS_VENV := .venv-clients
+CLIENTS_NODE := build/clients/node
+CLIENTS_DEBS := arcanist php-cli php-curl
+CLIENTS_STAMP := build/clients/.installed-$(shell cat $(CLIENTS)/python/requirements.txt $(CLIENTS)/python/constraints.txt $(CLIENTS)/node/package.json $(CLIENTS)/node/package-lock.json | sha256sum | cut -c1-12)
 
 .DEFAULT_GOAL := help
 
@@ -30,6 +37,26 @@ venv: $(STAMP) ## Create the virtualenv with phabmesh and its test tools
 .PHONY: controlplane
 controlplane: $(STAMP) ## Build the local Kubernetes control plane (once; cached)
 	$(BIN)/python -m phabmesh.devcluster build
+
+$(CLIENTS_STAMP): $(CLIENTS)/python/requirements.txt $(CLIENTS)/python/constraints.txt $(CLIENTS)/node/package.json $(CLIENTS)/node/package-lock.json
+	@test -x $(CLIENTS_VENV)/bin/python || $(PYTHON) -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CLIENTS_VENV)/bin/python -m pip install --quiet -c $(CLIENTS)/python/constraints.txt -r $(CLIENTS)/python/requirements.txt
+	rm -rf $(CLIENTS_NODE) && mkdir -p $(CLIENTS_NODE)
+	cp $(CLIENTS)/node/package.json $(CLIENTS)/node/package-lock.json $(CLIENTS_NODE)/
+	npm ci --prefix $(CLIENTS_NODE) --no-audit --no-fund --loglevel=error
+	@rm -f build/clients/.installed-* && touch $@
+
+.PHONY: clients
+clients: $(CLIENTS_STAMP) ## Install the Conduit clients the e2e tests run (arc, phabricator, phabfive, canduit)
+	@if ! command -v arcanist >/dev/null || ! php -r 'exit(function_exists("curl_init") ? 0 : 1);' 2>/dev/null; then \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "make clients: arc is missing; as root: apt-get install $(CLIENTS_DEBS)" >&2; exit 1; \
+	  fi; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y --no-install-recommends $(CLIENTS_DEBS) \
+	    || { apt-get update && apt-get install -y --no-install-recommends $(CLIENTS_DEBS); }; \
+	fi
 
 .PHONY: fmt
 fmt: $(STAMP) ## Format and auto-fix the code
@@ -57,7 +84,7 @@ manifests: $(STAMP) ## Verify CRDs and typed models agree (fails on drift)
 	$(BIN)/python -m phabmesh.schemacheck crds/
 
 .PHONY: test
-test: controlplane ## Run all tests (unit, integration against a real API server, e2e)
+test: controlplane clients ## Run all tests (unit, integration against a real API server, e2e)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 .PHONY: test-unit
@@ -65,7 +92,7 @@ test-unit: $(STAMP) ## Run only the fast, pure unit tests
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 .PHONY: test-e2e
-test-e2e: controlplane ## Run the end-to-end flows
+test-e2e: controlplane clients ## Run the end-to-end flows
 	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
 
 .PHONY: run
@@ -97,5 +124,5 @@ bench: controlplane ## Run the benchmarks and print percentiles and ratios
 	$(BIN)/python -m bench
 
 .PHONY: clean
-clean: ## Remove the virtualenv and caches (the control-plane build cache stays)
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+clean: ## Remove the virtualenvs, the clients and caches (the control-plane build cache stays)
+	rm -rf $(VENV) $(CLIENTS_VENV) build/clients .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -38,6 +38,12 @@ def make_bot(cluster: Cluster, conduit: ConduitServer, username: str, *, bot: bo
     """A Phabricator account, its token in a Secret, and a PhabricatorBot for it."""
     conduit.add_user(username, bot=bot)
     token = conduit.add_token(username)
+    register_bot(cluster, username, token)
+    return token
+
+
+def register_bot(cluster: Cluster, username: str, token: str) -> None:
+    """The token of an existing Phabricator account in a Secret, and a PhabricatorBot for it."""
     cluster.core.create_namespaced_secret(
         SYSTEM,
         client.V1Secret(
@@ -60,7 +66,6 @@ def make_bot(cluster: Cluster, conduit: ConduitServer, username: str, *, bot: bo
             },
         },
     )
-    return token
 
 
 def label_namespace(cluster: Cluster, namespace: str) -> None:
@@ -111,6 +116,7 @@ def make_pod(
     meshed: bool = True,
     node: str | None = "node-a",
     labels: dict[str, str] | None = None,
+    proxy_env: dict[str, str] | None = None,
 ) -> client.V1Pod:
     try:
         cluster.core.create_namespaced_service_account(
@@ -123,7 +129,11 @@ def make_pod(
     init = (
         [
             client.V1Container(
-                name="linkerd-proxy", image="cr.l5d.io/linkerd/proxy:edge", restart_policy="Always"
+                name="linkerd-proxy",
+                image="cr.l5d.io/linkerd/proxy:edge",
+                restart_policy="Always",
+                env=[client.V1EnvVar(name=k, value=v) for k, v in (proxy_env or {}).items()]
+                or None,
             )
         ]
         if meshed

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from phabmesh import __version__, logs
+from phabmesh import __version__, logs, podclient
 from phabmesh.podclient import DEFAULT_TOKEN_FILE as _TOKEN_FILE
 from phabmesh.settings import Settings
 
@@ -56,8 +56,6 @@ def _gateway(args: argparse.Namespace) -> int:
 
 
 def _credential(args: argparse.Namespace) -> int:
-    from phabmesh import podclient
-
     logs.configure("INFO")
     endpoint = args.endpoint or os.environ.get(
         "PHABMESH_CREDENTIAL_ENDPOINT", podclient.DEFAULT_ENDPOINT
@@ -69,7 +67,9 @@ def _credential(args: argparse.Namespace) -> int:
             token = token_file.read_text().strip()
         except OSError as exc:
             raise podclient.ExchangeError(f"cannot read {token_file}: {exc.strerror}") from exc
-        return podclient.exchange(endpoint, token, binding=args.binding)
+        return podclient.exchange(
+            endpoint, token, binding=args.binding, credential_format=args.format
+        )
 
     def store(credential: podclient.Credential) -> None:
         if args.output:
@@ -134,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cred.add_argument("--token-file", default=os.environ.get("PHABMESH_TOKEN_FILE", _TOKEN_FILE))
     cred.add_argument("--binding", help="which binding, when several grant this pod a credential")
+    cred.add_argument(
+        "--format",
+        choices=podclient.FORMATS,
+        help="phorge-token (api- and 28 characters, as Conduit clients expect) or jwt "
+        "(default: the binding's credentialFormat, itself PhorgeToken by default)",
+    )
     cred.add_argument("--output", "-o", help="write the credential to this file (mode 0600)")
     cred.add_argument("--print", action="store_true", help="print the credential on stdout")
     cred.add_argument("--watch", action="store_true", help="keep refreshing it before expiry")

@@ -16,6 +16,13 @@ Linkerd's own ``IsMeshed`` compares exactly that label). Any of these counts as
 meshed; the proxy container is the strongest sign and is looked at first. The
 annotation ``linkerd.io/inject`` is only a *request* to the injector
 (``enabled``, ``ingress``, ``disabled``): on its own it never means injected.
+
+Only this mesh counts. The injector writes the control plane's namespace and the trust
+domain into the proxy's environment (``_l5d_ns``, ``_l5d_trustdomain``: its identity is
+``$(_pod_sa).$(_pod_ns).serviceaccount.identity.$(_l5d_ns).$(_l5d_trustdomain)``). Given
+the cluster's :class:`Naming`, a pod whose label or proxy names another control plane, or
+whose proxy names another trust domain, is not meshed *here*: its identity is not the one
+phabmesh would write into a lease.
 """
 
 from __future__ import annotations
@@ -39,6 +46,11 @@ NO_PROXY = "NoProxy"  # no proxy and no marker: Linkerd was never asked to injec
 INJECTION_DISABLED = "InjectionDisabled"  # no proxy; the pod says linkerd.io/inject: disabled
 NOT_INJECTED = "NotInjected"  # injection was asked for, but no proxy came (webhook skipped it)
 OTHER_CONTROL_PLANE = "OtherControlPlane"  # meshed by a control plane in another namespace
+OTHER_TRUST_DOMAIN = "OtherTrustDomain"  # meshed by a proxy of another trust domain
+OTHER_MESH = frozenset({OTHER_CONTROL_PLANE, OTHER_TRUST_DOMAIN})
+# The proxy's environment as Linkerd's injector writes it.
+PROXY_ENV_CONTROL_PLANE = "_l5d_ns"
+PROXY_ENV_TRUST_DOMAIN = "_l5d_trustdomain"
 
 _SPIFFE = re.compile(r"^spiffe://([^/]+)/ns/([^/]+)/sa/([^/]+)$")
 # Kubernetes name shapes: a namespace is a DNS-1123 label, a ServiceAccount a DNS-1123 subdomain.
@@ -122,27 +134,46 @@ def parse_identity(name: str, naming: Naming = DEFAULT_NAMING) -> tuple[str, str
     return service_account, namespace
 
 
-def _has_proxy(spec: Mapping[str, Any]) -> bool:
-    return any(
-        isinstance(container, Mapping) and container.get("name") == PROXY_CONTAINER
-        for group in ("initContainers", "containers")
-        for container in spec.get(group) or ()
-    )
+def _proxy(spec: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    for group in ("initContainers", "containers"):
+        for container in spec.get(group) or ():
+            if isinstance(container, Mapping) and container.get("name") == PROXY_CONTAINER:
+                return container
+    return None
+
+
+def _proxy_env(proxy: Mapping[str, Any], name: str) -> str | None:
+    """The literal value of one of the proxy's variables (None: unset or not a literal)."""
+    for var in proxy.get("env") or ():
+        if isinstance(var, Mapping) and var.get("name") == name:
+            value = var.get("value")
+            return value if isinstance(value, str) and value else None
+    return None
 
 
 def mesh_status(pod: Mapping[str, Any], naming: Naming | None = None) -> tuple[bool, str]:
     """(meshed, reason) for a pod body as the API returns it.
 
-    With ``naming``, a pod whose ``linkerd.io/control-plane-ns`` label names another
-    control plane (so its identity has another suffix) is not meshed *here*.
+    With ``naming``, a pod whose ``linkerd.io/control-plane-ns`` label or proxy names
+    another control plane, or whose proxy names another trust domain (so its identity has
+    another suffix), is not meshed *here*.
     """
     meta = pod.get("metadata") or {}
     annotations = meta.get("annotations") or {}
     labels = meta.get("labels") or {}
     control_plane = labels.get(CONTROL_PLANE_LABEL)
-    if naming is not None and control_plane and control_plane != naming.control_plane_namespace:
-        return False, OTHER_CONTROL_PLANE
-    if _has_proxy(pod.get("spec") or {}):
+    proxy = _proxy(pod.get("spec") or {})
+    if naming is not None:
+        planes = {control_plane}
+        domain = None
+        if proxy is not None:
+            planes.add(_proxy_env(proxy, PROXY_ENV_CONTROL_PLANE))
+            domain = _proxy_env(proxy, PROXY_ENV_TRUST_DOMAIN)
+        if any(p and p != naming.control_plane_namespace for p in planes):
+            return False, OTHER_CONTROL_PLANE
+        if domain and domain != naming.trust_domain:
+            return False, OTHER_TRUST_DOMAIN
+    if proxy is not None:
         return True, MESHED
     if annotations.get(PROXY_VERSION_ANNOTATION) or control_plane:
         return True, MESHED

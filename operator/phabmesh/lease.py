@@ -10,6 +10,8 @@ import datetime
 from collections.abc import Mapping
 from typing import Any
 
+from phabmesh.credentials import phorge
+
 
 def parse_time(value: object) -> datetime.datetime | None:
     if not isinstance(value, str) or not value:
@@ -45,6 +47,17 @@ class LeaseView:
     @property
     def active(self) -> bool:
         return self.phase == "Active"
+
+    def phorge_digest(self) -> bytes:
+        """What a Phorge-shaped credential of this lease is MACed over (its immutable facts)."""
+        return phorge.lease_digest(
+            lease_uid=self.uid,
+            pod_uid=self.pod_uid,
+            namespace=self.namespace,
+            binding=self.binding,
+            bot=self.bot,
+            identity=self.identity,
+        )
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> LeaseView:

@@ -1,23 +1,28 @@
 """A watched index of every PhabricatorCredential (lease), for the issuer and the gateway.
 
-Kept current by one watch; lookups by pod UID and by lease UID cost no API call.
-While the watch is disconnected, or silent for ``liveness`` seconds (stalled), ``connected``
-is False and readers fail closed.
+Kept current by one watch; lookups by pod UID, by lease UID and by the locator of a
+Phorge-shaped credential cost no API call. While the watch is disconnected,
+or silent for ``liveness`` seconds (stalled), ``connected`` is False and readers fail closed.
 """
 
 from __future__ import annotations
 
 import collections
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from phabmesh import resources
+from phabmesh.credentials import phorge
 from phabmesh.kube import KubeClient
 from phabmesh.kube.client import resource_path
 from phabmesh.kube.informer import DEFAULT_LIVENESS, DELETED, Informer
 from phabmesh.lease import LeaseView
 
-TOMBSTONES = 100_000  # bounded memory: about 10 MB at most
+TOMBSTONES = 100_000  # bounded memory: about 15 MB at most
+# Of the most recently removed leases, what a Phorge-shaped credential's MAC needs, so that
+# the refusal can say why its lease went (older ones are refused as matching no lease):
+# about 6 MB at most.
+BURIED = 20_000
 
 
 class LeaseIndex:
@@ -33,6 +38,11 @@ class LeaseIndex:
         self._uid_of: dict[str, str] = {}  # "ns/name" -> lease uid
         # Why recently removed leases went: so a refusal can say "pod deleted", not just "gone".
         self.tombstones: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # Phorge-shaped credentials name their lease by locator: locator -> lease uid ->
+        # (lease, its digest); and of the tombstoned leases, locator -> lease uid -> digest.
+        self._by_locator: dict[str, dict[str, tuple[LeaseView, bytes]]] = {}
+        self._buried: dict[str, tuple[tuple[str, bytes], ...]] = {}
+        self._buried_order: collections.deque[tuple[str, str]] = collections.deque()
         self.informer: Informer[LeaseView] = Informer(
             client,
             resource_path(resources.GROUP, resources.VERSION, resources.CREDENTIAL_PLURAL),
@@ -64,9 +74,10 @@ class LeaseIndex:
                     pods.pop(old_uid, None)
                     if not pods:
                         del self.by_pod[old.pod_uid]
+                _unfile(self._by_locator, phorge.locator(old_uid), old_uid)
         if kind == DELETED or lease is None:
             if old_uid is not None:
-                self._bury(old_uid, old.reason if old is not None and old.reason else "")
+                self._bury(old_uid, old)
             return
         revoked_now = lease.phase == "Revoked" and (old is None or old.phase != "Revoked")
         if revoked_now and self.on_revoked is not None:
@@ -74,11 +85,42 @@ class LeaseIndex:
         self._uid_of[key] = lease.uid
         self.by_uid[lease.uid] = lease
         self.by_pod[lease.pod_uid][lease.uid] = lease
+        filed = self._by_locator.setdefault(phorge.locator(lease.uid), {})
+        filed[lease.uid] = (lease, lease.phorge_digest())
 
-    def _bury(self, uid: str, reason: str) -> None:
-        self.tombstones[uid] = reason or "Deleted"
+    def _bury(self, uid: str, old: LeaseView | None) -> None:
+        self.tombstones[uid] = (old.reason if old is not None else "") or "Deleted"
         while len(self.tombstones) > TOMBSTONES:
             self.tombstones.popitem(last=False)
+        if old is None:
+            return
+        locator = phorge.locator(uid)
+        self._buried[locator] = (*self._buried.get(locator, ()), (uid, old.phorge_digest()))
+        self._buried_order.append((locator, uid))
+        while len(self._buried_order) > BURIED:
+            locator, gone = self._buried_order.popleft()
+            kept = tuple(entry for entry in self._buried.get(locator, ()) if entry[0] != gone)
+            if kept:
+                self._buried[locator] = kept
+            else:
+                self._buried.pop(locator, None)
+
+    def at_locator(self, locator: str) -> Iterable[tuple[LeaseView, bytes]]:
+        """The leases a Phorge-shaped credential with this locator may belong to (usually
+        one), each with its digest."""
+        return self._by_locator.get(locator, {}).values()
+
+    def buried_at(self, locator: str) -> Iterable[tuple[str, bytes]]:
+        """Recently removed leases with this locator: (lease uid, digest) each."""
+        return self._buried.get(locator, ())
 
     def of_pod(self, pod_uid: str) -> list[LeaseView]:
         return list(self.by_pod.get(pod_uid, {}).values())
+
+
+def _unfile(index: dict[str, dict[str, tuple[LeaseView, bytes]]], locator: str, uid: str) -> None:
+    filed = index.get(locator)
+    if filed is not None:
+        filed.pop(uid, None)
+        if not filed:
+            del index[locator]

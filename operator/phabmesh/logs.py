@@ -31,6 +31,7 @@ METHOD = "method"
 REASON = "reason"
 LEASE = "lease"
 DECISION = "decision"
+CREDENTIAL_FORMAT = "credential_format"  # "jwt" or "phorge-token" (never the credential)
 ERROR = "error"
 
 REDACTED = "[REDACTED]"

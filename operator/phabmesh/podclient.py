@@ -4,7 +4,9 @@
 writes the credential to a file (mode 0600, replaced atomically). With
 ``--watch`` it keeps the file fresh before expiry (sidecar mode) and survives
 endpoint restarts with backoff. It never prints the credential unless asked to
-with ``--print``.
+with ``--print``. ``--format phorge-token`` (``api-`` and 28 characters, what
+Conduit clients expect of a token) or ``--format jwt``; without it, the binding's
+``credentialFormat`` decides (by default the Phorge-shaped token).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_TOKEN_FILE = "/var/run/secrets/phabmesh.io/serviceaccount/token"  # noqa: S105 - a path
 DEFAULT_ENDPOINT = "http://phabmesh-issuer.phabmesh-system.svc:8443"
+FORMATS = ("phorge-token", "jwt")
 
 
 class ExchangeError(Exception):
@@ -44,6 +47,7 @@ class Credential:
     identity: str
     binding: str
     bot: str
+    format: str = ""  # "phorge-token" or "jwt"
 
 
 def exchange(
@@ -51,20 +55,28 @@ def exchange(
     service_account_token: str,
     *,
     binding: str | None = None,
+    credential_format: str | None = None,
     session: requests.Session | None = None,
     timeout: float = 10.0,
 ) -> Credential:
     if session is None:
         with requests.Session() as own:
             return exchange(
-                endpoint, service_account_token, binding=binding, session=own, timeout=timeout
+                endpoint,
+                service_account_token,
+                binding=binding,
+                credential_format=credential_format,
+                session=own,
+                timeout=timeout,
             )
-    params = {"binding": binding} if binding else None
+    params = {"binding": binding} if binding else {}
+    if credential_format:
+        params["format"] = credential_format
     try:
         resp = session.post(
             endpoint.rstrip("/") + "/v1/credentials",
             headers={"Authorization": f"Bearer {service_account_token}"},
-            params=params,
+            params=params or None,
             timeout=timeout,
         )
     except requests.RequestException as exc:
@@ -88,6 +100,7 @@ def exchange(
         identity=str(body.get("identity", "")),
         binding=str(body.get("binding", "")),
         bot=str(body.get("bot", "")),
+        format=str(body.get("format", "")),
     )
 
 
@@ -136,5 +149,6 @@ def watch(
             expires_at=credential.expires_at.isoformat(),
             binding=credential.binding,
             bot=credential.bot,
+            credential_format=credential.format,
         )
         sleep(refresh_delay(credential, now()))

@@ -208,9 +208,11 @@ async def _story(
             raise RuntimeError(f"credential refused: {issued}")
     credential = issued["credential"]
     seen["secrets"].append(credential)
+    seen["format"] = issued["format"]
     say.detail(
         f"credential for {issued['identity']} (bot {issued['bot']}), "
-        f"valid until {issued['expiresAt']}"
+        f"valid until {issued['expiresAt']}, format {issued['format']} "
+        "(shaped like a Phorge API token: any Conduit client takes it)"
     )
 
     say.step("Calling Conduit through the gateway: user.whoami, as curl would")

@@ -46,7 +46,9 @@ POD_NOT_MESHED = "PodNotMeshed"  # the pod no longer carries a Linkerd proxy
 NO_LONGER_MATCHED = "NoLongerMatched"  # the binding's subjects or selector no longer match
 BINDING_DELETED = "BindingDeleted"  # the binding was deleted
 BINDING_NOT_READY = "BindingNotReady"  # the binding is not Ready for another reason
-BOT_NOT_READY = "BotNotReady"  # the bot stopped being Ready (disabled, token revoked, deleted)
+BOT_NOT_READY = "BotNotReady"  # the bot stopped being Ready (disabled, token revoked)
+BOT_CHANGED = "BotChanged"  # the binding's botRef now names another bot than the lease's
+BOT_NOT_ALLOWED = "BotNotAllowed"  # the lease's bot is gone or no longer allows the namespace
 REVOCATION_REASONS = frozenset(
     {
         POD_TERMINATING,
@@ -60,6 +62,8 @@ REVOCATION_REASONS = frozenset(
         BINDING_DELETED,
         BINDING_NOT_READY,
         BOT_NOT_READY,
+        BOT_CHANGED,
+        BOT_NOT_ALLOWED,
     }
 )
 
@@ -134,6 +138,13 @@ class IdentityRef(_Model):
     namespace: str | None = None
 
 
+# PhabricatorBinding.spec.credentialFormat: what a pod gets unless it asks (?format=).
+CredentialFormat = Literal["PhorgeToken", "JWT"]
+# api- and 28 characters, like a Phorge token: any Conduit client takes it.
+PHORGE_TOKEN: CredentialFormat = "PhorgeToken"  # noqa: S105 - a format's name
+JWT: CredentialFormat = "JWT"  # a signed JWT, verifiable by third parties through the JWKS
+
+
 class BindingSpec(_Model):
     """``PhabricatorBinding.spec``."""
 
@@ -144,6 +155,7 @@ class BindingSpec(_Model):
     credential_ttl: str = Field(default="15m", alias="credentialTTL")
     allowed_methods: tuple[str, ...] = Field(alias="allowedMethods")
     require_client_id: bool = Field(default=False, alias="requireClientID")
+    credential_format: CredentialFormat = Field(default=PHORGE_TOKEN, alias="credentialFormat")
 
     @field_validator("credential_ttl")
     @classmethod
@@ -218,6 +230,7 @@ class BindingStatus(_Model):
     matched_pods: int = Field(default=0, alias="matchedPods")
     active_credentials: int = Field(default=0, alias="activeCredentials")
     unmeshed_pods: int = Field(default=0, alias="unmeshedPods")
+    other_mesh_pods: int = Field(default=0, alias="otherMeshPods")
     bot_phid: str | None = Field(default=None, alias="botPHID")
 
 

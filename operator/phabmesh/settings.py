@@ -114,6 +114,10 @@ class Settings:
     watch_liveness: float = 30.0
     # Largest request body the gateway accepts (bytes, after decompression).
     max_request_bytes: int = 1 << 20
+    # Largest answer the gateway takes from Phabricator (bytes, as sent and decompressed); a larger
+    # one is refused with ERR-PHABRICATOR-UNAVAILABLE (HTTP 502). A big user.search or
+    # differential answer is a few MB; this bounds the gateway's memory per call.
+    max_response_bytes: int = 64 << 20
     # Logging.
     log_level: str = "INFO"
     log_json: bool | None = None

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from phabmesh.conduit import wire
-from phabmesh.testing import ConduitServer
+from phabmesh.testing import ConduitServer, conduit_server
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
@@ -70,6 +70,19 @@ def test_unknown_parameters_are_listed_as_sent(server: ConduitServer) -> None:
         "ERR-CONDUIT-CALL",
         "API Method \"user.whoami\" does not define these parameters: 'zeta', 'alpha'.",
     )
+
+
+def test_conduit_query_describes_each_method_it_has(server: ConduitServer) -> None:
+    """Phorge describes every method it has; phabfive reads this before its first call."""
+    assert envelope(post(server, "conduit.query", []))[1] == "ERR-INVALID-SESSION"
+    token = server.add_token("ci-bot")
+    result, code, _ = envelope(post(server, "conduit.query", [("api.token", token)]))
+    assert code is None
+    assert set(result) == set(conduit_server.PARAMS)
+    for method, definition in result.items():
+        params = definition["params"] or {}
+        assert set(params) == conduit_server.PARAMS[method], method
+        assert definition["description"] and definition["return"], method
 
 
 def test_json_params_are_strictly_typed(server: ConduitServer) -> None:
@@ -176,3 +189,15 @@ async def test_async_context_manager() -> None:
 def test_importable_without_pytest() -> None:
     code = "import sys, phabmesh.testing; assert 'pytest' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=sys.path[0] or None, env=None)
+
+
+def test_token_length_is_counted_in_bytes_and_markup_is_escaped(server: ConduitServer) -> None:
+    """As a stock Phorge answers: PHP's strlen, then json_encode with < and > escaped."""
+    wide = post(server, "user.whoami", [("api.token", "api-\u00eb" + "a" * 27)])
+    assert wide.text == (
+        '{"result":null,"error_code":"ERR-INVALID-AUTH","error_info":"API token '
+        '\\"api-\\u00eb' + "a" * 27 + '\\" has the wrong length. API tokens should be 32 '
+        'characters long."}'
+    )
+    marked = post(server, "user.whoami", [("api.token", "api-<>x/" + "a" * 24)])
+    assert '\\"api-\\u003c\\u003ex\\/' in marked.text

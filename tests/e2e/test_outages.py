@@ -96,15 +96,18 @@ class Stack:
             (x for x in active_leases(self.cluster, NS) if x["spec"]["podName"] == pod), None
         )
 
-    def credential(self, pod: client.V1Pod) -> str:
+    def credential(self, pod: client.V1Pod, credential_format: str | None = None) -> str:
+        """The pod's credential: in the default format, or as ``?format=`` asks."""
         assert self.operator is not None
         port = self.operator.process.issuer_port  # type: ignore[attr-defined]
         token = pod_token(self.cluster, NS, pod)
+        params = {"format": credential_format} if credential_format else {}
 
         def exchanged() -> str | None:
             answer = requests.post(
                 f"http://127.0.0.1:{port}/v1/credentials",
                 headers={"Authorization": f"Bearer {token}"},
+                params=params,
                 timeout=10,
             )
             return str(answer.json()["credential"]) if answer.status_code == 200 else None
@@ -255,21 +258,29 @@ def test_bot_lost_in_phabricator_revokes_leases_and_credentials(stack: Stack, ho
 
 
 @pytest.mark.parametrize(
-    ("skew", "accepted"),
-    [(30, True), (-30, True), (-45, False)],
-    ids=["gateway-30s-ahead", "gateway-30s-behind", "gateway-45s-behind"],
+    ("skew", "credential_format", "accepted"),
+    [(30, "jwt", True), (-30, "jwt", True), (-45, "jwt", False), (-45, "phorge-token", True)],
+    ids=[
+        "gateway-30s-ahead",
+        "gateway-30s-behind",
+        "gateway-45s-behind",
+        "gateway-45s-behind-phorge-token",
+    ],
 )
-def test_clock_skew_between_endpoint_and_gateway(stack: Stack, skew: int, accepted: bool) -> None:
+def test_clock_skew_between_endpoint_and_gateway(
+    stack: Stack, skew: int, credential_format: str, accepted: bool
+) -> None:
     def skewed() -> datetime.datetime:
         return datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=skew)
 
     stack.start(gateway_clock=skewed)
-    credential = stack.credential(stack.pod("runner"))
+    credential = stack.credential(stack.pod("runner"), credential_format)
     if accepted:
-        # Within PHABMESH_CLOCK_SKEW (30 s) a fresh credential is good at once...
+        # Within PHABMESH_CLOCK_SKEW (30 s) a fresh credential is good at once (and a
+        # Phorge-shaped one, which has an expiry but no not-before, at any skew before it)...
         assert stack.accepted(credential)
     else:
-        # ...beyond it, a gateway that far behind sees it as not yet valid.
+        # ...beyond it, a gateway that far behind sees a JWT as not yet valid.
         assert stack.refused(credential, "not yet valid")
     # Revocation follows the lease, not the clocks.
     stack.cluster.core.delete_namespaced_pod("runner", NS)

@@ -37,6 +37,7 @@ def test_quick_start_flow(tmp_path: Path) -> None:
         structlog.reset_defaults()
         logging.getLogger().handlers.clear()
     assert seen["injected"] is True
+    assert seen["format"] == "phorge-token"  # the default: what unchanged clients accept
     assert seen["whoami"]["result"]["userName"] == "ci-bot"
     assert seen["whoami"]["error_code"] is None
     assert seen["refused"]["error_code"] == "ERR-INVALID-AUTH"

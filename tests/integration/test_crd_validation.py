@@ -205,6 +205,14 @@ BAD: list[tuple[str, dict[str, Any], str, Any, str]] = [
     ),
     ("bad method glob", BINDING, "spec.allowedMethods.0", "User Whoami", "spec.allowedMethods[0]"),
     ("requireClientID not a bool", BINDING, "spec.requireClientID", "yes", "spec.requireClientID"),
+    ("unknown credentialFormat", BINDING, "spec.credentialFormat", "PEM", "spec.credentialFormat"),
+    (
+        "credentialFormat in lower case",
+        BINDING,
+        "spec.credentialFormat",
+        "jwt",
+        "spec.credentialFormat",
+    ),
     ("credential without podUID", CREDENTIAL, "spec.podUID", _DELETE, "spec.podUID"),
     ("credential without identity", CREDENTIAL, "spec.identity", _DELETE, "spec.identity"),
     ("credential with empty bot", CREDENTIAL, "spec.bot", "", "spec.bot"),
@@ -371,12 +379,17 @@ def test_valid_manifests_are_accepted_with_defaults(
         binding = _create(api, copy.deepcopy(BINDING), ns)
         assert binding["spec"]["credentialTTL"] == "15m"
         assert binding["spec"]["requireClientID"] is False
+        assert binding["spec"]["credentialFormat"] == "PhorgeToken"
         spec = resources.BindingSpec.model_validate(binding["spec"])
         assert spec.ttl.total_seconds() == 900
+        assert spec.credential_format == resources.PHORGE_TOKEN
         refs_only = _with(BINDING, "spec.identities", _DELETE)
         refs_only["metadata"]["name"] = "refs-only"
         refs_only["spec"]["credentialTTL"] = "1h30m"
-        assert _create(api, refs_only, ns)["spec"]["credentialTTL"] == "1h30m"
+        refs_only["spec"]["credentialFormat"] = "JWT"
+        created = _create(api, refs_only, ns)
+        assert created["spec"]["credentialTTL"] == "1h30m"
+        assert resources.BindingSpec.model_validate(created["spec"]).credential_format == "JWT"
 
         cred = _create(api, copy.deepcopy(CREDENTIAL), ns)
         resources.CredentialSpec.model_validate(cred["spec"])
@@ -422,6 +435,8 @@ def test_explain_teaches_the_fields(cluster: Cluster, crds: object) -> None:
         "spiffe://<trust-domain>/ns/<namespace>/sa/<serviceaccount>",
         "l5d-client-id",
         "allowedMethods",
+        "credentialFormat",
+        "Defaults to PhorgeToken.",
         "-required-",
     ):
         assert text in " ".join(out.split()), text

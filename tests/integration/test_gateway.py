@@ -5,13 +5,15 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gzip
+import http.client
 import http.server
 import json
+import re
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+import zlib
 from typing import Any, ClassVar
 from urllib.parse import urlencode
 
@@ -20,9 +22,10 @@ import pytest
 import requests
 
 from phabmesh import credentials
-from phabmesh.conduit import wire
+from phabmesh.conduit import responses, wire
 from phabmesh.credentials.keys import SigningKey
 from phabmesh.gateway.process import GatewayProcess
+from phabmesh.lease import LeaseView
 from phabmesh.testing import ConduitServer
 from tests.kube import Cluster, wait_for
 from tests.phab import active_leases, exchange, leases, make_pod, pod_token, settings_for
@@ -38,21 +41,64 @@ class Pod:
         self.bot_token = bot_token
 
 
-@pytest.fixture
-def pod(
-    cluster: Cluster, conduit: ConduitServer, operator: Threaded, gateway: Threaded, bound: str
-) -> Iterator[Pod]:
+PHORGE_SHAPE = re.compile(r"^api-[a-z0-9]{28}$")  # what clients check a Phorge token against
+PHABFIVE_SHAPE = re.compile(r"^[a-zA-Z0-9-]{32}$")
+
+
+def _pod(
+    cluster: Cluster,
+    conduit: ConduitServer,
+    operator: Threaded,
+    gateway: Threaded,
+    bound: str,
+    **params: str,
+) -> Pod:
     created = make_pod(cluster, bound, "runner-1")
     wait_for(lambda: active_leases(cluster, bound))
-    issued = exchange(operator, pod_token(cluster, bound, created))
+    issued = exchange(operator, pod_token(cluster, bound, created), **params)
     assert issued.status_code == 200, issued.text
     bot_token = conduit.add_token(f"bot-{bound}")
     wait_for(lambda: _gateway_ready(gateway), what="the gateway to see the lease")
-    yield Pod("runner-1", issued.json()["credential"], bot_token)
+    return Pod("runner-1", issued.json()["credential"], bot_token)
+
+
+@pytest.fixture
+def pod(
+    cluster: Cluster, conduit: ConduitServer, operator: Threaded, gateway: Threaded, bound: str
+) -> Pod:
+    """A pod with a credential in the default format (shaped like a Phorge token)."""
+    return _pod(cluster, conduit, operator, gateway, bound)
+
+
+@pytest.fixture
+def jwt_pod(
+    cluster: Cluster, conduit: ConduitServer, operator: Threaded, gateway: Threaded, bound: str
+) -> Pod:
+    """A pod with a JWT credential (?format=jwt)."""
+    return _pod(cluster, conduit, operator, gateway, bound, format="jwt")
+
+
+@pytest.fixture(params=["phorge-token", "jwt"])
+def any_pod(
+    request: pytest.FixtureRequest,
+    cluster: Cluster,
+    conduit: ConduitServer,
+    operator: Threaded,
+    gateway: Threaded,
+    bound: str,
+) -> Pod:
+    """A pod with a credential in each format in turn."""
+    return _pod(cluster, conduit, operator, gateway, bound, format=request.param)
 
 
 def _gateway_ready(gateway: Threaded) -> bool:
     return bool(gateway.process.state.leases.by_uid)  # type: ignore[attr-defined]
+
+
+def _leases_seen(gateway: Threaded, namespace: str) -> list[LeaseView]:
+    """The leases of ``namespace`` in the gateway's index."""
+    index = gateway.process.state.leases.by_uid  # type: ignore[attr-defined]
+    return [lease for lease in index.values() if lease.namespace == namespace]
 
 
 def url(gateway: Threaded, method: str) -> str:
@@ -69,8 +115,9 @@ def envelope(response: requests.Response) -> dict[str, Any]:
 
 
 def test_every_client_style_passes_and_matches_a_direct_call(
-    gateway: Threaded, conduit: ConduitServer, pod: Pod, bound: str
+    gateway: Threaded, conduit: ConduitServer, any_pod: Pod, bound: str
 ) -> None:
+    pod = any_pod
     bot = f"bot-{bound}"
     direct = requests.post(
         f"{conduit.url}/api/user.whoami",
@@ -154,6 +201,7 @@ def test_spoofed_client_identity_is_refused(gateway: Threaded, pod: Pod, bound: 
 
 
 def _forged(pod: Pod, how: str) -> str:
+    """A JWT credential, altered."""
     claims = credentials.unverified_claims(pod.credential)
     kid = jwt.get_unverified_header(pod.credential)["kid"]
     other = SigningKey.generate(datetime.datetime.now(datetime.UTC))
@@ -186,7 +234,10 @@ def _forged(pod: Pod, how: str) -> str:
         ("tampered", "signature"),
     ],
 )
-def test_forged_credentials_are_refused(gateway: Threaded, pod: Pod, how: str, says: str) -> None:
+def test_forged_credentials_are_refused(
+    gateway: Threaded, jwt_pod: Pod, how: str, says: str
+) -> None:
+    pod = jwt_pod
     answer = envelope(call(gateway, "user.whoami", data={"api.token": _forged(pod, how)}))
     assert answer["error_code"] == "ERR-INVALID-AUTH"
     assert says in answer["error_info"]
@@ -194,8 +245,9 @@ def test_forged_credentials_are_refused(gateway: Threaded, pod: Pod, how: str, s
 
 
 def test_deleted_pod_credential_is_refused(
-    cluster: Cluster, gateway: Threaded, pod: Pod, bound: str
+    cluster: Cluster, gateway: Threaded, any_pod: Pod, bound: str
 ) -> None:
+    pod = any_pod
     assert envelope(call(gateway, "user.whoami", data={"api.token": pod.credential}))["result"]
     cluster.core.delete_namespaced_pod(pod.name, bound, grace_period_seconds=0)
     refused = wait_for(
@@ -209,6 +261,11 @@ def test_deleted_pod_credential_is_refused(
     assert refused["error_code"] == "ERR-INVALID-AUTH"
     assert refused["error_info"].startswith("credential revoked: ")  # pod ..., or lease deleted
     wait_for(lambda: leases(cluster, bound) == [])
+    wait_for(lambda: not _leases_seen(gateway, bound), what="the gateway to see the lease go")
+    # With its lease gone from the gateway's index too, it still says why.
+    gone = envelope(call(gateway, "user.whoami", data={"api.token": pod.credential}))
+    assert gone["error_code"] == "ERR-INVALID-AUTH"
+    assert gone["error_info"].startswith("credential revoked: "), gone
 
 
 def test_phabricator_down_then_back(gateway: Threaded, conduit: ConduitServer, pod: Pod) -> None:
@@ -419,3 +476,82 @@ def test_no_cookie_or_header_of_one_caller_reaches_another(
         own.stop()
         upstream.shutdown()
         upstream.server_close()
+
+
+def _raw_call(
+    gateway: Threaded, method: str, fields: dict[str, str], accept: str | None
+) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """A call with exactly this Accept-Encoding (or none): status, headers, body as sent."""
+    port = gateway.process.port  # type: ignore[attr-defined]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        body = urlencode(fields).encode()
+        conn.putrequest("POST", f"/api/{method}", skip_accept_encoding=True)
+        conn.putheader("Content-Type", FORM["Content-Type"])
+        conn.putheader("Content-Length", str(len(body)))
+        if accept is not None:
+            conn.putheader("Accept-Encoding", accept)
+        conn.endheaders(body)
+        response = conn.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        conn.close()
+
+
+def _decoded(headers: http.client.HTTPMessage, raw: bytes) -> dict[str, Any]:
+    coding = headers.get("Content-Encoding")
+    if coding == "gzip":
+        raw = gzip.decompress(raw)
+    elif coding == "deflate":
+        raw = zlib.decompress(raw)
+    else:
+        assert coding is None, coding
+    answer: dict[str, Any] = json.loads(raw)
+    return answer
+
+
+# What a stock Phorge answers for each Accept-Encoding (absent: None).
+ENCODINGS = [("gzip", "gzip"), ("gzip, deflate", "gzip"), ("deflate", "deflate")]
+ENCODINGS += [("identity", None), (None, None)]
+
+
+@pytest.mark.parametrize(("accept", "coding"), ENCODINGS)
+def test_answers_and_refusals_are_encoded_for_each_client(
+    gateway: Threaded, pod: Pod, bound: str, accept: str | None, coding: str | None
+) -> None:
+    forwarded = _raw_call(gateway, "user.whoami", {"api.token": pod.credential}, accept)
+    refused = _raw_call(gateway, "maniphest.edit", {"api.token": pod.credential}, accept)
+    for status, headers, _ in (forwarded, refused):
+        assert status == 200
+        assert headers.get("Content-Encoding") == coding
+        assert headers.get("Vary") == ("Accept-Encoding" if coding else None)
+        for name, value in responses.CONDUIT_HEADERS.items():
+            assert headers.get(name) == value, name
+        assert "Set-Cookie" not in headers
+    assert _decoded(*forwarded[1:])["result"]["userName"] == f"bot-{bound}"
+    denied = _decoded(*refused[1:])
+    assert denied["error_code"] == "ERR-CONDUIT-CORE"
+    assert "not allowed by PhabricatorBinding" in denied["error_info"]
+
+
+@pytest.mark.parametrize("accept", ["gzip", "deflate", None])
+def test_the_bot_token_phorge_echoes_in_a_compressed_error_is_redacted(
+    gateway: Threaded, conduit: ConduitServer, pod: Pod, bound: str, accept: str | None
+) -> None:
+    """A proxy in front of Phorge compresses its answers; the bot's token is refused there."""
+    bot_token = gateway.process.state.bot_token(f"bot-{bound}")  # type: ignore[attr-defined]
+    assert bot_token
+    conduit.compress_anyway = "gzip"
+    conduit.terminate_token(bot_token)
+    try:
+        status, headers, raw = _raw_call(
+            gateway, "user.whoami", {"api.token": pod.credential}, accept
+        )
+    finally:
+        conduit.add_token(f"bot-{bound}", bot_token)  # valid again, before the next re-check
+        conduit.compress_anyway = None
+    assert status == 200
+    answer = _decoded(headers, raw)
+    assert answer["error_code"] == "ERR-INVALID-AUTH"
+    assert answer["error_info"] == 'API token "[REDACTED]" was previously valid, but has expired.'
+    assert bot_token.encode() not in raw

@@ -4,6 +4,7 @@ server standing in for Phabricator and the operator running in a background thre
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import pytest
 import requests
@@ -18,6 +19,7 @@ from tests.phab import (
     active_leases,
     binding_condition,
     bot_ready,
+    condition,
     exchange,
     label_namespace,
     leases,
@@ -100,7 +102,7 @@ def test_namespace_outside_the_selector_is_refused(
     found = wait_for(
         lambda: (
             (c := binding_condition(cluster, namespace, "outsider"))
-            and c["reason"] == "NamespaceNotAllowed"
+            and c["reason"] == "BotNotAllowed"
             and c
         )
     )
@@ -109,6 +111,45 @@ def test_namespace_outside_the_selector_is_refused(
     response = exchange(operator, pod_token(cluster, namespace, pod))
     assert response.status_code == 403
     assert leases(cluster, namespace) == []
+
+
+def _binding(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    return cluster.custom.get_namespaced_custom_object(
+        G, V, namespace, resources.BINDING_PLURAL, name
+    )
+
+
+def test_a_binding_does_not_tell_which_bots_exist(
+    cluster: Cluster, conduit: ConduitServer, operator: Threaded, namespace: str
+) -> None:
+    """A bot that excludes the namespace looks exactly like one that does not exist: same
+    reason, same message, no BotReady, no botPHID. The bot's own status says the truth."""
+    make_bot(cluster, conduit, "secret-bot")
+    wait_for(lambda: (c := bot_ready(cluster, "secret-bot")) and c["status"] == "True")
+    make_binding(cluster, namespace, "probe-real", "secret-bot")  # namespace not labelled
+    make_binding(cluster, namespace, "probe-none", "no-such-bot")
+
+    def settled(name: str) -> dict[str, Any] | None:
+        obj = _binding(cluster, namespace, name)
+        ready = condition(obj)
+        return obj if ready and ready["reason"] != "Ready" and ready["status"] == "False" else None
+
+    real = wait_for(lambda: settled("probe-real"))["status"]
+    none = wait_for(lambda: settled("probe-none"))["status"]
+    for status, bot in ((real, "secret-bot"), (none, "no-such-bot")):
+        assert "botPHID" not in status or status["botPHID"] is None, status
+        assert [c["type"] for c in status["conditions"]] == ["Ready"], status
+        ready = status["conditions"][0]
+        assert ready["reason"] == "BotNotAllowed"
+        ready["message"] = ready["message"].replace(bot, "BOT")
+    assert real["conditions"][0]["message"] == none["conditions"][0]["message"]
+    # Labelled: now the bot's details are this namespace's to see.
+    label_namespace(cluster, namespace)
+    allowed = wait_for(
+        lambda: (s := _binding(cluster, namespace, "probe-real").get("status")) and s.get("botPHID")
+    )
+    assert allowed.startswith("PHID-USER-")
+    assert condition(_binding(cluster, namespace, "probe-real"), "BotReady")["status"] == "True"
 
 
 # -- leases -----------------------------------------------------------------------------------
@@ -125,10 +166,11 @@ def test_running_meshed_pod_gets_a_lease_and_a_credential(
     assert lease["spec"]["identity"] == identity
     assert lease["spec"]["bot"] == f"bot-{bound}"
 
-    response = exchange(operator, pod_token(cluster, bound, pod))
+    response = exchange(operator, pod_token(cluster, bound, pod), format="jwt")
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["identity"] == identity
+    assert body["format"] == "jwt"
     port = operator.process.issuer_port  # type: ignore[attr-defined]
     jwks = requests.get(f"http://127.0.0.1:{port}/.well-known/jwks.json", timeout=5).json()
     claims = credentials.verify_with_jwks(
@@ -164,7 +206,7 @@ def test_tokens_cannot_cross_pods_or_audiences(
     pod_a = make_pod(cluster, bound, "runner-a")
     make_pod(cluster, bound, "runner-b")
     wait_for(lambda: len(active_leases(cluster, bound)) == 2)
-    a = exchange(operator, pod_token(cluster, bound, pod_a)).json()
+    a = exchange(operator, pod_token(cluster, bound, pod_a), format="jwt").json()
     assert a["credential"]
     lease_names = [item["metadata"]["name"] for item in active_leases(cluster, bound)]
     assert any(name.startswith("runner-a.") for name in lease_names)

@@ -78,6 +78,7 @@ GATEWAY_CALLS: Calls = [
     (ALL, "phabmesh.io", "phabricatorbots", "get list watch", None),
     (SYSTEM, "", "secrets", "get list watch", None),
     (ALL, "", "pods", "list watch", None),
+    (ALL, "", "namespaces", "list watch", None),
 ]
 # Calls that must be refused, in the same form.
 OPERATOR_DENIED: Calls = [
@@ -115,6 +116,7 @@ GATEWAY_DENIED: Calls = [
     (ALL, "authentication.k8s.io", "tokenreviews", "create", None),
     ("ci", "", "events", "create", None),
     (ALL, "kopf.dev", "clusterkopfpeerings", "get patch", None),
+    (ALL, "", "namespaces", "get create update patch delete", None),
 ]
 
 
@@ -285,7 +287,14 @@ def installed(cluster: Cluster, crds: object, rendered: list[Doc]) -> Iterator[l
     rest = [d for d in rendered if d["kind"] != "CustomResourceDefinition"]
     # The webhook configuration too is only dry-run: the Service behind it has no pods here,
     # and tests/integration/test_injection.py installs it pointed at a running operator.
-    dry = ("Deployment", "MutatingWebhookConfiguration")
+    # So is the lease policy: the tests' operator writes leases as the cluster's admin, and
+    # tests/integration/test_lease_policy.py installs the policy for its own tests only.
+    dry = (
+        "Deployment",
+        "MutatingWebhookConfiguration",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    )
     _apply(cluster, [d for d in rest if d["kind"] not in dry])
     _apply(cluster, [d for d in rest if d["kind"] in dry], "--dry-run=server")
     yield rendered
@@ -342,6 +351,8 @@ def test_manifests_render_with_the_release_image(rendered: list[Doc]) -> None:
         "ClusterRoleBinding",
         "ClusterKopfPeering",
         "MutatingWebhookConfiguration",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     }
     for d in rendered:
         if d["kind"] not in cluster_scoped:
@@ -632,6 +643,7 @@ def test_samples_bind_the_ci_runner_to_ci_bot(samples: list[Doc]) -> None:
         "credentialTTL": "15m",
         "allowedMethods": ["user.whoami", "differential.*", "conduit.ping"],
         "requireClientID": False,
+        "credentialFormat": "PhorgeToken",
     }
     runner = _by_kind(samples, "Deployment")["ci-runner"]["spec"]["template"]
     assert runner["metadata"]["annotations"]["linkerd.io/inject"] == "enabled"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 
 from phabmesh import identity
@@ -90,8 +91,13 @@ def world(
     *pods: identity.PodFacts,
     bindings: tuple[BindingView, ...] = (),
     leases: tuple[LeaseView, ...] = (),
+    bots: tuple[BotView, ...] | None = None,
+    labels: dict[str, str] | None = None,
 ) -> World:
     w = World()
+    for b_view in (bot(),) if bots is None else bots:
+        w.bots[b_view.name] = b_view
+    w.namespaces["build"] = labels or {}
     for p in pods:
         w.put_pod(p)
     for b in bindings:
@@ -144,7 +150,11 @@ def test_every_revocation_reason() -> None:
             decide.NO_LONGER_MATCHED,
         ),
         (world(pod(), bindings=(binding(),), leases=(lease(),)), bot(ready=False), decide.BOT_LOST),
-        (world(pod(), bindings=(binding(),), leases=(lease(),)), None, decide.BOT_LOST),
+        (
+            world(pod(), bindings=(binding(),), leases=(lease(),), bots=()),
+            None,
+            decide.BOT_GONE_HERE,
+        ),
     ]
     for w, bot_view, reason in cases:
         plan = decide.plan_pod(w, "p1", N, verdicts(w, bot_view))
@@ -159,11 +169,32 @@ def test_namespace_selector_gates_the_binding() -> None:
     refused = decide.judge_binding(b, picky, {"team": "web"})
     assert (refused.ready, refused.reason, refused.bot_ready) == (
         False,
-        decide.NAMESPACE_NOT_ALLOWED,
-        True,
+        decide.BOT_NOT_ALLOWED,
+        False,
     )
-    missing = decide.judge_binding(b, None, {})
-    assert (missing.reason, missing.bot_reason) == (decide.BOT_NOT_FOUND, decide.BOT_NOT_FOUND)
+
+
+def test_a_bot_the_namespace_may_not_use_is_indistinguishable_from_none() -> None:
+    """Neither existence, readiness nor PHID of a bot leaks to a namespace it excludes."""
+    b = binding()
+    missing = decide.judge_binding(b, None, {"team": "web"})
+    for view in (
+        bot(selector={"matchLabels": {"team": "ci"}}),
+        bot(ready=False, selector={"matchLabels": {"team": "ci"}}),
+    ):
+        excluded = decide.judge_binding(b, view, {"team": "web"})
+        shown = dataclasses.replace(excluded, detail="")
+        assert shown == dataclasses.replace(missing, detail="")
+        assert (excluded.bot_shown, excluded.bot_phid) == (False, None)
+        assert excluded.reason == decide.BOT_NOT_ALLOWED
+    assert missing.detail != excluded.detail  # the operator's log still tells them apart
+    # Allowed: the bot's details are the namespace's to see.
+    allowed = decide.judge_binding(b, bot(ready=False), {})
+    assert (allowed.reason, allowed.bot_shown, allowed.bot_phid) == (
+        decide.BOT_NOT_READY,
+        True,
+        "PHID-USER-x",
+    )
 
 
 def test_revoked_leases_are_not_held() -> None:
@@ -193,4 +224,80 @@ def test_renewal_at_two_thirds() -> None:
     assert decide.due_for_renewal(view, ttl, T0 + datetime.timedelta(minutes=10))
     assert not decide.due_for_renewal(
         lease(phase="Revoked"), ttl, T0 + datetime.timedelta(minutes=14)
+    )
+
+
+def named_bot(name: str, selector: dict[str, object] | None = None) -> BotView:
+    view = bot(selector=selector)
+    return dataclasses.replace(view, name=name)
+
+
+def repointed(to: str) -> BindingView:
+    view = binding()
+    assert view.spec is not None
+    spec = view.spec.model_copy(
+        update={"bot_ref": view.spec.bot_ref.model_copy(update={"name": to})}
+    )
+    return dataclasses.replace(view, spec=spec)
+
+
+def test_a_lease_for_the_bot_the_binding_no_longer_names_is_revoked_and_replaced() -> None:
+    """botRef X -> Y: X's lease goes (BotChanged), a lease for Y comes, in one plan."""
+    w = world(
+        pod(),
+        bindings=(repointed("other-bot"),),
+        leases=(lease(),),  # for ci-bot
+        bots=(bot(), named_bot("other-bot")),
+    )
+    plan = decide.plan_pod(w, "p1", N, verdicts(w, named_bot("other-bot")))
+    assert [(lv.bot, r) for lv, r in plan.revoke] == [("ci-bot", decide.BOT_CHANGED)]
+    assert [(b.name, b.bot) for b in plan.issue] == [("runners", "other-bot")]
+
+
+def test_a_lease_of_a_bot_that_stops_allowing_the_namespace_is_revoked() -> None:
+    picky = bot(selector={"matchLabels": {"team": "ci"}})
+    w = world(pod(), bindings=(binding(),), leases=(lease(),), bots=(picky,), labels={})
+    # Even with a verdict that still says Ready (judged before the selector changed).
+    plan = decide.plan_pod(w, "p1", N, verdicts(w, bot()))
+    assert [r for _, r in plan.revoke] == [decide.BOT_GONE_HERE]
+    assert plan.issue == ()
+
+
+def test_namespaces_of_a_bot_include_those_holding_its_leases() -> None:
+    """The admin narrows X's selector after the binding moved to Y: X's lease's namespace
+    is still re-evaluated."""
+    w = world(pod(), bindings=(repointed("other-bot"),), leases=(lease(),))
+    assert set(w.namespaces_of_bot("ci-bot")) == {"build"}
+    assert w.bindings_of_bot("ci-bot") == []
+    w.drop_lease(lease().key)
+    assert set(w.namespaces_of_bot("ci-bot")) == set()
+
+
+def test_a_shorter_ttl_makes_a_lease_due_at_once() -> None:
+    view = lease()  # expires at 00:15, issued under a 15m TTL
+    now = T0 + datetime.timedelta(seconds=13)
+    assert not decide.due_for_renewal(view, datetime.timedelta(minutes=15), now)
+    assert decide.due_for_renewal(view, datetime.timedelta(minutes=1), now)
+    # A longer TTL waits for the usual renewal point.
+    assert not decide.due_for_renewal(view, datetime.timedelta(minutes=30), now)
+
+
+def test_pods_of_another_mesh_get_nothing_and_are_counted() -> None:
+    other_plane = identity.PodFacts.from_pod(
+        {
+            "metadata": {
+                "name": "pod-o",
+                "namespace": "build",
+                "uid": "o",
+                "labels": {"linkerd.io/control-plane-ns": "other-linkerd"},
+            },
+            "spec": {"serviceAccountName": "runner", "containers": [{"name": "linkerd-proxy"}]},
+            "status": {"phase": "Running"},
+        },
+        N,
+    )
+    w = world(other_plane, pod("a"), bindings=(binding(),))
+    assert not decide.plan_pod(w, "o", N, verdicts(w, bot()))
+    assert decide.count_binding(w, binding(), N) == decide.BindingCounts(
+        matched=1, active=0, unmeshed=0, other_mesh=1
     )

@@ -204,3 +204,37 @@ def test_labels_equal_their_source(items: dict[str, str]) -> None:
     labels = identity.labels_of(items)
     assert labels == items
     assert identity.labels_of(dict(reversed(list(items.items())))) is labels
+
+
+def _proxied(env: dict[str, str], labels: dict[str, str] | None = None) -> dict[str, object]:
+    return {
+        "metadata": {"labels": labels or {}},
+        "spec": {
+            "initContainers": [
+                {
+                    "name": "linkerd-proxy",
+                    "env": [{"name": k, "value": v} for k, v in env.items()],
+                }
+            ]
+        },
+    }
+
+
+def test_only_this_mesh_counts() -> None:
+    here = identity.Naming("linkerd", "cluster.local")
+    same = _proxied({"_l5d_ns": "linkerd", "_l5d_trustdomain": "cluster.local"})
+    assert identity.mesh_status(same, here) == (True, identity.MESHED)
+    assert identity.mesh_status(_proxied({}, {"linkerd.io/control-plane-ns": "other"}), here) == (
+        False,
+        identity.OTHER_CONTROL_PLANE,
+    )
+    assert identity.mesh_status(_proxied({"_l5d_ns": "other"}), here) == (
+        False,
+        identity.OTHER_CONTROL_PLANE,
+    )
+    other_domain = _proxied({"_l5d_ns": "linkerd", "_l5d_trustdomain": "example.org"})
+    assert identity.mesh_status(other_domain, here) == (False, identity.OTHER_TRUST_DOMAIN)
+    # Without the cluster's naming, any proxy counts (the injector's view).
+    assert identity.mesh_status(other_domain) == (True, identity.MESHED)
+    facts = identity.PodFacts.from_pod(other_domain, here)
+    assert (facts.meshed, facts.mesh_reason) == (False, identity.OTHER_TRUST_DOMAIN)

@@ -66,6 +66,27 @@ def test_exchange_sends_the_token_and_reads_the_credential(endpoint: str) -> Non
     assert "c.r.d" not in repr(credential)
 
 
+def test_exchange_asks_for_a_format_and_reads_which_it_got(endpoint: str) -> None:
+    token = "api-" + "abcdefghijklmnopqrstuvwxyz23"
+    _Endpoint.answers.append(
+        (
+            200,
+            {
+                "credential": token,
+                "format": "phorge-token",
+                "expiresAt": "2026-01-01T00:15:00Z",
+                "identity": "i",
+                "binding": "b",
+                "bot": "ci-bot",
+            },
+        )
+    )
+    credential = podclient.exchange(endpoint, "sa-token", credential_format="phorge-token")
+    assert (credential.token, credential.format) == (token, "phorge-token")
+    assert _Endpoint.seen[0]["path"] == "/v1/credentials?format=phorge-token"
+    assert token not in repr(credential)
+
+
 @pytest.mark.parametrize(
     ("status", "retryable"), [(401, False), (403, True), (409, False), (503, True)]
 )

@@ -123,6 +123,14 @@ def test_binding_spec_defaults_match_the_crd() -> None:
     assert spec.require_client_id is False
     assert spec.pod_selector is None
     assert spec.identity_refs == ()
+    assert spec.credential_format == resources.PHORGE_TOKEN == "PhorgeToken"
+
+
+@pytest.mark.parametrize("value", ["jwt", "PEM", ""])
+def test_binding_spec_takes_only_the_crds_credential_formats(value: str) -> None:
+    assert resources.BindingSpec.model_validate({**BINDING, "credentialFormat": "JWT"})
+    with pytest.raises(pydantic.ValidationError, match="credentialFormat"):
+        resources.BindingSpec.model_validate({**BINDING, "credentialFormat": value})
 
 
 @pytest.mark.parametrize("ttl", ["30s", "25h", "soon"])
@@ -175,6 +183,8 @@ def test_revocation_reasons_are_the_crds_and_the_controllers() -> None:
         decide.BINDING_DELETED,
         decide.BINDING_NOT_READY,
         decide.BOT_LOST,
+        decide.BOT_CHANGED,
+        decide.BOT_GONE_HERE,
     }
     assert controller == resources.REVOCATION_REASONS
 

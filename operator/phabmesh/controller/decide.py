@@ -18,9 +18,11 @@ from phabmesh.lease import LeaseView
 READY = "Ready"  # the bot is Ready and may be used from this namespace
 INVALID_SPEC = "InvalidSpec"  # the spec could not be parsed (should be stopped by the CRD)
 INVALID_SUBJECTS = "InvalidSubjects"  # identities or identityRefs make no sense together
-BOT_NOT_FOUND = "BotNotFound"  # spec.botRef names no PhabricatorBot
-BOT_NOT_READY = "BotNotReady"  # the bot exists but its Ready condition is not True
-NAMESPACE_NOT_ALLOWED = "NamespaceNotAllowed"  # the bot's namespaceSelector excludes us
+BOT_NOT_READY = "BotNotReady"  # the bot allows this namespace but its Ready is not True
+# spec.botRef names no PhabricatorBot, or one whose namespaceSelector excludes this
+# namespace: one answer for both, so that a binding cannot be used to find out which bots
+# exist (the bot's own status and the operator's log tell an administrator which it is).
+BOT_NOT_ALLOWED = "BotNotAllowed"
 
 # Lease revocation reasons (PhabricatorCredential status.reason) are defined, with the
 # CRD's documentation of each, in phabmesh.resources.
@@ -35,11 +37,18 @@ NO_LONGER_MATCHED = resources.NO_LONGER_MATCHED
 BINDING_DELETED = resources.BINDING_DELETED
 BINDING_NOT_READY = resources.BINDING_NOT_READY
 BOT_LOST = resources.BOT_NOT_READY
+BOT_CHANGED = resources.BOT_CHANGED
+BOT_GONE_HERE = resources.BOT_NOT_ALLOWED
 
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
-    """A binding's readiness: the Ready and BotReady conditions' content."""
+    """A binding's readiness: the Ready and BotReady conditions' content.
+
+    ``bot_shown`` is False when the bot does not exist or does not allow the binding's
+    namespace: then the status carries no BotReady condition and no botPHID, and
+    ``detail`` (for the operator's log only) says which of the two it is.
+    """
 
     ready: bool
     reason: str
@@ -48,6 +57,15 @@ class Verdict:
     bot_reason: str
     bot_message: str
     bot_phid: str | None = None
+    bot_shown: bool = True
+    detail: str = ""
+
+
+def bot_allows(bot: BotView | None, namespace_labels: Mapping[str, str] | None) -> bool:
+    """The bot exists, its spec reads, and its namespaceSelector selects these labels."""
+    if bot is None or bot.spec is None:
+        return False
+    return matching.selector_matches(bot.spec.namespace_selector, namespace_labels or {})
 
 
 def judge_binding(
@@ -57,31 +75,33 @@ def judge_binding(
         message = "; ".join(binding.problems) or "spec could not be read"
         return Verdict(False, INVALID_SPEC, message, False, INVALID_SPEC, message)
     problems = matching.validate_subjects(binding.spec, binding.namespace)
-    if bot is None:
-        msg = f'PhabricatorBot "{binding.bot}" does not exist'
-        verdict = Verdict(False, BOT_NOT_FOUND, msg, False, BOT_NOT_FOUND, msg)
+    if bot is None or not bot_allows(bot, namespace_labels):
+        msg = (
+            f'PhabricatorBot "{binding.bot}" does not exist or does not allow namespace '
+            f'"{binding.namespace}"'
+        )
+        if bot is None:
+            detail = "the bot does not exist"
+        elif bot.spec is None:
+            detail = "the bot's spec could not be read"
+        else:
+            detail = "the bot's namespaceSelector excludes the namespace"
+        verdict = Verdict(
+            False, BOT_NOT_ALLOWED, msg, False, BOT_NOT_ALLOWED, msg, bot_shown=False, detail=detail
+        )
     elif not bot.ready:
         msg = f'PhabricatorBot "{bot.name}" is not Ready ({bot.reason})'
         verdict = Verdict(False, BOT_NOT_READY, msg, False, bot.reason, msg, bot.phid)
     else:
-        bot_msg = f'PhabricatorBot "{bot.name}" is Ready'
-        selector = bot.spec.namespace_selector if bot.spec else None
-        if not matching.selector_matches(selector, namespace_labels or {}):
-            msg = (
-                f'namespace "{binding.namespace}" is not allowed by the namespaceSelector '
-                f'of PhabricatorBot "{bot.name}"'
-            )
-            verdict = Verdict(False, NAMESPACE_NOT_ALLOWED, msg, True, READY, bot_msg, bot.phid)
-        else:
-            verdict = Verdict(
-                True,
-                READY,
-                "credentials are issued to matching pods",
-                True,
-                READY,
-                bot_msg,
-                bot.phid,
-            )
+        verdict = Verdict(
+            True,
+            READY,
+            "credentials are issued to matching pods",
+            True,
+            READY,
+            f'PhabricatorBot "{bot.name}" is Ready',
+            bot.phid,
+        )
     if problems:
         message = "; ".join(problems)
         return dataclasses.replace(verdict, ready=False, reason=INVALID_SUBJECTS, message=message)
@@ -121,19 +141,40 @@ def binding_matches(binding: BindingView, pod: identity.PodFacts, naming: identi
     )
 
 
+def lease_problem(world: World, lease: LeaseView) -> str | None:
+    """Why ``lease`` may not stand whatever the pod does, or None.
+
+    Checked against the binding and the bot as they are now, never against what the
+    lease itself says: its binding must exist and still name the lease's bot, and that
+    bot must exist and allow the lease's namespace.
+    """
+    binding = world.bindings.get((lease.namespace, lease.binding))
+    if binding is None:
+        return BINDING_DELETED
+    if binding.bot != lease.bot:
+        return BOT_CHANGED
+    if not bot_allows(world.bots.get(lease.bot), world.namespaces.get(lease.namespace)):
+        return BOT_GONE_HERE
+    return None
+
+
 def plan_pod(
     world: World,
     pod_uid: str,
     naming: identity.Naming,
     verdicts: Mapping[tuple[str, str], Verdict],
 ) -> Plan:
-    """Leases to create and to revoke so that ``pod_uid`` holds exactly what it should."""
+    """Leases to create and to revoke so that ``pod_uid`` holds exactly what it should.
+
+    A lease that must go and a binding that still entitles the pod give both a
+    revocation and an issue (for a bot swap: the old bot's lease goes, the new bot's
+    comes); the caller revokes before it issues.
+    """
     pod = world.pods.get(pod_uid)
-    held = {lease.binding: lease for lease in world.leases_of_pod(pod_uid) if lease.active}
+    held = [lease for lease in world.leases_of_pod(pod_uid) if lease.active]
     if pod is None:
-        return Plan(revoke=tuple((lease, POD_DELETED) for lease in held.values()))
+        return Plan(revoke=tuple((lease, POD_DELETED) for lease in held))
     blocked = _pod_reason(pod)
-    issue: list[BindingView] = []
     revoke: list[tuple[LeaseView, str]] = []
     wanted: set[str] = set()
     for binding in world.bindings_in(pod.namespace):
@@ -142,14 +183,26 @@ def plan_pod(
         verdict = verdicts.get(binding.key)
         if verdict is None or not verdict.ready:
             continue
+        if not bot_allows(world.bots.get(binding.bot or ""), world.namespaces.get(pod.namespace)):
+            continue  # a verdict from before the bot's selector changed
         wanted.add(binding.name)
-        if blocked is None and binding.name not in held:
-            issue.append(binding)
-    for name, lease in held.items():
+    kept: set[str] = set()
+    for lease in held:
         if blocked is not None:
             revoke.append((lease, blocked))
-        elif name not in wanted:
+        elif (problem := lease_problem(world, lease)) is not None:
+            revoke.append((lease, problem))
+        elif lease.binding not in wanted:
             revoke.append((lease, _lost_reason(world, pod, lease, verdicts, naming)))
+        else:
+            kept.add(lease.binding)
+    issue: list[BindingView] = []
+    if blocked is None:
+        issue = [
+            binding
+            for binding in world.bindings_in(pod.namespace)
+            if binding.name in wanted and binding.name not in kept
+        ]
     return Plan(tuple(issue), tuple(revoke))
 
 
@@ -176,24 +229,30 @@ class BindingCounts:
     matched: int
     active: int
     unmeshed: int
+    other_mesh: int = 0
 
 
 def count_binding(world: World, binding: BindingView, naming: identity.Naming) -> BindingCounts:
-    matched = unmeshed = 0
+    matched = unmeshed = other_mesh = 0
     for pod in world.pods_in(binding.namespace):
         if pod.terminating or pod.phase in ("Succeeded", "Failed"):
             continue
         if binding_matches(binding, pod, naming):
             if pod.meshed:
                 matched += 1
+            elif pod.mesh_reason in identity.OTHER_MESH:
+                other_mesh += 1
             else:
                 unmeshed += 1
     active = sum(1 for lease in world.leases_of_binding(binding.key) if lease.active)
-    return BindingCounts(matched, active, unmeshed)
+    return BindingCounts(matched, active, unmeshed, other_mesh)
 
 
 def due_for_renewal(lease: LeaseView, ttl: datetime.timedelta, now: datetime.datetime) -> bool:
-    """Renew once less than a third of the TTL is left (i.e. at about two thirds)."""
+    """Renew once less than a third of the TTL is left (i.e. at about two thirds), and at
+    once when the lease runs longer than the TTL from now (the TTL was shortened): the
+    renewal then brings ``expiresAt`` down to now + TTL."""
     if not lease.active or lease.expires_at is None:
         return False
-    return lease.expires_at - now <= ttl / 3
+    left = lease.expires_at - now
+    return left <= ttl / 3 or left > ttl

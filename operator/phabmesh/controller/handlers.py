@@ -15,6 +15,7 @@ import kopf
 import structlog
 
 from phabmesh import admission, identity, resources
+from phabmesh.controller import decide
 from phabmesh.controller.state import Memo
 from phabmesh.controller.world import BindingView, BotView, Key
 from phabmesh.lease import LeaseView
@@ -140,6 +141,10 @@ async def binding_event(
             return
         world.put_binding(fresh)
     await memo.refresh_namespace(namespace)
+    binding = world.bindings.get(key)
+    if binding is not None:
+        # A shorter credentialTTL shortens live leases now, not at their next renewal.
+        await memo.renew_leases(binding)
 
 
 @kopf.timer(
@@ -185,7 +190,9 @@ async def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: Memo, **_: Any)
     if event.get("type") == "DELETED":
         memo.world.drop_pod(uid)
     else:
-        memo.world.put_pod(identity.PodFacts.from_pod(body))
+        # With the cluster's naming: a pod of another control plane or trust domain is not
+        # meshed here (its identity is not the one a lease would carry).
+        memo.world.put_pod(identity.PodFacts.from_pod(body, memo.naming))
     await memo.reconcile_pod(uid)
 
 
@@ -197,7 +204,15 @@ async def lease_event(
     if event.get("type") == "DELETED":
         memo.world.drop_lease((namespace, name))
         return
-    memo.world.put_lease(LeaseView.from_body(body))
+    lease = LeaseView.from_body(body)
+    memo.world.put_lease(lease)
+    # A lease the pod should not hold (written by someone else, or left from before a
+    # change) goes at once, not at the pod's next event or the lease's renewal. Only for a
+    # pod already seen: an unseen pod is not a deleted one, and its own event reconciles it.
+    if lease.active and lease.pod_uid in memo.world.pods:
+        plan = decide.plan_pod(memo.world, lease.pod_uid, memo.naming, memo.verdicts)
+        if any(revoked.key == lease.key for revoked, _ in plan.revoke):
+            await memo.reconcile_pod(lease.pod_uid)
 
 
 __all__ = [

@@ -293,10 +293,13 @@ class Memo(kopf.Memo):
         now = self.clock()
         previous = self._binding_conditions.get(binding.key, [])
         conditions = previous
-        for type_, ok, reason, message in (
-            ("Ready", verdict.ready, verdict.reason, verdict.message),
-            ("BotReady", verdict.bot_ready, verdict.bot_reason, verdict.bot_message),
-        ):
+        shown = [("Ready", verdict.ready, verdict.reason, verdict.message)]
+        if verdict.bot_shown:
+            shown.append(("BotReady", verdict.bot_ready, verdict.bot_reason, verdict.bot_message))
+        else:
+            # No word about a bot this namespace may not use: not even whether it exists.
+            conditions = [c for c in conditions if c.type != resources.BOT_READY]
+        for type_, ok, reason, message in shown:
             conditions = resources.set_condition(
                 conditions,
                 resources.Condition.new(
@@ -309,7 +312,10 @@ class Memo(kopf.Memo):
             "matchedPods": counts.matched,
             "activeCredentials": counts.active,
             "unmeshedPods": counts.unmeshed,
-            "botPHID": verdict.bot_phid,
+            "otherMeshPods": counts.other_mesh,
+            # null removes the field; the merge patch replaces the conditions list whole, so
+            # a BotReady left out above is removed as well.
+            "botPHID": verdict.bot_phid if verdict.bot_shown else None,
             "conditions": [c.model_dump(by_alias=True, mode="json") for c in conditions],
         }
         if status == self.statuses.get(binding.key):
@@ -319,6 +325,17 @@ class Memo(kopf.Memo):
         self._binding_conditions[binding.key] = conditions
         old_ready = next((c for c in previous if c.type == "Ready"), None)
         if old_ready is None or old_ready.reason != verdict.reason:
+            if verdict.detail:  # the whole truth, for the administrator's eyes only
+                log.info(
+                    "binding_judged",
+                    **{
+                        logs.NAMESPACE: binding.namespace,
+                        logs.BINDING: binding.name,
+                        logs.BOT: binding.bot,
+                        logs.REASON: verdict.reason,
+                    },
+                    detail=verdict.detail,
+                )
             await self.writer.event(
                 {
                     "apiVersion": f"{resources.GROUP}/{resources.VERSION}",
@@ -362,9 +379,12 @@ class Memo(kopf.Memo):
                 self._pod_locks.pop(uid, None)
 
     async def _execute(self, uid: str, plan: decide.Plan) -> None:
-        writes: list[Coroutine[Any, Any, object]] = [
-            self.writer.revoke(lease, reason) for lease, reason in plan.revoke
-        ]
+        # Revocations first: a lease re-issued for another bot takes the revoked one's name.
+        revokes = await asyncio.gather(
+            *(self.writer.revoke(lease, reason) for lease, reason in plan.revoke),
+            return_exceptions=True,
+        )
+        writes: list[Coroutine[Any, Any, object]] = []
         pod = self.world.pods.get(uid)
         if pod is not None:
             pod_identity = identity.linkerd_identity(
@@ -383,6 +403,6 @@ class Memo(kopf.Memo):
                     )
                 )
         results = await asyncio.gather(*writes, return_exceptions=True)
-        for result in results:
+        for result in [*revokes, *results]:
             if isinstance(result, BaseException):
                 log.warning("lease_write_failed", **{logs.POD_UID: uid, logs.ERROR: str(result)})

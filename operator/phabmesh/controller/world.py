@@ -98,6 +98,7 @@ class World:
         self.leases: dict[Key, LeaseView] = {}
         self.leases_by_pod: defaultdict[str, set[Key]] = defaultdict(set)
         self.leases_by_binding: defaultdict[Key, set[Key]] = defaultdict(set)
+        self.leases_by_bot: defaultdict[str, set[Key]] = defaultdict(set)
 
     # pods
 
@@ -143,11 +144,16 @@ class World:
 
     def put_lease(self, lease: LeaseView) -> None:
         old = self.leases.get(lease.key)
-        if old is not None and old.pod_uid != lease.pod_uid:
+        if old is not None and (old.pod_uid, old.binding, old.bot) != (
+            lease.pod_uid,
+            lease.binding,
+            lease.bot,
+        ):
             self._unindex_lease(old)
         self.leases[lease.key] = lease
         self.leases_by_pod[lease.pod_uid].add(lease.key)
         self.leases_by_binding[(lease.namespace, lease.binding)].add(lease.key)
+        self.leases_by_bot[lease.bot].add(lease.key)
 
     def drop_lease(self, key: Key) -> LeaseView | None:
         lease = self.leases.pop(key, None)
@@ -167,6 +173,11 @@ class World:
             by_binding.discard(lease.key)
             if not by_binding:
                 del self.leases_by_binding[slot]
+        by_bot = self.leases_by_bot.get(lease.bot)
+        if by_bot is not None:
+            by_bot.discard(lease.key)
+            if not by_bot:
+                del self.leases_by_bot[lease.bot]
 
     def leases_of_pod(self, uid: str) -> list[LeaseView]:
         return [self.leases[k] for k in self.leases_by_pod.get(uid, ())]
@@ -175,4 +186,8 @@ class World:
         return [self.leases[k] for k in self.leases_by_binding.get(key, ())]
 
     def namespaces_of_bot(self, bot: str) -> Iterable[str]:
-        return {b.namespace for b in self.bindings_of_bot(bot)}
+        """Namespaces whose bindings name the bot now, and namespaces holding leases of it
+        (whatever their bindings were since re-pointed to, renamed or deleted)."""
+        names = {b.namespace for b in self.bindings_of_bot(bot)}
+        names.update(key[0] for key in self.leases_by_bot.get(bot, ()))
+        return names

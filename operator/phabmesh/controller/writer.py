@@ -169,18 +169,29 @@ class Writer:
         """Mark the lease Revoked (the gateway refuses it on this event), then delete it."""
         now = self.clock()
         path = lease_path(lease.namespace, lease.name)
-        patch = {
-            "status": {
-                "phase": "Revoked",
-                "reason": reason,
-                "revokedAt": format_time(now),
-                "message": message or _REVOKE_MESSAGES.get(reason, reason),
-            }
+        revoked: JSON = {
+            "phase": "Revoked",
+            "reason": reason,
+            "revokedAt": format_time(now),
+            "message": message or _REVOKE_MESSAGES.get(reason, reason),
         }
+        options: JSON = {"propagationPolicy": "Background"}
         with contextlib.suppress(NotFound):
-            await self.client.merge_patch(path + "/status", patch)
+            if lease.uid and lease.phase != "Pending":
+                # Only this lease, not another one issued since under the same name (a
+                # lease re-issued for another bot takes the name): a JSON patch whose
+                # first operation tests the UID (the status subresource ignores a UID in
+                # a merge patch), and a delete with a UID precondition.
+                ops = [{"op": "test", "path": "/metadata/uid", "value": lease.uid}]
+                ops += [
+                    {"op": "add", "path": f"/status/{k}", "value": v} for k, v in revoked.items()
+                ]
+                await self.client.json_patch(path + "/status", ops)
+                options["preconditions"] = {"uid": lease.uid}
+            else:
+                await self.client.merge_patch(path + "/status", {"status": revoked})
         with contextlib.suppress(NotFound):
-            await self.client.delete(path, body={"propagationPolicy": "Background"})
+            await self.client.delete(path, body=options)
         self.world.drop_lease(lease.key)
         log.info(
             "lease_revoked",
@@ -258,4 +269,6 @@ _REVOKE_MESSAGES = {
     "BindingDeleted": "the binding was deleted",
     "BindingNotReady": "the binding is not Ready",
     "BotNotReady": "the bot is not Ready",
+    "BotChanged": "the binding now names another bot",
+    "BotNotAllowed": "the bot no longer exists or no longer allows this namespace",
 }

@@ -1,9 +1,11 @@
 """Signing keys, credential mint and verify, JWKS. Knows nothing of kopf or Kubernetes.
 
-Credentials are compact JWS (EdDSA over Ed25519) JWTs; see :mod:`.tokens`. Keys,
+Credentials are compact JWS (EdDSA over Ed25519) JWTs (:mod:`.tokens`), or tokens
+shaped like Phorge's, MACed with keys derived from the same ring (:mod:`.phorge`). Keys,
 the ring, its Secret form and rotation: :mod:`.keys`. Refusals: :mod:`.errors`.
 """
 
+from phabmesh.credentials import phorge
 from phabmesh.credentials.errors import (
     BadSignature,
     CredentialError,
@@ -11,6 +13,7 @@ from phabmesh.credentials.errors import (
     KeyRingError,
     Malformed,
     NotYetValid,
+    UnknownCredential,
     UnknownKey,
     UnsupportedAlgorithm,
     WrongAudience,
@@ -38,6 +41,7 @@ __all__ = [
     "Malformed",
     "NotYetValid",
     "SigningKey",
+    "UnknownCredential",
     "UnknownKey",
     "UnsupportedAlgorithm",
     "VerifiedCache",
@@ -46,6 +50,7 @@ __all__ = [
     "discovery_document",
     "jwks",
     "mint",
+    "phorge",
     "rotate",
     "thumbprint",
     "unverified_claims",

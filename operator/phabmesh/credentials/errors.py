@@ -12,7 +12,8 @@ class CredentialError(Exception):
 
 class Malformed(CredentialError):
     """Not a compact JWS with the header and claims phabmesh writes (truncated, padded,
-    non-canonical base64url, duplicate JSON keys, a claim of the wrong type)."""
+    non-canonical base64url, duplicate JSON keys, a claim of the wrong type), or not
+    ``api-`` and 28 base32 characters."""
 
 
 class UnsupportedAlgorithm(CredentialError):
@@ -25,6 +26,11 @@ class UnknownKey(CredentialError):
 
 class BadSignature(CredentialError):
     """The signature does not verify: forged, or tampered with after signing."""
+
+
+class UnknownCredential(CredentialError):
+    """A Phorge-shaped credential whose locator and MAC match no lease the verifier holds:
+    forged, mistyped, from another cluster, or its lease is long gone."""
 
 
 class Expired(CredentialError):

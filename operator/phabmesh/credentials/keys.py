@@ -12,18 +12,21 @@ import base64
 import binascii
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from phabmesh.credentials.errors import KeyRingError
 
 SECRET_KEY = "keys.json"  # noqa: S105 - the Secret data key holding the ring, not a secret
 ALGORITHM = "EdDSA"
+PHORGE_TOKEN_INFO = b"phabmesh phorge-token v1"  # HKDF info of the Phorge-shaped tokens' MAC key
 
 
 def b64url(data: bytes) -> str:
@@ -85,6 +88,21 @@ class SigningKey:
     @property
     def public_key(self) -> Ed25519PublicKey:
         return self.private_key.public_key()
+
+    @functools.cached_property
+    def phorge_mac_key(self) -> bytes:
+        """The MAC key of Phorge-shaped credentials (:mod:`.phorge`): HKDF-SHA256 of this key.
+
+        Derived, never stored: it rotates and retires with the signing key. Secret.
+        """
+        seed = self.private_key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=PHORGE_TOKEN_INFO).derive(
+            seed
+        )
 
     def jwk(self) -> dict[str, str]:
         """The public JWK (RFC 8037): no private part."""

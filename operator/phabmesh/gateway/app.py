@@ -1,7 +1,8 @@
 """The Conduit gateway: ``/api/<method>`` exactly as Phabricator serves it.
 
 Per call: find the credential wherever Conduit clients put a token, verify it
-(signature, time, audience, issuer), confirm its lease is Active (from the
+(a JWT: signature, time, audience, issuer; a Phorge-shaped token: its lease by
+locator from the watch, MAC, expiry), confirm its lease is Active (from the
 watch) and its pod is not terminating or gone (from a watch of pods), check the
 binding's method allowlist and the ``l5d-client-id``, swap in the bot's real
 token, forward over a pooled keep-alive connection, and answer.
@@ -12,25 +13,34 @@ Documented errors (``error_code``):
 
 - ``ERR-INVALID-SESSION``: no credential at all.
 - ``ERR-INVALID-AUTH``: the credential is malformed, forged, expired, not yet
-  valid, for another audience or issuer, or its lease is revoked or unknown;
+  valid, for another audience or issuer, matches no lease (a Phorge-shaped one),
+  or its lease is revoked or unknown;
   also when the lease cannot be confirmed because the gateway's watch is down
   (fail closed) and when ``l5d-client-id`` does not match. ``error_info`` says
   which.
 - ``ERR-CONDUIT-CORE``: the method is not in the binding's ``allowedMethods``.
 - ``ERR-PHABRICATOR-UNAVAILABLE`` (HTTP 503): Phabricator could not be reached,
-  timed out, or answered 5xx.
+  timed out, or answered 5xx; (HTTP 502) its answer is over
+  ``max_response_bytes`` once decoded, or cannot be decoded.
 - ``ERR-REQUEST-TOO-LARGE`` (HTTP 413): the body (after decompression) is over
   the limit.
+
+Answers, forwarded and refusals alike, are encoded for the client exactly as Phorge
+encodes them (:mod:`phabmesh.conduit.responses`): gzip, deflate or none after the
+client's ``Accept-Encoding``, with ``Content-Encoding`` and ``Vary`` to say so. The
+gateway asks Phabricator for an uncompressed answer (``Accept-Encoding: identity``)
+and still decodes one compressed anyway (a proxy in front of Phorge may), bounded,
+so the token redaction and anything else that reads the body see the decoded text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import functools
-import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
@@ -39,9 +49,10 @@ import structlog
 from aiohttp import web
 
 from phabmesh import credentials, logs, matching, metrics
-from phabmesh.conduit import wire
+from phabmesh.conduit import responses, wire
 from phabmesh.gateway import offload
 from phabmesh.gateway.state import GatewayState
+from phabmesh.lease import LeaseView
 from phabmesh.settings import Settings
 
 log = structlog.get_logger("phabmesh.audit")
@@ -49,8 +60,17 @@ T = TypeVar("T")
 
 NO_CREDENTIAL_METHODS = frozenset({"conduit.ping", "conduit.getcapabilities"})
 CLIENT_ID_HEADER = "l5d-client-id"
-# Response headers that matter to Conduit clients; everything else (cookies!) stays behind.
-PASSED_HEADERS = ("Content-Type", "X-Conduit-Capabilities", "Cache-Control", "Expires")
+# Upstream response headers passed to the client as Phabricator sent them: what the answer
+# is (Content-Type: JSON, or the text of a 429) and that no cache may keep it (Cache-Control,
+# Expires). Every answer also carries responses.CONDUIT_HEADERS where upstream says nothing,
+# X-Conduit-Capabilities always the gateway's own ("gzip": the gateway itself decodes gzip
+# request bodies, whatever Phabricator does), and Content-Encoding/Vary from the gateway's
+# own encoding. Nothing else passes: not Set-Cookie (an anonymous Phorge session for the
+# caller), not Content-Encoding or Content-Length (the body is re-encoded), not the headers
+# Phorge sends for browsers (X-Powered-By, Content-Security-Policy, X-Frame-Options...).
+PASSED_HEADERS = ("Content-Type", "Cache-Control", "Expires")
+# What the gateway asks Phabricator for: an uncompressed answer.
+UPSTREAM_ACCEPT_ENCODING = "identity"
 # Bodies up to this size are decoded (and re-encoded) on the event loop, in well under a
 # millisecond; larger or compressed ones in a worker process, one at a time, so that no body
 # stalls other calls (see gateway.offload).
@@ -62,10 +82,16 @@ AUDIT_INFO_CHARS = 1024
 METRIC_METHOD = web.RequestKey("phabmesh.metric_method", str)
 
 
-def envelope(code: str, info: str, status: int = 200) -> web.Response:
-    body = json.dumps({"result": None, "error_code": code, "error_info": info})
+def envelope(
+    code: str, info: str, status: int = 200, accept_encoding: str | None = None
+) -> web.Response:
+    """A refusal in Conduit's envelope, with Phorge's headers and encoding."""
+    body = responses.envelope(None, code, info)
+    encoded = responses.encode(body, accept_encoding)  # a few hundred bytes
     return web.Response(
-        status=status, body=body.encode(), headers={"Content-Type": "application/json"}
+        status=status,
+        body=encoded.body,
+        headers={**responses.CONDUIT_HEADERS, **encoded.headers},
     )
 
 
@@ -77,8 +103,62 @@ class Refusal(Exception):
         self.decision = decision
         self.status = status
 
-    def response(self) -> web.Response:
-        return envelope(self.code, self.info, self.status)
+    def response(self, accept_encoding: str | None = None) -> web.Response:
+        return envelope(self.code, self.info, self.status, accept_encoding)
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Who a verified credential speaks for, whatever its format: what the checks need."""
+
+    subject: str  # the Linkerd identity
+    namespace: str
+    pod: str
+    pod_uid: str
+    binding: str
+    bot: str
+    lease_uid: str
+    format: str  # "jwt" or "phorge-token"
+    expires_at: datetime.datetime
+    issued_at: datetime.datetime | None  # a Phorge-shaped token does not say when
+
+    @classmethod
+    def from_claims(cls, claims: credentials.Claims) -> Caller:
+        return cls(
+            claims.subject,
+            claims.namespace,
+            claims.pod,
+            claims.pod_uid,
+            claims.binding,
+            claims.bot,
+            claims.lease_uid,
+            "jwt",
+            claims.expires_at,
+            claims.issued_at,
+        )
+
+    @classmethod
+    def from_lease(cls, lease: LeaseView, expires_at: datetime.datetime) -> Caller:
+        """A Phorge-shaped token carries no claims: its lease's facts, which its MAC covers."""
+        return cls(
+            lease.identity,
+            lease.namespace,
+            lease.pod_name,
+            lease.pod_uid,
+            lease.binding,
+            lease.bot,
+            lease.uid,
+            "phorge-token",
+            expires_at,
+            None,
+        )
+
+    def outlives(self, ttl: datetime.timedelta, now: datetime.datetime) -> bool:
+        """Made under a longer credentialTTL than ``ttl``: used longer than ``ttl`` after it
+        was issued, or (no issue time) valid for longer than ``ttl`` from now."""
+        if self.issued_at is not None:
+            return now > self.issued_at + ttl
+        return self.expires_at > now + ttl
 
 
 class Gateway:
@@ -123,7 +203,7 @@ class Gateway:
             response = await self._handle(request, method, audit)
             decision = audit.get(logs.DECISION, "allowed")
         except Refusal as refusal:
-            response = refusal.response()
+            response = refusal.response(request.headers.get("Accept-Encoding"))
             decision = refusal.decision
             audit["error_code"] = refusal.code
             audit["error_info"] = logs.clip(refusal.info, AUDIT_INFO_CHARS)
@@ -152,7 +232,7 @@ class Gateway:
         if method in NO_CREDENTIAL_METHODS:
             request[METRIC_METHOD] = method
             audit[logs.DECISION] = "public"
-            return await self._forward(method, call.without_token(), None, audit)
+            return await self._forward(request, method, call.without_token(), None, audit)
         if not call.token:
             raise Refusal("ERR-INVALID-SESSION", "Session key is not present.", "no_credential")
         claims = self._verify(call.token)
@@ -163,6 +243,7 @@ class Gateway:
                 logs.POD: claims.pod,
                 logs.BINDING: claims.binding,
                 logs.BOT: claims.bot,
+                logs.CREDENTIAL_FORMAT: claims.format,
             }
         )
         self._check_lease(claims)
@@ -201,7 +282,7 @@ class Gateway:
                 f"credential refused: the token of bot {claims.bot} is not available",
                 "bot_token_missing",
             )
-        return await self._forward(method, call.with_token(token), token, audit)
+        return await self._forward(request, method, call.with_token(token), token, audit)
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.settings.max_request_bytes
@@ -257,7 +338,7 @@ class Gateway:
                 503,
             ) from exc
 
-    def _verify(self, token: str) -> credentials.Claims:
+    def _verify(self, token: str) -> Caller:
         ring = self.state.keys.ring
         if ring is None:
             raise Refusal(
@@ -265,8 +346,10 @@ class Gateway:
                 "credential cannot be verified yet: keys not loaded",
                 "not_ready",
             )
+        if token.startswith(credentials.phorge.PREFIX):
+            return self._verify_phorge(token, ring)
         try:
-            return self.verified.verify(
+            claims = self.verified.verify(
                 token,
                 ring,
                 audience=self.settings.credential_audience,
@@ -276,45 +359,108 @@ class Gateway:
             )
         except credentials.CredentialError as exc:
             raise Refusal("ERR-INVALID-AUTH", f"credential refused: {exc}", "invalid") from exc
+        return Caller.from_claims(claims)
 
-    def _check_lease(self, claims: credentials.Claims) -> None:
+    def _verify_phorge(self, token: str, ring: credentials.KeyRing) -> Caller:
+        """Its lease, found by locator in the lease watch; one MAC per candidate and key.
+
+        No cache: a call costs a dictionary lookup and an HMAC or two, and the lease is
+        read afresh every time.
+        """
         leases = self.state.leases
         if not leases.connected:
-            raise Refusal(
-                "ERR-INVALID-AUTH",
-                "credential cannot be confirmed: the gateway has lost its watch on leases; "
-                "retry shortly",
-                "unconfirmed",
+            raise _unconfirmed()
+
+        def candidates(locator: str) -> Iterator[tuple[LeaseView | str, bytes]]:
+            yield from leases.at_locator(locator)
+            yield from leases.buried_at(locator)  # removed lately: say why it went
+
+        try:
+            verified = credentials.phorge.verify(
+                token,
+                ring,
+                candidates,
+                now=self.clock(),
+                leeway=datetime.timedelta(seconds=self.settings.clock_skew),
             )
+        except credentials.CredentialError as exc:
+            raise Refusal("ERR-INVALID-AUTH", f"credential refused: {exc}", "invalid") from exc
+        if isinstance(verified.holder, str):
+            raise self._gone(verified.holder)
+        return Caller.from_lease(verified.holder, verified.expires_at)
+
+    def _gone(self, lease_uid: str) -> Refusal:
+        reason = self.state.leases.tombstones.get(lease_uid)
+        return _revoked(
+            _REASONS.get(reason, "lease deleted") if reason else "lease no longer exists"
+        )
+
+    def _check_lease(self, claims: Caller) -> None:
+        leases = self.state.leases
+        if not leases.connected:
+            raise _unconfirmed()
         lease = leases.by_uid.get(claims.lease_uid)
         if lease is None:
-            reason = leases.tombstones.get(claims.lease_uid)
-            raise _revoked(
-                _REASONS.get(reason, "lease deleted") if reason else "lease no longer exists"
-            )
+            raise self._gone(claims.lease_uid)
         if not lease.active:
             reason = lease.reason or "revoked"
             raise _revoked(_REASONS.get(reason, reason))
-        if lease.pod_uid != claims.pod_uid:
+        if (lease.pod_uid, lease.namespace, lease.binding, lease.bot, lease.identity) != (
+            claims.pod_uid,
+            claims.namespace,
+            claims.binding,
+            claims.bot,
+            claims.subject,
+        ):
             raise Refusal("ERR-INVALID-AUTH", "credential refused: lease mismatch", "invalid")
         ended = self.state.pod_ended(claims.pod_uid)
         if ended:  # seen on the pod watch before the lease's revocation was written
             raise _revoked(_REASONS.get(ended, ended))
+        # The lease is judged by the binding, the bot and the namespace this gateway sees,
+        # not by what the lease says: a lease the operator did not grant grants nothing.
+        problem = self.state.grants.refusal(lease)
+        if problem:
+            raise _revoked(_REASONS.get(problem, problem))
+        now = self.clock()
+        leeway = datetime.timedelta(seconds=self.settings.clock_skew)
+        if lease.expires_at is None or now > lease.expires_at + leeway:
+            raise _revoked("lease expired")
+        binding = self.state.binding(claims.namespace, claims.binding)
+        ttl = binding.ttl if binding is not None else None
+        if ttl is None or claims.outlives(ttl + leeway, now):
+            # Minted under a longer credentialTTL than the binding has now.
+            raise _revoked("credential outlived the binding's credentialTTL")
 
     async def _forward(
-        self, method: str, call: wire.Call, bot_token: str | None, audit: dict[str, Any]
+        self,
+        request: web.Request,
+        method: str,
+        call: wire.Call,
+        bot_token: str | None,
+        audit: dict[str, Any],
     ) -> web.StreamResponse:
         data, content_type = await self._encode(call)
+        limit = self.settings.max_response_bytes
         try:
             async with self.session.post(
                 f"{self.upstream}/api/{method}",
                 data=data,
-                headers={"Content-Type": content_type},
+                headers={"Content-Type": content_type, "Accept-Encoding": UPSTREAM_ACCEPT_ENCODING},
                 timeout=aiohttp.ClientTimeout(total=self.settings.conduit_timeout),
             ) as upstream:
-                payload = await upstream.read()
                 status = upstream.status
-                headers = {h: upstream.headers[h] for h in PASSED_HEADERS if h in upstream.headers}
+                audit["upstream_status"] = status
+                if status >= 500:
+                    metrics.GATEWAY_UPSTREAM_ERRORS.labels(kind=f"http_{status}").inc()
+                    raise Refusal(
+                        "ERR-PHABRICATOR-UNAVAILABLE",
+                        f"Phabricator answered HTTP {status}; retry later",
+                        "upstream_unavailable",
+                        503,
+                    )
+                coding = upstream.headers.get("Content-Encoding")
+                passed = {h: upstream.headers[h] for h in PASSED_HEADERS if h in upstream.headers}
+                raw = await _read_bounded(upstream, limit)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else "connection"
             metrics.GATEWAY_UPSTREAM_ERRORS.labels(kind=kind).inc()
@@ -324,19 +470,58 @@ class Gateway:
                 "upstream_unavailable",
                 503,
             ) from exc
-        audit["upstream_status"] = status
-        if status >= 500:
-            metrics.GATEWAY_UPSTREAM_ERRORS.labels(kind=f"http_{status}").inc()
+        except responses.BodyTooLarge as exc:
+            raise _too_large(limit) from exc
+        try:
+            payload = await responses.decode_async(raw, coding, limit)
+        except responses.BodyTooLarge as exc:
+            raise _too_large(limit) from exc
+        except responses.UnreadableBody as exc:
+            metrics.GATEWAY_UPSTREAM_ERRORS.labels(kind="unreadable").inc()
             raise Refusal(
                 "ERR-PHABRICATOR-UNAVAILABLE",
-                f"Phabricator answered HTTP {status}; retry later",
-                "upstream_unavailable",
-                503,
-            )
+                f"Phabricator's answer cannot be decoded: {exc}",
+                "upstream_unreadable",
+                502,
+            ) from exc
         if bot_token and bot_token.encode() in payload:
             # Phorge echoes a refused token in error_info: never hand the bot's out.
             payload = payload.replace(bot_token.encode(), b"[REDACTED]")
-        return web.Response(status=status, body=payload, headers=headers)
+        encoded = await responses.encode_async(payload, request.headers.get("Accept-Encoding"))
+        headers = {**responses.CONDUIT_HEADERS, **passed, **encoded.headers}
+        return web.Response(status=status, body=encoded.body, headers=headers)
+
+
+async def _read_bounded(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body as sent (perhaps compressed), refused past ``limit`` bytes before reading on."""
+    if upstream.content_length is not None and upstream.content_length > limit:
+        raise responses.BodyTooLarge(f"body over {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in upstream.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise responses.BodyTooLarge(f"body over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> Refusal:
+    metrics.GATEWAY_UPSTREAM_ERRORS.labels(kind="too_large").inc()
+    return Refusal(
+        "ERR-PHABRICATOR-UNAVAILABLE",
+        f"Phabricator's answer is over {limit} bytes (PHABMESH_MAX_RESPONSE_BYTES)",
+        "upstream_too_large",
+        502,
+    )
+
+
+def _unconfirmed() -> Refusal:
+    return Refusal(
+        "ERR-INVALID-AUTH",
+        "credential cannot be confirmed: the gateway has lost its watch on leases; retry shortly",
+        "unconfirmed",
+    )
 
 
 def _revoked(detail: str) -> Refusal:
@@ -355,4 +540,6 @@ _REASONS: Mapping[str, str] = {
     "BindingDeleted": "binding deleted",
     "BindingNotReady": "binding not ready",
     "BotNotReady": "bot not ready",
+    "BotChanged": "the binding names another bot now",
+    "BotNotAllowed": "bot not allowed in this namespace",
 }

@@ -1,5 +1,5 @@
-"""What the gateway knows, kept current by watches: leases, bindings, bots, bot tokens, keys,
-and (unless turned off) which pods have ended.
+"""What the gateway knows, kept current by watches: leases, bindings, bots, namespaces'
+labels, bot tokens, keys, and (unless turned off) which pods have ended.
 
 No API server call is made per request. While the lease watch is disconnected
 the gateway cannot confirm a lease and refuses credentials (fails closed).
@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import datetime
 from typing import Any
 
-from phabmesh import metrics, resources
+from phabmesh import identity, leasecheck, metrics, resources
 from phabmesh.keystore import KeyStore
 from phabmesh.kube import KubeClient
 from phabmesh.kube.client import JSON, resource_path
@@ -22,30 +21,10 @@ from phabmesh.leasewatch import LeaseIndex
 from phabmesh.podwatch import PodEnds
 from phabmesh.settings import Settings
 
-
-@dataclasses.dataclass(frozen=True)
-class BindingRules:
-    allowed_methods: tuple[str, ...]
-    require_client_id: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class BotRef:
-    secret_name: str
-    secret_key: str
-
-
-def _binding_rules(obj: JSON) -> BindingRules:
-    spec = obj.get("spec") or {}
-    return BindingRules(
-        allowed_methods=tuple(str(m) for m in spec.get("allowedMethods") or ()),
-        require_client_id=bool(spec.get("requireClientID", False)),
-    )
-
-
-def _bot_ref(obj: JSON) -> BotRef:
-    ref = (obj.get("spec") or {}).get("tokenSecretRef") or {}
-    return BotRef(str(ref.get("name", "")), str(ref.get("key") or "token"))
+# A binding's rules (allowedMethods, requireClientID, its bot, TTL, deletion) and where a
+# bot's token is and which namespaces may use it: the same values the leases are judged by.
+BindingRules = leasecheck.BindingFacts
+BotRef = leasecheck.BotFacts
 
 
 def _secret_data(obj: JSON) -> dict[str, str]:
@@ -70,12 +49,24 @@ class GatewayState:
         self.bindings: Informer[BindingRules] = Informer(
             client,
             resource_path(g, v, resources.BINDING_PLURAL),
-            _binding_rules,
+            leasecheck.binding_facts,
             name="bindings",
             liveness=live,
         )
         self.bots: Informer[BotRef] = Informer(
-            client, resource_path(g, v, resources.BOT_PLURAL), _bot_ref, name="bots", liveness=live
+            client,
+            resource_path(g, v, resources.BOT_PLURAL),
+            leasecheck.bot_facts,
+            name="bots",
+            liveness=live,
+        )
+        # Judges each lease by its binding, its bot and its namespace's labels (a watch of
+        # namespaces of its own; the two informers above are shared).
+        self.grants = leasecheck.Grants(
+            client,
+            identity.Naming(settings.linkerd_namespace, settings.trust_domain),
+            bindings=self.bindings,
+            bots=self.bots,
         )
         self.secrets: Informer[dict[str, str]] = Informer(
             client,
@@ -101,6 +92,7 @@ class GatewayState:
             self.bots.run(),
             self.secrets.run(),
             self.keys.watch(),
+            self.grants.run(),
             *([self.pods.run()] if self.pods is not None else []),
         ):
             self._tasks.append(asyncio.create_task(runner))
@@ -119,6 +111,7 @@ class GatewayState:
             and self.bindings.synced.is_set()
             and self.bots.synced.is_set()
             and self.secrets.synced.is_set()
+            and self.grants.synced
             and self.keys.ring is not None
         )
 

@@ -2,8 +2,17 @@
 
 ``POST /v1/credentials`` with ``Authorization: Bearer <token>`` (audience
 ``phabmesh.io``) → TokenReview (successes cached by token hash for at most
-10 s) → the pod's UID → its Active lease (from a watch; no API call) → a signed
-credential whose ``exp`` never passes the lease's ``expiresAt``.
+10 s) → the pod's UID → its Active lease (from a watch; no API call), judged by
+its binding, its bot and its namespace as the watches show them
+(:mod:`phabmesh.leasecheck`), never by what the lease says alone → a credential
+that ends no later than the lease's ``expiresAt`` nor the binding's current
+``credentialTTL`` from now.
+
+Its format: ``?format=phorge-token`` (``api-`` and 28 characters, like a Phorge
+API token: :mod:`phabmesh.credentials.phorge`) or ``?format=jwt`` (a signed JWT:
+:mod:`phabmesh.credentials.tokens`); without the parameter, the binding's
+``credentialFormat`` (from the same watch), which defaults to the Phorge-shaped token.
+Either is minted from the lease and the signing keys alone: no API write.
 
 Also serves ``/.well-known/jwks.json`` and ``/.well-known/openid-configuration``.
 """
@@ -23,11 +32,20 @@ from typing import Any, TypeVar
 import structlog
 from aiohttp import web
 
-from phabmesh import credentials, identity, logs, matching, metrics, ratelimit, resources
+from phabmesh import (
+    credentials,
+    identity,
+    leasecheck,
+    logs,
+    matching,
+    metrics,
+    ratelimit,
+    resources,
+)
 from phabmesh.keystore import KeyStore
 from phabmesh.kube import KubeClient, KubeError, NotFound
 from phabmesh.kube.client import resource_path
-from phabmesh.lease import LeaseView
+from phabmesh.lease import LeaseView, format_time
 from phabmesh.leasewatch import LeaseIndex
 from phabmesh.settings import Settings
 
@@ -41,6 +59,49 @@ JWKS_PATH = "/.well-known/jwks.json"
 MAX_NAME = 253  # a Kubernetes object name
 LOOPBACK = frozenset({"127.0.0.1", "::1"})
 DISCOVERY_PATH = "/.well-known/openid-configuration"
+# Credential formats, as ``?format=`` and the answer's ``format`` spell them.
+PHORGE_TOKEN = "phorge-token"  # noqa: S105 - a format's name
+JWT = "jwt"
+FORMAT_PARAMETER = "format"
+_FORMATS = {"phorgetoken": PHORGE_TOKEN, "jwt": JWT}  # case, '-' and '_' do not matter
+_SPEC_FORMATS = {resources.PHORGE_TOKEN: PHORGE_TOKEN, resources.JWT: JWT}
+
+
+def requested_format(value: str | None) -> str | None:
+    """The format a ``?format=`` value names, None if it is absent; ValueError if unknown."""
+    if value is None:
+        return None
+    wanted = _FORMATS.get(value.strip().lower().replace("-", "").replace("_", ""))
+    if wanted is None:
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise ValueError(
+            f"unknown credential format {shown!r} in query parameter {FORMAT_PARAMETER!r}: "
+            f"use {PHORGE_TOKEN} or {JWT}"
+        )
+    return wanted
+
+
+class _BadQuery(ValueError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _query(request: web.Request) -> tuple[str | None, str | None]:
+    """(``binding``, ``format``) from the query string; :class:`_BadQuery` if unusable."""
+    wanted = request.query.get("binding")
+    if wanted is not None and len(wanted) > MAX_NAME:
+        raise _BadQuery("invalid_request", f"binding: a name is at most {MAX_NAME} characters")
+    try:
+        return wanted, requested_format(request.query.get(FORMAT_PARAMETER))
+    except ValueError as exc:
+        raise _BadQuery("invalid_format", str(exc)) from exc
+
+
+def _binding_format(binding: leasecheck.BindingFacts) -> str:
+    """The format a binding asks for (``credentialFormat``; the Phorge-shaped token by default)."""
+    spec = binding.spec
+    return _SPEC_FORMATS[spec.credential_format if spec else resources.PHORGE_TOKEN]
 
 
 class Reviewed:
@@ -223,6 +284,7 @@ class Issuer:
         leases: LeaseIndex,
         reviewer: TokenReviewer,
         clock: Callable[[], datetime.datetime] | None = None,
+        grants: leasecheck.Grants | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
@@ -234,10 +296,15 @@ class Issuer:
             control_plane_namespace=settings.linkerd_namespace,
             trust_domain=settings.trust_domain,
         )
+        # Its own watches (the process runs them): a standby replica, whose controller
+        # is paused, judges leases as well as the acting one.
+        self.grants = grants or leasecheck.Grants(client, self.naming)
 
     @property
     def ready(self) -> bool:
-        return self.keys.ready and self.leases.synced and self.leases.connected
+        return (
+            self.keys.ready and self.leases.synced and self.leases.connected and self.grants.synced
+        )
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/credentials", self.issue)
@@ -277,12 +344,10 @@ class Issuer:
     async def _issue(self, request: web.Request, audit: dict[str, str]) -> web.Response:
         if not self.ready:
             return _error(503, "not_ready", "the credential endpoint is starting; retry shortly")
-        wanted = request.query.get("binding")
-        if wanted is not None and len(wanted) > MAX_NAME:
-            # Refused before any review: the only query parameter is a name, and bounded.
-            return _error(
-                400, "invalid_request", f"binding: a name is at most {MAX_NAME} characters"
-            )
+        try:  # before any review: the query is the caller's, and cheap to refuse
+            wanted, wanted_format = _query(request)
+        except _BadQuery as exc:
+            return _error(400, exc.code, str(exc))
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -320,13 +385,15 @@ class Issuer:
             )
         audit.update({logs.NAMESPACE: who.namespace, logs.POD: who.pod_name})
         now = self.clock()
-        held = [
-            lease
-            for lease in self.leases.of_pod(who.pod_uid)
-            if lease.active and lease.expires_at is not None and lease.expires_at > now
-        ]
-        if wanted:
-            held = [lease for lease in held if lease.binding == wanted]
+        held, refused = self._held(who, wanted, now)
+        if not held and refused:
+            name, problem = min(refused.items())
+            return _error(
+                403,
+                "no_lease",
+                f'the credential lease of PhabricatorBinding "{name}" is not honoured: '
+                f"{_REFUSALS.get(problem, problem)}",
+            )
         if not held:
             reason = await self._why_no_lease(who, wanted)
             return _error(403, "no_lease", reason)
@@ -346,36 +413,117 @@ class Issuer:
                 "identity_mismatch",
                 f"the mTLS client identity does not match the pod's identity {lease.identity}",
             )
-        audit.update({logs.BINDING: lease.binding, logs.BOT: lease.bot})
-        return self._mint(lease, now)
-
-    def _mint(self, lease: LeaseView, now: datetime.datetime) -> web.Response:
-        assert self.keys.ring is not None and lease.expires_at is not None
-        token = credentials.mint(
-            self.keys.ring,
-            issuer=self.settings.issuer,
-            audience=self.settings.credential_audience,
-            subject=lease.identity,
-            now=now,
-            not_after=lease.expires_at,
-            pod=lease.pod_name,
-            pod_uid=lease.pod_uid,
-            namespace=lease.namespace,
-            binding=lease.binding,
-            bot=lease.bot,
-            bot_phid=lease.bot_phid,
-            lease_uid=lease.uid,
+        binding = self.grants.binding(lease.namespace, lease.binding)
+        end = leasecheck.credential_end(lease, binding, now) if binding is not None else None
+        if end is None or end <= now:
+            return _error(403, "no_lease", "the credential lease has ended: retry shortly")
+        assert binding is not None
+        credential_format = wanted_format or _binding_format(binding)
+        audit.update(
+            {
+                logs.BINDING: lease.binding,
+                logs.BOT: lease.bot,
+                logs.CREDENTIAL_FORMAT: credential_format,
+            }
         )
+        return self._mint(lease, now, end, credential_format)
+
+    def _held(
+        self, who: Reviewed, wanted: str | None, now: datetime.datetime
+    ) -> tuple[list[LeaseView], dict[str, str]]:
+        """The pod's leases to be honoured, and why each other Active lease is not."""
+        pod_identity = identity.linkerd_identity(who.service_account, who.namespace, self.naming)
+        honoured: list[LeaseView] = []
+        refused: dict[str, str] = {}
+        for lease in self.leases.of_pod(who.pod_uid):
+            if not lease.active or lease.expires_at is None or lease.expires_at <= now:
+                continue
+            if wanted and lease.binding != wanted:
+                continue
+            problem = self._refusal(lease, who, pod_identity)
+            if problem is None:
+                honoured.append(lease)
+            else:
+                refused[lease.binding] = problem
+        return honoured, refused
+
+    def _refusal(self, lease: LeaseView, who: Reviewed, pod_identity: str) -> str | None:
+        """Why this pod may not have a credential from ``lease`` (a revocation reason)."""
+        if (lease.namespace, lease.pod_name, lease.identity) != (
+            who.namespace,
+            who.pod_name,
+            pod_identity,
+        ):
+            return _MISMATCH
+        return self.grants.refusal(lease)
+
+    def _mint(
+        self, lease: LeaseView, now: datetime.datetime, end: datetime.datetime, fmt: str
+    ) -> web.Response:
+        """A credential made from the lease and the ring alone: no API call, no write.
+
+        ``end`` is when it must end at the latest (:func:`leasecheck.credential_end`); both
+        mints also cap it at the maximum TTL and round it down to whole seconds.
+        """
+        assert self.keys.ring is not None
+        ttl = datetime.timedelta(seconds=self.settings.max_credential_ttl)
+        if fmt == PHORGE_TOKEN:
+            token = credentials.phorge.mint(
+                self.keys.ring,
+                lease_uid=lease.uid,
+                digest=lease.phorge_digest(),
+                now=now,
+                not_after=end,
+                ttl=ttl,
+            )
+        else:
+            token = credentials.mint(
+                self.keys.ring,
+                issuer=self.settings.issuer,
+                audience=self.settings.credential_audience,
+                subject=lease.identity,
+                now=now,
+                not_after=end,
+                pod=lease.pod_name,
+                pod_uid=lease.pod_uid,
+                namespace=lease.namespace,
+                binding=lease.binding,
+                bot=lease.bot,
+                bot_phid=lease.bot_phid,
+                lease_uid=lease.uid,
+                ttl=ttl,
+            )
+        expires = min(end, now + ttl).replace(microsecond=0)
         return web.json_response(
             {
                 "credential": token,
-                "expiresAt": lease.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "format": fmt,
+                "expiresAt": format_time(expires),
                 "identity": lease.identity,
                 "binding": lease.binding,
                 "bot": lease.bot,
             },
             headers={"Cache-Control": "no-store"},
         )
+
+    def _pod_problem(self, facts: identity.PodFacts) -> str | None:
+        """Why a live pod of this incarnation gets no credential whatever binds it."""
+        if facts.phase != "Running":
+            return f"the pod is {facts.phase}, not Running"
+        if facts.mesh_reason == identity.OTHER_CONTROL_PLANE:
+            return (
+                "the pod is meshed by another Linkerd control plane: only pods of the "
+                f'control plane in namespace "{self.naming.control_plane_namespace}" get '
+                "credentials"
+            )
+        if facts.mesh_reason == identity.OTHER_TRUST_DOMAIN:
+            return (
+                "the pod's proxy belongs to another trust domain: only pods of trust domain "
+                f'"{self.naming.trust_domain}" get credentials'
+            )
+        if not facts.meshed:
+            return "the pod is not meshed (no linkerd-proxy): only meshed pods get credentials"
+        return None
 
     async def _why_no_lease(self, who: Reviewed, wanted: str | None) -> str:
         """A reason the caller can act on (error path only: may call the API server)."""
@@ -387,13 +535,12 @@ class Issuer:
             return "the pod no longer exists"
         except KubeError:
             return "no active credential lease for this pod"
-        facts = identity.PodFacts.from_pod(pod)
+        facts = identity.PodFacts.from_pod(pod, self.naming)
         if facts.uid != who.pod_uid or facts.terminating:
             return "the pod is terminating: its credential was revoked"
-        if facts.phase != "Running":
-            return f"the pod is {facts.phase}, not Running"
-        if not facts.meshed:
-            return "the pod is not meshed (no linkerd-proxy): only meshed pods get credentials"
+        problem = self._pod_problem(facts)
+        if problem:
+            return problem
         try:
             listing = await self.client.get(
                 resource_path(
@@ -432,3 +579,15 @@ class Issuer:
             f"no PhabricatorBinding {scope}in namespace {who.namespace} matches "
             f"identity {pod_identity}"
         )
+
+
+_MISMATCH = "LeaseMismatch"
+# Why a lease is not honoured, for the caller: the operator's revocation reasons.
+_REFUSALS = {
+    _MISMATCH: "it names another pod or identity",
+    resources.BINDING_DELETED: "the binding was deleted or is being deleted",
+    resources.BINDING_NOT_READY: "the binding is not Ready",
+    resources.BOT_CHANGED: "the binding names another bot now",
+    resources.BOT_NOT_ALLOWED: "the bot does not exist or does not allow this namespace",
+    resources.NO_LONGER_MATCHED: "the binding does not name this pod's identity",
+}

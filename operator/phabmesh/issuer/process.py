@@ -59,6 +59,7 @@ class OperatorProcess:
             max_credential_ttl=datetime.timedelta(seconds=s.max_credential_ttl + s.clock_skew),
         )
         self.leases = LeaseIndex(self.client, liveness=s.watch_liveness)
+        self.injector = Injector(s, self.client)
         self.issuer = Issuer(
             s,
             self.client,
@@ -69,7 +70,7 @@ class OperatorProcess:
         await self.keys.ensure()
         self.tasks.append(asyncio.create_task(self.keys.run()))
         self.tasks.append(asyncio.create_task(self.leases.run()))
-        self.injector = Injector(s, self.client)
+        self.tasks.append(asyncio.create_task(self.issuer.grants.run()))
         self.tasks.append(asyncio.create_task(self.injector.bindings.run()))
         self.webhook_tls = WebhookTLS(
             self.client,

@@ -1,10 +1,12 @@
 """A Conduit test server that behaves like a real Phorge server, for tests and demos.
 
 It is a real HTTP server (aiohttp) on 127.0.0.1, agreeing with the recordings
-of a stock Phorge in ``shared/conduit/recordings``: ``conduit.ping``,
+of a stock Phorge in ``tests/conduit/recordings``: ``conduit.ping``,
 ``conduit.getcapabilities``, ``user.whoami``, ``user.search``, ``user.edit``
 (disable/enable) and ``user.disable``, the same checks in the same order, the
-same error codes and messages, the same envelope and headers. Tests drive it:
+same error codes and messages, the same envelope and headers, and answers
+compressed as Phorge compresses them (gzip or deflate after the client's
+``Accept-Encoding``, errors too; see ``phabmesh.conduit.responses``). Tests drive it:
 add users and tokens, disable an account, terminate or delete a token, take it
 down (500 HTML, as when its database is gone) or make it slow::
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import json
 import re
 import secrets
 import socket
@@ -18,13 +17,14 @@ from typing import Any
 from aiohttp import web
 
 from phabmesh import serving
-from phabmesh.conduit import wire
+from phabmesh.conduit import responses, wire
 
 _ALNUM = string.ascii_lowercase + string.digits
 PUBLIC_METHODS = frozenset({"conduit.ping", "conduit.getcapabilities"})
 PARAMS: dict[str, frozenset[str]] = {
     "conduit.ping": frozenset(),
     "conduit.getcapabilities": frozenset(),
+    "conduit.query": frozenset(),
     "user.whoami": frozenset(),
     "user.search": frozenset(
         {"queryKey", "constraints", "attachments", "order", "before", "after", "limit"}
@@ -64,6 +64,74 @@ CAPABILITIES = {
     "signatures": ["consign"],
     "input": ["json", "urlencoded"],
     "output": ["json", "human"],
+}
+# conduit.query: stock Phorge's own description of each method this server has (Phorge lists
+# all of its methods). Clients such as phabfive read it before their first call.
+_SEARCH_DOCS = (
+    "This is a standard **ApplicationSearch** method which will let you list, query, or search "
+    "for objects. For documentation on these endpoints, see **[[ https://we.phorge.it/diviner/"
+    "find/?name=Conduit%20API%3A%20Using%20Search%20Endpoints&type=article&jump=1 | Conduit API: "
+    "Using Search Endpoints ]]**."
+)
+_EDIT_DOCS = (
+    "This is a standard **ApplicationEditor** method which allows you to create and modify "
+    "objects by applying transactions. For documentation on these endpoints, see **[[ "
+    "https://we.phorge.it/diviner/find/?name=Conduit%20API%3A%20Using%20Edit%20Endpoints&type="
+    "article&jump=1 | Conduit API: Using Edit Endpoints ]]**."
+)
+METHODS: dict[str, dict[str, Any]] = {
+    "conduit.getcapabilities": {
+        "description": "List capabilities, wire formats, and authentication protocols available "
+        "on this server.",
+        "params": [],
+        "return": "dict<string, any>",
+    },
+    "conduit.ping": {
+        "description": "Basic ping for monitoring or a health-check.",
+        "params": [],
+        "return": "string",
+    },
+    "conduit.query": {
+        "description": "Returns the parameters of the Conduit methods.",
+        "params": [],
+        "return": "dict<dict>",
+    },
+    "user.disable": {
+        "description": "Permanently disable specified users (admin only).",
+        "params": {"phids": "required list<phid>"},
+        "return": "void",
+    },
+    "user.edit": {
+        "description": _EDIT_DOCS,
+        "params": {
+            "transactions": "list<map<string, wild>>",
+            "objectIdentifier": "optional id|phid|string",
+        },
+        "return": "map<string, wild>",
+    },
+    "user.enable": {
+        "description": "Re-enable specified users (admin only).",
+        "params": {"phids": "required list<phid>"},
+        "return": "void",
+    },
+    "user.search": {
+        "description": _SEARCH_DOCS,
+        "params": {
+            "queryKey": "optional string",
+            "constraints": "optional map<string, wild>",
+            "attachments": "optional map<string, bool>",
+            "order": "optional order",
+            "before": "optional string",
+            "after": "optional string",
+            "limit": "optional int (default = 100)",
+        },
+        "return": "map<string, wild>",
+    },
+    "user.whoami": {
+        "description": "Retrieve information about the logged-in user.",
+        "params": [],
+        "return": "nonempty dict<string, wild>",
+    },
 }
 DB_DOWN_PAGE = """<!DOCTYPE html>
 <html>
@@ -134,11 +202,6 @@ class _Failure(Exception):
         super().__init__(info)
         self.code = code
         self.info = info
-
-
-def _php_json(value: Any) -> bytes:
-    """JSON as PHP's json_encode writes it (slashes escaped)."""
-    return json.dumps(value, separators=(",", ":")).replace("/", "\\/").encode()
 
 
 _BOOL_STRINGS = {"0": False, "1": True, "false": False, "true": True}
@@ -245,6 +308,9 @@ class ConduitServer:
         self.fail_status = 500
         self.rate_limited = False  # every request answers 429, as Phorge's rate limiter
         self.delay = 0.0  # seconds to wait before answering
+        # As a proxy in front of Phorge that compresses every answer with this coding,
+        # whatever the client's Accept-Encoding says (None: Phorge's own choice).
+        self.compress_anyway: responses.Coding | None = None
         self.calls: collections.Counter[str] = collections.Counter()
         self.clock: Callable[[], float] = time.time
         self._lock = threading.RLock()
@@ -380,21 +446,34 @@ class ConduitServer:
 
     # -- the server -----------------------------------------------------------------------
 
-    def _reply(
-        self, result: Any = None, code: str | None = None, info: str | None = None
-    ) -> web.Response:
-        body = _php_json({"result": result, "error_code": code, "error_info": info})
+    @staticmethod
+    def _reply(result: Any = None, code: str | None = None, info: str | None = None) -> bytes:
+        return responses.envelope(result, code, info)
+
+    def _encode(self, request: web.Request, body: bytes) -> web.Response:
+        """A Conduit answer compressed as Phorge compresses it (errors too)."""
+        if self.compress_anyway is not None:
+            encoded = responses.Encoded(
+                responses.compress(body, self.compress_anyway), self.compress_anyway
+            )
+        else:
+            encoded = responses.encode(body, request.headers.get("Accept-Encoding"))
         return web.Response(
-            body=body,
+            body=encoded.body,
             headers={
                 "X-Conduit-Capabilities": "gzip",
                 "Content-Type": "application/json",
                 **COMMON_HEADERS,
+                **encoded.headers,
             },
         )
 
     def _fault(self, request: web.Request) -> web.Response | None:
-        """A broken or rate-limited server, as Phorge's startup code answers before Conduit."""
+        """A broken or rate-limited server, as Phorge's startup code answers before Conduit.
+
+        These pages are written before ``AphrontResponse`` turns compression on: never
+        compressed.
+        """
         with self._lock:
             if self.down:
                 status = 500
@@ -421,7 +500,6 @@ class ConduitServer:
         )
 
     async def _handle(self, request: web.Request) -> web.Response:
-        """Phorge's order: read params, find the method, check its params, authenticate, run."""
         method = request.match_info["method"]
         with self._lock:
             self.calls[method] += 1
@@ -430,6 +508,10 @@ class ConduitServer:
         fault = self._fault(request)
         if fault is not None:
             return fault
+        return self._encode(request, await self._call(request, method))
+
+    async def _call(self, request: web.Request, method: str) -> bytes:
+        """Phorge's order: read params, find the method, check its params, authenticate, run."""
         body = await request.read()
         # Phorge truncates the name to its call log's 64-byte column before anything else.
         method = method.encode()[:METHOD_NAME_BYTES].decode(errors="ignore")
@@ -460,7 +542,7 @@ class ConduitServer:
     def _authenticate(self, token: str | None) -> TestUser:
         if not token:
             raise _Failure("ERR-INVALID-SESSION", "Session key is not present.")
-        if len(token) != 32:
+        if len(token.encode()) != 32:  # PHP's strlen: bytes
             raise _Failure(
                 "ERR-INVALID-AUTH",
                 f'API token "{token}" has the wrong length. API tokens should be 32 '
@@ -490,6 +572,8 @@ class ConduitServer:
         if method == "conduit.getcapabilities":
             return CAPABILITIES
         assert user is not None
+        if method == "conduit.query":
+            return METHODS
         if method == "user.whoami":
             return {
                 "phid": user.phid,

@@ -1,0 +1,193 @@
+"""Is a lease to be honoured now? Asked of the binding, the bot and the namespace as watches
+show them, never of the lease alone.
+
+A lease (PhabricatorCredential) is only as good as what granted it: phabmesh writes
+leases, but a lease's own ``bot``, ``binding`` and ``expiresAt`` are not proof (anyone
+allowed to write them could write any). So the credential endpoint and the gateway both
+ask, per use:
+
+- does the lease's binding exist, not being deleted, and still name the lease's bot?
+- does that bot exist, and does its ``namespaceSelector`` select the lease's namespace?
+- is the lease's identity the one of a ServiceAccount in the lease's namespace that the
+  binding's subjects name?
+
+and they cap a credential at the binding's current ``credentialTTL`` as well as at the
+lease's ``expiresAt``. The answer is a revocation reason of :mod:`phabmesh.resources`, so
+that refusals read like the operator's own revocations.
+
+The functions and values here are pure; :class:`Grants` keeps them current from three
+watches (bindings, bots, namespaces) and costs no API call per question.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+from collections.abc import Mapping
+from typing import Any
+
+from phabmesh import identity, matching, resources
+from phabmesh.kube import KubeClient
+from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.informer import Informer
+from phabmesh.lease import LeaseView
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BindingFacts:
+    """What a binding grants now (None spec: unreadable, it grants nothing)."""
+
+    bot: str
+    spec: resources.BindingSpec | None
+    deleting: bool
+    allowed_methods: tuple[str, ...]
+    require_client_id: bool
+
+    @property
+    def ttl(self) -> datetime.timedelta | None:
+        return self.spec.ttl if self.spec is not None else None
+
+
+def binding_facts(obj: JSON) -> BindingFacts:
+    meta = obj.get("metadata") or {}
+    raw = obj.get("spec") or {}
+    try:
+        spec: resources.BindingSpec | None = resources.BindingSpec.model_validate(raw)
+    except ValueError:
+        spec = None
+    return BindingFacts(
+        bot=str((raw.get("botRef") or {}).get("name") or ""),
+        spec=spec,
+        deleting=bool(meta.get("deletionTimestamp")),
+        allowed_methods=tuple(str(m) for m in raw.get("allowedMethods") or ()),
+        require_client_id=bool(raw.get("requireClientID", False)),
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BotFacts:
+    """Where a bot may be used (None selector: its spec is unreadable, so nowhere), and
+    which Secret holds its token."""
+
+    selector: resources.LabelSelector | None
+    secret_name: str
+    secret_key: str
+
+
+def bot_facts(obj: JSON) -> BotFacts:
+    raw = obj.get("spec") or {}
+    ref = raw.get("tokenSecretRef") or {}
+    try:
+        selector: resources.LabelSelector | None = resources.BotSpec.model_validate(
+            raw
+        ).namespace_selector
+    except ValueError:
+        selector = None
+    return BotFacts(selector, str(ref.get("name", "")), str(ref.get("key") or "token"))
+
+
+def namespace_labels(obj: JSON) -> Mapping[str, str]:
+    return identity.labels_of((obj.get("metadata") or {}).get("labels") or {})
+
+
+def refusal(
+    lease: LeaseView,
+    binding: BindingFacts | None,
+    bot: BotFacts | None,
+    labels: Mapping[str, str] | None,
+    naming: identity.Naming,
+) -> str | None:
+    """Why ``lease`` is not to be honoured (a revocation reason), or None when it is.
+
+    ``labels`` are the lease's namespace's (None: the namespace is not known).
+    """
+    if binding is None or binding.deleting:
+        return resources.BINDING_DELETED
+    if binding.spec is None:
+        return resources.BINDING_NOT_READY
+    if binding.bot != lease.bot:
+        return resources.BOT_CHANGED
+    if (
+        bot is None
+        or bot.selector is None
+        or labels is None
+        or not matching.selector_matches(bot.selector, labels)
+    ):
+        return resources.BOT_NOT_ALLOWED
+    subject = identity.parse_identity(lease.identity, naming)
+    if subject is None or subject[1] != lease.namespace:
+        return resources.NO_LONGER_MATCHED
+    if not matching.subjects_match(binding.spec, lease.namespace, subject[0], naming):
+        return resources.NO_LONGER_MATCHED
+    return None
+
+
+def credential_end(
+    lease: LeaseView, binding: BindingFacts, now: datetime.datetime
+) -> datetime.datetime | None:
+    """When a credential minted now for ``lease`` must end: the lease's expiresAt, and never
+    more than the binding's current credentialTTL from now. None: no end can be given."""
+    ttl = binding.ttl
+    if lease.expires_at is None or ttl is None:
+        return None
+    return min(lease.expires_at, now + ttl)
+
+
+class Grants:
+    """Bindings, bots and namespaces' labels, each from one watch, to judge leases by.
+
+    Informers the process already runs for bindings or bots can be passed in (they must
+    use :func:`binding_facts` and :func:`bot_facts`); the others are made here, and
+    :meth:`run` runs only those it made.
+    """
+
+    def __init__(
+        self,
+        client: KubeClient,
+        naming: identity.Naming,
+        *,
+        bindings: Informer[BindingFacts] | None = None,
+        bots: Informer[BotFacts] | None = None,
+    ) -> None:
+        self.naming = naming
+        g, v = resources.GROUP, resources.VERSION
+        self._own: list[Informer[Any]] = []
+        if bindings is None:
+            bindings = Informer(
+                client,
+                resource_path(g, v, resources.BINDING_PLURAL),
+                binding_facts,
+                name="grant-bindings",
+            )
+            self._own.append(bindings)
+        if bots is None:
+            bots = Informer(
+                client, resource_path(g, v, resources.BOT_PLURAL), bot_facts, name="grant-bots"
+            )
+            self._own.append(bots)
+        self.bindings = bindings
+        self.bots = bots
+        self.namespaces: Informer[Mapping[str, str]] = Informer(
+            client, resource_path("", "v1", "namespaces"), namespace_labels, name="namespaces"
+        )
+        self._own.append(self.namespaces)
+
+    async def run(self) -> None:
+        await asyncio.gather(*(informer.run() for informer in self._own))
+
+    @property
+    def synced(self) -> bool:
+        return all(i.synced.is_set() for i in (self.bindings, self.bots, self.namespaces))
+
+    def binding(self, namespace: str, name: str) -> BindingFacts | None:
+        return self.bindings.items.get(f"{namespace}/{name}")
+
+    def refusal(self, lease: LeaseView) -> str | None:
+        return refusal(
+            lease,
+            self.binding(lease.namespace, lease.binding),
+            self.bots.items.get(lease.bot),
+            self.namespaces.items.get(lease.namespace),
+            self.naming,
+        )

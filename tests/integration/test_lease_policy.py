@@ -1,0 +1,243 @@
+"""manifests/lease-policy.yaml on the real API server: only phabmesh writes leases.
+
+The policy is applied as ``kubectl kustomize manifests/`` renders it, for this module only
+(the other tests' operator writes leases as the cluster's admin, which the policy refuses
+like anyone else). Who is who is shown by impersonation: phabmesh's operator ServiceAccount,
+a tenant whose Role grants ``*`` on ``*`` in its namespace, and the real garbage collector
+and namespace controller of the local kube-controller-manager.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from phabmesh import resources
+from tests.kube import Cluster, wait_for
+from tests.phab import SYSTEM, G, V
+
+REPO = Path(__file__).resolve().parents[2]
+OPERATOR = f"system:serviceaccount:{SYSTEM}:phabmesh-operator"
+TENANT = "tenant-admin"
+ADMIN = ""
+POLICY_KINDS = ("ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
+REFUSAL = "written by phabmesh only"
+
+
+def _apply(cluster: Cluster, docs: list[dict[str, Any]]) -> None:
+    cluster.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(docs))
+
+
+def _lease(namespace: str, name: str, owner: client.V1Pod | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": namespace}
+    if owner is not None:
+        meta["ownerReferences"] = [
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "name": owner.metadata.name,
+                "uid": owner.metadata.uid,
+                "blockOwnerDeletion": False,
+            }
+        ]
+    return {
+        "apiVersion": f"{G}/{V}",
+        "kind": resources.CREDENTIAL_KIND,
+        "metadata": meta,
+        "spec": {
+            "podName": "p",
+            "podUID": "u",
+            "serviceAccount": "sa",
+            "identity": f"sa.{namespace}.serviceaccount.identity.linkerd.cluster.local",
+            "binding": "b",
+            "bot": "any-bot",
+        },
+    }
+
+
+def _as(cluster: Cluster, who: str, *args: str, body: dict[str, Any] | None = None) -> str:
+    """kubectl as ``who`` (ADMIN: the cluster's admin): "" when it succeeded, else its
+    error output."""
+    result = cluster.kubectl(
+        *([f"--as={who}"] if who != ADMIN else []),
+        *args,
+        check=False,
+        input=json.dumps(body) if body is not None else None,
+    )
+    return "" if result.returncode == 0 else result.stderr
+
+
+def _operator(cluster: Cluster) -> client.CustomObjectsApi:
+    """The API as phabmesh's operator ServiceAccount (impersonated by the admin)."""
+    api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+    api.set_default_header("Impersonate-User", OPERATOR)
+    return client.CustomObjectsApi(api)
+
+
+def _refused_create(cluster: Cluster, who: str, body: dict[str, Any]) -> str | None:
+    """The policy's refusal of ``who`` creating ``body``; None (and no object left behind)
+    while the policy is not in force yet."""
+    error = _as(cluster, who, "create", "-f", "-", body=body)
+    if not error:
+        meta = body["metadata"]
+        cluster.custom.delete_namespaced_custom_object(
+            G, V, meta["namespace"], resources.CREDENTIAL_PLURAL, meta["name"]
+        )
+    return error if REFUSAL in error else None
+
+
+@pytest.fixture(scope="module")
+def policy(cluster: Cluster, crds: object, system: str) -> Iterator[None]:
+    rendered = [
+        d
+        for d in yaml.safe_load_all(cluster.kubectl("kustomize", str(REPO / "manifests")).stdout)
+        if d
+    ]
+    rbac = [
+        d
+        for d in rendered
+        if d["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")
+        and d["metadata"]["name"] == "phabmesh-operator"
+    ]
+    docs = [d for d in rendered if d["kind"] in POLICY_KINDS]
+    assert len(docs) == 2
+    _apply(cluster, rbac + docs)
+    yield
+    cluster.kubectl(
+        "delete",
+        "--ignore-not-found",
+        *(
+            f"{d['kind'].lower()}.admissionregistration.k8s.io/{d['metadata']['name']}"
+            for d in docs
+        ),
+    )
+
+
+@pytest.fixture
+def tenant(cluster: Cluster, namespace: str) -> str:
+    """``namespace`` with a Role granting ``*`` on ``*`` to user tenant-admin."""
+    rbac = client.RbacAuthorizationV1Api(cluster.api)
+    rbac.create_namespaced_role(
+        namespace,
+        client.V1Role(
+            metadata=client.V1ObjectMeta(name="everything"),
+            rules=[client.V1PolicyRule(api_groups=["*"], resources=["*"], verbs=["*"])],
+        ),
+    )
+    rbac.create_namespaced_role_binding(
+        namespace,
+        client.V1RoleBinding(
+            metadata=client.V1ObjectMeta(name="everything"),
+            role_ref=client.V1RoleRef(
+                api_group="rbac.authorization.k8s.io", kind="Role", name="everything"
+            ),
+            subjects=[
+                client.RbacV1Subject(
+                    kind="User", name=TENANT, api_group="rbac.authorization.k8s.io"
+                )
+            ],
+        ),
+    )
+    return namespace
+
+
+def _exists(cluster: Cluster, namespace: str, name: str) -> bool:
+    try:
+        cluster.custom.get_namespaced_custom_object(
+            G, V, namespace, resources.CREDENTIAL_PLURAL, name
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
+def test_a_tenant_with_every_right_in_its_namespace_cannot_write_leases(
+    cluster: Cluster, policy: None, tenant: str
+) -> None:
+    # RBAC alone would let the tenant: that is what the policy is for.
+    can_i = cluster.kubectl(
+        f"--as={TENANT}",
+        "auth",
+        "can-i",
+        "create",
+        "phabricatorcredentials",
+        "-n",
+        tenant,
+        check=False,
+    )
+    assert can_i.stdout.strip() == "yes"
+    # The policy takes a moment to be compiled and served.
+    refusal = wait_for(
+        lambda: _refused_create(cluster, TENANT, _lease(tenant, "forged")),
+        what="the policy to refuse the tenant",
+    )
+    assert REFUSAL in refusal and TENANT in refusal and "create" in refusal, refusal
+    assert not _exists(cluster, tenant, "forged")
+
+    # phabmesh's operator may (with exactly the calls it makes), and the tenant may not
+    # touch what it wrote.
+    operator = _operator(cluster)
+    operator.create_namespaced_custom_object(
+        G, V, tenant, resources.CREDENTIAL_PLURAL, _lease(tenant, "real")
+    )
+    status = {"status": {"phase": "Active", "expiresAt": "2099-01-01T00:00:00Z"}}
+    patch = ("patch", "phabricatorcredential", "real", "-n", tenant, "--type=merge")
+    refused = _as(cluster, TENANT, *patch, "--subresource=status", "-p", json.dumps(status))
+    assert REFUSAL in refused, refused
+    assert REFUSAL in _as(cluster, TENANT, *patch, "-p", '{"metadata":{"labels":{"x":"y"}}}')
+    assert REFUSAL in _as(cluster, TENANT, "delete", "phabricatorcredential", "real", "-n", tenant)
+    operator.patch_namespaced_custom_object_status(
+        G, V, tenant, resources.CREDENTIAL_PLURAL, "real", status
+    )
+    operator.delete_namespaced_custom_object(G, V, tenant, resources.CREDENTIAL_PLURAL, "real")
+    assert not _exists(cluster, tenant, "real")
+
+
+def test_the_garbage_collector_and_the_namespace_controller_still_clean_up(
+    cluster: Cluster, policy: None, namespace: str
+) -> None:
+    wait_for(
+        lambda: _refused_create(cluster, ADMIN, _lease(namespace, "x")),
+        what="the policy to be in force (even the cluster's admin is refused)",
+    )
+    # A lease owned by a pod goes with the pod (deleted by the garbage collector).
+    pod = cluster.core.create_namespaced_pod(
+        namespace,
+        client.V1Pod(
+            metadata=client.V1ObjectMeta(name="owner"),
+            spec=client.V1PodSpec(containers=[client.V1Container(name="c", image="i")]),
+        ),
+    )
+    operator = _operator(cluster)
+    operator.create_namespaced_custom_object(
+        G, V, namespace, resources.CREDENTIAL_PLURAL, _lease(namespace, "owned", pod)
+    )
+    cluster.core.delete_namespaced_pod("owner", namespace, grace_period_seconds=0)
+    wait_for(lambda: not _exists(cluster, namespace, "owned"), timeout=60, what="GC of the lease")
+
+    # A namespace holding a lease is deleted whole (its leases by the namespace controller).
+    doomed = f"t-{uuid.uuid4().hex[:10]}"
+    cluster.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=doomed)))
+    operator.create_namespaced_custom_object(
+        G, V, doomed, resources.CREDENTIAL_PLURAL, _lease(doomed, "left")
+    )
+    cluster.core.delete_namespace(doomed)
+
+    def gone() -> bool:
+        try:
+            cluster.core.read_namespace(doomed)
+        except ApiException as exc:
+            return exc.status == 404
+        return False
+
+    wait_for(gone, timeout=90, what="the namespace to be deleted with its lease")
