@@ -2,7 +2,7 @@
 
 Kept current by one watch; lookups by pod UID, by lease UID and by the locator of a
 Phorge-shaped credential cost no API call. While the watch is disconnected,
-``connected`` is False and readers fail closed.
+or silent for ``liveness`` seconds (stalled), ``connected`` is False and readers fail closed.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from phabmesh import resources
 from phabmesh.credentials import phorge
 from phabmesh.kube import KubeClient
 from phabmesh.kube.client import resource_path
-from phabmesh.kube.informer import DELETED, Informer
+from phabmesh.kube.informer import DEFAULT_LIVENESS, DELETED, Informer
 from phabmesh.lease import LeaseView
 
 TOMBSTONES = 100_000  # bounded memory: about 15 MB at most
@@ -27,7 +27,10 @@ BURIED = 20_000
 
 class LeaseIndex:
     def __init__(
-        self, client: KubeClient, on_revoked: Callable[[LeaseView], None] | None = None
+        self,
+        client: KubeClient,
+        on_revoked: Callable[[LeaseView], None] | None = None,
+        liveness: float = DEFAULT_LIVENESS,
     ) -> None:
         self.on_revoked = on_revoked
         self.by_uid: dict[str, LeaseView] = {}
@@ -46,6 +49,7 @@ class LeaseIndex:
             LeaseView.from_body,
             on_event=self._on_event,
             name="leases",
+            liveness=liveness,
         )
 
     @property

@@ -49,24 +49,74 @@ _SECRET_KEYS = frozenset(
         "bearer",
     }
 )
-_SECRET_PATTERNS = (
-    re.compile(r"api-[a-z0-9]{28}"),  # Conduit API tokens
-    re.compile(r"cli-[a-z0-9]{28}"),  # Conduit CLI tokens
-    re.compile(r"eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*"),  # JWS/JWT
-    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S),
-)
+# Longest string value a log line carries; anything longer is cut (see :func:`clip`).
+MAX_VALUE_CHARS = 8192
+# Characters of a token, a JWT or base64 key material: a cut never leaves a piece of one.
+_BASE64_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.+/="
+# Conduit API and CLI tokens: fixed length, so a search costs at most 32 steps per position.
+_CONDUIT_TOKEN = re.compile(r"(?:api|cli)-[a-z0-9]{28}")
+# A maximal run of base64url characters and dots: each character is read once.
+_DOTTED_RUN = re.compile(r"[A-Za-z0-9_.-]+")
+_PEM_HEAD = re.compile(r"-----BEGIN [A-Z ]{0,40}PRIVATE KEY-----")
+_PEM_TAIL = re.compile(r"-----END [A-Z ]{0,40}-----")
+# Every scan here is linear in the text: each moves forward only, and no pattern can rescan
+# an unbounded stretch from each of many starting points. Log values reach them clipped.
+
+
+def clip(text: str, limit: int = MAX_VALUE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, never ending in part of a token or key."""
+    if len(text) <= limit:
+        return text
+    kept = text[:limit].rstrip(_BASE64_CHARS)
+    return f"{kept}…[{len(text) - len(kept)} more characters]"
+
+
+def _mask_jwts(text: str) -> str:
+    """Mask from each ``eyJ`` to the end of its dotted run, if two dots follow (a JWS/JWT)."""
+    out: list[str] = []
+    pos = 0
+    while (start := text.find("eyJ", pos)) >= 0:
+        run = _DOTTED_RUN.match(text, start)
+        assert run is not None  # "eyJ" itself is a run
+        if text.count(".", start, run.end()) >= 2:
+            out.append(text[pos:start])
+            out.append(REDACTED)
+            pos = run.end()
+        else:
+            out.append(text[pos : run.end()])
+            pos = run.end()
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _mask_private_keys(text: str) -> str:
+    """Mask each PEM private key, from its BEGIN line through its END line (or to the end)."""
+    out: list[str] = []
+    pos = 0
+    while (head := _PEM_HEAD.search(text, pos)) is not None:
+        end = text.find("-----END ", head.end())
+        if end < 0:  # a key without its END line is still a key
+            stop = len(text)
+        else:
+            tail = _PEM_TAIL.match(text, end)
+            stop = tail.end() if tail is not None else end + len("-----END ")
+        out.append(text[pos : head.start()])
+        out.append(REDACTED)
+        pos = stop
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def redact_text(text: str) -> str:
-    """Mask every token-, credential- or key-shaped substring of ``text``."""
-    for pattern in _SECRET_PATTERNS:
-        text = pattern.sub(REDACTED, text)
-    return text
+    """Mask every token-, credential- or key-shaped substring of ``text``, in linear time."""
+    text = _mask_private_keys(text)
+    text = _CONDUIT_TOKEN.sub(REDACTED, text)
+    return _mask_jwts(text)
 
 
 def _redact_value(value: Any) -> Any:
     if isinstance(value, str):
-        return redact_text(value)
+        return redact_text(clip(value))
     if isinstance(value, dict):
         return {
             k: REDACTED if str(k).lower() in _SECRET_KEYS else _redact_value(v)

@@ -321,6 +321,11 @@ def method_allowed(method: str, globs: Iterable[str]) -> bool:
     ``user.whoami`` and ``user.search``). Names that are not Conduit method names
     (upper case, slashes, ``..``, spaces, empty) are never allowed, whatever the globs.
     """
+    return allowing_glob(method, globs) is not None
+
+
+def allowing_glob(method: str, globs: Iterable[str]) -> str | None:
+    """The first glob that allows ``method`` (see :func:`method_allowed`), or None."""
     if len(method) > 128 or not _METHOD.match(method):
-        return False
-    return any(fnmatch.fnmatchcase(method, glob) for glob in globs if glob)
+        return None
+    return next((glob for glob in globs if glob and fnmatch.fnmatchcase(method, glob)), None)

@@ -11,6 +11,12 @@ BOT_CHECKS = Counter("phabmesh_bot_checks_total", "PhabricatorBot checks", ["rea
 CREDENTIAL_REQUESTS = Counter(
     "phabmesh_credential_requests_total", "Credential endpoint requests", ["outcome"]
 )
+TOKEN_REVIEWS = Counter(
+    "phabmesh_token_reviews_total",
+    "Tokens presented at the credential endpoint, by what became of them (cached, "
+    "refused_cached, not_a_token, limited_source, limited_all, authenticated, refused)",
+    ["result"],
+)
 CREDENTIAL_LATENCY = Histogram(
     "phabmesh_credential_request_seconds",
     "Credential endpoint latency",

@@ -14,7 +14,7 @@ import dataclasses
 
 from phabmesh.kube import KubeClient
 from phabmesh.kube.client import JSON, resource_path
-from phabmesh.kube.informer import Informer
+from phabmesh.kube.informer import DEFAULT_LIVENESS, Informer
 
 GONE = 100_000  # deleted pods remembered, oldest forgotten first: a few MB at most
 
@@ -38,7 +38,7 @@ def pod_life(obj: JSON) -> PodLife:
 
 
 class PodEnds:
-    def __init__(self, client: KubeClient) -> None:
+    def __init__(self, client: KubeClient, liveness: float = DEFAULT_LIVENESS) -> None:
         self.ended: dict[str, str] = {}  # pod uid -> reason, for pods that exist and ended
         self.gone: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._uid_of: dict[str, str] = {}  # "ns/name" -> uid of the pod under that name
@@ -48,6 +48,7 @@ class PodEnds:
             pod_life,
             on_event=self._on_event,
             name="pods",
+            liveness=liveness,
         )
 
     async def run(self) -> None:

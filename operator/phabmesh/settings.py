@@ -67,6 +67,16 @@ class Settings:
     clock_skew: float = 30.0
     # Successful TokenReviews are cached (by token hash) for at most this long.
     token_review_cache_ttl: float = 10.0
+    # Refused tokens are refused again without a TokenReview for this long (by token hash).
+    token_review_negative_cache_ttl: float = 5.0
+    # TokenReviews per second (sustained, and at once), a budget apart from kube_qps: a flood
+    # of tokens cannot take the operator's writes' budget, nor exceed this. Past it: 429.
+    token_review_qps: float = 100.0
+    token_review_burst: int = 200
+    # The same per source (its l5d-client-id through the local Linkerd proxy, else its
+    # address): one flooding caller is refused (429 with Retry-After) while the others go on.
+    token_review_source_qps: float = 20.0
+    token_review_source_burst: int = 100
     # Kubernetes client limits per process (requests per second sustained, and at once): lease
     # writes in a mass scale-down, TokenReview bursts. Events get a quarter of these on top.
     kube_qps: float = 400.0
@@ -97,6 +107,11 @@ class Settings:
     # finished or deleted, ahead of the operator's write of the lease's revocation. Off: the
     # gateway needs no access to pods and follows the leases alone.
     gateway_watch_pods: bool = True
+    # A watch (of leases, bindings, bots, bot Secrets, pods) silent this long counts as lost,
+    # though its connection is open: the gateway and the credential endpoint refuse what
+    # they cannot confirm until a new watch is in place. Each watch is renewed within two
+    # thirds of this, and the API server marks each renewal's end with a bookmark.
+    watch_liveness: float = 30.0
     # Largest request body the gateway accepts (bytes, after decompression).
     max_request_bytes: int = 1 << 20
     # Largest answer the gateway takes from Phabricator (bytes, as sent and decompressed); a larger

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gzip
 import http.client
+import http.server
 import json
 import re
 import socket
+import threading
 import time
+import uuid
 import zlib
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlencode
 
 import jwt
@@ -20,10 +24,11 @@ import requests
 from phabmesh import credentials
 from phabmesh.conduit import responses, wire
 from phabmesh.credentials.keys import SigningKey
+from phabmesh.gateway.process import GatewayProcess
 from phabmesh.lease import LeaseView
 from phabmesh.testing import ConduitServer
 from tests.kube import Cluster, wait_for
-from tests.phab import active_leases, exchange, leases, make_pod, pod_token
+from tests.phab import active_leases, exchange, leases, make_pod, pod_token, settings_for
 from tests.stack import Threaded
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -293,7 +298,8 @@ def test_metrics_and_audit(gateway: Threaded, pod: Pod) -> None:
     call(gateway, "user.whoami", data={"api.token": pod.credential})
     port = gateway.process.metrics_port  # type: ignore[attr-defined]
     text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    assert 'phabmesh_gateway_requests_total{decision="allowed",method="user.whoami"}' in text
+    # The label is the allowlist entry that let the call through (the binding allows user.*).
+    assert 'phabmesh_gateway_requests_total{decision="allowed",method="user.*"}' in text
     assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
 
 
@@ -364,6 +370,112 @@ def test_hostile_requests_get_clear_answers_and_the_gateway_keeps_serving(
         assert envelope(answer)["error_code"] is not None, kind
     # Still serving, as before.
     assert envelope(call(gateway, "user.whoami", data=token))["error_code"] is None
+
+
+def _metrics(gateway: Threaded) -> str:
+    port = gateway.process.metrics_port  # type: ignore[attr-defined]
+    return requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+
+
+def _count(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+BAD_REQUESTS = 'phabmesh_gateway_requests_total{decision="bad_request",method="other"}'
+
+
+def test_a_hostile_value_is_echoed_and_audited_only_in_part(gateway: Threaded) -> None:
+    before = _count(_metrics(gateway), BAD_REQUESTS)
+    flood = "-----BEGIN PRIVATE KEY-----" * 12_000  # 324 KB: the gateway froze on it
+    answer = call(gateway, "user.whoami", data={"params[x]": flood})
+    refused = envelope(answer)
+    assert refused["error_code"] == "ERR-CONDUIT-CORE"
+    assert refused["error_info"].startswith("The value for parameter 'x' is not valid JSON.")
+    assert len(answer.content) < 2048
+    assert _count(_metrics(gateway), BAD_REQUESTS) == before + 1
+    assert envelope(call(gateway, "conduit.ping"))["error_code"] is None
+
+
+def test_deeply_nested_field_names_are_refused_not_a_500(gateway: Threaded) -> None:
+    before = _count(_metrics(gateway), BAD_REQUESTS)
+    deep = "a" + "[x]" * 3000 + "=1"
+    for method in ("conduit.ping", "user.whoami"):
+        answer = call(gateway, method, data=deep, headers=FORM)
+        assert answer.status_code == 200
+        refused = envelope(answer)
+        assert refused["error_code"] == "ERR-CONDUIT-CORE"
+        assert "nests deeper than 64 levels" in refused["error_info"]
+    assert _count(_metrics(gateway), BAD_REQUESTS) == before + 2
+
+
+def test_unauthenticated_method_names_add_no_metric_series(gateway: Threaded) -> None:
+    def series(text: str) -> set[str]:
+        return {
+            line.split(" ")[0]
+            for line in text.splitlines()
+            if line.startswith("phabmesh_gateway_requests_total{")
+        }
+
+    call(gateway, "xwarmup", data={})  # the "other" series of this decision exists from here
+    before = series(_metrics(gateway))
+    names = [f"x{uuid.uuid4().hex}" for _ in range(200)]
+    for name in names:
+        assert envelope(call(gateway, name, data={}))["error_code"] == "ERR-INVALID-SESSION"
+    text = _metrics(gateway)
+    assert series(text) == before
+    assert not any(name in text for name in names)
+
+
+class _CookieUpstream(http.server.BaseHTTPRequestHandler):
+    """A Phabricator that, like Phorge on anonymous calls, sets a session cookie each time."""
+
+    seen: ClassVar[list[dict[str, str]]] = []
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.seen.append(dict(self.headers))
+        body = b'{"result":"pong","error_code":null,"error_info":null}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Set-Cookie", f"phsid=caller-{len(self.seen)}; path=/; httponly")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the hook's signature
+        pass
+
+
+def test_no_cookie_or_header_of_one_caller_reaches_another(
+    cluster: Cluster, conduit: ConduitServer, operator: Threaded
+) -> None:
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CookieUpstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    # A DNS name, not an address: cookie jars keep cookies only for those.
+    settings = dataclasses.replace(
+        settings_for(conduit), phabricator_url=f"http://localhost:{upstream.server_port}"
+    )
+    own = Threaded(GatewayProcess(settings, kubeconfig=str(cluster.kubeconfig))).start()
+    try:
+        base = f"http://127.0.0.1:{own.process.port}/api/conduit.ping"  # type: ignore[attr-defined]
+        first = requests.post(
+            base, data={}, headers={"Cookie": "phsid=mine", "X-Caller": "one"}, timeout=10
+        )
+        assert first.status_code == 200
+        assert "Set-Cookie" not in first.headers
+        second = requests.post(base, data={}, timeout=10)
+        assert envelope(second)["result"] == "pong"
+        assert len(_CookieUpstream.seen) == 2
+        for seen in _CookieUpstream.seen:
+            assert "Cookie" not in seen, seen
+            assert "X-Caller" not in seen, seen
+    finally:
+        own.stop()
+        upstream.shutdown()
+        upstream.server_close()
 
 
 def _raw_call(

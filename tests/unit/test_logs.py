@@ -49,3 +49,40 @@ def test_stdlib_and_structlog_lines_are_json_and_redacted(json_logs: io.StringIO
     assert lines[0]["pod"] == "p"
     assert lines[0]["credential"] == logs.REDACTED
     assert lines[1]["level"] == "warning"
+
+
+def test_a_private_key_without_its_end_line_is_still_masked() -> None:
+    cut = "key: -----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIB5k\n"
+    assert logs.redact_text(cut) == f"key: {logs.REDACTED}"
+    two = "a -----BEGIN PRIVATE KEY-----x-----END PRIVATE KEY----- b " * 2
+    assert logs.redact_text(two) == f"a {logs.REDACTED} b " * 2
+
+
+@pytest.mark.timeout(60)  # a guard only: the quadratic scans took minutes on each of these
+@pytest.mark.parametrize(
+    ("flood", "masked"),
+    [
+        ("-----BEGIN PRIVATE KEY-----" * 40_000, logs.REDACTED),  # 1 MiB
+        ("eyJ" * 350_000, "eyJ" * 350_000),
+        ("eyJa." * 200_000, logs.REDACTED),
+        ("api-" * 260_000, "api-" * 260_000),
+        ("-----BEGIN " * 95_000, "-----BEGIN " * 95_000),
+    ],
+)
+def test_hostile_text_is_redacted_in_one_pass(flood: str, masked: str) -> None:
+    assert logs.redact_text(flood) == masked
+
+
+def test_long_values_are_clipped_and_never_end_in_part_of_a_token(
+    json_logs: io.StringIO,
+) -> None:
+    filler = "x " * (logs.MAX_VALUE_CHARS // 2 - 10)
+    structlog.get_logger("phabmesh.test").info(
+        "conduit_call", error_info=filler + CONDUIT_TOKEN + " tail" * 100_000
+    )
+    line = json.loads(json_logs.getvalue())
+    info = line["error_info"]
+    assert len(info) < logs.MAX_VALUE_CHARS + 50
+    assert info.endswith("more characters]")
+    assert "api-" not in info and "q7v3" not in info  # the token's start is not left at the cut
+    assert logs.clip("short") == "short"

@@ -341,3 +341,12 @@ def test_method_globs_that_match_nothing_are_problems() -> None:
 )
 def test_method_allowlist(method: str, globs: list[str], allowed: bool) -> None:
     assert matching.method_allowed(method, globs) is allowed
+
+
+def test_the_glob_that_allows_a_method_is_named() -> None:
+    globs = ["user.whoami", "user.*", "differential.*"]
+    assert matching.allowing_glob("user.whoami", globs) == "user.whoami"
+    assert matching.allowing_glob("user.search", globs) == "user.*"
+    assert matching.allowing_glob("differential.revision.search", globs) == "differential.*"
+    assert matching.allowing_glob("x" + "0" * 40, globs) is None
+    assert matching.allowing_glob("User.whoami", ["*"]) is None

@@ -16,13 +16,25 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import pickle
 import re
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode
 
+from phabmesh import logs
+
 Encoding = Literal["form", "params-json", "per-key-json"]
+# How much of a refused value (or name) an error_info echoes.
+ECHO_CHARS = 256
+# Deepest form field name (``a[b][c]`` nests 2): PHP's default max_input_nesting_level. Phorge
+# itself reads deeper names, differently past a few thousand levels; real clients nest two or
+# three. Deeper is refused rather than forwarded, so the gateway never reads a field other
+# than as Phorge does.
+MAX_NESTING = 64
+# Most form fields in one request (body and query string together).
+MAX_FIELDS = 10_000
 _KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
 
 
@@ -33,6 +45,16 @@ class BadRequest(ValueError):
         """The ``error_info`` Phorge gives for this problem on ``method``."""
         return str(self)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as it is (from the gateway's worker process), whatever its __init__ takes.
+        return (_rebuild, (type(self), self.args))
+
+
+def _rebuild(cls: type[BadRequest], args: tuple[Any, ...]) -> BadRequest:
+    error = cls.__new__(cls)
+    error.args = args
+    return error
+
 
 class InvalidParams(BadRequest):
     """``params`` is not a JSON object."""
@@ -42,13 +64,28 @@ class InvalidParams(BadRequest):
 
 
 class InvalidParamValue(BadRequest):
-    """A ``params[key]`` field of the web console's encoding is not JSON."""
+    """A ``params[key]`` field of the web console's encoding is not JSON.
+
+    Phorge echoes the whole value; we echo at most :data:`ECHO_CHARS` of it (and of the key),
+    so that an answer and its audit line stay small whatever was sent.
+    """
 
     def __init__(self, key: str, value: str) -> None:
         super().__init__(
-            f"The value for parameter '{key}' is not valid JSON. All parameters must be "
-            "encoded as JSON values, including strings (which means you need to surround "
-            f"them in double quotes). Check your syntax. Value was: {value}."
+            f"The value for parameter '{logs.clip(key, ECHO_CHARS)}' is not valid JSON. All "
+            "parameters must be encoded as JSON values, including strings (which means you "
+            "need to surround them in double quotes). Check your syntax. Value was: "
+            f"{logs.clip(value, ECHO_CHARS)}."
+        )
+
+
+class NestedTooDeep(BadRequest):
+    """A form field's name nests deeper than :data:`MAX_NESTING` brackets."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            f"phabmesh: the form field '{logs.clip(key, ECHO_CHARS)}' nests deeper than "
+            f"{MAX_NESTING} levels"
         )
 
 
@@ -64,6 +101,8 @@ JSON_BODY_REFUSED = (
 
 
 def _set_path(target: dict[str, Any], key: str, value: str) -> None:
+    if key.count("[") > MAX_NESTING:
+        raise NestedTooDeep(key)
     match = _KEY.match(key)
     if not match:
         target[key] = value
@@ -84,14 +123,24 @@ def _set_path(target: dict[str, Any], key: str, value: str) -> None:
 
 
 def _listify(value: Any) -> Any:
-    """PHP arrays with keys 0..n-1 are lists."""
-    if isinstance(value, dict):
-        converted = {k: _listify(v) for k, v in value.items()}
-        keys = list(converted)
-        if keys and keys == [str(i) for i in range(len(keys))]:
-            return [converted[k] for k in keys]
-        return converted
-    return value
+    """PHP arrays with keys 0..n-1 are lists. Iterative: keys may nest thousands deep."""
+    if not isinstance(value, dict):
+        return value
+    root: dict[str, Any] = {"": value}
+    # Post-order over the dicts: a parent is converted after all of its children.
+    pending: list[tuple[dict[str, Any], bool]] = [(root, False)]
+    while pending:
+        node, children_done = pending.pop()
+        if not children_done:
+            pending.append((node, True))
+            pending.extend((child, False) for child in node.values() if isinstance(child, dict))
+            continue
+        for key, child in node.items():
+            if isinstance(child, dict) and child:
+                keys = list(child)
+                if keys == [str(i) for i in range(len(keys))]:
+                    node[key] = list(child.values())
+    return root[""]
 
 
 def parse_form(pairs: list[tuple[str, str]]) -> dict[str, Any]:
@@ -104,20 +153,40 @@ def parse_form(pairs: list[tuple[str, str]]) -> dict[str, Any]:
 
 
 def flatten(params: Mapping[str, Any] | list[Any], prefix: str = "") -> list[tuple[str, str]]:
-    """The inverse: nested params → PHP-style form fields."""
+    """The inverse: nested params → PHP-style form fields.
+
+    Iterative, and each field's name is joined once from its path, so the work is linear in
+    the output however deep the params nest.
+    """
     pairs: list[tuple[str, str]] = []
-    items = enumerate(params) if isinstance(params, list) else params.items()
-    for key, value in items:
-        name = f"{prefix}[{key}]" if prefix else str(key)
+    path: list[str] = [prefix] if prefix else []
+    # A stack of iterators over (key, value); ``path`` holds the names leading to the top one.
+    stack: list[Iterator[tuple[Any, Any]]] = [_items(params)]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            if stack:  # back from a nested value to its parent
+                path.pop()
+            continue
+        key, value = entry
+        part = f"[{key}]" if path else str(key)
         if isinstance(value, Mapping | list):
-            pairs.extend(flatten(value, name))
-        elif isinstance(value, bool):
+            path.append(part)
+            stack.append(_items(value))
+            continue
+        name = "".join(path) + part
+        if isinstance(value, bool):
             pairs.append((name, "true" if value else "false"))
         elif value is None:
             pairs.append((name, ""))
         else:
             pairs.append((name, str(value)))
     return pairs
+
+
+def _items(value: Mapping[str, Any] | list[Any]) -> Iterator[tuple[Any, Any]]:
+    return iter(enumerate(value)) if isinstance(value, list) else iter(value.items())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +197,11 @@ class Call:
     token: str | None
     encoding: Encoding
     output: str | None = "json"
+    # Bytes of the form it was read from (inflated): a hint of what re-encoding it costs.
+    size: int = 0
+    # The params pickled, when a worker process decoded them and kept them as bytes (see
+    # decode_packed): ``params`` is empty then, and encoding unpacks them first.
+    packed: bytes | None = dataclasses.field(default=None, repr=False)
 
     @property
     def strict(self) -> bool:
@@ -142,8 +216,17 @@ class Call:
 
     def encode(self) -> tuple[bytes, str]:
         """Re-encode in the same style (body, content type)."""
+        if self.packed is not None:
+            return self.unpacked().encode()
         pairs = encode(self.params, self.token, self.encoding, self.output)
         return urlencode(pairs).encode(), FORM_CONTENT_TYPE
+
+    def unpacked(self) -> Call:
+        """This call with its params decoded (from :attr:`packed`, made by decode_packed)."""
+        if self.packed is None:
+            return self
+        params = pickle.loads(self.packed)  # noqa: S301 - pickled by decode_packed, never sent
+        return dataclasses.replace(self, params=params, packed=None)
 
 
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
@@ -238,18 +321,39 @@ def decode_request(
     body like a POST's, and the query string under it.
     """
     del http_method
+    raw = _form_bytes(content_type, body, content_encoding, max_bytes)
+    call = _decode_form(raw, query_string)
+    return dataclasses.replace(call, size=len(raw) + len(query_string))
+
+
+def decode_packed(*args: Any, **kwargs: Any) -> Call:
+    """:func:`decode_request` with the params left pickled in :attr:`Call.packed`.
+
+    For a worker process: its caller gets the token and the encoding as small values and
+    the params as bytes it can hand back for encoding, never building them itself.
+    """
+    call = decode_request(*args, **kwargs)
+    packed = pickle.dumps(call.params, protocol=pickle.HIGHEST_PROTOCOL)
+    return dataclasses.replace(call, params={}, packed=packed)
+
+
+def _form_bytes(content_type: str, body: bytes, content_encoding: str, max_bytes: int) -> bytes:
     # Phorge compares the whole header: "application/json; charset=utf-8" is read as a form.
     if content_type.strip().lower() == "application/json":
         raise BadRequest(JSON_BODY_REFUSED)
-    raw = decompress(body, content_encoding, max_bytes) if body else b""
+    return decompress(body, content_encoding, max_bytes) if body else b""
+
+
+def _decode_form(raw: bytes, query_string: str) -> Call:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadRequest("request body is not UTF-8") from exc
+    # Counted before parsing (parse_qsl splits fields on "&" only): the bound costs nothing.
+    if _fields(text) + _fields(query_string) > MAX_FIELDS:
+        raise RequestTooLarge("too many form fields")
     body_pairs = parse_qsl(text, keep_blank_values=True)
     query_pairs = parse_qsl(query_string, keep_blank_values=True) if query_string else []
-    if len(body_pairs) + len(query_pairs) > 10_000:
-        raise RequestTooLarge("too many form fields")
     form = parse_form(body_pairs)
     for key, value in parse_form(query_pairs).items():
         form.setdefault(key, value)  # PHP's $_POST + $query: the body wins, key by key
@@ -271,6 +375,11 @@ def decode_request(
             raise InvalidParams("invalid params")
         return _from_json_params(decoded, "params-json", output)
     return _from_form(form, output)
+
+
+def _fields(form: str) -> int:
+    """At least as many as the fields parse_qsl finds in ``form``."""
+    return form.count("&") + 1 if form else 0
 
 
 def _from_form(form: dict[str, Any], output: str | None) -> Call:

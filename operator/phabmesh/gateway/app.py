@@ -38,21 +38,25 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import functools
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
 
 import aiohttp
 import structlog
 from aiohttp import web
 
-from phabmesh import credentials, logs, matching, metrics, serving
+from phabmesh import credentials, logs, matching, metrics
 from phabmesh.conduit import responses, wire
+from phabmesh.gateway import offload
 from phabmesh.gateway.state import GatewayState
 from phabmesh.lease import LeaseView
 from phabmesh.settings import Settings
 
 log = structlog.get_logger("phabmesh.audit")
+T = TypeVar("T")
 
 NO_CREDENTIAL_METHODS = frozenset({"conduit.ping", "conduit.getcapabilities"})
 CLIENT_ID_HEADER = "l5d-client-id"
@@ -67,6 +71,15 @@ CLIENT_ID_HEADER = "l5d-client-id"
 PASSED_HEADERS = ("Content-Type", "Cache-Control", "Expires")
 # What the gateway asks Phabricator for: an uncompressed answer.
 UPSTREAM_ACCEPT_ENCODING = "identity"
+# Bodies up to this size are decoded (and re-encoded) on the event loop, in well under a
+# millisecond; larger or compressed ones in a worker process, one at a time, so that no body
+# stalls other calls (see gateway.offload).
+INLINE_DECODE_BYTES = 16 * 1024
+# Longest method name an audit line carries (a Conduit method name is at most 128).
+AUDIT_METHOD_CHARS = 128
+AUDIT_INFO_CHARS = 1024
+# The request's key for its metric label: set only once a call is public or allowed.
+METRIC_METHOD = web.RequestKey("phabmesh.metric_method", str)
 
 
 def envelope(
@@ -161,6 +174,7 @@ class Gateway:
         self.upstream = settings.phabricator_url.rstrip("/")
         self.verified = credentials.VerifiedCache()
         self._session: aiohttp.ClientSession | None = None
+        self.worker = offload.Worker()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -168,12 +182,15 @@ class Gateway:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
                 auto_decompress=False,
+                # Phorge sets a session cookie on anonymous calls: no caller's may reach another.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+        await self.worker.close()
 
     def routes(self, app: web.Application) -> None:
         app.router.add_route("*", "/api/{method}", self.handle)
@@ -181,7 +198,7 @@ class Gateway:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         method = request.match_info["method"]
-        audit: dict[str, Any] = {logs.METHOD: method}
+        audit: dict[str, Any] = {logs.METHOD: logs.clip(method, AUDIT_METHOD_CHARS)}
         try:
             response = await self._handle(request, method, audit)
             decision = audit.get(logs.DECISION, "allowed")
@@ -189,9 +206,12 @@ class Gateway:
             response = refusal.response(request.headers.get("Accept-Encoding"))
             decision = refusal.decision
             audit["error_code"] = refusal.code
-            audit["error_info"] = refusal.info
+            audit["error_info"] = logs.clip(refusal.info, AUDIT_INFO_CHARS)
         elapsed = time.perf_counter() - started
-        metrics.GATEWAY_REQUESTS.labels(method=_metric_method(method), decision=decision).inc()
+        # The method label comes only from a fixed set or a binding's allowlist, never from an
+        # unauthenticated request: its series stay bounded by the configuration.
+        label = request.get(METRIC_METHOD, "other")
+        metrics.GATEWAY_REQUESTS.labels(method=label, decision=decision).inc()
         metrics.GATEWAY_LATENCY.labels(decision=decision).observe(elapsed)
         audit[logs.DECISION] = decision
         log.info("conduit_call", latency_ms=round(elapsed * 1000, 2), **audit)
@@ -202,13 +222,15 @@ class Gateway:
     ) -> web.StreamResponse:
         body = await self._read_body(request)
         try:
-            call = serving.decode_conduit(request, body, self.settings.max_request_bytes)
+            call = await self._decode(request, body)
         except wire.RequestTooLarge as exc:
             raise Refusal("ERR-REQUEST-TOO-LARGE", str(exc), "too_large", 413) from exc
         except wire.BadRequest as exc:
             # Phorge answers malformed bodies with ERR-CONDUIT-CORE; so do we.
-            raise Refusal("ERR-CONDUIT-CORE", exc.info(method), "bad_request") from exc
+            info = exc.info(logs.clip(method, AUDIT_METHOD_CHARS))
+            raise Refusal("ERR-CONDUIT-CORE", info, "bad_request") from exc
         if method in NO_CREDENTIAL_METHODS:
+            request[METRIC_METHOD] = method
             audit[logs.DECISION] = "public"
             return await self._forward(request, method, call.without_token(), None, audit)
         if not call.token:
@@ -243,7 +265,8 @@ class Gateway:
                 "(no l5d-client-id)",
                 "no_client_id",
             )
-        if not matching.method_allowed(method, rules.allowed_methods):
+        glob = matching.allowing_glob(method, rules.allowed_methods)
+        if glob is None:
             raise Refusal(
                 "ERR-CONDUIT-CORE",
                 f"phabmesh: method {method} is not allowed by PhabricatorBinding "
@@ -251,6 +274,7 @@ class Gateway:
                 f"{', '.join(rules.allowed_methods)})",
                 "method_denied",
             )
+        request[METRIC_METHOD] = glob  # the method itself when the binding names it
         token = self.state.bot_token(claims.bot)
         if token is None:
             raise Refusal(
@@ -276,6 +300,43 @@ class Gateway:
                 )
             chunks.append(chunk)
         return b"".join(chunks)
+
+    async def _decode(self, request: web.Request, body: bytes) -> wire.Call:
+        encoded = request.headers.get("Content-Encoding", "").strip().lower()
+        plain_and_small = (
+            encoded in ("", "identity")
+            and len(body) + len(request.query_string) <= INLINE_DECODE_BYTES
+        )
+        decode = functools.partial(
+            wire.decode_request if plain_and_small else wire.decode_packed,
+            request.method,
+            request.headers.get("Content-Type", ""),
+            body,
+            request.query_string,
+            content_encoding=request.headers.get("Content-Encoding", ""),
+            max_bytes=self.settings.max_request_bytes,
+        )
+        if plain_and_small:
+            return decode()
+        # The params stay packed: a refused call never costs the event loop their decoding.
+        return await self._offload(decode)
+
+    async def _encode(self, call: wire.Call) -> tuple[bytes, str]:
+        """The body to forward: encoded off the event loop when it is large, like decoding."""
+        if call.packed is None and call.size <= INLINE_DECODE_BYTES:
+            return call.encode()
+        return await self._offload(call.encode)
+
+    async def _offload(self, work: Callable[[], T]) -> T:
+        try:
+            return await self.worker.run(work)
+        except BrokenProcessPool as exc:
+            raise Refusal(
+                "ERR-CONDUIT-CORE",
+                "phabmesh: the gateway could not read this request; retry",
+                "worker_lost",
+                503,
+            ) from exc
 
     def _verify(self, token: str) -> Caller:
         ring = self.state.keys.ring
@@ -378,7 +439,7 @@ class Gateway:
         bot_token: str | None,
         audit: dict[str, Any],
     ) -> web.StreamResponse:
-        data, content_type = call.encode()
+        data, content_type = await self._encode(call)
         limit = self.settings.max_response_bytes
         try:
             async with self.session.post(
@@ -465,11 +526,6 @@ def _unconfirmed() -> Refusal:
 
 def _revoked(detail: str) -> Refusal:
     return Refusal("ERR-INVALID-AUTH", f"credential revoked: {detail}", "revoked")
-
-
-def _metric_method(method: str) -> str:
-    """Bound the metric's cardinality: unknown-looking method names collapse."""
-    return method if len(method) <= 64 and method.replace(".", "").isalnum() else "other"
 
 
 _REASONS: Mapping[str, str] = {

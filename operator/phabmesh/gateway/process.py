@@ -42,6 +42,7 @@ class GatewayProcess:
         self.state = GatewayState(s, self.client)
         await self.state.start()
         self.gateway = Gateway(s, self.state, clock=self.clock)
+        await self.gateway.worker.start()
         # aiohttp's own body limit sits above ours so that ours answers in Conduit's envelope.
         app = web.Application(client_max_size=s.max_request_bytes + 1)
         self.gateway.routes(app)

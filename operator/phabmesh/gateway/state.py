@@ -41,8 +41,9 @@ class GatewayState:
     def __init__(self, settings: Settings, client: KubeClient) -> None:
         self.settings = settings
         self.client = client
+        live = settings.watch_liveness
         self.leases = LeaseIndex(
-            client, on_revoked=lambda _: metrics.GATEWAY_REVOCATIONS_SEEN.inc()
+            client, on_revoked=lambda _: metrics.GATEWAY_REVOCATIONS_SEEN.inc(), liveness=live
         )
         g, v = resources.GROUP, resources.VERSION
         self.bindings: Informer[BindingRules] = Informer(
@@ -50,9 +51,14 @@ class GatewayState:
             resource_path(g, v, resources.BINDING_PLURAL),
             leasecheck.binding_facts,
             name="bindings",
+            liveness=live,
         )
         self.bots: Informer[BotRef] = Informer(
-            client, resource_path(g, v, resources.BOT_PLURAL), leasecheck.bot_facts, name="bots"
+            client,
+            resource_path(g, v, resources.BOT_PLURAL),
+            leasecheck.bot_facts,
+            name="bots",
+            liveness=live,
         )
         # Judges each lease by its binding, its bot and its namespace's labels (a watch of
         # namespaces of its own; the two informers above are shared).
@@ -67,6 +73,7 @@ class GatewayState:
             resource_path("", "v1", "secrets", settings.namespace),
             _secret_data,
             name="bot-secrets",
+            liveness=live,
         )
         self.keys = KeyStore(
             client,
@@ -75,7 +82,7 @@ class GatewayState:
             rotate_every=datetime.timedelta(seconds=settings.key_rotation_interval),
             max_credential_ttl=datetime.timedelta(seconds=settings.max_credential_ttl),
         )
-        self.pods = PodEnds(client) if settings.gateway_watch_pods else None
+        self.pods = PodEnds(client, live) if settings.gateway_watch_pods else None
         self._tasks: list[asyncio.Task[Any]] = []
 
     async def start(self) -> None:

@@ -19,16 +19,29 @@ Also serves ``/.well-known/jwks.json`` and ``/.well-known/openid-configuration``
 
 from __future__ import annotations
 
+import base64
+import collections
 import datetime
 import hashlib
+import json
+import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from aiohttp import web
 
-from phabmesh import credentials, identity, leasecheck, logs, matching, metrics, resources
+from phabmesh import (
+    credentials,
+    identity,
+    leasecheck,
+    logs,
+    matching,
+    metrics,
+    ratelimit,
+    resources,
+)
 from phabmesh.keystore import KeyStore
 from phabmesh.kube import KubeClient, KubeError, NotFound
 from phabmesh.kube.client import resource_path
@@ -37,11 +50,14 @@ from phabmesh.leasewatch import LeaseIndex
 from phabmesh.settings import Settings
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 POD_NAME = "authentication.kubernetes.io/pod-name"
 POD_UID = "authentication.kubernetes.io/pod-uid"
 CLIENT_ID_HEADER = "l5d-client-id"
 JWKS_PATH = "/.well-known/jwks.json"
+MAX_NAME = 253  # a Kubernetes object name
+LOOPBACK = frozenset({"127.0.0.1", "::1"})
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 # Credential formats, as ``?format=`` and the answer's ``format`` spell them.
 PHORGE_TOKEN = "phorge-token"  # noqa: S105 - a format's name
@@ -65,6 +81,23 @@ def requested_format(value: str | None) -> str | None:
     return wanted
 
 
+class _BadQuery(ValueError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _query(request: web.Request) -> tuple[str | None, str | None]:
+    """(``binding``, ``format``) from the query string; :class:`_BadQuery` if unusable."""
+    wanted = request.query.get("binding")
+    if wanted is not None and len(wanted) > MAX_NAME:
+        raise _BadQuery("invalid_request", f"binding: a name is at most {MAX_NAME} characters")
+    try:
+        return wanted, requested_format(request.query.get(FORMAT_PARAMETER))
+    except ValueError as exc:
+        raise _BadQuery("invalid_format", str(exc)) from exc
+
+
 def _binding_format(binding: leasecheck.BindingFacts) -> str:
     """The format a binding asks for (``credentialFormat``; the Phorge-shaped token by default)."""
     spec = binding.spec
@@ -83,8 +116,27 @@ class Reviewed:
         self.pod_uid = pod_uid
 
 
+class RateLimited(Exception):
+    """Too many TokenReviews: from this source, or from everyone together."""
+
+    def __init__(self, retry_after: float, scope: str) -> None:
+        super().__init__(f"too many token reviews ({scope})")
+        self.retry_after = retry_after
+        self.scope = scope
+
+
 class TokenReviewer:
-    """TokenReview with a short cache of successes, keyed by the token's hash."""
+    """TokenReview behind caches and limits of its own, so that junk cannot starve real pods.
+
+    In order: a token reviewed successfully within ``cache_ttl`` passes, and one refused
+    within ``negative_ttl`` is refused again, without a review (both cached by the token's
+    hash, at most ``cache_size`` of each); a token that is not even a JWT for the audience is
+    refused without a review; otherwise the review spends from the source's own budget
+    (``source_rate``/``source_burst``, by ``l5d-client-id`` or peer address), then from
+    the reviews' shared budget (``rate``/``burst``), which is apart from the Kubernetes
+    client's own. An empty budget raises :class:`RateLimited` at once: refusals cost
+    nothing and wait for nothing.
+    """
 
     def __init__(
         self,
@@ -92,26 +144,115 @@ class TokenReviewer:
         audience: str,
         cache_ttl: float,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        negative_ttl: float = 0.0,
+        rate: float = 0.0,
+        burst: int = 1,
+        source_rate: float = 0.0,
+        source_burst: int = 1,
+        cache_size: int = 10_000,
     ) -> None:
         self.client = client
         self.audience = audience
         self.cache_ttl = cache_ttl
+        self.negative_ttl = negative_ttl
         self.clock = clock
-        self._cache: dict[str, tuple[float, Reviewed]] = {}
+        self.cache_size = cache_size
+        self._cache: collections.OrderedDict[str, tuple[float, Reviewed]] = (
+            collections.OrderedDict()
+        )
+        self._refused: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._limit = ratelimit.Bucket(rate, burst, clock)
+        self._per_source = ratelimit.PerSource(source_rate, source_burst, cache_size, clock)
 
-    async def review(self, token: str) -> Reviewed | None:
+    @classmethod
+    def from_settings(cls, client: KubeClient, settings: Settings) -> TokenReviewer:
+        return cls(
+            client,
+            settings.token_audience,
+            settings.token_review_cache_ttl,
+            negative_ttl=settings.token_review_negative_cache_ttl,
+            rate=settings.token_review_qps,
+            burst=settings.token_review_burst,
+            source_rate=settings.token_review_source_qps,
+            source_burst=settings.token_review_source_burst,
+        )
+
+    async def review(self, token: str, source: str = "") -> Reviewed | None:
         digest = hashlib.sha256(token.encode()).hexdigest()
         now = self.clock()
         hit = self._cache.get(digest)
         if hit is not None and hit[0] > now:
+            metrics.TOKEN_REVIEWS.labels(result="cached").inc()
             return hit[1]
-        status = await self.client.token_review(token, [self.audience])
+        refused_until = self._refused.get(digest)
+        if refused_until is not None and refused_until > now:
+            metrics.TOKEN_REVIEWS.labels(result="refused_cached").inc()
+            return None
+        if not _plausible(token, self.audience):
+            metrics.TOKEN_REVIEWS.labels(result="not_a_token").inc()
+            return None
+        # The source's budget first: a flooding source spends nothing of everyone's.
+        wait = self._per_source.take(source)
+        scope = "source"
+        if wait == 0:
+            wait, scope = self._limit.take(), "all"
+        if wait > 0:
+            metrics.TOKEN_REVIEWS.labels(result=f"limited_{scope}").inc()
+            raise RateLimited(wait, scope)
+        status = await self.client.token_review(token, [self.audience], limited=False)
         result = _reviewed(status, self.audience)
-        if result is not None and self.cache_ttl > 0:
-            if len(self._cache) > 10_000:
-                self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
-            self._cache[digest] = (now + self.cache_ttl, result)
+        now = self.clock()
+        if result is not None:
+            metrics.TOKEN_REVIEWS.labels(result="authenticated").inc()
+            if self.cache_ttl > 0:
+                _remember(self._cache, digest, (now + self.cache_ttl, result), self.cache_size)
+        else:
+            metrics.TOKEN_REVIEWS.labels(result="refused").inc()
+            if self.negative_ttl > 0:
+                _remember(self._refused, digest, now + self.negative_ttl, self.cache_size)
         return result
+
+
+def review_source(client_id: str | None, peer: str | None) -> str:
+    """Whose TokenReview budget a call spends.
+
+    Behind Linkerd every call comes from the local proxy (a loopback peer), which sets
+    ``l5d-client-id`` for a meshed caller: that identity is the source, and unmeshed callers
+    share the proxy's budget. From any other peer the header proves nothing (anyone can
+    send it), so the peer's address is the source.
+    """
+    address = peer or ""
+    if client_id and address in LOOPBACK:
+        if len(client_id) > MAX_NAME:  # no identity is that long: keep the key small anyway
+            return "id-sha256:" + hashlib.sha256(client_id.encode()).hexdigest()
+        return "id:" + client_id
+    return "peer:" + address
+
+
+def _remember(cache: collections.OrderedDict[str, T], key: str, value: T, size: int) -> None:
+    """Insert, dropping the oldest entries past ``size`` (every entry lives as long)."""
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > size:
+        cache.popitem(last=False)
+
+
+def _plausible(token: str, audience: str) -> bool:
+    """Could ``token`` be a service-account token for ``audience``? (Unverified: a filter.)
+
+    A projected token is a JWT whose ``aud`` names the audience; anything else would fail
+    its TokenReview, so it is refused without one.
+    """
+    parts = token.split(".")
+    if len(parts) != 3 or len(token) > 16_384:
+        return False
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except ValueError:
+        return False
+    aud = payload.get("aud") if isinstance(payload, dict) else None
+    return aud == audience or (isinstance(aud, list) and audience in aud)
 
 
 def _reviewed(status: dict[str, Any], audience: str) -> Reviewed | None:
@@ -203,10 +344,10 @@ class Issuer:
     async def _issue(self, request: web.Request, audit: dict[str, str]) -> web.Response:
         if not self.ready:
             return _error(503, "not_ready", "the credential endpoint is starting; retry shortly")
-        try:
-            wanted_format = requested_format(request.query.get(FORMAT_PARAMETER))
-        except ValueError as exc:
-            return _error(400, "invalid_format", str(exc))
+        try:  # before any review: the query is the caller's, and cheap to refuse
+            wanted, wanted_format = _query(request)
+        except _BadQuery as exc:
+            return _error(400, exc.code, str(exc))
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -215,8 +356,17 @@ class Issuer:
                 "invalid_token",
                 "send the pod's projected service-account token as 'Authorization: Bearer ...'",
             )
+        source = review_source(request.headers.get(CLIENT_ID_HEADER), request.remote)
         try:
-            who = await self.reviewer.review(token.strip())
+            who = await self.reviewer.review(token.strip(), source)
+        except RateLimited as exc:
+            retry = max(1, math.ceil(exc.retry_after))
+            scope = "from this source" if exc.scope == "source" else "at once"
+            refusal = _error(
+                429, "rate_limited", f"too many credential requests ({scope}); retry in {retry} s"
+            )
+            refusal.headers["Retry-After"] = str(retry)
+            return refusal
         except KubeError as exc:
             log.warning("token_review_failed", **{logs.ERROR: str(exc)})
             return _error(503, "review_unavailable", "TokenReview failed; retry shortly")
@@ -235,7 +385,6 @@ class Issuer:
             )
         audit.update({logs.NAMESPACE: who.namespace, logs.POD: who.pod_name})
         now = self.clock()
-        wanted = request.query.get("binding")
         held, refused = self._held(who, wanted, now)
         if not held and refused:
             name, problem = min(refused.items())

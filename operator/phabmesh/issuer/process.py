@@ -58,14 +58,14 @@ class OperatorProcess:
             rotate_every=datetime.timedelta(seconds=s.key_rotation_interval),
             max_credential_ttl=datetime.timedelta(seconds=s.max_credential_ttl + s.clock_skew),
         )
-        self.leases = LeaseIndex(self.client)
+        self.leases = LeaseIndex(self.client, liveness=s.watch_liveness)
         self.injector = Injector(s, self.client)
         self.issuer = Issuer(
             s,
             self.client,
             self.keys,
             self.leases,
-            TokenReviewer(self.client, s.token_audience, s.token_review_cache_ttl),
+            TokenReviewer.from_settings(self.client, s),
         )
         await self.keys.ensure()
         self.tasks.append(asyncio.create_task(self.keys.run()))

@@ -12,7 +12,7 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -166,6 +166,7 @@ class KubeClient:
         content_type: str = "application/json",
         timeout: float | None = None,
         attempts: int | None = None,
+        limited: bool = True,
     ) -> JSON:
         data = None if body is None else json.dumps(body).encode()
         headers = {"Accept": "application/json", **self.connection.headers()}
@@ -174,7 +175,8 @@ class KubeClient:
         tries = attempts or self.attempts
         delay = 0.05
         for attempt in range(1, tries + 1):
-            await self._limit.take()
+            if limited:  # else the caller keeps a budget of its own
+                await self._limit.take()
             try:
                 async with self.session.request(
                     method,
@@ -235,11 +237,16 @@ class KubeClient:
         resource_version: str,
         params: Mapping[str, str] | None = None,
         timeout_seconds: int = 300,
+        *,
+        idle_timeout: float | None = None,
+        opened: Callable[[], None] | None = None,
     ) -> AsyncIterator[JSON]:
         """Raw watch events from ``resource_version`` until the server ends the stream.
 
         Raises :class:`Gone` when the version is too old and :class:`Unavailable`
-        when the connection fails.
+        when the connection fails, stays silent for ``idle_timeout`` seconds (by default
+        30 s past ``timeout_seconds``) or outlasts ``timeout_seconds`` by that much.
+        ``opened`` is called once the server has accepted the watch.
         """
         query = dict(
             params or {},
@@ -249,17 +256,24 @@ class KubeClient:
             timeoutSeconds=str(timeout_seconds),
         )
         headers = {"Accept": "application/json", **self.connection.headers()}
+        idle = idle_timeout if idle_timeout is not None else timeout_seconds + 30.0
         try:
             async with self.session.get(
                 self.connection.host + path,
                 params=query,
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=10, sock_read=timeout_seconds + 30
+                    # The server ends the watch after timeout_seconds: one that lasts longer is
+                    # stalled however it trickles.
+                    total=timeout_seconds + idle,
+                    sock_connect=10,
+                    sock_read=idle,
                 ),
             ) as resp:
                 if resp.status >= 300:
                     raise _error_for(resp.status, await resp.text())
+                if opened is not None:
+                    opened()
                 async for line in resp.content:
                     if not line.strip():
                         continue
@@ -300,12 +314,14 @@ class KubeClient:
         )
         return str(answer["status"]["token"])
 
-    async def token_review(self, token: str, audiences: list[str]) -> JSON:
+    async def token_review(self, token: str, audiences: list[str], *, limited: bool = True) -> JSON:
         body = {
             "apiVersion": "authentication.k8s.io/v1",
             "kind": "TokenReview",
             "spec": {"token": token, "audiences": audiences},
         }
-        review = await self.create("/apis/authentication.k8s.io/v1/tokenreviews", body)
+        review = await self.create(
+            "/apis/authentication.k8s.io/v1/tokenreviews", body, limited=limited
+        )
         status: JSON = review.get("status") or {}
         return status

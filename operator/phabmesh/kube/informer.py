@@ -6,6 +6,12 @@ list's resourceVersion, keeping ``items`` (key ``namespace/name`` → the value
 the last version seen (bookmarks included), lists again after ``410 Gone``
 (emitting DELETED for objects that vanished meanwhile), and reports whether it
 is ``connected`` so that readers can fail closed while it is not.
+
+A watch can also stall without breaking (the connection stays open, nothing comes):
+each watch asks the API server to end it within two thirds of ``liveness``, and the
+server sends a bookmark 2 s before that end (and about every minute), so a healthy watch
+is never silent that long. One silent for ``liveness`` seconds counts as lost:
+``connected`` goes False and a new watch resumes from the last version seen.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ V = TypeVar("V")
 log = structlog.get_logger(__name__)
 
 ADDED, MODIFIED, DELETED = "ADDED", "MODIFIED", "DELETED"
+# Seconds of silence after which a watch counts as lost (see the module docstring).
+DEFAULT_LIVENESS = 30.0
 
 
 def object_key(obj: Mapping[str, Any]) -> str:
@@ -42,7 +50,8 @@ class Informer(Generic[V]):
         on_event: Callable[[str, str, V | None], None] | None = None,
         name: str = "",
         chunk: int = 500,
-        watch_timeout: int = 300,
+        watch_timeout: int | None = None,
+        liveness: float = DEFAULT_LIVENESS,
     ) -> None:
         self.client = client
         self.path = path
@@ -51,7 +60,9 @@ class Informer(Generic[V]):
         self.on_event = on_event
         self.name = name or path
         self.chunk = chunk
-        self.watch_timeout = watch_timeout
+        self.liveness = liveness
+        self.watch_timeout = watch_timeout or max(1, int(liveness * 2 / 3))
+        self.read_deadline = max(liveness, self.watch_timeout + 1.0)
         self.items: dict[str, V] = {}
         self.synced = asyncio.Event()
         self.connected = False
@@ -77,6 +88,12 @@ class Informer(Generic[V]):
         self.resource_version = version
         self.connected = True
         self.synced.set()
+
+    def _opened(self) -> None:
+        """The API server accepted a watch from our version: nothing is missed from here."""
+        if not self.connected:
+            log.info("watch_connected", informer=self.name)
+        self.connected = True
 
     def _apply(self, event: JSON) -> None:
         kind = event.get("type", "")
@@ -105,7 +122,12 @@ class Informer(Generic[V]):
                     await self.relist()
                     need_list = False
                 async for event in self.client.watch(
-                    self.path, self.resource_version, self.params, self.watch_timeout
+                    self.path,
+                    self.resource_version,
+                    self.params,
+                    self.watch_timeout,
+                    idle_timeout=self.read_deadline,
+                    opened=self._opened,
                 ):
                     self.connected = True
                     delay = 0.1

@@ -134,3 +134,95 @@ def test_decompression_is_bounded() -> None:
         wire.decode_request("POST", FORM, bomb, content_encoding="gzip", max_bytes=1 << 20)
     with pytest.raises(wire.BadRequest):
         wire.decode_request("POST", FORM, b"not gzip", content_encoding="gzip")
+
+
+# The attack value of a review: a private-key header repeated 12,000 times (324 KB).
+PEM_FLOOD = "-----BEGIN PRIVATE KEY-----" * 12_000
+
+
+def test_a_refused_value_is_echoed_only_in_part() -> None:
+    with pytest.raises(wire.InvalidParamValue) as refused:
+        decode([("params[x]", PEM_FLOOD)])
+    info = refused.value.info("user.whoami")
+    assert info.startswith("The value for parameter 'x' is not valid JSON.")
+    assert len(info) < 2 * wire.ECHO_CHARS + 400
+    assert info.endswith("more characters].")
+    with pytest.raises(wire.InvalidParamValue) as long_key:
+        decode([(f"params[{'k' * 100_000}]", "not json")])
+    assert len(long_key.value.info("user.whoami")) < 2 * wire.ECHO_CHARS + 400
+
+
+@pytest.mark.parametrize("depth", [65, 3_000, 300_000])
+def test_names_nested_past_the_limit_are_refused_not_a_crash(depth: int) -> None:
+    key = "a" + "[x]" * depth
+    body = f"{key}=1".encode()
+    with pytest.raises(wire.NestedTooDeep) as refused:
+        wire.decode_request("POST", FORM, body, max_bytes=1 << 20)
+    assert isinstance(refused.value, wire.BadRequest)  # the gateway answers ERR-CONDUIT-CORE
+    assert len(str(refused.value)) < wire.ECHO_CHARS + 200
+    with pytest.raises(wire.NestedTooDeep):
+        wire.decode_request("POST", FORM, b"", query_string=f"{key}=1")
+
+
+def test_names_nested_up_to_the_limit_are_forwarded_as_sent() -> None:
+    key = "a" + "[x]" * wire.MAX_NESTING
+    call = decode([(key, "1"), ("b[]", "x"), ("b[]", "y")])
+    assert call.encoding == "form"
+    assert wire.flatten(call.params) == [(key, "1"), ("b[0]", "x"), ("b[1]", "y")]
+
+
+def test_flattening_is_not_recursive() -> None:
+    deep: dict[str, object] = {"leaf": [True, None, 7]}
+    for _ in range(20_000):  # far past Python's recursion limit
+        deep = {"x": deep}
+    pairs = wire.flatten({"a": deep})
+    prefix = "a" + "[x]" * 20_000
+    assert pairs == [
+        (f"{prefix}[leaf][0]", "true"),
+        (f"{prefix}[leaf][1]", ""),
+        (f"{prefix}[leaf][2]", "7"),
+    ]
+    assert wire.flatten({"a": {"b": [1, {"c": "d"}]}, "e": "f"}, "p") == [
+        ("p[a][b][0]", "1"),
+        ("p[a][b][1][c]", "d"),
+        ("p[e]", "f"),
+    ]
+
+
+def test_field_count_is_bounded_before_parsing() -> None:
+    fields = "&".join(["k=v"] * wire.MAX_FIELDS)
+    assert len(wire.decode_request("POST", FORM, fields.encode()).params) == 1
+    with pytest.raises(wire.RequestTooLarge):
+        wire.decode_request("POST", FORM, (fields + "&z=1").encode())
+    with pytest.raises(wire.RequestTooLarge):
+        wire.decode_request("POST", FORM, fields.encode(), query_string="z=1")
+
+
+def test_refusals_survive_the_trip_to_and_from_a_worker_process() -> None:
+    import pickle
+
+    for error in (
+        wire.InvalidParamValue("k", "v" * 1000),
+        wire.NestedTooDeep("a" + "[x]" * 100),
+        wire.InvalidParams("invalid params"),
+        wire.RequestTooLarge("too many form fields"),
+    ):
+        back = pickle.loads(pickle.dumps(error))  # noqa: S301 - our own bytes
+        assert type(back) is type(error)
+        assert str(back) == str(error)
+        assert back.info("user.whoami") == error.info("user.whoami")
+
+
+@pytest.mark.parametrize("encoding", ["form", "params-json", "per-key-json"])
+def test_packed_params_encode_as_the_decoded_ones(encoding: Any) -> None:
+    params = {"constraints": {"usernames": ["ci-bot", "x"]}, "limit": "5"}
+    body = urlencode(wire.encode(params, TOKEN, encoding)).encode()
+    plain = wire.decode_request("POST", FORM, body)
+    packed = wire.decode_packed("POST", FORM, body)
+    assert packed.params == {} and packed.packed is not None
+    assert (packed.token, packed.encoding, packed.size) == (plain.token, plain.encoding, plain.size)
+    assert packed.unpacked().params == plain.params
+    assert (
+        packed.with_token("api-" + "b" * 28).encode()
+        == plain.with_token("api-" + "b" * 28).encode()
+    )

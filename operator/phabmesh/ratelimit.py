@@ -1,0 +1,59 @@
+"""Token buckets that refuse instead of waiting: a refusal says when to come back. Pure.
+
+:class:`Bucket` is one budget (``rate`` per second sustained, ``burst`` at once);
+:class:`PerSource` keeps one per source, for a bounded number of sources (the least
+recently seen is forgotten first). The clock is injected.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+
+Clock = Callable[[], float]
+
+
+class Bucket:
+    def __init__(self, rate: float, burst: int, clock: Clock = time.monotonic) -> None:
+        self.rate = rate
+        self.capacity = float(max(burst, 1))
+        self.tokens = self.capacity
+        self.clock = clock
+        self.stamp = clock()
+
+    def take(self) -> float:
+        """0 when one unit was taken; otherwise the seconds until one is there (none taken)."""
+        if self.rate <= 0:
+            return 0.0
+        now = self.clock()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+class PerSource:
+    def __init__(
+        self, rate: float, burst: int, max_sources: int = 10_000, clock: Clock = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_sources = max_sources
+        self.clock = clock
+        self.buckets: collections.OrderedDict[str, Bucket] = collections.OrderedDict()
+
+    def take(self, source: str) -> float:
+        """:meth:`Bucket.take` on ``source``'s own bucket."""
+        if self.rate <= 0:
+            return 0.0
+        bucket = self.buckets.get(source)
+        if bucket is None:
+            bucket = self.buckets[source] = Bucket(self.rate, self.burst, self.clock)
+            while len(self.buckets) > self.max_sources:
+                self.buckets.popitem(last=False)
+        else:
+            self.buckets.move_to_end(source)
+        return bucket.take()

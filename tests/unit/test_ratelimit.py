@@ -1,0 +1,36 @@
+"""Budgets that refuse at once and say when to come back."""
+
+from __future__ import annotations
+
+from phabmesh import ratelimit
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_bucket_gives_its_burst_then_its_rate() -> None:
+    clock = Clock()
+    bucket = ratelimit.Bucket(rate=2.0, burst=3, clock=clock)
+    assert [bucket.take() for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.take() == 0.5  # one more unit in half a second at 2/s
+    clock.now += 0.5
+    assert bucket.take() == 0.0
+    assert bucket.take() > 0
+    assert ratelimit.Bucket(rate=0, burst=1, clock=clock).take() == 0.0  # 0: unlimited
+
+
+def test_each_source_has_its_own_bucket_and_few_are_remembered() -> None:
+    clock = Clock()
+    sources = ratelimit.PerSource(rate=1.0, burst=2, max_sources=3, clock=clock)
+    assert [sources.take("flood") for _ in range(2)] == [0.0, 0.0]
+    assert sources.take("flood") > 0
+    assert sources.take("pod") == 0.0  # another source is not held back
+    for name in ("a", "b", "c", "d"):
+        sources.take(name)
+    assert len(sources.buckets) == 3
+    assert "flood" not in sources.buckets  # the least recently seen went first
