@@ -153,12 +153,24 @@ class Caller:
             None,
         )
 
-    def outlives(self, ttl: datetime.timedelta, now: datetime.datetime) -> bool:
-        """Made under a longer credentialTTL than ``ttl``: used longer than ``ttl`` after it
-        was issued, or (no issue time) valid for longer than ``ttl`` from now."""
-        if self.issued_at is not None:
-            return now > self.issued_at + ttl
-        return self.expires_at > now + ttl
+    def outlives(
+        self,
+        ttl: datetime.timedelta,
+        lease_end: datetime.datetime,
+        now: datetime.datetime,
+        leeway: datetime.timedelta,
+    ) -> bool:
+        """Made under a longer credentialTTL than ``ttl``, the binding's now.
+
+        Every credential ends no later than its lease did when it was minted, and a lease's
+        ``expiresAt`` only moves later (renewals) unless the binding's TTL shrank: one that
+        ends after its lease (both times written by phabmesh, so this gateway's clock plays
+        no part) was minted before the shrink. A JWT also says when it was issued, so it is
+        refused once older than ``ttl`` as well.
+        """
+        if self.expires_at > lease_end + leeway:
+            return True
+        return self.issued_at is not None and now > self.issued_at + ttl + leeway
 
 
 class Gateway:
@@ -427,7 +439,7 @@ class Gateway:
             raise _revoked("lease expired")
         binding = self.state.binding(claims.namespace, claims.binding)
         ttl = binding.ttl if binding is not None else None
-        if ttl is None or claims.outlives(ttl + leeway, now):
+        if ttl is None or claims.outlives(ttl, lease.expires_at, now, leeway):
             # Minted under a longer credentialTTL than the binding has now.
             raise _revoked("credential outlived the binding's credentialTTL")
 
