@@ -1,9 +1,9 @@
 """kopf handlers: the controller's top layer. Watch events feed the World; decisions
 come from :mod:`phabmesh.controller.decide`; writes go through the Writer.
 
-Only ``on.event`` handlers and timers are used, so kopf needs no diff-base
-copies of objects and writes no annotations; pods get no finalizers and are
-never written to.
+Only ``on.event`` handlers, one index (on pods: see :func:`pod_seen`) and
+timers are used, so kopf needs no diff-base copies of objects and writes no
+annotations; pods get no finalizers and are never written to.
 """
 
 from __future__ import annotations
@@ -179,13 +179,25 @@ def inject_pod(body: kopf.Body, patch: kopf.Patch, memo: Memo, **_: Any) -> None
 # -- pods and leases --------------------------------------------------------------------------
 
 
+@kopf.index("", "v1", "pods", registry=registry)
+def pod_seen(body: kopf.Body, memo: Memo, **_: Any) -> None:
+    """Every pod's facts into the World, before any handler runs at start-up.
+
+    kopf calls index functions for each object of a resource's first listing and
+    holds back every handler and timer of every resource until all of those
+    listings are complete. So no decision is made about a lease's pod before the
+    pod list is known: a pod that the World does not know is truly gone, never
+    merely not seen yet. Nothing is stored in kopf's own index (None).
+    """
+    memo.world.put_pod(identity.PodFacts.from_pod(body))
+
+
 @kopf.on.event("", "v1", "pods", registry=registry)
 async def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: Memo, **_: Any) -> None:
     uid = str(body.get("metadata", {}).get("uid"))
     if event.get("type") == "DELETED":
         memo.world.drop_pod(uid)
-    else:
-        memo.world.put_pod(identity.PodFacts.from_pod(body))
+    # Otherwise pod_seen (called first, for this same event) has put its facts in the World.
     await memo.reconcile_pod(uid)
 
 
@@ -210,5 +222,6 @@ __all__ = [
     "lease_event",
     "namespace_event",
     "pod_event",
+    "pod_seen",
     "shutdown",
 ]
