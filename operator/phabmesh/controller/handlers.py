@@ -1,9 +1,9 @@
 """kopf handlers: the controller's top layer. Watch events feed the World; decisions
 come from :mod:`phabmesh.controller.decide`; writes go through the Writer.
 
-Only ``on.event`` handlers, one index (on pods: see :func:`pod_seen`) and
-timers are used, so kopf needs no diff-base copies of objects and writes no
-annotations; pods get no finalizers and are never written to.
+Only ``on.event`` handlers, one index (on pods: see :func:`pod_seen`) and timers on
+bots are used, so kopf needs no diff-base copies of objects and writes no
+annotations; pods and bindings get no finalizers, and pods are never written to.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from phabmesh.lease import LeaseView
 log = structlog.get_logger(__name__)
 registry = kopf.OperatorRegistry()
 
-TICK = 5.0  # seconds between bot due-checks and binding renewal passes
+TICK = 5.0  # seconds between bot due-checks and renewal passes over the bot's bindings
 
 
 class _NoDiffBase(kopf.DiffBaseStorage):
@@ -116,7 +116,18 @@ async def bot_event(event: kopf.RawEvent, body: kopf.Body, name: str, memo: Memo
     resources.GROUP, resources.VERSION, resources.BOT_PLURAL, interval=TICK, registry=registry
 )
 async def bot_tick(name: str, memo: Memo, **_: Any) -> None:
+    """The bot's due re-check, then its bindings' renewals and status.
+
+    The periodic work of bindings runs here, on the cluster-scoped bot, so that
+    bindings have no timer: a kopf timer puts kopf's finalizer on its object, and a
+    binding deleted while the operator is down would stay Terminating until it
+    returned (its name not free to re-create). kopf removes that finalizer from
+    bindings that still carry it from earlier versions: no handler needs it.
+    """
     await memo.check_bot(name, only_if_due=True)
+    for binding in memo.world.bindings_of_bot(name):
+        await memo.renew_leases(binding)
+        await memo.write_binding_status(binding)
 
 
 # -- bindings ---------------------------------------------------------------------------------
@@ -129,7 +140,9 @@ async def binding_event(
     assert namespace is not None  # a namespaced resource
     world = memo.world
     key: Key = (namespace, name)
-    if event.get("type") == "DELETED":
+    # Marked for deletion (someone else's finalizer may hold it): as good as deleted.
+    deleting = body.get("metadata", {}).get("deletionTimestamp") is not None
+    if event.get("type") == "DELETED" or deleting:
         world.drop_binding(key)
         memo.verdicts.pop(key, None)
         memo.statuses.pop(key, None)
@@ -140,17 +153,6 @@ async def binding_event(
             return
         world.put_binding(fresh)
     await memo.refresh_namespace(namespace)
-
-
-@kopf.timer(
-    resources.GROUP, resources.VERSION, resources.BINDING_PLURAL, interval=TICK, registry=registry
-)
-async def binding_tick(namespace: str | None, name: str, memo: Memo, **_: Any) -> None:
-    assert namespace is not None  # a namespaced resource
-    binding = memo.world.bindings.get((namespace, name))
-    if binding is not None:
-        await memo.renew_leases(binding)
-        await memo.write_binding_status(binding)
 
 
 # -- pod injection ----------------------------------------------------------------------------
@@ -214,7 +216,6 @@ async def lease_event(
 
 __all__ = [
     "binding_event",
-    "binding_tick",
     "bot_event",
     "bot_tick",
     "configure",

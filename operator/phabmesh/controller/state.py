@@ -144,7 +144,8 @@ class Memo(kopf.Memo):
             self.world.bots[bot.name] = bot
         bindings, _ = await self.client.list_all(binding_path(None))
         for body in bindings:
-            self.world.put_binding(BindingView.from_body(body))
+            if (body.get("metadata") or {}).get("deletionTimestamp") is None:
+                self.world.put_binding(BindingView.from_body(body))
         leases, _ = await self.client.list_all(
             resource_path(resources.GROUP, resources.VERSION, resources.CREDENTIAL_PLURAL)
         )

@@ -27,6 +27,9 @@ from phabmesh.settings import Settings
 class BindingRules:
     allowed_methods: tuple[str, ...]
     require_client_id: bool
+    # Marked for deletion (a deletionTimestamp, e.g. held by someone's finalizer): its
+    # credentials are refused at once, whether or not the operator is up to revoke them.
+    deleting: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +43,7 @@ def _binding_rules(obj: JSON) -> BindingRules:
     return BindingRules(
         allowed_methods=tuple(str(m) for m in spec.get("allowedMethods") or ()),
         require_client_id=bool(spec.get("requireClientID", False)),
+        deleting=(obj.get("metadata") or {}).get("deletionTimestamp") is not None,
     )
 
 
