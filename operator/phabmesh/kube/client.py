@@ -12,7 +12,7 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -235,11 +235,14 @@ class KubeClient:
         resource_version: str,
         params: Mapping[str, str] | None = None,
         timeout_seconds: int = 300,
+        *,
+        opened: Callable[[], None] | None = None,
     ) -> AsyncIterator[JSON]:
         """Raw watch events from ``resource_version`` until the server ends the stream.
 
-        Raises :class:`Gone` when the version is too old and :class:`Unavailable`
-        when the connection fails.
+        ``opened`` is called once the server has accepted the watch (before any event:
+        a quiet resource may send none for minutes). Raises :class:`Gone` when the
+        version is too old and :class:`Unavailable` when the connection fails.
         """
         query = dict(
             params or {},
@@ -260,6 +263,8 @@ class KubeClient:
             ) as resp:
                 if resp.status >= 300:
                     raise _error_for(resp.status, await resp.text())
+                if opened is not None:
+                    opened()
                 async for line in resp.content:
                     if not line.strip():
                         continue

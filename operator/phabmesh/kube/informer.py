@@ -78,6 +78,11 @@ class Informer(Generic[V]):
         self.connected = True
         self.synced.set()
 
+    def _opened(self) -> None:
+        # Connected from the moment the watch is accepted, not from its first event: after
+        # a reconnect, a quiet resource (no leases, say) may send nothing for minutes.
+        self.connected = True
+
     def _apply(self, event: JSON) -> None:
         kind = event.get("type", "")
         obj = event.get("object") or {}
@@ -105,9 +110,12 @@ class Informer(Generic[V]):
                     await self.relist()
                     need_list = False
                 async for event in self.client.watch(
-                    self.path, self.resource_version, self.params, self.watch_timeout
+                    self.path,
+                    self.resource_version,
+                    self.params,
+                    self.watch_timeout,
+                    opened=self._opened,
                 ):
-                    self.connected = True
                     delay = 0.1
                     self._apply(event)
                 # The server closed the stream (timeoutSeconds): resume from the last version.
