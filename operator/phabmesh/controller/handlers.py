@@ -1,9 +1,10 @@
 """kopf handlers: the controller's top layer. Watch events feed the World; decisions
 come from :mod:`phabmesh.controller.decide`; writes go through the Writer.
 
-Only ``on.event`` handlers, one index (on pods: see :func:`pod_seen`) and timers on
-bots are used, so kopf needs no diff-base copies of objects and writes no
-annotations; pods and bindings get no finalizers, and pods are never written to.
+Only ``on.event`` handlers, index functions (that store nothing in kopf: see
+:func:`pod_seen`) and timers on bots are used, so kopf needs no diff-base copies of
+objects and writes no annotations; pods and bindings get no finalizers, and pods are
+never written to.
 """
 
 from __future__ import annotations
@@ -71,6 +72,33 @@ async def shutdown(memo: Memo, **_: Any) -> None:
     await memo.stop()
 
 
+# -- what kopf's first lists hold ---------------------------------------------------------------
+# Index functions run for every object of kopf's first list of a resource before any handler
+# or timer of any resource (see pod_seen); these only note which objects exist, so that
+# Memo.listed can forget what preload read and was deleted before kopf's lists. Nothing is
+# stored in kopf's own indices (None).
+
+
+@kopf.index("", "v1", "namespaces", registry=registry)
+def namespace_seen(name: str, memo: Memo, **_: Any) -> None:
+    memo.saw("namespaces", name)
+
+
+@kopf.index(resources.GROUP, resources.VERSION, resources.BOT_PLURAL, registry=registry)
+def bot_seen(name: str, memo: Memo, **_: Any) -> None:
+    memo.saw("bots", name)
+
+
+@kopf.index(resources.GROUP, resources.VERSION, resources.BINDING_PLURAL, registry=registry)
+def binding_seen(namespace: str | None, name: str, memo: Memo, **_: Any) -> None:
+    memo.saw("bindings", (namespace, name))
+
+
+@kopf.index(resources.GROUP, resources.VERSION, resources.CREDENTIAL_PLURAL, registry=registry)
+def lease_seen(namespace: str | None, name: str, memo: Memo, **_: Any) -> None:
+    memo.saw("leases", (namespace, name))
+
+
 # -- namespaces -------------------------------------------------------------------------------
 
 
@@ -78,6 +106,7 @@ async def shutdown(memo: Memo, **_: Any) -> None:
 async def namespace_event(
     event: kopf.RawEvent, body: kopf.Body, name: str, memo: Memo, **_: Any
 ) -> None:
+    await memo.listed()
     world = memo.world
     labels = dict(body.get("metadata", {}).get("labels") or {})
     if event.get("type") == "DELETED":
@@ -95,6 +124,7 @@ async def namespace_event(
 
 @kopf.on.event(resources.GROUP, resources.VERSION, resources.BOT_PLURAL, registry=registry)
 async def bot_event(event: kopf.RawEvent, body: kopf.Body, name: str, memo: Memo, **_: Any) -> None:
+    await memo.listed()
     world = memo.world
     if event.get("type") == "DELETED":
         world.bots.pop(name, None)
@@ -124,6 +154,7 @@ async def bot_tick(name: str, memo: Memo, **_: Any) -> None:
     returned (its name not free to re-create). kopf removes that finalizer from
     bindings that still carry it from earlier versions: no handler needs it.
     """
+    await memo.listed()
     await memo.check_bot(name, only_if_due=True)
     for binding in memo.world.bindings_of_bot(name):
         await memo.renew_leases(binding)
@@ -138,6 +169,7 @@ async def binding_event(
     event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, memo: Memo, **_: Any
 ) -> None:
     assert namespace is not None  # a namespaced resource
+    await memo.listed()
     world = memo.world
     key: Key = (namespace, name)
     # Marked for deletion (someone else's finalizer may hold it): as good as deleted.
@@ -196,6 +228,7 @@ def pod_seen(body: kopf.Body, memo: Memo, **_: Any) -> None:
 
 @kopf.on.event("", "v1", "pods", registry=registry)
 async def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: Memo, **_: Any) -> None:
+    await memo.listed()
     uid = str(body.get("metadata", {}).get("uid"))
     if event.get("type") == "DELETED":
         memo.world.drop_pod(uid)
@@ -208,6 +241,7 @@ async def lease_event(
     event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, memo: Memo, **_: Any
 ) -> None:
     assert namespace is not None  # a namespaced resource
+    await memo.listed()
     if event.get("type") == "DELETED":
         memo.world.drop_lease((namespace, name))
         return
@@ -216,12 +250,16 @@ async def lease_event(
 
 __all__ = [
     "binding_event",
+    "binding_seen",
     "bot_event",
+    "bot_seen",
     "bot_tick",
     "configure",
     "inject_pod",
     "lease_event",
+    "lease_seen",
     "namespace_event",
+    "namespace_seen",
     "pod_event",
     "pod_seen",
     "shutdown",

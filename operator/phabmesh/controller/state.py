@@ -93,6 +93,12 @@ class Memo(kopf.Memo):
         self._bot_status: dict[str, JSON] = {}
         self._bot_conditions: dict[str, list[resources.Condition]] = {}
         self._binding_conditions: dict[Key, list[resources.Condition]] = {}
+        # What kopf's first lists hold, until :meth:`listed` has dropped what preload read
+        # that has gone since (None afterwards).
+        self._first_lists: dict[str, set[object]] | None = {
+            kind: set() for kind in ("namespaces", "bots", "bindings", "leases")
+        }
+        self._first_lists_lock = asyncio.Lock()
         self.client: KubeClient
         self.events_client: KubeClient
         self.writer: Writer
@@ -153,6 +159,53 @@ class Memo(kopf.Memo):
             self.world.put_lease(LeaseView.from_body(body))
         for binding in self.world.bindings.values():
             self.verdicts[binding.key] = self._judge(binding)
+
+    def saw(self, kind: str, key: object) -> None:
+        """kopf listed or watched this object (its index functions call this)."""
+        if self._first_lists is not None:
+            self._first_lists[kind].add(key)
+
+    async def listed(self) -> None:
+        """Once, when the first handler runs: kopf holds every handler back until its first
+        lists are indexed, so whatever :meth:`preload` read and those lists lack was deleted
+        in between. No watch event will ever say so: forget it here, and revoke what it held.
+        """
+        if self._first_lists is None:
+            return
+        async with self._first_lists_lock:
+            seen, self._first_lists = self._first_lists, None
+            if seen is None:
+                return
+            world = self.world
+            affected: set[str] = set()
+            namespaces = [n for n in world.namespaces if n not in seen["namespaces"]]
+            for name in namespaces:
+                world.namespaces.pop(name, None)
+                affected.add(name)
+            bots = [b for b in world.bots if b not in seen["bots"]]
+            for name in bots:
+                affected.update(world.namespaces_of_bot(name))
+                world.bots.pop(name, None)
+                self.schedules.pop(name, None)
+            bindings = [k for k in world.bindings if k not in seen["bindings"]]
+            for key in bindings:
+                world.drop_binding(key)
+                self.verdicts.pop(key, None)
+                self.statuses.pop(key, None)
+                affected.add(key[0])
+            leases = [k for k in world.leases if k not in seen["leases"]]
+            for key in leases:
+                world.drop_lease(key)
+            if namespaces or bots or bindings or leases:
+                log.info(
+                    "deleted_before_watch_dropped",
+                    namespaces=len(namespaces),
+                    bots=len(bots),
+                    bindings=len(bindings),
+                    leases=len(leases),
+                )
+            for namespace in affected:
+                await self.refresh_namespace(namespace)
 
     async def sweep(self) -> int:
         """Revoke every lease whose pod is gone or is another incarnation (another UID).
