@@ -4,6 +4,7 @@ writer is replaced by a recorder: pure logic, no API server)."""
 from __future__ import annotations
 
 import asyncio
+import copy
 from typing import Any
 
 from phabmesh.controller import decide
@@ -75,3 +76,22 @@ def test_a_bot_and_a_lease_deleted_between_preload_and_the_watch_are_forgotten()
     assert list(memo.world.leases) == [("build", "l-p1-runners")]
     # The bot is gone: its bindings are not Ready and the remaining lease is revoked.
     assert recorder.revoked == [("l-p1-runners", decide.BOT_LOST)]
+
+
+def test_only_once_across_the_memo_copies_kopf_hands_each_object() -> None:
+    memo, recorder = _memo()
+    for kind, key in (
+        ("namespaces", "build"),
+        ("bots", "ci-bot"),
+        ("bindings", ("build", "runners")),
+        ("bindings", ("build", "deployers")),
+        *(("leases", key) for key in memo.world.leases),
+    ):
+        memo.saw(kind, key)
+    first, second = copy.copy(memo), copy.copy(memo)  # as kopf's per-object memos
+    asyncio.run(first.listed())
+    # A lease written after start-up, its watch event not in yet: never taken for deleted.
+    memo.world.put_lease(lease("p2", "runners"))
+    asyncio.run(second.listed())
+    assert ("build", "l-p2-runners") in memo.world.leases
+    assert recorder.revoked == []

@@ -59,6 +59,16 @@ def binding_path(namespace: str | None, name: str | None = None) -> str:
     )
 
 
+class _FirstLists:
+    """Which objects kopf's first lists hold, by kind; None once :meth:`Memo.listed` ran."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, set[object]] | None = {
+            kind: set() for kind in ("namespaces", "bots", "bindings", "leases")
+        }
+        self.lock = asyncio.Lock()
+
+
 class Memo(kopf.Memo):
     """Shared by every handler of one controller process (kopf's ``memo``)."""
 
@@ -94,11 +104,9 @@ class Memo(kopf.Memo):
         self._bot_conditions: dict[str, list[resources.Condition]] = {}
         self._binding_conditions: dict[Key, list[resources.Condition]] = {}
         # What kopf's first lists hold, until :meth:`listed` has dropped what preload read
-        # that has gone since (None afterwards).
-        self._first_lists: dict[str, set[object]] | None = {
-            kind: set() for kind in ("namespaces", "bots", "bindings", "leases")
-        }
-        self._first_lists_lock = asyncio.Lock()
+        # that has gone since. In a container: kopf hands each object's handlers a shallow
+        # copy of the memo, so an attribute assigned there would not be seen by the others.
+        self._first_lists = _FirstLists()
         self.client: KubeClient
         self.events_client: KubeClient
         self.writer: Writer
@@ -162,18 +170,19 @@ class Memo(kopf.Memo):
 
     def saw(self, kind: str, key: object) -> None:
         """kopf listed or watched this object (its index functions call this)."""
-        if self._first_lists is not None:
-            self._first_lists[kind].add(key)
+        if self._first_lists.seen is not None:
+            self._first_lists.seen[kind].add(key)
 
     async def listed(self) -> None:
         """Once, when the first handler runs: kopf holds every handler back until its first
         lists are indexed, so whatever :meth:`preload` read and those lists lack was deleted
         in between. No watch event will ever say so: forget it here, and revoke what it held.
         """
-        if self._first_lists is None:
+        first = self._first_lists
+        if first.seen is None:
             return
-        async with self._first_lists_lock:
-            seen, self._first_lists = self._first_lists, None
+        async with first.lock:
+            seen, first.seen = first.seen, None
             if seen is None:
                 return
             world = self.world
