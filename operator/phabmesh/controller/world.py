@@ -143,6 +143,10 @@ class World:
 
     def put_lease(self, lease: LeaseView) -> None:
         old = self.leases.get(lease.key)
+        if old is not None and lease.older_than(old):
+            # A watch event older than what the writer already put here (its create event
+            # after the Active status was written, say): keep the newer state.
+            return
         if old is not None and old.pod_uid != lease.pod_uid:
             self._unindex_lease(old)
         self.leases[lease.key] = lease

@@ -177,11 +177,14 @@ class Writer:
                 "message": message or _REVOKE_MESSAGES.get(reason, reason),
             }
         }
-        with contextlib.suppress(NotFound):
-            await self.client.merge_patch(path + "/status", patch)
-        with contextlib.suppress(NotFound):
+        try:
+            revoked = await self.client.merge_patch(path + "/status", patch)
+            # Kept, Revoked, until the watch's DELETED event: a late event from its Active
+            # past is older than this and cannot bring it back.
+            self.world.put_lease(LeaseView.from_body(revoked))
             await self.client.delete(path, body={"propagationPolicy": "Background"})
-        self.world.drop_lease(lease.key)
+        except NotFound:
+            self.world.drop_lease(lease.key)
         log.info(
             "lease_revoked",
             **{
