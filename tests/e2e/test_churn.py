@@ -62,7 +62,7 @@ def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name) or default)
 
 
-SEEDS = [int(s) for s in (os.environ.get("PHABMESH_CHURN_SEEDS") or "1,2,3").split(",")]
+SEEDS = [int(s) for s in (os.environ.get("PHABMESH_CHURN_SEEDS") or "1,4,5").split(",")]
 STEPS = _env_int("PHABMESH_CHURN_STEPS", 36)
 BURST = _env_int("PHABMESH_CHURN_BURST", 12)
 BOT_SWAP = os.environ.get("PHABMESH_CHURN_BOT_SWAP", "1") != "0"
