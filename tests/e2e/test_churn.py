@@ -1138,6 +1138,8 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
             conduit.stop()
 
 
+# Longer runs and shrinking take longer than the suite's default per-test timeout.
+@pytest.mark.timeout(300 + 5 * STEPS + 3 * SHRINK_SECONDS)
 @pytest.mark.parametrize("seed", SEEDS)
 def test_churn(system: System, seed: int) -> None:
     steps = generate(seed, STEPS, BURST)
