@@ -39,6 +39,13 @@ class LeaseView:
     uid: str = ""
     reason: str = ""
     bot_phid: str = ""
+    resource_version: str = ""
+
+    def older_than(self, other: LeaseView) -> bool:
+        """Is this an earlier state of the same object than ``other`` (a watch event that
+        arrives after the writer's own answer)? Unknown when either version is not a number."""
+        mine, theirs = self.resource_version, other.resource_version
+        return mine.isdigit() and theirs.isdigit() and int(mine) < int(theirs)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -78,4 +85,5 @@ class LeaseView:
             uid=str(meta.get("uid", "")),
             reason=str(status.get("reason") or ""),
             bot_phid=str(status.get("botPHID") or ""),
+            resource_version=str(meta.get("resourceVersion") or ""),
         )

@@ -21,7 +21,7 @@ import requests
 import urllib3
 from kubernetes import client
 
-from phabmesh import devcluster
+from phabmesh import devcluster, resources
 from phabmesh.gateway.process import GatewayProcess
 from phabmesh.issuer.process import OperatorProcess
 from phabmesh.settings import Settings
@@ -29,6 +29,8 @@ from phabmesh.testing import ConduitServer
 from tests.kube import Cluster, compact_etcd, wait_for
 from tests.phab import (
     SYSTEM,
+    G,
+    V,
     active_leases,
     binding_condition,
     bot_ready,
@@ -394,3 +396,77 @@ def test_operator_sigkilled_mid_scale_down_loses_and_duplicates_nothing(
                     proc.wait(20)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+KOPF_FINALIZER = "kopf.zalando.org/KopfFinalizerMarker"
+
+
+def _binding(cluster: Cluster, name: str) -> dict[str, Any] | None:
+    try:
+        obj: dict[str, Any] = cluster.custom.get_namespaced_custom_object(
+            G, V, NS, resources.BINDING_PLURAL, name
+        )
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return obj
+
+
+def test_binding_deleted_while_operator_down_is_refused_and_its_name_free(stack: Stack) -> None:
+    stack.start()
+    cluster = stack.cluster
+    # A second binding, for pods of another ServiceAccount; and one created with the
+    # finalizer that earlier versions put on bindings (for their timers).
+    make_binding(
+        cluster, NS, "held", BOT, identityRefs=[{"kind": "ServiceAccount", "name": "other"}]
+    )
+    wait_for(lambda: (c := binding_condition(cluster, NS, "held")) and c["status"] == "True")
+    make_binding(cluster, NS, "legacy", BOT, identityRefs=[{"kind": "ServiceAccount", "name": "x"}])
+    cluster.custom.patch_namespaced_custom_object(
+        G, V, NS, resources.BINDING_PLURAL, "legacy", {"metadata": {"finalizers": [KOPF_FINALIZER]}}
+    )
+    runner = stack.credential(stack.pod("runner"))
+    other_pod = make_pod(cluster, NS, "other", sa="other")
+    wait_for(lambda: stack.lease_of("other"), what="a lease for other")
+    other = stack.credential(other_pod)
+    assert stack.accepted(runner) and stack.accepted(other)
+    # The operator puts no finalizer on bindings, and takes off the one they carry.
+    wait_for(
+        lambda: not ((_binding(cluster, "legacy") or {})["metadata"].get("finalizers")),
+        what="kopf's finalizer removed from the legacy binding",
+    )
+    for name in ("runners", "held"):
+        assert not (_binding(cluster, name) or {})["metadata"].get("finalizers")
+    # Someone else's finalizer holds "held" when it is deleted.
+    cluster.custom.patch_namespaced_custom_object(
+        G,
+        V,
+        NS,
+        resources.BINDING_PLURAL,
+        "held",
+        {"metadata": {"finalizers": ["example.com/hold"]}},
+    )
+
+    assert stack.operator is not None
+    stack.operator.stop()
+    stack.operator = None
+    # Deleted while the operator is down: gone at once, refused at once, name free.
+    cluster.custom.delete_namespaced_custom_object(G, V, NS, resources.BINDING_PLURAL, "runners")
+    wait_for(lambda: _binding(cluster, "runners") is None, what="runners gone")
+    wait_for(lambda: stack.refused(runner, "binding deleted"), what="runner refused")
+    make_binding(cluster, NS, "runners", BOT, credentialTTL="5m")
+    # Terminating (held by a finalizer): refused from the gateway's own watch.
+    cluster.custom.delete_namespaced_custom_object(G, V, NS, resources.BINDING_PLURAL, "held")
+    terminating = _binding(cluster, "held")
+    assert terminating is not None and terminating["metadata"].get("deletionTimestamp")
+    wait_for(lambda: stack.refused(other, "binding deleted"), what="other refused")
+    assert stack.lease_of("other") is not None  # nothing revoked it: the gateway refused
+
+    # Back: the terminating binding's lease is revoked; the re-created one serves.
+    operator = OperatorProcess(stack.settings, kubeconfig=str(cluster.kubeconfig))
+    stack.operator = Threaded(operator).start()
+    wait_for(operator.ready, timeout=60, what="operator ready")
+    wait_for(lambda: stack.lease_of("other") is None, what="held's lease revoked")
+    wait_for(lambda: stack.lease_of("runner"), what="runner's lease")
+    assert stack.accepted(stack.credential(stack.pod("runner-2")))

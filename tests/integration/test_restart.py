@@ -3,6 +3,8 @@ collector when the operator is down. Its own control plane, so that no other ope
 
 from __future__ import annotations
 
+import datetime
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,10 +25,15 @@ from tests.phab import (
     make_bot,
     make_pod,
     settings_for,
+    time_of,
 )
 from tests.stack import Threaded
 
 NS = "restart"
+
+
+def now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
 
 
 @pytest.fixture
@@ -81,3 +88,41 @@ def test_sweep_and_garbage_collection(alone: Cluster, conduit: ConduitServer) ->
     cluster.plane.start_controller_manager()
     cluster.core.delete_namespaced_pod("kept", NS)
     wait_for(lambda: leases(cluster, NS) == [], timeout=60, what="the garbage collector")
+
+
+def test_restart_with_due_renewals_revokes_no_live_pod(
+    alone: Cluster, conduit: ConduitServer
+) -> None:
+    """Down longer than a third of the TTL: every renewal is due when the operator starts,
+    and no pod it has not seen yet may be taken for deleted. Several restarts, same pods."""
+    cluster = alone
+    names = [f"live-{i:02d}" for i in range(30)]
+    operator = start_operator(cluster, conduit)
+    make_bot(cluster, conduit, "renew-bot")
+    label_namespace(cluster, NS)
+    make_binding(cluster, NS, "renewed", "renew-bot", credentialTTL="1m")
+    wait_for(lambda: (c := binding_condition(cluster, NS, "renewed")) and c["status"] == "True")
+    for name in names:
+        make_pod(cluster, NS, name, node=None)
+    wait_for(lambda: len(active_leases(cluster, NS)) == len(names), timeout=60)
+    issued = {x["metadata"]["uid"] for x in active_leases(cluster, NS)}
+
+    def left() -> list[float]:
+        return [
+            (time_of(x["status"]["expiresAt"]) - now()).total_seconds() for x in leases(cluster, NS)
+        ]
+
+    for _ in range(3):
+        try:
+            # Stop when every lease has under 45 s left: 25 s later all are due (< 20 s).
+            wait_for(lambda: max(left()) < 45, timeout=40, what="leases older than 15 s")
+        finally:
+            operator.stop()
+        time.sleep(25)
+        operator = start_operator(cluster, conduit)
+        # Renewed (expiresAt moved past what the down time left), never re-issued.
+        wait_for(lambda: min(left()) > 40, timeout=40, what="every lease renewed")
+        items = leases(cluster, NS)
+        assert {x["metadata"]["uid"] for x in items} == issued
+        assert all(x["status"]["phase"] == "Active" for x in items)
+    operator.stop()

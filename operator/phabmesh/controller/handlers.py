@@ -1,8 +1,9 @@
 """kopf handlers: the controller's top layer. Watch events feed the World; decisions
 come from :mod:`phabmesh.controller.decide`; writes go through the Writer.
 
-Only ``on.event`` handlers and timers are used, so kopf needs no diff-base
-copies of objects and writes no annotations; pods get no finalizers and are
+Only ``on.event`` handlers, index functions (that store nothing in kopf: see
+:func:`pod_seen`) and timers on bots are used, so kopf needs no diff-base copies of
+objects and writes no annotations; pods and bindings get no finalizers, and pods are
 never written to.
 """
 
@@ -23,7 +24,7 @@ from phabmesh.lease import LeaseView
 log = structlog.get_logger(__name__)
 registry = kopf.OperatorRegistry()
 
-TICK = 5.0  # seconds between bot due-checks and binding renewal passes
+TICK = 5.0  # seconds between bot due-checks and renewal passes over the bot's bindings
 
 
 class _NoDiffBase(kopf.DiffBaseStorage):
@@ -72,6 +73,33 @@ async def shutdown(memo: Memo, **_: Any) -> None:
     await memo.stop()
 
 
+# -- what kopf's first lists hold ---------------------------------------------------------------
+# Index functions run for every object of kopf's first list of a resource before any handler
+# or timer of any resource (see pod_seen); these only note which objects exist, so that
+# Memo.listed can forget what preload read and was deleted before kopf's lists. Nothing is
+# stored in kopf's own indices (None).
+
+
+@kopf.index("", "v1", "namespaces", registry=registry)
+def namespace_seen(name: str, memo: Memo, **_: Any) -> None:
+    memo.saw("namespaces", name)
+
+
+@kopf.index(resources.GROUP, resources.VERSION, resources.BOT_PLURAL, registry=registry)
+def bot_seen(name: str, memo: Memo, **_: Any) -> None:
+    memo.saw("bots", name)
+
+
+@kopf.index(resources.GROUP, resources.VERSION, resources.BINDING_PLURAL, registry=registry)
+def binding_seen(namespace: str | None, name: str, memo: Memo, **_: Any) -> None:
+    memo.saw("bindings", (namespace, name))
+
+
+@kopf.index(resources.GROUP, resources.VERSION, resources.CREDENTIAL_PLURAL, registry=registry)
+def lease_seen(namespace: str | None, name: str, memo: Memo, **_: Any) -> None:
+    memo.saw("leases", (namespace, name))
+
+
 # -- namespaces -------------------------------------------------------------------------------
 
 
@@ -79,6 +107,7 @@ async def shutdown(memo: Memo, **_: Any) -> None:
 async def namespace_event(
     event: kopf.RawEvent, body: kopf.Body, name: str, memo: Memo, **_: Any
 ) -> None:
+    await memo.listed()
     world = memo.world
     labels = dict(body.get("metadata", {}).get("labels") or {})
     if event.get("type") == "DELETED":
@@ -96,6 +125,7 @@ async def namespace_event(
 
 @kopf.on.event(resources.GROUP, resources.VERSION, resources.BOT_PLURAL, registry=registry)
 async def bot_event(event: kopf.RawEvent, body: kopf.Body, name: str, memo: Memo, **_: Any) -> None:
+    await memo.listed()
     world = memo.world
     if event.get("type") == "DELETED":
         world.bots.pop(name, None)
@@ -117,7 +147,19 @@ async def bot_event(event: kopf.RawEvent, body: kopf.Body, name: str, memo: Memo
     resources.GROUP, resources.VERSION, resources.BOT_PLURAL, interval=TICK, registry=registry
 )
 async def bot_tick(name: str, memo: Memo, **_: Any) -> None:
+    """The bot's due re-check, then its bindings' renewals and status.
+
+    The periodic work of bindings runs here, on the cluster-scoped bot, so that
+    bindings have no timer: a kopf timer puts kopf's finalizer on its object, and a
+    binding deleted while the operator is down would stay Terminating until it
+    returned (its name not free to re-create). kopf removes that finalizer from
+    bindings that still carry it from earlier versions: no handler needs it.
+    """
+    await memo.listed()
     await memo.check_bot(name, only_if_due=True)
+    for binding in memo.world.bindings_of_bot(name):
+        await memo.renew_leases(binding)
+        await memo.write_binding_status(binding)
 
 
 # -- bindings ---------------------------------------------------------------------------------
@@ -128,9 +170,12 @@ async def binding_event(
     event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, memo: Memo, **_: Any
 ) -> None:
     assert namespace is not None  # a namespaced resource
+    await memo.listed()
     world = memo.world
     key: Key = (namespace, name)
-    if event.get("type") == "DELETED":
+    # Marked for deletion (someone else's finalizer may hold it): as good as deleted.
+    deleting = body.get("metadata", {}).get("deletionTimestamp") is not None
+    if event.get("type") == "DELETED" or deleting:
         world.drop_binding(key)
         memo.verdicts.pop(key, None)
         memo.statuses.pop(key, None)
@@ -145,17 +190,6 @@ async def binding_event(
     if binding is not None:
         # A shorter credentialTTL shortens live leases now, not at their next renewal.
         await memo.renew_leases(binding)
-
-
-@kopf.timer(
-    resources.GROUP, resources.VERSION, resources.BINDING_PLURAL, interval=TICK, registry=registry
-)
-async def binding_tick(namespace: str | None, name: str, memo: Memo, **_: Any) -> None:
-    assert namespace is not None  # a namespaced resource
-    binding = memo.world.bindings.get((namespace, name))
-    if binding is not None:
-        await memo.renew_leases(binding)
-        await memo.write_binding_status(binding)
 
 
 # -- pod injection ----------------------------------------------------------------------------
@@ -184,15 +218,28 @@ def inject_pod(body: kopf.Body, patch: kopf.Patch, memo: Memo, **_: Any) -> None
 # -- pods and leases --------------------------------------------------------------------------
 
 
+@kopf.index("", "v1", "pods", registry=registry)
+def pod_seen(body: kopf.Body, memo: Memo, **_: Any) -> None:
+    """Every pod's facts into the World, before any handler runs at start-up.
+
+    kopf calls index functions for each object of a resource's first listing and
+    holds back every handler and timer of every resource until all of those
+    listings are complete. So no decision is made about a lease's pod before the
+    pod list is known: a pod that the World does not know is truly gone, never
+    merely not seen yet. Nothing is stored in kopf's own index (None).
+    """
+    # With the cluster's naming: a pod of another control plane or trust domain is not
+    # meshed here (its identity is not the one a lease would carry).
+    memo.world.put_pod(identity.PodFacts.from_pod(body, memo.naming))
+
+
 @kopf.on.event("", "v1", "pods", registry=registry)
 async def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: Memo, **_: Any) -> None:
+    await memo.listed()
     uid = str(body.get("metadata", {}).get("uid"))
     if event.get("type") == "DELETED":
         memo.world.drop_pod(uid)
-    else:
-        # With the cluster's naming: a pod of another control plane or trust domain is not
-        # meshed here (its identity is not the one a lease would carry).
-        memo.world.put_pod(identity.PodFacts.from_pod(body, memo.naming))
+    # Otherwise pod_seen (called first, for this same event) has put its facts in the World.
     await memo.reconcile_pod(uid)
 
 
@@ -201,8 +248,10 @@ async def lease_event(
     event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, memo: Memo, **_: Any
 ) -> None:
     assert namespace is not None  # a namespaced resource
+    await memo.listed()
     if event.get("type") == "DELETED":
-        memo.world.drop_lease((namespace, name))
+        uid = str(body.get("metadata", {}).get("uid") or "")
+        memo.world.drop_lease((namespace, name), uid)
         return
     lease = LeaseView.from_body(body)
     memo.world.put_lease(lease)
@@ -217,13 +266,17 @@ async def lease_event(
 
 __all__ = [
     "binding_event",
-    "binding_tick",
+    "binding_seen",
     "bot_event",
+    "bot_seen",
     "bot_tick",
     "configure",
     "inject_pod",
     "lease_event",
+    "lease_seen",
     "namespace_event",
+    "namespace_seen",
     "pod_event",
+    "pod_seen",
     "shutdown",
 ]

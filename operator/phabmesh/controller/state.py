@@ -59,6 +59,16 @@ def binding_path(namespace: str | None, name: str | None = None) -> str:
     )
 
 
+class _FirstLists:
+    """Which objects kopf's first lists hold, by kind; None once :meth:`Memo.listed` ran."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, set[object]] | None = {
+            kind: set() for kind in ("namespaces", "bots", "bindings", "leases")
+        }
+        self.lock = asyncio.Lock()
+
+
 class Memo(kopf.Memo):
     """Shared by every handler of one controller process (kopf's ``memo``)."""
 
@@ -93,6 +103,10 @@ class Memo(kopf.Memo):
         self._bot_status: dict[str, JSON] = {}
         self._bot_conditions: dict[str, list[resources.Condition]] = {}
         self._binding_conditions: dict[Key, list[resources.Condition]] = {}
+        # What kopf's first lists hold, until :meth:`listed` has dropped what preload read
+        # that has gone since. In a container: kopf hands each object's handlers a shallow
+        # copy of the memo, so an attribute assigned there would not be seen by the others.
+        self._first_lists = _FirstLists()
         self.client: KubeClient
         self.events_client: KubeClient
         self.writer: Writer
@@ -144,7 +158,8 @@ class Memo(kopf.Memo):
             self.world.bots[bot.name] = bot
         bindings, _ = await self.client.list_all(binding_path(None))
         for body in bindings:
-            self.world.put_binding(BindingView.from_body(body))
+            if (body.get("metadata") or {}).get("deletionTimestamp") is None:
+                self.world.put_binding(BindingView.from_body(body))
         leases, _ = await self.client.list_all(
             resource_path(resources.GROUP, resources.VERSION, resources.CREDENTIAL_PLURAL)
         )
@@ -152,6 +167,54 @@ class Memo(kopf.Memo):
             self.world.put_lease(LeaseView.from_body(body))
         for binding in self.world.bindings.values():
             self.verdicts[binding.key] = self._judge(binding)
+
+    def saw(self, kind: str, key: object) -> None:
+        """kopf listed or watched this object (its index functions call this)."""
+        if self._first_lists.seen is not None:
+            self._first_lists.seen[kind].add(key)
+
+    async def listed(self) -> None:
+        """Once, when the first handler runs: kopf holds every handler back until its first
+        lists are indexed, so whatever :meth:`preload` read and those lists lack was deleted
+        in between. No watch event will ever say so: forget it here, and revoke what it held.
+        """
+        first = self._first_lists
+        if first.seen is None:
+            return
+        async with first.lock:
+            seen, first.seen = first.seen, None
+            if seen is None:
+                return
+            world = self.world
+            affected: set[str] = set()
+            namespaces = [n for n in world.namespaces if n not in seen["namespaces"]]
+            for name in namespaces:
+                world.namespaces.pop(name, None)
+                affected.add(name)
+            bots = [b for b in world.bots if b not in seen["bots"]]
+            for name in bots:
+                affected.update(world.namespaces_of_bot(name))
+                world.bots.pop(name, None)
+                self.schedules.pop(name, None)
+            bindings = [k for k in world.bindings if k not in seen["bindings"]]
+            for key in bindings:
+                world.drop_binding(key)
+                self.verdicts.pop(key, None)
+                self.statuses.pop(key, None)
+                affected.add(key[0])
+            leases = [k for k in world.leases if k not in seen["leases"]]
+            for key in leases:
+                world.drop_lease(key)
+            if namespaces or bots or bindings or leases:
+                log.info(
+                    "deleted_before_watch_dropped",
+                    namespaces=len(namespaces),
+                    bots=len(bots),
+                    bindings=len(bindings),
+                    leases=len(leases),
+                )
+            for namespace in affected:
+                await self.refresh_namespace(namespace)
 
     async def sweep(self) -> int:
         """Revoke every lease whose pod is gone or is another incarnation (another UID).

@@ -144,6 +144,10 @@ class World:
 
     def put_lease(self, lease: LeaseView) -> None:
         old = self.leases.get(lease.key)
+        if old is not None and lease.older_than(old):
+            # A watch event older than what the writer already put here (its create event
+            # after the Active status was written, say): keep the newer state.
+            return
         if old is not None and (old.pod_uid, old.binding, old.bot) != (
             lease.pod_uid,
             lease.binding,
@@ -155,10 +159,14 @@ class World:
         self.leases_by_binding[(lease.namespace, lease.binding)].add(lease.key)
         self.leases_by_bot[lease.bot].add(lease.key)
 
-    def drop_lease(self, key: Key) -> LeaseView | None:
-        lease = self.leases.pop(key, None)
-        if lease is not None:
-            self._unindex_lease(lease)
+    def drop_lease(self, key: Key, uid: str | None = None) -> LeaseView | None:
+        """Forget the lease under ``key``; with ``uid``, only if it is that lease (the
+        deletion of an earlier lease of the same name never drops its successor)."""
+        lease = self.leases.get(key)
+        if lease is None or (uid and lease.uid and lease.uid != uid):
+            return None
+        del self.leases[key]
+        self._unindex_lease(lease)
         return lease
 
     def _unindex_lease(self, lease: LeaseView) -> None:

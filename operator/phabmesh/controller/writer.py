@@ -176,7 +176,7 @@ class Writer:
             "message": message or _REVOKE_MESSAGES.get(reason, reason),
         }
         options: JSON = {"propagationPolicy": "Background"}
-        with contextlib.suppress(NotFound):
+        try:
             if lease.uid and lease.phase != "Pending":
                 # Only this lease, not another one issued since under the same name (a
                 # lease re-issued for another bot takes the name): a JSON patch whose
@@ -186,13 +186,16 @@ class Writer:
                 ops += [
                     {"op": "add", "path": f"/status/{k}", "value": v} for k, v in revoked.items()
                 ]
-                await self.client.json_patch(path + "/status", ops)
+                updated = await self.client.json_patch(path + "/status", ops)
                 options["preconditions"] = {"uid": lease.uid}
             else:
-                await self.client.merge_patch(path + "/status", {"status": revoked})
-        with contextlib.suppress(NotFound):
+                updated = await self.client.merge_patch(path + "/status", {"status": revoked})
+            # Kept, Revoked, until the watch's DELETED event: a late event from its Active
+            # past is older than this and cannot bring it back.
+            self.world.put_lease(LeaseView.from_body(updated))
             await self.client.delete(path, body=options)
-        self.world.drop_lease(lease.key)
+        except NotFound:
+            self.world.drop_lease(lease.key)
         log.info(
             "lease_revoked",
             **{

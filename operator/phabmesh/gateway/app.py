@@ -260,8 +260,8 @@ class Gateway:
         )
         self._check_lease(claims)
         rules = self.state.binding(claims.namespace, claims.binding)
-        if rules is None:
-            raise Refusal("ERR-INVALID-AUTH", "credential revoked: binding deleted", "revoked")
+        if rules is None or rules.deleting:
+            raise _revoked(_REASONS["BindingDeleted"])
         client_id = request.headers.get(CLIENT_ID_HEADER)
         if client_id is not None and client_id != claims.subject:
             raise Refusal(

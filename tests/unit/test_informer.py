@@ -1,0 +1,58 @@
+"""The informer's ``connected`` flag after a reconnect to a quiet resource (fault injected)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+from phabmesh.kube.client import JSON, Unavailable
+from phabmesh.kube.informer import Informer
+
+
+class _FlakyClient:
+    """Lists nothing; the first watch fails with 429, the second is accepted and stays quiet."""
+
+    def __init__(self) -> None:
+        self.watches = 0
+        self.quiet = asyncio.Event()
+
+    async def list_all(
+        self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
+    ) -> tuple[list[JSON], str]:
+        return [], "7"
+
+    async def watch(
+        self,
+        path: str,
+        resource_version: str,
+        params: Mapping[str, str] | None = None,
+        timeout_seconds: int = 300,
+        *,
+        idle_timeout: float | None = None,
+        opened: Callable[[], None] | None = None,
+    ) -> AsyncIterator[JSON]:
+        self.watches += 1
+        if self.watches == 1:
+            raise Unavailable(429, "TooManyRequests", "storage is (re)initializing")
+        if opened is not None:
+            opened()
+        self.quiet.set()
+        await asyncio.Event().wait()  # no event for as long as the test runs
+        yield {}
+
+
+def test_connected_again_once_the_watch_is_accepted_without_waiting_for_an_event() -> None:
+    async def scenario() -> bool:
+        client = _FlakyClient()
+        informer: Informer[Any] = Informer(client, "/apis/x", lambda obj: obj)  # type: ignore[arg-type]
+        task = asyncio.create_task(informer.run())
+        try:
+            await asyncio.wait_for(client.quiet.wait(), timeout=10)
+            await asyncio.sleep(0)
+            return informer.connected and informer.synced.is_set()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    assert asyncio.run(scenario())
