@@ -46,6 +46,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from phabmesh import devcluster, resources
+from phabmesh.credentials import phorge
 from phabmesh.gateway.process import GatewayProcess
 from phabmesh.issuer.process import OperatorProcess
 from phabmesh.testing import ConduitServer
@@ -1048,6 +1049,8 @@ def _retry_conflicts(write: Callable[[], None]) -> None:
 
 
 def _expiry(credential: str) -> float:
+    if phorge.looks_like(credential):  # the default format: its expiry is in the clear
+        return float(phorge.parse(credential).expiry)
     payload = credential.split(".")[1]
     claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     return float(claims["exp"])

@@ -251,7 +251,12 @@ async def lease_event(
     await memo.listed()
     if event.get("type") == "DELETED":
         uid = str(body.get("metadata", {}).get("uid") or "")
-        memo.world.drop_lease((namespace, name), uid)
+        dropped = memo.world.drop_lease((namespace, name), uid)
+        if dropped is not None and dropped.active:
+            # Deleted while Active, not by this operator (its revocations are Revoked first):
+            # only the garbage collector (with the pod that owns it) or the namespace
+            # controller may (manifests/lease-policy.yaml). Say so on the pod, as a revocation.
+            await memo.writer.announce_revoked(dropped, decide.POD_DELETED)
         return
     lease = LeaseView.from_body(body)
     memo.world.put_lease(lease)

@@ -196,6 +196,11 @@ class Writer:
             await self.client.delete(path, body=options)
         except NotFound:
             self.world.drop_lease(lease.key)
+        await self.announce_revoked(lease, reason)
+
+    async def announce_revoked(self, lease: LeaseView, reason: str) -> None:
+        """The audit line and the pod's Event for a revoked lease (also for one the garbage
+        collector deleted with its pod before the operator revoked it)."""
         log.info(
             "lease_revoked",
             **{
