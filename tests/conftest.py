@@ -12,7 +12,7 @@ import pytest
 from kubernetes import client
 
 from phabmesh import devcluster
-from tests.kube import Cluster, force_delete_pods, wait_for
+from tests.kube import Cluster, create_hand_node, force_delete_pods, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 CRDS = REPO / "crds"
@@ -23,7 +23,9 @@ T = TypeVar("T")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     workdir = tmp_path_factory.mktemp("controlplane")
     with devcluster.ControlPlane(workdir) as plane:
-        yield Cluster(plane)
+        cluster = Cluster(plane)
+        create_hand_node(cluster.core)
+        yield cluster
 
 
 @pytest.fixture(scope="session")

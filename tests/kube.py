@@ -11,10 +11,37 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from kubernetes import client, config
+from kubernetes.client.rest import ApiException
 
 from phabmesh import devcluster
 
 T = TypeVar("T")
+
+# Hand-made pods: tests that need a pod state on cue, which KWOK's simulated kubelet would
+# move on from (Running without ever starting, Terminating until the test says otherwise,
+# Running while unscheduled), create pods that KWOK never touches. They are bound to
+# HAND_NODE, a Node no KWOK manages, or left unbound by naming a scheduler that does not
+# exist; they tolerate every taint, so the node lifecycle controller does not evict them
+# when HAND_NODE (which sends no heartbeats) turns NotReady.
+HAND_NODE = "node-a"
+NO_SCHEDULER = "hand-made"
+
+
+def hand_made(spec: client.V1PodSpec) -> client.V1PodSpec:
+    """``spec`` as a hand-made pod's: left alone by the scheduler, KWOK and evictions."""
+    if not spec.node_name:
+        spec.scheduler_name = NO_SCHEDULER
+    spec.tolerations = [client.V1Toleration(operator="Exists")]
+    return spec
+
+
+def create_hand_node(core: client.CoreV1Api) -> None:
+    """HAND_NODE, so the pod garbage collector does not delete pods bound to it."""
+    try:
+        core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=HAND_NODE)))
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
 
 
 class Cluster:

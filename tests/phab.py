@@ -17,7 +17,7 @@ from kubernetes.client.rest import ApiException
 from phabmesh import resources
 from phabmesh.settings import Settings
 from phabmesh.testing import ConduitServer
-from tests.kube import Cluster
+from tests.kube import HAND_NODE, Cluster, hand_made
 from tests.stack import Threaded
 
 G, V = resources.GROUP, resources.VERSION
@@ -114,9 +114,10 @@ def make_pod(
     *,
     sa: str = "runner",
     meshed: bool = True,
-    node: str | None = "node-a",
+    node: str | None = HAND_NODE,
     labels: dict[str, str] | None = None,
 ) -> client.V1Pod:
+    """A hand-made meshed pod (see tests.kube.hand_made), its status patched Running."""
     try:
         cluster.core.create_namespaced_service_account(
             namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=sa))
@@ -138,8 +139,13 @@ def make_pod(
         namespace,
         client.V1Pod(
             metadata=client.V1ObjectMeta(name=name, labels=labels or {"app": "runner"}),
-            spec=client.V1PodSpec(
-                service_account_name=sa, node_name=node, containers=containers, init_containers=init
+            spec=hand_made(
+                client.V1PodSpec(
+                    service_account_name=sa,
+                    node_name=node,
+                    containers=containers,
+                    init_containers=init,
+                )
             ),
         ),
     )

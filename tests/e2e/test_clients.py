@@ -37,7 +37,7 @@ from phabmesh.gateway.process import GatewayProcess
 from phabmesh.issuer.process import OperatorProcess
 from phabmesh.settings import Settings
 from phabmesh.testing import ConduitServer, conduit_server
-from tests.kube import Cluster, wait_for
+from tests.kube import Cluster, create_hand_node, wait_for
 from tests.phab import (
     SYSTEM,
     active_leases,
@@ -194,6 +194,7 @@ def stack(
     try:
         with devcluster.ControlPlane(tmp_path_factory.mktemp("controlplane")) as plane:
             made = Stack(plane, url, bot)
+            create_hand_node(made.cluster.core)
             made.cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
             made.cluster.kubectl(
                 "wait", "--for=condition=Established", "--all", "crd", "--timeout=60s"

@@ -26,7 +26,7 @@ from phabmesh.gateway.process import GatewayProcess
 from phabmesh.issuer.process import OperatorProcess
 from phabmesh.settings import Settings
 from phabmesh.testing import ConduitServer
-from tests.kube import Cluster, compact_etcd, wait_for
+from tests.kube import HAND_NODE, Cluster, compact_etcd, create_hand_node, wait_for
 from tests.phab import (
     SYSTEM,
     active_leases,
@@ -139,6 +139,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     conduit.start()
     with devcluster.ControlPlane(tmp_path / "controlplane") as plane:
         cluster = Cluster(plane)
+        create_hand_node(cluster.core)
         cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
         cluster.kubectl("wait", "--for=condition=Established", "--all", "crd", "--timeout=60s")
         for name in (SYSTEM, NS):
@@ -290,7 +291,7 @@ def test_clock_skew_between_endpoint_and_gateway(
 def test_operator_down_the_gateway_still_refuses_pods_that_ended(stack: Stack) -> None:
     stack.start()
     names = ("terminating", "completed", "deleted", "live")
-    pods = {n: stack.pod(n, node="node-a" if n == "terminating" else None) for n in names}
+    pods = {n: stack.pod(n, node=HAND_NODE if n == "terminating" else None) for n in names}
     creds = {n: stack.credential(pod) for n, pod in pods.items()}
     # Beside it, a gateway that follows the leases alone.
     assert stack.operator is not None and stack.gateway is not None
