@@ -12,6 +12,7 @@ import pytest
 from kubernetes import client
 
 from phabmesh import devcluster
+from tests import rbac
 from tests.kube import Cluster, create_hand_node, force_delete_pods, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,6 +27,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         cluster = Cluster(plane)
         create_hand_node(cluster.core)
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def phabmesh_rbac(cluster: Cluster) -> Iterator[rbac.Installed]:
+    """manifests/' RBAC applied; the operator and the gateway run as their ServiceAccounts.
+
+    Every call either made and the API server refused fails the session: a grant missing
+    from the manifests.
+    """
+    yield cluster.rbac
+    cluster.assert_nothing_forbidden()
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import subprocess
 import time
@@ -14,6 +15,7 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from phabmesh import devcluster
+from tests import rbac
 
 T = TypeVar("T")
 
@@ -62,6 +64,22 @@ class Cluster:
         input: str | None = None,  # noqa: A002 - mirrors subprocess.run
     ) -> subprocess.CompletedProcess[str]:
         return self.plane.kubectl(*args, check=check, input=input)
+
+    @functools.cached_property
+    def rbac(self) -> rbac.Installed:
+        """manifests/' RBAC, applied on first use (tests/rbac.py)."""
+        return rbac.install(self.plane)
+
+    def phabmesh_kubeconfig(self, who: str) -> str:
+        """The kubeconfig phabmesh-<who> (operator, gateway) runs with: its ServiceAccount."""
+        return self.rbac.kubeconfig(who)
+
+    def assert_nothing_forbidden(self) -> None:
+        """No call phabmesh made was refused by RBAC: no grant is missing from manifests/."""
+        if "rbac" not in self.__dict__:
+            return  # phabmesh never ran on this control plane
+        for who in rbac.WHO:
+            assert self.rbac.forbidden(who) == set(), f"phabmesh-{who} was refused these calls"
 
 
 def wait_for(

@@ -209,7 +209,7 @@ def spawn_operator(
     local = Settings.local_env(
         conduit.url, namespace=SYSTEM, log_json=True, log_level="INFO", peering_lifetime=10
     )
-    env = dict(os.environ, KUBECONFIG=str(cluster.kubeconfig), **local)
+    env = dict(os.environ, KUBECONFIG=cluster.phabmesh_kubeconfig("operator"), **local)
     with log.open("wb") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "phabmesh.cli", "controller", *args],

@@ -38,6 +38,7 @@ import datetime
 import fcntl
 import hashlib
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -81,6 +82,19 @@ CONTROLLERS = (
     "taint-eviction-controller",
 )
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"  # nodes annotated "fake" are KWOK's to simulate
+RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+# The audit log records every request made as a ServiceAccount outside kube-system (the
+# controller manager's controllers): what phabmesh's processes really ask for.
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [
+        {"level": "None", "userGroups": ["system:serviceaccounts:kube-system"]},
+        {"level": "Metadata", "userGroups": ["system:serviceaccounts"]},
+        {"level": "None"},
+    ],
+}
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 
@@ -512,6 +526,7 @@ class ControlPlane:
         self.delays = delays or Delays()
         self.pki = Pki(workdir / "pki")
         self.kubeconfig = workdir / "kubeconfig"
+        self.audit_log = workdir / "logs" / "audit.log"
         self.etcd_port = free_port()
         self.apiserver_port = free_port()
         self.server = f"https://127.0.0.1:{self.apiserver_port}"
@@ -634,6 +649,10 @@ class ControlPlane:
                 # (a watch from resourceVersion 0 that streams the initial state) needs: with
                 # the feature on, such a watch fails, and KWOK watches so.
                 "--feature-gates=WatchList=false",
+                f"--audit-policy-file={self._write_audit_policy()}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json",
+                "--audit-log-mode=blocking",
                 "--v=0",
             ],
         )
@@ -760,6 +779,51 @@ class ControlPlane:
         self._stop("etcd")
 
     # helpers
+
+    def _write_audit_policy(self) -> Path:
+        path = self.workdir / "audit-policy.yaml"
+        path.write_text(yaml.safe_dump(AUDIT_POLICY))
+        return path
+
+    def audit_events(self) -> list[dict[str, object]]:
+        """The audit log so far: one event per completed request made as a ServiceAccount."""
+        if not self.audit_log.is_file():
+            return []
+        with self.audit_log.open() as log:
+            return [json.loads(line) for line in log if line.strip()]
+
+    def install_rbac(self, manifests: Path) -> list[dict[str, object]]:
+        """The ServiceAccounts, (Cluster)Roles and bindings of a kustomize directory, applied.
+
+        Their namespaces are created first if need be. Returns the applied documents.
+        """
+        rendered = self.kubectl("kustomize", str(manifests)).stdout
+        docs = [d for d in yaml.safe_load_all(rendered) if d and d.get("kind") in RBAC_KINDS]
+        for namespace in sorted({d["metadata"].get("namespace") or "" for d in docs} - {""}):
+            if self.kubectl("get", "namespace", namespace, check=False).returncode != 0:
+                self.kubectl("create", "namespace", namespace)
+        self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+        return docs
+
+    def service_account_kubeconfig(self, namespace: str, name: str, duration: str = "24h") -> Path:
+        """A kubeconfig that authenticates as ServiceAccount ``namespace/name``.
+
+        Its token comes from the TokenRequest API (``kubectl create token``), not bound to
+        any pod, valid for ``duration``. The file is private to its owner.
+        """
+        token = self.kubectl(
+            "create", "token", name, "-n", namespace, f"--duration={duration}"
+        ).stdout.strip()
+        config = self.pki.kubeconfig(self.server, "admin")
+        user = f"system:serviceaccount:{namespace}:{name}"
+        config["users"] = [{"name": user, "user": {"token": token}}]
+        config["contexts"] = [
+            {"name": "phabmesh-dev", "context": {"cluster": "phabmesh-dev", "user": user}}
+        ]
+        path = self.workdir / f"{namespace}-{name}.kubeconfig"
+        path.touch(mode=0o600)
+        path.write_text(yaml.safe_dump(config))
+        return path
 
     def _write_kubeconfigs(self) -> None:
         for path, user in (

@@ -95,10 +95,12 @@ class Stack:
         self.gateway: Threaded | None = None
 
     def start(self, bot_token: str) -> None:
-        kubeconfig = str(self.cluster.kubeconfig)
+        kubeconfig = self.cluster.phabmesh_kubeconfig("operator")
         self.operator = Threaded(OperatorProcess(self.settings, kubeconfig=kubeconfig)).start()
         wait_for(self.operator.process.ready, timeout=180, what="operator ready")  # type: ignore[attr-defined]
-        gateway = GatewayProcess(self.settings, kubeconfig=kubeconfig)
+        gateway = GatewayProcess(
+            self.settings, kubeconfig=self.cluster.phabmesh_kubeconfig("gateway")
+        )
         self.gateway = Threaded(gateway).start()
         wait_for(lambda: gateway.state.ready, timeout=180, what="gateway ready")
         register_bot(self.cluster, self.bot, bot_token)
@@ -212,6 +214,7 @@ def stack(
                 yield made
             finally:
                 made.stop()
+            made.cluster.assert_nothing_forbidden()
     finally:
         if conduit is not None:
             conduit.stop()

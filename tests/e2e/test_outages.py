@@ -66,10 +66,14 @@ class Stack:
         self.bot_token = ""
 
     def start(self, gateway_clock: Callable[[], datetime.datetime] | None = None) -> Stack:
-        kubeconfig = str(self.cluster.kubeconfig)
+        kubeconfig = self.cluster.phabmesh_kubeconfig("operator")
         self.operator = Threaded(OperatorProcess(self.settings, kubeconfig=kubeconfig)).start()
         wait_for(self.operator.process.ready, timeout=60, what="operator ready")  # type: ignore[attr-defined]
-        gateway = GatewayProcess(self.settings, kubeconfig=kubeconfig, clock=gateway_clock)
+        gateway = GatewayProcess(
+            self.settings,
+            kubeconfig=self.cluster.phabmesh_kubeconfig("gateway"),
+            clock=gateway_clock,
+        )
         self.gateway = Threaded(gateway).start()
         wait_for(lambda: gateway.state.ready, timeout=60, what="gateway ready")
         self.bot_token = make_bot(self.cluster, self.conduit, BOT)
@@ -153,6 +157,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         finally:
             made.stop()
             conduit.stop()
+        made.cluster.assert_nothing_forbidden()
 
 
 def test_api_server_restart_fails_closed_then_resumes_after_410(stack: Stack) -> None:
@@ -297,7 +302,7 @@ def test_operator_down_the_gateway_still_refuses_pods_that_ended(stack: Stack) -
     assert stack.operator is not None and stack.gateway is not None
     leases_only = GatewayProcess(
         dataclasses.replace(stack.settings, gateway_watch_pods=False),
-        kubeconfig=str(stack.cluster.kubeconfig),
+        kubeconfig=stack.cluster.phabmesh_kubeconfig("gateway"),
     )
     second = Threaded(leases_only).start()
     try:

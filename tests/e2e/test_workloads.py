@@ -7,7 +7,8 @@ credential per running pod, and a refusal for every pod that is gone, going or f
 The pods carry the Linkerd proxy as a native sidecar (an init container with
 ``restartPolicy: Always``), which is what "meshed" means to phabmesh. A pod's credential
 comes the way a pod gets it: a projected ServiceAccount token bound to the pod
-(TokenRequest), exchanged at the operator's credential endpoint."""
+(TokenRequest), exchanged at the operator's credential endpoint. The operator and the
+gateway run as their own ServiceAccounts, under the manifests' RBAC (tests/rbac.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from kubernetes.client.rest import ApiException
 from phabmesh.gateway.process import GatewayProcess
 from phabmesh.issuer.process import OperatorProcess
 from phabmesh.testing import ConduitServer
+from tests import rbac
 from tests.kube import Cluster, wait_for
 from tests.phab import (
     SYSTEM,
@@ -45,14 +47,14 @@ HOLD = "phabmesh.io/kwok-hold"  # KWOK keeps a Job's pod so annotated Running (s
 class Mesh:
     """phabmesh's operator and gateway on the session's control plane."""
 
-    def __init__(self, cluster: Cluster, conduit: ConduitServer) -> None:
+    def __init__(self, cluster: Cluster, conduit: ConduitServer, access: rbac.Installed) -> None:
         self.cluster = cluster
         self.conduit = conduit
         settings = settings_for(conduit)
-        kubeconfig = str(cluster.kubeconfig)
-        self.operator = Threaded(OperatorProcess(settings, kubeconfig=kubeconfig)).start()
+        operator = OperatorProcess(settings, kubeconfig=access.kubeconfig("operator"))
+        self.operator = Threaded(operator).start()
         wait_for(self.operator.process.ready, timeout=60, what="the operator to be ready")  # type: ignore[attr-defined]
-        gateway = GatewayProcess(settings, kubeconfig=kubeconfig)
+        gateway = GatewayProcess(settings, kubeconfig=access.kubeconfig("gateway"))
         self.gateway = Threaded(gateway).start()
         wait_for(lambda: gateway.state.ready, timeout=60, what="the gateway to be ready")
 
@@ -87,7 +89,7 @@ class Mesh:
 
 
 @pytest.fixture(scope="module")
-def mesh(cluster: Cluster, crds: object) -> Iterator[Mesh]:
+def mesh(cluster: Cluster, crds: object, phabmesh_rbac: rbac.Installed) -> Iterator[Mesh]:
     try:
         cluster.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=SYSTEM)))
     except ApiException as exc:
@@ -95,7 +97,7 @@ def mesh(cluster: Cluster, crds: object) -> Iterator[Mesh]:
             raise
     conduit = ConduitServer()
     conduit.start()
-    mesh = Mesh(cluster, conduit)
+    mesh = Mesh(cluster, conduit, phabmesh_rbac)
     yield mesh
     mesh.stop()
     conduit.stop()

@@ -49,6 +49,7 @@ def alone(tmp_path: Path) -> Iterator[Cluster]:
             )
         wait_for(lambda: cluster.core.list_namespaced_service_account(NS).items, what="default SA")
         yield cluster
+        cluster.assert_nothing_forbidden()
 
 
 def _webhook_port(log: str) -> int:
