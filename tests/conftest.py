@@ -64,3 +64,26 @@ def namespace(cluster: Cluster) -> Iterator[str]:
     force_delete_pods(cluster.core, name)
     if not os.environ.get("PHABMESH_KEEP_NAMESPACES"):
         cluster.core.delete_namespace(name)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Grants of manifests/ that no call of this session used (tests/rbac.py).
+
+    Only a run of the whole suite exercises every path, so a partial run just lists them.
+    With PHABMESH_RBAC_UNUSED=fail the session fails when any is left.
+    """
+    unused = {who: calls for who, calls in rbac.session_unused().items() if calls}
+    if not unused:
+        return
+    terminalreporter.section("RBAC grants no call of this session used")
+    for who, calls in unused.items():
+        for call in sorted(calls, key=str):
+            terminalreporter.line(f"phabmesh-{who}: {call}")
+    if os.environ.get("PHABMESH_RBAC_UNUSED") == "fail":
+        terminalreporter.line("PHABMESH_RBAC_UNUSED=fail: the session fails")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if os.environ.get("PHABMESH_RBAC_UNUSED") == "fail" and any(rbac.session_unused().values()):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

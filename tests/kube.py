@@ -78,6 +78,7 @@ class Cluster:
         """No call phabmesh made was refused by RBAC: no grant is missing from manifests/."""
         if "rbac" not in self.__dict__:
             return  # phabmesh never ran on this control plane
+        self.rbac.record()
         for who in rbac.WHO:
             assert self.rbac.forbidden(who) == set(), f"phabmesh-{who} was refused these calls"
 

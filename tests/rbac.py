@@ -18,6 +18,10 @@ from phabmesh import devcluster
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 Call = tuple[str | None, str, str, str, str | None]
 WHO = ("operator", "gateway")
+# Across the test session: what the manifests grant, and every call phabmesh made and was
+# allowed, on every control plane it ran on under RBAC (see record()).
+GRANTED: dict[str, set[Call]] = {}
+USED: dict[str, set[Call]] = {who: set() for who in WHO}
 
 
 def account(who: str) -> tuple[str, str]:
@@ -49,6 +53,17 @@ class Installed:
 
     def forbidden(self, who: str) -> set[Call]:
         return {call for call, allowed in calls(self.plane, who) if not allowed}
+
+    def record(self) -> None:
+        """Add this control plane's allowed calls to the session's (USED, GRANTED)."""
+        for who in WHO:
+            GRANTED[who] = self.granted(who)
+            USED[who] |= self.used(who)
+
+
+def session_unused() -> dict[str, set[Call]]:
+    """Grants no call of the session used, per process (empty if phabmesh never ran)."""
+    return {who: unused(GRANTED[who], USED[who]) for who in WHO if who in GRANTED}
 
 
 def install(plane: devcluster.ControlPlane) -> Installed:
