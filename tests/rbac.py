@@ -52,7 +52,11 @@ class Installed:
         return {call for call, allowed in calls(self.plane, who) if allowed}
 
     def forbidden(self, who: str) -> set[Call]:
-        return {call for call, allowed in calls(self.plane, who) if not allowed}
+        """Calls RBAC refused and never allowed: while an API server (re)starts, its
+        authorizer refuses everything until it has read the roles, which is no missing grant.
+        """
+        made = calls(self.plane, who)
+        return {call for call, allowed in made if not allowed} - {c for c, ok in made if ok}
 
     def record(self) -> None:
         """Add this control plane's allowed calls to the session's (USED, GRANTED)."""
