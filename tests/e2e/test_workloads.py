@@ -53,10 +53,10 @@ class Mesh:
         settings = settings_for(conduit)
         operator = OperatorProcess(settings, kubeconfig=access.kubeconfig("operator"))
         self.operator = Threaded(operator).start()
-        wait_for(self.operator.process.ready, timeout=60, what="the operator to be ready")  # type: ignore[attr-defined]
+        wait_for(self.operator.process.ready, timeout=120, what="the operator to be ready")  # type: ignore[attr-defined]
         gateway = GatewayProcess(settings, kubeconfig=access.kubeconfig("gateway"))
         self.gateway = Threaded(gateway).start()
-        wait_for(lambda: gateway.state.ready, timeout=60, what="the gateway to be ready")
+        wait_for(lambda: gateway.state.ready, timeout=120, what="the gateway to be ready")
 
     def stop(self) -> None:
         self.gateway.stop()
