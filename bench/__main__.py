@@ -1,13 +1,18 @@
 """phabmesh benchmarks on the local control plane: percentiles and ratios from one run.
 
     python -m bench [--pods 200] [--burst 100] [--calls 300] [--seconds 5] [--reviews 20]
-                    [--scale 1000] [--big-pods 5000] [--big-bindings 500]
+                    [--scale 1000] [--big-pods 5000] [--big-bindings 500] [--deploy 100,1000]
 
 Everything runs on 127.0.0.1, each part as its own process as deployed: a real
 kube-apiserver and etcd, the Conduit test server as Phabricator (``bench.conduit``),
 ``phabmesh controller`` and ``phabmesh gateway``; this process only generates load and
 watches. Every load loop is bounded in count and time. Nothing here asserts: it
 measures and prints.
+
+phabmesh's processes run as their ServiceAccounts under the RBAC of manifests/. Most
+figures use hand-made pods whose status this process writes (no node runs them); the
+Deployment figures (bench/workloads.py) use pods the scheduler binds and KWOK runs with
+realistic start and stop delays.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 
 import aiohttp
 
+from bench import workloads
 from phabmesh import devcluster, logs, resources, serving
 from phabmesh.kube import KubeClient, load_connection
 from phabmesh.kube.client import JSON, resource_path
@@ -122,9 +128,13 @@ class Conduit:
         self.proc.wait(20)
 
 
-def phabmesh_env(plane: devcluster.ControlPlane, conduit: Conduit, **ports: int) -> dict[str, str]:
+def phabmesh_env(
+    plane: devcluster.ControlPlane, conduit: Conduit, who: str, **ports: int
+) -> dict[str, str]:
+    """The environment of phabmesh-<who>: its ServiceAccount's kubeconfig, loopback ports."""
     local = Settings.local_env(conduit.url, log_level="WARNING", log_json=True, **ports)
-    return dict(os.environ, KUBECONFIG=str(plane.kubeconfig), **local)
+    kubeconfig = plane.service_account_kubeconfig(SYSTEM, f"phabmesh-{who}")
+    return dict(os.environ, KUBECONFIG=str(kubeconfig), **local)
 
 
 class Operator(Child):
@@ -134,6 +144,7 @@ class Operator(Child):
         env = phabmesh_env(
             plane,
             conduit,
+            "operator",
             issuer_port=self.issuer_port,
             metrics_port=self.metrics_port,
             webhook_port=serving.free_port("127.0.0.1"),
@@ -145,7 +156,9 @@ class Gateway(Child):
     def __init__(self, plane: devcluster.ControlPlane, conduit: Conduit, tmp: Path) -> None:
         self.port = serving.free_port("127.0.0.1")
         self.metrics_port = serving.free_port("127.0.0.1")
-        env = phabmesh_env(plane, conduit, gateway_port=self.port, metrics_port=self.metrics_port)
+        env = phabmesh_env(
+            plane, conduit, "gateway", gateway_port=self.port, metrics_port=self.metrics_port
+        )
         super().__init__([sys.executable, "-m", "phabmesh.cli", "gateway"], env, tmp / "gw.log")
 
 
@@ -193,10 +206,6 @@ async def binding(kube: KubeClient, ns: str, name: str, selector: JSON | None = 
 
 async def setup(kube: KubeClient, conduit: Conduit) -> None:
     await kube.create(
-        resource_path("", "v1", "namespaces"),
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM}},
-    )
-    await kube.create(
         resource_path("", "v1", "secrets", SYSTEM),
         {
             "apiVersion": "v1",
@@ -231,7 +240,11 @@ async def pods(
     labels: Callable[[int], dict[str, str]] = lambda i: {},
     running: bool = False,
 ) -> list[JSON]:
-    """``count`` meshed pods, at most 32 API calls in flight; Running if asked."""
+    """``count`` meshed hand-made pods, at most 32 API calls in flight; Running if asked.
+
+    No node runs them: they name a scheduler that does not exist, so they stay unbound
+    and their status is what this process writes.
+    """
     gate = asyncio.Semaphore(32)
 
     async def one(i: int) -> JSON:
@@ -244,6 +257,7 @@ async def pods(
                     "metadata": {"name": f"{prefix}-{i}", "labels": labels(i)},
                     "spec": {
                         "serviceAccountName": "runner",
+                        "schedulerName": "hand-made",
                         "initContainers": [
                             {"name": "linkerd-proxy", "image": "proxy", "restartPolicy": "Always"}
                         ],
@@ -264,13 +278,16 @@ async def pods(
 async def run(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     with tempfile.TemporaryDirectory(prefix="phabmesh-bench-") as tmp:
-        plane = devcluster.ControlPlane(Path(tmp) / "plane")
+        plane = devcluster.ControlPlane(Path(tmp) / "plane", delays=devcluster.Delays.realistic())
         plane.start()
         conduit = Conduit(Path(tmp))
         try:
-            crds = str(devcluster.repo_root() / "crds")  # type: ignore[operator]
+            root = devcluster.repo_root()
+            assert root is not None, "run from a phabmesh checkout"
+            crds = str(root / "crds")
             plane.kubectl("apply", "--server-side", "-f", crds)
             plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", crds)
+            plane.install_rbac(root / "manifests")  # creates phabmesh-system
             rows += await scenario(plane, conduit, args, Path(tmp))
         finally:
             conduit.stop()
@@ -488,6 +505,10 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
         rows.append(("Conduit calls per pod start", f"{per_pod:g}", "0"))
 
         rows.append(await mass_scale_down(kube, leases, args.scale))
+        await namespace(kube, workloads.NS)
+        await binding(kube, workloads.NS, "fleet")
+        steps = [int(n) for n in str(args.deploy).split(",") if n]
+        rows += await workloads.figures(kube, http, leases, plane, issuer, gw, steps)
         rows += await at_size(kube, http, leases, plane, conduit, (operator, gateway), args, tmp)
     finally:
         for child in reversed(children):
@@ -614,6 +635,9 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=1000, help="pods in the scale-down")
     parser.add_argument("--big-pods", type=int, default=5000)
     parser.add_argument("--big-bindings", type=int, default=500)
+    parser.add_argument(
+        "--deploy", default="100,1000", help="replicas a Deployment is scaled to, in turn"
+    )
     args = parser.parse_args()
     logs.configure("WARNING")
     rows = asyncio.run(run(args))
@@ -624,7 +648,7 @@ def main() -> None:
     print(
         f"\n(python -m bench --pods {args.pods} --burst {args.burst} --calls {args.calls} "
         f"--seconds {args.seconds:g} --reviews {args.reviews} --scale {args.scale} "
-        f"--big-pods {args.big_pods} --big-bindings {args.big_bindings})"
+        f"--big-pods {args.big_pods} --big-bindings {args.big_bindings} --deploy {args.deploy})"
     )
 
 

@@ -12,7 +12,8 @@ import pytest
 from kubernetes import client
 
 from phabmesh import devcluster
-from tests.kube import Cluster, force_delete_pods, wait_for
+from tests import rbac
+from tests.kube import Cluster, create_hand_node, force_delete_pods, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 CRDS = REPO / "crds"
@@ -23,7 +24,20 @@ T = TypeVar("T")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     workdir = tmp_path_factory.mktemp("controlplane")
     with devcluster.ControlPlane(workdir) as plane:
-        yield Cluster(plane)
+        cluster = Cluster(plane)
+        create_hand_node(cluster.core)
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def phabmesh_rbac(cluster: Cluster) -> Iterator[rbac.Installed]:
+    """manifests/' RBAC applied; the operator and the gateway run as their ServiceAccounts.
+
+    Every call either made and the API server refused fails the session: a grant missing
+    from the manifests.
+    """
+    yield cluster.rbac
+    cluster.assert_nothing_forbidden()
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +64,26 @@ def namespace(cluster: Cluster) -> Iterator[str]:
     force_delete_pods(cluster.core, name)
     if not os.environ.get("PHABMESH_KEEP_NAMESPACES"):
         cluster.core.delete_namespace(name)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Grants of manifests/ that no call of this session used (tests/rbac.py).
+
+    Only a run of the whole suite exercises every path, so a partial run just lists them.
+    With PHABMESH_RBAC_UNUSED=fail the session fails when any is left.
+    """
+    unused = {who: calls for who, calls in rbac.session_unused().items() if calls}
+    if not unused:
+        return
+    terminalreporter.section("RBAC grants no call of this session used")
+    for who, calls in unused.items():
+        for call in sorted(calls, key=str):
+            terminalreporter.line(f"phabmesh-{who}: {call}")
+    if os.environ.get("PHABMESH_RBAC_UNUSED") == "fail":
+        terminalreporter.line("PHABMESH_RBAC_UNUSED=fail: the session fails")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if os.environ.get("PHABMESH_RBAC_UNUSED") == "fail" and any(rbac.session_unused().values()):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import subprocess
 import time
@@ -11,10 +12,38 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from kubernetes import client, config
+from kubernetes.client.rest import ApiException
 
 from phabmesh import devcluster
+from tests import rbac
 
 T = TypeVar("T")
+
+# Hand-made pods: tests that need a pod state on cue, which KWOK's simulated kubelet would
+# move on from (Running without ever starting, Terminating until the test says otherwise,
+# Running while unscheduled), create pods that KWOK never touches. They are bound to
+# HAND_NODE, a Node no KWOK manages, or left unbound by naming a scheduler that does not
+# exist; they tolerate every taint, so the node lifecycle controller does not evict them
+# when HAND_NODE (which sends no heartbeats) turns NotReady.
+HAND_NODE = "node-a"
+NO_SCHEDULER = "hand-made"
+
+
+def hand_made(spec: client.V1PodSpec) -> client.V1PodSpec:
+    """``spec`` as a hand-made pod's: left alone by the scheduler, KWOK and evictions."""
+    if not spec.node_name:
+        spec.scheduler_name = NO_SCHEDULER
+    spec.tolerations = [client.V1Toleration(operator="Exists")]
+    return spec
+
+
+def create_hand_node(core: client.CoreV1Api) -> None:
+    """HAND_NODE, so the pod garbage collector does not delete pods bound to it."""
+    try:
+        core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=HAND_NODE)))
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
 
 
 class Cluster:
@@ -35,6 +64,23 @@ class Cluster:
         input: str | None = None,  # noqa: A002 - mirrors subprocess.run
     ) -> subprocess.CompletedProcess[str]:
         return self.plane.kubectl(*args, check=check, input=input)
+
+    @functools.cached_property
+    def rbac(self) -> rbac.Installed:
+        """manifests/' RBAC, applied on first use (tests/rbac.py)."""
+        return rbac.install(self.plane)
+
+    def phabmesh_kubeconfig(self, who: str) -> str:
+        """The kubeconfig phabmesh-<who> (operator, gateway) runs with: its ServiceAccount."""
+        return self.rbac.kubeconfig(who)
+
+    def assert_nothing_forbidden(self) -> None:
+        """No call phabmesh made was refused by RBAC: no grant is missing from manifests/."""
+        if "rbac" not in self.__dict__:
+            return  # phabmesh never ran on this control plane
+        self.rbac.record()
+        for who in rbac.WHO:
+            assert self.rbac.forbidden(who) == set(), f"phabmesh-{who} was refused these calls"
 
 
 def wait_for(

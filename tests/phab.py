@@ -17,7 +17,7 @@ from kubernetes.client.rest import ApiException
 from phabmesh import resources
 from phabmesh.settings import Settings
 from phabmesh.testing import ConduitServer
-from tests.kube import Cluster
+from tests.kube import HAND_NODE, Cluster, hand_made
 from tests.stack import Threaded
 
 G, V = resources.GROUP, resources.VERSION
@@ -114,10 +114,11 @@ def make_pod(
     *,
     sa: str = "runner",
     meshed: bool = True,
-    node: str | None = "node-a",
+    node: str | None = HAND_NODE,
     labels: dict[str, str] | None = None,
     proxy_env: dict[str, str] | None = None,
 ) -> client.V1Pod:
+    """A hand-made meshed pod (see tests.kube.hand_made), its status patched Running."""
     try:
         cluster.core.create_namespaced_service_account(
             namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name=sa))
@@ -143,8 +144,13 @@ def make_pod(
         namespace,
         client.V1Pod(
             metadata=client.V1ObjectMeta(name=name, labels=labels or {"app": "runner"}),
-            spec=client.V1PodSpec(
-                service_account_name=sa, node_name=node, containers=containers, init_containers=init
+            spec=hand_made(
+                client.V1PodSpec(
+                    service_account_name=sa,
+                    node_name=node,
+                    containers=containers,
+                    init_containers=init,
+                )
             ),
         ),
     )
@@ -208,7 +214,7 @@ def spawn_operator(
     local = Settings.local_env(
         conduit.url, namespace=SYSTEM, log_json=True, log_level="INFO", peering_lifetime=10
     )
-    env = dict(os.environ, KUBECONFIG=str(cluster.kubeconfig), **local)
+    env = dict(os.environ, KUBECONFIG=cluster.phabmesh_kubeconfig("operator"), **local)
     with log.open("wb") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "phabmesh.cli", "controller", *args],

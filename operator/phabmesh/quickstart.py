@@ -4,7 +4,7 @@ With a cluster configured (``$KUBECONFIG``, ``~/.kube/config`` or in-cluster), i
 runs the operator and the gateway as local processes against it. Without one,
 it starts a local control plane and walks through the quick start: a Conduit
 test server with a demo bot stands in for Phabricator, the samples are applied,
-a meshed pod is simulated (there is no kubelet), its credential is exchanged,
+a meshed pod runs on a simulated node (KWOK), its credential is exchanged,
 a Conduit call goes through the gateway, the pod is scaled down, and the same
 credential is refused.
 """
@@ -134,11 +134,15 @@ async def demo(plane: devcluster.ControlPlane, say: Say) -> dict[str, Any]:
                 "apply", "--server-side", "-f", "-",
                 input=json.dumps(admission.pointed_at(configuration, webhook_url)),
             )  # fmt: skip
-            kubeconfig = str(plane.kubeconfig)
+            say.step("Applying phabmesh's ServiceAccounts and RBAC (manifests/rbac-*.yaml)")
+            plane.install_rbac(repo_file("manifests"))
+            as_operator = str(plane.service_account_kubeconfig(SYSTEM, "phabmesh-operator"))
+            as_gateway = str(plane.service_account_kubeconfig(SYSTEM, "phabmesh-gateway"))
+            say.detail("each runs as its own ServiceAccount, with a token from TokenRequest")
             say.step("Starting the operator (controller + credential endpoint) and the gateway")
             async with (
-                running(OperatorProcess(settings, kubeconfig=kubeconfig)) as operator,
-                running(GatewayProcess(settings, kubeconfig=kubeconfig)) as gateway,
+                running(OperatorProcess(settings, kubeconfig=as_operator)) as operator,
+                running(GatewayProcess(settings, kubeconfig=as_gateway)) as gateway,
             ):
                 await wait_for(_true(operator.ready), "the operator", 60)
                 await wait_for(_true(lambda: gateway.state.ready), "the gateway", 60)
@@ -178,8 +182,12 @@ async def _story(
     ready = await wait_for(lambda: _get_ready(kube, binding_path), "binding Ready")
     say.detail(f"PhabricatorBinding ci/ci-runners: Ready ({ready['message']})")
 
-    say.step("Simulating a meshed pod ci/ci-runner-0 (Linkerd proxy as native sidecar)")
+    say.step("Starting a meshed pod ci/ci-runner-0 (Linkerd proxy as native sidecar)")
     pod = await _meshed_pod(kube)
+    say.detail(
+        f"scheduled on {pod['spec']['nodeName']}, a node KWOK simulates: "
+        f"Running, pod IP {pod['status']['podIP']}"
+    )
     audience = _injected_audience(pod)
     seen["injected"] = audience is not None
     if audience is None:
@@ -268,7 +276,6 @@ async def _meshed_pod(kube: KubeClient) -> JSON:
             "metadata": {"name": "ci-runner-0", "labels": {"app": "ci-runner"}},
             "spec": {
                 "serviceAccountName": "ci-runner",
-                "nodeName": "demo-node",
                 "initContainers": [
                     {
                         "name": "linkerd-proxy",
@@ -280,11 +287,14 @@ async def _meshed_pod(kube: KubeClient) -> JSON:
             },
         },
     )
-    await kube.merge_patch(
-        f"{path}/ci-runner-0/status",
-        {"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}},
-    )
-    return pod
+
+    async def running() -> JSON | None:
+        # The scheduler binds it to a simulated node, whose KWOK runs it as a kubelet would.
+        now = await kube.get(f"{path}/{pod['metadata']['name']}")
+        status = now.get("status") or {}
+        return dict(now) if status.get("phase") == "Running" and status.get("podIP") else None
+
+    return await wait_for(running, "the pod to run", 60)
 
 
 async def _active_lease(kube: KubeClient) -> JSON | None:

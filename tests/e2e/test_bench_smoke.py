@@ -10,7 +10,15 @@ from bench.__main__ import run
 
 def test_benchmarks_produce_every_figure() -> None:
     args = argparse.Namespace(
-        pods=6, burst=3, calls=10, seconds=0.5, reviews=1, scale=10, big_pods=30, big_bindings=20
+        pods=6,
+        burst=3,
+        calls=10,
+        seconds=0.5,
+        reviews=1,
+        scale=10,
+        big_pods=30,
+        big_bindings=20,
+        deploy="3,6",
     )
     rows = asyncio.run(run(args))
     names = " | ".join(name for name, _, _ in rows)
@@ -27,6 +35,10 @@ def test_benchmarks_produce_every_figure() -> None:
         "operator memory",
         "gateway memory",
         "operator restart",
+        "issuance on a Deployment scaled 0 -> 3",
+        "issuance on a Deployment scaled 3 -> 6",
+        "revocation on a Deployment scaled 6 -> 0",
+        "scale-down: Deployment 6 -> 0",
     ):
         assert figure in names
     assert all(value and "None" not in value for _, value, _ in rows)

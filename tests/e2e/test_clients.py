@@ -37,7 +37,7 @@ from phabmesh.gateway.process import GatewayProcess
 from phabmesh.issuer.process import OperatorProcess
 from phabmesh.settings import Settings
 from phabmesh.testing import ConduitServer, conduit_server
-from tests.kube import Cluster, wait_for
+from tests.kube import Cluster, create_hand_node, wait_for
 from tests.phab import (
     SYSTEM,
     active_leases,
@@ -95,10 +95,12 @@ class Stack:
         self.gateway: Threaded | None = None
 
     def start(self, bot_token: str) -> None:
-        kubeconfig = str(self.cluster.kubeconfig)
+        kubeconfig = self.cluster.phabmesh_kubeconfig("operator")
         self.operator = Threaded(OperatorProcess(self.settings, kubeconfig=kubeconfig)).start()
         wait_for(self.operator.process.ready, timeout=180, what="operator ready")  # type: ignore[attr-defined]
-        gateway = GatewayProcess(self.settings, kubeconfig=kubeconfig)
+        gateway = GatewayProcess(
+            self.settings, kubeconfig=self.cluster.phabmesh_kubeconfig("gateway")
+        )
         self.gateway = Threaded(gateway).start()
         wait_for(lambda: gateway.state.ready, timeout=180, what="gateway ready")
         register_bot(self.cluster, self.bot, bot_token)
@@ -194,6 +196,7 @@ def stack(
     try:
         with devcluster.ControlPlane(tmp_path_factory.mktemp("controlplane")) as plane:
             made = Stack(plane, url, bot)
+            create_hand_node(made.cluster.core)
             made.cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
             made.cluster.kubectl(
                 "wait", "--for=condition=Established", "--all", "crd", "--timeout=60s"
@@ -211,6 +214,7 @@ def stack(
                 yield made
             finally:
                 made.stop()
+            made.cluster.assert_nothing_forbidden()
     finally:
         if conduit is not None:
             conduit.stop()

@@ -26,7 +26,7 @@ from phabmesh.gateway.process import GatewayProcess
 from phabmesh.issuer.process import OperatorProcess
 from phabmesh.settings import Settings
 from phabmesh.testing import ConduitServer
-from tests.kube import Cluster, compact_etcd, wait_for
+from tests.kube import HAND_NODE, Cluster, compact_etcd, create_hand_node, wait_for
 from tests.phab import (
     SYSTEM,
     G,
@@ -68,10 +68,14 @@ class Stack:
         self.bot_token = ""
 
     def start(self, gateway_clock: Callable[[], datetime.datetime] | None = None) -> Stack:
-        kubeconfig = str(self.cluster.kubeconfig)
+        kubeconfig = self.cluster.phabmesh_kubeconfig("operator")
         self.operator = Threaded(OperatorProcess(self.settings, kubeconfig=kubeconfig)).start()
         wait_for(self.operator.process.ready, timeout=60, what="operator ready")  # type: ignore[attr-defined]
-        gateway = GatewayProcess(self.settings, kubeconfig=kubeconfig, clock=gateway_clock)
+        gateway = GatewayProcess(
+            self.settings,
+            kubeconfig=self.cluster.phabmesh_kubeconfig("gateway"),
+            clock=gateway_clock,
+        )
         self.gateway = Threaded(gateway).start()
         wait_for(lambda: gateway.state.ready, timeout=60, what="gateway ready")
         self.bot_token = make_bot(self.cluster, self.conduit, BOT)
@@ -141,6 +145,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     conduit.start()
     with devcluster.ControlPlane(tmp_path / "controlplane") as plane:
         cluster = Cluster(plane)
+        create_hand_node(cluster.core)
         cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
         cluster.kubectl("wait", "--for=condition=Established", "--all", "crd", "--timeout=60s")
         for name in (SYSTEM, NS):
@@ -154,6 +159,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         finally:
             made.stop()
             conduit.stop()
+        made.cluster.assert_nothing_forbidden()
 
 
 def test_api_server_restart_fails_closed_then_resumes_after_410(stack: Stack) -> None:
@@ -175,7 +181,13 @@ def test_api_server_restart_fails_closed_then_resumes_after_410(stack: Stack) ->
     second = stack.pod("second")
     wait_for(lambda: stack.refused(credential, "revoked"), what="first's credential refused")
     assert stack.accepted(stack.credential(second))
-    assert [x["spec"]["podName"] for x in active_leases(stack.cluster, NS)] == ["second"]
+    # Under RBAC the restarted API server refuses requests until its authorizer has read the
+    # roles; the operator's watches back off on those refusals and catch up after.
+    wait_for(
+        lambda: [x["spec"]["podName"] for x in active_leases(stack.cluster, NS)] == ["second"],
+        timeout=90,
+        what="first's lease revoked",
+    )
 
 
 def test_etcd_restart_while_pods_come_and_go(stack: Stack) -> None:
@@ -292,13 +304,13 @@ def test_clock_skew_between_endpoint_and_gateway(
 def test_operator_down_the_gateway_still_refuses_pods_that_ended(stack: Stack) -> None:
     stack.start()
     names = ("terminating", "completed", "deleted", "live")
-    pods = {n: stack.pod(n, node="node-a" if n == "terminating" else None) for n in names}
+    pods = {n: stack.pod(n, node=HAND_NODE if n == "terminating" else None) for n in names}
     creds = {n: stack.credential(pod) for n, pod in pods.items()}
     # Beside it, a gateway that follows the leases alone.
     assert stack.operator is not None and stack.gateway is not None
     leases_only = GatewayProcess(
         dataclasses.replace(stack.settings, gateway_watch_pods=False),
-        kubeconfig=str(stack.cluster.kubeconfig),
+        kubeconfig=stack.cluster.phabmesh_kubeconfig("gateway"),
     )
     second = Threaded(leases_only).start()
     try:

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 import structlog
+import yaml
 
 from phabmesh import devcluster, logs, quickstart
 
@@ -24,6 +25,16 @@ def test_quick_start_flow(tmp_path: Path) -> None:
     try:
         with devcluster.ControlPlane(tmp_path / "controlplane") as plane:
             seen = asyncio.run(quickstart.demo(plane, quickstart.Say(lines.append)))
+            # The operator and the gateway ran as their ServiceAccounts, under the RBAC of
+            # manifests/, with tokens that must not be logged either.
+            accounts = plane.kubectl("get", "serviceaccounts", "-n", "phabmesh-system").stdout
+            assert "phabmesh-operator" in accounts and "phabmesh-gateway" in accounts
+            users = {e["user"]["username"] for e in plane.audit_events()}  # type: ignore[index]
+            assert "system:serviceaccount:phabmesh-system:phabmesh-operator" in users
+            assert "system:serviceaccount:phabmesh-system:phabmesh-gateway" in users
+            for config in plane.workdir.glob("phabmesh-system-*.kubeconfig"):
+                (user,) = yaml.safe_load(config.read_text())["users"]
+                seen["secrets"].append(user["user"]["token"])
             keys = plane.kubectl(
                 "get",
                 "secret",

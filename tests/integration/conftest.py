@@ -11,6 +11,7 @@ from kubernetes.client.rest import ApiException
 from phabmesh.gateway.process import GatewayProcess
 from phabmesh.issuer.process import OperatorProcess
 from phabmesh.testing import ConduitServer
+from tests import rbac
 from tests.kube import Cluster, wait_for
 from tests.phab import (
     SYSTEM,
@@ -42,9 +43,12 @@ def system(cluster: Cluster, crds: object) -> str:
 
 
 @pytest.fixture(scope="session")
-def operator(cluster: Cluster, system: str, conduit: ConduitServer) -> Iterator[Threaded]:
+def operator(
+    system: str, conduit: ConduitServer, phabmesh_rbac: rbac.Installed
+) -> Iterator[Threaded]:
     settings = settings_for(conduit)
-    proc = Threaded(OperatorProcess(settings, kubeconfig=str(cluster.kubeconfig))).start()
+    kubeconfig = phabmesh_rbac.kubeconfig("operator")
+    proc = Threaded(OperatorProcess(settings, kubeconfig=kubeconfig)).start()
     wait_for(proc.process.ready, timeout=60, what="the operator to be ready")  # type: ignore[attr-defined]
     yield proc
     proc.stop()
@@ -52,10 +56,11 @@ def operator(cluster: Cluster, system: str, conduit: ConduitServer) -> Iterator[
 
 @pytest.fixture(scope="session")
 def gateway(
-    cluster: Cluster, system: str, conduit: ConduitServer, operator: Threaded
+    system: str, conduit: ConduitServer, operator: Threaded, phabmesh_rbac: rbac.Installed
 ) -> Iterator[Threaded]:
     # After the operator: it creates the signing-key Secret the gateway needs to be ready.
-    proc = Threaded(GatewayProcess(settings_for(conduit), kubeconfig=str(cluster.kubeconfig)))
+    kubeconfig = phabmesh_rbac.kubeconfig("gateway")
+    proc = Threaded(GatewayProcess(settings_for(conduit), kubeconfig=kubeconfig))
     proc.start()
     wait_for(lambda: proc.process.state.ready, timeout=60, what="the gateway to be ready")  # type: ignore[attr-defined]
     yield proc

@@ -1,4 +1,5 @@
-"""The test harness itself: a real kube-apiserver, etcd and controller manager."""
+"""The test harness itself: a real control plane (API server, etcd, controller manager,
+scheduler) and KWOK's simulated nodes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from tests.kube import Cluster, wait_for
+from tests.kube import HAND_NODE, Cluster, hand_made, wait_for
 
 WIDGET_CRD = """
 apiVersion: apiextensions.k8s.io/v1
@@ -64,11 +65,14 @@ def test_crd_schema_is_enforced(cluster: Cluster, namespace: str) -> None:
 
 
 def _pod(name: str, node: str | None = None) -> client.V1Pod:
+    """A hand-made pod (tests.kube.hand_made): its status moves only when written."""
     return client.V1Pod(
         metadata=client.V1ObjectMeta(name=name),
-        spec=client.V1PodSpec(
-            node_name=node,
-            containers=[client.V1Container(name="app", image="registry.invalid/app:1")],
+        spec=hand_made(
+            client.V1PodSpec(
+                node_name=node,
+                containers=[client.V1Container(name="app", image="registry.invalid/app:1")],
+            )
         ),
     )
 
@@ -115,7 +119,7 @@ def test_pod_lifecycle_both_ways(cluster: Cluster, namespace: str) -> None:
     assert not _pod_exists(cluster, namespace, "floating")
 
     # A pod bound to a node stays Terminating (no kubelet) until force-deleted.
-    cluster.core.create_namespaced_pod(namespace, _pod("bound", node="node-a"))
+    cluster.core.create_namespaced_pod(namespace, _pod("bound", node=HAND_NODE))
     _set_running(cluster, namespace, "bound")
     cluster.core.delete_namespaced_pod("bound", namespace)
     terminating = cluster.core.read_namespaced_pod("bound", namespace)
@@ -132,7 +136,7 @@ def _review(cluster: Cluster, token: str) -> client.V1TokenReviewStatus:
 
 
 def test_pod_bound_token_review(cluster: Cluster, namespace: str) -> None:
-    pod = cluster.core.create_namespaced_pod(namespace, _pod("holder", node="node-a"))
+    pod = cluster.core.create_namespaced_pod(namespace, _pod("holder", node=HAND_NODE))
     request = client.AuthenticationV1TokenRequest(
         spec=client.V1TokenRequestSpec(
             audiences=["phabmesh.io"],
@@ -189,3 +193,82 @@ def test_garbage_collector_removes_dependents(cluster: Cluster, namespace: str) 
         return False
 
     wait_for(gone, timeout=60, interval=0.2, what="the garbage collector")
+
+
+WORKLOADS = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      initContainers:
+        - {name: linkerd-proxy, image: registry.invalid/proxy:1, restartPolicy: Always}
+      containers:
+        - {name: app, image: registry.invalid/app:1}
+---
+apiVersion: batch/v1
+kind: Job
+metadata: {name: once}
+spec:
+  template:
+    spec:
+      restartPolicy: Never
+      containers:
+        - {name: app, image: registry.invalid/app:1}
+"""
+
+
+def _pods(cluster: Cluster, namespace: str, selector: str) -> list[client.V1Pod]:
+    items: list[client.V1Pod] = cluster.core.list_namespaced_pod(
+        namespace, label_selector=selector
+    ).items
+    return items
+
+
+def test_kwok_runs_workloads_like_a_kubelet(cluster: Cluster, namespace: str) -> None:
+    nodes = {n.metadata.name: n for n in cluster.core.list_node().items}
+    simulated = cluster.plane.nodes
+    assert simulated and set(simulated) <= set(nodes)
+    for name in simulated:
+        ready = next(c for c in nodes[name].status.conditions if c.type == "Ready")
+        assert ready.status == "True"
+
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=WORKLOADS)
+
+    def web_running() -> list[client.V1Pod]:
+        pods = _pods(cluster, namespace, "app=web")
+        running = [p for p in pods if p.status.phase == "Running" and p.status.pod_ip]
+        return running if len(running) == 2 else []
+
+    # Scheduled onto a simulated node, then Running with a pod IP and container statuses
+    # (the native sidecar running too).
+    pods = wait_for(web_running, timeout=60, what="the Deployment's pods to run")
+    for pod in pods:
+        assert pod.spec.node_name in simulated
+        assert [s.state.running is not None for s in pod.status.container_statuses] == [True]
+        (proxy,) = pod.status.init_container_statuses
+        assert proxy.name == "linkerd-proxy" and proxy.state.running is not None
+
+    # A Job's pod finishes: Succeeded, and the Job completes.
+    def job_done() -> bool:
+        job = client.BatchV1Api(cluster.api).read_namespaced_job("once", namespace)
+        return bool(job.status.succeeded)
+
+    wait_for(job_done, timeout=60, what="the Job to complete")
+    (job_pod,) = _pods(cluster, namespace, "job-name=once")
+    assert job_pod.status.phase == "Succeeded"
+
+    # Scaled down: the removed pod terminates gracefully and is gone; the other stays.
+    cluster.kubectl("scale", "-n", namespace, "deploy/web", "--replicas=1")
+    wait_for(
+        lambda: len(_pods(cluster, namespace, "app=web")) == 1,
+        timeout=60,
+        what="the scaled-down pod to be gone",
+    )
+    (kept,) = _pods(cluster, namespace, "app=web")
+    assert kept.metadata.uid in {p.metadata.uid for p in pods}
+    assert kept.status.phase == "Running" and kept.metadata.deletion_timestamp is None

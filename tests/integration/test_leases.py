@@ -11,7 +11,7 @@ import requests
 
 from phabmesh import credentials, resources
 from phabmesh.testing import ConduitServer
-from tests.kube import Cluster, wait_for
+from tests.kube import HAND_NODE, Cluster, wait_for
 from tests.phab import (
     SYSTEM,
     G,
@@ -227,7 +227,7 @@ def test_tokens_cannot_cross_pods_or_audiences(
     assert refused["error"] in ("no_lease", "invalid_token")
 
 
-@pytest.mark.parametrize("node", ["node-a", None])
+@pytest.mark.parametrize("node", [HAND_NODE, None])
 def test_scale_down_revokes(
     cluster: Cluster, operator: Threaded, bound: str, node: str | None
 ) -> None:

@@ -49,6 +49,7 @@ def alone(tmp_path: Path) -> Iterator[Cluster]:
             )
         wait_for(lambda: cluster.core.list_namespaced_service_account(NS).items, what="default SA")
         yield cluster
+        cluster.assert_nothing_forbidden()
 
 
 def _webhook_port(log: str) -> int:
@@ -107,7 +108,13 @@ def test_one_of_two_replicas_acts_and_the_other_takes_over(
         wait_for(lambda: (c := binding_condition(cluster, NS, "runners")) and c["status"] == "True")
         make_pod(cluster, NS, "one", node=None)
         wait_for(lambda: active_leases(cluster, NS), what="a lease from the active replica")
-        logs = [(tmp_path / f"{n}.log").read_text() for n in ("first", "second")]
+
+        def read_logs() -> list[str]:
+            return [(tmp_path / f"{n}.log").read_text() for n in ("first", "second")]
+
+        # The replica logs the issuance just after its write: the lease can be seen first.
+        wait_for(lambda: "lease_issued" in "".join(read_logs()), what="the issuance logged")
+        logs = read_logs()
         issued = [text.count('"lease_issued"') for text in logs]
         assert sorted(issued) == [0, 1], issued  # exactly one replica acted
         active = issued.index(1)

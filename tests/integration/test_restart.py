@@ -48,10 +48,12 @@ def alone(tmp_path: Path, conduit: ConduitServer) -> Iterator[Cluster]:
             )
         wait_for(lambda: cluster.core.list_namespaced_service_account(NS).items, what="default SA")
         yield cluster
+        cluster.assert_nothing_forbidden()
 
 
 def start_operator(cluster: Cluster, conduit: ConduitServer) -> Threaded:
-    proc = Threaded(OperatorProcess(settings_for(conduit), kubeconfig=str(cluster.kubeconfig)))
+    kubeconfig = cluster.phabmesh_kubeconfig("operator")
+    proc = Threaded(OperatorProcess(settings_for(conduit), kubeconfig=kubeconfig))
     proc.start()
     wait_for(proc.process.ready, timeout=60, what="operator ready")  # type: ignore[attr-defined]
     return proc
