@@ -29,7 +29,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
-from phabmesh.credentials import errors
+from phabmesh.credentials import errors, tokens
 from phabmesh.credentials.keys import KeyRing, SigningKey
 
 PREFIX = "api-"
@@ -92,12 +92,6 @@ def _mac(key: SigningKey, digest: bytes, expiry: int) -> bytes:
     return _truncated(full[:10], MAC_BITS).to_bytes(10, "big")
 
 
-def _seconds(value: datetime.datetime, what: str) -> int:
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"{what} must be timezone-aware")
-    return int(value.timestamp())
-
-
 def mint(
     ring: KeyRing,
     *,
@@ -112,12 +106,7 @@ def mint(
     The expiry is ``not_after`` (the lease's expiresAt) or ``now + ttl`` if sooner, in
     whole seconds. Raises :class:`~.errors.Expired` if the lease has already ended.
     """
-    issued = _seconds(now, "now")
-    expiry = _seconds(not_after, "not_after")
-    if ttl is not None:
-        expiry = min(expiry, _seconds(now + ttl, "now"))
-    if expiry <= issued:
-        raise errors.Expired("the lease has already ended")
+    _, expiry = tokens.lifetime(now, not_after, ttl)
     if expiry > _MAX_EXPIRY:
         raise ValueError("expiry out of range")
     mac = int.from_bytes(_mac(ring.current, digest, expiry), "big")

@@ -80,6 +80,21 @@ def _ts(value: datetime.datetime, what: str) -> int:
     return int(value.timestamp())
 
 
+def lifetime(
+    now: datetime.datetime, not_after: datetime.datetime, ttl: datetime.timedelta | None
+) -> tuple[int, int]:
+    """(issued, expiry) in Unix seconds for a credential minted ``now``: the expiry is
+    ``not_after`` (the lease's end), or ``now + ttl`` if sooner, rounded down. Raises
+    :class:`~.errors.Expired` if that is not after ``now`` (the lease has ended)."""
+    issued = _ts(now, "now")
+    expiry = _ts(not_after, "not_after")
+    if ttl is not None:
+        expiry = min(expiry, _ts(now + ttl, "now"))
+    if expiry <= issued:
+        raise errors.Expired("the lease has already ended")
+    return issued, expiry
+
+
 def mint(
     ring: KeyRing,
     *,
@@ -103,12 +118,7 @@ def mint(
     (or ``not_after`` itself without ``ttl``), rounded down to whole seconds, so
     never past the lease. Raises :class:`~.errors.Expired` if the lease has ended.
     """
-    iat = _ts(now, "now")
-    exp = _ts(not_after, "not_after")
-    if ttl is not None:
-        exp = min(exp, _ts(now + ttl, "now"))
-    if exp <= iat:
-        raise errors.Expired("the lease has already ended")
+    iat, exp = lifetime(now, not_after, ttl)
     claims = {
         "iss": issuer,
         "sub": subject,
