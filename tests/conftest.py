@@ -1,4 +1,6 @@
-"""Shared fixtures: a real local Kubernetes control plane for the whole test session."""
+"""Shared fixtures: a real local Kubernetes control plane for the whole test session, and
+phabmesh's operator and gateway on it (one of each for the session: two operators without
+peering on one cluster would both act)."""
 
 from __future__ import annotations
 
@@ -10,10 +12,16 @@ from typing import TypeVar
 
 import pytest
 from kubernetes import client
+from kubernetes.client.rest import ApiException
 
 from phabmesh import devcluster
+from phabmesh.gateway.process import GatewayProcess
+from phabmesh.issuer.process import OperatorProcess
+from phabmesh.testing import ConduitServer
 from tests import rbac
 from tests.kube import Cluster, create_hand_node, force_delete_pods, wait_for
+from tests.phab import SYSTEM, settings_for
+from tests.stack import Threaded
 
 REPO = Path(__file__).resolve().parents[1]
 CRDS = REPO / "crds"
@@ -46,6 +54,49 @@ def crds(cluster: Cluster) -> Path:
     cluster.kubectl("apply", "--server-side", "-f", str(CRDS))
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRDS))
     return CRDS
+
+
+@pytest.fixture(scope="session")
+def conduit() -> Iterator[ConduitServer]:
+    server = ConduitServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def system(cluster: Cluster, crds: object) -> str:
+    try:
+        cluster.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=SYSTEM)))
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    return SYSTEM
+
+
+@pytest.fixture(scope="session")
+def operator(
+    system: str, conduit: ConduitServer, phabmesh_rbac: rbac.Installed
+) -> Iterator[Threaded]:
+    settings = settings_for(conduit)
+    kubeconfig = phabmesh_rbac.kubeconfig("operator")
+    proc = Threaded(OperatorProcess(settings, kubeconfig=kubeconfig)).start()
+    wait_for(proc.process.ready, timeout=60, what="the operator to be ready")  # type: ignore[attr-defined]
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(
+    system: str, conduit: ConduitServer, operator: Threaded, phabmesh_rbac: rbac.Installed
+) -> Iterator[Threaded]:
+    # After the operator: it creates the signing-key Secret the gateway needs to be ready.
+    kubeconfig = phabmesh_rbac.kubeconfig("gateway")
+    proc = Threaded(GatewayProcess(settings_for(conduit), kubeconfig=kubeconfig))
+    proc.start()
+    wait_for(lambda: proc.process.state.ready, timeout=60, what="the gateway to be ready")  # type: ignore[attr-defined]
+    yield proc
+    proc.stop()
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,13 +22,9 @@ import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from phabmesh.gateway.process import GatewayProcess
-from phabmesh.issuer.process import OperatorProcess
 from phabmesh.testing import ConduitServer
-from tests import rbac
 from tests.kube import Cluster, wait_for
 from tests.phab import (
-    SYSTEM,
     active_leases,
     binding_condition,
     exchange,
@@ -37,7 +32,6 @@ from tests.phab import (
     make_binding,
     make_bot,
     pod_token,
-    settings_for,
 )
 from tests.stack import Threaded
 
@@ -45,22 +39,16 @@ HOLD = "phabmesh.io/kwok-hold"  # KWOK keeps a Job's pod so annotated Running (s
 
 
 class Mesh:
-    """phabmesh's operator and gateway on the session's control plane."""
+    """phabmesh's operator and gateway on the session's control plane (the session's own:
+    another operator beside them, without peering, would act as well)."""
 
-    def __init__(self, cluster: Cluster, conduit: ConduitServer, access: rbac.Installed) -> None:
+    def __init__(
+        self, cluster: Cluster, conduit: ConduitServer, operator: Threaded, gateway: Threaded
+    ) -> None:
         self.cluster = cluster
         self.conduit = conduit
-        settings = settings_for(conduit)
-        operator = OperatorProcess(settings, kubeconfig=access.kubeconfig("operator"))
-        self.operator = Threaded(operator).start()
-        wait_for(self.operator.process.ready, timeout=120, what="the operator to be ready")  # type: ignore[attr-defined]
-        gateway = GatewayProcess(settings, kubeconfig=access.kubeconfig("gateway"))
-        self.gateway = Threaded(gateway).start()
-        wait_for(lambda: gateway.state.ready, timeout=120, what="the gateway to be ready")
-
-    def stop(self) -> None:
-        self.gateway.stop()
-        self.operator.stop()
+        self.operator = operator
+        self.gateway = gateway
 
     def credential(self, namespace: str, pod: client.V1Pod) -> str:
         """The pod's credential, exchanged for its pod-bound ServiceAccount token."""
@@ -89,18 +77,8 @@ class Mesh:
 
 
 @pytest.fixture(scope="module")
-def mesh(cluster: Cluster, crds: object, phabmesh_rbac: rbac.Installed) -> Iterator[Mesh]:
-    try:
-        cluster.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=SYSTEM)))
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-    conduit = ConduitServer()
-    conduit.start()
-    mesh = Mesh(cluster, conduit, phabmesh_rbac)
-    yield mesh
-    mesh.stop()
-    conduit.stop()
+def mesh(cluster: Cluster, conduit: ConduitServer, operator: Threaded, gateway: Threaded) -> Mesh:
+    return Mesh(cluster, conduit, operator, gateway)
 
 
 @pytest.fixture
