@@ -117,12 +117,30 @@ def namespace(cluster: Cluster) -> Iterator[str]:
         cluster.core.delete_namespace(name)
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Grants of manifests/ that no call of this session used (tests/rbac.py).
+# Whether pytest deselected any collected test (-k, -m, --deselect, --lf, ...).
+NARROWED = pytest.StashKey[bool]()
 
-    Only a run of the whole suite exercises every path, so a partial run just lists them.
-    With PHABMESH_RBAC_UNUSED=fail the session fails when any is left.
-    """
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    if items:
+        items[0].config.stash[NARROWED] = True
+
+
+def unused_grants_fail(config: pytest.Config) -> bool:
+    """Whether a grant no call used fails the session (the rule is in tests/rbac.py)."""
+    setting = os.environ.get("PHABMESH_RBAC_UNUSED", "")
+    if setting in ("fail", "list"):
+        return setting == "fail"
+    return (
+        config.args_source is pytest.Config.ArgsSource.TESTPATHS
+        and not config.stash.get(NARROWED, False)
+        and not config.getoption("ignore")
+        and not config.getoption("ignore_glob")
+    )
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Grants of manifests/ that no call of this session used (tests/rbac.py)."""
     unused = {who: calls for who, calls in rbac.session_unused().items() if calls}
     if not unused:
         return
@@ -130,11 +148,17 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for who, calls in unused.items():
         for call in sorted(calls, key=str):
             terminalreporter.line(f"phabmesh-{who}: {call}")
-    if os.environ.get("PHABMESH_RBAC_UNUSED") == "fail":
-        terminalreporter.line("PHABMESH_RBAC_UNUSED=fail: the session fails")
+    if unused_grants_fail(terminalreporter.config):
+        terminalreporter.line(
+            "the whole suite ran (or PHABMESH_RBAC_UNUSED=fail): the session fails"
+        )
+    else:
+        terminalreporter.line(
+            "part of the suite ran: listed only (PHABMESH_RBAC_UNUSED=fail fails)"
+        )
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    if os.environ.get("PHABMESH_RBAC_UNUSED") == "fail" and any(rbac.session_unused().values()):
+    if unused_grants_fail(session.config) and any(rbac.session_unused().values()):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -5,6 +5,18 @@ ServiceAccount, and what the API server's audit log says each one asked for.
 A call is ``(namespace or None, API group, resource[/subresource], verb, name or None)``,
 the shape of tests/integration/test_manifests.py's tables. Grants are read from the
 manifests, never listed here, so that whatever the manifests grant is what is checked.
+
+Two checks, over every control plane of the session (tests/conftest.py):
+
+- a call RBAC refused fails the session: a grant missing from the manifests;
+- a grant no call used (session_unused()) is listed at the end, and fails the session when
+  the whole suite ran: pytest was given no paths, so it collected its configured
+  ``testpaths`` (``make test``, which ``.ci/run`` runs, with ``PYTEST_ARGS`` empty), and
+  nothing was deselected or ignored (no ``-k``, ``-m``, ``--deselect``, ``--lf``,
+  ``--ignore``). A part of the suite cannot be expected to use every grant, so a single
+  file, ``make test-unit`` or ``-k`` only lists them. ``PHABMESH_RBAC_UNUSED=fail`` makes
+  any run fail on them (say, ``tests/integration tests/e2e``, the tests that run phabmesh),
+  ``PHABMESH_RBAC_UNUSED=list`` makes none fail.
 """
 
 from __future__ import annotations
