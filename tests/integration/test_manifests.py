@@ -54,7 +54,7 @@ OPERATOR_CALLS: Calls = [
     (ALL, "", "events", "create", None),
     (ALL, "authentication.k8s.io", "tokenreviews", "create", None),
     (ALL, "apiextensions.k8s.io", "customresourcedefinitions", "list watch", None),
-    (ALL, "kopf.dev", "clusterkopfpeerings", "get list watch patch", None),
+    (ALL, "kopf.dev", "clusterkopfpeerings", "list watch patch", None),
     (
         ALL,
         "admissionregistration.k8s.io",
@@ -90,7 +90,7 @@ OPERATOR_DENIED: Calls = [
     (ALL, "phabmesh.io", "phabricatorbots", "update create delete", None),
     (SYSTEM, "coordination.k8s.io", "leases", "get create update", None),
     (ALL, "apiextensions.k8s.io", "customresourcedefinitions", "get create patch", None),
-    (ALL, "kopf.dev", "clusterkopfpeerings", "create delete", None),
+    (ALL, "kopf.dev", "clusterkopfpeerings", "get create delete", None),
     (SYSTEM, "", "configmaps", "get", None),
     (ALL, "rbac.authorization.k8s.io", "clusterroles", "escalate bind", None),
     (ALL, "admissionregistration.k8s.io", "mutatingwebhookconfigurations", "list create", None),
