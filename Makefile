@@ -10,6 +10,9 @@ NAMESPACE ?= phabmesh-system
 # kubectl: yours if installed, otherwise the one built with the local control plane.
 KUBECTL ?= $(shell command -v kubectl 2>/dev/null || echo "$(BIN)/python -m phabmesh.devcluster kubectl-path")
 PYTEST_ARGS ?=
+# Simulated pods' start/stop delays for `make dev-cluster`: none, realistic, or
+# start=MS,complete=MS,stop=MS,jitter=MS.
+DELAYS ?= none
 PY_SOURCES := operator tests $(wildcard bench)
 # Third-party Conduit clients for the e2e tests (tests/clients/): a virtualenv of their own
 # for the Python ones, npm's lockfile for the Node one, Debian's arcanist for arc.
@@ -101,7 +104,7 @@ run: controlplane ## Run phabmesh (current kubeconfig, or a local control plane 
 
 .PHONY: dev-cluster
 dev-cluster: controlplane ## Start a local control plane in the foreground (Ctrl-C stops it)
-	$(BIN)/phabmesh dev-cluster
+	$(BIN)/phabmesh dev-cluster --delays '$(DELAYS)'
 
 .PHONY: install
 install: $(STAMP) ## Install the CRDs into the current cluster

@@ -17,7 +17,12 @@ def _dev_cluster(args: argparse.Namespace) -> int:
     from phabmesh import devcluster
 
     crds = Path(args.crds) if args.crds else None
-    devcluster.serve_forever(Path(args.data_dir) if args.data_dir else None, crds)
+    try:
+        delays = devcluster.Delays.parse(args.delays)
+    except ValueError as exc:
+        print(f"phabmesh dev-cluster: {exc}", file=sys.stderr)
+        return 2
+    devcluster.serve_forever(Path(args.data_dir) if args.data_dir else None, crds, delays)
     return 0
 
 
@@ -102,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dev.add_argument("--data-dir", help="keep its files here (default: a fresh temporary dir)")
     dev.add_argument("--crds", help="apply the CRDs in this directory once it is ready")
+    dev.add_argument(
+        "--delays",
+        default="none",
+        help="how long simulated pods take (KWOK): none (default, immediate), realistic, "
+        "or start=MS,complete=MS,stop=MS,jitter=MS",
+    )
     dev.set_defaults(func=_dev_cluster)
 
     ctl = sub.add_parser(

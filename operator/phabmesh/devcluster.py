@@ -130,6 +130,32 @@ class Delays:
         """Roughly what a node does with a cached image and a container that exits on SIGTERM."""
         return cls(start=1500, complete=5000, stop=1000, jitter=1000)
 
+    @classmethod
+    def parse(cls, text: str) -> Delays:
+        """``none``, ``realistic``, or ``start=MS,complete=MS,stop=MS,jitter=MS`` (any subset).
+
+        The form ``phabmesh dev-cluster --delays`` and ``make dev-cluster DELAYS=...`` take.
+        """
+        text = text.strip()
+        if text in ("", "none"):
+            return cls()
+        if text == "realistic":
+            return cls.realistic()
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, int] = {}
+        for part in text.split(","):
+            name, sep, value = part.partition("=")
+            name = name.strip()
+            if not sep or name not in fields:
+                raise ValueError(
+                    f"delays: {part.strip()!r} is not one of none, realistic or "
+                    f"{'|'.join(sorted(fields))}=MILLISECONDS"
+                )
+            if not value.strip().isdigit() or len(value.strip()) > 7:
+                raise ValueError(f"delays: {name} must be milliseconds (0-9999999), not {value!r}")
+            values[name] = int(value)
+        return cls(**values)
+
 
 def repo_root() -> Path | None:
     """The source checkout this module runs from, if it runs from one."""
@@ -884,9 +910,11 @@ def running(workdir: Path | None = None, delays: Delays | None = None) -> Iterat
         yield plane
 
 
-def serve_forever(workdir: Path | None = None, crds: Path | None = None) -> None:
+def serve_forever(
+    workdir: Path | None = None, crds: Path | None = None, delays: Delays | None = None
+) -> None:
     """Run a control plane in the foreground until Ctrl-C (or SIGTERM), then stop it."""
-    with running(workdir) as plane:
+    with running(workdir, delays=delays) as plane:
         if crds is not None and crds.exists():
             plane.kubectl("apply", "--server-side", "-f", str(crds))
         print(
