@@ -280,6 +280,17 @@ def build_binaries(log: Path | None = None) -> Binaries:
     return binaries
 
 
+def go_tool(name: str, module: str, ldflags: str = "-s -w") -> Path:
+    """Build (once) the Go module ``tests/controlplane/<name>``; return its binaries' directory.
+
+    The same as the control plane's two modules: ``tools.go`` pins the commands, ``go.mod``
+    the version of ``module``, and the cache is keyed by both. Used for the tools the tests
+    run beside the control plane.
+    """
+    mod = module_dir() / name
+    return _build_module(mod, name, required_version(mod / "go.mod", module), ldflags, None)
+
+
 def _build_module(mod: Path, name: str, version: str, ldflags: str, log: Path | None) -> Path:
     files = [mod / "go.mod", mod / "go.sum", mod / "tools.go"]
     digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
