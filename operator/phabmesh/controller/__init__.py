@@ -13,6 +13,7 @@ from phabmesh.settings import Settings
 
 if TYPE_CHECKING:
     from phabmesh.admission import Injector
+    from phabmesh.controller.state import Memo
 
 
 async def operate(
@@ -26,6 +27,7 @@ async def operate(
     liveness_endpoint: str | None = None,
     injector: Injector | None = None,
     webhook_server: kopf.WebhookServer | None = None,
+    memo: Memo | None = None,
 ) -> None:
     """Run the controller until ``stop_flag`` is set (or the task is cancelled).
 

@@ -17,6 +17,18 @@ from phabmesh import identity, resources
 from phabmesh.lease import LeaseView
 
 Key = tuple[str, str]  # (namespace, name)
+Status = Mapping[str, Any]
+
+
+def conditions_of(status: Status) -> list[resources.Condition]:
+    """The conditions of a status as the cluster showed it; unreadable entries are left out."""
+    found: list[resources.Condition] = []
+    for entry in status.get("conditions") or []:
+        try:
+            found.append(resources.Condition.model_validate(entry))
+        except ValueError:
+            continue
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +39,10 @@ class BotView:
     ready: bool
     phid: str | None
     reason: str
+    # The status as the cluster last showed it (watch events, the API's answers to this
+    # process's own writes): what a write is compared with, and where conditions' times
+    # come from. Not part of the view's identity.
+    status: Status = dataclasses.field(default_factory=dict, compare=False)
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> BotView:
@@ -46,6 +62,7 @@ class BotView:
             ready=bool(ready and ready.get("status") == "True"),
             phid=status.get("phid"),
             reason=str((ready or {}).get("reason") or "Unknown"),
+            status=status,
         )
 
 
@@ -57,6 +74,7 @@ class BindingView:
     generation: int
     spec: resources.BindingSpec | None
     problems: tuple[str, ...]
+    status: Status = dataclasses.field(default_factory=dict, compare=False)  # as on BotView
 
     @property
     def key(self) -> Key:
@@ -82,6 +100,7 @@ class BindingView:
             generation=int(meta.get("generation") or 0),
             spec=spec,
             problems=tuple(problems),
+            status=body.get("status") or {},
         )
 
 

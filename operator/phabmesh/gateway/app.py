@@ -40,7 +40,7 @@ import dataclasses
 import datetime
 import functools
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
@@ -48,7 +48,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from phabmesh import credentials, logs, matching, metrics
+from phabmesh import credentials, logs, matching, metrics, resources
 from phabmesh.conduit import responses, wire
 from phabmesh.gateway import offload
 from phabmesh.gateway.state import GatewayState
@@ -261,7 +261,7 @@ class Gateway:
         self._check_lease(claims)
         rules = self.state.binding(claims.namespace, claims.binding)
         if rules is None or rules.deleting:
-            raise _revoked(_REASONS["BindingDeleted"])
+            raise _revoked(resources.revocation_message(resources.BINDING_DELETED))
         client_id = request.headers.get(CLIENT_ID_HEADER)
         if client_id is not None and client_id != claims.subject:
             raise Refusal(
@@ -404,7 +404,9 @@ class Gateway:
     def _gone(self, lease_uid: str) -> Refusal:
         reason = self.state.leases.tombstones.get(lease_uid)
         return _revoked(
-            _REASONS.get(reason, "lease deleted") if reason else "lease no longer exists"
+            resources.REVOCATION_MESSAGES.get(reason, "lease deleted")
+            if reason
+            else "lease no longer exists"
         )
 
     def _check_lease(self, claims: Caller) -> None:
@@ -416,7 +418,7 @@ class Gateway:
             raise self._gone(claims.lease_uid)
         if not lease.active:
             reason = lease.reason or "revoked"
-            raise _revoked(_REASONS.get(reason, reason))
+            raise _revoked(resources.revocation_message(reason))
         if (lease.pod_uid, lease.namespace, lease.binding, lease.bot, lease.identity) != (
             claims.pod_uid,
             claims.namespace,
@@ -427,12 +429,12 @@ class Gateway:
             raise Refusal("ERR-INVALID-AUTH", "credential refused: lease mismatch", "invalid")
         ended = self.state.pod_ended(claims.pod_uid)
         if ended:  # seen on the pod watch before the lease's revocation was written
-            raise _revoked(_REASONS.get(ended, ended))
+            raise _revoked(resources.revocation_message(ended))
         # The lease is judged by the binding, the bot and the namespace this gateway sees,
         # not by what the lease says: a lease the operator did not grant grants nothing.
         problem = self.state.grants.refusal(lease)
         if problem:
-            raise _revoked(_REASONS.get(problem, problem))
+            raise _revoked(resources.revocation_message(problem))
         now = self.clock()
         leeway = datetime.timedelta(seconds=self.settings.clock_skew)
         if lease.expires_at is None or now > lease.expires_at + leeway:
@@ -538,20 +540,3 @@ def _unconfirmed() -> Refusal:
 
 def _revoked(detail: str) -> Refusal:
     return Refusal("ERR-INVALID-AUTH", f"credential revoked: {detail}", "revoked")
-
-
-_REASONS: Mapping[str, str] = {
-    "PodTerminating": "pod terminating",
-    "PodSucceeded": "pod completed",
-    "PodFailed": "pod failed",
-    "PodDeleted": "pod deleted",
-    "PodGone": "pod gone",
-    "PodNotRunning": "pod not running",
-    "PodNotMeshed": "pod not meshed",
-    "NoLongerMatched": "binding no longer matches the pod",
-    "BindingDeleted": "binding deleted",
-    "BindingNotReady": "binding not ready",
-    "BotNotReady": "bot not ready",
-    "BotChanged": "the binding names another bot now",
-    "BotNotAllowed": "bot not allowed in this namespace",
-}

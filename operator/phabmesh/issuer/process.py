@@ -17,6 +17,7 @@ from aiohttp import web
 from phabmesh import controller, serving
 from phabmesh.admission import Injector
 from phabmesh.admission.tls import WebhookServer, WebhookTLS, service_names
+from phabmesh.controller.state import Memo
 from phabmesh.issuer.app import Issuer, TokenReviewer
 from phabmesh.keystore import KeyStore
 from phabmesh.kube import KubeClient, load_connection
@@ -42,6 +43,8 @@ class OperatorProcess:
         self.issuer_port = 0
         self.metrics_port = 0
         self.webhook_port = 0
+        # The controller's state (its World, clients, retries), kept for inspection.
+        self.memo = Memo(settings, kubeconfig=kubeconfig)
 
     def ready(self) -> bool:
         return self.controller_ready.is_set() and self.issuer.ready and self.injector.ready
@@ -100,6 +103,7 @@ class OperatorProcess:
                     peering_name=None if self.standalone else "phabmesh",
                     injector=self.injector,
                     webhook_server=webhook_server,
+                    memo=self.memo,
                 )
             )
         )
