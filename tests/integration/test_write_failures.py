@@ -201,8 +201,15 @@ def test_revocation_is_retried_until_the_lease_is_gone(
     (lease,) = wait_for(lambda: active_leases(cluster, bound), timeout=60)
     name = lease["metadata"]["name"]
     rule = faults.add(Rule(method, f"{lease_path(bound)}/{name}", 3, error, ends=part or name))
-    # The pod stays (no garbage collector to help): it no longer matches the binding.
-    cluster.core.patch_namespaced_pod("runner-0", bound, {"metadata": {"labels": {"app": "x"}}})
+    # The pod stays (no garbage collector to help): the binding no longer selects it.
+    cluster.custom.patch_namespaced_custom_object(
+        G,
+        V,
+        bound,
+        "phabricatorbindings",
+        "runners",
+        {"spec": {"podSelector": {"matchLabels": {"app": "other"}}}},
+    )
     wait_for(lambda: leases(cluster, bound) == [], timeout=60, what="the lease revoked, deleted")
     assert rule.hits == 3
     assert active_leases(cluster, bound) == []
