@@ -17,7 +17,7 @@ import kopf
 import requests
 import structlog
 
-from phabmesh import conduit, identity, logs, resources
+from phabmesh import conduit, identity, logs, metrics, resources
 from phabmesh.controller import bots as botcheck
 from phabmesh.controller import decide
 from phabmesh.controller.world import BindingView, BotView, Key, World
@@ -196,11 +196,13 @@ class Memo(kopf.Memo):
                 affected.update(world.namespaces_of_bot(name))
                 world.bots.pop(name, None)
                 self.schedules.pop(name, None)
+                metrics.current().bot_gone(name)
             bindings = [k for k in world.bindings if k not in seen["bindings"]]
             for key in bindings:
                 world.drop_binding(key)
                 self.verdicts.pop(key, None)
                 self.statuses.pop(key, None)
+                metrics.current().binding_gone(*key)
                 affected.add(key[0])
             leases = [k for k in world.leases if k not in seen["leases"]]
             for key in leases:
@@ -255,6 +257,7 @@ class Memo(kopf.Memo):
         if only_if_due and not schedule.due(now, bot.generation, version, interval):
             return
         outcome = await self._check(bot, secret)
+        metrics.current().bot_checked(outcome.ready, outcome.reason)
         schedule.record(now, bot.generation, version, outcome)
         await self._record_bot(bot, outcome)
 
@@ -286,6 +289,7 @@ class Memo(kopf.Memo):
         )
         updated = dataclasses.replace(bot, ready=usable, phid=phid, reason=outcome.reason)
         self.world.bots[bot.name] = updated
+        metrics.current().bot_status(bot.name, outcome.ready, outcome.reason)
         conditions = self._bot_conditions.get(bot.name, [])
         new_conditions = resources.set_condition(
             conditions,
@@ -352,6 +356,7 @@ class Memo(kopf.Memo):
 
     async def write_binding_status(self, binding: BindingView) -> None:
         verdict = self.verdicts.get(binding.key) or self._judge(binding)
+        metrics.current().binding_status(*binding.key, verdict.ready, verdict.reason)
         counts = decide.count_binding(self.world, binding, self.naming)
         now = self.clock()
         previous = self._binding_conditions.get(binding.key, [])

@@ -9,11 +9,12 @@ namespace, leases by pod, bindings by bot) are maintained alongside.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from phabmesh import identity, resources
+from phabmesh import identity, metrics, resources
 from phabmesh.lease import LeaseView
 
 Key = tuple[str, str]  # (namespace, name)
@@ -99,6 +100,7 @@ class World:
         self.leases_by_pod: defaultdict[str, set[Key]] = defaultdict(set)
         self.leases_by_binding: defaultdict[Key, set[Key]] = defaultdict(set)
         self.leases_by_bot: defaultdict[str, set[Key]] = defaultdict(set)
+        metrics.current().active_leases.track(self)  # phabmesh_leases_active, at each scrape
 
     # pods
 
@@ -192,6 +194,16 @@ class World:
 
     def leases_of_binding(self, key: Key) -> list[LeaseView]:
         return [self.leases[k] for k in self.leases_by_binding.get(key, ())]
+
+    def active_leases(self, now: datetime.datetime) -> dict[Key, int]:
+        """Active leases not expired at ``now``, per binding (namespace, name): every known
+        binding (0 without any), and binding names that only leases still carry."""
+        counts = dict.fromkeys(self.bindings, 0)
+        for lease in list(self.leases.values()):
+            if lease.active and lease.expires_at is not None and lease.expires_at > now:
+                slot = (lease.namespace, lease.binding)
+                counts[slot] = counts.get(slot, 0) + 1
+        return counts
 
     def namespaces_of_bot(self, bot: str) -> Iterable[str]:
         """Namespaces whose bindings name the bot now, and namespaces holding leases of it

@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 
-from phabmesh import identity, logs, resources
+from phabmesh import identity, logs, metrics, resources
 from phabmesh.controller.world import BindingView, World
 from phabmesh.kube import Conflict, KubeClient, NotFound
 from phabmesh.kube.client import JSON, resource_path
@@ -133,6 +133,7 @@ class Writer:
         )
         lease = LeaseView.from_body(updated)
         self.world.put_lease(lease)
+        metrics.current().lease_issued()
         log.info(
             "lease_issued",
             **{
@@ -201,6 +202,7 @@ class Writer:
     async def announce_revoked(self, lease: LeaseView, reason: str) -> None:
         """The audit line and the pod's Event for a revoked lease (also for one the garbage
         collector deleted with its pod before the operator revoked it)."""
+        metrics.current().lease_revoked(reason)
         log.info(
             "lease_revoked",
             **{
