@@ -242,11 +242,19 @@ class PerObject:
             return list(self._reasons)
 
 
+OPERATOR, GATEWAY, ANY = "operator", "gateway", "any"
+
+
 class Metrics:
     """Every metric of one process, on its own registry (by default a fresh one, with the
-    process, platform and garbage-collector collectors prometheus_client has)."""
+    process, platform and garbage-collector collectors prometheus_client has).
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    All metrics can be recorded; the registry serves only the ``process``'s own
+    (:data:`OPERATOR`, :data:`GATEWAY`, or :data:`ANY` for both), so that a gateway's
+    /metrics does not show the controller's metrics at zero, nor the reverse.
+    """
+
+    def __init__(self, process: str = ANY, registry: CollectorRegistry | None = None) -> None:
         if registry is None:
             registry = CollectorRegistry()
             ProcessCollector(registry=registry)
@@ -255,19 +263,19 @@ class Metrics:
         self.registry = r = registry
         # -- the controller (operator process)
         self.leases_issued = Counter(
-            "phabmesh_leases_issued_total", "Credential leases created", registry=r
+            "phabmesh_leases_issued_total", "Credential leases created", registry=None
         )
         self.leases_revoked = Counter(
             "phabmesh_leases_revoked_total",
             "Credential leases revoked, by revocation reason",
             ["reason"],
-            registry=r,
+            registry=None,
         )
         self.bot_checks = Counter(
             "phabmesh_bot_checks_total",
             'PhabricatorBot checks, by result ("Ready" or the NotReady reason)',
             ["result"],
-            registry=r,
+            registry=None,
         )
         self.bot_ready = PerObject(
             Gauge(
@@ -275,7 +283,7 @@ class Metrics:
                 "1 while the PhabricatorBot's Ready condition is True, else 0 (reason: the "
                 "condition's reason)",
                 ["bot", "reason"],
-                registry=r,
+                registry=None,
             )
         )
         self.binding_ready = PerObject(
@@ -284,96 +292,124 @@ class Metrics:
                 "1 while the PhabricatorBinding's Ready condition is True, else 0 (reason: the "
                 "condition's reason)",
                 ["namespace", "binding", "reason"],
-                registry=r,
+                registry=None,
             )
         )
         self.active_leases = _ActiveLeases()
-        r.register(self.active_leases)
         self.operator_acting = Gauge(
             "phabmesh_operator_acting",
             "1 while this replica's controller acts (started, not paused by kopf peering)",
-            registry=r,
+            registry=None,
         )
         # -- the credential endpoint and the webhook (operator process)
         self.credential_requests = Counter(
             "phabmesh_credential_requests_total",
             'Credential endpoint requests, by outcome ("issued" or "refused_<HTTP status>")',
             ["outcome"],
-            registry=r,
+            registry=None,
         )
         self.credential_refusals = Counter(
             "phabmesh_credential_refusals_total",
             "Credential endpoint refusals, by reason",
             ["reason"],
-            registry=r,
+            registry=None,
         )
         self.token_reviews = Counter(
             "phabmesh_token_reviews_total",
             "Tokens presented at the credential endpoint, by what became of them (cached, "
             "refused_cached, not_a_token, limited_source, limited_all, authenticated, refused)",
             ["result"],
-            registry=r,
+            registry=None,
         )
         self.credential_latency = Histogram(
             "phabmesh_credential_request_seconds",
             "Credential endpoint latency",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
-            registry=r,
+            registry=None,
         )
         self.pod_injections = Counter(
             "phabmesh_pod_injections_total",
             "Pods seen by the injection webhook, by outcome",
             ["outcome"],
-            registry=r,
+            registry=None,
         )
         self.webhook_certificate_expiry = Gauge(
             "phabmesh_webhook_certificate_expiry_timestamp_seconds",
             "notAfter of the webhook's serving certificate (Unix time)",
-            registry=r,
+            registry=None,
         )
         self.signing_key_rotation_due = Gauge(
             "phabmesh_signing_key_rotation_due_timestamp_seconds",
             "When the current signing key is due for rotation: its creation plus the "
             "rotation interval (Unix time)",
-            registry=r,
+            registry=None,
         )
         # -- the gateway
         self.gateway_requests = Counter(
-            "phabmesh_gateway_requests_total", "Gateway calls", ["method", "decision"], registry=r
+            "phabmesh_gateway_requests_total",
+            "Gateway calls",
+            ["method", "decision"],
+            registry=None,
         )
         self.gateway_refusals = Counter(
             "phabmesh_gateway_refusals_total",
             "Gateway calls refused (not forwarded), by reason",
             ["reason"],
-            registry=r,
+            registry=None,
         )
         self.gateway_latency = Histogram(
             "phabmesh_gateway_request_seconds",
             "Gateway latency (whole call, upstream included)",
             ["decision"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
-            registry=r,
+            registry=None,
         )
         self.gateway_upstream_errors = Counter(
             "phabmesh_gateway_upstream_errors_total",
             "Phabricator failures seen by the gateway",
             ["kind"],
-            registry=r,
+            registry=None,
         )
         self.gateway_revocations_seen = Counter(
             "phabmesh_gateway_revocations_seen_total",
             "Lease revocations seen on the gateway's watch",
-            registry=r,
+            registry=None,
         )
         self.gateway_fail_closed = Gauge(
             "phabmesh_gateway_fail_closed",
             "1 while the gateway refuses every credential because a watch it needs is down or "
             "not synced (or its signing keys are not loaded)",
-            registry=r,
+            registry=None,
         )
         # -- both
         self.watches = _Watches()
-        r.register(self.watches)
+        operator: list[Collector] = [
+            self.leases_issued,
+            self.leases_revoked,
+            self.bot_checks,
+            self.bot_ready.gauge,
+            self.binding_ready.gauge,
+            self.active_leases,
+            self.operator_acting,
+            self.credential_requests,
+            self.credential_refusals,
+            self.token_reviews,
+            self.credential_latency,
+            self.pod_injections,
+            self.webhook_certificate_expiry,
+            self.signing_key_rotation_due,
+        ]
+        gateway: list[Collector] = [
+            self.gateway_requests,
+            self.gateway_refusals,
+            self.gateway_latency,
+            self.gateway_upstream_errors,
+            self.gateway_revocations_seen,
+            self.gateway_fail_closed,
+        ]
+        served = {OPERATOR: operator, GATEWAY: gateway, ANY: operator + gateway}[process]
+        for collector in [*served, self.watches]:
+            r.register(collector)
 
     # -- recording, with bounded labels ------------------------------------------------------
 
@@ -421,7 +457,7 @@ class Metrics:
         self.gateway_fail_closed.set_function(lambda: 1.0 if failing() else 0.0)
 
 
-DEFAULT = Metrics(REGISTRY)
+DEFAULT = Metrics(ANY, REGISTRY)
 _current: contextvars.ContextVar[Metrics] = contextvars.ContextVar(
     "phabmesh_metrics", default=DEFAULT
 )

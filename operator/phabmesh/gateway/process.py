@@ -35,7 +35,7 @@ class GatewayProcess:
         self.metrics_port = 0
         # Its own registry: what this process records, and nothing another process of the
         # same interpreter does (see phabmesh.metrics).
-        self.metrics = metrics.Metrics()
+        self.metrics = metrics.Metrics(metrics.GATEWAY)
 
     async def start(self) -> None:
         metrics.use(self.metrics)  # for everything started from here

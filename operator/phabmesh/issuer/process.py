@@ -45,7 +45,7 @@ class OperatorProcess:
         self.webhook_port = 0
         # Its own registry: what this process records, and nothing another process of the
         # same interpreter does (see phabmesh.metrics).
-        self.metrics = metrics.Metrics()
+        self.metrics = metrics.Metrics(metrics.OPERATOR)
         self.peering_identity = peering.new_identity()
         self.peering_priority = peering.new_priority()
         self.peering: peering.PeeringView | None = None
