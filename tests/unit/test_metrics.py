@@ -302,20 +302,6 @@ def test_active_leases_count_per_binding_neither_revoked_nor_expired_ones() -> N
     assert sample(m, "phabmesh_leases_active", namespace="build", binding="idle") is None
 
 
-def test_a_world_made_in_a_process_is_counted_by_that_process() -> None:
-    m = metrics.Metrics()
-    metrics_of_world: list[World] = []
-
-    async def process() -> None:
-        metrics.use(m)
-        metrics_of_world.append(World())
-
-    asyncio.run(process())
-    world = metrics_of_world[0]
-    world.put_binding(_binding("runners"))
-    assert sample(m, "phabmesh_leases_active", namespace="build", binding="runners") == 0.0
-
-
 def test_the_gauges_read_at_scrape_time_follow_their_source() -> None:
     m = metrics.Metrics()
     state = {"failing": True, "acting": False}

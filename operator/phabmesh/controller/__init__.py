@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 import kopf
 
-from phabmesh import peering
+from phabmesh import metrics, peering
 from phabmesh.settings import Settings
 
 if TYPE_CHECKING:
     from phabmesh.admission import Injector
+    from phabmesh.controller.state import Memo
 
 
 async def operate(
@@ -29,6 +30,7 @@ async def operate(
     webhook_server: kopf.WebhookServer | None = None,
     peering_identity: str | None = None,
     peering_priority: int | None = None,
+    memo: Memo | None = None,
 ) -> None:
     """Run the controller until ``stop_flag`` is set (or the task is cancelled).
 
@@ -46,6 +48,7 @@ async def operate(
     memo = Memo(settings, kubeconfig=kubeconfig)
     memo.injector = injector
     memo.webhook_server = webhook_server
+    metrics.current().active_leases.track(memo.world)  # phabmesh_leases_active, at each scrape
     await kopf.operator(
         registry=handlers.registry,
         memo=memo,

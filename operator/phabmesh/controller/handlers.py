@@ -9,6 +9,7 @@ never written to.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, cast
 
 import kopf
@@ -132,8 +133,10 @@ async def bot_event(event: kopf.RawEvent, body: kopf.Body, name: str, memo: Memo
     else:
         fresh = BotView.from_body(body)
         old = world.bots.get(name)
-        # Keep the readiness this process decided; take spec changes from the event.
+        # Keep the readiness this process decided; take spec changes from the event, and
+        # the status it shows (what the next status write is compared with).
         if old is not None and old.generation == fresh.generation and old.spec == fresh.spec:
+            world.bots[name] = dataclasses.replace(old, status=fresh.status)
             return
         world.bots[name] = fresh
         if fresh.generation != (old.generation if old else -1):
@@ -177,12 +180,12 @@ async def binding_event(
     if event.get("type") == "DELETED" or deleting:
         world.drop_binding(key)
         memo.verdicts.pop(key, None)
-        memo.statuses.pop(key, None)
         metrics.current().binding_gone(namespace, name)
     else:
         fresh = BindingView.from_body(body)
         old = world.bindings.get(key)
         if old is not None and old.generation == fresh.generation and old.spec == fresh.spec:
+            world.put_binding(dataclasses.replace(old, status=fresh.status))
             return
         world.put_binding(fresh)
     await memo.refresh_namespace(namespace)

@@ -20,7 +20,8 @@ import structlog
 from phabmesh import conduit, identity, logs, metrics, resources
 from phabmesh.controller import bots as botcheck
 from phabmesh.controller import decide
-from phabmesh.controller.world import BindingView, BotView, Key, World
+from phabmesh.controller.retry import Retries
+from phabmesh.controller.world import BindingView, BotView, Key, World, conditions_of
 from phabmesh.controller.writer import Clock, Writer, utcnow
 from phabmesh.kube import KubeClient, load_connection
 from phabmesh.kube.client import JSON, resource_path
@@ -45,6 +46,12 @@ def _secret_token(obj: JSON) -> SecretToken:
         except ValueError:
             continue
     return SecretToken(str((obj.get("metadata") or {}).get("resourceVersion", "")), data)
+
+
+def changed(wanted: JSON, shown: Mapping[str, Any]) -> bool:
+    """Whether writing ``wanted`` would change the status the cluster shows (a field set to
+    None is one the write removes)."""
+    return any(shown.get(key) != value for key, value in wanted.items())
 
 
 def bot_path(name: str | None = None, subresource: str | None = None) -> str:
@@ -90,7 +97,6 @@ class Memo(kopf.Memo):
         )
         self.world = World()
         self.verdicts: dict[Key, decide.Verdict] = {}
-        self.statuses: dict[Key, JSON] = {}
         self.schedules: dict[str, botcheck.Schedule] = {}
         self.conduit = conduit_client or conduit.ConduitClient(
             settings.phabricator_url,
@@ -99,10 +105,8 @@ class Memo(kopf.Memo):
             attempts=settings.conduit_attempts,
         )
         self._tasks: list[asyncio.Task[None]] = []
+        self.retries = Retries()  # lease writes that failed, per pod UID
         self._pod_locks: dict[str, asyncio.Lock] = {}
-        self._bot_status: dict[str, JSON] = {}
-        self._bot_conditions: dict[str, list[resources.Condition]] = {}
-        self._binding_conditions: dict[Key, list[resources.Condition]] = {}
         # What kopf's first lists hold, until :meth:`listed` has dropped what preload read
         # that has gone since. In a container: kopf hands each object's handlers a shallow
         # copy of the memo, so an attribute assigned there would not be seen by the others.
@@ -141,6 +145,7 @@ class Memo(kopf.Memo):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        await self.retries.close()
         await self.writer.close()
         await self.events_client.close()
         await self.client.close()
@@ -201,7 +206,6 @@ class Memo(kopf.Memo):
             for key in bindings:
                 world.drop_binding(key)
                 self.verdicts.pop(key, None)
-                self.statuses.pop(key, None)
                 metrics.current().binding_gone(*key)
                 affected.add(key[0])
             leases = [k for k in world.leases if k not in seen["leases"]]
@@ -236,7 +240,13 @@ class Memo(kopf.Memo):
                 break
             query["continue"] = cont
         orphans = [lease for lease in self.world.leases.values() if lease.pod_uid not in uids]
-        await asyncio.gather(*(self.writer.revoke(lease, decide.POD_GONE) for lease in orphans))
+        results = await asyncio.gather(
+            *(self.writer.revoke(lease, decide.POD_GONE) for lease in orphans),
+            return_exceptions=True,
+        )
+        for lease, result in zip(orphans, results, strict=True):
+            if isinstance(result, Exception):
+                self._write_failed(lease.pod_uid, result)
         return len(orphans)
 
     # -- bots -----------------------------------------------------------------------------
@@ -281,6 +291,7 @@ class Memo(kopf.Memo):
     async def _record_bot(self, bot: BotView, outcome: botcheck.Outcome) -> None:
         now = self.clock()
         previous = self.world.bots.get(bot.name)
+        shown = previous or bot  # the status as the cluster last showed it
         phid = outcome.phid or (bot.phid if outcome.status == "Unknown" else None)
         # Unknown (Phabricator unreachable) keeps a verified bot usable: leases are not
         # revoked for a Phabricator outage; they are for a definite "no".
@@ -288,9 +299,9 @@ class Memo(kopf.Memo):
             outcome.status == "Unknown" and previous is not None and previous.ready
         )
         updated = dataclasses.replace(bot, ready=usable, phid=phid, reason=outcome.reason)
-        self.world.bots[bot.name] = updated
+        self.world.bots[bot.name] = dataclasses.replace(updated, status=shown.status)
         metrics.current().bot_status(bot.name, outcome.ready, outcome.reason)
-        conditions = self._bot_conditions.get(bot.name, [])
+        conditions = conditions_of(shown.status)
         new_conditions = resources.set_condition(
             conditions,
             resources.Condition.new(
@@ -307,14 +318,13 @@ class Memo(kopf.Memo):
             "observedGeneration": bot.generation,
             "conditions": [c.model_dump(by_alias=True, mode="json") for c in new_conditions],
         }
-        if status != self._bot_status.get(bot.name):
-            await self.writer.patch_status(
+        if changed(status, shown.status):
+            written = await self.writer.patch_status(
                 bot_path(bot.name), {**status, "lastCheckedAt": format_time(now)}
             )
-            self._bot_status[bot.name] = status
-            self._bot_conditions[bot.name] = new_conditions
-        old_reason = conditions[0].reason if conditions else None
-        if old_reason != outcome.reason:
+            self._saw_status_of_bot(bot.name, written)
+        old_ready = next((c for c in conditions if c.type == "Ready"), None)
+        if old_ready is None or old_ready.reason != outcome.reason:
             log.info(
                 "bot_checked",
                 **{logs.BOT: bot.name, logs.REASON: outcome.reason, "status": outcome.status},
@@ -332,6 +342,11 @@ class Memo(kopf.Memo):
         if previous is None or previous.ready != usable:
             for namespace in self.world.namespaces_of_bot(bot.name):
                 await self.refresh_namespace(namespace)
+
+    def _saw_status_of_bot(self, name: str, status: JSON | None) -> None:
+        current = self.world.bots.get(name)
+        if status is not None and current is not None:
+            self.world.bots[name] = dataclasses.replace(current, status=status)
 
     # -- bindings -------------------------------------------------------------------------
 
@@ -359,7 +374,8 @@ class Memo(kopf.Memo):
         metrics.current().binding_status(*binding.key, verdict.ready, verdict.reason)
         counts = decide.count_binding(self.world, binding, self.naming)
         now = self.clock()
-        previous = self._binding_conditions.get(binding.key, [])
+        seen = self.world.bindings.get(binding.key, binding)  # as the cluster last showed it
+        previous = conditions_of(seen.status)
         conditions = previous
         shown = [("Ready", verdict.ready, verdict.reason, verdict.message)]
         if verdict.bot_shown:
@@ -386,11 +402,14 @@ class Memo(kopf.Memo):
             "botPHID": verdict.bot_phid if verdict.bot_shown else None,
             "conditions": [c.model_dump(by_alias=True, mode="json") for c in conditions],
         }
-        if status == self.statuses.get(binding.key):
+        if not changed(status, seen.status):
             return
-        await self.writer.patch_status(binding_path(binding.namespace, binding.name), status)
-        self.statuses[binding.key] = status
-        self._binding_conditions[binding.key] = conditions
+        written = await self.writer.patch_status(
+            binding_path(binding.namespace, binding.name), status
+        )
+        current = self.world.bindings.get(binding.key)
+        if written is not None and current is not None and current.uid == binding.uid:
+            self.world.put_binding(dataclasses.replace(current, status=written))
         old_ready = next((c for c in previous if c.type == "Ready"), None)
         if old_ready is None or old_ready.reason != verdict.reason:
             if verdict.detail:  # the whole truth, for the administrator's eyes only
@@ -431,7 +450,16 @@ class Memo(kopf.Memo):
             await self.reconcile_pod(lease.pod_uid)
             current = self.world.leases.get(lease.key)
             if current is not None and current.active:
-                await self.writer.renew(current, ttl)
+                try:
+                    await self.writer.renew(current, ttl)
+                except Exception as exc:
+                    # Still due at the bot's next tick (seconds away, long before a third
+                    # of the TTL has passed): that pass tries it again.
+                    log.warning(
+                        "lease_write_failed",
+                        **{logs.LEASE: current.name, logs.POD_UID: current.pod_uid},
+                        error=str(exc),
+                    )
 
     # -- pods -----------------------------------------------------------------------------
 
@@ -450,6 +478,7 @@ class Memo(kopf.Memo):
         # Revocations first: a lease re-issued for another bot takes the revoked one's name.
         revokes = await asyncio.gather(
             *(self.writer.revoke(lease, reason) for lease, reason in plan.revoke),
+            *(self.writer.delete_revoked(lease) for lease in plan.delete),
             return_exceptions=True,
         )
         writes: list[Coroutine[Any, Any, object]] = []
@@ -471,6 +500,14 @@ class Memo(kopf.Memo):
                     )
                 )
         results = await asyncio.gather(*writes, return_exceptions=True)
-        for result in [*revokes, *results]:
-            if isinstance(result, BaseException):
-                log.warning("lease_write_failed", **{logs.POD_UID: uid, logs.ERROR: str(result)})
+        failures = [r for r in [*revokes, *results] if isinstance(r, Exception)]
+        for failure in failures:
+            self._write_failed(uid, failure)
+        if not failures:
+            self.retries.succeeded(uid)
+
+    def _write_failed(self, uid: str, error: Exception) -> None:
+        """A lease write for this pod failed: reconcile it again later, backing off, until
+        its leases are what they should be (or nothing more is wanted)."""
+        log.warning("lease_write_failed", **{logs.POD_UID: uid, logs.ERROR: str(error)})
+        self.retries.failed(uid, lambda: self.reconcile_pod(uid))

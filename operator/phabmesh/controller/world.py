@@ -14,10 +14,22 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from phabmesh import identity, metrics, resources
+from phabmesh import identity, resources
 from phabmesh.lease import LeaseView
 
 Key = tuple[str, str]  # (namespace, name)
+Status = Mapping[str, Any]
+
+
+def conditions_of(status: Status) -> list[resources.Condition]:
+    """The conditions of a status as the cluster showed it; unreadable entries are left out."""
+    found: list[resources.Condition] = []
+    for entry in status.get("conditions") or []:
+        try:
+            found.append(resources.Condition.model_validate(entry))
+        except ValueError:
+            continue
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +40,10 @@ class BotView:
     ready: bool
     phid: str | None
     reason: str
+    # The status as the cluster last showed it (watch events, the API's answers to this
+    # process's own writes): what a write is compared with, and where conditions' times
+    # come from. Not part of the view's identity.
+    status: Status = dataclasses.field(default_factory=dict, compare=False)
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> BotView:
@@ -47,6 +63,7 @@ class BotView:
             ready=bool(ready and ready.get("status") == "True"),
             phid=status.get("phid"),
             reason=str((ready or {}).get("reason") or "Unknown"),
+            status=status,
         )
 
 
@@ -58,6 +75,7 @@ class BindingView:
     generation: int
     spec: resources.BindingSpec | None
     problems: tuple[str, ...]
+    status: Status = dataclasses.field(default_factory=dict, compare=False)  # as on BotView
 
     @property
     def key(self) -> Key:
@@ -83,6 +101,7 @@ class BindingView:
             generation=int(meta.get("generation") or 0),
             spec=spec,
             problems=tuple(problems),
+            status=body.get("status") or {},
         )
 
 
@@ -100,7 +119,6 @@ class World:
         self.leases_by_pod: defaultdict[str, set[Key]] = defaultdict(set)
         self.leases_by_binding: defaultdict[Key, set[Key]] = defaultdict(set)
         self.leases_by_bot: defaultdict[str, set[Key]] = defaultdict(set)
-        metrics.current().active_leases.track(self)  # phabmesh_leases_active, at each scrape
 
     # pods
 

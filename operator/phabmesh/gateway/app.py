@@ -40,7 +40,7 @@ import dataclasses
 import datetime
 import functools
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
@@ -48,7 +48,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from phabmesh import credentials, logs, matching, metrics
+from phabmesh import credentials, logs, matching, metrics, resources
 from phabmesh.conduit import responses, wire
 from phabmesh.gateway import offload
 from phabmesh.gateway.state import GatewayState
@@ -415,7 +415,8 @@ class Gateway:
         if not reason:
             return _revoked("LeaseGone", "lease no longer exists")
         return _revoked(
-            reason if reason in _REASONS else "LeaseDeleted", _REASONS.get(reason, "lease deleted")
+            reason if reason in resources.REVOCATION_MESSAGES else "LeaseDeleted",
+            resources.REVOCATION_MESSAGES.get(reason, "lease deleted"),
         )
 
     def _check_lease(self, claims: Caller) -> None:
@@ -550,23 +551,6 @@ def _unconfirmed() -> Refusal:
 
 def _revoked(reason: str, detail: str | None = None) -> Refusal:
     """Refused for its lease: ``reason`` (a revocation reason, or why the lease is unusable)
-    for the metrics, ``detail`` (by default the reason's words) for the caller."""
-    text = detail or _REASONS.get(reason, reason)
+    for the metrics, ``detail`` (by default the reason's message) for the caller."""
+    text = detail or resources.revocation_message(reason)
     return Refusal("ERR-INVALID-AUTH", f"credential revoked: {text}", "revoked", reason=reason)
-
-
-_REASONS: Mapping[str, str] = {
-    "PodTerminating": "pod terminating",
-    "PodSucceeded": "pod completed",
-    "PodFailed": "pod failed",
-    "PodDeleted": "pod deleted",
-    "PodGone": "pod gone",
-    "PodNotRunning": "pod not running",
-    "PodNotMeshed": "pod not meshed",
-    "NoLongerMatched": "binding no longer matches the pod",
-    "BindingDeleted": "binding deleted",
-    "BindingNotReady": "binding not ready",
-    "BotNotReady": "bot not ready",
-    "BotChanged": "the binding names another bot now",
-    "BotNotAllowed": "bot not allowed in this namespace",
-}

@@ -406,7 +406,7 @@ class Issuer:
                 403,
                 "no_lease",
                 f'the credential lease of PhabricatorBinding "{name}" is not honoured: '
-                f"{_REFUSALS.get(problem, problem)}",
+                f"{_REFUSALS.get(problem) or resources.revocation_message(problem)}",
                 reason=problem,
             )
         if not held:
@@ -602,12 +602,5 @@ class Issuer:
 
 
 _MISMATCH = "LeaseMismatch"
-# Why a lease is not honoured, for the caller: the operator's revocation reasons.
-_REFUSALS = {
-    _MISMATCH: "it names another pod or identity",
-    resources.BINDING_DELETED: "the binding was deleted or is being deleted",
-    resources.BINDING_NOT_READY: "the binding is not Ready",
-    resources.BOT_CHANGED: "the binding names another bot now",
-    resources.BOT_NOT_ALLOWED: "the bot does not exist or does not allow this namespace",
-    resources.NO_LONGER_MATCHED: "the binding does not name this pod's identity",
-}
+# Why a lease is not honoured, for the caller.
+_REFUSALS = {_MISMATCH: "it names another pod or identity"}  # else the reason's one message

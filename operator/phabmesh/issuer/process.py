@@ -17,6 +17,7 @@ from aiohttp import web
 from phabmesh import controller, metrics, peering, serving
 from phabmesh.admission import Injector
 from phabmesh.admission.tls import WebhookServer, WebhookTLS, service_names
+from phabmesh.controller.state import Memo
 from phabmesh.issuer.app import Issuer, TokenReviewer
 from phabmesh.keystore import KeyStore
 from phabmesh.kube import KubeClient, load_connection
@@ -50,6 +51,8 @@ class OperatorProcess:
         self.peering_priority = peering.new_priority()
         self.peering: peering.PeeringView | None = None
         self.controller_task: asyncio.Task[None] | None = None
+        # The controller's state (its World, clients, retries), kept for inspection.
+        self.memo = Memo(settings, kubeconfig=kubeconfig)
 
     def ready(self) -> bool:
         return self.controller_ready.is_set() and self.issuer.ready and self.injector.ready
@@ -125,6 +128,7 @@ class OperatorProcess:
                 webhook_server=webhook_server,
                 peering_identity=self.peering_identity,
                 peering_priority=self.peering_priority,
+                memo=self.memo,
             )
         )
         self.tasks.append(self.controller_task)  # last: stop() and run_until_signalled() wait on it
