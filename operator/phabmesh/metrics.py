@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextvars
 import datetime
 import threading
-import time
 import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Protocol
@@ -471,11 +470,6 @@ def current() -> Metrics:
 def use(metrics: Metrics) -> None:
     """Record into ``metrics`` from here on, in this context and every task started from it."""
     _current.set(metrics)
-
-
-def now() -> float:
-    """Unix time, for timestamps in metrics."""
-    return time.time()
 
 
 def samples(metrics: Metrics, name: str) -> Iterator[tuple[dict[str, str], float]]:
