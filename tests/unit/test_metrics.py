@@ -14,6 +14,8 @@ from prometheus_client import generate_latest
 from phabmesh import metrics, peering, resources
 from phabmesh.controller import bots, decide
 from phabmesh.controller.world import BindingView, World
+from phabmesh.gateway import app as gateway_app
+from phabmesh.issuer import app as issuer_app
 from phabmesh.kube.client import JSON
 from phabmesh.kube.informer import Informer, resource_of
 from phabmesh.lease import LeaseView, format_time
@@ -367,3 +369,24 @@ def test_malformed_peer_entries_are_skipped() -> None:
     (peer,) = peering.peers(obj)
     assert peer.identity == "ok"
     assert peer.deadline == NOW + datetime.timedelta(seconds=30)
+
+
+# -- refusal reasons at their sources -----------------------------------------------------------
+
+
+def test_gateway_refusals_carry_a_reason_from_the_enumeration() -> None:
+    revoked = gateway_app._revoked(resources.POD_DELETED)
+    assert (revoked.decision, revoked.reason) == ("revoked", "PodDeleted")
+    assert revoked.info == "credential revoked: pod deleted"  # the caller's words as before
+    expired = gateway_app._revoked("LeaseExpired", "lease expired")
+    assert expired.info == "credential revoked: lease expired"
+    plain = gateway_app.Refusal("ERR-INVALID-SESSION", "no", "no_credential")
+    for refusal in (revoked, expired, plain, gateway_app._unconfirmed()):
+        assert refusal.reason in metrics.GATEWAY_REFUSALS
+
+
+def test_credential_endpoint_refusals_say_why_for_the_metrics() -> None:
+    assert issuer_app._error(401, "invalid_token", "x")[issuer_app.REFUSAL] == "invalid_token"
+    refused = issuer_app._error(403, "no_lease", "x", reason=resources.BINDING_DELETED)
+    assert refused[issuer_app.REFUSAL] == "BindingDeleted"
+    assert refused[issuer_app.REFUSAL] in metrics.CREDENTIAL_REFUSALS
