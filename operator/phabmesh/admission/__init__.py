@@ -88,7 +88,7 @@ class Injector:
             skip_namespaces=self.skip,
             naming=self.naming,
         )
-        metrics.POD_INJECTIONS.labels(reason).inc()
+        metrics.current().pod_injections.labels(reason).inc()
         meta = pod.get("metadata") or {}
         log.debug(
             "pod_admission",

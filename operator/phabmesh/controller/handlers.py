@@ -10,13 +10,12 @@ never written to.
 from __future__ import annotations
 
 import dataclasses
-import secrets
 from typing import Any, cast
 
 import kopf
 import structlog
 
-from phabmesh import admission, identity, resources
+from phabmesh import admission, identity, metrics, resources
 from phabmesh.controller import decide
 from phabmesh.controller.state import Memo
 from phabmesh.controller.world import BindingView, BotView, Key
@@ -55,9 +54,8 @@ async def configure(settings: kopf.OperatorSettings, memo: Memo, **_: Any) -> No
     settings.watching.client_timeout = 330
     settings.posting.level = 30  # warnings and errors only, as Events on our objects
     settings.networking.request_timeout = 30
-    # Replicas are identical; equal priorities would make kopf pause them all. A random
-    # priority per process makes exactly one of them act.
-    settings.peering.priority = secrets.randbelow(1 << 30) + 1
+    # settings.peering.priority: random per process, given to kopf by controller.operate
+    # (phabmesh.peering.new_priority), so that exactly one of identical replicas acts.
     settings.peering.lifetime = int(memo.settings.peering_lifetime)
     # The injection webhook: served by kopf, configured by phabmesh's own manifest (kopf
     # does not manage the MutatingWebhookConfiguration; phabmesh keeps its caBundle).
@@ -131,6 +129,7 @@ async def bot_event(event: kopf.RawEvent, body: kopf.Body, name: str, memo: Memo
     if event.get("type") == "DELETED":
         world.bots.pop(name, None)
         memo.schedules.pop(name, None)
+        metrics.current().bot_gone(name)
     else:
         fresh = BotView.from_body(body)
         old = world.bots.get(name)
@@ -181,6 +180,7 @@ async def binding_event(
     if event.get("type") == "DELETED" or deleting:
         world.drop_binding(key)
         memo.verdicts.pop(key, None)
+        metrics.current().binding_gone(namespace, name)
     else:
         fresh = BindingView.from_body(body)
         old = world.bindings.get(key)

@@ -17,7 +17,7 @@ import kopf
 import requests
 import structlog
 
-from phabmesh import conduit, identity, logs, resources
+from phabmesh import conduit, identity, logs, metrics, resources
 from phabmesh.controller import bots as botcheck
 from phabmesh.controller import decide
 from phabmesh.controller.retry import Retries
@@ -201,10 +201,12 @@ class Memo(kopf.Memo):
                 affected.update(world.namespaces_of_bot(name))
                 world.bots.pop(name, None)
                 self.schedules.pop(name, None)
+                metrics.current().bot_gone(name)
             bindings = [k for k in world.bindings if k not in seen["bindings"]]
             for key in bindings:
                 world.drop_binding(key)
                 self.verdicts.pop(key, None)
+                metrics.current().binding_gone(*key)
                 affected.add(key[0])
             leases = [k for k in world.leases if k not in seen["leases"]]
             for key in leases:
@@ -265,6 +267,7 @@ class Memo(kopf.Memo):
         if only_if_due and not schedule.due(now, bot.generation, version, interval):
             return
         outcome = await self._check(bot, secret)
+        metrics.current().bot_checked(outcome.ready, outcome.reason)
         schedule.record(now, bot.generation, version, outcome)
         await self._record_bot(bot, outcome)
 
@@ -297,6 +300,7 @@ class Memo(kopf.Memo):
         )
         updated = dataclasses.replace(bot, ready=usable, phid=phid, reason=outcome.reason)
         self.world.bots[bot.name] = dataclasses.replace(updated, status=shown.status)
+        metrics.current().bot_status(bot.name, outcome.ready, outcome.reason)
         conditions = conditions_of(shown.status)
         new_conditions = resources.set_condition(
             conditions,
@@ -367,6 +371,7 @@ class Memo(kopf.Memo):
 
     async def write_binding_status(self, binding: BindingView) -> None:
         verdict = self.verdicts.get(binding.key) or self._judge(binding)
+        metrics.current().binding_status(*binding.key, verdict.ready, verdict.reason)
         counts = decide.count_binding(self.world, binding, self.naming)
         now = self.clock()
         seen = self.world.bindings.get(binding.key, binding)  # as the cluster last showed it

@@ -9,6 +9,7 @@ namespace, leases by pod, bindings by bot) are maintained alongside.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -211,6 +212,16 @@ class World:
 
     def leases_of_binding(self, key: Key) -> list[LeaseView]:
         return [self.leases[k] for k in self.leases_by_binding.get(key, ())]
+
+    def active_leases(self, now: datetime.datetime) -> dict[Key, int]:
+        """Active leases not expired at ``now``, per binding (namespace, name): every known
+        binding (0 without any), and binding names that only leases still carry."""
+        counts = dict.fromkeys(self.bindings, 0)
+        for lease in list(self.leases.values()):
+            if lease.active and lease.expires_at is not None and lease.expires_at > now:
+                slot = (lease.namespace, lease.binding)
+                counts[slot] = counts.get(slot, 0) + 1
+        return counts
 
     def namespaces_of_bot(self, bot: str) -> Iterable[str]:
         """Namespaces whose bindings name the bot now, and namespaces holding leases of it

@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 
-from phabmesh import identity, logs, resources
+from phabmesh import identity, logs, metrics, resources
 from phabmesh.controller.world import BindingView, World
 from phabmesh.kube import Conflict, KubeClient, NotFound
 from phabmesh.kube.client import JSON, resource_path
@@ -150,6 +150,7 @@ class Writer:
         updated = await self.client.json_patch(lease_path(pod.namespace, name, "status"), ops)
         lease = LeaseView.from_body(updated)
         self.world.put_lease(lease)
+        metrics.current().lease_issued()
         log.info(
             "lease_issued",
             **{
@@ -235,6 +236,7 @@ class Writer:
     async def announce_revoked(self, lease: LeaseView, reason: str) -> None:
         """The audit line and the pod's Event for a revoked lease (also for one the garbage
         collector deleted with its pod before the operator revoked it)."""
+        metrics.current().lease_revoked(reason)
         log.info(
             "lease_revoked",
             **{

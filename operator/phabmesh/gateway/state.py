@@ -43,7 +43,9 @@ class GatewayState:
         self.client = client
         live = settings.watch_liveness
         self.leases = LeaseIndex(
-            client, on_revoked=lambda _: metrics.GATEWAY_REVOCATIONS_SEEN.inc(), liveness=live
+            client,
+            on_revoked=lambda _: metrics.current().gateway_revocations_seen.inc(),
+            liveness=live,
         )
         g, v = resources.GROUP, resources.VERSION
         self.bindings: Informer[BindingRules] = Informer(

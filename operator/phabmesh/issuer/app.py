@@ -183,14 +183,14 @@ class TokenReviewer:
         now = self.clock()
         hit = self._cache.get(digest)
         if hit is not None and hit[0] > now:
-            metrics.TOKEN_REVIEWS.labels(result="cached").inc()
+            metrics.current().token_reviews.labels(result="cached").inc()
             return hit[1]
         refused_until = self._refused.get(digest)
         if refused_until is not None and refused_until > now:
-            metrics.TOKEN_REVIEWS.labels(result="refused_cached").inc()
+            metrics.current().token_reviews.labels(result="refused_cached").inc()
             return None
         if not _plausible(token, self.audience):
-            metrics.TOKEN_REVIEWS.labels(result="not_a_token").inc()
+            metrics.current().token_reviews.labels(result="not_a_token").inc()
             return None
         # The source's budget first: a flooding source spends nothing of everyone's.
         wait = self._per_source.take(source)
@@ -198,17 +198,17 @@ class TokenReviewer:
         if wait == 0:
             wait, scope = self._limit.take(), "all"
         if wait > 0:
-            metrics.TOKEN_REVIEWS.labels(result=f"limited_{scope}").inc()
+            metrics.current().token_reviews.labels(result=f"limited_{scope}").inc()
             raise RateLimited(wait, scope)
         status = await self.client.token_review(token, [self.audience], limited=False)
         result = _reviewed(status, self.audience)
         now = self.clock()
         if result is not None:
-            metrics.TOKEN_REVIEWS.labels(result="authenticated").inc()
+            metrics.current().token_reviews.labels(result="authenticated").inc()
             if self.cache_ttl > 0:
                 _remember(self._cache, digest, (now + self.cache_ttl, result), self.cache_size)
         else:
-            metrics.TOKEN_REVIEWS.labels(result="refused").inc()
+            metrics.current().token_reviews.labels(result="refused").inc()
             if self.negative_ttl > 0:
                 _remember(self._refused, digest, now + self.negative_ttl, self.cache_size)
         return result
@@ -271,8 +271,17 @@ def _reviewed(status: dict[str, Any], audience: str) -> Reviewed | None:
     return Reviewed(parts[2], parts[3], str(pod_names[0]), str(pod_uids[0]))
 
 
-def _error(status: int, code: str, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"error": code, "message": message, **extra}, status=status)
+# Why a response refused, for phabmesh_credential_refusals_total and the audit line.
+REFUSAL = web.ResponseKey("phabmesh.refusal", str)
+
+
+def _error(
+    status: int, code: str, message: str, *, reason: str | None = None, **extra: Any
+) -> web.Response:
+    """A refusal answering ``code``; ``reason`` (default: the code) is what metrics count."""
+    response = web.json_response({"error": code, "message": message, **extra}, status=status)
+    response[REFUSAL] = reason or code
+    return response
 
 
 class Issuer:
@@ -331,8 +340,13 @@ class Issuer:
         response = await self._issue(request, audit)
         elapsed = time.perf_counter() - started
         outcome = "issued" if response.status == 200 else f"refused_{response.status}"
-        metrics.CREDENTIAL_REQUESTS.labels(outcome=outcome).inc()
-        metrics.CREDENTIAL_LATENCY.observe(elapsed)
+        recorded = metrics.current()
+        recorded.credential_requests.labels(outcome=outcome).inc()
+        recorded.credential_latency.observe(elapsed)
+        if response.status != 200:
+            reason = response.get(REFUSAL, metrics.OTHER)
+            recorded.credential_refused(reason)
+            audit[logs.REASON] = metrics.bounded(reason, metrics.CREDENTIAL_REFUSALS)
         log.info(
             "credential_requested",
             status=response.status,
@@ -393,6 +407,7 @@ class Issuer:
                 "no_lease",
                 f'the credential lease of PhabricatorBinding "{name}" is not honoured: '
                 f"{_REFUSALS.get(problem) or resources.revocation_message(problem)}",
+                reason=problem,
             )
         if not held:
             reason = await self._why_no_lease(who, wanted)
@@ -416,7 +431,12 @@ class Issuer:
         binding = self.grants.binding(lease.namespace, lease.binding)
         end = leasecheck.credential_end(lease, binding, now) if binding is not None else None
         if end is None or end <= now:
-            return _error(403, "no_lease", "the credential lease has ended: retry shortly")
+            return _error(
+                403,
+                "no_lease",
+                "the credential lease has ended: retry shortly",
+                reason="lease_ended",
+            )
         assert binding is not None
         credential_format = wanted_format or _binding_format(binding)
         audit.update(
