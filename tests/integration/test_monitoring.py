@@ -239,8 +239,13 @@ def test_component_objects_pass_prometheus_operators_crd_schemas(
 ) -> None:
     result = _dry_run(cluster, component)
     assert result.returncode == 0, result.stderr
+    applied = {line.split()[0] for line in result.stdout.splitlines() if "(server dry run)" in line}
+    expected = set()
     for doc in component:
-        assert f"{doc['kind'].lower()}/{doc['metadata']['name']}" in result.stdout
+        group, _, _ = doc["apiVersion"].rpartition("/")
+        resource = doc["kind"].lower() + (f".{group}" if group else "")
+        expected.add(f"{resource}/{doc['metadata']['name']}")
+    assert applied == expected
 
 
 def test_the_crd_schemas_refuse_what_prometheus_operator_would_not_understand(
