@@ -41,6 +41,10 @@ venv: $(STAMP) ## Create the virtualenv with phabmesh and its test tools
 controlplane: $(STAMP) ## Build the local Kubernetes control plane (once; cached)
 	$(BIN)/python -m phabmesh.devcluster build
 
+.PHONY: monitoring-tools
+monitoring-tools: $(STAMP) ## Build promtool and fetch prometheus-operator's CRDs for the monitoring tests (once; cached)
+	$(BIN)/python -m phabmesh.devcluster monitoring-tools
+
 $(CLIENTS_STAMP): $(CLIENTS)/python/requirements.txt $(CLIENTS)/python/constraints.txt $(CLIENTS)/node/package.json $(CLIENTS)/node/package-lock.json
 	@test -x $(CLIENTS_VENV)/bin/python || $(PYTHON) -m venv $(CLIENTS_VENV)
 	$(CLIENTS_VENV)/bin/python -m pip install --quiet --upgrade pip
@@ -87,7 +91,7 @@ manifests: $(STAMP) ## Verify CRDs and typed models agree (fails on drift)
 	$(BIN)/python -m phabmesh.schemacheck crds/
 
 .PHONY: test
-test: controlplane clients ## Run all tests (unit, integration against a real API server, e2e)
+test: controlplane clients monitoring-tools ## Run all tests (unit, integration against a real API server, e2e)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 .PHONY: test-unit
