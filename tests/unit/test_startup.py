@@ -9,7 +9,7 @@ from typing import Any
 
 from phabmesh.controller import decide
 from phabmesh.controller.state import Memo
-from phabmesh.lease import LeaseView
+from phabmesh.leases.view import LeaseView
 from phabmesh.settings import Settings
 from tests.unit.test_decide import binding, bot, lease, pod
 

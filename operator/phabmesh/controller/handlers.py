@@ -20,7 +20,7 @@ from phabmesh import admission, identity, resources
 from phabmesh.controller import decide
 from phabmesh.controller.state import Memo
 from phabmesh.controller.world import BindingView, BotView, Key
-from phabmesh.lease import LeaseView
+from phabmesh.leases.view import LeaseView
 
 log = structlog.get_logger(__name__)
 registry = kopf.OperatorRegistry()

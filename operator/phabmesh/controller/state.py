@@ -26,7 +26,7 @@ from phabmesh.controller.writer import Clock, Writer, utcnow
 from phabmesh.kube import KubeClient, load_connection
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.kube.informer import Informer
-from phabmesh.lease import LeaseView, format_time
+from phabmesh.leases.view import LeaseView, format_time
 from phabmesh.settings import Settings
 
 log = structlog.get_logger(__name__)

@@ -955,7 +955,7 @@ def wait_for_signal() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m phabmesh.devcluster build|kubectl-path``: helpers for the Makefile."""
+    """``python -m phabmesh.dev.devcluster build|kubectl-path``: helpers for the Makefile."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args == ["build"]:
         build_binaries()
@@ -963,7 +963,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args == ["kubectl-path"]:
         print(build_binaries().kubectl)
         return 0
-    print("usage: python -m phabmesh.devcluster build|kubectl-path", file=sys.stderr)
+    print("usage: python -m phabmesh.dev.devcluster build|kubectl-path", file=sys.stderr)
     return 2
 
 
