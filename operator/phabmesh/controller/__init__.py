@@ -39,7 +39,8 @@ async def operate(
 
     if kubeconfig:
         os.environ["KUBECONFIG"] = kubeconfig  # kopf's login reads it
-    memo = Memo(settings, kubeconfig=kubeconfig)
+    if memo is None:  # else the caller's (the operator process keeps it)
+        memo = Memo(settings, kubeconfig=kubeconfig)
     memo.injector = injector
     memo.webhook_server = webhook_server
     await kopf.operator(
