@@ -1,7 +1,7 @@
 """phabmesh's custom resources as typed models, and Kubernetes condition conventions.
 
 Pure: no I/O. The CRDs in ``crds/`` and these models must agree; ``python -m
-phabmesh.schemacheck crds/`` (``make manifests``) fails when they drift.
+phabmesh.dev.schemacheck crds/`` (``make manifests``) fails when they drift.
 
 Parse a watched object's parts with ``BotSpec.model_validate(body["spec"])`` (and
 ``BindingSpec``, ``CredentialSpec``, ``*Status`` alike): fields are read by their

@@ -29,7 +29,7 @@ import prometheus_client
 import pytest
 import yaml
 
-from phabmesh import devcluster
+from phabmesh.dev import devcluster
 from tests.kube import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,7 +107,7 @@ def _dashboard_exprs(dashboard: Doc) -> dict[str, str]:
 
 def _exported_metrics() -> set[str]:
     """The series names phabmesh's processes can export, from their metric definitions."""
-    for module in ("phabmesh.metrics", "phabmesh.issuer.process", "phabmesh.gateway.process"):
+    for module in ("phabmesh.metrics", "phabmesh.processes.operator", "phabmesh.processes.gateway"):
         importlib.import_module(module)
     suffixes = {
         "counter": ("_total", "_created"),

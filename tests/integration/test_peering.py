@@ -16,8 +16,8 @@ import pytest
 import requests
 from kubernetes import client
 
-from phabmesh import devcluster
-from phabmesh.testing import ConduitServer
+from phabmesh.dev import devcluster
+from phabmesh.dev.conduit_server import ConduitServer
 from tests.kube import Cluster, wait_for
 from tests.phab import (
     SYSTEM,

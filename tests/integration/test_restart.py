@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from phabmesh import devcluster, resources
-from phabmesh.issuer.process import OperatorProcess
-from phabmesh.testing import ConduitServer
+from phabmesh import resources
+from phabmesh.dev import devcluster
+from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.processes.operator import OperatorProcess
 from tests import rbac
 from tests.kube import Cluster, wait_for
 from tests.phab import (

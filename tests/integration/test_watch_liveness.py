@@ -22,11 +22,11 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from phabmesh.gateway.process import GatewayProcess
+from phabmesh.dev.conduit_server import ConduitServer
 from phabmesh.kube import KubeClient, load_connection
 from phabmesh.kube.client import resource_path
 from phabmesh.kube.informer import Informer
-from phabmesh.testing import ConduitServer
+from phabmesh.processes.gateway import GatewayProcess
 from tests import rbac
 from tests.kube import Cluster
 from tests.phab import settings_for

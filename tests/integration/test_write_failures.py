@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
+from phabmesh.dev.conduit_server import ConduitServer
 from phabmesh.kube import Conflict, KubeClient
 from phabmesh.kube.client import Unavailable
-from phabmesh.testing import ConduitServer
 from tests.kube import Cluster, wait_for
 from tests.phab import (
     G,

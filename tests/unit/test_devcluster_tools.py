@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from phabmesh import devcluster
+from phabmesh.dev import devcluster
 
 MODULE = "example.com/tool"
 

@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 
-from phabmesh import metrics, peering, resources
-from phabmesh.controller import bots, decide
+from phabmesh import metrics, resources
+from phabmesh.controller import bots, decide, peering
 from phabmesh.controller.world import BindingView, World
+from phabmesh.endpoint import app as endpoint_app
 from phabmesh.gateway import app as gateway_app
-from phabmesh.issuer import app as issuer_app
 from phabmesh.kube.client import JSON
 from phabmesh.kube.informer import Informer, resource_of
-from phabmesh.lease import LeaseView, format_time
+from phabmesh.leases.view import LeaseView, format_time
 
 NOW = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)
 
@@ -386,7 +386,7 @@ def test_gateway_refusals_carry_a_reason_from_the_enumeration() -> None:
 
 
 def test_credential_endpoint_refusals_say_why_for_the_metrics() -> None:
-    assert issuer_app._error(401, "invalid_token", "x")[issuer_app.REFUSAL] == "invalid_token"
-    refused = issuer_app._error(403, "no_lease", "x", reason=resources.BINDING_DELETED)
-    assert refused[issuer_app.REFUSAL] == "BindingDeleted"
-    assert refused[issuer_app.REFUSAL] in metrics.CREDENTIAL_REFUSALS
+    assert endpoint_app._error(401, "invalid_token", "x")[endpoint_app.REFUSAL] == "invalid_token"
+    refused = endpoint_app._error(403, "no_lease", "x", reason=resources.BINDING_DELETED)
+    assert refused[endpoint_app.REFUSAL] == "BindingDeleted"
+    assert refused[endpoint_app.REFUSAL] in metrics.CREDENTIAL_REFUSALS

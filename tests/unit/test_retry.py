@@ -8,7 +8,7 @@ import asyncio
 from phabmesh.controller import decide, retry
 from phabmesh.controller.world import World
 from phabmesh.identity import Naming
-from phabmesh.lease import LeaseView
+from phabmesh.leases.view import LeaseView
 from tests.unit.test_decide import binding, bot, lease, pod
 
 

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import kopf
 
-from phabmesh import metrics, peering
+from phabmesh import metrics
+from phabmesh.controller import peering
 from phabmesh.settings import Settings
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ async def operate(
     With ``injector`` and ``webhook_server``, kopf also serves the pod-injection
     webhook (on every replica: peering pauses only the watching handlers).
     ``peering_identity`` and ``peering_priority`` are this replica's in kopf's peering
-    (:mod:`phabmesh.peering` reads the peering object back with them); by default kopf's
+    (:mod:`phabmesh.controller.peering` reads the peering object back with them); by default kopf's
     own identity and a random priority.
     """
     from phabmesh.controller import handlers

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from phabmesh import identity, matching, resources
 from phabmesh.controller.world import BindingView, BotView, World
-from phabmesh.lease import LeaseView
+from phabmesh.leases.view import LeaseView
 
 # Binding Ready / BotReady reasons.
 READY = "Ready"  # the bot is Ready and may be used from this namespace

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from phabmesh import identity, resources
-from phabmesh.lease import LeaseView
+from phabmesh.leases.view import LeaseView
 
 Key = tuple[str, str]  # (namespace, name)
 Status = Mapping[str, Any]

@@ -16,7 +16,7 @@ from phabmesh import identity, logs, metrics, resources
 from phabmesh.controller.world import BindingView, World
 from phabmesh.kube import Conflict, KubeClient, NotFound
 from phabmesh.kube.client import JSON, resource_path
-from phabmesh.lease import LeaseView, format_time
+from phabmesh.leases.view import LeaseView, format_time
 
 log = structlog.get_logger(__name__)
 

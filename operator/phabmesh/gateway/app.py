@@ -52,7 +52,7 @@ from phabmesh import credentials, logs, matching, metrics, resources
 from phabmesh.conduit import responses, wire
 from phabmesh.gateway import offload
 from phabmesh.gateway.state import GatewayState
-from phabmesh.lease import LeaseView
+from phabmesh.leases.view import LeaseView
 from phabmesh.settings import Settings
 
 log = structlog.get_logger("phabmesh.audit")

@@ -31,7 +31,7 @@ from phabmesh import identity, matching, resources
 from phabmesh.kube import KubeClient
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.kube.informer import Informer
-from phabmesh.lease import LeaseView
+from phabmesh.leases.view import LeaseView
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@
 ``phabmesh.io``) → TokenReview (successes cached by token hash for at most
 10 s) → the pod's UID → its Active lease (from a watch; no API call), judged by
 its binding, its bot and its namespace as the watches show them
-(:mod:`phabmesh.leasecheck`), never by what the lease says alone → a credential
+(:mod:`phabmesh.leases.grants`), never by what the lease says alone → a credential
 that ends no later than the lease's ``expiresAt`` nor the binding's current
 ``credentialTTL`` from now.
 
@@ -35,18 +35,18 @@ from aiohttp import web
 from phabmesh import (
     credentials,
     identity,
-    leasecheck,
     logs,
     matching,
     metrics,
     ratelimit,
     resources,
 )
-from phabmesh.keystore import KeyStore
+from phabmesh.credentials.keystore import KeyStore
 from phabmesh.kube import KubeClient, KubeError, NotFound
 from phabmesh.kube.client import resource_path
-from phabmesh.lease import LeaseView, format_time
-from phabmesh.leasewatch import LeaseIndex
+from phabmesh.leases.grants import BindingFacts, Grants, credential_end
+from phabmesh.leases.index import LeaseIndex
+from phabmesh.leases.view import LeaseView, format_time
 from phabmesh.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -98,7 +98,7 @@ def _query(request: web.Request) -> tuple[str | None, str | None]:
         raise _BadQuery("invalid_format", str(exc)) from exc
 
 
-def _binding_format(binding: leasecheck.BindingFacts) -> str:
+def _binding_format(binding: BindingFacts) -> str:
     """The format a binding asks for (``credentialFormat``; the Phorge-shaped token by default)."""
     spec = binding.spec
     return _SPEC_FORMATS[spec.credential_format if spec else resources.PHORGE_TOKEN]
@@ -293,7 +293,7 @@ class Issuer:
         leases: LeaseIndex,
         reviewer: TokenReviewer,
         clock: Callable[[], datetime.datetime] | None = None,
-        grants: leasecheck.Grants | None = None,
+        grants: Grants | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
@@ -307,7 +307,7 @@ class Issuer:
         )
         # Its own watches (the process runs them): a standby replica, whose controller
         # is paused, judges leases as well as the acting one.
-        self.grants = grants or leasecheck.Grants(client, self.naming)
+        self.grants = grants or Grants(client, self.naming)
 
     @property
     def ready(self) -> bool:
@@ -429,7 +429,7 @@ class Issuer:
                 f"the mTLS client identity does not match the pod's identity {lease.identity}",
             )
         binding = self.grants.binding(lease.namespace, lease.binding)
-        end = leasecheck.credential_end(lease, binding, now) if binding is not None else None
+        end = credential_end(lease, binding, now) if binding is not None else None
         if end is None or end <= now:
             return _error(
                 403,
@@ -482,7 +482,7 @@ class Issuer:
     ) -> web.Response:
         """A credential made from the lease and the ring alone: no API call, no write.
 
-        ``end`` is when it must end at the latest (:func:`leasecheck.credential_end`); both
+        ``end`` is when it must end at the latest (:func:`credential_end`); both
         mints also cap it at the maximum TTL and round it down to whole seconds.
         """
         assert self.keys.ring is not None

@@ -14,14 +14,15 @@ import signal
 import structlog
 from aiohttp import web
 
-from phabmesh import controller, metrics, peering, serving
+from phabmesh import controller, metrics, serving
 from phabmesh.admission import Injector
 from phabmesh.admission.tls import WebhookServer, WebhookTLS, service_names
+from phabmesh.controller import peering
 from phabmesh.controller.state import Memo
-from phabmesh.issuer.app import Issuer, TokenReviewer
-from phabmesh.keystore import KeyStore
+from phabmesh.credentials.keystore import KeyStore
+from phabmesh.endpoint.app import Issuer, TokenReviewer
 from phabmesh.kube import KubeClient, load_connection
-from phabmesh.leasewatch import LeaseIndex
+from phabmesh.leases.index import LeaseIndex
 from phabmesh.settings import Settings
 
 log = structlog.get_logger(__name__)

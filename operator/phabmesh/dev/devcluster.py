@@ -1014,7 +1014,7 @@ def wait_for_signal() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m phabmesh.devcluster build|kubectl-path|monitoring-tools``: for the Makefile."""
+    """``python -m phabmesh.dev.devcluster build|kubectl-path|monitoring-tools``: for make."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args == ["build"]:
         build_binaries()
@@ -1027,7 +1027,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(prometheus_operator_crds())
         return 0
     print(
-        "usage: python -m phabmesh.devcluster build|kubectl-path|monitoring-tools", file=sys.stderr
+        "usage: python -m phabmesh.dev.devcluster build|kubectl-path|monitoring-tools",
+        file=sys.stderr,
     )
     return 2
 

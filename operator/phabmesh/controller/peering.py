@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from phabmesh.kube import KubeClient
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.kube.informer import Informer
-from phabmesh.lease import parse_time
+from phabmesh.leases.view import parse_time
 
 GROUP, VERSION, PLURAL = "kopf.dev", "v1", "clusterkopfpeerings"
 
