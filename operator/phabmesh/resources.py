@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime
 import re
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -299,3 +299,21 @@ def set_condition(
     updated = new.model_copy(update={"last_transition_time": stamp})
     rest = [c for c in conditions if c.type != new.type]
     return sorted([*rest, updated], key=lambda c: c.type)
+
+
+def parse_binding_spec(obj: Mapping[str, Any]) -> tuple[BindingSpec | None, str | None]:
+    """A PhabricatorBinding's spec, or None and what is wrong with it: the one parse the
+    controller, the endpoint, the webhook and the gateway share. (An invalid binding names
+    nobody; the CRD's schema and the admission checks keep most from being stored.)"""
+    try:
+        return BindingSpec.model_validate(obj.get("spec") or {}), None
+    except ValueError as exc:
+        return None, f"spec: {exc}"
+
+
+def parse_bot_spec(obj: Mapping[str, Any]) -> tuple[BotSpec | None, str | None]:
+    """A PhabricatorBot's spec, or None and what is wrong with it (see parse_binding_spec)."""
+    try:
+        return BotSpec.model_validate(obj.get("spec") or {}), None
+    except ValueError as exc:
+        return None, f"spec: {exc}"

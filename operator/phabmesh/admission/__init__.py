@@ -27,10 +27,8 @@ HANDLER_ID = "inject"  # kopf's handler id, hence the webhook's URL path: /injec
 
 
 def _binding_spec(obj: JSON) -> resources.BindingSpec | None:
-    try:
-        return resources.BindingSpec.model_validate(obj.get("spec") or {})
-    except ValueError:
-        return None  # an invalid binding names nobody (its status says why)
+    spec, _ = resources.parse_binding_spec(obj)  # an invalid binding names nobody
+    return spec
 
 
 def pointed_at(configuration: JSON, url: str) -> JSON:

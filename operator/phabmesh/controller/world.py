@@ -49,12 +49,7 @@ class BotView:
     def from_body(cls, body: Mapping[str, Any]) -> BotView:
         meta = body.get("metadata") or {}
         status = body.get("status") or {}
-        try:
-            spec: resources.BotSpec | None = resources.BotSpec.model_validate(
-                body.get("spec") or {}
-            )
-        except ValueError:
-            spec = None
+        spec, _ = resources.parse_bot_spec(body)
         ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
         return cls(
             name=str(meta.get("name")),
@@ -88,12 +83,8 @@ class BindingView:
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> BindingView:
         meta = body.get("metadata") or {}
-        problems: list[str] = []
-        spec: resources.BindingSpec | None = None
-        try:
-            spec = resources.BindingSpec.model_validate(body.get("spec") or {})
-        except ValueError as exc:
-            problems.append(f"spec: {exc}")
+        spec, problem = resources.parse_binding_spec(body)
+        problems = [problem] if problem else []
         return cls(
             namespace=str(meta.get("namespace")),
             name=str(meta.get("name")),

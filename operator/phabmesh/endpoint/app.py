@@ -576,9 +576,8 @@ class Issuer:
             name = body["metadata"]["name"]
             if wanted and name != wanted:
                 continue
-            try:
-                spec = resources.BindingSpec.model_validate(body.get("spec") or {})
-            except ValueError:
+            spec, _ = resources.parse_binding_spec(body)
+            if spec is None:
                 continue
             if not matching.matches(spec, who.namespace, facts, self.naming):
                 continue
