@@ -137,7 +137,16 @@ def test_one_of_two_replicas_acts_and_the_other_takes_over(
         assert sorted(issued) == [0, 1], issued  # exactly one replica acted
         active = issued.index(1)
         # Each replica's /metrics says whether it acts: the one that issued, only.
-        wait_for(lambda: [_acting(text) for text in read_logs()] == [a == active for a in (0, 1)])
+        wanted = [float(a == active) for a in (0, 1)]
+        seen: list[list[float | None]] = []
+        try:
+            wait_for(
+                lambda: (seen.append([_acting(t) for t in read_logs()]) or seen[-1]) == wanted,
+                timeout=60,
+                what=f"phabmesh_operator_acting {wanted} on the two replicas",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last read: {seen[-1:]}") from None
         # Both replicas serve pod injection (peering pauses only the acting handlers), with
         # certificates from the one CA in the Secret, and decide alike.
         ca = tmp_path / "ca.crt"
