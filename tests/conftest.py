@@ -15,7 +15,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from phabmesh.dev import devcluster
-from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.dev.conduit import ConduitServer
 from phabmesh.processes.gateway import GatewayProcess
 from phabmesh.processes.operator import OperatorProcess
 from tests import rbac

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from phabmesh import serving
 from phabmesh.conduit import responses
-from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.dev.conduit import ConduitServer
 from phabmesh.gateway.app import Gateway
 from phabmesh.settings import Settings
 

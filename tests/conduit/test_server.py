@@ -13,8 +13,8 @@ import pytest
 import requests
 
 from phabmesh.conduit import wire
-from phabmesh.dev import conduit_server
-from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.dev.conduit import ConduitServer
+from phabmesh.dev.conduit import api as conduit_server
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
@@ -188,7 +188,7 @@ async def test_async_context_manager() -> None:
 
 
 def test_importable_without_pytest() -> None:
-    code = "import sys, phabmesh.dev.conduit_server; assert 'pytest' not in sys.modules"
+    code = "import sys, phabmesh.dev.conduit; assert 'pytest' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=sys.path[0] or None, env=None)
 
 

@@ -48,7 +48,7 @@ from kubernetes.client.rest import ApiException
 from phabmesh import resources
 from phabmesh.credentials import phorge
 from phabmesh.dev import devcluster
-from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.dev.conduit import ConduitServer
 from phabmesh.processes.gateway import GatewayProcess
 from phabmesh.processes.operator import OperatorProcess
 from tests.kube import Cluster, wait_for

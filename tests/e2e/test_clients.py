@@ -32,8 +32,9 @@ import pytest
 import requests
 from kubernetes import client
 
-from phabmesh.dev import conduit_server, devcluster
-from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.dev import devcluster
+from phabmesh.dev.conduit import ConduitServer
+from phabmesh.dev.conduit import api as conduit_server
 from phabmesh.processes.gateway import GatewayProcess
 from phabmesh.processes.operator import OperatorProcess
 from phabmesh.settings import Settings

@@ -23,7 +23,7 @@ from kubernetes import client
 
 from phabmesh import resources
 from phabmesh.dev import devcluster
-from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.dev.conduit import ConduitServer
 from phabmesh.processes.gateway import GatewayProcess
 from phabmesh.processes.operator import OperatorProcess
 from phabmesh.settings import Settings

@@ -24,7 +24,7 @@ import requests
 from phabmesh import credentials
 from phabmesh.conduit import responses, wire
 from phabmesh.credentials.keys import SigningKey
-from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.dev.conduit import ConduitServer
 from phabmesh.leases.view import LeaseView
 from phabmesh.processes.gateway import GatewayProcess
 from tests.kube import Cluster, wait_for

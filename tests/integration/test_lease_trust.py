@@ -15,7 +15,7 @@ import requests
 from phabmesh import credentials, resources
 from phabmesh.controller.world import World
 from phabmesh.controller.writer import Writer
-from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.dev.conduit import ConduitServer
 from phabmesh.kube import KubeClient, KubeError, load_connection
 from phabmesh.leases.view import LeaseView
 from tests.kube import Cluster, wait_for

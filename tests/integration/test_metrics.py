@@ -18,7 +18,7 @@ from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
 from phabmesh import credentials, resources
-from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.dev.conduit import ConduitServer
 from tests.kube import Cluster, wait_for
 from tests.phab import (
     SYSTEM,

@@ -11,7 +11,7 @@ import pytest
 
 from phabmesh.admission.tls import Material, WebhookTLS, service_names
 from phabmesh.credentials.keystore import KeyStore
-from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.dev.conduit import ConduitServer
 from phabmesh.kube import KubeClient, load_connection
 from phabmesh.kube.client import resource_path
 from phabmesh.settings import Settings

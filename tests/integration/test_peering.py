@@ -17,7 +17,7 @@ import requests
 from kubernetes import client
 
 from phabmesh.dev import devcluster
-from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.dev.conduit import ConduitServer
 from tests.kube import Cluster, wait_for
 from tests.phab import (
     SYSTEM,

@@ -15,7 +15,7 @@ import structlog.testing
 
 from phabmesh import credentials, resources
 from phabmesh.credentials import phorge
-from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.dev.conduit import ConduitServer
 from phabmesh.leases.view import LeaseView
 from tests.kube import Cluster, wait_for
 from tests.phab import G, V, active_leases, exchange, make_pod, pod_token, time_of

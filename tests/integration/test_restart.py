@@ -14,7 +14,7 @@ from kubernetes import client
 
 from phabmesh import resources
 from phabmesh.dev import devcluster
-from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.dev.conduit import ConduitServer
 from phabmesh.processes.operator import OperatorProcess
 from tests import rbac
 from tests.kube import Cluster, wait_for

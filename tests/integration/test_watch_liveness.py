@@ -22,7 +22,7 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.dev.conduit import ConduitServer
 from phabmesh.kube import KubeClient, load_connection
 from phabmesh.kube.client import resource_path
 from phabmesh.kube.informer import Informer

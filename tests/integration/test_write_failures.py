@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.dev.conduit import ConduitServer
 from phabmesh.kube import Conflict, KubeClient
 from phabmesh.kube.client import Unavailable
 from tests.kube import Cluster, wait_for

@@ -90,7 +90,7 @@ def _ready(obj: JSON) -> JSON | None:
 
 async def demo(plane: devcluster.ControlPlane, say: Say) -> dict[str, Any]:
     """The quick start on a running control plane. Returns what it observed."""
-    from phabmesh.dev.conduit_server import ConduitServer
+    from phabmesh.dev.conduit import ConduitServer
     from phabmesh.processes.gateway import GatewayProcess
     from phabmesh.processes.operator import OperatorProcess
 
