@@ -267,13 +267,18 @@ def bindings_agent_mode(specs: Iterable[resources.BindingSpec]) -> resources.Age
 
 def _place_agent(pod: dict[str, Any], injection: Injection, mode: resources.AgentMode) -> bool:
     """Put the agent in its place for the pod as it is now (removing phabmesh's earlier one);
-    False, changing nothing, when a container of its name is not phabmesh's."""
+    False, changing nothing, when a container or volume of its name is not phabmesh's."""
     spec = pod["spec"]
     inits: list[dict[str, Any]] = spec.get("initContainers") or []
     containers: list[dict[str, Any]] = spec.setdefault("containers", [])
     named = [c for c in [*inits, *containers] if c.get("name") == AGENT_CONTAINER]
     if named and not all(_ours(pod, c) for c in named):
         return False
+    volumes = spec.get("volumes") or []
+    if AGENT_INJECTED_ANNOTATION not in _annotations(pod) and any(
+        v.get("name") == AGENT_VOLUME for v in volumes
+    ):
+        return False  # the pod's own volume of that name
     inits = [c for c in inits if c.get("name") != AGENT_CONTAINER]
     containers[:] = [c for c in containers if c.get("name") != AGENT_CONTAINER]
     init_names = [c.get("name") for c in inits]
