@@ -277,7 +277,7 @@ def test_sidecar_agent_follows_linkerds_native_proxy_in_either_order() -> None:
     assert agent["startupProbe"]["exec"]["command"] == ["test", "-s", inject.CREDENTIAL_FILE]
     assert agent["args"][:2] == ["agent", "sidecar"]
     assert agent["image"] == Settings().agent_image
-    assert agent["resources"]["limits"] == {"memory": "96Mi"}
+    assert agent["resources"]["limits"] == {"memory": "64Mi"}
     assert agent["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert {m["name"] for m in agent["volumeMounts"]} == {inject.VOLUME, inject.AGENT_VOLUME}
     assert pod["metadata"]["annotations"][inject.AGENT_INJECTED_ANNOTATION] == "sidecar"

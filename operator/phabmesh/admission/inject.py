@@ -63,8 +63,8 @@ AGENT_BINDING_ANNOTATION = "phabmesh.io/agent-binding"
 AGENT_INJECTED_ANNOTATION = "phabmesh.io/agent-injected"
 LINKERD_PROXY = "linkerd-proxy"
 AGENT_RESOURCES = {
-    "requests": {"cpu": "5m", "memory": "48Mi"},
-    "limits": {"memory": "96Mi"},
+    "requests": {"cpu": "5m", "memory": "40Mi"},
+    "limits": {"memory": "64Mi"},
 }
 # How long a regular-container agent's postStart hook holds the app containers (seconds).
 AGENT_HOLD_SECONDS = 300
