@@ -649,10 +649,14 @@ def test_samples_bind_the_ci_runner_to_ci_bot(samples: list[Doc]) -> None:
         "allowedMethods": ["user.whoami", "differential.*", "conduit.ping"],
         "requireClientID": False,
         "credentialFormat": "PhorgeToken",
+        "agent": {"mode": "Auto"},
     }
     runner = _by_kind(samples, "Deployment")["ci-runner"]["spec"]["template"]
     assert runner["metadata"]["annotations"]["linkerd.io/inject"] == "enabled"
     assert runner["spec"]["serviceAccountName"] == "ci-runner"
+    # No hand-written credential container or volume: the agent is the webhook's to add.
+    assert [c["name"] for c in runner["spec"]["containers"]] == ["runner"]
+    assert "initContainers" not in runner["spec"] and "volumes" not in runner["spec"]
     assert "ci-runner" in _by_kind(samples, "ServiceAccount")
 
 
