@@ -443,3 +443,17 @@ def test_the_injector_gives_the_bindings_agent_mode() -> None:
     pod = _pod()
     decided.apply(pod)
     assert _agent(pod)["args"][1] == "sidecar"
+
+
+def test_with_proxy_await_disabled_the_agent_still_follows_the_proxy() -> None:
+    def linkerd_no_await(pod: dict[str, Any]) -> None:
+        """Linkerd with config.linkerd.io/proxy-await: disabled: the proxy goes last."""
+        pod["metadata"].setdefault("annotations", {})["config.linkerd.io/proxy-await"] = "disabled"
+        pod["spec"]["containers"].append({"name": "linkerd-proxy", "image": "proxy"})
+
+    pod = _both_orders(SIDECAR, linkerd_no_await, _pod())
+    # Nothing holds the app containers for the proxy, so nothing can hold them for the
+    # agent either (it would wait on a proxy that starts after it): it comes after the proxy.
+    assert _names(pod["spec"]["containers"]) == [
+        "app", "helper", "linkerd-proxy", inject.AGENT_CONTAINER
+    ]  # fmt: skip
