@@ -281,7 +281,7 @@ def test_sidecar_agent_follows_linkerds_native_proxy_in_either_order() -> None:
     assert agent["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert {m["name"] for m in agent["volumeMounts"]} == {inject.VOLUME, inject.AGENT_VOLUME}
     assert pod["metadata"]["annotations"][inject.AGENT_INJECTED_ANNOTATION] == "sidecar"
-    assert {"name": inject.AGENT_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}} in (
+    assert {"name": inject.AGENT_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}} in (
         pod["spec"]["volumes"]
     )
     for app in pod["spec"]["containers"]:

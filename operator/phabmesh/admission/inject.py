@@ -294,7 +294,7 @@ def _place_agent(pod: dict[str, Any], injection: Injection, mode: resources.Agen
     spec["initContainers"] = inits
     if not any(v.get("name") == AGENT_VOLUME for v in spec.setdefault("volumes", [])):
         spec["volumes"].append(
-            {"name": AGENT_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
+            {"name": AGENT_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}}
         )
     meta = pod.setdefault("metadata", {})
     annotations = meta.get("annotations") or {}
