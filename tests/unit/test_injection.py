@@ -371,9 +371,14 @@ def test_what_the_pod_already_has_is_not_touched() -> None:
         {"name": "mine", "mountPath": inject.AGENT_DIR}
     ]
     assert helper["env"][:1] == own_helper["env"]
-    # The agent runs as the app's own user, so that it can read the 0600 files.
-    security = _agent(pod)["securityContext"]
+    # The agent runs as the app's own user, so that it can read the 0600 files, and asks
+    # the endpoint the app names.
+    agent = _agent(pod)
+    security = agent["securityContext"]
     assert (security["runAsUser"], security["runAsGroup"]) == (1000, 2000)
+    agent_env = {e["name"]: e["value"] for e in agent["env"]}
+    assert agent_env[inject.ENV_ENDPOINT] == "http://mine:1"
+    assert agent_env[inject.ENV_GATEWAY] == INJECTION.gateway_url
 
 
 def _linkerd_first_with_own_values() -> dict[str, Any]:
@@ -383,6 +388,7 @@ def _linkerd_first_with_own_values() -> dict[str, Any]:
     app["env"] = [
         {"name": "HOME", "value": "/home/app"},
         {"name": "PHABMESH_CREDENTIAL_FILE", "value": "/x"},
+        {"name": inject.ENV_ENDPOINT, "value": "http://mine:1"},
     ]
     app["volumeMounts"] = [{"name": "mine", "mountPath": inject.AGENT_DIR}]
     app["securityContext"] = {"runAsUser": 1000, "runAsGroup": 2000}

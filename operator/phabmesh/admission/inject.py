@@ -142,7 +142,7 @@ class Injection:
             volumes.append(self.volume())
         mode = agent_mode(pod, self.agent)
         if mode != resources.AGENT_NONE and not _place_agent(pod, self, mode):
-            mode = resources.AGENT_NONE  # a container of the agent's name that is not ours
+            mode = resources.AGENT_NONE  # a container or volume of its name that is not ours
         for container in spec.get("containers") or []:
             if container.get("name") in LINKERD_CONTAINERS or _ours(pod, container):
                 continue
@@ -185,11 +185,15 @@ class Injection:
             value = ((app or {}).get("securityContext") or {}).get(key)
             if value is not None:
                 security[key] = value
+        # Where the app's own settings point elsewhere (its own endpoint or gateway), the
+        # agent follows them.
+        own = {e.get("name"): e for e in (app or {}).get("env") or [] if "value" in e}
+        env = [dict(own.get(e["name"]) or e) for e in self.env()]
         container: dict[str, Any] = {
             "name": AGENT_CONTAINER,
             "image": self.agent_image,
             "args": args,
-            "env": self.env(),
+            "env": env,
             "resources": copy.deepcopy(AGENT_RESOURCES),
             "securityContext": security,
             "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -291,7 +295,10 @@ def _place_agent(pod: dict[str, Any], injection: Injection, mode: resources.Agen
         # After Linkerd's init containers (and its proxy), before the pod's own.
         linkerd = [i for i, name in enumerate(init_names) if name in LINKERD_CONTAINERS]
         inits.insert(max(linkerd) + 1 if linkerd else 0, agent)
-    spec["initContainers"] = inits
+    if inits:
+        spec["initContainers"] = inits
+    else:  # the agent moved out (an empty list is no list to the API server)
+        spec.pop("initContainers", None)
     if not any(v.get("name") == AGENT_VOLUME for v in spec.setdefault("volumes", [])):
         spec["volumes"].append(
             {"name": AGENT_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}}
