@@ -394,3 +394,28 @@ def test_a_pod_opts_out_of_its_bindings_agent(cluster: Cluster, ns: str) -> None
     assert inject.AGENT_INJECTED_ANNOTATION not in created["metadata"]["annotations"]
     # The token volume and variables still come: only the agent was declined.
     assert any(v["name"] == inject.VOLUME for v in created["spec"]["volumes"])
+
+
+def test_with_a_regular_proxy_container_the_api_server_takes_the_agent_after_it(
+    cluster: Cluster, ns: str
+) -> None:
+    """Linkerd without native sidecars: the proxy is the first app container."""
+    spec = _template("regular")["spec"]
+    spec["initContainers"] = [{"name": "linkerd-init", "image": "cr.l5d.io/linkerd/proxy-init"}]
+    spec["containers"].insert(0, {"name": "linkerd-proxy", "image": "cr.l5d.io/linkerd/proxy"})
+    body = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "regular", "labels": {"app": "regular"}},
+        "spec": spec,
+    }
+    out = cluster.kubectl(
+        "create", "-n", ns, "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(body)
+    ).stdout
+    created = json.loads(out)["spec"]
+    assert [c["name"] for c in created["initContainers"]] == ["linkerd-init"]
+    names = [c["name"] for c in created["containers"]]
+    assert names == ["linkerd-proxy", inject.AGENT_CONTAINER, "app"]
+    agent = created["containers"][1]
+    assert agent["args"][:2] == ["agent", "sidecar"]
+    assert agent["lifecycle"]["postStart"]["exec"]["command"][:2] == ["sh", "-c"]
