@@ -1,7 +1,7 @@
 """The credential agent, end to end: the webhook (manifests/webhook.yaml, pointed at the
 session's operator) adds it to a Deployment's pods and to a Job's pod as the API server
 stores them, and the agent, run for real as a process with the pod's identity, gives an
-unmodified Conduit client (arc, the phabricator package) a working ``~/.arcrc`` with
+unmodified Conduit client (arc, the phabricator package, phabfive) a working ``~/.arcrc`` with
 nothing else configured: the client reaches the bot through the gateway, keeps working
 while the credential rotates under it, and is refused once the pod is gone.
 
@@ -71,6 +71,8 @@ def ns(
     make_binding(
         cluster, namespace, "runners", f"bot-{namespace}",
         credentialTTL="1m", agent={"mode": resources.AGENT_AUTO},
+        # phabfive asks conduit.query first.
+        allowedMethods=["user.*", "conduit.ping", "conduit.query"],
     )  # fmt: skip
     wait_for(
         lambda: (c := binding_condition(cluster, namespace, "runners")) and c["status"] == "True",
@@ -250,7 +252,28 @@ def _phabricator(home: Path, method: str, params: dict[str, Any]) -> tuple[Any, 
     return printed["result"], ""
 
 
-CLIENTS = {"arc": _arc, "phabricator": _phabricator}
+def _phabfive(home: Path, method: str, params: dict[str, Any]) -> tuple[Any, str]:
+    """``phabfive user whoami``: no PHAB_URL, no PHAB_TOKEN, ~/.arcrc alone."""
+    assert (method, params) == ("user.whoami", {})
+    phabfive = CLIENTS_PYTHON.parent / "phabfive"
+    if not phabfive.exists():
+        pytest.fail("phabfive is not installed: run `make clients`")
+    done = subprocess.run(
+        [str(phabfive), "--format", "json", "user", "whoami"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_client_env(home),
+        cwd=home,
+        check=False,
+    )
+    if done.returncode != 0:
+        return None, f"exit {done.returncode}: {done.stderr.strip()[-500:]}"
+    (me,) = json.loads(done.stdout)
+    return {"userName": me["User"]["UserName"]}, ""
+
+
+CLIENTS = {"arc": _arc, "phabricator": _phabricator, "phabfive": _phabfive}
 
 
 def _whoami(name: str, home: Path) -> tuple[str | None, str]:
@@ -258,7 +281,7 @@ def _whoami(name: str, home: Path) -> tuple[str | None, str]:
     return (result or {}).get("userName") if not error else None, error
 
 
-@pytest.mark.parametrize("name", list(CLIENTS))
+@pytest.mark.parametrize("name", ["arc", "phabricator"])
 def test_deployment_pod_calls_conduit_through_its_sidecar_agent(
     cluster: Cluster,
     operator: Threaded,
@@ -352,8 +375,9 @@ def test_job_pod_gets_one_credential_from_its_init_agent(
     assert not agent.termination_log.exists()
     bot = f"bot-{ns}"
     wait_for(lambda: _whoami("arc", agent.home)[0] == bot, what="arc to name the bot")
-    me, error = _whoami("phabricator", agent.home)
-    assert me == bot, error
+    for name in ("phabricator", "phabfive"):
+        me, error = _whoami(name, agent.home)
+        assert me == bot, f"{name}: {error}"
 
     # The work is done: KWOK finishes the pod (Succeeded) as its kubelet would.
     cluster.kubectl("annotate", "-n", ns, f"pod/{pod.metadata.name}", f"{HOLD}-")
