@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 NAMESPACE ?= phabmesh-system
 # kubectl: yours if installed, otherwise the one built with the local control plane.
-KUBECTL ?= $(shell command -v kubectl 2>/dev/null || echo "$(BIN)/python -m phabmesh.devcluster kubectl-path")
+KUBECTL ?= $(shell command -v kubectl 2>/dev/null || echo "$(BIN)/python -m phabmesh.dev.devcluster kubectl-path")
 PYTEST_ARGS ?=
 # Simulated pods' start/stop delays for `make dev-cluster`: none, realistic, or
 # start=MS,complete=MS,stop=MS,jitter=MS.
@@ -39,7 +39,11 @@ venv: $(STAMP) ## Create the virtualenv with phabmesh and its test tools
 
 .PHONY: controlplane
 controlplane: $(STAMP) ## Build the local Kubernetes control plane (once; cached)
-	$(BIN)/python -m phabmesh.devcluster build
+	$(BIN)/python -m phabmesh.dev.devcluster build
+
+.PHONY: monitoring-tools
+monitoring-tools: $(STAMP) ## Build promtool and fetch prometheus-operator's CRDs for the monitoring tests (once; cached)
+	$(BIN)/python -m phabmesh.dev.devcluster monitoring-tools
 
 $(CLIENTS_STAMP): $(CLIENTS)/python/requirements.txt $(CLIENTS)/python/constraints.txt $(CLIENTS)/node/package.json $(CLIENTS)/node/package-lock.json
 	@test -x $(CLIENTS_VENV)/bin/python || $(PYTHON) -m venv $(CLIENTS_VENV)
@@ -80,14 +84,18 @@ package: $(STAMP) ## Build the wheel and install it alone in a clean virtualenv 
 	$(PYTHON) -m venv build/package/venv
 	build/package/venv/bin/python -m pip install --quiet -c constraints.txt build/package/phabmesh-*.whl
 	build/package/venv/bin/phabmesh --version
+	@if build/package/venv/bin/python -c 'import phabmesh.dev' 2>/dev/null; then \
+	  echo "make package: the development kits (phabmesh.dev) must not be in the wheel" >&2; exit 1; fi
+	@build/package/venv/bin/phabmesh dev-cluster 2>&1 | grep -q 'checkout' \
+	  || { echo "make package: phabmesh dev-cluster must say it needs a checkout" >&2; exit 1; }
 	build/package/venv/bin/python -c "import operator, phabmesh.cli; assert hasattr(operator, 'itemgetter')"
 
 .PHONY: manifests
 manifests: $(STAMP) ## Verify CRDs and typed models agree (fails on drift)
-	$(BIN)/python -m phabmesh.schemacheck crds/
+	$(BIN)/python -m phabmesh.dev.schemacheck crds/
 
 .PHONY: test
-test: controlplane clients ## Run all tests (unit, integration against a real API server, e2e)
+test: controlplane clients monitoring-tools ## Run all tests (unit, integration against a real API server, e2e)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 .PHONY: test-unit

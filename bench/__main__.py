@@ -33,10 +33,11 @@ from pathlib import Path
 import aiohttp
 
 from bench import workloads
-from phabmesh import devcluster, logs, resources, serving
+from phabmesh import logs, resources, serving
+from phabmesh.dev import devcluster
 from phabmesh.kube import KubeClient, load_connection
 from phabmesh.kube.client import JSON, resource_path
-from phabmesh.leasewatch import LeaseIndex
+from phabmesh.leases.index import LeaseIndex
 from phabmesh.settings import Settings
 
 G, V = resources.GROUP, resources.VERSION

@@ -17,7 +17,7 @@ import signal
 from aiohttp import web
 
 from phabmesh import serving
-from phabmesh.testing import ConduitServer
+from phabmesh.dev.conduit_server import ConduitServer
 
 BOT = "bench-bot"
 

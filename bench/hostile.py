@@ -37,9 +37,10 @@ from pathlib import Path
 import aiohttp
 
 from bench.__main__ import NS, Child, Conduit, Operator, ms, pct, pods, ready, setup, until
-from phabmesh import devcluster, serving
+from phabmesh import serving
+from phabmesh.dev import devcluster
 from phabmesh.kube import KubeClient, load_connection
-from phabmesh.leasewatch import LeaseIndex
+from phabmesh.leases.index import LeaseIndex
 from phabmesh.settings import Settings
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}

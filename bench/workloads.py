@@ -17,11 +17,11 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
-from phabmesh import devcluster
+from phabmesh.dev import devcluster
 from phabmesh.kube import KubeClient
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.kube.informer import Informer
-from phabmesh.leasewatch import LeaseIndex
+from phabmesh.leases.index import LeaseIndex
 
 NS = "fleet"
 DEPLOYMENT = "fleet"

@@ -14,10 +14,10 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from phabmesh import devcluster
-from phabmesh.gateway.process import GatewayProcess
-from phabmesh.issuer.process import OperatorProcess
-from phabmesh.testing import ConduitServer
+from phabmesh.dev import devcluster
+from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.processes.gateway import GatewayProcess
+from phabmesh.processes.operator import OperatorProcess
 from tests import rbac
 from tests.kube import Cluster, create_hand_node, force_delete_pods, wait_for
 from tests.phab import SYSTEM, settings_for

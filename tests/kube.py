@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from phabmesh import devcluster
+from phabmesh.dev import devcluster
 from tests import rbac
 
 T = TypeVar("T")

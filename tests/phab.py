@@ -15,8 +15,8 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from phabmesh import resources
+from phabmesh.dev.conduit_server import ConduitServer
 from phabmesh.settings import Settings
-from phabmesh.testing import ConduitServer
 from tests.kube import HAND_NODE, Cluster, hand_made
 from tests.stack import Threaded
 

@@ -25,7 +25,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from phabmesh import devcluster
+from phabmesh.dev import devcluster
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 Call = tuple[str | None, str, str, str, str | None]

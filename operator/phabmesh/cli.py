@@ -13,8 +13,25 @@ from phabmesh.podclient import DEFAULT_TOKEN_FILE as _TOKEN_FILE
 from phabmesh.settings import Settings
 
 
+def _dev_kits_missing(command: str) -> int | None:
+    """2 and a message when this install has no development kits (an installed wheel)."""
+    try:
+        import phabmesh.dev  # noqa: F401 - only whether it is there
+    except ImportError:
+        print(
+            f"phabmesh {command}: this needs a phabmesh checkout (its development kits and "
+            "the Go modules of the local control plane are not in the installed package); "
+            "run `make run` or `make dev-cluster` there",
+            file=sys.stderr,
+        )
+        return 2
+    return None
+
+
 def _dev_cluster(args: argparse.Namespace) -> int:
-    from phabmesh import devcluster
+    if (missing := _dev_kits_missing("dev-cluster")) is not None:
+        return missing
+    from phabmesh.dev import devcluster
 
     crds = Path(args.crds) if args.crds else None
     try:
@@ -35,7 +52,7 @@ def _settings() -> Settings:
 def _controller(args: argparse.Namespace) -> int:
     import asyncio
 
-    from phabmesh.issuer.process import OperatorProcess
+    from phabmesh.processes.operator import OperatorProcess
 
     settings = _settings()
     process = OperatorProcess(settings, kubeconfig=args.kubeconfig, standalone=not args.peering)
@@ -44,7 +61,9 @@ def _controller(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from phabmesh import quickstart
+    if (missing := _dev_kits_missing("run")) is not None:
+        return missing
+    from phabmesh.dev import quickstart
 
     logs.configure(os.environ.get("PHABMESH_LOG_LEVEL", "WARNING"))
     return quickstart.run(wait=not args.no_wait)
@@ -53,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
 def _gateway(args: argparse.Namespace) -> int:
     import asyncio
 
-    from phabmesh.gateway.process import GatewayProcess
+    from phabmesh.processes.gateway import GatewayProcess
 
     settings = _settings()
     asyncio.run(GatewayProcess(settings, kubeconfig=args.kubeconfig).run_until_signalled())

@@ -1,7 +1,7 @@
 """phabmesh's custom resources as typed models, and Kubernetes condition conventions.
 
 Pure: no I/O. The CRDs in ``crds/`` and these models must agree; ``python -m
-phabmesh.schemacheck crds/`` (``make manifests``) fails when they drift.
+phabmesh.dev.schemacheck crds/`` (``make manifests``) fails when they drift.
 
 Parse a watched object's parts with ``BotSpec.model_validate(body["spec"])`` (and
 ``BindingSpec``, ``CredentialSpec``, ``*Status`` alike): fields are read by their
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import datetime
 import re
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -49,23 +50,30 @@ BINDING_NOT_READY = "BindingNotReady"  # the binding is not Ready for another re
 BOT_NOT_READY = "BotNotReady"  # the bot stopped being Ready (disabled, token revoked)
 BOT_CHANGED = "BotChanged"  # the binding's botRef now names another bot than the lease's
 BOT_NOT_ALLOWED = "BotNotAllowed"  # the lease's bot is gone or no longer allows the namespace
-REVOCATION_REASONS = frozenset(
-    {
-        POD_TERMINATING,
-        POD_SUCCEEDED,
-        POD_FAILED,
-        POD_DELETED,
-        POD_GONE,
-        POD_NOT_RUNNING,
-        POD_NOT_MESHED,
-        NO_LONGER_MATCHED,
-        BINDING_DELETED,
-        BINDING_NOT_READY,
-        BOT_NOT_READY,
-        BOT_CHANGED,
-        BOT_NOT_ALLOWED,
-    }
-)
+# Each reason's one message: in the lease's status.message, the pod's Event, the gateway's
+# and the credential endpoint's refusals ("credential revoked: <message>").
+REVOCATION_MESSAGES: Mapping[str, str] = {
+    POD_TERMINATING: "pod terminating",
+    POD_SUCCEEDED: "pod completed",
+    POD_FAILED: "pod failed",
+    POD_DELETED: "pod deleted",
+    POD_GONE: "pod gone",
+    POD_NOT_RUNNING: "pod not running",
+    POD_NOT_MESHED: "pod not meshed",
+    NO_LONGER_MATCHED: "binding no longer matches the pod",
+    BINDING_DELETED: "binding deleted",
+    BINDING_NOT_READY: "binding not ready",
+    BOT_NOT_READY: "bot not ready",
+    BOT_CHANGED: "the binding names another bot now",
+    BOT_NOT_ALLOWED: "bot not allowed in this namespace",
+}
+REVOCATION_REASONS = frozenset(REVOCATION_MESSAGES)
+
+
+def revocation_message(reason: str) -> str:
+    """The one message of a revocation reason (the reason itself when it is not one)."""
+    return REVOCATION_MESSAGES.get(reason, reason)
+
 
 # The CRD's credentialTTL pattern, without its anchors (used with fullmatch).
 _DURATION = re.compile(r"([0-9]+(\.[0-9]+)?(ms|s|m|h))+")
@@ -306,3 +314,21 @@ def set_condition(
     updated = new.model_copy(update={"last_transition_time": stamp})
     rest = [c for c in conditions if c.type != new.type]
     return sorted([*rest, updated], key=lambda c: c.type)
+
+
+def parse_binding_spec(obj: Mapping[str, Any]) -> tuple[BindingSpec | None, str | None]:
+    """A PhabricatorBinding's spec, or None and what is wrong with it: the one parse the
+    controller, the endpoint, the webhook and the gateway share. (An invalid binding names
+    nobody; the CRD's schema and the admission checks keep most from being stored.)"""
+    try:
+        return BindingSpec.model_validate(obj.get("spec") or {}), None
+    except ValueError as exc:
+        return None, f"spec: {exc}"
+
+
+def parse_bot_spec(obj: Mapping[str, Any]) -> tuple[BotSpec | None, str | None]:
+    """A PhabricatorBot's spec, or None and what is wrong with it (see parse_binding_spec)."""
+    try:
+        return BotSpec.model_validate(obj.get("spec") or {}), None
+    except ValueError as exc:
+        return None, f"spec: {exc}"

@@ -6,15 +6,20 @@ import socket
 from collections.abc import Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from phabmesh import metrics as metrics_module
 from phabmesh.conduit import wire
 
 ReadyCheck = Callable[[], bool]
 
 
-def add_health_routes(app: web.Application, ready: ReadyCheck) -> None:
-    """``/healthz`` (the process answers), ``/readyz`` (``ready()``), ``/metrics``."""
+def add_health_routes(
+    app: web.Application, ready: ReadyCheck, registry: CollectorRegistry | None = None
+) -> None:
+    """``/healthz`` (the process answers), ``/readyz`` (``ready()``), ``/metrics`` (the
+    process's own registry: :attr:`phabmesh.metrics.Metrics.registry`)."""
+    served = registry if registry is not None else metrics_module.current().registry
 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -25,7 +30,7 @@ def add_health_routes(app: web.Application, ready: ReadyCheck) -> None:
         return web.Response(status=503, text="not ready\n")
 
     async def metrics(request: web.Request) -> web.Response:
-        body = generate_latest()
+        body = generate_latest(served)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app.router.add_get("/healthz", healthz)

@@ -9,32 +9,26 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
-PREFIX = "PHABMESH_"
+from phabmesh import resources
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+PREFIX = "PHABMESH_"
 
 
 def parse_seconds(text: str) -> float:
-    """``"90"``, ``"90s"``, ``"1m30s"``, ``"1h"`` → seconds."""
+    """``"90"``, ``"90s"``, ``"1m30s"``, ``"1h"`` → seconds: a number of seconds, or the
+    duration syntax of the CRDs (:func:`phabmesh.resources.parse_duration`)."""
     text = text.strip()
     try:
         return float(text)
     except ValueError:
         pass
-    pos, total = 0, 0.0
-    for match in _DURATION.finditer(text):
-        if match.start() != pos:
-            break
-        total += float(match.group(1)) * _UNIT[match.group(2)]
-        pos = match.end()
-    if pos != len(text) or not text:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 5m, 1h30m)")
-    return total
+    try:
+        return resources.parse_duration(text).total_seconds()
+    except ValueError:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 5m, 1h30m)") from None
 
 
 @dataclasses.dataclass(frozen=True)

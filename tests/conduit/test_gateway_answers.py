@@ -21,9 +21,9 @@ from aiohttp import web
 
 from phabmesh import serving
 from phabmesh.conduit import responses
+from phabmesh.dev.conduit_server import ConduitServer
 from phabmesh.gateway.app import Gateway
 from phabmesh.settings import Settings
-from phabmesh.testing import ConduitServer
 
 Serve = Callable[[str], Awaitable[str]]
 ABSENT = None

@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from phabmesh.testing import ConduitServer
+from phabmesh.dev.conduit_server import ConduitServer
 
 REPO = Path(__file__).resolve().parents[2]
 IN_REPO = Path(__file__).resolve().parent / "recordings"

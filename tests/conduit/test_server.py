@@ -13,7 +13,8 @@ import pytest
 import requests
 
 from phabmesh.conduit import wire
-from phabmesh.testing import ConduitServer, conduit_server
+from phabmesh.dev import conduit_server
+from phabmesh.dev.conduit_server import ConduitServer
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
@@ -187,7 +188,7 @@ async def test_async_context_manager() -> None:
 
 
 def test_importable_without_pytest() -> None:
-    code = "import sys, phabmesh.testing; assert 'pytest' not in sys.modules"
+    code = "import sys, phabmesh.dev.conduit_server; assert 'pytest' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=sys.path[0] or None, env=None)
 
 

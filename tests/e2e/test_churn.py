@@ -45,11 +45,12 @@ import requests
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from phabmesh import devcluster, resources
+from phabmesh import resources
 from phabmesh.credentials import phorge
-from phabmesh.gateway.process import GatewayProcess
-from phabmesh.issuer.process import OperatorProcess
-from phabmesh.testing import ConduitServer
+from phabmesh.dev import devcluster
+from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.processes.gateway import GatewayProcess
+from phabmesh.processes.operator import OperatorProcess
 from tests.kube import Cluster, wait_for
 from tests.phab import SYSTEM, settings_for
 from tests.stack import Threaded

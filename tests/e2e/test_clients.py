@@ -32,11 +32,11 @@ import pytest
 import requests
 from kubernetes import client
 
-from phabmesh import devcluster
-from phabmesh.gateway.process import GatewayProcess
-from phabmesh.issuer.process import OperatorProcess
+from phabmesh.dev import conduit_server, devcluster
+from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.processes.gateway import GatewayProcess
+from phabmesh.processes.operator import OperatorProcess
 from phabmesh.settings import Settings
-from phabmesh.testing import ConduitServer, conduit_server
 from tests.kube import Cluster, create_hand_node, wait_for
 from tests.phab import (
     SYSTEM,

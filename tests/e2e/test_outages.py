@@ -21,11 +21,12 @@ import requests
 import urllib3
 from kubernetes import client
 
-from phabmesh import devcluster, resources
-from phabmesh.gateway.process import GatewayProcess
-from phabmesh.issuer.process import OperatorProcess
+from phabmesh import resources
+from phabmesh.dev import devcluster
+from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.processes.gateway import GatewayProcess
+from phabmesh.processes.operator import OperatorProcess
 from phabmesh.settings import Settings
-from phabmesh.testing import ConduitServer
 from tests.kube import HAND_NODE, Cluster, compact_etcd, create_hand_node, wait_for
 from tests.phab import (
     SYSTEM,

@@ -15,7 +15,8 @@ from pathlib import Path
 import structlog
 import yaml
 
-from phabmesh import devcluster, logs, quickstart
+from phabmesh import logs
+from phabmesh.dev import devcluster, quickstart
 
 
 def test_quick_start_flow(tmp_path: Path) -> None:

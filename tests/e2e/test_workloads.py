@@ -22,7 +22,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from phabmesh.testing import ConduitServer
+from phabmesh.dev.conduit_server import ConduitServer
 from tests.kube import Cluster, wait_for
 from tests.phab import (
     active_leases,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from phabmesh.testing import ConduitServer
+from phabmesh.dev.conduit_server import ConduitServer
 from tests.kube import Cluster, wait_for
 from tests.phab import (
     binding_condition,

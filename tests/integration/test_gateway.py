@@ -24,9 +24,9 @@ import requests
 from phabmesh import credentials
 from phabmesh.conduit import responses, wire
 from phabmesh.credentials.keys import SigningKey
-from phabmesh.gateway.process import GatewayProcess
-from phabmesh.lease import LeaseView
-from phabmesh.testing import ConduitServer
+from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.leases.view import LeaseView
+from phabmesh.processes.gateway import GatewayProcess
 from tests.kube import Cluster, wait_for
 from tests.phab import active_leases, exchange, leases, make_pod, pod_token, settings_for
 from tests.stack import Threaded

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from phabmesh import credentials
-from phabmesh.keystore import KeyStore
+from phabmesh.credentials.keystore import KeyStore
 from phabmesh.kube import KubeClient, load_connection
 from phabmesh.kube.client import resource_path
 from tests.kube import Cluster

@@ -15,9 +15,9 @@ import requests
 from phabmesh import credentials, resources
 from phabmesh.controller.world import World
 from phabmesh.controller.writer import Writer
+from phabmesh.dev.conduit_server import ConduitServer
 from phabmesh.kube import KubeClient, KubeError, load_connection
-from phabmesh.lease import LeaseView
-from phabmesh.testing import ConduitServer
+from phabmesh.leases.view import LeaseView
 from tests.kube import Cluster, wait_for
 from tests.phab import (
     G,

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from phabmesh import credentials, resources
-from phabmesh.testing import ConduitServer
+from phabmesh.dev.conduit_server import ConduitServer
 from tests.kube import HAND_NODE, Cluster, wait_for
 from tests.phab import (
     SYSTEM,

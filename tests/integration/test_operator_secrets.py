@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator
 import pytest
 
 from phabmesh.admission.tls import Material, WebhookTLS, service_names
-from phabmesh.keystore import KeyStore
+from phabmesh.credentials.keystore import KeyStore
+from phabmesh.dev.conduit_server import ConduitServer
 from phabmesh.kube import KubeClient, load_connection
 from phabmesh.kube.client import resource_path
 from phabmesh.settings import Settings
-from phabmesh.testing import ConduitServer
 from tests import rbac
 from tests.kube import wait_for
 from tests.phab import settings_for

@@ -16,8 +16,8 @@ import pytest
 import requests
 from kubernetes import client
 
-from phabmesh import devcluster
-from phabmesh.testing import ConduitServer
+from phabmesh.dev import devcluster
+from phabmesh.dev.conduit_server import ConduitServer
 from tests.kube import Cluster, wait_for
 from tests.phab import (
     SYSTEM,
@@ -52,11 +52,29 @@ def alone(tmp_path: Path) -> Iterator[Cluster]:
         cluster.assert_nothing_forbidden()
 
 
-def _webhook_port(log: str) -> int:
+def _port(log: str, which: str = "webhook_port") -> int:
     for line in log.splitlines():
         if '"operator_started"' in line:
-            return int(json.loads(line)["webhook_port"])
+            return int(json.loads(line)[which])
     raise AssertionError("no operator_started line")
+
+
+def _webhook_port(log: str) -> int:
+    return _port(log)
+
+
+def _acting(log: str) -> float | None:
+    """phabmesh_operator_acting on the replica's /metrics (None if it does not answer)."""
+    try:
+        text = requests.get(
+            f"http://127.0.0.1:{_port(log, 'metrics_port')}/metrics", timeout=5
+        ).text
+    except requests.RequestException:
+        return None
+    for line in text.splitlines():
+        if line.startswith("phabmesh_operator_acting "):
+            return float(line.split()[1])
+    raise AssertionError("no phabmesh_operator_acting on /metrics")
 
 
 def _admits_with_injection(port: int, ca: Path) -> bool:
@@ -118,6 +136,8 @@ def test_one_of_two_replicas_acts_and_the_other_takes_over(
         issued = [text.count('"lease_issued"') for text in logs]
         assert sorted(issued) == [0, 1], issued  # exactly one replica acted
         active = issued.index(1)
+        # Each replica's /metrics says whether it acts: the one that issued, only.
+        wait_for(lambda: [_acting(text) for text in read_logs()] == [a == active for a in (0, 1)])
         # Both replicas serve pod injection (peering pauses only the acting handlers), with
         # certificates from the one CA in the Secret, and decide alike.
         ca = tmp_path / "ca.crt"
@@ -136,6 +156,7 @@ def test_one_of_two_replicas_acts_and_the_other_takes_over(
             timeout=120,
             what="the standby to take over",
         )
+        assert _acting(read_logs()[1 - active]) == 1.0
     finally:
         for proc in (first, second):
             if proc.poll() is None:

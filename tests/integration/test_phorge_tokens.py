@@ -15,8 +15,8 @@ import structlog.testing
 
 from phabmesh import credentials, resources
 from phabmesh.credentials import phorge
-from phabmesh.lease import LeaseView
-from phabmesh.testing import ConduitServer
+from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.leases.view import LeaseView
 from tests.kube import Cluster, wait_for
 from tests.phab import G, V, active_leases, exchange, make_pod, pod_token, time_of
 from tests.stack import Threaded

@@ -7,18 +7,24 @@ import datetime
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes import client
 
-from phabmesh import devcluster
-from phabmesh.issuer.process import OperatorProcess
-from phabmesh.testing import ConduitServer
+from phabmesh import resources
+from phabmesh.dev import devcluster
+from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.processes.operator import OperatorProcess
+from tests import rbac
 from tests.kube import Cluster, wait_for
 from tests.phab import (
     SYSTEM,
+    G,
+    V,
     active_leases,
     binding_condition,
+    condition,
     label_namespace,
     leases,
     make_binding,
@@ -128,3 +134,56 @@ def test_restart_with_due_renewals_revokes_no_live_pod(
         assert {x["metadata"]["uid"] for x in items} == issued
         assert all(x["status"]["phase"] == "Active" for x in items)
     operator.stop()
+
+
+def test_a_restarted_operator_writes_no_status_that_did_not_change(
+    alone: Cluster, conduit: ConduitServer
+) -> None:
+    """Conditions come from the objects, not from the process: a new operator (a restart,
+    a failover) finds the bot and the binding as it would have written them, writes nothing
+    to the bot, and moves no lastTransitionTime; only the binding's count of a new pod."""
+    cluster = alone
+
+    def bot() -> dict[str, Any]:
+        return cluster.custom.get_cluster_custom_object(G, V, resources.BOT_PLURAL, "steady-bot")
+
+    def binding() -> dict[str, Any]:
+        return cluster.custom.get_namespaced_custom_object(
+            G, V, NS, resources.BINDING_PLURAL, "steady"
+        )
+
+    def status_writes(resource: str) -> int:
+        return sum(
+            1
+            for (_, _, what, verb, _), _ in rbac.calls(cluster.plane, "operator")
+            if what == resource and verb in ("patch", "update")
+        )
+
+    operator = start_operator(cluster, conduit)
+    try:
+        make_bot(cluster, conduit, "steady-bot")
+        label_namespace(cluster, NS)
+        make_binding(cluster, NS, "steady", "steady-bot")
+        make_pod(cluster, NS, "steady-0", node=None)
+        wait_for(lambda: binding().get("status", {}).get("activeCredentials") == 1)
+        wait_for(lambda: (c := condition(bot())) and c["status"] == "True")
+    finally:
+        operator.stop()
+    bot_before, binding_before = bot(), binding()
+    bot_writes = status_writes("phabricatorbots/status")
+    time.sleep(1.1)  # a re-stamped lastTransitionTime (whole seconds) would now differ
+
+    operator = start_operator(cluster, conduit)
+    try:
+        # A pod after the restart: once its lease is counted, the new operator has
+        # reconciled the namespace; two recheck intervals more, and it has checked the bot.
+        make_pod(cluster, NS, "steady-1", node=None)
+        wait_for(lambda: binding().get("status", {}).get("activeCredentials") == 2)
+        time.sleep(2 * settings_for(conduit).bot_recheck_interval + 1)
+        bot_after, binding_after = bot(), binding()
+    finally:
+        operator.stop()
+    assert bot_after["metadata"]["resourceVersion"] == bot_before["metadata"]["resourceVersion"]
+    assert status_writes("phabricatorbots/status") == bot_writes
+    assert binding_after["status"]["conditions"] == binding_before["status"]["conditions"]
+    assert binding_after["status"]["matchedPods"] == 2

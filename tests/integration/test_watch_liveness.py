@@ -3,7 +3,8 @@
 Fault injection: a TCP proxy on 127.0.0.1 between the informer and the real API server
 stops forwarding in both directions (and holds new connections) while keeping every
 socket open. Before, such a watch kept ``connected`` True until the socket read timeout
-(330 s): the gateway would have accepted credentials whose revocation it never saw.
+(330 s): the gateway would have accepted credentials whose revocation it never saw. A gateway
+behind the same proxy says so on its /metrics (``phabmesh_gateway_fail_closed``).
 """
 
 from __future__ import annotations
@@ -13,14 +14,23 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import requests
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
+from phabmesh.dev.conduit_server import ConduitServer
 from phabmesh.kube import KubeClient, load_connection
 from phabmesh.kube.client import resource_path
 from phabmesh.kube.informer import Informer
+from phabmesh.processes.gateway import GatewayProcess
+from tests import rbac
 from tests.kube import Cluster
+from tests.phab import settings_for
+from tests.stack import Threaded
 
 
 class FreezingProxy:
@@ -120,3 +130,62 @@ async def test_a_stalled_watch_counts_as_lost_and_resumes_without_a_gap(
         await asyncio.gather(task, return_exceptions=True)
         await via_proxy.close()
         await direct.close()
+
+
+def _through(kubeconfig: str, port: int, where: Path) -> str:
+    """The kubeconfig with its server replaced by the proxy on 127.0.0.1:``port``."""
+    config = yaml.safe_load(Path(kubeconfig).read_text())
+    for entry in config["clusters"]:
+        entry["cluster"]["server"] = f"https://127.0.0.1:{port}"
+    where.write_text(yaml.safe_dump(config))
+    return str(where)
+
+
+async def _gauges(process: GatewayProcess) -> dict[str, float]:
+    """The gateway's fail-closed gauge and its watches' connected gauges, from /metrics."""
+    url = f"http://127.0.0.1:{process.metrics_port}/metrics"
+    text = (await asyncio.to_thread(requests.get, url, timeout=5)).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "phabmesh_gateway_fail_closed":
+                out["fail_closed"] = sample.value
+            elif sample.name == "phabmesh_watch_connected":
+                out[sample.labels["resource"]] = sample.value
+    return out
+
+
+async def test_a_gateway_whose_lease_watch_stalls_says_it_fails_closed(
+    conduit: ConduitServer,
+    operator: Threaded,
+    phabmesh_rbac: rbac.Installed,
+    proxy: FreezingProxy,
+    tmp_path: Path,
+) -> None:
+    kubeconfig = _through(phabmesh_rbac.kubeconfig("gateway"), proxy.port, tmp_path / "kc")
+    settings = dataclasses.replace(settings_for(conduit), watch_liveness=3.0)
+    # Started off this loop: the proxy serves on it.
+    gateway = await asyncio.to_thread(
+        Threaded(GatewayProcess(settings, kubeconfig=kubeconfig)).start
+    )
+    process: GatewayProcess = gateway.process  # type: ignore[assignment]
+    try:
+        await _until(lambda: process.state.ready, 60, "the gateway to be ready")
+        healthy = await _gauges(process)
+        assert healthy["fail_closed"] == 0.0
+        assert healthy["leases"] == 1.0 and healthy["pods"] == 1.0
+
+        proxy.flowing.clear()  # every watch of this gateway stalls
+        await _until(lambda: not process.state.leases.connected, 30, "the lease watch lost")
+        stalled = await _gauges(process)
+        assert stalled["fail_closed"] == 1.0
+        assert stalled["leases"] == 0.0
+
+        proxy.flowing.set()
+        await _until(lambda: process.state.ready, 30, "the gateway to recover")
+        recovered = await _gauges(process)
+        assert recovered["fail_closed"] == 0.0
+        assert recovered["leases"] == 1.0
+    finally:
+        proxy.flowing.set()
+        await asyncio.to_thread(gateway.stop)

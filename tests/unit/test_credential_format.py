@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from phabmesh.issuer import app
+from phabmesh.endpoint import app
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import datetime
 from phabmesh import identity
 from phabmesh.controller import decide
 from phabmesh.controller.world import BindingView, BotView, World
-from phabmesh.lease import LeaseView
+from phabmesh.leases.view import LeaseView
 
 N = identity.DEFAULT_NAMING
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from phabmesh import cli
-from phabmesh.devcluster import Delays
+from phabmesh.dev.devcluster import Delays
 
 
 def test_named_delays() -> None:

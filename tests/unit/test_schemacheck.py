@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from phabmesh import schemacheck
+from phabmesh.dev import schemacheck
 
 REPO = Path(__file__).resolve().parents[2]
 CRDS = REPO / "crds"
@@ -219,7 +219,7 @@ def test_runs_as_a_module(tmp_path: Path) -> None:
 
     def run(crd_dir: str) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "PYTHONPATH": str(REPO / "operator")}
-        argv = [sys.executable, "-m", "phabmesh.schemacheck", crd_dir]
+        argv = [sys.executable, "-m", "phabmesh.dev.schemacheck", crd_dir]
         return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, check=False)
 
     ok = run("crds/")

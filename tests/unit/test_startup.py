@@ -9,7 +9,7 @@ from typing import Any
 
 from phabmesh.controller import decide
 from phabmesh.controller.state import Memo
-from phabmesh.lease import LeaseView
+from phabmesh.leases.view import LeaseView
 from phabmesh.settings import Settings
 from tests.unit.test_decide import binding, bot, lease, pod
 
@@ -44,34 +44,34 @@ def _memo() -> tuple[Memo, _Recorder]:
         world.put_binding(binding(name))
         world.put_lease(lease("p1", name))
     for view in world.bindings.values():
-        memo.verdicts[view.key] = memo._judge(view)
+        memo.bindings.judge(view)
     return memo, recorder
 
 
 def test_a_binding_deleted_between_preload_and_the_watch_is_forgotten_and_revoked() -> None:
     memo, recorder = _memo()
-    memo.saw("namespaces", "build")
-    memo.saw("bots", "ci-bot")
-    memo.saw("bindings", ("build", "runners"))  # "deployers" went before kopf listed
+    memo.startup.saw("namespaces", "build")
+    memo.startup.saw("bots", "ci-bot")
+    memo.startup.saw("bindings", ("build", "runners"))  # "deployers" went before kopf listed
     for key in memo.world.leases:
-        memo.saw("leases", key)
-    asyncio.run(memo.listed())
+        memo.startup.saw("leases", key)
+    asyncio.run(memo.startup.listed())
     assert ("build", "deployers") not in memo.world.bindings
     assert recorder.revoked == [("l-p1-deployers", decide.BINDING_DELETED)]
     assert recorder.issued == []
     # Only once: later events and timers find nothing more to forget.
     memo.world.put_binding(binding("late"))
-    asyncio.run(memo.listed())
+    asyncio.run(memo.startup.listed())
     assert ("build", "late") in memo.world.bindings
 
 
 def test_a_bot_and_a_lease_deleted_between_preload_and_the_watch_are_forgotten() -> None:
     memo, recorder = _memo()
-    memo.saw("namespaces", "build")
-    memo.saw("bindings", ("build", "runners"))
-    memo.saw("bindings", ("build", "deployers"))
-    memo.saw("leases", ("build", "l-p1-runners"))  # the other lease went before kopf listed
-    asyncio.run(memo.listed())
+    memo.startup.saw("namespaces", "build")
+    memo.startup.saw("bindings", ("build", "runners"))
+    memo.startup.saw("bindings", ("build", "deployers"))
+    memo.startup.saw("leases", ("build", "l-p1-runners"))  # the other lease went before kopf listed
+    asyncio.run(memo.startup.listed())
     assert "ci-bot" not in memo.world.bots
     assert list(memo.world.leases) == [("build", "l-p1-runners")]
     # The bot is gone: its bindings are not Ready and the remaining lease is revoked (a bot
@@ -88,11 +88,11 @@ def test_only_once_across_the_memo_copies_kopf_hands_each_object() -> None:
         ("bindings", ("build", "deployers")),
         *(("leases", key) for key in memo.world.leases),
     ):
-        memo.saw(kind, key)
+        memo.startup.saw(kind, key)
     first, second = copy.copy(memo), copy.copy(memo)  # as kopf's per-object memos
-    asyncio.run(first.listed())
+    asyncio.run(first.startup.listed())
     # A lease written after start-up, its watch event not in yet: never taken for deleted.
     memo.world.put_lease(lease("p2", "runners"))
-    asyncio.run(second.listed())
+    asyncio.run(second.startup.listed())
     assert ("build", "l-p2-runners") in memo.world.leases
     assert recorder.revoked == []

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from phabmesh.issuer.app import RateLimited, TokenReviewer
+from phabmesh.endpoint.app import RateLimited, TokenReviewer
 
 AUDIENCE = "phabmesh.io"
 
@@ -134,7 +134,7 @@ async def test_both_caches_are_bounded(good: bool) -> None:
 
 
 def test_the_source_is_the_mesh_identity_only_from_the_local_proxy() -> None:
-    from phabmesh.issuer.app import review_source
+    from phabmesh.endpoint.app import review_source
 
     identity = "runner.ci.serviceaccount.identity.linkerd.cluster.local"
     assert review_source(identity, "127.0.0.1") == f"id:{identity}"

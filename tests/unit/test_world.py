@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from phabmesh.controller.world import World
-from phabmesh.lease import LeaseView
+from phabmesh.leases.view import LeaseView
 
 
 def _lease(version: str, phase: str) -> LeaseView:

@@ -28,10 +28,8 @@ HANDLER_ID = "inject"  # kopf's handler id, hence the webhook's URL path: /injec
 
 
 def _binding_spec(obj: JSON) -> resources.BindingSpec | None:
-    try:
-        return resources.BindingSpec.model_validate(obj.get("spec") or {})
-    except ValueError:
-        return None  # an invalid binding names nobody (its status says why)
+    spec, _ = resources.parse_binding_spec(obj)  # an invalid binding names nobody
+    return spec
 
 
 def pointed_at(configuration: JSON, url: str) -> JSON:
@@ -89,7 +87,7 @@ class Injector:
             skip_namespaces=self.skip,
             naming=self.naming,
         )
-        metrics.POD_INJECTIONS.labels(reason).inc()
+        metrics.current().pod_injections.labels(reason).inc()
         meta = pod.get("metadata") or {}
         log.debug(
             "pod_admission",

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from phabmesh import metrics
 from phabmesh.kube import Conflict, KubeClient, KubeError, NotFound
 from phabmesh.kube.client import JSON, resource_path
 
@@ -313,6 +314,7 @@ class WebhookTLS:
             else:
                 load_into(self.context, material)
             self.material = material
+            metrics.current().webhook_certificate_expires(material.not_after)
         await self.inject_ca_bundle(material.ca_cert)
         return changed
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import kopf
 
+from phabmesh import metrics
+from phabmesh.controller import peering
 from phabmesh.settings import Settings
 
 if TYPE_CHECKING:
     from phabmesh.admission import Injector
+    from phabmesh.controller.state import Memo
 
 
 async def operate(
@@ -26,20 +29,28 @@ async def operate(
     liveness_endpoint: str | None = None,
     injector: Injector | None = None,
     webhook_server: kopf.WebhookServer | None = None,
+    peering_identity: str | None = None,
+    peering_priority: int | None = None,
+    memo: Memo | None = None,
 ) -> None:
     """Run the controller until ``stop_flag`` is set (or the task is cancelled).
 
     With ``injector`` and ``webhook_server``, kopf also serves the pod-injection
     webhook (on every replica: peering pauses only the watching handlers).
+    ``peering_identity`` and ``peering_priority`` are this replica's in kopf's peering
+    (:mod:`phabmesh.controller.peering` reads the peering object back with them); by default kopf's
+    own identity and a random priority.
     """
     from phabmesh.controller import handlers
     from phabmesh.controller.state import Memo
 
     if kubeconfig:
         os.environ["KUBECONFIG"] = kubeconfig  # kopf's login reads it
-    memo = Memo(settings, kubeconfig=kubeconfig)
+    if memo is None:  # else the caller's (the operator process keeps it)
+        memo = Memo(settings, kubeconfig=kubeconfig)
     memo.injector = injector
     memo.webhook_server = webhook_server
+    metrics.current().active_leases.track(memo.world)  # phabmesh_leases_active, at each scrape
     await kopf.operator(
         registry=handlers.registry,
         memo=memo,
@@ -49,4 +60,7 @@ async def operate(
         stop_flag=stop_flag,
         ready_flag=ready_flag,
         liveness_endpoint=liveness_endpoint,
+        # kopf's peering identity type is a NewType of str that kopf does not export.
+        identity=cast(Any, peering_identity),
+        priority=peering_priority or peering.new_priority(),
     )

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from phabmesh import identity, matching, resources
 from phabmesh.controller.world import BindingView, BotView, World
-from phabmesh.lease import LeaseView
+from phabmesh.leases.view import LeaseView
 
 # Binding Ready / BotReady reasons.
 READY = "Ready"  # the bot is Ready and may be used from this namespace
@@ -125,13 +125,15 @@ def _pod_reason(pod: identity.PodFacts) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """What to do about one pod: which bindings to issue for, which leases to revoke."""
+    """What to do about one pod: which bindings to issue for, which leases to revoke, and
+    which leases, Revoked already, are still to be deleted (a delete that failed)."""
 
     issue: tuple[BindingView, ...] = ()
     revoke: tuple[tuple[LeaseView, str], ...] = ()
+    delete: tuple[LeaseView, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.issue or self.revoke)
+        return bool(self.issue or self.revoke or self.delete)
 
 
 def binding_matches(binding: BindingView, pod: identity.PodFacts, naming: identity.Naming) -> bool:
@@ -172,8 +174,9 @@ def plan_pod(
     """
     pod = world.pods.get(pod_uid)
     held = [lease for lease in world.leases_of_pod(pod_uid) if lease.active]
+    delete = tuple(lease for lease in world.leases_of_pod(pod_uid) if lease.phase == "Revoked")
     if pod is None:
-        return Plan(revoke=tuple((lease, POD_DELETED) for lease in held))
+        return Plan(revoke=tuple((lease, POD_DELETED) for lease in held), delete=delete)
     blocked = _pod_reason(pod)
     revoke: list[tuple[LeaseView, str]] = []
     wanted: set[str] = set()
@@ -203,7 +206,7 @@ def plan_pod(
             for binding in world.bindings_in(pod.namespace)
             if binding.name in wanted and binding.name not in kept
         ]
-    return Plan(tuple(issue), tuple(revoke))
+    return Plan(tuple(issue), tuple(revoke), delete)
 
 
 def _lost_reason(

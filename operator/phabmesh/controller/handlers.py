@@ -9,17 +9,17 @@ never written to.
 
 from __future__ import annotations
 
-import secrets
+import dataclasses
 from typing import Any, cast
 
 import kopf
 import structlog
 
-from phabmesh import admission, identity, resources
+from phabmesh import admission, identity, metrics, resources
 from phabmesh.controller import decide
 from phabmesh.controller.state import Memo
 from phabmesh.controller.world import BindingView, BotView, Key
-from phabmesh.lease import LeaseView
+from phabmesh.leases.view import LeaseView
 
 log = structlog.get_logger(__name__)
 registry = kopf.OperatorRegistry()
@@ -54,17 +54,16 @@ async def configure(settings: kopf.OperatorSettings, memo: Memo, **_: Any) -> No
     settings.watching.client_timeout = 330
     settings.posting.level = 30  # warnings and errors only, as Events on our objects
     settings.networking.request_timeout = 30
-    # Replicas are identical; equal priorities would make kopf pause them all. A random
-    # priority per process makes exactly one of them act.
-    settings.peering.priority = secrets.randbelow(1 << 30) + 1
+    # settings.peering.priority: random per process, given to kopf by controller.operate
+    # (phabmesh.controller.peering.new_priority), so that exactly one of identical replicas acts.
     settings.peering.lifetime = int(memo.settings.peering_lifetime)
     # The injection webhook: served by kopf, configured by phabmesh's own manifest (kopf
     # does not manage the MutatingWebhookConfiguration; phabmesh keeps its caBundle).
     settings.admission.server = memo.get("webhook_server")
     settings.admission.managed = None
     await memo.start()
-    await memo.preload()
-    swept = await memo.sweep()
+    await memo.startup.preload()
+    swept = await memo.startup.sweep()
     log.info("controller_started", swept=swept, pods_known=len(memo.world.pods))
 
 
@@ -82,22 +81,22 @@ async def shutdown(memo: Memo, **_: Any) -> None:
 
 @kopf.index("", "v1", "namespaces", registry=registry)
 def namespace_seen(name: str, memo: Memo, **_: Any) -> None:
-    memo.saw("namespaces", name)
+    memo.startup.saw("namespaces", name)
 
 
 @kopf.index(resources.GROUP, resources.VERSION, resources.BOT_PLURAL, registry=registry)
 def bot_seen(name: str, memo: Memo, **_: Any) -> None:
-    memo.saw("bots", name)
+    memo.startup.saw("bots", name)
 
 
 @kopf.index(resources.GROUP, resources.VERSION, resources.BINDING_PLURAL, registry=registry)
 def binding_seen(namespace: str | None, name: str, memo: Memo, **_: Any) -> None:
-    memo.saw("bindings", (namespace, name))
+    memo.startup.saw("bindings", (namespace, name))
 
 
 @kopf.index(resources.GROUP, resources.VERSION, resources.CREDENTIAL_PLURAL, registry=registry)
 def lease_seen(namespace: str | None, name: str, memo: Memo, **_: Any) -> None:
-    memo.saw("leases", (namespace, name))
+    memo.startup.saw("leases", (namespace, name))
 
 
 # -- namespaces -------------------------------------------------------------------------------
@@ -107,7 +106,7 @@ def lease_seen(namespace: str | None, name: str, memo: Memo, **_: Any) -> None:
 async def namespace_event(
     event: kopf.RawEvent, body: kopf.Body, name: str, memo: Memo, **_: Any
 ) -> None:
-    await memo.listed()
+    await memo.startup.listed()
     world = memo.world
     labels = dict(body.get("metadata", {}).get("labels") or {})
     if event.get("type") == "DELETED":
@@ -117,7 +116,7 @@ async def namespace_event(
     else:
         world.namespaces[name] = labels
     if world.bindings_by_ns.get(name):
-        await memo.refresh_namespace(name)
+        await memo.bindings.refresh_namespace(name)
 
 
 # -- bots -------------------------------------------------------------------------------------
@@ -125,22 +124,25 @@ async def namespace_event(
 
 @kopf.on.event(resources.GROUP, resources.VERSION, resources.BOT_PLURAL, registry=registry)
 async def bot_event(event: kopf.RawEvent, body: kopf.Body, name: str, memo: Memo, **_: Any) -> None:
-    await memo.listed()
+    await memo.startup.listed()
     world = memo.world
     if event.get("type") == "DELETED":
         world.bots.pop(name, None)
-        memo.schedules.pop(name, None)
+        memo.bots.forget(name)
+        metrics.current().bot_gone(name)
     else:
         fresh = BotView.from_body(body)
         old = world.bots.get(name)
-        # Keep the readiness this process decided; take spec changes from the event.
+        # Keep the readiness this process decided; take spec changes from the event, and
+        # the status it shows (what the next status write is compared with).
         if old is not None and old.generation == fresh.generation and old.spec == fresh.spec:
+            world.bots[name] = dataclasses.replace(old, status=fresh.status)
             return
         world.bots[name] = fresh
         if fresh.generation != (old.generation if old else -1):
-            await memo.check_bot(name)
+            await memo.bots.check(name)
     for namespace in world.namespaces_of_bot(name):
-        await memo.refresh_namespace(namespace)
+        await memo.bindings.refresh_namespace(namespace)
 
 
 @kopf.timer(
@@ -155,11 +157,11 @@ async def bot_tick(name: str, memo: Memo, **_: Any) -> None:
     returned (its name not free to re-create). kopf removes that finalizer from
     bindings that still carry it from earlier versions: no handler needs it.
     """
-    await memo.listed()
-    await memo.check_bot(name, only_if_due=True)
+    await memo.startup.listed()
+    await memo.bots.check(name, only_if_due=True)
     for binding in memo.world.bindings_of_bot(name):
-        await memo.renew_leases(binding)
-        await memo.write_binding_status(binding)
+        await memo.leases.renew(binding)
+        await memo.bindings.write_status(binding)
 
 
 # -- bindings ---------------------------------------------------------------------------------
@@ -170,26 +172,27 @@ async def binding_event(
     event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, memo: Memo, **_: Any
 ) -> None:
     assert namespace is not None  # a namespaced resource
-    await memo.listed()
+    await memo.startup.listed()
     world = memo.world
     key: Key = (namespace, name)
     # Marked for deletion (someone else's finalizer may hold it): as good as deleted.
     deleting = body.get("metadata", {}).get("deletionTimestamp") is not None
     if event.get("type") == "DELETED" or deleting:
         world.drop_binding(key)
-        memo.verdicts.pop(key, None)
-        memo.statuses.pop(key, None)
+        memo.bindings.forget(key)
+        metrics.current().binding_gone(namespace, name)
     else:
         fresh = BindingView.from_body(body)
         old = world.bindings.get(key)
         if old is not None and old.generation == fresh.generation and old.spec == fresh.spec:
+            world.put_binding(dataclasses.replace(old, status=fresh.status))
             return
         world.put_binding(fresh)
-    await memo.refresh_namespace(namespace)
+    await memo.bindings.refresh_namespace(namespace)
     binding = world.bindings.get(key)
     if binding is not None:
         # A shorter credentialTTL shortens live leases now, not at their next renewal.
-        await memo.renew_leases(binding)
+        await memo.leases.renew(binding)
 
 
 # -- pod injection ----------------------------------------------------------------------------
@@ -235,12 +238,12 @@ def pod_seen(body: kopf.Body, memo: Memo, **_: Any) -> None:
 
 @kopf.on.event("", "v1", "pods", registry=registry)
 async def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: Memo, **_: Any) -> None:
-    await memo.listed()
+    await memo.startup.listed()
     uid = str(body.get("metadata", {}).get("uid"))
     if event.get("type") == "DELETED":
         memo.world.drop_pod(uid)
     # Otherwise pod_seen (called first, for this same event) has put its facts in the World.
-    await memo.reconcile_pod(uid)
+    await memo.leases.reconcile_pod(uid)
 
 
 @kopf.on.event(resources.GROUP, resources.VERSION, resources.CREDENTIAL_PLURAL, registry=registry)
@@ -248,7 +251,7 @@ async def lease_event(
     event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, memo: Memo, **_: Any
 ) -> None:
     assert namespace is not None  # a namespaced resource
-    await memo.listed()
+    await memo.startup.listed()
     if event.get("type") == "DELETED":
         uid = str(body.get("metadata", {}).get("uid") or "")
         dropped = memo.world.drop_lease((namespace, name), uid)
@@ -264,9 +267,9 @@ async def lease_event(
     # change) goes at once, not at the pod's next event or the lease's renewal. Only for a
     # pod already seen: an unseen pod is not a deleted one, and its own event reconciles it.
     if lease.active and lease.pod_uid in memo.world.pods:
-        plan = decide.plan_pod(memo.world, lease.pod_uid, memo.naming, memo.verdicts)
+        plan = decide.plan_pod(memo.world, lease.pod_uid, memo.naming, memo.bindings.verdicts)
         if any(revoked.key == lease.key for revoked, _ in plan.revoke):
-            await memo.reconcile_pod(lease.pod_uid)
+            await memo.leases.reconcile_pod(lease.pod_uid)
 
 
 __all__ = [

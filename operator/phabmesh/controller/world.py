@@ -9,14 +9,27 @@ namespace, leases by pod, bindings by bot) are maintained alongside.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from phabmesh import identity, resources
-from phabmesh.lease import LeaseView
+from phabmesh.leases.view import LeaseView
 
 Key = tuple[str, str]  # (namespace, name)
+Status = Mapping[str, Any]
+
+
+def conditions_of(status: Status) -> list[resources.Condition]:
+    """The conditions of a status as the cluster showed it; unreadable entries are left out."""
+    found: list[resources.Condition] = []
+    for entry in status.get("conditions") or []:
+        try:
+            found.append(resources.Condition.model_validate(entry))
+        except ValueError:
+            continue
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,17 +40,16 @@ class BotView:
     ready: bool
     phid: str | None
     reason: str
+    # The status as the cluster last showed it (watch events, the API's answers to this
+    # process's own writes): what a write is compared with, and where conditions' times
+    # come from. Not part of the view's identity.
+    status: Status = dataclasses.field(default_factory=dict, compare=False)
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> BotView:
         meta = body.get("metadata") or {}
         status = body.get("status") or {}
-        try:
-            spec: resources.BotSpec | None = resources.BotSpec.model_validate(
-                body.get("spec") or {}
-            )
-        except ValueError:
-            spec = None
+        spec, _ = resources.parse_bot_spec(body)
         ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
         return cls(
             name=str(meta.get("name")),
@@ -46,6 +58,7 @@ class BotView:
             ready=bool(ready and ready.get("status") == "True"),
             phid=status.get("phid"),
             reason=str((ready or {}).get("reason") or "Unknown"),
+            status=status,
         )
 
 
@@ -57,6 +70,7 @@ class BindingView:
     generation: int
     spec: resources.BindingSpec | None
     problems: tuple[str, ...]
+    status: Status = dataclasses.field(default_factory=dict, compare=False)  # as on BotView
 
     @property
     def key(self) -> Key:
@@ -69,12 +83,8 @@ class BindingView:
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> BindingView:
         meta = body.get("metadata") or {}
-        problems: list[str] = []
-        spec: resources.BindingSpec | None = None
-        try:
-            spec = resources.BindingSpec.model_validate(body.get("spec") or {})
-        except ValueError as exc:
-            problems.append(f"spec: {exc}")
+        spec, problem = resources.parse_binding_spec(body)
+        problems = [problem] if problem else []
         return cls(
             namespace=str(meta.get("namespace")),
             name=str(meta.get("name")),
@@ -82,6 +92,7 @@ class BindingView:
             generation=int(meta.get("generation") or 0),
             spec=spec,
             problems=tuple(problems),
+            status=body.get("status") or {},
         )
 
 
@@ -192,6 +203,16 @@ class World:
 
     def leases_of_binding(self, key: Key) -> list[LeaseView]:
         return [self.leases[k] for k in self.leases_by_binding.get(key, ())]
+
+    def active_leases(self, now: datetime.datetime) -> dict[Key, int]:
+        """Active leases not expired at ``now``, per binding (namespace, name): every known
+        binding (0 without any), and binding names that only leases still carry."""
+        counts = dict.fromkeys(self.bindings, 0)
+        for lease in list(self.leases.values()):
+            if lease.active and lease.expires_at is not None and lease.expires_at > now:
+                slot = (lease.namespace, lease.binding)
+                counts[slot] = counts.get(slot, 0) + 1
+        return counts
 
     def namespaces_of_bot(self, bot: str) -> Iterable[str]:
         """Namespaces whose bindings name the bot now, and namespaces holding leases of it

@@ -12,15 +12,23 @@ from typing import Any
 
 import structlog
 
-from phabmesh import identity, logs, resources
+from phabmesh import identity, logs, metrics, resources
 from phabmesh.controller.world import BindingView, World
 from phabmesh.kube import Conflict, KubeClient, NotFound
 from phabmesh.kube.client import JSON, resource_path
-from phabmesh.lease import LeaseView, format_time
+from phabmesh.leases.view import LeaseView, format_time
 
 log = structlog.get_logger(__name__)
 
 Clock = Callable[[], datetime.datetime]
+
+
+class LeaseBusy(Exception):
+    """The lease's name is taken by one this process cannot finish yet (not seen on the
+    watch yet, or Revoked and being deleted): the pod's reconcile is tried again later."""
+
+    def __init__(self, namespace: str, name: str) -> None:
+        super().__init__(f"lease {namespace}/{name} exists and is not this pod's Pending lease")
 
 
 def utcnow() -> datetime.datetime:
@@ -118,7 +126,15 @@ class Writer:
         try:
             created = await self.client.create(lease_path(pod.namespace), body)
         except Conflict:
-            return None  # another pass already created it; its watch event will index it
+            # Already there: another pass created it, or an earlier create of this one
+            # landed and its status write did not. Finish it only if this process has seen
+            # it and it is this pod's, still Pending; an Active one is fine as it is.
+            existing = self.world.leases.get((pod.namespace, name))
+            if existing is not None and existing.active:
+                return None
+            if existing is None or existing.pod_uid != pod.uid or existing.phase != "Pending":
+                raise LeaseBusy(pod.namespace, name) from None
+            created = {"metadata": {"uid": existing.uid}}
         status: JSON = {
             "phase": "Active",
             "issuedAt": format_time(now),
@@ -127,12 +143,14 @@ class Writer:
         }
         if bot_phid:
             status["botPHID"] = bot_phid
-        created["status"] = status
-        updated = await self.client.merge_patch(
-            lease_path(pod.namespace, name, "status"), {"status": status}
-        )
+        # Only the lease just created (or found Pending), not one deleted and made again
+        # under its name meanwhile: the first operation tests the UID.
+        ops = [{"op": "test", "path": "/metadata/uid", "value": created["metadata"]["uid"]}]
+        ops += [{"op": "add", "path": "/status", "value": status}]
+        updated = await self.client.json_patch(lease_path(pod.namespace, name, "status"), ops)
         lease = LeaseView.from_body(updated)
         self.world.put_lease(lease)
+        metrics.current().lease_issued()
         log.info(
             "lease_issued",
             **{
@@ -173,7 +191,7 @@ class Writer:
             "phase": "Revoked",
             "reason": reason,
             "revokedAt": format_time(now),
-            "message": message or _REVOKE_MESSAGES.get(reason, reason),
+            "message": message or resources.revocation_message(reason),
         }
         options: JSON = {"propagationPolicy": "Background"}
         try:
@@ -193,14 +211,32 @@ class Writer:
             # Kept, Revoked, until the watch's DELETED event: a late event from its Active
             # past is older than this and cannot bring it back.
             self.world.put_lease(LeaseView.from_body(updated))
-            await self.client.delete(path, body=options)
         except NotFound:
             self.world.drop_lease(lease.key)
+            await self.announce_revoked(lease, reason)
+            return
+        # Revoked: the gateway refuses it from now on, whether or not the delete lands (a
+        # failed one is retried: the pod's plan deletes what is Revoked and still there).
         await self.announce_revoked(lease, reason)
+        with contextlib.suppress(NotFound):
+            await self.client.delete(path, body=options)
+
+    async def delete_revoked(self, lease: LeaseView) -> None:
+        """Delete a lease left Revoked (its delete failed earlier), this one only."""
+        options: JSON = {"propagationPolicy": "Background"}
+        if lease.uid:
+            options["preconditions"] = {"uid": lease.uid}
+        try:
+            await self.client.delete(lease_path(lease.namespace, lease.name), body=options)
+        except NotFound:
+            self.world.drop_lease(lease.key, lease.uid)
+        except Conflict:  # another lease under that name now: this one is gone
+            self.world.drop_lease(lease.key, lease.uid)
 
     async def announce_revoked(self, lease: LeaseView, reason: str) -> None:
         """The audit line and the pod's Event for a revoked lease (also for one the garbage
         collector deleted with its pod before the operator revoked it)."""
+        metrics.current().lease_revoked(reason)
         log.info(
             "lease_revoked",
             **{
@@ -256,27 +292,15 @@ class Writer:
         except Exception as exc:  # an Event is best effort
             log.warning("event_post_failed", reason=reason, error=str(exc))
 
-    async def patch_status(self, path: str, status: JSON) -> None:
-        with contextlib.suppress(NotFound):
-            await self.client.merge_patch(path + "/status", {"status": status})
+    async def patch_status(self, path: str, status: JSON) -> JSON | None:
+        """Merge ``status`` in; the status the API server then holds (None: object gone)."""
+        try:
+            updated = await self.client.merge_patch(path + "/status", {"status": status})
+        except NotFound:
+            return None
+        written: JSON = updated.get("status") or {}
+        return written
 
 
 def _pod_ref(namespace: str, name: str, uid: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Pod", "namespace": namespace, "name": name, "uid": uid}
-
-
-_REVOKE_MESSAGES = {
-    "PodTerminating": "the pod is terminating",
-    "PodSucceeded": "the pod has completed",
-    "PodFailed": "the pod has failed",
-    "PodDeleted": "the pod was deleted",
-    "PodGone": "the pod no longer exists",
-    "PodNotRunning": "the pod is not running",
-    "PodNotMeshed": "the pod is not meshed",
-    "NoLongerMatched": "the binding no longer matches the pod",
-    "BindingDeleted": "the binding was deleted",
-    "BindingNotReady": "the binding is not Ready",
-    "BotNotReady": "the bot is not Ready",
-    "BotChanged": "the binding now names another bot",
-    "BotNotAllowed": "the bot no longer exists or no longer allows this namespace",
-}

@@ -40,7 +40,7 @@ import dataclasses
 import datetime
 import functools
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
@@ -48,11 +48,11 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from phabmesh import credentials, logs, matching, metrics
+from phabmesh import credentials, logs, matching, metrics, resources
 from phabmesh.conduit import responses, wire
 from phabmesh.gateway import offload
 from phabmesh.gateway.state import GatewayState
-from phabmesh.lease import LeaseView
+from phabmesh.leases.view import LeaseView
 from phabmesh.settings import Settings
 
 log = structlog.get_logger("phabmesh.audit")
@@ -96,12 +96,18 @@ def envelope(
 
 
 class Refusal(Exception):
-    def __init__(self, code: str, info: str, decision: str, status: int = 200) -> None:
+    """A call answered with an error envelope. ``decision`` labels the request metrics and the
+    audit line; ``reason`` (default: the decision) says why, for the refusal metrics."""
+
+    def __init__(
+        self, code: str, info: str, decision: str, status: int = 200, reason: str | None = None
+    ) -> None:
         super().__init__(info)
         self.code = code
         self.info = info
         self.decision = decision
         self.status = status
+        self.reason = reason or decision
 
     def response(self, accept_encoding: str | None = None) -> web.Response:
         return envelope(self.code, self.info, self.status, accept_encoding)
@@ -219,12 +225,15 @@ class Gateway:
             decision = refusal.decision
             audit["error_code"] = refusal.code
             audit["error_info"] = logs.clip(refusal.info, AUDIT_INFO_CHARS)
+            if not decision.startswith("upstream_"):  # forwarded: an upstream error, not ours
+                metrics.current().gateway_refused(refusal.reason)
         elapsed = time.perf_counter() - started
         # The method label comes only from a fixed set or a binding's allowlist, never from an
         # unauthenticated request: its series stay bounded by the configuration.
         label = request.get(METRIC_METHOD, "other")
-        metrics.GATEWAY_REQUESTS.labels(method=label, decision=decision).inc()
-        metrics.GATEWAY_LATENCY.labels(decision=decision).observe(elapsed)
+        recorded = metrics.current()
+        recorded.gateway_requests.labels(method=label, decision=decision).inc()
+        recorded.gateway_latency.labels(decision=decision).observe(elapsed)
         audit[logs.DECISION] = decision
         log.info("conduit_call", latency_ms=round(elapsed * 1000, 2), **audit)
         return response
@@ -261,7 +270,7 @@ class Gateway:
         self._check_lease(claims)
         rules = self.state.binding(claims.namespace, claims.binding)
         if rules is None or rules.deleting:
-            raise _revoked(_REASONS["BindingDeleted"])
+            raise _revoked("BindingDeleted")
         client_id = request.headers.get(CLIENT_ID_HEADER)
         if client_id is not None and client_id != claims.subject:
             raise Refusal(
@@ -403,8 +412,11 @@ class Gateway:
 
     def _gone(self, lease_uid: str) -> Refusal:
         reason = self.state.leases.tombstones.get(lease_uid)
+        if not reason:
+            return _revoked("LeaseGone", "lease no longer exists")
         return _revoked(
-            _REASONS.get(reason, "lease deleted") if reason else "lease no longer exists"
+            reason if reason in resources.REVOCATION_MESSAGES else "LeaseDeleted",
+            resources.REVOCATION_MESSAGES.get(reason, "lease deleted"),
         )
 
     def _check_lease(self, claims: Caller) -> None:
@@ -415,8 +427,7 @@ class Gateway:
         if lease is None:
             raise self._gone(claims.lease_uid)
         if not lease.active:
-            reason = lease.reason or "revoked"
-            raise _revoked(_REASONS.get(reason, reason))
+            raise _revoked(lease.reason or "revoked")
         if (lease.pod_uid, lease.namespace, lease.binding, lease.bot, lease.identity) != (
             claims.pod_uid,
             claims.namespace,
@@ -427,21 +438,23 @@ class Gateway:
             raise Refusal("ERR-INVALID-AUTH", "credential refused: lease mismatch", "invalid")
         ended = self.state.pod_ended(claims.pod_uid)
         if ended:  # seen on the pod watch before the lease's revocation was written
-            raise _revoked(_REASONS.get(ended, ended))
+            raise _revoked(ended)
         # The lease is judged by the binding, the bot and the namespace this gateway sees,
         # not by what the lease says: a lease the operator did not grant grants nothing.
         problem = self.state.grants.refusal(lease)
         if problem:
-            raise _revoked(_REASONS.get(problem, problem))
+            raise _revoked(problem)
         now = self.clock()
         leeway = datetime.timedelta(seconds=self.settings.clock_skew)
         if lease.expires_at is None or now > lease.expires_at + leeway:
-            raise _revoked("lease expired")
+            raise _revoked("LeaseExpired", "lease expired")
         binding = self.state.binding(claims.namespace, claims.binding)
         ttl = binding.ttl if binding is not None else None
         if ttl is None or claims.outlives(ttl, lease.expires_at, now, leeway):
             # Minted under a longer credentialTTL than the binding has now.
-            raise _revoked("credential outlived the binding's credentialTTL")
+            raise _revoked(
+                "CredentialOutlivedTTL", "credential outlived the binding's credentialTTL"
+            )
 
     async def _forward(
         self,
@@ -463,7 +476,7 @@ class Gateway:
                 status = upstream.status
                 audit["upstream_status"] = status
                 if status >= 500:
-                    metrics.GATEWAY_UPSTREAM_ERRORS.labels(kind=f"http_{status}").inc()
+                    metrics.current().gateway_upstream_errors.labels(kind=f"http_{status}").inc()
                     raise Refusal(
                         "ERR-PHABRICATOR-UNAVAILABLE",
                         f"Phabricator answered HTTP {status}; retry later",
@@ -475,7 +488,7 @@ class Gateway:
                 raw = await _read_bounded(upstream, limit)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else "connection"
-            metrics.GATEWAY_UPSTREAM_ERRORS.labels(kind=kind).inc()
+            metrics.current().gateway_upstream_errors.labels(kind=kind).inc()
             raise Refusal(
                 "ERR-PHABRICATOR-UNAVAILABLE",
                 f"Phabricator is unavailable ({kind}); retry later",
@@ -489,7 +502,7 @@ class Gateway:
         except responses.BodyTooLarge as exc:
             raise _too_large(limit) from exc
         except responses.UnreadableBody as exc:
-            metrics.GATEWAY_UPSTREAM_ERRORS.labels(kind="unreadable").inc()
+            metrics.current().gateway_upstream_errors.labels(kind="unreadable").inc()
             raise Refusal(
                 "ERR-PHABRICATOR-UNAVAILABLE",
                 f"Phabricator's answer cannot be decoded: {exc}",
@@ -519,7 +532,7 @@ async def _read_bounded(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
 
 
 def _too_large(limit: int) -> Refusal:
-    metrics.GATEWAY_UPSTREAM_ERRORS.labels(kind="too_large").inc()
+    metrics.current().gateway_upstream_errors.labels(kind="too_large").inc()
     return Refusal(
         "ERR-PHABRICATOR-UNAVAILABLE",
         f"Phabricator's answer is over {limit} bytes (PHABMESH_MAX_RESPONSE_BYTES)",
@@ -536,22 +549,8 @@ def _unconfirmed() -> Refusal:
     )
 
 
-def _revoked(detail: str) -> Refusal:
-    return Refusal("ERR-INVALID-AUTH", f"credential revoked: {detail}", "revoked")
-
-
-_REASONS: Mapping[str, str] = {
-    "PodTerminating": "pod terminating",
-    "PodSucceeded": "pod completed",
-    "PodFailed": "pod failed",
-    "PodDeleted": "pod deleted",
-    "PodGone": "pod gone",
-    "PodNotRunning": "pod not running",
-    "PodNotMeshed": "pod not meshed",
-    "NoLongerMatched": "binding no longer matches the pod",
-    "BindingDeleted": "binding deleted",
-    "BindingNotReady": "binding not ready",
-    "BotNotReady": "bot not ready",
-    "BotChanged": "the binding names another bot now",
-    "BotNotAllowed": "bot not allowed in this namespace",
-}
+def _revoked(reason: str, detail: str | None = None) -> Refusal:
+    """Refused for its lease: ``reason`` (a revocation reason, or why the lease is unusable)
+    for the metrics, ``detail`` (by default the reason's message) for the caller."""
+    text = detail or resources.revocation_message(reason)
+    return Refusal("ERR-INVALID-AUTH", f"credential revoked: {text}", "revoked", reason=reason)

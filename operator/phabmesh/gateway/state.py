@@ -12,19 +12,20 @@ import base64
 import datetime
 from typing import Any
 
-from phabmesh import identity, leasecheck, metrics, resources
-from phabmesh.keystore import KeyStore
+from phabmesh import identity, metrics, resources
+from phabmesh.credentials.keystore import KeyStore
 from phabmesh.kube import KubeClient
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.kube.informer import Informer
-from phabmesh.leasewatch import LeaseIndex
-from phabmesh.podwatch import PodEnds
+from phabmesh.leases import grants
+from phabmesh.leases.index import LeaseIndex
+from phabmesh.leases.podends import PodEnds
 from phabmesh.settings import Settings
 
 # A binding's rules (allowedMethods, requireClientID, its bot, TTL, deletion) and where a
 # bot's token is and which namespaces may use it: the same values the leases are judged by.
-BindingRules = leasecheck.BindingFacts
-BotRef = leasecheck.BotFacts
+BindingRules = grants.BindingFacts
+BotRef = grants.BotFacts
 
 
 def _secret_data(obj: JSON) -> dict[str, str]:
@@ -43,26 +44,28 @@ class GatewayState:
         self.client = client
         live = settings.watch_liveness
         self.leases = LeaseIndex(
-            client, on_revoked=lambda _: metrics.GATEWAY_REVOCATIONS_SEEN.inc(), liveness=live
+            client,
+            on_revoked=lambda _: metrics.current().gateway_revocations_seen.inc(),
+            liveness=live,
         )
         g, v = resources.GROUP, resources.VERSION
         self.bindings: Informer[BindingRules] = Informer(
             client,
             resource_path(g, v, resources.BINDING_PLURAL),
-            leasecheck.binding_facts,
+            grants.binding_facts,
             name="bindings",
             liveness=live,
         )
         self.bots: Informer[BotRef] = Informer(
             client,
             resource_path(g, v, resources.BOT_PLURAL),
-            leasecheck.bot_facts,
+            grants.bot_facts,
             name="bots",
             liveness=live,
         )
         # Judges each lease by its binding, its bot and its namespace's labels (a watch of
         # namespaces of its own; the two informers above are shared).
-        self.grants = leasecheck.Grants(
+        self.grants = grants.Grants(
             client,
             identity.Naming(settings.linkerd_namespace, settings.trust_domain),
             bindings=self.bindings,

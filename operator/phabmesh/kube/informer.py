@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 import structlog
 
+from phabmesh import metrics
 from phabmesh.kube.client import JSON, Gone, KubeClient, KubeError, Unavailable
 
 V = TypeVar("V")
@@ -31,6 +33,22 @@ log = structlog.get_logger(__name__)
 ADDED, MODIFIED, DELETED = "ADDED", "MODIFIED", "DELETED"
 # Seconds of silence after which a watch counts as lost (see the module docstring).
 DEFAULT_LIVENESS = 30.0
+
+
+# Which resource a collection's path names, for the watch metrics (phabmesh_watch_*{resource}).
+_RESOURCES = {
+    "pods": "pods",
+    "namespaces": "namespaces",
+    "secrets": "secrets",
+    "phabricatorcredentials": "leases",
+    "phabricatorbindings": "bindings",
+    "phabricatorbots": "bots",
+}
+
+
+def resource_of(path: str) -> str:
+    """``leases``, ``pods``... for a collection path; ``other`` for anything else."""
+    return _RESOURCES.get(path.rstrip("/").rsplit("/", 1)[-1], metrics.OTHER)
 
 
 def object_key(obj: Mapping[str, Any]) -> str:
@@ -67,6 +85,16 @@ class Informer(Generic[V]):
         self.synced = asyncio.Event()
         self.connected = False
         self.resource_version = ""
+        # For the watch metrics: what is watched, and when the watch last proved alive (a
+        # list, the server accepting a watch, an event or a bookmark). Unix time; 0: never.
+        self.resource = resource_of(path)
+        self.alive_at = 0.0
+        metrics.current().watches.add(self)
+
+    @property
+    def healthy(self) -> bool:
+        """Connected and synced: what the process knows of the collection is current."""
+        return self.connected and self.synced.is_set()
 
     def _emit(self, kind: str, key: str, value: V | None) -> None:
         if self.on_event is not None:
@@ -87,6 +115,7 @@ class Informer(Generic[V]):
             self._emit(kind, key, value)
         self.resource_version = version
         self.connected = True
+        self.alive_at = time.time()
         self.synced.set()
 
     def _opened(self) -> None:
@@ -94,6 +123,7 @@ class Informer(Generic[V]):
         if not self.connected:
             log.info("watch_connected", informer=self.name)
         self.connected = True
+        self.alive_at = time.time()
 
     def _apply(self, event: JSON) -> None:
         kind = event.get("type", "")
@@ -101,6 +131,7 @@ class Informer(Generic[V]):
         version = (obj.get("metadata") or {}).get("resourceVersion")
         if version:
             self.resource_version = str(version)
+        self.alive_at = time.time()
         if kind == "BOOKMARK":
             return
         key = object_key(obj)

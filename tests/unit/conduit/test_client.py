@@ -11,7 +11,7 @@ from pytest_mock import MockerFixture
 from structlog.testing import capture_logs
 
 from phabmesh import conduit
-from phabmesh.testing import ConduitServer
+from phabmesh.dev.conduit_server import ConduitServer
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@
 ``phabmesh.io``) → TokenReview (successes cached by token hash for at most
 10 s) → the pod's UID → its Active lease (from a watch; no API call), judged by
 its binding, its bot and its namespace as the watches show them
-(:mod:`phabmesh.leasecheck`), never by what the lease says alone → a credential
+(:mod:`phabmesh.leases.grants`), never by what the lease says alone → a credential
 that ends no later than the lease's ``expiresAt`` nor the binding's current
 ``credentialTTL`` from now.
 
@@ -35,18 +35,18 @@ from aiohttp import web
 from phabmesh import (
     credentials,
     identity,
-    leasecheck,
     logs,
     matching,
     metrics,
     ratelimit,
     resources,
 )
-from phabmesh.keystore import KeyStore
+from phabmesh.credentials.keystore import KeyStore
 from phabmesh.kube import KubeClient, KubeError, NotFound
 from phabmesh.kube.client import resource_path
-from phabmesh.lease import LeaseView, format_time
-from phabmesh.leasewatch import LeaseIndex
+from phabmesh.leases.grants import BindingFacts, Grants, credential_end
+from phabmesh.leases.index import LeaseIndex
+from phabmesh.leases.view import LeaseView, format_time
 from phabmesh.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -98,7 +98,7 @@ def _query(request: web.Request) -> tuple[str | None, str | None]:
         raise _BadQuery("invalid_format", str(exc)) from exc
 
 
-def _binding_format(binding: leasecheck.BindingFacts) -> str:
+def _binding_format(binding: BindingFacts) -> str:
     """The format a binding asks for (``credentialFormat``; the Phorge-shaped token by default)."""
     spec = binding.spec
     return _SPEC_FORMATS[spec.credential_format if spec else resources.PHORGE_TOKEN]
@@ -183,14 +183,14 @@ class TokenReviewer:
         now = self.clock()
         hit = self._cache.get(digest)
         if hit is not None and hit[0] > now:
-            metrics.TOKEN_REVIEWS.labels(result="cached").inc()
+            metrics.current().token_reviews.labels(result="cached").inc()
             return hit[1]
         refused_until = self._refused.get(digest)
         if refused_until is not None and refused_until > now:
-            metrics.TOKEN_REVIEWS.labels(result="refused_cached").inc()
+            metrics.current().token_reviews.labels(result="refused_cached").inc()
             return None
         if not _plausible(token, self.audience):
-            metrics.TOKEN_REVIEWS.labels(result="not_a_token").inc()
+            metrics.current().token_reviews.labels(result="not_a_token").inc()
             return None
         # The source's budget first: a flooding source spends nothing of everyone's.
         wait = self._per_source.take(source)
@@ -198,17 +198,17 @@ class TokenReviewer:
         if wait == 0:
             wait, scope = self._limit.take(), "all"
         if wait > 0:
-            metrics.TOKEN_REVIEWS.labels(result=f"limited_{scope}").inc()
+            metrics.current().token_reviews.labels(result=f"limited_{scope}").inc()
             raise RateLimited(wait, scope)
         status = await self.client.token_review(token, [self.audience], limited=False)
         result = _reviewed(status, self.audience)
         now = self.clock()
         if result is not None:
-            metrics.TOKEN_REVIEWS.labels(result="authenticated").inc()
+            metrics.current().token_reviews.labels(result="authenticated").inc()
             if self.cache_ttl > 0:
                 _remember(self._cache, digest, (now + self.cache_ttl, result), self.cache_size)
         else:
-            metrics.TOKEN_REVIEWS.labels(result="refused").inc()
+            metrics.current().token_reviews.labels(result="refused").inc()
             if self.negative_ttl > 0:
                 _remember(self._refused, digest, now + self.negative_ttl, self.cache_size)
         return result
@@ -271,8 +271,17 @@ def _reviewed(status: dict[str, Any], audience: str) -> Reviewed | None:
     return Reviewed(parts[2], parts[3], str(pod_names[0]), str(pod_uids[0]))
 
 
-def _error(status: int, code: str, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"error": code, "message": message, **extra}, status=status)
+# Why a response refused, for phabmesh_credential_refusals_total and the audit line.
+REFUSAL = web.ResponseKey("phabmesh.refusal", str)
+
+
+def _error(
+    status: int, code: str, message: str, *, reason: str | None = None, **extra: Any
+) -> web.Response:
+    """A refusal answering ``code``; ``reason`` (default: the code) is what metrics count."""
+    response = web.json_response({"error": code, "message": message, **extra}, status=status)
+    response[REFUSAL] = reason or code
+    return response
 
 
 class Issuer:
@@ -284,7 +293,7 @@ class Issuer:
         leases: LeaseIndex,
         reviewer: TokenReviewer,
         clock: Callable[[], datetime.datetime] | None = None,
-        grants: leasecheck.Grants | None = None,
+        grants: Grants | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
@@ -298,7 +307,7 @@ class Issuer:
         )
         # Its own watches (the process runs them): a standby replica, whose controller
         # is paused, judges leases as well as the acting one.
-        self.grants = grants or leasecheck.Grants(client, self.naming)
+        self.grants = grants or Grants(client, self.naming)
 
     @property
     def ready(self) -> bool:
@@ -331,8 +340,13 @@ class Issuer:
         response = await self._issue(request, audit)
         elapsed = time.perf_counter() - started
         outcome = "issued" if response.status == 200 else f"refused_{response.status}"
-        metrics.CREDENTIAL_REQUESTS.labels(outcome=outcome).inc()
-        metrics.CREDENTIAL_LATENCY.observe(elapsed)
+        recorded = metrics.current()
+        recorded.credential_requests.labels(outcome=outcome).inc()
+        recorded.credential_latency.observe(elapsed)
+        if response.status != 200:
+            reason = response.get(REFUSAL, metrics.OTHER)
+            recorded.credential_refused(reason)
+            audit[logs.REASON] = metrics.bounded(reason, metrics.CREDENTIAL_REFUSALS)
         log.info(
             "credential_requested",
             status=response.status,
@@ -392,7 +406,8 @@ class Issuer:
                 403,
                 "no_lease",
                 f'the credential lease of PhabricatorBinding "{name}" is not honoured: '
-                f"{_REFUSALS.get(problem, problem)}",
+                f"{_REFUSALS.get(problem) or resources.revocation_message(problem)}",
+                reason=problem,
             )
         if not held:
             reason = await self._why_no_lease(who, wanted)
@@ -414,9 +429,14 @@ class Issuer:
                 f"the mTLS client identity does not match the pod's identity {lease.identity}",
             )
         binding = self.grants.binding(lease.namespace, lease.binding)
-        end = leasecheck.credential_end(lease, binding, now) if binding is not None else None
+        end = credential_end(lease, binding, now) if binding is not None else None
         if end is None or end <= now:
-            return _error(403, "no_lease", "the credential lease has ended: retry shortly")
+            return _error(
+                403,
+                "no_lease",
+                "the credential lease has ended: retry shortly",
+                reason="lease_ended",
+            )
         assert binding is not None
         credential_format = wanted_format or _binding_format(binding)
         audit.update(
@@ -462,7 +482,7 @@ class Issuer:
     ) -> web.Response:
         """A credential made from the lease and the ring alone: no API call, no write.
 
-        ``end`` is when it must end at the latest (:func:`leasecheck.credential_end`); both
+        ``end`` is when it must end at the latest (:func:`credential_end`); both
         mints also cap it at the maximum TTL and round it down to whole seconds.
         """
         assert self.keys.ring is not None
@@ -556,9 +576,8 @@ class Issuer:
             name = body["metadata"]["name"]
             if wanted and name != wanted:
                 continue
-            try:
-                spec = resources.BindingSpec.model_validate(body.get("spec") or {})
-            except ValueError:
+            spec, _ = resources.parse_binding_spec(body)
+            if spec is None:
                 continue
             if not matching.matches(spec, who.namespace, facts, self.naming):
                 continue
@@ -582,12 +601,5 @@ class Issuer:
 
 
 _MISMATCH = "LeaseMismatch"
-# Why a lease is not honoured, for the caller: the operator's revocation reasons.
-_REFUSALS = {
-    _MISMATCH: "it names another pod or identity",
-    resources.BINDING_DELETED: "the binding was deleted or is being deleted",
-    resources.BINDING_NOT_READY: "the binding is not Ready",
-    resources.BOT_CHANGED: "the binding names another bot now",
-    resources.BOT_NOT_ALLOWED: "the bot does not exist or does not allow this namespace",
-    resources.NO_LONGER_MATCHED: "the binding does not name this pod's identity",
-}
+# Why a lease is not honoured, for the caller.
+_REFUSALS = {_MISMATCH: "it names another pod or identity"}  # else the reason's one message

@@ -1,6 +1,6 @@
 """Check that the CRDs in ``crds/`` and the models in :mod:`phabmesh.resources` agree.
 
-``python -m phabmesh.schemacheck crds/`` prints every difference and exits
+``python -m phabmesh.dev.schemacheck crds/`` prints every difference and exits
 non-zero when there is any; ``make manifests`` and CI run it. Compared, in both
 directions, for every property of ``spec`` and ``status`` (nested objects and
 list items included): the name, the type, whether it is required, enum values

@@ -16,7 +16,7 @@ from phabmesh.credentials import phorge
 from phabmesh.kube import KubeClient
 from phabmesh.kube.client import resource_path
 from phabmesh.kube.informer import DEFAULT_LIVENESS, DELETED, Informer
-from phabmesh.lease import LeaseView
+from phabmesh.leases.view import LeaseView
 
 TOMBSTONES = 100_000  # bounded memory: about 15 MB at most
 # Of the most recently removed leases, what a Phorge-shaped credential's MAC needs, so that

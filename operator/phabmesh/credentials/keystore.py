@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import structlog
 
-from phabmesh import credentials
+from phabmesh import credentials, metrics
 from phabmesh.kube import Conflict, KubeClient, NotFound
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.kube.informer import Informer
@@ -118,6 +118,7 @@ class KeyStore:
         now = self.clock()
         rotated = credentials.rotate(self.ring, now, self.rotate_every, self.max_credential_ttl)
         if rotated is self.ring:
+            self._report_due()
             return False
         try:
             # Replaced with the resourceVersion it was read at: 409 if anyone wrote first.
@@ -126,8 +127,14 @@ class KeyStore:
             self._load(await self.client.get(self.path))
             return False
         self._load(obj)
+        self._report_due()
         log.info("signing_key_rotated", kid=rotated.current.kid)
         return True
+
+    def _report_due(self) -> None:
+        """phabmesh_signing_key_rotation_due_timestamp_seconds: by the replicas that rotate."""
+        if self.ring is not None:
+            metrics.current().signing_key_due(self.ring.current.created_at + self.rotate_every)
 
     async def run(self, check_every: float = 60.0) -> None:
         """Watch the Secret; rotate when due. Run until cancelled."""

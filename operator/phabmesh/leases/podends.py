@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
+from phabmesh import resources
 from phabmesh.kube import KubeClient
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.kube.informer import DEFAULT_LIVENESS, Informer
@@ -29,7 +30,7 @@ def pod_life(obj: JSON) -> PodLife:
     meta = obj.get("metadata") or {}
     phase = (obj.get("status") or {}).get("phase")
     if meta.get("deletionTimestamp"):
-        ended = "PodTerminating"
+        ended = resources.POD_TERMINATING
     elif phase in ("Succeeded", "Failed"):
         ended = f"Pod{phase}"
     else:
@@ -72,6 +73,6 @@ class PodEnds:
             self.ended.pop(life.uid, None)
 
     def _bury(self, uid: str) -> None:
-        self.gone[uid] = "PodDeleted"
+        self.gone[uid] = resources.POD_DELETED
         while len(self.gone) > GONE:
             self.gone.popitem(last=False)

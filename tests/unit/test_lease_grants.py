@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from phabmesh import identity, leasecheck, resources
-from phabmesh.lease import LeaseView
+from phabmesh import identity, resources
+from phabmesh.leases import grants
+from phabmesh.leases.view import LeaseView
 
 N = identity.DEFAULT_NAMING
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
@@ -28,8 +29,8 @@ def lease(bot: str = "ci-bot", sa: str = "runner", namespace: str = "build") -> 
     )
 
 
-def binding(bot: str = "ci-bot", ttl: str = "10m", **meta: Any) -> leasecheck.BindingFacts:
-    return leasecheck.binding_facts(
+def binding(bot: str = "ci-bot", ttl: str = "10m", **meta: Any) -> grants.BindingFacts:
+    return grants.binding_facts(
         {
             "metadata": {"name": "runners", "namespace": "build", **meta},
             "spec": {
@@ -42,8 +43,8 @@ def binding(bot: str = "ci-bot", ttl: str = "10m", **meta: Any) -> leasecheck.Bi
     )
 
 
-def bot(selector: dict[str, Any] | None = None) -> leasecheck.BotFacts:
-    return leasecheck.bot_facts(
+def bot(selector: dict[str, Any] | None = None) -> grants.BotFacts:
+    return grants.bot_facts(
         {
             "metadata": {"name": "ci-bot"},
             "spec": {
@@ -56,7 +57,7 @@ def bot(selector: dict[str, Any] | None = None) -> leasecheck.BotFacts:
 
 
 def test_a_granted_lease_is_honoured() -> None:
-    assert leasecheck.refusal(lease(), binding(), bot(), {}, N) is None
+    assert grants.refusal(lease(), binding(), bot(), {}, N) is None
 
 
 def test_every_refusal() -> None:
@@ -78,19 +79,17 @@ def test_every_refusal() -> None:
         (lease(namespace="other"), binding(), bot(), {}, resources.NO_LONGER_MATCHED),
     ]
     for view, facts, bot_facts, labels, reason in cases:
-        assert leasecheck.refusal(view, facts, bot_facts, labels, N) == reason, reason
+        assert grants.refusal(view, facts, bot_facts, labels, N) == reason, reason
 
 
 def test_an_unreadable_bot_spec_allows_nowhere() -> None:
-    broken = leasecheck.bot_facts({"metadata": {"name": "ci-bot"}, "spec": {"username": 1}})
+    broken = grants.bot_facts({"metadata": {"name": "ci-bot"}, "spec": {"username": 1}})
     assert broken.selector is None
-    assert leasecheck.refusal(lease(), binding(), broken, {}, N) == resources.BOT_NOT_ALLOWED
+    assert grants.refusal(lease(), binding(), broken, {}, N) == resources.BOT_NOT_ALLOWED
 
 
 def test_a_credential_ends_at_the_bindings_current_ttl_or_the_lease() -> None:
     view = lease()  # expires a day after T0
-    assert leasecheck.credential_end(view, binding(ttl="1m"), T0) == T0 + datetime.timedelta(
-        minutes=1
-    )
+    assert grants.credential_end(view, binding(ttl="1m"), T0) == T0 + datetime.timedelta(minutes=1)
     late = datetime.datetime(2026, 1, 1, 23, 59, 30, tzinfo=datetime.UTC)
-    assert leasecheck.credential_end(view, binding(ttl="10m"), late) == view.expires_at
+    assert grants.credential_end(view, binding(ttl="10m"), late) == view.expires_at

@@ -26,8 +26,9 @@ from typing import Any, TypeVar
 import aiohttp
 import yaml
 
-from phabmesh import admission, devcluster, resources, serving
+from phabmesh import admission, resources, serving
 from phabmesh.admission import inject
+from phabmesh.dev import devcluster
 from phabmesh.kube import Conflict, KubeClient, load_connection
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.settings import Settings
@@ -92,9 +93,9 @@ def _ready(obj: JSON) -> JSON | None:
 
 async def demo(plane: devcluster.ControlPlane, say: Say) -> dict[str, Any]:
     """The quick start on a running control plane. Returns what it observed."""
-    from phabmesh.gateway.process import GatewayProcess
-    from phabmesh.issuer.process import OperatorProcess
-    from phabmesh.testing import ConduitServer
+    from phabmesh.dev.conduit_server import ConduitServer
+    from phabmesh.processes.gateway import GatewayProcess
+    from phabmesh.processes.operator import OperatorProcess
 
     seen: dict[str, Any] = {}
     kube = KubeClient(load_connection(str(plane.kubeconfig)))
@@ -402,8 +403,8 @@ def run(wait: bool = True) -> int:
 
 
 def run_against_cluster(say: Say) -> int:
-    from phabmesh.gateway.process import GatewayProcess
-    from phabmesh.issuer.process import OperatorProcess
+    from phabmesh.processes.gateway import GatewayProcess
+    from phabmesh.processes.operator import OperatorProcess
 
     settings = Settings.from_env()
     say.step("Using the configured cluster: running the operator and the gateway locally")

@@ -7,10 +7,10 @@ from typing import Any, cast
 
 import pytest
 
-from phabmesh import leasewatch
 from phabmesh.credentials import phorge
 from phabmesh.kube.informer import ADDED, DELETED, MODIFIED
-from phabmesh.lease import LeaseView
+from phabmesh.leases import index as lease_index
+from phabmesh.leases.view import LeaseView
 
 
 def _lease(i: int, **over: Any) -> LeaseView:
@@ -30,8 +30,8 @@ def _lease(i: int, **over: Any) -> LeaseView:
     return dataclasses.replace(view, **over)
 
 
-def _index() -> leasewatch.LeaseIndex:
-    return leasewatch.LeaseIndex(cast(Any, None))  # no watch runs: events are fed by hand
+def _index() -> lease_index.LeaseIndex:
+    return lease_index.LeaseIndex(cast(Any, None))  # no watch runs: events are fed by hand
 
 
 def _key(lease: LeaseView) -> str:
@@ -62,7 +62,7 @@ def test_removed_leases_stay_findable_for_the_refusal_only() -> None:
 
 
 def test_the_removed_ones_are_bounded_oldest_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(leasewatch, "BURIED", 3)
+    monkeypatch.setattr(lease_index, "BURIED", 3)
     index = _index()
     leases = [_lease(i) for i in range(5)]
     for lease in leases:

@@ -14,16 +14,19 @@ import signal
 import structlog
 from aiohttp import web
 
-from phabmesh import controller, serving
+from phabmesh import controller, metrics, serving
 from phabmesh.admission import Injector
 from phabmesh.admission.tls import WebhookServer, WebhookTLS, service_names
-from phabmesh.issuer.app import Issuer, TokenReviewer
-from phabmesh.keystore import KeyStore
+from phabmesh.controller import peering
+from phabmesh.controller.state import Memo
+from phabmesh.credentials.keystore import KeyStore
+from phabmesh.endpoint.app import Issuer, TokenReviewer
 from phabmesh.kube import KubeClient, load_connection
-from phabmesh.leasewatch import LeaseIndex
+from phabmesh.leases.index import LeaseIndex
 from phabmesh.settings import Settings
 
 log = structlog.get_logger(__name__)
+PEERING_NAME = "phabmesh"  # the ClusterKopfPeering of the replicas (manifests/peering.yaml)
 
 
 class OperatorProcess:
@@ -42,11 +45,31 @@ class OperatorProcess:
         self.issuer_port = 0
         self.metrics_port = 0
         self.webhook_port = 0
+        # Its own registry: what this process records, and nothing another process of the
+        # same interpreter does (see phabmesh.metrics).
+        self.metrics = metrics.Metrics(metrics.OPERATOR)
+        self.peering_identity = peering.new_identity()
+        self.peering_priority = peering.new_priority()
+        self.peering: peering.PeeringView | None = None
+        self.controller_task: asyncio.Task[None] | None = None
+        # The controller's state (its World, clients, retries), kept for inspection.
+        self.memo = Memo(settings, kubeconfig=kubeconfig)
 
     def ready(self) -> bool:
         return self.controller_ready.is_set() and self.issuer.ready and self.injector.ready
 
+    def acting(self) -> bool:
+        """The controller runs and is not paused by kopf peering (phabmesh_operator_acting)."""
+        task = self.controller_task
+        if task is None or task.done() or self.stop_flag.is_set():
+            return False
+        if not self.controller_ready.is_set():
+            return False
+        return self.peering is None or self.peering.acting()
+
     async def start(self) -> None:
+        metrics.use(self.metrics)  # for everything started from here, the controller included
+        self.metrics.acting_from(self.acting)
         s = self.settings
         self.client = KubeClient(
             load_connection(self.kubeconfig), qps=s.kube_qps, burst=s.kube_burst
@@ -89,27 +112,34 @@ class OperatorProcess:
             context=self.webhook_tls.context,
             cadata=self.webhook_tls.material.ca_cert,
         )
-        self.tasks.append(
-            asyncio.create_task(
-                controller.operate(
-                    s,
-                    kubeconfig=self.kubeconfig,
-                    stop_flag=self.stop_flag,
-                    ready_flag=self.controller_ready,
-                    standalone=self.standalone,
-                    peering_name=None if self.standalone else "phabmesh",
-                    injector=self.injector,
-                    webhook_server=webhook_server,
-                )
+        if not self.standalone:
+            self.peering = peering.PeeringView(
+                self.client, PEERING_NAME, self.peering_identity, self.peering_priority
+            )
+            self.tasks.append(asyncio.create_task(self.peering.run()))
+        self.controller_task = asyncio.create_task(
+            controller.operate(
+                s,
+                kubeconfig=self.kubeconfig,
+                stop_flag=self.stop_flag,
+                ready_flag=self.controller_ready,
+                standalone=self.standalone,
+                peering_name=None if self.standalone else PEERING_NAME,
+                injector=self.injector,
+                webhook_server=webhook_server,
+                peering_identity=self.peering_identity,
+                peering_priority=self.peering_priority,
+                memo=self.memo,
             )
         )
+        self.tasks.append(self.controller_task)  # last: stop() and run_until_signalled() wait on it
         app = web.Application(client_max_size=64 * 1024)
         self.issuer.routes(app)
         runner = await serving.start_site(app, s.issuer_host, s.issuer_port)
         self.runners.append(runner)
         self.issuer_port = serving.bound_port(runner)
         health = web.Application()
-        serving.add_health_routes(health, self.ready)
+        serving.add_health_routes(health, self.ready, self.metrics.registry)
         runner = await serving.start_site(health, s.issuer_host, s.metrics_port)
         self.runners.append(runner)
         self.metrics_port = serving.bound_port(runner)

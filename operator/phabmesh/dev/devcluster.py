@@ -280,27 +280,37 @@ def build_binaries(log: Path | None = None) -> Binaries:
     return binaries
 
 
-def go_tool(name: str, module: str, ldflags: str = "-s -w") -> Path:
+def go_tool(name: str, module: str, ldflags: str = "-s -w", tags: str = "") -> Path:
     """Build (once) the Go module ``tests/controlplane/<name>``; return its binaries' directory.
 
     The same as the control plane's two modules: ``tools.go`` pins the commands, ``go.mod``
-    the version of ``module``, and the cache is keyed by both. Used for the tools the tests
-    run beside the control plane.
+    the version of ``module``, and the cache is keyed by both (and by the build ``tags``,
+    comma-separated). Used for the tools the tests run beside the control plane.
     """
     mod = module_dir() / name
-    return _build_module(mod, name, required_version(mod / "go.mod", module), ldflags, None)
+    version = required_version(mod / "go.mod", module)
+    return _build_module(mod, name, version, ldflags, None, tags)
 
 
-def _build_module(mod: Path, name: str, version: str, ldflags: str, log: Path | None) -> Path:
+def _build_module(
+    mod: Path, name: str, version: str, ldflags: str, log: Path | None, tags: str = ""
+) -> Path:
     files = [mod / "go.mod", mod / "go.sum", mod / "tools.go"]
-    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+    keyed = b"".join(f.read_bytes() for f in files) + (f"tags={tags}".encode() if tags else b"")
+    digest = hashlib.sha256(keyed).hexdigest()[:12]
     bindir = cache_home() / f"{name}-{version}-{digest}"
-    _build_into(bindir, mod, version, ldflags, commands(mod / "tools.go"), log)
+    _build_into(bindir, mod, version, ldflags, commands(mod / "tools.go"), log, tags)
     return bindir
 
 
 def _build_into(
-    bindir: Path, mod: Path, version: str, ldflags: str, packages: list[str], log: Path | None
+    bindir: Path,
+    mod: Path,
+    version: str,
+    ldflags: str,
+    packages: list[str],
+    log: Path | None,
+    tags: str = "",
 ) -> None:
     stamp = bindir / ".complete"
     if stamp.is_file():
@@ -325,6 +335,7 @@ def _build_into(
             "-mod=mod",
             "-trimpath",
             f"-ldflags={ldflags}",
+            *([f"-tags={tags}"] if tags else []),
             "-o",
             str(staging) + os.sep,
             *packages,
@@ -345,6 +356,54 @@ def _build_into(
         if bindir.exists():
             shutil.rmtree(bindir)
         staging.rename(bindir)
+
+
+# -- monitoring tools: promtool and prometheus-operator's CRDs ---------------------------------
+
+PROMETHEUS_MODULE = "github.com/prometheus/prometheus"
+PROMETHEUS_OPERATOR_MODULE = "github.com/prometheus-operator/prometheus-operator"
+
+
+def promtool() -> Path:
+    """promtool, built (once) from ``tests/controlplane/prometheus``: the alert rules' tests.
+
+    Built without Prometheus's service-discovery plugins (build tag ``remove_all_sd``):
+    checking and unit-testing rules needs none, and they are most of the build.
+    """
+    return go_tool("prometheus", PROMETHEUS_MODULE, tags="remove_all_sd") / "promtool"
+
+
+def prometheus_operator_crds() -> Path:
+    """prometheus-operator's CRDs (its ``example/prometheus-operator-crd/``), from Go's cache.
+
+    The version is the one ``tests/controlplane/prometheus-operator/go.mod`` requires;
+    ``go mod download`` fetches the module once and checks it against the go.sum beside it.
+    Nothing is built: the tests install ServiceMonitor, PodMonitor and PrometheusRule from
+    these files to validate manifests/monitoring against the real schemas.
+    """
+    mod = module_dir() / "prometheus-operator"
+    version = required_version(mod / "go.mod", PROMETHEUS_OPERATOR_MODULE)
+    if shutil.which("go") is None:
+        raise ControlPlaneError("Go is needed once to fetch prometheus-operator's CRDs")
+    result = subprocess.run(
+        ["go", "mod", "download", "-json", PROMETHEUS_OPERATOR_MODULE],  # noqa: S607 - Go on PATH
+        cwd=mod,
+        env=_go_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        info = json.loads(result.stdout)
+    except json.JSONDecodeError:
+        info = {}
+    if result.returncode != 0 or info.get("Error") or info.get("Version") != version:
+        detail = info.get("Error") or result.stderr[-2000:]
+        raise ControlPlaneError(f"fetching {PROMETHEUS_OPERATOR_MODULE} {version} failed: {detail}")
+    crds = Path(info["Dir"]) / "example" / "prometheus-operator-crd"
+    if not crds.is_dir():
+        raise ControlPlaneError(f"{PROMETHEUS_OPERATOR_MODULE} {version} has no {crds.name}/")
+    return crds
 
 
 # -- certificates -----------------------------------------------------------------------------
@@ -955,7 +1014,7 @@ def wait_for_signal() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m phabmesh.devcluster build|kubectl-path``: helpers for the Makefile."""
+    """``python -m phabmesh.dev.devcluster build|kubectl-path|monitoring-tools``: for make."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args == ["build"]:
         build_binaries()
@@ -963,7 +1022,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args == ["kubectl-path"]:
         print(build_binaries().kubectl)
         return 0
-    print("usage: python -m phabmesh.devcluster build|kubectl-path", file=sys.stderr)
+    if args == ["monitoring-tools"]:
+        print(promtool())
+        print(prometheus_operator_crds())
+        return 0
+    print(
+        "usage: python -m phabmesh.dev.devcluster build|kubectl-path|monitoring-tools",
+        file=sys.stderr,
+    )
     return 2
 
 

@@ -31,7 +31,7 @@ from phabmesh import identity, matching, resources
 from phabmesh.kube import KubeClient
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.kube.informer import Informer
-from phabmesh.lease import LeaseView
+from phabmesh.leases.view import LeaseView
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -52,10 +52,7 @@ class BindingFacts:
 def binding_facts(obj: JSON) -> BindingFacts:
     meta = obj.get("metadata") or {}
     raw = obj.get("spec") or {}
-    try:
-        spec: resources.BindingSpec | None = resources.BindingSpec.model_validate(raw)
-    except ValueError:
-        spec = None
+    spec, _ = resources.parse_binding_spec(obj)
     return BindingFacts(
         bot=str((raw.get("botRef") or {}).get("name") or ""),
         spec=spec,
@@ -78,12 +75,8 @@ class BotFacts:
 def bot_facts(obj: JSON) -> BotFacts:
     raw = obj.get("spec") or {}
     ref = raw.get("tokenSecretRef") or {}
-    try:
-        selector: resources.LabelSelector | None = resources.BotSpec.model_validate(
-            raw
-        ).namespace_selector
-    except ValueError:
-        selector = None
+    spec, _ = resources.parse_bot_spec(obj)
+    selector = spec.namespace_selector if spec is not None else None
     return BotFacts(selector, str(ref.get("name", "")), str(ref.get("key") or "token"))
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import structlog
 from aiohttp import web
 
-from phabmesh import serving
+from phabmesh import metrics, serving
 from phabmesh.gateway.app import Gateway
 from phabmesh.gateway.state import GatewayState
 from phabmesh.kube import KubeClient, load_connection
@@ -33,13 +33,19 @@ class GatewayProcess:
         self.runners: list[web.AppRunner] = []
         self.port = 0
         self.metrics_port = 0
+        # Its own registry: what this process records, and nothing another process of the
+        # same interpreter does (see phabmesh.metrics).
+        self.metrics = metrics.Metrics(metrics.GATEWAY)
 
     async def start(self) -> None:
+        metrics.use(self.metrics)  # for everything started from here
         s = self.settings
         self.client = KubeClient(
             load_connection(self.kubeconfig), qps=s.kube_qps, burst=s.kube_burst
         )
         self.state = GatewayState(s, self.client)
+        state = self.state
+        self.metrics.fail_closed_from(lambda: not state.ready)
         await self.state.start()
         self.gateway = Gateway(s, self.state, clock=self.clock)
         await self.gateway.worker.start()
@@ -50,7 +56,7 @@ class GatewayProcess:
         self.runners.append(runner)
         self.port = serving.bound_port(runner)
         health = web.Application()
-        serving.add_health_routes(health, lambda: self.state.ready)
+        serving.add_health_routes(health, lambda: self.state.ready, self.metrics.registry)
         runner = await serving.start_site(health, s.gateway_host, s.metrics_port)
         self.runners.append(runner)
         self.metrics_port = serving.bound_port(runner)

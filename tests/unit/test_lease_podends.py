@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from phabmesh import podwatch
-from phabmesh.podwatch import PodEnds
+from phabmesh.leases import podends
+from phabmesh.leases.podends import PodEnds
 
 
 def _pod(name: str, uid: str, phase: str = "Running", deleting: bool = False) -> dict[str, Any]:
@@ -33,7 +33,7 @@ def _feed(ends: PodEnds, kind: str, obj: dict[str, Any]) -> None:
     ],
 )
 def test_what_counts_as_ended(pod: dict[str, Any], ended: str) -> None:
-    assert podwatch.pod_life(pod) == podwatch.PodLife("u", ended)
+    assert podends.pod_life(pod) == podends.PodLife("u", ended)
 
 
 def test_a_pod_is_followed_from_start_to_deletion() -> None:
@@ -59,7 +59,7 @@ def test_a_new_pod_under_an_old_name_is_not_the_old_one() -> None:
 
 
 def test_deleted_pods_are_remembered_within_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(podwatch, "GONE", 3)
+    monkeypatch.setattr(podends, "GONE", 3)
     ends = PodEnds(client=None)  # type: ignore[arg-type]
     for i in range(5):
         _feed(ends, "ADDED", _pod(f"p{i}", f"u{i}"))

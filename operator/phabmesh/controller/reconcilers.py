@@ -1,0 +1,511 @@
+"""The controller's reconcilers, one per concern, each with only its own state.
+
+- :class:`Bots`: each bot's check against Phabricator (when due) and its status;
+- :class:`Bindings`: each binding's verdict (Ready, BotReady) and its status;
+- :class:`Leases`: which leases each pod holds: issue, renew, revoke, and retries of the
+  writes that failed;
+- :class:`Startup`: what the operator reads before its first decision, and the sweep of
+  leases whose pods went while it was away.
+
+Each gathers from the World (kept by watch events), decides with a pure policy
+(:mod:`phabmesh.controller.bots`, :mod:`phabmesh.controller.decide`), and writes (through
+the :class:`~phabmesh.controller.writer.Writer`) only what changed against the object as
+the cluster last showed it. The shared parts (settings, World, clients, writer) are the
+:class:`~phabmesh.controller.state.Memo`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from phabmesh import identity, logs, metrics, resources
+from phabmesh.controller import bots as botcheck
+from phabmesh.controller import decide
+from phabmesh.controller.retry import Retries
+from phabmesh.controller.world import BindingView, BotView, Key, World, conditions_of
+from phabmesh.kube.client import JSON, resource_path
+from phabmesh.leases.view import LeaseView, format_time
+
+if TYPE_CHECKING:
+    from phabmesh import conduit
+    from phabmesh.controller.state import Memo, SecretToken
+    from phabmesh.controller.writer import Writer
+    from phabmesh.kube import KubeClient
+    from phabmesh.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+def changed(wanted: JSON, shown: Any) -> bool:
+    """Whether writing ``wanted`` would change the status the cluster shows (a field set to
+    None is one the write removes)."""
+    return any(shown.get(key) != value for key, value in wanted.items())
+
+
+def bot_path(name: str | None = None, subresource: str | None = None) -> str:
+    return resource_path(
+        resources.GROUP, resources.VERSION, resources.BOT_PLURAL, None, name, subresource
+    )
+
+
+def binding_path(namespace: str | None, name: str | None = None) -> str:
+    return resource_path(
+        resources.GROUP, resources.VERSION, resources.BINDING_PLURAL, namespace, name
+    )
+
+
+class _Reconciler:
+    """The shared parts, read from the memo when used (tests replace the writer)."""
+
+    def __init__(self, memo: Memo) -> None:
+        self.memo = memo
+
+    @property
+    def settings(self) -> Settings:
+        return self.memo.settings
+
+    @property
+    def world(self) -> World:
+        return self.memo.world
+
+    @property
+    def naming(self) -> identity.Naming:
+        return self.memo.naming
+
+    @property
+    def writer(self) -> Writer:
+        return self.memo.writer
+
+    @property
+    def client(self) -> KubeClient:
+        return self.memo.client
+
+    @property
+    def conduit(self) -> conduit.ConduitClient:
+        return self.memo.conduit
+
+    def clock(self) -> datetime.datetime:
+        return self.memo.clock()
+
+
+class Bots(_Reconciler):
+    """Bot checks: due by generation, Secret version and interval; status and Events."""
+
+    def __init__(self, memo: Memo) -> None:
+        super().__init__(memo)
+        self.schedules: dict[str, botcheck.Schedule] = {}
+
+    def forget(self, name: str) -> None:
+        self.schedules.pop(name, None)
+
+    @property
+    def secrets(self) -> dict[str, SecretToken]:
+        return self.memo.secrets.items
+
+    async def check(self, name: str, *, only_if_due: bool = False) -> None:
+        bot = self.world.bots.get(name)
+        if bot is None:
+            return
+        now = self.clock()
+        schedule = self.schedules.setdefault(name, botcheck.Schedule())
+        secret = (
+            self.secrets.get(f"{self.settings.namespace}/{bot.spec.token_secret_ref.name}")
+            if bot.spec
+            else None
+        )
+        version = secret.version if secret else None
+        interval = datetime.timedelta(seconds=self.settings.bot_recheck_interval)
+        if only_if_due and not schedule.due(now, bot.generation, version, interval):
+            return
+        outcome = await self._check(bot, secret)
+        metrics.current().bot_checked(outcome.ready, outcome.reason)
+        schedule.record(now, bot.generation, version, outcome)
+        await self._record_bot(bot, outcome)
+
+    async def _check(self, bot: BotView, secret: SecretToken | None) -> botcheck.Outcome:
+        if bot.spec is None:
+            return botcheck.Outcome("False", botcheck.INVALID_SPEC, "spec could not be read")
+        ref = bot.spec.token_secret_ref
+        if secret is None:
+            return botcheck.Outcome(
+                "False",
+                botcheck.SECRET_MISSING,
+                f'Secret "{ref.name}" not found in namespace "{self.settings.namespace}"',
+            )
+        token = secret.data.get(ref.key)
+        if not token:
+            return botcheck.Outcome(
+                "False", botcheck.SECRET_KEY_MISSING, f'Secret "{ref.name}" has no key "{ref.key}"'
+            )
+        return await asyncio.to_thread(botcheck.check, self.conduit, bot.spec.username, token)
+
+    async def _record_bot(self, bot: BotView, outcome: botcheck.Outcome) -> None:
+        now = self.clock()
+        previous = self.world.bots.get(bot.name)
+        shown = previous or bot  # the status as the cluster last showed it
+        phid = outcome.phid or (bot.phid if outcome.status == "Unknown" else None)
+        # Unknown (Phabricator unreachable) keeps a verified bot usable: leases are not
+        # revoked for a Phabricator outage; they are for a definite "no".
+        usable = outcome.ready or (
+            outcome.status == "Unknown" and previous is not None and previous.ready
+        )
+        updated = dataclasses.replace(bot, ready=usable, phid=phid, reason=outcome.reason)
+        self.world.bots[bot.name] = dataclasses.replace(updated, status=shown.status)
+        metrics.current().bot_status(bot.name, outcome.ready, outcome.reason)
+        conditions = conditions_of(shown.status)
+        new_conditions = resources.set_condition(
+            conditions,
+            resources.Condition.new(
+                "Ready",
+                outcome.status,  # type: ignore[arg-type]  # "True", "False" or "Unknown"
+                outcome.reason,
+                outcome.message,
+                bot.generation,
+            ),
+            now,
+        )
+        status: JSON = {
+            "phid": phid,
+            "observedGeneration": bot.generation,
+            "conditions": [c.model_dump(by_alias=True, mode="json") for c in new_conditions],
+        }
+        if changed(status, shown.status):
+            written = await self.writer.patch_status(
+                bot_path(bot.name), {**status, "lastCheckedAt": format_time(now)}
+            )
+            self._saw_status_of_bot(bot.name, written)
+        old_ready = next((c for c in conditions if c.type == "Ready"), None)
+        if old_ready is None or old_ready.reason != outcome.reason:
+            log.info(
+                "bot_checked",
+                **{logs.BOT: bot.name, logs.REASON: outcome.reason, "status": outcome.status},
+            )
+            await self.writer.event(
+                {
+                    "apiVersion": f"{resources.GROUP}/{resources.VERSION}",
+                    "kind": resources.BOT_KIND,
+                    "name": bot.name,
+                },
+                outcome.reason,
+                outcome.message,
+                "Normal" if outcome.ready else "Warning",
+            )
+        if previous is None or previous.ready != usable:
+            for namespace in self.world.namespaces_of_bot(bot.name):
+                await self.memo.bindings.refresh_namespace(namespace)
+
+    def _saw_status_of_bot(self, name: str, status: JSON | None) -> None:
+        current = self.world.bots.get(name)
+        if status is not None and current is not None:
+            self.world.bots[name] = dataclasses.replace(current, status=status)
+
+
+class Bindings(_Reconciler):
+    """Binding verdicts, re-judged when their namespace, bot or spec changes; status."""
+
+    def __init__(self, memo: Memo) -> None:
+        super().__init__(memo)
+        self.verdicts: dict[Key, decide.Verdict] = {}
+
+    def judge(self, binding: BindingView) -> decide.Verdict:
+        verdict = self.verdicts[binding.key] = self._verdict(binding)
+        return verdict
+
+    def forget(self, key: Key) -> None:
+        self.verdicts.pop(key, None)
+
+    def _verdict(self, binding: BindingView) -> decide.Verdict:
+        bot = self.world.bots.get(binding.bot) if binding.bot else None
+        return decide.judge_binding(binding, bot, self.world.namespaces.get(binding.namespace))
+
+    async def refresh_namespace(self, namespace: str) -> None:
+        """Bindings, bots or labels changed here: re-judge bindings, reconcile every pod."""
+        for binding in self.world.bindings_in(namespace):
+            self.verdicts[binding.key] = self._verdict(binding)
+        stale = [k for k in self.verdicts if k[0] == namespace and k not in self.world.bindings]
+        for key in stale:
+            del self.verdicts[key]
+        uids = set(self.world.pods_by_ns.get(namespace, ()))
+        uids.update(
+            lease.pod_uid for lease in self.world.leases.values() if lease.namespace == namespace
+        )
+        await asyncio.gather(*(self.memo.leases.reconcile_pod(uid) for uid in uids))
+        for binding in self.world.bindings_in(namespace):
+            await self.write_status(binding)
+
+    async def write_status(self, binding: BindingView) -> None:
+        verdict = self.verdicts.get(binding.key) or self._verdict(binding)
+        metrics.current().binding_status(*binding.key, verdict.ready, verdict.reason)
+        counts = decide.count_binding(self.world, binding, self.naming)
+        now = self.clock()
+        seen = self.world.bindings.get(binding.key, binding)  # as the cluster last showed it
+        previous = conditions_of(seen.status)
+        conditions = previous
+        shown = [("Ready", verdict.ready, verdict.reason, verdict.message)]
+        if verdict.bot_shown:
+            shown.append(("BotReady", verdict.bot_ready, verdict.bot_reason, verdict.bot_message))
+        else:
+            # No word about a bot this namespace may not use: not even whether it exists.
+            conditions = [c for c in conditions if c.type != resources.BOT_READY]
+        for type_, ok, reason, message in shown:
+            conditions = resources.set_condition(
+                conditions,
+                resources.Condition.new(
+                    type_, "True" if ok else "False", reason, message, binding.generation
+                ),
+                now,
+            )
+        status: JSON = {
+            "observedGeneration": binding.generation,
+            "matchedPods": counts.matched,
+            "activeCredentials": counts.active,
+            "unmeshedPods": counts.unmeshed,
+            "otherMeshPods": counts.other_mesh,
+            # null removes the field; the merge patch replaces the conditions list whole, so
+            # a BotReady left out above is removed as well.
+            "botPHID": verdict.bot_phid if verdict.bot_shown else None,
+            "conditions": [c.model_dump(by_alias=True, mode="json") for c in conditions],
+        }
+        if not changed(status, seen.status):
+            return
+        written = await self.writer.patch_status(
+            binding_path(binding.namespace, binding.name), status
+        )
+        current = self.world.bindings.get(binding.key)
+        if written is not None and current is not None and current.uid == binding.uid:
+            self.world.put_binding(dataclasses.replace(current, status=written))
+        old_ready = next((c for c in previous if c.type == "Ready"), None)
+        if old_ready is None or old_ready.reason != verdict.reason:
+            if verdict.detail:  # the whole truth, for the administrator's eyes only
+                log.info(
+                    "binding_judged",
+                    **{
+                        logs.NAMESPACE: binding.namespace,
+                        logs.BINDING: binding.name,
+                        logs.BOT: binding.bot,
+                        logs.REASON: verdict.reason,
+                    },
+                    detail=verdict.detail,
+                )
+            await self.writer.event(
+                {
+                    "apiVersion": f"{resources.GROUP}/{resources.VERSION}",
+                    "kind": resources.BINDING_KIND,
+                    "namespace": binding.namespace,
+                    "name": binding.name,
+                    "uid": binding.uid,
+                },
+                verdict.reason,
+                verdict.message,
+                "Normal" if verdict.ready else "Warning",
+            )
+
+
+class Leases(_Reconciler):
+    """Each pod's leases: what it should hold (the pod's plan), written, retried on failure."""
+
+    def __init__(self, memo: Memo) -> None:
+        super().__init__(memo)
+        self.retries = Retries()  # lease writes that failed, per pod UID
+        self._pod_locks: dict[str, asyncio.Lock] = {}
+
+    async def close(self) -> None:
+        await self.retries.close()
+
+    async def renew(self, binding: BindingView) -> None:
+        if binding.spec is None:
+            return
+        ttl = binding.spec.ttl
+        now = self.clock()
+        due = [
+            lease
+            for lease in self.world.leases_of_binding(binding.key)
+            if decide.due_for_renewal(lease, ttl, now)
+        ]
+        for lease in due:
+            await self.reconcile_pod(lease.pod_uid)
+            current = self.world.leases.get(lease.key)
+            if current is not None and current.active:
+                try:
+                    await self.writer.renew(current, ttl)
+                except Exception as exc:
+                    # Still due at the bot's next tick (seconds away, long before a third
+                    # of the TTL has passed): that pass tries it again.
+                    log.warning(
+                        "lease_write_failed",
+                        **{logs.LEASE: current.name, logs.POD_UID: current.pod_uid},
+                        error=str(exc),
+                    )
+
+    async def reconcile_pod(self, uid: str) -> None:
+        lock = self._pod_locks.setdefault(uid, asyncio.Lock())
+        try:
+            async with lock:
+                plan = decide.plan_pod(self.world, uid, self.naming, self.memo.bindings.verdicts)
+                if plan:
+                    await self._execute(uid, plan)
+        finally:
+            if not lock.locked() and uid not in self.world.pods:
+                self._pod_locks.pop(uid, None)
+
+    async def _execute(self, uid: str, plan: decide.Plan) -> None:
+        # Revocations first: a lease re-issued for another bot takes the revoked one's name.
+        revokes = await asyncio.gather(
+            *(self.writer.revoke(lease, reason) for lease, reason in plan.revoke),
+            *(self.writer.delete_revoked(lease) for lease in plan.delete),
+            return_exceptions=True,
+        )
+        writes: list[Coroutine[Any, Any, object]] = []
+        pod = self.world.pods.get(uid)
+        if pod is not None:
+            pod_identity = identity.linkerd_identity(
+                pod.service_account, pod.namespace, self.naming
+            )
+            for binding in plan.issue:
+                assert binding.spec is not None
+                verdict = self.memo.bindings.verdicts.get(binding.key)
+                writes.append(
+                    self.writer.issue(
+                        pod,
+                        binding,
+                        pod_identity,
+                        binding.spec.ttl,
+                        verdict.bot_phid if verdict else None,
+                    )
+                )
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        failures = [r for r in [*revokes, *results] if isinstance(r, Exception)]
+        for failure in failures:
+            self.write_failed(uid, failure)
+        if not failures:
+            self.retries.succeeded(uid)
+
+    def write_failed(self, uid: str, error: Exception) -> None:
+        """A lease write for this pod failed: reconcile it again later, backing off, until
+        its leases are what they should be (or nothing more is wanted)."""
+        log.warning("lease_write_failed", **{logs.POD_UID: uid, logs.ERROR: str(error)})
+        self.retries.failed(uid, lambda: self.reconcile_pod(uid))
+
+
+class _FirstLists:
+    """Which objects kopf's first lists hold, by kind; None once :meth:`Startup.listed` ran."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, set[object]] | None = {
+            kind: set() for kind in ("namespaces", "bots", "bindings", "leases")
+        }
+        self.lock = asyncio.Lock()
+
+
+class Startup(_Reconciler):
+    """Before the first decision: what the cluster holds, and the sweep of orphaned leases."""
+
+    def __init__(self, memo: Memo) -> None:
+        super().__init__(memo)
+        # What kopf's first lists hold, until :meth:`listed` has dropped what preload read
+        # that has gone since.
+        self.first_lists = _FirstLists()
+
+    async def preload(self) -> None:
+        """Read namespaces, bots, bindings and leases before any pod event is decided."""
+        namespaces, _ = await self.client.list_all(resource_path("", "v1", "namespaces"))
+        for ns in namespaces:
+            meta = ns.get("metadata") or {}
+            self.world.namespaces[str(meta.get("name"))] = dict(meta.get("labels") or {})
+        bots, _ = await self.client.list_all(bot_path())
+        for body in bots:
+            bot = BotView.from_body(body)
+            self.world.bots[bot.name] = bot
+        bindings, _ = await self.client.list_all(binding_path(None))
+        for body in bindings:
+            if (body.get("metadata") or {}).get("deletionTimestamp") is None:
+                self.world.put_binding(BindingView.from_body(body))
+        leases, _ = await self.client.list_all(
+            resource_path(resources.GROUP, resources.VERSION, resources.CREDENTIAL_PLURAL)
+        )
+        for body in leases:
+            self.world.put_lease(LeaseView.from_body(body))
+        for binding in self.world.bindings.values():
+            self.memo.bindings.judge(binding)
+
+    def saw(self, kind: str, key: object) -> None:
+        """kopf listed or watched this object (its index functions call this)."""
+        if self.first_lists.seen is not None:
+            self.first_lists.seen[kind].add(key)
+
+    async def listed(self) -> None:
+        """Once, when the first handler runs: kopf holds every handler back until its first
+        lists are indexed, so whatever :meth:`preload` read and those lists lack was deleted
+        in between. No watch event will ever say so: forget it here, and revoke what it held.
+        """
+        first = self.first_lists
+        if first.seen is None:
+            return
+        async with first.lock:
+            seen, first.seen = first.seen, None
+            if seen is None:
+                return
+            world = self.world
+            affected: set[str] = set()
+            namespaces = [n for n in world.namespaces if n not in seen["namespaces"]]
+            for name in namespaces:
+                world.namespaces.pop(name, None)
+                affected.add(name)
+            bots = [b for b in world.bots if b not in seen["bots"]]
+            for name in bots:
+                affected.update(world.namespaces_of_bot(name))
+                world.bots.pop(name, None)
+                self.memo.bots.forget(name)
+                metrics.current().bot_gone(name)
+            bindings = [k for k in world.bindings if k not in seen["bindings"]]
+            for key in bindings:
+                world.drop_binding(key)
+                self.memo.bindings.forget(key)
+                metrics.current().binding_gone(*key)
+                affected.add(key[0])
+            leases = [k for k in world.leases if k not in seen["leases"]]
+            for key in leases:
+                world.drop_lease(key)
+            if namespaces or bots or bindings or leases:
+                log.info(
+                    "deleted_before_watch_dropped",
+                    namespaces=len(namespaces),
+                    bots=len(bots),
+                    bindings=len(bindings),
+                    leases=len(leases),
+                )
+            for namespace in affected:
+                await self.memo.bindings.refresh_namespace(namespace)
+
+    async def sweep(self) -> int:
+        """Revoke every lease whose pod is gone or is another incarnation (another UID).
+
+        Leases were listed (in :meth:`preload`) before pods are listed here, so a
+        lease's pod that existed then is in this list unless it has since gone.
+        """
+        uids: set[str] = set()
+        path = resource_path("", "v1", "pods")
+        query = {"limit": "500"}
+        while True:
+            page = await self.client.get(path, params=query)
+            for pod in page.get("items") or []:
+                uids.add(str(pod["metadata"]["uid"]))
+            cont = (page.get("metadata") or {}).get("continue")
+            if not cont:
+                break
+            query["continue"] = cont
+        orphans = [lease for lease in self.world.leases.values() if lease.pod_uid not in uids]
+        results = await asyncio.gather(
+            *(self.writer.revoke(lease, decide.POD_GONE) for lease in orphans),
+            return_exceptions=True,
+        )
+        for lease, result in zip(orphans, results, strict=True):
+            if isinstance(result, Exception):
+                self.memo.leases.write_failed(lease.pod_uid, result)
+        return len(orphans)

@@ -1,0 +1,215 @@
+"""Lease writes the API server refuses for a while: issue, renew and revoke each end right.
+
+Faults are injected into the running operator's own Kubernetes client, after its quick
+retries of one call (a 5xx or a 429 that outlasts them, a create whose answer is lost,
+a conflict): the call fails as a longer outage would make it fail, and the operator must
+try again later, until the lease is what the cluster says it should be.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.kube import Conflict, KubeClient
+from phabmesh.kube.client import Unavailable
+from tests.kube import Cluster, wait_for
+from tests.phab import (
+    G,
+    V,
+    active_leases,
+    binding_condition,
+    label_namespace,
+    leases,
+    make_binding,
+    make_bot,
+    make_pod,
+    time_of,
+)
+from tests.stack import Threaded
+
+
+@dataclasses.dataclass
+class Rule:
+    method: str
+    path_part: str  # the path contains it...
+    times: int
+    error: Exception
+    after_the_call: bool = False  # the call reaches the API server; its answer is lost
+    ends: str = ""  # ...and ends with this
+    hits: int = 0
+
+
+class Faults:
+    """Fails the operator's client calls that match a rule, ``times`` times each."""
+
+    def __init__(self, client: KubeClient) -> None:
+        self.client = client
+        self.real = client.request
+        self.rules: list[Rule] = []
+        self.lock = threading.Lock()
+        client.request = self.request  # type: ignore[method-assign]
+
+    def add(self, rule: Rule) -> Rule:
+        with self.lock:
+            self.rules.append(rule)
+        return rule
+
+    def remove(self) -> None:
+        self.client.request = self.real  # type: ignore[method-assign]
+
+    def _match(self, method: str, path: str) -> Rule | None:
+        with self.lock:
+            for rule in self.rules:
+                if (
+                    rule.method == method
+                    and rule.path_part in path
+                    and path.endswith(rule.ends)
+                    and rule.hits < rule.times
+                ):
+                    rule.hits += 1
+                    return rule
+        return None
+
+    async def request(self, method: str, path: str, **kw: Any) -> Any:
+        rule = self._match(method, path)
+        if rule is None:
+            return await self.real(method, path, **kw)
+        if rule.after_the_call:
+            await self.real(method, path, **kw)
+        raise rule.error
+
+
+def server_error() -> Exception:
+    return Unavailable(500, "InternalError", "injected: etcd timed out")
+
+
+def too_many() -> Exception:
+    return Unavailable(429, "TooManyRequests", "injected: priority and fairness")
+
+
+def lost() -> Exception:
+    return Unavailable(0, "ServerDisconnectedError", "injected: the answer never came")
+
+
+@pytest.fixture
+def faults(operator: Threaded) -> Iterator[Faults]:
+    injector = Faults(operator.process.memo.client)  # type: ignore[attr-defined]
+    yield injector
+    injector.remove()
+
+
+@pytest.fixture
+def bound(cluster: Cluster, conduit: ConduitServer, operator: Threaded, namespace: str) -> str:
+    bot = f"wf-{namespace}"
+    make_bot(cluster, conduit, bot)
+    label_namespace(cluster, namespace)
+    make_binding(cluster, namespace, "runners", bot, credentialTTL="1h")
+    wait_for(
+        lambda: (c := binding_condition(cluster, namespace, "runners")) and c["status"] == "True"
+    )
+    return namespace
+
+
+def lease_path(namespace: str) -> str:
+    return f"/namespaces/{namespace}/phabricatorcredentials"
+
+
+@pytest.mark.parametrize(
+    ("method", "part", "error", "after", "times"),
+    [
+        ("POST", "", server_error(), False, 3),  # the create, refused
+        ("POST", "", too_many(), False, 3),
+        # The create landed, its answer did not: the next create finds it, Pending.
+        ("POST", "", lost(), True, 1),
+        ("PATCH", "/status", server_error(), False, 3),  # the status write after the create
+        ("PATCH", "/status", too_many(), False, 3),
+    ],
+    ids=["create-500", "create-429", "create-lost", "status-500", "status-429"],
+)
+def test_issue_is_retried_until_the_pod_holds_its_lease(
+    cluster: Cluster,
+    faults: Faults,
+    bound: str,
+    method: str,
+    part: str,
+    error: Exception,
+    after: bool,
+    times: int,
+) -> None:
+    rule = faults.add(Rule(method, lease_path(bound), times, error, after, ends=part))
+    make_pod(cluster, bound, "runner-0")
+    held = wait_for(lambda: active_leases(cluster, bound), timeout=60, what="the lease, Active")
+    assert rule.hits == times
+    assert len(held) == 1
+    assert held[0]["spec"]["podName"] == "runner-0"
+    assert len(leases(cluster, bound)) == 1  # one lease, not one per attempt
+
+
+def test_a_conflict_on_create_with_a_lease_being_deleted_is_retried(
+    cluster: Cluster, faults: Faults, bound: str
+) -> None:
+    rule = faults.add(
+        Rule("POST", lease_path(bound), 2, Conflict(409, "AlreadyExists", "injected"))
+    )
+    make_pod(cluster, bound, "runner-0")
+    wait_for(lambda: active_leases(cluster, bound), timeout=60, what="the lease, Active")
+    assert rule.hits == 2
+
+
+def test_renewal_is_retried_until_it_lands(cluster: Cluster, faults: Faults, bound: str) -> None:
+    make_pod(cluster, bound, "runner-0")
+    (lease,) = wait_for(lambda: active_leases(cluster, bound), timeout=60)
+    name = lease["metadata"]["name"]
+    rule = faults.add(Rule("PATCH", f"{lease_path(bound)}/{name}/status", 3, server_error()))
+    # A shorter TTL renews live leases at once (down to now + TTL).
+    cluster.custom.patch_namespaced_custom_object(
+        G, V, bound, "phabricatorbindings", "runners", {"spec": {"credentialTTL": "10m"}}
+    )
+    limit = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=11)
+
+    def renewed() -> bool:
+        (current,) = active_leases(cluster, bound)
+        return time_of(current["status"]["expiresAt"]) <= limit
+
+    wait_for(renewed, timeout=60, what="the lease renewed to the shorter TTL")
+    assert rule.hits == 3
+    assert [x["metadata"]["uid"] for x in active_leases(cluster, bound)] == [
+        lease["metadata"]["uid"]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("method", "part", "error"),
+    [
+        ("PATCH", "/status", server_error()),  # marking it Revoked
+        ("PATCH", "/status", too_many()),
+        ("DELETE", "", server_error()),  # deleting it once Revoked
+    ],
+    ids=["status-500", "status-429", "delete-500"],
+)
+def test_revocation_is_retried_until_the_lease_is_gone(
+    cluster: Cluster, faults: Faults, bound: str, method: str, part: str, error: Exception
+) -> None:
+    make_pod(cluster, bound, "runner-0")
+    (lease,) = wait_for(lambda: active_leases(cluster, bound), timeout=60)
+    name = lease["metadata"]["name"]
+    rule = faults.add(Rule(method, f"{lease_path(bound)}/{name}", 3, error, ends=part or name))
+    # The pod stays (no garbage collector to help): the binding no longer selects it.
+    cluster.custom.patch_namespaced_custom_object(
+        G,
+        V,
+        bound,
+        "phabricatorbindings",
+        "runners",
+        {"spec": {"podSelector": {"matchLabels": {"app": "other"}}}},
+    )
+    wait_for(lambda: leases(cluster, bound) == [], timeout=60, what="the lease revoked, deleted")
+    assert rule.hits == 3
+    assert active_leases(cluster, bound) == []

@@ -1,0 +1,86 @@
+"""Failed writes tried again later: the backoff, one pending retry per key, and a plan
+that deletes a lease left Revoked by a delete that failed."""
+
+from __future__ import annotations
+
+import asyncio
+
+from phabmesh.controller import decide, retry
+from phabmesh.controller.world import World
+from phabmesh.identity import Naming
+from phabmesh.leases.view import LeaseView
+from tests.unit.test_decide import binding, bot, lease, pod
+
+
+def test_backoff_doubles_up_to_the_cap_and_never_waits_less_than_half() -> None:
+    for attempt, full in [(1, 0.2), (2, 0.4), (3, 0.8), (9, 30.0), (10_000, 30.0)]:
+        for _ in range(50):
+            delay = retry.backoff(attempt)
+            assert full / 2 <= delay <= full
+    assert retry.backoff(0) <= retry.BASE  # nonsense attempts are the first one
+
+
+def test_one_retry_per_key_backing_off_until_it_succeeds() -> None:
+    async def scenario() -> tuple[list[int], int, int]:
+        retries = retry.Retries(base=0.01, cap=0.05)
+        runs: list[int] = []
+        left = {"failures": 3}
+
+        async def again() -> None:
+            runs.append(retries.attempts("pod"))
+            if left["failures"]:
+                left["failures"] -= 1
+                retries.failed("pod", again)  # what a reconcile that fails again does
+            else:
+                retries.succeeded("pod")
+
+        assert retries.failed("pod", again) is not None
+        assert retries.failed("pod", again) is None  # one pending per key
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if not retries.pending and retries.attempts("pod") == 0:
+                break
+        pending, attempts = retries.pending, retries.attempts("pod")
+        await retries.close()
+        return runs, pending, attempts
+
+    runs, pending, attempts = asyncio.run(scenario())
+    assert runs == [1, 2, 3, 4]
+    assert (pending, attempts) == (0, 0)
+
+
+def test_close_cancels_what_is_pending() -> None:
+    async def scenario() -> list[str]:
+        retries = retry.Retries(base=10, cap=10)
+        ran: list[str] = []
+
+        async def again() -> None:
+            ran.append("ran")
+
+        retries.failed("pod", again)
+        await retries.close()
+        await asyncio.sleep(0)
+        return ran
+
+    assert asyncio.run(scenario()) == []
+
+
+def test_a_lease_left_revoked_is_deleted_by_the_pods_plan() -> None:
+    world = World()
+    world.namespaces["build"] = {}
+    world.bots["ci-bot"] = bot()
+    world.put_pod(pod("p1"))
+    world.put_binding(binding("runners"))
+    active = lease("p1", "runners")
+    world.put_lease(active)
+    verdicts = {
+        b.key: decide.judge_binding(b, world.bots["ci-bot"], {}) for b in world.bindings.values()
+    }
+    assert not decide.plan_pod(world, active.pod_uid, Naming(), verdicts)
+    left = LeaseView(**{**active.__dict__, "phase": "Revoked", "reason": "PodTerminating"})
+    world.put_lease(left)
+    plan = decide.plan_pod(world, active.pod_uid, Naming(), verdicts)
+    assert plan.delete == (left,)
+    # The pod is still entitled: issued again once the delete has freed the name (the
+    # revocations and deletes of a plan go first).
+    assert [b.name for b in plan.issue] == ["runners"]
