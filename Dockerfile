@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
-# phabmesh: one image for the operator (`phabmesh controller`) and the gateway
-# (`phabmesh gateway`), built from this repository's wheel and the pinned dependency set in
-# constraints.txt. Build with BuildKit: `docker build -t phabmesh .`
+# phabmesh: one image for the operator (`phabmesh controller`), the gateway
+# (`phabmesh gateway`) and the credential agent the webhook adds to pods (`phabmesh agent`,
+# which needs the image's `test` and `sh` for its probe and hook), built from this
+# repository's wheel and the pinned dependency set in constraints.txt. Build with BuildKit:
+# `docker build -t phabmesh .`
 
 FROM python:3.11.14-slim-bookworm AS build
 WORKDIR /src

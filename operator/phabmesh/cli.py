@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from phabmesh import __version__, logs, podclient
@@ -79,8 +79,8 @@ def _gateway(args: argparse.Namespace) -> int:
     return 0
 
 
-def _credential(args: argparse.Namespace) -> int:
-    logs.configure("INFO")
+def _fetcher(args: argparse.Namespace) -> Callable[[], podclient.Credential]:
+    """The exchange ``phabmesh credential`` and ``phabmesh agent`` make, as their flags say."""
     endpoint = args.endpoint or os.environ.get(
         "PHABMESH_CREDENTIAL_ENDPOINT", podclient.DEFAULT_ENDPOINT
     )
@@ -94,6 +94,13 @@ def _credential(args: argparse.Namespace) -> int:
         return podclient.exchange(
             endpoint, token, binding=args.binding, credential_format=args.format
         )
+
+    return fetch
+
+
+def _credential(args: argparse.Namespace) -> int:
+    logs.configure("INFO")
+    fetch = _fetcher(args)
 
     def store(credential: podclient.Credential) -> None:
         if args.output:
@@ -110,6 +117,33 @@ def _credential(args: argparse.Namespace) -> int:
         print(f"phabmesh credential: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from phabmesh import agent
+
+    logs.configure(os.environ.get("PHABMESH_LOG_LEVEL", "INFO"))
+    fetch = _fetcher(args)
+    store = agent.Writer(Path(args.dir), args.gateway or "")
+    if args.mode == "init":
+        return agent.run_init(
+            fetch, store, timeout=args.timeout, termination_log=Path(args.termination_log)
+        )
+    return agent.run_sidecar(fetch, store)
+
+
+def _exchange_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--endpoint", help="credential endpoint URL (env PHABMESH_CREDENTIAL_ENDPOINT)"
+    )
+    parser.add_argument("--token-file", default=os.environ.get("PHABMESH_TOKEN_FILE", _TOKEN_FILE))
+    parser.add_argument("--binding", help="which binding, when several grant this pod a credential")
+    parser.add_argument(
+        "--format",
+        choices=podclient.FORMATS,
+        help="phorge-token (api- and 28 characters, as Conduit clients expect) or jwt "
+        "(default: the binding's credentialFormat, itself PhorgeToken by default)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,21 +193,37 @@ def build_parser() -> argparse.ArgumentParser:
     cred = sub.add_parser(
         "credential", help="(in a pod) exchange the service-account token for a credential"
     )
-    cred.add_argument(
-        "--endpoint", help="credential endpoint URL (env PHABMESH_CREDENTIAL_ENDPOINT)"
-    )
-    cred.add_argument("--token-file", default=os.environ.get("PHABMESH_TOKEN_FILE", _TOKEN_FILE))
-    cred.add_argument("--binding", help="which binding, when several grant this pod a credential")
-    cred.add_argument(
-        "--format",
-        choices=podclient.FORMATS,
-        help="phorge-token (api- and 28 characters, as Conduit clients expect) or jwt "
-        "(default: the binding's credentialFormat, itself PhorgeToken by default)",
-    )
+    _exchange_flags(cred)
     cred.add_argument("--output", "-o", help="write the credential to this file (mode 0600)")
     cred.add_argument("--print", action="store_true", help="print the credential on stdout")
     cred.add_argument("--watch", action="store_true", help="keep refreshing it before expiry")
     cred.set_defaults(func=_credential)
+
+    agt = sub.add_parser(
+        "agent",
+        help="(in a pod) the credential agent: write the credential and an ~/.arcrc "
+        "for the gateway, once (init) or kept fresh (sidecar)",
+    )
+    agt.add_argument("mode", choices=("sidecar", "init"))
+    agt.add_argument("--dir", default="/var/run/phabmesh", help="where to write the files")
+    agt.add_argument(
+        "--gateway",
+        default=os.environ.get("PHABMESH_GATEWAY_URL", ""),
+        help="the gateway's URL for the .arcrc (env PHABMESH_GATEWAY_URL)",
+    )
+    agt.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="init: give up after this many seconds of failed exchanges (default 120)",
+    )
+    agt.add_argument(
+        "--termination-log",
+        default="/dev/termination-log",
+        help="init: where a failure's reason is written (the container's termination message)",
+    )
+    _exchange_flags(agt)
+    agt.set_defaults(func=_agent)
     return parser
 
 

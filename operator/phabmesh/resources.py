@@ -152,6 +152,20 @@ CredentialFormat = Literal["PhorgeToken", "JWT"]
 PHORGE_TOKEN: CredentialFormat = "PhorgeToken"  # noqa: S105 - a format's name
 JWT: CredentialFormat = "JWT"  # a signed JWT, verifiable by third parties through the JWKS
 
+# PhabricatorBinding.spec.agent.mode: whether the webhook adds the credential agent to pods.
+AgentMode = Literal["None", "Sidecar", "Init", "Auto"]
+AGENT_NONE: AgentMode = "None"  # no agent: the pod gets the token volume and variables only
+AGENT_SIDECAR: AgentMode = "Sidecar"  # a native sidecar that keeps the credential fresh
+AGENT_INIT: AgentMode = "Init"  # an init container that writes one credential and exits
+# Init for pods that run once (restartPolicy Never or OnFailure: Jobs), Sidecar otherwise.
+AGENT_AUTO: AgentMode = "Auto"
+
+
+class AgentSpec(_Model):
+    """``PhabricatorBinding.spec.agent``: the credential agent the webhook adds to pods."""
+
+    mode: AgentMode = AGENT_NONE
+
 
 class BindingSpec(_Model):
     """``PhabricatorBinding.spec``."""
@@ -164,6 +178,7 @@ class BindingSpec(_Model):
     allowed_methods: tuple[str, ...] = Field(alias="allowedMethods")
     require_client_id: bool = Field(default=False, alias="requireClientID")
     credential_format: CredentialFormat = Field(default=PHORGE_TOKEN, alias="credentialFormat")
+    agent: AgentSpec = Field(default_factory=AgentSpec)
 
     @field_validator("credential_ttl")
     @classmethod

@@ -95,6 +95,9 @@ class Settings:
     injected_credential_endpoint: str = "http://phabmesh-issuer.phabmesh-system.svc:8443"
     injected_gateway_url: str = "http://phabmesh-gateway.phabmesh-system.svc:8080"
     injected_token_ttl: float = 600.0
+    # The image of the credential agent the webhook adds to pods whose binding asks for it
+    # (spec.agent): phabmesh's own, at the operator's version (manifests/ set it so).
+    agent_image: str = "ghcr.io/phabmesh/phabmesh:0.1.0"
     # Peering (several operator replicas): how long a silent replica counts as alive.
     peering_lifetime: float = 60.0
     # The gateway also watches pods and refuses a credential as soon as its pod is terminating,

@@ -54,6 +54,9 @@ def test_quick_start_flow(tmp_path: Path) -> None:
     assert seen["whoami"]["error_code"] is None
     assert seen["refused"]["error_code"] == "ERR-INVALID-AUTH"
     assert seen["lease"].startswith("ci-runner-0.ci-runners.")
+    # The binding of demo.yaml asks for the agent; its ~/.arcrc alone reaches the bot.
+    assert seen["agent"] == "sidecar"
+    assert seen["agent_whoami"]["result"]["userName"] == "ci-bot"
     text = "\n".join(lines)
     assert "] The same credential, once more through the gateway" in text
     # "pod terminating", "pod deleted", or "lease deleted" when the garbage collector won the race

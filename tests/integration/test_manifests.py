@@ -505,8 +505,16 @@ def test_workloads_are_hardened_and_meshed(
     assert container["args"] == args
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == ports
     assert container["envFrom"] == [{"configMapRef": {"name": "phabmesh-config"}}]
-    downward = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
+    downward = {
+        e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"]
+        for e in container["env"]
+        if "valueFrom" in e
+    }
     assert downward == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+    # The operator's webhook gives injected pods the agent in its own image (replacements).
+    values = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    expected = {"PHABMESH_AGENT_IMAGE": container["image"]} if name == "phabmesh-operator" else {}
+    assert values == expected
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert container["resources"] == {"requests": requests, "limits": {"memory": memory_limit}}
@@ -641,10 +649,14 @@ def test_samples_bind_the_ci_runner_to_ci_bot(samples: list[Doc]) -> None:
         "allowedMethods": ["user.whoami", "differential.*", "conduit.ping"],
         "requireClientID": False,
         "credentialFormat": "PhorgeToken",
+        "agent": {"mode": "Auto"},
     }
     runner = _by_kind(samples, "Deployment")["ci-runner"]["spec"]["template"]
     assert runner["metadata"]["annotations"]["linkerd.io/inject"] == "enabled"
     assert runner["spec"]["serviceAccountName"] == "ci-runner"
+    # No hand-written credential container or volume: the agent is the webhook's to add.
+    assert [c["name"] for c in runner["spec"]["containers"]] == ["runner"]
+    assert "initContainers" not in runner["spec"] and "volumes" not in runner["spec"]
     assert "ci-runner" in _by_kind(samples, "ServiceAccount")
 
 

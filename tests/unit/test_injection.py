@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -210,3 +212,254 @@ def test_the_injector_keeps_each_namespaces_bindings_apart() -> None:
     assert injector.decide(_pod(), "ci") is None
     assert "ci" not in injector.by_namespace  # nothing kept for emptied namespaces
     assert len(injector.specs_in("web")) == 1
+
+
+# -- the credential agent -------------------------------------------------------------------
+
+SIDECAR = dataclasses.replace(INJECTION, agent=resources.AGENT_SIDECAR)
+
+
+def _linkerd_native(pod: dict[str, Any]) -> None:
+    """Linkerd's injector with native sidecars: linkerd-init, then the proxy, in front."""
+    inits = pod["spec"].setdefault("initContainers", [])
+    inits.insert(0, {"name": "linkerd-init", "image": "init"})
+    inits.insert(1, {"name": "linkerd-proxy", "image": "proxy", "restartPolicy": "Always"})
+    pod["spec"].setdefault("volumes", []).append(
+        {"name": "linkerd-identity-end-entity", "emptyDir": {}}
+    )
+
+
+def _both_orders(
+    injection: inject.Injection, linkerd: Callable[[dict[str, Any]], None], pod: dict[str, Any]
+) -> dict[str, Any]:
+    """The pod after both injectors, whichever runs first; asserts both give the same pod."""
+    ours_first, linkerd_first = copy.deepcopy(pod), copy.deepcopy(pod)
+    injection.apply(ours_first)
+    linkerd(ours_first)
+    injection.apply(ours_first)  # reinvoked after Linkerd's change (reinvocationPolicy)
+    linkerd(linkerd_first)
+    injection.apply(linkerd_first)
+    for each in (ours_first, linkerd_first):
+        each["spec"]["volumes"].sort(key=lambda v: v["name"])
+    assert ours_first == linkerd_first
+    again = copy.deepcopy(ours_first)
+    injection.apply(again)
+    assert again == ours_first  # idempotent
+    return ours_first
+
+
+def _names(containers: list[dict[str, Any]] | None) -> list[str]:
+    return [c["name"] for c in containers or []]
+
+
+def _agent(pod: dict[str, Any]) -> dict[str, Any]:
+    (agent,) = [
+        c
+        for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
+        if c["name"] == inject.AGENT_CONTAINER
+    ]
+    return agent
+
+
+def _with_own_init(pod: dict[str, Any]) -> dict[str, Any]:
+    pod["spec"]["initContainers"] = [{"name": "fetch", "image": "fetch:1"}]
+    return pod
+
+
+def test_sidecar_agent_follows_linkerds_native_proxy_in_either_order() -> None:
+    pod = _both_orders(SIDECAR, _linkerd_native, _with_own_init(_pod()))
+    inits = pod["spec"]["initContainers"]
+    # After the proxy (it reaches the credential endpoint through the mesh), before the
+    # pod's own init containers (which may use the credential).
+    assert _names(inits) == ["linkerd-init", "linkerd-proxy", inject.AGENT_CONTAINER, "fetch"]
+    agent = inits[2]
+    assert agent["restartPolicy"] == "Always"  # a native sidecar
+    assert agent["startupProbe"]["exec"]["command"] == ["test", "-s", inject.CREDENTIAL_FILE]
+    assert agent["args"][:2] == ["agent", "sidecar"]
+    assert agent["image"] == Settings().agent_image
+    assert agent["resources"]["limits"] == {"memory": "64Mi"}
+    assert agent["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert {m["name"] for m in agent["volumeMounts"]} == {inject.VOLUME, inject.AGENT_VOLUME}
+    assert pod["metadata"]["annotations"][inject.AGENT_INJECTED_ANNOTATION] == "sidecar"
+    assert {"name": inject.AGENT_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}} in (
+        pod["spec"]["volumes"]
+    )
+    for app in pod["spec"]["containers"]:
+        env = {e["name"]: e["value"] for e in app["env"]}
+        assert env["HOME"] == inject.AGENT_DIR
+        assert env[inject.ENV_CREDENTIAL_FILE] == inject.CREDENTIAL_FILE
+        assert env[inject.ENV_ARCRC] == inject.ARCRC_FILE
+        assert {"name": inject.AGENT_VOLUME, "mountPath": inject.AGENT_DIR} in app["volumeMounts"]
+    # Linkerd's containers are not touched, nor the pod's own init container.
+    assert inits[0] == {"name": "linkerd-init", "image": "init"}
+    assert inits[1] == {"name": "linkerd-proxy", "image": "proxy", "restartPolicy": "Always"}
+    assert inits[3] == {"name": "fetch", "image": "fetch:1"}
+
+
+def test_with_a_regular_proxy_the_agent_is_a_container_after_it() -> None:
+    pod = _both_orders(SIDECAR, _linkerd, _with_own_init(_pod()))
+    # No init container can reach the mesh before a regular proxy starts: the agent runs
+    # right after the proxy, and its postStart hook holds the app until the credential is in.
+    assert _names(pod["spec"]["containers"]) == [
+        "linkerd-proxy", inject.AGENT_CONTAINER, "app", "helper"
+    ]  # fmt: skip
+    assert _names(pod["spec"]["initContainers"]) == ["fetch", "linkerd-init"]
+    agent = pod["spec"]["containers"][1]
+    assert "restartPolicy" not in agent and "startupProbe" not in agent
+    assert inject.CREDENTIAL_FILE in agent["lifecycle"]["postStart"]["exec"]["command"][-1]
+    assert agent["args"][:2] == ["agent", "sidecar"]
+    proxy = pod["spec"]["containers"][0]
+    assert proxy["env"] == [{"name": "LINKERD2_PROXY_LOG", "value": "warn"}]
+
+
+def test_init_mode_for_pods_that_run_once() -> None:
+    auto = dataclasses.replace(INJECTION, agent=resources.AGENT_AUTO)
+    job = _pod()
+    job["spec"]["restartPolicy"] = "Never"
+    job["metadata"]["ownerReferences"] = [{"kind": "Job", "name": "once"}]
+    pod = _both_orders(auto, _linkerd_native, job)
+    agent = _agent(pod)
+    assert _names(pod["spec"]["initContainers"]).index(inject.AGENT_CONTAINER) == 2
+    assert agent["args"][:2] == ["agent", "init"]
+    assert "restartPolicy" not in agent and "startupProbe" not in agent
+    assert pod["metadata"]["annotations"][inject.AGENT_INJECTED_ANNOTATION] == "init"
+    # The same binding gives a Deployment's pod (restartPolicy Always) a sidecar.
+    assert _agent(_both_orders(auto, _linkerd_native, _pod()))["args"][1] == "sidecar"
+
+
+@pytest.mark.parametrize(
+    ("binding", "annotation", "expected"),
+    [
+        (resources.AGENT_SIDECAR, "none", None),  # the pod opts out
+        (resources.AGENT_SIDECAR, "NONE", None),
+        (resources.AGENT_NONE, "init", "init"),  # the pod opts in
+        (resources.AGENT_NONE, "sidecar", "sidecar"),
+        (resources.AGENT_SIDECAR, "init", "init"),
+        (resources.AGENT_INIT, "", "init"),
+        (resources.AGENT_INIT, "bogus", "init"),  # an unknown value: the binding's mode
+        (resources.AGENT_NONE, "", None),
+    ],
+)
+def test_the_pods_annotation_overrides_the_binding(
+    binding: resources.AgentMode, annotation: str, expected: str | None
+) -> None:
+    pod = _pod()
+    if annotation:
+        pod["metadata"]["annotations"] = {inject.AGENT_ANNOTATION: annotation}
+    before = copy.deepcopy(pod)
+    dataclasses.replace(INJECTION, agent=binding).apply(pod)
+    if expected is None:
+        plain = copy.deepcopy(before)
+        INJECTION.apply(plain)
+        assert pod == plain  # exactly the injection without an agent
+        assert inject.AGENT_INJECTED_ANNOTATION not in pod["metadata"].get("annotations", {})
+    else:
+        assert _agent(pod)["args"][1] == expected
+
+
+def test_what_the_pod_already_has_is_not_touched() -> None:
+    pod = _linkerd_first_with_own_values()
+    before = copy.deepcopy(pod)
+    SIDECAR.apply(pod)
+    app, helper = (c for c in pod["spec"]["containers"] if c["name"] in ("app", "helper"))
+    own_app, own_helper = before["spec"]["containers"]
+    # The app's own HOME, credential variable and mount at the agent's directory are kept.
+    assert app["env"][: len(own_app["env"])] == own_app["env"]
+    assert [e["value"] for e in app["env"] if e["name"] == "HOME"] == ["/home/app"]
+    assert [e["value"] for e in app["env"] if e["name"] == inject.ENV_CREDENTIAL_FILE] == ["/x"]
+    assert [m for m in app["volumeMounts"] if m["mountPath"] == inject.AGENT_DIR] == [
+        {"name": "mine", "mountPath": inject.AGENT_DIR}
+    ]
+    assert helper["env"][:1] == own_helper["env"]
+    # The agent runs as the app's own user, so that it can read the 0600 files, and asks
+    # the endpoint the app names.
+    agent = _agent(pod)
+    security = agent["securityContext"]
+    assert (security["runAsUser"], security["runAsGroup"]) == (1000, 2000)
+    agent_env = {e["name"]: e["value"] for e in agent["env"]}
+    assert agent_env[inject.ENV_ENDPOINT] == "http://mine:1"
+    assert agent_env[inject.ENV_GATEWAY] == INJECTION.gateway_url
+
+
+def _linkerd_first_with_own_values() -> dict[str, Any]:
+    pod = _pod()
+    _linkerd_native(pod)
+    app = pod["spec"]["containers"][0]
+    app["env"] = [
+        {"name": "HOME", "value": "/home/app"},
+        {"name": "PHABMESH_CREDENTIAL_FILE", "value": "/x"},
+        {"name": inject.ENV_ENDPOINT, "value": "http://mine:1"},
+    ]
+    app["volumeMounts"] = [{"name": "mine", "mountPath": inject.AGENT_DIR}]
+    app["securityContext"] = {"runAsUser": 1000, "runAsGroup": 2000}
+    pod["spec"]["volumes"] += [
+        {"name": "mine", "emptyDir": {}},
+    ]
+    return pod
+
+
+def test_a_volume_of_the_agents_name_that_phabmesh_did_not_add_means_no_agent() -> None:
+    pod = _pod()
+    own = {"name": inject.AGENT_VOLUME, "configMap": {"name": "own"}}
+    pod["spec"]["volumes"] = [own]
+    SIDECAR.apply(pod)
+    plain = _pod()
+    plain["spec"]["volumes"] = [copy.deepcopy(own)]
+    INJECTION.apply(plain)
+    assert pod == plain  # the token volume and variables only; the pod's volume as it was
+
+
+def test_a_container_of_the_agents_name_that_phabmesh_did_not_add_is_left_alone() -> None:
+    pod = _pod()
+    own = {"name": inject.AGENT_CONTAINER, "image": "mine:1"}
+    pod["spec"]["initContainers"] = [own]
+    SIDECAR.apply(pod)
+    assert pod["spec"]["initContainers"] == [{"name": inject.AGENT_CONTAINER, "image": "mine:1"}]
+    assert inject.AGENT_INJECTED_ANNOTATION not in pod["metadata"].get("annotations", {})
+    assert not any(
+        m["name"] == inject.AGENT_VOLUME for c in pod["spec"]["containers"]
+        for m in c["volumeMounts"]
+    )  # fmt: skip
+
+
+def test_the_agent_asks_for_the_binding_the_pod_names() -> None:
+    pod = _pod()
+    pod["metadata"]["annotations"] = {inject.AGENT_BINDING_ANNOTATION: "deployers"}
+    SIDECAR.apply(pod)
+    args = _agent(pod)["args"]
+    assert args[args.index("--binding") + 1] == "deployers"
+
+
+def test_several_bindings_take_the_strongest_agent_mode() -> None:
+    modes = inject.bindings_agent_mode
+    assert modes([]) == resources.AGENT_NONE
+    assert modes([_binding()]) == resources.AGENT_NONE
+    assert modes([_binding(agent={"mode": "Init"}), _binding()]) == resources.AGENT_INIT
+    both = [_binding(agent={"mode": "Init"}), _binding(agent={"mode": "Sidecar"})]
+    assert modes(both) == resources.AGENT_SIDECAR
+    assert _binding().agent.mode == "None"  # the default: no agent, as before
+
+
+def test_the_injector_gives_the_bindings_agent_mode() -> None:
+    injector = Injector(Settings(), client=None)  # type: ignore[arg-type] # events fed by hand
+    injector.bindings._apply(_event("ADDED", "ci", "a", agent={"mode": "Sidecar"}))
+    injector.bindings._apply(_event("ADDED", "ci", "b", podSelector={"matchLabels": {"x": "y"}}))
+    decided = injector.decide(_pod(), "ci")
+    assert decided is not None and decided.agent == resources.AGENT_SIDECAR
+    pod = _pod()
+    decided.apply(pod)
+    assert _agent(pod)["args"][1] == "sidecar"
+
+
+def test_with_proxy_await_disabled_the_agent_still_follows_the_proxy() -> None:
+    def linkerd_no_await(pod: dict[str, Any]) -> None:
+        """Linkerd with config.linkerd.io/proxy-await: disabled: the proxy goes last."""
+        pod["metadata"].setdefault("annotations", {})["config.linkerd.io/proxy-await"] = "disabled"
+        pod["spec"]["containers"].append({"name": "linkerd-proxy", "image": "proxy"})
+
+    pod = _both_orders(SIDECAR, linkerd_no_await, _pod())
+    # Nothing holds the app containers for the proxy, so nothing can hold them for the
+    # agent either (it would wait on a proxy that starts after it): it comes after the proxy.
+    assert _names(pod["spec"]["containers"]) == [
+        "app", "helper", "linkerd-proxy", inject.AGENT_CONTAINER
+    ]  # fmt: skip

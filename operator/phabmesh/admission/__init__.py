@@ -9,6 +9,7 @@ caBundle. The handler itself is a kopf ``on.mutate`` handler
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -94,7 +95,13 @@ class Injector:
             pod=meta.get("name") or meta.get("generateName"),
             outcome=reason,
         )
-        return self.injection if reason == inject.INJECTED else None
+        if reason != inject.INJECTED:
+            return None
+        specs = inject.naming_bindings(pod, namespace, self.specs_in(namespace), self.naming)
+        mode = inject.bindings_agent_mode(specs)
+        if mode == self.injection.agent:
+            return self.injection
+        return dataclasses.replace(self.injection, agent=mode)
 
 
 __all__ = ["HANDLER_ID", "Injector", "inject", "pointed_at"]

@@ -15,6 +15,9 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
+import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -199,6 +202,7 @@ async def _story(
         f"the injection webhook added volume {inject.VOLUME} (projected token, "
         f"audience {audience}) and {names} to container runner"
     )
+    agent = _injected_agent(pod, say, seen)
     lease = await wait_for(lambda: _active_lease(kube), "the lease")
     seen["lease"] = lease["metadata"]["name"]
     say.detail(
@@ -232,6 +236,8 @@ async def _story(
         f"phid={answer['result']['phid']}"
     )
 
+    await _agent(agent, sa_token, issuer_url, gateway_url, http, say, seen)
+
     say.step("Scaling down: the pod is deleted")
     await kube.delete(
         resource_path("", "v1", "pods", DEMO_NAMESPACE, pod["metadata"]["name"]),
@@ -253,6 +259,70 @@ async def _story(
     refused = await wait_for(refusal, "the gateway to refuse")
     seen["refused"] = refused
     say.detail(f"refused: {refused['error_code']}: {refused['error_info']}")
+
+
+def _injected_agent(pod: JSON, say: Say, seen: dict[str, Any]) -> JSON | None:
+    """The credential agent the webhook added to ``pod``, if any (demo.yaml asks for it)."""
+    inits = pod["spec"].get("initContainers") or []
+    agent: JSON | None = next((c for c in inits if c["name"] == inject.AGENT_CONTAINER), None)
+    seen["agent"] = agent["args"][1] if agent else None
+    if agent is not None:
+        say.detail(
+            f"and the credential agent ({inject.AGENT_CONTAINER}, {seen['agent']}, as the "
+            "binding's agent mode Auto gives a pod that keeps running): init containers "
+            + " → ".join(c["name"] for c in inits)
+        )
+    return agent
+
+
+async def _agent(
+    container: JSON | None,
+    sa_token: str,
+    issuer_url: str,
+    gateway_url: str,
+    http: aiohttp.ClientSession,
+    say: Say,
+    seen: dict[str, Any],
+) -> None:
+    """The pod's credential agent, run here once (KWOK runs no containers), and a call
+    made with nothing but the ~/.arcrc it writes."""
+    if container is None:
+        return
+    say.step("The credential agent writes ~/.arcrc (KWOK runs no containers: run here, once)")
+    with tempfile.TemporaryDirectory(prefix="phabmesh-agent-") as tmp:
+        home = Path(tmp)
+        token_file = home / "serviceaccount-token"
+        token_file.write_text(sa_token)
+        argv = [*container["args"][:1], "init", "--dir", str(home), "--token-file", str(token_file)]
+        argv += ["--endpoint", issuer_url, "--gateway", gateway_url]
+        argv += ["--termination-log", str(home / "termination-log")]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "phabmesh.cli", *argv,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "PHABMESH_LOG_LEVEL": "WARNING"},
+        )  # fmt: skip
+        if await proc.wait() != 0:
+            reason = (home / "termination-log").read_text().strip()
+            raise RuntimeError(f"the agent wrote no credential: {reason}")
+        arcrc = home / ".arcrc"
+        ((api, host),) = json.loads(arcrc.read_text())["hosts"].items()
+        seen["secrets"].append(host["token"])
+        say.detail(
+            f"phabmesh agent wrote {home.name}/credential and {home.name}/.arcrc "
+            f"(mode {arcrc.stat().st_mode & 0o777:o}), naming host {api}"
+        )
+        # What arc, phabfive, the phabricator package and canduit do with it: the host's token
+        # as params.__conduit__.token, to the host's /api/<method>.
+        params = json.dumps({"__conduit__": {"token": host["token"]}})
+        async with http.post(
+            f"{api}user.whoami", data={"params": params, "output": "json"}
+        ) as resp:
+            answer: JSON = json.loads(await resp.text())
+    seen["agent_whoami"] = answer
+    say.detail(
+        "user.whoami with nothing but that ~/.arcrc, as an unmodified client calls it: "
+        f"userName={(answer['result'] or {}).get('userName')}"
+    )
 
 
 async def _get_ready(kube: KubeClient, path: str) -> JSON | None:

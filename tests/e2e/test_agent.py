@@ -1,0 +1,445 @@
+"""The credential agent, end to end: the webhook (manifests/webhook.yaml, pointed at the
+session's operator) adds it to a Deployment's pods and to a Job's pod as the API server
+stores them, and the agent, run for real as a process with the pod's identity, gives an
+unmodified Conduit client (arc, the phabricator package, phabfive) a working ``~/.arcrc`` with
+nothing else configured: the client reaches the bot through the gateway, keeps working
+while the credential rotates under it, and is refused once the pod is gone.
+
+KWOK runs no containers, so the agent runs here as a local process beside the client, as
+it would beside the app in the pod: with the arguments the webhook gave its container, the
+pod's own projected service-account token (a TokenRequest bound to the pod), and the local
+addresses of the credential endpoint and the gateway instead of their Service names."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from phabmesh import admission, resources
+from phabmesh.admission import inject
+from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.settings import Settings
+from tests.kube import Cluster, wait_for
+from tests.phab import binding_condition, label_namespace, make_binding, make_bot, pod_token
+from tests.stack import Threaded
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+WEBHOOK_YAML = ROOT / "manifests" / "webhook.yaml"
+CLIENTS_PYTHON = ROOT / ".venv-clients" / "bin" / "python"
+ARCRC_DRIVER = ROOT / "tests" / "clients" / "python" / "call_phabricator_arcrc.py"
+CONFIG = Settings().webhook_configuration
+HOLD = "phabmesh.io/kwok-hold"  # KWOK keeps a Job's pod so annotated Running (stages.yaml)
+TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def webhook(cluster: Cluster, operator: Threaded) -> Iterator[str]:
+    url = f"https://127.0.0.1:{operator.process.webhook_port}/inject"  # type: ignore[attr-defined]
+    config = admission.pointed_at(yaml.safe_load(WEBHOOK_YAML.read_text()), url)
+    cluster.kubectl(
+        "apply", "--server-side", "--force-conflicts", "-f", "-", input=json.dumps(config)
+    )
+    operator.call(operator.process.webhook_tls.refresh)  # type: ignore[attr-defined]
+    yield url
+    cluster.kubectl("delete", "mutatingwebhookconfiguration", CONFIG, "--ignore-not-found")
+
+
+@pytest.fixture
+def ns(
+    cluster: Cluster, conduit: ConduitServer, operator: Threaded, webhook: str, namespace: str
+) -> str:
+    """A namespace whose binding asks for the agent in Auto mode, credentials living 1 min."""
+    make_bot(cluster, conduit, f"bot-{namespace}")
+    label_namespace(cluster, namespace)
+    cluster.core.create_namespaced_service_account(
+        namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="runner"))
+    )
+    make_binding(
+        cluster, namespace, "runners", f"bot-{namespace}",
+        credentialTTL="1m", agent={"mode": resources.AGENT_AUTO},
+        # phabfive asks conduit.query first.
+        allowedMethods=["user.*", "conduit.ping", "conduit.query"],
+    )  # fmt: skip
+    wait_for(
+        lambda: (c := binding_condition(cluster, namespace, "runners")) and c["status"] == "True",
+        what="the binding to be Ready",
+    )
+    # The webhook's own watch of bindings has it too.
+    injector: admission.Injector = operator.process.injector  # type: ignore[attr-defined]
+    wait_for(lambda: injector.specs_in(namespace), what="the webhook to know the binding")
+    return namespace
+
+
+def _template(app: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    """A meshed pod template: Linkerd's proxy as a native sidecar, as Linkerd injects it."""
+    return {
+        "metadata": {"labels": {"app": app}, "annotations": annotations or {}},
+        "spec": {
+            "serviceAccountName": "runner",
+            "terminationGracePeriodSeconds": 5,
+            "initContainers": [
+                {
+                    "name": "linkerd-proxy",
+                    "image": "cr.l5d.io/linkerd/proxy:edge",
+                    "restartPolicy": "Always",
+                }
+            ],
+            "containers": [{"name": "app", "image": "registry.invalid/app:1"}],
+        },
+    }
+
+
+def _apply(cluster: Cluster, namespace: str, doc: dict[str, Any]) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc))
+
+
+def _running(cluster: Cluster, namespace: str, app: str) -> client.V1Pod:
+    def one() -> client.V1Pod | None:
+        pods = cluster.core.list_namespaced_pod(namespace, label_selector=f"app={app}").items
+        running = [
+            p for p in pods if p.status.phase == "Running" and p.metadata.deletion_timestamp is None
+        ]
+        return running[0] if len(running) == 1 else None
+
+    pod: client.V1Pod = wait_for(one, timeout=120, interval=0.2, what=f"a running {app} pod")
+    return pod
+
+
+def _stored(cluster: Cluster, namespace: str, pod: client.V1Pod) -> dict[str, Any]:
+    """The pod as the API server stored it, in its JSON form."""
+    out = cluster.kubectl("get", "pod", "-n", namespace, pod.metadata.name, "-o", "json").stdout
+    stored: dict[str, Any] = json.loads(out)
+    return stored
+
+
+def _assert_injected(stored: dict[str, Any], mode: str) -> dict[str, Any]:
+    """The agent after Linkerd's proxy, the app told where everything is; the agent."""
+    spec = stored["spec"]
+    assert [c["name"] for c in spec["initContainers"]] == ["linkerd-proxy", "phabmesh-agent"]
+    agent: dict[str, Any] = spec["initContainers"][1]
+    assert agent["image"] == Settings().agent_image
+    assert agent["args"] == ["agent", mode, "--dir", inject.AGENT_DIR]
+    if mode == "sidecar":
+        assert agent["restartPolicy"] == "Always"
+        assert agent["startupProbe"]["exec"]["command"] == ["test", "-s", inject.CREDENTIAL_FILE]
+    else:
+        assert "restartPolicy" not in agent and "startupProbe" not in agent
+    assert agent["resources"] == inject.AGENT_RESOURCES
+    assert stored["metadata"]["annotations"][inject.AGENT_INJECTED_ANNOTATION] == mode
+    (app,) = spec["containers"]
+    env = {e["name"]: e.get("value") for e in app["env"]}
+    assert env["HOME"] == inject.AGENT_DIR
+    assert env[inject.ENV_ARCRC] == inject.ARCRC_FILE
+    assert env[inject.ENV_CREDENTIAL_FILE] == inject.CREDENTIAL_FILE
+    assert {"name": inject.AGENT_VOLUME, "mountPath": inject.AGENT_DIR} in app["volumeMounts"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == inject.AGENT_VOLUME]
+    assert volume["emptyDir"]["medium"] == "Memory"
+    return agent
+
+
+class Agent:
+    """The pod's agent as a local process: the container's arguments, the pod's token."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        operator: Threaded,
+        gateway: Threaded,
+        namespace: str,
+        pod: client.V1Pod,
+        container: dict[str, Any],
+        workdir: Path,
+    ) -> None:
+        self.home = workdir / "home"  # the emptyDir, and HOME of the client
+        self.home.mkdir()
+        self.token_file = workdir / "token"
+        self.token_file.write_text(pod_token(cluster, namespace, pod))
+        self.log = workdir / "agent.log"
+        self.termination_log = workdir / "termination-log"
+        issuer = operator.process.issuer_port  # type: ignore[attr-defined]
+        self.gateway_url = f"http://127.0.0.1:{gateway.process.port}"  # type: ignore[attr-defined]
+        # The container's own arguments, then where things are on this machine.
+        self.argv = [sys.executable, "-m", "phabmesh.cli", *container["args"]]
+        self.argv += ["--dir", str(self.home), "--token-file", str(self.token_file)]
+        self.argv += ["--endpoint", f"http://127.0.0.1:{issuer}", "--gateway", self.gateway_url]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def run(self, *extra: str) -> subprocess.CompletedProcess[str]:
+        """An init agent: to the end."""
+        argv = [*self.argv, "--termination-log", str(self.termination_log), *extra]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+
+    def start(self) -> None:
+        """A sidecar agent: until stopped."""
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=10)
+
+    @property
+    def credential(self) -> str:
+        path = self.home / "credential"
+        return path.read_text().strip() if path.exists() else ""
+
+
+# The clients, in the agent's HOME and with nothing else: no URL, no token.
+
+
+def _client_env(home: Path) -> dict[str, str]:
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LANG": "C.UTF-8"}
+
+
+def _arc(home: Path, method: str, params: dict[str, Any]) -> tuple[Any, str]:
+    """``arc call-conduit -- METHOD``: the URI and token from ~/.arcrc alone."""
+    arc = shutil.which("arcanist")
+    if arc is None:
+        pytest.fail("arc is not installed: run `make clients` (see tests/clients/)")
+    done = subprocess.run(
+        [arc, "call-conduit", "--", method],
+        input=json.dumps(params),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_client_env(home),
+        cwd=home,
+        check=False,
+    )
+    try:
+        printed = json.loads(done.stdout)
+    except ValueError:
+        return None, f"exit {done.returncode}: {done.stderr.strip()}"
+    if printed.get("error"):
+        return None, f"{printed['error']}: {printed.get('errorMessage')}"
+    return printed.get("response"), ""
+
+
+def _phabricator(home: Path, method: str, params: dict[str, Any]) -> tuple[Any, str]:
+    """``Phabricator()`` with no host and no token: ~/.arcrc's first host."""
+    if not CLIENTS_PYTHON.exists():
+        pytest.fail("the phabricator package is not installed: run `make clients`")
+    done = subprocess.run(
+        [str(CLIENTS_PYTHON), str(ARCRC_DRIVER), method, json.dumps(params)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_client_env(home),
+        cwd=home,
+        check=False,
+    )
+    try:
+        printed = json.loads(done.stdout)
+    except ValueError:
+        return None, f"exit {done.returncode}: {done.stderr.strip()[-500:]}"
+    if printed.get("error_code"):
+        return None, f"{printed['error_code']}: {printed.get('error_info')}"
+    return printed["result"], ""
+
+
+def _phabfive(home: Path, method: str, params: dict[str, Any]) -> tuple[Any, str]:
+    """``phabfive user whoami``: no PHAB_URL, no PHAB_TOKEN, ~/.arcrc alone."""
+    assert (method, params) == ("user.whoami", {})
+    phabfive = CLIENTS_PYTHON.parent / "phabfive"
+    if not phabfive.exists():
+        pytest.fail("phabfive is not installed: run `make clients`")
+    done = subprocess.run(
+        [str(phabfive), "--format", "json", "user", "whoami"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_client_env(home),
+        cwd=home,
+        check=False,
+    )
+    if done.returncode != 0:
+        return None, f"exit {done.returncode}: {done.stderr.strip()[-500:]}"
+    (me,) = json.loads(done.stdout)
+    return {"userName": me["User"]["UserName"]}, ""
+
+
+CLIENTS = {"arc": _arc, "phabricator": _phabricator, "phabfive": _phabfive}
+
+
+def _whoami(name: str, home: Path) -> tuple[str | None, str]:
+    result, error = CLIENTS[name](home, "user.whoami", {})
+    return (result or {}).get("userName") if not error else None, error
+
+
+@pytest.mark.parametrize("name", ["arc", "phabricator"])
+def test_deployment_pod_calls_conduit_through_its_sidecar_agent(
+    cluster: Cluster,
+    operator: Threaded,
+    gateway: Threaded,
+    ns: str,
+    name: str,
+    tmp_path: Path,
+) -> None:
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": _template("web"),
+        },
+    }
+    _apply(cluster, ns, deployment)
+    pod = _running(cluster, ns, "web")
+    container = _assert_injected(_stored(cluster, ns, pod), "sidecar")
+
+    agent = Agent(cluster, operator, gateway, ns, pod, container, tmp_path)
+    agent.start()
+    try:
+        wait_for(lambda: agent.credential, timeout=TIMEOUT, what="the agent's first credential")
+        arcrc = json.loads((agent.home / ".arcrc").read_text())
+        assert list(arcrc["hosts"]) == [agent.gateway_url + "/api/"]
+        assert oct((agent.home / ".arcrc").stat().st_mode & 0o777) == "0o600"
+
+        # The client names the bot with nothing configured, as the first credential is
+        # admitted by the gateway (its lease watch has the lease).
+        bot = f"bot-{ns}"
+        wait_for(lambda: _whoami(name, agent.home)[0] == bot, what=f"{name} to name the bot")
+
+        # The credential (1 min) is replaced about 30 s before it expires; every call in
+        # the meantime, and right after, succeeds.
+        first = agent.credential
+        calls, failures = 0, []
+        deadline = time.monotonic() + 90
+        after_rotation = 0
+        while after_rotation < 3:
+            assert time.monotonic() < deadline, "the agent did not rotate the credential"
+            me, error = _whoami(name, agent.home)
+            calls += 1
+            if me != bot:
+                failures.append(error or repr(me))
+            if agent.credential != first:
+                after_rotation += 1
+        assert not failures, f"{len(failures)} of {calls} calls failed: {failures[:3]}"
+        assert calls > after_rotation  # some with the first credential, some with the next
+
+        # The pod is deleted: the client is refused (the Deployment's next pod is another
+        # pod, with a token of its own).
+        cluster.core.delete_namespaced_pod(pod.metadata.name, ns, grace_period_seconds=0)
+        refused = "INVALID CREDENTIALS" if name == "arc" else "ERR-INVALID-AUTH"
+        wait_for(
+            lambda: refused in _whoami(name, agent.home)[1],
+            timeout=TIMEOUT,
+            what=f"{name} refused once the pod is gone",
+        )
+    finally:
+        agent.stop()
+    log = agent.log.read_text()
+    assert "credential_refreshed" in log
+    assert all(credential not in log for credential in (first, agent.credential))
+
+
+def test_job_pod_gets_one_credential_from_its_init_agent(
+    cluster: Cluster, operator: Threaded, gateway: Threaded, ns: str, tmp_path: Path
+) -> None:
+    template = _template("once", {HOLD: "until the test has called"})
+    template["spec"]["restartPolicy"] = "Never"
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "once"},
+        "spec": {"backoffLimit": 0, "template": template},
+    }
+    _apply(cluster, ns, job)
+    pod = _running(cluster, ns, "once")
+    container = _assert_injected(_stored(cluster, ns, pod), "init")  # Auto, for a Job
+
+    agent = Agent(cluster, operator, gateway, ns, pod, container, tmp_path)
+    done = wait_for(
+        lambda: (d := agent.run()).returncode == 0 and d,
+        timeout=TIMEOUT,
+        what="the init agent to write a credential",
+    )
+    assert agent.credential and agent.credential not in done.stdout + done.stderr
+    assert not agent.termination_log.exists()
+    bot = f"bot-{ns}"
+    wait_for(lambda: _whoami("arc", agent.home)[0] == bot, what="arc to name the bot")
+    for name in ("phabricator", "phabfive"):
+        me, error = _whoami(name, agent.home)
+        assert me == bot, f"{name}: {error}"
+
+    # The work is done: KWOK finishes the pod (Succeeded) as its kubelet would.
+    cluster.kubectl("annotate", "-n", ns, f"pod/{pod.metadata.name}", f"{HOLD}-")
+    wait_for(
+        lambda: cluster.core.read_namespaced_pod(pod.metadata.name, ns).status.phase == "Succeeded",
+        timeout=TIMEOUT,
+        what="the Job's pod to succeed",
+    )
+    wait_for(
+        lambda: "INVALID CREDENTIALS" in _whoami("arc", agent.home)[1],
+        timeout=TIMEOUT,
+        what="arc refused once the pod has finished",
+    )
+    # An init agent with that pod's token now fails, saying why in its termination message.
+    failed = agent.run("--timeout", "3")
+    assert failed.returncode == 1
+    reason = agent.termination_log.read_text()
+    assert reason.startswith("no credential: 403 no_lease: "), reason
+    assert "credential_refused" in failed.stderr and "no_lease" in failed.stderr  # logged too
+
+
+def test_a_pod_opts_out_of_its_bindings_agent(cluster: Cluster, ns: str) -> None:
+    body = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "no-agent",
+            "labels": {"app": "no-agent"},
+            "annotations": {inject.AGENT_ANNOTATION: "none"},
+        },
+        "spec": _template("no-agent")["spec"],
+    }
+    out = cluster.kubectl(
+        "create", "-n", ns, "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(body)
+    ).stdout
+    created = json.loads(out)
+    assert [c["name"] for c in created["spec"]["initContainers"]] == ["linkerd-proxy"]
+    assert inject.AGENT_INJECTED_ANNOTATION not in created["metadata"]["annotations"]
+    # The token volume and variables still come: only the agent was declined.
+    assert any(v["name"] == inject.VOLUME for v in created["spec"]["volumes"])
+
+
+def test_with_a_regular_proxy_container_the_api_server_takes_the_agent_after_it(
+    cluster: Cluster, ns: str
+) -> None:
+    """Linkerd without native sidecars: the proxy is the first app container."""
+    spec = _template("regular")["spec"]
+    spec["initContainers"] = [{"name": "linkerd-init", "image": "cr.l5d.io/linkerd/proxy-init"}]
+    spec["containers"].insert(0, {"name": "linkerd-proxy", "image": "cr.l5d.io/linkerd/proxy"})
+    body = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "regular", "labels": {"app": "regular"}},
+        "spec": spec,
+    }
+    out = cluster.kubectl(
+        "create", "-n", ns, "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(body)
+    ).stdout
+    created = json.loads(out)["spec"]
+    assert [c["name"] for c in created["initContainers"]] == ["linkerd-init"]
+    names = [c["name"] for c in created["containers"]]
+    assert names == ["linkerd-proxy", inject.AGENT_CONTAINER, "app"]
+    agent = created["containers"][1]
+    assert agent["args"][:2] == ["agent", "sidecar"]
+    assert agent["lifecycle"]["postStart"]["exec"]["command"][:2] == ["sh", "-c"]
