@@ -29,7 +29,7 @@ from kubernetes import client
 
 from phabmesh import admission, resources
 from phabmesh.admission import inject
-from phabmesh.dev.conduit_server import ConduitServer
+from phabmesh.dev.conduit import ConduitServer
 from phabmesh.settings import Settings
 from tests.kube import Cluster, wait_for
 from tests.phab import binding_condition, label_namespace, make_binding, make_bot, pod_token
