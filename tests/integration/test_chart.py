@@ -1,0 +1,335 @@
+"""charts/phabmesh: the Helm chart renders the kustomize install's objects, and its values work.
+
+Helm is built from its pinned Go module (tests/controlplane/helm) like the control plane.
+The default render is compared object by object with ``kubectl kustomize manifests/`` plus
+``crds/``: the only difference allowed is the Namespace, which Helm creates itself
+(``helm install --create-namespace``) and a chart cannot own (Helm keeps its release record
+in it). Renders are applied with ``--dry-run=server`` only: the session's operator and its
+RBAC objects are shared by every test, and nothing here may start a second operator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from phabmesh import devcluster
+from tests import linkerd
+from tests.kube import Cluster
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "phabmesh"
+SYSTEM = "phabmesh-system"
+PART_OF = {"app.kubernetes.io/part-of": "phabmesh"}
+Doc = dict[str, Any]
+Key = tuple[str, str, str, str]
+
+
+class Helm:
+    """The helm command, with its configuration, cache and data in a directory of its own."""
+
+    def __init__(self, binary: Path, home: Path) -> None:
+        self.binary = binary
+        self.env = dict(os.environ)
+        for name in ("HELM_CONFIG_HOME", "HELM_CACHE_HOME", "HELM_DATA_HOME"):
+            self.env[name] = str(home / name.lower())
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(self.binary), *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            check=False,
+            timeout=120,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+        return result
+
+
+@pytest.fixture(scope="module")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    return Helm(devcluster.helm(), tmp_path_factory.mktemp("helm"))
+
+
+def _template(helm: Helm, *values: str, namespace: str = SYSTEM, chart: Path = CHART) -> list[Doc]:
+    sets = [arg for value in values for arg in ("--set", value)]
+    out = helm.run(
+        "template", "phabmesh", str(chart), "--namespace", namespace, "--include-crds", *sets
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def _key(doc: Doc) -> Key:
+    meta = doc["metadata"]
+    return (doc["apiVersion"], doc["kind"], meta.get("namespace", ""), meta["name"])
+
+
+def _by_key(docs: list[Doc]) -> dict[Key, Doc]:
+    keyed = {_key(d): d for d in docs}
+    assert len(keyed) == len(docs), "an object is rendered twice"
+    return keyed
+
+
+def _kustomize(cluster: Cluster) -> list[Doc]:
+    out = cluster.kubectl("kustomize", str(REPO / "manifests")).stdout
+    crds = [yaml.safe_load(f.read_text()) for f in sorted((REPO / "crds").glob("*.yaml"))]
+    return [d for d in yaml.safe_load_all(out) if d] + crds
+
+
+def _templated(docs: list[Doc]) -> list[Doc]:
+    """The objects Helm renders from templates/ (not crds/, which Helm installs as they are)."""
+    return [d for d in docs if d["kind"] != "CustomResourceDefinition"]
+
+
+def _pod_templates(docs: list[Doc]) -> dict[str, Doc]:
+    return {d["metadata"]["name"]: d["spec"]["template"] for d in docs if d["kind"] == "Deployment"}
+
+
+@pytest.fixture(scope="module")
+def default(helm: Helm) -> list[Doc]:
+    return _template(helm)
+
+
+# --- lint and the CRDs ------------------------------------------------------------------
+
+
+def test_chart_lints_strictly(helm: Helm) -> None:
+    result = helm.run("lint", "--strict", str(CHART), "--namespace", SYSTEM)
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+    off = helm.run("lint", "--strict", str(CHART), "--set", "webhook.enabled=false")
+    assert "0 chart(s) failed" in off.stdout
+
+
+def test_chart_crds_are_the_repositorys(helm: Helm) -> None:
+    # Helm installs a chart's crds/ as they are (and never upgrades or deletes them): the
+    # chart carries copies of crds/, kopf's peering CRD included.
+    ours = {f.name: f.read_bytes() for f in (REPO / "crds").glob("*.yaml")}
+    charts = {f.name: f.read_bytes() for f in (CHART / "crds").glob("*.yaml")}
+    assert charts == ours, "charts/phabmesh/crds/ differs from crds/: copy crds/*.yaml there"
+
+
+# --- the default render is the kustomize install ------------------------------------------
+
+
+def test_default_render_is_the_kustomize_install(cluster: Cluster, default: list[Doc]) -> None:
+    kustomized = _by_key(_kustomize(cluster))
+    rendered = _by_key(default)
+    namespace = ("v1", "Namespace", "", SYSTEM)
+    assert set(kustomized) - set(rendered) == {namespace}
+    assert set(rendered) - set(kustomized) == set()
+    for key, doc in rendered.items():
+        assert doc == kustomized[key], f"{key} differs from the kustomize install's"
+    assert len(rendered) > 30  # every object, not an empty render that matches nothing
+
+
+def test_default_render_names_the_kustomize_image_and_settings(default: list[Doc]) -> None:
+    images = {c["image"] for t in _pod_templates(default).values() for c in t["spec"]["containers"]}
+    assert images == {"ghcr.io/phabmesh/phabmesh:0.1.0"}
+    (config,) = [d for d in default if d["kind"] == "ConfigMap"]
+    assert config["data"]["PHABMESH_PHABRICATOR_URL"] == "https://phabricator.example.com"
+
+
+# --- values -------------------------------------------------------------------------------
+
+
+def test_values_take_effect(helm: Helm, default: list[Doc]) -> None:
+    docs = _template(
+        helm,
+        "image.repository=registry.example.org/tools/phabmesh",
+        "image.tag=1.2.3",
+        "image.pullPolicy=Always",
+        "operator.replicas=3",
+        "gateway.replicas=1",
+        "operator.resources.limits.memory=1Gi",
+        "gateway.resources.requests.cpu=250m",
+        "phabricatorURL=https://phorge.example.org",
+        "extraSettings.PHABMESH_BOT_RECHECK_INTERVAL=120",
+        "commonLabels.team=platform",
+        "commonAnnotations.owner=platform@example.org",
+    )
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    assert deployments["phabmesh-operator"]["spec"]["replicas"] == 3
+    assert deployments["phabmesh-gateway"]["spec"]["replicas"] == 1
+    for template in _pod_templates(docs).values():
+        (container,) = template["spec"]["containers"]
+        assert container["image"] == "registry.example.org/tools/phabmesh:1.2.3"
+        assert container["imagePullPolicy"] == "Always"
+        assert template["metadata"]["labels"]["team"] == "platform"
+    operator = _pod_templates(docs)["phabmesh-operator"]["spec"]["containers"][0]
+    gateway = _pod_templates(docs)["phabmesh-gateway"]["spec"]["containers"][0]
+    assert operator["resources"] == {
+        "requests": {"cpu": "100m", "memory": "256Mi"},
+        "limits": {"memory": "1Gi"},
+    }
+    assert gateway["resources"]["requests"] == {"cpu": "250m", "memory": "128Mi"}
+    (config,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert config["data"]["PHABMESH_PHABRICATOR_URL"] == "https://phorge.example.org"
+    assert config["data"]["PHABMESH_BOT_RECHECK_INTERVAL"] == "120"
+    # One gateway replica: no PodDisruptionBudget that would block every node drain.
+    budgets = {d["metadata"]["name"] for d in docs if d["kind"] == "PodDisruptionBudget"}
+    assert budgets == {"phabmesh-operator"}
+    for doc in _templated(docs):
+        assert doc["metadata"]["labels"] == {**PART_OF, "team": "platform"}, _key(doc)
+        assert doc["metadata"]["annotations"] == {"owner": "platform@example.org"}, _key(doc)
+    # Nothing else moved.
+    assert {_key(d) for d in docs} == {_key(d) for d in default} - {
+        ("policy/v1", "PodDisruptionBudget", SYSTEM, "phabmesh-gateway")
+    }
+
+
+def test_default_render_adds_no_labels_or_annotations(default: list[Doc]) -> None:
+    for doc in _templated(default):
+        assert doc["metadata"]["labels"] == PART_OF, _key(doc)
+        assert "annotations" not in doc["metadata"], _key(doc)
+
+
+def test_webhook_off_removes_the_webhook_objects(helm: Helm, default: list[Doc]) -> None:
+    off = _by_key(_template(helm, "webhook.enabled=false"))
+    on = _by_key(default)
+    assert set(on) - set(off) == {
+        ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration", "", "phabmesh"),
+        ("v1", "Service", SYSTEM, "phabmesh-webhook"),
+    }
+    assert set(off) - set(on) == set()
+    for key, doc in off.items():
+        assert doc == on[key], key
+
+
+def test_another_namespace_is_named_everywhere(helm: Helm) -> None:
+    docs = _templated(_template(helm, namespace="tools"))
+    assert SYSTEM not in json.dumps(docs)
+    namespaced = [d for d in docs if "namespace" in d["metadata"]]
+    assert namespaced and {d["metadata"]["namespace"] for d in namespaced} == {"tools"}
+    (config,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert config["data"]["PHABMESH_NAMESPACE"] == "tools"
+    assert config["data"]["PHABMESH_ISSUER"] == "http://phabmesh-issuer.tools.svc:8443"
+    injected = config["data"]["PHABMESH_INJECTED_GATEWAY_URL"]
+    assert injected == "http://phabmesh-gateway.tools.svc:8080"
+    (policy,) = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"]
+    assert (
+        "system:serviceaccount:tools:phabmesh-operator"
+        in policy["spec"]["variables"][0]["expression"]
+    )
+    (webhook,) = [d for d in docs if d["kind"] == "MutatingWebhookConfiguration"]
+    skipped = webhook["webhooks"][0]["namespaceSelector"]["matchExpressions"][0]["values"]
+    assert "tools" in skipped
+
+
+# --- monitoring ----------------------------------------------------------------------------
+
+
+MONITORING_FILE = """\
+apiVersion: monitoring.coreos.com/v1
+kind: PrometheusRule
+metadata:
+  name: phabmesh
+  labels: {release: prometheus}
+spec:
+  groups: []
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: phabmesh-dashboard
+data: {}
+"""
+
+
+def _chart_copy(tmp_path: Path, monitoring: dict[str, str]) -> Path:
+    chart = tmp_path / "phabmesh"
+    shutil.copytree(CHART, chart)
+    for old in (chart / "files" / "monitoring").glob("*.yaml"):
+        old.unlink()
+    for name, text in monitoring.items():
+        (chart / "files" / "monitoring" / name).write_text(text)
+    return chart
+
+
+def test_monitoring_is_off_by_default(default: list[Doc]) -> None:
+    assert not [d for d in default if d["apiVersion"].startswith("monitoring.coreos.com/")]
+    assert not [d for d in default if d["metadata"]["name"] == "phabmesh-dashboard"]
+
+
+def test_monitoring_renders_the_monitoring_files(helm: Helm, tmp_path: Path) -> None:
+    kustomization = "apiVersion: kustomize.config.k8s.io/v1alpha1\nkind: Component\n"
+    chart = _chart_copy(
+        tmp_path, {"monitoring.yaml": MONITORING_FILE, "kustomization.yaml": kustomization}
+    )
+    docs = _template(helm, "monitoring.enabled=true", "commonLabels.team=platform", chart=chart)
+    extra = {_key(d) for d in docs} - {_key(d) for d in _template(helm, chart=chart)}
+    assert extra == {
+        ("monitoring.coreos.com/v1", "PrometheusRule", SYSTEM, "phabmesh"),
+        ("v1", "ConfigMap", SYSTEM, "phabmesh-dashboard"),
+    }
+    (rule,) = [d for d in docs if d["kind"] == "PrometheusRule"]
+    assert rule["metadata"]["labels"] == {"release": "prometheus", "team": "platform", **PART_OF}
+
+
+def test_monitoring_without_monitoring_files_fails(helm: Helm, tmp_path: Path) -> None:
+    chart = _chart_copy(tmp_path, {})
+    result = helm.run(
+        "template", "phabmesh", str(chart), "--set", "monitoring.enabled=true", check=False
+    )
+    assert result.returncode != 0
+    assert "the chart has no monitoring objects" in result.stderr
+
+
+# --- on a real API server ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def linkerd_crds(cluster: Cluster) -> Iterator[None]:
+    standins = linkerd.standin_crds()
+    cluster.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(standins))
+    names = [f"crd/{d['metadata']['name']}" for d in standins]
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *names)
+    yield
+    cluster.kubectl("delete", "--ignore-not-found", *names)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        pytest.param([], id="defaults"),
+        pytest.param(
+            [
+                "webhook.enabled=false",
+                "gateway.replicas=1",
+                "image.pullPolicy=IfNotPresent",
+                "commonLabels.team=platform",
+                "commonAnnotations.owner=platform@example.org",
+                "operator.tolerations[0].operator=Exists",
+                "imagePullSecrets[0].name=regcred",
+            ],
+            id="non-defaults",
+        ),
+    ],
+)
+def test_render_applies_to_a_real_api_server(
+    cluster: Cluster, system: str, linkerd_crds: None, helm: Helm, values: list[str]
+) -> None:
+    # The CRDs are the session's (the `crds` fixture, through `system`): the rest is
+    # validated and admitted by the API server, and nothing is created.
+    docs = _templated(_template(helm, *values))
+    out = cluster.kubectl(
+        "apply",
+        "--server-side",
+        "--dry-run=server",
+        "--validate=strict",
+        "-o",
+        "name",
+        "-f",
+        "-",
+        input=yaml.safe_dump_all(docs),
+    ).stdout
+    assert len(out.split()) == len(docs)
