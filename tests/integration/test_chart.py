@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from phabmesh import devcluster
+from phabmesh.dev import devcluster
 from tests import linkerd
 from tests.kube import Cluster
 
@@ -86,8 +86,8 @@ def _by_key(docs: list[Doc]) -> dict[Key, Doc]:
     return keyed
 
 
-def _kustomize(cluster: Cluster) -> list[Doc]:
-    out = cluster.kubectl("kustomize", str(REPO / "manifests")).stdout
+def _kustomize(cluster: Cluster, directory: Path = REPO / "manifests") -> list[Doc]:
+    out = cluster.kubectl("kustomize", str(directory)).stdout
     docs = [d for d in yaml.safe_load_all(out) if d]
     for doc in docs:
         # kustomize does not know these kinds are cluster-scoped and gives them its
@@ -96,6 +96,15 @@ def _kustomize(cluster: Cluster) -> list[Doc]:
             assert doc["metadata"].pop("namespace", SYSTEM) == SYSTEM
     crds = [yaml.safe_load(f.read_text()) for f in sorted((REPO / "crds").glob("*.yaml"))]
     return docs + crds
+
+
+def _assert_same_objects(kustomized: list[Doc], rendered: list[Doc]) -> None:
+    """The same objects, but for the Namespace (Helm's --create-namespace makes it)."""
+    by_kustomize, by_helm = _by_key(kustomized), _by_key(rendered)
+    assert set(by_kustomize) - set(by_helm) == {("v1", "Namespace", "", SYSTEM)}
+    assert set(by_helm) - set(by_kustomize) == set()
+    for key, doc in by_helm.items():
+        assert _cel_spaced(doc) == _cel_spaced(by_kustomize[key]), f"{key} differs"
 
 
 def _cel_spaced(value: Any) -> Any:
@@ -150,14 +159,8 @@ def test_chart_crds_are_the_repositorys(helm: Helm) -> None:
 
 
 def test_default_render_is_the_kustomize_install(cluster: Cluster, default: list[Doc]) -> None:
-    kustomized = _by_key(_kustomize(cluster))
-    rendered = _by_key(default)
-    namespace = ("v1", "Namespace", "", SYSTEM)
-    assert set(kustomized) - set(rendered) == {namespace}
-    assert set(rendered) - set(kustomized) == set()
-    for key, doc in rendered.items():
-        assert _cel_spaced(doc) == _cel_spaced(kustomized[key]), f"{key} differs"
-    assert len(rendered) > 30  # every object, not an empty render that matches nothing
+    _assert_same_objects(_kustomize(cluster), default)
+    assert len(default) > 30  # every object, not an empty render that matches nothing
 
 
 def test_default_render_names_the_kustomize_image_and_settings(default: list[Doc]) -> None:
@@ -256,31 +259,22 @@ def test_another_namespace_is_named_everywhere(helm: Helm) -> None:
 # --- monitoring ----------------------------------------------------------------------------
 
 
-MONITORING_FILE = """\
-apiVersion: monitoring.coreos.com/v1
-kind: PrometheusRule
-metadata:
-  name: phabmesh
-  labels: {release: prometheus}
-spec:
-  groups: []
----
-apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: phabmesh-dashboard
-data: {}
-"""
+MONITORING = REPO / "manifests" / "monitoring"
+MONITORING_FILES = ("podmonitors.yaml", "prometheusrule.yaml", "dashboard.json")
 
 
-def _chart_copy(tmp_path: Path, monitoring: dict[str, str]) -> Path:
-    chart = tmp_path / "phabmesh"
-    shutil.copytree(CHART, chart)
-    for old in (chart / "files" / "monitoring").glob("*.yaml"):
-        old.unlink()
-    for name, text in monitoring.items():
-        (chart / "files" / "monitoring" / name).write_text(text)
-    return chart
+def test_chart_monitoring_files_are_the_components() -> None:
+    # Helm reads no file outside the chart: it carries copies of the component's objects.
+    copies = CHART / "files" / "monitoring"
+    for name in MONITORING_FILES:
+        assert (copies / name).read_bytes() == (MONITORING / name).read_bytes(), (
+            f"charts/phabmesh/files/monitoring/{name} differs from manifests/monitoring/"
+        )
+    kustomization = yaml.safe_load((MONITORING / "kustomization.yaml").read_text())
+    files = kustomization["resources"] + [
+        f.split("=")[-1] for g in kustomization["configMapGenerator"] for f in g["files"]
+    ]
+    assert sorted(files) == sorted(MONITORING_FILES)
 
 
 def test_monitoring_is_off_by_default(default: list[Doc]) -> None:
@@ -288,23 +282,60 @@ def test_monitoring_is_off_by_default(default: list[Doc]) -> None:
     assert not [d for d in default if d["metadata"]["name"] == "phabmesh-dashboard"]
 
 
-def test_monitoring_renders_the_monitoring_files(helm: Helm, tmp_path: Path) -> None:
-    kustomization = "apiVersion: kustomize.config.k8s.io/v1alpha1\nkind: Component\n"
-    chart = _chart_copy(
-        tmp_path, {"monitoring.yaml": MONITORING_FILE, "kustomization.yaml": kustomization}
+def test_monitoring_renders_the_kustomize_component(
+    cluster: Cluster, helm: Helm, tmp_path: Path
+) -> None:
+    # The overlay docs/monitoring.md describes: the install plus the monitoring component.
+    shutil.copytree(REPO / "manifests", tmp_path / "manifests")
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": ["../manifests"],
+                "components": ["../manifests/monitoring"],
+            }
+        )
     )
-    docs = _template(helm, "monitoring.enabled=true", "commonLabels.team=platform", chart=chart)
-    extra = {_key(d) for d in docs} - {_key(d) for d in _template(helm, chart=chart)}
-    assert extra == {
-        ("monitoring.coreos.com/v1", "PrometheusRule", SYSTEM, "phabmesh"),
-        ("v1", "ConfigMap", SYSTEM, "phabmesh-dashboard"),
-    }
-    (rule,) = [d for d in docs if d["kind"] == "PrometheusRule"]
-    assert rule["metadata"]["labels"] == {"release": "prometheus", "team": "platform", **PART_OF}
+    rendered = _template(helm, "monitoring.enabled=true")
+    _assert_same_objects(_kustomize(cluster, overlay), rendered)
+    kinds = sorted(d["kind"] for d in rendered if d["apiVersion"].startswith("monitoring."))
+    assert kinds == ["PodMonitor", "PodMonitor", "PrometheusRule"]
+
+
+def test_monitoring_objects_take_the_namespace_labels_and_annotations(helm: Helm) -> None:
+    docs = _template(
+        helm,
+        "monitoring.enabled=true",
+        "monitoring.labels.release=kube-prometheus-stack",
+        "commonLabels.team=platform",
+        "commonAnnotations.owner=platform@example.org",
+        namespace="tools",
+    )
+    monitoring = [
+        d
+        for d in docs
+        if d["apiVersion"].startswith("monitoring.coreos.com/")
+        or d["metadata"]["name"] == "phabmesh-dashboard"
+    ]
+    assert len(monitoring) == 4
+    for doc in monitoring:
+        assert doc["metadata"]["namespace"] == "tools"
+        assert doc["metadata"]["labels"]["team"] == "platform"
+        assert doc["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "phabmesh"
+        assert doc["metadata"]["annotations"] == {"owner": "platform@example.org"}
+    others = [d for d in docs if d not in monitoring]
+    assert others and not [d for d in others if "release" in d["metadata"].get("labels", {})]
 
 
 def test_monitoring_without_monitoring_files_fails(helm: Helm, tmp_path: Path) -> None:
-    chart = _chart_copy(tmp_path, {})
+    chart = tmp_path / "phabmesh"
+    shutil.copytree(CHART, chart)
+    for name in MONITORING_FILES:
+        (chart / "files" / "monitoring" / name).unlink()
     result = helm.run(
         "template", "phabmesh", str(chart), "--set", "monitoring.enabled=true", check=False
     )
