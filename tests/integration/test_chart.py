@@ -218,6 +218,22 @@ def test_values_take_effect(helm: Helm, default: list[Doc]) -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("value", "refusal"),
+    [
+        ("operator.replica=3", "additional properties 'replica' not allowed"),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        ("operator.replicas=-1", "/operator/replicas"),
+        ("extraSettings.LOG_LEVEL=DEBUG", "does not match pattern"),
+        ("phabricatorURL=phorge.example.org", "/phabricatorURL"),
+    ],
+)
+def test_values_schema_refuses_mistakes(helm: Helm, value: str, refusal: str) -> None:
+    result = helm.run("template", "phabmesh", str(CHART), "--set", value, check=False)
+    assert result.returncode != 0
+    assert refusal in result.stderr
+
+
 def test_default_render_adds_no_labels_or_annotations(default: list[Doc]) -> None:
     for doc in _templated(default):
         assert doc["metadata"]["labels"] == PART_OF, _key(doc)
