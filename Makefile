@@ -127,15 +127,21 @@ install: $(STAMP) ## Install the CRDs into the current cluster
 # every kopf-based operator in the cluster shares it. `make uninstall-args` prints these
 # arguments (tests/integration/test_uninstall.py deletes them with --dry-run=server).
 KOPF_CRD := crds/clusterkopfpeerings.yaml
-UNINSTALL_ARGS := -f manifests/peering.yaml $(addprefix -f ,$(filter-out $(KOPF_CRD),$(sort $(wildcard crds/*.yaml))))
+UNINSTALL_PEERING := -f manifests/peering.yaml
+UNINSTALL_CRDS := $(addprefix -f ,$(filter-out $(KOPF_CRD),$(sort $(wildcard crds/*.yaml))))
 
 .PHONY: uninstall
 uninstall: $(STAMP) ## Remove phabmesh's CRDs (every bot, binding and lease) and its peering object; kopf's CRD stays
-	$(KUBECTL) delete --ignore-not-found $(UNINSTALL_ARGS)
+	@# Without kopf's CRD there is no peering object, and kubectl could not even name one.
+	@if $(KUBECTL) get crd clusterkopfpeerings.kopf.dev >/dev/null 2>&1; then \
+	  echo "$(KUBECTL) delete --ignore-not-found $(UNINSTALL_PEERING)"; \
+	  $(KUBECTL) delete --ignore-not-found $(UNINSTALL_PEERING); \
+	fi
+	$(KUBECTL) delete --ignore-not-found $(UNINSTALL_CRDS)
 
 .PHONY: uninstall-args
 uninstall-args: ## Print what `make uninstall` passes to `kubectl delete`
-	@echo $(UNINSTALL_ARGS)
+	@echo $(UNINSTALL_PEERING) $(UNINSTALL_CRDS)
 
 .PHONY: deploy
 deploy: install ## Deploy the operator and gateway into the current cluster

@@ -1,10 +1,11 @@
 """`make uninstall` deletes phabmesh's CRDs and peering object, and leaves kopf's CRD alone.
 
 kopf's ClusterKopfPeering CRD (``clusterkopfpeerings.kopf.dev``) ships in crds/ so that an
-install has it, but every kopf-based operator in the cluster shares it. The test runs the
-arguments the Makefile passes to ``kubectl delete`` (``make uninstall-args``) with
-``--dry-run=server``: the session's CRDs are shared by every test, so the API server says
-what it would delete and nothing is deleted.
+install has it, but every kopf-based operator in the cluster shares it. On the session's
+control plane, whose CRDs every test shares, the arguments the Makefile passes to
+``kubectl delete`` (``make uninstall-args``) run with ``--dry-run=server``: the API server
+says what it would delete and nothing is deleted. ``make uninstall`` itself runs on a
+control plane of its own.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from phabmesh.dev import devcluster
 from tests.kube import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,3 +60,51 @@ def test_uninstall_deletes_only_what_is_phabmeshs(cluster: Cluster, crds: Path) 
     # A dry run: everything is still there.
     cluster.kubectl("get", "crd", KOPF_CRD, *sorted(_crd_names("phabmesh.io")))
     cluster.kubectl("get", "clusterkopfpeering", "phabmesh")
+
+
+def _make_uninstall(plane: devcluster.ControlPlane) -> subprocess.CompletedProcess[str]:
+    # KUBECTL: this control plane's; STAMP empty: the virtualenv the tests run in is the
+    # one to use, not one for make to (re)build.
+    kubectl = f"{plane.binaries.kubectl} --kubeconfig={plane.kubeconfig}"
+    return subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "-C",
+            str(REPO),
+            "uninstall",
+            f"KUBECTL={kubectl}",
+            "STAMP=",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+def test_make_uninstall_keeps_kopfs_crd_and_other_operators_peering(tmp_path: Path) -> None:
+    crds = str(REPO / "crds")
+    with devcluster.ControlPlane(tmp_path / "controlplane") as plane:
+        plane.kubectl("apply", "--server-side", "-f", crds)
+        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", crds)
+        plane.kubectl("apply", "--server-side", "-f", str(REPO / "manifests" / "peering.yaml"))
+        # Another kopf-based operator's peering object.
+        other = "{apiVersion: kopf.dev/v1, kind: ClusterKopfPeering, metadata: {name: other}}"
+        plane.kubectl("apply", "--server-side", "-f", "-", input=other)
+
+        result = _make_uninstall(plane)
+        assert result.returncode == 0, result.stderr
+        crd_names = plane.kubectl("get", "crd", "-o", "name").stdout.split()
+        assert crd_names == [f"{CRD}/{KOPF_CRD}"]
+        peerings = plane.kubectl("get", "clusterkopfpeerings", "-o", "name").stdout.split()
+        assert peerings == ["clusterkopfpeering.kopf.dev/other"]
+
+        # Again, with nothing of phabmesh's left: nothing to do, and no error.
+        assert _make_uninstall(plane).returncode == 0
+        # Without kopf's CRD (no kopf operator left, CRD removed by hand): no error either.
+        plane.kubectl("delete", "-f", str(REPO / "crds" / "clusterkopfpeerings.yaml"))
+        plane.kubectl("apply", "--server-side", "-f", str(REPO / "crds" / "phabricatorbots.yaml"))
+        result = _make_uninstall(plane)
+        assert result.returncode == 0, result.stderr
+        assert plane.kubectl("get", "crd", "-o", "name").stdout.split() == []
