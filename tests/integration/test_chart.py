@@ -372,11 +372,23 @@ def linkerd_crds(cluster: Cluster) -> Iterator[None]:
     cluster.kubectl("delete", "--ignore-not-found", *names)
 
 
+OTHER_NAMESPACE = "phabmesh-chart-test"
+
+
+@pytest.fixture(scope="module")
+def other_namespace(cluster: Cluster) -> Iterator[str]:
+    """An empty namespace to render the chart into (only dry runs go there)."""
+    cluster.kubectl("create", "namespace", OTHER_NAMESPACE)
+    yield OTHER_NAMESPACE
+    cluster.kubectl("delete", "namespace", OTHER_NAMESPACE, "--wait=false")
+
+
 @pytest.mark.parametrize(
-    "values",
+    ("namespace", "values"),
     [
-        pytest.param([], id="defaults"),
+        pytest.param(SYSTEM, [], id="defaults"),
         pytest.param(
+            SYSTEM,
             [
                 "webhook.enabled=false",
                 "gateway.replicas=1",
@@ -385,17 +397,25 @@ def linkerd_crds(cluster: Cluster) -> Iterator[None]:
                 "commonAnnotations.owner=platform@example.org",
                 "operator.tolerations[0].operator=Exists",
                 "imagePullSecrets[0].name=regcred",
+                "extraSettings.PHABMESH_LOG_LEVEL=DEBUG",
             ],
             id="non-defaults",
         ),
+        pytest.param(OTHER_NAMESPACE, [], id="another-namespace"),
     ],
 )
 def test_render_applies_to_a_real_api_server(
-    cluster: Cluster, system: str, linkerd_crds: None, helm: Helm, values: list[str]
+    cluster: Cluster,
+    system: str,
+    other_namespace: str,
+    linkerd_crds: None,
+    helm: Helm,
+    namespace: str,
+    values: list[str],
 ) -> None:
     # The CRDs are the session's (the `crds` fixture, through `system`): the rest is
     # validated and admitted by the API server, and nothing is created.
-    docs = _templated(_template(helm, *values))
+    docs = _templated(_template(helm, *values, namespace=namespace))
     out = cluster.kubectl(
         "apply",
         "--server-side",
