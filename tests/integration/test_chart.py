@@ -198,6 +198,9 @@ def test_values_take_effect(helm: Helm, default: list[Doc]) -> None:
         assert template["metadata"]["labels"]["team"] == "platform"
     operator = _pod_templates(docs)["phabmesh-operator"]["spec"]["containers"][0]
     gateway = _pod_templates(docs)["phabmesh-gateway"]["spec"]["containers"][0]
+    # The webhook gives injected pods the credential agent in the operator's own image.
+    agent = {e["name"]: e.get("value") for e in operator["env"]}["PHABMESH_AGENT_IMAGE"]
+    assert agent == "registry.example.org/tools/phabmesh:1.2.3"
     assert operator["resources"] == {
         "requests": {"cpu": "100m", "memory": "256Mi"},
         "limits": {"memory": "1Gi"},
