@@ -4,8 +4,9 @@ Helm is built from its pinned Go module (tests/controlplane/helm) like the contr
 The default render is compared object by object with ``kubectl kustomize manifests/`` plus
 ``crds/``: the only difference allowed is the Namespace, which Helm creates itself
 (``helm install --create-namespace``) and a chart cannot own (Helm keeps its release record
-in it). Renders are applied with ``--dry-run=server`` only: the session's operator and its
-RBAC objects are shared by every test, and nothing here may start a second operator.
+in it). On the session's control plane renders are applied with ``--dry-run=server`` only:
+its operator and RBAC objects are shared by every test. A real ``helm install`` and
+``helm uninstall`` run on a control plane of their own.
 """
 
 from __future__ import annotations
@@ -431,3 +432,52 @@ def test_render_applies_to_a_real_api_server(
         input=yaml.safe_dump_all(docs),
     ).stdout
     assert len(out.split()) == len(docs)
+
+
+# --- helm install, on a control plane of its own -------------------------------------------
+
+
+def _get(plane: devcluster.ControlPlane, doc: Doc) -> Doc:
+    """The object ``doc`` names, as the API server has it."""
+    group = doc["apiVersion"].rpartition("/")[0]
+    kind = f"{doc['kind'].lower()}.{group}" if group else doc["kind"].lower()
+    meta = doc["metadata"]
+    where = ["-n", meta["namespace"]] if "namespace" in meta else []
+    got: Doc = json.loads(plane.kubectl("get", kind, meta["name"], *where, "-o", "json").stdout)
+    return got
+
+
+def test_helm_install_then_uninstall(helm: Helm, tmp_path: Path) -> None:
+    """A real `helm install` and `helm uninstall`, on a control plane of their own: the
+    session's holds the one operator and the RBAC objects the tests share."""
+    with devcluster.ControlPlane(tmp_path / "controlplane") as plane:
+        standins = yaml.safe_dump_all(linkerd.standin_crds())
+        plane.kubectl("apply", "--server-side", "-f", "-", input=standins)
+        plane.kubectl(
+            "wait", "--for=condition=Established", "--timeout=60s", "-f", "-", input=standins
+        )
+        kube = ["--kubeconfig", str(plane.kubeconfig), "--namespace", SYSTEM]
+        helm.run("install", "phabmesh", str(CHART), *kube, "--create-namespace")
+
+        # crds/ first, then every templated object, each marked as the release's.
+        rendered = _template(helm)
+        crds = {d["metadata"]["name"] for d in rendered if d["kind"] == "CustomResourceDefinition"}
+        installed = {
+            n.split("/")[-1] for n in plane.kubectl("get", "crd", "-o", "name").stdout.split()
+        }
+        assert crds <= installed and len(crds) == 4
+        for doc in _templated(rendered):
+            meta = _get(plane, doc)["metadata"]
+            assert meta["labels"]["app.kubernetes.io/managed-by"] == "Helm", _key(doc)
+            assert meta["labels"]["app.kubernetes.io/part-of"] == "phabmesh", _key(doc)
+            assert meta["annotations"]["meta.helm.sh/release-name"] == "phabmesh", _key(doc)
+
+        helm.run("uninstall", "phabmesh", *kube, "--wait")
+        # Helm never deletes a chart's CRDs; the objects went with the release.
+        installed = {
+            n.split("/")[-1] for n in plane.kubectl("get", "crd", "-o", "name").stdout.split()
+        }
+        assert crds <= installed
+        assert plane.kubectl("get", "clusterkopfpeerings", "-o", "name").stdout.split() == []
+        deployments = plane.kubectl("get", "deployments", "-n", SYSTEM, "-o", "name").stdout
+        assert deployments.split() == []
