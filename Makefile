@@ -45,6 +45,10 @@ controlplane: $(STAMP) ## Build the local Kubernetes control plane (once; cached
 monitoring-tools: $(STAMP) ## Build promtool and fetch prometheus-operator's CRDs for the monitoring tests (once; cached)
 	$(BIN)/python -m phabmesh.dev.devcluster monitoring-tools
 
+.PHONY: helm
+helm: $(STAMP) ## Build Helm for the chart's tests (once; cached like the control plane)
+	$(BIN)/python -m phabmesh.dev.devcluster helm-path
+
 $(CLIENTS_STAMP): $(CLIENTS)/python/requirements.txt $(CLIENTS)/python/constraints.txt $(CLIENTS)/node/package.json $(CLIENTS)/node/package-lock.json
 	@test -x $(CLIENTS_VENV)/bin/python || $(PYTHON) -m venv $(CLIENTS_VENV)
 	$(CLIENTS_VENV)/bin/python -m pip install --quiet --upgrade pip
@@ -95,7 +99,7 @@ manifests: $(STAMP) ## Verify CRDs and typed models agree (fails on drift)
 	$(BIN)/python -m phabmesh.dev.schemacheck crds/
 
 .PHONY: test
-test: controlplane clients monitoring-tools ## Run all tests (unit, integration against a real API server, e2e)
+test: controlplane clients monitoring-tools helm ## Run all tests (unit, integration against a real API server, e2e)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 .PHONY: test-unit
@@ -118,9 +122,26 @@ dev-cluster: controlplane ## Start a local control plane in the foreground (Ctrl
 install: $(STAMP) ## Install the CRDs into the current cluster
 	$(KUBECTL) apply --server-side -f crds/
 
+# What `make uninstall` deletes: phabmesh's ClusterKopfPeering and phabmesh's own CRDs (and
+# with them every bot, binding and lease). Not kopf's CRD (crds/clusterkopfpeerings.yaml):
+# every kopf-based operator in the cluster shares it. `make uninstall-args` prints these
+# arguments (tests/integration/test_uninstall.py deletes them with --dry-run=server).
+KOPF_CRD := crds/clusterkopfpeerings.yaml
+UNINSTALL_PEERING := -f manifests/peering.yaml
+UNINSTALL_CRDS := $(addprefix -f ,$(filter-out $(KOPF_CRD),$(sort $(wildcard crds/*.yaml))))
+
 .PHONY: uninstall
-uninstall: $(STAMP) ## Remove the CRDs (and every phabmesh object) from the current cluster
-	$(KUBECTL) delete --ignore-not-found -f crds/
+uninstall: $(STAMP) ## Remove phabmesh's CRDs (every bot, binding and lease) and its peering object; kopf's CRD stays
+	@# Without kopf's CRD there is no peering object, and kubectl could not even name one.
+	@if $(KUBECTL) get crd clusterkopfpeerings.kopf.dev >/dev/null 2>&1; then \
+	  echo "$(KUBECTL) delete --ignore-not-found $(UNINSTALL_PEERING)"; \
+	  $(KUBECTL) delete --ignore-not-found $(UNINSTALL_PEERING); \
+	fi
+	$(KUBECTL) delete --ignore-not-found $(UNINSTALL_CRDS)
+
+.PHONY: uninstall-args
+uninstall-args: ## Print what `make uninstall` passes to `kubectl delete`
+	@echo $(UNINSTALL_PEERING) $(UNINSTALL_CRDS)
 
 .PHONY: deploy
 deploy: install ## Deploy the operator and gateway into the current cluster

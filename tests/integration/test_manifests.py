@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests import linkerd
 from tests.kube import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +35,7 @@ MANIFESTS = REPO / "manifests"
 SAMPLES = MANIFESTS / "samples"
 SYSTEM = "phabmesh-system"
 IMAGE = "ghcr.io/phabmesh/phabmesh:0.1.0"
-LINKERD_GROUP = "policy.linkerd.io"
+LINKERD_GROUP = linkerd.LINKERD_GROUP
 Doc = dict[str, Any]
 # (namespace or None for cluster-wide, API group, resource[/subresource], verbs, name or None)
 Calls = list[tuple[str | None, str, str, str, str | None]]
@@ -144,125 +145,6 @@ def _by_kind(docs: list[Doc], kind: str) -> dict[str, Doc]:
     return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
 
 
-# --- stand-ins for Linkerd's policy CRDs --------------------------------------------
-
-
-def _ref(required: list[str]) -> Doc:
-    return {
-        "type": "object",
-        "required": required,
-        "properties": {k: {"type": "string"} for k in ("group", "kind", "name", "namespace")},
-    }
-
-
-def _selector() -> Doc:
-    requirement = {
-        "type": "object",
-        "required": ["key", "operator"],
-        "properties": {
-            "key": {"type": "string"},
-            "operator": {"type": "string", "enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
-            "values": {"type": "array", "items": {"type": "string"}},
-        },
-    }
-    return {
-        "type": "object",
-        "properties": {
-            "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
-            "matchExpressions": {"type": "array", "items": requirement},
-        },
-    }
-
-
-LINKERD_SPECS: dict[tuple[str, str, str], Doc] = {
-    ("Server", "servers", "v1beta3"): {
-        "type": "object",
-        "required": ["port", "podSelector"],
-        "properties": {
-            "podSelector": _selector(),
-            "port": {"x-kubernetes-int-or-string": True},
-            "proxyProtocol": {
-                "type": "string",
-                "enum": ["unknown", "HTTP/1", "HTTP/2", "gRPC", "opaque", "TLS"],
-            },
-            "accessPolicy": {
-                "type": "string",
-                "enum": [
-                    "all-unauthenticated",
-                    "all-authenticated",
-                    "cluster-authenticated",
-                    "cluster-unauthenticated",
-                    "deny",
-                    "audit",
-                ],
-            },
-        },
-    },
-    ("AuthorizationPolicy", "authorizationpolicies", "v1alpha1"): {
-        "type": "object",
-        "required": ["targetRef", "requiredAuthenticationRefs"],
-        "properties": {
-            "targetRef": _ref(["kind", "name"]),
-            "requiredAuthenticationRefs": {"type": "array", "items": _ref(["kind", "name"])},
-        },
-    },
-    ("MeshTLSAuthentication", "meshtlsauthentications", "v1alpha1"): {
-        "type": "object",
-        "properties": {
-            "identities": {"type": "array", "items": {"type": "string"}},
-            "identityRefs": {"type": "array", "items": _ref(["kind"])},
-        },
-    },
-    ("NetworkAuthentication", "networkauthentications", "v1alpha1"): {
-        "type": "object",
-        "required": ["networks"],
-        "properties": {
-            "networks": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["cidr"],
-                    "properties": {
-                        "cidr": {"type": "string"},
-                        "except": {"type": "array", "items": {"type": "string"}},
-                    },
-                },
-            }
-        },
-    },
-}
-
-
-def _linkerd_standin_crds() -> list[Doc]:
-    return [
-        {
-            "apiVersion": "apiextensions.k8s.io/v1",
-            "kind": "CustomResourceDefinition",
-            "metadata": {"name": f"{plural}.{LINKERD_GROUP}"},
-            "spec": {
-                "group": LINKERD_GROUP,
-                "scope": "Namespaced",
-                "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
-                "versions": [
-                    {
-                        "name": version,
-                        "served": True,
-                        "storage": True,
-                        "schema": {
-                            "openAPIV3Schema": {
-                                "type": "object",
-                                "required": ["spec"],
-                                "properties": {"spec": spec},
-                            }
-                        },
-                    }
-                ],
-            },
-        }
-        for (kind, plural, version), spec in LINKERD_SPECS.items()
-    ]
-
-
 # --- fixtures -----------------------------------------------------------------------
 
 
@@ -273,7 +155,7 @@ def rendered(cluster: Cluster) -> list[Doc]:
 
 @pytest.fixture(scope="module")
 def installed(cluster: Cluster, crds: object, rendered: list[Doc]) -> Iterator[list[Doc]]:
-    standins = _linkerd_standin_crds()
+    standins = linkerd.standin_crds()
     _apply(cluster, standins)
     crd_docs = [d for d in rendered if d["kind"] == "CustomResourceDefinition"]
     _apply(cluster, crd_docs)

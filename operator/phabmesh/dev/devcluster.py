@@ -358,6 +358,18 @@ def _build_into(
         staging.rename(bindir)
 
 
+# -- Helm, for the chart's tests ------------------------------------------------------------
+
+HELM_MODULE = "helm.sh/helm/v4"
+
+
+def helm() -> Path:
+    """Helm, built (once) from ``tests/controlplane/helm``: the chart's tests run it."""
+    version = required_version(module_dir() / "helm" / "go.mod", HELM_MODULE)
+    ldflags = f"-s -w -X {HELM_MODULE}/internal/version.version={version}"
+    return go_tool("helm", HELM_MODULE, ldflags) / "helm"
+
+
 # -- monitoring tools: promtool and prometheus-operator's CRDs ---------------------------------
 
 PROMETHEUS_MODULE = "github.com/prometheus/prometheus"
@@ -1014,7 +1026,7 @@ def wait_for_signal() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m phabmesh.dev.devcluster build|kubectl-path|monitoring-tools``: for make."""
+    """``python -m phabmesh.dev.devcluster build|kubectl-path|monitoring-tools|helm-path``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args == ["build"]:
         build_binaries()
@@ -1026,8 +1038,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(promtool())
         print(prometheus_operator_crds())
         return 0
+    if args == ["helm-path"]:
+        print(helm())
+        return 0
     print(
-        "usage: python -m phabmesh.dev.devcluster build|kubectl-path|monitoring-tools",
+        "usage: python -m phabmesh.dev.devcluster build|kubectl-path|monitoring-tools|helm-path",
         file=sys.stderr,
     )
     return 2

@@ -1,0 +1,483 @@
+"""charts/phabmesh: the Helm chart renders the kustomize install's objects, and its values work.
+
+Helm is built from its pinned Go module (tests/controlplane/helm) like the control plane.
+The default render is compared object by object with ``kubectl kustomize manifests/`` plus
+``crds/``: the only difference allowed is the Namespace, which Helm creates itself
+(``helm install --create-namespace``) and a chart cannot own (Helm keeps its release record
+in it). On the session's control plane renders are applied with ``--dry-run=server`` only:
+its operator and RBAC objects are shared by every test. A real ``helm install`` and
+``helm uninstall`` run on a control plane of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from phabmesh.dev import devcluster
+from tests import linkerd
+from tests.kube import Cluster
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "phabmesh"
+SYSTEM = "phabmesh-system"
+PART_OF = {"app.kubernetes.io/part-of": "phabmesh"}
+Doc = dict[str, Any]
+Key = tuple[str, str, str, str]
+CEL = {"expression", "messageExpression"}
+KUSTOMIZE_NAMESPACES_ANYWAY = {
+    "ClusterKopfPeering",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+}
+
+
+class Helm:
+    """The helm command, with its configuration, cache and data in a directory of its own."""
+
+    def __init__(self, binary: Path, home: Path) -> None:
+        self.binary = binary
+        self.env = dict(os.environ)
+        for name in ("HELM_CONFIG_HOME", "HELM_CACHE_HOME", "HELM_DATA_HOME"):
+            self.env[name] = str(home / name.lower())
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(self.binary), *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            check=False,
+            timeout=120,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+        return result
+
+
+@pytest.fixture(scope="module")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    return Helm(devcluster.helm(), tmp_path_factory.mktemp("helm"))
+
+
+def _template(helm: Helm, *values: str, namespace: str = SYSTEM, chart: Path = CHART) -> list[Doc]:
+    sets = [arg for value in values for arg in ("--set", value)]
+    out = helm.run(
+        "template", "phabmesh", str(chart), "--namespace", namespace, "--include-crds", *sets
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def _key(doc: Doc) -> Key:
+    meta = doc["metadata"]
+    return (doc["apiVersion"], doc["kind"], meta.get("namespace", ""), meta["name"])
+
+
+def _by_key(docs: list[Doc]) -> dict[Key, Doc]:
+    keyed = {_key(d): d for d in docs}
+    assert len(keyed) == len(docs), "an object is rendered twice"
+    return keyed
+
+
+def _kustomize(cluster: Cluster, directory: Path = REPO / "manifests") -> list[Doc]:
+    out = cluster.kubectl("kustomize", str(directory)).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    for doc in docs:
+        # kustomize does not know these kinds are cluster-scoped and gives them its
+        # namespace, which the API server ignores for them; the chart gives them none.
+        if doc["kind"] in KUSTOMIZE_NAMESPACES_ANYWAY:
+            assert doc["metadata"].pop("namespace", SYSTEM) == SYSTEM
+    crds = [yaml.safe_load(f.read_text()) for f in sorted((REPO / "crds").glob("*.yaml"))]
+    return docs + crds
+
+
+def _assert_same_objects(kustomized: list[Doc], rendered: list[Doc]) -> None:
+    """The same objects, but for the Namespace (Helm's --create-namespace makes it)."""
+    by_kustomize, by_helm = _by_key(kustomized), _by_key(rendered)
+    assert set(by_kustomize) - set(by_helm) == {("v1", "Namespace", "", SYSTEM)}
+    assert set(by_helm) - set(by_kustomize) == set()
+    for key, doc in by_helm.items():
+        assert _cel_spaced(doc) == _cel_spaced(by_kustomize[key]), f"{key} differs"
+
+
+def _cel_spaced(value: Any) -> Any:
+    """``value`` with the whitespace in its CEL expressions collapsed.
+
+    kustomize's YAML library re-folds the lease policy's ``>-`` expression with an extra
+    line break; CEL ignores whitespace between tokens.
+    """
+    if isinstance(value, dict):
+        return {
+            k: " ".join(v.split()) if k in CEL and isinstance(v, str) else _cel_spaced(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_cel_spaced(v) for v in value]
+    return value
+
+
+def _templated(docs: list[Doc]) -> list[Doc]:
+    """The objects Helm renders from templates/ (not crds/, which Helm installs as they are)."""
+    return [d for d in docs if d["kind"] != "CustomResourceDefinition"]
+
+
+def _pod_templates(docs: list[Doc]) -> dict[str, Doc]:
+    return {d["metadata"]["name"]: d["spec"]["template"] for d in docs if d["kind"] == "Deployment"}
+
+
+@pytest.fixture(scope="module")
+def default(helm: Helm) -> list[Doc]:
+    return _template(helm)
+
+
+# --- lint and the CRDs ------------------------------------------------------------------
+
+
+def test_chart_lints_strictly(helm: Helm) -> None:
+    result = helm.run("lint", "--strict", str(CHART), "--namespace", SYSTEM)
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+    off = helm.run("lint", "--strict", str(CHART), "--set", "webhook.enabled=false")
+    assert "0 chart(s) failed" in off.stdout
+
+
+def test_chart_crds_are_the_repositorys(helm: Helm) -> None:
+    # Helm installs a chart's crds/ as they are (and never upgrades or deletes them): the
+    # chart carries copies of crds/, kopf's peering CRD included.
+    ours = {f.name: f.read_bytes() for f in (REPO / "crds").glob("*.yaml")}
+    charts = {f.name: f.read_bytes() for f in (CHART / "crds").glob("*.yaml")}
+    assert charts == ours, "charts/phabmesh/crds/ differs from crds/: copy crds/*.yaml there"
+
+
+# --- the default render is the kustomize install ------------------------------------------
+
+
+def test_default_render_is_the_kustomize_install(cluster: Cluster, default: list[Doc]) -> None:
+    _assert_same_objects(_kustomize(cluster), default)
+    assert len(default) > 30  # every object, not an empty render that matches nothing
+
+
+def test_default_render_names_the_kustomize_image_and_settings(default: list[Doc]) -> None:
+    images = {c["image"] for t in _pod_templates(default).values() for c in t["spec"]["containers"]}
+    assert images == {"ghcr.io/phabmesh/phabmesh:0.1.0"}
+    (config,) = [d for d in default if d["kind"] == "ConfigMap"]
+    assert config["data"]["PHABMESH_PHABRICATOR_URL"] == "https://phabricator.example.com"
+
+
+# --- values -------------------------------------------------------------------------------
+
+
+def test_values_take_effect(helm: Helm, default: list[Doc]) -> None:
+    docs = _template(
+        helm,
+        "image.repository=registry.example.org/tools/phabmesh",
+        "image.tag=1.2.3",
+        "image.pullPolicy=Always",
+        "operator.replicas=3",
+        "gateway.replicas=1",
+        "operator.resources.limits.memory=1Gi",
+        "gateway.resources.requests.cpu=250m",
+        "phabricatorURL=https://phorge.example.org",
+        "extraSettings.PHABMESH_BOT_RECHECK_INTERVAL=120",
+        "commonLabels.team=platform",
+        "commonAnnotations.owner=platform@example.org",
+    )
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    assert deployments["phabmesh-operator"]["spec"]["replicas"] == 3
+    assert deployments["phabmesh-gateway"]["spec"]["replicas"] == 1
+    for template in _pod_templates(docs).values():
+        (container,) = template["spec"]["containers"]
+        assert container["image"] == "registry.example.org/tools/phabmesh:1.2.3"
+        assert container["imagePullPolicy"] == "Always"
+        assert template["metadata"]["labels"]["team"] == "platform"
+    operator = _pod_templates(docs)["phabmesh-operator"]["spec"]["containers"][0]
+    gateway = _pod_templates(docs)["phabmesh-gateway"]["spec"]["containers"][0]
+    # The webhook gives injected pods the credential agent in the operator's own image.
+    agent = {e["name"]: e.get("value") for e in operator["env"]}["PHABMESH_AGENT_IMAGE"]
+    assert agent == "registry.example.org/tools/phabmesh:1.2.3"
+    assert operator["resources"] == {
+        "requests": {"cpu": "100m", "memory": "256Mi"},
+        "limits": {"memory": "1Gi"},
+    }
+    assert gateway["resources"]["requests"] == {"cpu": "250m", "memory": "128Mi"}
+    (config,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert config["data"]["PHABMESH_PHABRICATOR_URL"] == "https://phorge.example.org"
+    assert config["data"]["PHABMESH_BOT_RECHECK_INTERVAL"] == "120"
+    # One gateway replica: no PodDisruptionBudget that would block every node drain.
+    budgets = {d["metadata"]["name"] for d in docs if d["kind"] == "PodDisruptionBudget"}
+    assert budgets == {"phabmesh-operator"}
+    for doc in _templated(docs):
+        assert doc["metadata"]["labels"] == {**PART_OF, "team": "platform"}, _key(doc)
+        assert doc["metadata"]["annotations"] == {"owner": "platform@example.org"}, _key(doc)
+    # Nothing else moved.
+    assert {_key(d) for d in docs} == {_key(d) for d in default} - {
+        ("policy/v1", "PodDisruptionBudget", SYSTEM, "phabmesh-gateway")
+    }
+
+
+@pytest.mark.parametrize(
+    ("value", "refusal"),
+    [
+        ("operator.replica=3", "additional properties 'replica' not allowed"),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        ("operator.replicas=-1", "/operator/replicas"),
+        ("extraSettings.LOG_LEVEL=DEBUG", "does not match pattern"),
+        ("phabricatorURL=phorge.example.org", "/phabricatorURL"),
+    ],
+)
+def test_values_schema_refuses_mistakes(helm: Helm, value: str, refusal: str) -> None:
+    result = helm.run("template", "phabmesh", str(CHART), "--set", value, check=False)
+    assert result.returncode != 0
+    assert refusal in result.stderr
+
+
+def test_default_render_adds_no_labels_or_annotations(default: list[Doc]) -> None:
+    for doc in _templated(default):
+        assert doc["metadata"]["labels"] == PART_OF, _key(doc)
+        assert "annotations" not in doc["metadata"], _key(doc)
+
+
+def test_webhook_off_removes_the_webhook_objects(helm: Helm, default: list[Doc]) -> None:
+    off = _by_key(_template(helm, "webhook.enabled=false"))
+    on = _by_key(default)
+    assert set(on) - set(off) == {
+        ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration", "", "phabmesh"),
+        ("v1", "Service", SYSTEM, "phabmesh-webhook"),
+    }
+    assert set(off) - set(on) == set()
+    for key, doc in off.items():
+        assert doc == on[key], key
+
+
+def test_another_namespace_is_named_everywhere(helm: Helm) -> None:
+    docs = _templated(_template(helm, namespace="tools"))
+    assert SYSTEM not in json.dumps(docs)
+    namespaced = [d for d in docs if "namespace" in d["metadata"]]
+    assert namespaced and {d["metadata"]["namespace"] for d in namespaced} == {"tools"}
+    (config,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert config["data"]["PHABMESH_NAMESPACE"] == "tools"
+    assert config["data"]["PHABMESH_ISSUER"] == "http://phabmesh-issuer.tools.svc:8443"
+    injected = config["data"]["PHABMESH_INJECTED_GATEWAY_URL"]
+    assert injected == "http://phabmesh-gateway.tools.svc:8080"
+    (policy,) = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"]
+    assert (
+        "system:serviceaccount:tools:phabmesh-operator"
+        in policy["spec"]["variables"][0]["expression"]
+    )
+    (webhook,) = [d for d in docs if d["kind"] == "MutatingWebhookConfiguration"]
+    skipped = webhook["webhooks"][0]["namespaceSelector"]["matchExpressions"][0]["values"]
+    assert "tools" in skipped
+
+
+# --- monitoring ----------------------------------------------------------------------------
+
+
+MONITORING = REPO / "manifests" / "monitoring"
+MONITORING_FILES = ("podmonitors.yaml", "prometheusrule.yaml", "dashboard.json")
+
+
+def test_chart_monitoring_files_are_the_components() -> None:
+    # Helm reads no file outside the chart: it carries copies of the component's objects.
+    copies = CHART / "files" / "monitoring"
+    for name in MONITORING_FILES:
+        assert (copies / name).read_bytes() == (MONITORING / name).read_bytes(), (
+            f"charts/phabmesh/files/monitoring/{name} differs from manifests/monitoring/"
+        )
+    kustomization = yaml.safe_load((MONITORING / "kustomization.yaml").read_text())
+    files = kustomization["resources"] + [
+        f.split("=")[-1] for g in kustomization["configMapGenerator"] for f in g["files"]
+    ]
+    assert sorted(files) == sorted(MONITORING_FILES)
+
+
+def test_monitoring_is_off_by_default(default: list[Doc]) -> None:
+    assert not [d for d in default if d["apiVersion"].startswith("monitoring.coreos.com/")]
+    assert not [d for d in default if d["metadata"]["name"] == "phabmesh-dashboard"]
+
+
+def test_monitoring_renders_the_kustomize_component(
+    cluster: Cluster, helm: Helm, tmp_path: Path
+) -> None:
+    # The overlay docs/monitoring.md describes: the install plus the monitoring component.
+    shutil.copytree(REPO / "manifests", tmp_path / "manifests")
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": ["../manifests"],
+                "components": ["../manifests/monitoring"],
+            }
+        )
+    )
+    rendered = _template(helm, "monitoring.enabled=true")
+    _assert_same_objects(_kustomize(cluster, overlay), rendered)
+    kinds = sorted(d["kind"] for d in rendered if d["apiVersion"].startswith("monitoring."))
+    assert kinds == ["PodMonitor", "PodMonitor", "PrometheusRule"]
+
+
+def test_monitoring_objects_take_the_namespace_labels_and_annotations(helm: Helm) -> None:
+    docs = _template(
+        helm,
+        "monitoring.enabled=true",
+        "monitoring.labels.release=kube-prometheus-stack",
+        "commonLabels.team=platform",
+        "commonAnnotations.owner=platform@example.org",
+        namespace="tools",
+    )
+    monitoring = [
+        d
+        for d in docs
+        if d["apiVersion"].startswith("monitoring.coreos.com/")
+        or d["metadata"]["name"] == "phabmesh-dashboard"
+    ]
+    assert len(monitoring) == 4
+    for doc in monitoring:
+        assert doc["metadata"]["namespace"] == "tools"
+        assert doc["metadata"]["labels"]["team"] == "platform"
+        assert doc["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "phabmesh"
+        assert doc["metadata"]["annotations"] == {"owner": "platform@example.org"}
+    others = [d for d in docs if d not in monitoring]
+    assert others and not [d for d in others if "release" in d["metadata"].get("labels", {})]
+
+
+def test_monitoring_without_monitoring_files_fails(helm: Helm, tmp_path: Path) -> None:
+    chart = tmp_path / "phabmesh"
+    shutil.copytree(CHART, chart)
+    for name in MONITORING_FILES:
+        (chart / "files" / "monitoring" / name).unlink()
+    result = helm.run(
+        "template", "phabmesh", str(chart), "--set", "monitoring.enabled=true", check=False
+    )
+    assert result.returncode != 0
+    assert "the chart has no monitoring objects" in result.stderr
+
+
+# --- on a real API server ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def linkerd_crds(cluster: Cluster) -> Iterator[None]:
+    standins = linkerd.standin_crds()
+    cluster.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(standins))
+    names = [f"crd/{d['metadata']['name']}" for d in standins]
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *names)
+    yield
+    cluster.kubectl("delete", "--ignore-not-found", *names)
+
+
+OTHER_NAMESPACE = "phabmesh-chart-test"
+
+
+@pytest.fixture(scope="module")
+def other_namespace(cluster: Cluster) -> Iterator[str]:
+    """An empty namespace to render the chart into (only dry runs go there)."""
+    cluster.kubectl("create", "namespace", OTHER_NAMESPACE)
+    yield OTHER_NAMESPACE
+    cluster.kubectl("delete", "namespace", OTHER_NAMESPACE, "--wait=false")
+
+
+@pytest.mark.parametrize(
+    ("namespace", "values"),
+    [
+        pytest.param(SYSTEM, [], id="defaults"),
+        pytest.param(
+            SYSTEM,
+            [
+                "webhook.enabled=false",
+                "gateway.replicas=1",
+                "image.pullPolicy=IfNotPresent",
+                "commonLabels.team=platform",
+                "commonAnnotations.owner=platform@example.org",
+                "operator.tolerations[0].operator=Exists",
+                "imagePullSecrets[0].name=regcred",
+                "extraSettings.PHABMESH_LOG_LEVEL=DEBUG",
+            ],
+            id="non-defaults",
+        ),
+        pytest.param(OTHER_NAMESPACE, [], id="another-namespace"),
+    ],
+)
+def test_render_applies_to_a_real_api_server(
+    cluster: Cluster,
+    system: str,
+    other_namespace: str,
+    linkerd_crds: None,
+    helm: Helm,
+    namespace: str,
+    values: list[str],
+) -> None:
+    # The CRDs are the session's (the `crds` fixture, through `system`): the rest is
+    # validated and admitted by the API server, and nothing is created.
+    docs = _templated(_template(helm, *values, namespace=namespace))
+    out = cluster.kubectl(
+        "apply",
+        "--server-side",
+        "--dry-run=server",
+        "--validate=strict",
+        "-o",
+        "name",
+        "-f",
+        "-",
+        input=yaml.safe_dump_all(docs),
+    ).stdout
+    assert len(out.split()) == len(docs)
+
+
+# --- helm install, on a control plane of its own -------------------------------------------
+
+
+def _get(plane: devcluster.ControlPlane, doc: Doc) -> Doc:
+    """The object ``doc`` names, as the API server has it."""
+    group = doc["apiVersion"].rpartition("/")[0]
+    kind = f"{doc['kind'].lower()}.{group}" if group else doc["kind"].lower()
+    meta = doc["metadata"]
+    where = ["-n", meta["namespace"]] if "namespace" in meta else []
+    got: Doc = json.loads(plane.kubectl("get", kind, meta["name"], *where, "-o", "json").stdout)
+    return got
+
+
+def test_helm_install_then_uninstall(helm: Helm, tmp_path: Path) -> None:
+    """A real `helm install` and `helm uninstall`, on a control plane of their own: the
+    session's holds the one operator and the RBAC objects the tests share."""
+    with devcluster.ControlPlane(tmp_path / "controlplane") as plane:
+        standins = yaml.safe_dump_all(linkerd.standin_crds())
+        plane.kubectl("apply", "--server-side", "-f", "-", input=standins)
+        plane.kubectl(
+            "wait", "--for=condition=Established", "--timeout=60s", "-f", "-", input=standins
+        )
+        kube = ["--kubeconfig", str(plane.kubeconfig), "--namespace", SYSTEM]
+        helm.run("install", "phabmesh", str(CHART), *kube, "--create-namespace")
+
+        # crds/ first, then every templated object, each marked as the release's.
+        rendered = _template(helm)
+        crds = {d["metadata"]["name"] for d in rendered if d["kind"] == "CustomResourceDefinition"}
+        installed = {
+            n.split("/")[-1] for n in plane.kubectl("get", "crd", "-o", "name").stdout.split()
+        }
+        assert crds <= installed and len(crds) == 4
+        for doc in _templated(rendered):
+            meta = _get(plane, doc)["metadata"]
+            assert meta["labels"]["app.kubernetes.io/managed-by"] == "Helm", _key(doc)
+            assert meta["labels"]["app.kubernetes.io/part-of"] == "phabmesh", _key(doc)
+            assert meta["annotations"]["meta.helm.sh/release-name"] == "phabmesh", _key(doc)
+
+        helm.run("uninstall", "phabmesh", *kube, "--wait")
+        # Helm never deletes a chart's CRDs; the objects went with the release.
+        installed = {
+            n.split("/")[-1] for n in plane.kubectl("get", "crd", "-o", "name").stdout.split()
+        }
+        assert crds <= installed
+        assert plane.kubectl("get", "clusterkopfpeerings", "-o", "name").stdout.split() == []
+        deployments = plane.kubectl("get", "deployments", "-n", SYSTEM, "-o", "name").stdout
+        assert deployments.split() == []

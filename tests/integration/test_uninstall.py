@@ -1,0 +1,110 @@
+"""`make uninstall` deletes phabmesh's CRDs and peering object, and leaves kopf's CRD alone.
+
+kopf's ClusterKopfPeering CRD (``clusterkopfpeerings.kopf.dev``) ships in crds/ so that an
+install has it, but every kopf-based operator in the cluster shares it. On the session's
+control plane, whose CRDs every test shares, the arguments the Makefile passes to
+``kubectl delete`` (``make uninstall-args``) run with ``--dry-run=server``: the API server
+says what it would delete and nothing is deleted. ``make uninstall`` itself runs on a
+control plane of its own.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from phabmesh.dev import devcluster
+from tests.kube import Cluster
+
+REPO = Path(__file__).resolve().parents[2]
+KOPF_CRD = "clusterkopfpeerings.kopf.dev"
+CRD = "customresourcedefinition.apiextensions.k8s.io"
+
+
+def _uninstall_args() -> list[str]:
+    out = subprocess.run(
+        ["make", "--no-print-directory", "-s", "-C", str(REPO), "uninstall-args"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    args = out.split()
+    # `-f FILE` pairs, relative to the repository.
+    assert args[::2] == ["-f"] * (len(args) // 2) and len(args) % 2 == 0, args
+    return [arg if arg == "-f" else str(REPO / arg) for arg in args]
+
+
+def _crd_names(group: str) -> set[str]:
+    docs = [yaml.safe_load(f.read_text()) for f in (REPO / "crds").glob("*.yaml")]
+    return {d["metadata"]["name"] for d in docs if d["spec"]["group"] == group}
+
+
+def test_crds_holds_phabmeshs_crds_and_kopfs() -> None:
+    assert _crd_names("kopf.dev") == {KOPF_CRD}
+    assert len(_crd_names("phabmesh.io")) == 3
+
+
+def test_uninstall_deletes_only_what_is_phabmeshs(cluster: Cluster, crds: Path) -> None:
+    # The peering object as `make deploy` creates it (test_manifests.py creates the same).
+    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "manifests" / "peering.yaml"))
+    out = cluster.kubectl(
+        "delete", "--ignore-not-found", "--dry-run=server", "-o", "name", *_uninstall_args()
+    ).stdout
+    deleted = set(out.split())
+    assert deleted == {"clusterkopfpeering.kopf.dev/phabmesh"} | {
+        f"{CRD}/{name}" for name in _crd_names("phabmesh.io")
+    }
+    assert f"{CRD}/{KOPF_CRD}" not in deleted
+    # A dry run: everything is still there.
+    cluster.kubectl("get", "crd", KOPF_CRD, *sorted(_crd_names("phabmesh.io")))
+    cluster.kubectl("get", "clusterkopfpeering", "phabmesh")
+
+
+def _make_uninstall(plane: devcluster.ControlPlane) -> subprocess.CompletedProcess[str]:
+    # KUBECTL: this control plane's; STAMP empty: the virtualenv the tests run in is the
+    # one to use, not one for make to (re)build.
+    kubectl = f"{plane.binaries.kubectl} --kubeconfig={plane.kubeconfig}"
+    return subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "-C",
+            str(REPO),
+            "uninstall",
+            f"KUBECTL={kubectl}",
+            "STAMP=",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+def test_make_uninstall_keeps_kopfs_crd_and_other_operators_peering(tmp_path: Path) -> None:
+    crds = str(REPO / "crds")
+    with devcluster.ControlPlane(tmp_path / "controlplane") as plane:
+        plane.kubectl("apply", "--server-side", "-f", crds)
+        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", crds)
+        plane.kubectl("apply", "--server-side", "-f", str(REPO / "manifests" / "peering.yaml"))
+        # Another kopf-based operator's peering object.
+        other = "{apiVersion: kopf.dev/v1, kind: ClusterKopfPeering, metadata: {name: other}}"
+        plane.kubectl("apply", "--server-side", "-f", "-", input=other)
+
+        result = _make_uninstall(plane)
+        assert result.returncode == 0, result.stderr
+        crd_names = plane.kubectl("get", "crd", "-o", "name").stdout.split()
+        assert crd_names == [f"{CRD}/{KOPF_CRD}"]
+        peerings = plane.kubectl("get", "clusterkopfpeerings", "-o", "name").stdout.split()
+        assert peerings == ["clusterkopfpeering.kopf.dev/other"]
+
+        # Again, with nothing of phabmesh's left: nothing to do, and no error.
+        assert _make_uninstall(plane).returncode == 0
+        # Without kopf's CRD (no kopf operator left, CRD removed by hand): no error either.
+        plane.kubectl("delete", "-f", str(REPO / "crds" / "clusterkopfpeerings.yaml"))
+        plane.kubectl("apply", "--server-side", "-f", str(REPO / "crds" / "phabricatorbots.yaml"))
+        result = _make_uninstall(plane)
+        assert result.returncode == 0, result.stderr
+        assert plane.kubectl("get", "crd", "-o", "name").stdout.split() == []
