@@ -66,6 +66,7 @@ REVOCATION_REASONS = frozenset(
         "BotNotReady",
         "BotChanged",
         "BotNotAllowed",
+        "RevokedByAdmin",
     }
 )
 # Why the credential endpoint refused: its answers' error codes, and for an Active lease it

@@ -27,6 +27,9 @@ BOT_KIND, BOT_PLURAL = "PhabricatorBot", "phabricatorbots"
 BINDING_KIND, BINDING_PLURAL = "PhabricatorBinding", "phabricatorbindings"
 CREDENTIAL_KIND, CREDENTIAL_PLURAL = "PhabricatorCredential", "phabricatorcredentials"
 CATEGORY = "phabmesh"  # `kubectl get phabmesh` lists all three kinds
+# On a PhabricatorBot: a new value asks the operator to check the bot again now
+# (`kubectl phabmesh recheck`); any value will do, the time of the request by convention.
+RECHECK_ANNOTATION = "phabmesh.io/recheck-requested-at"
 
 # Condition types (on bots: Ready; on bindings: Ready and BotReady).
 READY = "Ready"  # the object does its job: a verified bot, a binding that issues credentials
@@ -50,6 +53,10 @@ BINDING_NOT_READY = "BindingNotReady"  # the binding is not Ready for another re
 BOT_NOT_READY = "BotNotReady"  # the bot stopped being Ready (disabled, token revoked)
 BOT_CHANGED = "BotChanged"  # the binding's botRef now names another bot than the lease's
 BOT_NOT_ALLOWED = "BotNotAllowed"  # the lease's bot is gone or no longer allows the namespace
+# An administrator revoked it (`kubectl phabmesh revoke`). Such a lease is kept, Revoked, until
+# its pod goes (the garbage collector deletes it then): while it stands, the operator issues
+# that pod no new lease through that binding.
+REVOKED_BY_ADMIN = "RevokedByAdmin"
 # Each reason's one message: in the lease's status.message, the pod's Event, the gateway's
 # and the credential endpoint's refusals ("credential revoked: <message>").
 REVOCATION_MESSAGES: Mapping[str, str] = {
@@ -66,6 +73,7 @@ REVOCATION_MESSAGES: Mapping[str, str] = {
     BOT_NOT_READY: "bot not ready",
     BOT_CHANGED: "the binding names another bot now",
     BOT_NOT_ALLOWED: "bot not allowed in this namespace",
+    REVOKED_BY_ADMIN: "revoked by an administrator",
 }
 REVOCATION_REASONS = frozenset(REVOCATION_MESSAGES)
 

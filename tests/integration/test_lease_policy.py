@@ -249,3 +249,69 @@ def test_the_garbage_collector_and_the_namespace_controller_still_clean_up(
         return False
 
     wait_for(gone, timeout=90, what="the namespace to be deleted with its lease")
+
+
+def test_anyone_allowed_by_rbac_may_revoke_an_active_lease_and_nothing_else(
+    cluster: Cluster, policy: None, tenant: str
+) -> None:
+    """`kubectl phabmesh revoke`'s one write: Active to Revoked, reason RevokedByAdmin."""
+    wait_for(
+        lambda: _refused_create(cluster, TENANT, _lease(tenant, "forged")),
+        what="the policy to refuse the tenant",
+    )
+    operator = _operator(cluster)
+    operator.create_namespaced_custom_object(
+        G, V, tenant, resources.CREDENTIAL_PLURAL, _lease(tenant, "held")
+    )
+    active = {"status": {"phase": "Active", "expiresAt": "2099-01-01T00:00:00Z"}}
+    operator.patch_namespaced_custom_object_status(
+        G, V, tenant, resources.CREDENTIAL_PLURAL, "held", active
+    )
+    patch = ("patch", "phabricatorcredential", "held", "-n", tenant, "--type=merge")
+
+    def revoked(reason: str) -> dict[str, Any]:
+        return {
+            "status": {
+                "phase": "Revoked",
+                "reason": reason,
+                "revokedAt": "2026-01-01T00:00:00Z",
+            }
+        }
+
+    # Another reason is the operator's to write.
+    refused = _as(
+        cluster,
+        TENANT,
+        *patch,
+        "--subresource=status",
+        "-p",
+        json.dumps(revoked(resources.NO_LONGER_MATCHED)),
+    )
+    assert REFUSAL in refused, refused
+    assert not _as(
+        cluster,
+        TENANT,
+        *patch,
+        "--subresource=status",
+        "-p",
+        json.dumps(revoked(resources.REVOKED_BY_ADMIN)),
+    )
+    lease = cluster.custom.get_namespaced_custom_object(
+        G, V, tenant, resources.CREDENTIAL_PLURAL, "held"
+    )
+    assert (lease["status"]["phase"], lease["status"]["reason"]) == (
+        "Revoked",
+        resources.REVOKED_BY_ADMIN,
+    )
+    # A revoked lease is no longer open to anyone but phabmesh: not even a second revocation,
+    # nor its deletion.
+    assert REFUSAL in _as(
+        cluster,
+        TENANT,
+        *patch,
+        "--subresource=status",
+        "-p",
+        json.dumps(revoked(resources.REVOKED_BY_ADMIN)),
+    )
+    assert REFUSAL in _as(cluster, TENANT, "delete", "phabricatorcredential", "held", "-n", tenant)
+    operator.delete_namespaced_custom_object(G, V, tenant, resources.CREDENTIAL_PLURAL, "held")

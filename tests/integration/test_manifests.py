@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
+from phabmesh import apicalls
 from tests import linkerd
 from tests.kube import Cluster
 
@@ -40,41 +41,12 @@ Doc = dict[str, Any]
 # (namespace or None for cluster-wide, API group, resource[/subresource], verbs, name or None)
 Calls = list[tuple[str | None, str, str, str, str | None]]
 
-# Every API call each process makes. The tests check both directions: each call is
-# allowed, and the rendered RBAC grants exactly these and nothing more.
-ALL = None
-OPERATOR_CALLS: Calls = [
-    (ALL, "", "pods", "get list watch", None),
-    (ALL, "", "namespaces", "list watch", None),
-    (ALL, "phabmesh.io", "phabricatorcredentials", "list watch create delete", None),
-    (ALL, "phabmesh.io", "phabricatorcredentials/status", "patch", None),
-    (ALL, "phabmesh.io", "phabricatorbots", "list watch patch", None),
-    (ALL, "phabmesh.io", "phabricatorbindings", "list watch patch", None),
-    (ALL, "phabmesh.io", "phabricatorbots/status", "patch", None),
-    (ALL, "phabmesh.io", "phabricatorbindings/status", "patch", None),
-    (ALL, "", "events", "create", None),
-    (ALL, "authentication.k8s.io", "tokenreviews", "create", None),
-    (ALL, "apiextensions.k8s.io", "customresourcedefinitions", "list watch", None),
-    (ALL, "kopf.dev", "clusterkopfpeerings", "list watch patch", None),
-    (
-        ALL,
-        "admissionregistration.k8s.io",
-        "mutatingwebhookconfigurations",
-        "get update",
-        "phabmesh",
-    ),
-    (SYSTEM, "", "secrets", "get list watch create", None),
-    (SYSTEM, "", "secrets", "update", "phabmesh-signing-keys"),
-    (SYSTEM, "", "secrets", "update", "phabmesh-webhook-tls"),
-]
-GATEWAY_CALLS: Calls = [
-    (ALL, "phabmesh.io", "phabricatorcredentials", "list watch", None),
-    (ALL, "phabmesh.io", "phabricatorbindings", "list watch", None),
-    (ALL, "phabmesh.io", "phabricatorbots", "list watch", None),
-    (SYSTEM, "", "secrets", "list watch", None),
-    (ALL, "", "pods", "list watch", None),
-    (ALL, "", "namespaces", "list watch", None),
-]
+# Every API call each process makes (phabmesh.apicalls, which `kubectl phabmesh check` reads
+# too). The tests check both directions: each call is allowed, and the rendered RBAC grants
+# exactly these and nothing more.
+ALL = apicalls.ALL
+OPERATOR_CALLS: Calls = apicalls.OPERATOR_CALLS
+GATEWAY_CALLS: Calls = apicalls.GATEWAY_CALLS
 # Calls that must be refused, in the same form.
 OPERATOR_DENIED: Calls = [
     ("kube-system", "", "secrets", "get list", None),

@@ -301,3 +301,75 @@ def test_pods_of_another_mesh_get_nothing_and_are_counted() -> None:
     assert decide.count_binding(w, binding(), N) == decide.BindingCounts(
         matched=1, active=0, unmeshed=0, other_mesh=1
     )
+
+
+def _revoked_by_admin(pod_uid: str = "p1") -> LeaseView:
+    return dataclasses.replace(
+        lease(pod_uid, phase="Revoked"), reason=decide.REVOKED_BY_ADMIN, resource_version="9"
+    )
+
+
+def test_no_new_lease_where_an_administrator_revoked_one() -> None:
+    w = world(pod(), bindings=(binding(),), leases=(_revoked_by_admin(),))
+    assert not decide.plan_pod(w, "p1", N, verdicts(w, bot()))  # nor is it deleted
+    # Once the pod is gone, it goes like any Revoked lease left behind.
+    w.drop_pod("p1")
+    assert [x.reason for x in decide.plan_pod(w, "p1", N, verdicts(w, bot())).delete] == [
+        decide.REVOKED_BY_ADMIN
+    ]
+    w.put_pod(pod())
+    # Another pod of the same binding still gets its lease, and a lease the operator revoked
+    # for a reason of its own does not hold a re-issue back.
+    w.put_pod(pod(uid="p2"))
+    assert [b.name for b in decide.plan_pod(w, "p2", N, verdicts(w, bot())).issue] == ["runners"]
+    own = dataclasses.replace(lease(phase="Revoked"), reason=decide.NO_LONGER_MATCHED)
+    w = world(pod(), bindings=(binding(),), leases=(own,))
+    plan = decide.plan_pod(w, "p1", N, verdicts(w, bot()))
+    assert [b.name for b in plan.issue] == ["runners"] and plan.delete == (own,)
+
+
+def test_explain_pod_gives_the_one_reason() -> None:
+    cases = [
+        (world(pod(), bindings=(binding(),), leases=(lease(),)), bot(), "Matched", True),
+        (world(pod(), bindings=(binding(),)), bot(), decide.ISSUE_PENDING, False),
+        (world(pod()), bot(), decide.NO_BINDING, False),
+        (world(pod(sa="other"), bindings=(binding(),)), bot(), "IdentityNotListed", False),
+        (world(pod(meshed=False), bindings=(binding(),)), bot(), decide.NOT_MESHED, False),
+        (world(pod(phase="Pending"), bindings=(binding(),)), bot(), decide.NOT_RUNNING, False),
+        (world(pod(deleting=True), bindings=(binding(),)), bot(), decide.POD_TERMINATING, False),
+        (world(pod(), bindings=(binding(),)), bot(ready=False), decide.BOT_NOT_READY, False),
+        (world(pod(), bindings=(binding(),), bots=()), None, decide.BOT_NOT_ALLOWED, False),
+        (
+            world(pod(), bindings=(binding(),), leases=(_revoked_by_admin(),)),
+            bot(),
+            decide.REVOKED_BY_ADMIN,
+            False,
+        ),
+        (world(bindings=(binding(),)), bot(), decide.POD_DELETED, False),
+    ]
+    for w, bot_view, reason, holds in cases:
+        explained = decide.explain_pod(w, "p1", N, verdicts(w, bot_view))
+        assert (explained.reason, explained.holds) == (reason, holds), explained
+        assert explained.message
+
+
+def test_explain_pod_agrees_with_plan_pod() -> None:
+    """The explanation rests on the plan: a lease being revoked is not held."""
+    w = world(pod(sa="other"), bindings=(binding(),), leases=(lease(),))
+    plan = decide.plan_pod(w, "p1", N, verdicts(w, bot()))
+    explained = decide.explain_pod(w, "p1", N, verdicts(w, bot()))
+    assert [r for _, r in plan.revoke] == [explained.reason] == [decide.NO_LONGER_MATCHED]
+    assert not explained.holds
+
+
+def test_the_nearest_miss_explains() -> None:
+    """Of several bindings, the one that picks the pod but is not Ready says why."""
+    other = binding(name="others", sa="someone-else")
+    w = world(pod(), bindings=(other, binding()))
+    explained = decide.explain_pod(w, "p1", N, verdicts(w, bot(ready=False)))
+    assert explained.reason == decide.BOT_NOT_READY
+    assert '"runners"' in explained.message
+    assert {e.binding.name: e.reason for e in explained.bindings} == {
+        "others": "IdentityNotListed",
+        "runners": decide.BOT_NOT_READY,
+    }

@@ -185,6 +185,7 @@ def test_revocation_reasons_are_the_crds_and_the_controllers() -> None:
         decide.BOT_LOST,
         decide.BOT_CHANGED,
         decide.BOT_GONE_HERE,
+        decide.REVOKED_BY_ADMIN,
     }
     assert controller == resources.REVOCATION_REASONS
 

@@ -39,6 +39,11 @@ BINDING_NOT_READY = resources.BINDING_NOT_READY
 BOT_LOST = resources.BOT_NOT_READY
 BOT_CHANGED = resources.BOT_CHANGED
 BOT_GONE_HERE = resources.BOT_NOT_ALLOWED
+REVOKED_BY_ADMIN = resources.REVOKED_BY_ADMIN
+
+# What explain_pod answers besides the reasons above and matching's.
+NO_BINDING = "NoBinding"  # no PhabricatorBinding in the pod's namespace
+ISSUE_PENDING = "IssuePending"  # a binding entitles the pod; its lease is not written yet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,21 +179,17 @@ def plan_pod(
     """
     pod = world.pods.get(pod_uid)
     held = [lease for lease in world.leases_of_pod(pod_uid) if lease.active]
-    delete = tuple(lease for lease in world.leases_of_pod(pod_uid) if lease.phase == "Revoked")
+    # An administrator's revocation stands while its pod lives (see entitlements).
+    delete = tuple(
+        lease
+        for lease in world.leases_of_pod(pod_uid)
+        if lease.phase == "Revoked" and (pod is None or lease.reason != REVOKED_BY_ADMIN)
+    )
     if pod is None:
         return Plan(revoke=tuple((lease, POD_DELETED) for lease in held), delete=delete)
     blocked = _pod_reason(pod)
     revoke: list[tuple[LeaseView, str]] = []
-    wanted: set[str] = set()
-    for binding in world.bindings_in(pod.namespace):
-        if not binding_matches(binding, pod, naming):
-            continue
-        verdict = verdicts.get(binding.key)
-        if verdict is None or not verdict.ready:
-            continue
-        if not bot_allows(world.bots.get(binding.bot or ""), world.namespaces.get(pod.namespace)):
-            continue  # a verdict from before the bot's selector changed
-        wanted.add(binding.name)
+    wanted = {e.binding.name for e in entitlements(world, pod, naming, verdicts) if e.entitled}
     kept: set[str] = set()
     for lease in held:
         if blocked is not None:
@@ -207,6 +208,164 @@ def plan_pod(
             if binding.name in wanted and binding.name not in kept
         ]
     return Plan(tuple(issue), tuple(revoke), delete)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entitlement:
+    """One binding of a pod's namespace: whether it entitles the pod to a lease (reason
+    ``Matched``) or why not, the pod's own state aside (:func:`plan_pod` checks that first)."""
+
+    binding: BindingView
+    reason: str
+
+    @property
+    def entitled(self) -> bool:
+        return self.reason == matching.MATCHED
+
+
+def entitlements(
+    world: World,
+    pod: identity.PodFacts,
+    naming: identity.Naming,
+    verdicts: Mapping[tuple[str, str], Verdict],
+) -> list[Entitlement]:
+    """Each binding of the pod's namespace with the reason it does or does not give the pod a
+    lease: its subjects and selector (matching's reasons), its readiness (the verdict's), the
+    bot's namespaceSelector now, and an administrator's revocation standing for this pod."""
+    revoked_by_admin = {
+        lease.binding
+        for lease in world.leases_of_pod(pod.uid)
+        if not lease.active and lease.reason == REVOKED_BY_ADMIN
+    }
+    found: list[Entitlement] = []
+    for binding in world.bindings_in(pod.namespace):
+        if binding.spec is None:
+            reason = INVALID_SPEC
+        else:
+            reason = matching.select(binding.spec, binding.namespace, pod, naming).reason
+        if reason == matching.MATCHED:
+            verdict = verdicts.get(binding.key)
+            if verdict is None:
+                reason = BINDING_NOT_READY  # not judged yet
+            elif not verdict.ready:
+                reason = verdict.reason
+            elif not bot_allows(
+                world.bots.get(binding.bot or ""), world.namespaces.get(pod.namespace)
+            ):
+                reason = BOT_NOT_ALLOWED  # a verdict from before the bot's selector changed
+            elif binding.name in revoked_by_admin:
+                reason = REVOKED_BY_ADMIN
+        found.append(Entitlement(binding, reason))
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    """Why a pod holds a credential, or does not: one reason and its message, the Active
+    leases it keeps, and each binding's own answer (:func:`entitlements`)."""
+
+    reason: str
+    message: str
+    leases: tuple[LeaseView, ...] = ()
+    bindings: tuple[Entitlement, ...] = ()
+
+    @property
+    def holds(self) -> bool:
+        return bool(self.leases)
+
+
+_POD_MESSAGES = {
+    POD_TERMINATING: "the pod is terminating",
+    POD_SUCCEEDED: "the pod has completed",
+    POD_FAILED: "the pod has failed",
+}
+# Which binding's answer explains best why a pod has no lease: the nearest miss first.
+_MISSES = (REVOKED_BY_ADMIN, matching.SELECTOR_MISMATCH, INVALID_SPEC, matching.IDENTITY_NOT_LISTED)
+
+
+def _miss_rank(entitlement: Entitlement) -> tuple[int, str]:
+    reason = entitlement.reason
+    # A binding that picks the pod but is not Ready (any verdict reason) ranks after an
+    # administrator's revocation and before the bindings that do not pick the pod.
+    rank = _MISSES.index(reason) * 2 if reason in _MISSES else 1
+    return rank, entitlement.binding.name
+
+
+def explain_pod(
+    world: World,
+    pod_uid: str,
+    naming: identity.Naming,
+    verdicts: Mapping[tuple[str, str], Verdict],
+) -> Explanation:
+    """The one reason ``pod_uid`` holds a credential or holds none, from the same decisions
+    as :func:`plan_pod`: the pod's state, then each binding's :func:`entitlements`."""
+    pod = world.pods.get(pod_uid)
+    if pod is None:
+        return Explanation(POD_DELETED, "the pod does not exist")
+    found = tuple(sorted(entitlements(world, pod, naming, verdicts), key=lambda e: e.binding.name))
+    plan = plan_pod(world, pod_uid, naming, verdicts)
+    going = {lease.key for lease, _ in plan.revoke}
+    kept = tuple(
+        sorted(
+            (x for x in world.leases_of_pod(pod_uid) if x.active and x.key not in going),
+            key=lambda x: x.name,
+        )
+    )
+    pod_identity = pod.identity(naming)
+    blocked = _pod_reason(pod)
+    if blocked is not None:
+        if blocked == NOT_MESHED:
+            message = f"the pod is not meshed ({pod.mesh_reason}): no Linkerd identity to trust"
+        elif blocked == NOT_RUNNING:
+            message = f"the pod is {pod.phase}: credentials are issued to Running pods only"
+        else:
+            message = _POD_MESSAGES[blocked]
+        return Explanation(blocked, message, kept, found)
+    if kept:
+        shown = ", ".join(f'{x.name} (bot "{x.bot}", binding "{x.binding}")' for x in kept)
+        return Explanation(matching.MATCHED, f"{pod_identity} holds {shown}", kept, found)
+    if plan.revoke:
+        lease, reason = plan.revoke[0]
+        return Explanation(
+            reason, f"credential {lease.name} is being revoked ({reason})", (), found
+        )
+    entitled = [e for e in found if e.entitled]
+    if entitled:
+        names = ", ".join(f'"{e.binding.name}"' for e in entitled)
+        message = f"PhabricatorBinding {names} matches; the operator is issuing the credential"
+        return Explanation(ISSUE_PENDING, message, (), found)
+    if not found:
+        return Explanation(
+            NO_BINDING, f"no PhabricatorBinding in namespace {pod.namespace}", (), found
+        )
+    miss = min(found, key=_miss_rank)
+    return Explanation(miss.reason, _miss_message(miss, pod, pod_identity, verdicts), (), found)
+
+
+def _miss_message(
+    miss: Entitlement,
+    pod: identity.PodFacts,
+    pod_identity: str,
+    verdicts: Mapping[tuple[str, str], Verdict],
+) -> str:
+    name = miss.binding.name
+    if miss.reason == REVOKED_BY_ADMIN:
+        return (
+            f'an administrator revoked the credential of PhabricatorBinding "{name}": this pod '
+            "gets no new one through it (a new pod does)"
+        )
+    if miss.reason == matching.SELECTOR_MISMATCH:
+        return (
+            f'PhabricatorBinding "{name}" names {pod_identity} but its podSelector does not '
+            "select the pod"
+        )
+    if miss.reason == INVALID_SPEC:
+        return f'PhabricatorBinding "{name}" has a spec that cannot be read'
+    if miss.reason == matching.IDENTITY_NOT_LISTED:
+        return f"no PhabricatorBinding in namespace {pod.namespace} names {pod_identity}"
+    verdict = verdicts.get(miss.binding.key)
+    detail = verdict.message if verdict is not None else "not judged yet"
+    return f'PhabricatorBinding "{name}" matches this pod but is not Ready: {detail}'
 
 
 def _lost_reason(

@@ -136,7 +136,9 @@ async def bot_event(event: kopf.RawEvent, body: kopf.Body, name: str, memo: Memo
         # Keep the readiness this process decided; take spec changes from the event, and
         # the status it shows (what the next status write is compared with).
         if old is not None and old.generation == fresh.generation and old.spec == fresh.spec:
-            world.bots[name] = dataclasses.replace(old, status=fresh.status)
+            world.bots[name] = dataclasses.replace(old, status=fresh.status, recheck=fresh.recheck)
+            if fresh.recheck != old.recheck:  # `kubectl phabmesh recheck`: check it now
+                await memo.bots.check(name)
             return
         world.bots[name] = fresh
         if fresh.generation != (old.generation if old else -1):

@@ -44,6 +44,7 @@ class BotView:
     # process's own writes): what a write is compared with, and where conditions' times
     # come from. Not part of the view's identity.
     status: Status = dataclasses.field(default_factory=dict, compare=False)
+    recheck: str = ""  # resources.RECHECK_ANNOTATION: a new value asks for a check now
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> BotView:
@@ -59,6 +60,7 @@ class BotView:
             phid=status.get("phid"),
             reason=str((ready or {}).get("reason") or "Unknown"),
             status=status,
+            recheck=str((meta.get("annotations") or {}).get(resources.RECHECK_ANNOTATION) or ""),
         )
 
 

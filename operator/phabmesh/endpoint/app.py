@@ -572,6 +572,11 @@ class Issuer:
         pod_identity = identity.linkerd_identity(
             facts.service_account, facts.namespace, self.naming
         )
+        revoked_by_admin = {
+            lease.binding
+            for lease in self.leases.of_pod(who.pod_uid)
+            if not lease.active and lease.reason == resources.REVOKED_BY_ADMIN
+        }
         for body in listing.get("items") or []:
             name = body["metadata"]["name"]
             if wanted and name != wanted:
@@ -581,6 +586,11 @@ class Issuer:
                 continue
             if not matching.matches(spec, who.namespace, facts, self.naming):
                 continue
+            if name in revoked_by_admin:
+                return (
+                    "an administrator revoked this pod's credential of PhabricatorBinding "
+                    f'"{name}": this pod gets no new one through it (a new pod does)'
+                )
             ready = next(
                 (
                     c

@@ -36,15 +36,18 @@ def kubeconfig_available() -> bool:
     return any(Path(p).is_file() for p in paths.split(os.pathsep) if p)
 
 
-def load_connection(kubeconfig: str | None = None) -> Connection:
-    """Connect via ``kubeconfig``, ``$KUBECONFIG``, ``~/.kube/config`` or in-cluster."""
+def load_connection(kubeconfig: str | None = None, context: str | None = None) -> Connection:
+    """Connect via ``kubeconfig``, ``$KUBECONFIG``, ``~/.kube/config`` or in-cluster
+    (``context``: that kubeconfig context instead of its current one)."""
     cfg = k8s_client.Configuration()
-    in_cluster = kubeconfig is None and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    in_cluster = (
+        kubeconfig is None and context is None and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    )
     if in_cluster and SA_TOKEN_FILE.is_file():
         k8s_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]  # untyped upstream
     else:
         k8s_config.load_kube_config(  # type: ignore[no-untyped-call]  # untyped upstream
-            config_file=kubeconfig, client_configuration=cfg
+            config_file=kubeconfig, context=context, client_configuration=cfg
         )
 
     ssl_context: ssl.SSLContext | bool

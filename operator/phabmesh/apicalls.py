@@ -1,0 +1,62 @@
+"""Every Kubernetes API call each phabmesh process makes, as RBAC sees it. Pure data.
+
+One row: (namespace, or None for cluster-wide; API group; resource[/subresource]; verbs,
+space-separated; object name, or None for any). The manifests' RBAC grants exactly these
+(tests/integration/test_manifests.py checks both directions), and ``kubectl phabmesh check``
+asks the API server whether the installed ServiceAccounts may make each of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+SYSTEM = "phabmesh-system"  # the namespace of the manifests (settings.namespace)
+ALL = None
+Call = tuple[str | None, str, str, str, str | None]
+Calls = list[Call]
+
+OPERATOR_CALLS: Calls = [
+    (ALL, "", "pods", "get list watch", None),
+    (ALL, "", "namespaces", "list watch", None),
+    (ALL, "phabmesh.io", "phabricatorcredentials", "list watch create delete", None),
+    (ALL, "phabmesh.io", "phabricatorcredentials/status", "patch", None),
+    (ALL, "phabmesh.io", "phabricatorbots", "list watch patch", None),
+    (ALL, "phabmesh.io", "phabricatorbindings", "list watch patch", None),
+    (ALL, "phabmesh.io", "phabricatorbots/status", "patch", None),
+    (ALL, "phabmesh.io", "phabricatorbindings/status", "patch", None),
+    (ALL, "", "events", "create", None),
+    (ALL, "authentication.k8s.io", "tokenreviews", "create", None),
+    (ALL, "apiextensions.k8s.io", "customresourcedefinitions", "list watch", None),
+    (ALL, "kopf.dev", "clusterkopfpeerings", "list watch patch", None),
+    (
+        ALL,
+        "admissionregistration.k8s.io",
+        "mutatingwebhookconfigurations",
+        "get update",
+        "phabmesh",
+    ),
+    (SYSTEM, "", "secrets", "get list watch create", None),
+    (SYSTEM, "", "secrets", "update", "phabmesh-signing-keys"),
+    (SYSTEM, "", "secrets", "update", "phabmesh-webhook-tls"),
+]
+GATEWAY_CALLS: Calls = [
+    (ALL, "phabmesh.io", "phabricatorcredentials", "list watch", None),
+    (ALL, "phabmesh.io", "phabricatorbindings", "list watch", None),
+    (ALL, "phabmesh.io", "phabricatorbots", "list watch", None),
+    (SYSTEM, "", "secrets", "list watch", None),
+    (ALL, "", "pods", "list watch", None),
+    (ALL, "", "namespaces", "list watch", None),
+]
+CALLS = {"operator": OPERATOR_CALLS, "gateway": GATEWAY_CALLS}
+
+
+def each(
+    calls: Calls, namespace: str = SYSTEM, names: Mapping[str, str] | None = None
+) -> Iterator[Call]:
+    """One call per verb, with phabmesh's namespace ``namespace`` in place of the manifests',
+    and object names renamed by ``names`` (the manifests' Secret names to the settings')."""
+    renamed = names or {}
+    for ns, group, resource, verbs, name in calls:
+        for verb in verbs.split():
+            shown = renamed.get(name, name) if name else name
+            yield (namespace if ns == SYSTEM else ns, group, resource, verb, shown)

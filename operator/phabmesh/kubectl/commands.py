@@ -1,0 +1,365 @@
+"""``why``, ``who-can``, ``revoke`` and ``recheck``: gather from the API, decide with
+phabmesh's own pure functions, answer as a :class:`~phabmesh.kubectl.output.Report`."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+
+from phabmesh import identity, logs, resources
+from phabmesh.controller import decide
+from phabmesh.controller.world import BindingView, BotView, World
+from phabmesh.kube import KubeError
+from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kubectl import cluster
+from phabmesh.kubectl.output import Report
+from phabmesh.leases import grants
+from phabmesh.leases.view import LeaseView, format_time
+
+log = structlog.get_logger("phabmesh.kubectl")
+Clock = Callable[[], datetime.datetime]
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def naming_of(settings: Any) -> identity.Naming:
+    return identity.Naming(settings.linkerd_namespace, settings.trust_domain)
+
+
+def verdict_of(body: Mapping[str, Any], binding: BindingView, world: World) -> decide.Verdict:
+    """The binding's readiness as the operator last wrote it (its Ready and BotReady
+    conditions, when they are about the binding's current generation); otherwise judged
+    here as the operator judges it, from the bot and the namespace read now."""
+    status = body.get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    ready = conditions.get(resources.READY)
+    if ready is not None and status.get("observedGeneration") == binding.generation:
+        bot_ready = conditions.get(resources.BOT_READY) or {}
+        return decide.Verdict(
+            ready.get("status") == "True",
+            str(ready.get("reason") or ""),
+            str(ready.get("message") or ""),
+            bot_ready.get("status") == "True",
+            str(bot_ready.get("reason") or ""),
+            str(bot_ready.get("message") or ""),
+            status.get("botPHID"),
+            bot_shown=bool(bot_ready),
+        )
+    bot = world.bots.get(binding.bot) if binding.bot else None
+    return decide.judge_binding(binding, bot, world.namespaces.get(binding.namespace))
+
+
+# -- why --------------------------------------------------------------------------------------
+
+WHY_COLUMNS = (
+    ("namespace", "namespace"),
+    ("pod", "pod"),
+    ("credential", "credential"),
+    ("reason", "reason"),
+    ("message", "message"),
+)
+
+
+def why_report(
+    explanation: decide.Explanation, pod: identity.PodFacts, naming: identity.Naming
+) -> Report:
+    row: dict[str, Any] = {
+        "namespace": pod.namespace,
+        "pod": pod.name,
+        "uid": pod.uid,
+        "identity": pod.identity(naming),
+        "credential": explanation.holds,
+        "reason": explanation.reason,
+        "message": explanation.message,
+        "leases": [
+            {
+                "name": lease.name,
+                "binding": lease.binding,
+                "bot": lease.bot,
+                "expiresAt": format_time(lease.expires_at) if lease.expires_at else None,
+            }
+            for lease in explanation.leases
+        ],
+        "bindings": [
+            {"name": e.binding.name, "bot": e.binding.bot, "reason": e.reason}
+            for e in explanation.bindings
+        ],
+    }
+    return Report(WHY_COLUMNS, [row], document=row)
+
+
+async def why(session: cluster.Session, namespace: str, name: str) -> Report:
+    settings, _ = await session.settings()
+    naming = naming_of(settings)
+    pod_body = await session.get(
+        resource_path("", "v1", "pods", namespace, name), f'pods "{name}" in namespace {namespace}'
+    )
+    bindings, bots, leases, ns_body = await asyncio.gather(
+        session.items(cluster.binding_path(namespace)),
+        session.items(cluster.bot_path()),
+        session.items(cluster.lease_path(namespace)),
+        session.find(resource_path("", "v1", "namespaces", None, namespace)),
+    )
+    pod = identity.PodFacts.from_pod(pod_body, naming)
+    world = World()
+    world.put_pod(pod)
+    world.namespaces[namespace] = dict(((ns_body or {}).get("metadata") or {}).get("labels") or {})
+    for body in bots:
+        bot = BotView.from_body(body)
+        world.bots[bot.name] = bot
+    views: list[tuple[JSON, BindingView]] = []
+    for body in bindings:
+        if (body.get("metadata") or {}).get("deletionTimestamp") is None:
+            view = BindingView.from_body(body)
+            world.put_binding(view)
+            views.append((body, view))
+    for body in leases:
+        lease = LeaseView.from_body(body)
+        if lease.pod_uid == pod.uid:
+            world.put_lease(lease)
+    verdicts = {view.key: verdict_of(body, view, world) for body, view in views}
+    return why_report(decide.explain_pod(world, pod.uid, naming, verdicts), pod, naming)
+
+
+# -- who-can ----------------------------------------------------------------------------------
+
+WHO_CAN_COLUMNS = (
+    ("namespace", "namespace"),
+    ("pod", "pod"),
+    ("identity", "identity"),
+    ("binding", "binding"),
+    ("expires", "expiresAt"),
+    ("credential", "lease"),
+)
+
+
+def holders(
+    bot: str,
+    leases: list[LeaseView],
+    bindings: Mapping[tuple[str, str], grants.BindingFacts],
+    bot_facts: grants.BotFacts | None,
+    labels: Mapping[str, Mapping[str, str]],
+    naming: identity.Naming,
+    now: datetime.datetime,
+) -> list[dict[str, Any]]:
+    """The leases of ``bot`` that the credential endpoint and the gateway honour now: Active,
+    not expired, and granted by their binding, the bot and the namespace as they are now
+    (:func:`phabmesh.leases.grants.refusal`, the same judgement)."""
+    rows = []
+    for lease in sorted(leases, key=lambda x: (x.namespace, x.pod_name, x.binding)):
+        if lease.bot != bot or not lease.active:
+            continue
+        if lease.expires_at is None or lease.expires_at <= now:
+            continue
+        binding = bindings.get((lease.namespace, lease.binding))
+        if grants.refusal(lease, binding, bot_facts, labels.get(lease.namespace), naming):
+            continue
+        rows.append(
+            {
+                "namespace": lease.namespace,
+                "pod": lease.pod_name,
+                "podUID": lease.pod_uid,
+                "identity": lease.identity,
+                "binding": lease.binding,
+                "expiresAt": format_time(lease.expires_at),
+                "lease": lease.name,
+            }
+        )
+    return rows
+
+
+async def who_can(session: cluster.Session, bot: str, now: datetime.datetime) -> Report:
+    settings, _ = await session.settings()
+    bot_body = await session.get(cluster.bot_path(bot), f'phabricatorbots "{bot}"')
+    lease_bodies, binding_bodies, namespaces = await asyncio.gather(
+        session.items(cluster.lease_path(None), labelSelector=f"phabmesh.io/bot={bot[:63]}"),
+        session.items(cluster.binding_path(None)),
+        session.items(resource_path("", "v1", "namespaces")),
+    )
+    bindings = {
+        (str(b["metadata"]["namespace"]), str(b["metadata"]["name"])): grants.binding_facts(b)
+        for b in binding_bodies
+    }
+    labels = {str(n["metadata"]["name"]): grants.namespace_labels(n) for n in namespaces}
+    rows = holders(
+        bot,
+        [LeaseView.from_body(b) for b in lease_bodies],
+        bindings,
+        grants.bot_facts(bot_body),
+        labels,
+        naming_of(settings),
+        now,
+    )
+    return Report(
+        WHO_CAN_COLUMNS,
+        rows,
+        document={"bot": bot, "holders": rows},
+        empty=f"No pod holds a credential for PhabricatorBot {bot}.",
+    )
+
+
+# -- revoke -----------------------------------------------------------------------------------
+
+REVOKE_COLUMNS = (
+    ("namespace", "namespace"),
+    ("credential", "lease"),
+    ("pod", "pod"),
+    ("binding", "binding"),
+    ("bot", "bot"),
+    ("result", "result"),
+)
+REVOKED_EVENT = "CredentialRevoked"
+
+
+def revocation_ops(lease: LeaseView, now: datetime.datetime, message: str) -> list[JSON]:
+    """The JSON patch of the lease's status: only this lease (its UID), only while Active, to
+    Revoked with reason RevokedByAdmin: the one write manifests/lease-policy.yaml lets an
+    administrator make."""
+    revoked = {
+        "phase": resources.REVOKED,
+        "reason": resources.REVOKED_BY_ADMIN,
+        "revokedAt": format_time(now),
+        "message": message,
+    }
+    return [
+        {"op": "test", "path": "/metadata/uid", "value": lease.uid},
+        {"op": "test", "path": "/status/phase", "value": resources.ACTIVE},
+        *({"op": "add", "path": f"/status/{k}", "value": v} for k, v in revoked.items()),
+    ]
+
+
+def parse_target(words: list[str]) -> tuple[str, str]:
+    """``pod/NAME``, ``binding/NAME``, or the same as two words: ("pod"|"binding", NAME)."""
+    kinds = {
+        "pod": "pod",
+        "pods": "pod",
+        "po": "pod",
+        "binding": "binding",
+        "bindings": "binding",
+        "phabricatorbinding": "binding",
+        "phabricatorbindings": "binding",
+    }
+    if len(words) == 1 and "/" in words[0]:
+        kind, _, name = words[0].partition("/")
+    elif len(words) == 2:
+        kind, name = words
+    else:
+        raise ValueError("give what to revoke as pod/NAME or binding/NAME")
+    kind = kinds.get(kind.lower().split(".")[0], "")
+    if not kind or not name:
+        raise ValueError("give what to revoke as pod/NAME or binding/NAME")
+    return kind, name
+
+
+async def revoke(
+    session: cluster.Session, namespace: str, kind: str, name: str, now: datetime.datetime
+) -> Report:
+    if kind == "pod":
+        target = await session.get(
+            resource_path("", "v1", "pods", namespace, name),
+            f'pods "{name}" in namespace {namespace}',
+        )
+        uid = str(target["metadata"]["uid"])
+        ref: JSON = {"apiVersion": "v1", "kind": "Pod"}
+
+        def chosen(lease: LeaseView) -> bool:
+            return lease.pod_uid == uid
+    else:
+        target = await session.get(
+            cluster.binding_path(namespace, name),
+            f'phabricatorbindings "{name}" in namespace {namespace}',
+        )
+        ref = {"apiVersion": resources.API_VERSION, "kind": resources.BINDING_KIND}
+
+        def chosen(lease: LeaseView) -> bool:
+            return lease.binding == name
+
+    ref.update(namespace=namespace, name=name, uid=str(target["metadata"]["uid"]))
+    leases = [
+        lease
+        for lease in map(LeaseView.from_body, await session.items(cluster.lease_path(namespace)))
+        if lease.active and chosen(lease)
+    ]
+    if not leases:
+        raise cluster.Missing(f"{kind} {namespace}/{name} holds no Active credential")
+    user = await session.whoami() or "unknown"
+    message = f"revoked by {user} (kubectl phabmesh revoke {kind}/{name})"
+    rows = []
+    for lease in sorted(leases, key=lambda x: x.name):
+        try:
+            await session.client.json_patch(
+                cluster.lease_path(lease.namespace, lease.name, "status"),
+                revocation_ops(lease, now, message),
+            )
+            result = "revoked"
+        except KubeError as exc:
+            result = f"failed: {exc.message or exc.reason}"
+        log.info(
+            "lease_revoked" if result == "revoked" else "lease_revocation_failed",
+            **{
+                logs.NAMESPACE: lease.namespace,
+                logs.POD: lease.pod_name,
+                logs.BINDING: lease.binding,
+                logs.BOT: lease.bot,
+                logs.LEASE: lease.name,
+                logs.REASON: resources.REVOKED_BY_ADMIN,
+            },
+            user=user,
+            result=result,
+        )
+        if result == "revoked":
+            pod_ref: JSON = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "namespace": lease.namespace,
+                "name": lease.pod_name,
+                "uid": lease.pod_uid,
+            }
+            await _event(
+                session,
+                pod_ref,
+                f"credential {lease.name} for PhabricatorBot {lease.bot} {message}",
+                now,
+            )
+        rows.append(
+            {
+                "namespace": lease.namespace,
+                "lease": lease.name,
+                "pod": lease.pod_name,
+                "binding": lease.binding,
+                "bot": lease.bot,
+                "result": result,
+            }
+        )
+    done = sum(1 for row in rows if row["result"] == "revoked")
+    if kind == "binding" and done:
+        await _event(session, ref, f"{done} credential(s) of this binding {message}", now)
+    return Report(REVOKE_COLUMNS, rows, exit_code=0 if done == len(rows) else 1)
+
+
+async def _event(session: cluster.Session, ref: JSON, message: str, now: datetime.datetime) -> None:
+    """The revocation's Event; one that cannot be posted is logged (the revocation stands)."""
+    try:
+        await session.event(ref, REVOKED_EVENT, message, now, "Warning")
+    except KubeError as exc:
+        log.warning("event_post_failed", reason=REVOKED_EVENT, error=str(exc))
+
+
+# -- recheck ----------------------------------------------------------------------------------
+
+
+async def recheck(session: cluster.Session, bot: str, now: datetime.datetime) -> Report:
+    await session.get(cluster.bot_path(bot), f'phabricatorbots "{bot}"')
+    stamp = now.astimezone(datetime.UTC).isoformat(timespec="microseconds")
+    await session.client.merge_patch(
+        cluster.bot_path(bot),
+        {"metadata": {"annotations": {resources.RECHECK_ANNOTATION: stamp}}},
+    )
+    row = {"bot": bot, "requestedAt": stamp, "result": "recheck requested"}
+    return Report((("bot", "bot"), ("requested", "requestedAt"), ("result", "result")), [row])

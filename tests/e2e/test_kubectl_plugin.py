@@ -1,0 +1,388 @@
+"""``kubectl phabmesh`` as an admin runs it: the real command (``python -m phabmesh.kubectl``,
+what the ``kubectl-phabmesh`` executable runs) with the cluster's admin kubeconfig, against
+the session's control plane, operator and gateway."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from phabmesh import admission, resources
+from phabmesh.admission import certificates
+from phabmesh.dev.conduit import ConduitServer
+from phabmesh.settings import Settings
+from tests.kube import Cluster, wait_for
+from tests.phab import (
+    SYSTEM,
+    G,
+    V,
+    active_leases,
+    binding_condition,
+    exchange,
+    label_namespace,
+    leases,
+    make_binding,
+    make_bot,
+    make_pod,
+    pod_token,
+)
+from tests.stack import Threaded
+
+pytestmark = pytest.mark.e2e
+
+WEBHOOK_YAML = Path(__file__).resolve().parents[2] / "manifests" / "webhook.yaml"
+CONFIGMAP = "phabmesh-config"
+
+
+def plugin(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "phabmesh.kubectl", "--kubeconfig", str(cluster.kubeconfig), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ),
+        check=False,
+    )
+
+
+def answer(cluster: Cluster, *args: str) -> Any:
+    """The command's ``-o json`` answer; it must have succeeded."""
+    done = plugin(cluster, *args, "-o", "json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.fixture
+def bound(cluster: Cluster, conduit: ConduitServer, operator: Threaded, namespace: str) -> str:
+    """``namespace`` with a Ready binding `runners` (ServiceAccount runner) of bot `bot-<ns>`."""
+    make_bot(cluster, conduit, f"bot-{namespace}")
+    label_namespace(cluster, namespace)
+    make_binding(cluster, namespace, "runners", f"bot-{namespace}", credentialTTL="2m")
+    wait_for(
+        lambda: (c := binding_condition(cluster, namespace, "runners")) and c["status"] == "True",
+        what="the binding to be Ready",
+    )
+    return namespace
+
+
+def _pod_leases(cluster: Cluster, namespace: str, pod: str) -> list[dict[str, Any]]:
+    return [item for item in leases(cluster, namespace) if item["spec"]["podName"] == pod]
+
+
+def _active(cluster: Cluster, namespace: str, pod: str) -> list[dict[str, Any]]:
+    return [
+        item
+        for item in _pod_leases(cluster, namespace, pod)
+        if (item.get("status") or {}).get("phase") == "Active"
+    ]
+
+
+def test_why_a_bound_running_pod_holds_a_credential(cluster: Cluster, bound: str) -> None:
+    make_pod(cluster, bound, "runner-1")
+    wait_for(lambda: _active(cluster, bound, "runner-1"), what="the pod's lease")
+    why = answer(cluster, "why", "runner-1", "-n", bound)
+    assert (why["credential"], why["reason"]) == (True, "Matched")
+    assert [(x["bot"], x["binding"]) for x in why["leases"]] == [(f"bot-{bound}", "runners")]
+    assert why["identity"] == f"runner.{bound}.serviceaccount.identity.linkerd.cluster.local"
+    table = plugin(cluster, "why", "runner-1", "-n", bound)
+    assert table.returncode == 0
+    header, row = table.stdout.splitlines()
+    assert header.split() == ["NAMESPACE", "POD", "CREDENTIAL", "REASON", "MESSAGE"]
+    assert row.split()[:4] == [bound, "runner-1", "yes", "Matched"]
+
+
+def test_why_pods_hold_none(cluster: Cluster, bound: str) -> None:
+    make_pod(cluster, bound, "stranger", sa="other")
+    make_pod(cluster, bound, "plain", meshed=False)
+    make_pod(cluster, bound, "unselected", labels={"app": "web"})
+    cluster.custom.patch_namespaced_custom_object(
+        G,
+        V,
+        bound,
+        resources.BINDING_PLURAL,
+        "runners",
+        {"spec": {"podSelector": {"matchLabels": {"app": "runner"}}}},
+    )
+    expected = {
+        "stranger": "IdentityNotListed",
+        "plain": resources.POD_NOT_MESHED,
+        "unselected": "SelectorMismatch",
+    }
+    for pod, reason in expected.items():
+        why = answer(cluster, "why", pod, "-n", bound)
+        assert (why["credential"], why["reason"]) == (False, reason), why
+    assert "other" in answer(cluster, "why", "stranger", "-n", bound)["message"]
+    # A namespace without a binding.
+    other = f"t-{uuid.uuid4().hex[:10]}"
+    cluster.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=other)))
+    try:
+        wait_for(
+            lambda: any(
+                sa.metadata.name == "default"
+                for sa in cluster.core.list_namespaced_service_account(other).items
+            ),
+            what="ServiceAccount default",
+        )
+        make_pod(cluster, other, "runner-1")
+        why = answer(cluster, "why", "runner-1", "-n", other)
+        assert (why["credential"], why["reason"]) == (False, "NoBinding")
+    finally:
+        cluster.core.delete_collection_namespaced_pod(other, grace_period_seconds=0)
+        cluster.core.delete_namespace(other)
+    missing = plugin(cluster, "why", "no-such-pod", "-n", bound)
+    assert missing.returncode == 1
+    assert "not found" in missing.stderr
+
+
+def test_why_a_binding_of_a_bot_that_is_not_there(cluster: Cluster, bound: str) -> None:
+    make_pod(cluster, bound, "runner-1")
+    wait_for(lambda: _active(cluster, bound, "runner-1"), what="the pod's lease")
+    cluster.custom.patch_namespaced_custom_object(
+        G, V, bound, resources.BINDING_PLURAL, "runners", {"spec": {"botRef": {"name": "nobody"}}}
+    )
+    wait_for(lambda: not _active(cluster, bound, "runner-1"), what="the lease's revocation")
+    why = wait_for(
+        lambda: (
+            (w := answer(cluster, "why", "runner-1", "-n", bound))["reason"] == "BotNotAllowed"
+            and w
+        ),
+        what="the operator's verdict",
+    )
+    assert why["credential"] is False
+    assert "nobody" in why["message"]
+
+
+def test_who_can_act_as_a_bot(cluster: Cluster, bound: str) -> None:
+    bot = f"bot-{bound}"
+    for name in ("runner-1", "runner-2"):
+        make_pod(cluster, bound, name)
+    make_pod(cluster, bound, "stranger", sa="other")
+    wait_for(lambda: len(active_leases(cluster, bound)) == 2, what="two leases")
+    found = answer(cluster, "who-can", bot)
+    assert found["bot"] == bot
+    assert sorted((h["namespace"], h["pod"]) for h in found["holders"]) == [
+        (bound, "runner-1"),
+        (bound, "runner-2"),
+    ]
+    assert {h["identity"] for h in found["holders"]} == {
+        f"runner.{bound}.serviceaccount.identity.linkerd.cluster.local"
+    }
+    as_yaml = plugin(cluster, "who-can", bot, "-o", "yaml")
+    assert yaml.safe_load(as_yaml.stdout) == found
+    table = plugin(cluster, "who-can", bot).stdout.splitlines()
+    assert table[0].split() == ["NAMESPACE", "POD", "IDENTITY", "BINDING", "EXPIRES", "CREDENTIAL"]
+    assert len(table) == 3
+    cluster.core.delete_namespaced_pod("runner-2", bound, grace_period_seconds=0)
+    wait_for(
+        lambda: [h["pod"] for h in answer(cluster, "who-can", bot)["holders"]] == ["runner-1"],
+        what="runner-2 to hold nothing",
+    )
+    unknown = plugin(cluster, "who-can", "no-such-bot")
+    assert unknown.returncode == 1 and "not found" in unknown.stderr
+
+
+def _gateway_call(gateway: Threaded, credential: str) -> dict[str, Any]:
+    port = gateway.process.port  # type: ignore[attr-defined]
+    response = requests.post(
+        f"http://127.0.0.1:{port}/api/user.whoami",
+        data={"api.token": credential, "output": "json"},
+        timeout=10,
+    )
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def test_revoke_a_pod_the_gateway_refuses_it_and_nothing_is_reissued(
+    cluster: Cluster, operator: Threaded, gateway: Threaded, bound: str
+) -> None:
+    created = make_pod(cluster, bound, "runner-1")
+    wait_for(lambda: _active(cluster, bound, "runner-1"), what="the pod's lease")
+    issued = exchange(operator, pod_token(cluster, bound, created))
+    assert issued.status_code == 200, issued.text
+    credential = issued.json()["credential"]
+    wait_for(
+        lambda: _gateway_call(gateway, credential)["error_code"] is None,
+        what="the gateway to accept the credential",
+    )
+
+    done = plugin(cluster, "revoke", "pod/runner-1", "-n", bound, "-o", "json")
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(done.stdout)
+    assert (row["pod"], row["result"]) == ("runner-1", "revoked")
+    # The audit line: one JSON line on stderr, and never the credential.
+    audit = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert [a["event"] for a in audit] == ["lease_revoked"]
+    assert (audit[0]["pod"], audit[0]["reason"]) == ("runner-1", resources.REVOKED_BY_ADMIN)
+    assert credential not in done.stderr and credential not in done.stdout
+
+    (lease,) = _pod_leases(cluster, bound, "runner-1")
+    assert (lease["status"]["phase"], lease["status"]["reason"]) == (
+        "Revoked",
+        resources.REVOKED_BY_ADMIN,
+    )
+    refused = wait_for(
+        lambda: (a := _gateway_call(gateway, credential))["error_code"] is not None and a,
+        what="the gateway to refuse the credential",
+    )
+    assert refused["result"] is None
+    assert refused["error_info"] == "credential revoked: revoked by an administrator"
+    token = pod_token(cluster, bound, created)
+    wait_for(
+        lambda: (
+            (r := exchange(operator, token)).status_code == 403
+            and "administrator revoked" in r.text
+        ),
+        what="the credential endpoint to say why",
+    )
+    events = cluster.core.list_namespaced_event(
+        bound, field_selector="involvedObject.name=runner-1,reason=CredentialRevoked"
+    ).items
+    assert any("kubectl phabmesh revoke" in (e.message or "") for e in events)
+
+    # The pod still matches: a pod event makes the operator reconcile it, and it issues
+    # nothing, while a new pod of the same binding gets its lease.
+    cluster.core.patch_namespaced_pod("runner-1", bound, {"metadata": {"labels": {"poke": "1"}}})
+    make_pod(cluster, bound, "runner-2")
+    wait_for(lambda: _active(cluster, bound, "runner-2"), what="the new pod's lease")
+    assert [x["status"]["phase"] for x in _pod_leases(cluster, bound, "runner-1")] == ["Revoked"]
+    why = answer(cluster, "why", "runner-1", "-n", bound)
+    assert (why["credential"], why["reason"]) == (False, resources.REVOKED_BY_ADMIN)
+    # Nothing left to revoke.
+    twice = plugin(cluster, "revoke", "pod", "runner-1", "-n", bound)
+    assert twice.returncode == 1 and "no Active credential" in twice.stderr
+
+
+def test_revoke_a_binding(cluster: Cluster, bound: str) -> None:
+    for name in ("runner-1", "runner-2"):
+        make_pod(cluster, bound, name)
+    wait_for(lambda: len(active_leases(cluster, bound)) == 2, what="two leases")
+    done = plugin(cluster, "revoke", "binding/runners", "-n", bound)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].split() == [
+        "NAMESPACE",
+        "CREDENTIAL",
+        "POD",
+        "BINDING",
+        "BOT",
+        "RESULT",
+    ]
+    assert not active_leases(cluster, bound)
+    assert {x["status"]["reason"] for x in leases(cluster, bound)} == {resources.REVOKED_BY_ADMIN}
+    events = cluster.core.list_namespaced_event(
+        bound, field_selector="involvedObject.kind=PhabricatorBinding,reason=CredentialRevoked"
+    ).items
+    assert [e.involved_object.name for e in events] == ["runners"]
+    assert plugin(cluster, "revoke", "binding/nothing", "-n", bound).returncode == 1
+    assert plugin(cluster, "revoke", "runners", "-n", bound).returncode == 2
+
+
+def test_recheck_a_bot(cluster: Cluster, bound: str) -> None:
+    bot = f"bot-{bound}"
+    done = plugin(cluster, "recheck", bot)
+    assert done.returncode == 0, done.stderr
+    body = cluster.custom.get_cluster_custom_object(G, V, resources.BOT_PLURAL, bot)
+    stamp = body["metadata"]["annotations"][resources.RECHECK_ANNOTATION]
+    assert stamp in done.stdout
+    assert plugin(cluster, "recheck", "no-such-bot").returncode == 1
+
+
+# -- check ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def installed(cluster: Cluster, conduit: ConduitServer, operator: Threaded) -> Iterator[None]:
+    """What an install has beyond the session's operator: the webhook configuration (its
+    caBundle kept by the operator) and the ConfigMap naming Phabricator. Both put back as
+    they were afterwards."""
+    url = f"https://127.0.0.1:{operator.process.webhook_port}/inject"  # type: ignore[attr-defined]
+    config = admission.pointed_at(yaml.safe_load(WEBHOOK_YAML.read_text()), url)
+    cluster.kubectl(
+        "apply", "--server-side", "--force-conflicts", "-f", "-", input=json.dumps(config)
+    )
+    operator.call(operator.process.webhook_tls.refresh)  # type: ignore[attr-defined]
+    try:
+        previous = cluster.core.read_namespaced_config_map(CONFIGMAP, SYSTEM)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        previous = None
+    body = client.V1ConfigMap(
+        metadata=client.V1ObjectMeta(name=CONFIGMAP),
+        data={"PHABMESH_NAMESPACE": SYSTEM, "PHABMESH_PHABRICATOR_URL": conduit.url},
+    )
+    if previous is None:
+        cluster.core.create_namespaced_config_map(SYSTEM, body)
+    else:
+        cluster.core.patch_namespaced_config_map(CONFIGMAP, SYSTEM, {"data": body.data})
+    yield
+    if previous is None:
+        cluster.core.delete_namespaced_config_map(CONFIGMAP, SYSTEM)
+    else:
+        cluster.core.replace_namespaced_config_map(CONFIGMAP, SYSTEM, previous)
+    cluster.kubectl(
+        "delete", "mutatingwebhookconfiguration", Settings().webhook_configuration,
+        "--ignore-not-found",
+    )  # fmt: skip
+
+
+def _checks(done: subprocess.CompletedProcess[str]) -> dict[str, dict[str, str]]:
+    return {c["check"]: c for c in json.loads(done.stdout)["checks"]}
+
+
+def test_check_on_a_healthy_install(cluster: Cluster, gateway: Threaded, installed: None) -> None:
+    done = plugin(cluster, "check", "-o", "json")
+    checks = _checks(done)
+    for name in ("config", "crds", "webhook", "rbac", "signing-keys", "phabricator"):
+        assert checks[name]["status"] == "OK", checks[name]
+    assert "phabricatorbots v1alpha1" in checks["crds"]["message"]
+    # Linkerd is not installed here; if an earlier test left stand-ins of its CRDs, the
+    # policy objects are looked for.
+    assert checks["linkerd-policy"]["status"] in ("WARN", "FAIL")
+    failed = any(c["status"] == "FAIL" for c in checks.values())
+    assert done.returncode == (1 if failed else 0), done.stdout
+    table = plugin(cluster, "check")
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["CHECK", "STATUS", "MESSAGE"]
+    assert any(line.split()[:2] == ["signing-keys", "OK"] for line in lines)
+
+
+def test_check_fails_on_a_broken_install(
+    cluster: Cluster, operator: Threaded, installed: None, namespace: str
+) -> None:
+    name = Settings().webhook_configuration
+    stranger = base64.b64encode(certificates.issue(["elsewhere.example"]).ca_cert).decode()
+    cluster.kubectl(
+        "patch", "mutatingwebhookconfiguration", name, "--type=json", "-p",
+        json.dumps([{"op": "replace", "path": "/webhooks/0/clientConfig/caBundle",
+                     "value": stranger}]),
+    )  # fmt: skip
+    try:
+        done = plugin(cluster, "check", "-o", "json")
+        assert done.returncode == 1
+        webhook = _checks(done)["webhook"]
+        assert webhook["status"] == "FAIL" and "caBundle" in webhook["message"], webhook
+    finally:
+        operator.call(operator.process.webhook_tls.refresh)  # type: ignore[attr-defined]
+    assert _checks(plugin(cluster, "check", "-o", "json"))["webhook"]["status"] == "OK"
+
+    # phabmesh "installed" in a namespace that holds nothing of it: no keys, no grants.
+    elsewhere = plugin(cluster, "check", "--phabmesh-namespace", namespace, "-o", "json")
+    assert elsewhere.returncode == 1
+    checks = _checks(elsewhere)
+    assert checks["signing-keys"]["status"] == "FAIL"
+    assert checks["rbac"]["status"] == "FAIL"
+    assert "phabmesh-operator may not" in checks["rbac"]["message"]
+    assert checks["config"]["status"] == "WARN"

@@ -1,0 +1,401 @@
+"""kubectl phabmesh's pure parts: arguments, output formats, and each check's judgement."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from phabmesh import apicalls, credentials, identity, resources
+from phabmesh.admission import certificates
+from phabmesh.controller import decide
+from phabmesh.controller.world import BindingView, World
+from phabmesh.kubectl import checks, cluster, commands, main, output
+from phabmesh.leases import grants
+from phabmesh.leases.view import LeaseView
+
+REPO = Path(__file__).resolve().parents[2]
+NOW = datetime.datetime(2026, 6, 1, tzinfo=datetime.UTC)
+N = identity.DEFAULT_NAMING
+
+
+# -- arguments --------------------------------------------------------------------------------
+
+
+def test_kubectls_options_go_before_or_after_the_subcommand() -> None:
+    parser = main.build_parser()
+    after = parser.parse_args(["why", "runner-1", "-n", "ci", "-o", "json", "--context", "c"])
+    before = parser.parse_args(["-n", "ci", "--context", "c", "-o", "json", "why", "runner-1"])
+    for args in (after, before):
+        options = main.options_of(args)
+        assert (args.command, args.pod, args.output) == ("why", "runner-1", "json")
+        assert (options.namespace, options.context, options.system) == ("ci", "c", SYSTEM)
+    defaults = main.options_of(parser.parse_args(["check"]))
+    assert (defaults.namespace, defaults.kubeconfig, defaults.system) == (None, None, SYSTEM)
+    assert main.options_of(
+        parser.parse_args(["check", "--phabmesh-namespace", "elsewhere"])
+    ).system == ("elsewhere")
+
+
+SYSTEM = "phabmesh-system"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["why"],
+        ["who-can"],
+        ["explain", "x"],
+        ["check", "-o", "wide"],
+        ["revoke", "runner-1"],
+        ["revoke", "deployment/runner"],
+        ["revoke", "pod/"],
+        ["revoke", "pod", "a", "b"],
+    ],
+)
+def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main.main(argv)
+    assert raised.value.code == 2
+    assert "usage: kubectl phabmesh" in capsys.readouterr().err
+
+
+def test_revoke_targets() -> None:
+    assert commands.parse_target(["pod/runner-1"]) == ("pod", "runner-1")
+    assert commands.parse_target(["po", "runner-1"]) == ("pod", "runner-1")
+    assert commands.parse_target(["binding/runners"]) == ("binding", "runners")
+    assert commands.parse_target(["phabricatorbindings.phabmesh.io/r"]) == ("binding", "r")
+    with pytest.raises(ValueError, match="pod/NAME or binding/NAME"):
+        commands.parse_target(["bot/ci-bot"])
+
+
+def test_the_console_script_is_declared() -> None:
+    text = (REPO / "pyproject.toml").read_text()
+    assert 'kubectl-phabmesh = "phabmesh.kubectl.main:main"' in text
+
+
+# -- output -----------------------------------------------------------------------------------
+
+REPORT = output.Report(
+    (("namespace", "namespace"), ("pod", "pod"), ("credential", "held"), ("message", "msg")),
+    [
+        {"namespace": "ci", "pod": "runner-1", "held": True, "msg": "holds\nit"},
+        {"namespace": "build-long", "pod": "r", "held": False, "msg": None},
+    ],
+)
+
+
+def test_tables_are_kubectls() -> None:
+    out, err = output.render(REPORT, "table")
+    assert err == ""
+    assert out.splitlines() == [
+        "NAMESPACE    POD        CREDENTIAL   MESSAGE",
+        "ci           runner-1   yes          holds it",
+        "build-long   r          no           <none>",
+    ]
+
+
+def test_json_and_yaml_print_the_document() -> None:
+    rows, _ = output.render(REPORT, "json")
+    assert json.loads(rows) == [dict(r) for r in REPORT.rows]
+    doc = output.Report(REPORT.columns, REPORT.rows, document={"bot": "b", "holders": []})
+    assert json.loads(output.render(doc, "json")[0]) == {"bot": "b", "holders": []}
+    assert yaml.safe_load(output.render(doc, "yaml")[0]) == {"bot": "b", "holders": []}
+    with pytest.raises(ValueError, match="unknown output format"):
+        output.render(doc, "wide")
+
+
+def test_an_empty_table_says_so_on_stderr() -> None:
+    empty = output.Report(REPORT.columns, [], empty="No pod holds a credential for X.")
+    assert output.render(empty, "table") == ("", "No pod holds a credential for X.\n")
+    assert output.render(empty, "json")[0] == "[]\n"
+
+
+def test_why_report_shape() -> None:
+    pod = identity.PodFacts.from_pod(
+        {
+            "metadata": {"name": "runner-1", "namespace": "ci", "uid": "u1"},
+            "spec": {"serviceAccountName": "runner", "containers": [{"name": "linkerd-proxy"}]},
+            "status": {"phase": "Running"},
+        }
+    )
+    explained = decide.Explanation(decide.NO_BINDING, "no PhabricatorBinding in namespace ci")
+    report = commands.why_report(explained, pod, N)
+    (row,) = report.rows
+    assert row == report.document
+    assert (row["credential"], row["reason"], row["identity"]) == (
+        False,
+        "NoBinding",
+        "runner.ci.serviceaccount.identity.linkerd.cluster.local",
+    )
+    out, _ = output.render(report, "table")
+    assert out.splitlines()[1].split()[:4] == ["ci", "runner-1", "no", "NoBinding"]
+
+
+# -- verdicts and holders -----------------------------------------------------------------------
+
+
+def _binding_body(status: dict[str, Any] | None = None, generation: int = 2) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "runners", "namespace": "ci", "uid": "b", "generation": generation},
+        "spec": {
+            "botRef": {"name": "ci-bot"},
+            "identityRefs": [{"kind": "ServiceAccount", "name": "runner"}],
+            "allowedMethods": ["user.whoami"],
+        },
+        "status": status or {},
+    }
+
+
+def test_the_operators_verdict_is_read_from_the_binding_when_current() -> None:
+    status = {
+        "observedGeneration": 2,
+        "conditions": [
+            {"type": "Ready", "status": "True", "reason": "Ready", "message": "issued"},
+            {"type": "BotReady", "status": "True", "reason": "Ready", "message": "ok"},
+        ],
+    }
+    body = _binding_body(status)
+    verdict = commands.verdict_of(body, BindingView.from_body(body), World())
+    assert (verdict.ready, verdict.reason, verdict.bot_shown) == (True, "Ready", True)
+    # Stale (another generation) or absent: judged here as the operator judges, and with no
+    # bot known, the bot is not allowed.
+    for stale in (_binding_body({**status, "observedGeneration": 1}), _binding_body()):
+        judged = commands.verdict_of(stale, BindingView.from_body(stale), World())
+        assert (judged.ready, judged.reason) == (False, decide.BOT_NOT_ALLOWED)
+
+
+def _lease(name: str, **spec: str) -> LeaseView:
+    return LeaseView.from_body(
+        {
+            "metadata": {"name": name, "namespace": spec.pop("namespace", "ci"), "uid": name},
+            "spec": {
+                "podName": name,
+                "podUID": f"uid-{name}",
+                "binding": "runners",
+                "bot": "ci-bot",
+                "identity": "runner.ci.serviceaccount.identity.linkerd.cluster.local",
+                **spec,
+            },
+            "status": {
+                "phase": spec.get("phase", "Active"),
+                "expiresAt": spec.get("expires", "2026-06-01T00:10:00Z"),
+            },
+        }
+    )
+
+
+def test_holders_are_the_leases_the_gateway_honours() -> None:
+    body = _binding_body()
+    bindings = {("ci", "runners"): grants.binding_facts(body)}
+    spec = {"username": "ci-bot", "tokenSecretRef": {"name": "t"}, "namespaceSelector": {}}
+    bot = grants.bot_facts({"spec": spec})
+    leases = [
+        _lease("a"),
+        _lease("expired", expires="2026-05-31T23:59:00Z"),
+        _lease("revoked", phase="Revoked"),
+        _lease("other-bot", bot="other"),
+        _lease("stray", binding="gone"),
+        _lease("sa", identity="web.ci.serviceaccount.identity.linkerd.cluster.local"),
+    ]
+    rows = commands.holders("ci-bot", leases, bindings, bot, {"ci": {}}, N, NOW)
+    assert [r["pod"] for r in rows] == ["a"]
+    assert rows[0]["expiresAt"] == "2026-06-01T00:10:00Z"
+    # A bot whose namespaceSelector leaves the namespace out: nobody, whatever leases say.
+    picky = grants.bot_facts(
+        {
+            "spec": {
+                "username": "ci-bot",
+                "tokenSecretRef": {"name": "t"},
+                "namespaceSelector": {"matchLabels": {"team": "x"}},
+            }
+        }
+    )
+    assert commands.holders("ci-bot", leases, bindings, picky, {"ci": {}}, N, NOW) == []
+
+
+def test_a_revocation_touches_only_that_lease_while_active() -> None:
+    ops = commands.revocation_ops(_lease("a"), NOW, "revoked by admin")
+    assert ops[:2] == [
+        {"op": "test", "path": "/metadata/uid", "value": "a"},
+        {"op": "test", "path": "/status/phase", "value": "Active"},
+    ]
+    written = {op["path"]: op["value"] for op in ops[2:]}
+    assert written == {
+        "/status/phase": "Revoked",
+        "/status/reason": resources.REVOKED_BY_ADMIN,
+        "/status/revokedAt": "2026-06-01T00:00:00Z",
+        "/status/message": "revoked by admin",
+    }
+
+
+# -- checks -----------------------------------------------------------------------------------
+
+
+def _crd(versions: list[str], established: bool = True) -> dict[str, Any]:
+    return {
+        "spec": {"versions": [{"name": v, "served": True, "storage": True} for v in versions]},
+        "status": {
+            "conditions": [{"type": "Established", "status": "True" if established else "False"}]
+        },
+    }
+
+
+def test_judge_crds() -> None:
+    names = [f"{p}.phabmesh.io" for p in checks.PHABMESH_CRDS]
+    good = checks.judge_crds(dict.fromkeys(names, _crd(["v1alpha1"])))
+    assert good.status == "OK" and "phabricatorbots v1alpha1" in good.message
+    missing = checks.judge_crds({**dict.fromkeys(names, _crd(["v1alpha1"])), names[0]: None})
+    assert missing.status == "FAIL" and "not installed" in missing.message
+    assert checks.judge_crds({names[0]: _crd(["v1"])}).status == "FAIL"
+    assert checks.judge_crds({names[0]: _crd(["v1alpha1"], established=False)}).status == "FAIL"
+
+
+def test_judge_webhook() -> None:
+    material = certificates.issue(["phabmesh-webhook.phabmesh-system.svc"], now=NOW)
+    secret = {"data": material.to_secret_data()}
+    bundle = base64.b64encode(material.ca_cert).decode()
+
+    def config(ca: str | None) -> dict[str, Any]:
+        hook: dict[str, Any] = {"name": "inject.phabmesh.io", "clientConfig": {}}
+        if ca is not None:
+            hook["clientConfig"]["caBundle"] = ca
+        return {"webhooks": [hook, {"name": "someone.else.io", "clientConfig": {}}]}
+
+    def judge(cfg: Any, sec: Any, now: datetime.datetime = NOW) -> checks.Result:
+        return checks.judge_webhook(cfg, sec, "phabmesh", "phabmesh-webhook-tls", now)
+
+    assert judge(config(bundle), secret).status == "OK"
+    assert judge(None, secret).status == "FAIL"
+    assert judge({"webhooks": []}, secret).status == "FAIL"
+    assert judge(config(bundle), None).status == "FAIL"
+    stale = judge(config(None), secret)
+    assert stale.status == "FAIL" and "inject.phabmesh.io" in stale.message
+    other = certificates.issue(["x"], now=NOW)
+    assert judge(config(base64.b64encode(other.ca_cert).decode()), secret).status == "FAIL"
+    soon = material.not_after - datetime.timedelta(days=3)
+    assert judge(config(bundle), secret, soon).status == "WARN"
+    assert judge(config(bundle), secret, material.not_after).status == "FAIL"
+
+
+def test_judge_peering() -> None:
+    crd = _crd(["v1"])
+
+    def peer(seconds_ago: int, priority: int) -> dict[str, Any]:
+        seen = NOW - datetime.timedelta(seconds=seconds_ago)
+        return {"priority": priority, "lifetime": 60, "lastseen": seen.isoformat()}
+
+    live = {"status": {"a@host": peer(10, 5), "b@host": peer(20, 9), "c@host": peer(120, 99)}}
+    ok = checks.judge_peering(crd, live, NOW)
+    assert ok.status == "OK" and "2 live" in ok.message and "b@host" in ok.message
+    dead = checks.judge_peering(crd, {"status": {"c@host": peer(120, 1)}}, NOW)
+    assert dead.status == "FAIL" and "1 expired" in dead.message
+    assert checks.judge_peering(crd, {"status": {}}, NOW).status == "FAIL"
+    assert checks.judge_peering(crd, None, NOW).status == "WARN"
+    assert checks.judge_peering(None, None, NOW).status == "WARN"
+
+
+def test_judge_rbac() -> None:
+    assert checks.judge_rbac({}, 40).status == "OK"
+    denied = checks.judge_rbac(
+        {"gateway": [(None, "", "pods", "watch", None), ("ns", "", "secrets", "list", None)]}, 40
+    )
+    assert denied.status == "FAIL"
+    assert denied.message == (
+        "phabmesh-gateway may not watch pods cluster-wide; phabmesh-gateway may not list "
+        "secrets in ns"
+    )
+
+
+def test_the_rbac_check_asks_for_the_manifests_calls_in_the_installed_namespace() -> None:
+    calls = list(apicalls.each(apicalls.GATEWAY_CALLS, "elsewhere"))
+    assert ("elsewhere", "", "secrets", "watch", None) in calls
+    assert (None, "", "pods", "list", None) in calls
+    assert all(ns != apicalls.SYSTEM for ns, *_ in calls)
+    renamed = set(apicalls.each(apicalls.OPERATOR_CALLS, "x", {"phabmesh-signing-keys": "keys"}))
+    assert ("x", "", "secrets", "update", "keys") in renamed
+    assert ("x", "", "secrets", "update", "phabmesh-webhook-tls") in renamed
+
+
+def test_judge_linkerd() -> None:
+    plurals = {plural for _, plural, _ in checks.LINKERD_POLICY}
+    absent = checks.judge_linkerd(dict.fromkeys(plurals), {})
+    assert absent.status == "WARN" and "not installed" in absent.message
+    present = dict.fromkeys(plurals, _crd(["v1beta3"]))
+    names = [f"{kind}/{name}" for kind, _, name in checks.LINKERD_POLICY]
+    assert checks.judge_linkerd(present, dict.fromkeys(names, True)).status == "OK"
+    missing = checks.judge_linkerd(present, {**dict.fromkeys(names, True), names[0]: False})
+    assert missing.status == "FAIL" and names[0] in missing.message
+
+
+def test_the_linkerd_policy_check_looks_for_the_manifests_objects() -> None:
+    docs = yaml.safe_load_all((REPO / "manifests" / "linkerd-policy.yaml").read_text())
+    shipped = {(d["kind"], d["metadata"]["name"]) for d in docs if d}
+    assert shipped == {(kind, name) for kind, _, name in checks.LINKERD_POLICY}
+
+
+def test_judge_keys_never_shows_key_material() -> None:
+    ring = credentials.KeyRing.generate(NOW - datetime.timedelta(hours=5))
+    data = ring.to_secret_data()
+    ok = checks.judge_keys({"data": data}, "keys", NOW)
+    assert ok.status == "OK" and ring.current.kid in ok.message and "0d5h" in ok.message
+    assert data[credentials.keys.SECRET_KEY] not in ok.message
+    assert checks.judge_keys(None, "keys", NOW).status == "FAIL"
+    broken = checks.judge_keys({"data": {"keys.json": "bm90IGpzb24="}}, "keys", NOW)
+    assert broken.status == "FAIL" and "unreadable" in broken.message
+
+
+def test_judge_ready_and_report() -> None:
+    bots = [
+        {
+            "metadata": {"name": "a"},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+        },
+        {
+            "metadata": {"name": "b"},
+            "status": {"conditions": [{"type": "Ready", "status": "False", "reason": "Disabled"}]},
+        },
+    ]
+    warned = checks.judge_ready(resources.BOT_KIND, bots)
+    assert (warned.check, warned.status, warned.message) == (
+        "bots",
+        "WARN",
+        "1 of 2 not Ready: b (Disabled)",
+    )
+    results = [checks.Result("crds", "OK", "x"), warned]
+    assert checks.report(results).exit_code == 0
+    failed = checks.report([*results, checks.Result("phabricator", "FAIL", "down")])
+    assert failed.exit_code == 1 and failed.document["ok"] is False
+    assert checks.judge_phabricator("http://p", None, "refused").status == "FAIL"
+    assert checks.judge_config(None, "bad value", None).status == "FAIL"
+
+
+def test_the_namespace_defaults_to_the_contexts(tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
+                "users": [{"name": "u", "user": {}}],
+                "contexts": [
+                    {"name": "ci", "context": {"cluster": "c", "user": "u", "namespace": "ci"}},
+                    {"name": "bare", "context": {"cluster": "c", "user": "u"}},
+                ],
+                "current-context": "ci",
+            }
+        )
+    )
+    path = str(kubeconfig)
+    assert cluster.default_namespace(cluster.Options(kubeconfig=path)) == "ci"
+    assert cluster.default_namespace(cluster.Options(kubeconfig=path, context="bare")) == "default"
+    assert cluster.default_namespace(cluster.Options(kubeconfig=path, namespace="x")) == "x"
+    missing = cluster.Options(kubeconfig=str(tmp_path / "none"))
+    assert cluster.default_namespace(missing) == "default"
