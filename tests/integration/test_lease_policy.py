@@ -200,11 +200,11 @@ def test_a_tenant_with_every_right_in_its_namespace_cannot_write_leases(
     )
     status = {"status": {"phase": "Active", "expiresAt": "2099-01-01T00:00:00Z"}}
     patch = ("patch", "phabricatorcredential", "real", "-n", tenant, "--type=merge")
-    refused = _as(cluster, TENANT, *patch, "--subresource=status", "-p", json.dumps(status))
+    refused = _as(cluster, TENANT, *patch, "-p", json.dumps(status))
     assert REFUSAL in refused, refused
     assert REFUSAL in _as(cluster, TENANT, *patch, "-p", '{"metadata":{"labels":{"x":"y"}}}')
     assert REFUSAL in _as(cluster, TENANT, "delete", "phabricatorcredential", "real", "-n", tenant)
-    operator.patch_namespaced_custom_object_status(
+    operator.patch_namespaced_custom_object(
         G, V, tenant, resources.CREDENTIAL_PLURAL, "real", status
     )
     operator.delete_namespaced_custom_object(G, V, tenant, resources.CREDENTIAL_PLURAL, "real")
