@@ -18,8 +18,7 @@ Calls = list[Call]
 OPERATOR_CALLS: Calls = [
     (ALL, "", "pods", "get list watch", None),
     (ALL, "", "namespaces", "list watch", None),
-    (ALL, "phabmesh.io", "phabricatorcredentials", "list watch create delete", None),
-    (ALL, "phabmesh.io", "phabricatorcredentials/status", "patch", None),
+    (ALL, "phabmesh.io", "phabricatorcredentials", "list watch create patch delete", None),
     (ALL, "phabmesh.io", "phabricatorbots", "list watch patch", None),
     (ALL, "phabmesh.io", "phabricatorbindings", "list watch patch", None),
     (ALL, "phabmesh.io", "phabricatorbots/status", "patch", None),

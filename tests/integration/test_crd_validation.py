@@ -306,7 +306,7 @@ def test_invalid_credential_status_is_refused(
     *fine, bad = patches
 
     def patch(status: dict[str, Any]) -> None:
-        api.patch_namespaced_custom_object_status(
+        api.patch_namespaced_custom_object(
             G, V, ns, resources.CREDENTIAL_PLURAL, credential, {"status": status}
         )
 
@@ -394,7 +394,7 @@ def test_valid_manifests_are_accepted_with_defaults(
         cred = _create(api, copy.deepcopy(CREDENTIAL), ns)
         resources.CredentialSpec.model_validate(cred["spec"])
         for status in (ACTIVE, REVOKED):
-            updated = api.patch_namespaced_custom_object_status(
+            updated = api.patch_namespaced_custom_object(
                 G, V, ns, resources.CREDENTIAL_PLURAL, "valid-credential", {"status": status}
             )
         assert resources.CredentialStatus.model_validate(updated["status"]).phase == "Revoked"

@@ -200,11 +200,11 @@ def test_a_tenant_with_every_right_in_its_namespace_cannot_write_leases(
     )
     status = {"status": {"phase": "Active", "expiresAt": "2099-01-01T00:00:00Z"}}
     patch = ("patch", "phabricatorcredential", "real", "-n", tenant, "--type=merge")
-    refused = _as(cluster, TENANT, *patch, "--subresource=status", "-p", json.dumps(status))
+    refused = _as(cluster, TENANT, *patch, "-p", json.dumps(status))
     assert REFUSAL in refused, refused
     assert REFUSAL in _as(cluster, TENANT, *patch, "-p", '{"metadata":{"labels":{"x":"y"}}}')
     assert REFUSAL in _as(cluster, TENANT, "delete", "phabricatorcredential", "real", "-n", tenant)
-    operator.patch_namespaced_custom_object_status(
+    operator.patch_namespaced_custom_object(
         G, V, tenant, resources.CREDENTIAL_PLURAL, "real", status
     )
     operator.delete_namespaced_custom_object(G, V, tenant, resources.CREDENTIAL_PLURAL, "real")
@@ -264,7 +264,7 @@ def test_anyone_allowed_by_rbac_may_revoke_an_active_lease_and_nothing_else(
         G, V, tenant, resources.CREDENTIAL_PLURAL, _lease(tenant, "held")
     )
     active = {"status": {"phase": "Active", "expiresAt": "2099-01-01T00:00:00Z"}}
-    operator.patch_namespaced_custom_object_status(
+    operator.patch_namespaced_custom_object(
         G, V, tenant, resources.CREDENTIAL_PLURAL, "held", active
     )
     patch = ("patch", "phabricatorcredential", "held", "-n", tenant, "--type=merge")
@@ -283,16 +283,23 @@ def test_anyone_allowed_by_rbac_may_revoke_an_active_lease_and_nothing_else(
         cluster,
         TENANT,
         *patch,
-        "--subresource=status",
         "-p",
         json.dumps(revoked(resources.NO_LONGER_MATCHED)),
     )
     assert REFUSAL in refused, refused
+    # Nor with anything else changed on the way (leases have no status subresource): labels,
+    # owners, finalizers stay as phabmesh wrote them.
+    for extra in (
+        {"labels": {"x": "y"}},
+        {"finalizers": ["example.com/keep"]},
+        {"ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": "p", "uid": "u"}]},
+    ):
+        both = {**revoked(resources.REVOKED_BY_ADMIN), "metadata": extra}
+        assert REFUSAL in _as(cluster, TENANT, *patch, "-p", json.dumps(both)), extra
     assert not _as(
         cluster,
         TENANT,
         *patch,
-        "--subresource=status",
         "-p",
         json.dumps(revoked(resources.REVOKED_BY_ADMIN)),
     )
@@ -309,7 +316,6 @@ def test_anyone_allowed_by_rbac_may_revoke_an_active_lease_and_nothing_else(
         cluster,
         TENANT,
         *patch,
-        "--subresource=status",
         "-p",
         json.dumps(revoked(resources.REVOKED_BY_ADMIN)),
     )

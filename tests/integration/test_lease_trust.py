@@ -151,7 +151,7 @@ def _forge(
         "renewedAt": now().strftime(stamp),
         "expiresAt": (now() + lasting).strftime(stamp),
     }
-    forged: dict[str, Any] = cluster.custom.patch_namespaced_custom_object_status(
+    forged: dict[str, Any] = cluster.custom.patch_namespaced_custom_object(
         G, V, namespace, resources.CREDENTIAL_PLURAL, body["metadata"]["name"], {"status": status}
     )
     return forged

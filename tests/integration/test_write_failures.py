@@ -126,12 +126,10 @@ def lease_path(namespace: str) -> str:
     [
         ("POST", "", server_error(), False, 3),  # the create, refused
         ("POST", "", too_many(), False, 3),
-        # The create landed, its answer did not: the next create finds it, Pending.
+        # The create landed, its answer did not: the next create finds it, Active.
         ("POST", "", lost(), True, 1),
-        ("PATCH", "/status", server_error(), False, 3),  # the status write after the create
-        ("PATCH", "/status", too_many(), False, 3),
     ],
-    ids=["create-500", "create-429", "create-lost", "status-500", "status-429"],
+    ids=["create-500", "create-429", "create-lost"],
 )
 def test_issue_is_retried_until_the_pod_holds_its_lease(
     cluster: Cluster,
@@ -167,7 +165,7 @@ def test_renewal_is_retried_until_it_lands(cluster: Cluster, faults: Faults, bou
     make_pod(cluster, bound, "runner-0")
     (lease,) = wait_for(lambda: active_leases(cluster, bound), timeout=60)
     name = lease["metadata"]["name"]
-    rule = faults.add(Rule("PATCH", f"{lease_path(bound)}/{name}/status", 3, server_error()))
+    rule = faults.add(Rule("PATCH", f"{lease_path(bound)}/{name}", 3, server_error(), ends=name))
     # A shorter TTL renews live leases at once (down to now + TTL).
     cluster.custom.patch_namespaced_custom_object(
         G, V, bound, "phabricatorbindings", "runners", {"spec": {"credentialTTL": "10m"}}
@@ -186,21 +184,21 @@ def test_renewal_is_retried_until_it_lands(cluster: Cluster, faults: Faults, bou
 
 
 @pytest.mark.parametrize(
-    ("method", "part", "error"),
+    ("method", "error"),
     [
-        ("PATCH", "/status", server_error()),  # marking it Revoked
-        ("PATCH", "/status", too_many()),
-        ("DELETE", "", server_error()),  # deleting it once Revoked
+        ("PATCH", server_error()),  # marking it Revoked
+        ("PATCH", too_many()),
+        ("DELETE", server_error()),  # deleting it once Revoked
     ],
     ids=["status-500", "status-429", "delete-500"],
 )
 def test_revocation_is_retried_until_the_lease_is_gone(
-    cluster: Cluster, faults: Faults, bound: str, method: str, part: str, error: Exception
+    cluster: Cluster, faults: Faults, bound: str, method: str, error: Exception
 ) -> None:
     make_pod(cluster, bound, "runner-0")
     (lease,) = wait_for(lambda: active_leases(cluster, bound), timeout=60)
     name = lease["metadata"]["name"]
-    rule = faults.add(Rule(method, f"{lease_path(bound)}/{name}", 3, error, ends=part or name))
+    rule = faults.add(Rule(method, f"{lease_path(bound)}/{name}", 3, error, ends=name))
     # The pod stays (no garbage collector to help): the binding no longer selects it.
     cluster.custom.patch_namespaced_custom_object(
         G,

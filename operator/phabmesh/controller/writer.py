@@ -89,10 +89,22 @@ class Writer:
         ttl: datetime.timedelta,
         bot_phid: str | None,
     ) -> LeaseView | None:
-        """Create an Active lease owned by ``pod``; None when it already exists."""
+        """Create an Active lease owned by ``pod``, in one write; None when it already exists.
+
+        Leases have no status subresource (only phabmesh writes them, spec and status alike:
+        manifests/lease-policy.yaml), so the lease is created with its status, Active.
+        """
         now = self.clock()
         name = lease_name(pod.name, binding.name, pod.uid)
         assert binding.bot is not None
+        status: JSON = {
+            "phase": "Active",
+            "issuedAt": format_time(now),
+            "renewedAt": format_time(now),
+            "expiresAt": format_time(now + ttl),
+        }
+        if bot_phid:
+            status["botPHID"] = bot_phid
         body: JSON = {
             "apiVersion": f"{resources.GROUP}/{resources.VERSION}",
             "kind": resources.CREDENTIAL_KIND,
@@ -122,32 +134,26 @@ class Writer:
                 "binding": binding.name,
                 "bot": binding.bot,
             },
+            "status": status,
         }
         try:
-            created = await self.client.create(lease_path(pod.namespace), body)
+            updated = await self.client.create(lease_path(pod.namespace), body)
         except Conflict:
-            # Already there: another pass created it, or an earlier create of this one
-            # landed and its status write did not. Finish it only if this process has seen
-            # it and it is this pod's, still Pending; an Active one is fine as it is.
+            # Already there: another pass created it (or an earlier create of this one
+            # landed and its answer did not), or a lease without status from a version
+            # that wrote it in two steps. Finish only this pod's, if this process has seen
+            # it and it is still Pending; an Active one is fine as it is.
             existing = self.world.leases.get((pod.namespace, name))
             if existing is not None and existing.active:
                 return None
             if existing is None or existing.pod_uid != pod.uid or existing.phase != "Pending":
                 raise LeaseBusy(pod.namespace, name) from None
-            created = {"metadata": {"uid": existing.uid}}
-        status: JSON = {
-            "phase": "Active",
-            "issuedAt": format_time(now),
-            "renewedAt": format_time(now),
-            "expiresAt": format_time(now + ttl),
-        }
-        if bot_phid:
-            status["botPHID"] = bot_phid
-        # Only the lease just created (or found Pending), not one deleted and made again
-        # under its name meanwhile: the first operation tests the UID.
-        ops = [{"op": "test", "path": "/metadata/uid", "value": created["metadata"]["uid"]}]
-        ops += [{"op": "add", "path": "/status", "value": status}]
-        updated = await self.client.json_patch(lease_path(pod.namespace, name, "status"), ops)
+            # Only that lease, not one deleted and made again under its name meanwhile.
+            ops: list[JSON] = [
+                {"op": "test", "path": "/metadata/uid", "value": existing.uid},
+                {"op": "add", "path": "/status", "value": status},
+            ]
+            updated = await self.client.json_patch(lease_path(pod.namespace, name), ops)
         lease = LeaseView.from_body(updated)
         self.world.put_lease(lease)
         metrics.current().lease_issued()
@@ -175,7 +181,7 @@ class Writer:
         status = {"renewedAt": format_time(now), "expiresAt": format_time(now + ttl)}
         try:
             updated = await self.client.merge_patch(
-                lease_path(lease.namespace, lease.name, "status"), {"status": status}
+                lease_path(lease.namespace, lease.name), {"status": status}
             )
         except NotFound:
             self.world.drop_lease(lease.key)
@@ -198,16 +204,15 @@ class Writer:
             if lease.uid and lease.phase != "Pending":
                 # Only this lease, not another one issued since under the same name (a
                 # lease re-issued for another bot takes the name): a JSON patch whose
-                # first operation tests the UID (the status subresource ignores a UID in
-                # a merge patch), and a delete with a UID precondition.
+                # first operation tests the UID, and a delete with a UID precondition.
                 ops = [{"op": "test", "path": "/metadata/uid", "value": lease.uid}]
                 ops += [
                     {"op": "add", "path": f"/status/{k}", "value": v} for k, v in revoked.items()
                 ]
-                updated = await self.client.json_patch(path + "/status", ops)
+                updated = await self.client.json_patch(path, ops)
                 options["preconditions"] = {"uid": lease.uid}
             else:
-                updated = await self.client.merge_patch(path + "/status", {"status": revoked})
+                updated = await self.client.merge_patch(path, {"status": revoked})
             # Kept, Revoked, until the watch's DELETED event: a late event from its Active
             # past is older than this and cannot bring it back.
             self.world.put_lease(LeaseView.from_body(updated))

@@ -218,9 +218,9 @@ REVOKED_EVENT = "CredentialRevoked"
 
 
 def revocation_ops(lease: LeaseView, now: datetime.datetime, message: str) -> list[JSON]:
-    """The JSON patch of the lease's status: only this lease (its UID), only while Active, to
-    Revoked with reason RevokedByAdmin: the one write manifests/lease-policy.yaml lets an
-    administrator make."""
+    """The JSON patch of the lease (its status; leases have no status subresource): only this
+    lease (its UID), only while Active, to Revoked with reason RevokedByAdmin: the one write
+    manifests/lease-policy.yaml lets an administrator make."""
     revoked = {
         "phase": resources.REVOKED,
         "reason": resources.REVOKED_BY_ADMIN,
@@ -294,7 +294,7 @@ async def revoke(
     for lease in sorted(leases, key=lambda x: x.name):
         try:
             await session.client.json_patch(
-                cluster.lease_path(lease.namespace, lease.name, "status"),
+                cluster.lease_path(lease.namespace, lease.name),
                 revocation_ops(lease, now, message),
             )
             result = "revoked"
