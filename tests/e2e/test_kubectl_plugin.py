@@ -331,6 +331,7 @@ def installed(cluster: Cluster, conduit: ConduitServer, operator: Threaded) -> I
     if previous is None:
         cluster.core.delete_namespaced_config_map(CONFIGMAP, SYSTEM)
     else:
+        previous.metadata.resource_version = None  # it was patched meanwhile: put it back whole
         cluster.core.replace_namespaced_config_map(CONFIGMAP, SYSTEM, previous)
     cluster.kubectl(
         "delete", "mutatingwebhookconfiguration", Settings().webhook_configuration,

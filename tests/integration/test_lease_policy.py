@@ -87,8 +87,10 @@ def _refused_create(cluster: Cluster, who: str, body: dict[str, Any]) -> str | N
     while the policy is not in force yet."""
     error = _as(cluster, who, "create", "-f", "-", body=body)
     if not error:
+        # Gone again, as the operator (the policy may have come into force since the create,
+        # and refuse anyone else the delete).
         meta = body["metadata"]
-        cluster.custom.delete_namespaced_custom_object(
+        _operator(cluster).delete_namespaced_custom_object(
             G, V, meta["namespace"], resources.CREDENTIAL_PLURAL, meta["name"]
         )
     return error if REFUSAL in error else None
