@@ -28,16 +28,12 @@ from collections.abc import Iterable, Mapping
 
 from phabmesh import identity, resources
 
-# Decision reasons, CamelCase; each says why a binding does or does not give a pod a lease.
-MATCHED = "Matched"  # selected, Running, not terminating and meshed: the pod holds a lease
+# Selection reasons, CamelCase: whether a binding picks a pod, and if not, why. Whether a
+# picked pod may hold a lease (its phase, its proxy) is phabmesh.leases.decide's question.
+MATCHED = "Matched"  # the binding's namespace, subjects and selector pick the pod
 OTHER_NAMESPACE = "OtherNamespace"  # the pod lives outside the binding's namespace
 IDENTITY_NOT_LISTED = "IdentityNotListed"  # neither identities nor identityRefs name the pod
 SELECTOR_MISMATCH = "SelectorMismatch"  # subjects name the pod, podSelector does not select it
-TERMINATING = "Terminating"  # the pod has a deletionTimestamp
-POD_NOT_RUNNING = "PodNotRunning"  # the pod's phase is not Running (Pending, Succeeded, ...)
-NOT_MESHED = "NotMeshed"  # the pod has no Linkerd proxy (see PodFacts.mesh_reason)
-
-RUNNING = "Running"
 
 # Conduit method names as Phorge spells them: lower case, dot-separated words.
 _METHOD = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
@@ -46,7 +42,7 @@ _METHOD_GLOB = re.compile(r"^[a-z0-9_.*?\[\]!-]+$")
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Decision:
-    """Whether a binding picks (or leases to) a pod, and the reason constant why."""
+    """Whether a binding picks a pod, and the reason constant why."""
 
     matched: bool
     reason: str
@@ -62,9 +58,6 @@ _DECISIONS = {
         OTHER_NAMESPACE,
         IDENTITY_NOT_LISTED,
         SELECTOR_MISMATCH,
-        TERMINATING,
-        POD_NOT_RUNNING,
-        NOT_MESHED,
     )
 }
 
@@ -135,39 +128,6 @@ def select(
     if not selector_matches(spec.pod_selector, pod.labels):
         return _DECISIONS[SELECTOR_MISMATCH]
     return _DECISIONS[MATCHED]
-
-
-def decide(
-    spec: resources.BindingSpec,
-    binding_namespace: str,
-    pod: identity.PodFacts,
-    naming: identity.Naming = identity.DEFAULT_NAMING,
-) -> Decision:
-    """Should this binding give this pod a lease? Selection first, then the pod's state.
-
-    ``matched`` is true only with reason ``Matched``: the binding picks the pod and
-    the pod is Running, not terminating and meshed.
-    """
-    selected = select(spec, binding_namespace, pod, naming)
-    if not selected.matched:
-        return selected
-    if pod.terminating:
-        return _DECISIONS[TERMINATING]
-    if pod.phase != RUNNING:
-        return _DECISIONS[POD_NOT_RUNNING]
-    if not pod.meshed:
-        return _DECISIONS[NOT_MESHED]
-    return selected
-
-
-def should_hold_lease(
-    spec: resources.BindingSpec,
-    binding_namespace: str,
-    pod: identity.PodFacts,
-    naming: identity.Naming = identity.DEFAULT_NAMING,
-) -> bool:
-    """Running, not terminating, meshed, and picked by the binding."""
-    return decide(spec, binding_namespace, pod, naming).matched
 
 
 def matches(

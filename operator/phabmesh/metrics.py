@@ -46,7 +46,7 @@ BOT_REASONS = frozenset(
         "InvalidSpec",
     }
 )
-# PhabricatorBinding Ready reasons (phabmesh.controller.decide).
+# PhabricatorBinding Ready reasons (phabmesh.leases.decide).
 BINDING_REASONS = frozenset(
     {"Ready", "InvalidSpec", "InvalidSubjects", "BotNotReady", "BotNotAllowed"}
 )

@@ -13,11 +13,11 @@ import pytest
 import requests
 
 from phabmesh import credentials, resources
-from phabmesh.controller.world import World
 from phabmesh.controller.writer import Writer
 from phabmesh.dev.conduit import ConduitServer
 from phabmesh.kube import KubeClient, KubeError, load_connection
 from phabmesh.leases.view import LeaseView
+from phabmesh.leases.world import World
 from tests.kube import Cluster, wait_for
 from tests.phab import (
     G,

@@ -7,7 +7,7 @@ from typing import Any
 
 from phabmesh import resources
 from phabmesh.controller import handlers
-from phabmesh.controller.world import BotView, World
+from phabmesh.leases.world import BotView, World
 
 
 class _Bots:

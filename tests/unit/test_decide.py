@@ -6,9 +6,9 @@ import dataclasses
 import datetime
 
 from phabmesh import identity
-from phabmesh.controller import decide
-from phabmesh.controller.world import BindingView, BotView, World
+from phabmesh.leases import decide
 from phabmesh.leases.view import LeaseView
+from phabmesh.leases.world import BindingView, BotView, World
 
 N = identity.DEFAULT_NAMING
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)

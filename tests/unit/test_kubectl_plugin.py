@@ -13,11 +13,10 @@ import yaml
 
 from phabmesh import apicalls, credentials, identity, resources
 from phabmesh.admission import certificates
-from phabmesh.controller import decide
-from phabmesh.controller.world import BindingView, World
 from phabmesh.kubectl import checks, cluster, commands, main, output
-from phabmesh.leases import grants
+from phabmesh.leases import decide, grants
 from phabmesh.leases.view import LeaseView
+from phabmesh.leases.world import BindingView, World
 
 REPO = Path(__file__).resolve().parents[2]
 NOW = datetime.datetime(2026, 6, 1, tzinfo=datetime.UTC)
@@ -162,12 +161,12 @@ def test_the_operators_verdict_is_read_from_the_binding_when_current() -> None:
         ],
     }
     body = _binding_body(status)
-    verdict = commands.verdict_of(body, BindingView.from_body(body), World())
+    verdict = decide.shown_verdict(body, BindingView.from_body(body), World())
     assert (verdict.ready, verdict.reason, verdict.bot_shown) == (True, "Ready", True)
     # Stale (another generation) or absent: judged here as the operator judges, and with no
     # bot known, the bot is not allowed.
     for stale in (_binding_body({**status, "observedGeneration": 1}), _binding_body()):
-        judged = commands.verdict_of(stale, BindingView.from_body(stale), World())
+        judged = decide.shown_verdict(stale, BindingView.from_body(stale), World())
         assert (judged.ready, judged.reason) == (False, decide.BOT_NOT_ALLOWED)
 
 

@@ -124,11 +124,9 @@ def test_a_custom_control_plane_and_trust_domain() -> None:
             {"identities": ["*"], "podSelector": {"matchLabels": {"app": "x"}}},
             matching.SELECTOR_MISMATCH,
         ),
-        (pod(terminating=True), {"identities": ["*"]}, matching.TERMINATING),
-        (pod(phase="Pending"), {"identities": ["*"]}, matching.POD_NOT_RUNNING),
-        (pod(phase="Succeeded"), {"identities": ["*"]}, matching.POD_NOT_RUNNING),
-        (pod(meshed=False), {"identities": ["*"]}, matching.NOT_MESHED),
-        # Selection is reported before the pod's state.
+        # Selection only: the pod's state is phabmesh.leases.decide's (test_decide.py).
+        (pod(terminating=True), {"identities": ["*"]}, matching.MATCHED),
+        (pod(phase="Pending", meshed=False), {"identities": ["*"]}, matching.MATCHED),
         (
             pod(sa="cd", meshed=False),
             {"identities": [f"ci.build.{SUFFIX}"]},
@@ -136,24 +134,19 @@ def test_a_custom_control_plane_and_trust_domain() -> None:
         ),
     ],
 )
-def test_decisions_say_why(
+def test_selections_say_why(
     the_pod: identity.PodFacts, subjects: dict[str, object], reason: str
 ) -> None:
-    decision = matching.decide(spec(**subjects), "build", the_pod, N)
-    assert decision.reason == reason
-    assert decision.matched is (reason == matching.MATCHED)
-    assert bool(decision) is decision.matched
-    assert matching.should_hold_lease(spec(**subjects), "build", the_pod, N) is decision.matched
     selected = matching.select(spec(**subjects), "build", the_pod, N)
-    assert selected.matched is (
-        reason
-        not in (matching.OTHER_NAMESPACE, matching.IDENTITY_NOT_LISTED, matching.SELECTOR_MISMATCH)
-    )
+    assert selected.reason == reason
+    assert selected.matched is (reason == matching.MATCHED)
+    assert bool(selected) is selected.matched
+    assert matching.matches(spec(**subjects), "build", the_pod, N) is selected.matched
 
 
-def test_decisions_are_shared_values() -> None:
-    a = matching.decide(spec(identities=["*"]), "build", pod(), N)
-    b = matching.decide(spec(identities=["*"]), "build", pod(), N)
+def test_selections_are_shared_values() -> None:
+    a = matching.select(spec(identities=["*"]), "build", pod(), N)
+    b = matching.select(spec(identities=["*"]), "build", pod(), N)
     assert a is b
     assert a == matching.Decision(True, matching.MATCHED)
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from phabmesh import resources
-from phabmesh.controller import decide
+from phabmesh.leases import decide
 
 CRDS = Path(__file__).resolve().parents[2] / "crds"
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-from phabmesh.controller import decide, retry
-from phabmesh.controller.world import World
+from phabmesh.controller import retry
 from phabmesh.identity import Naming
+from phabmesh.leases import decide
 from phabmesh.leases.view import LeaseView
+from phabmesh.leases.world import World
 from tests.unit.test_decide import binding, bot, lease, pod
 
 

@@ -7,8 +7,8 @@ import asyncio
 import copy
 from typing import Any
 
-from phabmesh.controller import decide
 from phabmesh.controller.state import Memo
+from phabmesh.leases import decide
 from phabmesh.leases.view import LeaseView
 from phabmesh.settings import Settings
 from tests.unit.test_decide import binding, bot, lease, pod

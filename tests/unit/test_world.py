@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from phabmesh.controller.world import World
 from phabmesh.leases.view import LeaseView
+from phabmesh.leases.world import World
 
 
 def _lease(version: str, phase: str) -> LeaseView:

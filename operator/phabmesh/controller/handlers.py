@@ -1,5 +1,5 @@
 """kopf handlers: the controller's top layer. Watch events feed the World; decisions
-come from :mod:`phabmesh.controller.decide`; writes go through the Writer.
+come from :mod:`phabmesh.leases.decide`; writes go through the Writer.
 
 Only ``on.event`` handlers, index functions (that store nothing in kopf: see
 :func:`pod_seen`) and timers on bots are used, so kopf needs no diff-base copies of
@@ -16,10 +16,10 @@ import kopf
 import structlog
 
 from phabmesh import admission, identity, metrics, resources
-from phabmesh.controller import decide
 from phabmesh.controller.state import Memo
-from phabmesh.controller.world import BindingView, BotView, Key
+from phabmesh.leases import decide
 from phabmesh.leases.view import LeaseView
+from phabmesh.leases.world import BindingView, BotView, Key
 
 log = structlog.get_logger(__name__)
 registry = kopf.OperatorRegistry()

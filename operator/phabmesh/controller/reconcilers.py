@@ -8,7 +8,7 @@
   leases whose pods went while it was away.
 
 Each gathers from the World (kept by watch events), decides with a pure policy
-(:mod:`phabmesh.controller.bots`, :mod:`phabmesh.controller.decide`), and writes (through
+(:mod:`phabmesh.controller.bots`, :mod:`phabmesh.leases.decide`), and writes (through
 the :class:`~phabmesh.controller.writer.Writer`) only what changed against the object as
 the cluster last showed it. The shared parts (settings, World, clients, writer) are the
 :class:`~phabmesh.controller.state.Memo`'s.
@@ -26,11 +26,11 @@ import structlog
 
 from phabmesh import identity, logs, metrics, resources
 from phabmesh.controller import bots as botcheck
-from phabmesh.controller import decide
 from phabmesh.controller.retry import Retries
-from phabmesh.controller.world import BindingView, BotView, Key, World, conditions_of
 from phabmesh.kube.client import JSON, resource_path
+from phabmesh.leases import decide
 from phabmesh.leases.view import LeaseView, format_time
+from phabmesh.leases.world import BindingView, BotView, Key, World, conditions_of
 
 if TYPE_CHECKING:
     from phabmesh import conduit

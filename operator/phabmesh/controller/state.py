@@ -14,11 +14,11 @@ import structlog
 
 from phabmesh import conduit, identity
 from phabmesh.controller import reconcilers
-from phabmesh.controller.world import World
 from phabmesh.controller.writer import Clock, Writer, utcnow
 from phabmesh.kube import KubeClient, load_connection
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.kube.informer import Informer
+from phabmesh.leases.world import World
 from phabmesh.settings import Settings
 
 log = structlog.get_logger(__name__)

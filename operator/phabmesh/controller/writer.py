@@ -13,10 +13,10 @@ from typing import Any
 import structlog
 
 from phabmesh import identity, logs, metrics, resources
-from phabmesh.controller.world import BindingView, World
 from phabmesh.kube import Conflict, KubeClient, NotFound
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.leases.view import LeaseView, format_time
+from phabmesh.leases.world import BindingView, World
 
 log = structlog.get_logger(__name__)
 

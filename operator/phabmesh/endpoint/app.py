@@ -36,7 +36,6 @@ from phabmesh import (
     credentials,
     identity,
     logs,
-    matching,
     metrics,
     ratelimit,
     resources,
@@ -44,6 +43,7 @@ from phabmesh import (
 from phabmesh.credentials.keystore import KeyStore
 from phabmesh.kube import KubeClient, KubeError, NotFound
 from phabmesh.kube.client import resource_path
+from phabmesh.leases import decide
 from phabmesh.leases.grants import BindingFacts, Grants, credential_end
 from phabmesh.leases.index import LeaseIndex
 from phabmesh.leases.view import LeaseView, format_time
@@ -526,27 +526,10 @@ class Issuer:
             headers={"Cache-Control": "no-store"},
         )
 
-    def _pod_problem(self, facts: identity.PodFacts) -> str | None:
-        """Why a live pod of this incarnation gets no credential whatever binds it."""
-        if facts.phase != "Running":
-            return f"the pod is {facts.phase}, not Running"
-        if facts.mesh_reason == identity.OTHER_CONTROL_PLANE:
-            return (
-                "the pod is meshed by another Linkerd control plane: only pods of the "
-                f'control plane in namespace "{self.naming.control_plane_namespace}" get '
-                "credentials"
-            )
-        if facts.mesh_reason == identity.OTHER_TRUST_DOMAIN:
-            return (
-                "the pod's proxy belongs to another trust domain: only pods of trust domain "
-                f'"{self.naming.trust_domain}" get credentials'
-            )
-        if not facts.meshed:
-            return "the pod is not meshed (no linkerd-proxy): only meshed pods get credentials"
-        return None
-
     async def _why_no_lease(self, who: Reviewed, wanted: str | None) -> str:
-        """A reason the caller can act on (error path only: may call the API server)."""
+        """The one reason the caller holds no credential, from the decision the operator
+        makes (:func:`phabmesh.leases.decide.explain_from_objects`) over the pod and its
+        namespace's bindings as the API server shows them now (error path only)."""
         try:
             pod = await self.client.get(
                 resource_path("", "v1", "pods", who.namespace, who.pod_name)
@@ -556,11 +539,8 @@ class Issuer:
         except KubeError:
             return "no active credential lease for this pod"
         facts = identity.PodFacts.from_pod(pod, self.naming)
-        if facts.uid != who.pod_uid or facts.terminating:
-            return "the pod is terminating: its credential was revoked"
-        problem = self._pod_problem(facts)
-        if problem:
-            return problem
+        if facts.uid != who.pod_uid:
+            return "the pod no longer exists (another pod has its name now)"
         try:
             listing = await self.client.get(
                 resource_path(
@@ -569,45 +549,21 @@ class Issuer:
             )
         except KubeError:
             return "no active credential lease for this pod"
-        pod_identity = identity.linkerd_identity(
-            facts.service_account, facts.namespace, self.naming
+        bindings = [
+            body
+            for body in listing.get("items") or []
+            if not wanted or (body.get("metadata") or {}).get("name") == wanted
+        ]
+        explanation = decide.explain_from_objects(
+            facts,
+            bindings,
+            self.naming,
+            namespace_labels=self.grants.namespaces.items.get(who.namespace),
+            leases=self.leases.of_pod(who.pod_uid),
         )
-        revoked_by_admin = {
-            lease.binding
-            for lease in self.leases.of_pod(who.pod_uid)
-            if not lease.active and lease.reason == resources.REVOKED_BY_ADMIN
-        }
-        for body in listing.get("items") or []:
-            name = body["metadata"]["name"]
-            if wanted and name != wanted:
-                continue
-            spec, _ = resources.parse_binding_spec(body)
-            if spec is None:
-                continue
-            if not matching.matches(spec, who.namespace, facts, self.naming):
-                continue
-            if name in revoked_by_admin:
-                return (
-                    "an administrator revoked this pod's credential of PhabricatorBinding "
-                    f'"{name}": this pod gets no new one through it (a new pod does)'
-                )
-            ready = next(
-                (
-                    c
-                    for c in (body.get("status") or {}).get("conditions") or []
-                    if c.get("type") == "Ready"
-                ),
-                None,
-            )
-            if ready is None or ready.get("status") != "True":
-                detail = (ready or {}).get("message") or "not reconciled yet"
-                return f'PhabricatorBinding "{name}" matches this pod but is not Ready: {detail}'
-            return f'PhabricatorBinding "{name}" matches; the credential is being issued: retry'
-        scope = f'named "{wanted}" ' if wanted else ""
-        return (
-            f"no PhabricatorBinding {scope}in namespace {who.namespace} matches "
-            f"identity {pod_identity}"
-        )
+        if wanted and not bindings:
+            return f'no PhabricatorBinding "{wanted}" in namespace {who.namespace}'
+        return explanation.message
 
 
 _MISMATCH = "LeaseMismatch"

@@ -11,13 +11,11 @@ from typing import Any
 import structlog
 
 from phabmesh import identity, logs, resources
-from phabmesh.controller import decide
-from phabmesh.controller.world import BindingView, BotView, World
 from phabmesh.kube import KubeError
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.kubectl import cluster
 from phabmesh.kubectl.output import Report
-from phabmesh.leases import grants
+from phabmesh.leases import decide, grants
 from phabmesh.leases.view import LeaseView, format_time
 
 log = structlog.get_logger("phabmesh.kubectl")
@@ -30,29 +28,6 @@ def utcnow() -> datetime.datetime:
 
 def naming_of(settings: Any) -> identity.Naming:
     return identity.Naming(settings.linkerd_namespace, settings.trust_domain)
-
-
-def verdict_of(body: Mapping[str, Any], binding: BindingView, world: World) -> decide.Verdict:
-    """The binding's readiness as the operator last wrote it (its Ready and BotReady
-    conditions, when they are about the binding's current generation); otherwise judged
-    here as the operator judges it, from the bot and the namespace read now."""
-    status = body.get("status") or {}
-    conditions = {c.get("type"): c for c in status.get("conditions") or []}
-    ready = conditions.get(resources.READY)
-    if ready is not None and status.get("observedGeneration") == binding.generation:
-        bot_ready = conditions.get(resources.BOT_READY) or {}
-        return decide.Verdict(
-            ready.get("status") == "True",
-            str(ready.get("reason") or ""),
-            str(ready.get("message") or ""),
-            bot_ready.get("status") == "True",
-            str(bot_ready.get("reason") or ""),
-            str(bot_ready.get("message") or ""),
-            status.get("botPHID"),
-            bot_shown=bool(bot_ready),
-        )
-    bot = world.bots.get(binding.bot) if binding.bot else None
-    return decide.judge_binding(binding, bot, world.namespaces.get(binding.namespace))
 
 
 # -- why --------------------------------------------------------------------------------------
@@ -107,24 +82,15 @@ async def why(session: cluster.Session, namespace: str, name: str) -> Report:
         session.find(resource_path("", "v1", "namespaces", None, namespace)),
     )
     pod = identity.PodFacts.from_pod(pod_body, naming)
-    world = World()
-    world.put_pod(pod)
-    world.namespaces[namespace] = dict(((ns_body or {}).get("metadata") or {}).get("labels") or {})
-    for body in bots:
-        bot = BotView.from_body(body)
-        world.bots[bot.name] = bot
-    views: list[tuple[JSON, BindingView]] = []
-    for body in bindings:
-        if (body.get("metadata") or {}).get("deletionTimestamp") is None:
-            view = BindingView.from_body(body)
-            world.put_binding(view)
-            views.append((body, view))
-    for body in leases:
-        lease = LeaseView.from_body(body)
-        if lease.pod_uid == pod.uid:
-            world.put_lease(lease)
-    verdicts = {view.key: verdict_of(body, view, world) for body, view in views}
-    return why_report(decide.explain_pod(world, pod.uid, naming, verdicts), pod, naming)
+    explanation = decide.explain_from_objects(
+        pod,
+        bindings,
+        naming,
+        bots=bots,
+        namespace_labels=((ns_body or {}).get("metadata") or {}).get("labels") or {},
+        leases=[LeaseView.from_body(body) for body in leases],
+    )
+    return why_report(explanation, pod, naming)
 
 
 # -- who-can ----------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Pure lease and readiness decisions over the controller's :class:`World`.
+"""Pure lease and readiness decisions over a :class:`World`: which leases a pod should hold
+and why (the controller acts on them; the credential endpoint and ``kubectl phabmesh why``
+explain with them).
 
 Gather (the world, kept by watch events), decide (here: no I/O), write (the
 writer). Each function answers one question and returns plain values.
@@ -8,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from phabmesh import identity, matching, resources
-from phabmesh.controller.world import BindingView, BotView, World
 from phabmesh.leases.view import LeaseView
+from phabmesh.leases.world import BindingView, BotView, World
 
 # Binding Ready / BotReady reasons.
 READY = "Ready"  # the bot is Ready and may be used from this namespace
@@ -315,7 +318,7 @@ def explain_pod(
     blocked = _pod_reason(pod)
     if blocked is not None:
         if blocked == NOT_MESHED:
-            message = f"the pod is not meshed ({pod.mesh_reason}): no Linkerd identity to trust"
+            message = _not_meshed_message(pod, naming)
         elif blocked == NOT_RUNNING:
             message = f"the pod is {pod.phase}: credentials are issued to Running pods only"
         else:
@@ -340,6 +343,23 @@ def explain_pod(
         )
     miss = min(found, key=_miss_rank)
     return Explanation(miss.reason, _miss_message(miss, pod, pod_identity, verdicts), (), found)
+
+
+def _not_meshed_message(pod: identity.PodFacts, naming: identity.Naming) -> str:
+    if pod.mesh_reason == identity.OTHER_CONTROL_PLANE:
+        return (
+            "the pod is meshed by another Linkerd control plane: only pods of the control "
+            f'plane in namespace "{naming.control_plane_namespace}" get credentials'
+        )
+    if pod.mesh_reason == identity.OTHER_TRUST_DOMAIN:
+        return (
+            "the pod's proxy belongs to another trust domain: only pods of trust domain "
+            f'"{naming.trust_domain}" get credentials'
+        )
+    return (
+        f"the pod is not meshed ({pod.mesh_reason}): no Linkerd identity to trust, and only "
+        "meshed pods get credentials"
+    )
 
 
 def _miss_message(
@@ -418,3 +438,58 @@ def due_for_renewal(lease: LeaseView, ttl: datetime.timedelta, now: datetime.dat
         return False
     left = lease.expires_at - now
     return left <= ttl / 3 or left > ttl
+
+
+def shown_verdict(body: Mapping[str, Any], binding: BindingView, world: World) -> Verdict:
+    """A binding's readiness as the operator last wrote it (its Ready and BotReady
+    conditions, when they are about the binding's current generation); otherwise judged as
+    the operator judges it, from the bot and the namespace ``world`` holds. For the parts
+    that read bindings from the API instead of the operator's memory."""
+    status = body.get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    ready = conditions.get(resources.READY)
+    if ready is not None and status.get("observedGeneration") == binding.generation:
+        bot_ready = conditions.get(resources.BOT_READY) or {}
+        return Verdict(
+            ready.get("status") == "True",
+            str(ready.get("reason") or ""),
+            str(ready.get("message") or ""),
+            bot_ready.get("status") == "True",
+            str(bot_ready.get("reason") or ""),
+            str(bot_ready.get("message") or ""),
+            status.get("botPHID"),
+            bot_shown=bool(bot_ready),
+        )
+    bot = world.bots.get(binding.bot) if binding.bot else None
+    return judge_binding(binding, bot, world.namespaces.get(binding.namespace))
+
+
+def explain_from_objects(
+    pod: identity.PodFacts,
+    bindings: Iterable[Mapping[str, Any]],
+    naming: identity.Naming,
+    *,
+    bots: Iterable[Mapping[str, Any]] = (),
+    namespace_labels: Mapping[str, str] | None = None,
+    leases: Iterable[LeaseView] = (),
+) -> Explanation:
+    """:func:`explain_pod` for one pod from objects as the API shows them (its namespace's
+    bindings, the bots, the pod's leases): the same World and the same decisions as the
+    operator's, built for this one question."""
+    world = World()
+    world.put_pod(pod)
+    world.namespaces[pod.namespace] = dict(namespace_labels or {})
+    for body in bots:
+        bot = BotView.from_body(body)
+        world.bots[bot.name] = bot
+    shown: list[tuple[Mapping[str, Any], BindingView]] = []
+    for body in bindings:
+        if (body.get("metadata") or {}).get("deletionTimestamp") is None:
+            view = BindingView.from_body(body)
+            world.put_binding(view)
+            shown.append((body, view))
+    for lease in leases:
+        if lease.pod_uid == pod.uid:
+            world.put_lease(lease)
+    verdicts = {view.key: shown_verdict(body, view, world) for body, view in shown}
+    return explain_pod(world, pod.uid, naming, verdicts)
