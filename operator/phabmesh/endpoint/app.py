@@ -19,6 +19,7 @@ Also serves ``/.well-known/jwks.json`` and ``/.well-known/openid-configuration``
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import collections
 import datetime
@@ -541,11 +542,11 @@ class Issuer:
         facts = identity.PodFacts.from_pod(pod, self.naming)
         if facts.uid != who.pod_uid:
             return "the pod no longer exists (another pod has its name now)"
+        g, v = resources.GROUP, resources.VERSION
         try:
-            listing = await self.client.get(
-                resource_path(
-                    resources.GROUP, resources.VERSION, resources.BINDING_PLURAL, who.namespace
-                )
+            listing, bots = await asyncio.gather(
+                self.client.get(resource_path(g, v, resources.BINDING_PLURAL, who.namespace)),
+                self.client.get(resource_path(g, v, resources.BOT_PLURAL)),
             )
         except KubeError:
             return "no active credential lease for this pod"
@@ -558,6 +559,7 @@ class Issuer:
             facts,
             bindings,
             self.naming,
+            bots=bots.get("items") or [],
             namespace_labels=self.grants.namespaces.items.get(who.namespace),
             leases=self.leases.of_pod(who.pod_uid),
         )
