@@ -119,3 +119,22 @@ def compact_etcd(plane: devcluster.ControlPlane) -> int:
     revision = int(post("range", {"key": base64.b64encode(b"/").decode()})["header"]["revision"])
     post("compaction", {"revision": revision, "physical": True})
     return revision
+
+
+def meshed_template(app: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    """A meshed pod template: Linkerd's proxy as a native sidecar, as Linkerd injects it."""
+    return {
+        "metadata": {"labels": {"app": app}, "annotations": annotations or {}},
+        "spec": {
+            "serviceAccountName": "runner",
+            "terminationGracePeriodSeconds": 5,
+            "initContainers": [
+                {
+                    "name": "linkerd-proxy",
+                    "image": "cr.l5d.io/linkerd/proxy:edge",
+                    "restartPolicy": "Always",
+                }
+            ],
+            "containers": [{"name": "app", "image": "registry.invalid/app:1"}],
+        },
+    }

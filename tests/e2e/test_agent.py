@@ -31,7 +31,7 @@ from phabmesh import admission, resources
 from phabmesh.admission import inject
 from phabmesh.dev.conduit import ConduitServer
 from phabmesh.settings import Settings
-from tests.kube import Cluster, wait_for
+from tests.kube import Cluster, meshed_template, wait_for
 from tests.phab import binding_condition, label_namespace, make_binding, make_bot, pod_token
 from tests.stack import Threaded
 
@@ -82,25 +82,6 @@ def ns(
     injector: admission.Injector = operator.process.injector  # type: ignore[attr-defined]
     wait_for(lambda: injector.specs_in(namespace), what="the webhook to know the binding")
     return namespace
-
-
-def _template(app: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
-    """A meshed pod template: Linkerd's proxy as a native sidecar, as Linkerd injects it."""
-    return {
-        "metadata": {"labels": {"app": app}, "annotations": annotations or {}},
-        "spec": {
-            "serviceAccountName": "runner",
-            "terminationGracePeriodSeconds": 5,
-            "initContainers": [
-                {
-                    "name": "linkerd-proxy",
-                    "image": "cr.l5d.io/linkerd/proxy:edge",
-                    "restartPolicy": "Always",
-                }
-            ],
-            "containers": [{"name": "app", "image": "registry.invalid/app:1"}],
-        },
-    }
 
 
 def _apply(cluster: Cluster, namespace: str, doc: dict[str, Any]) -> None:
@@ -202,8 +183,23 @@ class Agent:
 # The clients, in the agent's HOME and with nothing else: no URL, no token.
 
 
-def _client_env(home: Path) -> dict[str, str]:
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LANG": "C.UTF-8"}
+def _run_client(home: Path, argv: list[str], stdin: str | None = None) -> tuple[Any, str]:
+    """A client run with HOME (its ~/.arcrc) and nothing else: what it printed as JSON, or
+    None and why."""
+    done = subprocess.run(
+        argv,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LANG": "C.UTF-8"},
+        cwd=home,
+        check=False,
+    )
+    try:
+        return json.loads(done.stdout), ""
+    except ValueError:
+        return None, f"exit {done.returncode}: {done.stderr.strip()[-500:]}"
 
 
 def _arc(home: Path, method: str, params: dict[str, Any]) -> tuple[Any, str]:
@@ -211,22 +207,9 @@ def _arc(home: Path, method: str, params: dict[str, Any]) -> tuple[Any, str]:
     arc = shutil.which("arcanist")
     if arc is None:
         pytest.fail("arc is not installed: run `make clients` (see tests/clients/)")
-    done = subprocess.run(
-        [arc, "call-conduit", "--", method],
-        input=json.dumps(params),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=_client_env(home),
-        cwd=home,
-        check=False,
-    )
-    try:
-        printed = json.loads(done.stdout)
-    except ValueError:
-        return None, f"exit {done.returncode}: {done.stderr.strip()}"
-    if printed.get("error"):
-        return None, f"{printed['error']}: {printed.get('errorMessage')}"
+    printed, error = _run_client(home, [arc, "call-conduit", "--", method], json.dumps(params))
+    if printed is None or printed.get("error"):
+        return None, error or f"{printed['error']}: {printed.get('errorMessage')}"
     return printed.get("response"), ""
 
 
@@ -234,21 +217,10 @@ def _phabricator(home: Path, method: str, params: dict[str, Any]) -> tuple[Any, 
     """``Phabricator()`` with no host and no token: ~/.arcrc's first host."""
     if not CLIENTS_PYTHON.exists():
         pytest.fail("the phabricator package is not installed: run `make clients`")
-    done = subprocess.run(
-        [str(CLIENTS_PYTHON), str(ARCRC_DRIVER), method, json.dumps(params)],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=_client_env(home),
-        cwd=home,
-        check=False,
-    )
-    try:
-        printed = json.loads(done.stdout)
-    except ValueError:
-        return None, f"exit {done.returncode}: {done.stderr.strip()[-500:]}"
-    if printed.get("error_code"):
-        return None, f"{printed['error_code']}: {printed.get('error_info')}"
+    argv = [str(CLIENTS_PYTHON), str(ARCRC_DRIVER), method, json.dumps(params)]
+    printed, error = _run_client(home, argv)
+    if printed is None or printed.get("error_code"):
+        return None, error or f"{printed['error_code']}: {printed.get('error_info')}"
     return printed["result"], ""
 
 
@@ -258,18 +230,10 @@ def _phabfive(home: Path, method: str, params: dict[str, Any]) -> tuple[Any, str
     phabfive = CLIENTS_PYTHON.parent / "phabfive"
     if not phabfive.exists():
         pytest.fail("phabfive is not installed: run `make clients`")
-    done = subprocess.run(
-        [str(phabfive), "--format", "json", "user", "whoami"],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=_client_env(home),
-        cwd=home,
-        check=False,
-    )
-    if done.returncode != 0:
-        return None, f"exit {done.returncode}: {done.stderr.strip()[-500:]}"
-    (me,) = json.loads(done.stdout)
+    printed, error = _run_client(home, [str(phabfive), "--format", "json", "user", "whoami"])
+    if printed is None:
+        return None, error
+    (me,) = printed
     return {"userName": me["User"]["UserName"]}, ""
 
 
@@ -297,7 +261,7 @@ def test_deployment_pod_calls_conduit_through_its_sidecar_agent(
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": {"app": "web"}},
-            "template": _template("web"),
+            "template": meshed_template("web"),
         },
     }
     _apply(cluster, ns, deployment)
@@ -353,7 +317,7 @@ def test_deployment_pod_calls_conduit_through_its_sidecar_agent(
 def test_job_pod_gets_one_credential_from_its_init_agent(
     cluster: Cluster, operator: Threaded, gateway: Threaded, ns: str, tmp_path: Path
 ) -> None:
-    template = _template("once", {HOLD: "until the test has called"})
+    template = meshed_template("once", {HOLD: "until the test has called"})
     template["spec"]["restartPolicy"] = "Never"
     job = {
         "apiVersion": "batch/v1",
@@ -408,7 +372,7 @@ def test_a_pod_opts_out_of_its_bindings_agent(cluster: Cluster, ns: str) -> None
             "labels": {"app": "no-agent"},
             "annotations": {inject.AGENT_ANNOTATION: "none"},
         },
-        "spec": _template("no-agent")["spec"],
+        "spec": meshed_template("no-agent")["spec"],
     }
     out = cluster.kubectl(
         "create", "-n", ns, "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(body)
@@ -424,7 +388,7 @@ def test_with_a_regular_proxy_container_the_api_server_takes_the_agent_after_it(
     cluster: Cluster, ns: str
 ) -> None:
     """Linkerd without native sidecars: the proxy is the first app container."""
-    spec = _template("regular")["spec"]
+    spec = meshed_template("regular")["spec"]
     spec["initContainers"] = [{"name": "linkerd-init", "image": "cr.l5d.io/linkerd/proxy-init"}]
     spec["containers"].insert(0, {"name": "linkerd-proxy", "image": "cr.l5d.io/linkerd/proxy"})
     body = {

@@ -23,7 +23,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from phabmesh.dev.conduit import ConduitServer
-from tests.kube import Cluster, wait_for
+from tests.kube import Cluster, meshed_template, wait_for
 from tests.phab import (
     active_leases,
     binding_condition,
@@ -101,24 +101,6 @@ def ns(cluster: Cluster, mesh: Mesh, namespace: str) -> str:
 # --- workloads ------------------------------------------------------------------------------
 
 
-def _template(app: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
-    return {
-        "metadata": {"labels": {"app": app}, "annotations": annotations or {}},
-        "spec": {
-            "serviceAccountName": "runner",
-            "terminationGracePeriodSeconds": 5,
-            "initContainers": [
-                {
-                    "name": "linkerd-proxy",
-                    "image": "cr.l5d.io/linkerd/proxy:edge",
-                    "restartPolicy": "Always",
-                }
-            ],
-            "containers": [{"name": "app", "image": "registry.invalid/app:1"}],
-        },
-    }
-
-
 def deployment(name: str, replicas: int) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1",
@@ -127,7 +109,7 @@ def deployment(name: str, replicas: int) -> dict[str, Any]:
         "spec": {
             "replicas": replicas,
             "selector": {"matchLabels": {"app": name}},
-            "template": _template(name),
+            "template": meshed_template(name),
         },
     }
 
@@ -226,7 +208,7 @@ def test_rollout_restart_moves_access_to_the_new_replicaset(
 
 
 def test_job_pod_refused_once_succeeded(cluster: Cluster, mesh: Mesh, ns: str) -> None:
-    template = _template("once", {HOLD: "until the test has called"})
+    template = meshed_template("once", {HOLD: "until the test has called"})
     template["spec"]["restartPolicy"] = "Never"
     job = {
         "apiVersion": "batch/v1",
@@ -264,7 +246,7 @@ def test_statefulset_scaled_down_loses_its_last_ordinal(
             "serviceName": "db",
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": {"app": "db"}},
-            "template": _template("db"),
+            "template": meshed_template("db"),
         },
     }
     apply(cluster, ns, sts)

@@ -8,44 +8,13 @@ import os
 import stat
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
-
-import pytest
 
 from phabmesh import agent, podclient
+from tests.unit.conftest import FakeEndpoint
 
 TOKEN = "api-" + "a" * 28
 GATEWAY = "http://phabmesh-gateway.phabmesh-system.svc:8080"
-
-
-class _Endpoint(BaseHTTPRequestHandler):
-    answer: ClassVar[tuple[int, dict[str, object]]] = (200, {})
-
-    def do_POST(self) -> None:
-        status, body = self.answer
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def endpoint() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 def _credential(token: str = TOKEN) -> podclient.Credential:
@@ -129,10 +98,9 @@ def test_the_init_command_writes_the_files_and_never_prints_the_credential(
     endpoint: str, tmp_path: Path
 ) -> None:
     expires = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=5)).isoformat()
-    _Endpoint.answer = (
-        200,
-        {"credential": TOKEN, "expiresAt": expires, "binding": "runners", "bot": "ci-bot"},
-    )
+    FakeEndpoint.answers[:] = [
+        (200, {"credential": TOKEN, "expiresAt": expires, "binding": "runners", "bot": "ci-bot"})
+    ]
     done = _agent(endpoint, tmp_path, "--termination-log", str(tmp_path / "log"))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "run" / "credential").read_text() == TOKEN + "\n"
@@ -144,7 +112,7 @@ def test_the_init_command_writes_the_files_and_never_prints_the_credential(
 
 def test_the_init_command_fails_with_the_endpoints_reason(endpoint: str, tmp_path: Path) -> None:
     message = "the token is not a valid service-account token for audience phabmesh.io"
-    _Endpoint.answer = (401, {"error": "invalid_token", "message": message})
+    FakeEndpoint.answers[:] = [(401, {"error": "invalid_token", "message": message})]
     log = tmp_path / "log"
     done = _agent(endpoint, tmp_path, "--termination-log", str(log))
     assert done.returncode == 1

@@ -3,51 +3,18 @@
 from __future__ import annotations
 
 import datetime
-import json
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 
 from phabmesh import podclient
+from tests.unit.conftest import FakeEndpoint
 
 NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 
 
-class _Endpoint(BaseHTTPRequestHandler):
-    answers: ClassVar[list[tuple[int, dict[str, object]]]] = []
-    seen: ClassVar[list[dict[str, str]]] = []
-
-    def do_POST(self) -> None:
-        self.seen.append({"auth": self.headers.get("Authorization", ""), "path": self.path})
-        status, body = self.answers.pop(0)
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def endpoint() -> Iterator[str]:
-    _Endpoint.answers, _Endpoint.seen = [], []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
 def test_exchange_sends_the_token_and_reads_the_credential(endpoint: str) -> None:
-    _Endpoint.answers.append(
+    FakeEndpoint.answers.append(
         (
             200,
             {
@@ -62,13 +29,13 @@ def test_exchange_sends_the_token_and_reads_the_credential(endpoint: str) -> Non
     credential = podclient.exchange(endpoint, "sa-token", binding="b")
     assert credential.token == "c.r.d"
     assert credential.expires_at == NOW + datetime.timedelta(minutes=15)
-    assert _Endpoint.seen == [{"auth": "Bearer sa-token", "path": "/v1/credentials?binding=b"}]
+    assert FakeEndpoint.seen == [{"auth": "Bearer sa-token", "path": "/v1/credentials?binding=b"}]
     assert "c.r.d" not in repr(credential)
 
 
 def test_exchange_asks_for_a_format_and_reads_which_it_got(endpoint: str) -> None:
     token = "api-" + "abcdefghijklmnopqrstuvwxyz23"
-    _Endpoint.answers.append(
+    FakeEndpoint.answers.append(
         (
             200,
             {
@@ -83,7 +50,7 @@ def test_exchange_asks_for_a_format_and_reads_which_it_got(endpoint: str) -> Non
     )
     credential = podclient.exchange(endpoint, "sa-token", credential_format="phorge-token")
     assert (credential.token, credential.format) == (token, "phorge-token")
-    assert _Endpoint.seen[0]["path"] == "/v1/credentials?format=phorge-token"
+    assert FakeEndpoint.seen[0]["path"] == "/v1/credentials?format=phorge-token"
     assert token not in repr(credential)
 
 
@@ -91,7 +58,7 @@ def test_exchange_asks_for_a_format_and_reads_which_it_got(endpoint: str) -> Non
     ("status", "retryable"), [(401, False), (403, True), (409, False), (503, True)]
 )
 def test_refusals_carry_the_endpoints_message(endpoint: str, status: int, retryable: bool) -> None:
-    _Endpoint.answers.append((status, {"error": "no_lease", "message": "the pod is not meshed"}))
+    FakeEndpoint.answers.append((status, {"error": "no_lease", "message": "the pod is not meshed"}))
     with pytest.raises(podclient.ExchangeError, match="the pod is not meshed") as refused:
         podclient.exchange(endpoint, "sa-token")
     assert refused.value.status == status

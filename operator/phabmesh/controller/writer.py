@@ -6,14 +6,13 @@ import asyncio
 import contextlib
 import datetime
 import hashlib
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 
 from phabmesh import identity, logs, metrics, resources
-from phabmesh.kube import Conflict, KubeClient, NotFound
+from phabmesh.kube import Conflict, KubeClient, NotFound, events
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.leases.view import LeaseView, format_time
 from phabmesh.leases.world import BindingView, World
@@ -270,26 +269,16 @@ class Writer:
         task.add_done_callback(self._pending.discard)
 
     async def _post_event(self, ref: JSON, reason: str, message: str, type_: str) -> None:
-        now = self.clock()
-        namespace = ref.get("namespace") or "default"
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {
-                "name": f"{ref.get('name', 'phabmesh')}.{uuid.uuid4().hex[:12]}"[:253],
-                "namespace": namespace,
-            },
-            "involvedObject": ref,
-            "reason": reason,
-            "message": message[:1024],
-            "type": type_,
-            "source": {"component": "phabmesh"},
-            "reportingComponent": "phabmesh.io/controller",
-            "reportingInstance": "phabmesh",
-            "firstTimestamp": format_time(now),
-            "lastTimestamp": format_time(now),
-            "count": 1,
-        }
+        body = events.event_body(
+            ref,
+            reason,
+            message,
+            type_,
+            self.clock(),
+            source="phabmesh",
+            reporting_component="phabmesh.io/controller",
+        )
+        namespace = body["metadata"]["namespace"]
         try:
             await self.events_client.create(
                 resource_path("", "v1", "events", namespace), body, attempts=1

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
 from kubernetes import config as k8s_config
 
 from phabmesh import resources
-from phabmesh.kube import KubeClient, NotFound, load_connection
+from phabmesh.kube import KubeClient, NotFound, events, load_connection
 from phabmesh.kube.client import JSON, resource_path
-from phabmesh.leases.view import format_time
 from phabmesh.settings import Settings
 
 CONFIGMAP = "phabmesh-config"  # manifests/config.yaml: the settings both processes read
@@ -151,25 +149,15 @@ class Session:
         self, ref: JSON, reason: str, message: str, now: datetime.datetime, type_: str = "Normal"
     ) -> None:
         """A Kubernetes Event about ``ref`` (created at once, unlike the operator's)."""
-        namespace = str(ref.get("namespace") or "default")
+        body = events.event_body(
+            ref,
+            reason,
+            message,
+            type_,
+            now,
+            source=COMPONENT,
+            reporting_component=f"{resources.GROUP}/{COMPONENT}",
+        )
         await self.client.create(
-            resource_path("", "v1", "events", namespace),
-            {
-                "apiVersion": "v1",
-                "kind": "Event",
-                "metadata": {
-                    "name": f"{ref.get('name', 'phabmesh')}.{uuid.uuid4().hex[:12]}"[:253],
-                    "namespace": namespace,
-                },
-                "involvedObject": ref,
-                "reason": reason,
-                "message": message[:1024],
-                "type": type_,
-                "source": {"component": COMPONENT},
-                "reportingComponent": f"{resources.GROUP}/{COMPONENT}",
-                "reportingInstance": COMPONENT,
-                "firstTimestamp": format_time(now),
-                "lastTimestamp": format_time(now),
-                "count": 1,
-            },
+            resource_path("", "v1", "events", body["metadata"]["namespace"]), body
         )
