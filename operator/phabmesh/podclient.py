@@ -104,11 +104,11 @@ def exchange(
     )
 
 
-def write_atomically(path: Path, content: str) -> None:
+def write_atomically(path: Path, content: str, mode: int = 0o600) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        os.fchmod(fd, 0o600)
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w") as handle:
             handle.write(content)
         os.replace(tmp, path)

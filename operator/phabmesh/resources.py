@@ -340,3 +340,10 @@ def parse_bot_spec(obj: Mapping[str, Any]) -> tuple[BotSpec | None, str | None]:
         return BotSpec.model_validate(obj.get("spec") or {}), None
     except ValueError as exc:
         return None, f"spec: {exc}"
+
+
+def label_value(name: str) -> str:
+    """An object's name as a label value (the lease's binding and bot labels): at most 63
+    characters, ending alphanumeric (a name cut at 63 may end in "-" or ".", which a label
+    value may not)."""
+    return name[:63].rstrip("-._")

@@ -253,3 +253,9 @@ def test_parse_conditions_keeps_the_well_formed() -> None:
     ]
     assert [c.type for c in resources.parse_conditions(raw)] == ["Ready"]
     assert resources.parse_conditions(None) == []
+
+
+def test_a_label_value_cut_at_63_never_ends_in_a_separator() -> None:
+    assert resources.label_value("a" * 62 + "-b") == "a" * 62
+    assert resources.label_value("ci-bot") == "ci-bot"
+    assert len(resources.label_value("x" * 300)) == 63

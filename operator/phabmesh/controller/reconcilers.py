@@ -307,13 +307,19 @@ class Bindings(_Reconciler):
             )
 
 
+@dataclasses.dataclass
+class _PodLock:
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    users: int = 0  # reconciles holding or awaiting it
+
+
 class Leases(_Reconciler):
     """Each pod's leases: what it should hold (the pod's plan), written, retried on failure."""
 
     def __init__(self, memo: Memo) -> None:
         super().__init__(memo)
         self.retries = Retries()  # lease writes that failed, per pod UID
-        self._pod_locks: dict[str, asyncio.Lock] = {}
+        self._pod_locks: dict[str, _PodLock] = {}
 
     async def close(self) -> None:
         await self.retries.close()
@@ -344,14 +350,20 @@ class Leases(_Reconciler):
                     )
 
     async def reconcile_pod(self, uid: str) -> None:
-        lock = self._pod_locks.setdefault(uid, asyncio.Lock())
+        """One reconcile of a pod at a time: its lock is forgotten only when no reconcile
+        holds or awaits it and the pod is gone."""
+        entry = self._pod_locks.setdefault(uid, _PodLock())
+        entry.users += 1
         try:
-            async with lock:
+            async with entry.lock:
                 plan = decide.plan_pod(self.world, uid, self.naming, self.memo.bindings.verdicts)
                 if plan:
                     await self._execute(uid, plan)
+                else:
+                    self.retries.succeeded(uid)  # nothing (more) to write: no retry count left
         finally:
-            if not lock.locked() and uid not in self.world.pods:
+            entry.users -= 1
+            if entry.users == 0 and uid not in self.world.pods:
                 self._pod_locks.pop(uid, None)
 
     async def _execute(self, uid: str, plan: decide.Plan) -> None:

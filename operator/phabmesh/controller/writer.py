@@ -111,8 +111,8 @@ class Writer:
                 "name": name,
                 "namespace": pod.namespace,
                 "labels": {
-                    "phabmesh.io/binding": binding.name[:63],
-                    "phabmesh.io/bot": binding.bot[:63],
+                    "phabmesh.io/binding": resources.label_value(binding.name),
+                    "phabmesh.io/bot": resources.label_value(binding.bot),
                 },
                 "ownerReferences": [
                     {

@@ -285,7 +285,14 @@ def _error(
     return response
 
 
-class Issuer:
+# The refusal path's explanations (CredentialEndpoint._why_no_lease).
+EXPLAIN_TTL = 2.0  # seconds an explanation is given again without reading the API
+EXPLAIN_MEMORY = 4096  # explanations remembered, the oldest forgotten first
+EXPLAIN_QPS = 20.0  # explanations read from the API per second (3 reads each), at most
+EXPLAIN_BURST = 40
+
+
+class CredentialEndpoint:
     def __init__(
         self,
         settings: Settings,
@@ -309,6 +316,13 @@ class Issuer:
         # Its own watches (the process runs them): a standby replica, whose controller
         # is paused, judges leases as well as the acting one.
         self.grants = grants or Grants(client, self.naming)
+        # The refusal path's explanations: a few seconds per (pod, binding asked for), and
+        # a budget of their own, so that a caller repeating a refused request (its token
+        # review cached) costs the API server nothing more.
+        self._explained: collections.OrderedDict[tuple[str, str | None], tuple[float, str]] = (
+            collections.OrderedDict()
+        )
+        self._explain_budget = ratelimit.Bucket(EXPLAIN_QPS, EXPLAIN_BURST)
 
     @property
     def ready(self) -> bool:
@@ -528,9 +542,38 @@ class Issuer:
         )
 
     async def _why_no_lease(self, who: Reviewed, wanted: str | None) -> str:
-        """The one reason the caller holds no credential, from the decision the operator
-        makes (:func:`phabmesh.leases.decide.explain_from_objects`) over the pod and its
-        namespace's bindings as the API server shows them now (error path only)."""
+        """The one reason the caller holds no credential (error path only): remembered for
+        :data:`EXPLAIN_TTL` per pod and binding asked for, and within :data:`EXPLAIN_QPS`
+        API reads a second; past that budget, the plain answer."""
+        key = (who.pod_uid, wanted)
+        now = time.monotonic()
+        known = self._explained.get(key)
+        if known is not None and known[0] > now:
+            return known[1]
+        if self._explain_budget.take() > 0:
+            return "no active credential lease for this pod"
+        reason = await self._explain(who, wanted)
+        self._explained[key] = (now + EXPLAIN_TTL, reason)
+        self._explained.move_to_end(key)
+        while len(self._explained) > EXPLAIN_MEMORY:
+            self._explained.popitem(last=False)
+        return reason
+
+    async def _explain(self, who: Reviewed, wanted: str | None) -> str:
+        """From the decision the operator makes (:func:`phabmesh.leases.decide.
+        explain_from_objects`) over the pod, its namespace's bindings and the bots as the API
+        server shows them now, and the pod's leases as this process's watch shows them."""
+        leases = [
+            lease
+            for lease in self.leases.of_pod(who.pod_uid)
+            if not wanted or lease.binding == wanted
+        ]
+        now = self.clock()
+        late = [x for x in leases if x.active and x.expires_at and x.expires_at <= now]
+        if late:
+            return (
+                f"credential lease {late[0].name} has expired (its renewal is late): retry shortly"
+            )
         try:
             pod = await self.client.get(
                 resource_path("", "v1", "pods", who.namespace, who.pod_name)
@@ -561,7 +604,7 @@ class Issuer:
             self.naming,
             bots=bots.get("items") or [],
             namespace_labels=self.grants.namespaces.items.get(who.namespace),
-            leases=self.leases.of_pod(who.pod_uid),
+            leases=leases,
         )
         if wanted and not bindings:
             return f'no PhabricatorBinding "{wanted}" in namespace {who.namespace}'

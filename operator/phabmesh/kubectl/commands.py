@@ -144,7 +144,9 @@ async def who_can(session: cluster.Session, bot: str, now: datetime.datetime) ->
     settings, _ = await session.settings()
     bot_body = await session.get(cluster.bot_path(bot), f'phabricatorbots "{bot}"')
     lease_bodies, binding_bodies, namespaces = await asyncio.gather(
-        session.items(cluster.lease_path(None), labelSelector=f"phabmesh.io/bot={bot[:63]}"),
+        session.items(
+            cluster.lease_path(None), labelSelector=f"phabmesh.io/bot={resources.label_value(bot)}"
+        ),
         session.items(cluster.binding_path(None)),
         session.items(resource_path("", "v1", "namespaces")),
     )

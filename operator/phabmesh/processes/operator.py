@@ -20,7 +20,7 @@ from phabmesh.admission.tls import WebhookServer, WebhookTLS, service_names
 from phabmesh.controller import peering
 from phabmesh.controller.state import Memo
 from phabmesh.credentials.keystore import KeyStore
-from phabmesh.endpoint.app import Issuer, TokenReviewer
+from phabmesh.endpoint.app import CredentialEndpoint, TokenReviewer
 from phabmesh.kube import KubeClient, load_connection
 from phabmesh.leases.index import LeaseIndex
 from phabmesh.settings import Settings
@@ -83,7 +83,7 @@ class OperatorProcess:
         )
         self.leases = LeaseIndex(self.client, liveness=s.watch_liveness)
         self.injector = Injector(s, self.client)
-        self.issuer = Issuer(
+        self.issuer = CredentialEndpoint(
             s,
             self.client,
             self.keys,
