@@ -58,18 +58,15 @@ def arcrc(gateway_url: str, token: str) -> str:
 class Writer:
     """Writes a credential into ``directory``: the credential file, then the ``.arcrc``."""
 
-    def __init__(self, directory: Path, gateway_url: str, *, pod_readable: bool = False) -> None:
+    def __init__(self, directory: Path, gateway_url: str) -> None:
         self.directory = directory
         self.gateway_url = gateway_url
-        # 0600 when the agent runs as the app's user; 0644 when the pod names no user (the
-        # app's image decides it, unknown here): the directory is the pod's own memory.
-        self.mode = 0o644 if pod_readable else 0o600
 
     def __call__(self, credential: podclient.Credential) -> None:
-        podclient.write_atomically(self.directory / CREDENTIAL, credential.token + "\n", self.mode)
+        podclient.write_atomically(self.directory / CREDENTIAL, credential.token + "\n")
         if self.gateway_url:
             podclient.write_atomically(
-                self.directory / ARCRC, arcrc(self.gateway_url, credential.token), self.mode
+                self.directory / ARCRC, arcrc(self.gateway_url, credential.token)
             )
 
 

@@ -124,7 +124,7 @@ def _agent(args: argparse.Namespace) -> int:
 
     logs.configure(os.environ.get("PHABMESH_LOG_LEVEL", "INFO"))
     fetch = _fetcher(args)
-    store = agent.Writer(Path(args.dir), args.gateway or "", pod_readable=args.pod_readable)
+    store = agent.Writer(Path(args.dir), args.gateway or "")
     if args.mode == "init":
         return agent.run_init(
             fetch, store, timeout=args.timeout, termination_log=Path(args.termination_log)
@@ -210,11 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--gateway",
         default=os.environ.get("PHABMESH_GATEWAY_URL", ""),
         help="the gateway's URL for the .arcrc (env PHABMESH_GATEWAY_URL)",
-    )
-    agt.add_argument(
-        "--pod-readable",
-        action="store_true",
-        help="write the files mode 0644 (the pod names no user for its app), not 0600",
     )
     agt.add_argument(
         "--timeout",

@@ -104,11 +104,11 @@ def exchange(
     )
 
 
-def write_atomically(path: Path, content: str, mode: int = 0o600) -> None:
+def write_atomically(path: Path, content: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        os.fchmod(fd, mode)
+        os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(content)
         os.replace(tmp, path)

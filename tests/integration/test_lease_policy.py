@@ -295,9 +295,15 @@ def test_anyone_allowed_by_rbac_may_revoke_an_active_lease_and_nothing_else(
         {"labels": {"x": "y"}},
         {"finalizers": ["example.com/keep"]},
         {"ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": "p", "uid": "u"}]},
+        {"annotations": {"note": "revoked by someone else"}},
     ):
         both = {**revoked(resources.REVOKED_BY_ADMIN), "metadata": extra}
         assert REFUSAL in _as(cluster, TENANT, *patch, "-p", json.dumps(both)), extra
+    # Nor another status field than the revocation's own.
+    for field, value in (("expiresAt", "2098-01-01T00:00:00Z"), ("botPHID", "PHID-USER-x")):
+        changed = revoked(resources.REVOKED_BY_ADMIN)
+        changed["status"][field] = value
+        assert REFUSAL in _as(cluster, TENANT, *patch, "-p", json.dumps(changed)), field
     assert not _as(
         cluster,
         TENANT,

@@ -42,12 +42,6 @@ def test_the_files_are_private_and_replaced_whole(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "dir").iterdir()) == [".arcrc", "credential"]
 
 
-def test_with_no_user_known_the_files_are_readable_in_the_pod(tmp_path: Path) -> None:
-    agent.Writer(tmp_path, GATEWAY, pod_readable=True)(_credential())
-    for name in ("credential", ".arcrc"):
-        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
-
-
 def test_init_retries_until_its_timeout_then_tells_why(tmp_path: Path) -> None:
     now = [0.0]
     calls: list[float] = []

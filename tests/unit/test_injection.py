@@ -465,18 +465,13 @@ def test_with_proxy_await_disabled_the_agent_still_follows_the_proxy() -> None:
     ]  # fmt: skip
 
 
-def test_files_are_readable_in_the_pod_only_when_no_user_is_known() -> None:
-    # No user anywhere: the app runs as its image says, which the webhook cannot know.
-    unknown = _pod()
-    SIDECAR.apply(unknown)
-    assert "--pod-readable" in _agent(unknown)["args"]
-    assert "runAsUser" not in _agent(unknown)["securityContext"]
-    # The app's own user: the agent runs as it, the files stay 0600.
+def test_the_agent_runs_as_the_apps_user_or_inherits_the_pods() -> None:
     own = _linkerd_first_with_own_values()
     SIDECAR.apply(own)
-    assert "--pod-readable" not in _agent(own)["args"]
-    # The pod's user, inherited by every container the agent included.
+    assert _agent(own)["securityContext"]["runAsUser"] == 1000
+    # Set on the pod only: every container inherits it, the agent included (not repeated).
     pod_level = _pod()
     pod_level["spec"]["securityContext"] = {"runAsUser": 1234}
     SIDECAR.apply(pod_level)
-    assert "--pod-readable" not in _agent(pod_level)["args"]
+    assert "runAsUser" not in _agent(pod_level)["securityContext"]
+    assert pod_level["spec"]["securityContext"] == {"runAsUser": 1234}

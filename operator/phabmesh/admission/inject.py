@@ -178,17 +178,14 @@ class Injection:
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
         }
-        # The files are readable by their owner only: run as the app's user when it has
-        # one of its own (else the pod's, inherited). When neither names a user, the app
-        # runs as its image says, unknown here: the files are then readable in the pod.
+        # The files are readable by their owner only (clients such as phabfive refuse an
+        # .arcrc others may read): run as the app's user when it has one of its own (else
+        # the pod's, inherited; docs/agent.md says to set one).
         app = _first_app(pod)
         for key in ("runAsUser", "runAsGroup"):
             value = ((app or {}).get("securityContext") or {}).get(key)
             if value is not None:
                 security[key] = value
-        pod_user = ((pod.get("spec") or {}).get("securityContext") or {}).get("runAsUser")
-        if "runAsUser" not in security and pod_user is None:
-            args.append("--pod-readable")
         # Where the app's own settings point elsewhere (its own endpoint or gateway), the
         # agent follows them.
         own = {e.get("name"): e for e in (app or {}).get("env") or [] if "value" in e}
