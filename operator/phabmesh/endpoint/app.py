@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
 import structlog
@@ -52,6 +52,7 @@ from phabmesh.settings import Settings
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
 
 POD_NAME = "authentication.kubernetes.io/pod-name"
 POD_UID = "authentication.kubernetes.io/pod-uid"
@@ -231,7 +232,7 @@ def review_source(client_id: str | None, peer: str | None) -> str:
     return "peer:" + address
 
 
-def _remember(cache: collections.OrderedDict[str, T], key: str, value: T, size: int) -> None:
+def _remember(cache: collections.OrderedDict[K, T], key: K, value: T, size: int) -> None:
     """Insert, dropping the oldest entries past ``size`` (every entry lives as long)."""
     cache[key] = value
     cache.move_to_end(key)
@@ -553,10 +554,7 @@ class CredentialEndpoint:
         if self._explain_budget.take() > 0:
             return "no active credential lease for this pod"
         reason = await self._explain(who, wanted)
-        self._explained[key] = (now + EXPLAIN_TTL, reason)
-        self._explained.move_to_end(key)
-        while len(self._explained) > EXPLAIN_MEMORY:
-            self._explained.popitem(last=False)
+        _remember(self._explained, key, (now + EXPLAIN_TTL, reason), EXPLAIN_MEMORY)
         return reason
 
     async def _explain(self, who: Reviewed, wanted: str | None) -> str:
