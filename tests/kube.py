@@ -138,3 +138,19 @@ def meshed_template(app: str, annotations: dict[str, str] | None = None) -> dict
             "containers": [{"name": "app", "image": "registry.invalid/app:1"}],
         },
     }
+
+
+HOLD = "phabmesh.io/kwok-hold"  # KWOK keeps a Job's pod so annotated Running (stages.yaml)
+
+
+def one_shot_job(name: str) -> dict[str, Any]:
+    """A Job of one meshed pod that runs once, held Running by KWOK until the test lets it
+    finish (by removing the annotation :data:`HOLD`)."""
+    template = meshed_template(name, {HOLD: "until the test has called"})
+    template["spec"]["restartPolicy"] = "Never"
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {"backoffLimit": 0, "template": template},
+    }

@@ -17,7 +17,7 @@ from kubernetes.client.rest import ApiException
 from phabmesh import resources
 from phabmesh.dev.conduit import ConduitServer
 from phabmesh.settings import Settings
-from tests.kube import HAND_NODE, Cluster, hand_made
+from tests.kube import HAND_NODE, Cluster, hand_made, wait_for
 from tests.stack import Threaded
 
 G, V = resources.GROUP, resources.VERSION
@@ -87,6 +87,33 @@ def make_binding(cluster: Cluster, namespace: str, name: str, bot: str, **spec: 
         },
     }
     cluster.custom.create_namespaced_custom_object(G, V, namespace, resources.BINDING_PLURAL, body)
+
+
+def bind(
+    cluster: Cluster,
+    conduit: ConduitServer,
+    namespace: str,
+    *,
+    bot: str | None = None,
+    runner_account: bool = False,
+    **spec: Any,
+) -> str:
+    """A Ready binding `runners` of a Ready bot (`bot-<namespace>` by default) in the namespace,
+    labelled to use it; with ``runner_account``, the ServiceAccount `runner` as well (pods a
+    workload controller makes need it to exist). The bot's name."""
+    bot = bot or f"bot-{namespace}"
+    make_bot(cluster, conduit, bot)
+    label_namespace(cluster, namespace)
+    if runner_account:
+        cluster.core.create_namespaced_service_account(
+            namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="runner"))
+        )
+    make_binding(cluster, namespace, "runners", bot, **spec)
+    wait_for(
+        lambda: (c := binding_condition(cluster, namespace, "runners")) and c["status"] == "True",
+        what="the binding to be Ready",
+    )
+    return bot
 
 
 def condition(obj: dict[str, Any], type_: str = "Ready") -> dict[str, Any] | None:

@@ -31,8 +31,8 @@ from phabmesh import admission, resources
 from phabmesh.admission import inject
 from phabmesh.dev.conduit import ConduitServer
 from phabmesh.settings import Settings
-from tests.kube import Cluster, meshed_template, wait_for
-from tests.phab import binding_condition, label_namespace, make_binding, make_bot, pod_token
+from tests.kube import HOLD, Cluster, meshed_template, one_shot_job, wait_for
+from tests.phab import bind, pod_token
 from tests.stack import Threaded
 
 pytestmark = pytest.mark.e2e
@@ -42,7 +42,6 @@ WEBHOOK_YAML = ROOT / "manifests" / "webhook.yaml"
 CLIENTS_PYTHON = ROOT / ".venv-clients" / "bin" / "python"
 ARCRC_DRIVER = ROOT / "tests" / "clients" / "python" / "call_phabricator_arcrc.py"
 CONFIG = Settings().webhook_configuration
-HOLD = "phabmesh.io/kwok-hold"  # KWOK keeps a Job's pod so annotated Running (stages.yaml)
 TIMEOUT = 60
 
 
@@ -63,21 +62,12 @@ def ns(
     cluster: Cluster, conduit: ConduitServer, operator: Threaded, webhook: str, namespace: str
 ) -> str:
     """A namespace whose binding asks for the agent in Auto mode, credentials living 1 min."""
-    make_bot(cluster, conduit, f"bot-{namespace}")
-    label_namespace(cluster, namespace)
-    cluster.core.create_namespaced_service_account(
-        namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="runner"))
-    )
-    make_binding(
-        cluster, namespace, "runners", f"bot-{namespace}",
+    bind(
+        cluster, conduit, namespace, runner_account=True,
         credentialTTL="1m", agent={"mode": resources.AGENT_AUTO},
         # phabfive asks conduit.query first.
         allowedMethods=["user.*", "conduit.ping", "conduit.query"],
     )  # fmt: skip
-    wait_for(
-        lambda: (c := binding_condition(cluster, namespace, "runners")) and c["status"] == "True",
-        what="the binding to be Ready",
-    )
     # The webhook's own watch of bindings has it too.
     injector: admission.Injector = operator.process.injector  # type: ignore[attr-defined]
     wait_for(lambda: injector.specs_in(namespace), what="the webhook to know the binding")
@@ -317,14 +307,7 @@ def test_deployment_pod_calls_conduit_through_its_sidecar_agent(
 def test_job_pod_gets_one_credential_from_its_init_agent(
     cluster: Cluster, operator: Threaded, gateway: Threaded, ns: str, tmp_path: Path
 ) -> None:
-    template = meshed_template("once", {HOLD: "until the test has called"})
-    template["spec"]["restartPolicy"] = "Never"
-    job = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": "once"},
-        "spec": {"backoffLimit": 0, "template": template},
-    }
+    job = one_shot_job("once")
     _apply(cluster, ns, job)
     pod = _running(cluster, ns, "once")
     container = _assert_injected(_stored(cluster, ns, pod), "init")  # Auto, for a Job

@@ -23,19 +23,14 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from phabmesh.dev.conduit import ConduitServer
-from tests.kube import Cluster, meshed_template, wait_for
+from tests.kube import HOLD, Cluster, meshed_template, one_shot_job, wait_for
 from tests.phab import (
     active_leases,
-    binding_condition,
+    bind,
     exchange,
-    label_namespace,
-    make_binding,
-    make_bot,
     pod_token,
 )
 from tests.stack import Threaded
-
-HOLD = "phabmesh.io/kwok-hold"  # KWOK keeps a Job's pod so annotated Running (stages.yaml)
 
 
 class Mesh:
@@ -84,17 +79,7 @@ def mesh(cluster: Cluster, conduit: ConduitServer, operator: Threaded, gateway: 
 @pytest.fixture
 def ns(cluster: Cluster, mesh: Mesh, namespace: str) -> str:
     """The test's namespace: a Ready binding of ServiceAccount `runner` to a bot."""
-    bot = f"bot-{namespace}"
-    make_bot(cluster, mesh.conduit, bot)
-    label_namespace(cluster, namespace)
-    cluster.core.create_namespaced_service_account(
-        namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="runner"))
-    )
-    make_binding(cluster, namespace, "runners", bot, credentialTTL="5m")
-    wait_for(
-        lambda: (c := binding_condition(cluster, namespace, "runners")) and c["status"] == "True",
-        what="the binding to be Ready",
-    )
+    bind(cluster, mesh.conduit, namespace, runner_account=True, credentialTTL="5m")
     return namespace
 
 
@@ -208,14 +193,7 @@ def test_rollout_restart_moves_access_to_the_new_replicaset(
 
 
 def test_job_pod_refused_once_succeeded(cluster: Cluster, mesh: Mesh, ns: str) -> None:
-    template = meshed_template("once", {HOLD: "until the test has called"})
-    template["spec"]["restartPolicy"] = "Never"
-    job = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": "once"},
-        "spec": {"backoffLimit": 0, "template": template},
-    }
+    job = one_shot_job("once")
     apply(cluster, ns, job)
     (uid, pod), *_ = wait_running(cluster, ns, "once", 1).items()
     credential = mesh.credential(ns, pod)
@@ -307,17 +285,7 @@ def test_namespace_deleted(cluster: Cluster, mesh: Mesh) -> None:
         ),
         what=f"ServiceAccount default in {name}",
     )
-    bot = f"bot-{name}"
-    make_bot(cluster, mesh.conduit, bot)
-    label_namespace(cluster, name)
-    cluster.core.create_namespaced_service_account(
-        name, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="runner"))
-    )
-    make_binding(cluster, name, "runners", bot, credentialTTL="5m")
-    wait_for(
-        lambda: (c := binding_condition(cluster, name, "runners")) and c["status"] == "True",
-        what="the binding to be Ready",
-    )
+    bind(cluster, mesh.conduit, name, runner_account=True, credentialTTL="5m")
     apply(cluster, name, deployment("web", 2))
     pods = wait_running(cluster, name, "web", 2)
     held = credentials(mesh, name, pods)

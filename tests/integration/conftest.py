@@ -5,12 +5,9 @@ from __future__ import annotations
 import pytest
 
 from phabmesh.dev.conduit import ConduitServer
-from tests.kube import Cluster, wait_for
+from tests.kube import Cluster
 from tests.phab import (
-    binding_condition,
-    label_namespace,
-    make_binding,
-    make_bot,
+    bind,
 )
 from tests.stack import Threaded
 
@@ -18,11 +15,5 @@ from tests.stack import Threaded
 @pytest.fixture
 def bound(cluster: Cluster, conduit: ConduitServer, operator: Threaded, namespace: str) -> str:
     """A namespace with a Ready binding `runners` of a Ready bot `bot-<namespace>`."""
-    bot = f"bot-{namespace}"
-    make_bot(cluster, conduit, bot)
-    label_namespace(cluster, namespace)
-    make_binding(cluster, namespace, "runners", bot, credentialTTL="2m")
-    wait_for(
-        lambda: (c := binding_condition(cluster, namespace, "runners")) and c["status"] == "True"
-    )
+    bind(cluster, conduit, namespace, credentialTTL="2m")
     return namespace

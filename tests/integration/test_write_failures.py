@@ -24,11 +24,8 @@ from tests.phab import (
     G,
     V,
     active_leases,
-    binding_condition,
-    label_namespace,
+    bind,
     leases,
-    make_binding,
-    make_bot,
     make_pod,
     time_of,
 )
@@ -107,13 +104,8 @@ def faults(operator: Threaded) -> Iterator[Faults]:
 
 @pytest.fixture
 def bound(cluster: Cluster, conduit: ConduitServer, operator: Threaded, namespace: str) -> str:
-    bot = f"wf-{namespace}"
-    make_bot(cluster, conduit, bot)
-    label_namespace(cluster, namespace)
-    make_binding(cluster, namespace, "runners", bot, credentialTTL="1h")
-    wait_for(
-        lambda: (c := binding_condition(cluster, namespace, "runners")) and c["status"] == "True"
-    )
+    # An hour: shortening it to 10 minutes makes the live lease due for renewal at once.
+    bind(cluster, conduit, namespace, bot=f"wf-{namespace}", credentialTTL="1h")
     return namespace
 
 
