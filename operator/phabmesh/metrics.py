@@ -298,7 +298,13 @@ class Metrics:
         self.active_leases = _ActiveLeases()
         self.operator_acting = Gauge(
             "phabmesh_operator_acting",
-            "1 while this replica's controller acts (started, not paused by kopf peering)",
+            "1 while this replica's controller acts (started, not paused by kopf peering, "
+            "its own keep-alive fresh)",
+            registry=None,
+        )
+        self.writes_deferred = Counter(
+            "phabmesh_controller_writes_deferred_total",
+            "Controller writes not made because this replica was not acting (peering)",
             registry=None,
         )
         # -- the credential endpoint and the webhook (operator process)
@@ -391,6 +397,7 @@ class Metrics:
             self.binding_ready.gauge,
             self.active_leases,
             self.operator_acting,
+            self.writes_deferred,
             self.credential_requests,
             self.credential_refusals,
             self.token_reviews,

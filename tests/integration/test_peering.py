@@ -9,6 +9,8 @@ import base64
 import json
 import signal
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -174,3 +176,67 @@ def test_one_of_two_replicas_acts_and_the_other_takes_over(
                     proc.wait(20)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+def test_two_replicas_never_act_at_once_across_an_api_server_outage(
+    alone: Cluster, conduit: ConduitServer, tmp_path: Path
+) -> None:
+    """An outage longer than what is left of the acting replica's keep-alive: kopf's rule
+    alone lets the standby act as soon as it reads again while the other acts on; each
+    replica's own fence keeps them from acting at once (peering lifetime 10 s here)."""
+    cluster = alone
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    procs = [spawn_operator(cluster, conduit, log, "--peering") for log in logs]
+    samples: list[tuple[float, list[float | None]]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        texts = [log.read_text() for log in logs]
+        while not done.is_set():
+            samples.append((time.monotonic(), [_acting(text) for text in texts]))
+            done.wait(0.1)
+
+    try:
+        for log in logs:
+            wait_for(lambda log=log: "controller_started" in log.read_text(), timeout=60)
+        wait_for(
+            lambda: sorted(_acting(log.read_text()) or 0.0 for log in logs) == [0.0, 1.0],
+            timeout=60,
+            what="one replica acting",
+        )
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        alone.plane.stop_apiserver()
+        # Nothing shows either replica alive now: each stops acting before its keep-alive
+        # runs out, so neither can act beside one that another judges dead.
+        wait_for(
+            lambda: samples and samples[-1][1] == [0.0, 0.0],
+            timeout=30,
+            what="both replicas fenced while the API server is away",
+        )
+        alone.plane.start_apiserver()
+        wait_for(
+            lambda: samples and sorted(v or 0.0 for v in samples[-1][1]) == [0.0, 1.0],
+            timeout=120,
+            what="one replica acting again",
+        )
+        # And it acts: a new pod gets its lease.
+        make_bot(cluster, conduit, "outage-bot")
+        label_namespace(cluster, NS)
+        make_binding(cluster, NS, "runners", "outage-bot")
+        make_pod(cluster, NS, "after", node=None)
+        wait_for(lambda: active_leases(cluster, NS), timeout=90, what="a lease after the outage")
+    finally:
+        done.set()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    # Both acting is seen at most in one sample at a time: the moment between a keep-alive
+    # landing and the other replica's watch bringing it (milliseconds), never a stretch.
+    both = [i for i, (_, values) in enumerate(samples) if values == [1.0, 1.0]]
+    stretches = [i for i in both if i + 1 in both]
+    assert not stretches, [samples[i] for i in both]

@@ -7,6 +7,16 @@ priority, watches the same object, and applies kopf's rule (``process_peering_ev
 acts while no other live peer (``lastseen + lifetime`` not passed) has a priority as high as
 its own. Without the object (or before its watch has listed) it does not act, as kopf does
 not. In standalone mode (no peering) the controller acts once started.
+
+kopf's rule alone lets two replicas act at once. A replica judges the others by the
+``lastseen`` they last wrote; the acting one never asks whether its own keep-alive still
+lands. When the API server is away longer than what is left of the acting replica's
+lifetime, the standby sees it dead as soon as it can read again, and acts; the other, which
+never saw a live peer above it, acts too until its next keep-alive (up to ``lifetime`` - 5 s
+later). So this replica also *fences* itself (:func:`fenced`): it acts only while its own
+keep-alive, as the peering object shows it, is younger than its lifetime less
+:data:`FENCE_MARGIN`, i.e. before any other replica could judge it dead. kopf renews a
+keep-alive at least 5 s before it runs out, so a healthy replica is never fenced.
 """
 
 from __future__ import annotations
@@ -24,6 +34,10 @@ from phabmesh.kube.informer import Informer
 from phabmesh.leases.view import parse_time
 
 GROUP, VERSION, PLURAL = "kopf.dev", "v1", "clusterkopfpeerings"
+# Seconds before its own keep-alive runs out that a replica stops acting: less than the 5 s
+# kopf keeps at least between a renewal and the end of the lifetime it renews, and more than
+# the clock difference between replicas' nodes (NTP keeps it far smaller).
+FENCE_MARGIN = datetime.timedelta(seconds=2)
 
 
 def new_identity() -> str:
@@ -76,6 +90,16 @@ def acting(others: Iterable[Peer], identity: str, priority: int, now: datetime.d
     )
 
 
+def fenced(others: Iterable[Peer], identity: str, now: datetime.datetime) -> bool:
+    """Is this replica's own keep-alive missing, or too close to its end, for it to act?
+
+    Its own ``lastseen`` was written with its own clock, so no clock difference plays a part
+    in this judgement; another replica takes over once it sees ``lastseen + lifetime`` pass.
+    """
+    own = [peer.deadline for peer in others if peer.identity == identity]
+    return not own or max(own) - FENCE_MARGIN <= now
+
+
 class PeeringView:
     """A watch of one ClusterKopfPeering, judged for this replica at each question."""
 
@@ -95,9 +119,12 @@ class PeeringView:
         await self.informer.run()
 
     def acting(self, now: datetime.datetime | None = None) -> bool:
+        """kopf's rule, and this replica's own keep-alive fresh (:func:`fenced`): what the
+        controller's writes ask before each write, and what ``phabmesh_operator_acting`` says."""
         listed = self.informer.items.get(self.name)
         if listed is None or not self.informer.synced.is_set():
             return False
-        return acting(
-            listed, self.identity, self.priority, now or datetime.datetime.now(datetime.UTC)
+        now = now or datetime.datetime.now(datetime.UTC)
+        return acting(listed, self.identity, self.priority, now) and not fenced(
+            listed, self.identity, now
         )

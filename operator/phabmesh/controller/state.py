@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import kopf
 import requests
@@ -73,6 +73,9 @@ class Memo(kopf.Memo):
         self.bindings = reconcilers.Bindings(self)
         self.leases = reconcilers.Leases(self)
         self.startup = reconcilers.Startup(self)
+        # With kopf peering: whether this replica may write now (PeeringView.acting), asked by
+        # the Writer before each write; None when the controller runs alone.
+        self.acting: Callable[[], bool] | None = None
         self.client: KubeClient
         self.events_client: KubeClient
         self.writer: Writer
@@ -92,7 +95,13 @@ class Memo(kopf.Memo):
             burst=max(1, self.settings.kube_burst // 4),
             connections=16,
         )
-        self.writer = Writer(self.client, self.world, self.clock, events_client=self.events_client)
+        self.writer = Writer(
+            self.client,
+            self.world,
+            self.clock,
+            events_client=self.events_client,
+            acting=self.acting,
+        )
         self.secrets = Informer(
             self.client,
             resource_path("", "v1", "secrets", self.settings.namespace),

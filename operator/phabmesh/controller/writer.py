@@ -30,6 +30,14 @@ class LeaseBusy(Exception):
         super().__init__(f"lease {namespace}/{name} exists and is not this pod's Pending lease")
 
 
+class NotActing(Exception):
+    """This replica may not write now (kopf peering: another acts, or this one cannot show
+    that it is alive): the write is not made, and the pod's reconcile is tried again later."""
+
+    def __init__(self) -> None:
+        super().__init__("this operator replica is not acting (peering): write deferred")
+
+
 def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
@@ -56,7 +64,13 @@ def lease_path(namespace: str, name: str | None = None, subresource: str | None 
 
 class Writer:
     """Every write the controller makes. Events go out in the background through their own
-    client (its own rate limit), so a burst of them never delays a lease write."""
+    client (its own rate limit), so a burst of them never delays a lease write.
+
+    ``acting`` (with kopf peering: :meth:`phabmesh.controller.peering.PeeringView.acting`) is
+    asked before every lease and status write; while it says no, the write raises
+    :class:`NotActing` instead of reaching the API server, so that a replica that is paused,
+    or that cannot show it is alive, never writes beside the one that acts. Standalone: None.
+    """
 
     MAX_PENDING_EVENTS = 2000
 
@@ -67,8 +81,10 @@ class Writer:
         clock: Clock = utcnow,
         *,
         events_client: KubeClient | None = None,
+        acting: Callable[[], bool] | None = None,
     ) -> None:
         self.client = client
+        self.acting = acting
         self.events_client = events_client or client
         self.world = world
         self.clock = clock
@@ -79,6 +95,11 @@ class Writer:
         for task in list(self._pending):
             task.cancel()
         await asyncio.gather(*self._pending, return_exceptions=True)
+
+    def _may_write(self) -> None:
+        if self.acting is not None and not self.acting():
+            metrics.current().writes_deferred.inc()
+            raise NotActing
 
     async def issue(
         self,
@@ -93,6 +114,7 @@ class Writer:
         Leases have no status subresource (only phabmesh writes them, spec and status alike:
         manifests/lease-policy.yaml), so the lease is created with its status, Active.
         """
+        self._may_write()
         now = self.clock()
         name = lease_name(pod.name, binding.name, pod.uid)
         assert binding.bot is not None
@@ -176,6 +198,7 @@ class Writer:
         return lease
 
     async def renew(self, lease: LeaseView, ttl: datetime.timedelta) -> None:
+        self._may_write()
         now = self.clock()
         status = {"renewedAt": format_time(now), "expiresAt": format_time(now + ttl)}
         try:
@@ -190,6 +213,7 @@ class Writer:
 
     async def revoke(self, lease: LeaseView, reason: str, message: str = "") -> None:
         """Mark the lease Revoked (the gateway refuses it on this event), then delete it."""
+        self._may_write()
         now = self.clock()
         path = lease_path(lease.namespace, lease.name)
         revoked: JSON = {
@@ -227,6 +251,7 @@ class Writer:
 
     async def delete_revoked(self, lease: LeaseView) -> None:
         """Delete a lease left Revoked (its delete failed earlier), this one only."""
+        self._may_write()
         options: JSON = {"propagationPolicy": "Background"}
         if lease.uid:
             options["preconditions"] = {"uid": lease.uid}
@@ -288,6 +313,7 @@ class Writer:
 
     async def patch_status(self, path: str, status: JSON) -> JSON | None:
         """Merge ``status`` in; the status the API server then holds (None: object gone)."""
+        self._may_write()
         try:
             updated = await self.client.merge_patch(path + "/status", {"status": status})
         except NotFound:

@@ -117,6 +117,7 @@ class OperatorProcess:
                 self.client, PEERING_NAME, self.peering_identity, self.peering_priority
             )
             self.tasks.append(asyncio.create_task(self.peering.run()))
+            self.memo.acting = self.peering.acting  # the controller writes only while acting
         self.controller_task = asyncio.create_task(
             controller.operate(
                 s,
