@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -31,9 +31,14 @@ CATEGORY = "phabmesh"  # `kubectl get phabmesh` lists all three kinds
 # (`kubectl phabmesh recheck`); any value will do, the time of the request by convention.
 RECHECK_ANNOTATION = "phabmesh.io/recheck-requested-at"
 
-# Condition types (on bots: Ready; on bindings: Ready and BotReady).
+# Condition types (on bots: Ready and TokenVerified; on bindings: Ready and BotReady).
 READY = "Ready"  # the object does its job: a verified bot, a binding that issues credentials
 BOT_READY = "BotReady"  # on a binding: the referenced bot's own Ready, with the bot's reason
+# On a bot: Phabricator's last definite answer (True: the token is this bot's; False: a
+# definite no, with its reason). It stands while Phabricator is unavailable (Ready Unknown),
+# so that whether the bot is still usable is read from the object, by any process, after
+# any restart (bot_usable).
+TOKEN_VERIFIED = "TokenVerified"  # noqa: S105 - a condition type, not a secret
 
 # PhabricatorCredential status.phase.
 ACTIVE = "Active"  # the pod may act as the bot until expiresAt
@@ -304,6 +309,21 @@ def parse_conditions(raw: object) -> list[Condition]:
         except ValueError:
             continue
     return out
+
+
+def bot_usable(conditions: Sequence[Mapping[str, Any]], generation: int) -> bool:
+    """May a bot's credentials be issued and kept? Ready, or Ready Unknown (Phabricator
+    unavailable) after a verification of this generation of its spec that no definite "no"
+    has followed: an outage of Phabricator revokes nothing; a definite answer does, and a
+    changed spec (another username, another Secret) is not usable until it is verified."""
+    by_type = {str(c.get("type")): c for c in conditions if isinstance(c, Mapping)}
+    ready = (by_type.get(READY) or {}).get("status")
+    verified = by_type.get(TOKEN_VERIFIED) or {}
+    return ready == "True" or (
+        ready == "Unknown"
+        and verified.get("status") == "True"
+        and verified.get("observedGeneration") == generation
+    )
 
 
 def set_condition(

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from phabmesh import resources
+from phabmesh import metrics, resources
 from phabmesh.dev import devcluster
 from phabmesh.dev.conduit import ConduitServer
 from phabmesh.processes.operator import OperatorProcess
@@ -187,3 +187,58 @@ def test_a_restarted_operator_writes_no_status_that_did_not_change(
     assert status_writes("phabricatorbots/status") == bot_writes
     assert binding_after["status"]["conditions"] == binding_before["status"]["conditions"]
     assert binding_after["status"]["matchedPods"] == 2
+
+
+def test_a_restart_while_phabricator_is_down_revokes_nothing(
+    alone: Cluster, conduit: ConduitServer
+) -> None:
+    """A verified bot goes Unknown while Phabricator is down, and keeps its leases. A new
+    operator, started meanwhile, reads the same from the bot's status (TokenVerified) and
+    keeps them too: no lease revoked, none re-issued, and a new pod is served."""
+    cluster = alone
+
+    def bot() -> dict[str, Any]:
+        return cluster.custom.get_cluster_custom_object(G, V, resources.BOT_PLURAL, "dark-bot")
+
+    operator = start_operator(cluster, conduit)
+    try:
+        make_bot(cluster, conduit, "dark-bot")
+        label_namespace(cluster, NS)
+        make_binding(cluster, NS, "dark", "dark-bot")
+        make_pod(cluster, NS, "dark-0", node=None)
+        wait_for(lambda: len(active_leases(cluster, NS)) == 1, what="the first lease")
+        issued = {x["metadata"]["uid"] for x in active_leases(cluster, NS)}
+        conduit.down = True
+        wait_for(
+            lambda: (c := condition(bot())) and c["status"] == "Unknown",
+            what="the bot Unknown while Phabricator is down",
+        )
+    finally:
+        operator.stop()
+    try:
+        operator = start_operator(cluster, conduit)
+        try:
+            make_pod(cluster, NS, "dark-1", node=None)
+            wait_for(lambda: len(active_leases(cluster, NS)) == 2, what="the new pod's lease")
+            # The new operator checks the bot again (still Unknown), twice over.
+            recorded = operator.process.metrics  # type: ignore[attr-defined]
+            wait_for(
+                lambda: (
+                    sum(
+                        value
+                        for labels, value in metrics.samples(recorded, "phabmesh_bot_checks_total")
+                        if labels.get("result") == "PhabricatorUnavailable"
+                    )
+                    >= 2
+                ),
+                what="two checks of the bot by the new operator",
+            )
+            assert (c := condition(bot())) and c["status"] == "Unknown", c
+            items = leases(cluster, NS)
+        finally:
+            operator.stop()
+    finally:
+        conduit.down = False
+    assert issued < {x["metadata"]["uid"] for x in items}
+    assert all(x["status"]["phase"] == "Active" for x in items), items
+    assert (c := binding_condition(cluster, NS, "dark")) and c["status"] == "True", c

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from phabmesh.leases.view import LeaseView
-from phabmesh.leases.world import World
+from phabmesh.leases.world import BotView, World
 
 
 def _lease(version: str, phase: str) -> LeaseView:
@@ -67,3 +69,34 @@ def test_the_deletion_of_an_earlier_lease_never_drops_its_successor() -> None:
     assert world.leases_of_pod("p1") == [second]
     assert world.drop_lease(second.key, "second-uid") == second
     assert second.key not in world.leases
+
+
+def _bot_body(generation: int, *conditions: tuple[str, str, int]) -> dict[str, object]:
+    return {
+        "metadata": {"name": "b", "generation": generation},
+        "spec": {"username": "b", "tokenSecretRef": {"name": "s"}},
+        "status": {
+            "conditions": [
+                {"type": t, "status": s, "observedGeneration": g, "reason": "R", "message": ""}
+                for t, s, g in conditions
+            ]
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("conditions", "usable"),
+    [
+        ((("Ready", "True", 3),), True),
+        ((("Ready", "Unknown", 3), ("TokenVerified", "True", 3)), True),
+        # Phabricator down and never verified, verified only for an older spec, or last told no.
+        ((("Ready", "Unknown", 3),), False),
+        ((("Ready", "Unknown", 3), ("TokenVerified", "True", 2)), False),
+        ((("Ready", "Unknown", 3), ("TokenVerified", "False", 3)), False),
+        ((("Ready", "False", 3), ("TokenVerified", "False", 3)), False),
+    ],
+)
+def test_a_bot_is_usable_as_its_status_says_whatever_process_reads_it(
+    conditions: tuple[tuple[str, str, int], ...], usable: bool
+) -> None:
+    assert BotView.from_body(_bot_body(3, *conditions)).ready is usable

@@ -150,19 +150,11 @@ class Bots(_Reconciler):
         previous = self.world.bots.get(bot.name)
         shown = previous or bot  # the status as the cluster last showed it
         phid = outcome.phid or (bot.phid if outcome.status == "Unknown" else None)
-        # Unknown (Phabricator unreachable) keeps a verified bot usable: leases are not
-        # revoked for a Phabricator outage; they are for a definite "no".
-        usable = outcome.ready or (
-            outcome.status == "Unknown" and previous is not None and previous.ready
-        )
-        updated = dataclasses.replace(bot, ready=usable, phid=phid, reason=outcome.reason)
-        self.world.bots[bot.name] = dataclasses.replace(updated, status=shown.status)
-        metrics.current().bot_status(bot.name, outcome.ready, outcome.reason)
         conditions = conditions_of(shown.status)
         new_conditions = resources.set_condition(
             conditions,
             resources.Condition.new(
-                "Ready",
+                resources.READY,
                 outcome.status,  # type: ignore[arg-type]  # "True", "False" or "Unknown"
                 outcome.reason,
                 outcome.message,
@@ -170,17 +162,37 @@ class Bots(_Reconciler):
             ),
             now,
         )
+        if outcome.status != "Unknown":  # a definite answer; an outage leaves the last one
+            new_conditions = resources.set_condition(
+                new_conditions,
+                resources.Condition.new(
+                    resources.TOKEN_VERIFIED,
+                    outcome.status,  # type: ignore[arg-type]  # "True" or "False"
+                    outcome.reason,
+                    outcome.message,
+                    bot.generation,
+                ),
+                now,
+            )
+        dumped = [c.model_dump(by_alias=True, mode="json") for c in new_conditions]
+        # Unknown (Phabricator unreachable) keeps a verified bot usable: leases are not
+        # revoked for a Phabricator outage; they are for a definite "no". Read from the
+        # conditions written, so that a restarted operator judges the same.
+        usable = resources.bot_usable(dumped, bot.generation)
+        updated = dataclasses.replace(bot, ready=usable, phid=phid, reason=outcome.reason)
+        self.world.bots[bot.name] = dataclasses.replace(updated, status=shown.status)
+        metrics.current().bot_status(bot.name, outcome.ready, outcome.reason)
         status: JSON = {
             "phid": phid,
             "observedGeneration": bot.generation,
-            "conditions": [c.model_dump(by_alias=True, mode="json") for c in new_conditions],
+            "conditions": dumped,
         }
         if changed(status, shown.status):
             written = await self.writer.patch_status(
                 bot_path(bot.name), {**status, "lastCheckedAt": format_time(now)}
             )
             self._saw_status_of_bot(bot.name, written)
-        old_ready = next((c for c in conditions if c.type == "Ready"), None)
+        old_ready = next((c for c in conditions if c.type == resources.READY), None)
         if old_ready is None or old_ready.reason != outcome.reason:
             log.info(
                 "bot_checked",

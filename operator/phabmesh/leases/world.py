@@ -37,7 +37,7 @@ class BotView:
     name: str
     generation: int
     spec: resources.BotSpec | None
-    ready: bool
+    ready: bool  # usable: Ready, or Unknown after a verification (resources.bot_usable)
     phid: str | None
     reason: str
     # The status as the cluster last showed it (watch events, the API's answers to this
@@ -51,12 +51,14 @@ class BotView:
         meta = body.get("metadata") or {}
         status = body.get("status") or {}
         spec, _ = resources.parse_bot_spec(body)
-        ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
+        conditions = status.get("conditions") or []
+        ready = next((c for c in conditions if c.get("type") == resources.READY), None)
+        generation = int(meta.get("generation") or 0)
         return cls(
             name=str(meta.get("name")),
-            generation=int(meta.get("generation") or 0),
+            generation=generation,
             spec=spec,
-            ready=bool(ready and ready.get("status") == "True"),
+            ready=resources.bot_usable(conditions, generation),
             phid=status.get("phid"),
             reason=str((ready or {}).get("reason") or "Unknown"),
             status=status,
