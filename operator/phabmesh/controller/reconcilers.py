@@ -203,6 +203,7 @@ class Bots(_Reconciler):
                     "apiVersion": f"{resources.GROUP}/{resources.VERSION}",
                     "kind": resources.BOT_KIND,
                     "name": bot.name,
+                    "uid": bot.uid,
                 },
                 outcome.reason,
                 outcome.message,

@@ -45,6 +45,7 @@ class BotView:
     # come from. Not part of the view's identity.
     status: Status = dataclasses.field(default_factory=dict, compare=False)
     recheck: str = ""  # resources.RECHECK_ANNOTATION: a new value asks for a check now
+    uid: str = ""  # for its Events' involvedObject (kubectl describe finds them by uid)
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> BotView:
@@ -63,6 +64,7 @@ class BotView:
             reason=str((ready or {}).get("reason") or "Unknown"),
             status=status,
             recheck=str((meta.get("annotations") or {}).get(resources.RECHECK_ANNOTATION) or ""),
+            uid=str(meta.get("uid") or ""),
         )
 
 
