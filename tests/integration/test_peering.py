@@ -215,11 +215,13 @@ def test_two_replicas_never_act_at_once_across_an_api_server_outage(
             what="both replicas fenced while the API server is away",
         )
         alone.plane.start_apiserver()
+        back = time.monotonic()
         wait_for(
             lambda: samples and sorted(v or 0.0 for v in samples[-1][1]) == [0.0, 1.0],
             timeout=120,
             what="one replica acting again",
         )
+        print(f"a replica acted again {time.monotonic() - back:.1f} s after the API server")
         # And it acts: a new pod gets its lease.
         make_bot(cluster, conduit, "outage-bot")
         label_namespace(cluster, NS)

@@ -17,10 +17,18 @@ later). So this replica also *fences* itself (:func:`fenced`): it acts only whil
 keep-alive, as the peering object shows it, is younger than its lifetime less
 :data:`FENCE_MARGIN`, i.e. before any other replica could judge it dead. kopf renews a
 keep-alive at least 5 s before it runs out, so a healthy replica is never fenced.
+
+kopf renews a keep-alive on its own rhythm, which an outage breaks: back from one, every
+replica would stay fenced until its next turn (up to ``lifetime`` - 5 s). So the view also
+renews this replica's entry, exactly as kopf writes it, as soon as it can once the entry is
+about to run out (:meth:`PeeringView.renew_when_due`). It never adds an entry that is not
+there: kopf removes its own when it stops, and a peer removes one it judged dead; kopf's
+next keep-alive adds it back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import os
@@ -28,7 +36,9 @@ import secrets
 import socket
 from collections.abc import Iterable
 
-from phabmesh.kube import KubeClient
+import structlog
+
+from phabmesh.kube import KubeClient, KubeError
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.kube.informer import Informer
 from phabmesh.leases.view import parse_time
@@ -38,6 +48,11 @@ GROUP, VERSION, PLURAL = "kopf.dev", "v1", "clusterkopfpeerings"
 # kopf keeps at least between a renewal and the end of the lifetime it renews, and more than
 # the clock difference between replicas' nodes (NTP keeps it far smaller).
 FENCE_MARGIN = datetime.timedelta(seconds=2)
+# The view renews this replica's keep-alive itself once less than this is left of it (kopf
+# renews with 5 to 10 s left; this only acts when kopf's turn did not come).
+RENEW_LEFT = FENCE_MARGIN + datetime.timedelta(seconds=2)
+RENEW_POLL = 0.5  # seconds between looks at the entry
+log = structlog.get_logger(__name__)
 
 
 def new_identity() -> str:
@@ -103,10 +118,15 @@ def fenced(others: Iterable[Peer], identity: str, now: datetime.datetime) -> boo
 class PeeringView:
     """A watch of one ClusterKopfPeering, judged for this replica at each question."""
 
-    def __init__(self, client: KubeClient, name: str, identity: str, priority: int) -> None:
+    def __init__(
+        self, client: KubeClient, name: str, identity: str, priority: int, lifetime: int = 60
+    ) -> None:
+        self.client = client
         self.identity = identity
         self.priority = priority
+        self.lifetime = lifetime
         self.name = name
+        self.stopping = False  # set before kopf's goodbye, so that nothing renews after it
         self.informer: Informer[tuple[Peer, ...]] = Informer(
             client,
             resource_path(GROUP, VERSION, PLURAL),
@@ -116,7 +136,35 @@ class PeeringView:
         )
 
     async def run(self) -> None:
-        await self.informer.run()
+        await asyncio.gather(self.informer.run(), self.renew_when_due())
+
+    def own_deadline(self) -> datetime.datetime | None:
+        listed = self.informer.items.get(self.name) or ()
+        return max((p.deadline for p in listed if p.identity == self.identity), default=None)
+
+    async def renew_when_due(self) -> None:
+        """Renew this replica's entry (as kopf's ``touch`` does) when it is about to run out
+        and kopf has not: after an API server outage, at once once it answers again."""
+        path = resource_path(GROUP, VERSION, PLURAL, None, self.name)
+        while True:
+            await asyncio.sleep(RENEW_POLL)
+            deadline = self.own_deadline()
+            now = datetime.datetime.now(datetime.UTC)
+            if self.stopping or not self.informer.connected or deadline is None:
+                continue
+            if deadline - now > RENEW_LEFT:
+                continue
+            entry = {
+                "priority": self.priority,
+                "lifetime": self.lifetime,
+                "lastseen": now.isoformat(),
+            }
+            try:
+                await self.client.merge_patch(path, {"status": {self.identity: entry}}, attempts=1)
+            except KubeError as exc:
+                log.warning("peering_renewal_failed", error=str(exc))
+            else:
+                log.info("peering_renewed", late_seconds=round((now - deadline).total_seconds(), 1))
 
     def acting(self, now: datetime.datetime | None = None) -> bool:
         """kopf's rule, and this replica's own keep-alive fresh (:func:`fenced`): what the

@@ -114,7 +114,11 @@ class OperatorProcess:
         )
         if not self.standalone:
             self.peering = peering.PeeringView(
-                self.client, PEERING_NAME, self.peering_identity, self.peering_priority
+                self.client,
+                PEERING_NAME,
+                self.peering_identity,
+                self.peering_priority,
+                int(s.peering_lifetime),
             )
             self.tasks.append(asyncio.create_task(self.peering.run()))
             self.memo.acting = self.peering.acting  # the controller writes only while acting
@@ -153,6 +157,8 @@ class OperatorProcess:
 
     async def stop(self) -> None:
         self.stop_flag.set()
+        if self.peering is not None:
+            self.peering.stopping = True  # kopf says goodbye in the peering object: no renewal
         for runner in self.runners:
             await runner.cleanup()
         controller_task = self.tasks[-1] if self.tasks else None
