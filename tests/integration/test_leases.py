@@ -68,9 +68,11 @@ def test_bot_and_binding_become_ready_and_follow_phabricator(
     assert bot_ready(cluster, "ready-bot")["lastTransitionTime"] != disabled["lastTransitionTime"]
     # What an administrator reads: `kubectl describe` finds the bot's Events by its uid.
     described = wait_for(
-        lambda: (out := cluster.kubectl("describe", "phabricatorbot", "ready-bot").stdout)
-        and "Disabled" in out.split("Events:")[-1]
-        and out
+        lambda: (
+            (out := cluster.kubectl("describe", "phabricatorbot", "ready-bot").stdout)
+            and "Disabled" in out.split("Events:")[-1]
+            and out
+        )
     )
     events = described.split("Events:")[-1]
     assert "<none>" not in events and "Verified" in events, events
