@@ -393,7 +393,8 @@ def test_valid_manifests_are_accepted_with_defaults(
 
         cred = _create(api, copy.deepcopy(CREDENTIAL), ns)
         resources.CredentialSpec.model_validate(cred["spec"])
-        for status in (ACTIVE, REVOKED):
+        # A lease's end lies ahead: the column must read as that time, not an age.
+        for status in ({**ACTIVE, "expiresAt": "2099-01-01T00:15:00Z"}, REVOKED):
             updated = api.patch_namespaced_custom_object(
                 G, V, ns, resources.CREDENTIAL_PLURAL, "valid-credential", {"status": status}
             )
@@ -420,6 +421,7 @@ def test_valid_manifests_are_accepted_with_defaults(
             "REASON",
         ]
         assert "PodDeleted" in wide[1]
+        assert "2099-01-01T00:15:00Z" in wide[1].split(), wide  # not <invalid>
         bots = cluster.kubectl("get", "pbot", bot_name).stdout.splitlines()
         assert bots[0].split() == ["NAME", "USERNAME", "PHID", "READY", "REASON", "AGE"]
     finally:
