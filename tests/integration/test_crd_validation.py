@@ -194,6 +194,34 @@ BAD: list[tuple[str, dict[str, Any], str, Any, str]] = [
     ("TTL above 24h", BINDING, "spec.credentialTTL", "24h1s", "spec.credentialTTL"),
     ("TTL in days", BINDING, "spec.credentialTTL", "1d", "spec.credentialTTL"),
     ("TTL not a duration", BINDING, "spec.credentialTTL", "fifteen minutes", "spec.credentialTTL"),
+    (
+        "podSelector label key with a space",
+        BINDING,
+        "spec.podSelector",
+        {"matchLabels": {"bad key!": "x"}},
+        "spec.podSelector.matchLabels",
+    ),
+    (
+        "podSelector label value with a slash",
+        BINDING,
+        "spec.podSelector",
+        {"matchLabels": {"app": "a/b"}},
+        "spec.podSelector.matchLabels",
+    ),
+    (
+        "podSelector expression key with a space",
+        BINDING,
+        "spec.podSelector",
+        {"matchExpressions": [{"key": "bad key", "operator": "Exists"}]},
+        "spec.podSelector.matchExpressions[0].key",
+    ),
+    (
+        "namespaceSelector label key with a space",
+        BOT,
+        "spec.namespaceSelector",
+        {"matchLabels": {"team name": "ci"}},
+        "spec.namespaceSelector.matchLabels",
+    ),
     ("without allowedMethods", BINDING, "spec.allowedMethods", _DELETE, "spec.allowedMethods"),
     ("empty allowedMethods", BINDING, "spec.allowedMethods", [], "spec.allowedMethods"),
     (
@@ -262,6 +290,24 @@ def test_invalid_manifest_is_refused_naming_the_field(
         _create(api, body, ns)
     assert refused.value.status == 422, refused.value.body
     assert field in _message(refused.value), _message(refused.value)
+
+
+def test_a_wrong_duration_is_explained_with_examples(api: client.CustomObjectsApi, ns: str) -> None:
+    body = _with(BINDING, "spec.credentialTTL", "1 hour")
+    body["metadata"]["name"] = "ttl-typo"
+    with pytest.raises(ApiException) as refused:
+        _create(api, body, ns)
+    message = _message(refused.value)
+    assert "spec.credentialTTL" in message and "such as 15m" in message, message
+    assert "should match" not in message and "[0-9]" not in message, message  # no regex
+
+
+def test_a_label_key_error_says_what_a_key_is(api: client.CustomObjectsApi, ns: str) -> None:
+    body = _with(BINDING, "spec.podSelector", {"matchLabels": {"bad key!": "x"}})
+    body["metadata"]["name"] = "key-typo"
+    with pytest.raises(ApiException) as refused:
+        _create(api, body, ns)
+    assert "e.g. app or app.kubernetes.io/name" in _message(refused.value)
 
 
 @pytest.fixture
