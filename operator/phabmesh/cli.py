@@ -81,9 +81,13 @@ def _gateway(args: argparse.Namespace) -> int:
 
 def _fetcher(args: argparse.Namespace) -> Callable[[], podclient.Credential]:
     """The exchange ``phabmesh credential`` and ``phabmesh agent`` make, as their flags say."""
-    endpoint = args.endpoint or os.environ.get(
-        "PHABMESH_CREDENTIAL_ENDPOINT", podclient.DEFAULT_ENDPOINT
-    )
+    variable = "PHABMESH_CREDENTIAL_ENDPOINT"
+    if args.endpoint:
+        endpoint, source = args.endpoint, "from --endpoint"
+    elif os.environ.get(variable):
+        endpoint, source = os.environ[variable], f"from {variable}"
+    else:
+        endpoint, source = podclient.DEFAULT_ENDPOINT, f"the default: {variable} is not set"
     token_file = Path(args.token_file)
 
     def fetch() -> podclient.Credential:
@@ -92,7 +96,7 @@ def _fetcher(args: argparse.Namespace) -> Callable[[], podclient.Credential]:
         except OSError as exc:
             raise podclient.ExchangeError(f"cannot read {token_file}: {exc.strerror}") from exc
         return podclient.exchange(
-            endpoint, token, binding=args.binding, credential_format=args.format
+            endpoint, token, binding=args.binding, credential_format=args.format, source=source
         )
 
     return fetch

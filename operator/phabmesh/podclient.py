@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import os
 import random
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -58,7 +59,10 @@ def exchange(
     credential_format: str | None = None,
     session: requests.Session | None = None,
     timeout: float = 10.0,
+    source: str = "",
 ) -> Credential:
+    """One exchange. ``source`` says where ``endpoint`` came from (a flag, a variable, the
+    default), for the message when it cannot be reached."""
     if session is None:
         with requests.Session() as own:
             return exchange(
@@ -68,6 +72,7 @@ def exchange(
                 credential_format=credential_format,
                 session=own,
                 timeout=timeout,
+                source=source,
             )
     params = {"binding": binding} if binding else {}
     if credential_format:
@@ -80,7 +85,10 @@ def exchange(
             timeout=timeout,
         )
     except requests.RequestException as exc:
-        raise ExchangeError(f"credential endpoint unreachable: {type(exc).__name__}") from exc
+        where = f" ({source})" if source else ""
+        raise ExchangeError(
+            f"credential endpoint {endpoint}{where} unreachable: {_cause(exc, timeout)}"
+        ) from exc
     try:
         body: dict[str, Any] = resp.json()
     except ValueError:
@@ -102,6 +110,22 @@ def exchange(
         bot=str(body.get("bot", "")),
         format=str(body.get("format", "")),
     )
+
+
+_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
+
+
+def _cause(exc: requests.RequestException, timeout: float) -> str:
+    """What went wrong, in a few words: the system's own (connection refused, name not
+    known...) where the exception carries it, else its kind."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return f"no connection within {timeout:g} s"
+    if isinstance(exc, requests.ReadTimeout):
+        return f"no answer within {timeout:g} s"
+    found = _ERRNO.search(str(exc))
+    if found:
+        return found.group(1).strip()
+    return type(exc).__name__
 
 
 def write_atomically(path: Path, content: str) -> None:

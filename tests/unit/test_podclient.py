@@ -65,10 +65,31 @@ def test_refusals_carry_the_endpoints_message(endpoint: str, status: int, retrya
     assert refused.value.retryable is retryable
 
 
-def test_unreachable_endpoint_is_retryable() -> None:
+def test_unreachable_endpoint_is_retryable_and_named_with_where_it_came_from() -> None:
     with pytest.raises(podclient.ExchangeError, match="unreachable") as refused:
-        podclient.exchange("http://127.0.0.1:9", "sa-token", timeout=2)
+        podclient.exchange(
+            "http://127.0.0.1:9", "sa-token", timeout=2, source="from PHABMESH_CREDENTIAL_ENDPOINT"
+        )
     assert refused.value.retryable
+    message = str(refused.value)
+    assert "http://127.0.0.1:9 (from PHABMESH_CREDENTIAL_ENDPOINT)" in message, message
+    assert message.endswith("Connection refused"), message
+    assert "sa-token" not in message
+
+
+def test_the_credential_command_says_when_the_endpoint_is_only_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from phabmesh import cli
+
+    monkeypatch.delenv("PHABMESH_CREDENTIAL_ENDPOINT", raising=False)
+    monkeypatch.setattr(podclient, "DEFAULT_ENDPOINT", "http://127.0.0.1:9")
+    token = tmp_path / "token"
+    token.write_text("sa-token")
+    out = str(tmp_path / "credential")
+    assert cli.main(["credential", "--token-file", str(token), "--output", out]) == 1
+    said = capsys.readouterr().err
+    assert "http://127.0.0.1:9 (the default: PHABMESH_CREDENTIAL_ENDPOINT is not set)" in said
 
 
 def _credential(minutes: float) -> podclient.Credential:
