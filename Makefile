@@ -130,6 +130,16 @@ KOPF_CRD := crds/clusterkopfpeerings.yaml
 UNINSTALL_PEERING := -f manifests/peering.yaml
 UNINSTALL_CRDS := $(addprefix -f ,$(filter-out $(KOPF_CRD),$(sort $(wildcard crds/*.yaml))))
 
+# A CRD is deleted only once its objects are; a bot keeps kopf's finalizer until the operator
+# removes it. When the operator is gone first, nothing would: `make uninstall` waits
+# UNINSTALL_WAIT for the deletion, then names the objects still held and removes their
+# finalizers if you say so (asked on a terminal; YES=1 says yes, e.g. in scripts).
+UNINSTALL_WAIT ?= 60s
+YES ?=
+comma := ,
+PHABMESH_KINDS := phabricatorbots.phabmesh.io,phabricatorbindings.phabmesh.io,phabricatorcredentials.phabmesh.io
+HELD := {range .items[?(@.metadata.finalizers)]}{.kind} {.metadata.name} {.metadata.namespace}{"\n"}{end}
+
 .PHONY: uninstall
 uninstall: $(STAMP) ## Remove phabmesh's CRDs (every bot, binding and lease) and its peering object; kopf's CRD stays
 	@# Without kopf's CRD there is no peering object, and kubectl could not even name one.
@@ -137,7 +147,28 @@ uninstall: $(STAMP) ## Remove phabmesh's CRDs (every bot, binding and lease) and
 	  echo "$(KUBECTL) delete --ignore-not-found $(UNINSTALL_PEERING)"; \
 	  $(KUBECTL) delete --ignore-not-found $(UNINSTALL_PEERING); \
 	fi
-	$(KUBECTL) delete --ignore-not-found $(UNINSTALL_CRDS)
+	$(KUBECTL) delete --ignore-not-found --wait=false $(UNINSTALL_CRDS)
+	@if $(KUBECTL) wait --for=delete --timeout=$(UNINSTALL_WAIT) $(UNINSTALL_CRDS) >/dev/null 2>&1; then exit 0; fi; \
+	held=$$(for kind in $(subst $(comma), ,$(PHABMESH_KINDS)); do \
+	  $(KUBECTL) get $$kind -A -o jsonpath='$(HELD)' 2>/dev/null; done); \
+	if [ -z "$$held" ]; then \
+	  echo "make uninstall: phabmesh's CRDs are still being deleted after $(UNINSTALL_WAIT); see: $(KUBECTL) get crd $(PHABMESH_KINDS)" >&2; \
+	  exit 1; \
+	fi; \
+	echo "make uninstall: these objects still carry a finalizer after $(UNINSTALL_WAIT), so their CRDs cannot go:" >&2; \
+	echo "$$held" | sed 's/^/  /' >&2; \
+	echo "Only a running phabmesh operator removes kopf's finalizer (is it running? $(KUBECTL) -n $(NAMESPACE) get deploy phabmesh-operator)." >&2; \
+	answer="$(YES)"; \
+	if [ -z "$$answer" ] && [ -t 0 ]; then read -r -p "Remove their finalizers now, so that the deletion completes? [y/N] " answer; fi; \
+	case "$$answer" in \
+	  y|Y|yes|1) ;; \
+	  *) echo "Nothing changed. Start the operator again, or run: make uninstall YES=1 (or, per object: $(KUBECTL) patch KIND NAME [-n NAMESPACE] --type=merge -p '{\"metadata\":{\"finalizers\":null}}')" >&2; exit 1;; \
+	esac; \
+	echo "$$held" | while read -r kind name ns; do \
+	  [ -n "$$kind" ] || continue; \
+	  $(KUBECTL) patch "$$(echo $$kind | tr A-Z a-z).phabmesh.io" "$$name" $${ns:+-n "$$ns"} --type=merge -p '{"metadata":{"finalizers":null}}'; \
+	done; \
+	$(KUBECTL) wait --for=delete --timeout=$(UNINSTALL_WAIT) $(UNINSTALL_CRDS)
 
 .PHONY: uninstall-args
 uninstall-args: ## Print what `make uninstall` passes to `kubectl delete`

@@ -62,7 +62,9 @@ def test_uninstall_deletes_only_what_is_phabmeshs(cluster: Cluster, crds: Path) 
     cluster.kubectl("get", "clusterkopfpeering", "phabmesh")
 
 
-def _make_uninstall(plane: devcluster.ControlPlane) -> subprocess.CompletedProcess[str]:
+def _make_uninstall(
+    plane: devcluster.ControlPlane, *settings: str
+) -> subprocess.CompletedProcess[str]:
     # KUBECTL: this control plane's; STAMP empty: the virtualenv the tests run in is the
     # one to use, not one for make to (re)build.
     kubectl = f"{plane.binaries.kubectl} --kubeconfig={plane.kubeconfig}"
@@ -75,7 +77,9 @@ def _make_uninstall(plane: devcluster.ControlPlane) -> subprocess.CompletedProce
             "uninstall",
             f"KUBECTL={kubectl}",
             "STAMP=",
+            *settings,
         ],
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         check=False,
@@ -108,3 +112,36 @@ def test_make_uninstall_keeps_kopfs_crd_and_other_operators_peering(tmp_path: Pa
         result = _make_uninstall(plane)
         assert result.returncode == 0, result.stderr
         assert plane.kubectl("get", "crd", "-o", "name").stdout.split() == []
+
+
+def test_make_uninstall_never_hangs_on_a_finalizer_no_operator_removes(tmp_path: Path) -> None:
+    """The operator gone first, a bot keeps kopf's finalizer: `make uninstall` says which
+    objects hold the deletion and what to do, and with YES=1 removes the finalizers."""
+    crds = str(REPO / "crds")
+    held = {
+        "apiVersion": "phabmesh.io/v1alpha1",
+        "kind": "PhabricatorBot",
+        "metadata": {"name": "held-bot", "finalizers": ["kopf.zalando.org/KopfFinalizerMarker"]},
+        "spec": {
+            "username": "held-bot",
+            "tokenSecretRef": {"name": "held-bot-token"},
+            "namespaceSelector": {},
+        },
+    }
+    with devcluster.ControlPlane(tmp_path / "controlplane") as plane:
+        plane.kubectl("apply", "--server-side", "-f", crds)
+        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", crds)
+        plane.kubectl("create", "-f", "-", input=yaml.safe_dump(held))
+
+        refused = _make_uninstall(plane, "UNINSTALL_WAIT=3s")
+        assert refused.returncode != 0
+        assert "PhabricatorBot held-bot" in refused.stderr, refused.stderr
+        assert "make uninstall YES=1" in refused.stderr, refused.stderr
+        # Nothing was changed: the bot still holds its finalizer, its CRD is still there.
+        bot = plane.kubectl("get", "phabricatorbot", "held-bot", "-o", "yaml").stdout
+        assert "KopfFinalizerMarker" in bot
+
+        done = _make_uninstall(plane, "UNINSTALL_WAIT=30s", "YES=1")
+        assert done.returncode == 0, done.stderr
+        names = plane.kubectl("get", "crd", "-o", "name").stdout.split()
+        assert names == [f"{CRD}/{KOPF_CRD}"]
