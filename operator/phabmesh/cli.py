@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
     from phabmesh.dev import quickstart
 
     logs.configure(os.environ.get("PHABMESH_LOG_LEVEL", "WARNING"))
-    return quickstart.run(wait=not args.no_wait)
+    return quickstart.run(wait=not args.no_wait, require_client_id=args.require_client_id)
 
 
 def _gateway(args: argparse.Namespace) -> int:
@@ -188,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run phabmesh: against the current cluster, or the quick start on a local one",
     )
     run.add_argument("--no-wait", action="store_true", help="exit when the quick start is done")
+    run.add_argument(
+        "--require-client-id",
+        action="store_true",
+        help="the quick start with PHABMESH_REQUIRE_CLIENT_ID on, as the chart ships it: "
+        "l5d-client-id sent as Linkerd's proxy would",
+    )
     run.set_defaults(func=_run)
 
     gw = sub.add_parser("gateway", help="run the Conduit gateway")

@@ -8,26 +8,36 @@ spelling. A ServiceAccount name may contain dots (it is a DNS subdomain) but a
 namespace may not (it is a DNS label), so the DNS form parses back unambiguously:
 the namespace is the last label before the suffix, the service account is the rest.
 
-Meshed pods. Linkerd's injector adds a ``linkerd-proxy`` container (since
-Linkerd 2.20 usually a native sidecar in ``initContainers``, a plain container
-before), the annotation ``linkerd.io/proxy-version`` and the label
-``linkerd.io/control-plane-ns`` (whose value is the control plane's namespace:
-Linkerd's own ``IsMeshed`` compares exactly that label). Any of these counts as
-meshed; the proxy container is the strongest sign and is looked at first. The
-annotation ``linkerd.io/inject`` is only a *request* to the injector
-(``enabled``, ``ingress``, ``disabled``): on its own it never means injected.
+Meshed pods. Linkerd's injector adds a ``linkerd-proxy`` container (since Linkerd
+2.20 usually a native sidecar in ``initContainers``, a plain container before), with
+the control plane's namespace and the trust domain in its environment, and marks the
+pod with the label ``linkerd.io/control-plane-ns`` and the annotation
+``linkerd.io/proxy-version``. Only the container counts: a pod is meshed when its spec
+has a ``linkerd-proxy`` container. The label and the annotation alone never make a pod
+meshed (anyone who writes a pod writes its labels; such a pod is explained as
+:data:`PROXY_MISSING`), and ``linkerd.io/inject`` is only a *request* to the injector
+(``enabled``, ``ingress``, ``disabled``).
+
+This is all a pod's spec can tell, and a pod's author can forge it as well (name a
+container ``linkerd-proxy``). It decides who gets a lease; it proves nothing. The
+proof is the connection: Linkerd's inbound proxy sets ``l5d-client-id`` to the mTLS
+identity of the caller and strips the header from every other request, so the header
+means something only on a connection from the proxy itself, inside the serving pod
+(:func:`vouched_client_id`). ``PHABMESH_REQUIRE_CLIENT_ID`` makes the credential
+endpoint and the gateway require it (docs/security.md).
 
 Only this mesh counts. The injector writes the control plane's namespace and the trust
 domain into the proxy's environment (``_l5d_ns``, ``_l5d_trustdomain``: its identity is
 ``$(_pod_sa).$(_pod_ns).serviceaccount.identity.$(_l5d_ns).$(_l5d_trustdomain)``). Given
-the cluster's :class:`Naming`, a pod whose label or proxy names another control plane, or
-whose proxy names another trust domain, is not meshed *here*: its identity is not the one
-phabmesh would write into a lease.
+the cluster's :class:`Naming`, a pod with a proxy whose label or environment names
+another control plane, or whose proxy names another trust domain, is not meshed *here*:
+its identity is not the one phabmesh would write into a lease.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import sys
 import weakref
@@ -41,8 +51,10 @@ INJECT_ANNOTATION = "linkerd.io/inject"
 DEFAULT_SERVICE_ACCOUNT = "default"
 
 # Why a pod is, or is not, meshed (PodFacts.mesh_reason).
-MESHED = "Meshed"  # a linkerd-proxy container or the injector's markers are present
+MESHED = "Meshed"  # a linkerd-proxy container (of this mesh, when naming is given)
 NO_PROXY = "NoProxy"  # no proxy and no marker: Linkerd was never asked to inject this pod
+# No proxy, but Linkerd's label or annotation: markers anyone can write, never a proxy.
+PROXY_MISSING = "ProxyMissing"
 INJECTION_DISABLED = "InjectionDisabled"  # no proxy; the pod says linkerd.io/inject: disabled
 NOT_INJECTED = "NotInjected"  # injection was asked for, but no proxy came (webhook skipped it)
 OTHER_CONTROL_PLANE = "OtherControlPlane"  # meshed by a control plane in another namespace
@@ -152,37 +164,74 @@ def _proxy_env(proxy: Mapping[str, Any], name: str) -> str | None:
 
 
 def mesh_status(pod: Mapping[str, Any], naming: Naming | None = None) -> tuple[bool, str]:
-    """(meshed, reason) for a pod body as the API returns it.
+    """(meshed, reason) for a pod body as the API returns it: meshed only with a
+    ``linkerd-proxy`` container.
 
-    With ``naming``, a pod whose ``linkerd.io/control-plane-ns`` label or proxy names
-    another control plane, or whose proxy names another trust domain (so its identity has
-    another suffix), is not meshed *here*.
+    With ``naming``, a pod whose proxy is there but whose ``linkerd.io/control-plane-ns``
+    label or proxy names another control plane, or whose proxy names another trust domain
+    (so its identity has another suffix), is not meshed *here*.
     """
     meta = pod.get("metadata") or {}
     annotations = meta.get("annotations") or {}
     labels = meta.get("labels") or {}
     control_plane = labels.get(CONTROL_PLANE_LABEL)
     proxy = _proxy(pod.get("spec") or {})
+    if proxy is None:
+        if control_plane or annotations.get(PROXY_VERSION_ANNOTATION):
+            return False, PROXY_MISSING
+        inject = annotations.get(INJECT_ANNOTATION)
+        if inject == "disabled":
+            return False, INJECTION_DISABLED
+        if inject in ("enabled", "ingress"):
+            return False, NOT_INJECTED
+        return False, NO_PROXY
     if naming is not None:
-        planes = {control_plane}
-        domain = None
-        if proxy is not None:
-            planes.add(_proxy_env(proxy, PROXY_ENV_CONTROL_PLANE))
-            domain = _proxy_env(proxy, PROXY_ENV_TRUST_DOMAIN)
+        planes = {control_plane, _proxy_env(proxy, PROXY_ENV_CONTROL_PLANE)}
+        domain = _proxy_env(proxy, PROXY_ENV_TRUST_DOMAIN)
         if any(p and p != naming.control_plane_namespace for p in planes):
             return False, OTHER_CONTROL_PLANE
         if domain and domain != naming.trust_domain:
             return False, OTHER_TRUST_DOMAIN
-    if proxy is not None:
-        return True, MESHED
-    if annotations.get(PROXY_VERSION_ANNOTATION) or control_plane:
-        return True, MESHED
-    inject = annotations.get(INJECT_ANNOTATION)
-    if inject == "disabled":
-        return False, INJECTION_DISABLED
-    if inject in ("enabled", "ingress"):
-        return False, NOT_INJECTED
-    return False, NO_PROXY
+    return True, MESHED
+
+
+def from_local_proxy(peer: str | None, local: str | None) -> bool:
+    """Whether a connection from ``peer`` to ``local`` (IP addresses) comes from inside the
+    serving pod, where Linkerd's inbound proxy connects from.
+
+    The proxy connects to the application at the connection's original destination, the
+    pod's own address (Linkerd 2.11 and later; 127.0.0.1 before): so the peer is the
+    pod's own address or a loopback one. A caller in another pod, or one that reached a
+    port the proxy skips, has an address of its own.
+    """
+    peer_ip, local_ip = _ip(peer), _ip(local)
+    if peer_ip is None:
+        return False
+    return peer_ip.is_loopback or peer_ip == local_ip
+
+
+def vouched_client_id(header: str | None, peer: str | None, local: str | None) -> str | None:
+    """The mTLS identity Linkerd's inbound proxy vouches for on this connection, or None.
+
+    The proxy sets ``l5d-client-id`` on each request of an mTLS connection and removes it
+    from every other: the header is its word only when the proxy itself is the peer
+    (:func:`from_local_proxy`). From anywhere else, anyone may have written it.
+    """
+    if not header or not from_local_proxy(peer, local):
+        return None
+    return header
+
+
+def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if not text:
+        return None
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 class Labels(Mapping[str, str]):

@@ -83,6 +83,7 @@ CREDENTIAL_REFUSALS = frozenset(
         "lease_ended",
         "ambiguous_binding",
         "identity_mismatch",
+        "no_client_id",
         "LeaseMismatch",
     }
     | REVOCATION_REASONS

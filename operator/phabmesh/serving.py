@@ -56,6 +56,13 @@ def bound_port(runner: web.AppRunner) -> int:
     raise RuntimeError("the runner listens on no TCP port")
 
 
+def local_address(request: web.Request) -> str | None:
+    """The address a request's connection reached: the serving pod's own behind Linkerd,
+    whose inbound proxy connects to it (see :func:`phabmesh.identity.from_local_proxy`)."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    return str(sockname[0]) if isinstance(sockname, tuple) and sockname else None
+
+
 def decode_conduit(request: web.Request, body: bytes, max_bytes: int) -> wire.Call:
     """A Conduit call as this request carries it (any encoding, compressed or not)."""
     return wire.decode_request(

@@ -75,6 +75,12 @@ class Settings:
     # writes in a mass scale-down, TokenReview bursts. Events get a quarter of these on top.
     kube_qps: float = 400.0
     kube_burst: int = 800
+    # Only Linkerd's mTLS proves that a caller is meshed: every credential exchange and every
+    # gateway call that carries a credential must arrive through the serving pod's Linkerd
+    # proxy with l5d-client-id naming the pod's identity. Off only where there is no Linkerd
+    # (the local control plane: Settings.local); then a binding's requireClientID still asks
+    # it of that binding's gateway calls.
+    require_client_id: bool = True
     # Listen addresses.
     issuer_host: str = "0.0.0.0"  # noqa: S104 - a pod serves on all its interfaces
     issuer_port: int = 8443
@@ -160,6 +166,7 @@ def _local_values(phabricator_url: str, overrides: Mapping[str, Any]) -> dict[st
         "metrics_port": 0,
         "webhook_host": "127.0.0.1",
         "webhook_port": 0,
+        "require_client_id": False,  # no Linkerd on a local control plane
         **overrides,
     }
 

@@ -1,6 +1,8 @@
 """The README's quick start, with assertions: the same flow `phabmesh run` prints.
 
-It runs on a control plane of its own, so that no other test's operator acts on it.
+It runs on a control plane of its own, so that no other test's operator acts on it: with
+PHABMESH_REQUIRE_CLIENT_ID off (the local control plane has no Linkerd) and on (the chart's
+default: the quick start sends l5d-client-id as Linkerd's inbound proxy would).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+import pytest
 import structlog
 import yaml
 
@@ -19,13 +22,18 @@ from phabmesh import logs
 from phabmesh.dev import devcluster, quickstart
 
 
-def test_quick_start_flow(tmp_path: Path) -> None:
+@pytest.mark.parametrize("require_client_id", [False, True], ids=["off", "on"])
+def test_quick_start_flow(tmp_path: Path, require_client_id: bool) -> None:
     lines: list[str] = []
     captured = io.StringIO()
     logs.configure("DEBUG", json_output=True, stream=captured)
     try:
         with devcluster.ControlPlane(tmp_path / "controlplane") as plane:
-            seen = asyncio.run(quickstart.demo(plane, quickstart.Say(lines.append)))
+            seen = asyncio.run(
+                quickstart.demo(
+                    plane, quickstart.Say(lines.append), require_client_id=require_client_id
+                )
+            )
             # The operator and the gateway ran as their ServiceAccounts, under the RBAC of
             # manifests/, with tokens that must not be logged either.
             accounts = plane.kubectl("get", "serviceaccounts", "-n", "phabmesh-system").stdout
@@ -54,10 +62,20 @@ def test_quick_start_flow(tmp_path: Path) -> None:
     assert seen["whoami"]["error_code"] is None
     assert seen["refused"]["error_code"] == "ERR-INVALID-AUTH"
     assert seen["lease"].startswith("ci-runner-0.ci-runners.")
-    # The binding of demo.yaml asks for the agent; its ~/.arcrc alone reaches the bot.
+    # The binding of demo.yaml asks for the agent.
     assert seen["agent"] == "sidecar"
-    assert seen["agent_whoami"]["result"]["userName"] == "ci-bot"
     text = "\n".join(lines)
+    if require_client_id:
+        # Without l5d-client-id, refused before any review, saying what to fix; with it, as
+        # Linkerd's proxy sets it, the rest of the story as above.
+        assert seen["unmeshed"]["status"] == 403
+        assert seen["unmeshed"]["error"] == "no_client_id"
+        assert "PHABMESH_REQUIRE_CLIENT_ID" in seen["unmeshed"]["message"]
+        assert "PHABMESH_REQUIRE_CLIENT_ID=true" in text
+    else:
+        # Its ~/.arcrc alone reaches the bot.
+        assert seen["agent_whoami"]["result"]["userName"] == "ci-bot"
+        assert "PHABMESH_REQUIRE_CLIENT_ID=false" in text
     assert "] The same credential, once more through the gateway" in text
     # "pod terminating", "pod deleted", or "lease deleted" when the garbage collector won the race
     assert "credential revoked: " in text

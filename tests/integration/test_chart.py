@@ -169,6 +169,7 @@ def test_default_render_names_the_kustomize_image_and_settings(default: list[Doc
     assert images == {"ghcr.io/phabmesh/phabmesh:0.1.0"}
     (config,) = [d for d in default if d["kind"] == "ConfigMap"]
     assert config["data"]["PHABMESH_PHABRICATOR_URL"] == "https://phabricator.example.com"
+    assert config["data"]["PHABMESH_REQUIRE_CLIENT_ID"] == "true"  # the safe choice by default
 
 
 # --- values -------------------------------------------------------------------------------
@@ -186,6 +187,7 @@ def test_values_take_effect(helm: Helm, default: list[Doc]) -> None:
         "gateway.resources.requests.cpu=250m",
         "phabricatorURL=https://phorge.example.org",
         "extraSettings.PHABMESH_BOT_RECHECK_INTERVAL=120",
+        "linkerd.requireClientID=false",
         "commonLabels.team=platform",
         "commonAnnotations.owner=platform@example.org",
     )
@@ -210,6 +212,7 @@ def test_values_take_effect(helm: Helm, default: list[Doc]) -> None:
     (config,) = [d for d in docs if d["kind"] == "ConfigMap"]
     assert config["data"]["PHABMESH_PHABRICATOR_URL"] == "https://phorge.example.org"
     assert config["data"]["PHABMESH_BOT_RECHECK_INTERVAL"] == "120"
+    assert config["data"]["PHABMESH_REQUIRE_CLIENT_ID"] == "false"
     # One gateway replica: no PodDisruptionBudget that would block every node drain.
     budgets = {d["metadata"]["name"] for d in docs if d["kind"] == "PodDisruptionBudget"}
     assert budgets == {"phabmesh-operator"}
@@ -230,6 +233,7 @@ def test_values_take_effect(helm: Helm, default: list[Doc]) -> None:
         ("operator.replicas=-1", "/operator/replicas"),
         ("extraSettings.LOG_LEVEL=DEBUG", "does not match pattern"),
         ("phabricatorURL=phorge.example.org", "/phabricatorURL"),
+        ("linkerd.requireClientID=maybe", "/linkerd/requireClientID"),
     ],
 )
 def test_values_schema_refuses_mistakes(helm: Helm, value: str, refusal: str) -> None:

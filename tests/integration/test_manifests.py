@@ -387,6 +387,8 @@ def test_settings_are_the_documented_ones(rendered: list[Doc]) -> None:
         "PHABMESH_PHABRICATOR_URL": "https://phabricator.example.com",
         "PHABMESH_LINKERD_NAMESPACE": "linkerd",
         "PHABMESH_TRUST_DOMAIN": "cluster.local",
+        # Only Linkerd's mTLS proves a caller meshed: on wherever Linkerd runs.
+        "PHABMESH_REQUIRE_CLIENT_ID": "true",
         "PHABMESH_ISSUER": "http://phabmesh-issuer.phabmesh-system.svc:8443",
         "PHABMESH_LOG_JSON": "true",
     }

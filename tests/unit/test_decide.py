@@ -373,3 +373,37 @@ def test_the_nearest_miss_explains() -> None:
         "others": "IdentityNotListed",
         "runners": decide.BOT_NOT_READY,
     }
+
+
+def _body(uid: str, **meta: object) -> dict[str, object]:
+    return {
+        "metadata": {"name": f"pod-{uid}", "namespace": "build", "uid": uid, **meta},
+        "spec": {"serviceAccountName": "runner", "containers": [{"name": "app"}]},
+        "status": {"phase": "Running"},
+    }
+
+
+def test_linkerds_label_without_its_proxy_gets_no_lease_and_says_what_is_missing() -> None:
+    """A pod author can write Linkerd's label: without a linkerd-proxy container the pod is
+    not meshed, the operator plans no lease, and `why` names what is missing."""
+    label_only = identity.PodFacts.from_pod(
+        _body("l", labels={"linkerd.io/control-plane-ns": "linkerd"}), N
+    )
+    annotated = identity.PodFacts.from_pod(
+        _body("a", annotations={"linkerd.io/proxy-version": "edge-25.1.1"}), N
+    )
+    w = world(label_only, annotated, bindings=(binding(),))
+    for uid in ("l", "a"):
+        assert not decide.plan_pod(w, uid, N, verdicts(w, bot()))
+        explained = decide.explain_pod(w, uid, N, verdicts(w, bot()))
+        assert (explained.reason, explained.holds) == (decide.NOT_MESHED, False)
+        assert "not meshed (ProxyMissing)" in explained.message
+        assert "no linkerd-proxy container" in explained.message
+        assert "linkerd.io/inject: enabled" in explained.message
+    assert decide.count_binding(w, binding(), N) == decide.BindingCounts(
+        matched=0, active=0, unmeshed=2, other_mesh=0
+    )
+    # A pod Linkerd never touched is told the same container is what it lacks.
+    w = world(pod(meshed=False), bindings=(binding(),))
+    message = decide.explain_pod(w, "p1", N, verdicts(w, bot())).message
+    assert "not meshed (NoProxy): no linkerd-proxy container" in message

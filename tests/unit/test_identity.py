@@ -111,9 +111,26 @@ INJECTED_MARKERS = {
         # Linkerd 2.20+: the proxy is a native sidecar (an init container that keeps running).
         (_pod(init=[{"name": "linkerd-init"}, {"name": "linkerd-proxy"}]), identity.MESHED),
         (_pod(containers=[{"name": "app"}, {"name": "linkerd-proxy"}]), identity.MESHED),
-        (_pod(**INJECTED_MARKERS), identity.MESHED),  # type: ignore[arg-type]
-        (_pod(annotations={"linkerd.io/proxy-version": "stable-2.14.10"}), identity.MESHED),
-        (_pod(labels={"linkerd.io/control-plane-ns": "linkerd"}), identity.MESHED),
+        (
+            _pod(containers=[{"name": "app"}, {"name": "linkerd-proxy"}], **INJECTED_MARKERS),  # type: ignore[arg-type]
+            identity.MESHED,
+        ),
+        # Linkerd's markers without its proxy: anyone who writes a pod writes its labels.
+        (_pod(**INJECTED_MARKERS), identity.PROXY_MISSING),  # type: ignore[arg-type]
+        (_pod(annotations={"linkerd.io/proxy-version": "stable-2.14.10"}), identity.PROXY_MISSING),
+        (_pod(labels={"linkerd.io/control-plane-ns": "linkerd"}), identity.PROXY_MISSING),
+        (
+            _pod(
+                labels={"linkerd.io/control-plane-ns": "linkerd"},
+                annotations={"linkerd.io/inject": "disabled"},
+            ),
+            identity.PROXY_MISSING,
+        ),
+        # A container of another name is not the proxy, whatever its image.
+        (
+            _pod(containers=[{"name": "app"}, {"name": "proxy", "image": "cr.l5d.io/proxy"}]),
+            identity.NO_PROXY,
+        ),
         (_pod(annotations={"linkerd.io/inject": "enabled"}), identity.NOT_INJECTED),
         (_pod(annotations={"linkerd.io/inject": "ingress"}), identity.NOT_INJECTED),
         (_pod(annotations={"linkerd.io/inject": "disabled"}), identity.INJECTION_DISABLED),
@@ -238,3 +255,39 @@ def test_only_this_mesh_counts() -> None:
     assert identity.mesh_status(other_domain) == (True, identity.MESHED)
     facts = identity.PodFacts.from_pod(other_domain, here)
     assert (facts.meshed, facts.mesh_reason) == (False, identity.OTHER_TRUST_DOMAIN)
+
+
+def test_a_label_alone_never_counts_whatever_the_naming() -> None:
+    """The label the churn oracle found enough for a lease, on a pod with no proxy."""
+    label_only = _pod(labels={"linkerd.io/control-plane-ns": "linkerd"})
+    for naming in (None, identity.DEFAULT_NAMING):
+        assert identity.mesh_status(label_only, naming) == (False, identity.PROXY_MISSING)
+    other = _pod(labels={"linkerd.io/control-plane-ns": "other"})
+    assert identity.mesh_status(other, identity.DEFAULT_NAMING) == (False, identity.PROXY_MISSING)
+
+
+@pytest.mark.parametrize(
+    ("peer", "local", "local_proxy"),
+    [
+        ("127.0.0.1", "127.0.0.1", True),  # Linkerd before 2.11; the local control plane
+        ("127.0.0.6", "10.1.2.3", True),  # any loopback address is inside the pod
+        ("::1", "::1", True),
+        ("10.1.2.3", "10.1.2.3", True),  # Linkerd 2.11+: the proxy connects to the pod's IP
+        ("::ffff:10.1.2.3", "10.1.2.3", True),  # a dual-stack socket's spelling
+        ("fd00::5", "fd00::5", True),
+        ("10.1.2.4", "10.1.2.3", False),  # another pod: a port the proxy skips
+        ("10.1.2.4", None, False),
+        (None, "10.1.2.3", False),
+        ("", "", False),
+        ("not an address", "not an address", False),
+        ("fe80::1%eth0", "fe80::2", False),
+    ],
+)
+def test_only_the_pods_own_proxy_vouches_for_l5d_client_id(
+    peer: str | None, local: str | None, local_proxy: bool
+) -> None:
+    name = "runner.ci.serviceaccount.identity.linkerd.cluster.local"
+    assert identity.from_local_proxy(peer, local) is local_proxy
+    assert identity.vouched_client_id(name, peer, local) == (name if local_proxy else None)
+    assert identity.vouched_client_id(None, peer, local) is None
+    assert identity.vouched_client_id("", peer, local) is None

@@ -17,6 +17,7 @@ from phabmesh.kubectl import checks, cluster, commands, main, output
 from phabmesh.leases import decide, grants
 from phabmesh.leases.view import LeaseView
 from phabmesh.leases.world import BindingView, World
+from phabmesh.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 NOW = datetime.datetime(2026, 6, 1, tzinfo=datetime.UTC)
@@ -373,6 +374,9 @@ def test_judge_ready_and_report() -> None:
     assert failed.exit_code == 1 and failed.document["ok"] is False
     assert checks.judge_phabricator("http://p", None, "refused").status == "FAIL"
     assert checks.judge_config(None, "bad value", None).status == "FAIL"
+    assert checks.judge_config({}, None, Settings()).status == "OK"
+    unproven = checks.judge_config({}, None, Settings(require_client_id=False))
+    assert unproven.status == "WARN" and "PHABMESH_REQUIRE_CLIENT_ID is false" in unproven.message
 
 
 def test_the_namespace_defaults_to_the_contexts(tmp_path: Path) -> None:

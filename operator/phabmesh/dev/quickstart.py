@@ -7,6 +7,12 @@ test server with a demo bot stands in for Phabricator, the samples are applied,
 a meshed pod runs on a simulated node (KWOK), its credential is exchanged,
 a Conduit call goes through the gateway, the pod is scaled down, and the same
 credential is refused.
+
+The local control plane has no Linkerd, so by default the quick start runs with
+``PHABMESH_REQUIRE_CLIENT_ID`` off. ``phabmesh run --require-client-id`` runs it on, as
+the chart ships it: a call without ``l5d-client-id`` is refused, and the quick start then
+plays the part of the serving pod's Linkerd proxy, sending the header (the pod's identity)
+from 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ T = TypeVar("T")
 SYSTEM = "phabmesh-system"
 DEMO_NAMESPACE = "ci"
 DEMO_BOT = "ci-bot"
+CLIENT_ID_HEADER = "l5d-client-id"
 G, V = resources.GROUP, resources.VERSION
 
 
@@ -91,8 +98,14 @@ def _ready(obj: JSON) -> JSON | None:
     return None
 
 
-async def demo(plane: devcluster.ControlPlane, say: Say) -> dict[str, Any]:
-    """The quick start on a running control plane. Returns what it observed."""
+async def demo(
+    plane: devcluster.ControlPlane, say: Say, *, require_client_id: bool = False
+) -> dict[str, Any]:
+    """The quick start on a running control plane. Returns what it observed.
+
+    ``require_client_id``: run with ``PHABMESH_REQUIRE_CLIENT_ID`` on, sending
+    ``l5d-client-id`` as Linkerd's inbound proxy would.
+    """
     from phabmesh.dev.conduit import ConduitServer
     from phabmesh.processes.gateway import GatewayProcess
     from phabmesh.processes.operator import OperatorProcess
@@ -131,7 +144,12 @@ async def demo(plane: devcluster.ControlPlane, say: Say) -> dict[str, Any]:
             # (manifests/webhook.yaml, pointed at 127.0.0.1) is in place when the
             # operator starts and fills in its caBundle.
             webhook_port = serving.free_port("127.0.0.1")
-            settings = Settings.local(conduit.url, namespace=SYSTEM, webhook_port=webhook_port)
+            settings = Settings.local(
+                conduit.url,
+                namespace=SYSTEM,
+                webhook_port=webhook_port,
+                require_client_id=require_client_id,
+            )
             webhook_url = f"https://127.0.0.1:{webhook_port}/inject"
             configuration = yaml.safe_load(repo_file("manifests", "webhook.yaml").read_text())
             plane.kubectl(
@@ -154,6 +172,18 @@ async def demo(plane: devcluster.ControlPlane, say: Say) -> dict[str, Any]:
                 gateway_url = f"http://127.0.0.1:{gateway.port}"
                 say.detail(f"credential endpoint {issuer_url}, gateway {gateway_url}")
                 say.detail(f"pod injection webhook {webhook_url} (manifests/webhook.yaml)")
+                if require_client_id:
+                    say.detail(
+                        "PHABMESH_REQUIRE_CLIENT_ID=true, as the chart ships it: only calls "
+                        f"with {CLIENT_ID_HEADER} from the serving pod's Linkerd proxy count"
+                    )
+                else:
+                    say.detail(
+                        "PHABMESH_REQUIRE_CLIENT_ID=false: this control plane has no Linkerd "
+                        f"to set {CLIENT_ID_HEADER} (the chart turns it on; "
+                        "`phabmesh run --require-client-id` shows it on)"
+                    )
+                seen["require_client_id"] = require_client_id
                 await _story(plane, kube, http, issuer_url, gateway_url, say, seen)
     finally:
         await http.close()
@@ -213,12 +243,7 @@ async def _story(
     say.step("The pod exchanges its projected service-account token for a credential")
     sa_token = await kube.pod_token(DEMO_NAMESPACE, "ci-runner", pod, audience=audience)
     seen["secrets"].append(sa_token)
-    async with http.post(
-        f"{issuer_url}/v1/credentials", headers={"Authorization": f"Bearer {sa_token}"}
-    ) as resp:
-        issued = await resp.json()
-        if resp.status != 200:
-            raise RuntimeError(f"credential refused: {issued}")
+    issued, mesh = await _exchange(http, issuer_url, sa_token, lease, say, seen)
     credential = issued["credential"]
     seen["secrets"].append(credential)
     seen["format"] = issued["format"]
@@ -229,14 +254,20 @@ async def _story(
     )
 
     say.step("Calling Conduit through the gateway: user.whoami, as curl would")
-    answer = await _whoami(http, gateway_url, credential)
+    answer = await _whoami(http, gateway_url, credential, mesh)
     seen["whoami"] = answer
     say.detail(
         f"Phabricator says: userName={answer['result']['userName']}, "
         f"phid={answer['result']['phid']}"
     )
 
-    await _agent(agent, sa_token, issuer_url, gateway_url, http, say, seen)
+    if mesh:
+        say.detail(
+            "(the credential agent's calls go through its pod's Linkerd proxy, which this "
+            "control plane lacks: not run here)"
+        )
+    else:
+        await _agent(agent, sa_token, issuer_url, gateway_url, http, say, seen)
 
     say.step("Scaling down: the pod is deleted")
     await kube.delete(
@@ -253,12 +284,45 @@ async def _story(
     say.step("The same credential, once more through the gateway")
 
     async def refusal() -> JSON | None:
-        answer = await _whoami(http, gateway_url, credential)
+        answer = await _whoami(http, gateway_url, credential, mesh)
         return answer if answer.get("error_code") else None
 
     refused = await wait_for(refusal, "the gateway to refuse")
     seen["refused"] = refused
     say.detail(f"refused: {refused['error_code']}: {refused['error_info']}")
+
+
+async def _exchange(
+    http: aiohttp.ClientSession,
+    issuer_url: str,
+    sa_token: str,
+    lease: JSON,
+    say: Say,
+    seen: dict[str, Any],
+) -> tuple[JSON, dict[str, str]]:
+    """The credential exchange, and the headers every later call carries: with
+    PHABMESH_REQUIRE_CLIENT_ID on, ``l5d-client-id`` as Linkerd's inbound proxy sets it,
+    after showing the refusal of a call without it."""
+    headers = {"Authorization": f"Bearer {sa_token}"}
+    mesh: dict[str, str] = {}
+    if seen["require_client_id"]:
+        async with http.post(f"{issuer_url}/v1/credentials", headers=headers) as resp:
+            seen["unmeshed"] = {"status": resp.status, **await resp.json()}
+        say.detail(
+            f"without {CLIENT_ID_HEADER}, as from a pod Linkerd does not mesh: "
+            f"{resp.status} {seen['unmeshed']['error']}: {seen['unmeshed']['message']}"
+        )
+        mesh = {CLIENT_ID_HEADER: lease["spec"]["identity"]}
+        say.detail(
+            f"with {CLIENT_ID_HEADER}: {mesh[CLIENT_ID_HEADER]}, the pod's mTLS identity, as "
+            "the endpoint pod's Linkerd proxy sets it (sent here from 127.0.0.1, where the "
+            "proxy connects from)"
+        )
+    async with http.post(f"{issuer_url}/v1/credentials", headers={**headers, **mesh}) as resp:
+        issued: JSON = await resp.json()
+        if resp.status != 200:
+            raise RuntimeError(f"credential refused: {issued}")
+    return issued, mesh
 
 
 def _injected_agent(pod: JSON, say: Say, seen: dict[str, Any]) -> JSON | None:
@@ -376,15 +440,22 @@ async def _active_lease(kube: KubeClient) -> JSON | None:
     return None
 
 
-async def _whoami(http: aiohttp.ClientSession, gateway_url: str, credential: str) -> JSON:
+async def _whoami(
+    http: aiohttp.ClientSession,
+    gateway_url: str,
+    credential: str,
+    headers: dict[str, str] | None = None,
+) -> JSON:
     async with http.post(
-        f"{gateway_url}/api/user.whoami", data={"api.token": credential, "output": "json"}
+        f"{gateway_url}/api/user.whoami",
+        data={"api.token": credential, "output": "json"},
+        headers=headers or {},
     ) as resp:
         answer: JSON = json.loads(await resp.text())
         return answer
 
 
-def run(wait: bool = True) -> int:
+def run(wait: bool = True, require_client_id: bool = False) -> int:
     """The README's run command."""
     from phabmesh.kube.config import kubeconfig_available
 
@@ -394,7 +465,7 @@ def run(wait: bool = True) -> int:
     say.step("No cluster configured: starting a local Kubernetes control plane on 127.0.0.1")
     with devcluster.running() as plane:
         say.detail(f"export KUBECONFIG={plane.kubeconfig}")
-        asyncio.run(demo(plane, say))
+        asyncio.run(demo(plane, say, require_client_id=require_client_id))
         say.step("Done: a credential lived exactly as long as its pod.")
         if wait:
             say.detail("The control plane keeps running for you to explore; Ctrl-C stops it.")
@@ -409,6 +480,15 @@ def run_against_cluster(say: Say) -> int:
     settings = Settings.from_env()
     say.step("Using the configured cluster: running the operator and the gateway locally")
     say.detail(f"Phabricator: {settings.phabricator_url} (set PHABMESH_PHABRICATOR_URL)")
+    say.detail(
+        f"PHABMESH_REQUIRE_CLIENT_ID={str(settings.require_client_id).lower()}: calls without "
+        f"{CLIENT_ID_HEADER} from a Linkerd proxy are "
+        + (
+            "refused (set it false where no Linkerd proxy fronts these processes)"
+            if settings.require_client_id
+            else "accepted"
+        )
+    )
 
     async def serve() -> None:
         async with (

@@ -40,6 +40,7 @@ from phabmesh import (
     metrics,
     ratelimit,
     resources,
+    serving,
 )
 from phabmesh.credentials.keystore import KeyStore
 from phabmesh.kube import KubeClient, KubeError, NotFound
@@ -273,6 +274,31 @@ def _reviewed(status: dict[str, Any], audience: str) -> Reviewed | None:
     return Reviewed(parts[2], parts[3], str(pod_names[0]), str(pod_uids[0]))
 
 
+def _unvouched(request: web.Request) -> web.Response | None:
+    """The refusal of a call whose ``l5d-client-id`` Linkerd's inbound proxy does not vouch
+    for, or None."""
+    header = request.headers.get(CLIENT_ID_HEADER)
+    if (
+        identity.vouched_client_id(header, request.remote, serving.local_address(request))
+        is not None
+    ):
+        return None
+    if header:
+        why = (
+            f"{CLIENT_ID_HEADER} came from {request.remote}, not from this pod's Linkerd proxy "
+            "(a port the proxy skips, or a header the caller wrote)"
+        )
+    else:
+        why = f"the call carried no {CLIENT_ID_HEADER}: it did not arrive over Linkerd mTLS"
+    return _error(
+        403,
+        "no_client_id",
+        f"this credential endpoint requires a meshed caller (PHABMESH_REQUIRE_CLIENT_ID): {why}; "
+        "mesh the calling pod (linkerd.io/inject: enabled) and call the endpoint through "
+        "its Service",
+    )
+
+
 # Why a response refused, for phabmesh_credential_refusals_total and the audit line.
 REFUSAL = web.ResponseKey("phabmesh.refusal", str)
 
@@ -372,8 +398,8 @@ class CredentialEndpoint:
         return response
 
     async def _issue(self, request: web.Request, audit: dict[str, str]) -> web.Response:
-        if not self.ready:
-            return _error(503, "not_ready", "the credential endpoint is starting; retry shortly")
+        if (refusal := self._refused_at_once(request)) is not None:
+            return refusal
         try:  # before any review: the query is the caller's, and cheap to refuse
             wanted, wanted_format = _query(request)
         except _BadQuery as exc:
@@ -463,6 +489,16 @@ class CredentialEndpoint:
             }
         )
         return self._mint(lease, now, end, credential_format)
+
+    def _refused_at_once(self, request: web.Request) -> web.Response | None:
+        """A refusal that needs no review: the endpoint is starting, or the call did not
+        come over Linkerd mTLS while PHABMESH_REQUIRE_CLIENT_ID asks for it (the identity
+        itself is compared with the pod's once its lease is known)."""
+        if not self.ready:
+            return _error(503, "not_ready", "the credential endpoint is starting; retry shortly")
+        if self.settings.require_client_id:
+            return _unvouched(request)
+        return None
 
     def _held(
         self, who: Reviewed, wanted: str | None, now: datetime.datetime

@@ -52,7 +52,9 @@ from phabmesh import credentials, logs, matching, metrics, resources
 from phabmesh.conduit import responses, wire
 from phabmesh.gateway import offload
 from phabmesh.gateway.state import GatewayState
+from phabmesh.identity import vouched_client_id
 from phabmesh.leases.view import LeaseView
+from phabmesh.serving import local_address
 from phabmesh.settings import Settings
 
 log = structlog.get_logger("phabmesh.audit")
@@ -279,11 +281,21 @@ class Gateway:
                 "does not match the credential's identity",
                 "identity_mismatch",
             )
-        if rules.require_client_id and client_id is None:
+        # Only Linkerd's mTLS proves the caller meshed: the header as the serving pod's own
+        # proxy sets it (from anywhere else, anyone may have written it).
+        if (self.settings.require_client_id or rules.require_client_id) and vouched_client_id(
+            client_id, request.remote, local_address(request)
+        ) is None:
+            required = (
+                "this gateway requires"
+                if self.settings.require_client_id
+                else "this binding requires"
+            )
             raise Refusal(
                 "ERR-INVALID-AUTH",
-                "credential refused: this binding requires calls over Linkerd mTLS "
-                "(no l5d-client-id)",
+                f"credential refused: {required} calls over Linkerd mTLS (no l5d-client-id from "
+                "the gateway's Linkerd proxy): mesh the calling pod (linkerd.io/inject: enabled) "
+                "and call the gateway through its Service",
                 "no_client_id",
             )
         glob = matching.allowing_glob(method, rules.allowed_methods)

@@ -256,6 +256,13 @@ def judge_config(configmap: JSON | None, error: str | None, settings: Settings |
             WARN,
             f"no ConfigMap {cluster.CONFIGMAP} in {settings.namespace}: defaults assumed",
         )
+    if not settings.require_client_id:
+        return Result(
+            "config",
+            WARN,
+            f"ConfigMap {cluster.CONFIGMAP}: PHABMESH_REQUIRE_CLIENT_ID is false: a pod counts "
+            "as meshed by its spec alone, which its author writes; set it true where Linkerd runs",
+        )
     return Result(
         "config", OK, f"ConfigMap {cluster.CONFIGMAP}: Phabricator at {settings.phabricator_url}"
     )

@@ -356,9 +356,21 @@ def _not_meshed_message(pod: identity.PodFacts, naming: identity.Naming) -> str:
             "the pod's proxy belongs to another trust domain: only pods of trust domain "
             f'"{naming.trust_domain}" get credentials'
         )
+    if pod.mesh_reason == identity.PROXY_MISSING:
+        return (
+            f"the pod is not meshed ({pod.mesh_reason}): it carries Linkerd's label "
+            f"{identity.CONTROL_PLANE_LABEL} or annotation {identity.PROXY_VERSION_ANNOTATION} "
+            f"but has no {identity.PROXY_CONTAINER} container, and a label or annotation is not "
+            "a Linkerd identity: let Linkerd inject its proxy (annotation linkerd.io/inject: "
+            "enabled) instead of setting Linkerd's markers by hand"
+        )
+    hint = {
+        identity.INJECTION_DISABLED: "the pod says linkerd.io/inject: disabled",
+        identity.NOT_INJECTED: "injection was asked for but Linkerd's webhook did not inject it",
+    }.get(pod.mesh_reason, "annotate the pod or its namespace linkerd.io/inject: enabled")
     return (
-        f"the pod is not meshed ({pod.mesh_reason}): no Linkerd identity to trust, and only "
-        "meshed pods get credentials"
+        f"the pod is not meshed ({pod.mesh_reason}): no {identity.PROXY_CONTAINER} container, "
+        f"so no Linkerd identity to trust, and only meshed pods get credentials ({hint})"
     )
 
 
