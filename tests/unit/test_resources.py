@@ -34,7 +34,23 @@ def _pattern(file: str, *path: str) -> re.Pattern[str]:
 
 IDENTITY = _pattern("phabricatorbindings.yaml", "spec", "properties", "identities", "items")
 METHOD = _pattern("phabricatorbindings.yaml", "spec", "properties", "allowedMethods", "items")
-TTL = _pattern("phabricatorbindings.yaml", "spec", "properties", "credentialTTL")
+
+
+def _ttl_rules() -> list[str]:
+    node = _spec_schema("phabricatorbindings.yaml")["spec"]["properties"]["credentialTTL"]
+    return [str(rule["rule"]) for rule in node["x-kubernetes-validations"]]
+
+
+def _rule_pattern(rule: str) -> re.Pattern[str]:
+    """The regular expression a CEL ``self.matches("...")`` rule applies (RE2; these use only
+    syntax Python reads the same way)."""
+    found = re.search(r"matches\(\"([^\"]+)\"\)", rule)
+    assert found is not None, rule
+    return re.compile(found.group(1).replace("\\\\", "\\"))
+
+
+# A rule, not a pattern: its message gives examples of durations, not a regular expression.
+TTL = _rule_pattern(_ttl_rules()[0])
 
 
 @pytest.mark.parametrize(
@@ -102,13 +118,9 @@ def test_bad_durations(text: str) -> None:
 
 
 def test_ttl_bounds_match_the_crd_rule() -> None:
-    rule = _spec_schema("phabricatorbindings.yaml")["spec"]["properties"]["credentialTTL"][
-        "x-kubernetes-validations"
-    ][0]["rule"]
+    rule = _ttl_rules()[1]
     low, high = re.findall(r"duration\(\"([^\"]+)\"\)", rule)
-    guard = re.search(r"matches\(\"([^\"]+)\"\)", rule)
-    assert guard is not None
-    assert guard.group(1).replace("\\\\", "\\") == TTL.pattern, "the rule's guard is the pattern"
+    assert _rule_pattern(rule).pattern == TTL.pattern, "the range rule is guarded by the format's"
     assert resources.parse_duration(low) == resources.MIN_CREDENTIAL_TTL
     assert resources.parse_duration(high) == resources.MAX_CREDENTIAL_TTL
 
