@@ -12,14 +12,26 @@ import base64
 import io
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import requests
 import structlog
 import yaml
+from kubernetes import client
 
-from phabmesh import logs
+from phabmesh import logs, serving
 from phabmesh.dev import devcluster, quickstart
+from phabmesh.dev.conduit import ConduitServer
+from phabmesh.settings import Settings
+from tests.kube import Cluster, wait_for
+from tests.phab import SYSTEM, active_leases, label_namespace, make_binding, make_bot, make_pod
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("require_client_id", [False, True], ids=["off", "on"])
@@ -90,3 +102,56 @@ def test_quick_start_flow(tmp_path: Path, require_client_id: bool) -> None:
     for secret in [*seen["secrets"], private_pem.splitlines()[1]]:
         assert secret not in log_text
         assert secret not in text
+
+
+def test_run_against_a_configured_cluster_runs_as_phabmeshs_service_accounts(
+    tmp_path: Path, conduit: ConduitServer
+) -> None:
+    """`phabmesh run` with a kubeconfig: the operator and the gateway, each on its own
+    metrics port, as their ServiceAccounts (so the lease policy lets the operator write
+    leases); before phabmesh's RBAC is installed, one line says what to do."""
+    with devcluster.ControlPlane(tmp_path / "controlplane") as plane:
+        cluster = Cluster(plane)
+        crds = str(REPO / "crds")
+        plane.kubectl("apply", "--server-side", "-f", crds)
+        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", crds)
+        metrics_port = serving.free_port("127.0.0.1")
+        local = Settings.local_env(
+            conduit.url, namespace=SYSTEM, metrics_port=metrics_port, log_json=True
+        )
+        env = dict(os.environ, KUBECONFIG=str(plane.kubeconfig), **local)
+        command = [sys.executable, "-m", "phabmesh.cli", "run"]
+
+        refused = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert refused.returncode == 2, refused.stderr
+        assert "ServiceAccount phabmesh-system/phabmesh-operator not found" in refused.stderr
+        assert "kubectl apply -k manifests/" in refused.stderr
+
+        plane.install_rbac(REPO / "manifests")
+        plane.kubectl("apply", "-f", str(REPO / "manifests" / "lease-policy.yaml"))
+        out = tmp_path / "run.out"
+        with out.open("w") as sink:
+            proc = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: "Ctrl-C stops them" in out.read_text(), timeout=60, what="run")
+            text = out.read_text()
+            assert f"metrics :{metrics_port} (operator) and :{metrics_port + 1} (gateway)" in text
+            for port in (metrics_port, metrics_port + 1):
+                assert requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).ok
+            make_bot(cluster, conduit, "run-bot")
+            cluster.core.create_namespace(
+                client.V1Namespace(metadata=client.V1ObjectMeta(name="runs"))
+            )
+            label_namespace(cluster, "runs")
+            make_binding(cluster, "runs", "runners", "run-bot")
+            wait_for(lambda: cluster.core.list_namespaced_service_account("runs").items)
+            make_pod(cluster, "runs", "runner-0", node=None)
+            wait_for(lambda: active_leases(cluster, "runs"), timeout=60, what="a lease")
+        finally:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(30) == 0, out.read_text()[-2000:]
+        users = {e["user"]["username"] for e in plane.audit_events()}  # type: ignore[index]
+        assert "system:serviceaccount:phabmesh-system:phabmesh-operator" in users
+        assert "system:serviceaccount:phabmesh-system:phabmesh-gateway" in users

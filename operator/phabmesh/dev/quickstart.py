@@ -20,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -36,7 +38,7 @@ from phabmesh import admission, resources, serving
 from phabmesh.admission import inject
 from phabmesh.dev import devcluster
 from phabmesh.kube import Conflict, KubeClient, load_connection
-from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.client import JSON, KubeError, NotFound, resource_path
 from phabmesh.settings import Settings
 
 T = TypeVar("T")
@@ -99,9 +101,16 @@ def _ready(obj: JSON) -> JSON | None:
 
 
 async def demo(
-    plane: devcluster.ControlPlane, say: Say, *, require_client_id: bool = False
+    plane: devcluster.ControlPlane,
+    say: Say,
+    *,
+    require_client_id: bool = False,
+    linger: Callable[[], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
     """The quick start on a running control plane. Returns what it observed.
+
+    ``linger``: awaited after the story with everything still running (the operator, the
+    gateway, the Conduit test server), so that what the story made can be explored.
 
     ``require_client_id``: run with ``PHABMESH_REQUIRE_CLIENT_ID`` on, sending
     ``l5d-client-id`` as Linkerd's inbound proxy would.
@@ -150,12 +159,7 @@ async def demo(
                 webhook_port=webhook_port,
                 require_client_id=require_client_id,
             )
-            webhook_url = f"https://127.0.0.1:{webhook_port}/inject"
-            configuration = yaml.safe_load(repo_file("manifests", "webhook.yaml").read_text())
-            plane.kubectl(
-                "apply", "--server-side", "-f", "-",
-                input=json.dumps(admission.pointed_at(configuration, webhook_url)),
-            )  # fmt: skip
+            webhook_url = _point_webhook(plane, webhook_port)
             say.step("Applying phabmesh's ServiceAccounts and RBAC (manifests/rbac-*.yaml)")
             plane.install_rbac(repo_file("manifests"))
             as_operator = str(plane.service_account_kubeconfig(SYSTEM, "phabmesh-operator"))
@@ -185,10 +189,24 @@ async def demo(
                     )
                 seen["require_client_id"] = require_client_id
                 await _story(plane, kube, http, issuer_url, gateway_url, say, seen)
+                if linger is not None:
+                    await linger()
     finally:
         await http.close()
         await kube.close()
     return seen
+
+
+def _point_webhook(plane: devcluster.ControlPlane, port: int) -> str:
+    """manifests/webhook.yaml applied, calling the operator on 127.0.0.1:``port`` (the local
+    control plane reaches no Service); its URL."""
+    url = f"https://127.0.0.1:{port}/inject"
+    configuration = yaml.safe_load(repo_file("manifests", "webhook.yaml").read_text())
+    plane.kubectl(
+        "apply", "--server-side", "-f", "-",
+        input=json.dumps(admission.pointed_at(configuration, url)),
+    )  # fmt: skip
+    return url
 
 
 def _true(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
@@ -465,12 +483,95 @@ def run(wait: bool = True, require_client_id: bool = False) -> int:
     say.step("No cluster configured: starting a local Kubernetes control plane on 127.0.0.1")
     with devcluster.running() as plane:
         say.detail(f"export KUBECONFIG={plane.kubeconfig}")
-        asyncio.run(demo(plane, say, require_client_id=require_client_id))
-        say.step("Done: a credential lived exactly as long as its pod.")
-        if wait:
-            say.detail("The control plane keeps running for you to explore; Ctrl-C stops it.")
-            devcluster.wait_for_signal()
+
+        async def explore() -> None:
+            say.step("Done: a credential lived exactly as long as its pod.")
+            say.detail(
+                "The control plane, the operator, the gateway and the Conduit test server keep "
+                "running for you to explore (KUBECONFIG above); Ctrl-C stops them."
+            )
+            await until_signalled()
+
+        linger = explore if wait else None
+        asyncio.run(demo(plane, say, require_client_id=require_client_id, linger=linger))
+        if not wait:
+            say.step("Done: a credential lived exactly as long as its pod.")
     return 0
+
+
+async def until_signalled() -> None:
+    """Wait for SIGINT or SIGTERM (Ctrl-C), in this event loop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+class NotInstalled(Exception):
+    """What to do before ``phabmesh run`` can run as phabmesh's ServiceAccounts."""
+
+
+async def service_account_kubeconfig(
+    kube: KubeClient, namespace: str, name: str, directory: Path, hours: int = 24
+) -> Path:
+    """A kubeconfig for the current cluster that authenticates as ServiceAccount
+    ``namespace/name``, with a token from the TokenRequest API (``kubectl create token``),
+    valid for ``hours``; private to its owner, in ``directory``."""
+    path = resource_path("", "v1", "serviceaccounts", namespace, name, "token")
+    request = {
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenRequest",
+        "spec": {"expirationSeconds": hours * 3600},
+    }
+    who = f"ServiceAccount {namespace}/{name}"
+    try:
+        answer = await kube.create(path, request)
+    except NotFound as exc:
+        raise NotInstalled(
+            f"{who} not found: phabmesh runs as its own ServiceAccounts, so install its RBAC "
+            "first: kubectl apply -k manifests/ (or helm install phabmesh charts/phabmesh "
+            "-n phabmesh-system --create-namespace), then scale its Deployments to 0 if you "
+            "want only this local run to act"
+        ) from exc
+    except KubeError as exc:
+        raise NotInstalled(
+            f"cannot get a token for {who} ({exc}): your kubeconfig's user needs "
+            f"create on serviceaccounts/token in {namespace}"
+        ) from exc
+    token = str((answer.get("status") or {}).get("token") or "")
+    return _write_kubeconfig(directory / f"{namespace}-{name}.kubeconfig", namespace, name, token)
+
+
+def _write_kubeconfig(out: Path, namespace: str, name: str, token: str) -> Path:
+    """The current kubeconfig's cluster, as ServiceAccount ``namespace/name`` with ``token``."""
+    from kubernetes import client as k8s_client
+    from kubernetes import config as k8s_config
+
+    cfg = k8s_client.Configuration()
+    k8s_config.load_kube_config(client_configuration=cfg)  # type: ignore[no-untyped-call]  # untyped upstream
+    cluster: JSON = {"server": cfg.host}
+    if not cfg.verify_ssl:
+        cluster["insecure-skip-tls-verify"] = True
+    elif cfg.ssl_ca_cert:
+        ca = Path(cfg.ssl_ca_cert).read_bytes()
+        cluster["certificate-authority-data"] = base64.b64encode(ca).decode()
+    user = f"system:serviceaccount:{namespace}:{name}"
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "cluster", "cluster": cluster}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": name, "context": {"cluster": "cluster", "user": user}}],
+        "current-context": name,
+    }
+    out.touch(mode=0o600)
+    out.write_text(yaml.safe_dump(config))
+    return out
 
 
 def run_against_cluster(say: Say) -> int:
@@ -478,6 +579,10 @@ def run_against_cluster(say: Say) -> int:
     from phabmesh.processes.operator import OperatorProcess
 
     settings = Settings.from_env()
+    # Two processes in one: each its own metrics port (deployed, each pod has its own).
+    gateway_settings = dataclasses.replace(
+        settings, metrics_port=settings.metrics_port + 1 if settings.metrics_port else 0
+    )
     say.step("Using the configured cluster: running the operator and the gateway locally")
     say.detail(f"Phabricator: {settings.phabricator_url} (set PHABMESH_PHABRICATOR_URL)")
     say.detail(
@@ -490,20 +595,36 @@ def run_against_cluster(say: Say) -> int:
         )
     )
 
-    async def serve() -> None:
+    async def serve(directory: Path) -> int:
+        admin = KubeClient(load_connection())
+        try:
+            as_operator = await service_account_kubeconfig(
+                admin, settings.namespace, "phabmesh-operator", directory
+            )
+            as_gateway = await service_account_kubeconfig(
+                admin, settings.namespace, "phabmesh-gateway", directory
+            )
+        except NotInstalled as exc:
+            print(f"phabmesh run: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            await admin.close()
+        say.detail(
+            "each runs as its own ServiceAccount (phabmesh-operator, phabmesh-gateway), "
+            "with a 24 h token from TokenRequest: the lease policy lets only the operator's "
+            "write leases"
+        )
         async with (
-            running(OperatorProcess(settings)) as operator,
-            running(GatewayProcess(settings)) as gateway,
+            running(OperatorProcess(settings, kubeconfig=str(as_operator))) as operator,
+            running(GatewayProcess(gateway_settings, kubeconfig=str(as_gateway))) as gateway,
         ):
             say.detail(
-                f"credential endpoint :{operator.issuer_port}, gateway :{gateway.port}; "
-                "Ctrl-C stops them"
+                f"credential endpoint :{operator.issuer_port}, gateway :{gateway.port}, "
+                f"metrics :{operator.metrics_port} (operator) and :{gateway.metrics_port} "
+                "(gateway); Ctrl-C stops them"
             )
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (2, 15):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
+            await until_signalled()
+        return 0
 
-    asyncio.run(serve())
-    return 0
+    with tempfile.TemporaryDirectory(prefix="phabmesh-run-") as directory:
+        return asyncio.run(serve(Path(directory)))
