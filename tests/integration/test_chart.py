@@ -22,8 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from phabmesh.dev import devcluster
-from tests import linkerd
+from phabmesh.dev import devcluster, linkerd
 from tests.kube import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -213,6 +212,13 @@ def test_values_take_effect(helm: Helm, default: list[Doc]) -> None:
     assert config["data"]["PHABMESH_PHABRICATOR_URL"] == "https://phorge.example.org"
     assert config["data"]["PHABMESH_BOT_RECHECK_INTERVAL"] == "120"
     assert config["data"]["PHABMESH_REQUIRE_CLIENT_ID"] == "false"
+    assert any(d["apiVersion"].startswith("policy.linkerd.io/") for d in docs)
+    # A cluster without Linkerd: the chart leaves Linkerd's policy objects out.
+    without = _template(helm, "linkerd.policy=false")
+    kinds = {(d["apiVersion"], d["kind"]) for d in default} - {
+        (d["apiVersion"], d["kind"]) for d in without
+    }
+    assert kinds and all(api.startswith("policy.linkerd.io/") for api, _ in kinds), kinds
     # One gateway replica: no PodDisruptionBudget that would block every node drain.
     budgets = {d["metadata"]["name"] for d in docs if d["kind"] == "PodDisruptionBudget"}
     assert budgets == {"phabmesh-operator"}

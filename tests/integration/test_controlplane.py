@@ -4,12 +4,18 @@ scheduler) and KWOK's simulated nodes."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from tests.kube import HAND_NODE, Cluster, hand_made, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
 
 WIDGET_CRD = """
 apiVersion: apiextensions.k8s.io/v1
@@ -272,3 +278,48 @@ def test_kwok_runs_workloads_like_a_kubelet(cluster: Cluster, namespace: str) ->
     (kept,) = _pods(cluster, namespace, "app=web")
     assert kept.metadata.uid in {p.metadata.uid for p in pods}
     assert kept.status.phase == "Running" and kept.metadata.deletion_timestamp is None
+
+
+def test_make_dev_cluster_is_a_place_to_install_phabmesh(tmp_path: Path) -> None:
+    """`phabmesh dev-cluster` (make dev-cluster) has Linkerd's policy CRDs (stand-ins), so
+    that manifests/ applies whole, Linkerd policy included, after phabmesh's CRDs."""
+    out = tmp_path / "dev-cluster.out"
+    data = tmp_path / "data"
+    with out.open("w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "phabmesh.cli", "dev-cluster", "--data-dir", str(data)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+    try:
+        wait_for(lambda: "Press Ctrl-C" in out.read_text(), timeout=120, what="dev-cluster")
+        kubeconfig = next(
+            line.split("=", 1)[1]
+            for line in out.read_text().splitlines()
+            if "export KUBECONFIG=" in line
+        )
+        kubectl = out.read_text().split("(kubectl: ")[1].split(")")[0]
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [kubectl, f"--kubeconfig={kubeconfig}", *args],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=60,
+            )
+
+        assert "servers.policy.linkerd.io" in run("get", "crd", "-o", "name").stdout
+        # The documented install: the CRDs, then the manifests (here a server-side dry run).
+        assert run("apply", "--server-side", "-f", str(REPO / "crds")).returncode == 0
+        established = run("wait", "--for=condition=Established", "--timeout=60s", "--all", "crd")
+        assert established.returncode == 0, established.stderr
+        # (A dry run creates no namespace for the rest to land in.)
+        assert run("create", "namespace", "phabmesh-system").returncode == 0
+        applied = run("apply", "--dry-run=server", "-k", str(REPO / "manifests"))
+        assert applied.returncode == 0, applied.stderr
+        assert "authorizationpolicy.policy.linkerd.io/phabmesh" in applied.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, out.read_text()[-2000:]

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from phabmesh import apicalls
-from tests import linkerd
+from phabmesh.dev import linkerd
 from tests.kube import Cluster
 
 REPO = Path(__file__).resolve().parents[2]

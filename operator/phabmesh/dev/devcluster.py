@@ -548,10 +548,17 @@ def serve_forever(
     workdir: Path | None = None, crds: Path | None = None, delays: Delays | None = None
 ) -> None:
     """Run a control plane in the foreground until Ctrl-C (or SIGTERM), then stop it."""
+    from phabmesh.dev import linkerd
+
     with running(workdir, delays=delays) as plane:
         if crds is not None and crds.exists():
             plane.kubectl("apply", "--server-side", "-f", str(crds))
+        # Linkerd's policy CRDs (stand-ins): the chart and manifests/ install their policy
+        # objects as on a meshed cluster.
+        plane.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(linkerd.standin_crds()))
         print(
+            "  with stand-ins for Linkerd's policy CRDs (policy.linkerd.io), so that the chart "
+            "and manifests/ install; no Linkerd runs\n"
             f"Kubernetes control plane ready at {plane.server}\n"
             f"  export KUBECONFIG={plane.kubeconfig}\n"
             f"  kubectl get --raw /readyz   (kubectl: {plane.binaries.kubectl})\n"

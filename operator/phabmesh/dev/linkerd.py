@@ -3,6 +3,9 @@
 They have the same group, versions and kinds as Linkerd's, and the fields phabmesh's
 manifests use (required ones and enums as Linkerd's CRDs declare them), so applying the
 manifests' policy objects with strict field validation catches misspelt or missing fields.
+``make dev-cluster`` installs them, so that the chart and ``kubectl apply -k manifests/``
+install there as on a cluster with Linkerd (nothing enforces the policies: no Linkerd runs).
+A development kit: Linkerd's own CRDs come with Linkerd, never from phabmesh.
 """
 
 from __future__ import annotations
