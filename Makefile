@@ -118,6 +118,10 @@ run: controlplane ## Run phabmesh (current kubeconfig, or a local control plane 
 dev-cluster: controlplane ## Start a local control plane in the foreground (Ctrl-C stops it)
 	$(BIN)/phabmesh dev-cluster --delays '$(DELAYS)'
 
+.PHONY: dev-conduit
+dev-conduit: $(STAMP) ## Run the Conduit test server for Phabricator on 127.0.0.1:8081, bot ci-bot's token in Secret phabmesh-system/ci-bot-token
+	$(BIN)/phabmesh dev-conduit
+
 .PHONY: install
 install: $(STAMP) ## Install the CRDs into the current cluster
 	$(KUBECTL) apply --server-side -f crds/

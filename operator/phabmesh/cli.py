@@ -43,6 +43,19 @@ def _dev_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dev_conduit(args: argparse.Namespace) -> int:
+    if (missing := _dev_kits_missing("dev-conduit")) is not None:
+        return missing
+    import asyncio
+
+    from phabmesh.dev.conduit import standalone
+    from phabmesh.dev.quickstart import until_signalled
+
+    bots = args.bot or ["ci-bot"]
+    asyncio.run(standalone.serve(args.port, bots, args.namespace, until=until_signalled))
+    return 0
+
+
 def _settings() -> Settings:
     settings = Settings.from_env()
     logs.configure(settings.log_level, settings.log_json)
@@ -171,6 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
         "or start=MS,complete=MS,stop=MS,jitter=MS",
     )
     dev.set_defaults(func=_dev_cluster)
+
+    phorge = sub.add_parser(
+        "dev-conduit",
+        help="run the Conduit test server standing in for Phabricator (beside dev-cluster)",
+    )
+    phorge.add_argument("--port", type=int, default=8081, help="port on 127.0.0.1 (8081)")
+    phorge.add_argument(
+        "--bot", action="append", help="a bot account to create (repeatable; default ci-bot)"
+    )
+    phorge.add_argument(
+        "--namespace",
+        default="phabmesh-system",
+        help="where each bot's token Secret <bot>-token goes (phabmesh-system)",
+    )
+    phorge.set_defaults(func=_dev_conduit)
 
     ctl = sub.add_parser(
         "controller", help="run the operator: the controller and the credential endpoint"
