@@ -47,3 +47,27 @@ def test_build_tags_are_passed_and_key_the_cache(builds: list[tuple[Path, str]])
     assert plain.name.startswith("tool-v1.2.3-")
     assert tagged.name.startswith("tool-v1.2.3-")
     assert gobuild.go_tool("tool", MODULE, tags="remove_all_sd") == tagged
+
+
+def test_a_long_build_says_how_far_it_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What `go build -v` writes (modules fetched, then each package compiled) is counted and
+    said on stderr as it goes; a failure returns Go's own last words."""
+    script = (
+        "import sys\n"
+        "for m in ('a', 'b'): print(f'go: downloading example.com/{m} v1.0.0', file=sys.stderr)\n"
+        "for p in ('example.com/a', 'example.com/b/c', 'k8s.io/x'): print(p, file=sys.stderr)\n"
+        "print('# k8s.io/x', file=sys.stderr)\n"
+        "print('x.go:1: undefined: y', file=sys.stderr)\n"
+        "sys.exit(int(sys.argv[1]))\n"
+    )
+    command = ["python3", "-c", script]
+    code, tail = gobuild._run_with_progress([*command, "0"], tmp_path, None, "tool", every=0)
+    said = capsys.readouterr().err
+    assert code == 0
+    assert "still building tool: 2 modules fetched, 3 packages compiled" in said
+    assert "built tool in" in said and "(3 packages)" in said
+    code, tail = gobuild._run_with_progress([*command, "1"], tmp_path, None, "tool", every=0)
+    assert code == 1 and "undefined: y" in tail
+    assert "built tool" not in capsys.readouterr().err

@@ -3,6 +3,7 @@ pinned Go modules, once, into a cache keyed by each module's version and files."
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fcntl
 import hashlib
@@ -13,7 +14,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 
 class ControlPlaneError(RuntimeError):
@@ -205,6 +208,7 @@ def _build_into(
         cmd = [
             "go",
             "build",
+            "-v",  # each package's path as it is compiled: what the progress lines count
             "-mod=mod",
             "-trimpath",
             f"-ldflags={ldflags}",
@@ -215,20 +219,59 @@ def _build_into(
         ]
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
         try:
-            result = subprocess.run(
-                cmd, cwd=mod, env=_go_env(), stdout=out, stderr=subprocess.PIPE, check=False
-            )
+            returncode, tail = _run_with_progress(cmd, mod, out, bindir.name.rsplit("-", 1)[0])
         finally:
             if log:
                 out.close()  # type: ignore[union-attr]
-        if result.returncode != 0:
+        if returncode != 0:
             shutil.rmtree(staging, ignore_errors=True)
-            tail = result.stderr.decode(errors="replace")[-4000:]
-            raise ControlPlaneError(f"building the control plane failed:\n{tail}")
+            raise ControlPlaneError(f"building the control plane failed:\n{tail[-4000:]}")
         (staging / ".complete").write_text(version + "\n")
         if bindir.exists():
             shutil.rmtree(bindir)
         staging.rename(bindir)
+
+
+PROGRESS_EVERY = 15.0  # seconds between progress lines of a build
+
+
+def _run_with_progress(
+    cmd: list[str], cwd: Path, out: Any, what: str, every: float = PROGRESS_EVERY
+) -> tuple[int, str]:
+    """Run a ``go build -v``, saying every ``every`` seconds how far it is (modules fetched,
+    packages compiled, time so far) on stderr. Returns its exit code and the end of its
+    stderr (Go's errors)."""
+    started = time.monotonic()
+    last = started
+    downloaded = compiled = 0
+    tail: collections.deque[str] = collections.deque(maxlen=80)
+    with subprocess.Popen(
+        cmd, cwd=cwd, env=_go_env(), stdout=out, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            tail.append(line)
+            if line.startswith("go: downloading "):
+                downloaded += 1
+            elif not line.startswith(("go:", "#")) and "/" in line and " " not in line.strip():
+                compiled += 1
+            now = time.monotonic()
+            if now - last >= every:
+                last = now
+                print(
+                    f"  still building {what}: {downloaded} modules fetched, "
+                    f"{compiled} packages compiled, {int(now - started)} s so far",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        returncode = proc.wait()
+    if returncode == 0:
+        print(
+            f"  built {what} in {int(time.monotonic() - started)} s ({compiled} packages)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return returncode, "".join(tail)
 
 
 # -- Helm, for the chart's tests ------------------------------------------------------------
