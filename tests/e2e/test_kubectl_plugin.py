@@ -30,6 +30,7 @@ from tests.phab import (
     G,
     V,
     active_leases,
+    bind,
     binding_condition,
     exchange,
     label_namespace,
@@ -343,11 +344,18 @@ def _checks(done: subprocess.CompletedProcess[str]) -> dict[str, dict[str, str]]
     return {c["check"]: c for c in json.loads(done.stdout)["checks"]}
 
 
-def test_check_on_a_healthy_install(cluster: Cluster, gateway: Threaded, installed: None) -> None:
+def test_check_on_a_healthy_install(
+    cluster: Cluster, conduit: ConduitServer, gateway: Threaded, installed: None, namespace: str
+) -> None:
+    # A Ready binding whose pods the webhook injects, and a bot the operator has checked.
+    bind(cluster, conduit, namespace, runner_account=True)
     done = plugin(cluster, "check", "-o", "json")
     checks = _checks(done)
-    for name in ("config", "crds", "webhook", "rbac", "signing-keys", "phabricator"):
+    proven = ("config", "crds", "webhook", "injection", "rbac", "signing-keys")
+    for name in (*proven, "phabricator (from here)", "phabricator (in-cluster)"):
         assert checks[name]["status"] == "OK", checks[name]
+    # A dry run only: no pod was made.
+    assert not cluster.core.list_namespaced_pod(namespace).items
     assert "phabricatorbots v1alpha1" in checks["crds"]["message"]
     # Linkerd is not installed here; if an earlier test left stand-ins of its CRDs, the
     # policy objects are looked for.
@@ -361,8 +369,9 @@ def test_check_on_a_healthy_install(cluster: Cluster, gateway: Threaded, install
 
 
 def test_check_fails_on_a_broken_install(
-    cluster: Cluster, operator: Threaded, installed: None, namespace: str
+    cluster: Cluster, conduit: ConduitServer, operator: Threaded, installed: None, namespace: str
 ) -> None:
+    bind(cluster, conduit, namespace, runner_account=True)
     name = Settings().webhook_configuration
     stranger = base64.b64encode(certificates.issue(["elsewhere.example"]).ca_cert).decode()
     cluster.kubectl(
@@ -375,6 +384,11 @@ def test_check_fails_on_a_broken_install(
         assert done.returncode == 1
         webhook = _checks(done)["webhook"]
         assert webhook["status"] == "FAIL" and "caBundle" in webhook["message"], webhook
+        assert "(see docs/troubleshooting.md#" in webhook["message"]
+        # The API server cannot call a webhook it does not trust: no pod is injected, and
+        # the dry run shows it.
+        injected = _checks(done)["injection"]
+        assert injected["status"] == "FAIL" and "NOT injected" in injected["message"], injected
     finally:
         operator.call(operator.process.webhook_tls.refresh)  # type: ignore[attr-defined]
     assert _checks(plugin(cluster, "check", "-o", "json"))["webhook"]["status"] == "OK"

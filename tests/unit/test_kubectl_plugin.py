@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ import yaml
 
 from phabmesh import apicalls, credentials, identity, resources
 from phabmesh.admission import certificates
-from phabmesh.kubectl import checks, cluster, commands, main, output
+from phabmesh.kube.client import JSON
+from phabmesh.kubectl import checks, cluster, commands, injection, main, output
 from phabmesh.leases import decide, grants
 from phabmesh.leases.view import LeaseView
 from phabmesh.leases.world import BindingView, World
@@ -370,9 +372,12 @@ def test_judge_ready_and_report() -> None:
     )
     results = [checks.Result("crds", "OK", "x"), warned]
     assert checks.report(results).exit_code == 0
-    failed = checks.report([*results, checks.Result("phabricator", "FAIL", "down")])
+    failed = checks.report([*results, checks.Result("phabricator (in-cluster)", "FAIL", "down")])
     assert failed.exit_code == 1 and failed.document["ok"] is False
-    assert checks.judge_phabricator("http://p", None, "refused").status == "FAIL"
+    # From the admin's machine: a hint, not the operator's view.
+    here = checks.judge_phabricator("http://p", None, "refused")
+    assert (here.check, here.status) == ("phabricator (from here)", "WARN")
+    assert "from this machine" in here.message
     assert checks.judge_config(None, "bad value", None).status == "FAIL"
     assert checks.judge_config({}, None, Settings()).status == "OK"
     unproven = checks.judge_config({}, None, Settings(require_client_id=False))
@@ -402,3 +407,117 @@ def test_the_namespace_defaults_to_the_contexts(tmp_path: Path) -> None:
     assert cluster.default_namespace(cluster.Options(kubeconfig=path, namespace="x")) == "x"
     missing = cluster.Options(kubeconfig=str(tmp_path / "none"))
     assert cluster.default_namespace(missing) == "default"
+
+
+NOW = datetime.datetime(2026, 6, 1, tzinfo=datetime.UTC)
+
+
+def _bot(name: str, reason: str, checked: datetime.datetime | None, message: str = "") -> JSON:
+    status = "True" if reason == "Verified" else "Unknown"
+    body: JSON = {
+        "metadata": {"name": name},
+        "status": {
+            "conditions": [
+                {"type": "Ready", "status": status, "reason": reason, "message": message}
+            ]
+        },
+    }
+    if checked is not None:
+        body["status"]["lastCheckedAt"] = checked.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return body
+
+
+def test_phabricator_in_cluster_is_what_the_operators_bot_checks_found() -> None:
+    url = "http://phorge.internal"
+    judge = checks.judge_phabricator_in_cluster
+    fresh = NOW - datetime.timedelta(seconds=30)
+    assert judge(url, [], NOW, 300).status == "WARN"
+    ok = judge(url, [_bot("a", "Verified", fresh)], NOW, 300)
+    assert (ok.check, ok.status) == ("phabricator (in-cluster)", "OK") and url in ok.message
+    down = judge(
+        url,
+        [_bot("a", "Verified", fresh), _bot("b", "PhabricatorUnavailable", fresh, "refused")],
+        NOW,
+        300,
+    )
+    assert down.status == "FAIL" and url in down.message and "b: refused" in down.message
+    # The operator stopped: its last checks grow old; a status that is not fresh says so.
+    stale = judge(url, [_bot("a", "Verified", NOW - datetime.timedelta(hours=1))], NOW, 300)
+    assert stale.status == "WARN" and "is the operator running?" in stale.message
+    assert judge(url, [_bot("a", "Verified", None)], NOW, 300).status == "WARN"
+
+
+def _binding(spec: JSON, namespace: str = "ci") -> JSON:
+    return {
+        "metadata": {"name": "b", "namespace": namespace},
+        "spec": {"botRef": {"name": "bot"}, "allowedMethods": ["user.*"], **spec},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+
+@pytest.mark.parametrize(
+    ("spec", "account", "labels"),
+    [
+        ({"identityRefs": [{"kind": "ServiceAccount", "name": "runner"}]}, "runner", {}),
+        ({"identities": ["deploy.ci.serviceaccount.identity.linkerd.cluster.local"]}, "deploy", {}),
+        ({"identities": ["spiffe://cluster.local/ns/ci/sa/builder"]}, "builder", {}),
+        ({"identities": ["*"]}, "default", {}),
+        ({"identityRefs": [{"kind": "Namespace", "name": "ci"}]}, "default", {}),
+        (
+            {
+                "identityRefs": [{"kind": "ServiceAccount", "name": "runner"}],
+                "podSelector": {
+                    "matchLabels": {"app": "ci"},
+                    "matchExpressions": [
+                        {"key": "tier", "operator": "In", "values": ["build", "test"]},
+                        {"key": "gpu", "operator": "Exists"},
+                        {"key": "legacy", "operator": "DoesNotExist"},
+                    ],
+                },
+            },
+            "runner",
+            {"app": "ci", "tier": "build", "gpu": "phabmesh-check"},
+        ),
+    ],
+)
+def test_the_injection_check_builds_a_pod_the_binding_takes(
+    spec: JSON, account: str, labels: dict[str, str]
+) -> None:
+    pod = injection.candidate_pod(_binding(spec), identity.DEFAULT_NAMING)
+    assert pod is not None
+    assert pod["spec"]["serviceAccountName"] == account
+    assert pod["metadata"]["labels"] == labels
+    assert pod["metadata"]["namespace"] == "ci" and "name" not in pod["metadata"]
+    # Restricted, so that no namespace's Pod Security refuses it.
+    (container,) = pod["spec"]["containers"]
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_the_injection_check_says_what_it_saw() -> None:
+    # Another namespace's ServiceAccount only: no pod of this namespace is taken.
+    other = {"identityRefs": [{"kind": "ServiceAccount", "name": "x", "namespace": "else"}]}
+    assert injection.candidate_pod(_binding(other), identity.DEFAULT_NAMING) is None
+    volume = {"spec": {"volumes": [{"name": "phabmesh-token"}]}}
+    assert injection.judge("ci/b", "runner", volume, None)[0] == "OK"
+    status, message = injection.judge("ci/b", "runner", {"spec": {}}, None)
+    assert status == "FAIL" and "NOT injected" in message
+    assert injection.judge("ci/b", "runner", None, "forbidden")[0] == "WARN"
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip("# ").strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_every_warning_and_failure_names_a_docs_section_that_exists() -> None:
+    root = Path(__file__).resolve().parents[2]
+    for check, link in checks.FIXES.items():
+        path, _, anchor = link.partition("#")
+        text = (root / path).read_text()
+        if anchor:
+            anchors = {_anchor(line) for line in text.splitlines() if line.startswith("#")}
+            assert anchor in anchors, (check, link, sorted(anchors))
+        warned = checks.with_fix(checks.Result(check, "WARN", "x"))
+        assert warned.message == f"x (see {link})"
+    assert checks.with_fix(checks.Result("crds", "OK", "x")).message == "x"

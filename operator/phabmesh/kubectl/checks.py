@@ -14,11 +14,11 @@ import datetime
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from phabmesh import apicalls, conduit, credentials, resources
+from phabmesh import apicalls, conduit, credentials, identity, resources
 from phabmesh.admission import certificates, tls
 from phabmesh.kube import KubeError
 from phabmesh.kube.client import JSON, resource_path
-from phabmesh.kubectl import cluster
+from phabmesh.kubectl import cluster, injection
 from phabmesh.kubectl.output import Report
 from phabmesh.leases.view import parse_time
 from phabmesh.settings import Settings
@@ -40,6 +40,21 @@ LINKERD_POLICY = (
     ("AuthorizationPolicy", "authorizationpolicies", "phabmesh-metrics-unauthenticated"),
 )
 COLUMNS = (("check", "check"), ("status", "status"), ("message", "message"))
+# The docs section that says how to fix each check's WARN or FAIL (paths in the repository).
+FIXES = {
+    "config": "docs/settings.md",
+    "crds": "docs/install.md#with-kustomize",
+    "webhook": "docs/troubleshooting.md#a-pod-has-no-phabmesh-token-volume",
+    injection.CHECK: injection.FIX,
+    "peering": "docs/install.md#high-availability-kopf-peering-kept",
+    "rbac": "docs/install.md#with-kustomize",
+    "linkerd-policy": "docs/install.md#installing-and-uninstalling",
+    "signing-keys": "docs/troubleshooting.md#the-credential-endpoint-answers",
+    "phabricator (from here)": "docs/troubleshooting.md#phabricatorbot-ready",
+    "phabricator (in-cluster)": "docs/troubleshooting.md#phabricatorbot-ready",
+    "bots": "docs/troubleshooting.md#phabricatorbot-ready",
+    "bindings": "docs/troubleshooting.md#phabricatorbinding-ready",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,9 +256,40 @@ def judge_keys(secret: JSON | None, name: str, now: datetime.datetime) -> Result
 
 
 def judge_phabricator(url: str, host: str | None, error: str | None) -> Result:
+    """Phabricator as this machine reaches it (the admin's; not what the operator sees)."""
+    label = "phabricator (from here)"
     if error is not None:
-        return Result("phabricator", FAIL, f"conduit.ping to {url} failed: {error}")
-    return Result("phabricator", OK, f"conduit.ping to {url} answered {host!r}")
+        return Result(label, WARN, f"conduit.ping to {url} from this machine failed: {error}")
+    return Result(label, OK, f"conduit.ping to {url} from this machine answered {host!r}")
+
+
+def judge_phabricator_in_cluster(
+    url: str, bots: Sequence[JSON], now: datetime.datetime, recheck: float
+) -> Result:
+    """Phabricator as the operator reaches it from inside the cluster: what its bot checks
+    (each a Conduit call to ``url``) last found, and whether they are recent."""
+    label = "phabricator (in-cluster)"
+    if not bots:
+        return Result(label, WARN, "no PhabricatorBot yet: no check shows the operator reaching it")
+    down = [
+        f"{(b.get('metadata') or {}).get('name')}: {_condition(b, resources.READY).get('message')}"
+        for b in bots
+        if _condition(b, resources.READY).get("reason") == "PhabricatorUnavailable"
+    ]
+    if down:
+        return Result(label, FAIL, f"the operator cannot reach {url}: " + "; ".join(down[:3]))
+    checked = [t for b in bots if (t := parse_time((b.get("status") or {}).get("lastCheckedAt")))]
+    if not checked:
+        return Result(label, WARN, "no bot checked yet: is the operator running?")
+    age = (now - max(checked)).total_seconds()
+    if age > 2 * recheck + 60:
+        return Result(
+            label,
+            WARN,
+            f"the newest bot check is {int(age // 60)} min old (re-checks every "
+            f"{int(recheck)} s): is the operator running?",
+        )
+    return Result(label, OK, f"the operator's bot checks reached {url} {int(age)} s ago")
 
 
 def judge_config(configmap: JSON | None, error: str | None, settings: Settings | None) -> Result:
@@ -405,21 +451,46 @@ async def run(session: cluster.Session, now: datetime.datetime) -> list[Result]:
     async def ready(kind: str, path: str) -> Result:
         return judge_ready(kind, await session.items(path))
 
+    async def in_cluster() -> Result:
+        bots = await session.items(cluster.bot_path())
+        return judge_phabricator_in_cluster(
+            settings.phabricator_url, bots, now, settings.bot_recheck_interval
+        )
+
+    async def injected() -> Result:
+        bindings = await session.items(cluster.binding_path(None))
+        naming = identity.Naming(
+            control_plane_namespace=settings.linkerd_namespace,
+            trust_domain=settings.trust_domain,
+        )
+        status, message = await injection.check(session, bindings, naming)
+        return Result(injection.CHECK, status, message)
+
     results += await asyncio.gather(
         _guarded("crds", crds()),
         _guarded("webhook", webhook()),
+        _guarded(injection.CHECK, injected()),
         _guarded("peering", peering()),
         _guarded("rbac", _rbac(session, system, settings)),
         _guarded("linkerd-policy", _linkerd(session, system)),
         _guarded("signing-keys", keys()),
         _phabricator(settings.phabricator_url),
+        _guarded("phabricator (in-cluster)", in_cluster()),
         _guarded("bots", ready(resources.BOT_KIND, cluster.bot_path())),
         _guarded("bindings", ready(resources.BINDING_KIND, cluster.binding_path(None))),
     )
     return results
 
 
+def with_fix(result: Result) -> Result:
+    """A WARN or FAIL names the docs section that says how to fix it."""
+    fix = FIXES.get(result.check)
+    if result.status == OK or fix is None:
+        return result
+    return dataclasses.replace(result, message=f"{result.message} (see {fix})")
+
+
 def report(results: Sequence[Result]) -> Report:
-    rows = [dataclasses.asdict(r) for r in results]
+    rows = [dataclasses.asdict(with_fix(r)) for r in results]
     failed = any(r.status == FAIL for r in results)
     return Report(COLUMNS, rows, document={"checks": rows, "ok": not failed}, exit_code=int(failed))
