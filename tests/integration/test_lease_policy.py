@@ -402,22 +402,30 @@ def test_an_admin_revocation_takes_only_phabmeshs_message_and_the_time_of_the_wr
     for lie, body in lies.items():
         refused = _as(cluster, TENANT, *patch, "-p", json.dumps(body))
         assert REFUSAL in refused, (lie, refused)
-    # Nor with a managedFields entry of its own making, stamped at the time it claims (or
+    # Nor with managedFields entries of its own making, stamped at the time it claims (or
     # with the record of the write reset).
     when = now - datetime.timedelta(days=30)
-    forged_stamp = {
-        "manager": "kubectl-phabmesh",
-        "operation": "Update",
-        "apiVersion": f"{G}/{V}",
-        "time": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "fieldsType": "FieldsV1",
-        "fieldsV1": {"f:status": {"f:revokedAt": {}}},
-    }
+
+    def forged(manager: str, operation: str = "Update") -> dict[str, Any]:
+        return {
+            "manager": manager,
+            "operation": operation,
+            "apiVersion": f"{G}/{V}",
+            "time": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "fieldsType": "FieldsV1",
+            "fieldsV1": {"f:status": {"f:revokedAt": {}}},
+        }
+
     lease = cluster.custom.get_namespaced_custom_object(
         G, V, tenant, resources.CREDENTIAL_PLURAL, "held"
     )
     stamps = lease["metadata"].get("managedFields") or []
-    for managed in ([*stamps, forged_stamp], [{}]):
+    for managed in (
+        [*stamps, forged("kubectl-phabmesh")],
+        [*stamps, forged("kubectl-patch")],  # kubectl patch's own field manager
+        [*stamps, forged("kubectl-patch", "Apply")],
+        [{}],
+    ):
         body = {**_revocation(at=when), "metadata": {"managedFields": managed}}
         refused = _as(cluster, TENANT, *patch, "-p", json.dumps(body))
         assert REFUSAL in refused, (managed, refused)

@@ -268,6 +268,7 @@ async def revoke(
             await session.client.json_patch(
                 cluster.lease_path(lease.namespace, lease.name),
                 revocation_ops(lease, utcnow() + skew),
+                params={"fieldManager": cluster.COMPONENT},  # the policy reads its stamp
             )
             result = "revoked"
         except KubeError as exc:
