@@ -463,6 +463,7 @@ async def identities_flood(
 ) -> list[tuple[str, str]]:
     """A real pod of namespace ``bench`` exchanges fresh tokens (10 a second) alone, then
     while ``--identities`` service accounts of another namespace send forged tokens."""
+    plane.install_rbac(devcluster.repo_root() / "manifests")  # type: ignore[operator]
     kube = KubeClient(load_connection(str(plane.kubeconfig)), qps=0, burst=1000)
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=8))
     leases = LeaseIndex(kube)
