@@ -364,6 +364,8 @@ def test_the_policy_accepts_the_message_and_leeway_the_plugin_writes() -> None:
         durations = set(re.findall(r"duration\('(-?[0-9]+)s'\)", text))
         assert durations == {str(leeway), str(-leeway)}, (path, durations)
         assert f"{leeway} s (resources.ADMIN_REVOCATION_LEEWAY)" in text, path  # its comment
+        assert f'"{message}", revokedAt the time of the' in text, path  # its refusal
+        assert f"write within {leeway} s" in text, path
 
 
 def _held(cluster: Cluster, namespace: str, name: str, pod: client.V1Pod | None = None) -> None:
@@ -402,6 +404,7 @@ def test_an_admin_revocation_takes_only_phabmeshs_message_and_the_time_of_the_wr
     for lie, body in lies.items():
         refused = _as(cluster, TENANT, *patch, "-p", json.dumps(body))
         assert REFUSAL in refused, (lie, refused)
+        assert resources.ADMIN_REVOCATION_MESSAGE in refused  # what it takes instead
     # Nor with managedFields entries of its own making, stamped at the time it claims (or
     # with the record of the write reset).
     when = now - datetime.timedelta(days=30)
