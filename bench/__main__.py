@@ -156,6 +156,9 @@ class Operator(Child):
         # after the hundredth; it is raised as for a Deployment of that size.
         env["PHABMESH_TOKEN_REVIEW_SOURCE_BURST"] = "5000"  # noqa: S105 - a number
         env["PHABMESH_TOKEN_REVIEW_SOURCE_QPS"] = "1000"  # noqa: S105 - a number
+        # So is the budget of their namespace (callers without a mesh identity share one).
+        env["PHABMESH_TOKEN_REVIEW_NAMESPACE_BURST"] = "5000"  # noqa: S105 - a number
+        env["PHABMESH_TOKEN_REVIEW_NAMESPACE_QPS"] = "1000"  # noqa: S105 - a number
         super().__init__([sys.executable, "-m", "phabmesh.cli", "controller"], env, tmp / "op.log")
 
 

@@ -13,8 +13,10 @@ against the same pings with no attack, and the gateway's memory. Then it sends
 ``phabmesh_gateway_requests_total``. Last, with ``phabmesh controller`` beside them, the
 credential endpoint: a real pod's exchange (an uncached TokenReview) alone, then while
 ``--flood`` requests with junk tokens and as many with forged ones (JWTs for the right
-audience) arrive at once, and how many TokenReviews the flood cost. Nothing here asserts:
-it measures and prints.
+audience) arrive at once, and how many TokenReviews the flood cost. Then, with the shipped
+TokenReview budgets, a real pod's exchanges (fresh tokens, 10 a second) alone and while
+``--identities`` service accounts of another namespace send forged tokens: their latency
+and how many were refused. Nothing here asserts: it measures and prints.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import gzip
 import json
 import multiprocessing
@@ -36,10 +39,23 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.__main__ import NS, Child, Conduit, Operator, ms, pct, pods, ready, setup, until
+from bench.__main__ import (
+    NS,
+    Child,
+    Conduit,
+    Operator,
+    ms,
+    pct,
+    phabmesh_env,
+    pods,
+    ready,
+    setup,
+    until,
+)
 from phabmesh import serving
 from phabmesh.dev import devcluster
-from phabmesh.kube import KubeClient, load_connection
+from phabmesh.kube import Conflict, KubeClient, load_connection
+from phabmesh.kube.client import JSON
 from phabmesh.leases.index import LeaseIndex
 from phabmesh.settings import Settings
 
@@ -360,6 +376,144 @@ async def credential_flood(
         await kube.close()
 
 
+# -- many identities of one namespace against the TokenReview budgets ------------------------
+
+FLOOD_NAMESPACE = "tenant-flood"  # the flooding identities' namespace (headers only)
+
+
+class ShippedOperator(Child):
+    """``phabmesh controller`` with the shipped TokenReview budgets."""
+
+    def __init__(self, plane: devcluster.ControlPlane, conduit: Conduit, tmp: Path) -> None:
+        self.issuer_port = serving.free_port("127.0.0.1")
+        self.metrics_port = serving.free_port("127.0.0.1")
+        env = phabmesh_env(
+            plane,
+            conduit,
+            "operator",
+            issuer_port=self.issuer_port,
+            metrics_port=self.metrics_port,
+            webhook_port=serving.free_port("127.0.0.1"),
+        )
+        super().__init__(
+            [sys.executable, "-m", "phabmesh.cli", "controller"], env, tmp / "op-shipped.log"
+        )
+
+
+def _identities_flood(url: str, identities: int, seconds: float) -> list[int]:
+    """Forged tokens from ``identities`` mesh identities of one namespace, each one after
+    the other for ``seconds`` (as the local Linkerd proxy would pass them on); statuses."""
+
+    async def flood() -> list[int]:
+        end = time.perf_counter() + seconds
+        connector = aiohttp.TCPConnector(limit=identities)
+        async with aiohttp.ClientSession(connector=connector) as http:
+
+            async def one(n: int) -> list[int]:
+                who = f"flood-{n}.{FLOOD_NAMESPACE}.serviceaccount.identity.linkerd.cluster.local"
+                statuses: list[int] = []
+                while time.perf_counter() < end:
+                    token = _forged(n * 1_000_000 + len(statuses))
+                    headers = {"Authorization": f"Bearer {token}", "l5d-client-id": who}
+                    async with http.post(url, headers=headers) as answer:
+                        await answer.read()
+                        statuses.append(answer.status)
+                return statuses
+
+            done = await asyncio.gather(*(one(n) for n in range(identities)))
+            return [status for each in done for status in each]
+
+    return asyncio.run(flood())
+
+
+async def _exchanges(
+    http: aiohttp.ClientSession, kube: KubeClient, url: str, created: list[JSON], seconds: float
+) -> tuple[list[float], int]:
+    """Fresh tokens (uncached reviews) of the pods in turn, 10 a second, for ``seconds``:
+    the latencies of those issued, and how many were refused."""
+    identity = f"runner.{NS}.serviceaccount.identity.linkerd.cluster.local"
+    took: list[float] = []
+    refused, end, n = 0, time.perf_counter() + seconds, 0
+    while time.perf_counter() < end:
+        pod = created[n % len(created)]
+        n += 1
+        token = await kube.pod_token(NS, "runner", pod, seconds=3600)
+        started = time.perf_counter()
+        async with http.post(
+            url, headers={"Authorization": f"Bearer {token}", "l5d-client-id": identity}
+        ) as answer:
+            await answer.read()
+        if answer.status == 200:
+            took.append(time.perf_counter() - started)
+        else:
+            refused += 1
+        await asyncio.sleep(0.1)
+    return took, refused
+
+
+def _row(took: list[float], refused: int) -> str:
+    total = len(took) + refused
+    latency = f"p50 {ms(pct(took, 50))}, p99 {ms(pct(took, 99))}" if took else "none issued"
+    share = f"{100 * refused / total:.0f} %" if total else "n/a"
+    return f"{latency}; refused {refused} of {total} ({share})"
+
+
+async def identities_flood(
+    plane: devcluster.ControlPlane, conduit: Conduit, tmp: Path, args: argparse.Namespace
+) -> list[tuple[str, str]]:
+    """A real pod of namespace ``bench`` exchanges fresh tokens (10 a second) alone, then
+    while ``--identities`` service accounts of another namespace send forged tokens."""
+    plane.install_rbac(devcluster.repo_root() / "manifests")  # type: ignore[operator]
+    kube = KubeClient(load_connection(str(plane.kubeconfig)), qps=0, burst=1000)
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=8))
+    leases = LeaseIndex(kube)
+    watching = asyncio.create_task(leases.run())
+    operator = ShippedOperator(plane, conduit, tmp)
+    try:
+        with contextlib.suppress(Conflict):  # else an earlier part made it
+            await setup(kube, conduit)
+        await ready(http, operator.metrics_port)
+        created = await pods(kube, NS, 5, prefix="victim", running=True)
+        uids = {p["metadata"]["uid"] for p in created}
+
+        async def all_active() -> bool:
+            held = {x.pod_uid for x in leases.by_uid.values() if x.active and x.pod_uid in uids}
+            return held == uids
+
+        await until(all_active, 60)
+        url = f"http://127.0.0.1:{operator.issuer_port}/v1/credentials"
+        alone = await _exchanges(http, kube, url, created, args.seconds)
+        with concurrent.futures.ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(pool, int, "0")  # the process is up
+            flooding = loop.run_in_executor(
+                pool, _identities_flood, url, args.identities, args.seconds + 0.5
+            )
+            await asyncio.sleep(0.5)  # the flood's bursts spent
+            during = await _exchanges(http, kube, url, created, args.seconds)
+            statuses = await flooding
+        counts = {s: statuses.count(s) for s in sorted(set(statuses))}
+        return [
+            (
+                "exchange of a pod of another namespace (fresh token, 10/s), alone",
+                _row(*alone),
+            ),
+            (
+                f"the same during forged tokens from {args.identities} identities of one "
+                "namespace (shipped budgets)",
+                f"{_row(*during)}; the flood was answered {counts}",
+            ),
+        ]
+    finally:
+        operator.stop()
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
+        await http.close()
+        await kube.close()
+
+
 async def run(args: argparse.Namespace) -> list[tuple[str, str]]:
     with tempfile.TemporaryDirectory(prefix="phabmesh-hostile-") as tmp:
         plane = devcluster.ControlPlane(Path(tmp) / "plane")
@@ -377,6 +531,8 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str]]:
                 gateway.stop()
             if "credentials" in args.parts:
                 rows += await credential_flood(plane, conduit, Path(tmp), args)
+            if "identities" in args.parts:
+                rows += await identities_flood(plane, conduit, Path(tmp), args)
             return rows
         finally:
             if gateway is not None:
@@ -390,7 +546,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="pings per kind of attack")
     parser.add_argument("--names", type=int, default=30_000, help="distinct method names")
     parser.add_argument("--flood", type=int, default=600, help="junk tokens (and forged ones)")
-    parser.add_argument("--parts", default="gateway,credentials", help="what to measure")
+    parser.add_argument("--parts", default="gateway,credentials,identities", help="what to measure")
+    parser.add_argument(
+        "--identities", type=int, default=50, help="flooding service accounts of one namespace"
+    )
     parser.add_argument("--attackers", type=int, default=1, help="hostile connections at once")
     args = parser.parse_args()
     rows = asyncio.run(run(args))

@@ -2,7 +2,8 @@
 
 :class:`Bucket` is one budget (``rate`` per second sustained, ``burst`` at once);
 :class:`PerSource` keeps one per source, for a bounded number of sources (the least
-recently seen is forgotten first). The clock is injected.
+recently seen is forgotten first); :func:`take_all` spends from several budgets at once, or
+from none. The clock is injected.
 """
 
 from __future__ import annotations
@@ -24,15 +25,30 @@ class Bucket:
 
     def take(self) -> float:
         """0 when one unit was taken; otherwise the seconds until one is there (none taken)."""
+        wait = self.wait()
+        if wait == 0 and self.rate > 0:
+            self.tokens -= 1
+        return wait
+
+    def wait(self) -> float:
+        """The seconds until one unit is there (0: it is there now); nothing is taken."""
         if self.rate <= 0:
             return 0.0
         now = self.clock()
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens >= 1:
-            self.tokens -= 1
             return 0.0
         return (1 - self.tokens) / self.rate
+
+
+def take_all(*buckets: Bucket) -> float:
+    """One unit from every bucket, or from none: 0 when taken, else the longest wait."""
+    wait = max((bucket.wait() for bucket in buckets), default=0.0)
+    if wait == 0:
+        for bucket in buckets:
+            bucket.take()
+    return wait
 
 
 class PerSource:
@@ -49,6 +65,10 @@ class PerSource:
         """:meth:`Bucket.take` on ``source``'s own bucket."""
         if self.rate <= 0:
             return 0.0
+        return self.bucket(source).take()
+
+    def bucket(self, source: str) -> Bucket:
+        """``source``'s own bucket (a full one for a source not seen, or forgotten)."""
         bucket = self.buckets.get(source)
         if bucket is None:
             bucket = self.buckets[source] = Bucket(self.rate, self.burst, self.clock)
@@ -56,4 +76,4 @@ class PerSource:
                 self.buckets.popitem(last=False)
         else:
             self.buckets.move_to_end(source)
-        return bucket.take()
+        return bucket

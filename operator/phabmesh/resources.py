@@ -62,6 +62,12 @@ BOT_NOT_ALLOWED = "BotNotAllowed"  # the lease's bot is gone or no longer allows
 # its pod goes (the garbage collector deletes it then): while it stands, the operator issues
 # that pod no new lease through that binding.
 REVOKED_BY_ADMIN = "RevokedByAdmin"
+# Its status.message, the one text manifests/lease-policy.yaml accepts (the policy has a copy;
+# tests check they agree): who revoked is in the API server's audit log and the plugin's Event.
+ADMIN_REVOCATION_MESSAGE = "revoked by an administrator"
+# How far its revokedAt may be from the time the API server records for the write (the
+# policy has a copy, in seconds).
+ADMIN_REVOCATION_LEEWAY = 15
 # Each reason's one message: in the lease's status.message, the pod's Event, the gateway's
 # and the credential endpoint's refusals ("credential revoked: <message>").
 REVOCATION_MESSAGES: Mapping[str, str] = {
@@ -78,7 +84,7 @@ REVOCATION_MESSAGES: Mapping[str, str] = {
     BOT_NOT_READY: "bot not ready",
     BOT_CHANGED: "the binding names another bot now",
     BOT_NOT_ALLOWED: "bot not allowed in this namespace",
-    REVOKED_BY_ADMIN: "revoked by an administrator",
+    REVOKED_BY_ADMIN: ADMIN_REVOCATION_MESSAGE,
 }
 REVOCATION_REASONS = frozenset(REVOCATION_MESSAGES)
 

@@ -71,6 +71,15 @@ class Settings:
     # address): one flooding caller is refused (429 with Retry-After) while the others go on.
     token_review_source_qps: float = 20.0
     token_review_source_burst: int = 100
+    # The same per namespace: the caller's, from its mesh identity (as above); callers without
+    # one share one such budget. A tenant's many service accounts get this much together.
+    token_review_namespace_qps: float = 20.0
+    token_review_namespace_burst: int = 100
+    # The part of token_review_qps/burst kept for pods that hold an Active lease (the caller's
+    # mesh identity is the lease's, and its token names the lease's pod); one namespace may
+    # take a quarter of it. Less than token_review_qps/burst; 0: nothing kept.
+    token_review_reserve_qps: float = 20.0
+    token_review_reserve_burst: int = 40
     # Kubernetes client limits per process (requests per second sustained, and at once): lease
     # writes in a mass scale-down, TokenReview bursts. Events get a quarter of these on top.
     kube_qps: float = 400.0

@@ -9,7 +9,11 @@ and namespace controller of the local kube-controller-manager.
 
 from __future__ import annotations
 
+import datetime
 import json
+import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -159,6 +163,24 @@ def tenant(cluster: Cluster, namespace: str) -> str:
     return namespace
 
 
+def _revocation(
+    *,
+    reason: str = resources.REVOKED_BY_ADMIN,
+    message: str = resources.ADMIN_REVOCATION_MESSAGE,
+    at: datetime.datetime | None = None,
+) -> dict[str, Any]:
+    """A merge patch revoking a lease (as ``kubectl phabmesh revoke`` does, by default)."""
+    when = at or datetime.datetime.now(datetime.UTC)
+    return {
+        "status": {
+            "phase": "Revoked",
+            "reason": reason,
+            "revokedAt": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "message": message,
+        }
+    }
+
+
 def _exists(cluster: Cluster, namespace: str, name: str) -> bool:
     try:
         cluster.custom.get_namespaced_custom_object(
@@ -272,13 +294,7 @@ def test_anyone_allowed_by_rbac_may_revoke_an_active_lease_and_nothing_else(
     patch = ("patch", "phabricatorcredential", "held", "-n", tenant, "--type=merge")
 
     def revoked(reason: str) -> dict[str, Any]:
-        return {
-            "status": {
-                "phase": "Revoked",
-                "reason": reason,
-                "revokedAt": "2026-01-01T00:00:00Z",
-            }
-        }
+        return _revocation(reason=reason)
 
     # Another reason is the operator's to write.
     refused = _as(
@@ -329,3 +345,157 @@ def test_anyone_allowed_by_rbac_may_revoke_an_active_lease_and_nothing_else(
     )
     assert REFUSAL in _as(cluster, TENANT, "delete", "phabricatorcredential", "held", "-n", tenant)
     operator.delete_namespaced_custom_object(G, V, tenant, resources.CREDENTIAL_PLURAL, "held")
+
+
+def _policy_texts() -> dict[str, str]:
+    return {
+        path: (REPO / path).read_text()
+        for path in ("manifests/lease-policy.yaml", "charts/phabmesh/templates/lease-policy.yaml")
+    }
+
+
+def test_the_policy_accepts_the_message_and_leeway_the_plugin_writes() -> None:
+    """One message and one leeway in code (resources), which the plugin writes and both
+    copies of the policy check."""
+    message = resources.ADMIN_REVOCATION_MESSAGE
+    leeway = resources.ADMIN_REVOCATION_LEEWAY
+    for path, text in _policy_texts().items():
+        assert f"object.status.message == '{message}'" in text, path
+        durations = set(re.findall(r"duration\('(-?[0-9]+)s'\)", text))
+        assert durations == {str(leeway), str(-leeway)}, (path, durations)
+        assert f"{leeway} s (resources.ADMIN_REVOCATION_LEEWAY)" in text, path  # its comment
+        assert f'"{message}", revokedAt the time of the' in text, path  # its refusal
+        assert f"write within {leeway} s" in text, path
+
+
+def _held(cluster: Cluster, namespace: str, name: str, pod: client.V1Pod | None = None) -> None:
+    """An Active lease ``name`` (of ``pod`` when given), written as phabmesh's operator."""
+    body = _lease(namespace, name)
+    if pod is not None:
+        body["spec"].update(podName=pod.metadata.name, podUID=pod.metadata.uid)
+    operator = _operator(cluster)
+    operator.create_namespaced_custom_object(G, V, namespace, resources.CREDENTIAL_PLURAL, body)
+    active = {"status": {"phase": "Active", "expiresAt": "2099-01-01T00:00:00Z"}}
+    operator.patch_namespaced_custom_object(
+        G, V, namespace, resources.CREDENTIAL_PLURAL, name, active
+    )
+
+
+def test_an_admin_revocation_takes_only_phabmeshs_message_and_the_time_of_the_write(
+    cluster: Cluster, policy: None, tenant: str
+) -> None:
+    """A review stored terminal escape codes and a false "revoked by cluster-admin" in
+    status.message, and a revokedAt in the past, with the one write a tenant may make."""
+    wait_for(
+        lambda: _refused_create(cluster, TENANT, _lease(tenant, "forged")),
+        what="the policy to refuse the tenant",
+    )
+    _held(cluster, tenant, "held")
+    patch = ("patch", "phabricatorcredential", "held", "-n", tenant, "--type=merge")
+    now = datetime.datetime.now(datetime.UTC)
+    lies = {
+        "escape codes": _revocation(message="\x1b[2J\x1b[1;31mrevoked by cluster-admin\x1b[0m"),
+        "another author": _revocation(message="revoked by cluster-admin"),
+        "no message": {"status": {**_revocation()["status"], "message": None}},
+        "the past": _revocation(at=now - datetime.timedelta(days=30)),
+        "a minute ago": _revocation(at=now - datetime.timedelta(minutes=1)),
+        "the future": _revocation(at=now + datetime.timedelta(hours=1)),
+    }
+    for lie, body in lies.items():
+        refused = _as(cluster, TENANT, *patch, "-p", json.dumps(body))
+        assert REFUSAL in refused, (lie, refused)
+        assert resources.ADMIN_REVOCATION_MESSAGE in refused  # what it takes instead
+    # Nor with managedFields entries of its own making, stamped at the time it claims (or
+    # with the record of the write reset).
+    when = now - datetime.timedelta(days=30)
+
+    def forged(manager: str, operation: str = "Update") -> dict[str, Any]:
+        return {
+            "manager": manager,
+            "operation": operation,
+            "apiVersion": f"{G}/{V}",
+            "time": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "fieldsType": "FieldsV1",
+            "fieldsV1": {"f:status": {"f:revokedAt": {}}},
+        }
+
+    lease = cluster.custom.get_namespaced_custom_object(
+        G, V, tenant, resources.CREDENTIAL_PLURAL, "held"
+    )
+    stamps = lease["metadata"].get("managedFields") or []
+    for managed in (
+        [*stamps, forged("kubectl-phabmesh")],
+        [*stamps, forged("kubectl-patch")],  # kubectl patch's own field manager
+        [*stamps, forged("kubectl-patch", "Apply")],
+        [{}],
+    ):
+        body = {**_revocation(at=when), "metadata": {"managedFields": managed}}
+        refused = _as(cluster, TENANT, *patch, "-p", json.dumps(body))
+        assert REFUSAL in refused, (managed, refused)
+    lease = cluster.custom.get_namespaced_custom_object(
+        G, V, tenant, resources.CREDENTIAL_PLURAL, "held"
+    )
+    assert lease["status"]["phase"] == "Active"
+    # phabmesh's own message at the time of the write is taken.
+    assert not _as(cluster, TENANT, *patch, "-p", json.dumps(_revocation()))
+    lease = cluster.custom.get_namespaced_custom_object(
+        G, V, tenant, resources.CREDENTIAL_PLURAL, "held"
+    )
+    assert lease["status"]["message"] == resources.ADMIN_REVOCATION_MESSAGE
+    _operator(cluster).delete_namespaced_custom_object(
+        G, V, tenant, resources.CREDENTIAL_PLURAL, "held"
+    )
+
+
+def test_kubectl_phabmesh_revoke_passes_the_policy(
+    cluster: Cluster, policy: None, namespace: str
+) -> None:
+    wait_for(
+        lambda: _refused_create(cluster, ADMIN, _lease(namespace, "x")),
+        what="the policy to be in force (even the cluster's admin is refused)",
+    )
+    pod = cluster.core.create_namespaced_pod(
+        namespace,
+        client.V1Pod(
+            metadata=client.V1ObjectMeta(name="runner-1"),
+            spec=client.V1PodSpec(containers=[client.V1Container(name="c", image="i")]),
+        ),
+    )
+    _held(cluster, namespace, "runner-1-lease", pod)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "phabmesh.kubectl",
+            "--kubeconfig",
+            str(cluster.kubeconfig),
+            "revoke",
+            "pod/runner-1",
+            "-n",
+            namespace,
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert [row["result"] for row in json.loads(done.stdout)] == ["revoked"]
+    lease = cluster.custom.get_namespaced_custom_object(
+        G, V, namespace, resources.CREDENTIAL_PLURAL, "runner-1-lease"
+    )
+    status = lease["status"]
+    assert (status["phase"], status["reason"], status["message"]) == (
+        "Revoked",
+        resources.REVOKED_BY_ADMIN,
+        resources.ADMIN_REVOCATION_MESSAGE,
+    )
+    revoked_at = datetime.datetime.fromisoformat(status["revokedAt"].replace("Z", "+00:00"))
+    stamps = [
+        datetime.datetime.fromisoformat(e["time"].replace("Z", "+00:00"))
+        for e in lease["metadata"]["managedFields"]
+    ]
+    leeway = datetime.timedelta(seconds=resources.ADMIN_REVOCATION_LEEWAY)
+    assert abs(revoked_at - max(stamps)) <= leeway

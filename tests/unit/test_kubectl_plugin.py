@@ -223,7 +223,7 @@ def test_holders_are_the_leases_the_gateway_honours() -> None:
 
 
 def test_a_revocation_touches_only_that_lease_while_active() -> None:
-    ops = commands.revocation_ops(_lease("a"), NOW, "revoked by admin")
+    ops = commands.revocation_ops(_lease("a"), NOW)
     assert ops[:2] == [
         {"op": "test", "path": "/metadata/uid", "value": "a"},
         {"op": "test", "path": "/status/phase", "value": "Active"},
@@ -233,7 +233,7 @@ def test_a_revocation_touches_only_that_lease_while_active() -> None:
         "/status/phase": "Revoked",
         "/status/reason": resources.REVOKED_BY_ADMIN,
         "/status/revokedAt": "2026-06-01T00:00:00Z",
-        "/status/message": "revoked by admin",
+        "/status/message": resources.ADMIN_REVOCATION_MESSAGE,
     }
 
 

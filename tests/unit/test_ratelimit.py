@@ -34,3 +34,17 @@ def test_each_source_has_its_own_bucket_and_few_are_remembered() -> None:
         sources.take(name)
     assert len(sources.buckets) == 3
     assert "flood" not in sources.buckets  # the least recently seen went first
+
+
+def test_several_budgets_are_spent_together_or_not_at_all() -> None:
+    clock = Clock()
+    small = ratelimit.Bucket(rate=1.0, burst=1, clock=clock)
+    large = ratelimit.Bucket(rate=1.0, burst=5, clock=clock)
+    assert ratelimit.take_all(small, large) == 0.0
+    # The small one is empty: nothing is taken from the large one either.
+    assert ratelimit.take_all(small, large) == 1.0
+    assert large.tokens == 4
+    assert small.wait() == 1.0 and small.tokens == 0  # wait() takes nothing
+    clock.now += 1
+    assert ratelimit.take_all(small, large) == 0.0
+    assert large.tokens == 4  # refilled to its burst of 5, one taken

@@ -7,12 +7,16 @@ flood against the real API server is in tests/integration/test_issuer_flood.py).
 from __future__ import annotations
 
 import base64
+import collections
+import heapq
 import json
+import random
 from typing import Any
 
 import pytest
 
 from phabmesh.endpoint.app import RateLimited, TokenReviewer
+from phabmesh.settings import Settings
 
 AUDIENCE = "phabmesh.io"
 
@@ -144,3 +148,169 @@ def test_the_source_is_the_mesh_identity_only_from_the_local_proxy() -> None:
     assert review_source(identity, "10.0.0.9") == "peer:10.0.0.9"
     long_ones = {review_source(c * 100_000, "127.0.0.1") for c in "xy"}
     assert len(long_ones) == 2 and all(len(key) < 100 for key in long_ones)
+
+
+# -- many identities in one namespace ---------------------------------------------------------
+#
+# A tenant needs only more ServiceAccounts to have more sources. The model: ``identities``
+# mesh identities of namespace ``tenant`` each send forged tokens (Poisson, 10 a second) for
+# 120 s, the time an init-mode agent waits through refusals before its Job fails. Meanwhile
+# pods of ten other namespaces exchange fresh tokens (2 a second in all) and a pod of the
+# tenant's namespace that holds a lease does (1 a second). Each class's share refused.
+
+MESH = "serviceaccount.identity.linkerd.cluster.local"
+HOLDER_UID = "uid-of-a-lease-holder"
+HOLDER = f"holder.tenant.{MESH}"
+
+
+class Mesh(Reviews):
+    """Authenticates every token whose subject starts with ``real``."""
+
+    async def token_review(
+        self, token: str, audiences: list[str], *, limited: bool = True
+    ) -> dict[str, Any]:
+        payload = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+        self.good = {token} if payload["sub"].startswith("real") else set()
+        return await super().token_review(token, audiences, limited=limited)
+
+
+def pod_jwt(subject: str, pod_uid: str) -> str:
+    def part(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+    claims = {"aud": AUDIENCE, "sub": subject, "kubernetes.io": {"pod": {"uid": pod_uid}}}
+    return f"{part({'alg': 'RS256'})}.{part(claims)}.c2ln"
+
+
+def shipped(*, before: bool) -> dict[str, Any]:
+    """The budgets at the shipped defaults: today's, or those without namespaces and
+    reserve (what shipped before)."""
+    s = Settings()
+    limits = {
+        "negative_ttl": s.token_review_negative_cache_ttl,
+        "rate": s.token_review_qps,
+        "burst": s.token_review_burst,
+        "source_rate": s.token_review_source_qps,
+        "source_burst": s.token_review_source_burst,
+    }
+    if not before:
+        limits |= {
+            "namespace_rate": s.token_review_namespace_qps,
+            "namespace_burst": s.token_review_namespace_burst,
+            "reserve_rate": s.token_review_reserve_qps,
+            "reserve_burst": s.token_review_reserve_burst,
+        }
+    return limits
+
+
+async def flood_model(identities: int, limits: dict[str, Any]) -> dict[str, float]:
+    """Per class of caller (flood, other namespaces, lease holder): the share refused."""
+    clock, rng = Clock(), random.Random(identities)
+    tokens = TokenReviewer(
+        Mesh(),  # type: ignore[arg-type]
+        AUDIENCE,
+        10.0,
+        clock,
+        holds_lease=lambda uid, who: (uid, who) == (HOLDER_UID, HOLDER),
+        **limits,
+    )
+    start, end = clock.now, clock.now + 120.0
+    # (when, class, caller): every caller's next request.
+    callers = [(f"f{i}.tenant.{MESH}", 10.0, "flood") for i in range(identities)]
+    callers += [(f"runner.team-{i}.{MESH}", 0.2, "other") for i in range(10)]
+    callers += [(HOLDER, 1.0, "holder")]
+    queue = [(start + rng.expovariate(rate), n) for n, (_, rate, _) in enumerate(callers)]
+    heapq.heapify(queue)
+    sent: collections.Counter[str] = collections.Counter()
+    refused: collections.Counter[str] = collections.Counter()
+    while queue[0][0] < end:
+        when, n = heapq.heappop(queue)
+        who, rate, kind = callers[n]
+        clock.now = when
+        sent[kind] += 1
+        subject = "forged" if kind == "flood" else "real"
+        token = pod_jwt(f"{subject}-{sent.total()}", HOLDER_UID if kind == "holder" else "x")
+        try:
+            await tokens.review(token, f"id:{who}", namespace=who.split(".")[1], mesh_identity=who)
+        except RateLimited:
+            refused[kind] += 1
+        heapq.heappush(queue, (when + rng.expovariate(rate), n))
+    return {kind: refused[kind] / sent[kind] for kind in sent}
+
+
+async def test_many_identities_of_one_namespace_drained_everyone_before() -> None:
+    refused = {n: (await flood_model(n, shipped(before=True)))["other"] for n in (8, 12, 20, 50)}
+    # As the review's model: nothing at 8 identities, then more and more (here 0 %, 14 %,
+    # 48 % and 75 %).
+    assert refused[8] == 0
+    assert 0.05 < refused[12] < refused[20] < refused[50]
+    assert refused[20] > 0.4 and refused[50] > 0.7, refused
+
+
+@pytest.mark.parametrize("identities", [8, 12, 20, 50])
+async def test_many_identities_of_one_namespace_spend_only_its_share(identities: int) -> None:
+    refused = await flood_model(identities, shipped(before=False))
+    assert refused["other"] == 0  # other namespaces: their own shares
+    assert refused["holder"] == 0  # the flooded namespace's lease holder: the reserve
+    assert refused["flood"] > 0.5  # the flood itself: its namespace's share, no more
+
+
+async def test_a_forged_claim_of_a_lease_spends_only_the_callers_own_reserve() -> None:
+    """The pod UID a token names is unverified before the review: a caller naming a lease
+    holder's pod gains the reserve only with the lease holder's own mesh identity."""
+    clock = Clock()
+    tokens = reviewer(
+        Reviews(),
+        clock,
+        rate=10.0,
+        burst=10,
+        source_rate=100.0,
+        source_burst=100,
+        namespace_rate=1.0,
+        namespace_burst=2,
+        reserve_rate=4.0,
+        reserve_burst=8,
+        holds_lease=lambda uid, who: (uid, who) == (HOLDER_UID, HOLDER),
+    )
+    flooder = f"f0.tenant.{MESH}"
+    scopes = []
+    for i in range(20):
+        try:
+            await tokens.review(
+                pod_jwt(f"forged-{i}", HOLDER_UID),
+                f"id:{flooder}",
+                namespace="tenant",
+                mesh_identity=flooder,
+            )
+        except RateLimited as exc:
+            scopes.append(exc.scope)
+    assert scopes == ["namespace"] * 18  # its namespace's burst of 2, and no reserve
+    # The lease holder itself: its namespace's share is spent, the reserve is there, up to
+    # its namespace's quarter of it (a burst of 2).
+    for i in range(2):
+        token = pod_jwt(f"real-{i}", HOLDER_UID)
+        assert (
+            await tokens.review(token, f"id:{HOLDER}", namespace="tenant", mesh_identity=HOLDER)
+            is None
+        )
+    with pytest.raises(RateLimited):
+        await tokens.review(
+            pod_jwt("real-2", HOLDER_UID), f"id:{HOLDER}", namespace="tenant", mesh_identity=HOLDER
+        )
+
+
+def test_a_reserve_as_large_as_the_whole_is_refused_with_the_settings_to_fix() -> None:
+    with pytest.raises(ValueError, match="PHABMESH_TOKEN_REVIEW_RESERVE_QPS"):
+        reviewer(Reviews(), Clock(), rate=10.0, burst=20, reserve_rate=10.0, reserve_burst=5)
+
+
+def test_the_namespace_is_the_mesh_identitys_only_from_the_local_proxy() -> None:
+    from phabmesh.endpoint.app import caller_identity, caller_namespace
+    from phabmesh.identity import Naming
+
+    naming = Naming("linkerd", "cluster.local")
+    identity = f"runner.ci.{MESH}"
+    assert caller_namespace(caller_identity(identity, "127.0.0.1"), naming) == "ci"
+    assert caller_identity(identity, "10.0.0.9") is None  # anyone's to send from elsewhere
+    assert caller_namespace(None, naming) is None  # unidentified: one shared budget
+    assert caller_namespace("runner.ci.serviceaccount.identity.other.example", naming) is None

@@ -120,12 +120,16 @@ class Reviewed:
 
 
 class RateLimited(Exception):
-    """Too many TokenReviews: from this source, or from everyone together."""
+    """Too many TokenReviews: from this source, its namespace, or everyone together."""
 
     def __init__(self, retry_after: float, scope: str) -> None:
         super().__init__(f"too many token reviews ({scope})")
         self.retry_after = retry_after
         self.scope = scope
+
+
+UNIDENTIFIED = ""  # the namespace budget of callers without a mesh identity
+RESERVE_NAMESPACE_SHARE = 0.25  # of the lease holders' reserve, what one namespace may take
 
 
 class TokenReviewer:
@@ -134,11 +138,22 @@ class TokenReviewer:
     In order: a token reviewed successfully within ``cache_ttl`` passes, and one refused
     within ``negative_ttl`` is refused again, without a review (both cached by the token's
     hash, at most ``cache_size`` of each); a token that is not even a JWT for the audience is
-    refused without a review; otherwise the review spends from the source's own budget
-    (``source_rate``/``source_burst``, by ``l5d-client-id`` or peer address), then from
-    the reviews' shared budget (``rate``/``burst``), which is apart from the Kubernetes
-    client's own. An empty budget raises :class:`RateLimited` at once: refusals cost
-    nothing and wait for nothing.
+    refused without a review; otherwise the review spends, all at once or not at all, from
+    the source's own budget (``source_rate``/``source_burst``, by ``l5d-client-id`` or peer
+    address), its namespace's (``namespace_rate``/``namespace_burst``: the namespace of its
+    mesh identity; callers without one share one), and the reviews' shared budget
+    (``rate``/``burst`` less the reserve), which is apart from the Kubernetes client's own.
+
+    The reserve (``reserve_rate``/``reserve_burst``, a part of ``rate``/``burst``) is kept
+    for lease holders: a caller whose namespace or the shared budget is empty, but whose mesh
+    identity holds an Active lease for the pod its token names (``holds_lease``; the claim
+    is unverified until the review, so a forger gains only its own identity's reserve),
+    spends from it instead, its namespace at most :data:`RESERVE_NAMESPACE_SHARE` of it.
+    A flood from one namespace, however many service accounts it uses, leaves the other
+    namespaces their budgets and lease holders theirs.
+
+    An empty budget raises :class:`RateLimited` at once: refusals cost nothing and wait for
+    nothing.
     """
 
     def __init__(
@@ -153,8 +168,21 @@ class TokenReviewer:
         burst: int = 1,
         source_rate: float = 0.0,
         source_burst: int = 1,
+        namespace_rate: float = 0.0,
+        namespace_burst: int = 1,
+        reserve_rate: float = 0.0,
+        reserve_burst: int = 0,
         cache_size: int = 10_000,
+        holds_lease: Callable[[str, str], bool] | None = None,
     ) -> None:
+        if reserve_rate > 0 and rate > 0 and (reserve_rate >= rate or reserve_burst >= burst):
+            raise ValueError(
+                "the TokenReview reserve is a part of the shared budget: set "
+                "PHABMESH_TOKEN_REVIEW_RESERVE_QPS and PHABMESH_TOKEN_REVIEW_RESERVE_BURST "
+                "below PHABMESH_TOKEN_REVIEW_QPS and PHABMESH_TOKEN_REVIEW_BURST (or the "
+                "reserve's QPS to 0)"
+            )
+        reserved = reserve_rate > 0 and rate > 0
         self.client = client
         self.audience = audience
         self.cache_ttl = cache_ttl
@@ -165,8 +193,26 @@ class TokenReviewer:
             collections.OrderedDict()
         )
         self._refused: collections.OrderedDict[str, float] = collections.OrderedDict()
-        self._limit = ratelimit.Bucket(rate, burst, clock)
         self._per_source = ratelimit.PerSource(source_rate, source_burst, cache_size, clock)
+        self._per_namespace = ratelimit.PerSource(
+            namespace_rate, namespace_burst, cache_size, clock
+        )
+        if reserved:
+            self._limit = ratelimit.Bucket(rate - reserve_rate, burst - reserve_burst, clock)
+            self._reserve: ratelimit.Bucket | None = ratelimit.Bucket(
+                reserve_rate, reserve_burst, clock
+            )
+            self._reserve_shares = ratelimit.PerSource(
+                reserve_rate * RESERVE_NAMESPACE_SHARE,
+                max(1, round(reserve_burst * RESERVE_NAMESPACE_SHARE)),
+                cache_size,
+                clock,
+            )
+        else:
+            self._limit = ratelimit.Bucket(rate, burst, clock)
+            self._reserve = None
+        # (pod UID the token names, caller's mesh identity) -> an Active lease has both?
+        self.holds_lease = holds_lease
 
     @classmethod
     def from_settings(cls, client: KubeClient, settings: Settings) -> TokenReviewer:
@@ -179,9 +225,24 @@ class TokenReviewer:
             burst=settings.token_review_burst,
             source_rate=settings.token_review_source_qps,
             source_burst=settings.token_review_source_burst,
+            namespace_rate=settings.token_review_namespace_qps,
+            namespace_burst=settings.token_review_namespace_burst,
+            reserve_rate=settings.token_review_reserve_qps,
+            reserve_burst=settings.token_review_reserve_burst,
         )
 
-    async def review(self, token: str, source: str = "") -> Reviewed | None:
+    async def review(
+        self,
+        token: str,
+        source: str = "",
+        *,
+        namespace: str | None = None,
+        mesh_identity: str | None = None,
+    ) -> Reviewed | None:
+        """Who ``token`` says the caller is (None: nobody); :class:`RateLimited` past the
+        budgets. ``source`` is :func:`review_source`; ``mesh_identity`` and ``namespace`` the
+        caller's mesh identity (:func:`caller_identity`) and its namespace
+        (:func:`caller_namespace`), or None."""
         digest = hashlib.sha256(token.encode()).hexdigest()
         now = self.clock()
         hit = self._cache.get(digest)
@@ -192,17 +253,11 @@ class TokenReviewer:
         if refused_until is not None and refused_until > now:
             metrics.current().token_reviews.labels(result="refused_cached").inc()
             return None
-        if not _plausible(token, self.audience):
+        claims = _claims(token, self.audience)
+        if claims is None:
             metrics.current().token_reviews.labels(result="not_a_token").inc()
             return None
-        # The source's budget first: a flooding source spends nothing of everyone's.
-        wait = self._per_source.take(source)
-        scope = "source"
-        if wait == 0:
-            wait, scope = self._limit.take(), "all"
-        if wait > 0:
-            metrics.current().token_reviews.labels(result=f"limited_{scope}").inc()
-            raise RateLimited(wait, scope)
+        self._spend(claims, source, namespace, mesh_identity)
         status = await self.client.token_review(token, [self.audience], limited=False)
         result = _reviewed(status, self.audience)
         now = self.clock()
@@ -215,6 +270,35 @@ class TokenReviewer:
             if self.negative_ttl > 0:
                 _remember(self._refused, digest, now + self.negative_ttl, self.cache_size)
         return result
+
+    def _spend(
+        self,
+        claims: dict[str, Any],
+        source: str,
+        namespace: str | None,
+        mesh_identity: str | None,
+    ) -> None:
+        """One review from the budgets (all of them or none), else :class:`RateLimited`."""
+        own = self._per_source.bucket(source)
+        share = self._per_namespace.bucket(namespace or UNIDENTIFIED)
+        wait = ratelimit.take_all(own, share, self._limit)
+        if wait == 0:
+            return
+        scope = "source" if own.wait() > 0 else "namespace" if share.wait() > 0 else "all"
+        if (
+            scope != "source"
+            and self._reserve is not None
+            and namespace
+            and mesh_identity
+            and self.holds_lease is not None
+            and self.holds_lease(_claimed_pod_uid(claims), mesh_identity)
+        ):
+            reserve_share = self._reserve_shares.bucket(namespace)
+            if ratelimit.take_all(own, reserve_share, self._reserve) == 0:
+                metrics.current().token_reviews.labels(result="reserve").inc()
+                return
+        metrics.current().token_reviews.labels(result=f"limited_{scope}").inc()
+        raise RateLimited(wait, scope)
 
 
 def review_source(client_id: str | None, peer: str | None) -> str:
@@ -233,6 +317,20 @@ def review_source(client_id: str | None, peer: str | None) -> str:
     return "peer:" + address
 
 
+def caller_identity(client_id: str | None, peer: str | None) -> str | None:
+    """The caller's mesh identity, when the connection shows one (as :func:`review_source`
+    trusts ``l5d-client-id``: from the local proxy only)."""
+    if client_id and (peer or "") in LOOPBACK and len(client_id) <= MAX_NAME:
+        return client_id
+    return None
+
+
+def caller_namespace(mesh_identity: str | None, naming: identity.Naming) -> str | None:
+    """The namespace of a mesh identity of this cluster (a service account's), else None."""
+    parsed = identity.parse_identity(mesh_identity, naming) if mesh_identity else None
+    return parsed[1] if parsed else None
+
+
 def _remember(cache: collections.OrderedDict[K, T], key: K, value: T, size: int) -> None:
     """Insert, dropping the oldest entries past ``size`` (every entry lives as long)."""
     cache[key] = value
@@ -241,21 +339,34 @@ def _remember(cache: collections.OrderedDict[K, T], key: K, value: T, size: int)
         cache.popitem(last=False)
 
 
-def _plausible(token: str, audience: str) -> bool:
-    """Could ``token`` be a service-account token for ``audience``? (Unverified: a filter.)
+def _claims(token: str, audience: str) -> dict[str, Any] | None:
+    """The unverified claims of ``token`` if it could be a service-account token for
+    ``audience``, else None.
 
     A projected token is a JWT whose ``aud`` names the audience; anything else would fail
     its TokenReview, so it is refused without one.
     """
     parts = token.split(".")
     if len(parts) != 3 or len(token) > 16_384:
-        return False
+        return None
     try:
         payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
     except ValueError:
-        return False
-    aud = payload.get("aud") if isinstance(payload, dict) else None
-    return aud == audience or (isinstance(aud, list) and audience in aud)
+        return None
+    if not isinstance(payload, dict):
+        return None
+    aud = payload.get("aud")
+    if aud == audience or (isinstance(aud, list) and audience in aud):
+        return payload
+    return None
+
+
+def _claimed_pod_uid(claims: dict[str, Any]) -> str:
+    """The pod UID a service-account token says it is bound to (unverified), else ""."""
+    kube = claims.get("kubernetes.io")
+    pod = kube.get("pod") if isinstance(kube, dict) else None
+    uid = pod.get("uid") if isinstance(pod, dict) else None
+    return uid if isinstance(uid, str) else ""
 
 
 def _reviewed(status: dict[str, Any], audience: str) -> Reviewed | None:
@@ -317,6 +428,12 @@ EXPLAIN_TTL = 2.0  # seconds an explanation is given again without reading the A
 EXPLAIN_MEMORY = 4096  # explanations remembered, the oldest forgotten first
 EXPLAIN_QPS = 20.0  # explanations read from the API per second (3 reads each), at most
 EXPLAIN_BURST = 40
+# Of these, one pod's and one namespace's (the reviewed token's): one pod, or one tenant's
+# pods, cannot spend everyone's.
+EXPLAIN_POD_QPS = 1.0
+EXPLAIN_POD_BURST = 5
+EXPLAIN_NAMESPACE_QPS = 5.0
+EXPLAIN_NAMESPACE_BURST = 10
 
 
 class CredentialEndpoint:
@@ -343,6 +460,8 @@ class CredentialEndpoint:
         # Its own watches (the process runs them): a standby replica, whose controller
         # is paused, judges leases as well as the acting one.
         self.grants = grants or Grants(client, self.naming)
+        if reviewer.holds_lease is None:  # the reserve of TokenReviews is kept for them
+            reviewer.holds_lease = self._holds_lease
         # The refusal path's explanations: a few seconds per (pod, binding asked for), and
         # a budget of their own, so that a caller repeating a refused request (its token
         # review cached) costs the API server nothing more.
@@ -350,6 +469,10 @@ class CredentialEndpoint:
             collections.OrderedDict()
         )
         self._explain_budget = ratelimit.Bucket(EXPLAIN_QPS, EXPLAIN_BURST)
+        self._explain_per_pod = ratelimit.PerSource(EXPLAIN_POD_QPS, EXPLAIN_POD_BURST)
+        self._explain_per_namespace = ratelimit.PerSource(
+            EXPLAIN_NAMESPACE_QPS, EXPLAIN_NAMESPACE_BURST
+        )
 
     @property
     def ready(self) -> bool:
@@ -412,12 +535,18 @@ class CredentialEndpoint:
                 "invalid_token",
                 "send the pod's projected service-account token as 'Authorization: Bearer ...'",
             )
-        source = review_source(request.headers.get(CLIENT_ID_HEADER), request.remote)
+        client_id = request.headers.get(CLIENT_ID_HEADER)
+        mesh_identity = caller_identity(client_id, request.remote)
         try:
-            who = await self.reviewer.review(token.strip(), source)
+            who = await self.reviewer.review(
+                token.strip(),
+                review_source(client_id, request.remote),
+                namespace=caller_namespace(mesh_identity, self.naming),
+                mesh_identity=mesh_identity,
+            )
         except RateLimited as exc:
             retry = max(1, math.ceil(exc.retry_after))
-            scope = "from this source" if exc.scope == "source" else "at once"
+            scope = _SCOPES.get(exc.scope, "at once")
             refusal = _error(
                 429, "rate_limited", f"too many credential requests ({scope}); retry in {retry} s"
             )
@@ -463,7 +592,6 @@ class CredentialEndpoint:
                 bindings=names,
             )
         lease = held[0]
-        client_id = request.headers.get(CLIENT_ID_HEADER)
         if client_id is not None and client_id != lease.identity:
             return _error(
                 403,
@@ -499,6 +627,13 @@ class CredentialEndpoint:
         if self.settings.require_client_id:
             return _unvouched(request)
         return None
+
+    def _holds_lease(self, pod_uid: str, mesh_identity: str) -> bool:
+        """Does ``mesh_identity`` hold an Active lease for pod ``pod_uid`` (the watch's view)?"""
+        return bool(pod_uid) and any(
+            lease.active and lease.identity == mesh_identity
+            for lease in self.leases.of_pod(pod_uid)
+        )
 
     def _held(
         self, who: Reviewed, wanted: str | None, now: datetime.datetime
@@ -579,35 +714,44 @@ class CredentialEndpoint:
         )
 
     async def _why_no_lease(self, who: Reviewed, wanted: str | None) -> str:
-        """The one reason the caller holds no credential (error path only): remembered for
-        :data:`EXPLAIN_TTL` per pod and binding asked for, and within :data:`EXPLAIN_QPS`
-        API reads a second; past that budget, the plain answer."""
-        key = (who.pod_uid, wanted)
-        now = time.monotonic()
-        known = self._explained.get(key)
-        if known is not None and known[0] > now:
-            return known[1]
-        if self._explain_budget.take() > 0:
-            return "no active credential lease for this pod"
-        reason = await self._explain(who, wanted)
-        _remember(self._explained, key, (now + EXPLAIN_TTL, reason), EXPLAIN_MEMORY)
-        return reason
+        """The one reason the caller holds no credential (error path only).
 
-    async def _explain(self, who: Reviewed, wanted: str | None) -> str:
-        """From the decision the operator makes (:func:`phabmesh.leases.decide.
-        explain_from_objects`) over the pod, its namespace's bindings and the bots as the API
-        server shows them now, and the pod's leases as this process's watch shows them."""
+        What the watches tell (a late renewal, a binding name that is not in the namespace)
+        costs no API read. Else the explanation is remembered for :data:`EXPLAIN_TTL` per pod
+        and binding (an existing one: a made-up name cannot multiply the reads), within
+        budgets of API reads per pod, per namespace and in all (:data:`EXPLAIN_QPS`); past
+        them, the plain answer."""
         leases = [
             lease
             for lease in self.leases.of_pod(who.pod_uid)
             if not wanted or lease.binding == wanted
         ]
-        now = self.clock()
-        late = [x for x in leases if x.active and x.expires_at and x.expires_at <= now]
+        late = [x for x in leases if x.active and x.expires_at and x.expires_at <= self.clock()]
         if late:
             return (
                 f"credential lease {late[0].name} has expired (its renewal is late): retry shortly"
             )
+        if wanted and self.grants.binding(who.namespace, wanted) is None:
+            return f'no PhabricatorBinding "{wanted}" in namespace {who.namespace}'
+        key = (who.pod_uid, wanted)
+        now = time.monotonic()
+        known = self._explained.get(key)
+        if known is not None and known[0] > now:
+            return known[1]
+        if ratelimit.take_all(
+            self._explain_per_pod.bucket(who.pod_uid),
+            self._explain_per_namespace.bucket(who.namespace),
+            self._explain_budget,
+        ):
+            return "no active credential lease for this pod"
+        reason = await self._explain(who, wanted, leases)
+        _remember(self._explained, key, (now + EXPLAIN_TTL, reason), EXPLAIN_MEMORY)
+        return reason
+
+    async def _explain(self, who: Reviewed, wanted: str | None, leases: list[LeaseView]) -> str:
+        """From the decision the operator makes (:func:`phabmesh.leases.decide.
+        explain_from_objects`) over the pod, its namespace's bindings and the bots as the API
+        server shows them now, and the pod's ``leases`` as this process's watch shows them."""
         try:
             pod = await self.client.get(
                 resource_path("", "v1", "pods", who.namespace, who.pod_name)
@@ -646,5 +790,7 @@ class CredentialEndpoint:
 
 
 _MISMATCH = "LeaseMismatch"
+# Whose TokenReview budget was empty, for the caller (RateLimited.scope).
+_SCOPES = {"source": "from this source", "namespace": "from this namespace"}
 # Why a lease is not honoured, for the caller.
 _REFUSALS = {_MISMATCH: "it names another pod or identity"}  # else the reason's one message

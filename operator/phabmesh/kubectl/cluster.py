@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import email.utils
 from collections.abc import Mapping
 from typing import Any
 
+import aiohttp
 from kubernetes import config as k8s_config
 
 from phabmesh import resources
@@ -112,6 +114,26 @@ class Session:
                 settings = dataclasses.replace(settings, namespace=self.options.system)
             self._settings = (settings, configmap)
         return self._settings
+
+    async def clock_skew(self) -> datetime.timedelta:
+        """The API server's clock less this machine's (from the ``Date`` of its answer to
+        ``/version``, to the second); zero when it does not say."""
+        try:
+            async with self.client.session.get(
+                self.client.connection.host + "/version",
+                headers=self.client.connection.headers(),
+                timeout=aiohttp.ClientTimeout(total=self.client.timeout),
+            ) as answer:
+                stamp = answer.headers.get("Date")
+            if not stamp:
+                return datetime.timedelta()
+            server = email.utils.parsedate_to_datetime(stamp)
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError, TypeError):
+            return datetime.timedelta()
+        if server.tzinfo is None:
+            server = server.replace(tzinfo=datetime.UTC)
+        # The Date is truncated to the second: on average half a second behind.
+        return server + datetime.timedelta(seconds=0.5) - datetime.datetime.now(datetime.UTC)
 
     async def whoami(self) -> str:
         """The caller's user name (SelfSubjectReview), for the audit line; "" if unknown."""

@@ -185,15 +185,16 @@ REVOKE_COLUMNS = (
 REVOKED_EVENT = "CredentialRevoked"
 
 
-def revocation_ops(lease: LeaseView, now: datetime.datetime, message: str) -> list[JSON]:
+def revocation_ops(lease: LeaseView, now: datetime.datetime) -> list[JSON]:
     """The JSON patch of the lease (its status; leases have no status subresource): only this
-    lease (its UID), only while Active, to Revoked with reason RevokedByAdmin: the one write
-    manifests/lease-policy.yaml lets an administrator make."""
+    lease (its UID), only while Active, to Revoked with reason RevokedByAdmin, phabmesh's own
+    message and ``now`` (the API server's time): the one write manifests/lease-policy.yaml
+    lets an administrator make."""
     revoked = {
         "phase": resources.REVOKED,
         "reason": resources.REVOKED_BY_ADMIN,
         "revokedAt": format_time(now),
-        "message": message,
+        "message": resources.ADMIN_REVOCATION_MESSAGE,
     }
     return [
         {"op": "test", "path": "/metadata/uid", "value": lease.uid},
@@ -259,11 +260,15 @@ async def revoke(
     user = await session.whoami() or "unknown"
     message = f"revoked by {user} (kubectl phabmesh revoke {kind}/{name})"
     rows = []
+    # revokedAt is the API server's time (the policy checks it against the write's): this
+    # machine's clock corrected by the server's.
+    skew = await session.clock_skew()
     for lease in sorted(leases, key=lambda x: x.name):
         try:
             await session.client.json_patch(
                 cluster.lease_path(lease.namespace, lease.name),
-                revocation_ops(lease, now, message),
+                revocation_ops(lease, utcnow() + skew),
+                params={"fieldManager": cluster.COMPONENT},  # the policy reads its stamp
             )
             result = "revoked"
         except KubeError as exc:
