@@ -144,8 +144,11 @@ def test_the_source_is_the_mesh_identity_only_from_the_local_proxy() -> None:
     assert review_source(identity, "127.0.0.1") == f"id:{identity}"
     assert review_source(identity, "::1") == f"id:{identity}"
     assert review_source(None, "127.0.0.1") == "peer:127.0.0.1"  # unmeshed: the proxy's budget
+    # Linkerd 2.11 and later: the proxy connects from the pod's own address.
+    assert review_source(identity, "10.0.0.9", "10.0.0.9") == f"id:{identity}"
     # From anywhere else the header is anyone's to set: the address counts.
     assert review_source(identity, "10.0.0.9") == "peer:10.0.0.9"
+    assert review_source(identity, "10.0.0.9", "10.0.0.8") == "peer:10.0.0.9"
     long_ones = {review_source(c * 100_000, "127.0.0.1") for c in "xy"}
     assert len(long_ones) == 2 and all(len(key) < 100 for key in long_ones)
 

@@ -60,7 +60,6 @@ POD_UID = "authentication.kubernetes.io/pod-uid"
 CLIENT_ID_HEADER = "l5d-client-id"
 JWKS_PATH = "/.well-known/jwks.json"
 MAX_NAME = 253  # a Kubernetes object name
-LOOPBACK = frozenset({"127.0.0.1", "::1"})
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 # Credential formats, as ``?format=`` and the answer's ``format`` spell them.
 PHORGE_TOKEN = "phorge-token"  # noqa: S105 - a format's name
@@ -301,28 +300,31 @@ class TokenReviewer:
         raise RateLimited(wait, scope)
 
 
-def review_source(client_id: str | None, peer: str | None) -> str:
+def review_source(client_id: str | None, peer: str | None, local: str | None = None) -> str:
     """Whose TokenReview budget a call spends.
 
-    Behind Linkerd every call comes from the local proxy (a loopback peer), which sets
-    ``l5d-client-id`` for a meshed caller: that identity is the source, and unmeshed callers
-    share the proxy's budget. From any other peer the header proves nothing (anyone can
-    send it), so the peer's address is the source.
+    Behind Linkerd every call comes from the serving pod's own inbound proxy (the pod's own
+    address, or loopback before Linkerd 2.11: :func:`phabmesh.identity.from_local_proxy`),
+    which sets ``l5d-client-id`` for a meshed caller: that identity is the source, and
+    unmeshed callers share the proxy's budget. From any other peer the header proves
+    nothing (anyone can send it), so the peer's address is the source.
     """
-    address = peer or ""
-    if client_id and address in LOOPBACK:
-        if len(client_id) > MAX_NAME:  # no identity is that long: keep the key small anyway
-            return "id-sha256:" + hashlib.sha256(client_id.encode()).hexdigest()
-        return "id:" + client_id
-    return "peer:" + address
+    vouched = identity.vouched_client_id(client_id, peer, local)
+    if vouched:
+        if len(vouched) > MAX_NAME:  # no identity is that long: keep the key small anyway
+            return "id-sha256:" + hashlib.sha256(vouched.encode()).hexdigest()
+        return "id:" + vouched
+    return "peer:" + (peer or "")
 
 
-def caller_identity(client_id: str | None, peer: str | None) -> str | None:
+def caller_identity(
+    client_id: str | None, peer: str | None, local: str | None = None
+) -> str | None:
     """The caller's mesh identity, when the connection shows one (as :func:`review_source`
-    trusts ``l5d-client-id``: from the local proxy only)."""
-    if client_id and (peer or "") in LOOPBACK and len(client_id) <= MAX_NAME:
-        return client_id
-    return None
+    trusts ``l5d-client-id``: from the serving pod's own proxy only)."""
+    vouched = identity.vouched_client_id(client_id, peer, local)
+    return vouched if vouched and len(vouched) <= MAX_NAME else None
+
 
 
 def caller_namespace(mesh_identity: str | None, naming: identity.Naming) -> str | None:
@@ -536,11 +538,12 @@ class CredentialEndpoint:
                 "send the pod's projected service-account token as 'Authorization: Bearer ...'",
             )
         client_id = request.headers.get(CLIENT_ID_HEADER)
-        mesh_identity = caller_identity(client_id, request.remote)
+        local = serving.local_address(request)
+        mesh_identity = caller_identity(client_id, request.remote, local)
         try:
             who = await self.reviewer.review(
                 token.strip(),
-                review_source(client_id, request.remote),
+                review_source(client_id, request.remote, local),
                 namespace=caller_namespace(mesh_identity, self.naming),
                 mesh_identity=mesh_identity,
             )
