@@ -326,7 +326,6 @@ def caller_identity(
     return vouched if vouched and len(vouched) <= MAX_NAME else None
 
 
-
 def caller_namespace(mesh_identity: str | None, naming: identity.Naming) -> str | None:
     """The namespace of a mesh identity of this cluster (a service account's), else None."""
     parsed = identity.parse_identity(mesh_identity, naming) if mesh_identity else None
