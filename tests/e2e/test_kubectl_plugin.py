@@ -401,3 +401,31 @@ def test_check_fails_on_a_broken_install(
     assert checks["rbac"]["status"] == "FAIL"
     assert "phabmesh-operator may not" in checks["rbac"]["message"]
     assert checks["config"]["status"] == "WARN"
+
+
+def test_check_pre_says_whether_phabmesh_can_be_installed_and_by_whom(
+    cluster: Cluster, crds: object, namespace: str
+) -> None:
+    done = plugin(cluster, "check", "--pre", "-o", "json")
+    pre = _checks(done)
+    assert pre["kubernetes"]["status"] == "OK" and "1.3" in pre["kubernetes"]["message"]
+    assert pre["permissions"]["status"] == "OK", pre["permissions"]  # the cluster's admin
+    # phabmesh is installed here already: an upgrade, said so.
+    assert pre["existing"]["status"] == "WARN" and "already" in pre["existing"]["message"]
+    assert pre["linkerd"]["status"] in ("OK", "WARN")
+    assert done.returncode == 0, done.stdout
+    # A user who may not create what the install creates: a FAIL naming what.
+    cluster.core.create_namespaced_service_account(
+        namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="someone"))
+    )
+    someone = str(cluster.plane.service_account_kubeconfig(namespace, "someone"))
+    refused = subprocess.run(
+        [sys.executable, "-m", "phabmesh.kubectl", "--kubeconfig", someone, "check", "--pre",
+         "-o", "json"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    permissions = _checks(refused)["permissions"]
+    assert permissions["status"] == "FAIL", permissions
+    assert "customresourcedefinitions" in permissions["message"]
+    assert "(see docs/install.md#" in permissions["message"]
+    assert refused.returncode == 1

@@ -15,7 +15,7 @@ import yaml
 from phabmesh import apicalls, credentials, identity, resources
 from phabmesh.admission import certificates
 from phabmesh.kube.client import JSON
-from phabmesh.kubectl import checks, cluster, commands, injection, main, output
+from phabmesh.kubectl import checks, cluster, commands, injection, main, output, precheck
 from phabmesh.leases import decide, grants
 from phabmesh.leases.view import LeaseView
 from phabmesh.leases.world import BindingView, World
@@ -521,3 +521,22 @@ def test_every_warning_and_failure_names_a_docs_section_that_exists() -> None:
         warned = checks.with_fix(checks.Result(check, "WARN", "x"))
         assert warned.message == f"x (see {link})"
     assert checks.with_fix(checks.Result("crds", "OK", "x")).message == "x"
+
+
+def test_check_pre_judges() -> None:
+    assert (
+        precheck.judge_version({"major": "1", "minor": "36", "gitVersion": "v1.36.3"}).status
+        == "OK"
+    )
+    old = precheck.judge_version({"major": "1", "minor": "29+", "gitVersion": "v1.29.1-eks"})
+    assert old.status == "FAIL" and "1.30 or later" in old.message
+    assert precheck.judge_version({"major": "", "minor": ""}).status == "WARN"
+    missing = precheck.judge_linkerd({"servers.policy.linkerd.io": None})
+    assert missing.status == "WARN" and "linkerd.policy=false" in missing.message
+    assert precheck.judge_linkerd({"servers.policy.linkerd.io": {}}).status == "OK"
+    assert precheck.judge_existing({"phabricatorbots.phabmesh.io": {}}, None).status == "WARN"
+    fresh = precheck.judge_existing({"phabricatorbots.phabmesh.io": None}, {})
+    assert fresh.status == "OK" and "kopf's peering CRD" in fresh.message
+    denied = precheck.judge_permissions(["customresourcedefinitions"], 13)
+    assert denied.status == "FAIL" and "customresourcedefinitions" in denied.message
+    assert precheck.judge_permissions([], 13).status == "OK"

@@ -54,6 +54,11 @@ FIXES = {
     "phabricator (in-cluster)": "docs/troubleshooting.md#phabricatorbot-ready",
     "bots": "docs/troubleshooting.md#phabricatorbot-ready",
     "bindings": "docs/troubleshooting.md#phabricatorbinding-ready",
+    # check --pre
+    "kubernetes": "docs/install.md#installing-and-uninstalling",
+    "linkerd": "docs/install.md#installing-and-uninstalling",
+    "existing": "docs/install.md#uninstalling",
+    "permissions": "docs/install.md#installing-and-uninstalling",
 }
 
 
@@ -396,7 +401,7 @@ async def _phabricator(url: str) -> Result:
     return judge_phabricator(url, host, None)
 
 
-async def _guarded(name: str, work: Any) -> Result:
+async def guarded(name: str, work: Any) -> Result:
     """A check that could not be made (the API server refused to answer) is a FAIL."""
     try:
         result: Result = await work
@@ -467,17 +472,17 @@ async def run(session: cluster.Session, now: datetime.datetime) -> list[Result]:
         return Result(injection.CHECK, status, message)
 
     results += await asyncio.gather(
-        _guarded("crds", crds()),
-        _guarded("webhook", webhook()),
-        _guarded(injection.CHECK, injected()),
-        _guarded("peering", peering()),
-        _guarded("rbac", _rbac(session, system, settings)),
-        _guarded("linkerd-policy", _linkerd(session, system)),
-        _guarded("signing-keys", keys()),
+        guarded("crds", crds()),
+        guarded("webhook", webhook()),
+        guarded(injection.CHECK, injected()),
+        guarded("peering", peering()),
+        guarded("rbac", _rbac(session, system, settings)),
+        guarded("linkerd-policy", _linkerd(session, system)),
+        guarded("signing-keys", keys()),
         _phabricator(settings.phabricator_url),
-        _guarded("phabricator (in-cluster)", in_cluster()),
-        _guarded("bots", ready(resources.BOT_KIND, cluster.bot_path())),
-        _guarded("bindings", ready(resources.BINDING_KIND, cluster.binding_path(None))),
+        guarded("phabricator (in-cluster)", in_cluster()),
+        guarded("bots", ready(resources.BOT_KIND, cluster.bot_path())),
+        guarded("bindings", ready(resources.BINDING_KIND, cluster.binding_path(None))),
     )
     return results
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from phabmesh import __version__, logs
 from phabmesh.kube import KubeError
-from phabmesh.kubectl import checks, cluster, commands, output
+from phabmesh.kubectl import checks, cluster, commands, output, precheck
 
 PROG = "kubectl phabmesh"
 
@@ -49,10 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser(
+    check = sub.add_parser(
         "check",
         parents=[common],
         help="check the install: CRDs, webhook, peering, RBAC, Linkerd policy, keys, Phabricator",
+    )
+    check.add_argument(
+        "--pre",
+        action="store_true",
+        help="before installing: Kubernetes version, Linkerd's CRDs, what is there already, "
+        "and whether you may create what the install creates",
     )
     why = sub.add_parser(
         "why", parents=[common], help="the one reason a pod holds a credential, or holds none"
@@ -91,6 +97,8 @@ async def _run(args: argparse.Namespace, target: tuple[str, str] | None) -> outp
     options = options_of(args)
     now = commands.utcnow()
     async with cluster.Session(options) as session:
+        if args.command == "check" and args.pre:
+            return checks.report(await precheck.run(session))
         if args.command == "check":
             return checks.report(await checks.run(session, now))
         namespace = cluster.default_namespace(options)

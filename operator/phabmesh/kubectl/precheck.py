@@ -17,7 +17,7 @@ from typing import Any
 from phabmesh import resources
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.kubectl import cluster
-from phabmesh.kubectl.checks import FAIL, LINKERD_GROUP, OK, PEERING_CRD, WARN, Result
+from phabmesh.kubectl.checks import FAIL, LINKERD_GROUP, OK, PEERING_CRD, WARN, Result, guarded
 
 MIN_MINOR = 30  # Kubernetes 1.30: ValidatingAdmissionPolicy v1
 # What an install creates (kustomize and Helm alike): (group, resource, namespaced).
@@ -36,7 +36,6 @@ CREATES = (
     ("", "configmaps", True),
     ("apps", "deployments", True),
 )
-FIX = "docs/install.md#installing-and-uninstalling"
 
 
 def judge_version(version: Mapping[str, Any]) -> Result:
@@ -78,7 +77,9 @@ def judge_existing(phabmesh: Mapping[str, JSON | None], kopf: JSON | None) -> Re
             f"phabmesh's CRDs are installed already ({', '.join(there)}): this is an upgrade; "
             "`kubectl phabmesh check` checks that install",
         )
-    return Result("existing", OK, "no phabmesh install yet" + (f"; {other}" if kopf else ""))
+    return Result(
+        "existing", OK, "no phabmesh install yet" + (f"; {other}" if kopf is not None else "")
+    )
 
 
 def judge_permissions(denied: Sequence[str], asked: int) -> Result:
@@ -138,13 +139,11 @@ async def run(session: cluster.Session) -> list[Result]:
         ]
         return judge_permissions(denied, len(CREATES))
 
-    from phabmesh.kubectl.checks import _guarded
-
     return list(
         await asyncio.gather(
-            _guarded("kubernetes", version()),
-            _guarded("linkerd", linkerd()),
-            _guarded("existing", existing()),
-            _guarded("permissions", permissions()),
+            guarded("kubernetes", version()),
+            guarded("linkerd", linkerd()),
+            guarded("existing", existing()),
+            guarded("permissions", permissions()),
         )
     )
