@@ -237,7 +237,8 @@ def test_values_take_effect(helm: Helm, default: list[Doc]) -> None:
         ("operator.replica=3", "additional properties 'replica' not allowed"),
         ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
         ("operator.replicas=-1", "/operator/replicas"),
-        ("extraSettings.LOG_LEVEL=DEBUG", "does not match pattern"),
+        # At its own path every time (a propertyNames rule was reported at a random one).
+        ("extraSettings.LOG_LEVEL=DEBUG", "at '/extraSettings': additional properties 'LOG_LEVEL'"),
         ("phabricatorURL=phorge.example.org", "/phabricatorURL"),
         ("linkerd.requireClientID=maybe", "/linkerd/requireClientID"),
     ],
