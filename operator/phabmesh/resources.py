@@ -40,6 +40,11 @@ BOT_READY = "BotReady"  # on a binding: the referenced bot's own Ready, with the
 # any restart (bot_usable).
 TOKEN_VERIFIED = "TokenVerified"  # noqa: S105 - a condition type, not a secret
 
+# The Warning Event on a pod whose credential lease the API server refused to write (the
+# operator without its ServiceAccount's rights, a policy refusing it): `kubectl describe pod`,
+# `kubectl phabmesh why` and `check` show it.
+CREDENTIAL_WRITE_FAILED = "CredentialWriteFailed"
+
 # PhabricatorCredential status.phase.
 ACTIVE = "Active"  # the pod may act as the bot until expiresAt
 REVOKED = "Revoked"  # it may not, ever again (the CRD refuses a way back to Active)

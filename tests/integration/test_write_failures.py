@@ -10,26 +10,36 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from phabmesh.dev import devcluster
 from phabmesh.dev.conduit import ConduitServer
 from phabmesh.kube import Conflict, KubeClient
 from phabmesh.kube.client import Unavailable
+from phabmesh.processes.operator import OperatorProcess
 from tests.kube import Cluster, wait_for
 from tests.phab import (
+    SYSTEM,
     G,
     V,
     active_leases,
     bind,
     leases,
     make_pod,
+    settings_for,
     time_of,
 )
 from tests.stack import Threaded
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclasses.dataclass
@@ -203,3 +213,51 @@ def test_revocation_is_retried_until_the_lease_is_gone(
     wait_for(lambda: leases(cluster, bound) == [], timeout=60, what="the lease revoked, deleted")
     assert rule.hits == 3
     assert active_leases(cluster, bound) == []
+
+
+def test_a_write_the_api_server_refuses_is_said_where_people_look(
+    tmp_path: Path, conduit: ConduitServer
+) -> None:
+    """The operator run with an admin's kubeconfig instead of its ServiceAccount: the lease
+    policy refuses every lease write. The pod says so (a Warning Event), `kubectl phabmesh
+    why` names the refusal instead of "issuing", and `check` fails its lease-writes line."""
+    with devcluster.ControlPlane(tmp_path / "controlplane") as plane:
+        cluster = Cluster(plane)
+        crds = str(REPO / "crds")
+        plane.kubectl("apply", "--server-side", "-f", crds)
+        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", crds)
+        plane.kubectl("apply", "-f", str(REPO / "manifests" / "lease-policy.yaml"))
+        plane.kubectl("create", "namespace", SYSTEM)
+        plane.kubectl("create", "namespace", "refused")
+        wait_for(lambda: cluster.core.list_namespaced_service_account("refused").items)
+        as_admin = OperatorProcess(settings_for(conduit), kubeconfig=str(plane.kubeconfig))
+        operator = Threaded(as_admin).start()
+        try:
+            wait_for(as_admin.ready, timeout=60, what="the operator")
+            bind(cluster, conduit, "refused")
+            make_pod(cluster, "refused", "runner-0", node=None)
+            selector = "reason=CredentialWriteFailed,involvedObject.name=runner-0"
+            events = cluster.core.list_namespaced_event
+            said = wait_for(
+                lambda: events("refused", field_selector=selector).items,
+                what="the pod's Warning Event",
+            )
+            assert "may not create" in said[0].message and said[0].type == "Warning"
+            assert not leases(cluster, "refused")
+
+            def plugin(*args: str) -> Any:
+                done = subprocess.run(
+                    [sys.executable, "-m", "phabmesh.kubectl", "--kubeconfig",
+                     str(plane.kubeconfig), *args, "-o", "json"],
+                    capture_output=True, text=True, timeout=120, check=False,
+                )  # fmt: skip
+                return json.loads(done.stdout)
+
+            why = plugin("why", "runner-0", "-n", "refused")
+            assert why["reason"] == "IssuePending"
+            assert "the API server refused its last write" in why["message"], why
+            assert "may not create" in why["message"]
+            writes = {c["check"]: c for c in plugin("check")["checks"]}["lease-writes"]
+            assert writes["status"] == "FAIL" and "refused/runner-0" in writes["message"], writes
+        finally:
+            operator.stop()

@@ -540,3 +540,18 @@ def test_check_pre_judges() -> None:
     denied = precheck.judge_permissions(["customresourcedefinitions"], 13)
     assert denied.status == "FAIL" and "customresourcedefinitions" in denied.message
     assert precheck.judge_permissions([], 13).status == "OK"
+
+
+def test_lease_writes_refused_lately_fail_the_check() -> None:
+    def event(minutes_ago: int) -> JSON:
+        when = NOW - datetime.timedelta(minutes=minutes_ago)
+        return {
+            "lastTimestamp": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "involvedObject": {"namespace": "ci", "name": f"p{minutes_ago}"},
+            "message": "the operator could not write this pod's credential lease: 403",
+        }
+
+    assert checks.judge_lease_writes([], NOW).status == "OK"
+    assert checks.judge_lease_writes([event(30)], NOW).status == "OK"  # long past
+    failed = checks.judge_lease_writes([event(30), event(2), event(5)], NOW)
+    assert failed.status == "FAIL" and "2 pod(s)" in failed.message and "ci/p2" in failed.message

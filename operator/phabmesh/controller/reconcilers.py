@@ -27,6 +27,7 @@ import structlog
 from phabmesh import identity, logs, metrics, resources
 from phabmesh.controller import bots as botcheck
 from phabmesh.controller.retry import Retries
+from phabmesh.kube import Conflict, KubeError
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.leases import decide
 from phabmesh.leases.view import LeaseView, format_time
@@ -326,6 +327,11 @@ class _PodLock:
     users: int = 0  # reconciles holding or awaiting it
 
 
+# A refused lease write is said on its pod at most this often, and for this many pods.
+WRITE_FAILED_EVERY = datetime.timedelta(seconds=60)
+MAX_SAID_FAILED = 10_000
+
+
 class Leases(_Reconciler):
     """Each pod's leases: what it should hold (the pod's plan), written, retried on failure."""
 
@@ -333,6 +339,8 @@ class Leases(_Reconciler):
         super().__init__(memo)
         self.retries = Retries()  # lease writes that failed, per pod UID
         self._pod_locks: dict[str, _PodLock] = {}
+        self._said_failed: dict[str, datetime.datetime] = {}  # pod UID -> last Event
+        self._pending_events: set[asyncio.Future[None]] = set()
 
     async def close(self) -> None:
         await self.retries.close()
@@ -413,9 +421,29 @@ class Leases(_Reconciler):
 
     def write_failed(self, uid: str, error: Exception) -> None:
         """A lease write for this pod failed: reconcile it again later, backing off, until
-        its leases are what they should be (or nothing more is wanted)."""
+        its leases are what they should be (or nothing more is wanted). A write the API
+        server refused (not one deferred by peering, nor a passing outage) is also said on
+        the pod, as a Warning Event, where `kubectl describe` and `kubectl phabmesh why`
+        show it: at most one per pod per :data:`WRITE_FAILED_EVERY`."""
         log.warning("lease_write_failed", **{logs.POD_UID: uid, logs.ERROR: str(error)})
         self.retries.failed(uid, lambda: self.reconcile_pod(uid))
+        pod = self.world.pods.get(uid)
+        refused = isinstance(error, KubeError) and 400 <= error.status < 500
+        if pod is None or not refused or isinstance(error, Conflict):
+            return
+        now = self.clock()
+        last = self._said_failed.get(uid)
+        if last is not None and now - last < WRITE_FAILED_EVERY:
+            return
+        self._said_failed[uid] = now
+        while len(self._said_failed) > MAX_SAID_FAILED:
+            self._said_failed.pop(next(iter(self._said_failed)))
+        ref = {"apiVersion": "v1", "kind": "Pod", "namespace": pod.namespace,
+               "name": pod.name, "uid": pod.uid}  # fmt: skip
+        message = f"the operator could not write this pod's credential lease: {error}"
+        task = self.writer.event(ref, resources.CREDENTIAL_WRITE_FAILED, message, "Warning")
+        self._pending_events.add(asyncio.ensure_future(task))
+        self._pending_events = {t for t in self._pending_events if not t.done()}
 
 
 class _FirstLists:

@@ -54,6 +54,7 @@ FIXES = {
     "phabricator (in-cluster)": "docs/troubleshooting.md#phabricatorbot-ready",
     "bots": "docs/troubleshooting.md#phabricatorbot-ready",
     "bindings": "docs/troubleshooting.md#phabricatorbinding-ready",
+    "lease-writes": "docs/troubleshooting.md#a-pods-credential-lease-is-not-written",
     # check --pre
     "kubernetes": "docs/install.md#installing-and-uninstalling",
     "linkerd": "docs/install.md#installing-and-uninstalling",
@@ -340,6 +341,29 @@ def judge_ready(kind: str, objects: Sequence[JSON]) -> Result:
     return Result(label, OK, f"{len(objects)} Ready")
 
 
+WRITES_WINDOW = datetime.timedelta(minutes=10)  # how far back refused lease writes count
+
+
+def judge_lease_writes(events: Sequence[JSON], now: datetime.datetime) -> Result:
+    """Lease writes the API server refused lately (the operator's Warning Events on pods)."""
+    recent = []
+    for event in events:
+        when = parse_time(event.get("lastTimestamp") or event.get("eventTime"))
+        if when is not None and now - when <= WRITES_WINDOW:
+            recent.append((when, event))
+    if not recent:
+        return Result("lease-writes", OK, "no lease write refused in the last 10 min")
+    when, newest = max(recent, key=lambda pair: pair[0])
+    obj = newest.get("involvedObject") or {}
+    return Result(
+        "lease-writes",
+        FAIL,
+        f"{len(recent)} pod(s) whose credential lease the API server refused to write in the "
+        f"last 10 min; newest, pod {obj.get('namespace')}/{obj.get('name')}: "
+        f"{newest.get('message')}",
+    )
+
+
 def _crd_path(name: str) -> str:
     return resource_path("apiextensions.k8s.io", "v1", "customresourcedefinitions", None, name)
 
@@ -456,6 +480,13 @@ async def run(session: cluster.Session, now: datetime.datetime) -> list[Result]:
     async def ready(kind: str, path: str) -> Result:
         return judge_ready(kind, await session.items(path))
 
+    async def writes() -> Result:
+        events = await session.items(
+            resource_path("", "v1", "events"),
+            fieldSelector=f"reason={resources.CREDENTIAL_WRITE_FAILED}",
+        )
+        return judge_lease_writes(events, now)
+
     async def in_cluster() -> Result:
         bots = await session.items(cluster.bot_path())
         return judge_phabricator_in_cluster(
@@ -483,6 +514,7 @@ async def run(session: cluster.Session, now: datetime.datetime) -> list[Result]:
         guarded("phabricator (in-cluster)", in_cluster()),
         guarded("bots", ready(resources.BOT_KIND, cluster.bot_path())),
         guarded("bindings", ready(resources.BINDING_KIND, cluster.binding_path(None))),
+        guarded("lease-writes", writes()),
     )
     return results
 

@@ -4,6 +4,7 @@ phabmesh's own pure functions, answer as a :class:`~phabmesh.kubectl.output.Repo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -90,7 +91,27 @@ async def why(session: cluster.Session, namespace: str, name: str) -> Report:
         namespace_labels=((ns_body or {}).get("metadata") or {}).get("labels") or {},
         leases=[LeaseView.from_body(body) for body in leases],
     )
+    if explanation.reason == decide.ISSUE_PENDING:
+        refused = await last_write_failure(session, namespace, pod.uid)
+        if refused:
+            explanation = dataclasses.replace(
+                explanation,
+                message=f"{explanation.message}, but the API server refused its last "
+                f"write: {refused}",
+            )
     return why_report(explanation, pod, naming)
+
+
+async def last_write_failure(session: cluster.Session, namespace: str, uid: str) -> str | None:
+    """The newest refused lease write the operator said on this pod (its Warning Event)."""
+    found = await session.items(
+        resource_path("", "v1", "events", namespace),
+        fieldSelector=f"involvedObject.uid={uid},reason={resources.CREDENTIAL_WRITE_FAILED}",
+    )
+    if not found:
+        return None
+    newest = max(found, key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""))
+    return f"{newest.get('message')} (at {newest.get('lastTimestamp') or newest.get('eventTime')})"
 
 
 # -- who-can ----------------------------------------------------------------------------------
