@@ -13,7 +13,9 @@ each PhabricatorBot (``tokenSecretRef``), so a fixed manifest cannot list them. 
 - the gateway watches each Secret that a bot names and the Role lists, one watch per name
   (:class:`BotSecrets`). It reads the Role too, so it asks only for what it was granted; a
   refusal anyway (the API server's authorizer lags the Role by a moment) is retried by the
-  watch like any failure, and never stops the gateway.
+  watch like any failure, and never stops the gateway. Without that Role (phabmesh run
+  as a cluster admin, no manifests), it watches every Secret the bots name: RBAC is what
+  decides, the Role only spares the calls it would refuse.
 
 A Role may only grant what its writer holds (RBAC's escalation check): the operator may list
 and watch every Secret in its namespace (it checks the bots' tokens), so it may write this
@@ -127,6 +129,7 @@ class RoleKeeper:
             client, namespace, name, lambda obj: obj, liveness
         )
         self._wake = asyncio.Event()
+        self._missing = False
         self.role.subscribe(self._changed)
         bots.subscribe(self._changed)
 
@@ -143,8 +146,11 @@ class RoleKeeper:
             return False
         current = self.role.items.get(self.key)
         if current is None:
-            log.warning("gateway_secrets_role_missing", role=self.key)
+            if not self._missing:
+                log.warning("gateway_secrets_role_missing", role=self.key)
+            self._missing = True
             return False
+        self._missing = False
         names = wanted(self.bots.items.values(), self.excluded)
         want = rules(names)
         if same_rules(current.get("rules") or [], want):
@@ -207,18 +213,21 @@ class BotSecrets:
         namespace: str,
         bots: Informer[BotFacts],
         *,
+        excluded: Collection[str],
         name: str = ROLE,
         liveness: float = DEFAULT_LIVENESS,
     ) -> None:
         self.client = client
         self.namespace = namespace
         self.bots = bots
+        self.excluded = frozenset(excluded)
         self.liveness = liveness
         self.role: Informer[frozenset[str]] = _role_informer(
             client, namespace, name, permitted, liveness
         )
         self.watches: dict[str, tuple[Informer[dict[str, str]], asyncio.Task[None]]] = {}
         self._running = False
+        self._started = False  # a reconcile has run with the Role read
         self.role.subscribe(self._changed)
         bots.subscribe(self._changed)
 
@@ -227,12 +236,22 @@ class BotSecrets:
             self.reconcile()
 
     def wanted(self) -> set[str]:
+        """The Secrets to watch: those the bots name and the Role lists. With no such Role
+        (an install without phabmesh's RBAC, say as a cluster admin), every one the bots
+        name: RBAC decides either way, the Role only spares calls it would refuse."""
+        if not self.role.synced.is_set():
+            return set()
+        names = {b.secret_name for b in self.bots.items.values() if b.secret_name}
+        names -= self.excluded
+        if not self.role.items:
+            return names
         allowed: set[str] = set().union(*self.role.items.values())
-        return {b.secret_name for b in self.bots.items.values()} & allowed
+        return names & allowed
 
     def reconcile(self) -> None:
         """Start a watch for each wanted name, stop the others (their tokens go with them)."""
         want = self.wanted()
+        self._started = self.role.synced.is_set()
         for gone in set(self.watches) - want:
             _, task = self.watches.pop(gone)
             task.cancel()
@@ -250,7 +269,7 @@ class BotSecrets:
     @property
     def synced(self) -> bool:
         """The Role read, and every watch started for it listed once."""
-        return self.role.synced.is_set() and all(
+        return self._started and all(
             informer.synced.is_set() for informer, _ in self.watches.values()
         )
 
@@ -264,10 +283,14 @@ class BotSecrets:
     async def run(self) -> None:
         """Watch the Role, and through it the Secrets; run until cancelled."""
         self._running = True
-        self.reconcile()
+        watcher = asyncio.create_task(self.role.run())
         try:
-            await self.role.run()
+            # Its first list emits nothing when the Role is absent: start from here.
+            await self.role.synced.wait()
+            self.reconcile()
+            await watcher
         finally:
+            watcher.cancel()
             self._running = False
             tasks = [task for _, task in self.watches.values()]
             self.watches.clear()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from phabmesh import gatewayrole
+from phabmesh.kube import KubeClient
+from phabmesh.kube.informer import Informer
 from phabmesh.leases.grants import BotFacts
 
 OWN = {"phabmesh-webhook-tls", "phabmesh-signing-keys"}
@@ -59,3 +63,32 @@ def test_rules_compare_as_sets_of_names() -> None:
     assert not gatewayrole.same_rules(written, gatewayrole.rules(["a"]))
     assert not gatewayrole.same_rules(written, [])
     assert gatewayrole.same_rules([], gatewayrole.rules([]))
+
+
+def _secrets(role: frozenset[str] | None, *bot_secrets: str) -> gatewayrole.BotSecrets:
+    """The gateway's side with its watches' caches filled by hand (no API server)."""
+    client = cast(KubeClient, None)
+    bots: Informer[BotFacts] = Informer(client, "/bots", gatewayrole_bot, name="bots")
+    bots.items = {s: _bot(s) for s in bot_secrets}
+    secrets = gatewayrole.BotSecrets(client, "phabmesh-system", bots, excluded=OWN)
+    if role is not None:
+        secrets.role.items["phabmesh-system/" + gatewayrole.ROLE] = role
+    secrets.role.synced.set()
+    return secrets
+
+
+def gatewayrole_bot(obj: dict[str, object]) -> BotFacts:
+    return _bot(str(obj))
+
+
+def test_the_gateway_watches_what_the_role_lists_and_a_bot_names() -> None:
+    secrets = _secrets(frozenset({"a", "c"}), "a", "b", "phabmesh-webhook-tls")
+    assert secrets.wanted() == {"a"}
+    # Without the Role (run as a cluster admin, no manifests), RBAC alone decides: every
+    # Secret a bot names, but never phabmesh's own.
+    assert _secrets(None, "a", "b", "phabmesh-webhook-tls").wanted() == {"a", "b"}
+    # Nothing before the Role is read.
+    unread = _secrets(None, "a")
+    unread.role.synced.clear()
+    assert unread.wanted() == set()
+    assert not unread.synced

@@ -67,7 +67,11 @@ class GatewayState:
             client.connection, qps=settings.kube_qps, burst=settings.kube_burst, connections=0
         )
         self.secrets = gatewayrole.BotSecrets(
-            self.secret_client, settings.namespace, self.bots, liveness=live
+            self.secret_client,
+            settings.namespace,
+            self.bots,
+            excluded={settings.webhook_secret, settings.signing_secret},
+            liveness=live,
         )
         self._secrets_synced = False
         self.keys = KeyStore(
