@@ -144,7 +144,11 @@ def test_the_gateway_reads_the_bots_tokens_and_never_the_webhook_ca(
                 "apiVersion": f"{G}/{V}",
                 "kind": resources.BOT_KIND,
                 "metadata": {"name": name},
-                "spec": {"username": name, "tokenSecretRef": {"name": secret, "key": "tls.key"}},
+                "spec": {
+                    "username": name,
+                    "tokenSecretRef": {"name": secret, "key": "tls.key"},
+                    "namespaceSelector": {"matchLabels": {"phabmesh.io/bots": "allowed"}},
+                },
             },
         )
     try:
