@@ -162,9 +162,9 @@ def test_the_gateway_reads_the_bots_tokens_and_never_the_webhook_ca(
         assert _may(cluster, "gateway", "watch", f"{bot}-token")
         # The operator named neither of its own Secrets for those bots: no token for them.
         assert not _role_names(cluster) & {settings.webhook_secret, settings.signing_secret}
-        for name in sneaky:
+        for name, secret in sneaky.items():
             held = state.bot_token(name) is not None  # never shown: it would be a key
-            assert not held, f"the gateway holds Secret {sneaky[name]} as bot {name}'s token"
+            assert not held, f"the gateway holds Secret {secret} as bot {name}'s token"
         for verb in ("get", "list", "watch"):
             assert not _may(cluster, "gateway", verb, settings.webhook_secret), verb
             assert not _may(cluster, "gateway", verb, None), verb
