@@ -87,7 +87,7 @@ def session_unused() -> dict[str, set[Call]]:
 # Applied with the RBAC: what narrows the operator's grants where RBAC cannot (its Secret
 # creates), so that phabmesh runs under it too. (The lease policy is not: other tests write
 # leases as the cluster's admin; tests/integration/test_lease_policy.py applies it.)
-POLICIES = ("phabmesh-secret-writers",)
+POLICIES = ("phabmesh-secret-writers", "phabmesh-gateway-secrets")
 
 
 def install(plane: devcluster.ControlPlane) -> Installed:
@@ -101,7 +101,7 @@ def install(plane: devcluster.ControlPlane) -> Installed:
         and d["metadata"]["name"] in POLICIES
     ]
     if policies:
-        plane.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(policies))
+        plane.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(policies))
     kubeconfigs = {who: plane.service_account_kubeconfig(*account(who)) for who in WHO}
     return Installed(plane, docs, kubeconfigs)
 

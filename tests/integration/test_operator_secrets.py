@@ -19,7 +19,7 @@ from phabmesh.admission.tls import Material, WebhookTLS, service_names
 from phabmesh.credentials.keystore import KeyStore
 from phabmesh.dev.conduit import ConduitServer
 from phabmesh.kube import Conflict, KubeClient, KubeError, load_connection
-from phabmesh.kube.client import resource_path
+from phabmesh.kube.client import JSON, resource_path
 from phabmesh.settings import Settings
 from tests import rbac
 from tests.kube import Cluster, wait_for
@@ -199,3 +199,37 @@ async def test_the_operator_creates_no_secret_but_its_own_two(
         own = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}}
         with pytest.raises(Conflict):
             await as_operator.create(collection, own)
+
+
+async def test_the_gateways_secret_role_never_names_phabmeshs_own_secrets(
+    cluster: Cluster,
+    as_operator: KubeClient,
+    operator: Threaded,
+    gateway: Threaded,
+    settings: Settings,
+) -> None:
+    """A stolen operator token could widen the Role as far as RBAC lets the operator grant;
+    manifests/secret-policy.yaml keeps it to named Secrets read by list and watch."""
+    path = resource_path(gatewayrole.RBAC_GROUP, "v1", "roles", SYSTEM, gatewayrole.ROLE)
+    wider: list[list[JSON]] = [
+        gatewayrole.rules(["some-bot-token", settings.webhook_secret]),
+        gatewayrole.rules([settings.signing_secret]),
+        [{**gatewayrole.rules(["some-bot-token"])[0], "verbs": ["get", "list", "watch"]}],
+        [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["list", "watch"]}],
+        [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]}],
+    ]
+    for rules in wider:
+        refused: KubeError | None = None
+        for _ in range(50):  # the API server takes a moment to enforce a new policy
+            out = cluster.kubectl("get", "role", gatewayrole.ROLE, "-n", SYSTEM, "-o", "json")
+            role = json.loads(out.stdout)  # read as the admin: the operator only watches it
+            try:
+                await as_operator.request("PUT", path, body={**role, "rules": rules})
+            except Conflict:
+                continue  # the operator wrote it meanwhile
+            except KubeError as exc:
+                refused = exc
+                break
+            await asyncio.sleep(0.1)
+        assert refused is not None and refused.status == 403, rules
+        assert "may only let the gateway list and watch named Secrets" in refused.message
