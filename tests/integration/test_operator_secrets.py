@@ -211,14 +211,16 @@ async def test_the_gateways_secret_role_never_names_phabmeshs_own_secrets(
     """A stolen operator token could widen the Role as far as RBAC lets the operator grant;
     manifests/secret-policy.yaml keeps it to named Secrets read by list and watch."""
     path = resource_path(gatewayrole.RBAC_GROUP, "v1", "roles", SYSTEM, gatewayrole.ROLE)
-    wider: list[list[JSON]] = [
-        gatewayrole.rules(["some-bot-token", settings.webhook_secret]),
-        gatewayrole.rules([settings.signing_secret]),
-        [{**gatewayrole.rules(["some-bot-token"])[0], "verbs": ["get", "list", "watch"]}],
-        [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["list", "watch"]}],
-        [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]}],
+    policy = "may only let the gateway list and watch named Secrets"
+    escalation = "permissions not currently held"  # RBAC: a Role grants only what its writer holds
+    wider: list[tuple[list[JSON], str]] = [
+        (gatewayrole.rules(["some-bot-token", settings.webhook_secret]), policy),
+        (gatewayrole.rules([settings.signing_secret]), policy),
+        ([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["list", "watch"]}], policy),
+        ([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]}], policy),
+        ([{**gatewayrole.rules(["some-bot-token"])[0], "verbs": ["get"]}], escalation),
     ]
-    for rules in wider:
+    for rules, why in wider:
         refused: KubeError | None = None
         for _ in range(50):  # the API server takes a moment to enforce a new policy
             out = cluster.kubectl("get", "role", gatewayrole.ROLE, "-n", SYSTEM, "-o", "json")
@@ -232,4 +234,4 @@ async def test_the_gateways_secret_role_never_names_phabmeshs_own_secrets(
                 break
             await asyncio.sleep(0.1)
         assert refused is not None and refused.status == 403, rules
-        assert "may only let the gateway list and watch named Secrets" in refused.message
+        assert why in refused.message, rules
