@@ -5,11 +5,12 @@ RBAC has no rule for "the Secrets the bots name": it narrows a read only by obje
 (``fieldSelector=metadata.name=<name>``). The bots' token Secrets are named by whoever writes
 each PhabricatorBot (``tokenSecretRef``), so a fixed manifest cannot list them. Hence:
 
-- the operator keeps the one rule of that Role (manifests/rbac-gateway.yaml ships it empty)
-  equal to the Secret names the bots use: list and watch, nothing else, and never the
+- the operator keeps the one rule of that Role (manifests/rbac-gateway.yaml ships it without
+  rules) equal to the Secret names the bots use: list and watch, nothing else, and never the
   operator's own Secrets (the webhook CA's key, the signing keys; the gateway reads the
-  latter by a fixed grant of its own) (:class:`RoleKeeper`, every replica, acting only
-  while it is the one that acts);
+  latter by a fixed grant of its own) (:class:`RoleKeeper`, on every replica, writing only
+  while it is the one that acts, and only once it has seen every bot). The API server holds
+  anyone to that shape (manifests/secret-policy.yaml);
 - the gateway watches each Secret that a bot names and the Role lists, one watch per name
   (:class:`BotSecrets`). It reads the Role too, so it asks only for what it was granted; a
   refusal anyway (the API server's authorizer lags the Role by a moment) is retried by the
