@@ -1,11 +1,16 @@
-"""The gateway's Secret Role, as pure values: which names it lists, and what it grants."""
+"""The gateway's Secret Role, as pure values: which names it lists, and what it grants; and
+the gateway's watches of the Secrets it names, with refusals injected."""
 
 from __future__ import annotations
 
-from typing import cast
+import asyncio
+import base64
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, cast
 
 from phabmesh import gatewayrole
-from phabmesh.kube import KubeClient
+from phabmesh.kube import KubeClient, KubeError
+from phabmesh.kube.client import JSON
 from phabmesh.kube.informer import Informer
 from phabmesh.leases.grants import BotFacts
 
@@ -92,3 +97,57 @@ def test_the_gateway_watches_what_the_role_lists_and_a_bot_names() -> None:
     unread.role.synced.clear()
     assert unread.wanted() == set()
     assert not unread.synced
+
+
+class _LaggingAuthorizer:
+    """The API server right after the Role named Secret ``a``: the Role reads so already,
+    the first two reads of the Secret are still refused (403), then it is served."""
+
+    def __init__(self) -> None:
+        self.refusals = 2
+        self.quiet = asyncio.Event()
+
+    async def list_all(
+        self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
+    ) -> tuple[list[JSON], str]:
+        if path.endswith("/roles"):
+            return [{"metadata": {"name": gatewayrole.ROLE}, **_role(["a"])}], "1"
+        if self.refusals:
+            self.refusals -= 1
+            raise KubeError(403, "Forbidden", 'secrets "a" is forbidden')
+        token = base64.b64encode(b"api-token-a").decode()
+        return [{"metadata": {"name": "a", "namespace": "ns"}, "data": {"token": token}}], "2"
+
+    async def watch(self, *args: Any, **kwargs: Any) -> AsyncIterator[JSON]:
+        opened = kwargs.get("opened")
+        if opened is not None:
+            opened()
+        await asyncio.Event().wait()  # quiet for as long as the test runs
+        yield {}
+
+
+def _role(names: list[str]) -> JSON:
+    return {"rules": gatewayrole.rules(names)}
+
+
+def test_a_refused_secret_watch_is_retried_until_the_authorizer_catches_up() -> None:
+    async def scenario() -> tuple[str | None, int, bool]:
+        client = _LaggingAuthorizer()
+        bots: Informer[BotFacts] = Informer(
+            cast(KubeClient, client), "/bots", gatewayrole_bot, name="bots"
+        )
+        bots.items = {"bot-a": _bot("a")}
+        bots.synced.set()
+        secrets = gatewayrole.BotSecrets(cast(KubeClient, client), "ns", bots, excluded=OWN)
+        task = asyncio.create_task(secrets.run())
+        try:
+            async with asyncio.timeout(10):
+                while secrets.token("a", "token") is None:
+                    await asyncio.sleep(0.01)
+            return secrets.token("a", "token"), client.refusals, task.done()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    token, refusals_left, crashed = asyncio.run(scenario())
+    assert (token, refusals_left, crashed) == ("api-token-a", 0, False)
