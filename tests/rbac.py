@@ -25,6 +25,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from phabmesh.dev import devcluster
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
@@ -82,8 +84,24 @@ def session_unused() -> dict[str, set[Call]]:
     return {who: unused(GRANTED[who], USED[who]) for who in WHO if who in GRANTED}
 
 
+# Applied with the RBAC: what narrows the operator's grants where RBAC cannot (its Secret
+# creates), so that phabmesh runs under it too. (The lease policy is not: other tests write
+# leases as the cluster's admin; tests/integration/test_lease_policy.py applies it.)
+POLICIES = ("phabmesh-secret-writers", "phabmesh-gateway-secrets")
+
+
 def install(plane: devcluster.ControlPlane) -> Installed:
     docs: list[dict[str, Any]] = plane.install_rbac(MANIFESTS)  # type: ignore[assignment]
+    rendered = plane.kubectl("kustomize", str(MANIFESTS)).stdout
+    policies = [
+        d
+        for d in yaml.safe_load_all(rendered)
+        if d
+        and d["kind"].startswith("ValidatingAdmissionPolicy")
+        and d["metadata"]["name"] in POLICIES
+    ]
+    if policies:
+        plane.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(policies))
     kubeconfigs = {who: plane.service_account_kubeconfig(*account(who)) for who in WHO}
     return Installed(plane, docs, kubeconfigs)
 
@@ -99,7 +117,7 @@ def granted(docs: list[dict[str, Any]], who: str) -> set[Call]:
             continue
         role = roles[(binding["roleRef"]["kind"], binding["roleRef"]["name"])]
         ns = binding["metadata"].get("namespace") if binding["kind"] == "RoleBinding" else None
-        for rule in role["rules"]:
+        for rule in role.get("rules") or []:
             for group in rule.get("apiGroups") or []:
                 for resource in rule.get("resources") or []:
                     for verb in rule["verbs"]:

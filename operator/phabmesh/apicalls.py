@@ -14,6 +14,7 @@ SYSTEM = "phabmesh-system"  # the namespace of the manifests (settings.namespace
 ALL = None
 Call = tuple[str | None, str, str, str, str | None]
 Calls = list[Call]
+GATEWAY_SECRETS_ROLE = "phabmesh-gateway-secrets"  # its rule: phabmesh.gatewayrole
 
 OPERATOR_CALLS: Calls = [
     (ALL, "", "pods", "get list watch", None),
@@ -34,15 +35,20 @@ OPERATOR_CALLS: Calls = [
         "get update",
         "phabmesh",
     ),
-    (SYSTEM, "", "secrets", "get list watch create", None),
-    (SYSTEM, "", "secrets", "update", "phabmesh-signing-keys"),
-    (SYSTEM, "", "secrets", "update", "phabmesh-webhook-tls"),
+    # create: any name as RBAC sees it; manifests/secret-policy.yaml admits only these two.
+    (SYSTEM, "", "secrets", "list watch create", None),
+    (SYSTEM, "", "secrets", "get update", "phabmesh-signing-keys"),
+    (SYSTEM, "", "secrets", "get update", "phabmesh-webhook-tls"),
+    (SYSTEM, "rbac.authorization.k8s.io", "roles", "list watch update", GATEWAY_SECRETS_ROLE),
 ]
 GATEWAY_CALLS: Calls = [
     (ALL, "phabmesh.io", "phabricatorcredentials", "list watch", None),
     (ALL, "phabmesh.io", "phabricatorbindings", "list watch", None),
     (ALL, "phabmesh.io", "phabricatorbots", "list watch", None),
-    (SYSTEM, "", "secrets", "list watch", None),
+    # The bots' token Secrets too, by name, as the Role below lists them (phabmesh.gatewayrole):
+    # not in this table, since their names are the bots'.
+    (SYSTEM, "", "secrets", "list watch", "phabmesh-signing-keys"),
+    (SYSTEM, "rbac.authorization.k8s.io", "roles", "list watch", GATEWAY_SECRETS_ROLE),
     (ALL, "", "pods", "list watch", None),
     (ALL, "", "namespaces", "list watch", None),
 ]

@@ -277,10 +277,14 @@ def test_another_namespace_is_named_everywhere(helm: Helm) -> None:
     assert config["data"]["PHABMESH_ISSUER"] == "http://phabmesh-issuer.tools.svc:8443"
     injected = config["data"]["PHABMESH_INJECTED_GATEWAY_URL"]
     assert injected == "http://phabmesh-gateway.tools.svc:8080"
-    (policy,) = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"]
+    policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"}
     assert (
         "system:serviceaccount:tools:phabmesh-operator"
-        in policy["spec"]["variables"][0]["expression"]
+        in policies["phabmesh-credential-writers"]["spec"]["variables"][0]["expression"]
+    )
+    assert (
+        "system:serviceaccount:tools:phabmesh-operator"
+        in policies["phabmesh-secret-writers"]["spec"]["matchConditions"][0]["expression"]
     )
     (webhook,) = [d for d in docs if d["kind"] == "MutatingWebhookConfiguration"]
     skipped = webhook["webhooks"][0]["namespaceSelector"]["matchExpressions"][0]["values"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime
 import gzip
@@ -21,14 +22,22 @@ import jwt
 import pytest
 import requests
 
-from phabmesh import credentials
+from phabmesh import credentials, gatewayrole
 from phabmesh.conduit import responses, wire
 from phabmesh.credentials.keys import SigningKey
 from phabmesh.dev.conduit import ConduitServer
 from phabmesh.leases.view import LeaseView
 from phabmesh.processes.gateway import GatewayProcess
 from tests.kube import Cluster, wait_for
-from tests.phab import active_leases, exchange, leases, make_pod, pod_token, settings_for
+from tests.phab import (
+    SYSTEM,
+    active_leases,
+    exchange,
+    leases,
+    make_pod,
+    pod_token,
+    settings_for,
+)
 from tests.stack import Threaded
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -555,3 +564,36 @@ def test_the_bot_token_phorge_echoes_in_a_compressed_error_is_redacted(
     assert answer["error_code"] == "ERR-INVALID-AUTH"
     assert answer["error_info"] == 'API token "[REDACTED]" was previously valid, but has expired.'
     assert bot_token.encode() not in raw
+
+
+def test_a_bot_made_while_the_gateway_runs_has_its_token_swapped_in(
+    cluster: Cluster, gateway: Threaded, conduit: ConduitServer, pod: Pod, bound: str
+) -> None:
+    """The gateway reads no Secret but those the operator's Role names (manifests/
+    rbac-gateway.yaml): a bot made after it started gets its Secret named there, and its token
+    is swapped in; an apply that empties the Role is undone, and a new token in the Secret
+    follows."""
+    bot = f"bot-{bound}"
+    assert f"{bot}-token" in _gateway_secret_names(cluster)
+    answer = envelope(call(gateway, "user.whoami", data={"api.token": pod.credential}))
+    assert answer["result"]["userName"] == bot
+    reset = [{"op": "replace", "path": "/rules", "value": []}]
+    cluster.kubectl(
+        "patch", "role", gatewayrole.ROLE, "-n", SYSTEM, "--type=json", "-p", json.dumps(reset)
+    )
+    wait_for(
+        lambda: f"{bot}-token" in _gateway_secret_names(cluster),
+        what="the operator to name the bot's Secret in the Role again",
+    )
+    token = conduit.add_token(bot)
+    data = {"token": base64.b64encode(token.encode()).decode()}
+    cluster.core.patch_namespaced_secret(f"{bot}-token", SYSTEM, {"data": data})
+    state = gateway.process.state  # type: ignore[attr-defined]
+    wait_for(lambda: state.bot_token(bot) == token, what="the gateway to read the new token")
+    answer = envelope(call(gateway, "user.whoami", data={"api.token": pod.credential}))
+    assert answer["result"]["userName"] == bot
+
+
+def _gateway_secret_names(cluster: Cluster) -> set[str]:
+    out = cluster.kubectl("get", "role", gatewayrole.ROLE, "-n", SYSTEM, "-o", "json").stdout
+    return set(gatewayrole.permitted(json.loads(out)))

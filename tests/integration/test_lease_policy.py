@@ -113,7 +113,11 @@ def policy(cluster: Cluster, crds: object, system: str) -> Iterator[None]:
         if d["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")
         and d["metadata"]["name"] == "phabmesh-operator"
     ]
-    docs = [d for d in rendered if d["kind"] in POLICY_KINDS]
+    docs = [
+        d
+        for d in rendered
+        if d["kind"] in POLICY_KINDS and d["metadata"]["name"] == "phabmesh-credential-writers"
+    ]
     assert len(docs) == 2
     _apply(cluster, rbac + docs)
     yield

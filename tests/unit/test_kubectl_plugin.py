@@ -316,8 +316,9 @@ def test_judge_rbac() -> None:
 
 
 def test_the_rbac_check_asks_for_the_manifests_calls_in_the_installed_namespace() -> None:
-    calls = list(apicalls.each(apicalls.GATEWAY_CALLS, "elsewhere"))
-    assert ("elsewhere", "", "secrets", "watch", None) in calls
+    calls = list(apicalls.each(apicalls.GATEWAY_CALLS, "elsewhere", {"phabmesh-signing-keys": "k"}))
+    assert ("elsewhere", "", "secrets", "watch", "k") in calls
+    assert ("elsewhere", "", "secrets", "watch", None) not in calls  # by name only
     assert (None, "", "pods", "list", None) in calls
     assert all(ns != apicalls.SYSTEM for ns, *_ in calls)
     renamed = set(apicalls.each(apicalls.OPERATOR_CALLS, "x", {"phabmesh-signing-keys": "keys"}))

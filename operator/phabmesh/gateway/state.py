@@ -8,14 +8,13 @@ the gateway cannot confirm a lease and refuses credentials (fails closed).
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime
 from typing import Any
 
-from phabmesh import identity, metrics, resources
+from phabmesh import gatewayrole, identity, metrics, resources
 from phabmesh.credentials.keystore import KeyStore
 from phabmesh.kube import KubeClient
-from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.client import resource_path
 from phabmesh.kube.informer import Informer
 from phabmesh.leases import grants
 from phabmesh.leases.index import LeaseIndex
@@ -26,16 +25,6 @@ from phabmesh.settings import Settings
 # bot's token is and which namespaces may use it: the same values the leases are judged by.
 BindingRules = grants.BindingFacts
 BotRef = grants.BotFacts
-
-
-def _secret_data(obj: JSON) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in (obj.get("data") or {}).items():
-        try:
-            out[key] = base64.b64decode(value).decode().strip()
-        except ValueError:
-            continue
-    return out
 
 
 class GatewayState:
@@ -71,13 +60,20 @@ class GatewayState:
             bindings=self.bindings,
             bots=self.bots,
         )
-        self.secrets: Informer[dict[str, str]] = Informer(
-            client,
-            resource_path("", "v1", "secrets", settings.namespace),
-            _secret_data,
-            name="bot-secrets",
+        # The bots' token Secrets, each watched by name once the operator's Role lets this
+        # gateway read it (phabmesh.gatewayrole): never a list of the namespace's Secrets.
+        # Their own client: a watch holds a connection, one per bot Secret.
+        self.secret_client = KubeClient(
+            client.connection, qps=settings.kube_qps, burst=settings.kube_burst, connections=0
+        )
+        self.secrets = gatewayrole.BotSecrets(
+            self.secret_client,
+            settings.namespace,
+            self.bots,
+            excluded={settings.webhook_secret, settings.signing_secret},
             liveness=live,
         )
+        self._secrets_synced = False
         self.keys = KeyStore(
             client,
             settings.namespace,
@@ -105,6 +101,7 @@ class GatewayState:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        await self.secret_client.close()
 
     @property
     def ready(self) -> bool:
@@ -113,10 +110,17 @@ class GatewayState:
             and self.leases.connected
             and self.bindings.synced.is_set()
             and self.bots.synced.is_set()
-            and self.secrets.synced.is_set()
+            and self._bot_secrets_synced()
             and self.grants.synced
             and self.keys.ring is not None
         )
+
+    def _bot_secrets_synced(self) -> bool:
+        """Every bot Secret listed once since start; a bot added later does not make the
+        gateway unready while its Secret's watch starts (its calls are refused meanwhile)."""
+        if not self._secrets_synced:
+            self._secrets_synced = self.bots.synced.is_set() and self.secrets.synced
+        return self._secrets_synced
 
     def pod_ended(self, pod_uid: str) -> str | None:
         """The pod's revocation reason if the pod watch saw it terminating, finished or gone."""
@@ -129,5 +133,4 @@ class GatewayState:
         ref = self.bots.items.get(bot)
         if ref is None:
             return None
-        data = self.secrets.items.get(f"{self.settings.namespace}/{ref.secret_name}") or {}
-        return data.get(ref.secret_key) or None
+        return self.secrets.token(ref.secret_name, ref.secret_key)

@@ -76,6 +76,7 @@ class Informer(Generic[V]):
         self.transform = transform
         self.params = dict(params or {})
         self.on_event = on_event
+        self._listeners: list[Callable[[str, str, V | None], None]] = []
         self.name = name or path
         self.chunk = chunk
         self.liveness = liveness
@@ -96,10 +97,16 @@ class Informer(Generic[V]):
         """Connected and synced: what the process knows of the collection is current."""
         return self.connected and self.synced.is_set()
 
+    def subscribe(self, handler: Callable[[str, str, V | None], None]) -> None:
+        """Call ``handler`` on each event too, after ``on_event`` (for a second reader of a
+        shared informer)."""
+        self._listeners.append(handler)
+
     def _emit(self, kind: str, key: str, value: V | None) -> None:
-        if self.on_event is not None:
+        handlers = [self.on_event] if self.on_event is not None else []
+        for handler in [*handlers, *self._listeners]:
             try:
-                self.on_event(kind, key, value)
+                handler(kind, key, value)
             except Exception:
                 log.exception("informer_handler_failed", informer=self.name, key=key)
 

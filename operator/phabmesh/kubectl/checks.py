@@ -14,12 +14,13 @@ import datetime
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from phabmesh import apicalls, conduit, credentials, identity, resources
+from phabmesh import apicalls, conduit, credentials, gatewayrole, identity, resources
 from phabmesh.admission import certificates, tls
 from phabmesh.kube import KubeError
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.kubectl import cluster, injection
 from phabmesh.kubectl.output import Report
+from phabmesh.leases import grants
 from phabmesh.leases.view import parse_time
 from phabmesh.settings import Settings
 
@@ -391,6 +392,19 @@ async def _linkerd(session: cluster.Session, system: str) -> Result:
     return judge_linkerd(crds, found)
 
 
+async def _bot_secret_calls(
+    session: cluster.Session, system: str, settings: Settings
+) -> list[apicalls.Call]:
+    """The gateway's watches of the bots' token Secrets, which the operator grants by name in
+    Role phabmesh-gateway-secrets (phabmesh.gatewayrole) as the bots come."""
+    bots = await session.items(
+        resource_path(resources.GROUP, resources.VERSION, resources.BOT_PLURAL)
+    )
+    own = {settings.webhook_secret, settings.signing_secret}
+    names = gatewayrole.wanted((grants.bot_facts(bot) for bot in bots), own)
+    return [(system, "", "secrets", verb, name) for name in names for verb in gatewayrole.VERBS]
+
+
 async def _rbac(session: cluster.Session, system: str, settings: Settings) -> Result:
     denied: dict[str, list[apicalls.Call]] = {}
     asked = 0
@@ -408,6 +422,8 @@ async def _rbac(session: cluster.Session, system: str, settings: Settings) -> Re
             "system:authenticated",
         ]
         calls = list(apicalls.each(table, system, names))
+        if who == "gateway":
+            calls += await _bot_secret_calls(session, system, settings)
         asked += len(calls)
         allowed = await asyncio.gather(*(session.may(user, groups, call) for call in calls))
         denied[who] = [call for call, ok in zip(calls, allowed, strict=True) if not ok]

@@ -14,7 +14,7 @@ import signal
 import structlog
 from aiohttp import web
 
-from phabmesh import controller, metrics, serving
+from phabmesh import controller, gatewayrole, metrics, serving
 from phabmesh.admission import Injector
 from phabmesh.admission.tls import WebhookServer, WebhookTLS, service_names
 from phabmesh.controller import peering
@@ -104,6 +104,16 @@ class OperatorProcess:
         )
         await self.webhook_tls.refresh()
         self.tasks.append(asyncio.create_task(self.webhook_tls.run()))
+        # Which bot-token Secrets the gateway may read: the bots' own, never these two.
+        self.gateway_role = gatewayrole.RoleKeeper(
+            self.client,
+            s.namespace,
+            self.issuer.grants.bots,
+            excluded={s.webhook_secret, s.signing_secret},
+            acting=self.acting,
+            liveness=s.watch_liveness,
+        )
+        self.tasks.append(asyncio.create_task(self.gateway_role.run()))
         assert self.webhook_tls.material is not None
         self.webhook_port = s.webhook_port or serving.free_port(s.webhook_host)
         webhook_server = WebhookServer(
