@@ -64,7 +64,7 @@ def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name) or default)
 
 
-SEEDS = [int(s) for s in (os.environ.get("PHABMESH_CHURN_SEEDS") or "1,4,5").split(",")]
+SEEDS = [int(s) for s in (os.environ.get("PHABMESH_CHURN_SEEDS") or "7,10,13").split(",")]
 STEPS = _env_int("PHABMESH_CHURN_STEPS", 36)
 BURST = _env_int("PHABMESH_CHURN_BURST", 12)
 BOT_SWAP = os.environ.get("PHABMESH_CHURN_BOT_SWAP", "1") != "0"
@@ -102,7 +102,9 @@ class Pod:
     sa: str
     app: str
     meshed: bool
-    control_plane: str | None  # linkerd.io/control-plane-ns, only on meshed pods
+    # linkerd.io/control-plane-ns: on meshed pods (Linkerd's injector writes it), and on some
+    # pods without a proxy (their author wrote it): a label alone never makes a pod meshed.
+    control_plane: str | None
     node: bool  # with a node, a graceful deletion leaves it Terminating (no kubelet here)
     phase: str = "Pending"
     terminating: bool = False
@@ -318,8 +320,10 @@ def _pod_create(
         "pod": pod,
         "sa": rng.choice(ACCOUNTS),
         "app": rng.choice("ab"),
-        "meshed": rng.random() < 0.85,
+        "meshed": (meshed := rng.random() < 0.85),
         "control_plane": control_plane,
+        # Without a proxy, half carry Linkerd's label anyway (a pod's author may write it).
+        "label_only": not meshed and rng.random() < 0.5,
         "node": rng.random() < 0.5,
         "running": running,
     }
@@ -497,6 +501,7 @@ class Credential:
     token: str
     lease_uid: str
     expires: float
+    issued: float  # when it was exchanged (this machine's clock, as the operator's)
 
 
 class Run:
@@ -605,12 +610,20 @@ class Run:
             sa=step["sa"],
             app=step["app"],
             meshed=meshed,
-            control_plane=step["control_plane"] if meshed else None,
+            control_plane=(
+                step["control_plane"]
+                if meshed
+                else CONTROL_PLANE
+                if step.get("label_only")
+                else None
+            ),
             node=bool(step["node"]),
         )
         labels = {"app": pod.app}
         if pod.control_plane:
             labels["linkerd.io/control-plane-ns"] = pod.control_plane
+        if step.get("label_only"):
+            self.counts["label-only pods"] += 1
         init = (
             [
                 client.V1Container(
@@ -988,7 +1001,7 @@ class Run:
                 reply = _eventually(confirmed) or self._whoami(credential)
                 problems += self._judge_call(who, reply, binding)
                 self.credentials[key] = Credential(
-                    credential, current.get(key, ""), _expiry(credential)
+                    credential, current.get(key, ""), _expiry(credential), time.time()
                 )
         return problems
 
@@ -1010,12 +1023,23 @@ class Run:
     def _old_credentials(self, current: dict[tuple[str, str], str]) -> list[str]:
         problems = []
         names = {pod.uid: f"{ns}/{name}" for (ns, name), pod in self.model.pods.items()}
+        namespaces = {pod.uid: ns for (ns, _), pod in self.model.pods.items()}
         for key, old in list(self.credentials.items()):
-            if old.expires - time.time() < 5:
+            # Good until the earlier of its own expiry and its issue time plus the binding's
+            # credentialTTL now (the CRD's documentation): a TTL shrunk since shortens it.
+            binding = self.model.bindings.get((namespaces.get(key[0], ""), key[1]))
+            end = old.expires
+            if binding is not None:
+                end = min(end, old.issued + resources.parse_duration(binding.ttl).total_seconds())
+            if abs(end - time.time()) < 5:
+                continue  # (about to) end: either answer is right
+            if end < time.time():
                 if old.expires < time.time() - 60:
                     del self.credentials[key]
-                continue  # (about to) expire: refused for that alone
+                continue  # ended: refused for that alone
             good = current.get(key) == old.lease_uid and bool(old.lease_uid)
+            if good and end < old.expires:
+                self.counts["shortened by a TTL, still good"] += 1
             who = f"pod {names.get(key[0], key[0] + ' (gone)')} binding {key[1]}"
 
             def settled(token: str = old.token, good: bool = good) -> bool:
