@@ -270,6 +270,20 @@ def test_revoke_a_binding(cluster: Cluster, bound: str) -> None:
     for name in ("runner-1", "runner-2"):
         make_pod(cluster, bound, name)
     wait_for(lambda: len(active_leases(cluster, bound)) == 2, what="two leases")
+    # Dry runs first: what would go, judged by the client alone or by the API server (RBAC
+    # and the lease policy); nothing is revoked and no Event is posted.
+    for mode in ("client", "server"):
+        dry = plugin(cluster, "revoke", "binding/runners", "-n", bound, f"--dry-run={mode}",
+                     "-o", "json")  # fmt: skip
+        assert dry.returncode == 0, dry.stderr
+        results = {row["result"] for row in json.loads(dry.stdout)}
+        assert results == {
+            f"would be revoked ({'dry run' if mode == 'client' else 'server dry run'})"
+        }
+        assert len(active_leases(cluster, bound)) == 2
+    assert not cluster.core.list_namespaced_event(
+        bound, field_selector="reason=CredentialRevoked"
+    ).items
     done = plugin(cluster, "revoke", "binding/runners", "-n", bound)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0].split() == [

@@ -247,9 +247,21 @@ def parse_target(words: list[str]) -> tuple[str, str]:
     return kind, name
 
 
+DRY_RUNS = ("client", "server")
+
+
 async def revoke(
-    session: cluster.Session, namespace: str, kind: str, name: str, now: datetime.datetime
+    session: cluster.Session,
+    namespace: str,
+    kind: str,
+    name: str,
+    now: datetime.datetime,
+    dry_run: str | None = None,
 ) -> Report:
+    """Revoke the Active leases of a pod or a binding. ``dry_run`` as kubectl's: "client"
+    lists what would be revoked and writes nothing; "server" sends each revocation with
+    ``dryRun=All``, so that RBAC and the lease policy judge it and nothing is stored (no
+    Event either)."""
     if kind == "pod":
         target = await session.get(
             resource_path("", "v1", "pods", namespace, name),
@@ -284,16 +296,25 @@ async def revoke(
     # revokedAt is the API server's time (the policy checks it against the write's): this
     # machine's clock corrected by the server's.
     skew = await session.clock_skew()
+    params = {"fieldManager": cluster.COMPONENT}  # the policy reads its stamp
+    if dry_run == "server":
+        params["dryRun"] = "All"
     for lease in sorted(leases, key=lambda x: x.name):
+        if dry_run == "client":
+            rows.append(_revoked_row(lease, "would be revoked (dry run)"))
+            continue
         try:
             await session.client.json_patch(
                 cluster.lease_path(lease.namespace, lease.name),
                 revocation_ops(lease, utcnow() + skew),
-                params={"fieldManager": cluster.COMPONENT},  # the policy reads its stamp
+                params=params,
             )
-            result = "revoked"
+            result = "revoked" if dry_run is None else "would be revoked (server dry run)"
         except KubeError as exc:
             result = f"failed: {exc.message or exc.reason}"
+        if dry_run is not None:
+            rows.append(_revoked_row(lease, result))
+            continue
         log.info(
             "lease_revoked" if result == "revoked" else "lease_revocation_failed",
             **{
@@ -321,20 +342,25 @@ async def revoke(
                 f"credential {lease.name} for PhabricatorBot {lease.bot} {message}",
                 now,
             )
-        rows.append(
-            {
-                "namespace": lease.namespace,
-                "lease": lease.name,
-                "pod": lease.pod_name,
-                "binding": lease.binding,
-                "bot": lease.bot,
-                "result": result,
-            }
-        )
+        rows.append(_revoked_row(lease, result))
+    if dry_run is not None:
+        failed = any(row["result"].startswith("failed") for row in rows)
+        return Report(REVOKE_COLUMNS, rows, exit_code=int(failed))
     done = sum(1 for row in rows if row["result"] == "revoked")
     if kind == "binding" and done:
         await _event(session, ref, f"{done} credential(s) of this binding {message}", now)
     return Report(REVOKE_COLUMNS, rows, exit_code=0 if done == len(rows) else 1)
+
+
+def _revoked_row(lease: LeaseView, result: str) -> dict[str, Any]:
+    return {
+        "namespace": lease.namespace,
+        "lease": lease.name,
+        "pod": lease.pod_name,
+        "binding": lease.binding,
+        "bot": lease.bot,
+        "result": result,
+    }
 
 
 async def _event(session: cluster.Session, ref: JSON, message: str, now: datetime.datetime) -> None:

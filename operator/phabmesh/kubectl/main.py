@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
         "binding while it lives; a new pod does.",
     )
     revoke.add_argument("target", nargs="+", metavar="pod/NAME|binding/NAME")
+    revoke.add_argument(
+        "--dry-run",
+        nargs="?",
+        const="client",
+        choices=commands.DRY_RUNS,
+        help="client: list what would be revoked, write nothing; server: send the "
+        "revocations as a dry run, judged by RBAC and the lease policy, stored nowhere",
+    )
     recheck = sub.add_parser(
         "recheck", parents=[common], help="ask the operator to check a bot against Phabricator now"
     )
@@ -108,7 +116,7 @@ async def _run(args: argparse.Namespace, target: tuple[str, str] | None) -> outp
             return await commands.who_can(session, args.bot, now)
         if args.command == "revoke":
             assert target is not None
-            return await commands.revoke(session, namespace, *target, now)
+            return await commands.revoke(session, namespace, *target, now, args.dry_run)
         return await commands.recheck(session, args.bot, now)
 
 
