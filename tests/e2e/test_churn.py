@@ -284,7 +284,8 @@ def generate(seed: int, count: int, burst: int) -> list[Step]:
                 "refs": [{"kind": "ServiceAccount", "name": "*"}],
                 "identities": [],
                 "selector": None,
-                "ttl": "1m",
+                # One short (renewals come often), one long (a shrink can come under it).
+                "ttl": "1m" if ns == NAMESPACES[0] else "10m",
                 "methods": ["user.*", "conduit.ping"],
             }
         )
@@ -308,6 +309,10 @@ def generate(seed: int, count: int, burst: int) -> list[Step]:
         steps.append(step)
         if (i + 1) % burst == 0 or i == count - 1:
             steps.append({"kind": "check"})
+            if i + 1 == burst:
+                # Under the credentials that check handed out: the long TTL shrunk, whatever
+                # the draws did to it meanwhile (they stay good until issue + the new TTL).
+                steps.append(_ttl_shrink(NAMESPACES[1], "b1"))
     return steps
 
 
@@ -335,6 +340,7 @@ class _Shadow:
     def __init__(self) -> None:
         self.pods: dict[tuple[str, str], tuple[str, bool, bool]] = {}  # phase, node, terminating
         self.bindings: set[tuple[str, str]] = set()
+        self.ttls: dict[tuple[str, str], str] = {}  # each binding's credentialTTL
         self.disabled: set[str] = set()
 
     def apply(self, step: Step) -> None:
@@ -355,6 +361,9 @@ class _Shadow:
             del self.pods[key]
         elif kind == "binding_create":
             self.bindings.add(key)
+            self.ttls[key] = step["ttl"]
+        elif kind == "binding_edit" and step["field"] == "ttl":
+            self.ttls[key] = step["value"]
         elif kind == "binding_delete":
             self.bindings.discard(key)
         elif kind == "bot_disabled":
@@ -372,6 +381,7 @@ class _Shadow:
         present = [p for p in PODS if (ns, p) in self.pods]
         bound = [b for b in BINDINGS if (ns, b) in self.bindings]
         unbound = [b for b in BINDINGS if (ns, b) not in self.bindings]
+        shrinkable = [b for b in bound if self.ttls.get((ns, b)) != "1m"]
         options: list[tuple[float, Callable[[], Step]]] = [
             (3.0 if free else 0.0, lambda: self._create(rng, ns, free)),
             (3.0 if pending else 0.0, lambda: self._phase(rng, ns, pending)),
@@ -384,6 +394,9 @@ class _Shadow:
             (1.5 if unbound else 0.0, lambda: self._bind(rng, ns, unbound)),
             (0.8 if bound else 0.0, lambda: self._unbind(rng, ns, bound)),
             (4.0 if bound else 0.0, lambda: _binding_edit(rng, ns, rng.choice(bound))),
+            # A credentialTTL shrunk under credentials issued with the longer one: they stay
+            # good until their issue time plus the new TTL, no longer and no shorter.
+            (1.5 if shrinkable else 0.0, lambda: _ttl_shrink(ns, rng.choice(shrinkable))),
             (1.0, lambda: _bot_selector(rng)),
             (1.0, lambda: self._bot_toggle(rng)),
             (1.0, lambda: _namespace_labels(rng, ns)),
@@ -439,6 +452,10 @@ def _binding_edit(rng: random.Random, ns: str, binding: str) -> Step:
     field = rng.choice(fields)
     value = _binding_spec(rng, swap=True)[field]
     return {"kind": "binding_edit", "ns": ns, "binding": binding, "field": field, "value": value}
+
+
+def _ttl_shrink(ns: str, binding: str) -> Step:
+    return {"kind": "binding_edit", "ns": ns, "binding": binding, "field": "ttl", "value": "1m"}
 
 
 def _bot_selector(rng: random.Random) -> Step:
@@ -768,6 +785,8 @@ class Run:
         binding = dataclasses.replace(old, **{field: value})
         if not binding.refs and not binding.identities:
             return False  # a binding always names someone here
+        if field == "ttl" and resources.parse_duration(value) < resources.parse_duration(old.ttl):
+            self.counts["ttl shrinks"] += 1
         body = self._binding_body(*key, binding)
         custom, ns = self.cluster.custom, self.ns(key[0])
 
