@@ -175,6 +175,19 @@ def test_method_outside_the_allowlist_is_refused(gateway: Threaded, pod: Pod) ->
     assert "not allowed by PhabricatorBinding" in answer["error_info"]
 
 
+def test_a_method_name_with_a_tail_is_refused_not_forwarded(
+    gateway: Threaded, conduit: ConduitServer, pod: Pod
+) -> None:
+    """``user.whoami%0A`` once passed ``user.*`` and was forwarded as user.whoami."""
+    before = conduit.calls["user.whoami"]
+    for tail in ("%0A", "%0D%0A", "%00", "%20"):
+        answer = envelope(call(gateway, "user.whoami" + tail, data={"api.token": pod.credential}))
+        assert answer["error_code"] == "ERR-CONDUIT-CORE", tail
+        assert "is not a Conduit method name" in answer["error_info"]
+    assert conduit.calls["user.whoami"] == before
+    assert envelope(call(gateway, "user.whoami", data={"api.token": pod.credential}))["result"]
+
+
 def test_spoofed_client_identity_is_refused(gateway: Threaded, pod: Pod, bound: str) -> None:
     answer = envelope(
         call(

@@ -241,6 +241,14 @@ class Gateway:
     async def _handle(
         self, request: web.Request, method: str, audit: dict[str, Any]
     ) -> web.StreamResponse:
+        if not matching.is_method_name(method):
+            # Whole names only: "user.whoami\n" is not user.whoami, and is never forwarded.
+            raise Refusal(
+                "ERR-CONDUIT-CORE",
+                f"phabmesh: {logs.clip(method, AUDIT_METHOD_CHARS)!r} is not a Conduit method "
+                "name (lower-case letters, digits and '_', in words joined by '.')",
+                "bad_method",
+            )
         body = await self._read_body(request)
         try:
             call = await self._decode(request, body)
