@@ -29,6 +29,7 @@ from phabmesh.leases.view import LeaseView
 from phabmesh.processes.gateway import GatewayProcess
 from tests.kube import Cluster, wait_for
 from tests.phab import active_leases, exchange, leases, make_pod, pod_token, settings_for
+from tests.redirects import REDIRECT_STATUSES, redirecting
 from tests.stack import Threaded
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -568,3 +569,46 @@ def test_the_bot_token_phorge_echoes_in_a_compressed_error_is_redacted(
     assert answer["error_code"] == "ERR-INVALID-AUTH"
     assert answer["error_info"] == 'API token "[REDACTED]" was previously valid, but has expired.'
     assert bot_token.encode() not in raw
+
+
+def test_a_redirect_from_upstream_is_never_followed_with_the_bot_token(
+    cluster: Cluster, conduit: ConduitServer, pod: Pod, bound: str
+) -> None:
+    """The gateway's client once re-sent the body, with the bot's real token, where a 307/308
+    pointed, and answered a 301/302's target's answer as Phabricator's."""
+    with redirecting() as redirects:
+        settings = dataclasses.replace(settings_for(conduit), phabricator_url=redirects.url)
+        own = Threaded(GatewayProcess(settings, kubeconfig=str(cluster.kubeconfig))).start()
+        try:
+            state = own.process.state  # type: ignore[attr-defined]
+            wait_for(
+                lambda: (
+                    state.ready and _leases_seen(own, bound) and state.bot_token(f"bot-{bound}")
+                ),
+                what="the gateway to see the lease and the bot's token",
+            )
+            for status in REDIRECT_STATUSES:
+                redirects.status = status
+                for kwargs in (
+                    dict(data={"api.token": pod.credential}),
+                    dict(
+                        data=gzip.compress(
+                            urlencode(wire.encode_params_json({}, pod.credential)).encode()
+                        ),
+                        headers={**FORM, "Content-Encoding": "gzip"},
+                    ),
+                ):
+                    answer = requests.post(
+                        f"http://127.0.0.1:{own.process.port}/api/user.whoami",  # type: ignore[attr-defined]
+                        timeout=10,
+                        **kwargs,  # type: ignore[arg-type]
+                    )
+                    assert answer.status_code == 502, (status, answer.text)
+                    refused = envelope(answer)
+                    assert refused["error_code"] == "ERR-PHABRICATOR-UNAVAILABLE"
+                    assert f"HTTP {status}, a redirect to localhost" in refused["error_info"]
+                    assert pod.bot_token not in answer.text
+            assert redirects.received == []
+            assert not redirects.got(pod.bot_token)
+        finally:
+            own.stop()

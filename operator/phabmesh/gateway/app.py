@@ -49,6 +49,7 @@ import structlog
 from aiohttp import web
 
 from phabmesh import credentials, logs, matching, metrics, resources
+from phabmesh.conduit import client as conduit_client
 from phabmesh.conduit import responses, wire
 from phabmesh.gateway import offload
 from phabmesh.gateway.state import GatewayState
@@ -480,9 +481,22 @@ class Gateway:
                 data=data,
                 headers={"Content-Type": content_type, "Accept-Encoding": UPSTREAM_ACCEPT_ENCODING},
                 timeout=aiohttp.ClientTimeout(total=self.settings.conduit_timeout),
+                # The body carries the bot's real token: never re-sent where a 307/308 points,
+                # and a 301/302's target never answers as if it were Phabricator.
+                allow_redirects=False,
             ) as upstream:
                 status = upstream.status
                 audit["upstream_status"] = status
+                if 300 <= status < 400:
+                    metrics.current().gateway_upstream_errors.labels(kind="redirect").inc()
+                    target = conduit_client.redirect_target(upstream.headers.get("Location"))
+                    raise Refusal(
+                        "ERR-PHABRICATOR-UNAVAILABLE",
+                        f"Phabricator answered HTTP {status}, a redirect{target}: not followed "
+                        "(the gateway's Phabricator URL must be where Conduit answers)",
+                        "upstream_redirect",
+                        502,
+                    )
                 if status >= 500:
                     metrics.current().gateway_upstream_errors.labels(kind=f"http_{status}").inc()
                     raise Refusal(
