@@ -127,7 +127,10 @@ class Caller:
     lease_uid: str
     format: str  # "jwt" or "phorge-token"
     expires_at: datetime.datetime
-    issued_at: datetime.datetime | None  # a Phorge-shaped token does not say when
+    # When it was made (a JWT's iat) or, for a Phorge-shaped token, which does not say, the
+    # earliest it can have been made: the start of its lease's term that ends when it does
+    # (LeaseIndex.term_start). None: not known at all.
+    issued_at: datetime.datetime | None
 
     @classmethod
     def from_claims(cls, claims: credentials.Claims) -> Caller:
@@ -145,7 +148,12 @@ class Caller:
         )
 
     @classmethod
-    def from_lease(cls, lease: LeaseView, expires_at: datetime.datetime) -> Caller:
+    def from_lease(
+        cls,
+        lease: LeaseView,
+        expires_at: datetime.datetime,
+        issued_after: datetime.datetime | None,
+    ) -> Caller:
         """A Phorge-shaped token carries no claims: its lease's facts, which its MAC covers."""
         return cls(
             lease.identity,
@@ -157,7 +165,7 @@ class Caller:
             lease.uid,
             "phorge-token",
             expires_at,
-            None,
+            issued_after,
         )
 
     def outlives(
@@ -167,17 +175,17 @@ class Caller:
         now: datetime.datetime,
         leeway: datetime.timedelta,
     ) -> bool:
-        """Made under a longer credentialTTL than ``ttl``, the binding's now.
+        """Older than ``ttl``, the binding's credentialTTL now.
 
-        Every credential ends no later than its lease did when it was minted, and a lease's
-        ``expiresAt`` only moves later (renewals) unless the binding's TTL shrank: one that
-        ends after its lease (both times written by phabmesh, so this gateway's clock plays
-        no part) was minted before the shrink. A JWT also says when it was issued, so it is
-        refused once older than ``ttl`` as well.
+        A credential is good until the earlier of its own expiry (checked on verification)
+        and its issue time plus the binding's current TTL: a shorter TTL takes a credential
+        made under the longer one no further than its issue time plus the new TTL, and one
+        made lately keeps its time. Without any issue time, one that ends after its lease
+        (whose ``expiresAt`` only moves earlier when the TTL shrank) is refused.
         """
-        if self.expires_at > lease_end + leeway:
-            return True
-        return self.issued_at is not None and now > self.issued_at + ttl + leeway
+        if self.issued_at is None:
+            return self.expires_at > lease_end + leeway
+        return now > self.issued_at + ttl + leeway
 
 
 class Gateway:
@@ -417,7 +425,9 @@ class Gateway:
             raise Refusal("ERR-INVALID-AUTH", f"credential refused: {exc}", "invalid") from exc
         if isinstance(verified.holder, str):
             raise self._gone(verified.holder)
-        return Caller.from_lease(verified.holder, verified.expires_at)
+        lease = verified.holder
+        issued_after = leases.term_start(lease, verified.expires_at)
+        return Caller.from_lease(lease, verified.expires_at, issued_after)
 
     def _gone(self, lease_uid: str) -> Refusal:
         reason = self.state.leases.tombstones.get(lease_uid)
