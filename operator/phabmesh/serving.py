@@ -38,10 +38,19 @@ def add_health_routes(
     app.router.add_get("/metrics", metrics)
 
 
-async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Serve ``app`` on host:port; returns the runner to ``cleanup()`` later."""
+async def start_site(
+    app: web.Application, host: str, port: int, *, read_bufsize: int | None = None
+) -> web.AppRunner:
+    """Serve ``app`` on host:port; returns the runner to ``cleanup()`` later.
+
+    ``read_bufsize``: how much of a request body each connection buffers before it stops
+    reading from its socket until the handler reads (twice this; aiohttp's default 64 KiB).
+    """
+    extra = {} if read_bufsize is None else {"read_bufsize": read_bufsize}
     # Request bodies stay as sent: Conduit bodies are decompressed, bounded, by wire.decompress.
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, auto_decompress=False, **extra
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

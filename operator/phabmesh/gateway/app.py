@@ -24,6 +24,9 @@ Documented errors (``error_code``):
   ``max_response_bytes`` once decoded, or cannot be decoded.
 - ``ERR-REQUEST-TOO-LARGE`` (HTTP 413): the body (after decompression) is over
   the limit.
+- ``ERR-GATEWAY-BUSY`` (HTTP 429: the caller's own share; 503: the gateway's), with a
+  ``Retry-After``: the bytes of request bodies or of Phabricator's answers in flight, or the
+  bodies handed to the decoding workers, are at their bound (:mod:`.budget`, :mod:`.offload`).
 
 Answers, forwarded and refusals alike, are encoded for the client exactly as Phorge
 encodes them (:mod:`phabmesh.conduit.responses`): gzip, deflate or none after the
@@ -51,7 +54,9 @@ from aiohttp import web
 from phabmesh import credentials, logs, matching, metrics, resources
 from phabmesh.conduit import client as conduit_client
 from phabmesh.conduit import responses, wire
+from phabmesh.endpoint.app import review_source
 from phabmesh.gateway import offload
+from phabmesh.gateway.budget import Budget, Held
 from phabmesh.gateway.state import GatewayState
 from phabmesh.leases.view import LeaseView
 from phabmesh.settings import Settings
@@ -73,27 +78,34 @@ PASSED_HEADERS = ("Content-Type", "Cache-Control", "Expires")
 # What the gateway asks Phabricator for: an uncompressed answer.
 UPSTREAM_ACCEPT_ENCODING = "identity"
 # Bodies up to this size are decoded (and re-encoded) on the event loop, in well under a
-# millisecond; larger or compressed ones in a worker process, one at a time, so that no body
-# stalls other calls (see gateway.offload).
+# millisecond; larger ones in the worker processes, so that no body stalls other calls (see
+# gateway.offload). A compressed body is first inflated here up to this size and no further
+# (tens of microseconds whatever it holds): arc's small calls, all gzip, never queue.
 INLINE_DECODE_BYTES = 16 * 1024
 # Longest method name an audit line carries (a Conduit method name is at most 128).
 AUDIT_METHOD_CHARS = 128
 AUDIT_INFO_CHARS = 1024
 # The request's key for its metric label: set only once a call is public or allowed.
 METRIC_METHOD = web.RequestKey("phabmesh.metric_method", str)
+# What the request holds of the gateway's byte budgets, given back once it is answered.
+HELD = web.RequestKey("phabmesh.held", Held)
+RETRY_AFTER_SECONDS = 1
 
 
 def envelope(
-    code: str, info: str, status: int = 200, accept_encoding: str | None = None
+    code: str,
+    info: str,
+    status: int = 200,
+    accept_encoding: str | None = None,
+    retry_after: int | None = None,
 ) -> web.Response:
     """A refusal in Conduit's envelope, with Phorge's headers and encoding."""
     body = responses.envelope(None, code, info)
     encoded = responses.encode(body, accept_encoding)  # a few hundred bytes
-    return web.Response(
-        status=status,
-        body=encoded.body,
-        headers={**responses.CONDUIT_HEADERS, **encoded.headers},
-    )
+    headers = {**responses.CONDUIT_HEADERS, **encoded.headers}
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return web.Response(status=status, body=encoded.body, headers=headers)
 
 
 class Refusal(Exception):
@@ -101,7 +113,13 @@ class Refusal(Exception):
     audit line; ``reason`` (default: the decision) says why, for the refusal metrics."""
 
     def __init__(
-        self, code: str, info: str, decision: str, status: int = 200, reason: str | None = None
+        self,
+        code: str,
+        info: str,
+        decision: str,
+        status: int = 200,
+        reason: str | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(info)
         self.code = code
@@ -109,9 +127,23 @@ class Refusal(Exception):
         self.decision = decision
         self.status = status
         self.reason = reason or decision
+        self.retry_after = retry_after
 
     def response(self, accept_encoding: str | None = None) -> web.Response:
-        return envelope(self.code, self.info, self.status, accept_encoding)
+        return envelope(self.code, self.info, self.status, accept_encoding, self.retry_after)
+
+
+def _busy(exc: offload.Busy, what: str) -> Refusal:
+    """A refusal for want of capacity: ``what`` (bodies, decoding, answers) names which."""
+    share = exc.status == 429
+    return Refusal(
+        "ERR-GATEWAY-BUSY",
+        exc.info,
+        "busy",
+        exc.status,
+        reason=f"busy_{what}_{'share' if share else 'full'}",
+        retry_after=exc.retry_after,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +233,28 @@ class Gateway:
         self.upstream = settings.phabricator_url.rstrip("/")
         self.verified = credentials.VerifiedCache()
         self._session: aiohttp.ClientSession | None = None
-        self.worker = offload.Worker()
+        s = settings
+        self.workers = offload.Workers(
+            s.gateway_decode_workers, s.gateway_decode_queue, s.gateway_decode_share
+        )
+        small = INLINE_DECODE_BYTES
+        self.bodies = Budget(
+            "request bodies",
+            "PHABMESH_GATEWAY_BODY_BUDGET_BYTES",
+            s.gateway_body_budget_bytes,
+            share=max(s.gateway_body_budget_bytes // 4, small + 1),
+            small=small,
+            small_reserve=s.gateway_body_budget_bytes // 4,
+        )
+        answers = max(s.gateway_answer_budget_bytes, s.max_response_bytes)
+        self.answers = Budget(
+            "Phabricator's answers",
+            "PHABMESH_GATEWAY_ANSWER_BUDGET_BYTES",
+            answers,
+            share=max(answers // 2, s.max_response_bytes),
+            small=small,
+            small_reserve=0,
+        )
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -217,12 +270,24 @@ class Gateway:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
-        await self.worker.close()
+        await self.workers.close()
 
     def routes(self, app: web.Application) -> None:
         app.router.add_route("*", "/api/{method}", self.handle)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        source = review_source(request.headers.get(CLIENT_ID_HEADER), request.remote)
+        held = request[HELD] = Held(source)
+        try:
+            response = await self._answer(request)
+            if held.taken:  # its bytes stay reserved until they are sent
+                await response.prepare(request)
+                await response.write_eof()
+            return response
+        finally:
+            held.release()
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         method = request.match_info["method"]
         audit: dict[str, Any] = {logs.METHOD: logs.clip(method, AUDIT_METHOD_CHARS)}
@@ -230,7 +295,12 @@ class Gateway:
             response = await self._handle(request, method, audit)
             decision = audit.get(logs.DECISION, "allowed")
         except Refusal as refusal:
+            request[HELD].release()  # nothing of a refused call is kept while it is answered
             response = refusal.response(request.headers.get("Accept-Encoding"))
+            if not request.content.is_eof():
+                # Refused before its body was read: the connection is closed after the answer,
+                # so the rest of the body is never received (nor drained on the event loop).
+                response.force_close()
             decision = refusal.decision
             audit["error_code"] = refusal.code
             audit["error_info"] = logs.clip(refusal.info, AUDIT_INFO_CHARS)
@@ -323,58 +393,91 @@ class Gateway:
         return await self._forward(request, method, call.with_token(token), token, audit)
 
     async def _read_body(self, request: web.Request) -> bytes:
+        """The body, each byte reserved in the body budget before it is read."""
         limit = self.settings.max_request_bytes
-        if request.content_length is not None and request.content_length > limit:
+        held = request[HELD]
+        declared = request.content_length
+        if declared is not None and declared > limit:
             raise Refusal(
                 "ERR-REQUEST-TOO-LARGE", f"request body over {limit} bytes", "too_large", 413
             )
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            size += len(chunk)
-            if size > limit:
-                raise Refusal(
-                    "ERR-REQUEST-TOO-LARGE", f"request body over {limit} bytes", "too_large", 413
-                )
-            chunks.append(chunk)
+        try:
+            if declared is not None:
+                held.take(self.bodies, declared)
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in request.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                if size > limit:
+                    raise Refusal(
+                        "ERR-REQUEST-TOO-LARGE",
+                        f"request body over {limit} bytes",
+                        "too_large",
+                        413,
+                    )
+                if declared is None:
+                    held.take(self.bodies, len(chunk))
+                chunks.append(chunk)
+        except offload.Busy as exc:
+            raise _busy(exc, "bodies") from exc
         return b"".join(chunks)
 
     async def _decode(self, request: web.Request, body: bytes) -> wire.Call:
         encoded = request.headers.get("Content-Encoding", "").strip().lower()
-        plain_and_small = (
-            encoded in ("", "identity")
-            and len(body) + len(request.query_string) <= INLINE_DECODE_BYTES
-        )
+        small = INLINE_DECODE_BYTES - len(request.query_string)
+        plain = encoded in ("", "identity")
+        if not plain and encoded in wire.COMPRESSED:
+            # Inflated here as far as a small body goes and no further: a larger one (or a
+            # bomb) costs the event loop this much and goes to the workers whole.
+            try:
+                body = wire.decompress(body, encoded, max(small, 0))
+                plain = True
+            except wire.RequestTooLarge:
+                pass
+            except wire.BadRequest as exc:
+                raise Refusal(
+                    "ERR-CONDUIT-CORE",
+                    exc.info(logs.clip(request.match_info["method"], AUDIT_METHOD_CHARS)),
+                    "bad_request",
+                ) from exc
+        inline = plain and len(body) <= small
         decode = functools.partial(
-            wire.decode_request if plain_and_small else wire.decode_packed,
+            wire.decode_request if inline else wire.decode_packed,
             request.method,
             request.headers.get("Content-Type", ""),
             body,
             request.query_string,
-            content_encoding=request.headers.get("Content-Encoding", ""),
+            content_encoding="" if plain else encoded,
             max_bytes=self.settings.max_request_bytes,
         )
-        if plain_and_small:
+        if inline:
             return decode()
         # The params stay packed: a refused call never costs the event loop their decoding.
-        return await self._offload(decode)
+        return await self._offload(decode, request)
 
-    async def _encode(self, call: wire.Call) -> tuple[bytes, str]:
+    async def _encode(self, call: wire.Call, request: web.Request) -> tuple[bytes, str]:
         """The body to forward: encoded off the event loop when it is large, like decoding."""
         if call.packed is None and call.size <= INLINE_DECODE_BYTES:
             return call.encode()
-        return await self._offload(call.encode)
+        return await self._offload(call.encode, request)
 
-    async def _offload(self, work: Callable[[], T]) -> T:
+    async def _offload(self, work: Callable[[], T], request: web.Request) -> T:
         try:
-            return await self.worker.run(work)
+            return await self.workers.run(work, request[HELD].source)
+        except offload.Busy as exc:
+            raise _busy(exc, "decoding") from exc
         except BrokenProcessPool as exc:
             raise Refusal(
                 "ERR-CONDUIT-CORE",
                 "phabmesh: the gateway could not read this request; retry",
                 "worker_lost",
                 503,
+                retry_after=RETRY_AFTER_SECONDS,
             ) from exc
+
+    def _reserve_answer(self, request: web.Request) -> Callable[[int], None]:
+        held = request[HELD]
+        return lambda size: held.take(self.answers, size)
 
     def _verify(self, token: str) -> Caller:
         ring = self.state.keys.ring
@@ -483,7 +586,7 @@ class Gateway:
         bot_token: str | None,
         audit: dict[str, Any],
     ) -> web.StreamResponse:
-        data, content_type = await self._encode(call)
+        data, content_type = await self._encode(call, request)
         limit = self.settings.max_response_bytes
         try:
             async with self.session.post(
@@ -517,7 +620,9 @@ class Gateway:
                     )
                 coding = upstream.headers.get("Content-Encoding")
                 passed = {h: upstream.headers[h] for h in PASSED_HEADERS if h in upstream.headers}
-                raw = await _read_bounded(upstream, limit)
+                raw = await _read_bounded(upstream, limit, self._reserve_answer(request))
+        except offload.Busy as exc:
+            raise _busy(exc, "answers") from exc
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else "connection"
             metrics.current().gateway_upstream_errors.labels(kind=kind).inc()
@@ -541,6 +646,11 @@ class Gateway:
                 "upstream_unreadable",
                 502,
             ) from exc
+        if payload is not raw:  # inflated from what was sent: it is held as well
+            try:
+                request[HELD].take(self.answers, len(payload))
+            except offload.Busy as exc:
+                raise _busy(exc, "answers") from exc
         if bot_token and bot_token.encode() in payload:
             # Phorge echoes a refused token in error_info: never hand the bot's out.
             payload = payload.replace(bot_token.encode(), b"[REDACTED]")
@@ -549,16 +659,25 @@ class Gateway:
         return web.Response(status=status, body=encoded.body, headers=headers)
 
 
-async def _read_bounded(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The body as sent (perhaps compressed), refused past ``limit`` bytes before reading on."""
-    if upstream.content_length is not None and upstream.content_length > limit:
+async def _read_bounded(
+    upstream: aiohttp.ClientResponse, limit: int, reserve: Callable[[int], None]
+) -> bytes:
+    """The body as sent (perhaps compressed), refused past ``limit`` bytes before reading on;
+    ``reserve`` (raising offload.Busy) is told its Content-Length first, or each chunk's size
+    before it is kept."""
+    declared = upstream.content_length
+    if declared is not None and declared > limit:
         raise responses.BodyTooLarge(f"body over {limit} bytes")
+    if declared is not None:
+        reserve(declared)
     chunks: list[bytes] = []
     size = 0
     async for chunk in upstream.content.iter_chunked(64 * 1024):
         size += len(chunk)
         if size > limit:
             raise responses.BodyTooLarge(f"body over {limit} bytes")
+        if declared is None:
+            reserve(len(chunk))
         chunks.append(chunk)
     return b"".join(chunks)
 

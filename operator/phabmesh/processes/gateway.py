@@ -48,7 +48,7 @@ class GatewayProcess:
         self.metrics.fail_closed_from(lambda: not state.ready)
         await self.state.start()
         self.gateway = Gateway(s, self.state, clock=self.clock)
-        await self.gateway.worker.start()
+        await self.gateway.workers.start()
         # aiohttp's own body limit sits above ours so that ours answers in Conduit's envelope.
         app = web.Application(client_max_size=s.max_request_bytes + 1)
         self.gateway.routes(app)
