@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -46,7 +47,7 @@ async def start_site(
     ``read_bufsize``: how much of a request body each connection buffers before it stops
     reading from its socket until the handler reads (twice this; aiohttp's default 64 KiB).
     """
-    extra = {} if read_bufsize is None else {"read_bufsize": read_bufsize}
+    extra: dict[str, Any] = {} if read_bufsize is None else {"read_bufsize": read_bufsize}
     # Request bodies stay as sent: Conduit bodies are decompressed, bounded, by wire.decompress.
     runner = web.AppRunner(
         app, access_log=None, handle_signals=False, auto_decompress=False, **extra
