@@ -13,8 +13,13 @@ against the same pings with no attack, and the gateway's memory. Then it sends
 ``phabmesh_gateway_requests_total``. Last, with ``phabmesh controller`` beside them, the
 credential endpoint: a real pod's exchange (an uncached TokenReview) alone, then while
 ``--flood`` requests with junk tokens and as many with forged ones (JWTs for the right
-audience) arrive at once, and how many TokenReviews the flood cost. Nothing here asserts:
-it measures and prints.
+audience) arrive at once, and how many TokenReviews the flood cost. With ``--parts floods``
+(also in the default), the gateway's floods, each sent from a process of its own for
+``--seconds``, again and again: one row per flood with the p99 of ``conduit.ping`` and of
+an authenticated arc-style call (gzip, ``user.whoami`` with a real pod's credential) during
+the flood against the same without it, measured in the same run, how the flood was
+answered, and the gateway's peak memory with its workers. Nothing here asserts: it
+measures and prints.
 """
 
 from __future__ import annotations
@@ -36,10 +41,24 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.__main__ import NS, Child, Conduit, Operator, ms, pct, pods, ready, setup, until
-from phabmesh import serving
+from bench.__main__ import (
+    NS,
+    Child,
+    Conduit,
+    G,
+    Operator,
+    V,
+    ms,
+    pct,
+    pods,
+    ready,
+    setup,
+    until,
+)
+from phabmesh import resources, serving
 from phabmesh.dev import devcluster
 from phabmesh.kube import KubeClient, load_connection
+from phabmesh.kube.client import resource_path
 from phabmesh.leases.index import LeaseIndex
 from phabmesh.settings import Settings
 
@@ -360,6 +379,217 @@ async def credential_flood(
         await kube.close()
 
 
+MIB = 1 << 20
+BIG_ANSWER_BYTES = 14 * MIB  # under the default PHABMESH_MAX_RESPONSE_BYTES (16 MiB)
+
+
+def _flood_bodies() -> dict[str, tuple[str, bytes, dict[str, str], int]]:
+    """What each gateway flood sends: (method, body, headers, at once)."""
+    plain = b"a=" + b"0" * (MIB - 2)
+    return {
+        "48 gzip bodies of about 1 KB (each 1 MiB inflated), no credential": (
+            "user.whoami",
+            gzip.compress(plain),
+            {"Content-Encoding": "gzip"},
+            48,
+        ),
+        "8 gzip bodies of 27 KB (9,999 fields inflated), no credential": (
+            "user.whoami",
+            gzip.compress(_fields()),
+            {"Content-Encoding": "gzip"},
+            8,
+        ),
+        "300 plain bodies of 1 MiB, no credential": ("user.whoami", plain, {}, 300),
+    }
+
+
+def _send_flood(
+    url: str, body: bytes, headers: dict[str, str], count: int, seconds: float
+) -> dict[str, int]:
+    """``count`` calls at once, again and again for ``seconds``: how they were answered."""
+
+    async def flood() -> dict[str, int]:
+        answered: dict[str, int] = {}
+        connector = aiohttp.TCPConnector(limit=count)
+        async with aiohttp.ClientSession(connector=connector) as http:
+
+            async def one() -> str:
+                try:
+                    async with http.post(url, data=body, headers={**FORM, **headers}) as answer:
+                        text = await answer.text()
+                    code = json.loads(text).get("error_code") if text.startswith("{") else text
+                    return f"{answer.status} {code}"
+                except aiohttp.ClientError as exc:  # closed by the gateway after its answer
+                    return type(exc).__name__
+
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                for outcome in await asyncio.gather(*(one() for _ in range(count))):
+                    answered[outcome] = answered.get(outcome, 0) + 1
+        return answered
+
+    return asyncio.run(flood())
+
+
+def _tree_peak_mb(pid: int) -> float:
+    """VmHWM of ``pid`` and of its child processes (the decoding workers), added up."""
+    pids = [pid]
+    for entry in Path("/proc").iterdir():
+        try:
+            if (
+                entry.name.isdigit()
+                and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid
+            ):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    total = 0
+    for each in pids:
+        try:
+            for line in Path(f"/proc/{each}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+async def gateway_floods(  # noqa: PLR0915 - one measured story, told in order
+    plane: devcluster.ControlPlane, conduit: Conduit, tmp: Path, args: argparse.Namespace
+) -> list[tuple[str, str]]:
+    """Each flood against conduit.ping and an authenticated arc-style call (see the top)."""
+    kube = KubeClient(load_connection(str(plane.kubeconfig)), qps=0, burst=1000)
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=8))
+    operator = Operator(plane, conduit, tmp)
+    gateway = Gateway(plane, conduit, tmp)
+    try:
+        await setup(kube, conduit)
+        await kube.merge_patch(
+            resource_path(G, V, resources.BINDING_PLURAL, NS, "runners"),
+            {"spec": {"allowedMethods": ["user.whoami", "user.search"]}},
+        )
+        big = "bench-big"
+        async with http.post(
+            f"{conduit.control}/user", json={"username": big, "bytes": BIG_ANSWER_BYTES}
+        ) as added:
+            added.raise_for_status()
+        await ready(http, operator.metrics_port)
+        await ready(http, gateway.metrics_port)
+        pod = (await pods(kube, NS, 1, running=True))[0]
+        token = await kube.pod_token(NS, "runner", pod, seconds=3600)
+        url = f"http://127.0.0.1:{operator.issuer_port}/v1/credentials"
+        credential = ""
+
+        async def exchanged() -> bool:
+            nonlocal credential
+            async with http.post(url, headers={"Authorization": f"Bearer {token}"}) as answer:
+                if answer.status != 200:
+                    return False
+                credential = (await answer.json())["credential"]
+                return True
+
+        if await until(exchanged, 60) is None:
+            raise RuntimeError("no credential for the bench pod")
+        base = f"http://127.0.0.1:{gateway.port}/api"
+        arc_body = gzip.compress(
+            f"params={json.dumps({'__conduit__': {'token': credential}})}"
+            "&output=json&__conduit__=1".encode()
+        )
+        probe_http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2))
+
+        async def timed(method: str, body: bytes, headers: dict[str, str]) -> float:
+            started = time.perf_counter()
+            async with probe_http.post(
+                f"{base}/{method}", data=body, headers={**FORM, **headers}
+            ) as answer:
+                text = await answer.text()
+            if json.loads(text).get("error_code") is not None:
+                raise RuntimeError(f"{method} refused: {text[:200]}")
+            return time.perf_counter() - started
+
+        async def probes(seconds: float) -> tuple[list[float], list[float]]:
+            """conduit.ping and the arc-style call in turn, 10 ms apart."""
+            ping: list[float] = []
+            arc: list[float] = []
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                ping.append(await timed("conduit.ping", b"", {}))
+                arc.append(await timed("user.whoami", arc_body, {"Content-Encoding": "gzip"}))
+                await asyncio.sleep(0.01)
+            return ping, arc
+
+        async def healthy() -> bool:
+            try:
+                await timed("user.whoami", arc_body, {"Content-Encoding": "gzip"})
+            except RuntimeError:
+                return False
+            return True
+
+        if await until(healthy, 60) is None:
+            raise RuntimeError("the gateway does not honour the bench credential")
+        rows: list[tuple[str, str]] = []
+        try:
+            ping0, arc0 = await probes(args.seconds)
+            rows.append(
+                (
+                    "gateway floods: none",
+                    f"conduit.ping p99 {ms(pct(ping0, 99))}, authenticated arc call p99 "
+                    f"{ms(pct(arc0, 99))}; gateway peak {_tree_peak_mb(gateway.proc.pid):.0f} "
+                    "MB with its workers",
+                )
+            )
+            search = json.dumps(
+                {"constraints": {"usernames": [big]}, "__conduit__": {"token": credential}}
+            )
+            floods = {
+                **_flood_bodies(),
+                "6 answers of 14 MiB at once (user.search, allowed)": (
+                    "user.search",
+                    f"params={search}&output=json".encode(),
+                    {},
+                    6,
+                ),
+            }
+            loop = asyncio.get_running_loop()
+            with concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn")
+            ) as pool:
+                await loop.run_in_executor(pool, int, "0")  # the process is up
+                for what, (method, body, headers, count) in floods.items():
+                    sending = loop.run_in_executor(
+                        pool,
+                        _send_flood,
+                        f"{base}/{method}",
+                        body,
+                        headers,
+                        count,
+                        args.seconds + 1,
+                    )
+                    await asyncio.sleep(0.5)
+                    ping, arc = await probes(args.seconds)
+                    answered = await sending
+                    shown = ", ".join(f"{n} {k}" for k, n in sorted(answered.items()))
+                    added_ping = ms(pct(ping, 99) - pct(ping0, 99))
+                    added_arc = ms(pct(arc, 99) - pct(arc0, 99))
+                    peak = _tree_peak_mb(gateway.proc.pid)
+                    rows.append(
+                        (
+                            f"gateway flood: {what}",
+                            f"conduit.ping p99 {ms(pct(ping, 99))} ({added_ping} more), "
+                            f"authenticated arc call p99 {ms(pct(arc, 99))} ({added_arc} more); "
+                            f"flood answered: {shown}; gateway peak {peak:.0f} MB with its workers",
+                        )
+                    )
+        finally:
+            await probe_http.close()
+        return rows
+    finally:
+        gateway.stop()
+        operator.stop()
+        await http.close()
+        await kube.close()
+
+
 async def run(args: argparse.Namespace) -> list[tuple[str, str]]:
     with tempfile.TemporaryDirectory(prefix="phabmesh-hostile-") as tmp:
         plane = devcluster.ControlPlane(Path(tmp) / "plane")
@@ -377,6 +607,8 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str]]:
                 gateway.stop()
             if "credentials" in args.parts:
                 rows += await credential_flood(plane, conduit, Path(tmp), args)
+            if "floods" in args.parts:
+                rows += await gateway_floods(plane, conduit, Path(tmp), args)
             return rows
         finally:
             if gateway is not None:
@@ -390,7 +622,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="pings per kind of attack")
     parser.add_argument("--names", type=int, default=30_000, help="distinct method names")
     parser.add_argument("--flood", type=int, default=600, help="junk tokens (and forged ones)")
-    parser.add_argument("--parts", default="gateway,credentials", help="what to measure")
+    parser.add_argument("--parts", default="gateway,credentials,floods", help="what to measure")
     parser.add_argument("--attackers", type=int, default=1, help="hostile connections at once")
     args = parser.parse_args()
     rows = asyncio.run(run(args))

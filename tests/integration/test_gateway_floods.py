@@ -185,7 +185,7 @@ def test_the_gateways_memory_stays_under_its_limit_under_floods(
     search_url = f"{child.base}/user.search"
     outcomes = []
     for coding in (None, "gzip"):
-        conduit.compress_anyway = coding  # type: ignore[assignment]
+        conduit.compress_anyway = coding
         try:
             outcomes += _flood(search_url, search_body, {}, 6)
         finally:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import datetime
 import time
+from typing import Any
 
 import pytest
 import requests
 
 from phabmesh import resources
 from phabmesh.dev.conduit import ConduitServer
+from phabmesh.leases.view import LeaseView
 from phabmesh.processes.gateway import GatewayProcess
 from tests.kube import Cluster, wait_for
 from tests.phab import (
@@ -36,9 +38,9 @@ from tests.stack import Threaded
 OUTLIVED = "credential outlived the binding's credentialTTL"
 
 
-def _whoami(gateway: Threaded, credential: str) -> dict[str, object]:
+def _whoami(gateway: Threaded, credential: str) -> dict[str, Any]:
     port = gateway.process.port  # type: ignore[attr-defined]
-    answer: dict[str, object] = requests.post(
+    answer: dict[str, Any] = requests.post(
         f"http://127.0.0.1:{port}/api/user.whoami",
         data={"api.token": credential, "output": "json"},
         timeout=10,
@@ -75,7 +77,7 @@ def test_a_young_credential_keeps_its_time_when_the_ttl_shrinks(
             lambda: (
                 (answer := _whoami(own, credential)).get("result")
                 and answer["result"]["userName"] == bot
-            ),  # type: ignore[index]
+            ),
             what="the gateway to answer as the bot",
         )
         time.sleep(6)  # the credential is a few seconds old when the TTL shrinks
@@ -92,7 +94,7 @@ def test_a_young_credential_keeps_its_time_when_the_ttl_shrinks(
         uid = lease["metadata"]["uid"]
 
         def shortened() -> datetime.datetime | None:
-            seen = index.by_uid.get(uid)
+            seen: LeaseView | None = index.by_uid.get(uid)
             end = seen.expires_at if seen is not None else None
             start = seen.renewed_at if seen is not None else None
             if end is None or start is None or end - start > datetime.timedelta(minutes=1):
@@ -100,12 +102,13 @@ def test_a_young_credential_keeps_its_time_when_the_ttl_shrinks(
             return start
 
         shrunk_at = wait_for(shortened, what="the gateway to see the lease shortened")
+        assert shrunk_at is not None
         assert time_of(issued.json()["expiresAt"]) > shrunk_at + datetime.timedelta(minutes=1)
 
         # Young: still good, though it ends after its lease now does.
         answer = _whoami(own, credential)
         assert answer.get("error_code") is None, answer
-        assert answer["result"]["userName"] == bot  # type: ignore[index]
+        assert answer["result"]["userName"] == bot
 
         # Past its issue time plus the new TTL (and the 30 s skew), before its own expiry and
         # within the shortened lease's end (plus skew): refused.
