@@ -21,7 +21,8 @@ Documented errors (``error_code``):
 - ``ERR-CONDUIT-CORE``: the method is not in the binding's ``allowedMethods``.
 - ``ERR-PHABRICATOR-UNAVAILABLE`` (HTTP 503): Phabricator could not be reached,
   timed out, or answered 5xx; (HTTP 502) its answer is over
-  ``max_response_bytes`` once decoded, or cannot be decoded.
+  ``max_response_bytes`` once decoded, or cannot be decoded, or is a redirect (never
+  followed: the body carries the bot's token).
 - ``ERR-REQUEST-TOO-LARGE`` (HTTP 413): the body (after decompression) is over
   the limit.
 - ``ERR-GATEWAY-BUSY`` (HTTP 429: the caller's own share; 503: the gateway's), with a
