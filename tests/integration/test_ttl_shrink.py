@@ -19,7 +19,6 @@ import requests
 
 from phabmesh import resources
 from phabmesh.dev.conduit import ConduitServer
-from phabmesh.leases.view import LeaseView
 from phabmesh.processes.gateway import GatewayProcess
 from tests.kube import Cluster, wait_for
 from tests.phab import (
@@ -93,16 +92,22 @@ def test_a_young_credential_keeps_its_time_when_the_ttl_shrinks(
         index = own.process.state.leases  # type: ignore[attr-defined]
         uid = lease["metadata"]["uid"]
 
-        def shortened() -> datetime.datetime | None:
-            seen: LeaseView | None = index.by_uid.get(uid)
-            end = seen.expires_at if seen is not None else None
-            start = seen.renewed_at if seen is not None else None
-            if end is None or start is None or end - start > datetime.timedelta(minutes=1):
-                return None
-            return start
+        def shortened() -> tuple[datetime.datetime, datetime.datetime] | None:
+            """(renewedAt, expiresAt) of the lease once the operator has shortened it."""
+            for item in active_leases(cluster, namespace):
+                status = item["status"]
+                start, end = time_of(status["renewedAt"]), time_of(status["expiresAt"])
+                if item["metadata"]["uid"] == uid and end - start <= datetime.timedelta(minutes=1):
+                    return start, end
+            return None
 
-        shrunk_at = wait_for(shortened, what="the gateway to see the lease shortened")
-        assert shrunk_at is not None
+        term = wait_for(shortened, what="the operator to shorten the lease")
+        assert term is not None
+        shrunk_at, lease_end = term
+        wait_for(
+            lambda: (seen := index.by_uid.get(uid)) is not None and seen.expires_at == lease_end,
+            what="the gateway to see the lease shortened",
+        )
         assert time_of(issued.json()["expiresAt"]) > shrunk_at + datetime.timedelta(minutes=1)
 
         # Young: still good, though it ends after its lease now does.
