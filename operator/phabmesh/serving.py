@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -83,3 +84,24 @@ def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+LOOPBACK = frozenset({"127.0.0.1", "::1"})
+MAX_SOURCE_NAME = 253  # a Kubernetes object name; no identity is longer
+
+
+def review_source(client_id: str | None, peer: str | None) -> str:
+    """Who a call counts as, for the budgets a source may not exceed (the credential
+    endpoint's TokenReviews, the gateway's decoding and bytes in flight).
+
+    Behind Linkerd every call comes from the local proxy (a loopback peer), which sets
+    ``l5d-client-id`` for a meshed caller: that identity is the source, and unmeshed callers
+    share the proxy's budget. From any other peer the header proves nothing (anyone can
+    send it), so the peer's address is the source.
+    """
+    address = peer or ""
+    if client_id and address in LOOPBACK:
+        if len(client_id) > MAX_SOURCE_NAME:  # keep the key small anyway
+            return "id-sha256:" + hashlib.sha256(client_id.encode()).hexdigest()
+        return "id:" + client_id
+    return "peer:" + address

@@ -48,6 +48,7 @@ from phabmesh.leases import decide
 from phabmesh.leases.grants import BindingFacts, Grants, credential_end
 from phabmesh.leases.index import LeaseIndex
 from phabmesh.leases.view import LeaseView, format_time
+from phabmesh.serving import review_source
 from phabmesh.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -59,7 +60,6 @@ POD_UID = "authentication.kubernetes.io/pod-uid"
 CLIENT_ID_HEADER = "l5d-client-id"
 JWKS_PATH = "/.well-known/jwks.json"
 MAX_NAME = 253  # a Kubernetes object name
-LOOPBACK = frozenset({"127.0.0.1", "::1"})
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 # Credential formats, as ``?format=`` and the answer's ``format`` spell them.
 PHORGE_TOKEN = "phorge-token"  # noqa: S105 - a format's name
@@ -214,22 +214,6 @@ class TokenReviewer:
             if self.negative_ttl > 0:
                 _remember(self._refused, digest, now + self.negative_ttl, self.cache_size)
         return result
-
-
-def review_source(client_id: str | None, peer: str | None) -> str:
-    """Whose TokenReview budget a call spends.
-
-    Behind Linkerd every call comes from the local proxy (a loopback peer), which sets
-    ``l5d-client-id`` for a meshed caller: that identity is the source, and unmeshed callers
-    share the proxy's budget. From any other peer the header proves nothing (anyone can
-    send it), so the peer's address is the source.
-    """
-    address = peer or ""
-    if client_id and address in LOOPBACK:
-        if len(client_id) > MAX_NAME:  # no identity is that long: keep the key small anyway
-            return "id-sha256:" + hashlib.sha256(client_id.encode()).hexdigest()
-        return "id:" + client_id
-    return "peer:" + address
 
 
 def _remember(cache: collections.OrderedDict[K, T], key: K, value: T, size: int) -> None:

@@ -55,11 +55,11 @@ from aiohttp import web
 from phabmesh import credentials, logs, matching, metrics, resources
 from phabmesh.conduit import client as conduit_client
 from phabmesh.conduit import responses, wire
-from phabmesh.endpoint.app import review_source
 from phabmesh.gateway import offload
 from phabmesh.gateway.budget import Budget, Held
 from phabmesh.gateway.state import GatewayState
 from phabmesh.leases.view import LeaseView
+from phabmesh.serving import review_source
 from phabmesh.settings import Settings
 
 log = structlog.get_logger("phabmesh.audit")
