@@ -247,14 +247,16 @@ class Gateway:
             small=small,
             small_reserve=s.gateway_body_budget_bytes // 4,
         )
-        answers = max(s.gateway_answer_budget_bytes, s.max_response_bytes)
+        # Kept for small answers (a ping's, a whoami's), whatever large ones hold.
+        answer_reserve = min(s.gateway_answer_budget_bytes // 8, 4 << 20)
+        answers = max(s.gateway_answer_budget_bytes, s.max_response_bytes + answer_reserve)
         self.answers = Budget(
             "Phabricator's answers",
             "PHABMESH_GATEWAY_ANSWER_BUDGET_BYTES",
             answers,
             share=max(answers // 2, s.max_response_bytes),
             small=small,
-            small_reserve=0,
+            small_reserve=answer_reserve,
         )
 
     @property
@@ -404,7 +406,7 @@ class Gateway:
             )
         try:
             if declared is not None:
-                held.take(self.bodies, declared)
+                held.take(self.bodies, declared, whole=declared)
             chunks: list[bytes] = []
             size = 0
             async for chunk in request.content.iter_chunked(64 * 1024):
@@ -416,7 +418,7 @@ class Gateway:
                         "too_large",
                         413,
                     )
-                if declared is None:
+                if declared is None:  # of a size unknown: large, whatever the chunk
                     held.take(self.bodies, len(chunk))
                 chunks.append(chunk)
         except offload.Busy as exc:
@@ -476,9 +478,9 @@ class Gateway:
                 retry_after=RETRY_AFTER_SECONDS,
             ) from exc
 
-    def _reserve_answer(self, request: web.Request) -> Callable[[int], None]:
+    def _reserve_answer(self, request: web.Request) -> Callable[[int, int | None], None]:
         held = request[HELD]
-        return lambda size: held.take(self.answers, size)
+        return lambda size, whole: held.take(self.answers, size, whole)
 
     def _verify(self, token: str) -> Caller:
         ring = self.state.keys.ring
@@ -649,7 +651,7 @@ class Gateway:
             ) from exc
         if payload is not raw:  # inflated from what was sent: it is held as well
             try:
-                request[HELD].take(self.answers, len(payload))
+                request[HELD].take(self.answers, len(payload), whole=len(payload))
             except offload.Busy as exc:
                 raise _busy(exc, "answers") from exc
         if bot_token and bot_token.encode() in payload:
@@ -661,16 +663,16 @@ class Gateway:
 
 
 async def _read_bounded(
-    upstream: aiohttp.ClientResponse, limit: int, reserve: Callable[[int], None]
+    upstream: aiohttp.ClientResponse, limit: int, reserve: Callable[[int, int | None], None]
 ) -> bytes:
     """The body as sent (perhaps compressed), refused past ``limit`` bytes before reading on;
-    ``reserve`` (raising offload.Busy) is told its Content-Length first, or each chunk's size
-    before it is kept."""
+    ``reserve(size, whole)`` (raising offload.Busy) is told its Content-Length first, or each
+    chunk's size (of a whole unknown) before it is kept."""
     declared = upstream.content_length
     if declared is not None and declared > limit:
         raise responses.BodyTooLarge(f"body over {limit} bytes")
     if declared is not None:
-        reserve(declared)
+        reserve(declared, declared)
     chunks: list[bytes] = []
     size = 0
     async for chunk in upstream.content.iter_chunked(64 * 1024):
@@ -678,7 +680,7 @@ async def _read_bounded(
         if size > limit:
             raise responses.BodyTooLarge(f"body over {limit} bytes")
         if declared is None:
-            reserve(len(chunk))
+            reserve(len(chunk), None)
         chunks.append(chunk)
     return b"".join(chunks)
 

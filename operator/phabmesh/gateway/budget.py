@@ -28,10 +28,13 @@ class Budget:
         self.used = 0
         self._by_source: collections.Counter[str] = collections.Counter()
 
-    def take(self, source: str, size: int) -> None:
-        """Reserve ``size`` bytes for ``source``, or raise :class:`Busy`."""
-        ceiling = self.limit if size <= self.small else self.limit - self.small_reserve
-        if size > self.small and self._by_source[source] + size > self.share:
+    def take(self, source: str, size: int, whole: int | None = None) -> None:
+        """Reserve ``size`` bytes for ``source``, or raise :class:`Busy`. ``whole``: the size
+        of the whole that ``size`` is part of (a chunk of a body), None when unknown; a
+        reservation is small only when the whole is known to be."""
+        large = (whole if whole is not None else self.small + 1) > self.small
+        ceiling = self.limit - self.small_reserve if large else self.limit
+        if large and self._by_source[source] + size > self.share:
             raise Busy(
                 429,
                 f"phabmesh: this client already has {self._by_source[source]} bytes of "
@@ -60,8 +63,8 @@ class Held:
     source: str
     taken: list[tuple[Budget, int]] = dataclasses.field(default_factory=list)
 
-    def take(self, budget: Budget, size: int) -> None:
-        budget.take(self.source, size)
+    def take(self, budget: Budget, size: int, whole: int | None = None) -> None:
+        budget.take(self.source, size, whole)
         self.taken.append((budget, size))
 
     def release(self) -> None:
