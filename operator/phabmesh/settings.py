@@ -128,7 +128,7 @@ class Settings:
     # at most a quarter), and of Phabricator's answers (one source at most half; at least
     # max_response_bytes).
     gateway_body_budget_bytes: int = 16 << 20
-    gateway_answer_budget_bytes: int = 40 << 20
+    gateway_answer_budget_bytes: int = 32 << 20
     # Logging.
     log_level: str = "INFO"
     log_json: bool | None = None
