@@ -4,7 +4,9 @@
 
 Prints one JSON line (its URL, a control URL, the bot's two tokens), then serves until
 SIGTERM or SIGINT. ``GET <control>/calls`` answers the calls counted so far by method;
-``POST <control>/delay`` with ``{"seconds": s}`` makes every answer take ``s`` longer.
+``POST <control>/delay`` with ``{"seconds": s}`` makes every answer take ``s`` longer;
+``POST <control>/user`` with ``{"username": u, "bytes": n}`` adds an account whose real name
+is ``n`` bytes (a ``user.search`` of it answers that much).
 Both listen on 127.0.0.1 only.
 """
 
@@ -34,7 +36,13 @@ async def main() -> None:
             conduit.delay = float((await request.json())["seconds"])
             return web.json_response({"delay": conduit.delay})
 
+        async def user(request: web.Request) -> web.Response:
+            asked = await request.json()
+            conduit.add_user(str(asked["username"]), real_name="x" * int(asked["bytes"]))
+            return web.json_response({"username": asked["username"]})
+
         app = web.Application()
+        app.router.add_post("/user", user)
         app.router.add_get("/calls", calls)
         app.router.add_post("/delay", delay)
         runner = await serving.start_site(app, "127.0.0.1", 0)

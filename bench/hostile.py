@@ -16,7 +16,13 @@ credential endpoint: a real pod's exchange (an uncached TokenReview) alone, then
 audience) arrive at once, and how many TokenReviews the flood cost. Then, with the shipped
 TokenReview budgets, a real pod's exchanges (fresh tokens, 10 a second) alone and while
 ``--identities`` service accounts of another namespace send forged tokens: their latency
-and how many were refused. Nothing here asserts: it measures and prints.
+and how many were refused. With ``--parts floods`` (also in the default), the gateway's
+floods, each sent from a process of its own for
+``--seconds``, again and again: one row per flood with the p99 of ``conduit.ping`` and of
+an authenticated arc-style call (gzip, ``user.whoami`` with a real pod's credential) during
+the flood against the same without it, measured in the same run, how the flood was
+answered, and the gateway's peak memory with its workers. Nothing here asserts: it
+measures and prints.
 """
 
 from __future__ import annotations
@@ -43,7 +49,9 @@ from bench.__main__ import (
     NS,
     Child,
     Conduit,
+    G,
     Operator,
+    V,
     ms,
     pct,
     phabmesh_env,
@@ -52,10 +60,10 @@ from bench.__main__ import (
     setup,
     until,
 )
-from phabmesh import serving
+from phabmesh import resources, serving
 from phabmesh.dev import devcluster
 from phabmesh.kube import Conflict, KubeClient, load_connection
-from phabmesh.kube.client import JSON
+from phabmesh.kube.client import JSON, resource_path
 from phabmesh.leases.index import LeaseIndex
 from phabmesh.settings import Settings
 
@@ -426,6 +434,58 @@ def _identities_flood(url: str, identities: int, seconds: float) -> list[int]:
     return asyncio.run(flood())
 
 
+MIB = 1 << 20
+BIG_ANSWER_BYTES = 14 * MIB  # under the default PHABMESH_MAX_RESPONSE_BYTES (16 MiB)
+
+
+def _flood_bodies() -> dict[str, tuple[str, bytes, dict[str, str], int]]:
+    """What each gateway flood sends: (method, body, headers, at once)."""
+    plain = b"a=" + b"0" * (MIB - 2)
+    return {
+        "48 gzip bodies of about 1 KB (each 1 MiB inflated), no credential": (
+            "user.whoami",
+            gzip.compress(plain),
+            {"Content-Encoding": "gzip"},
+            48,
+        ),
+        "8 gzip bodies of 27 KB (9,999 fields inflated), no credential": (
+            "user.whoami",
+            gzip.compress(_fields()),
+            {"Content-Encoding": "gzip"},
+            8,
+        ),
+        "300 plain bodies of 1 MiB, no credential": ("user.whoami", plain, {}, 300),
+    }
+
+
+def _send_flood(
+    url: str, body: bytes, headers: dict[str, str], count: int, seconds: float
+) -> dict[str, int]:
+    """``count`` calls at once, again and again for ``seconds``: how they were answered."""
+
+    async def flood() -> dict[str, int]:
+        answered: dict[str, int] = {}
+        connector = aiohttp.TCPConnector(limit=count)
+        async with aiohttp.ClientSession(connector=connector) as http:
+
+            async def one() -> str:
+                try:
+                    async with http.post(url, data=body, headers={**FORM, **headers}) as answer:
+                        text = await answer.text()
+                    code = json.loads(text).get("error_code") if text.startswith("{") else text
+                    return f"{answer.status} {code}"
+                except aiohttp.ClientError as exc:  # closed by the gateway after its answer
+                    return type(exc).__name__
+
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                for outcome in await asyncio.gather(*(one() for _ in range(count))):
+                    answered[outcome] = answered.get(outcome, 0) + 1
+        return answered
+
+    return asyncio.run(flood())
+
+
 async def _exchanges(
     http: aiohttp.ClientSession, kube: KubeClient, url: str, created: list[JSON], seconds: float
 ) -> tuple[list[float], int]:
@@ -514,6 +574,176 @@ async def identities_flood(
         await kube.close()
 
 
+def _tree_peak_mb(pid: int) -> float:
+    """VmHWM of ``pid`` and of its child processes (the decoding workers), added up."""
+    pids = [pid]
+    for entry in Path("/proc").iterdir():
+        try:
+            if (
+                entry.name.isdigit()
+                and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid
+            ):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    total = 0
+    for each in pids:
+        try:
+            for line in Path(f"/proc/{each}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+async def gateway_floods(  # noqa: PLR0915 - one measured story, told in order
+    plane: devcluster.ControlPlane, conduit: Conduit, tmp: Path, args: argparse.Namespace
+) -> list[tuple[str, str]]:
+    """Each flood against conduit.ping and an authenticated arc-style call (see the top)."""
+    kube = KubeClient(load_connection(str(plane.kubeconfig)), qps=0, burst=1000)
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=8))
+    operator = Operator(plane, conduit, tmp)
+    gateway = Gateway(plane, conduit, tmp)
+    try:
+        await setup(kube, conduit)
+        await kube.merge_patch(
+            resource_path(G, V, resources.BINDING_PLURAL, NS, "runners"),
+            {"spec": {"allowedMethods": ["user.whoami", "user.search"]}},
+        )
+        big = "bench-big"
+        async with http.post(
+            f"{conduit.control}/user", json={"username": big, "bytes": BIG_ANSWER_BYTES}
+        ) as added:
+            added.raise_for_status()
+        await ready(http, operator.metrics_port)
+        await ready(http, gateway.metrics_port)
+        pod = (await pods(kube, NS, 1, running=True))[0]
+        token = await kube.pod_token(NS, "runner", pod, seconds=3600)
+        url = f"http://127.0.0.1:{operator.issuer_port}/v1/credentials"
+        credential = ""
+
+        async def exchanged() -> bool:
+            nonlocal credential
+            async with http.post(url, headers={"Authorization": f"Bearer {token}"}) as answer:
+                if answer.status != 200:
+                    return False
+                credential = (await answer.json())["credential"]
+                return True
+
+        if await until(exchanged, 60) is None:
+            raise RuntimeError("no credential for the bench pod")
+        base = f"http://127.0.0.1:{gateway.port}/api"
+        arc_body = gzip.compress(
+            f"params={json.dumps({'__conduit__': {'token': credential}})}"
+            "&output=json&__conduit__=1".encode()
+        )
+        probe_http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2))
+
+        async def timed(method: str, body: bytes, headers: dict[str, str]) -> float:
+            started = time.perf_counter()
+            async with probe_http.post(
+                f"{base}/{method}", data=body, headers={**FORM, **headers}
+            ) as answer:
+                text = await answer.text()
+            if json.loads(text).get("error_code") is not None:
+                raise RuntimeError(f"{method} refused: {text[:200]}")
+            return time.perf_counter() - started
+
+        async def direct_ping() -> float:
+            started = time.perf_counter()
+            async with probe_http.post(f"{conduit.url}/api/conduit.ping", data=b"") as answer:
+                await answer.read()
+            return time.perf_counter() - started
+
+        async def probes(seconds: float) -> tuple[list[float], list[float], list[float]]:
+            """conduit.ping and the arc-style call through the gateway, and conduit.ping
+            straight to Phabricator (what upstream itself adds), in turn, 10 ms apart."""
+            ping: list[float] = []
+            arc: list[float] = []
+            direct: list[float] = []
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                ping.append(await timed("conduit.ping", b"", {}))
+                arc.append(await timed("user.whoami", arc_body, {"Content-Encoding": "gzip"}))
+                direct.append(await direct_ping())
+                await asyncio.sleep(0.01)
+            return ping, arc, direct
+
+        async def healthy() -> bool:
+            try:
+                await timed("user.whoami", arc_body, {"Content-Encoding": "gzip"})
+            except RuntimeError:
+                return False
+            return True
+
+        if await until(healthy, 60) is None:
+            raise RuntimeError("the gateway does not honour the bench credential")
+        rows: list[tuple[str, str]] = []
+        try:
+            ping0, arc0, direct0 = await probes(args.seconds)
+            rows.append(
+                (
+                    "gateway floods: none",
+                    f"conduit.ping p99 {ms(pct(ping0, 99))}, authenticated arc call p99 "
+                    f"{ms(pct(arc0, 99))}, conduit.ping straight to Phabricator p99 "
+                    f"{ms(pct(direct0, 99))}; gateway peak "
+                    f"{_tree_peak_mb(gateway.proc.pid):.0f} MB with its workers",
+                )
+            )
+            search = json.dumps(
+                {"constraints": {"usernames": [big]}, "__conduit__": {"token": credential}}
+            )
+            floods = {
+                **_flood_bodies(),
+                "6 answers of 14 MiB at once (user.search, allowed)": (
+                    "user.search",
+                    f"params={search}&output=json".encode(),
+                    {},
+                    6,
+                ),
+            }
+            loop = asyncio.get_running_loop()
+            with concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn")
+            ) as pool:
+                await loop.run_in_executor(pool, int, "0")  # the process is up
+                for what, (method, body, headers, count) in floods.items():
+                    sending = loop.run_in_executor(
+                        pool,
+                        _send_flood,
+                        f"{base}/{method}",
+                        body,
+                        headers,
+                        count,
+                        args.seconds + 1,
+                    )
+                    await asyncio.sleep(0.5)
+                    ping, arc, direct = await probes(args.seconds)
+                    answered = await sending
+                    shown = ", ".join(f"{n} {k}" for k, n in sorted(answered.items()))
+                    added_ping = ms(pct(ping, 99) - pct(ping0, 99))
+                    added_arc = ms(pct(arc, 99) - pct(arc0, 99))
+                    peak = _tree_peak_mb(gateway.proc.pid)
+                    rows.append(
+                        (
+                            f"gateway flood: {what}",
+                            f"conduit.ping p99 {ms(pct(ping, 99))} ({added_ping} more), "
+                            f"authenticated arc call p99 {ms(pct(arc, 99))} ({added_arc} more), "
+                            f"conduit.ping straight to Phabricator p99 {ms(pct(direct, 99))}; "
+                            f"flood answered: {shown}; gateway peak {peak:.0f} MB with its workers",
+                        )
+                    )
+        finally:
+            await probe_http.close()
+        return rows
+    finally:
+        gateway.stop()
+        operator.stop()
+        await http.close()
+        await kube.close()
+
+
 async def run(args: argparse.Namespace) -> list[tuple[str, str]]:
     with tempfile.TemporaryDirectory(prefix="phabmesh-hostile-") as tmp:
         plane = devcluster.ControlPlane(Path(tmp) / "plane")
@@ -524,6 +754,8 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str]]:
             crds = str(devcluster.repo_root() / "crds")  # type: ignore[operator]
             plane.kubectl("apply", "--server-side", "-f", crds)
             plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", crds)
+            # phabmesh-system and the ServiceAccounts the operator runs as.
+            plane.install_rbac(devcluster.repo_root() / "manifests")  # type: ignore[operator]
             rows: list[tuple[str, str]] = []
             if "gateway" in args.parts:
                 gateway = Gateway(plane, conduit, Path(tmp))
@@ -533,6 +765,8 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str]]:
                 rows += await credential_flood(plane, conduit, Path(tmp), args)
             if "identities" in args.parts:
                 rows += await identities_flood(plane, conduit, Path(tmp), args)
+            if "floods" in args.parts:
+                rows += await gateway_floods(plane, conduit, Path(tmp), args)
             return rows
         finally:
             if gateway is not None:
@@ -546,7 +780,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="pings per kind of attack")
     parser.add_argument("--names", type=int, default=30_000, help="distinct method names")
     parser.add_argument("--flood", type=int, default=600, help="junk tokens (and forged ones)")
-    parser.add_argument("--parts", default="gateway,credentials,identities", help="what to measure")
+    parser.add_argument(
+        "--parts", default="gateway,credentials,identities,floods", help="what to measure"
+    )
     parser.add_argument(
         "--identities", type=int, default=50, help="flooding service accounts of one namespace"
     )

@@ -36,8 +36,10 @@ IDENTITY_NOT_LISTED = "IdentityNotListed"  # neither identities nor identityRefs
 SELECTOR_MISMATCH = "SelectorMismatch"  # subjects name the pod, podSelector does not select it
 
 # Conduit method names as Phorge spells them: lower case, dot-separated words.
-_METHOD = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
-_METHOD_GLOB = re.compile(r"^[a-z0-9_.*?\[\]!-]+$")
+# Matched whole (fullmatch): "$" would also match before a trailing newline.
+_METHOD = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*")
+_METHOD_GLOB = re.compile(r"[a-z0-9_.*?\[\]!-]+")
+MAX_METHOD_CHARS = 128
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -270,7 +272,7 @@ def validate_method_globs(globs: Iterable[str], field: str = "spec.allowedMethod
         f"{field}[{i}]: {glob!r} can match no Conduit method (lower-case letters, digits, "
         "'_', '.', and the glob characters '*', '?', '[...]' only)"
         for i, glob in enumerate(globs)
-        if not _METHOD_GLOB.match(glob)
+        if not _METHOD_GLOB.fullmatch(glob)
     ]
 
 
@@ -284,8 +286,13 @@ def method_allowed(method: str, globs: Iterable[str]) -> bool:
     return allowing_glob(method, globs) is not None
 
 
+def is_method_name(method: str) -> bool:
+    """Is ``method`` a Conduit method name, whole (no trailing newline or other tail)?"""
+    return len(method) <= MAX_METHOD_CHARS and _METHOD.fullmatch(method) is not None
+
+
 def allowing_glob(method: str, globs: Iterable[str]) -> str | None:
     """The first glob that allows ``method`` (see :func:`method_allowed`), or None."""
-    if len(method) > 128 or not _METHOD.match(method):
+    if not is_method_name(method):
         return None
     return next((glob for glob in globs if glob and fnmatch.fnmatchcase(method, glob)), None)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from phabmesh import identity
 from phabmesh import metrics as metrics_module
 from phabmesh.conduit import wire
 
@@ -38,10 +41,19 @@ def add_health_routes(
     app.router.add_get("/metrics", metrics)
 
 
-async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Serve ``app`` on host:port; returns the runner to ``cleanup()`` later."""
+async def start_site(
+    app: web.Application, host: str, port: int, *, read_bufsize: int | None = None
+) -> web.AppRunner:
+    """Serve ``app`` on host:port; returns the runner to ``cleanup()`` later.
+
+    ``read_bufsize``: how much of a request body each connection buffers before it stops
+    reading from its socket until the handler reads (twice this; aiohttp's default 64 KiB).
+    """
+    extra: dict[str, Any] = {} if read_bufsize is None else {"read_bufsize": read_bufsize}
     # Request bodies stay as sent: Conduit bodies are decompressed, bounded, by wire.decompress.
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, auto_decompress=False, **extra
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
@@ -80,3 +92,24 @@ def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+MAX_SOURCE_NAME = 253  # a Kubernetes object name; no identity is longer
+
+
+def review_source(client_id: str | None, peer: str | None, local: str | None = None) -> str:
+    """Who a call counts as, for the budgets a source may not exceed (the credential
+    endpoint's TokenReviews, the gateway's decoding and bytes in flight).
+
+    Behind Linkerd every call comes from the serving pod's own inbound proxy (the pod's own
+    address, or loopback before Linkerd 2.11: :func:`phabmesh.identity.from_local_proxy`),
+    which sets ``l5d-client-id`` for a meshed caller: that identity is the source, and
+    unmeshed callers share the proxy's budget. From any other peer the header proves
+    nothing (anyone can send it), so the peer's address is the source.
+    """
+    vouched = identity.vouched_client_id(client_id, peer, local)
+    if vouched:
+        if len(vouched) > MAX_SOURCE_NAME:  # no identity is that long: keep the key small anyway
+            return "id-sha256:" + hashlib.sha256(vouched.encode()).hexdigest()
+        return "id:" + vouched
+    return "peer:" + (peer or "")

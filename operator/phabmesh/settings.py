@@ -129,7 +129,21 @@ class Settings:
     # Largest answer the gateway takes from Phabricator (bytes, as sent and decompressed); a larger
     # one is refused with ERR-PHABRICATOR-UNAVAILABLE (HTTP 502). A big user.search or
     # differential answer is a few MB; this bounds the gateway's memory per call.
-    max_response_bytes: int = 64 << 20
+    max_response_bytes: int = 16 << 20
+    # The gateway's memory and work in flight, bounded for its memory limit (256Mi in the
+    # chart): past any of these a call is refused at once with ERR-GATEWAY-BUSY (HTTP 429 when
+    # it is the caller's own share, else 503) and a Retry-After. Worker processes that inflate
+    # and decode compressed or large request bodies, how many more bodies may wait for them,
+    # and how many of both one source (its l5d-client-id through the local Linkerd proxy, else
+    # its address) may have.
+    gateway_decode_workers: int = 2
+    gateway_decode_queue: int = 8
+    gateway_decode_share: int = 2
+    # Bytes of request bodies held at once (a quarter kept for bodies up to 16 KiB; one source
+    # at most a quarter), and of Phabricator's answers (one source at most half; at least
+    # max_response_bytes).
+    gateway_body_budget_bytes: int = 16 << 20
+    gateway_answer_budget_bytes: int = 32 << 20
     # Logging.
     log_level: str = "INFO"
     log_json: bool | None = None

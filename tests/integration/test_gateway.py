@@ -38,6 +38,7 @@ from tests.phab import (
     pod_token,
     settings_for,
 )
+from tests.redirects import REDIRECT_STATUSES, redirecting
 from tests.stack import Threaded
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -182,6 +183,19 @@ def test_method_outside_the_allowlist_is_refused(gateway: Threaded, pod: Pod) ->
     answer = envelope(call(gateway, "maniphest.edit", data={"api.token": pod.credential}))
     assert answer["error_code"] == "ERR-CONDUIT-CORE"
     assert "not allowed by PhabricatorBinding" in answer["error_info"]
+
+
+def test_a_method_name_with_a_tail_is_refused_not_forwarded(
+    gateway: Threaded, conduit: ConduitServer, pod: Pod
+) -> None:
+    """``user.whoami%0A`` once passed ``user.*`` and was forwarded as user.whoami."""
+    before = conduit.calls["user.whoami"]
+    for tail in ("%0A", "%0D%0A", "%00", "%20"):
+        answer = envelope(call(gateway, "user.whoami" + tail, data={"api.token": pod.credential}))
+        assert answer["error_code"] == "ERR-CONDUIT-CORE", tail
+        assert "is not a Conduit method name" in answer["error_info"]
+    assert conduit.calls["user.whoami"] == before
+    assert envelope(call(gateway, "user.whoami", data={"api.token": pod.credential}))["result"]
 
 
 def test_spoofed_client_identity_is_refused(gateway: Threaded, pod: Pod, bound: str) -> None:
@@ -597,3 +611,46 @@ def test_a_bot_made_while_the_gateway_runs_has_its_token_swapped_in(
 def _gateway_secret_names(cluster: Cluster) -> set[str]:
     out = cluster.kubectl("get", "role", gatewayrole.ROLE, "-n", SYSTEM, "-o", "json").stdout
     return set(gatewayrole.permitted(json.loads(out)))
+
+
+def test_a_redirect_from_upstream_is_never_followed_with_the_bot_token(
+    cluster: Cluster, conduit: ConduitServer, pod: Pod, bound: str
+) -> None:
+    """The gateway's client once re-sent the body, with the bot's real token, where a 307/308
+    pointed, and answered a 301/302's target's answer as Phabricator's."""
+    with redirecting() as redirects:
+        settings = dataclasses.replace(settings_for(conduit), phabricator_url=redirects.url)
+        own = Threaded(GatewayProcess(settings, kubeconfig=str(cluster.kubeconfig))).start()
+        try:
+            state = own.process.state  # type: ignore[attr-defined]
+            wait_for(
+                lambda: (
+                    state.ready and _leases_seen(own, bound) and state.bot_token(f"bot-{bound}")
+                ),
+                what="the gateway to see the lease and the bot's token",
+            )
+            for status in REDIRECT_STATUSES:
+                redirects.status = status
+                for kwargs in (
+                    dict(data={"api.token": pod.credential}),
+                    dict(
+                        data=gzip.compress(
+                            urlencode(wire.encode_params_json({}, pod.credential)).encode()
+                        ),
+                        headers={**FORM, "Content-Encoding": "gzip"},
+                    ),
+                ):
+                    answer = requests.post(
+                        f"http://127.0.0.1:{own.process.port}/api/user.whoami",  # type: ignore[attr-defined]
+                        timeout=10,
+                        **kwargs,  # type: ignore[arg-type]
+                    )
+                    assert answer.status_code == 502, (status, answer.text)
+                    refused = envelope(answer)
+                    assert refused["error_code"] == "ERR-PHABRICATOR-UNAVAILABLE"
+                    assert f"HTTP {status}, a redirect to localhost" in refused["error_info"]
+                    assert pod.bot_token not in answer.text
+            assert redirects.received == []
+            assert not redirects.got(pod.bot_token)
+        finally:
+            own.stop()

@@ -40,3 +40,15 @@ def test_a_jwt_older_than_the_ttl_has_outlived_it() -> None:
     issued = NOW - 2 * MINUTE
     assert caller(NOW + MINUTE, issued).outlives(MINUTE, lease_end, NOW, LEEWAY)
     assert not caller(NOW + MINUTE, issued).outlives(5 * MINUTE, lease_end, NOW, LEEWAY)
+
+
+def test_a_young_credential_keeps_its_time_when_the_ttl_shrinks() -> None:
+    # credentialTTL 2m -> 1m, 2.1 s after the credential was made: the lease now ends a minute
+    # from now, the credential in two; it is good until its issue time plus the new TTL.
+    issued = NOW - datetime.timedelta(seconds=2.1)
+    lease_end = NOW + MINUTE
+    young = caller(issued + 2 * MINUTE, issued)
+    assert not young.outlives(MINUTE, lease_end, NOW, LEEWAY)
+    assert not young.outlives(MINUTE, lease_end, issued + MINUTE + LEEWAY, LEEWAY)
+    later = issued + MINUTE + LEEWAY + datetime.timedelta(seconds=1)
+    assert young.outlives(MINUTE, lease_end, later, LEEWAY)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from typing import Any, cast
 
 import pytest
@@ -71,3 +72,29 @@ def test_the_removed_ones_are_bounded_oldest_out(monkeypatch: pytest.MonkeyPatch
     buried = [bool(list(index.buried_at(phorge.locator(x.uid)))) for x in leases]
     assert buried == [False, False, True, True, True]
     assert len(index.tombstones) == 5  # the reasons themselves are kept longer
+
+
+def test_a_credentials_term_start_is_found_by_its_expiry() -> None:
+    """The earliest a Phorge-shaped credential (which carries only its expiry) can have been
+    made: its term's start, for the current term and for earlier terms the watch saw."""
+    index = _index()
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    minute = datetime.timedelta(minutes=1)
+    issued = now - 3 * minute
+    first = _lease(1, issued_at=issued, renewed_at=issued, expires_at=issued + 5 * minute)
+    index._on_event(ADDED, _key(first), first)
+    assert index.term_start(first, issued + 5 * minute) == issued
+    renewed = dataclasses.replace(first, renewed_at=now - minute, expires_at=now + 3 * minute)
+    index._on_event(MODIFIED, _key(renewed), renewed)
+    shortened = dataclasses.replace(renewed, renewed_at=now, expires_at=now + minute)
+    index._on_event(MODIFIED, _key(shortened), shortened)
+    assert index.term_start(shortened, now + minute) == now  # the current term
+    assert index.term_start(shortened, now + 3 * minute) == now - minute  # the one before
+    assert index.term_start(shortened, issued + 5 * minute) == issued
+    assert index.term_start(shortened, now + 2 * minute) == issued  # no such term: issuedAt
+    # A lease re-created under the same name keeps none of the old one's terms.
+    again = _lease(1, uid="lease-1b", issued_at=now, renewed_at=now, expires_at=now + minute)
+    index._on_event(MODIFIED, _key(again), again)
+    assert index.term_start(again, now + 3 * minute) == now
+    index._on_event(DELETED, _key(again), None)
+    assert index._terms == {}

@@ -343,3 +343,14 @@ def test_the_glob_that_allows_a_method_is_named() -> None:
     assert matching.allowing_glob("differential.revision.search", globs) == "differential.*"
     assert matching.allowing_glob("x" + "0" * 40, globs) is None
     assert matching.allowing_glob("User.whoami", ["*"]) is None
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["user.whoami\n", "user.whoami\r\n", "user.whoami\x00", "\nuser.whoami", "user.whoami\n\n"],
+)
+def test_method_names_are_matched_whole(method: str) -> None:
+    """A trailing newline once passed the name check ("$" matches before it) and `user.*`."""
+    assert not matching.is_method_name(method)
+    assert matching.allowing_glob(method, ["user.*", "*"]) is None
+    assert matching.validate_method_globs(["user.*\n"]) != []

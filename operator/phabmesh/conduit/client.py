@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import requests
 import structlog
@@ -188,6 +188,9 @@ class ConduitClient:
                 data=body,
                 headers=dict(headers),
                 timeout=self.timeout,
+                # The body carries a bot's token: never re-sent to wherever a 307/308 points,
+                # and a 301/302's target never answers as if it were Phabricator.
+                allow_redirects=False,
             )
         except requests.RequestException as exc:
             kind = "timeout" if isinstance(exc, requests.Timeout) else "transport error"
@@ -196,6 +199,14 @@ class ConduitClient:
                     UNAVAILABLE, f"{kind} calling {method} ({type(exc).__name__})"
                 )
             ) from exc
+        if resp.is_redirect or 300 <= resp.status_code < 400:
+            raise PhabricatorUnavailable(
+                UNAVAILABLE,
+                f"{method} answered HTTP {resp.status_code}, a redirect"
+                f"{redirect_target(resp.headers.get('Location'))}: not followed (set the "
+                "Phabricator URL to where Conduit answers)",
+                status=resp.status_code,
+            )
         if resp.status_code >= 500 or resp.status_code == 429:
             raise _Retryable(
                 PhabricatorUnavailable(
@@ -286,6 +297,18 @@ class _Retryable(Exception):
         super().__init__(error.info)
         self.error = error
         self.retry_after = retry_after
+
+
+def redirect_target(location: str | None) -> str:
+    """`` to <host>`` for a redirect's Location (its host alone: never a path or query, which
+    could carry anything), or nothing when it names none."""
+    if not location:
+        return ""
+    try:
+        host = urlsplit(location).hostname
+    except ValueError:
+        return ""
+    return f" to {host[:253]}" if host else " to a path on the same host"
 
 
 def _retry_after(resp: requests.Response) -> float | None:

@@ -285,6 +285,10 @@ def encode_per_key_json(
     return pairs
 
 
+# The Content-Encodings of a request body that decompress reads.
+COMPRESSED = frozenset({"gzip", "x-gzip", "deflate"})
+
+
 def decompress(body: bytes, content_encoding: str, max_bytes: int) -> bytes:
     """gzip/deflate bodies (arcanist), never inflating past ``max_bytes``."""
     encoding = content_encoding.strip().lower()
@@ -292,7 +296,7 @@ def decompress(body: bytes, content_encoding: str, max_bytes: int) -> bytes:
         if len(body) > max_bytes:
             raise RequestTooLarge(f"request body over {max_bytes} bytes")
         return body
-    if encoding not in ("gzip", "x-gzip", "deflate"):
+    if encoding not in COMPRESSED:
         raise BadRequest(f"unsupported Content-Encoding {encoding!r}")
     wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else zlib.MAX_WBITS
     inflater = zlib.decompressobj(wbits)

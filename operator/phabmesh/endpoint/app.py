@@ -49,6 +49,7 @@ from phabmesh.leases import decide
 from phabmesh.leases.grants import BindingFacts, Grants, credential_end
 from phabmesh.leases.index import LeaseIndex
 from phabmesh.leases.view import LeaseView, format_time
+from phabmesh.serving import review_source
 from phabmesh.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -298,23 +299,6 @@ class TokenReviewer:
                 return
         metrics.current().token_reviews.labels(result=f"limited_{scope}").inc()
         raise RateLimited(wait, scope)
-
-
-def review_source(client_id: str | None, peer: str | None, local: str | None = None) -> str:
-    """Whose TokenReview budget a call spends.
-
-    Behind Linkerd every call comes from the serving pod's own inbound proxy (the pod's own
-    address, or loopback before Linkerd 2.11: :func:`phabmesh.identity.from_local_proxy`),
-    which sets ``l5d-client-id`` for a meshed caller: that identity is the source, and
-    unmeshed callers share the proxy's budget. From any other peer the header proves
-    nothing (anyone can send it), so the peer's address is the source.
-    """
-    vouched = identity.vouched_client_id(client_id, peer, local)
-    if vouched:
-        if len(vouched) > MAX_NAME:  # no identity is that long: keep the key small anyway
-            return "id-sha256:" + hashlib.sha256(vouched.encode()).hexdigest()
-        return "id:" + vouched
-    return "peer:" + (peer or "")
 
 
 def caller_identity(

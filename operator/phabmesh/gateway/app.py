@@ -21,9 +21,13 @@ Documented errors (``error_code``):
 - ``ERR-CONDUIT-CORE``: the method is not in the binding's ``allowedMethods``.
 - ``ERR-PHABRICATOR-UNAVAILABLE`` (HTTP 503): Phabricator could not be reached,
   timed out, or answered 5xx; (HTTP 502) its answer is over
-  ``max_response_bytes`` once decoded, or cannot be decoded.
+  ``max_response_bytes`` once decoded, or cannot be decoded, or is a redirect (never
+  followed: the body carries the bot's token).
 - ``ERR-REQUEST-TOO-LARGE`` (HTTP 413): the body (after decompression) is over
   the limit.
+- ``ERR-GATEWAY-BUSY`` (HTTP 429: the caller's own share; 503: the gateway's), with a
+  ``Retry-After``: the bytes of request bodies or of Phabricator's answers in flight, or the
+  bodies handed to the decoding workers, are at their bound (:mod:`.budget`, :mod:`.offload`).
 
 Answers, forwarded and refusals alike, are encoded for the client exactly as Phorge
 encodes them (:mod:`phabmesh.conduit.responses`): gzip, deflate or none after the
@@ -49,12 +53,14 @@ import structlog
 from aiohttp import web
 
 from phabmesh import credentials, logs, matching, metrics, resources
+from phabmesh.conduit import client as conduit_client
 from phabmesh.conduit import responses, wire
 from phabmesh.gateway import offload
+from phabmesh.gateway.budget import Budget, Held
 from phabmesh.gateway.state import GatewayState
 from phabmesh.identity import vouched_client_id
 from phabmesh.leases.view import LeaseView
-from phabmesh.serving import local_address
+from phabmesh.serving import local_address, review_source
 from phabmesh.settings import Settings
 
 log = structlog.get_logger("phabmesh.audit")
@@ -74,27 +80,34 @@ PASSED_HEADERS = ("Content-Type", "Cache-Control", "Expires")
 # What the gateway asks Phabricator for: an uncompressed answer.
 UPSTREAM_ACCEPT_ENCODING = "identity"
 # Bodies up to this size are decoded (and re-encoded) on the event loop, in well under a
-# millisecond; larger or compressed ones in a worker process, one at a time, so that no body
-# stalls other calls (see gateway.offload).
+# millisecond; larger ones in the worker processes, so that no body stalls other calls (see
+# gateway.offload). A compressed body is first inflated here up to this size and no further
+# (tens of microseconds whatever it holds): arc's small calls, all gzip, never queue.
 INLINE_DECODE_BYTES = 16 * 1024
 # Longest method name an audit line carries (a Conduit method name is at most 128).
 AUDIT_METHOD_CHARS = 128
 AUDIT_INFO_CHARS = 1024
 # The request's key for its metric label: set only once a call is public or allowed.
 METRIC_METHOD = web.RequestKey("phabmesh.metric_method", str)
+# What the request holds of the gateway's byte budgets, given back once it is answered.
+HELD = web.RequestKey("phabmesh.held", Held)
+RETRY_AFTER_SECONDS = 1
 
 
 def envelope(
-    code: str, info: str, status: int = 200, accept_encoding: str | None = None
+    code: str,
+    info: str,
+    status: int = 200,
+    accept_encoding: str | None = None,
+    retry_after: int | None = None,
 ) -> web.Response:
     """A refusal in Conduit's envelope, with Phorge's headers and encoding."""
     body = responses.envelope(None, code, info)
     encoded = responses.encode(body, accept_encoding)  # a few hundred bytes
-    return web.Response(
-        status=status,
-        body=encoded.body,
-        headers={**responses.CONDUIT_HEADERS, **encoded.headers},
-    )
+    headers = {**responses.CONDUIT_HEADERS, **encoded.headers}
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return web.Response(status=status, body=encoded.body, headers=headers)
 
 
 class Refusal(Exception):
@@ -102,7 +115,13 @@ class Refusal(Exception):
     audit line; ``reason`` (default: the decision) says why, for the refusal metrics."""
 
     def __init__(
-        self, code: str, info: str, decision: str, status: int = 200, reason: str | None = None
+        self,
+        code: str,
+        info: str,
+        decision: str,
+        status: int = 200,
+        reason: str | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(info)
         self.code = code
@@ -110,9 +129,23 @@ class Refusal(Exception):
         self.decision = decision
         self.status = status
         self.reason = reason or decision
+        self.retry_after = retry_after
 
     def response(self, accept_encoding: str | None = None) -> web.Response:
-        return envelope(self.code, self.info, self.status, accept_encoding)
+        return envelope(self.code, self.info, self.status, accept_encoding, self.retry_after)
+
+
+def _busy(exc: offload.Busy, what: str) -> Refusal:
+    """A refusal for want of capacity: ``what`` (bodies, decoding, answers) names which."""
+    share = exc.status == 429
+    return Refusal(
+        "ERR-GATEWAY-BUSY",
+        exc.info,
+        "busy",
+        exc.status,
+        reason=f"busy_{what}_{'share' if share else 'full'}",
+        retry_after=exc.retry_after,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +161,10 @@ class Caller:
     lease_uid: str
     format: str  # "jwt" or "phorge-token"
     expires_at: datetime.datetime
-    issued_at: datetime.datetime | None  # a Phorge-shaped token does not say when
+    # When it was made (a JWT's iat) or, for a Phorge-shaped token, which does not say, the
+    # earliest it can have been made: the start of its lease's term that ends when it does
+    # (LeaseIndex.term_start). None: not known at all.
+    issued_at: datetime.datetime | None
 
     @classmethod
     def from_claims(cls, claims: credentials.Claims) -> Caller:
@@ -146,7 +182,12 @@ class Caller:
         )
 
     @classmethod
-    def from_lease(cls, lease: LeaseView, expires_at: datetime.datetime) -> Caller:
+    def from_lease(
+        cls,
+        lease: LeaseView,
+        expires_at: datetime.datetime,
+        issued_after: datetime.datetime | None,
+    ) -> Caller:
         """A Phorge-shaped token carries no claims: its lease's facts, which its MAC covers."""
         return cls(
             lease.identity,
@@ -158,7 +199,7 @@ class Caller:
             lease.uid,
             "phorge-token",
             expires_at,
-            None,
+            issued_after,
         )
 
     def outlives(
@@ -168,17 +209,17 @@ class Caller:
         now: datetime.datetime,
         leeway: datetime.timedelta,
     ) -> bool:
-        """Made under a longer credentialTTL than ``ttl``, the binding's now.
+        """Older than ``ttl``, the binding's credentialTTL now.
 
-        Every credential ends no later than its lease did when it was minted, and a lease's
-        ``expiresAt`` only moves later (renewals) unless the binding's TTL shrank: one that
-        ends after its lease (both times written by phabmesh, so this gateway's clock plays
-        no part) was minted before the shrink. A JWT also says when it was issued, so it is
-        refused once older than ``ttl`` as well.
+        A credential is good until the earlier of its own expiry (checked on verification)
+        and its issue time plus the binding's current TTL: a shorter TTL takes a credential
+        made under the longer one no further than its issue time plus the new TTL, and one
+        made lately keeps its time. Without any issue time, one that ends after its lease
+        (whose ``expiresAt`` only moves earlier when the TTL shrank) is refused.
         """
-        if self.expires_at > lease_end + leeway:
-            return True
-        return self.issued_at is not None and now > self.issued_at + ttl + leeway
+        if self.issued_at is None:
+            return self.expires_at > lease_end + leeway
+        return now > self.issued_at + ttl + leeway
 
 
 class Gateway:
@@ -194,7 +235,30 @@ class Gateway:
         self.upstream = settings.phabricator_url.rstrip("/")
         self.verified = credentials.VerifiedCache()
         self._session: aiohttp.ClientSession | None = None
-        self.worker = offload.Worker()
+        s = settings
+        self.workers = offload.Workers(
+            s.gateway_decode_workers, s.gateway_decode_queue, s.gateway_decode_share
+        )
+        small = INLINE_DECODE_BYTES
+        self.bodies = Budget(
+            "request bodies",
+            "PHABMESH_GATEWAY_BODY_BUDGET_BYTES",
+            s.gateway_body_budget_bytes,
+            share=max(s.gateway_body_budget_bytes // 4, small + 1),
+            small=small,
+            small_reserve=s.gateway_body_budget_bytes // 4,
+        )
+        # Kept for small answers (a ping's, a whoami's), whatever large ones hold.
+        answer_reserve = min(s.gateway_answer_budget_bytes // 8, 4 << 20)
+        answers = max(s.gateway_answer_budget_bytes, s.max_response_bytes + answer_reserve)
+        self.answers = Budget(
+            "Phabricator's answers",
+            "PHABMESH_GATEWAY_ANSWER_BUDGET_BYTES",
+            answers,
+            share=max(answers // 2, s.max_response_bytes),
+            small=small,
+            small_reserve=answer_reserve,
+        )
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -210,12 +274,26 @@ class Gateway:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
-        await self.worker.close()
+        await self.workers.close()
 
     def routes(self, app: web.Application) -> None:
         app.router.add_route("*", "/api/{method}", self.handle)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        source = review_source(
+            request.headers.get(CLIENT_ID_HEADER), request.remote, local_address(request)
+        )
+        held = request[HELD] = Held(source)
+        try:
+            response = await self._answer(request)
+            if held.taken:  # its bytes stay reserved until they are sent
+                await response.prepare(request)
+                await response.write_eof()
+            return response
+        finally:
+            held.release()
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         method = request.match_info["method"]
         audit: dict[str, Any] = {logs.METHOD: logs.clip(method, AUDIT_METHOD_CHARS)}
@@ -223,7 +301,12 @@ class Gateway:
             response = await self._handle(request, method, audit)
             decision = audit.get(logs.DECISION, "allowed")
         except Refusal as refusal:
+            request[HELD].release()  # nothing of a refused call is kept while it is answered
             response = refusal.response(request.headers.get("Accept-Encoding"))
+            if not request.content.is_eof():
+                # Refused before its body was read: the connection is closed after the answer,
+                # so the rest of the body is never received (nor drained on the event loop).
+                response.force_close()
             decision = refusal.decision
             audit["error_code"] = refusal.code
             audit["error_info"] = logs.clip(refusal.info, AUDIT_INFO_CHARS)
@@ -243,6 +326,14 @@ class Gateway:
     async def _handle(
         self, request: web.Request, method: str, audit: dict[str, Any]
     ) -> web.StreamResponse:
+        if not matching.is_method_name(method):
+            # Whole names only: "user.whoami\n" is not user.whoami, and is never forwarded.
+            raise Refusal(
+                "ERR-CONDUIT-CORE",
+                f"phabmesh: {logs.clip(method, AUDIT_METHOD_CHARS)!r} is not a Conduit method "
+                "name (lower-case letters, digits and '_', in words joined by '.')",
+                "bad_method",
+            )
         body = await self._read_body(request)
         try:
             call = await self._decode(request, body)
@@ -318,58 +409,91 @@ class Gateway:
         return await self._forward(request, method, call.with_token(token), token, audit)
 
     async def _read_body(self, request: web.Request) -> bytes:
+        """The body, each byte reserved in the body budget before it is read."""
         limit = self.settings.max_request_bytes
-        if request.content_length is not None and request.content_length > limit:
+        held = request[HELD]
+        declared = request.content_length
+        if declared is not None and declared > limit:
             raise Refusal(
                 "ERR-REQUEST-TOO-LARGE", f"request body over {limit} bytes", "too_large", 413
             )
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            size += len(chunk)
-            if size > limit:
-                raise Refusal(
-                    "ERR-REQUEST-TOO-LARGE", f"request body over {limit} bytes", "too_large", 413
-                )
-            chunks.append(chunk)
+        try:
+            if declared is not None:
+                held.take(self.bodies, declared, whole=declared)
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in request.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                if size > limit:
+                    raise Refusal(
+                        "ERR-REQUEST-TOO-LARGE",
+                        f"request body over {limit} bytes",
+                        "too_large",
+                        413,
+                    )
+                if declared is None:  # of a size unknown: large, whatever the chunk
+                    held.take(self.bodies, len(chunk))
+                chunks.append(chunk)
+        except offload.Busy as exc:
+            raise _busy(exc, "bodies") from exc
         return b"".join(chunks)
 
     async def _decode(self, request: web.Request, body: bytes) -> wire.Call:
         encoded = request.headers.get("Content-Encoding", "").strip().lower()
-        plain_and_small = (
-            encoded in ("", "identity")
-            and len(body) + len(request.query_string) <= INLINE_DECODE_BYTES
-        )
+        small = INLINE_DECODE_BYTES - len(request.query_string)
+        plain = encoded in ("", "identity")
+        if not plain and encoded in wire.COMPRESSED:
+            # Inflated here as far as a small body goes and no further: a larger one (or a
+            # bomb) costs the event loop this much and goes to the workers whole.
+            try:
+                body = wire.decompress(body, encoded, max(small, 0))
+                plain = True
+            except wire.RequestTooLarge:
+                pass
+            except wire.BadRequest as exc:
+                raise Refusal(
+                    "ERR-CONDUIT-CORE",
+                    exc.info(logs.clip(request.match_info["method"], AUDIT_METHOD_CHARS)),
+                    "bad_request",
+                ) from exc
+        inline = plain and len(body) <= small
         decode = functools.partial(
-            wire.decode_request if plain_and_small else wire.decode_packed,
+            wire.decode_request if inline else wire.decode_packed,
             request.method,
             request.headers.get("Content-Type", ""),
             body,
             request.query_string,
-            content_encoding=request.headers.get("Content-Encoding", ""),
+            content_encoding="" if plain else encoded,
             max_bytes=self.settings.max_request_bytes,
         )
-        if plain_and_small:
+        if inline:
             return decode()
         # The params stay packed: a refused call never costs the event loop their decoding.
-        return await self._offload(decode)
+        return await self._offload(decode, request)
 
-    async def _encode(self, call: wire.Call) -> tuple[bytes, str]:
+    async def _encode(self, call: wire.Call, request: web.Request) -> tuple[bytes, str]:
         """The body to forward: encoded off the event loop when it is large, like decoding."""
         if call.packed is None and call.size <= INLINE_DECODE_BYTES:
             return call.encode()
-        return await self._offload(call.encode)
+        return await self._offload(call.encode, request)
 
-    async def _offload(self, work: Callable[[], T]) -> T:
+    async def _offload(self, work: Callable[[], T], request: web.Request) -> T:
         try:
-            return await self.worker.run(work)
+            return await self.workers.run(work, request[HELD].source)
+        except offload.Busy as exc:
+            raise _busy(exc, "decoding") from exc
         except BrokenProcessPool as exc:
             raise Refusal(
                 "ERR-CONDUIT-CORE",
                 "phabmesh: the gateway could not read this request; retry",
                 "worker_lost",
                 503,
+                retry_after=RETRY_AFTER_SECONDS,
             ) from exc
+
+    def _reserve_answer(self, request: web.Request) -> Callable[[int, int | None], None]:
+        held = request[HELD]
+        return lambda size, whole: held.take(self.answers, size, whole)
 
     def _verify(self, token: str) -> Caller:
         ring = self.state.keys.ring
@@ -420,7 +544,9 @@ class Gateway:
             raise Refusal("ERR-INVALID-AUTH", f"credential refused: {exc}", "invalid") from exc
         if isinstance(verified.holder, str):
             raise self._gone(verified.holder)
-        return Caller.from_lease(verified.holder, verified.expires_at)
+        lease = verified.holder
+        issued_after = leases.term_start(lease, verified.expires_at)
+        return Caller.from_lease(lease, verified.expires_at, issued_after)
 
     def _gone(self, lease_uid: str) -> Refusal:
         reason = self.state.leases.tombstones.get(lease_uid)
@@ -476,7 +602,7 @@ class Gateway:
         bot_token: str | None,
         audit: dict[str, Any],
     ) -> web.StreamResponse:
-        data, content_type = await self._encode(call)
+        data, content_type = await self._encode(call, request)
         limit = self.settings.max_response_bytes
         try:
             async with self.session.post(
@@ -484,9 +610,22 @@ class Gateway:
                 data=data,
                 headers={"Content-Type": content_type, "Accept-Encoding": UPSTREAM_ACCEPT_ENCODING},
                 timeout=aiohttp.ClientTimeout(total=self.settings.conduit_timeout),
+                # The body carries the bot's real token: never re-sent where a 307/308 points,
+                # and a 301/302's target never answers as if it were Phabricator.
+                allow_redirects=False,
             ) as upstream:
                 status = upstream.status
                 audit["upstream_status"] = status
+                if 300 <= status < 400:
+                    metrics.current().gateway_upstream_errors.labels(kind="redirect").inc()
+                    target = conduit_client.redirect_target(upstream.headers.get("Location"))
+                    raise Refusal(
+                        "ERR-PHABRICATOR-UNAVAILABLE",
+                        f"Phabricator answered HTTP {status}, a redirect{target}: not followed "
+                        "(the gateway's Phabricator URL must be where Conduit answers)",
+                        "upstream_redirect",
+                        502,
+                    )
                 if status >= 500:
                     metrics.current().gateway_upstream_errors.labels(kind=f"http_{status}").inc()
                     raise Refusal(
@@ -497,7 +636,9 @@ class Gateway:
                     )
                 coding = upstream.headers.get("Content-Encoding")
                 passed = {h: upstream.headers[h] for h in PASSED_HEADERS if h in upstream.headers}
-                raw = await _read_bounded(upstream, limit)
+                raw = await _read_bounded(upstream, limit, self._reserve_answer(request))
+        except offload.Busy as exc:
+            raise _busy(exc, "answers") from exc
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else "connection"
             metrics.current().gateway_upstream_errors.labels(kind=kind).inc()
@@ -521,6 +662,11 @@ class Gateway:
                 "upstream_unreadable",
                 502,
             ) from exc
+        if payload is not raw:  # inflated from what was sent: it is held as well
+            try:
+                request[HELD].take(self.answers, len(payload), whole=len(payload))
+            except offload.Busy as exc:
+                raise _busy(exc, "answers") from exc
         if bot_token and bot_token.encode() in payload:
             # Phorge echoes a refused token in error_info: never hand the bot's out.
             payload = payload.replace(bot_token.encode(), b"[REDACTED]")
@@ -529,16 +675,25 @@ class Gateway:
         return web.Response(status=status, body=encoded.body, headers=headers)
 
 
-async def _read_bounded(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The body as sent (perhaps compressed), refused past ``limit`` bytes before reading on."""
-    if upstream.content_length is not None and upstream.content_length > limit:
+async def _read_bounded(
+    upstream: aiohttp.ClientResponse, limit: int, reserve: Callable[[int, int | None], None]
+) -> bytes:
+    """The body as sent (perhaps compressed), refused past ``limit`` bytes before reading on;
+    ``reserve(size, whole)`` (raising offload.Busy) is told its Content-Length first, or each
+    chunk's size (of a whole unknown) before it is kept."""
+    declared = upstream.content_length
+    if declared is not None and declared > limit:
         raise responses.BodyTooLarge(f"body over {limit} bytes")
+    if declared is not None:
+        reserve(declared, declared)
     chunks: list[bytes] = []
     size = 0
     async for chunk in upstream.content.iter_chunked(64 * 1024):
         size += len(chunk)
         if size > limit:
             raise responses.BodyTooLarge(f"body over {limit} bytes")
+        if declared is None:
+            reserve(len(chunk), None)
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -8,6 +8,7 @@ or silent for ``liveness`` seconds (stalled), ``connected`` is False and readers
 from __future__ import annotations
 
 import collections
+import datetime
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
@@ -23,6 +24,10 @@ TOMBSTONES = 100_000  # bounded memory: about 15 MB at most
 # the refusal can say why its lease went (older ones are refused as matching no lease):
 # about 6 MB at most.
 BURIED = 20_000
+# Earlier terms kept per lease, and how long past its end one is kept (beyond any clock skew
+# the expiry check tolerates): a term's credentials are refused as expired after that anyway.
+EARLIER_TERMS = 2
+TERM_KEPT_PAST_END = datetime.timedelta(minutes=10)
 
 
 class LeaseIndex:
@@ -43,6 +48,9 @@ class LeaseIndex:
         self._by_locator: dict[str, dict[str, tuple[LeaseView, bytes]]] = {}
         self._buried: dict[str, tuple[tuple[str, bytes], ...]] = {}
         self._buried_order: collections.deque[tuple[str, str]] = collections.deque()
+        # Earlier terms of each lease seen on the watch, newest last: (expiresAt, start) in
+        # Unix seconds, each as one status write set them (see term_start).
+        self._terms: dict[str, tuple[tuple[int, int], ...]] = {}
         self.informer: Informer[LeaseView] = Informer(
             client,
             resource_path(resources.GROUP, resources.VERSION, resources.CREDENTIAL_PLURAL),
@@ -77,8 +85,13 @@ class LeaseIndex:
                 _unfile(self._by_locator, phorge.locator(old_uid), old_uid)
         if kind == DELETED or lease is None:
             if old_uid is not None:
+                self._terms.pop(old_uid, None)
                 self._bury(old_uid, old)
             return
+        if old_uid is not None and old_uid != lease.uid:  # re-created under the same name
+            self._terms.pop(old_uid, None)
+        elif old is not None:
+            self._remember_term(old, lease)
         revoked_now = lease.phase == "Revoked" and (old is None or old.phase != "Revoked")
         if revoked_now and self.on_revoked is not None:
             self.on_revoked(lease)
@@ -87,6 +100,46 @@ class LeaseIndex:
         self.by_pod[lease.pod_uid][lease.uid] = lease
         filed = self._by_locator.setdefault(phorge.locator(lease.uid), {})
         filed[lease.uid] = (lease, lease.phorge_digest())
+
+    def _remember_term(self, old: LeaseView, new: LeaseView) -> None:
+        """Keep ``old``'s term if ``new`` starts another (a renewal or a shortening)."""
+        if old.expires_at is None or (old.expires_at, old.renewed_at) == (
+            new.expires_at,
+            new.renewed_at,
+        ):
+            return
+        start = old.renewed_at or old.issued_at
+        if start is None:
+            return
+        horizon = datetime.datetime.now(datetime.UTC) - TERM_KEPT_PAST_END
+        term = (int(old.expires_at.timestamp()), int(start.timestamp()))
+        kept = [t for t in self._terms.get(old.uid, ()) if t[0] > horizon.timestamp()]
+        if term[0] > horizon.timestamp() and term not in kept:
+            kept.append(term)
+        if kept:
+            self._terms[old.uid] = tuple(kept[-EARLIER_TERMS:])
+        else:
+            self._terms.pop(old.uid, None)
+
+    def term_start(self, lease: LeaseView, expiry: datetime.datetime) -> datetime.datetime | None:
+        """The earliest a credential of ``lease`` ending at ``expiry`` can have been made.
+
+        A credential ends at its lease's ``expiresAt`` as it was when it was made: the term
+        with that end began at its ``renewedAt`` (``issuedAt`` for the first), both written
+        by the operator in the one status write that set the end, and the credential was
+        made after that. The current term is on the lease; earlier ones are those this watch
+        saw (the last :data:`EARLIER_TERMS`). Otherwise the lease's ``issuedAt``: no
+        credential of a lease is older than the lease. None: the lease says neither.
+        """
+        second = int(expiry.timestamp())
+        if lease.expires_at is not None and int(lease.expires_at.timestamp()) == second:
+            current = lease.renewed_at or lease.issued_at
+            if current is not None:
+                return current
+        for end, start in reversed(self._terms.get(lease.uid, ())):
+            if end == second:
+                return datetime.datetime.fromtimestamp(start, datetime.UTC)
+        return lease.issued_at
 
     def _bury(self, uid: str, old: LeaseView | None) -> None:
         self.tombstones[uid] = (old.reason if old is not None else "") or "Deleted"

@@ -40,6 +40,8 @@ class LeaseView:
     reason: str = ""
     bot_phid: str = ""
     resource_version: str = ""
+    # When its current term began (its last renewal or shortening; its issue at first).
+    renewed_at: datetime.datetime | None = None
 
     def older_than(self, other: LeaseView) -> bool:
         """Is this an earlier state of the same object than ``other`` (a watch event that
@@ -86,4 +88,5 @@ class LeaseView:
             reason=str(status.get("reason") or ""),
             bot_phid=str(status.get("botPHID") or ""),
             resource_version=str(meta.get("resourceVersion") or ""),
+            renewed_at=parse_time(status.get("renewedAt")),
         )

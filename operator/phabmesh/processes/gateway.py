@@ -17,6 +17,7 @@ from phabmesh.kube import KubeClient, load_connection
 from phabmesh.settings import Settings
 
 log = structlog.get_logger(__name__)
+GATEWAY_READ_BUFSIZE = 16 * 1024
 
 
 class GatewayProcess:
@@ -48,11 +49,15 @@ class GatewayProcess:
         self.metrics.fail_closed_from(lambda: not state.ready)
         await self.state.start()
         self.gateway = Gateway(s, self.state, clock=self.clock)
-        await self.gateway.worker.start()
+        await self.gateway.workers.start()
         # aiohttp's own body limit sits above ours so that ours answers in Conduit's envelope.
         app = web.Application(client_max_size=s.max_request_bytes + 1)
         self.gateway.routes(app)
-        runner = await serving.start_site(app, s.gateway_host, s.gateway_port)
+        # Each connection buffers at most 32 KiB of a body its handler has not read yet: a
+        # flood of connections costs little memory before the body budget refuses them.
+        runner = await serving.start_site(
+            app, s.gateway_host, s.gateway_port, read_bufsize=GATEWAY_READ_BUFSIZE
+        )
         self.runners.append(runner)
         self.port = serving.bound_port(runner)
         health = web.Application()

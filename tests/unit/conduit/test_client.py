@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 
 from phabmesh import conduit
 from phabmesh.dev.conduit import ConduitServer
+from tests.redirects import REDIRECT_STATUSES, redirecting
 
 
 @pytest.fixture
@@ -261,3 +262,22 @@ def test_error_tree() -> None:
         )
     )
     assert conduit.PhabricatorUnavailable.retryable
+
+
+@pytest.mark.parametrize("status", REDIRECT_STATUSES)
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_redirect_is_never_followed_with_the_bot_token(status: int, compress: bool) -> None:
+    """The bot check's client (as the controller makes it) once re-sent the token on a 307/308
+    and took a 301/302's target's answer for Phabricator's."""
+    with redirecting() as redirects:
+        redirects.status = status
+        client = conduit.ConduitClient(
+            redirects.url, session=requests.Session(), attempts=3, compress=compress, timeout=5
+        )
+        with pytest.raises(conduit.PhabricatorUnavailable) as raised:
+            client.whoami("api-bottokenbottokenbottokenbott")
+        assert raised.value.status == status
+        assert "redirect to localhost" in raised.value.info
+        assert "not followed" in raised.value.info
+        assert redirects.received == []
+        assert not redirects.got("api-bottokenbottokenbottokenbott")

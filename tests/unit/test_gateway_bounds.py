@@ -1,0 +1,80 @@
+"""The gateway's bounds before authentication: byte budgets and the decoding pool's admission."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from phabmesh.gateway.budget import Budget, Held
+from phabmesh.gateway.offload import Busy, Workers
+
+KIB = 1024
+
+
+def _budget() -> Budget:
+    return Budget(
+        "request bodies", "X", 100 * KIB, share=40 * KIB, small=16 * KIB, small_reserve=20 * KIB
+    )
+
+
+def test_large_bodies_leave_the_small_reserve_and_each_source_its_share() -> None:
+    budget = _budget()
+    budget.take("a", 40 * KIB, whole=40 * KIB)
+    with pytest.raises(Busy) as share:
+        budget.take("a", 1 * KIB + 16 * KIB, whole=17 * KIB)
+    assert share.value.status == 429
+    budget.take("b", 40 * KIB, whole=40 * KIB)
+    with pytest.raises(Busy) as full:  # 80 of 100 KiB held: the rest is for small bodies
+        budget.take("c", 17 * KIB, whole=17 * KIB)
+    assert full.value.status == 503
+    for _ in range(5):  # small bodies still pass, from any source, the flooding one too
+        budget.take("a", 4 * KIB, whole=4 * KIB)
+    assert budget.used == 100 * KIB
+    with pytest.raises(Busy):
+        budget.take("d", 1, whole=1)
+    budget.give("b", 40 * KIB)
+    budget.take("c", 17 * KIB, whole=17 * KIB)
+
+
+def test_a_body_of_unknown_size_counts_as_large_chunk_by_chunk() -> None:
+    budget = _budget()
+    held = Held("a")
+    for _ in range(10):  # 4 KiB chunks, each small, of a body whose size nobody said
+        held.take(budget, 4 * KIB)
+    with pytest.raises(Busy) as share:
+        held.take(budget, 4 * KIB)
+    assert share.value.status == 429
+    held.release()
+    assert budget.used == 0 and held.taken == []
+
+
+def test_the_pool_admits_a_share_per_source_and_a_bounded_queue() -> None:
+    workers = Workers(size=1, queue=2, share=2)
+    workers.pending = 1
+    workers._by_source["a"] = 2
+    with pytest.raises(Busy) as share:
+        workers.admit("a")
+    assert share.value.status == 429
+    workers.admit("b")
+    workers.pending = 3
+    with pytest.raises(Busy) as full:
+        workers.admit("b")
+    assert full.value.status == 503
+
+
+def test_the_pool_runs_work_and_frees_its_place() -> None:
+    async def run() -> None:
+        workers = Workers(size=1, queue=0, share=1)
+        try:
+            assert await workers.run(_double, "a") == 42
+            assert workers.pending == 0
+            assert await workers.run(_double, "a") == 42
+        finally:
+            await workers.close()
+
+    asyncio.run(run())
+
+
+def _double() -> int:
+    return 21 * 2
