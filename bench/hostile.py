@@ -13,8 +13,9 @@ against the same pings with no attack, and the gateway's memory. Then it sends
 ``phabmesh_gateway_requests_total``. Last, with ``phabmesh controller`` beside them, the
 credential endpoint: a real pod's exchange (an uncached TokenReview) alone, then while
 ``--flood`` requests with junk tokens and as many with forged ones (JWTs for the right
-audience) arrive at once, and how many TokenReviews the flood cost. Nothing here asserts:
-it measures and prints.
+audience) arrive at once, and how many TokenReviews the flood cost. Then the injection
+webhook flooded with big AdmissionReviews, beside pings, exchanges and issuances
+(``bench.hostile_webhook``). Nothing here asserts: it measures and prints.
 """
 
 from __future__ import annotations
@@ -377,6 +378,10 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str]]:
                 gateway.stop()
             if "credentials" in args.parts:
                 rows += await credential_flood(plane, conduit, Path(tmp), args)
+            if "webhook" in args.parts:
+                from bench.hostile_webhook import webhook_flood
+
+                rows += await webhook_flood(plane, conduit, Path(tmp), args)
             return rows
         finally:
             if gateway is not None:
@@ -390,7 +395,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="pings per kind of attack")
     parser.add_argument("--names", type=int, default=30_000, help="distinct method names")
     parser.add_argument("--flood", type=int, default=600, help="junk tokens (and forged ones)")
-    parser.add_argument("--parts", default="gateway,credentials", help="what to measure")
+    parser.add_argument("--parts", default="gateway,credentials,webhook", help="what to measure")
     parser.add_argument("--attackers", type=int, default=1, help="hostile connections at once")
     args = parser.parse_args()
     rows = asyncio.run(run(args))
