@@ -66,7 +66,11 @@ def _webhook(args: argparse.Namespace) -> int:
     from phabmesh.admission.server import WebhookProcess
 
     settings = _settings()
-    asyncio.run(WebhookProcess(settings, kubeconfig=args.kubeconfig).run_until_told())
+    try:
+        asyncio.run(WebhookProcess(settings, kubeconfig=args.kubeconfig).run_until_told())
+    except ValueError as exc:  # a setting it cannot use: the message names it
+        print(f"phabmesh webhook: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
