@@ -145,8 +145,19 @@ class WebhookApp:
 
     def _refuse(self, reason: str, status: int, text: str) -> web.Response:
         self.refused[reason] += 1
-        # The rest of the body is not read: the connection goes with the answer.
-        return web.Response(status=status, text=text + "\n", headers={"Connection": "close"})
+        # The rest of the body is not read: the connection goes with the answer (the
+        # runner does not linger to drain it: runner()).
+        response = web.Response(status=status, text=text + "\n")
+        response.force_close()
+        return response
+
+    async def runner(self, settings: Settings) -> web.AppRunner:
+        """An AppRunner (set up) serving this app: it never drains a refused body."""
+        app = web.Application(client_max_size=settings.webhook_max_request_bytes)
+        self.routes(app)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, lingering_time=0)
+        await runner.setup()
+        return runner
 
     async def review(self, request: web.Request) -> web.Response:
         length = request.content_length
@@ -230,10 +241,7 @@ class WebhookProcess:
         self.tasks.append(asyncio.create_task(self.injector.bindings.run()))
         await self.injector.bindings.synced.wait()
         self.app = WebhookApp(s, self.injector)
-        app = web.Application(client_max_size=s.webhook_max_request_bytes)
-        self.app.routes(app)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self.runner.setup()
+        self.runner = await self.app.runner(s)
         site = web.TCPSite(
             self.runner, s.webhook_host, s.webhook_port, ssl_context=self.tls.context,
             reuse_address=True,
@@ -296,9 +304,16 @@ class WebhookSupervisor:
 
     settings: Settings
     kubeconfig: str | None = None
-    ready: bool = False
+    ready: bool = False  # the child serves
     starts: int = 0
     child: asyncio.subprocess.Process | None = None
+
+    @property
+    def settled(self) -> bool:
+        """For the operator's readiness: the child serves, or its first start has failed.
+        A webhook that keeps failing must not take the credential endpoint out of its
+        Service (the operator's pods serve both); the failures are logged instead."""
+        return self.ready or self.starts > 1
 
     def command(self) -> list[str]:
         command = [sys.executable, "-m", "phabmesh.cli", "webhook"]

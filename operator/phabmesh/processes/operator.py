@@ -60,7 +60,7 @@ class OperatorProcess:
         self.memo = Memo(settings, kubeconfig=kubeconfig)
 
     def ready(self) -> bool:
-        return self.controller_ready.is_set() and self.issuer.ready and self.webhook.ready
+        return self.controller_ready.is_set() and self.issuer.ready and self.webhook.settled
 
     def acting(self) -> bool:
         """The controller runs and is not paused by kopf peering (phabmesh_operator_acting)."""
