@@ -28,7 +28,6 @@ from kubernetes.client.rest import ApiException
 
 from phabmesh import admission, serving
 from phabmesh.admission import inject
-from phabmesh.admission.server import WebhookProcess
 from phabmesh.dev.conduit import ConduitServer
 from phabmesh.dev.pki import Pki
 from phabmesh.settings import Settings
@@ -258,6 +257,8 @@ def test_the_webhook_refuses_oversize_and_one_too_many_at_once(
 def test_a_client_ca_makes_the_webhook_require_a_client_certificate(
     operator: Threaded, webhook: int, phabmesh_rbac: rbac.Installed, tmp_path: Path
 ) -> None:
+    from phabmesh.admission.server import WebhookProcess
+
     pki = Pki.create(tmp_path / "pki")  # its CA signs the "admin" client certificate
     stranger = Pki.create(tmp_path / "other")
     base: Settings = operator.process.settings  # type: ignore[attr-defined]
