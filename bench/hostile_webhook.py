@@ -114,7 +114,7 @@ async def webhook_flood(
         alone = await _loops(http, kube, leases, gateway, operator, args.seconds, "alone")
         flooder = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.webhook_flood", str(operator.webhook_port),
-            str(args.seconds + 5), "8", "400000",
+            str(args.seconds + 5), "8", "400000", NS, "runner",
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         try:
