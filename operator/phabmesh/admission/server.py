@@ -368,7 +368,8 @@ class WebhookSupervisor:
             return
         if message.get("ready") is True:
             self.ready = True
-            log.info("webhook_process_ready", starts=self.starts)
+            pid = self.child.pid if self.child is not None else None
+            log.info("webhook_process_ready", starts=self.starts, pid=pid)
         current = metrics.current()
         for outcome, count in (message.get("decided") or {}).items():
             current.pod_injections.labels(str(outcome)).inc(int(count))
