@@ -22,7 +22,18 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.__main__ import NS, Conduit, Gateway, Operator, ms, pct, pods, ready, setup
+from bench.__main__ import (
+    NS,
+    Conduit,
+    Gateway,
+    Operator,
+    ms,
+    pct,
+    pods,
+    ready,
+    setup,
+    until,
+)
 from phabmesh.dev import devcluster
 from phabmesh.kube import Conflict, KubeClient, load_connection
 from phabmesh.leases.index import LeaseIndex
@@ -40,10 +51,16 @@ async def _loops(
     tag: str,
 ) -> tuple[list[float], list[float], list[float]]:
     """(ping, exchange, issuance) times, each loop one after another for ``seconds``."""
-    end = time.perf_counter() + seconds
     url = f"http://127.0.0.1:{operator.issuer_port}/v1/credentials"
     identity = f"runner.{NS}.serviceaccount.identity.linkerd.cluster.local"
     (pod,) = await pods(kube, NS, 1, prefix=f"exchanger-{tag}", running=True)
+
+    async def leased(uid: str) -> bool:
+        return any(lease.active and lease.pod_uid == uid for lease in leases.by_uid.values())
+
+    if await until(lambda: leased(pod["metadata"]["uid"]), 60) is None:
+        raise RuntimeError("the exchanging pod got no lease within 60 s")
+    end = time.perf_counter() + seconds
 
     async def ping() -> list[float]:
         took: list[float] = []
@@ -81,12 +98,8 @@ async def _loops(
             started = time.perf_counter()
             (new,) = await pods(kube, NS, 1, prefix=f"issued-{tag}-{n}", running=True)
             uid = new["metadata"]["uid"]
-            while not any(
-                lease.active and lease.pod_uid == uid for lease in leases.by_uid.values()
-            ):
-                if time.perf_counter() - started > 60:
-                    raise RuntimeError("no lease within 60 s")
-                await asyncio.sleep(0.005)
+            if await until(lambda uid=uid: leased(uid), 60) is None:
+                raise RuntimeError("no lease within 60 s")
             took.append(time.perf_counter() - started)
         return took
 

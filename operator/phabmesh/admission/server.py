@@ -57,7 +57,7 @@ log = structlog.get_logger(__name__)
 
 PATH = f"/{HANDLER_ID}"  # the webhook configuration's clientConfig path
 READ_TIMEOUT = 10.0  # seconds for one review to arrive whole (the API server waits 5 s)
-NICENESS = 10  # the child's CPU priority below the operator's (os.nice)
+NICENESS = 19  # the child's CPU priority: the lowest (os.nice), so a flood yields to all else
 REPORT_EVERY = 1.0  # seconds between the child's counts to the operator
 RESTART_FIRST, RESTART_MAX = 0.5, 30.0  # pause before restarting the child, doubling
 STEADY = 60.0  # a child that served this long restarts after the first pause again
