@@ -91,12 +91,15 @@ class Settings:
     webhook_secret: str = "phabmesh-webhook-tls"  # noqa: S105 - a Secret's name
     webhook_configuration: str = "phabmesh"
     # The webhook's own process refuses (and never reads) an AdmissionReview over this many
-    # bytes with 413, and answers one more than this many at once with 429: either way the
-    # pod is created without injection (failure policy Ignore). A pod's review is rarely
-    # over a few hundred KB. A PEM bundle file: when set, the webhook requires a client
-    # certificate signed by it (the API server's, from its AdmissionConfiguration).
+    # bytes with 413; it reads and answers this many at once, lets this many more wait
+    # (unread, 2 s at most), and answers one more with 429: either way the pod is created
+    # without injection (failure policy Ignore). One address gets half of each. A pod's
+    # review is rarely over a few hundred KB. A PEM bundle file: when set, the webhook
+    # requires a client certificate signed by it (the API server's, from its
+    # AdmissionConfiguration).
     webhook_max_request_bytes: int = 1 << 20
     webhook_max_concurrent: int = 8
+    webhook_max_waiting: int = 32
     webhook_client_ca: str = ""
     # What injected pods are told: where the credential endpoint and the gateway are, and
     # how long their projected token lives (the API server's minimum is 600 s).

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import copy
 import json
+from collections.abc import Callable
 from typing import Any
 
 import jsonpatch
@@ -133,35 +134,70 @@ async def test_an_oversize_review_is_refused_before_it_is_read() -> None:
         await runner.cleanup()
 
 
-async def test_one_review_too_many_is_refused_at_once_and_bad_json_is_400() -> None:
-    app = server.WebhookApp(Settings(webhook_max_concurrent=2), _injector())
+async def _hold(port: int, source: str = "127.0.0.1") -> asyncio.StreamWriter:
+    """A review that never finishes arriving, from ``source``: it holds what it gets."""
+    _, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    writer.write(b"POST /inject HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    await writer.drain()
+    return writer
+
+
+async def _settle(check: Callable[[], bool]) -> None:
+    for _ in range(100):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("never settled")
+
+
+async def _from(port: int, source: str, body: bytes) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    writer.write(
+        b"POST /inject HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    )
+    await writer.drain()
+    line = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    return int(line.split()[1])
+
+
+async def test_one_source_gets_half_the_places_and_one_more_is_refused_at_once() -> None:
+    # Two places, none to wait in: one for each of two sources.
+    app = server.WebhookApp(Settings(webhook_max_concurrent=2, webhook_max_waiting=0), _injector())
     runner, port = await _serve(app)
-    held: list[asyncio.StreamWriter] = []
+    held = [await _hold(port)]
     try:
-        # Two reviews that never finish arriving hold both places.
-        for _ in range(2):
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"POST /inject HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
-            await writer.drain()
-            held.append(writer)
-        for _ in range(50):
-            if app.in_flight == 2:
-                break
-            await asyncio.sleep(0.02)
-        assert app.in_flight == 2
-        assert await _status(port, json.dumps(_review()).encode()) == 429
+        await _settle(lambda: app.in_flight == 1)
+        # The flooding source has its half: its next review is refused at once...
+        assert await _from(port, "127.0.0.1", json.dumps(_review()).encode()) == 429
         assert app.refused[server.BUSY] == 1
+        # ...and another source (the API server) still has its place.
+        assert await _from(port, "127.0.0.2", json.dumps(_review()).encode()) == 200
     finally:
         for writer in held:
             writer.close()
-    for _ in range(50):
-        if app.in_flight == 0:
-            break
-        await asyncio.sleep(0.02)
     try:
-        assert app.in_flight == 0  # a dropped review gives its place back
-        assert await _status(port, b"{not json") == 400
-        assert await _status(port, json.dumps(_review()).encode()) == 200
+        await _settle(lambda: app.present == 0)  # a dropped review gives its place back
+        assert not app.by_source and not app.source_gates  # nothing kept per source
+        assert await _from(port, "127.0.0.1", b"{not json") == 400
+        assert await _from(port, "127.0.0.1", json.dumps(_review()).encode()) == 200
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_burst_waits_for_a_place_rather_than_being_refused() -> None:
+    app = server.WebhookApp(Settings(webhook_max_concurrent=2, webhook_max_waiting=2), _injector())
+    runner, port = await _serve(app)
+    try:
+        first = await _hold(port)  # the source's one place (half of two)
+        await _settle(lambda: app.in_flight == 1)
+        second = asyncio.ensure_future(_from(port, "127.0.0.1", json.dumps(_review()).encode()))
+        await _settle(lambda: app.present == 2)
+        assert not second.done()  # waiting, unread
+        first.write(b" " * 99)  # the first review arrives whole (not JSON: 400)
+        await first.drain()
+        assert await second == 200  # then the waiting one is answered
+        first.close()
     finally:
         await runner.cleanup()
 

@@ -14,8 +14,11 @@ Bounded work per request, before any of it is parsed:
 
 - a body over :attr:`~phabmesh.settings.Settings.webhook_max_request_bytes` is refused
   with 413 as soon as its Content-Length (or what arrived) says so;
-- at most :attr:`~phabmesh.settings.Settings.webhook_max_concurrent` reviews are handled
-  at once; one more is answered 429 at once, never queued;
+- at most :attr:`~phabmesh.settings.Settings.webhook_max_concurrent` reviews are read and
+  answered at once, and at most :attr:`~phabmesh.settings.Settings.webhook_max_waiting`
+  more wait (unread) for a place, each for :data:`WAIT_TIMEOUT` seconds at most; one more
+  is answered 429 at once. One source (address) may hold half the places and be half of
+  all present: one flooding address cannot take the API server's share;
 - a review must arrive whole within :data:`READ_TIMEOUT` seconds (else 408).
 
 Every refusal is an error to the API server, and the webhook's failure policy is Ignore:
@@ -56,7 +59,8 @@ from phabmesh.settings import Settings
 log = structlog.get_logger(__name__)
 
 PATH = f"/{HANDLER_ID}"  # the webhook configuration's clientConfig path
-READ_TIMEOUT = 10.0  # seconds for one review to arrive whole (the API server waits 5 s)
+READ_TIMEOUT = 5.0  # seconds for one review to arrive whole (the API server waits 5 s)
+WAIT_TIMEOUT = 2.0  # seconds a review may wait for a place before it is refused (429)
 NICENESS = 19  # the child's CPU priority: the lowest (os.nice), so a flood yields to all else
 REPORT_EVERY = 1.0  # seconds between the child's counts to the operator
 RESTART_FIRST, RESTART_MAX = 0.5, 30.0  # pause before restarting the child, doubling
@@ -137,7 +141,16 @@ class WebhookApp:
         self.injector = injector
         self.max_bytes = settings.webhook_max_request_bytes
         self.max_concurrent = settings.webhook_max_concurrent
-        self.in_flight = 0
+        self.max_waiting = settings.webhook_max_waiting
+        # One source (address) may hold half the places, and be half of those waiting:
+        # the API server keeps the other half whatever a flooder does.
+        self.source_places = max(1, self.max_concurrent // 2)
+        self.source_share = max(1, (self.max_concurrent + self.max_waiting) // 2)
+        self.places = asyncio.Semaphore(self.max_concurrent)
+        self.in_flight = 0  # holding a place
+        self.present = 0  # holding a place or waiting for one
+        self.by_source: collections.Counter[str] = collections.Counter()
+        self.source_gates: dict[str, asyncio.Semaphore] = {}
         self.refused: collections.Counter[str] = collections.Counter()
 
     def routes(self, app: web.Application) -> None:
@@ -165,26 +178,55 @@ class WebhookApp:
             return self._refuse(
                 TOO_LARGE, 413, f"an AdmissionReview of at most {self.max_bytes} bytes"
             )
-        if self.in_flight >= self.max_concurrent:
+        source = request.remote or ""
+        if (
+            self.present >= self.max_concurrent + self.max_waiting
+            or self.by_source[source] >= self.source_share
+        ):
             return self._refuse(BUSY, 429, "too many AdmissionReviews at once")
-        self.in_flight += 1
+        self.present += 1
+        self.by_source[source] += 1
+        gate = self.source_gates.setdefault(source, asyncio.Semaphore(self.source_places))
         try:
             try:
-                async with asyncio.timeout(READ_TIMEOUT):
-                    body = await self._read(request)
+                async with asyncio.timeout(WAIT_TIMEOUT):
+                    await gate.acquire()
+                    try:
+                        await self.places.acquire()
+                    except BaseException:
+                        gate.release()
+                        raise
             except TimeoutError:
-                return self._refuse(SLOW, 408, "the AdmissionReview arrived too slowly")
-            if body is None:
-                return self._refuse(
-                    TOO_LARGE, 413, f"an AdmissionReview of at most {self.max_bytes} bytes"
-                )
+                return self._refuse(BUSY, 429, "too many AdmissionReviews at once")
+            self.in_flight += 1
             try:
-                result = answer(json.loads(body), self.injector)
-            except (ValueError, RecursionError) as exc:  # bad JSON included
-                return self._refuse(MALFORMED, 400, f"{exc}"[:200])
-            return web.json_response(result)
+                return await self._handle(request)
+            finally:
+                self.in_flight -= 1
+                self.places.release()
+                gate.release()
         finally:
-            self.in_flight -= 1
+            self.present -= 1
+            self.by_source[source] -= 1
+            if not self.by_source[source]:
+                del self.by_source[source]
+                del self.source_gates[source]
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        try:
+            async with asyncio.timeout(READ_TIMEOUT):
+                body = await self._read(request)
+        except TimeoutError:
+            return self._refuse(SLOW, 408, "the AdmissionReview arrived too slowly")
+        if body is None:
+            return self._refuse(
+                TOO_LARGE, 413, f"an AdmissionReview of at most {self.max_bytes} bytes"
+            )
+        try:
+            result = answer(json.loads(body), self.injector)
+        except (ValueError, RecursionError) as exc:  # bad JSON included
+            return self._refuse(MALFORMED, 400, f"{exc}"[:200])
+        return web.json_response(result)
 
     async def _read(self, request: web.Request) -> bytes | None:
         """The body, or None once it passes the limit (the rest is never read)."""
