@@ -41,6 +41,20 @@ from phabmesh.leases.index import LeaseIndex
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
+def _memory_mb(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of process ``pid`` in MB."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return (int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024)
+
+
+def _child_memory_mb(pid: int) -> tuple[float, float]:
+    """_memory_mb of the first child of process ``pid`` (the operator's webhook process)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return _memory_mb(int(children[0])) if children else (0.0, 0.0)
+
+
 async def _loops(
     http: aiohttp.ClientSession,
     kube: KubeClient,
@@ -143,6 +157,7 @@ async def webhook_flood(
                 await flooder.wait()
         counts = json.loads(out.strip().splitlines()[-1])
         rss, peak = operator.memory_mb()
+        hook_rss, hook_peak = _child_memory_mb(operator.proc.pid)
         names = ("conduit.ping", "exchange", "issuance")
         parts = [
             f"{name} p99 {ms(pct(a, 99))} alone, {ms(pct(d, 99))} during ({len(d)} calls)"
@@ -154,7 +169,8 @@ async def webhook_flood(
                 "; ".join(parts)
                 + f"; the flood was answered {counts}"
                 + ("" if lasted else " (and ended before the measurement)")
-                + f"; operator RSS {rss:.0f} MB (peak {peak:.0f} MB)",
+                + f"; operator RSS {rss:.0f} MB (peak {peak:.0f} MB), its webhook process "
+                f"{hook_rss:.0f} MB (peak {hook_peak:.0f} MB)",
             )
         ]
     finally:

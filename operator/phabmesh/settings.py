@@ -98,7 +98,7 @@ class Settings:
     # requires a client certificate signed by it (the API server's, from its
     # AdmissionConfiguration).
     webhook_max_request_bytes: int = 1 << 20
-    webhook_max_concurrent: int = 8
+    webhook_max_concurrent: int = 4
     webhook_max_waiting: int = 32
     webhook_client_ca: str = ""
     # What injected pods are told: where the credential endpoint and the gateway are, and

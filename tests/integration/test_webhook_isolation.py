@@ -307,6 +307,10 @@ def test_the_operator_restarts_its_webhook_process(operator: Threaded, webhook: 
     child = supervisor.child
     assert child is not None and supervisor.ready
     starts = supervisor.starts
+    # It yields first: the lowest CPU priority, the first to go when memory runs short.
+    proc = Path(f"/proc/{child.pid}")
+    assert (proc / "oom_score_adj").read_text().strip() == "1000"
+    assert int((proc / "stat").read_text().rsplit(")", 1)[1].split()[16]) == 19  # nice
     os.kill(child.pid, 9)
     wait_for(lambda: supervisor.starts > starts and supervisor.ready, timeout=30,
              what="a new webhook process")  # fmt: skip

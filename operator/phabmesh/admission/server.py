@@ -7,8 +7,9 @@ the webhook runs in a child process, ``phabmesh webhook``, which the operator st
 and supervises (:class:`WebhookSupervisor`: started again, with a growing pause, when it
 exits; each exit logged). The child has its own Kubernetes client, its own watch of the
 bindings (:class:`~phabmesh.admission.Injector`) and reads the serving certificate from
-the Secret the operator keeps (:class:`~phabmesh.admission.tls.WebhookTLS`). It runs at a
-lower CPU priority than the operator: a flood costs the flooder's own process.
+the Secret the operator keeps (:class:`~phabmesh.admission.tls.WebhookTLS`). It runs at
+the lowest CPU priority, and is the first the kernel ends when the pod runs short of
+memory: a flood costs the flooder's own process.
 
 Bounded work per request, before any of it is parsed:
 
@@ -45,6 +46,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -62,6 +64,7 @@ PATH = f"/{HANDLER_ID}"  # the webhook configuration's clientConfig path
 READ_TIMEOUT = 5.0  # seconds for one review to arrive whole (the API server waits 5 s)
 WAIT_TIMEOUT = 2.0  # seconds a review may wait for a place before it is refused (429)
 NICENESS = 19  # the child's CPU priority: the lowest (os.nice), so a flood yields to all else
+OOM_SCORE_ADJ = 1000  # the first the kernel ends when the pod runs out of memory (restarted)
 REPORT_EVERY = 1.0  # seconds between the child's counts to the operator
 RESTART_FIRST, RESTART_MAX = 0.5, 30.0  # pause before restarting the child, doubling
 STEADY = 60.0  # a child that served this long restarts after the first pause again
@@ -251,6 +254,15 @@ def client_verifying(context: ssl.SSLContext, ca_file: str) -> None:
     context.verify_mode = ssl.CERT_REQUIRED
 
 
+def yield_first() -> None:
+    """This process at the lowest CPU priority, and the kernel's first choice to end when
+    the pod runs short of memory (the operator starts it again)."""
+    with contextlib.suppress(OSError):
+        os.nice(NICENESS)
+    with contextlib.suppress(OSError):
+        Path("/proc/self/oom_score_adj").write_text(f"{OOM_SCORE_ADJ}\n")
+
+
 class WebhookProcess:
     """The child: ``phabmesh webhook`` (started by :class:`WebhookSupervisor`)."""
 
@@ -321,8 +333,7 @@ class WebhookProcess:
 
     async def run_until_told(self) -> None:
         """Serve until SIGTERM/SIGINT or until stdin closes (the operator is gone)."""
-        with contextlib.suppress(OSError):
-            os.nice(NICENESS)
+        yield_first()
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
