@@ -501,11 +501,3 @@ def test_an_app_that_runs_as_root_keeps_a_root_agent_beside_it() -> None:
         security = _agent(pod)["securityContext"]
         assert "runAsNonRoot" not in security, where
         assert security["seccompProfile"] == {"type": "RuntimeDefault"}
-
-
-def test_a_windows_pods_agent_has_no_seccomp_profile() -> None:
-    """The API server refuses a seccomp profile on a Windows pod (`restricted` asks none)."""
-    pod = _pod()
-    pod["spec"]["os"] = {"name": "windows"}
-    SIDECAR.apply(pod)
-    assert "seccompProfile" not in _agent(pod)["securityContext"]

@@ -191,10 +191,7 @@ class Injection:
             value = ((app or {}).get("securityContext") or {}).get(key)
             if value is not None:
                 security[key] = value
-        spec = pod.get("spec") or {}
-        if (spec.get("os") or {}).get("name") == "windows":
-            del security["seccompProfile"]  # the API server refuses one on a Windows pod
-        pod_user = (spec.get("securityContext") or {}).get("runAsUser")
+        pod_user = ((pod.get("spec") or {}).get("securityContext") or {}).get("runAsUser")
         if security.get("runAsUser", pod_user) == 0:
             # An app that runs as root by choice (no `restricted` pod): the agent runs as
             # root beside it, or its owner-only files would be out of the app's reach.
