@@ -142,13 +142,14 @@ class Operator(Child):
     def __init__(self, plane: devcluster.ControlPlane, conduit: Conduit, tmp: Path) -> None:
         self.issuer_port = serving.free_port("127.0.0.1")
         self.metrics_port = serving.free_port("127.0.0.1")
+        self.webhook_port = serving.free_port("127.0.0.1")
         env = phabmesh_env(
             plane,
             conduit,
             "operator",
             issuer_port=self.issuer_port,
             metrics_port=self.metrics_port,
-            webhook_port=serving.free_port("127.0.0.1"),
+            webhook_port=self.webhook_port,
         )
         # Every pod here exchanges from one source (one address, no l5d-client-id), as all
         # the replicas of one Deployment share one identity. The default budget per source

@@ -21,8 +21,9 @@ floods, each sent from a process of its own for
 ``--seconds``, again and again: one row per flood with the p99 of ``conduit.ping`` and of
 an authenticated arc-style call (gzip, ``user.whoami`` with a real pod's credential) during
 the flood against the same without it, measured in the same run, how the flood was
-answered, and the gateway's peak memory with its workers. Nothing here asserts: it
-measures and prints.
+answered, and the gateway's peak memory with its workers. Then the injection webhook
+flooded with big AdmissionReviews, beside pings, exchanges and issuances
+(``bench.hostile_webhook``). Nothing here asserts: it measures and prints.
 """
 
 from __future__ import annotations
@@ -767,6 +768,10 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str]]:
                 rows += await identities_flood(plane, conduit, Path(tmp), args)
             if "floods" in args.parts:
                 rows += await gateway_floods(plane, conduit, Path(tmp), args)
+            if "webhook" in args.parts:
+                from bench.hostile_webhook import webhook_flood
+
+                rows += await webhook_flood(plane, conduit, Path(tmp), args)
             return rows
         finally:
             if gateway is not None:
@@ -781,7 +786,7 @@ def main() -> None:
     parser.add_argument("--names", type=int, default=30_000, help="distinct method names")
     parser.add_argument("--flood", type=int, default=600, help="junk tokens (and forged ones)")
     parser.add_argument(
-        "--parts", default="gateway,credentials,identities,floods", help="what to measure"
+        "--parts", default="gateway,credentials,identities,floods,webhook", help="what to measure"
     )
     parser.add_argument(
         "--identities", type=int, default=50, help="flooding service accounts of one namespace"

@@ -73,6 +73,20 @@ def _controller(args: argparse.Namespace) -> int:
     return 0
 
 
+def _webhook(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from phabmesh.admission.server import WebhookProcess
+
+    settings = _settings()
+    try:
+        asyncio.run(WebhookProcess(settings, kubeconfig=args.kubeconfig).run_until_told())
+    except ValueError as exc:  # a setting it cannot use: the message names it
+        print(f"phabmesh webhook: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     if (missing := _dev_kits_missing("run")) is not None:
         return missing
@@ -210,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="coordinate with other replicas (kopf peering) so that only one acts",
     )
     ctl.set_defaults(func=_controller)
+
+    hook = sub.add_parser(
+        "webhook",
+        help="serve the pod-injection webhook (the controller starts it: no need to run it)",
+    )
+    hook.add_argument("--kubeconfig", help="default: $KUBECONFIG, ~/.kube/config or in-cluster")
+    hook.set_defaults(func=_webhook)
 
     run = sub.add_parser(
         "run",

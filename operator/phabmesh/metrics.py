@@ -341,6 +341,13 @@ class Metrics:
             ["outcome"],
             registry=None,
         )
+        self.webhook_refused = Counter(
+            "phabmesh_webhook_refused_total",
+            "AdmissionReviews the webhook refused unread, by reason (TooLarge, Busy, Slow, "
+            "Malformed): each pod was created without injection",
+            ["reason"],
+            registry=None,
+        )
         self.webhook_certificate_expiry = Gauge(
             "phabmesh_webhook_certificate_expiry_timestamp_seconds",
             "notAfter of the webhook's serving certificate (Unix time)",
@@ -405,6 +412,7 @@ class Metrics:
             self.token_reviews,
             self.credential_latency,
             self.pod_injections,
+            self.webhook_refused,
             self.webhook_certificate_expiry,
             self.signing_key_rotation_due,
         ]

@@ -105,6 +105,17 @@ class Settings:
     # phabmesh keeps equal to that CA.
     webhook_secret: str = "phabmesh-webhook-tls"  # noqa: S105 - a Secret's name
     webhook_configuration: str = "phabmesh"
+    # The webhook's own process refuses (and never reads) an AdmissionReview over this many
+    # bytes with 413; it reads and answers this many at once, lets this many more wait
+    # (unread, 2 s at most), and answers one more with 429: either way the pod is created
+    # without injection (failure policy Ignore). One address gets half of each. A pod's
+    # review is rarely over a few hundred KB. A PEM bundle file: when set, the webhook
+    # requires a client certificate signed by it (the API server's, from its
+    # AdmissionConfiguration).
+    webhook_max_request_bytes: int = 1 << 20
+    webhook_max_concurrent: int = 4
+    webhook_max_waiting: int = 32
+    webhook_client_ca: str = ""
     # What injected pods are told: where the credential endpoint and the gateway are, and
     # how long their projected token lives (the API server's minimum is 600 s).
     injected_credential_endpoint: str = "http://phabmesh-issuer.phabmesh-system.svc:8443"
@@ -171,6 +182,13 @@ class Settings:
         values = _local_values(phabricator_url, overrides)
         cls(**values)  # refuse an unknown field here, not in the child
         return {PREFIX + name.upper(): _render(value) for name, value in values.items()}
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as environment variables, for a child process's ``from_env``."""
+        return {
+            PREFIX + f.name.upper(): _render(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+        }
 
     @classmethod
     def documented(cls) -> list[tuple[str, str, Any]]:

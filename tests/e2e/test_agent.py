@@ -68,9 +68,16 @@ def ns(
         # phabfive asks conduit.query first.
         allowedMethods=["user.*", "conduit.ping", "conduit.query"],
     )  # fmt: skip
-    # The webhook's own watch of bindings has it too.
-    injector: admission.Injector = operator.process.injector  # type: ignore[attr-defined]
-    wait_for(lambda: injector.specs_in(namespace), what="the webhook to know the binding")
+    # The webhook's own watch of bindings (in its own process) has it too: a server-side
+    # dry run of a bound pod comes back with the agent.
+    probe = meshed_template("probe")
+    probe["metadata"]["name"] = "probe"
+
+    def knows() -> bool:
+        stored = cluster.core.create_namespaced_pod(namespace, probe, dry_run="All")
+        return inject.AGENT_INJECTED_ANNOTATION in (stored.metadata.annotations or {})
+
+    wait_for(knows, what="the webhook to know the binding")
     return namespace
 
 

@@ -496,3 +496,35 @@ def test_helm_install_then_uninstall(helm: Helm, tmp_path: Path) -> None:
         assert plane.kubectl("get", "clusterkopfpeerings", "-o", "name").stdout.split() == []
         deployments = plane.kubectl("get", "deployments", "-n", SYSTEM, "-o", "name").stdout
         assert deployments.split() == []
+
+
+def test_webhook_callers_narrow_and_the_client_ca_mounts(helm: Helm, default: list[Doc]) -> None:
+    docs = _template(
+        helm,
+        "networkPolicy.webhookFrom[0].ipBlock.cidr=10.0.0.0/28",
+        "webhook.clientCAConfigMap=apiserver-webhook-ca",
+    )
+    policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
+    (webhook_rule,) = [
+        rule
+        for rule in policies["phabmesh-operator"]["spec"]["ingress"]
+        if {"port": "webhook", "protocol": "TCP"} in rule["ports"]
+    ]
+    assert webhook_rule["from"] == [{"ipBlock": {"cidr": "10.0.0.0/28"}}]
+    spec = _pod_templates(docs)["phabmesh-operator"]["spec"]
+    (operator,) = spec["containers"]
+    env = {e["name"]: e.get("value") for e in operator["env"]}
+    (mount,) = [m for m in operator["volumeMounts"] if m["name"] == "webhook-client-ca"]
+    assert env["PHABMESH_WEBHOOK_CLIENT_CA"] == f"{mount['mountPath']}/ca.crt"
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "webhook-client-ca"]
+    assert volume["configMap"] == {"name": "apiserver-webhook-ca"}
+    # By default: no client CA asked for.
+    default_operator = _pod_templates(default)["phabmesh-operator"]["spec"]["containers"][0]
+    assert "PHABMESH_WEBHOOK_CLIENT_CA" not in {e["name"] for e in default_operator["env"]}
+    # Off: no NetworkPolicy at all.
+    off = _template(helm, "networkPolicy.enabled=false")
+    assert not [d for d in off if d["kind"] == "NetworkPolicy"]
+    assert {_key(d) for d in off} == {_key(d) for d in default} - {
+        _key(d) for d in default if d["kind"] == "NetworkPolicy"
+    }

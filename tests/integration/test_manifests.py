@@ -241,6 +241,8 @@ def test_everything_applies_to_a_real_api_server(cluster: Cluster, installed: li
         ("service", "phabmesh-gateway"),
         ("poddisruptionbudget", "phabmesh-operator"),
         ("server.policy.linkerd.io", "phabmesh-metrics"),
+        ("networkpolicy", "phabmesh-operator"),
+        ("networkpolicy", "phabmesh-gateway"),
     ]:
         cluster.kubectl("get", "-n", SYSTEM, kind, name)
     cluster.kubectl("get", "clusterkopfpeering", "phabmesh")
@@ -582,3 +584,23 @@ def test_injection_webhook_reaches_the_operator_and_never_blocks_pods(rendered: 
     # The API server is not meshed: the webhook port bypasses the proxy.
     skip = pod["metadata"]["annotations"]["config.linkerd.io/skip-inbound-ports"]
     assert skip == str(defaults.webhook_port)
+
+
+def test_a_network_policy_names_every_port_of_each_pod(rendered: list[Doc]) -> None:
+    """Each Deployment's pods are selected by a NetworkPolicy for ingress, and each of
+    their container ports is in one of its rules: nothing open by omission, nothing
+    closed by mistake. The webhook port has a rule of its own (the API server's)."""
+    policies = list(_by_kind(rendered, "NetworkPolicy").values())
+    for name, deployment in _by_kind(rendered, "Deployment").items():
+        template = deployment["spec"]["template"]
+        labels = template["metadata"]["labels"]
+        (policy,) = [
+            p for p in policies if p["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+        ]
+        assert policy["spec"]["policyTypes"] == ["Ingress"], name
+        named = {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]}
+        ports = {p["name"] for c in template["spec"]["containers"] for p in c["ports"]}
+        assert ports <= named, (name, ports - named)
+        for rule in policy["spec"]["ingress"]:
+            rule_ports = {port["port"] for port in rule["ports"]}
+            assert "webhook" not in rule_ports or rule_ports == {"webhook"}, name

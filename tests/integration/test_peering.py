@@ -100,9 +100,28 @@ def _admits_with_injection(port: int, ca: Path) -> bool:
         },
     }
     url = f"https://127.0.0.1:{port}/inject"
-    answer = requests.post(url, json=review, verify=str(ca), timeout=5).json()["response"]
+    try:
+        answer = requests.post(url, json=review, verify=str(ca), timeout=5).json()["response"]
+    except requests.ConnectionError:
+        return False  # the webhook's process is still starting
     patch = json.loads(base64.b64decode(answer.get("patch") or "W10="))
     return bool(answer["allowed"] and "phabmesh-token" in json.dumps(patch))
+
+
+def _webhook_pid(log: str) -> int:
+    for line in log.splitlines():
+        if '"webhook_process_ready"' in line:
+            return int(json.loads(line)["pid"])
+    raise AssertionError("no webhook_process_ready line")
+
+
+def _gone(pid: int) -> bool:
+    """The process has ended (exited, even if nobody has reaped it yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
 
 
 def test_one_of_two_replicas_acts_and_the_other_takes_over(
@@ -159,8 +178,11 @@ def test_one_of_two_replicas_acts_and_the_other_takes_over(
 
         # The acting replica dies without a goodbye; the other takes over.
         victim = (first, second)[active]
+        orphan = _webhook_pid(logs[active])
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
+        # Its webhook process sees the operator gone (its stdin closes) and ends too.
+        wait_for(lambda: _gone(orphan), timeout=20, what="the webhook process to end")
         make_pod(cluster, NS, "two", node=None)
         wait_for(
             lambda: len(active_leases(cluster, NS)) == 2,

@@ -475,3 +475,29 @@ def test_the_agent_runs_as_the_apps_user_or_inherits_the_pods() -> None:
     SIDECAR.apply(pod_level)
     assert "runAsUser" not in _agent(pod_level)["securityContext"]
     assert pod_level["spec"]["securityContext"] == {"runAsUser": 1234}
+
+
+def test_the_agent_passes_pod_security_restricted() -> None:
+    """Every field `restricted` checks on a container, set on the agent in each mode."""
+    for injection in (SIDECAR, dataclasses.replace(SIDECAR, agent=resources.AGENT_INIT)):
+        pod = _pod()
+        injection.apply(pod)
+        security = _agent(pod)["securityContext"]
+        assert security["runAsNonRoot"] is True
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        assert security["readOnlyRootFilesystem"] is True
+        assert "runAsUser" not in security  # the image's user (65532), or the pod's
+
+
+def test_an_app_that_runs_as_root_keeps_a_root_agent_beside_it() -> None:
+    """runAsNonRoot with runAsUser 0 would never start: the agent follows the app's choice."""
+    for where in ("container", "pod"):
+        pod = _pod()
+        target = pod["spec"]["containers"][0] if where == "container" else pod["spec"]
+        target["securityContext"] = {"runAsUser": 0}
+        SIDECAR.apply(pod)
+        security = _agent(pod)["securityContext"]
+        assert "runAsNonRoot" not in security, where
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}

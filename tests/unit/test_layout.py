@@ -22,7 +22,7 @@ FORBIDDEN = {
     "gateway": {"controller", "endpoint", "admission", "processes"},
     "endpoint": {"controller", "gateway", "admission", "processes"},
     "admission": {"controller", "gateway", "endpoint", "processes"},
-    "controller": {"gateway", "endpoint", "processes"},
+    "controller": {"gateway", "endpoint", "admission", "processes"},
 }
 RUNTIME_MAY_NOT_IMPORT = {"dev"}
 

@@ -3,14 +3,14 @@
 :mod:`~phabmesh.admission.inject` decides what a pod gets, :class:`Injector` keeps the
 bindings it decides by (its own watch, so a standby replica answers as well as the
 acting one), :mod:`~phabmesh.admission.tls` keeps the serving certificate and the
-caBundle. The handler itself is a kopf ``on.mutate`` handler
-(:func:`phabmesh.controller.handlers.inject_pod`), served by kopf's webhook server.
+caBundle, :mod:`~phabmesh.admission.server` serves the webhook in a process of its own
+beside the operator's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -24,7 +24,7 @@ from phabmesh.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-HANDLER_ID = "inject"  # kopf's handler id, hence the webhook's URL path: /inject
+HANDLER_ID = "inject"  # the webhook's URL path: /inject
 
 
 def _binding_spec(obj: JSON) -> resources.BindingSpec | None:
@@ -43,8 +43,18 @@ def pointed_at(configuration: JSON, url: str) -> JSON:
 class Injector:
     """Answers "what does this new pod get?" from a watch of every binding."""
 
-    def __init__(self, settings: Settings, client: KubeClient) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        client: KubeClient,
+        *,
+        on_decision: Callable[[str], None] | None = None,
+    ) -> None:
         self.settings = settings
+        # Each decision's outcome: by default counted in this process's metrics.
+        self.on_decision = on_decision or (
+            lambda outcome: metrics.current().pod_injections.labels(outcome).inc()
+        )
         self.injection = inject.injection_from(settings)
         self.naming = identity.Naming(
             control_plane_namespace=settings.linkerd_namespace,
@@ -87,7 +97,7 @@ class Injector:
             skip_namespaces=self.skip,
             naming=self.naming,
         )
-        metrics.current().pod_injections.labels(reason).inc()
+        self.on_decision(reason)
         meta = pod.get("metadata") or {}
         log.debug(
             "pod_admission",

@@ -173,19 +173,29 @@ class Injection:
         binding = annotations.get(AGENT_BINDING_ANNOTATION)
         if binding:
             args += ["--binding", str(binding)]
+        # What Pod Security's `restricted` profile asks of every container: a pod that
+        # passes it without the agent passes it with the agent.
         security: dict[str, Any] = {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
         }
         # The files are readable by their owner only (clients such as phabfive refuse an
         # .arcrc others may read): run as the app's user when it has one of its own (else
-        # the pod's, inherited; docs/agent.md says to set one).
+        # the pod's, inherited; docs/agent.md says to set one). Without either, the image's
+        # user (65532) runs it.
         app = _first_app(pod)
         for key in ("runAsUser", "runAsGroup"):
             value = ((app or {}).get("securityContext") or {}).get(key)
             if value is not None:
                 security[key] = value
+        pod_user = ((pod.get("spec") or {}).get("securityContext") or {}).get("runAsUser")
+        if security.get("runAsUser", pod_user) == 0:
+            # An app that runs as root by choice (no `restricted` pod): the agent runs as
+            # root beside it, or its owner-only files would be out of the app's reach.
+            del security["runAsNonRoot"]
         # Where the app's own settings point elsewhere (its own endpoint or gateway), the
         # agent follows them.
         own = {e.get("name"): e for e in (app or {}).get("env") or [] if "value" in e}

@@ -28,7 +28,6 @@ import ssl
 from collections.abc import Sequence
 from typing import Any
 
-import kopf
 import structlog
 
 from phabmesh import metrics
@@ -51,18 +50,6 @@ log = structlog.get_logger(__name__)
 
 CHECK_EVERY = 60.0  # seconds between checks of the Secret and the caBundle
 WEBHOOK_SUFFIX = ".phabmesh.io"  # phabmesh's webhooks in the configuration end with this
-
-
-class WebhookServer(kopf.WebhookServer):
-    """kopf's webhook server, serving with :class:`WebhookTLS`'s context as it is.
-
-    kopf either loads certificate files (and restarts when they change) or makes a
-    self-signed certificate; phabmesh's certificate lives in a Secret and is reloaded
-    into the same context in place, so the key never touches a mounted file.
-    """
-
-    def _build_ssl(self) -> tuple[bytes | None, ssl.SSLContext | None]:
-        return self.cadata, self.context
 
 
 class WebhookTLS:
@@ -154,6 +141,22 @@ class WebhookTLS:
         await self.inject_ca_bundle(material.ca_cert)
         return changed
 
+    async def reload(self) -> bool:
+        """Load the Secret's material into the serving context as it is, writing nothing
+        (the webhook's own process: the operator keeps the Secret); True if it changed."""
+        secret: JSON = await self.client.get(self.secret_path)
+        material = Material.from_secret(secret)
+        if material is None:
+            raise RuntimeError(f"Secret {self.namespace}/{self.secret_name} holds no certificate")
+        if material == self.material:
+            return False
+        if self.context is None:
+            self.context = server_context(material)
+        else:
+            load_into(self.context, material)
+        self.material = material
+        return True
+
     async def inject_ca_bundle(self, ca_pem: bytes) -> bool:
         """Set the caBundle of phabmesh's webhooks; False when there is no configuration."""
         path = resource_path(
@@ -184,12 +187,13 @@ class WebhookTLS:
         log.info("webhook_ca_bundle_set", name=self.configuration, webhooks=len(stale))
         return True
 
-    async def run(self, every: float = CHECK_EVERY) -> None:
-        """Check every ``every`` seconds until cancelled; errors are logged and retried."""
+    async def run(self, every: float = CHECK_EVERY, *, keep: bool = True) -> None:
+        """Check every ``every`` seconds until cancelled; errors are logged and retried.
+        ``keep``: :meth:`refresh` (the operator), else :meth:`reload` (the webhook)."""
         while True:
             await asyncio.sleep(every)
             try:
-                if await self.refresh():
+                if await (self.refresh() if keep else self.reload()):
                     log.info("webhook_certificate_reloaded")
             except (KubeError, RuntimeError, ValueError) as exc:
                 log.warning("webhook_tls_check_failed", error=str(exc))
@@ -203,7 +207,6 @@ __all__ = [  # the certificates' names stay reachable here, where callers have f
     "WEBHOOK_SUFFIX",
     "Clock",
     "Material",
-    "WebhookServer",
     "WebhookTLS",
     "issue",
     "load_into",

@@ -14,7 +14,6 @@ from phabmesh.controller import peering
 from phabmesh.settings import Settings
 
 if TYPE_CHECKING:
-    from phabmesh.admission import Injector
     from phabmesh.controller.state import Memo
 
 
@@ -27,19 +26,16 @@ async def operate(
     standalone: bool = True,
     peering_name: str | None = None,
     liveness_endpoint: str | None = None,
-    injector: Injector | None = None,
-    webhook_server: kopf.WebhookServer | None = None,
     peering_identity: str | None = None,
     peering_priority: int | None = None,
     memo: Memo | None = None,
 ) -> None:
     """Run the controller until ``stop_flag`` is set (or the task is cancelled).
 
-    With ``injector`` and ``webhook_server``, kopf also serves the pod-injection
-    webhook (on every replica: peering pauses only the watching handlers).
-    ``peering_identity`` and ``peering_priority`` are this replica's in kopf's peering
-    (:mod:`phabmesh.controller.peering` reads the peering object back with them); by default kopf's
-    own identity and a random priority.
+    The pod-injection webhook is not kopf's: it has a process of its own
+    (:mod:`phabmesh.admission.server`). ``peering_identity`` and ``peering_priority``
+    are this replica's in kopf's peering (:mod:`phabmesh.controller.peering` reads the
+    peering object back with them); by default kopf's own identity and a random priority.
     """
     from phabmesh.controller import handlers
     from phabmesh.controller.state import Memo
@@ -48,8 +44,6 @@ async def operate(
         os.environ["KUBECONFIG"] = kubeconfig  # kopf's login reads it
     if memo is None:  # else the caller's (the operator process keeps it)
         memo = Memo(settings, kubeconfig=kubeconfig)
-    memo.injector = injector
-    memo.webhook_server = webhook_server
     metrics.current().active_leases.track(memo.world)  # phabmesh_leases_active, at each scrape
     await kopf.operator(
         registry=handlers.registry,

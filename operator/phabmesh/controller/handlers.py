@@ -10,12 +10,12 @@ never written to.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, cast
+from typing import Any
 
 import kopf
 import structlog
 
-from phabmesh import admission, identity, metrics, resources
+from phabmesh import identity, metrics, resources
 from phabmesh.controller.state import Memo
 from phabmesh.leases import decide
 from phabmesh.leases.view import LeaseView
@@ -57,9 +57,9 @@ async def configure(settings: kopf.OperatorSettings, memo: Memo, **_: Any) -> No
     # settings.peering.priority: random per process, given to kopf by controller.operate
     # (phabmesh.controller.peering.new_priority), so that exactly one of identical replicas acts.
     settings.peering.lifetime = int(memo.settings.peering_lifetime)
-    # The injection webhook: served by kopf, configured by phabmesh's own manifest (kopf
-    # does not manage the MutatingWebhookConfiguration; phabmesh keeps its caBundle).
-    settings.admission.server = memo.get("webhook_server")
+    # The injection webhook is not kopf's: it runs in a process of its own
+    # (phabmesh.admission.server), off this event loop.
+    settings.admission.server = None
     settings.admission.managed = None
     await memo.start()
     await memo.startup.preload()
@@ -197,29 +197,6 @@ async def binding_event(
         await memo.leases.renew(binding)
 
 
-# -- pod injection ----------------------------------------------------------------------------
-
-
-@kopf.on.mutate("", "v1", "pods", id=admission.HANDLER_ID, operations=["CREATE"], registry=registry)
-def inject_pod(body: kopf.Body, patch: kopf.Patch, memo: Memo, **_: Any) -> None:
-    """Add the projected token volume and the client settings to a bound pod.
-
-    Never refuses a pod: any error here is logged and the pod is admitted unchanged
-    (the webhook's failure policy is Ignore for the same reason).
-    """
-    injector: admission.Injector | None = memo.get("injector")
-    if injector is None:
-        return
-    namespace = str(body.get("metadata", {}).get("namespace") or "")
-    try:
-        injection = injector.decide(body, namespace)
-    except Exception:
-        log.exception("pod_injection_failed", namespace=namespace)
-        return
-    if injection is not None:
-        patch.fns.append(lambda raw: injection.apply(cast(dict[str, Any], raw)))
-
-
 # -- pods and leases --------------------------------------------------------------------------
 
 
@@ -281,7 +258,6 @@ __all__ = [
     "bot_seen",
     "bot_tick",
     "configure",
-    "inject_pod",
     "lease_event",
     "lease_seen",
     "namespace_event",

@@ -1,13 +1,17 @@
-"""The operator process: the kopf controller and the credential endpoint side by side.
+"""The operator process: the kopf controller and the credential endpoint side by side,
+and the pod-injection webhook in a child process it supervises.
 
-Both share one Kubernetes client; the endpoint keeps serving on a standby
-replica (kopf peering pauses only the controller's handlers).
+The controller and the endpoint share one Kubernetes client and one event loop; the
+endpoint keeps serving on a standby replica (kopf peering pauses only the controller's
+handlers), and so does the webhook. The webhook is kept off this loop
+(:mod:`phabmesh.admission.server`): what its callers send costs its own process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import signal
 
@@ -15,8 +19,8 @@ import structlog
 from aiohttp import web
 
 from phabmesh import controller, gatewayrole, metrics, serving
-from phabmesh.admission import Injector
-from phabmesh.admission.tls import WebhookServer, WebhookTLS, service_names
+from phabmesh.admission.server import WebhookSupervisor
+from phabmesh.admission.tls import WebhookTLS, service_names
 from phabmesh.controller import peering
 from phabmesh.controller.state import Memo
 from phabmesh.credentials.keystore import KeyStore
@@ -56,7 +60,7 @@ class OperatorProcess:
         self.memo = Memo(settings, kubeconfig=kubeconfig)
 
     def ready(self) -> bool:
-        return self.controller_ready.is_set() and self.issuer.ready and self.injector.ready
+        return self.controller_ready.is_set() and self.issuer.ready and self.webhook.settled
 
     def acting(self) -> bool:
         """The controller runs and is not paused by kopf peering (phabmesh_operator_acting)."""
@@ -82,7 +86,6 @@ class OperatorProcess:
             max_credential_ttl=datetime.timedelta(seconds=s.max_credential_ttl + s.clock_skew),
         )
         self.leases = LeaseIndex(self.client, liveness=s.watch_liveness)
-        self.injector = Injector(s, self.client)
         self.issuer = CredentialEndpoint(
             s,
             self.client,
@@ -94,7 +97,6 @@ class OperatorProcess:
         self.tasks.append(asyncio.create_task(self.keys.run()))
         self.tasks.append(asyncio.create_task(self.leases.run()))
         self.tasks.append(asyncio.create_task(self.issuer.grants.run()))
-        self.tasks.append(asyncio.create_task(self.injector.bindings.run()))
         self.webhook_tls = WebhookTLS(
             self.client,
             s.namespace,
@@ -114,14 +116,11 @@ class OperatorProcess:
             liveness=s.watch_liveness,
         )
         self.tasks.append(asyncio.create_task(self.gateway_role.run()))
-        assert self.webhook_tls.material is not None
         self.webhook_port = s.webhook_port or serving.free_port(s.webhook_host)
-        webhook_server = WebhookServer(
-            addr=s.webhook_host,
-            port=self.webhook_port,
-            context=self.webhook_tls.context,
-            cadata=self.webhook_tls.material.ca_cert,
+        self.webhook = WebhookSupervisor(
+            dataclasses.replace(s, webhook_port=self.webhook_port), kubeconfig=self.kubeconfig
         )
+        self.tasks.append(asyncio.create_task(self.webhook.run()))
         if not self.standalone:
             self.peering = peering.PeeringView(
                 self.client,
@@ -140,8 +139,6 @@ class OperatorProcess:
                 ready_flag=self.controller_ready,
                 standalone=self.standalone,
                 peering_name=None if self.standalone else PEERING_NAME,
-                injector=self.injector,
-                webhook_server=webhook_server,
                 peering_identity=self.peering_identity,
                 peering_priority=self.peering_priority,
                 memo=self.memo,
