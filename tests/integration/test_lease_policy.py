@@ -25,8 +25,10 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from phabmesh import resources
+from phabmesh.dev.conduit import ConduitServer
 from tests.kube import Cluster, wait_for
-from tests.phab import SYSTEM, G, V
+from tests.phab import SYSTEM, G, V, active_leases, bind, make_pod
+from tests.stack import Threaded
 
 REPO = Path(__file__).resolve().parents[2]
 OPERATOR = f"system:serviceaccount:{SYSTEM}:phabmesh-operator"
@@ -452,20 +454,18 @@ def test_an_admin_revocation_takes_only_phabmeshs_message_and_the_time_of_the_wr
 
 
 def test_kubectl_phabmesh_revoke_passes_the_policy(
-    cluster: Cluster, policy: None, namespace: str
+    cluster: Cluster, policy: None, namespace: str, conduit: ConduitServer, operator: Threaded
 ) -> None:
     wait_for(
         lambda: _refused_create(cluster, ADMIN, _lease(namespace, "x")),
         what="the policy to be in force (even the cluster's admin is refused)",
     )
-    pod = cluster.core.create_namespaced_pod(
-        namespace,
-        client.V1Pod(
-            metadata=client.V1ObjectMeta(name="runner-1"),
-            spec=client.V1PodSpec(containers=[client.V1Container(name="c", image="i")]),
-        ),
-    )
-    _held(cluster, namespace, "runner-1-lease", pod)
+    # A lease the running operator issued and keeps (one written by hand for a pod no
+    # binding names would be revoked by the operator first).
+    bind(cluster, conduit, namespace)
+    make_pod(cluster, namespace, "runner-1")
+    (held,) = wait_for(lambda: active_leases(cluster, namespace), what="the pod's lease")
+    name = held["metadata"]["name"]
     done = subprocess.run(
         [
             sys.executable,
@@ -488,7 +488,7 @@ def test_kubectl_phabmesh_revoke_passes_the_policy(
     assert done.returncode == 0, done.stderr
     assert [row["result"] for row in json.loads(done.stdout)] == ["revoked"]
     lease = cluster.custom.get_namespaced_custom_object(
-        G, V, namespace, resources.CREDENTIAL_PLURAL, "runner-1-lease"
+        G, V, namespace, resources.CREDENTIAL_PLURAL, name
     )
     status = lease["status"]
     assert (status["phase"], status["reason"], status["message"]) == (
