@@ -64,7 +64,7 @@ def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name) or default)
 
 
-SEEDS = [int(s) for s in (os.environ.get("PHABMESH_CHURN_SEEDS") or "7,10,13").split(",")]
+SEEDS = [int(s) for s in (os.environ.get("PHABMESH_CHURN_SEEDS") or "16,17,13").split(",")]
 STEPS = _env_int("PHABMESH_CHURN_STEPS", 36)
 BURST = _env_int("PHABMESH_CHURN_BURST", 12)
 BOT_SWAP = os.environ.get("PHABMESH_CHURN_BOT_SWAP", "1") != "0"
@@ -310,9 +310,10 @@ def generate(seed: int, count: int, burst: int) -> list[Step]:
         if (i + 1) % burst == 0 or i == count - 1:
             steps.append({"kind": "check"})
             if i + 1 == burst:
-                # Under the credentials that check handed out: the long TTL shrunk, whatever
-                # the draws did to it meanwhile (they stay good until issue + the new TTL).
+                # Under the credentials that check handed out: the long TTL shrunk, and judged
+                # at once (they stay good until their issue time plus the new TTL).
                 steps.append(_ttl_shrink(NAMESPACES[1], "b1"))
+                steps.append({"kind": "check"})
     return steps
 
 
@@ -922,8 +923,9 @@ class Run:
         }
         current = {key: x["metadata"]["uid"] for key, x in leases.items()}
         problems += self._continuity(current)
-        problems += self._exchanges(current)
+        # The credentials of earlier checks first, before this check's exchanges replace them.
         problems += self._old_credentials(current)
+        problems += self._exchanges(current)
         self.leases_before = current
         self.touched = set()
         return problems
