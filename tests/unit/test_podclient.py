@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,9 @@ def test_the_credential_command_says_when_the_endpoint_is_only_the_default(
 ) -> None:
     from phabmesh import cli
 
+    # The command configures logging for its process: here, for this test only.
+    monkeypatch.setattr(logging.getLogger(), "handlers", list(logging.getLogger().handlers))
+    monkeypatch.setattr(cli.logs, "configure", lambda *args, **kwargs: None)
     monkeypatch.delenv("PHABMESH_CREDENTIAL_ENDPOINT", raising=False)
     monkeypatch.setattr(podclient, "DEFAULT_ENDPOINT", "http://127.0.0.1:9")
     token = tmp_path / "token"
