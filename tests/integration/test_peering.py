@@ -54,6 +54,17 @@ def alone(tmp_path: Path) -> Iterator[Cluster]:
         cluster.assert_nothing_forbidden()
 
 
+def _stop(*procs: subprocess.Popen[bytes]) -> None:
+    """Stop replicas as Kubernetes would (SIGTERM, then SIGKILL after a grace period)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def _port(log: str, which: str = "webhook_port") -> int:
     for line in log.splitlines():
         if '"operator_started"' in line:
@@ -191,13 +202,7 @@ def test_one_of_two_replicas_acts_and_the_other_takes_over(
         )
         assert _acting(read_logs()[1 - active]) == 1.0
     finally:
-        for proc in (first, second):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        _stop(first, second)
 
 
 def test_two_replicas_never_act_at_once_across_an_api_server_outage(
@@ -252,13 +257,7 @@ def test_two_replicas_never_act_at_once_across_an_api_server_outage(
         wait_for(lambda: active_leases(cluster, NS), timeout=90, what="a lease after the outage")
     finally:
         done.set()
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        _stop(*procs)
     # Both acting is seen at most in one sample at a time: the moment between a keep-alive
     # landing and the other replica's watch bringing it (milliseconds), never a stretch.
     both = [i for i, (_, values) in enumerate(samples) if values == [1.0, 1.0]]

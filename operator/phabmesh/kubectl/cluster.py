@@ -157,13 +157,20 @@ class Session:
             attributes["namespace"] = namespace
         if name:
             attributes["name"] = name
+        return await self.allowed(attributes, user, groups)
+
+    async def allowed(
+        self, attributes: JSON, user: str | None = None, groups: list[str] | None = None
+    ) -> bool:
+        """May ``user`` (in ``groups``) do what ``attributes`` say? A SubjectAccessReview;
+        without a user, a SelfSubjectAccessReview: may the caller itself?"""
+        kind = "SubjectAccessReview" if user else "SelfSubjectAccessReview"
+        spec: JSON = {"resourceAttributes": attributes}
+        if user:
+            spec.update(user=user, groups=groups or [])
         review = await self.client.create(
-            "/apis/authorization.k8s.io/v1/subjectaccessreviews",
-            {
-                "apiVersion": "authorization.k8s.io/v1",
-                "kind": "SubjectAccessReview",
-                "spec": {"user": user, "groups": groups, "resourceAttributes": attributes},
-            },
+            f"/apis/authorization.k8s.io/v1/{kind.lower()}s",
+            {"apiVersion": "authorization.k8s.io/v1", "kind": kind, "spec": spec},
         )
         return bool((review.get("status") or {}).get("allowed"))
 

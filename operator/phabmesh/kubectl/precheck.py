@@ -121,15 +121,7 @@ async def run(session: cluster.Session) -> list[Result]:
             attributes: JSON = {"group": group, "resource": resource, "verb": "create"}
             if namespaced:
                 attributes["namespace"] = system
-            review = await session.client.create(
-                "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
-                {
-                    "apiVersion": "authorization.k8s.io/v1",
-                    "kind": "SelfSubjectAccessReview",
-                    "spec": {"resourceAttributes": attributes},
-                },
-            )
-            return bool((review.get("status") or {}).get("allowed"))
+            return await session.allowed(attributes)  # the caller's own
 
         allowed = await asyncio.gather(*(may(*row) for row in CREATES))
         denied = [
