@@ -15,7 +15,6 @@ import dataclasses
 import datetime
 import os
 import random
-import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,6 +23,8 @@ from typing import Any
 
 import requests
 import structlog
+
+from phabmesh import neterrors
 
 log = structlog.get_logger(__name__)
 
@@ -87,7 +88,7 @@ def exchange(
     except requests.RequestException as exc:
         where = f" ({source})" if source else ""
         raise ExchangeError(
-            f"credential endpoint {endpoint}{where} unreachable: {_cause(exc, timeout)}"
+            f"credential endpoint {endpoint}{where} unreachable: {neterrors.cause(exc, timeout)}"
         ) from exc
     try:
         body: dict[str, Any] = resp.json()
@@ -110,22 +111,6 @@ def exchange(
         bot=str(body.get("bot", "")),
         format=str(body.get("format", "")),
     )
-
-
-_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
-
-
-def _cause(exc: requests.RequestException, timeout: float) -> str:
-    """What went wrong, in a few words: the system's own (connection refused, name not
-    known...) where the exception carries it, else its kind."""
-    if isinstance(exc, requests.ConnectTimeout):
-        return f"no connection within {timeout:g} s"
-    if isinstance(exc, requests.ReadTimeout):
-        return f"no answer within {timeout:g} s"
-    found = _ERRNO.search(str(exc))
-    if found:
-        return found.group(1).strip()
-    return type(exc).__name__
 
 
 def write_atomically(path: Path, content: str) -> None:

@@ -302,6 +302,9 @@ def test_phabricator_down_then_back(gateway: Threaded, conduit: ConduitServer, p
         conduit.down, conduit.delay = False, 3.0  # slower than the gateway's 2 s timeout
         slow = call(gateway, "user.whoami", data={"api.token": pod.credential})
         assert envelope(slow)["error_code"] == "ERR-PHABRICATOR-UNAVAILABLE"
+        # The answer names where the gateway looked, and why it got nothing.
+        info = envelope(slow)["error_info"]
+        assert f"Phabricator at {conduit.url} is unavailable (timeout: " in info, info
     finally:
         conduit.down, conduit.delay = False, 0.0
     back = envelope(call(gateway, "user.whoami", data={"api.token": pod.credential}))

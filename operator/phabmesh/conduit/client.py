@@ -21,6 +21,7 @@ from urllib.parse import urlencode, urlsplit
 import requests
 import structlog
 
+from phabmesh import neterrors
 from phabmesh.conduit import wire
 from phabmesh.conduit.errors import (
     UNAVAILABLE,
@@ -194,9 +195,13 @@ class ConduitClient:
             )
         except requests.RequestException as exc:
             kind = "timeout" if isinstance(exc, requests.Timeout) else "transport error"
+            timeout = self.timeout if isinstance(self.timeout, float | int) else None
             raise _Retryable(
                 PhabricatorUnavailable(
-                    UNAVAILABLE, f"{kind} calling {method} ({type(exc).__name__})"
+                    UNAVAILABLE,
+                    f"{kind} calling {method} at {self.base_url}: "
+                    f"{neterrors.cause(exc, timeout)} (check the Phabricator URL, "
+                    "PHABMESH_PHABRICATOR_URL)",
                 )
             ) from exc
         if resp.is_redirect or 300 <= resp.status_code < 400:

@@ -52,7 +52,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from phabmesh import credentials, logs, matching, metrics, resources
+from phabmesh import credentials, logs, matching, metrics, neterrors, resources
 from phabmesh.conduit import client as conduit_client
 from phabmesh.conduit import responses, wire
 from phabmesh.gateway import offload
@@ -644,7 +644,8 @@ class Gateway:
             metrics.current().gateway_upstream_errors.labels(kind=kind).inc()
             raise Refusal(
                 "ERR-PHABRICATOR-UNAVAILABLE",
-                f"Phabricator is unavailable ({kind}); retry later",
+                f"Phabricator at {self.upstream} is unavailable ({kind}: "
+                f"{neterrors.cause(exc, self.settings.conduit_timeout)}); retry later",
                 "upstream_unavailable",
                 503,
             ) from exc

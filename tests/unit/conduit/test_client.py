@@ -281,3 +281,13 @@ def test_a_redirect_is_never_followed_with_the_bot_token(status: int, compress: 
         assert "not followed" in raised.value.info
         assert redirects.received == []
         assert not redirects.got("api-bottokenbottokenbottokenbott")
+
+
+def test_an_unreachable_phabricator_is_named_with_the_systems_own_reason() -> None:
+    client = conduit.ConduitClient("http://127.0.0.1:9", attempts=1, timeout=2)
+    with pytest.raises(conduit.PhabricatorUnavailable) as refused:
+        client.call("user.whoami", token="api-" + "a" * 28)
+    message = str(refused.value)
+    assert "calling user.whoami at http://127.0.0.1:9: Connection refused" in message, message
+    assert "PHABMESH_PHABRICATOR_URL" in message
+    assert "api-aaaa" not in message
