@@ -396,13 +396,14 @@ class ShippedOperator(Child):
     def __init__(self, plane: devcluster.ControlPlane, conduit: Conduit, tmp: Path) -> None:
         self.issuer_port = serving.free_port("127.0.0.1")
         self.metrics_port = serving.free_port("127.0.0.1")
+        self.webhook_port = serving.free_port("127.0.0.1")
         env = phabmesh_env(
             plane,
             conduit,
             "operator",
             issuer_port=self.issuer_port,
             metrics_port=self.metrics_port,
-            webhook_port=serving.free_port("127.0.0.1"),
+            webhook_port=self.webhook_port,
         )
         super().__init__(
             [sys.executable, "-m", "phabmesh.cli", "controller"], env, tmp / "op-shipped.log"
@@ -768,6 +769,10 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str]]:
                 rows += await identities_flood(plane, conduit, Path(tmp), args)
             if "floods" in args.parts:
                 rows += await gateway_floods(plane, conduit, Path(tmp), args)
+            if "rows" in args.parts:
+                from bench.hostile_rows import flood_rows
+
+                rows += await flood_rows(plane, conduit, Path(tmp), args)
             if "webhook" in args.parts:
                 from bench.hostile_webhook import webhook_flood
 
@@ -786,7 +791,9 @@ def main() -> None:
     parser.add_argument("--names", type=int, default=30_000, help="distinct method names")
     parser.add_argument("--flood", type=int, default=600, help="junk tokens (and forged ones)")
     parser.add_argument(
-        "--parts", default="gateway,credentials,identities,floods,webhook", help="what to measure"
+        "--parts",
+        default="rows,gateway,credentials,identities,floods,webhook",
+        help="what to measure (rows: ping, exchange and issuance during each flood)",
     )
     parser.add_argument(
         "--identities", type=int, default=50, help="flooding service accounts of one namespace"

@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -38,6 +39,9 @@ from phabmesh.dev import devcluster
 from phabmesh.kube import Conflict, KubeClient, load_connection
 from phabmesh.leases.index import LeaseIndex
 
+if TYPE_CHECKING:
+    from bench.hostile import ShippedOperator
+
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
@@ -55,16 +59,18 @@ def _child_memory_mb(pid: int) -> tuple[float, float]:
     return _memory_mb(int(children[0])) if children else (0.0, 0.0)
 
 
-async def _loops(
+async def loops(
     http: aiohttp.ClientSession,
     kube: KubeClient,
     leases: LeaseIndex,
     gateway: Gateway,
-    operator: Operator,
+    operator: Operator | ShippedOperator,
     seconds: float,
     tag: str,
+    pace: float = 0.01,
 ) -> tuple[list[float], list[float], list[float]]:
-    """(ping, exchange, issuance) times, each loop one after another for ``seconds``."""
+    """(ping, exchange, issuance) times, each loop one after another for ``seconds``
+    (exchanges ``pace`` seconds apart)."""
     url = f"http://127.0.0.1:{operator.issuer_port}/v1/credentials"
     identity = f"runner.{NS}.serviceaccount.identity.linkerd.cluster.local"
     (pod,) = await pods(kube, NS, 1, prefix=f"exchanger-{tag}", running=True)
@@ -101,7 +107,7 @@ async def _loops(
             took.append(time.perf_counter() - started)
             if status != 200:
                 raise RuntimeError(f"exchange refused: {status}")
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(pace)
         return took
 
     async def issuance() -> list[float]:
@@ -138,7 +144,7 @@ async def webhook_flood(
             await setup(kube, conduit)
         await ready(http, operator.metrics_port)
         await ready(http, gateway.metrics_port)
-        alone = await _loops(http, kube, leases, gateway, operator, args.seconds, "alone")
+        alone = await loops(http, kube, leases, gateway, operator, args.seconds, "alone")
         flooder = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.webhook_flood", str(operator.webhook_port),
             str(args.seconds + 5), "8", "400000", NS, "runner",
@@ -148,7 +154,7 @@ async def webhook_flood(
             assert flooder.stdout is not None
             await flooder.stdout.readline()  # started
             await asyncio.sleep(1.0)
-            during = await _loops(http, kube, leases, gateway, operator, args.seconds, "flood")
+            during = await loops(http, kube, leases, gateway, operator, args.seconds, "flood")
             lasted = flooder.returncode is None  # the flood outlived the measurement
             out = (await flooder.communicate())[0].decode()
         finally:
