@@ -45,7 +45,7 @@ import requests
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from phabmesh import resources
+from phabmesh import metrics, resources
 from phabmesh.credentials import phorge
 from phabmesh.dev import devcluster
 from phabmesh.dev.conduit import ConduitServer
@@ -299,8 +299,13 @@ def generate(seed: int, count: int, burst: int) -> list[Step]:
     stop_at = restart_burst * burst + rng.randrange(max(1, burst // 2))
     start_at = min(stop_at + 1 + rng.randrange(max(1, burst // 2)), (restart_burst + 1) * burst - 1)
     long_down = seed % 2 == 0
+    # In every third run, Phabricator is down across the restart (until the next check):
+    # the bots go Unknown and keep their leases, through the restart too.
+    dark = seed % 3 == 1
     for i in range(count):
         if i == stop_at:
+            if dark:
+                steps.append({"kind": "phabricator_down"})
             steps.append({"kind": "operator_stop"})
         if i == start_at:
             steps.append({"kind": "operator_start", "down": LONG_DOWN if long_down else 0.0})
@@ -534,6 +539,8 @@ class Run:
             bots={bot: Bot({"phabmesh.io/bots": "allowed"}) for bot in BOTS},
         )
         self.credentials: dict[tuple[str, str], Credential] = {}
+        self.dark = False  # Phabricator down since a step of this burst
+        self.dark_revoked = 0.0  # leases revoked BotNotReady since (operators stopped meanwhile)
         self.leases_before: dict[tuple[str, str], str] = {}
         self.touched: set[tuple[str, ...]] = set()
         self.log: list[str] = []
@@ -609,7 +616,49 @@ class Run:
         return done
 
     def _operator_stop(self, step: Step) -> bool:
+        self.dark_revoked += self._revoked_for_bots()
         self.system.stop_operator()
+        return True
+
+    def _revoked_for_bots(self) -> float:
+        """Leases the running operator has revoked for a bot not Ready (its metric)."""
+        if self.system.operator is None:
+            return 0.0
+        recorded = self.system.operator.process.metrics  # type: ignore[attr-defined]
+        return sum(
+            value
+            for labels, value in metrics.samples(recorded, "phabmesh_leases_revoked_total")
+            if labels.get("reason") == resources.BOT_NOT_READY
+        )
+
+    def _phabricator_down(self, step: Step) -> bool:
+        """Phabricator down until the next check; once the running operator has found every
+        bot Unknown, so that the restart after this finds them so."""
+        if self.system.operator is None:
+            return False
+        self.system.conduit.down = True
+        names = [self.bot(name) for name in BOTS]
+
+        def unknown() -> bool:
+            for name in names:
+                body = self.cluster.custom.get_cluster_custom_object(
+                    G, V, resources.BOT_PLURAL, name
+                )
+                ready = next(
+                    (c for c in (body.get("status") or {}).get("conditions") or []
+                     if c["type"] == "Ready"),
+                    {},
+                )  # fmt: skip
+                if ready.get("status") != "Unknown":
+                    return False
+            return True
+
+        wait_for(unknown, timeout=30, what="every bot Unknown while Phabricator is down")
+        # From here on (a check that was under way when it went down, and found a bot
+        # disabled just before, has landed by now): no lease may go for a bot's sake.
+        self.dark = True
+        self.dark_revoked = -self._revoked_for_bots()
+        self.counts["restarts while Phabricator was down"] += 1
         return True
 
     def _operator_start(self, step: Step) -> bool:
@@ -911,6 +960,19 @@ class Run:
         return problems
 
     def check(self) -> list[str]:
+        dark_problems = []
+        if self.dark:
+            # Phabricator was only unreachable: no lease may have gone for its bot's sake,
+            # across the operator's restart too (the bots' status said Unknown).
+            revoked = self.dark_revoked + self._revoked_for_bots()
+            if revoked:
+                dark_problems.append(
+                    f"{revoked:g} lease(s) revoked BotNotReady while Phabricator was only down"
+                )
+            self.dark = False
+        self.system.conduit.down = False  # checks call Phabricator through the gateway
+        if dark_problems:
+            return dark_problems
         if self.system.operator is None:
             self.system.start_operator()
         problems = self.settle()
@@ -1122,6 +1184,7 @@ def replay(system: System, seed: int, steps: list[Step]) -> tuple[list[str], Run
                 run.counts["steps"] += 1
         return [], run
     finally:
+        system.conduit.down = False  # a run that failed while Phabricator was down
         if system.operator is None:
             system.start_operator()
 
