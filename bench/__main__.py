@@ -139,7 +139,17 @@ def phabmesh_env(
 
 
 class Operator(Child):
-    def __init__(self, plane: devcluster.ControlPlane, conduit: Conduit, tmp: Path) -> None:
+    """``phabmesh controller``; with ``shipped_budgets``, its TokenReview budgets as shipped
+    (else raised for the benchmark's one-identity pods, below)."""
+
+    def __init__(
+        self,
+        plane: devcluster.ControlPlane,
+        conduit: Conduit,
+        tmp: Path,
+        *,
+        shipped_budgets: bool = False,
+    ) -> None:
         self.issuer_port = serving.free_port("127.0.0.1")
         self.metrics_port = serving.free_port("127.0.0.1")
         self.webhook_port = serving.free_port("127.0.0.1")
@@ -155,12 +165,14 @@ class Operator(Child):
         # the replicas of one Deployment share one identity. The default budget per source
         # (a burst of 100, then 20/s: docs/settings.md) would pace the exchange figures
         # after the hundredth; it is raised as for a Deployment of that size.
-        env["PHABMESH_TOKEN_REVIEW_SOURCE_BURST"] = "5000"  # noqa: S105 - a number
-        env["PHABMESH_TOKEN_REVIEW_SOURCE_QPS"] = "1000"  # noqa: S105 - a number
-        # So is the budget of their namespace (callers without a mesh identity share one).
-        env["PHABMESH_TOKEN_REVIEW_NAMESPACE_BURST"] = "5000"  # noqa: S105 - a number
-        env["PHABMESH_TOKEN_REVIEW_NAMESPACE_QPS"] = "1000"  # noqa: S105 - a number
-        super().__init__([sys.executable, "-m", "phabmesh.cli", "controller"], env, tmp / "op.log")
+        if not shipped_budgets:
+            env["PHABMESH_TOKEN_REVIEW_SOURCE_BURST"] = "5000"  # noqa: S105 - a number
+            env["PHABMESH_TOKEN_REVIEW_SOURCE_QPS"] = "1000"  # noqa: S105 - a number
+            # So is the budget of their namespace (callers without a mesh identity share one).
+            env["PHABMESH_TOKEN_REVIEW_NAMESPACE_BURST"] = "5000"  # noqa: S105 - a number
+            env["PHABMESH_TOKEN_REVIEW_NAMESPACE_QPS"] = "1000"  # noqa: S105 - a number
+        log = tmp / ("op-shipped.log" if shipped_budgets else "op.log")
+        super().__init__([sys.executable, "-m", "phabmesh.cli", "controller"], env, log)
 
 
 class Gateway(Child):

@@ -55,7 +55,6 @@ from bench.__main__ import (
     V,
     ms,
     pct,
-    phabmesh_env,
     pods,
     ready,
     setup,
@@ -390,24 +389,11 @@ async def credential_flood(
 FLOOD_NAMESPACE = "tenant-flood"  # the flooding identities' namespace (headers only)
 
 
-class ShippedOperator(Child):
+class ShippedOperator(Operator):
     """``phabmesh controller`` with the shipped TokenReview budgets."""
 
     def __init__(self, plane: devcluster.ControlPlane, conduit: Conduit, tmp: Path) -> None:
-        self.issuer_port = serving.free_port("127.0.0.1")
-        self.metrics_port = serving.free_port("127.0.0.1")
-        self.webhook_port = serving.free_port("127.0.0.1")
-        env = phabmesh_env(
-            plane,
-            conduit,
-            "operator",
-            issuer_port=self.issuer_port,
-            metrics_port=self.metrics_port,
-            webhook_port=self.webhook_port,
-        )
-        super().__init__(
-            [sys.executable, "-m", "phabmesh.cli", "controller"], env, tmp / "op-shipped.log"
-        )
+        super().__init__(plane, conduit, tmp, shipped_budgets=True)
 
 
 def _identities_flood(url: str, identities: int, seconds: float) -> list[int]:
