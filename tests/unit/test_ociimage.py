@@ -4,8 +4,8 @@ self-consistent in the digests that containerd and podman check on import."""
 from __future__ import annotations
 
 import gzip
-import io
 import hashlib
+import io
 import json
 import tarfile
 from pathlib import Path
