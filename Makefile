@@ -49,6 +49,10 @@ monitoring-tools: $(STAMP) ## Build promtool and fetch prometheus-operator's CRD
 helm: $(STAMP) ## Build Helm for the chart's tests (once; cached like the control plane)
 	$(BIN)/python -m phabmesh.dev.devcluster helm-path
 
+.PHONY: cluster-dns
+cluster-dns: $(STAMP) ## Build CoreDNS and its image archive for a real node's cluster DNS (once; cached)
+	$(BIN)/python -m phabmesh.dev.clusterdns image
+
 $(CLIENTS_STAMP): $(CLIENTS)/python/requirements.txt $(CLIENTS)/python/constraints.txt $(CLIENTS)/node/package.json $(CLIENTS)/node/package-lock.json
 	@test -x $(CLIENTS_VENV)/bin/python || $(PYTHON) -m venv $(CLIENTS_VENV)
 	$(CLIENTS_VENV)/bin/python -m pip install --quiet --upgrade pip

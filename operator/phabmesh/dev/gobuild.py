@@ -159,7 +159,8 @@ def build_binaries(log: Path | None = None) -> Binaries:
 def go_tool(name: str, module: str, ldflags: str = "-s -w", tags: str = "") -> Path:
     """Build (once) the Go module ``tests/controlplane/<name>``; return its binaries' directory.
 
-    The same as the control plane's two modules: ``tools.go`` pins the commands, ``go.mod``
+    The same as the control plane's two modules: ``tools.go`` pins the commands (or, without
+    one, the module is itself the main package to build), ``go.mod``
     the version of ``module``, and the cache is keyed by both (and by the build ``tags``,
     comma-separated). Used for the tools the tests run beside the control plane.
     """
@@ -171,11 +172,14 @@ def go_tool(name: str, module: str, ldflags: str = "-s -w", tags: str = "") -> P
 def _build_module(
     mod: Path, name: str, version: str, ldflags: str, log: Path | None, tags: str = ""
 ) -> Path:
-    files = [mod / "go.mod", mod / "go.sum", mod / "tools.go"]
+    # A module pins its commands in tools.go, or is itself the main package (its *.go files).
+    files = [mod / "go.mod", mod / "go.sum", *sorted(mod.glob("*.go"))]
     keyed = b"".join(f.read_bytes() for f in files) + (f"tags={tags}".encode() if tags else b"")
     digest = hashlib.sha256(keyed).hexdigest()[:12]
     bindir = cache_home() / f"{name}-{version}-{digest}"
-    _build_into(bindir, mod, version, ldflags, commands(mod / "tools.go"), log, tags)
+    tools = mod / "tools.go"
+    packages = commands(tools) if tools.is_file() else ["."]
+    _build_into(bindir, mod, version, ldflags, packages, log, tags)
     return bindir
 
 
@@ -332,3 +336,15 @@ def prometheus_operator_crds() -> Path:
     if not crds.is_dir():
         raise ControlPlaneError(f"{PROMETHEUS_OPERATOR_MODULE} {version} has no {crds.name}/")
     return crds
+
+
+# -- CoreDNS, the cluster DNS of a real node ----------------------------------------------------
+
+COREDNS_MODULE = "github.com/coredns/coredns"
+
+
+def coredns() -> Path:
+    """CoreDNS, built (once) from ``tests/controlplane/coredns``: a main package of its own
+    that registers only the plugins the cluster DNS's Corefile uses (phabmesh.dev.clusterdns).
+    Static (CGO off), so it runs alone in an image."""
+    return go_tool("coredns", COREDNS_MODULE) / "coredns"
