@@ -217,7 +217,10 @@ def coredns(
             assert proc.poll() is None, f"CoreDNS exited:\n{server.output()}"
             return http_ok(f"http://127.0.0.1:{ready}/ready")
 
-        wait_for(ready_or_exited, timeout=60, interval=0.2, what="CoreDNS to be ready")
+        try:
+            wait_for(ready_or_exited, timeout=60, interval=0.2, what="CoreDNS to be ready")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; its log:\n{server.output()[-3000:]}") from None
         assert http_ok(f"http://127.0.0.1:{health}/health")
         yield server
     finally:

@@ -145,3 +145,19 @@ def test_the_image_is_the_binary_as_a_nonroot_entrypoint_and_cached(
 def test_a_missing_binary_says_how_to_build_it(tmp_path: Path) -> None:
     with pytest.raises(clusterdns.ClusterDnsError, match=r"gobuild\.coredns\(\)"):
         clusterdns.image(tmp_path / "coredns")
+
+
+def test_the_api_server_address_can_be_given_and_is_checked() -> None:
+    spec = by_kind(clusterdns.manifests())["Deployment"]["spec"]["template"]["spec"]
+    assert "env" not in spec["containers"][0]  # the kubelet's KUBERNETES_SERVICE_* apply
+    given = by_kind(clusterdns.manifests(apiserver="10.85.0.1:6443"))["Deployment"]
+    (container,) = given["spec"]["template"]["spec"]["containers"]
+    assert container["env"] == [
+        {"name": "KUBERNETES_SERVICE_HOST", "value": "10.85.0.1"},
+        {"name": "KUBERNETES_SERVICE_PORT", "value": "6443"},
+    ]
+    ipv6 = by_kind(clusterdns.manifests(apiserver="[fd00::1]:6443"))["Deployment"]
+    assert ipv6["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"] == "fd00::1"
+    for wrong in ("10.85.0.1", "10.85.0.1:https", ":6443"):
+        with pytest.raises(clusterdns.ClusterDnsError, match="apiserver must be HOST:PORT"):
+            clusterdns.manifests(apiserver=wrong)

@@ -86,13 +86,20 @@ def corefile(
     return "\n".join(lines) + "\n"
 
 
-def manifests(*, node: str | None = None) -> list[dict[str, Any]]:
+def manifests(*, node: str | None = None, apiserver: str | None = None) -> list[dict[str, Any]]:
     """ServiceAccount, ClusterRole and its binding, the Corefile's ConfigMap, the Deployment
     and the Service ``kube-system/kube-dns`` at ``CLUSTER_IP``.
 
     The pod runs on a node with a kubelet: not on the control plane's simulated nodes
-    (label ``type=kwok``), and on ``node`` if one is named.
+    (label ``type=kwok``), and on ``node`` if one is named. It reaches the API server as
+    any in-cluster client does, at the ``kubernetes`` Service (``KUBERNETES_SERVICE_HOST``
+    and ``_PORT``, which the kubelet sets), or at ``apiserver`` (``HOST:PORT``) if given:
+    an address the pod can reach whose name the API server's certificate holds.
     """
+    if apiserver is not None:
+        host, sep, port = apiserver.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ClusterDnsError(f"apiserver must be HOST:PORT, not {apiserver!r}")
     meta = {"name": NAME, "namespace": NAMESPACE, "labels": dict(LABELS)}
     account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta}
     role = {
@@ -189,6 +196,11 @@ def manifests(*, node: str | None = None) -> list[dict[str, Any]]:
             }
         ],
     }
+    if apiserver is not None:
+        pod_spec["containers"][0]["env"] = [
+            {"name": "KUBERNETES_SERVICE_HOST", "value": host.strip("[]")},
+            {"name": "KUBERNETES_SERVICE_PORT", "value": port},
+        ]
     if node:
         pod_spec["nodeSelector"] = {"kubernetes.io/hostname": node}
     else:
@@ -273,6 +285,7 @@ def install(
     import_image: Callable[[Path], object],
     *,
     node: str | None = None,
+    apiserver: str | None = None,
     binary: Path | None = None,
     timeout: float = 120,
 ) -> None:
@@ -282,7 +295,8 @@ def install(
     containerd: ``ctr -n k8s.io images import ARCHIVE``); the pods never pull it. Then the
     manifests are applied (server-side, so it can run again) and the Deployment is awaited
     Available: its pod passed the readiness probe, the kubernetes plugin has synced.
-    ``node`` pins the pod to that node; ``binary`` is CoreDNS (built if not given).
+    ``node`` pins the pod to that node, ``apiserver`` (``HOST:PORT``) is where it reaches
+    the API server (see ``manifests``); ``binary`` is CoreDNS (built if not given).
     """
     archive = image(binary or gobuild.coredns())
     import_image(archive)
@@ -292,7 +306,7 @@ def install(
         f"--field-manager={FIELD_MANAGER}",
         "-f",
         "-",
-        input=yaml.safe_dump_all(manifests(node=node)),
+        input=yaml.safe_dump_all(manifests(node=node, apiserver=apiserver)),
     )
     waited = control_plane.kubectl(
         "wait",
