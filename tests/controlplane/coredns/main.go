@@ -1,7 +1,9 @@
 // Builds CoreDNS for the local control plane's cluster DNS, with only the plugins its
-// Corefile uses (phabmesh.dev.clusterdns). Each blank import registers one plugin; the
-// order in which a server runs them is dnsserver.Directives, CoreDNS's own list, so
-// leaving plugins out changes nothing for the ones kept.
+// Corefile uses (phabmesh.dev.clusterdns), plus bind for running it as a host process on
+// one address. Each blank import registers one plugin; the order in which a server runs
+// them is dnsserver.Directives, CoreDNS's own list, so leaving plugins out changes nothing
+// for the ones kept, and a Corefile naming a plugin left out does not load. No plugin
+// forwards: the server has no upstream.
 package main
 
 import (
