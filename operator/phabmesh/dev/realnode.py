@@ -925,3 +925,26 @@ oom_score = 0
                 if line.startswith("VmRSS:"):
                     out[name] = int(line.split()[1])
         return out
+
+
+def leftovers(node_dir: Path) -> list[str]:
+    """What a node with ``node_dir`` left on the host, if anything (after ``stop()``: nothing):
+    its processes, mounts under the directory, kubepods cgroups, the bridge, KUBE-* chains,
+    our CNI chains and rules, container log links, the lock."""
+    root = str(node_dir.resolve())
+    left = [f"process {pid}" for pid in _processes_mentioning(root + "/", NODE_PROCESSES)]
+    left += [f"mount {target}" for target in _mounts_under(node_dir)]
+    left += [f"cgroup {path}" for path in _cgroup_roots()]
+    if Path("/sys/class/net", BRIDGE).exists():
+        left.append(f"bridge {BRIDGE}")
+    left += iptables_leftovers()
+    if CONTAINER_LOGS.is_dir():
+        left += [
+            f"log link {link}"
+            for link in CONTAINER_LOGS.iterdir()
+            if link.is_symlink() and os.readlink(link).startswith(root + "/")
+        ]
+    left += [f"CNI cache {p}" for p in (CNI_CACHE / "results").glob(f"{CNI_NETWORK}-*")]
+    if STATE_DIR.exists():
+        left.append(f"state {STATE_DIR}")
+    return left
