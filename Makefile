@@ -78,7 +78,7 @@ clients: $(CLIENTS_STAMP) ## Install the Conduit clients the e2e tests run (arc,
 .PHONY: node-packages
 node-packages: ## Install the real node's packages (containerd, runc, CNI plugins, iptables, ...) with apt-get
 	@missing=$$(dpkg-query -W -f='$${db:Status-Abbrev} $${Package}\n' $(NODE_DEBS) $(NODE_BUILD_DEBS) 2>/dev/null \
-	  | awk '$$1 == "ii" {print $$2}' | sort | comm -13 - <(echo $(NODE_DEBS) $(NODE_BUILD_DEBS) | tr ' ' '\n' | sort) | tr '\n' ' '); \
+	  | awk '$$1 == "ii" {print $$2}' | sort | comm -13 - <(echo $(NODE_DEBS) $(NODE_BUILD_DEBS) | tr ' ' '\n' | sort) | xargs); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then \
 	    echo "make node-packages: missing $$missing; as root: apt-get install $(NODE_DEBS) $(NODE_BUILD_DEBS)" >&2; exit 1; \

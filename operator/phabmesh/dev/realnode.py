@@ -42,9 +42,11 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -415,6 +417,24 @@ def clean_host(node_dirs: Sequence[Path], state: dict[str, Any]) -> None:
     _restore_sysctls(state.get("sysctls", {}))
 
 
+@contextlib.contextmanager
+def _signals_deferred(note: str) -> Iterator[None]:
+    """SIGINT and SIGTERM only noted (on stderr) while the block runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def noted(signum: int, frame: object) -> None:
+        print(note, file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, noted) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 # -- the node ---------------------------------------------------------------------------------
 
 
@@ -490,10 +510,15 @@ class RealNode:
             raise
 
     def stop(self) -> None:
-        """Pods away through the kubelet, then the processes, then everything on the host."""
+        """Pods away through the kubelet, then the processes, then everything on the host.
+
+        Not interrupted by SIGINT or SIGTERM (a second Ctrl-C): they are noted and ignored
+        until it is done. If it fails all the same, the state file stays for the next start
+        to clean up after this run.
+        """
         if self._lock is None:
             return
-        try:
+        with _signals_deferred("stopping the real node first; it takes a few seconds"):
             if self.running("kubelet") and self.plane.running("kube-apiserver"):
                 self._delete_pods()
             for name in ("kube-proxy", "kubelet"):
@@ -504,7 +529,6 @@ class RealNode:
             clean_host([self.root], self._state)
             if self.plane.running("kube-apiserver"):
                 self.plane.kubectl("delete", "node", self.name, "--ignore-not-found", check=False)
-        finally:
             self._release_lock()
 
     def _take_lock(self) -> None:
@@ -530,6 +554,7 @@ class RealNode:
             clean_host([*dirs, self.root], stale)
 
     def _release_lock(self) -> None:
+        """After a clean stop: the state file, the lock."""
         with contextlib.suppress(OSError):
             (STATE_DIR / "state.json").unlink()
         if self._lock is not None:
