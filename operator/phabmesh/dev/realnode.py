@@ -744,6 +744,13 @@ oom_score = 0
         _run("ip", "link", "set", BRIDGE, "up")
         # the host reaches Services through the bridge, as a member of the pod network
         _run("ip", "route", "add", SERVICE_CIDR, "dev", BRIDGE, "src", NODE_IP)
+        # route_localnet lets the DNAT below reach 127.0.0.1; nothing else from the bridge
+        # may (the kubelet's KUBE-FIREWALL says the same, once it runs)
+        _run(
+            "iptables", "-w", "-I", "INPUT", "1", "-i", BRIDGE, "-d", "127.0.0.0/8",
+            "-m", "conntrack", "!", "--ctstate", "DNAT",
+            "-m", "comment", "--comment", RULE_COMMENT, "-j", "DROP",
+        )  # fmt: skip
         Path(f"/proc/sys/net/ipv4/conf/{BRIDGE}/route_localnet").write_text("1")
 
     def _route_kubernetes_service(self) -> None:
