@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,6 +167,15 @@ def test_a_pod_reaches_the_kubernetes_service_with_its_own_token(
     user = json.loads("{" + body)["status"]["userInfo"]
     assert user["username"] == f"system:serviceaccount:{ns}:default"
     assert user["extra"]["authentication.kubernetes.io/pod-name"] == ["apiclient"]
+
+
+def test_the_host_reaches_the_kubernetes_service_too(real_cluster: RealCluster) -> None:
+    pki = real_cluster.plane.pki
+    context = ssl.create_default_context(cafile=str(pki.ca_cert))  # SAN 10.96.0.1
+    context.load_cert_chain(*(str(path) for path in pki.pair("admin")))
+    url = f"https://{realnode.KUBERNETES_SERVICE_IP}/readyz"
+    with urllib.request.urlopen(url, context=context, timeout=10) as answer:
+        assert answer.status == 200
 
 
 def _http_get(host: str, port: int) -> str:

@@ -763,12 +763,14 @@ oom_score = 0
             "kube-proxy",
             60,
         )
-        _run(
-            "iptables", "-w", "-t", "nat", "-I", "PREROUTING", "1",
-            "-i", BRIDGE, "-d", KUBERNETES_SERVICE_IP, "-p", "tcp", "--dport", "443",
-            "-m", "comment", "--comment", RULE_COMMENT,
-            "-j", "DNAT", "--to-destination", f"127.0.0.1:{port}",
-        )  # fmt: skip
+        # from pods (PREROUTING) and from the host (OUTPUT), as every other Service
+        for chain, match in (("PREROUTING", ["-i", BRIDGE]), ("OUTPUT", [])):
+            _run(
+                "iptables", "-w", "-t", "nat", "-I", chain, "1", *match,
+                "-d", KUBERNETES_SERVICE_IP, "-p", "tcp", "--dport", "443",
+                "-m", "comment", "--comment", RULE_COMMENT,
+                "-j", "DNAT", "--to-destination", f"127.0.0.1:{port}",
+            )  # fmt: skip
         # an endpoint for the Service, so kube-proxy installs a DNAT instead of a REJECT
         # (the API server runs --endpoint-reconciler-type=none); pods never reach it, the
         # rule above catches their packets first
