@@ -136,7 +136,7 @@ def start(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
     try:
         realnode.check_host()
     except realnode.NodeError as exc:
-        pytest.fail(f"real node: {exc}", pytrace=False)
+        pytest.fail(str(exc), pytrace=False)
     workdir = tmp_path_factory.mktemp("realnode")
     images = workdir / "images"
     images.mkdir()

@@ -771,9 +771,9 @@ oom_score = 0
                 "-m", "comment", "--comment", RULE_COMMENT,
                 "-j", "DNAT", "--to-destination", f"127.0.0.1:{port}",
             )  # fmt: skip
-        # an endpoint for the Service, so kube-proxy installs a DNAT instead of a REJECT
-        # (the API server runs --endpoint-reconciler-type=none); pods never reach it, the
-        # rule above catches their packets first
+        # an endpoint for the Service (the API server runs --endpoint-reconciler-type=none),
+        # so that it looks as in any cluster and kube-proxy writes a DNAT for it, not a
+        # "has no endpoints" REJECT; the rules above catch the packets before either
         slice_ = {
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",
