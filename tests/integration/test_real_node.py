@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import subprocess
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -176,6 +177,37 @@ def test_the_host_reaches_the_kubernetes_service_too(real_cluster: RealCluster) 
     url = f"https://{realnode.KUBERNETES_SERVICE_IP}/readyz"
     with urllib.request.urlopen(url, context=context, timeout=10) as answer:
         assert answer.status == 200
+
+
+def test_a_pod_that_routes_loopback_to_the_node_reaches_no_loopback_port(
+    real_cluster: RealCluster, ns: str
+) -> None:
+    """route_localnet is on for the DNAT to the API server; the node's own rule (not only the
+    kubelet's KUBE-FIREWALL) keeps every other 127.0.0.1 port (etcd's) out of pods' reach."""
+    spec = pod("router", "exec sleep 3600")
+    spec["spec"]["containers"][0]["securityContext"] = {"privileged": True}
+    real_cluster.apply(spec, namespace=ns)
+    real_cluster.wait_ready("router", ns)
+    real_cluster.exec(
+        "router",
+        "sh",
+        "-c",
+        "ip route del local 127.0.0.0/8 dev lo table local && ip addr del 127.0.0.1/8 dev lo"
+        " && sysctl -qw net.ipv4.conf.all.route_localnet=1 net.ipv4.conf.eth0.route_localnet=1"
+        f" && ip route add 127.0.0.0/8 via {realnode.NODE_IP} dev eth0",
+        namespace=ns,
+    )
+    probe = f"echo | nc -w 3 127.0.0.1 {real_cluster.plane.etcd_port} >/dev/null; echo $?"
+    kubelet_rule = ["INPUT", "-j", "KUBE-FIREWALL"]
+    subprocess.run(["iptables", "-w", "-D", *kubelet_rule], check=False, capture_output=True)
+    try:
+        assert real_cluster.exec("router", "sh", "-c", probe, namespace=ns).strip() != "0"
+    finally:
+        if subprocess.run(["iptables", "-w", "-C", *kubelet_rule], check=False).returncode:
+            subprocess.run(["iptables", "-w", "-I", *kubelet_rule], check=True)
+    # the way in that is meant to be there still works
+    to_service = f"echo | nc -w 3 {realnode.KUBERNETES_SERVICE_IP} 443 >/dev/null; echo $?"
+    assert real_cluster.exec("router", "sh", "-c", to_service, namespace=ns).strip() == "0"
 
 
 def _http_get(host: str, port: int) -> str:
