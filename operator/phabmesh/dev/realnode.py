@@ -223,7 +223,7 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _kill_tree(pid: int, sig: int) -> None:
+def _kill(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, sig)
 
@@ -271,7 +271,7 @@ def _kill_cgroups() -> None:
             with contextlib.suppress(OSError):
                 pids.update(int(p) for p in procs.read_text().split())
     for pid in pids:
-        _kill_tree(pid, signal.SIGKILL)
+        _kill(pid, signal.SIGKILL)
     _wait_gone(pids, 10)
 
 
@@ -402,10 +402,10 @@ def clean_host(node_dirs: Sequence[Path], state: dict[str, Any]) -> None:
     # then every process left in a pod's cgroup
     for pid, name in sorted((int(p), n) for n, p in state.get("pids", {}).items()):
         if name in _cmdline(pid):
-            _kill_tree(pid, signal.SIGKILL)
+            _kill(pid, signal.SIGKILL)
     for d in dirs:
         for pid in _processes_mentioning(d + "/", NODE_PROCESSES):
-            _kill_tree(pid, signal.SIGKILL)
+            _kill(pid, signal.SIGKILL)
     _kill_cgroups()
     time.sleep(0.2)
     for d in dirs:
