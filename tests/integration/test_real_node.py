@@ -248,6 +248,31 @@ def test_a_cluster_ip_service_is_reached_from_a_pod_and_from_the_host(
     assert _http_get(cluster_ip, 80) == "hello-from-web"
 
 
+def test_cluster_dns_answers_a_services_name_from_a_pod(real_cluster: RealCluster, ns: str) -> None:
+    """CoreDNS (phabmesh.dev.clusterdns) runs on the node as kube-system/kube-dns, the
+    kubelet's clusterDNS: a pod resolves a Service's name to its ClusterIP, and its
+    resolv.conf searches the pod's namespace."""
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "named"},
+        "spec": {"selector": {"app": "nothing"}, "ports": [{"port": 80}]},
+    }
+    real_cluster.apply(service, pod("resolver", "exec sleep 3600"), namespace=ns)
+    real_cluster.wait_ready("resolver", ns)
+    ip = real_cluster.kubectl(
+        "get", "service", "-n", ns, "named", "-o", "jsonpath={.spec.clusterIP}"
+    )
+    resolv = real_cluster.exec("resolver", "cat", "/etc/resolv.conf", namespace=ns)
+    assert "nameserver 10.96.0.10" in resolv
+    assert f"search {ns}.svc.cluster.local" in resolv
+    # (busybox's nslookup does not apply the search list: the full name)
+    answer = real_cluster.exec(
+        "resolver", "nslookup", f"named.{ns}.svc.cluster.local", namespace=ns
+    )
+    assert ip.stdout.strip() in answer, answer
+
+
 def test_graceful_deletion_stops_the_app_then_its_sidecar(
     real_cluster: RealCluster, ns: str, tmp_path: Path
 ) -> None:

@@ -264,7 +264,8 @@ class ControlPlane:
         return self.real_node.name, NODE_IP
 
     def start_real_node(self) -> None:
-        """RBAC for the kubelet, then the node; then ``node_setup``."""
+        """RBAC for the kubelet, then the node and its cluster DNS (CoreDNS, the kubelet's
+        ``clusterDNS``); then ``node_setup``."""
         assert self.real_node is not None
         # The API server authorizes with RBAC only (no Node authorizer): the kubelets' group
         # gets the system:node role. kube-proxy (system:kube-proxy) has its bootstrap binding.
@@ -287,6 +288,9 @@ class ControlPlane:
         }
         self.kubectl("apply", "-f", "-", input=json.dumps(binding))
         self.real_node.start()
+        from phabmesh.dev import clusterdns
+
+        clusterdns.install(self, self.real_node.import_image, node=self.real_node.name)
         for setup in self.node_setup:
             setup(self.real_node)
 
