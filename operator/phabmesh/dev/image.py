@@ -24,14 +24,12 @@ Every timestamp is ``SOURCE_DATE_EPOCH`` (0 by default): the same inputs give th
 from __future__ import annotations
 
 import argparse
-import compileall
 import contextlib
 import dataclasses
 import fcntl
 import hashlib
 import json
 import os
-import py_compile
 import re
 import shlex
 import shutil
@@ -250,14 +248,10 @@ def apt_options() -> list[str]:
 
 def base_inputs(sources: str) -> dict[str, str]:
     """Everything the Debian layer is made of; its cache key is their digest."""
-    hooks = MERGED_USR_HOOKS if MERGED_USR_HOOKS.is_dir() else None
     return {
-        "suite": SUITE,
-        "variant": VARIANT,
-        "packages": " ".join(packages()),
+        "command": shlex.join(mmdebstrap_command(Path("SOURCES"), Path("OUT"))),
         "dpkg-excludes": (IMAGE_FILES / "dpkg-excludes").read_text(),
         "finish.sh": (IMAGE_FILES / "finish.sh").read_text(),
-        "merged-usr": str(hooks or ""),
         "sources": sources,
         "epoch": str(ociimage.epoch()),
         "layer-writer": hashlib.sha256(Path(ociimage.__file__).read_bytes()).hexdigest(),
@@ -397,10 +391,24 @@ def dependency_wheels(log: Log = print) -> Path:
         return wheels
 
 
+# What the wheel is built from (as the Dockerfile copies it).
+WHEEL_SOURCES = ("pyproject.toml", "README.md", "operator")
+
+
 def _own_wheel(scratch: Path, log: Log) -> Path:
-    own = scratch / "wheel"
+    """The wheel of this checkout, built from a copy of its sources: setuptools builds in
+    the source tree (build/lib), where files left by an earlier build would end up in the
+    wheel too."""
+    source, own = scratch / "source", scratch / "wheel"
+    source.mkdir()
+    for name in WHEEL_SOURCES:
+        if (REPO / name).is_dir():
+            ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+            shutil.copytree(REPO / name, source / name, ignore=ignore)
+        else:
+            shutil.copy2(REPO / name, source / name)
     log("image: phabmesh wheel of this checkout")
-    _pip("wheel", "--quiet", "--no-deps", "--wheel-dir", own, REPO, log=log)
+    _pip("wheel", "--quiet", "--no-deps", "--wheel-dir", own, source, log=log)
     return own
 
 
@@ -460,15 +468,30 @@ def _compile(site: Path, log: Log) -> None:
         log(f"image: not byte-compiled (this Python is not {PYTHON})")
         return
     # Hash-checked pycs: valid whatever the files' times, so never rewritten (the root is
-    # read-only, and PYTHONDONTWRITEBYTECODE says not to try).
-    ok = compileall.compile_dir(
-        str(site),
-        ddir=SITE,
-        quiet=1,
-        invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH,
+    # read-only, and PYTHONDONTWRITEBYTECODE says not to try). In a fresh interpreter with a
+    # fixed hash seed: marshal's output depends on what the compiling process has interned
+    # and on set order, and the same sources should give the same bytes.
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "compileall",
+            "-q",
+            "--invalidation-mode=checked-hash",
+            "-s",
+            str(site),
+            "-p",
+            SITE,
+            str(site),
+        ],
+        env=dict(os.environ, PYTHONHASHSEED="0"),
+        capture_output=True,
+        text=True,
+        check=False,
     )
-    if not ok:
-        raise ImageError("byte-compiling the Python packages failed")
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-10:])
+        raise ImageError(f"byte-compiling the Python packages failed:\n{tail}")
 
 
 def python_tree(out: Path, log: Log = print) -> None:
@@ -490,6 +513,7 @@ def python_layers(scratch: Path, log: Log = print) -> list[ociimage.Layer]:
     key = _digest(
         {
             "wheels": deps.name,
+            "recipe": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
             "python": ".".join(map(str, sys.version_info[:2])),
             "layer-writer": hashlib.sha256(Path(ociimage.__file__).read_bytes()).hexdigest(),
         }
