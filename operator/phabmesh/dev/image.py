@@ -249,7 +249,10 @@ def apt_options() -> list[str]:
 def base_inputs(sources: str) -> dict[str, str]:
     """Everything the Debian layer is made of; its cache key is their digest."""
     return {
-        "command": shlex.join(mmdebstrap_command(Path("SOURCES"), Path("OUT"))),
+        # the command, wherever the checkout is
+        "command": shlex.join(mmdebstrap_command(Path("SOURCES"), Path("OUT"))).replace(
+            str(REPO), "REPO"
+        ),
         "dpkg-excludes": (IMAGE_FILES / "dpkg-excludes").read_text(),
         "finish.sh": (IMAGE_FILES / "finish.sh").read_text(),
         "sources": sources,
