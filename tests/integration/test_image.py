@@ -346,3 +346,31 @@ def test_the_same_inputs_give_the_same_image(built: image.Built, tmp_path: Path)
     again = image.build(tmp_path / "again.oci.tar", log=print)
     assert again.digest == built.digest
     assert again.base_cached
+
+
+def test_files_an_earlier_build_left_do_not_enter_the_wheel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """setuptools builds in the source tree: a module left in build/lib by an earlier build
+    (of another branch, say) would be packed into the wheel built there."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in image.WHEEL_SOURCES:
+        source = image.REPO / name
+        if source.is_dir():
+            ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+            shutil.copytree(source, checkout / name, ignore=ignore)
+        else:
+            shutil.copy2(source, checkout / name)
+    stale = checkout / "build" / "lib" / "phabmesh" / "left_behind.py"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("LEFT = True\n")
+    monkeypatch.setattr(image, "REPO", checkout)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (wheel,) = image._own_wheel(scratch, print).glob("phabmesh-*.whl")
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "phabmesh/cli.py" in names
+    assert "phabmesh/left_behind.py" not in names
