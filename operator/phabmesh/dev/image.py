@@ -1,6 +1,6 @@
 """phabmesh's image, built here without Docker or a registry: `make image`.
 
-Two layers in an OCI image archive (``phabmesh.dev.ociimage``) that ``podman load`` and
+Three layers in an OCI image archive (``phabmesh.dev.ociimage``) that ``podman load`` and
 ``ctr -n k8s.io images import`` read, named as the chart and kustomize reference it
 (``ghcr.io/phabmesh/phabmesh:<version>``):
 
@@ -8,7 +8,8 @@ Two layers in an OCI image archive (``phabmesh.dev.ociimage``) that ``podman loa
    ``image/packages`` (Debian's python3, 3.11), without documentation or translations
    (``image/dpkg-excludes``), finished by ``image/finish.sh`` (user and group 65532
    ``phabmesh``, no package lists). No apt, no pip, no compiler. The mirror is the one this
-   machine's apt uses (its Debian entries in /etc/apt), so the build works wherever apt does.
+   machine's apt uses (its Debian entries in /etc/apt), so the build works wherever apt does;
+   PHABMESH_IMAGE_MIRROR (a mirror URL) overrides it.
    This layer is cached under ~/.cache/phabmesh keyed by all of its inputs.
 2. The Python packages (a layer of the dependencies, cached like the first, and one of
    phabmesh itself): the wheel of this checkout and the dependencies constraints.txt pins
@@ -27,6 +28,7 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import gzip
 import hashlib
 import json
 import os
@@ -565,8 +567,6 @@ class Built:
 
 
 def _uncompressed(layer: ociimage.Layer) -> int:
-    import gzip
-
     size = 0
     with gzip.open(layer.path, "rb") as f:
         while chunk := f.read(ociimage.CHUNK):
