@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from phabmesh import __version__
+from phabmesh.admission import inject
 from phabmesh.dev import image
 
 NAME = image.image_name()
@@ -106,10 +107,12 @@ class Podman:
             check=check,
         )
 
-    def run(self, *args: str, entrypoint: str | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, entrypoint: str | None = None, options: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess[str]:
         """A container of the image with a read-only root and no network; the image's own
         user, entrypoint and environment unless `entrypoint` is given."""
-        flags = ["run", "--rm", "--read-only", "--network", "none", *_limits()]
+        flags = ["run", "--rm", "--read-only", "--network", "none", *_limits(), *options]
         if entrypoint:
             flags += ["--entrypoint", entrypoint]
         return self(*flags, NAME, *args, check=False)
@@ -148,6 +151,20 @@ def test_runs_as_65532_on_a_read_only_root_with_sh_and_test(podman: Podman) -> N
     write = podman.run("-c", "touch /usr/local/probe", entrypoint="sh")
     assert write.returncode != 0
     assert "Read-only file system" in write.stderr
+
+
+def test_the_agents_probe_and_hook_commands_run_in_it(podman: Podman) -> None:
+    """The webhook gives the agent container `test -s CREDENTIAL_FILE` as its probe and a
+    `sh -c` loop (`test`, `sleep 0.2`) as its postStart hook, found on the image's PATH."""
+    missing = podman.run("-s", inject.CREDENTIAL_FILE, entrypoint="test")
+    assert missing.returncode == 1, missing.stderr  # 127 if `test` were not there
+    written = podman.run(
+        "-c",
+        f"echo token > {inject.CREDENTIAL_FILE} && sleep 0.2 && test -s {inject.CREDENTIAL_FILE}",
+        entrypoint="sh",
+        options=("--tmpfs", inject.AGENT_DIR),
+    )
+    assert written.returncode == 0, written.stderr
 
 
 @pytest.mark.parametrize("command", ["controller", "gateway", "agent"])
