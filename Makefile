@@ -74,8 +74,6 @@ clients: $(CLIENTS_STAMP) ## Install the Conduit clients the e2e tests run (arc,
 # and the dependencies constraints.txt pins. Import it with `podman load -i` or
 # `ctr -n k8s.io images import`; it is named as the chart and manifests/ deploy it.
 IMAGE_DEBS := mmdebstrap
-# The node's packages (make node-packages, before make test) include it: test_image builds the image.
-NODE_DEBS += $(IMAGE_DEBS)
 
 .PHONY: image
 image: $(STAMP) ## Build the image archive build/image/phabmesh-VERSION.oci.tar (mmdebstrap; cached)
