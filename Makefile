@@ -20,6 +20,12 @@ CLIENTS := tests/clients
 CLIENTS_VENV := .venv-clients
 CLIENTS_NODE := build/clients/node
 CLIENTS_DEBS := arcanist php-cli php-curl
+# The real node's packages (`make node-packages`; `make dev-cluster NODES=real`): its runtime,
+# network tools, and what its images are built from; gcc and libc6-dev compile its pause image.
+NODE_DEBS := containerd runc containernetworking-plugins conntrack ethtool iptables busybox-static mmdebstrap podman
+NODE_BUILD_DEBS := gcc libc6-dev
+# NODES=real: `make dev-cluster` also runs a real node beside the KWOK ones.
+NODES ?=
 CLIENTS_STAMP := build/clients/.installed-$(shell cat $(CLIENTS)/python/requirements.txt $(CLIENTS)/python/constraints.txt $(CLIENTS)/node/package.json $(CLIENTS)/node/package-lock.json | sha256sum | cut -c1-12)
 
 .DEFAULT_GOAL := help
@@ -49,6 +55,10 @@ monitoring-tools: $(STAMP) ## Build promtool and fetch prometheus-operator's CRD
 helm: $(STAMP) ## Build Helm for the chart's tests (once; cached like the control plane)
 	$(BIN)/python -m phabmesh.dev.devcluster helm-path
 
+.PHONY: cluster-dns
+cluster-dns: $(STAMP) ## Build CoreDNS and its image archive for a real node's cluster DNS (once; cached)
+	$(BIN)/python -m phabmesh.dev.clusterdns image
+
 $(CLIENTS_STAMP): $(CLIENTS)/python/requirements.txt $(CLIENTS)/python/constraints.txt $(CLIENTS)/node/package.json $(CLIENTS)/node/package-lock.json
 	@test -x $(CLIENTS_VENV)/bin/python || $(PYTHON) -m venv $(CLIENTS_VENV)
 	$(CLIENTS_VENV)/bin/python -m pip install --quiet --upgrade pip
@@ -67,6 +77,19 @@ clients: $(CLIENTS_STAMP) ## Install the Conduit clients the e2e tests run (arc,
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get install -y --no-install-recommends $(CLIENTS_DEBS) \
 	    || { apt-get update && apt-get install -y --no-install-recommends $(CLIENTS_DEBS); }; \
+	fi
+
+.PHONY: node-packages
+node-packages: ## Install the real node's packages (containerd, runc, CNI plugins, iptables, ...) with apt-get
+	@missing=$$(dpkg-query -W -f='$${db:Status-Abbrev} $${Package}\n' $(NODE_DEBS) $(NODE_BUILD_DEBS) 2>/dev/null \
+	  | awk '$$1 == "ii" {print $$2}' | sort | comm -13 - <(echo $(NODE_DEBS) $(NODE_BUILD_DEBS) | tr ' ' '\n' | sort) | xargs); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "make node-packages: missing $$missing; as root: apt-get install $(NODE_DEBS) $(NODE_BUILD_DEBS)" >&2; exit 1; \
+	  fi; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y --no-install-recommends $$missing \
+	    || { apt-get update && apt-get install -y --no-install-recommends $$missing; }; \
 	fi
 
 # phabmesh's image as an OCI archive, without Docker or a registry (phabmesh.dev.image):
@@ -117,7 +140,7 @@ manifests: $(STAMP) ## Verify CRDs and typed models agree (fails on drift)
 	$(BIN)/python -m phabmesh.dev.schemacheck crds/
 
 .PHONY: test
-test: controlplane clients monitoring-tools helm ## Run all tests (unit, integration against a real API server, e2e)
+test: controlplane clients monitoring-tools helm node-packages ## Run all tests (unit, integration against a real API server, e2e)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 .PHONY: test-unit
@@ -133,8 +156,8 @@ run: controlplane ## Run phabmesh (current kubeconfig, or a local control plane 
 	$(BIN)/phabmesh run
 
 .PHONY: dev-cluster
-dev-cluster: controlplane ## Start a local control plane in the foreground (Ctrl-C stops it)
-	$(BIN)/phabmesh dev-cluster --delays '$(DELAYS)'
+dev-cluster: controlplane $(if $(filter real,$(NODES)),node-packages) ## Start a local control plane in the foreground (Ctrl-C stops it; NODES=real adds a real node)
+	$(BIN)/phabmesh dev-cluster --delays '$(DELAYS)' $(if $(filter real,$(NODES)),--real-node)
 
 .PHONY: dev-conduit
 dev-conduit: $(STAMP) ## Run the Conduit test server for Phabricator on 127.0.0.1:8081, bot ci-bot's token in Secret phabmesh-system/ci-bot-token

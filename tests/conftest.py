@@ -21,6 +21,8 @@ from phabmesh.processes.operator import OperatorProcess
 from tests import rbac
 from tests.kube import Cluster, create_hand_node, force_delete_pods, wait_for
 from tests.phab import SYSTEM, settings_for
+from tests.realnode import RealCluster
+from tests.realnode import start as start_real_cluster
 from tests.stack import Threaded
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +37,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         cluster = Cluster(plane)
         create_hand_node(cluster.core)
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
+    """A control plane of its own with a real node beside a KWOK node (tests/realnode.py):
+    pods on the node really run. Needs root and `make node-packages`; fails otherwise."""
+    yield from start_real_cluster(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,15 @@ def _dev_cluster(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"phabmesh dev-cluster: {exc}", file=sys.stderr)
         return 2
-    devcluster.serve_forever(Path(args.data_dir) if args.data_dir else None, crds, delays)
+    try:
+        devcluster.serve_forever(
+            Path(args.data_dir) if args.data_dir else None, crds, delays, args.real_node
+        )
+    except devcluster.ControlPlaneError as exc:
+        if not args.real_node:
+            raise
+        print(f"phabmesh dev-cluster: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -220,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="how long simulated pods take (KWOK): none (default, immediate), realistic, "
         "or start=MS,complete=MS,stop=MS,jitter=MS",
+    )
+    dev.add_argument(
+        "--real-node",
+        action="store_true",
+        help="also run a real node (kubelet, kube-proxy, containerd) whose pods really run; "
+        "needs root and `make node-packages`",
     )
     dev.set_defaults(func=_dev_cluster)
 

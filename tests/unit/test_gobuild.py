@@ -71,3 +71,37 @@ def test_a_long_build_says_how_far_it_is(
     code, tail = gobuild._run_with_progress([*command, "1"], tmp_path, None, "tool", every=0)
     assert code == 1 and "undefined: y" in tail
     assert "built tool" not in capsys.readouterr().err
+
+
+def test_a_module_without_tools_go_is_built_as_its_own_main_package(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """CoreDNS's module is a main package of its own (the plugins it registers are blank
+    imports): it builds ".", and its Go files key the cache, so a plugin added is a new build."""
+    mod = tmp_path / "controlplane" / "server"
+    mod.mkdir(parents=True)
+    (mod / "go.mod").write_text(f"module phabmesh.io/server\n\nrequire {MODULE} v1.2.3\n")
+    (mod / "go.sum").write_text("")
+    main = 'package main\n\nimport (\n\t_ "{}/plugin/a"\n\n\t"{}/core"\n)\n'
+    (mod / "main.go").write_text(main.format(MODULE, MODULE))
+    monkeypatch.setenv("PHABMESH_CONTROLPLANE_MODULE", str(tmp_path / "controlplane"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    calls: list[tuple[Path, list[str]]] = []
+
+    def build_into(
+        bindir: Path,
+        mod: Path,
+        version: str,
+        ldflags: str,
+        packages: list[str],
+        log: Path | None,
+        tags: str = "",
+    ) -> None:
+        calls.append((bindir, packages))
+
+    monkeypatch.setattr(gobuild, "_build_into", build_into)
+    first = gobuild.go_tool("server", MODULE)
+    (mod / "main.go").write_text(main.replace("plugin/a", "plugin/b").format(MODULE, MODULE))
+    second = gobuild.go_tool("server", MODULE)
+    assert calls == [(first, ["."]), (second, ["."])]
+    assert first != second and first.name.startswith("server-v1.2.3-")

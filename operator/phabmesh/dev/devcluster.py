@@ -27,6 +27,12 @@ deleted. How long each step takes is ``Delays`` (immediate by default; ``Delays.
 for the benchmark). No container ever runs: a pod's "linkerd-proxy" is only the container
 its spec names. Pods bound to any other node, or left unscheduled, move only when
 something writes their status.
+
+With ``real_node=True`` a real node runs beside the KWOK nodes (``phabmesh.dev.realnode``: a
+kubelet, kube-proxy and containerd; root and ``make node-packages`` needed): pods bound to it
+really run. The KWOK nodes are then tainted ``kwok.x-k8s.io/node=fake:NoSchedule``, so pods go
+to the real node unless they tolerate that taint; the real node is labelled
+``phabmesh.dev/node=real`` for nodeSelectors.
 """
 
 from __future__ import annotations
@@ -42,9 +48,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -62,6 +69,9 @@ from phabmesh.dev.gobuild import (
     repo_root,
 )
 from phabmesh.dev.pki import Pki
+
+if typing.TYPE_CHECKING:
+    from phabmesh.dev.realnode import RealNode
 
 CONTROLLERS = (
     "garbage-collector-controller",
@@ -83,6 +93,10 @@ CONTROLLERS = (
     "node-lifecycle-controller",
     "taint-eviction-controller",
 )
+# With a real node: the ConfigMap kube-root-ca.crt in every namespace, which the default
+# service-account volume (kube-api-access-*) projects; without it such a pod never starts.
+REAL_NODE_CONTROLLERS = ("root-ca-certificate-publisher-controller",)
+SERVICE_CIDR = "10.96.0.0/16"
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"  # nodes annotated "fake" are KWOK's to simulate
 RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
 # The audit log records every request made as a ServiceAccount outside kube-system (the
@@ -179,7 +193,12 @@ class ControlPlane:
         *,
         nodes: int = 2,
         delays: Delays | None = None,
+        real_node: bool = False,
+        node_setup: Sequence[Callable[[RealNode], None]] = (),
     ) -> None:
+        """``real_node``: also run a real node (``self.real_node``), started last and stopped
+        first; each of ``node_setup`` is then called with it once it is Ready (to import
+        images and apply manifests: ``RealNode.install``)."""
         self.workdir = workdir
         self.binaries = binaries or build_binaries()
         self.nodes = [f"kwok-node-{i}" for i in range(nodes)]
@@ -191,6 +210,12 @@ class ControlPlane:
         self.apiserver_port = free_port()
         self.server = f"https://127.0.0.1:{self.apiserver_port}"
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.real_node: RealNode | None = None
+        self.node_setup = tuple(node_setup)
+        if real_node:
+            from phabmesh.dev.realnode import RealNode
+
+            self.real_node = RealNode(self, workdir / "node")
 
     # lifecycle
 
@@ -207,7 +232,9 @@ class ControlPlane:
         try:
             self.workdir.mkdir(parents=True, exist_ok=True)
             (self.workdir / "logs").mkdir(exist_ok=True)
-            Pki.create(self.pki.root)
+            if self.real_node is not None:
+                self.real_node.prepare()  # root, packages, the lock, the build: fail early
+            Pki.create(self.pki.root, node=self._node_identity())
             self._write_kubeconfigs()
             self.start_etcd()
             self.start_apiserver()
@@ -215,13 +242,53 @@ class ControlPlane:
             self.start_scheduler()
             self.start_kwok()
             self.create_nodes()
+            if self.real_node is not None:
+                self.start_real_node()
         except BaseException:
             self.stop()
             raise
 
     def stop(self) -> None:
-        for name in reversed(list(self._procs)):
-            self._stop(name)
+        try:
+            if self.real_node is not None:
+                self.real_node.stop()  # first: its pods are deleted through the API server
+        finally:
+            for name in reversed(list(self._procs)):
+                self._stop(name)
+
+    def _node_identity(self) -> tuple[str, str] | None:
+        if self.real_node is None:
+            return None
+        from phabmesh.dev.realnode import NODE_IP
+
+        return self.real_node.name, NODE_IP
+
+    def start_real_node(self) -> None:
+        """RBAC for the kubelet, then the node; then ``node_setup``."""
+        assert self.real_node is not None
+        # The API server authorizes with RBAC only (no Node authorizer): the kubelets' group
+        # gets the system:node role. kube-proxy (system:kube-proxy) has its bootstrap binding.
+        binding = {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "phabmesh-dev:nodes"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "system:node",
+            },
+            "subjects": [
+                {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "Group",
+                    "name": "system:nodes",
+                }
+            ],
+        }
+        self.kubectl("apply", "-f", "-", input=json.dumps(binding))
+        self.real_node.start()
+        for setup in self.node_setup:
+            setup(self.real_node)
 
     def _stop(self, name: str) -> None:
         proc = self._procs.pop(name, None)
@@ -299,7 +366,7 @@ class ControlPlane:
                 f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
                 f"--service-account-key-file={self.pki.sa_pub}",
                 f"--service-account-signing-key-file={self.pki.sa_key}",
-                "--service-cluster-ip-range=10.96.0.0/16",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--authorization-mode=RBAC",
                 "--endpoint-reconciler-type=none",
                 "--allow-privileged=true",
@@ -313,6 +380,7 @@ class ControlPlane:
                 f"--audit-log-path={self.audit_log}",
                 "--audit-log-format=json",
                 "--audit-log-mode=blocking",
+                *self._kubelet_flags(),
                 "--v=0",
             ],
         )
@@ -326,7 +394,7 @@ class ControlPlane:
                 f"--kubeconfig={self.workdir / 'controller-manager.kubeconfig'}",
                 f"--authentication-kubeconfig={self.workdir / 'controller-manager.kubeconfig'}",
                 f"--authorization-kubeconfig={self.workdir / 'controller-manager.kubeconfig'}",
-                f"--controllers={','.join(CONTROLLERS)}",
+                f"--controllers={','.join(self._controllers())}",
                 f"--service-account-private-key-file={self.pki.sa_key}",
                 f"--root-ca-file={self.pki.ca_cert}",
                 "--use-service-account-credentials=true",
@@ -340,6 +408,22 @@ class ControlPlane:
         time.sleep(0.2)
         if proc.poll() is not None:
             raise ControlPlaneError("kube-controller-manager exited while starting")
+
+    def _controllers(self) -> tuple[str, ...]:
+        return CONTROLLERS + (REAL_NODE_CONTROLLERS if self.real_node is not None else ())
+
+    def _kubelet_flags(self) -> list[str]:
+        """The API server's flags for real kubelets: its client certificate, their serving
+        certificates checked against the CA, dialled at their InternalIP."""
+        if self.real_node is None:
+            return []
+        crt, key = self.pki.pair("apiserver-kubelet-client")
+        return [
+            f"--kubelet-client-certificate={crt}",
+            f"--kubelet-client-key={key}",
+            f"--kubelet-certificate-authority={self.pki.ca_cert}",
+            "--kubelet-preferred-address-types=InternalIP",
+        ]
 
     def start_scheduler(self) -> None:
         kubeconfig = self.workdir / "scheduler.kubeconfig"
@@ -416,6 +500,7 @@ class ControlPlane:
                         "type": "kwok",
                     },
                 },
+                **({"spec": {"taints": [self._kwok_taint()]}} if self.real_node else {}),
             }
             for name in self.nodes
         ]
@@ -428,6 +513,12 @@ class ControlPlane:
             f"--timeout={timeout:.0f}s",
             *(f"node/{name}" for name in self.nodes),
         )
+
+    @staticmethod
+    def _kwok_taint() -> dict[str, str]:
+        from phabmesh.dev.realnode import KWOK_TAINT
+
+        return dict(KWOK_TAINT)
 
     def stop_apiserver(self) -> None:
         self._stop("kube-apiserver")
@@ -535,22 +626,27 @@ class ControlPlane:
 
 
 @contextlib.contextmanager
-def running(workdir: Path | None = None, delays: Delays | None = None) -> Iterator[ControlPlane]:
+def running(
+    workdir: Path | None = None, delays: Delays | None = None, real_node: bool = False
+) -> Iterator[ControlPlane]:
     """A control plane in ``workdir`` (a fresh temporary directory by default)."""
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="phabmesh-")))
-        plane = stack.enter_context(ControlPlane(workdir, delays=delays))
+        plane = stack.enter_context(ControlPlane(workdir, delays=delays, real_node=real_node))
         yield plane
 
 
 def serve_forever(
-    workdir: Path | None = None, crds: Path | None = None, delays: Delays | None = None
+    workdir: Path | None = None,
+    crds: Path | None = None,
+    delays: Delays | None = None,
+    real_node: bool = False,
 ) -> None:
     """Run a control plane in the foreground until Ctrl-C (or SIGTERM), then stop it."""
     from phabmesh.dev import linkerd
 
-    with running(workdir, delays=delays) as plane:
+    with running(workdir, delays=delays, real_node=real_node) as plane:
         if crds is not None and crds.exists():
             plane.kubectl("apply", "--server-side", "-f", str(crds))
         # Linkerd's policy CRDs (stand-ins): the chart and manifests/ install their policy
@@ -559,13 +655,25 @@ def serve_forever(
         print(
             "  with stand-ins for Linkerd's policy CRDs (policy.linkerd.io), so that the chart "
             "and manifests/ install; no Linkerd runs\n"
-            f"Kubernetes control plane ready at {plane.server}\n"
+            + (_real_node_banner(plane.real_node) if plane.real_node else "")
+            + f"Kubernetes control plane ready at {plane.server}\n"
             f"  export KUBECONFIG={plane.kubeconfig}\n"
             f"  kubectl get --raw /readyz   (kubectl: {plane.binaries.kubectl})\n"
             "Press Ctrl-C to stop it.",
             flush=True,
         )
         wait_for_signal()
+
+
+def _real_node_banner(node: RealNode) -> str:
+    from phabmesh.dev.realnode import NODE_LABEL
+
+    return (
+        f"  with a real node {node.name} (label {'='.join(NODE_LABEL)}; the KWOK nodes are "
+        "tainted kwok.x-k8s.io/node=fake:NoSchedule): import images with\n"
+        f"  ctr -a {node.socket} -n k8s.io images import ARCHIVE, "
+        "and run them with imagePullPolicy: Never\n"
+    )
 
 
 def wait_for_signal() -> None:

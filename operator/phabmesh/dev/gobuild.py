@@ -33,6 +33,26 @@ class Binaries:
     kwok: Path
 
 
+@dataclasses.dataclass(frozen=True)
+class NodeBinaries:
+    """The real node's commands (``tests/controlplane/node_tools.go``)."""
+
+    kubelet: Path
+    kube_proxy: Path
+
+
+# Modules only the node's commands need: their go.sum lines do not key the control plane's
+# build, so pinning them in tests/controlplane/go.sum left that cache entry as it was.
+NODE_ONLY_MODULES = (
+    "github.com/moby/ipvs",
+    "github.com/vishvananda/netlink",
+    "github.com/vishvananda/netns",
+    "go.opentelemetry.io/contrib/instrumentation/github.com/emicklei/go-restful/otelrestful",
+    "k8s.io/cri-streaming",
+    "sigs.k8s.io/knftables",
+)
+
+
 def repo_root() -> Path | None:
     """The source checkout this module runs from, if it runs from one."""
     here = Path(__file__).resolve()
@@ -139,7 +159,9 @@ def build_binaries(log: Path | None = None) -> Binaries:
     else:
         mod = module_dir()
         version = kubernetes_version(mod / "go.mod")
-        k8s_dir = _build_module(mod, "kubernetes", version, _ldflags(version), log)
+        k8s_dir = _build_module(
+            mod, "kubernetes", version, _ldflags(version), log, sum_skip=NODE_ONLY_MODULES
+        )
         kwok_version = required_version(mod / "kwok" / "go.mod", "sigs.k8s.io/kwok")
         kwok_dir = _build_module(mod / "kwok", "kwok", kwok_version, "-s -w", log)
     binaries = Binaries(
@@ -156,10 +178,34 @@ def build_binaries(log: Path | None = None) -> Binaries:
     return binaries
 
 
+def node_binaries(log: Path | None = None) -> NodeBinaries:
+    """Build (once) and return the real node's kubelet and kube-proxy.
+
+    From the control plane's own module (``tests/controlplane``: the same ``k8s.io/kubernetes``
+    version, ``go.mod`` and ``go.sum``), the commands ``node_tools.go`` pins, into a cache
+    entry of their own (``node-VERSION-HASH``): building them does not rebuild the control
+    plane. ``PHABMESH_K8S_BIN_DIR``, when it also holds ``kubelet`` and ``kube-proxy``,
+    skips the build.
+    """
+    env_dir = os.environ.get("PHABMESH_K8S_BIN_DIR")
+    if env_dir and (Path(env_dir) / "kubelet").is_file():
+        bindir = Path(env_dir)
+    else:
+        mod = module_dir()
+        version = kubernetes_version(mod / "go.mod")
+        bindir = _build_module(mod, "node", version, _ldflags(version), log, tools="node_tools.go")
+    binaries = NodeBinaries(kubelet=bindir / "kubelet", kube_proxy=bindir / "kube-proxy")
+    for path in dataclasses.astuple(binaries):
+        if not Path(path).is_file():
+            raise ControlPlaneError(f"missing node binary: {Path(path).name}")
+    return binaries
+
+
 def go_tool(name: str, module: str, ldflags: str = "-s -w", tags: str = "") -> Path:
     """Build (once) the Go module ``tests/controlplane/<name>``; return its binaries' directory.
 
-    The same as the control plane's two modules: ``tools.go`` pins the commands, ``go.mod``
+    The same as the control plane's two modules: ``tools.go`` pins the commands (or, without
+    one, the module is itself the main package to build), ``go.mod``
     the version of ``module``, and the cache is keyed by both (and by the build ``tags``,
     comma-separated). Used for the tools the tests run beside the control plane.
     """
@@ -169,14 +215,38 @@ def go_tool(name: str, module: str, ldflags: str = "-s -w", tags: str = "") -> P
 
 
 def _build_module(
-    mod: Path, name: str, version: str, ldflags: str, log: Path | None, tags: str = ""
+    mod: Path,
+    name: str,
+    version: str,
+    ldflags: str,
+    log: Path | None,
+    tags: str = "",
+    *,
+    tools: str = "tools.go",
+    sum_skip: tuple[str, ...] = (),
 ) -> Path:
-    files = [mod / "go.mod", mod / "go.sum", mod / "tools.go"]
-    keyed = b"".join(f.read_bytes() for f in files) + (f"tags={tags}".encode() if tags else b"")
-    digest = hashlib.sha256(keyed).hexdigest()[:12]
-    bindir = cache_home() / f"{name}-{version}-{digest}"
-    _build_into(bindir, mod, version, ldflags, commands(mod / "tools.go"), log, tags)
+    bindir = cache_home() / f"{name}-{version}-{module_key(mod, tools, tags, sum_skip)}"
+    # A module pins its commands in its tools file, or is itself the main package.
+    packages = commands(mod / tools) if (mod / tools).is_file() else ["."]
+    _build_into(bindir, mod, version, ldflags, packages, log, tags)
     return bindir
+
+
+def module_key(
+    mod: Path, tools: str = "tools.go", tags: str = "", sum_skip: tuple[str, ...] = ()
+) -> str:
+    """The cache key of a module's build: a hash of its ``go.mod``, ``go.sum`` (without the
+    lines of the modules ``sum_skip`` names) and the tools file that pins its commands, or,
+    for a module that is itself the main package, its ``*.go`` files."""
+    go_sum = b"".join(
+        line
+        for line in (mod / "go.sum").read_bytes().splitlines(keepends=True)
+        if line.split(b" ", 1)[0].decode() not in sum_skip
+    )
+    sources = [mod / tools] if (mod / tools).is_file() else sorted(mod.glob("*.go"))
+    keyed = (mod / "go.mod").read_bytes() + go_sum + b"".join(f.read_bytes() for f in sources)
+    keyed += f"tags={tags}".encode() if tags else b""
+    return hashlib.sha256(keyed).hexdigest()[:12]
 
 
 def _build_into(
@@ -332,3 +402,15 @@ def prometheus_operator_crds() -> Path:
     if not crds.is_dir():
         raise ControlPlaneError(f"{PROMETHEUS_OPERATOR_MODULE} {version} has no {crds.name}/")
     return crds
+
+
+# -- CoreDNS, the cluster DNS of a real node ----------------------------------------------------
+
+COREDNS_MODULE = "github.com/coredns/coredns"
+
+
+def coredns() -> Path:
+    """CoreDNS, built (once) from ``tests/controlplane/coredns``: a main package of its own
+    that registers only the plugins the cluster DNS's Corefile uses (phabmesh.dev.clusterdns).
+    Static (CGO off), so it runs alone in an image."""
+    return go_tool("coredns", COREDNS_MODULE) / "coredns"

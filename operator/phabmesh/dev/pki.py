@@ -100,7 +100,10 @@ class Pki:
         return self.root / "service-account.pub"
 
     @classmethod
-    def create(cls, root: Path) -> Pki:
+    def create(cls, root: Path, node: tuple[str, str] | None = None) -> Pki:
+        """A new CA and the control plane's leaves in ``root``. With ``node`` (its name and
+        address), also a real kubelet's and kube-proxy's leaves and the API server's client
+        certificate for kubelets."""
         root.mkdir(parents=True, exist_ok=True)
         pki = cls(root)
         ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -113,6 +116,7 @@ class Pki:
                 subject=_name("kube-apiserver"),
                 server_names=[
                     "127.0.0.1",
+                    "10.96.0.1",  # the kubernetes Service's ClusterIP, as pods reach it
                     "::1",
                     "localhost",
                     "kubernetes",
@@ -129,6 +133,22 @@ class Pki:
             # KWOK stands in for every kubelet at once: it acts on any node and any pod.
             "kwok": dict(subject=_name("kwok-controller", "system:masters"), client=True),
         }
+        if node is not None:
+            name, address = node
+            leaves |= {
+                # the API server to kubelets (logs, exec, port-forward)
+                "apiserver-kubelet-client": dict(
+                    subject=_name("kube-apiserver-kubelet-client", "system:masters"), client=True
+                ),
+                "kubelet-client": dict(
+                    subject=_name(f"system:node:{name}", "system:nodes"), client=True
+                ),
+                "kubelet-serving": dict(
+                    subject=_name(f"system:node:{name}", "system:nodes"),
+                    server_names=[address, name],
+                ),
+                "kube-proxy": dict(subject=_name("system:kube-proxy"), client=True),
+            }
         for leaf, opts in leaves.items():
             key = ec.generate_private_key(ec.SECP256R1())
             cert = _cert(
