@@ -92,6 +92,24 @@ node-packages: ## Install the real node's packages (containerd, runc, CNI plugin
 	    || { apt-get update && apt-get install -y --no-install-recommends $$missing; }; \
 	fi
 
+# phabmesh's image as an OCI archive, without Docker or a registry (phabmesh.dev.image):
+# Debian bookworm from mmdebstrap through this machine's apt mirror, plus this checkout's wheel
+# and the dependencies constraints.txt pins. Import it with `podman load -i` or
+# `ctr -n k8s.io images import`; it is named as the chart and manifests/ deploy it.
+IMAGE_DEBS := mmdebstrap
+
+.PHONY: image
+image: $(STAMP) ## Build the image archive build/image/phabmesh-VERSION.oci.tar (mmdebstrap; cached)
+	@if ! command -v mmdebstrap >/dev/null; then \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "make image: mmdebstrap is missing; as root: apt-get install $(IMAGE_DEBS)" >&2; exit 1; \
+	  fi; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y --no-install-recommends $(IMAGE_DEBS) \
+	    || { apt-get update && apt-get install -y --no-install-recommends $(IMAGE_DEBS); }; \
+	fi
+	$(BIN)/python -m phabmesh.dev.image build
+
 .PHONY: fmt
 fmt: $(STAMP) ## Format and auto-fix the code
 	$(BIN)/ruff format $(PY_SOURCES)

@@ -70,25 +70,44 @@ def _settings() -> Settings:
     return settings
 
 
+def _no_cluster(command: str, exc: Exception) -> int:
+    """2 and one line when there is no cluster to connect to (the image run outside one)."""
+    print(
+        f"phabmesh {command}: no cluster to connect to ({exc}); give --kubeconfig, set "
+        "KUBECONFIG, or run it in a pod with its service account",
+        file=sys.stderr,
+    )
+    return 2
+
+
 def _controller(args: argparse.Namespace) -> int:
     import asyncio
+
+    from kubernetes.config import ConfigException
 
     from phabmesh.processes.operator import OperatorProcess
 
     settings = _settings()
     process = OperatorProcess(settings, kubeconfig=args.kubeconfig, standalone=not args.peering)
-    asyncio.run(process.run_until_signalled())
+    try:
+        asyncio.run(process.run_until_signalled())
+    except ConfigException as exc:
+        return _no_cluster("controller", exc)
     return 0
 
 
 def _webhook(args: argparse.Namespace) -> int:
     import asyncio
 
+    from kubernetes.config import ConfigException
+
     from phabmesh.admission.server import WebhookProcess
 
     settings = _settings()
     try:
         asyncio.run(WebhookProcess(settings, kubeconfig=args.kubeconfig).run_until_told())
+    except ConfigException as exc:
+        return _no_cluster("webhook", exc)
     except ValueError as exc:  # a setting it cannot use: the message names it
         print(f"phabmesh webhook: {exc}", file=sys.stderr)
         return 2
@@ -107,10 +126,15 @@ def _run(args: argparse.Namespace) -> int:
 def _gateway(args: argparse.Namespace) -> int:
     import asyncio
 
+    from kubernetes.config import ConfigException
+
     from phabmesh.processes.gateway import GatewayProcess
 
     settings = _settings()
-    asyncio.run(GatewayProcess(settings, kubeconfig=args.kubeconfig).run_until_signalled())
+    try:
+        asyncio.run(GatewayProcess(settings, kubeconfig=args.kubeconfig).run_until_signalled())
+    except ConfigException as exc:
+        return _no_cluster("gateway", exc)
     return 0
 
 

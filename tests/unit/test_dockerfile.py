@@ -1,7 +1,8 @@
 """The image's recipe: what a reader of the Dockerfile should be able to rely on.
 
 hadolint (``make lint``) checks Dockerfile practice; these tests check phabmesh's own
-promises: pinned bases, a wheel-only runtime, a fixed non-root user, exec-form commands.
+promises: one recipe with `make image` (phabmesh.dev.image), a wheel-only runtime without
+pip, a fixed non-root user, exec-form commands.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+
+from phabmesh.dev import image
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,39 +34,46 @@ def _stages() -> list[list[tuple[str, str]]]:
     for keyword, rest in _instructions():
         if keyword == "FROM":
             stages.append([])
-        stages[-1].append((keyword, rest))
+        if stages:
+            stages[-1].append((keyword, rest))
     return stages
 
 
-def test_two_stages_on_a_pinned_python_311_slim() -> None:
+def test_two_stages_on_the_debian_release_make_image_builds_from() -> None:
+    args = [rest for keyword, rest in _instructions() if keyword == "ARG"]
+    assert f"BASE=debian:{image.SUITE}-slim" in args
     stages = _stages()
     assert len(stages) == 2
-    for stage in stages:
-        image = stage[0][1].split()[0]
-        assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", image), image
+    assert [stage[0][1].split()[0] for stage in stages] == ["${BASE}", "${BASE}"]
 
 
-def test_the_builder_makes_wheels_with_the_pinned_constraints() -> None:
+def test_the_builder_installs_the_python_packages_as_make_image_does() -> None:
     build = " ".join(rest for keyword, rest in _stages()[0] if keyword == "RUN")
-    assert "pip wheel" in build
-    assert "--constraint constraints.txt" in build
+    assert "python3 -m phabmesh.dev.image python-tree /out" in build
 
 
-def test_the_runtime_installs_only_wheels_and_runs_unprivileged() -> None:
+def test_the_runtime_reads_the_same_package_list_and_finishing_script() -> None:
     runtime = _stages()[1]
-    installs = [rest for keyword, rest in runtime if keyword == "RUN" and "pip install" in rest]
-    assert len(installs) == 1
-    assert "--no-cache-dir" in installs[0]
-    assert "--no-index" in installs[0]
-    assert not [rest for keyword, rest in runtime if keyword in ("COPY", "ADD")]
-    users = [rest for keyword, rest in runtime if keyword == "USER"]
-    assert users == ["65532:65532"]
+    runs = " ".join(rest for keyword, rest in runtime if keyword == "RUN")
+    assert "--mount=type=bind,source=image,target=/image" in runs
+    assert "/image/packages" in runs
+    assert "/image/dpkg-excludes" in runs
+    assert "/image/finish.sh /" in runs
+    assert "--no-install-recommends" in runs
+    assert "pip" not in runs
+    copies = [rest for keyword, rest in runtime if keyword in ("COPY", "ADD")]
+    assert copies == ["--from=build /out/ /"]
 
 
-def test_entrypoint_and_command_are_exec_form() -> None:
+def test_how_it_starts_is_what_make_image_writes() -> None:
     runtime = dict(_stages()[1])
-    assert json.loads(runtime["ENTRYPOINT"]) == ["phabmesh"]
-    assert json.loads(runtime["CMD"]) == ["controller"]
+    config = image.image_config()
+    assert runtime["USER"] == config.user == "65532:65532"
+    assert json.loads(runtime["ENTRYPOINT"]) == list(config.entrypoint) == ["phabmesh"]
+    assert json.loads(runtime["CMD"]) == list(config.cmd) == ["controller"]
+    assert {f"{port}/tcp" for port in runtime["EXPOSE"].split()} == set(config.exposed_ports)
+    env = {f"{key}={value}" for key, value in re.findall(r"(\w+)=(\S+)", runtime["ENV"])}
+    assert env == {e for e in config.env if not e.startswith("PATH=")}
 
 
 def test_the_build_context_leaves_out_what_the_image_does_not_need() -> None:
@@ -73,4 +83,4 @@ def test_the_build_context_leaves_out_what_the_image_does_not_need() -> None:
         if line.strip() and not line.startswith("#")
     }
     assert {".git", ".venv", "tests", "build"} <= ignored
-    assert not {"operator", "pyproject.toml", "constraints.txt", "README.md"} & ignored
+    assert not {"operator", "pyproject.toml", "constraints.txt", "README.md", "image"} & ignored

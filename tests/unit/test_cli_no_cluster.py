@@ -1,0 +1,56 @@
+"""`phabmesh controller`, `gateway` and `webhook` with no cluster to connect to (as in the
+image run outside Kubernetes): one line that says so and what to give, not a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("command", ["controller", "gateway", "webhook"])
+def test_no_cluster_is_one_line_naming_what_to_give(command: str, tmp_path: Path) -> None:
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith(("KUBE", "PHABMESH_"))
+    }
+    env.update(HOME=str(tmp_path), PYTHONPATH=str(REPO / "operator"))
+    done = subprocess.run(
+        [sys.executable, "-m", "phabmesh.cli", command],
+        env=env,
+        input="",  # the webhook watches its stdin, a pipe from the operator
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert "Traceback" not in done.stderr
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"phabmesh {command}: no cluster to connect to"), lines[0]
+    assert "--kubeconfig" in lines[0]
+    assert "KUBECONFIG" in lines[0]
+
+
+def test_an_explicit_kubeconfig_that_is_missing_is_named(tmp_path: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("KUBE")}
+    env.update(HOME=str(tmp_path), PYTHONPATH=str(REPO / "operator"))
+    missing = tmp_path / "nowhere.yaml"
+    done = subprocess.run(
+        [sys.executable, "-m", "phabmesh.cli", "gateway", "--kubeconfig", str(missing)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith("phabmesh gateway: no cluster to connect to"), done.stderr
