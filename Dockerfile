@@ -5,8 +5,9 @@
 # `docker build -t ghcr.io/phabmesh/phabmesh:0.1.0 .`
 #
 # One recipe with `make image` (phabmesh.dev.image, which builds the same image without Docker
-# or a registry): both install the Debian packages in image/packages with the dpkg excludes
-# in image/dpkg-excludes, finish the root with image/finish.sh (user and group 65532
+# or a registry): both install the Debian packages in imagerecipe/packages with the dpkg
+# excludes in imagerecipe/dpkg-excludes (operator/phabmesh/dev/imagerecipe/), finish the root
+# with imagerecipe/finish.sh (user and group 65532
 # `phabmesh`, no package lists), and install the Python packages with
 # `python -m phabmesh.dev.image python-tree` (this checkout's wheel and the dependencies
 # constraints.txt pins, for Debian's python3 3.11). Only the base differs: here the
@@ -30,7 +31,7 @@ RUN mkdir /out && PYTHONPATH=operator python3 -m phabmesh.dev.image python-tree 
 FROM ${BASE}
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # The recipe files are mounted for this step only: they never become a layer of the image.
-RUN --mount=type=bind,source=image,target=/image \
+RUN --mount=type=bind,source=operator/phabmesh/dev/imagerecipe,target=/image \
     cp /image/dpkg-excludes /etc/dpkg/dpkg.cfg.d/phabmesh \
  && apt-get update \
  && sed -e 's/#.*//' /image/packages | xargs apt-get install -y --no-install-recommends \

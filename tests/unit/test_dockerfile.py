@@ -55,7 +55,7 @@ def test_the_builder_installs_the_python_packages_as_make_image_does() -> None:
 def test_the_runtime_reads_the_same_package_list_and_finishing_script() -> None:
     runtime = _stages()[1]
     runs = " ".join(rest for keyword, rest in runtime if keyword == "RUN")
-    assert "--mount=type=bind,source=image,target=/image" in runs
+    assert "--mount=type=bind,source=operator/phabmesh/dev/imagerecipe,target=/image" in runs
     assert "/image/packages" in runs
     assert "/image/dpkg-excludes" in runs
     assert "/image/finish.sh /" in runs

@@ -5,8 +5,8 @@ Three layers in an OCI image archive (``phabmesh.dev.ociimage``) that ``podman l
 (``ghcr.io/phabmesh/phabmesh:<version>``):
 
 1. Debian bookworm from mmdebstrap: the Essential packages (``sh``, ``test``) plus
-   ``image/packages`` (Debian's python3, 3.11), without documentation or translations
-   (``image/dpkg-excludes``), finished by ``image/finish.sh`` (user and group 65532
+   ``imagerecipe/packages`` (Debian's python3, 3.11), without documentation or translations
+   (``imagerecipe/dpkg-excludes``), finished by ``imagerecipe/finish.sh`` (user and group 65532
    ``phabmesh``, no package lists). No apt, no pip, no compiler. The mirror is the one this
    machine's apt uses (its Debian entries in /etc/apt), so the build works wherever apt does;
    PHABMESH_IMAGE_MIRROR (a mirror URL) overrides it.
@@ -47,7 +47,7 @@ from phabmesh.dev import ociimage
 from phabmesh.dev.gobuild import cache_home
 
 REPO = Path(__file__).resolve().parents[3]
-IMAGE_FILES = REPO / "image"
+IMAGE_FILES = Path(__file__).resolve().parent / "imagerecipe"
 # What the chart (values.yaml image.repository, Chart.yaml appVersion) and kustomize
 # (manifests/kustomization.yaml images:) deploy.
 REPOSITORY = "ghcr.io/phabmesh/phabmesh"
@@ -119,13 +119,13 @@ def image_config() -> ociimage.ImageConfig:
 
 
 def packages(path: Path | None = None) -> list[str]:
-    """image/packages: one Debian package a line, `#` comments."""
+    """imagerecipe/packages: one Debian package a line, `#` comments."""
     names = []
     for line in (path or IMAGE_FILES / "packages").read_text().splitlines():
         name = line.split("#", 1)[0].strip()
         if name:
             if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]+", name):
-                raise ImageError(f"image/packages: {name!r} is not a Debian package name")
+                raise ImageError(f"imagerecipe/packages: {name!r} is not a Debian package name")
             names.append(name)
     return names
 
