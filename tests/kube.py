@@ -5,10 +5,12 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import os
 import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from kubernetes import client, config
@@ -154,3 +156,26 @@ def one_shot_job(name: str) -> dict[str, Any]:
         "metadata": {"name": name},
         "spec": {"backoffLimit": 0, "template": template},
     }
+
+
+class Helm:
+    """The helm command, with its configuration, cache and data in a directory of its own."""
+
+    def __init__(self, binary: Path, home: Path) -> None:
+        self.binary = binary
+        self.env = dict(os.environ)
+        for name in ("HELM_CONFIG_HOME", "HELM_CACHE_HOME", "HELM_DATA_HOME"):
+            self.env[name] = str(home / name.lower())
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(self.binary), *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            check=False,
+            timeout=120,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+        return result

@@ -12,9 +12,7 @@ its operator and RBAC objects are shared by every test. A real ``helm install`` 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ import pytest
 import yaml
 
 from phabmesh.dev import devcluster, linkerd
-from tests.kube import Cluster
+from tests.kube import Cluster, Helm
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "phabmesh"
@@ -37,29 +35,6 @@ KUSTOMIZE_NAMESPACES_ANYWAY = {
     "ValidatingAdmissionPolicy",
     "ValidatingAdmissionPolicyBinding",
 }
-
-
-class Helm:
-    """The helm command, with its configuration, cache and data in a directory of its own."""
-
-    def __init__(self, binary: Path, home: Path) -> None:
-        self.binary = binary
-        self.env = dict(os.environ)
-        for name in ("HELM_CONFIG_HOME", "HELM_CACHE_HOME", "HELM_DATA_HOME"):
-            self.env[name] = str(home / name.lower())
-
-    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [str(self.binary), *args],
-            capture_output=True,
-            text=True,
-            env=self.env,
-            check=False,
-            timeout=120,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
-        return result
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,427 @@
+"""phabmesh installed on the real node as a cluster admin installs it, and used by real pods.
+
+The image is the one `make image` builds, imported into the node's containerd; the chart is
+installed with `helm install` (and, at the end, the kustomize install with `kubectl apply
+-k`), so the operator and the gateway run as the chart's pods under its securityContext,
+probes and limits, and the API server calls the injection webhook through its Service
+(kube-proxy). The workloads run the unmodified clients (arc, the `phabricator` package) in
+their own containers, configured by nothing but the files the injected agent writes, through
+the gateway's Service name (cluster DNS). Phabricator is the Conduit test server, listening
+on the node's bridge address.
+
+What is not real here: Linkerd (tests/realpods.py: a stand-in container named
+`linkerd-proxy` that only runs; the install sets `linkerd.requireClientID=false`, as on a
+cluster without Linkerd), and NetworkPolicies (nothing enforces them on this node).
+
+Figures (first call after a pod is created, refusal after a pod is deleted) are printed
+with `-s`; `python -m bench.realpods` measures them with percentiles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from phabmesh import resources
+from phabmesh.dev import devcluster, image, linkerd, realnode
+from phabmesh.dev.conduit import ConduitServer
+from tests import realpods
+from tests.kube import Helm, wait_for
+from tests.phab import label_namespace, make_binding, make_bot
+from tests.realnode import RealCluster
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+SYSTEM = "phabmesh-system"
+TIMEOUT = 180
+
+
+@pytest.fixture(scope="module")
+def phabricator(real_cluster: RealCluster) -> Iterator[ConduitServer]:
+    """The Conduit test server on the node's bridge address, where the gateway's pods reach
+    it (the node's pods reach the host there, and nothing else off the bridge)."""
+    server = ConduitServer(host=realnode.NODE_IP)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def clients(real_cluster: RealCluster) -> str:
+    """phabmesh's image (`make image`) and the workload image, imported into the node."""
+    real_cluster.node.import_image(image.build(log=lambda _: None).path)
+    name, archive = realpods.clients_image(REPO / "build")
+    real_cluster.node.import_image(archive)
+    return name
+
+
+def _helm(tmp_path_factory: pytest.TempPathFactory, cluster: RealCluster) -> Helm:
+    helm = Helm(devcluster.helm(), tmp_path_factory.mktemp("helm"))
+    helm.env["KUBECONFIG"] = str(cluster.kubeconfig)
+    return helm
+
+
+def _rolled_out(cluster: RealCluster, namespace: str, *names: str) -> None:
+    for name in names:
+        done = cluster.kubectl(
+            "rollout", "status", "-n", namespace, f"deployment/{name}", f"--timeout={TIMEOUT}s",
+            check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            pods = cluster.kubectl("describe", "pods", "-n", namespace, check=False).stdout
+            raise AssertionError(f"{name} did not roll out: {done.stderr}\n{pods[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def installed(
+    real_cluster: RealCluster,
+    clients: str,
+    phabricator: ConduitServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Helm]:
+    """The CRDs and the chart, as docs/install.md says, with the locally built image (and,
+    as `make dev-cluster` has them, stand-ins for Linkerd's policy CRDs)."""
+    real_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(linkerd.standin_crds()))
+    real_cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    helm = _helm(tmp_path_factory, real_cluster)
+    helm.run(
+        "install", "phabmesh", str(REPO / "charts" / "phabmesh"), "-n", SYSTEM,
+        "--create-namespace",
+        "--set", f"phabricatorURL={phabricator.url}",
+        "--set", "linkerd.requireClientID=false",
+        "--set", "image.pullPolicy=Never",
+    )  # fmt: skip
+    _rolled_out(real_cluster, SYSTEM, "phabmesh-operator", "phabmesh-gateway")
+    yield helm
+    helm.run("uninstall", "phabmesh", "-n", SYSTEM, "--wait", check=False)
+
+
+def _namespace(cluster: RealCluster, name: str) -> str:
+    """A namespace that enforces Pod Security `restricted`, allowed to use bots, with the
+    ServiceAccount `runner`."""
+    cluster.kubectl("create", "namespace", name)
+    cluster.kubectl("label", "namespace", name, "pod-security.kubernetes.io/enforce=restricted")
+    label_namespace(cluster, name)
+    cluster.kubectl("create", "serviceaccount", "-n", name, "runner")
+    return name
+
+
+def _injects(cluster: RealCluster, namespace: str, clients: str) -> None:
+    """Wait until the webhook, called by the API server through its Service, injects the agent
+    (it has the binding, and its CA is in the webhook configuration)."""
+    probe = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "probe", "labels": {"app": "probe"}},
+        "spec": realpods.workload_pod_spec(clients),
+    }
+
+    def injected() -> bool:
+        done = cluster.kubectl(
+            "create", "--dry-run=server", "-n", namespace, "-o", "json", "-f", "-",
+            input=json.dumps(probe), check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            return False
+        names = [c["name"] for c in json.loads(done.stdout)["spec"].get("initContainers", [])]
+        return "phabmesh-agent" in names
+
+    wait_for(injected, timeout=TIMEOUT, interval=1, what="the webhook to inject the agent")
+
+
+@pytest.fixture(scope="module")
+def bot(real_cluster: RealCluster, installed: Helm, phabricator: ConduitServer) -> str:
+    name = f"real-bot-{uuid.uuid4().hex[:6]}"
+    make_bot(real_cluster, phabricator, name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def ns(real_cluster: RealCluster, bot: str, clients: str) -> Iterator[str]:
+    """A restricted namespace whose binding asks for the agent (Auto: sidecar for long-running
+    pods, init for a Job's) with credentials living 1 minute, so that they rotate under the
+    running clients."""
+    namespace = _namespace(real_cluster, f"real-{uuid.uuid4().hex[:6]}")
+    make_binding(
+        real_cluster, namespace, "runners", bot,
+        credentialTTL="1m", agent={"mode": resources.AGENT_AUTO},
+    )  # fmt: skip
+    _injects(real_cluster, namespace, clients)
+    yield namespace
+    real_cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def _pods(cluster: RealCluster, namespace: str, app: str) -> list[dict[str, Any]]:
+    out = cluster.kubectl("get", "pods", "-n", namespace, "-l", f"app={app}", "-o", "json")
+    pods: list[dict[str, Any]] = json.loads(out.stdout)["items"]
+    return pods
+
+
+def _running(cluster: RealCluster, namespace: str, app: str, count: int = 1) -> list[str]:
+    def ready() -> list[str] | None:
+        names = [
+            p["metadata"]["name"]
+            for p in _pods(cluster, namespace, app)
+            if "deletionTimestamp" not in p["metadata"]
+            and any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in p["status"].get("conditions", [])
+            )
+        ]
+        return names if len(names) == count else None
+
+    found: list[str] = wait_for(ready, timeout=TIMEOUT, interval=0.2, what=f"{count} ready {app}")
+    return found
+
+
+def whoami(cluster: RealCluster, namespace: str, pod: str, client: str) -> tuple[str | None, str]:
+    """``user.whoami`` from the pod's app container with ``client``: the user name, or None
+    and what the client said."""
+    command = {
+        "arc": ["arcanist", "call-conduit", "--", "user.whoami"],
+        "phabricator": ["call-phabricator", "user.whoami", "{}"],
+    }[client]
+    done = cluster.kubectl(
+        "exec", "-i", "-n", namespace, pod, "-c", "app", "--", *command, input="{}", check=False
+    )
+    said = (done.stdout + done.stderr).strip()
+    try:
+        printed = json.loads(done.stdout)
+    except ValueError:
+        return None, said
+    answer = printed.get("response") if client == "arc" else printed.get("result")
+    return (answer or {}).get("userName"), said
+
+
+def refused(said: str) -> bool:
+    return "ERR-INVALID-AUTH" in said or "INVALID CREDENTIALS" in said
+
+
+def test_a_sidecar_deployment_calls_through_the_gateway_with_arc_and_the_phabricator_package(
+    real_cluster: RealCluster, ns: str, bot: str, clients: str
+) -> None:
+    created = time.monotonic()
+    real_cluster.apply(realpods.deployment("calls", clients), namespace=ns)
+    (pod,) = _running(real_cluster, ns, "calls")
+    user = wait_for(
+        lambda: whoami(real_cluster, ns, pod, "arc")[0], timeout=TIMEOUT, what="arc's first call"
+    )
+    print(
+        f"\nreal pod: created -> first call through the gateway: {time.monotonic() - created:.2f} s"
+    )
+    assert user == bot
+    assert whoami(real_cluster, ns, pod, "phabricator")[0] == bot
+    stored = real_cluster.pod(pod, ns)
+    agent = next(c for c in stored["spec"]["initContainers"] if c["name"] == "phabmesh-agent")
+    assert agent["restartPolicy"] == "Always"
+    assert agent["securityContext"]["runAsUser"] == realpods.CLIENTS_USER
+    files = real_cluster.exec(pod, "ls", "-ln", "/var/run/phabmesh", namespace=ns)
+    assert "-rw------- 1 1000 1000" in files, files
+
+
+def test_the_credential_rotates_under_a_running_client(
+    real_cluster: RealCluster, ns: str, bot: str
+) -> None:
+    (pod,) = _running(real_cluster, ns, "calls")
+
+    def credential() -> str:
+        return real_cluster.exec(pod, "sha256sum", "/var/run/phabmesh/credential", namespace=ns)
+
+    first = credential()
+    # A 1-minute credential is replaced when a third of its life is left.
+    wait_for(lambda: credential() != first, timeout=90, interval=1, what="a new credential")
+    assert whoami(real_cluster, ns, pod, "arc")[0] == bot
+    assert whoami(real_cluster, ns, pod, "phabricator")[0] == bot
+
+
+def test_a_job_in_init_mode_completes(
+    real_cluster: RealCluster, ns: str, bot: str, clients: str
+) -> None:
+    command = f'arcanist call-conduit -- user.whoami </dev/null | grep -q \'"userName":"{bot}"\''
+    real_cluster.apply(realpods.job("once", clients, command), namespace=ns)
+    done = real_cluster.kubectl(
+        "wait", "-n", ns, "--for=condition=Complete", f"--timeout={TIMEOUT}s", "job/once",
+        check=False,
+    )  # fmt: skip
+    (pod,) = _pods(real_cluster, ns, "once")
+    assert done.returncode == 0, real_cluster.kubectl(
+        "logs", "-n", ns, pod["metadata"]["name"], "--all-containers", check=False
+    ).stdout
+    (agent,) = [c for c in pod["spec"]["initContainers"] if c["name"] == "phabmesh-agent"]
+    assert "restartPolicy" not in agent  # init mode: a plain init container
+
+
+def test_scaled_to_zero_a_terminating_pods_next_call_is_refused(
+    real_cluster: RealCluster, ns: str, bot: str, clients: str
+) -> None:
+    real_cluster.apply(realpods.deployment("lingers", clients, linger=60), namespace=ns)
+    (pod,) = _running(real_cluster, ns, "lingers")
+    wait_for(lambda: whoami(real_cluster, ns, pod, "arc")[0] == bot, timeout=TIMEOUT, what="a call")
+    deleted = time.monotonic()
+    real_cluster.kubectl("scale", "-n", ns, "deployment/lingers", "--replicas=0")
+    # The pod is terminating, its app still runs (it lingers 60 s after TERM): its next call
+    # is refused.
+    said = wait_for(
+        lambda: (r := whoami(real_cluster, ns, pod, "arc")) and r[0] is None and r[1],
+        timeout=30, interval=0.2, what="a refusal",
+    )  # fmt: skip
+    print(f"\nreal pod: scaled to zero -> call refused: {time.monotonic() - deleted:.2f} s")
+    assert refused(said), said
+    assert "deletionTimestamp" in real_cluster.pod(pod, ns)["metadata"]
+    _, said = whoami(real_cluster, ns, pod, "phabricator")
+    assert refused(said), said
+
+
+def test_a_rollout_replaces_every_pod_without_a_failed_call(
+    real_cluster: RealCluster, ns: str, bot: str, clients: str
+) -> None:
+    """Each pod calls once a second until it is told to stop (TERM); a rollout replaces both
+    pods; every call of every pod, old and new, succeeded."""
+    loop = (
+        "trap 'echo stopped; exit 0' TERM; "
+        "while :; do "
+        "if arcanist call-conduit -- user.whoami </dev/null | grep -q userName; "
+        "then echo ok; else echo FAILED; fi; sleep 1 & wait $!; done"
+    )
+    doc = realpods.deployment("rolls", clients, replicas=2)
+    doc["spec"]["template"]["spec"]["containers"][0]["command"] = ["/bin/sh", "-c", loop]
+    doc["spec"]["strategy"] = {"rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    real_cluster.apply(doc, namespace=ns)
+    old = _running(real_cluster, ns, "rolls", 2)
+    logs: dict[str, str] = {}
+    followers: list[threading.Thread] = []
+
+    def follow(pod: str) -> None:
+        done = real_cluster.plane.kubectl(
+            "logs", "-f", "-n", ns, pod, "-c", "app", check=False, timeout=TIMEOUT
+        )
+        logs[pod] = done.stdout
+
+    def watch(names: list[str]) -> None:
+        for name in names:
+            if name not in logs and name not in [t.name for t in followers]:
+                thread = threading.Thread(target=follow, args=(name,), name=name, daemon=True)
+                thread.start()
+                followers.append(thread)
+
+    watch(old)
+    real_cluster.kubectl("rollout", "restart", "-n", ns, "deployment/rolls")
+
+    def replaced() -> bool:
+        current = [p["metadata"]["name"] for p in _pods(real_cluster, ns, "rolls")]
+        watch([n for n in current if n not in old])
+        return not set(current) & set(old)
+
+    wait_for(replaced, timeout=TIMEOUT, interval=0.5, what="every old pod gone")
+    new = _running(real_cluster, ns, "rolls", 2)
+    watch(new)
+    wait_for(
+        lambda: all(real_cluster.logs(n, "app", ns).count("ok") >= 2 for n in new),
+        timeout=TIMEOUT, what="the new pods' calls",
+    )  # fmt: skip
+    real_cluster.kubectl("delete", "-n", ns, "deployment/rolls", "--wait=true")
+    for thread in followers:
+        thread.join(timeout=TIMEOUT)
+    assert set(old) | set(new) <= set(logs)
+    for pod, text in logs.items():
+        lines = text.split()
+        assert "FAILED" not in lines, f"{pod}: {text}"
+        assert lines.count("ok") >= 1 and lines[-1] == "stopped", f"{pod}: {text}"
+
+
+def test_the_operator_killed_mid_scale_down_recovers(
+    real_cluster: RealCluster, ns: str, bot: str, clients: str
+) -> None:
+    real_cluster.apply(realpods.deployment("fleet", clients, replicas=3, linger=60), namespace=ns)
+    pods = _running(real_cluster, ns, "fleet", 3)
+    for pod in pods:
+        wait_for(lambda p=pod: whoami(real_cluster, ns, p, "arc")[0] == bot, timeout=TIMEOUT)
+    real_cluster.kubectl("scale", "-n", ns, "deployment/fleet", "--replicas=0")
+    real_cluster.kubectl(
+        "delete", "pods", "-n", SYSTEM, "-l", "app.kubernetes.io/name=phabmesh-operator",
+        "--grace-period=0", "--force", "--wait=false",
+    )  # fmt: skip
+    # Every terminating pod is refused, whether the old operator revoked its lease or the
+    # new one does once it is up.
+    for pod in pods:
+        said = wait_for(
+            lambda p=pod: (r := whoami(real_cluster, ns, p, "arc")) and r[0] is None and r[1],
+            timeout=TIMEOUT, interval=0.5, what=f"{pod} refused",
+        )  # fmt: skip
+        assert refused(said), said
+    _rolled_out(real_cluster, SYSTEM, "phabmesh-operator")
+
+    def leases_of_the_fleet() -> list[str]:
+        out = real_cluster.kubectl("get", "phabricatorcredentials", "-n", ns, "-o", "json")
+        return [c["spec"]["podName"] for c in json.loads(out.stdout)["items"]
+                if c["spec"]["podName"] in pods]  # fmt: skip
+
+    wait_for(
+        lambda: not leases_of_the_fleet(), timeout=TIMEOUT, interval=1,
+        what="the scaled-down pods' leases gone",
+    )  # fmt: skip
+    # and the recovered operator serves a new pod
+    real_cluster.kubectl("scale", "-n", ns, "deployment/fleet", "--replicas=1")
+    (fresh,) = _running(real_cluster, ns, "fleet")
+    assert wait_for(lambda: whoami(real_cluster, ns, fresh, "arc")[0], timeout=TIMEOUT) == bot
+
+
+def test_the_kustomize_install_works_the_same(
+    real_cluster: RealCluster,
+    installed: Helm,
+    phabricator: ConduitServer,
+    bot: str,
+    clients: str,
+    tmp_path: Path,
+) -> None:
+    """`helm uninstall`, then `kubectl apply -k` of an overlay of manifests/ that sets what the
+    chart was given (Phabricator's URL, no client ID, the local image): a new pod calls."""
+    installed.run("uninstall", "phabmesh", "-n", SYSTEM, "--wait")
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    config_patch = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "phabmesh-config", "namespace": SYSTEM},
+        "data": {
+            "PHABMESH_PHABRICATOR_URL": phabricator.url,
+            "PHABMESH_REQUIRE_CLIENT_ID": "false",
+        },
+    }
+    never = [
+        {"op": "add", "path": "/spec/template/spec/containers/0/imagePullPolicy", "value": "Never"}
+    ]
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(REPO / "manifests", overlay)],
+        "patches": [
+            {"patch": yaml.safe_dump(config_patch)},
+            {"target": {"kind": "Deployment"}, "patch": json.dumps(never)},
+        ],
+    }
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    real_cluster.kubectl("apply", "-k", str(overlay))
+    try:
+        _rolled_out(real_cluster, SYSTEM, "phabmesh-operator", "phabmesh-gateway")
+        namespace = _namespace(real_cluster, f"realk-{uuid.uuid4().hex[:6]}")
+        make_binding(real_cluster, namespace, "runners", bot, agent={"mode": resources.AGENT_AUTO})
+        _injects(real_cluster, namespace, clients)
+        real_cluster.apply(realpods.deployment("calls", clients), namespace=namespace)
+        (pod,) = _running(real_cluster, namespace, "calls")
+        user = wait_for(
+            lambda: whoami(real_cluster, namespace, pod, "phabricator")[0], timeout=TIMEOUT
+        )
+        assert user == bot
+    finally:
+        real_cluster.kubectl("delete", "-k", str(overlay), "--ignore-not-found", check=False)

@@ -1,0 +1,164 @@
+"""Real workloads on the real node (tests/e2e/test_real_workloads.py): phabmesh installed as a
+user installs it, its image and a workload image built here, and the pods that use it.
+
+The workload image (``CLIENTS_IMAGE``) is Debian bookworm with arcanist (``arcanist``, PHP) and
+the ``phabricator`` Python package at the version tests/clients/python pins, plus the
+driver that calls it with nothing but ``~/.arcrc``: the same unmodified clients the host-side
+e2e tests run, now inside a pod, configured by the files the injected agent writes.
+
+No Linkerd can run here. ``linkerd_proxy_stand_in`` is a container named ``linkerd-proxy``
+(what phabmesh reads of a pod's spec to call it meshed: docs/architecture.md, "Meshed, and
+what proves it") that does nothing but run and stop when told: it proxies nothing and vouches
+for no caller, so the install runs with ``linkerd.requireClientID=false``, as on a cluster
+without Linkerd.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from phabmesh.dev import image, ociimage
+from phabmesh.dev.gobuild import cache_home
+
+REPO = Path(__file__).resolve().parents[1]
+CLIENTS = REPO / "tests" / "clients" / "python"
+DRIVER = CLIENTS / "call_phabricator_arcrc.py"
+CLIENTS_ROOTFS = image.Rootfs(
+    "realpods-clients-rootfs",
+    ("arcanist", "php-cli", "php-curl", "python3", "python3-requests", "ca-certificates"),
+    image.IMAGE_FILES / "dpkg-excludes",
+)
+CLIENTS_USER = 1000
+RESTRICTED = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def _phabricator_pin() -> str:
+    for line in (CLIENTS / "requirements.txt").read_text().splitlines():
+        if line.startswith("phabricator=="):
+            return line.strip()
+    raise AssertionError("tests/clients/python/requirements.txt pins no phabricator")
+
+
+def clients_image(out_dir: Path) -> tuple[str, Path]:
+    """The workload image's name and archive, cached by its inputs (the Debian layer by
+    phabmesh.dev.image's cache, the rest here)."""
+    base, _ = image.base_layer(CLIENTS_ROOTFS, log=lambda _: None)
+    pin = _phabricator_pin()
+    key = hashlib.sha256(
+        json.dumps([base.digest, pin, DRIVER.read_text(), ociimage.epoch()]).encode()
+    ).hexdigest()[:12]
+    name = f"localhost/phabmesh-e2e-clients:{key}"
+    archive = cache_home() / "images" / f"phabmesh-e2e-clients-{key}.tar"
+    if not archive.is_file():
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=archive.parent) as scratch:
+            tree = Path(scratch) / "tree"
+            site = tree / "usr/lib/python3/dist-packages"
+            subprocess.run(
+                [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                 "--no-deps", "--no-compile", "--target", str(site), pin],
+                check=True, capture_output=True,
+            )  # fmt: skip
+            shutil.rmtree(site / "bin", ignore_errors=True)
+            bindir = tree / "usr/local/bin"
+            bindir.mkdir(parents=True)
+            shutil.copy(DRIVER, bindir / "call-phabricator")
+            (bindir / "call-phabricator").chmod(0o755)
+            top = ociimage.layer_from_dir(tree, Path(scratch) / "top.tar.gz")
+            config = ociimage.ImageConfig(cmd=("/bin/sh",), user=f"{CLIENTS_USER}")
+            ociimage.write_archive(name, [base, top], config, archive)
+    return name, archive
+
+
+def linkerd_proxy_stand_in(clients: str) -> dict[str, Any]:
+    """A native sidecar named ``linkerd-proxy``, shaped as Linkerd 2.20 injects its proxy
+    (first init container, ``restartPolicy: Always``, ``_l5d_ns``/``_l5d_trustdomain``). It
+    only runs: no traffic goes through it."""
+    return {
+        "name": "linkerd-proxy",
+        "image": clients,
+        "imagePullPolicy": "Never",
+        "restartPolicy": "Always",
+        "command": ["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1; done"],
+        "env": [
+            {"name": "_l5d_ns", "value": "linkerd"},
+            {"name": "_l5d_trustdomain", "value": "cluster.local"},
+        ],
+        "securityContext": RESTRICTED,
+    }
+
+
+# The app keeps running for `linger` seconds after TERM, so that a test can call from a pod
+# that is terminating.
+APP = "trap 'sleep {linger}; exit 0' TERM; while :; do sleep 1 & wait $!; done"
+
+
+def workload_pod_spec(clients: str, *, linger: int = 0, app: str | None = None) -> dict[str, Any]:
+    """A meshed pod of the workload image under Pod Security `restricted`: the stand-in proxy,
+    and an app container that runs ``app`` (by default: idles)."""
+    return {
+        "serviceAccountName": "runner",
+        "terminationGracePeriodSeconds": linger + 5,
+        "securityContext": {
+            "runAsUser": CLIENTS_USER,
+            "runAsGroup": CLIENTS_USER,
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "initContainers": [linkerd_proxy_stand_in(clients)],
+        "containers": [
+            {
+                "name": "app",
+                "image": clients,
+                "imagePullPolicy": "Never",
+                "command": ["/bin/sh", "-c", app or APP.format(linger=linger)],
+                "securityContext": RESTRICTED,
+            }
+        ],
+    }
+
+
+def deployment(name: str, clients: str, *, replicas: int = 1, linger: int = 0) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": workload_pod_spec(clients, linger=linger),
+            },
+        },
+    }
+
+
+def job(name: str, clients: str, command: str) -> dict[str, Any]:
+    """A Job of one pod whose app runs ``command`` once; the agent in init mode."""
+    spec = workload_pod_spec(clients, app=command)
+    spec["restartPolicy"] = "Never"
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {"labels": {"app": name}, "annotations": {"phabmesh.io/agent": "init"}},
+                "spec": spec,
+            },
+        },
+    }
