@@ -94,8 +94,9 @@ def walk_commands(way: str) -> list[str]:
     return commands
 
 
-def uninstall_commands(way: str) -> list[str]:
-    """install.md's "Uninstalling", in order; installed with Helm, step 2 on is helm.md's."""
+def uninstall_commands(way: str) -> tuple[list[str], list[str]]:
+    """install.md's "Uninstalling": (step 1, run while the operator runs; the rest, in
+    order). Installed with Helm, step 2 on is helm.md's "Uninstall" block."""
     text = section(INSTALL_MD, "Uninstalling")
     step1, kopf = sh_blocks(text)
     assert any("clusterkopfpeerings.kopf.dev" in line for line in kopf)
@@ -105,7 +106,9 @@ def uninstall_commands(way: str) -> list[str]:
     else:
         assert "helm.md#uninstall" in text  # the step that says where Helm's way goes on
         rest = sh_blocks(section(HELM_MD, "Uninstall"))[0]
-    return [split_comment(line)[0] for line in [*step1, *rest, *kopf]]
+    return [split_comment(line)[0] for line in step1], [
+        split_comment(line)[0] for line in [*rest, *kopf]
+    ]
 
 
 # -- the processes the doc starts -----------------------------------------------------------
@@ -394,6 +397,22 @@ def test_install_on_the_local_control_plane_use_break_and_uninstall(
         walker.sh(
             "kubectl -n ci wait --for=condition=Ready phabricatorbinding/ci-runners --timeout=60s"
         )
+        # Applied together, the binding waited for the bot's first check: no Warning that
+        # the bot is not Ready.
+        said = wait_for(
+            lambda: (
+                (
+                    items := walker.json(
+                        "kubectl -n ci get events -o json "
+                        "--field-selector=involvedObject.name=ci-runners"
+                    )["items"]
+                )
+                and ("Normal", "Ready") in {(e["type"], e["reason"]) for e in items}
+                and items
+            ),
+            what="the binding's Ready Event",
+        )
+        assert "BotNotReady" not in {e["reason"] for e in said}, said
         subprocess.run(
             ["kubectl", "apply", "-f", "-"],
             input=MESHED_POD,
@@ -427,10 +446,13 @@ def test_install_on_the_local_control_plane_use_break_and_uninstall(
         # pod's lease is revoked, and check names the reason and where the fix is.
         walker.sh(f"kubectl -n {SYSTEM} delete secret ci-bot-token")
         wait_for(lambda: not _active_leases(walker), timeout=60, what="the lease's revocation")
-        revoked = walker.json(
-            "kubectl -n ci get events -o json "
-            "--field-selector=reason=CredentialRevoked,involvedObject.name=ci-runner-0"
-        )["items"]
+        revoked = wait_for(
+            lambda: walker.json(
+                "kubectl -n ci get events -o json "
+                "--field-selector=reason=CredentialRevoked,involvedObject.name=ci-runner-0"
+            )["items"],
+            what="the pod's CredentialRevoked Event",
+        )
         assert [e["message"].rsplit(": ", 1)[-1] for e in revoked] == ["BotNotReady"], revoked
         checks = walker.check()
         assert checks["bots"]["status"] == "WARN"
@@ -445,8 +467,8 @@ def test_install_on_the_local_control_plane_use_break_and_uninstall(
         assert (why["credential"], why["reason"]) == (False, "BotNotReady"), why
 
         # Uninstalling: step 1 while make run runs, then Ctrl-C, then the rest.
-        uninstall = uninstall_commands(way)
-        for command in uninstall[:2]:
+        while_running, after = uninstall_commands(way)
+        for command in while_running:
             walker.sh(command, timeout=90)
         # make ends itself with the SIGINT once its command has stopped: an exit by SIGINT
         # is Ctrl-C's usual end of `make run`; what phabmesh said on its way out is below.
@@ -455,7 +477,7 @@ def test_install_on_the_local_control_plane_use_break_and_uninstall(
         assert "Traceback" not in run.output, run.output[-3000:]
         assert '"level": "error"' not in run.output, run.output[-3000:]
         run = None
-        for command in uninstall[2:]:
+        for command in after:
             walker.sh(command, timeout=150)
         # What the admin made: the samples' namespace (its pod with it).
         walker.sh("kubectl delete namespace ci --timeout=60s")
