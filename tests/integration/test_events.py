@@ -62,6 +62,11 @@ def _quiet(operator: Threaded, namespace: str, pod_uid: str | None = None) -> bo
     return quiet
 
 
+def _uid(pod: client.V1Pod) -> str:
+    assert pod.metadata is not None
+    return str(pod.metadata.uid)
+
+
 def _bound(cluster: Cluster, conduit: ConduitServer, namespace: str) -> str:
     bot = f"bot-{namespace}"
     make_bot(cluster, conduit, bot)
@@ -122,7 +127,7 @@ def test_a_revoked_lease_makes_one_credential_revoked_event(
     wait_for(lambda: _quiet(operator, namespace), timeout=60, what="the operator to settle")
     if breaker in (_delete_pod, _delete_pod_at_once):
         wait_for(
-            lambda: _quiet(operator, namespace, pod.metadata.uid),
+            lambda: _quiet(operator, namespace, _uid(pod)),
             timeout=60,
             what="the operator to be done with the pod",
         )
@@ -132,10 +137,10 @@ def test_a_revoked_lease_makes_one_credential_revoked_event(
     messages = [e.message for e in revoked]
     assert len(revoked) == 1, messages
     (event,) = revoked
-    assert event.message.startswith(f"credential {lease['metadata']['name']} ")
+    assert str(event.message).startswith(f"credential {lease['metadata']['name']} ")
     assert event.count == 1
     if reason is not None:
-        assert event.message.endswith(f"revoked: {reason}"), event.message
+        assert str(event.message).endswith(f"revoked: {reason}"), event.message
     issued = _events(
         cluster, namespace, reason="CredentialIssued", **{"involvedObject.name": "runner-1"}
     )
@@ -179,7 +184,7 @@ def test_a_revocation_racing_the_garbage_collector_makes_one_event(
         cluster.core.delete_namespaced_pod("runner-1", namespace, grace_period_seconds=0)
         wait_for(lambda: leases(cluster, namespace) == [], timeout=60, what="the lease gone")
         wait_for(
-            lambda: _quiet(operator, namespace, pod.metadata.uid),
+            lambda: _quiet(operator, namespace, _uid(pod)),
             timeout=60,
             what="the operator to be done with the pod",
         )
