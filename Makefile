@@ -166,6 +166,8 @@ dev-conduit: $(STAMP) ## Run the Conduit test server for Phabricator on 127.0.0.
 .PHONY: install
 install: $(STAMP) ## Install the CRDs into the current cluster
 	$(KUBECTL) apply --server-side -f crds/
+	@# Established before anything uses them (manifests/peering.yaml is a ClusterKopfPeering).
+	$(KUBECTL) wait --for=condition=Established --timeout=60s -f crds/
 
 # What `make uninstall` deletes: phabmesh's ClusterKopfPeering and phabmesh's own CRDs (and
 # with them every bot, binding and lease). Not kopf's CRD (crds/clusterkopfpeerings.yaml):

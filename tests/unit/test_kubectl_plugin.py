@@ -14,6 +14,7 @@ import yaml
 
 from phabmesh import apicalls, credentials, identity, resources
 from phabmesh.admission import certificates
+from phabmesh.controller import bots
 from phabmesh.kube.client import JSON
 from phabmesh.kubectl import checks, cluster, commands, injection, main, output, precheck
 from phabmesh.leases import decide, grants
@@ -448,6 +449,24 @@ def test_phabricator_in_cluster_is_what_the_operators_bot_checks_found() -> None
     assert judge(url, [_bot("a", "Verified", None)], NOW, 300).status == "WARN"
 
 
+def test_phabricator_in_cluster_counts_only_checks_that_called_it() -> None:
+    """A bot whose token Secret is gone is re-checked (lastCheckedAt moves) without any
+    Conduit call: that check must not read as the operator reaching Phabricator."""
+    url = "http://phorge.internal"
+    judge = checks.judge_phabricator_in_cluster
+    fresh = NOW - datetime.timedelta(seconds=3)
+    unread = [_bot("a", "SecretMissing", fresh), _bot("b", "SecretKeyMissing", fresh)]
+    result = judge(url, unread, NOW, 300)
+    assert result.status == "WARN", result
+    assert "a (SecretMissing), b (SecretKeyMissing)" in result.message
+    assert url not in result.message
+    # One bot that did call: it alone counts.
+    mixed = judge(url, [*unread, _bot("c", "TokenInvalid", fresh)], NOW, 300)
+    assert mixed.status == "OK" and url in mixed.message
+    # The reasons are the controller's own.
+    assert {bots.SECRET_MISSING, bots.SECRET_KEY_MISSING, bots.INVALID_SPEC} == checks.NO_CALL
+
+
 def _binding(spec: JSON, namespace: str = "ci") -> JSON:
     return {
         "metadata": {"name": "b", "namespace": namespace},
@@ -502,6 +521,9 @@ def test_the_injection_check_says_what_it_saw() -> None:
     assert injection.judge("ci/b", "runner", volume, None)[0] == "OK"
     status, message = injection.judge("ci/b", "runner", {"spec": {}}, None)
     assert status == "FAIL" and "NOT injected" in message
+    # The docs section comes once, from the report (with_fix), not from judge too.
+    line = checks.with_fix(checks.Result(injection.CHECK, status, message))
+    assert line.message.count(injection.FIX) == 1, line.message
     assert injection.judge("ci/b", "runner", None, "forbidden")[0] == "WARN"
 
 

@@ -396,11 +396,15 @@ class WebhookSupervisor:
         env = {**os.environ, **self.settings.to_env()}
         self.starts += 1
         try:
+            # A session of its own: Ctrl-C in the operator's terminal reaches the operator
+            # alone, which stops the child itself (terminate, or its stdin closing), rather
+            # than the child too, which would exit before the operator and be restarted.
             self.child = await asyncio.create_subprocess_exec(
                 *self.command(),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 env=env,
+                start_new_session=True,
             )
         except OSError as exc:
             log.error("webhook_process_not_started", error=str(exc))

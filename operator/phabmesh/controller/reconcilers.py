@@ -31,7 +31,7 @@ from phabmesh.kube import Conflict, KubeError
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.leases import decide
 from phabmesh.leases.view import LeaseView, format_time
-from phabmesh.leases.world import BindingView, BotView, Key, World, conditions_of
+from phabmesh.leases.world import NOT_CHECKED, BindingView, BotView, Key, World, conditions_of
 
 if TYPE_CHECKING:
     from phabmesh import conduit
@@ -295,7 +295,13 @@ class Bindings(_Reconciler):
         if written is not None and current is not None and current.uid == binding.uid:
             self.world.put_binding(dataclasses.replace(current, status=written))
         old_ready = next((c for c in previous if c.type == "Ready"), None)
-        if old_ready is None or old_ready.reason != verdict.reason:
+        old_bot = next((c for c in previous if c.type == resources.BOT_READY), None)
+        # Until the bot's first check answers, the binding waits without an Event (a bot
+        # applied with its binding is not a problem yet); that answer's verdict is said, even
+        # when it keeps the reason BotNotReady.
+        waiting = verdict.bot_shown and verdict.bot_reason == NOT_CHECKED
+        waited = old_bot is not None and old_bot.reason == NOT_CHECKED
+        if not waiting and (old_ready is None or old_ready.reason != verdict.reason or waited):
             if verdict.detail:  # the whole truth, for the administrator's eyes only
                 log.info(
                     "binding_judged",

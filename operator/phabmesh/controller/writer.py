@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime
 import hashlib
@@ -73,6 +74,8 @@ class Writer:
     """
 
     MAX_PENDING_EVENTS = 2000
+    # Leases whose revocation was announced, newest last: a revocation is said once.
+    MAX_ANNOUNCED = 10_000
 
     def __init__(
         self,
@@ -89,6 +92,9 @@ class Writer:
         self.world = world
         self.clock = clock
         self._pending: set[asyncio.Task[None]] = set()
+        self._announced: collections.OrderedDict[tuple[str, str, str], None] = (
+            collections.OrderedDict()
+        )
 
     async def close(self) -> None:
         """Cancel the Events not posted yet (best effort, as all Events)."""
@@ -264,7 +270,16 @@ class Writer:
 
     async def announce_revoked(self, lease: LeaseView, reason: str) -> None:
         """The audit line and the pod's Event for a revoked lease (also for one the garbage
-        collector deleted with its pod before the operator revoked it)."""
+        collector deleted with its pod before the operator revoked it), once per lease:
+        when the garbage collector deletes a lease while the operator revokes it, both the
+        watch's DELETED and the revocation's write (answered NotFound) report it, and the
+        first says it."""
+        said = (lease.namespace, lease.name, lease.uid)
+        if said in self._announced:
+            return
+        self._announced[said] = None
+        if len(self._announced) > self.MAX_ANNOUNCED:
+            self._announced.popitem(last=False)
         metrics.current().lease_revoked(reason)
         log.info(
             "lease_revoked",

@@ -248,15 +248,37 @@ def apt_options() -> list[str]:
 # -- layer 1: the Debian root filesystem ----------------------------------------------------
 
 
-def base_inputs(sources: str) -> dict[str, str]:
-    """Everything the Debian layer is made of; its cache key is their digest."""
+@dataclasses.dataclass(frozen=True)
+class Rootfs:
+    """A Debian root filesystem made by mmdebstrap: the Essential set plus ``packages``, with
+    ``dpkg_excludes`` (a dpkg config file) and ``finish`` (a script given the tree) applied."""
+
+    name: str
+    packages: tuple[str, ...]
+    dpkg_excludes: Path | None = None
+    finish: Path | None = None
+
+
+def phabmesh_rootfs() -> Rootfs:
+    """The Debian layer of phabmesh's image (imagerecipe/)."""
+    return Rootfs(
+        "image-rootfs",
+        tuple(packages()),
+        IMAGE_FILES / "dpkg-excludes",
+        IMAGE_FILES / "finish.sh",
+    )
+
+
+def base_inputs(sources: str, recipe: Rootfs | None = None) -> dict[str, str]:
+    """Everything a Debian layer is made of; its cache key is their digest."""
+    recipe = recipe or phabmesh_rootfs()
     return {
         # the command, wherever the checkout is
-        "command": shlex.join(mmdebstrap_command(Path("SOURCES"), Path("OUT"))).replace(
+        "command": shlex.join(mmdebstrap_command(Path("SOURCES"), Path("OUT"), recipe)).replace(
             str(REPO), "REPO"
         ),
-        "dpkg-excludes": (IMAGE_FILES / "dpkg-excludes").read_text(),
-        "finish.sh": (IMAGE_FILES / "finish.sh").read_text(),
+        "dpkg-excludes": recipe.dpkg_excludes.read_text() if recipe.dpkg_excludes else "",
+        "finish.sh": recipe.finish.read_text() if recipe.finish else "",
         "sources": sources,
         "epoch": str(ociimage.epoch()),
         "layer-writer": hashlib.sha256(Path(ociimage.__file__).read_bytes()).hexdigest(),
@@ -290,14 +312,15 @@ def _load_layer(path: Path, meta: Path) -> ociimage.Layer | None:
     return ociimage.Layer(path, fields["digest"], fields["diff_id"], fields["size"])
 
 
-def mmdebstrap_command(sources_file: Path | None, out: Path) -> list[str]:
-    command = [
-        "mmdebstrap",
-        f"--variant={VARIANT}",
-        f"--include={','.join(packages())}",
-        f"--dpkgopt={IMAGE_FILES / 'dpkg-excludes'}",
-        f'--customize-hook={shlex.quote(str(IMAGE_FILES / "finish.sh"))} "$1"',
-    ]
+def mmdebstrap_command(
+    sources_file: Path | None, out: Path, recipe: Rootfs | None = None
+) -> list[str]:
+    recipe = recipe or phabmesh_rootfs()
+    command = ["mmdebstrap", f"--variant={VARIANT}", f"--include={','.join(recipe.packages)}"]
+    if recipe.dpkg_excludes is not None:
+        command.append(f"--dpkgopt={recipe.dpkg_excludes}")
+    if recipe.finish is not None:
+        command.append(f'--customize-hook={shlex.quote(str(recipe.finish))} "$1"')
     if MERGED_USR_HOOKS.is_dir():
         # usr-is-merged instead of the usrmerge package (which would bring perl).
         command.append(f"--hook-dir={MERGED_USR_HOOKS}")
@@ -308,14 +331,17 @@ def mmdebstrap_command(sources_file: Path | None, out: Path) -> list[str]:
     return command
 
 
-def base_layer(*, rebuild: bool = False, log: Log = print) -> tuple[ociimage.Layer, bool]:
-    """The Debian layer, from the cache when its inputs are unchanged. Returns the layer and
-    whether it came from the cache."""
+def base_layer(
+    recipe: Rootfs | None = None, *, rebuild: bool = False, log: Log = print
+) -> tuple[ociimage.Layer, bool]:
+    """A Debian layer (phabmesh's by default), from the cache when its inputs are unchanged.
+    Returns the layer and whether it came from the cache."""
+    recipe = recipe or phabmesh_rootfs()
     sources = mirror_sources()
-    key = _digest(base_inputs(sources))
-    cache = cache_home() / f"image-rootfs-{SUITE}-{key}"
+    key = _digest(base_inputs(sources, recipe))
+    cache = cache_home() / f"{recipe.name}-{SUITE}-{key}"
     layer_path, meta = cache / "rootfs.tar.gz", cache / "rootfs.json"
-    with _locked(cache_home() / f"image-rootfs-{SUITE}-{key}.lock"):
+    with _locked(cache_home() / f"{recipe.name}-{SUITE}-{key}.lock"):
         if not rebuild and (cached := _load_layer(layer_path, meta)):
             return cached, True
         if shutil.which("mmdebstrap") is None:
@@ -333,7 +359,7 @@ def base_layer(*, rebuild: bool = False, log: Log = print) -> tuple[ociimage.Lay
             log(f"image: Debian {SUITE} root filesystem (mmdebstrap, {VARIANT} + packages)")
             env = dict(os.environ, SOURCE_DATE_EPOCH=str(ociimage.epoch()))
             done = subprocess.run(
-                mmdebstrap_command(sources_file, rootfs),
+                mmdebstrap_command(sources_file, rootfs, recipe),
                 env=env,
                 capture_output=True,
                 text=True,

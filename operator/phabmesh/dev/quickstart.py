@@ -574,9 +574,29 @@ def _write_kubeconfig(out: Path, namespace: str, name: str, token: str) -> Path:
     return out
 
 
+async def _peering_installed(kube: KubeClient) -> bool:
+    """Whether the install's ClusterKopfPeering is there (manifests/peering.yaml): its
+    replicas coordinate through it, and an operator run here must join them, not act beside
+    them."""
+    from phabmesh.processes.operator import PEERING_NAME
+
+    path = resource_path("kopf.dev", "v1", "clusterkopfpeerings", None, PEERING_NAME)
+    try:
+        await kube.get(path)
+    except NotFound:  # no such object, or kopf's CRD is not installed
+        return False
+    except KubeError as exc:
+        raise NotInstalled(
+            f"cannot read ClusterKopfPeering {PEERING_NAME} ({exc}): your kubeconfig's user "
+            "needs get on clusterkopfpeerings.kopf.dev, to know whether the operator must "
+            "join the install's replicas there"
+        ) from exc
+    return True
+
+
 def run_against_cluster(say: Say) -> int:
     from phabmesh.processes.gateway import GatewayProcess
-    from phabmesh.processes.operator import OperatorProcess
+    from phabmesh.processes.operator import PEERING_NAME, OperatorProcess
 
     settings = Settings.from_env()
     # Two processes in one: each its own metrics port (deployed, each pod has its own).
@@ -604,6 +624,7 @@ def run_against_cluster(say: Say) -> int:
             as_gateway = await service_account_kubeconfig(
                 admin, settings.namespace, "phabmesh-gateway", directory
             )
+            peering = await _peering_installed(admin)
         except NotInstalled as exc:
             print(f"phabmesh run: {exc}", file=sys.stderr)
             return 2
@@ -614,8 +635,16 @@ def run_against_cluster(say: Say) -> int:
             "with a 24 h token from TokenRequest: the lease policy lets only the operator's "
             "write leases"
         )
+        if peering:
+            say.detail(
+                f"the operator joins ClusterKopfPeering {PEERING_NAME} as the Deployment's "
+                "replicas do: of all the live ones, exactly one acts"
+            )
+        operator_process = OperatorProcess(
+            settings, kubeconfig=str(as_operator), standalone=not peering
+        )
         async with (
-            running(OperatorProcess(settings, kubeconfig=str(as_operator))) as operator,
+            running(operator_process) as operator,
             running(GatewayProcess(gateway_settings, kubeconfig=str(as_gateway))) as gateway,
         ):
             say.detail(

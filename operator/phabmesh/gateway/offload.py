@@ -18,6 +18,7 @@ import collections
 import concurrent.futures
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
@@ -123,5 +124,8 @@ def _ready() -> bool:
 
 
 def _lower_priority() -> None:
-    """Where CPU is short, the gateway's own process (every other call) goes first."""
+    """Where CPU is short, the gateway's own process (every other call) goes first. Ctrl-C
+    in the gateway's terminal reaches its whole process group: the gateway stops its
+    workers itself, so they ignore SIGINT rather than die mid-task with a traceback."""
     os.nice(WORKER_NICENESS)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

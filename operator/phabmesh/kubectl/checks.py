@@ -270,6 +270,11 @@ def judge_phabricator(url: str, host: str | None, error: str | None) -> Result:
     return Result(label, OK, f"conduit.ping to {url} from this machine answered {host!r}")
 
 
+# A bot's Ready reasons whose check made no Conduit call: its token could not be read
+# (phabmesh.controller.bots; not imported here, the plugin does without kopf).
+NO_CALL = frozenset({"SecretMissing", "SecretKeyMissing", "InvalidSpec"})
+
+
 def judge_phabricator_in_cluster(
     url: str, bots: Sequence[JSON], now: datetime.datetime, recheck: float
 ) -> Result:
@@ -285,7 +290,23 @@ def judge_phabricator_in_cluster(
     ]
     if down:
         return Result(label, FAIL, f"the operator cannot reach {url}: " + "; ".join(down[:3]))
-    checked = [t for b in bots if (t := parse_time((b.get("status") or {}).get("lastCheckedAt")))]
+    # A bot whose token could not be read was checked without any call to Phabricator.
+    called = [b for b in bots if _condition(b, resources.READY).get("reason") not in NO_CALL]
+    checked = [t for b in called if (t := parse_time((b.get("status") or {}).get("lastCheckedAt")))]
+    if not checked and len(called) < len(bots):
+        uncalled = [
+            f"{(b.get('metadata') or {}).get('name')} "
+            f"({_condition(b, resources.READY).get('reason')})"
+            for b in bots
+            if b not in called
+        ]
+        return Result(
+            label,
+            WARN,
+            "no bot check called Phabricator, since no bot's token could be read: "
+            + ", ".join(uncalled[:3])
+            + (" ..." if len(uncalled) > 3 else ""),
+        )
     if not checked:
         return Result(label, WARN, "no bot checked yet: is the operator running?")
     age = (now - max(checked)).total_seconds()

@@ -109,7 +109,7 @@ def judge(
     return FAIL, (
         f"{what} was NOT injected: the API server could not reach the webhook (is the operator "
         "running? has Service phabmesh-webhook endpoints? does a NetworkPolicy let the API "
-        f"server in?), and failurePolicy Ignore let the pod through ({FIX})"
+        "server in?), and failurePolicy Ignore let the pod through"
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from phabmesh import identity, matching, resources
 from phabmesh.leases.view import LeaseView
-from phabmesh.leases.world import BindingView, BotView, World
+from phabmesh.leases.world import NOT_CHECKED, BindingView, BotView, World
 
 # Binding Ready / BotReady reasons.
 READY = "Ready"  # the bot is Ready and may be used from this namespace
@@ -98,7 +98,10 @@ def judge_binding(
             False, BOT_NOT_ALLOWED, msg, False, BOT_NOT_ALLOWED, msg, bot_shown=False, detail=detail
         )
     elif not bot.ready:
-        msg = f'PhabricatorBot "{bot.name}" is not Ready ({bot.reason})'
+        if bot.reason == NOT_CHECKED:
+            msg = f'PhabricatorBot "{bot.name}" is not checked yet'
+        else:
+            msg = f'PhabricatorBot "{bot.name}" is not Ready ({bot.reason})'
         verdict = Verdict(False, BOT_NOT_READY, msg, False, bot.reason, msg, bot.phid)
     else:
         verdict = Verdict(

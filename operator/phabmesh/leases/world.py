@@ -32,6 +32,10 @@ def conditions_of(status: Status) -> list[resources.Condition]:
     return found
 
 
+# A bot's reason before its first check has answered (no Ready condition yet).
+NOT_CHECKED = "NotChecked"
+
+
 @dataclasses.dataclass(frozen=True)
 class BotView:
     name: str
@@ -61,7 +65,7 @@ class BotView:
             spec=spec,
             ready=resources.bot_usable(conditions, generation),
             phid=status.get("phid"),
-            reason=str((ready or {}).get("reason") or "Unknown"),
+            reason=str((ready or {}).get("reason") or NOT_CHECKED),
             status=status,
             recheck=str((meta.get("annotations") or {}).get(resources.RECHECK_ANNOTATION) or ""),
             uid=str(meta.get("uid") or ""),
