@@ -287,6 +287,16 @@ def _intern(value: object) -> str:
     return sys.intern(str(value)) if value is not None else ""
 
 
+def _init_running(status: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:
+    """Whether one of a Pending pod's init containers runs on its node."""
+    if (status.get("phase") or "Pending") != "Pending" or not spec.get("nodeName"):
+        return False
+    return any(
+        "running" in ((container or {}).get("state") or {})
+        for container in status.get("initContainerStatuses") or ()
+    )
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class PodFacts:
     """The few facts about a pod that decisions need; thousands of these are kept.
@@ -306,6 +316,8 @@ class PodFacts:
     meshed: bool
     mesh_reason: str
     node_name: str
+    # Pending on a node with an init container running (see `started`).
+    init_running: bool = False
 
     @classmethod
     def from_pod(cls, pod: Mapping[str, Any], naming: Naming | None = None) -> PodFacts:
@@ -329,7 +341,16 @@ class PodFacts:
             meshed=meshed,
             mesh_reason=sys.intern(reason),
             node_name=_intern(spec.get("nodeName") or ""),
+            init_running=_init_running(status, spec),
         )
+
+    @property
+    def started(self) -> bool:
+        """Whether the pod runs: Running, or Pending with an init container running. A pod is
+        Pending until its app containers start, and they start after its init containers: a
+        native sidecar (the credential agent, Linkerd's proxy) or an init container runs, and
+        needs its credential, before the pod is Running."""
+        return self.phase == "Running" or self.init_running
 
     def identity(self, naming: Naming = DEFAULT_NAMING) -> str:
         """This pod's DNS-form Linkerd identity."""

@@ -180,7 +180,28 @@ def _running(cluster: RealCluster, namespace: str, app: str, count: int = 1) -> 
         ]
         return names if len(names) == count else None
 
-    found: list[str] = wait_for(ready, timeout=TIMEOUT, interval=0.2, what=f"{count} ready {app}")
+    try:
+        found: list[str] = wait_for(
+            ready, timeout=TIMEOUT, interval=0.2, what=f"{count} ready {app}"
+        )
+    except AssertionError as exc:
+        described = cluster.kubectl(
+            "describe", "pods", "-n", namespace, "-l", f"app={app}", check=False
+        )
+        agents = cluster.kubectl(
+            "logs",
+            "-n",
+            namespace,
+            "-l",
+            f"app={app}",
+            "-c",
+            "phabmesh-agent",
+            "--tail=20",
+            check=False,
+        )
+        raise AssertionError(
+            f"{exc}\n{described.stdout[-5000:]}\n{agents.stdout}{agents.stderr}"
+        ) from None
     return found
 
 

@@ -119,6 +119,39 @@ def test_running_meshed_matching_pod_gets_a_lease() -> None:
     assert not decide.plan_pod(w, "p1", N, verdicts(w, bot()))  # holds it already
 
 
+def test_a_pending_pod_whose_agent_runs_is_issued_its_lease() -> None:
+    """With the agent as a native sidecar (or an init container), the app containers start
+    only once it has its credential: the pod is Pending until then, on its node, with the
+    agent running. A lease is issued to it (no deadlock), not to a Pending pod that has no
+    container running yet."""
+    waiting = pod(phase="Pending")
+    running = identity.PodFacts.from_pod(
+        {
+            "metadata": {"name": "pod-p1", "namespace": "build", "uid": "p1"},
+            "spec": {
+                "serviceAccountName": "runner",
+                "nodeName": "node-1",
+                "initContainers": [
+                    {"name": "linkerd-proxy", "restartPolicy": "Always"},
+                    {"name": "phabmesh-agent", "restartPolicy": "Always"},
+                ],
+                "containers": [{"name": "app"}],
+            },
+            "status": {
+                "phase": "Pending",
+                "initContainerStatuses": [
+                    {"name": "linkerd-proxy", "state": {"running": {}}},
+                    {"name": "phabmesh-agent", "state": {"running": {}}},
+                ],
+            },
+        }
+    )
+    w = world(running, bindings=(binding(),))
+    assert decide.plan_pod(w, "p1", N, verdicts(w, bot())).issue
+    w = world(waiting, bindings=(binding(),))
+    assert not decide.plan_pod(w, "p1", N, verdicts(w, bot())).issue
+
+
 def test_pods_that_may_not_hold_a_lease() -> None:
     for facts in (pod(phase="Pending"), pod(meshed=False), pod(sa="other")):
         w = world(facts, bindings=(binding(),))

@@ -291,3 +291,43 @@ def test_only_the_pods_own_proxy_vouches_for_l5d_client_id(
     assert identity.vouched_client_id(name, peer, local) == (name if local_proxy else None)
     assert identity.vouched_client_id(None, peer, local) is None
     assert identity.vouched_client_id("", peer, local) is None
+
+
+def _status(phase: str, node: str, init_states: list[dict[str, object]]) -> dict[str, object]:
+    return {
+        "metadata": {"uid": "u", "name": "p", "namespace": "ns"},
+        "spec": {"nodeName": node} if node else {},
+        "status": {
+            "phase": phase,
+            "initContainerStatuses": [
+                {"name": f"init-{i}", "state": state} for i, state in enumerate(init_states)
+            ],
+        },
+    }
+
+
+RUNNING = {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
+WAITING = {"waiting": {"reason": "PodInitializing"}}
+DONE = {"terminated": {"exitCode": 0}}
+
+
+@pytest.mark.parametrize(
+    ("phase", "node", "init_states", "started"),
+    [
+        ("Running", "n", [], True),
+        # A native sidecar (the agent) or an init container runs: the app containers wait for
+        # it, so the pod stays Pending, and its credential is what they wait for.
+        ("Pending", "n", [RUNNING], True),
+        ("Pending", "n", [DONE, RUNNING], True),
+        ("Pending", "n", [WAITING], False),
+        ("Pending", "n", [DONE], False),
+        ("Pending", "", [RUNNING], False),  # not on a node: nothing of it can run
+        ("Pending", "n", [], False),
+        ("Succeeded", "n", [RUNNING], False),
+        ("Failed", "n", [RUNNING], False),
+    ],
+)
+def test_a_pod_has_started_once_it_runs_or_one_of_its_init_containers_runs(
+    phase: str, node: str, init_states: list[dict[str, object]], started: bool
+) -> None:
+    assert identity.PodFacts.from_pod(_status(phase, node, init_states)).started is started

@@ -127,7 +127,7 @@ def _pod_reason(pod: identity.PodFacts) -> str | None:
         return POD_SUCCEEDED
     if pod.phase == "Failed":
         return POD_FAILED
-    if pod.phase != "Running":
+    if not pod.started:
         return NOT_RUNNING
     if not pod.meshed:
         return NOT_MESHED
@@ -323,7 +323,10 @@ def explain_pod(
         if blocked == NOT_MESHED:
             message = _not_meshed_message(pod, naming)
         elif blocked == NOT_RUNNING:
-            message = f"the pod is {pod.phase}: credentials are issued to Running pods only"
+            message = (
+                f"the pod is {pod.phase} and none of its containers runs yet: credentials are "
+                "issued to pods that run (Running, or an init container running)"
+            )
         else:
             message = _POD_MESSAGES[blocked]
         return Explanation(blocked, message, kept, found)
