@@ -57,7 +57,9 @@ def clients_image(out_dir: Path) -> tuple[str, Path]:
     base, _ = image.base_layer(CLIENTS_ROOTFS, log=lambda _: None)
     pin = _phabricator_pin()
     key = hashlib.sha256(
-        json.dumps([base.digest, pin, DRIVER.read_text(), ociimage.epoch()]).encode()
+        json.dumps(
+            [base.digest, pin, "#!/usr/bin/python3", DRIVER.read_text(), ociimage.epoch()]
+        ).encode()
     ).hexdigest()[:12]
     name = f"localhost/phabmesh-e2e-clients:{key}"
     archive = cache_home() / "images" / f"phabmesh-e2e-clients-{key}.tar"
@@ -74,7 +76,7 @@ def clients_image(out_dir: Path) -> tuple[str, Path]:
             shutil.rmtree(site / "bin", ignore_errors=True)
             bindir = tree / "usr/local/bin"
             bindir.mkdir(parents=True)
-            shutil.copy(DRIVER, bindir / "call-phabricator")
+            (bindir / "call-phabricator").write_text("#!/usr/bin/python3\n" + DRIVER.read_text())
             (bindir / "call-phabricator").chmod(0o755)
             top = ociimage.layer_from_dir(tree, Path(scratch) / "top.tar.gz")
             config = ociimage.ImageConfig(cmd=("/bin/sh",), user=f"{CLIENTS_USER}")

@@ -245,9 +245,13 @@ def test_a_sidecar_deployment_calls_through_the_gateway_with_arc_and_the_phabric
     stored = real_cluster.pod(pod, ns)
     agent = next(c for c in stored["spec"]["initContainers"] if c["name"] == "phabmesh-agent")
     assert agent["restartPolicy"] == "Always"
-    assert agent["securityContext"]["runAsUser"] == realpods.CLIENTS_USER
-    files = real_cluster.exec(pod, "ls", "-ln", "/var/run/phabmesh", namespace=ns)
-    assert "-rw------- 1 1000 1000" in files, files
+    # The agent runs as the pod's user (inherited): the files are the app's alone.
+    files = real_cluster.exec(pod, "ls", "-lna", "/var/run/phabmesh", namespace=ns)
+    for name in ("credential", ".arcrc"):
+        line = next(x for x in files.splitlines() if x.endswith(f" {name}"))
+        assert line.startswith(f"-rw------- 1 {realpods.CLIENTS_USER} {realpods.CLIENTS_USER} "), (
+            files
+        )
 
 
 def test_the_credential_rotates_under_a_running_client(
