@@ -26,6 +26,9 @@ from typing import Any
 
 from phabmesh.dev import image, ociimage
 from phabmesh.dev.gobuild import cache_home
+from tests.kube import wait_for
+from tests.phab import label_namespace
+from tests.realnode import RealCluster
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENTS = REPO / "tests" / "clients" / "python"
@@ -164,3 +167,118 @@ def job(name: str, clients: str, command: str) -> dict[str, Any]:
             },
         },
     }
+
+
+TIMEOUT = 180
+SYSTEM = "phabmesh-system"
+
+
+def rolled_out(cluster: RealCluster, namespace: str, *names: str) -> None:
+    for name in names:
+        done = cluster.kubectl(
+            "rollout", "status", "-n", namespace, f"deployment/{name}", f"--timeout={TIMEOUT}s",
+            check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            pods = cluster.kubectl("describe", "pods", "-n", namespace, check=False).stdout
+            raise AssertionError(f"{name} did not roll out: {done.stderr}\n{pods[-4000:]}")
+
+
+def restricted_namespace(cluster: RealCluster, name: str) -> str:
+    """A namespace that enforces Pod Security `restricted`, allowed to use bots, with the
+    ServiceAccount `runner`."""
+    cluster.kubectl("create", "namespace", name)
+    cluster.kubectl("label", "namespace", name, "pod-security.kubernetes.io/enforce=restricted")
+    label_namespace(cluster, name)
+    cluster.kubectl("create", "serviceaccount", "-n", name, "runner")
+    return name
+
+
+def wait_injects(cluster: RealCluster, namespace: str, clients: str) -> None:
+    """Wait until the webhook, called by the API server through its Service, injects the agent
+    (it has the binding, and its CA is in the webhook configuration)."""
+    probe = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "probe", "labels": {"app": "probe"}},
+        "spec": workload_pod_spec(clients),
+    }
+
+    def injected() -> bool:
+        done = cluster.kubectl(
+            "create", "--dry-run=server", "-n", namespace, "-o", "json", "-f", "-",
+            input=json.dumps(probe), check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            return False
+        names = [c["name"] for c in json.loads(done.stdout)["spec"].get("initContainers", [])]
+        return "phabmesh-agent" in names
+
+    wait_for(injected, timeout=TIMEOUT, interval=1, what="the webhook to inject the agent")
+
+
+def pods_of(cluster: RealCluster, namespace: str, app: str) -> list[dict[str, Any]]:
+    out = cluster.kubectl("get", "pods", "-n", namespace, "-l", f"app={app}", "-o", "json")
+    pods: list[dict[str, Any]] = json.loads(out.stdout)["items"]
+    return pods
+
+
+def ready_pods(cluster: RealCluster, namespace: str, app: str, count: int = 1) -> list[str]:
+    def ready() -> list[str] | None:
+        names = [
+            p["metadata"]["name"]
+            for p in pods_of(cluster, namespace, app)
+            if "deletionTimestamp" not in p["metadata"]
+            and any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in p["status"].get("conditions", [])
+            )
+        ]
+        return names if len(names) == count else None
+
+    try:
+        found: list[str] = wait_for(
+            ready, timeout=TIMEOUT, interval=0.2, what=f"{count} ready {app}"
+        )
+    except AssertionError as exc:
+        described = cluster.kubectl(
+            "describe", "pods", "-n", namespace, "-l", f"app={app}", check=False
+        )
+        agents = cluster.kubectl(
+            "logs",
+            "-n",
+            namespace,
+            "-l",
+            f"app={app}",
+            "-c",
+            "phabmesh-agent",
+            "--tail=20",
+            check=False,
+        )
+        raise AssertionError(
+            f"{exc}\n{described.stdout[-5000:]}\n{agents.stdout}{agents.stderr}"
+        ) from None
+    return found
+
+
+def whoami(cluster: RealCluster, namespace: str, pod: str, client: str) -> tuple[str | None, str]:
+    """``user.whoami`` from the pod's app container with ``client``: the user name, or None
+    and what the client said."""
+    command = {
+        "arc": ["arcanist", "call-conduit", "--", "user.whoami"],
+        "phabricator": ["call-phabricator", "user.whoami", "{}"],
+    }[client]
+    done = cluster.kubectl(
+        "exec", "-i", "-n", namespace, pod, "-c", "app", "--", *command, input="{}", check=False
+    )
+    said = (done.stdout + done.stderr).strip()
+    try:
+        printed = json.loads(done.stdout)
+    except ValueError:
+        return None, said
+    answer = printed.get("response") if client == "arc" else printed.get("result")
+    return (answer or {}).get("userName"), said
+
+
+def refused(said: str) -> bool:
+    return "ERR-INVALID-AUTH" in said or "INVALID CREDENTIALS" in said

@@ -36,14 +36,15 @@ from phabmesh.dev import devcluster, image, linkerd, realnode
 from phabmesh.dev.conduit import ConduitServer
 from tests import realpods
 from tests.kube import Helm, wait_for
-from tests.phab import label_namespace, make_binding, make_bot
+from tests.phab import make_binding, make_bot
 from tests.realnode import RealCluster
+from tests.realpods import refused, whoami
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-SYSTEM = "phabmesh-system"
-TIMEOUT = 180
+SYSTEM = realpods.SYSTEM
+TIMEOUT = realpods.TIMEOUT
 
 
 @pytest.fixture(scope="module")
@@ -71,17 +72,6 @@ def _helm(tmp_path_factory: pytest.TempPathFactory, cluster: RealCluster) -> Hel
     return helm
 
 
-def _rolled_out(cluster: RealCluster, namespace: str, *names: str) -> None:
-    for name in names:
-        done = cluster.kubectl(
-            "rollout", "status", "-n", namespace, f"deployment/{name}", f"--timeout={TIMEOUT}s",
-            check=False,
-        )  # fmt: skip
-        if done.returncode != 0:
-            pods = cluster.kubectl("describe", "pods", "-n", namespace, check=False).stdout
-            raise AssertionError(f"{name} did not roll out: {done.stderr}\n{pods[-4000:]}")
-
-
 @pytest.fixture(scope="module")
 def installed(
     real_cluster: RealCluster,
@@ -101,42 +91,9 @@ def installed(
         "--set", "linkerd.requireClientID=false",
         "--set", "image.pullPolicy=Never",
     )  # fmt: skip
-    _rolled_out(real_cluster, SYSTEM, "phabmesh-operator", "phabmesh-gateway")
+    realpods.rolled_out(real_cluster, SYSTEM, "phabmesh-operator", "phabmesh-gateway")
     yield helm
     helm.run("uninstall", "phabmesh", "-n", SYSTEM, "--wait", check=False)
-
-
-def _namespace(cluster: RealCluster, name: str) -> str:
-    """A namespace that enforces Pod Security `restricted`, allowed to use bots, with the
-    ServiceAccount `runner`."""
-    cluster.kubectl("create", "namespace", name)
-    cluster.kubectl("label", "namespace", name, "pod-security.kubernetes.io/enforce=restricted")
-    label_namespace(cluster, name)
-    cluster.kubectl("create", "serviceaccount", "-n", name, "runner")
-    return name
-
-
-def _injects(cluster: RealCluster, namespace: str, clients: str) -> None:
-    """Wait until the webhook, called by the API server through its Service, injects the agent
-    (it has the binding, and its CA is in the webhook configuration)."""
-    probe = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "probe", "labels": {"app": "probe"}},
-        "spec": realpods.workload_pod_spec(clients),
-    }
-
-    def injected() -> bool:
-        done = cluster.kubectl(
-            "create", "--dry-run=server", "-n", namespace, "-o", "json", "-f", "-",
-            input=json.dumps(probe), check=False,
-        )  # fmt: skip
-        if done.returncode != 0:
-            return False
-        names = [c["name"] for c in json.loads(done.stdout)["spec"].get("initContainers", [])]
-        return "phabmesh-agent" in names
-
-    wait_for(injected, timeout=TIMEOUT, interval=1, what="the webhook to inject the agent")
 
 
 @pytest.fixture(scope="module")
@@ -151,81 +108,14 @@ def ns(real_cluster: RealCluster, bot: str, clients: str) -> Iterator[str]:
     """A restricted namespace whose binding asks for the agent (Auto: sidecar for long-running
     pods, init for a Job's) with credentials living 1 minute, so that they rotate under the
     running clients."""
-    namespace = _namespace(real_cluster, f"real-{uuid.uuid4().hex[:6]}")
+    namespace = realpods.restricted_namespace(real_cluster, f"real-{uuid.uuid4().hex[:6]}")
     make_binding(
         real_cluster, namespace, "runners", bot,
         credentialTTL="1m", agent={"mode": resources.AGENT_AUTO},
     )  # fmt: skip
-    _injects(real_cluster, namespace, clients)
+    realpods.wait_injects(real_cluster, namespace, clients)
     yield namespace
     real_cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
-
-
-def _pods(cluster: RealCluster, namespace: str, app: str) -> list[dict[str, Any]]:
-    out = cluster.kubectl("get", "pods", "-n", namespace, "-l", f"app={app}", "-o", "json")
-    pods: list[dict[str, Any]] = json.loads(out.stdout)["items"]
-    return pods
-
-
-def _running(cluster: RealCluster, namespace: str, app: str, count: int = 1) -> list[str]:
-    def ready() -> list[str] | None:
-        names = [
-            p["metadata"]["name"]
-            for p in _pods(cluster, namespace, app)
-            if "deletionTimestamp" not in p["metadata"]
-            and any(
-                c["type"] == "Ready" and c["status"] == "True"
-                for c in p["status"].get("conditions", [])
-            )
-        ]
-        return names if len(names) == count else None
-
-    try:
-        found: list[str] = wait_for(
-            ready, timeout=TIMEOUT, interval=0.2, what=f"{count} ready {app}"
-        )
-    except AssertionError as exc:
-        described = cluster.kubectl(
-            "describe", "pods", "-n", namespace, "-l", f"app={app}", check=False
-        )
-        agents = cluster.kubectl(
-            "logs",
-            "-n",
-            namespace,
-            "-l",
-            f"app={app}",
-            "-c",
-            "phabmesh-agent",
-            "--tail=20",
-            check=False,
-        )
-        raise AssertionError(
-            f"{exc}\n{described.stdout[-5000:]}\n{agents.stdout}{agents.stderr}"
-        ) from None
-    return found
-
-
-def whoami(cluster: RealCluster, namespace: str, pod: str, client: str) -> tuple[str | None, str]:
-    """``user.whoami`` from the pod's app container with ``client``: the user name, or None
-    and what the client said."""
-    command = {
-        "arc": ["arcanist", "call-conduit", "--", "user.whoami"],
-        "phabricator": ["call-phabricator", "user.whoami", "{}"],
-    }[client]
-    done = cluster.kubectl(
-        "exec", "-i", "-n", namespace, pod, "-c", "app", "--", *command, input="{}", check=False
-    )
-    said = (done.stdout + done.stderr).strip()
-    try:
-        printed = json.loads(done.stdout)
-    except ValueError:
-        return None, said
-    answer = printed.get("response") if client == "arc" else printed.get("result")
-    return (answer or {}).get("userName"), said
-
-
-def refused(said: str) -> bool:
-    return "ERR-INVALID-AUTH" in said or "INVALID CREDENTIALS" in said
 
 
 def test_a_sidecar_deployment_calls_through_the_gateway_with_arc_and_the_phabricator_package(
@@ -233,9 +123,11 @@ def test_a_sidecar_deployment_calls_through_the_gateway_with_arc_and_the_phabric
 ) -> None:
     created = time.monotonic()
     real_cluster.apply(realpods.deployment("calls", clients), namespace=ns)
-    (pod,) = _running(real_cluster, ns, "calls")
+    (pod,) = realpods.ready_pods(real_cluster, ns, "calls")
     user = wait_for(
-        lambda: whoami(real_cluster, ns, pod, "arc")[0], timeout=TIMEOUT, what="arc's first call"
+        lambda: whoami(real_cluster, ns, pod, "arc")[0],
+        timeout=TIMEOUT,
+        what="arc's first call",
     )
     print(
         f"\nreal pod: created -> first call through the gateway: {time.monotonic() - created:.2f} s"
@@ -257,7 +149,7 @@ def test_a_sidecar_deployment_calls_through_the_gateway_with_arc_and_the_phabric
 def test_the_credential_rotates_under_a_running_client(
     real_cluster: RealCluster, ns: str, bot: str
 ) -> None:
-    (pod,) = _running(real_cluster, ns, "calls")
+    (pod,) = realpods.ready_pods(real_cluster, ns, "calls")
 
     def credential() -> str:
         return real_cluster.exec(pod, "sha256sum", "/var/run/phabmesh/credential", namespace=ns)
@@ -272,14 +164,17 @@ def test_the_credential_rotates_under_a_running_client(
 def test_a_job_in_init_mode_completes(
     real_cluster: RealCluster, ns: str, bot: str, clients: str
 ) -> None:
-    command = f'arcanist call-conduit -- user.whoami </dev/null | grep -q \'"userName":"{bot}"\''
+    command = f'arcanist call-conduit -- user.whoami </dev/null | grep -q \'"userName": "{bot}"\''
     real_cluster.apply(realpods.job("once", clients, command), namespace=ns)
-    done = real_cluster.kubectl(
-        "wait", "-n", ns, "--for=condition=Complete", f"--timeout={TIMEOUT}s", "job/once",
-        check=False,
-    )  # fmt: skip
-    (pod,) = _pods(real_cluster, ns, "once")
-    assert done.returncode == 0, real_cluster.kubectl(
+
+    def finished() -> dict[str, Any] | None:
+        out = real_cluster.kubectl("get", "job", "-n", ns, "once", "-o", "json").stdout
+        status: dict[str, Any] = json.loads(out).get("status", {})
+        return status if status.get("succeeded") or status.get("failed") else None
+
+    status = wait_for(finished, timeout=TIMEOUT, interval=0.5, what="the Job to finish")
+    (pod,) = realpods.pods_of(real_cluster, ns, "once")
+    assert status.get("succeeded") == 1, real_cluster.kubectl(
         "logs", "-n", ns, pod["metadata"]["name"], "--all-containers", check=False
     ).stdout
     (agent,) = [c for c in pod["spec"]["initContainers"] if c["name"] == "phabmesh-agent"]
@@ -290,8 +185,12 @@ def test_scaled_to_zero_a_terminating_pods_next_call_is_refused(
     real_cluster: RealCluster, ns: str, bot: str, clients: str
 ) -> None:
     real_cluster.apply(realpods.deployment("lingers", clients, linger=60), namespace=ns)
-    (pod,) = _running(real_cluster, ns, "lingers")
-    wait_for(lambda: whoami(real_cluster, ns, pod, "arc")[0] == bot, timeout=TIMEOUT, what="a call")
+    (pod,) = realpods.ready_pods(real_cluster, ns, "lingers")
+    wait_for(
+        lambda: whoami(real_cluster, ns, pod, "arc")[0] == bot,
+        timeout=TIMEOUT,
+        what="a call",
+    )
     deleted = time.monotonic()
     real_cluster.kubectl("scale", "-n", ns, "deployment/lingers", "--replicas=0")
     # The pod is terminating, its app still runs (it lingers 60 s after TERM): its next call
@@ -322,7 +221,7 @@ def test_a_rollout_replaces_every_pod_without_a_failed_call(
     doc["spec"]["template"]["spec"]["containers"][0]["command"] = ["/bin/sh", "-c", loop]
     doc["spec"]["strategy"] = {"rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
     real_cluster.apply(doc, namespace=ns)
-    old = _running(real_cluster, ns, "rolls", 2)
+    old = realpods.ready_pods(real_cluster, ns, "rolls", 2)
     logs: dict[str, str] = {}
     followers: list[threading.Thread] = []
 
@@ -343,12 +242,12 @@ def test_a_rollout_replaces_every_pod_without_a_failed_call(
     real_cluster.kubectl("rollout", "restart", "-n", ns, "deployment/rolls")
 
     def replaced() -> bool:
-        current = [p["metadata"]["name"] for p in _pods(real_cluster, ns, "rolls")]
+        current = [p["metadata"]["name"] for p in realpods.pods_of(real_cluster, ns, "rolls")]
         watch([n for n in current if n not in old])
         return not set(current) & set(old)
 
     wait_for(replaced, timeout=TIMEOUT, interval=0.5, what="every old pod gone")
-    new = _running(real_cluster, ns, "rolls", 2)
+    new = realpods.ready_pods(real_cluster, ns, "rolls", 2)
     watch(new)
     wait_for(
         lambda: all(real_cluster.logs(n, "app", ns).count("ok") >= 2 for n in new),
@@ -368,7 +267,7 @@ def test_the_operator_killed_mid_scale_down_recovers(
     real_cluster: RealCluster, ns: str, bot: str, clients: str
 ) -> None:
     real_cluster.apply(realpods.deployment("fleet", clients, replicas=3, linger=60), namespace=ns)
-    pods = _running(real_cluster, ns, "fleet", 3)
+    pods = realpods.ready_pods(real_cluster, ns, "fleet", 3)
     for pod in pods:
         wait_for(lambda p=pod: whoami(real_cluster, ns, p, "arc")[0] == bot, timeout=TIMEOUT)
     real_cluster.kubectl("scale", "-n", ns, "deployment/fleet", "--replicas=0")
@@ -384,7 +283,7 @@ def test_the_operator_killed_mid_scale_down_recovers(
             timeout=TIMEOUT, interval=0.5, what=f"{pod} refused",
         )  # fmt: skip
         assert refused(said), said
-    _rolled_out(real_cluster, SYSTEM, "phabmesh-operator")
+    realpods.rolled_out(real_cluster, SYSTEM, "phabmesh-operator")
 
     def leases_of_the_fleet() -> list[str]:
         out = real_cluster.kubectl("get", "phabricatorcredentials", "-n", ns, "-o", "json")
@@ -397,7 +296,7 @@ def test_the_operator_killed_mid_scale_down_recovers(
     )  # fmt: skip
     # and the recovered operator serves a new pod
     real_cluster.kubectl("scale", "-n", ns, "deployment/fleet", "--replicas=1")
-    (fresh,) = _running(real_cluster, ns, "fleet")
+    (fresh,) = realpods.ready_pods(real_cluster, ns, "fleet")
     assert wait_for(lambda: whoami(real_cluster, ns, fresh, "arc")[0], timeout=TIMEOUT) == bot
 
 
@@ -438,12 +337,12 @@ def test_the_kustomize_install_works_the_same(
     (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
     real_cluster.kubectl("apply", "-k", str(overlay))
     try:
-        _rolled_out(real_cluster, SYSTEM, "phabmesh-operator", "phabmesh-gateway")
-        namespace = _namespace(real_cluster, f"realk-{uuid.uuid4().hex[:6]}")
+        realpods.rolled_out(real_cluster, SYSTEM, "phabmesh-operator", "phabmesh-gateway")
+        namespace = realpods.restricted_namespace(real_cluster, f"realk-{uuid.uuid4().hex[:6]}")
         make_binding(real_cluster, namespace, "runners", bot, agent={"mode": resources.AGENT_AUTO})
-        _injects(real_cluster, namespace, clients)
+        realpods.wait_injects(real_cluster, namespace, clients)
         real_cluster.apply(realpods.deployment("calls", clients), namespace=namespace)
-        (pod,) = _running(real_cluster, namespace, "calls")
+        (pod,) = realpods.ready_pods(real_cluster, namespace, "calls")
         user = wait_for(
             lambda: whoami(real_cluster, namespace, pod, "phabricator")[0], timeout=TIMEOUT
         )

@@ -67,6 +67,7 @@ from phabmesh.dev.gobuild import (
     prometheus_operator_crds,
     promtool,
     repo_root,
+    run,
 )
 from phabmesh.dev.pki import Pki
 
@@ -614,19 +615,13 @@ class ControlPlane:
         timeout: float = 120,
     ) -> subprocess.CompletedProcess[str]:
         """Run the built kubectl against this control plane."""
-        result = subprocess.run(
-            [str(self.binaries.kubectl), f"--kubeconfig={self.kubeconfig}", *args],
-            capture_output=True,
-            text=True,
+        return run(
+            [self.binaries.kubectl, f"--kubeconfig={self.kubeconfig}", *args],
+            check=check,
             input=input,
             timeout=timeout,
-            check=False,
+            shown=f"kubectl {' '.join(args)}",
         )
-        if check and result.returncode != 0:
-            raise ControlPlaneError(
-                f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}"
-            )
-        return result
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,31 @@ NODE_ONLY_MODULES = (
     "k8s.io/cri-streaming",
     "sigs.k8s.io/knftables",
 )
+
+
+def run(
+    argv: Sequence[str | Path],
+    *,
+    check: bool = True,
+    input: str | None = None,  # noqa: A002 - mirrors subprocess.run
+    timeout: float = 60,
+    error: type[ControlPlaneError] = ControlPlaneError,
+    shown: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command of the dev kit, its output captured; with ``check``, a failure raises
+    ``error`` naming the command (``shown``, or the whole command line) and its stderr."""
+    result = subprocess.run(
+        [str(a) for a in argv],
+        capture_output=True,
+        text=True,
+        input=input,
+        timeout=timeout,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        command = shown if shown is not None else " ".join(str(a) for a in argv)
+        raise error(f"{command} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
+    return result
 
 
 def repo_root() -> Path | None:

@@ -53,7 +53,7 @@ from typing import IO, TYPE_CHECKING, Any
 import yaml
 
 from phabmesh.dev import ociimage
-from phabmesh.dev.gobuild import ControlPlaneError, NodeBinaries, node_binaries
+from phabmesh.dev.gobuild import ControlPlaneError, NodeBinaries, node_binaries, run
 
 if TYPE_CHECKING:
     from phabmesh.dev.devcluster import ControlPlane
@@ -140,20 +140,7 @@ def _run(
     input: str | None = None,  # noqa: A002 - mirrors subprocess.run
     timeout: float = 60,
 ) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [str(a) for a in argv],
-        capture_output=True,
-        text=True,
-        input=input,
-        timeout=timeout,
-        check=False,
-    )
-    if check and result.returncode != 0:
-        raise NodeError(
-            f"{' '.join(str(a) for a in argv)} failed ({result.returncode}): "
-            f"{result.stderr.strip()[-2000:]}"
-        )
-    return result
+    return run(argv, check=check, input=input, timeout=timeout, error=NodeError)
 
 
 # -- images -----------------------------------------------------------------------------------
