@@ -24,9 +24,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from phabmesh.dev import image, ociimage
+import yaml
+
+from phabmesh.dev import image, linkerd, ociimage
 from phabmesh.dev.gobuild import cache_home
-from tests.kube import wait_for
+from tests.kube import Helm, wait_for
 from tests.phab import label_namespace
 from tests.realnode import RealCluster
 
@@ -282,3 +284,21 @@ def whoami(cluster: RealCluster, namespace: str, pod: str, client: str) -> tuple
 
 def refused(said: str) -> bool:
     return "ERR-INVALID-AUTH" in said or "INVALID CREDENTIALS" in said
+
+
+def install_chart(cluster: RealCluster, helm: Helm, phabricator_url: str) -> None:
+    """The CRDs and `helm install` of charts/phabmesh as docs/install.md gives them, with the
+    image imported into the node (never pulled) and no Linkerd to vouch for callers (and, as
+    `make dev-cluster` has them, stand-ins for Linkerd's policy CRDs); then its Deployments
+    rolled out."""
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(linkerd.standin_crds()))
+    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    helm.env["KUBECONFIG"] = str(cluster.kubeconfig)
+    helm.run(
+        "install", "phabmesh", str(REPO / "charts" / "phabmesh"), "-n", SYSTEM,
+        "--create-namespace",
+        "--set", f"phabricatorURL={phabricator_url}",
+        "--set", "linkerd.requireClientID=false",
+        "--set", "image.pullPolicy=Never",
+    )  # fmt: skip
+    rolled_out(cluster, SYSTEM, "phabmesh-operator", "phabmesh-gateway")

@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from phabmesh import resources
-from phabmesh.dev import devcluster, image, linkerd, realnode
+from phabmesh.dev import devcluster, image, realnode
 from phabmesh.dev.conduit import ConduitServer
 from tests import realpods
 from tests.kube import Helm, wait_for
@@ -66,12 +66,6 @@ def clients(real_cluster: RealCluster) -> str:
     return name
 
 
-def _helm(tmp_path_factory: pytest.TempPathFactory, cluster: RealCluster) -> Helm:
-    helm = Helm(devcluster.helm(), tmp_path_factory.mktemp("helm"))
-    helm.env["KUBECONFIG"] = str(cluster.kubeconfig)
-    return helm
-
-
 @pytest.fixture(scope="module")
 def installed(
     real_cluster: RealCluster,
@@ -79,19 +73,9 @@ def installed(
     phabricator: ConduitServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Helm]:
-    """The CRDs and the chart, as docs/install.md says, with the locally built image (and,
-    as `make dev-cluster` has them, stand-ins for Linkerd's policy CRDs)."""
-    real_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(linkerd.standin_crds()))
-    real_cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-    helm = _helm(tmp_path_factory, real_cluster)
-    helm.run(
-        "install", "phabmesh", str(REPO / "charts" / "phabmesh"), "-n", SYSTEM,
-        "--create-namespace",
-        "--set", f"phabricatorURL={phabricator.url}",
-        "--set", "linkerd.requireClientID=false",
-        "--set", "image.pullPolicy=Never",
-    )  # fmt: skip
-    realpods.rolled_out(real_cluster, SYSTEM, "phabmesh-operator", "phabmesh-gateway")
+    """The CRDs and the chart, as docs/install.md says, with the locally built image."""
+    helm = Helm(devcluster.helm(), tmp_path_factory.mktemp("helm"))
+    realpods.install_chart(real_cluster, helm, phabricator.url)
     yield helm
     helm.run("uninstall", "phabmesh", "-n", SYSTEM, "--wait", check=False)
 
@@ -164,7 +148,7 @@ def test_the_credential_rotates_under_a_running_client(
 def test_a_job_in_init_mode_completes(
     real_cluster: RealCluster, ns: str, bot: str, clients: str
 ) -> None:
-    command = f'arcanist call-conduit -- user.whoami </dev/null | grep -q \'"userName": "{bot}"\''
+    command = f'echo {{}} | arcanist call-conduit -- user.whoami | grep -q \'"userName": "{bot}"\''
     real_cluster.apply(realpods.job("once", clients, command), namespace=ns)
 
     def finished() -> dict[str, Any] | None:
@@ -214,7 +198,7 @@ def test_a_rollout_replaces_every_pod_without_a_failed_call(
     loop = (
         "trap 'echo stopped; exit 0' TERM; "
         "while :; do "
-        "if arcanist call-conduit -- user.whoami </dev/null | grep -q userName; "
+        "if echo {} | arcanist call-conduit -- user.whoami | grep -q userName; "
         "then echo ok; else echo FAILED; fi; sleep 1 & wait $!; done"
     )
     doc = realpods.deployment("rolls", clients, replicas=2)
