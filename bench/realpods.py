@@ -28,10 +28,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
 from phabmesh import resources
-from phabmesh.dev import devcluster, image, linkerd, realnode
+from phabmesh.dev import devcluster, image, realnode
 from phabmesh.dev.conduit import ConduitServer
 from tests import realpods
 from tests.kube import Helm, wait_for
@@ -69,8 +67,13 @@ def _real_pod(cluster: RealCluster, namespace: str, clients: str, n: int) -> dic
     doc["spec"]["template"]["spec"]["containers"][0]["command"] = ["/bin/sh", "-c", LOOP]
     created = time.time()
     cluster.apply(doc, namespace=namespace)
-    (pod,) = realpods.ready_pods(cluster, namespace, name)
+    pod = wait_for(
+        lambda: [p["metadata"]["name"] for p in realpods.pods_of(cluster, namespace, name)],
+        timeout=60, interval=0.05,
+    )[0]  # fmt: skip
+    # (the lease comes before the app starts: the agent's credential is what it waits for)
     active = _until(lambda: _lease_phase(cluster, namespace, pod) == resources.ACTIVE)
+    realpods.ready_pods(cluster, namespace, name)
     log: list[str] = []
     follower = threading.Thread(
         target=lambda: log.append(
@@ -145,16 +148,8 @@ def main() -> None:
             phabricator = ConduitServer(host=realnode.NODE_IP)
             phabricator.start()
             try:
-                cluster.kubectl(
-                    "apply", "-f", "-", input=yaml.safe_dump_all(linkerd.standin_crds())
-                )
-                cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
                 helm = Helm(devcluster.helm(), work / "helm")
-                helm.env["KUBECONFIG"] = str(cluster.kubeconfig)
-                realpods.install_chart(helm, phabricator.url)
-                realpods.rolled_out(
-                    cluster, realpods.SYSTEM, "phabmesh-operator", "phabmesh-gateway"
-                )
+                realpods.install_chart(cluster, helm, phabricator.url)
                 bot = f"bench-{uuid.uuid4().hex[:6]}"
                 make_bot(cluster, phabricator, bot)
                 namespace = realpods.restricted_namespace(cluster, "bench")
