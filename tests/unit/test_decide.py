@@ -152,6 +152,52 @@ def test_a_pending_pod_whose_agent_runs_is_issued_its_lease() -> None:
     assert not decide.plan_pod(w, "p1", N, verdicts(w, bot())).issue
 
 
+def _pending_on_node(states: list[dict[str, object]]) -> identity.PodFacts:
+    return identity.PodFacts.from_pod(
+        {
+            "metadata": {"name": "pod-p1", "namespace": "build", "uid": "p1"},
+            "spec": {
+                "serviceAccountName": "runner",
+                "nodeName": "node-1",
+                "initContainers": [
+                    {"name": "linkerd-proxy", "restartPolicy": "Always"},
+                    {"name": "phabmesh-agent"},
+                ],
+                "containers": [{"name": "app"}],
+            },
+            "status": {
+                "phase": "Pending",
+                "initContainerStatuses": [
+                    {"name": name, "state": state}
+                    for name, state in zip(["linkerd-proxy", "phabmesh-agent"], states, strict=True)
+                ],
+            },
+        }
+    )
+
+
+def test_a_pending_pod_keeps_its_lease_while_an_init_container_restarts() -> None:
+    """The agent (init mode) wrote its credential and ended; the stand-in proxy then restarts:
+    for a moment no init container runs. The pod has not ended: its lease stays (the app's
+    credential keeps working), and no new one is issued in its place."""
+    restarting = _pending_on_node(
+        [{"waiting": {"reason": "CrashLoopBackOff"}}, {"terminated": {"exitCode": 0}}]
+    )
+    assert not restarting.started
+    w = world(restarting, bindings=(binding(),), leases=(lease(),))
+    plan = decide.plan_pod(w, "p1", N, verdicts(w, bot()))
+    assert not plan.revoke and not plan.issue
+    explained = decide.explain_pod(w, "p1", N, verdicts(w, bot()))
+    assert explained.reason == "Matched"
+    # Without a lease held, such a pod is not issued one yet.
+    w = world(restarting, bindings=(binding(),))
+    assert not decide.plan_pod(w, "p1", N, verdicts(w, bot())).issue
+    # Off its node (Unknown), or ended, the lease goes.
+    for facts in (pod(phase="Unknown"), pod(phase="Succeeded")):
+        w = world(facts, bindings=(binding(),), leases=(lease(),))
+        assert decide.plan_pod(w, "p1", N, verdicts(w, bot())).revoke
+
+
 def test_pods_that_may_not_hold_a_lease() -> None:
     for facts in (pod(phase="Pending"), pod(meshed=False), pod(sa="other")):
         w = world(facts, bindings=(binding(),))

@@ -119,19 +119,33 @@ def judge_binding(
     return verdict
 
 
-def _pod_reason(pod: identity.PodFacts) -> str | None:
-    """Why this pod may hold no lease at all, or None when it may."""
+def _pod_reason(pod: identity.PodFacts, *, holding: bool = False) -> str | None:
+    """Why this pod may hold no lease at all, or None when it may.
+
+    ``holding``: for a lease the pod holds already. A Pending pod on its node keeps it while
+    none of its init containers happens to run (one restarting, or the gap between two): its
+    phase has not ended, as a Running pod whose containers restart keeps its own."""
     if pod.terminating:
         return POD_TERMINATING
     if pod.phase == "Succeeded":
         return POD_SUCCEEDED
     if pod.phase == "Failed":
         return POD_FAILED
-    if not pod.started:
+    if not pod.started and not (holding and pod.phase == "Pending" and pod.node_name):
         return NOT_RUNNING
     if not pod.meshed:
         return NOT_MESHED
     return None
+
+
+def _not_running_message(pod: identity.PodFacts) -> str:
+    if pod.phase == "Pending" and not pod.node_name:
+        why = "the pod is Pending, not on a node yet"
+    elif pod.phase == "Pending":
+        why = "the pod is Pending and none of its containers runs yet"
+    else:
+        why = f"the pod is {pod.phase} (its node does not report it)"
+    return f"{why}: credentials are issued to pods that run (Running, or an init container running)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,12 +208,13 @@ def plan_pod(
     if pod is None:
         return Plan(revoke=tuple((lease, POD_DELETED) for lease in held), delete=delete)
     blocked = _pod_reason(pod)
+    blocked_held = _pod_reason(pod, holding=True)
     revoke: list[tuple[LeaseView, str]] = []
     wanted = {e.binding.name for e in entitlements(world, pod, naming, verdicts) if e.entitled}
     kept: set[str] = set()
     for lease in held:
-        if blocked is not None:
-            revoke.append((lease, blocked))
+        if blocked_held is not None:
+            revoke.append((lease, blocked_held))
         elif (problem := lease_problem(world, lease)) is not None:
             revoke.append((lease, problem))
         elif lease.binding not in wanted:
@@ -318,15 +333,12 @@ def explain_pod(
         )
     )
     pod_identity = pod.identity(naming)
-    blocked = _pod_reason(pod)
+    blocked = _pod_reason(pod, holding=bool(kept))
     if blocked is not None:
         if blocked == NOT_MESHED:
             message = _not_meshed_message(pod, naming)
         elif blocked == NOT_RUNNING:
-            message = (
-                f"the pod is {pod.phase} and none of its containers runs yet: credentials are "
-                "issued to pods that run (Running, or an init container running)"
-            )
+            message = _not_running_message(pod)
         else:
             message = _POD_MESSAGES[blocked]
         return Explanation(blocked, message, kept, found)
