@@ -179,6 +179,16 @@ def test_the_host_reaches_the_kubernetes_service_too(real_cluster: RealCluster) 
         assert answer.status == 200
 
 
+def test_nothing_is_forwarded_off_the_bridge(real_cluster: RealCluster) -> None:
+    """Pods have no default route; one a pod adds itself leads nowhere: the host forwards
+    nothing from the bridge to another interface (it forwards on the bridge: Services)."""
+    rules = subprocess.run(
+        ["iptables", "-w", "-S", "FORWARD"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    drop = f"-A FORWARD -i {realnode.BRIDGE} ! -o {realnode.BRIDGE} -m comment --comment "
+    assert any(r.startswith(drop) and r.endswith("-j DROP") for r in rules), rules
+
+
 def test_a_pod_that_routes_loopback_to_the_node_reaches_no_loopback_port(
     real_cluster: RealCluster, ns: str
 ) -> None:
@@ -333,6 +343,7 @@ def test_stopping_leaves_nothing_and_a_crashed_runs_leftovers_are_cleaned(
     real_cluster.wait_ready("after", ns)
 
     sysctls = dict(node._state["sysctls"])
+    assert "net/ipv4/ip_forward" in sysctls  # the bridge plugin turns it on
     node.stop()
     assert realnode.leftovers(node.root) == []
     assert {name: Path("/proc/sys", name).read_text().strip() for name in sysctls} == sysctls

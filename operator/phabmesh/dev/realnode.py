@@ -88,8 +88,10 @@ COMMANDS = {
     "ip": "iproute2",
     "gcc": "gcc",
 }
-# The kubelet sets these kernel tunables at start (it does not undo them): restored at stop.
+# The kubelet sets these kernel tunables at start (it does not undo them), and the CNI bridge
+# plugin (isGateway) turns on IPv4 forwarding: restored at stop.
 KUBELET_SYSCTLS = (
+    "net/ipv4/ip_forward",
     "vm/overcommit_memory",
     "vm/panic_on_oom",
     "kernel/panic",
@@ -739,6 +741,12 @@ oom_score = 0
             "-m", "comment", "--comment", RULE_COMMENT, "-j", "DROP",
         )  # fmt: skip
         Path(f"/proc/sys/net/ipv4/conf/{BRIDGE}/route_localnet").write_text("1")
+        # pods have no default route; should one add its own, nothing is forwarded off the
+        # bridge (the bridge plugin turns forwarding on for the host)
+        _run(
+            "iptables", "-w", "-I", "FORWARD", "1", "-i", BRIDGE, "!", "-o", BRIDGE,
+            "-m", "comment", "--comment", RULE_COMMENT, "-j", "DROP",
+        )  # fmt: skip
 
     def _route_kubernetes_service(self) -> None:
         """Pods' ``kubernetes`` Service (10.96.0.1:443) to the API server on 127.0.0.1."""
