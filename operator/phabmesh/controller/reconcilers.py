@@ -183,6 +183,13 @@ class Bots(_Reconciler):
         updated = dataclasses.replace(bot, ready=usable, phid=phid, reason=outcome.reason)
         self.world.bots[bot.name] = dataclasses.replace(updated, status=shown.status)
         metrics.current().bot_status(bot.name, outcome.ready, outcome.reason)
+        readiness_changed = previous is None or previous.ready != usable
+        if readiness_changed:
+            # Judged again before any write: a write this replica may not make (paused by
+            # peering) must not leave its bindings judged by the bot's old readiness, which
+            # it would act on once it acts (revoking live leases "BotNotReady").
+            for namespace in self.world.namespaces_of_bot(bot.name):
+                self.memo.bindings.rejudge(namespace)
         status: JSON = {
             "phid": phid,
             "observedGeneration": bot.generation,
@@ -210,7 +217,7 @@ class Bots(_Reconciler):
                 outcome.message,
                 "Normal" if outcome.ready else "Warning",
             )
-        if previous is None or previous.ready != usable:
+        if readiness_changed:
             for namespace in self.world.namespaces_of_bot(bot.name):
                 await self.memo.bindings.refresh_namespace(namespace)
 
@@ -238,13 +245,17 @@ class Bindings(_Reconciler):
         bot = self.world.bots.get(binding.bot) if binding.bot else None
         return decide.judge_binding(binding, bot, self.world.namespaces.get(binding.namespace))
 
-    async def refresh_namespace(self, namespace: str) -> None:
-        """Bindings, bots or labels changed here: re-judge bindings, reconcile every pod."""
+    def rejudge(self, namespace: str) -> None:
+        """The verdicts of the namespace's bindings, from the world as it is now."""
         for binding in self.world.bindings_in(namespace):
             self.verdicts[binding.key] = self._verdict(binding)
         stale = [k for k in self.verdicts if k[0] == namespace and k not in self.world.bindings]
         for key in stale:
             del self.verdicts[key]
+
+    async def refresh_namespace(self, namespace: str) -> None:
+        """Bindings, bots or labels changed here: re-judge bindings, reconcile every pod."""
+        self.rejudge(namespace)
         uids = set(self.world.pods_by_ns.get(namespace, ()))
         uids.update(
             lease.pod_uid for lease in self.world.leases.values() if lease.namespace == namespace

@@ -1,0 +1,70 @@
+"""A bot checked by a replica that may not write (paused by kopf peering): its bindings are
+judged by the check's answer all the same, so that when the replica acts it does not act on
+the bot's old readiness (a live lease revoked "BotNotReady" at a failover)."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import pytest
+
+from phabmesh import identity
+from phabmesh.controller import bots as botcheck
+from phabmesh.controller import reconcilers
+from phabmesh.controller.writer import NotActing, Writer
+from phabmesh.leases.world import BindingView, BotView, World
+from phabmesh.settings import Settings
+
+
+class _Refusing:
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the API was called ({name}) while not acting")
+
+
+class _Memo:
+    """What the bot and binding reconcilers use of the operator's memo."""
+
+    def __init__(self) -> None:
+        self.settings = Settings()
+        self.world = World()
+        self.naming = identity.Naming()
+        self.writer = Writer(_Refusing(), self.world, acting=lambda: False)  # type: ignore[arg-type]
+        self.bots = reconcilers.Bots(self)  # type: ignore[arg-type]
+        self.bindings = reconcilers.Bindings(self)  # type: ignore[arg-type]
+
+    def clock(self) -> datetime.datetime:
+        return datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+
+
+async def test_a_paused_replicas_bot_check_still_rejudges_the_bots_bindings() -> None:
+    memo = _Memo()
+    bot = BotView.from_body(  # just applied: no status yet
+        {
+            "metadata": {"name": "ci-bot", "generation": 1, "uid": "u"},
+            "spec": {
+                "username": "ci-bot",
+                "tokenSecretRef": {"name": "t"},
+                "namespaceSelector": {},
+            },
+        }
+    )
+    memo.world.bots[bot.name] = bot
+    memo.world.namespaces["build"] = {}
+    binding = BindingView.from_body(
+        {
+            "metadata": {"name": "runners", "namespace": "build", "uid": "b1", "generation": 1},
+            "spec": {
+                "botRef": {"name": "ci-bot"},
+                "identityRefs": [{"kind": "ServiceAccount", "name": "runner"}],
+                "allowedMethods": ["user.whoami"],
+            },
+        }
+    )
+    memo.world.put_binding(binding)
+    assert not memo.bindings.judge(binding).ready  # the bot is not checked yet
+    verified = botcheck.Outcome("True", "Verified", "user ci-bot", phid="PHID-USER-x")
+    with pytest.raises(NotActing):  # its status write is deferred
+        await memo.bots._record_bot(bot, verified)
+    assert memo.world.bots["ci-bot"].ready
+    assert memo.bindings.verdicts[binding.key].ready
