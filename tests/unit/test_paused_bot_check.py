@@ -13,6 +13,7 @@ from phabmesh import identity
 from phabmesh.controller import bots as botcheck
 from phabmesh.controller import reconcilers
 from phabmesh.controller.writer import NotActing, Writer
+from phabmesh.leases.view import LeaseView
 from phabmesh.leases.world import BindingView, BotView, World
 from phabmesh.settings import Settings
 
@@ -68,3 +69,75 @@ async def test_a_paused_replicas_bot_check_still_rejudges_the_bots_bindings() ->
         await memo.bots._record_bot(bot, verified)
     assert memo.world.bots["ci-bot"].ready
     assert memo.bindings.verdicts[binding.key].ready
+
+
+async def test_a_pods_event_before_its_bindings_event_keeps_its_lease() -> None:
+    """A replica paused by peering has had no binding event; when it acts, a pod's event
+    may come first. Its binding, Ready by the world's bot, is judged then: the pod keeps its
+    lease (no write at all), where before it was revoked "BotNotReady" and issued anew."""
+    memo = _Memo()
+    memo.writer = Writer(_Refusing(), memo.world)  # type: ignore[arg-type]  # any write fails
+    memo.leases = reconcilers.Leases(memo)  # type: ignore[attr-defined,arg-type]
+    memo.world.bots["ci-bot"] = BotView.from_body(
+        {
+            "metadata": {"name": "ci-bot", "generation": 1, "uid": "u"},
+            "spec": {
+                "username": "ci-bot",
+                "tokenSecretRef": {"name": "t"},
+                "namespaceSelector": {},
+            },
+            "status": {
+                "phid": "PHID-USER-x",
+                "observedGeneration": 1,
+                "conditions": [
+                    {
+                        "type": "Ready",
+                        "status": "True",
+                        "reason": "Verified",
+                        "observedGeneration": 1,
+                    },
+                    {
+                        "type": "TokenVerified",
+                        "status": "True",
+                        "reason": "Verified",
+                        "observedGeneration": 1,
+                    },
+                ],
+            },
+        }
+    )
+    assert memo.world.bots["ci-bot"].ready
+    memo.world.namespaces["build"] = {}
+    memo.world.put_binding(
+        BindingView.from_body(
+            {
+                "metadata": {"name": "runners", "namespace": "build", "uid": "b1", "generation": 1},
+                "spec": {
+                    "botRef": {"name": "ci-bot"},
+                    "identityRefs": [{"kind": "ServiceAccount", "name": "runner"}],
+                    "allowedMethods": ["user.whoami"],
+                },
+            }
+        )
+    )
+    memo.world.put_pod(
+        identity.PodFacts.from_pod(
+            {
+                "metadata": {"name": "one", "namespace": "build", "uid": "p1"},
+                "spec": {"serviceAccountName": "runner", "containers": [{"name": "linkerd-proxy"}]},
+                "status": {"phase": "Running"},
+            }
+        )
+    )
+    memo.world.put_lease(
+        LeaseView.from_body(
+            {
+                "metadata": {"name": "one.runners.1", "namespace": "build", "uid": "l1"},
+                "spec": {"podName": "one", "podUID": "p1", "binding": "runners", "bot": "ci-bot"},
+                "status": {"phase": "Active", "expiresAt": "2026-01-01T00:10:00Z"},
+            }
+        )
+    )
+    assert not memo.bindings.verdicts  # never judged here
+    await memo.leases.reconcile_pod("p1")  # _Refusing fails the test on any write
+    assert memo.bindings.verdicts[("build", "runners")].ready

@@ -246,7 +246,8 @@ async def lease_event(
     # change) goes at once, not at the pod's next event or the lease's renewal. Only for a
     # pod already seen: an unseen pod is not a deleted one, and its own event reconciles it.
     if lease.active and lease.pod_uid in memo.world.pods:
-        plan = decide.plan_pod(memo.world, lease.pod_uid, memo.naming, memo.bindings.verdicts)
+        verdicts = memo.bindings.verdicts_in(lease.namespace)
+        plan = decide.plan_pod(memo.world, lease.pod_uid, memo.naming, verdicts)
         if any(revoked.key == lease.key for revoked, _ in plan.revoke):
             await memo.leases.reconcile_pod(lease.pod_uid)
 

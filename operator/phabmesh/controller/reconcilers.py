@@ -245,6 +245,15 @@ class Bindings(_Reconciler):
         bot = self.world.bots.get(binding.bot) if binding.bot else None
         return decide.judge_binding(binding, bot, self.world.namespaces.get(binding.namespace))
 
+    def verdicts_in(self, namespace: str) -> dict[Key, decide.Verdict]:
+        """The verdicts, those of the namespace's bindings judged first if they are not yet:
+        a replica that was paused by peering has had no binding event, and a pod's event may
+        come first when it acts; a binding it has not judged is not one to revoke by."""
+        for binding in self.world.bindings_in(namespace):
+            if binding.key not in self.verdicts:
+                self.verdicts[binding.key] = self._verdict(binding)
+        return self.verdicts
+
     def rejudge(self, namespace: str) -> None:
         """The verdicts of the namespace's bindings, from the world as it is now."""
         for binding in self.world.bindings_in(namespace):
@@ -394,7 +403,13 @@ class Leases(_Reconciler):
         entry.users += 1
         try:
             async with entry.lock:
-                plan = decide.plan_pod(self.world, uid, self.naming, self.memo.bindings.verdicts)
+                pod = self.world.pods.get(uid)
+                verdicts = (
+                    self.memo.bindings.verdicts_in(pod.namespace)
+                    if pod is not None
+                    else self.memo.bindings.verdicts
+                )
+                plan = decide.plan_pod(self.world, uid, self.naming, verdicts)
                 if plan:
                     await self._execute(uid, plan)
                 else:
