@@ -71,7 +71,8 @@ async def test_a_paused_replicas_bot_check_still_rejudges_the_bots_bindings() ->
     assert memo.bindings.verdicts[binding.key].ready
 
 
-async def test_a_pods_event_before_its_bindings_event_keeps_its_lease() -> None:
+@pytest.mark.parametrize("bot_seen", [True, False])
+async def test_a_pods_event_before_its_bindings_event_keeps_its_lease(bot_seen: bool) -> None:
     """A replica paused by peering has had no binding event; when it acts, a pod's event
     may come first. Its binding, Ready by the world's bot, is judged then: the pod keeps its
     lease (no write at all), where before it was revoked "BotNotReady" and issued anew."""
@@ -107,6 +108,8 @@ async def test_a_pods_event_before_its_bindings_event_keeps_its_lease() -> None:
         }
     )
     assert memo.world.bots["ci-bot"].ready
+    if not bot_seen:  # not even the bot's event yet: the binding cannot be judged
+        del memo.world.bots["ci-bot"]
     memo.world.namespaces["build"] = {}
     memo.world.put_binding(
         BindingView.from_body(
@@ -140,4 +143,7 @@ async def test_a_pods_event_before_its_bindings_event_keeps_its_lease() -> None:
     )
     assert not memo.bindings.verdicts  # never judged here
     await memo.leases.reconcile_pod("p1")  # _Refusing fails the test on any write
-    assert memo.bindings.verdicts[("build", "runners")].ready
+    if bot_seen:
+        assert memo.bindings.verdicts[("build", "runners")].ready
+    else:
+        assert not memo.bindings.verdicts  # judged by the bot's event, when it comes

@@ -250,7 +250,8 @@ class Bindings(_Reconciler):
         a replica that was paused by peering has had no binding event, and a pod's event may
         come first when it acts; a binding it has not judged is not one to revoke by."""
         for binding in self.world.bindings_in(namespace):
-            if binding.key not in self.verdicts:
+            # (not while its bot is unknown here: that bot's event judges it)
+            if binding.key not in self.verdicts and binding.bot in self.world.bots:
                 self.verdicts[binding.key] = self._verdict(binding)
         return self.verdicts
 

@@ -215,6 +215,13 @@ def plan_pod(
     for lease in held:
         if blocked_held is not None:
             revoke.append((lease, blocked_held))
+        elif (lease.namespace, lease.binding) not in verdicts and (
+            lease.namespace,
+            lease.binding,
+        ) in world.bindings:
+            # Its binding not judged yet (a replica that acts after a peering pause, before
+            # it has seen the binding's bot): no reason to revoke; judged, it is planned again.
+            kept.add(lease.binding)
         elif (problem := lease_problem(world, lease)) is not None:
             revoke.append((lease, problem))
         elif lease.binding not in wanted:
