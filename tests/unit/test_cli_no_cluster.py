@@ -13,14 +13,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("command", ["controller", "gateway", "webhook"])
-def test_no_cluster_is_one_line_naming_what_to_give(command: str, tmp_path: Path) -> None:
-    env = {
-        key: value for key, value in os.environ.items() if not key.startswith(("KUBE", "PHABMESH_"))
-    }
+def _cli(tmp_path: Path, *args: str, drop: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+    """`python -m phabmesh.cli ARGS` with the variables starting with ``drop`` unset."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(drop)}
     env.update(HOME=str(tmp_path), PYTHONPATH=str(REPO / "operator"))
-    done = subprocess.run(
-        [sys.executable, "-m", "phabmesh.cli", command],
+    return subprocess.run(
+        [sys.executable, "-m", "phabmesh.cli", *args],
         env=env,
         input="",  # the webhook watches its stdin, a pipe from the operator
         cwd=tmp_path,
@@ -29,6 +27,11 @@ def test_no_cluster_is_one_line_naming_what_to_give(command: str, tmp_path: Path
         timeout=60,
         check=False,
     )
+
+
+@pytest.mark.parametrize("command", ["controller", "gateway", "webhook"])
+def test_no_cluster_is_one_line_naming_what_to_give(command: str, tmp_path: Path) -> None:
+    done = _cli(tmp_path, command, drop=("KUBE", "PHABMESH_"))
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert "Traceback" not in done.stderr
@@ -39,18 +42,8 @@ def test_no_cluster_is_one_line_naming_what_to_give(command: str, tmp_path: Path
 
 
 def test_an_explicit_kubeconfig_that_is_missing_is_named(tmp_path: Path) -> None:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("KUBE")}
-    env.update(HOME=str(tmp_path), PYTHONPATH=str(REPO / "operator"))
     missing = tmp_path / "nowhere.yaml"
-    done = subprocess.run(
-        [sys.executable, "-m", "phabmesh.cli", "gateway", "--kubeconfig", str(missing)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = _cli(tmp_path, "gateway", "--kubeconfig", str(missing), drop=("KUBE",))
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert done.stderr.startswith("phabmesh gateway: no cluster to connect to"), done.stderr

@@ -68,6 +68,7 @@ from phabmesh.dev.gobuild import (
     promtool,
     repo_root,
     run,
+    spawn,
 )
 from phabmesh.dev.pki import Pki
 
@@ -311,16 +312,7 @@ class ControlPlane:
     def _spawn(
         self, name: str, argv: Sequence[str | Path], env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
-        log = open(self.workdir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - owned by child
-        with log:
-            proc = subprocess.Popen(
-                [str(a) for a in argv],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,  # its own process group: stopped as one
-            )
+        proc = spawn(argv, self.workdir / "logs" / f"{name}.log", env)
         self._procs[name] = proc
         return proc
 

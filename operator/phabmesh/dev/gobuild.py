@@ -79,6 +79,22 @@ def run(
     return result
 
 
+def spawn(
+    argv: Sequence[str | Path], log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a process of the dev kit in its own process group (stopped as one), its output
+    appended to ``log``."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [str(a) for a in argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+
+
 def repo_root() -> Path | None:
     """The source checkout this module runs from, if it runs from one."""
     here = Path(__file__).resolve()

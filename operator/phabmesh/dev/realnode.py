@@ -53,7 +53,7 @@ from typing import IO, TYPE_CHECKING, Any
 import yaml
 
 from phabmesh.dev import ociimage
-from phabmesh.dev.gobuild import ControlPlaneError, NodeBinaries, node_binaries, run
+from phabmesh.dev.gobuild import ControlPlaneError, NodeBinaries, node_binaries, run, spawn
 
 if TYPE_CHECKING:
     from phabmesh.dev.devcluster import ControlPlane
@@ -562,14 +562,7 @@ class RealNode:
     # processes
 
     def _spawn(self, name: str, argv: Sequence[str | Path]) -> subprocess.Popen[bytes]:
-        with open(self.log(name), "ab") as log:
-            proc = subprocess.Popen(
-                [str(a) for a in argv],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        proc = spawn(argv, self.log(name))
         self._procs[name] = proc
         self._state["pids"][name] = proc.pid
         _write_state(self._state)
