@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import socket
 from collections.abc import Callable
@@ -89,9 +90,25 @@ def decode_conduit(request: web.Request, body: bytes, max_bytes: int) -> wire.Ca
 
 def free_port(host: str) -> int:
     """A port free on ``host`` now, for a server that must be told its port up front."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(host, 1)
+
+
+def free_ports(host: str, count: int) -> int:
+    """The first of ``count`` consecutive ports all free on ``host`` now (``phabmesh run``
+    gives the gateway the port after the operator's)."""
+    for _ in range(100):
+        with contextlib.ExitStack() as held:
+            first = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            first.bind((host, 0))
+            port = int(first.getsockname()[1])
+            try:
+                for offset in range(1, count):
+                    sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    sock.bind((host, port + offset))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no {count} consecutive free ports on {host}")
 
 
 MAX_SOURCE_NAME = 253  # a Kubernetes object name; no identity is longer

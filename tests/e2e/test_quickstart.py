@@ -115,7 +115,7 @@ def test_run_against_a_configured_cluster_runs_as_phabmeshs_service_accounts(
         crds = str(REPO / "crds")
         plane.kubectl("apply", "--server-side", "-f", crds)
         plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", crds)
-        metrics_port = serving.free_port("127.0.0.1")
+        metrics_port = serving.free_ports("127.0.0.1", 2)
         local = Settings.local_env(
             conduit.url, namespace=SYSTEM, metrics_port=metrics_port, log_json=True
         )
