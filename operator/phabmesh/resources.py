@@ -14,6 +14,7 @@ accepted always parses, with the same values the server filled in.
 from __future__ import annotations
 
 import datetime
+import decimal
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -118,6 +119,60 @@ def parse_duration(text: str) -> datetime.timedelta:
         raise ValueError(f"not a duration: {text!r} (use e.g. 15m, 1h30m)")
     seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION_PART.findall(text))
     return datetime.timedelta(seconds=seconds)
+
+
+# A Kubernetes resource quantity (k8s.io/apimachinery resource.Quantity): a decimal number
+# with a binary (Ki…Ei) or decimal (n, u, m, k, M…E) suffix, or a decimal exponent.
+_QUANTITY = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?\d+)?")
+_BINARY: dict[str, int] = {
+    s: 1 << (10 * i) for i, s in enumerate(("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))
+}
+_DECIMAL = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
+
+
+def parse_quantity(text: str) -> decimal.Decimal:
+    """``"64Mi"`` → 67108864, ``"5m"`` → 0.005, ``"1e3"`` → 1000: the value of a Kubernetes
+    quantity (no sign: a container's requests and limits are never negative). Raises
+    ``ValueError`` for anything else, with examples."""
+    match = _QUANTITY.fullmatch(text) if len(text) <= 64 else None
+    if not match:
+        raise ValueError(f"not a quantity: {text[:64]!r} (use e.g. 64Mi, 128M, 100m, 0.5)")
+    number, suffix = decimal.Decimal(match[1]), match[2] or ""
+    if suffix in _BINARY:
+        return number * _BINARY[suffix]
+    if suffix in _DECIMAL:
+        return number.scaleb(_DECIMAL[suffix])
+    exponent = int(suffix[1:])
+    if abs(exponent) > 30:
+        raise ValueError(f"not a quantity: {text!r} (an exponent from -30 to 30)")
+    return number.scaleb(exponent)
+
+
+def container_resources(
+    values: Mapping[tuple[str, str], str], names: Mapping[tuple[str, str], str]
+) -> dict[str, dict[str, str]]:
+    """A container's ``resources`` from ``(requests|limits, cpu|memory)`` → quantity (empty:
+    none). ``ValueError`` names ``names[key]`` (a setting, an annotation) for a value that is
+    no quantity, or a request over its limit (the API server's rule)."""
+    parsed: dict[tuple[str, str], decimal.Decimal] = {}
+    for key, text in values.items():
+        if text:
+            try:
+                parsed[key] = parse_quantity(text)
+            except ValueError as exc:
+                raise ValueError(f"{names[key]}: {exc}") from None
+    for (kind, resource), amount in parsed.items():
+        limit = parsed.get(("limits", resource))
+        if kind == "requests" and limit is not None and amount > limit:
+            raise ValueError(
+                f"{names[kind, resource]}: {values[kind, resource]} is more than the {resource} "
+                f"limit {values['limits', resource]} ({names['limits', resource]})"
+            )
+    result: dict[str, dict[str, str]] = {}
+    for (kind, resource), text in sorted(values.items(), key=lambda item: item[0][0] == "limits"):
+        if text:
+            result.setdefault(kind, {})[resource] = text
+    return result
 
 
 class _Model(BaseModel):

@@ -124,6 +124,13 @@ class Settings:
     # The image of the credential agent the webhook adds to pods whose binding asks for it
     # (spec.agent): phabmesh's own, at the operator's version (manifests/ set it so).
     agent_image: str = "ghcr.io/phabmesh/phabmesh:0.1.0"
+    # The agent's requests and limits (Kubernetes quantities; empty: none). A pod's
+    # annotations phabmesh.io/agent-requests-cpu, -requests-mem, -limits-cpu, -limits-mem
+    # override them (docs/agent.md). About 32 MiB is the agent's own use.
+    agent_requests_cpu: str = "5m"
+    agent_requests_memory: str = "40Mi"
+    agent_limits_cpu: str = ""
+    agent_limits_memory: str = "64Mi"
     # Peering (several operator replicas): how long a silent replica counts as alive.
     peering_lifetime: float = 60.0
     # The gateway also watches pods and refuses a credential as soon as its pod is terminating,
@@ -158,6 +165,22 @@ class Settings:
     # Logging.
     log_level: str = "INFO"
     log_json: bool | None = None
+
+    def __post_init__(self) -> None:
+        resources.container_resources(*self.agent_resources())
+
+    def agent_resources(
+        self,
+    ) -> tuple[dict[tuple[str, str], str], dict[tuple[str, str], str]]:
+        """The agent's default requests and limits: ``(kind, resource)`` → quantity, and →
+        the setting's variable (for errors)."""
+        values, names = {}, {}
+        for kind in ("requests", "limits"):
+            for resource in ("cpu", "memory"):
+                field = f"agent_{kind}_{resource}"
+                values[kind, resource] = str(getattr(self, field)).strip()
+                names[kind, resource] = PREFIX + field.upper()
+        return values, names
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -116,7 +116,10 @@ def _assert_injected(stored: dict[str, Any], mode: str) -> dict[str, Any]:
         assert agent["startupProbe"]["exec"]["command"] == ["test", "-s", inject.CREDENTIAL_FILE]
     else:
         assert "restartPolicy" not in agent and "startupProbe" not in agent
-    assert agent["resources"] == inject.AGENT_RESOURCES
+    assert agent["resources"] == {
+        "requests": {"cpu": "5m", "memory": "40Mi"},
+        "limits": {"memory": "64Mi"},
+    }
     assert stored["metadata"]["annotations"][inject.AGENT_INJECTED_ANNOTATION] == mode
     (app,) = spec["containers"]
     env = {e["name"]: e.get("value") for e in app["env"]}
@@ -372,6 +375,39 @@ def test_a_pod_opts_out_of_its_bindings_agent(cluster: Cluster, ns: str) -> None
     assert inject.AGENT_INJECTED_ANNOTATION not in created["metadata"]["annotations"]
     # The token volume and variables still come: only the agent was declined.
     assert any(v["name"] == inject.VOLUME for v in created["spec"]["volumes"])
+
+
+def test_a_pods_annotations_size_its_agent_and_a_wrong_one_is_refused_by_name(
+    cluster: Cluster, ns: str
+) -> None:
+    def create(name: str, annotations: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        body = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "labels": {"app": name}, "annotations": annotations},
+            "spec": meshed_template(name)["spec"],
+        }
+        return cluster.kubectl(
+            "create", "-n", ns, "--dry-run=server", "-o", "json", "-f", "-",
+            input=json.dumps(body), check=False,
+        )  # fmt: skip
+
+    sized = create(
+        "sized",
+        {"phabmesh.io/agent-limits-mem": "96Mi", "phabmesh.io/agent-run-as-user": "4242"},
+    )
+    assert sized.returncode == 0, sized.stderr
+    agent = json.loads(sized.stdout)["spec"]["initContainers"][1]
+    assert agent["name"] == inject.AGENT_CONTAINER
+    assert agent["resources"]["limits"] == {"memory": "96Mi"}
+    assert agent["securityContext"]["runAsUser"] == 4242
+    # What kubectl prints names the annotation, its value and what it takes.
+    refused = create("typo", {"phabmesh.io/agent-limits-mem": "96MB"})
+    assert refused.returncode != 0
+    assert (
+        'admission webhook "inject.phabmesh.io" denied the request: phabmesh.io/agent-limits-mem: '
+        "not a quantity: '96MB' (use e.g. 64Mi, 128M, 100m, 0.5)"
+    ) in refused.stderr, refused.stderr
 
 
 def test_with_a_regular_proxy_container_the_api_server_takes_the_agent_after_it(

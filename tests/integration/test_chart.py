@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from phabmesh.dev import devcluster, linkerd
+from phabmesh.settings import Settings
 from tests.kube import Cluster, Helm
 
 REPO = Path(__file__).resolve().parents[2]
@@ -164,6 +165,15 @@ def test_values_take_effect(helm: Helm, default: list[Doc]) -> None:
         "linkerd.requireClientID=false",
         "commonLabels.team=platform",
         "commonAnnotations.owner=platform@example.org",
+        "agent.resources.limits.cpu=100m",
+        "agent.resources.requests.memory=48Mi",
+        "gateway.priorityClassName=system-cluster-critical",
+        "operator.podAnnotations.cluster-autoscaler\\.kubernetes\\.io/safe-to-evict=true",
+        "operator.podAnnotations.linkerd\\.io/inject=disabled",  # phabmesh's own wins
+        "operator.topologySpreadConstraints[0].maxSkew=1",
+        "operator.topologySpreadConstraints[0].topologyKey=topology.kubernetes.io/zone",
+        "operator.topologySpreadConstraints[0].whenUnsatisfiable=ScheduleAnyway",
+        "gateway.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].weight=1",
     )
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
     assert deployments["phabmesh-operator"]["spec"]["replicas"] == 3
@@ -187,6 +197,31 @@ def test_values_take_effect(helm: Helm, default: list[Doc]) -> None:
     assert config["data"]["PHABMESH_PHABRICATOR_URL"] == "https://phorge.example.org"
     assert config["data"]["PHABMESH_BOT_RECHECK_INTERVAL"] == "120"
     assert config["data"]["PHABMESH_REQUIRE_CLIENT_ID"] == "false"
+    agent_settings = {k: v for k, v in config["data"].items() if k.startswith("PHABMESH_AGENT_")}
+    assert agent_settings == {
+        "PHABMESH_AGENT_REQUESTS_CPU": "5m",
+        "PHABMESH_AGENT_REQUESTS_MEMORY": "48Mi",
+        "PHABMESH_AGENT_LIMITS_CPU": "100m",
+        "PHABMESH_AGENT_LIMITS_MEMORY": "64Mi",
+    }
+    Settings.from_env(config["data"])  # what the processes accept
+    pods = _pod_templates(docs)
+    assert pods["phabmesh-gateway"]["spec"]["priorityClassName"] == "system-cluster-critical"
+    assert "priorityClassName" not in pods["phabmesh-operator"]["spec"]
+    notes = pods["phabmesh-operator"]["metadata"]["annotations"]
+    assert notes["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "true"
+    assert notes["linkerd.io/inject"] == "enabled"
+    assert pods["phabmesh-operator"]["spec"]["topologySpreadConstraints"] == [
+        {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+         "whenUnsatisfiable": "ScheduleAnyway"}
+    ]  # fmt: skip
+    # An affinity of one's own replaces the default spread over nodes; the other keeps it.
+    assert list(pods["phabmesh-gateway"]["spec"]["affinity"]) == ["nodeAffinity"]
+    assert (
+        pods["phabmesh-operator"]["spec"]["affinity"]
+        == _pod_templates(default)["phabmesh-operator"]["spec"]["affinity"]
+    )
+    assert "podAntiAffinity" in pods["phabmesh-operator"]["spec"]["affinity"]
     assert any(d["apiVersion"].startswith("policy.linkerd.io/") for d in docs)
     # A cluster without Linkerd: the chart leaves Linkerd's policy objects out.
     without = _template(helm, "linkerd.policy=false")
@@ -216,6 +251,8 @@ def test_values_take_effect(helm: Helm, default: list[Doc]) -> None:
         ("extraSettings.LOG_LEVEL=DEBUG", "at '/extraSettings': additional properties 'LOG_LEVEL'"),
         ("phabricatorURL=phorge.example.org", "/phabricatorURL"),
         ("linkerd.requireClientID=maybe", "/linkerd/requireClientID"),
+        ("agent.resources.limits.memory=64MB", "at '/agent/resources/limits/memory'"),
+        ("agent.resources.limit.memory=64Mi", "additional properties 'limit' not allowed"),
     ],
 )
 def test_values_schema_refuses_mistakes(helm: Helm, value: str, refusal: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import re
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -336,7 +337,6 @@ def test_init_mode_for_pods_that_run_once() -> None:
         (resources.AGENT_NONE, "sidecar", "sidecar"),
         (resources.AGENT_SIDECAR, "init", "init"),
         (resources.AGENT_INIT, "", "init"),
-        (resources.AGENT_INIT, "bogus", "init"),  # an unknown value: the binding's mode
         (resources.AGENT_NONE, "", None),
     ],
 )
@@ -501,3 +501,83 @@ def test_an_app_that_runs_as_root_keeps_a_root_agent_beside_it() -> None:
         security = _agent(pod)["securityContext"]
         assert "runAsNonRoot" not in security, where
         assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def _annotated(**annotations: str) -> dict[str, Any]:
+    pod = _pod()
+    pod["metadata"]["annotations"] = {f"phabmesh.io/{k.replace('_', '-')}": v
+                                      for k, v in annotations.items()}  # fmt: skip
+    return pod
+
+
+def test_a_pods_annotations_set_the_agents_resources_and_user() -> None:
+    sidecar = dataclasses.replace(INJECTION, agent=resources.AGENT_SIDECAR)
+    pod = _annotated(
+        agent_requests_mem="48Mi", agent_limits_mem="", agent_limits_cpu="200m",
+        agent_run_as_user="1000", agent_run_as_group="3000",
+    )  # fmt: skip
+    sidecar.apply(pod)
+    agent = _agent(pod)
+    assert agent["resources"] == {
+        "requests": {"cpu": "5m", "memory": "48Mi"},  # the default's cpu kept
+        "limits": {"cpu": "200m"},  # the memory limit lifted (empty)
+    }
+    assert agent["securityContext"]["runAsUser"] == 1000
+    assert agent["securityContext"]["runAsGroup"] == 3000
+    assert agent["securityContext"]["runAsNonRoot"] is True
+    # Over the app's own user, and root by choice drops runAsNonRoot (it could not start).
+    root = _annotated(agent_run_as_user="0")
+    root["spec"]["containers"][0]["securityContext"] = {"runAsUser": 1000}
+    sidecar.apply(root)
+    assert _agent(root)["securityContext"]["runAsUser"] == 0
+    assert "runAsNonRoot" not in _agent(root)["securityContext"]
+
+
+def test_the_settings_give_the_agents_default_resources() -> None:
+    custom = inject.injection_from(Settings(agent_limits_cpu="1", agent_requests_memory="64Mi"))
+    pod = _pod()
+    dataclasses.replace(custom, agent=resources.AGENT_INIT).apply(pod)
+    assert _agent(pod)["resources"] == {
+        "requests": {"cpu": "5m", "memory": "64Mi"},
+        "limits": {"cpu": "1", "memory": "64Mi"},
+    }
+    for wrong, named in (
+        ({"agent_limits_memory": "64MB"}, "PHABMESH_AGENT_LIMITS_MEMORY: not a quantity: '64MB'"),
+        ({"agent_requests_cpu": "2", "agent_limits_cpu": "1"},
+         "PHABMESH_AGENT_REQUESTS_CPU: 2 is more than the cpu limit 1 (PHABMESH_AGENT_LIMITS_CPU)"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(named)):
+            Settings(**wrong)
+
+
+@pytest.mark.parametrize(
+    ("annotations", "message"),
+    [
+        ({"agent": "sidcar"}, "phabmesh.io/agent: 'sidcar' is not one of none, sidecar, init"),
+        ({"agent_limits_mem": "64MB"},
+         "phabmesh.io/agent-limits-mem: not a quantity: '64MB' (use e.g. 64Mi"),
+        ({"agent_requests_cpu": "-1"}, "phabmesh.io/agent-requests-cpu: not a quantity: '-1'"),
+        ({"agent_requests_mem": "128Mi"},
+         "phabmesh.io/agent-requests-mem: 128Mi is more than the memory limit 64Mi "
+         "(PHABMESH_AGENT_LIMITS_MEMORY)"),
+        ({"agent_requests_mem": "1Gi", "agent_limits_mem": "512Mi"},
+         "phabmesh.io/agent-requests-mem: 1Gi is more than the memory limit 512Mi "
+         "(phabmesh.io/agent-limits-mem)"),
+        ({"agent_run_as_user": "app"}, "phabmesh.io/agent-run-as-user: 'app' is not a numeric id"),
+        ({"agent_run_as_group": "4294967296"}, "phabmesh.io/agent-run-as-group: '4294967296'"),
+    ],
+)  # fmt: skip
+def test_a_wrong_agent_annotation_is_named(annotations: dict[str, str], message: str) -> None:
+    pod = _annotated(**annotations)
+    sidecar = dataclasses.replace(INJECTION, agent=resources.AGENT_SIDECAR)
+    with pytest.raises(inject.InvalidAnnotation, match=re.escape(message)):
+        sidecar.check(pod)
+    with pytest.raises(inject.InvalidAnnotation, match=re.escape(message)):
+        sidecar.apply(copy.deepcopy(pod))
+
+
+def test_agent_annotations_matter_only_where_an_agent_is_added() -> None:
+    pod = _annotated(agent_limits_mem="64MB", agent_run_as_user="app")
+    INJECTION.check(pod)  # no agent asked: the annotations are not read
+    opted_out = _annotated(agent="none", agent_limits_mem="64MB")
+    dataclasses.replace(INJECTION, agent=resources.AGENT_SIDECAR).check(opted_out)

@@ -13,7 +13,7 @@ import jsonpatch
 from aiohttp import web
 
 from phabmesh import serving
-from phabmesh.admission import Injector, server
+from phabmesh.admission import Injector, inject, server
 from phabmesh.settings import Settings
 
 
@@ -84,6 +84,23 @@ def test_the_answer_allows_unbound_pods_unchanged_and_refuses_what_is_no_review(
         except ValueError:
             continue
         raise AssertionError(f"answered {bad!r}")
+
+
+def test_the_answer_refuses_a_bound_pod_with_a_wrong_agent_annotation_naming_it() -> None:
+    outcomes: list[str] = []
+    injector = _injector()
+    injector.on_decision = outcomes.append
+    wrong = {"annotations": {"phabmesh.io/agent-limits-mem": "64MB"}}
+    response = server.answer(_review(**wrong), injector)["response"]
+    assert response["allowed"] is False and "patch" not in response
+    assert response["status"]["code"] == 400
+    assert response["status"]["message"] == (
+        "phabmesh.io/agent-limits-mem: not a quantity: '64MB' (use e.g. 64Mi, 128M, 100m, 0.5)"
+    )
+    # A pod no binding names is none of phabmesh's business: admitted unchanged.
+    response = server.answer(_review(sa="stranger", **wrong), injector)["response"]
+    assert response == {"uid": "u-1", "allowed": True}
+    assert outcomes == [inject.INVALID_ANNOTATION, inject.NOT_BOUND]
 
 
 async def _serve(app: server.WebhookApp) -> tuple[web.AppRunner, int]:

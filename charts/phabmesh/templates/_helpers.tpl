@@ -44,11 +44,32 @@ imagePullPolicy: {{ . }}
 {{- end }}
 
 {{/*
-A pod spec's pull secrets and scheduling, for (list $ .Values.operator) or the gateway's.
+A pod spec's pull secrets and scheduling, for (list $ .Values.operator "phabmesh-operator")
+or the gateway's: its priority class, node selector, tolerations, topology spread, and its
+affinity (by default, replicas preferably on different nodes).
 */}}
 {{- define "phabmesh.podScheduling" -}}
 {{- $ := index . 0 -}}
 {{- $component := index . 1 -}}
+{{- with $component.priorityClassName }}
+priorityClassName: {{ . | quote }}
+{{- end }}
+{{- with $component.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+affinity:
+{{- if $component.affinity }}
+  {{- toYaml $component.affinity | nindent 2 }}
+{{- else }}
+  podAntiAffinity:
+    preferredDuringSchedulingIgnoredDuringExecution:
+      - weight: 100
+        podAffinityTerm:
+          topologyKey: kubernetes.io/hostname
+          labelSelector:
+            matchLabels: {app.kubernetes.io/name: {{ index . 2 }}}
+{{- end }}
 {{- with $.Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}

@@ -89,7 +89,9 @@ class Injector:
         return list(self.by_namespace.get(namespace, {}).values())
 
     def decide(self, pod: Mapping[str, Any], namespace: str) -> inject.Injection | None:
-        """The injection for a pod being created in ``namespace``, or None."""
+        """The injection for a pod being created in ``namespace``, or None; raises
+        :class:`~phabmesh.admission.inject.InvalidAnnotation` for a bound pod whose phabmesh
+        annotations are wrong (the webhook refuses it, naming the annotation)."""
         reason = inject.reason_for(
             pod,
             namespace,
@@ -97,6 +99,19 @@ class Injector:
             skip_namespaces=self.skip,
             naming=self.naming,
         )
+        injection = None
+        if reason == inject.INJECTED:
+            injection = self._injection(pod, namespace)
+            try:
+                injection.check(pod)
+            except inject.InvalidAnnotation as exc:
+                self._decided(pod, namespace, inject.INVALID_ANNOTATION)
+                log.info("pod_refused", namespace=namespace, problem=str(exc))
+                raise
+        self._decided(pod, namespace, reason)
+        return injection
+
+    def _decided(self, pod: Mapping[str, Any], namespace: str, reason: str) -> None:
         self.on_decision(reason)
         meta = pod.get("metadata") or {}
         log.debug(
@@ -105,8 +120,8 @@ class Injector:
             pod=meta.get("name") or meta.get("generateName"),
             outcome=reason,
         )
-        if reason != inject.INJECTED:
-            return None
+
+    def _injection(self, pod: Mapping[str, Any], namespace: str) -> inject.Injection:
         specs = inject.naming_bindings(pod, namespace, self.specs_in(namespace), self.naming)
         mode = inject.bindings_agent_mode(specs)
         if mode == self.injection.agent:

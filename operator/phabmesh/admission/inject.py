@@ -39,7 +39,6 @@ containers are never touched.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -62,10 +61,20 @@ AGENT_BINDING_ANNOTATION = "phabmesh.io/agent-binding"
 # phabmesh's to re-place only when the pod carries it.
 AGENT_INJECTED_ANNOTATION = "phabmesh.io/agent-injected"
 LINKERD_PROXY = "linkerd-proxy"
-AGENT_RESOURCES = {
-    "requests": {"cpu": "5m", "memory": "40Mi"},
-    "limits": {"memory": "64Mi"},
+# A pod's own requests and limits for the agent, over the settings' (PHABMESH_AGENT_*), by
+# the Vault agent injector's names: a quantity, or empty for none.
+RESOURCE_ANNOTATIONS = {
+    ("requests", "cpu"): "phabmesh.io/agent-requests-cpu",
+    ("requests", "memory"): "phabmesh.io/agent-requests-mem",
+    ("limits", "cpu"): "phabmesh.io/agent-limits-cpu",
+    ("limits", "memory"): "phabmesh.io/agent-limits-mem",
 }
+# The user and group the agent runs as, over the app's (the agent's files are the owner's).
+RUN_AS_ANNOTATIONS = {
+    "runAsUser": "phabmesh.io/agent-run-as-user",
+    "runAsGroup": "phabmesh.io/agent-run-as-group",
+}
+MAX_ID = 2**31 - 1  # a Linux user or group id Kubernetes accepts
 # How long a regular-container agent's postStart hook holds the app containers (seconds).
 AGENT_HOLD_SECONDS = 300
 _MODES = {
@@ -94,9 +103,15 @@ MIN_TOKEN_SECONDS = 600  # the API server's floor for projected token expiry
 
 # Why a pod was or was not injected (a label value on the metric and in the log).
 INJECTED = "Injected"
+INVALID_ANNOTATION = "InvalidAnnotation"  # refused: a phabmesh annotation's value is wrong
 SYSTEM_NAMESPACE = "SystemNamespace"
 OPTED_OUT = "OptedOut"
 NOT_BOUND = "NotBound"
+
+
+class InvalidAnnotation(ValueError):
+    """A bound pod's phabmesh annotation that the webhook refuses; the message names it,
+    its value and what it takes."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +124,9 @@ class Injection:
     gateway_url: str
     agent_image: str = "phabmesh"
     agent: resources.AgentMode = resources.AGENT_NONE
+    # The agent's requests and limits: ((requests|limits, cpu|memory), quantity or "" for
+    # none, the setting that gave it), from Settings.agent_resources.
+    agent_resources: tuple[tuple[tuple[str, str], str, str], ...] = ()
 
     def volume(self) -> dict[str, Any]:
         return {
@@ -152,6 +170,28 @@ class Injection:
                 _add_mount(container, AGENT_VOLUME, AGENT_DIR, read_only=False)
                 _add_env(container, self.app_env())
 
+    def check(self, pod: Mapping[str, Any]) -> None:
+        """Raise :class:`InvalidAnnotation` for a phabmesh annotation of ``pod`` that is
+        wrong, as this injection would read it."""
+        if agent_mode(pod, self.agent) != resources.AGENT_NONE:
+            self.resources_for(pod)
+            run_as(pod)
+
+    def resources_for(self, pod: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+        """The agent's requests and limits: the defaults, with the pod's annotations over
+        them."""
+        annotations = _annotations(pod)
+        values = {key: text for key, text, _ in self.agent_resources}
+        names = {key: name for key, _, name in self.agent_resources}
+        for key, annotation in RESOURCE_ANNOTATIONS.items():
+            if annotation in annotations:
+                values[key] = str(annotations[annotation]).strip()
+                names[key] = annotation
+        try:
+            return resources.container_resources(values, names)
+        except ValueError as exc:
+            raise InvalidAnnotation(str(exc)) from None
+
     def app_env(self) -> list[dict[str, str]]:
         """What an app container beside the agent is told (docs/agent.md)."""
         return [
@@ -191,6 +231,7 @@ class Injection:
             value = ((app or {}).get("securityContext") or {}).get(key)
             if value is not None:
                 security[key] = value
+        security.update(run_as(pod))
         pod_user = ((pod.get("spec") or {}).get("securityContext") or {}).get("runAsUser")
         if security.get("runAsUser", pod_user) == 0:
             # An app that runs as root by choice (no `restricted` pod): the agent runs as
@@ -205,7 +246,7 @@ class Injection:
             "image": self.agent_image,
             "args": args,
             "env": env,
-            "resources": copy.deepcopy(AGENT_RESOURCES),
+            "resources": self.resources_for(pod),
             "securityContext": security,
             "terminationMessagePolicy": "FallbackToLogsOnError",
             "volumeMounts": [
@@ -263,10 +304,30 @@ def _first_app(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return None
 
 
+def run_as(pod: Mapping[str, Any]) -> dict[str, int]:
+    """The agent's ``runAsUser``/``runAsGroup`` that the pod's annotations ask for."""
+    wanted: dict[str, int] = {}
+    for key, annotation in RUN_AS_ANNOTATIONS.items():
+        text = str(_annotations(pod).get(annotation, "")).strip()
+        if not text:
+            continue
+        if not text.isdigit() or int(text) > MAX_ID:
+            raise InvalidAnnotation(
+                f"{annotation}: {text[:64]!r} is not a numeric id from 0 to {MAX_ID} "
+                "(the user the app runs as, e.g. 1000)"
+            )
+        wanted[key] = int(text)
+    return wanted
+
+
 def agent_mode(pod: Mapping[str, Any], bindings_mode: resources.AgentMode) -> resources.AgentMode:
     """Sidecar, Init or None for ``pod``: its annotation, else its bindings' mode; Auto is
     Init for a pod that runs once (restartPolicy Never or OnFailure), Sidecar otherwise."""
     asked = str(_annotations(pod).get(AGENT_ANNOTATION, "")).strip().lower()
+    if asked and asked not in _MODES:
+        raise InvalidAnnotation(
+            f"{AGENT_ANNOTATION}: {asked[:64]!r} is not one of {', '.join(_MODES)}"
+        )
     mode = _MODES.get(asked, bindings_mode)
     if mode == resources.AGENT_AUTO:
         once = (pod.get("spec") or {}).get("restartPolicy") in ("Never", "OnFailure")
@@ -327,12 +388,14 @@ def args_mode(container: Mapping[str, Any]) -> str:
 
 def injection_from(settings: Any) -> Injection:
     """The injection a :class:`~phabmesh.settings.Settings` describes."""
+    values, names = settings.agent_resources()
     return Injection(
         audience=settings.token_audience,
         expiration_seconds=max(MIN_TOKEN_SECONDS, int(settings.injected_token_ttl)),
         credential_endpoint=settings.injected_credential_endpoint,
         gateway_url=settings.injected_gateway_url,
         agent_image=settings.agent_image,
+        agent_resources=tuple((key, text, names[key]) for key, text in values.items()),
     )
 
 

@@ -54,6 +54,7 @@ from aiohttp import web
 
 from phabmesh import metrics, serving
 from phabmesh.admission import HANDLER_ID, Injector
+from phabmesh.admission.inject import InvalidAnnotation
 from phabmesh.admission.tls import CHECK_EVERY, WebhookTLS, service_names
 from phabmesh.kube import KubeClient, load_connection
 from phabmesh.settings import Settings
@@ -104,8 +105,9 @@ def json_patch(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[dict
 
 
 def answer(review: Any, injector: Injector) -> dict[str, Any]:
-    """The AdmissionReview that answers ``review``: always allowed, with the injection's
-    patch when the pod gets one. Raises ValueError for what is no AdmissionReview."""
+    """The AdmissionReview that answers ``review``: allowed, with the injection's patch when
+    the pod gets one; refused only for a bound pod whose phabmesh annotations are wrong
+    (the message names the annotation). Raises ValueError for what is no AdmissionReview."""
     if not isinstance(review, dict) or not isinstance(review.get("request"), dict):
         raise ValueError("not an AdmissionReview")
     request = review["request"]
@@ -128,7 +130,10 @@ def answer(review: Any, injector: Injector) -> dict[str, Any]:
                 if ops:
                     response["patchType"] = "JSONPatch"
                     response["patch"] = base64.b64encode(json.dumps(ops).encode()).decode()
-        except Exception:  # never refuse a pod: admitted unchanged
+        except InvalidAnnotation as exc:
+            response["allowed"] = False
+            response["status"] = {"code": 400, "reason": "BadRequest", "message": str(exc)}
+        except Exception:  # never refuse a pod for phabmesh's own fault: admitted unchanged
             log.exception("pod_injection_failed", namespace=namespace)
     return {
         "apiVersion": review.get("apiVersion") or "admission.k8s.io/v1",
