@@ -398,6 +398,13 @@ class Metrics:
         )
         # -- both
         self.watches = _Watches()
+        self.task_failures = Counter(
+            "phabmesh_task_failures_total",
+            "Background tasks (watches, key rotation, peering, the webhook's process) that "
+            "ended with an unexpected error or returned, by task; each is started again",
+            ["task"],
+            registry=None,
+        )
         operator: list[Collector] = [
             self.leases_issued,
             self.leases_revoked,
@@ -425,10 +432,13 @@ class Metrics:
             self.gateway_fail_closed,
         ]
         served = {OPERATOR: operator, GATEWAY: gateway, ANY: operator + gateway}[process]
-        for collector in [*served, self.watches]:
+        for collector in [*served, self.watches, self.task_failures]:
             r.register(collector)
 
     # -- recording, with bounded labels ------------------------------------------------------
+
+    def task_failed(self, task: str) -> None:
+        self.task_failures.labels(task).inc()
 
     def lease_issued(self) -> None:
         self.leases_issued.inc()

@@ -40,6 +40,7 @@ import base64
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -52,7 +53,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from phabmesh import metrics, serving
+from phabmesh import metrics, serving, tasks
 from phabmesh.admission import HANDLER_ID, Injector
 from phabmesh.admission.inject import InvalidAnnotation
 from phabmesh.admission.tls import CHECK_EVERY, WebhookTLS, service_names
@@ -296,8 +297,9 @@ class WebhookProcess:
         assert self.tls.context is not None
         if s.webhook_client_ca:
             client_verifying(self.tls.context, s.webhook_client_ca)
-        self.tasks.append(asyncio.create_task(self.tls.run(CHECK_EVERY, keep=False)))
-        self.tasks.append(asyncio.create_task(self.injector.bindings.run()))
+        keep_tls = functools.partial(self.tls.run, CHECK_EVERY, keep=False)
+        self.tasks.append(tasks.spawn("webhook-tls", keep_tls))
+        self.tasks.append(tasks.spawn("injector-bindings", self.injector.bindings.run))
         await self.injector.bindings.synced.wait()
         self.app = WebhookApp(s, self.injector)
         self.runner = await self.app.runner(s)

@@ -12,7 +12,7 @@ import kopf
 import requests
 import structlog
 
-from phabmesh import conduit, identity
+from phabmesh import conduit, identity, tasks
 from phabmesh.controller import reconcilers
 from phabmesh.controller.writer import Clock, Writer, utcnow
 from phabmesh.kube import KubeClient, load_connection
@@ -108,7 +108,7 @@ class Memo(kopf.Memo):
             _secret_token,
             name="bot-secrets",
         )
-        self._tasks.append(asyncio.create_task(self.secrets.run()))
+        self._tasks.append(tasks.spawn("bot-secrets", self.secrets.run))
         await asyncio.wait_for(self.secrets.synced.wait(), timeout=60)
 
     async def stop(self) -> None:

@@ -462,7 +462,7 @@ class CredentialEndpoint:
     @property
     def ready(self) -> bool:
         return (
-            self.keys.ready and self.leases.synced and self.leases.connected and self.grants.synced
+            self.keys.ready and self.leases.synced and self.leases.connected and self.grants.healthy
         )
 
     def routes(self, app: web.Application) -> None:
@@ -609,7 +609,12 @@ class CredentialEndpoint:
         come over Linkerd mTLS while PHABMESH_REQUIRE_CLIENT_ID asks for it (the identity
         itself is compared with the pod's once its lease is known)."""
         if not self.ready:
-            return _error(503, "not_ready", "the credential endpoint is starting; retry shortly")
+            return _error(
+                503,
+                "not_ready",
+                "the credential endpoint is starting, or has lost a watch it judges by; "
+                "retry shortly",
+            )
         if self.settings.require_client_id:
             return _unvouched(request)
         return None

@@ -525,7 +525,7 @@ class Gateway:
         read afresh every time.
         """
         leases = self.state.leases
-        if not leases.connected:
+        if not self.state.confirmed:
             raise _unconfirmed()
 
         def candidates(locator: str) -> Iterator[tuple[LeaseView | str, bytes]]:
@@ -559,7 +559,7 @@ class Gateway:
 
     def _check_lease(self, claims: Caller) -> None:
         leases = self.state.leases
-        if not leases.connected:
+        if not self.state.confirmed:
             raise _unconfirmed()
         lease = leases.by_uid.get(claims.lease_uid)
         if lease is None:
@@ -712,7 +712,8 @@ def _too_large(limit: int) -> Refusal:
 def _unconfirmed() -> Refusal:
     return Refusal(
         "ERR-INVALID-AUTH",
-        "credential cannot be confirmed: the gateway has lost its watch on leases; retry shortly",
+        "credential cannot be confirmed: the gateway has lost a watch it judges credentials by "
+        "(leases, bindings, bots, namespaces or pods); retry shortly",
         "unconfirmed",
     )
 

@@ -11,7 +11,7 @@ import asyncio
 import datetime
 from typing import Any
 
-from phabmesh import gatewayrole, identity, metrics, resources
+from phabmesh import gatewayrole, identity, metrics, resources, tasks
 from phabmesh.credentials.keystore import KeyStore
 from phabmesh.kube import KubeClient
 from phabmesh.kube.client import resource_path
@@ -85,16 +85,16 @@ class GatewayState:
         self._tasks: list[asyncio.Task[Any]] = []
 
     async def start(self) -> None:
-        for runner in (
-            self.leases.run(),
-            self.bindings.run(),
-            self.bots.run(),
-            self.secrets.run(),
-            self.keys.watch(),
-            self.grants.run(),
-            *([self.pods.run()] if self.pods is not None else []),
+        for name, runner in (
+            ("lease-index", self.leases.run),
+            ("bindings", self.bindings.run),
+            ("bots", self.bots.run),
+            ("bot-secrets", self.secrets.run),
+            ("signing-keys", self.keys.watch),
+            ("grants", self.grants.run),
+            *([("pods", self.pods.run)] if self.pods is not None else []),
         ):
-            self._tasks.append(asyncio.create_task(runner))
+            self._tasks.append(tasks.spawn(name, runner))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -104,16 +104,19 @@ class GatewayState:
         await self.secret_client.close()
 
     @property
-    def ready(self) -> bool:
+    def confirmed(self) -> bool:
+        """Every watch a credential is judged by is connected and synced (the leases, the
+        bindings, bots and namespaces, the pods): else every credential is refused."""
         return (
             self.leases.synced
             and self.leases.connected
-            and self.bindings.synced.is_set()
-            and self.bots.synced.is_set()
-            and self._bot_secrets_synced()
-            and self.grants.synced
-            and self.keys.ring is not None
+            and self.grants.healthy
+            and (self.pods is None or self.pods.healthy)
         )
+
+    @property
+    def ready(self) -> bool:
+        return self.confirmed and self._bot_secrets_synced() and self.keys.ring is not None
 
     def _bot_secrets_synced(self) -> bool:
         """Every bot Secret listed once since start; a bot added later does not make the

@@ -5,7 +5,10 @@ list's resourceVersion, keeping ``items`` (key ``namespace/name`` → the value
 ``transform`` made of the object) current. It resumes after disconnects from
 the last version seen (bookmarks included), lists again after ``410 Gone``
 (emitting DELETED for objects that vanished meanwhile), and reports whether it
-is ``connected`` so that readers can fail closed while it is not.
+is ``connected`` so that readers can fail closed while it is not. Any other
+exception (a transform's, an unreadable answer) is logged (``watch_failed``),
+counted (``phabmesh_task_failures_total{task="watch:<resource>"}``), leaves it
+disconnected, and it lists again after a pause: a watch never dies silently.
 
 A watch can also stall without breaking (the connection stays open, nothing comes):
 each watch asks the API server to end it within two thirds of ``liveness``, and the
@@ -182,3 +185,12 @@ class Informer(Generic[V]):
                 delay = min(delay * 2, 5.0)
                 if isinstance(exc, KubeError) and not isinstance(exc, Unavailable):
                     need_list = True
+            except Exception:
+                # A fault of our own (a transform, an answer we could not read): readers fail
+                # closed until a new list has replaced whatever the fault left half-applied.
+                log.exception("watch_failed", informer=self.name)
+                metrics.current().task_failed(f"watch:{self.resource}")
+                self.connected = False
+                need_list = True
+                await asyncio.sleep(delay * (1 + random.random()))  # noqa: S311 - jitter
+                delay = min(delay * 2, 5.0)

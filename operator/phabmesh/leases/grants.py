@@ -173,6 +173,11 @@ class Grants:
     def synced(self) -> bool:
         return all(i.synced.is_set() for i in (self.bindings, self.bots, self.namespaces))
 
+    @property
+    def healthy(self) -> bool:
+        """Every watch judged by is connected and synced: a judgement is current."""
+        return all(i.healthy for i in (self.bindings, self.bots, self.namespaces))
+
     def binding(self, namespace: str, name: str) -> BindingFacts | None:
         return self.bindings.items.get(f"{namespace}/{name}")
 

@@ -55,6 +55,10 @@ class PodEnds:
     async def run(self) -> None:
         await self.informer.run()
 
+    @property
+    def healthy(self) -> bool:
+        return self.informer.healthy
+
     def reason(self, pod_uid: str) -> str | None:
         """Why the pod with this UID can no longer hold a credential, if it is known to."""
         return self.ended.get(pod_uid) or self.gone.get(pod_uid)

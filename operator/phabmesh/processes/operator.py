@@ -18,7 +18,7 @@ import signal
 import structlog
 from aiohttp import web
 
-from phabmesh import controller, gatewayrole, metrics, serving
+from phabmesh import controller, gatewayrole, metrics, serving, tasks
 from phabmesh.admission.server import WebhookSupervisor
 from phabmesh.admission.tls import WebhookTLS, service_names
 from phabmesh.controller import peering
@@ -94,9 +94,9 @@ class OperatorProcess:
             TokenReviewer.from_settings(self.client, s),
         )
         await self.keys.ensure()
-        self.tasks.append(asyncio.create_task(self.keys.run()))
-        self.tasks.append(asyncio.create_task(self.leases.run()))
-        self.tasks.append(asyncio.create_task(self.issuer.grants.run()))
+        self.tasks.append(tasks.spawn("signing-keys", self.keys.run))
+        self.tasks.append(tasks.spawn("lease-index", self.leases.run))
+        self.tasks.append(tasks.spawn("grants", self.issuer.grants.run))
         self.webhook_tls = WebhookTLS(
             self.client,
             s.namespace,
@@ -105,7 +105,7 @@ class OperatorProcess:
             service_names(s.webhook_service, s.namespace),
         )
         await self.webhook_tls.refresh()
-        self.tasks.append(asyncio.create_task(self.webhook_tls.run()))
+        self.tasks.append(tasks.spawn("webhook-tls", self.webhook_tls.run))
         # Which bot-token Secrets the gateway may read: the bots' own, never these two.
         self.gateway_role = gatewayrole.RoleKeeper(
             self.client,
@@ -115,12 +115,12 @@ class OperatorProcess:
             acting=self.acting,
             liveness=s.watch_liveness,
         )
-        self.tasks.append(asyncio.create_task(self.gateway_role.run()))
+        self.tasks.append(tasks.spawn("gateway-role", self.gateway_role.run))
         self.webhook_port = s.webhook_port or serving.free_port(s.webhook_host)
         self.webhook = WebhookSupervisor(
             dataclasses.replace(s, webhook_port=self.webhook_port), kubeconfig=self.kubeconfig
         )
-        self.tasks.append(asyncio.create_task(self.webhook.run()))
+        self.tasks.append(tasks.spawn("webhook-process", self.webhook.run))
         if not self.standalone:
             self.peering = peering.PeeringView(
                 self.client,
@@ -129,7 +129,7 @@ class OperatorProcess:
                 self.peering_priority,
                 int(s.peering_lifetime),
             )
-            self.tasks.append(asyncio.create_task(self.peering.run()))
+            self.tasks.append(tasks.spawn("peering", self.peering.run))
             self.memo.acting = self.peering.acting  # the controller writes only while acting
         self.controller_task = asyncio.create_task(
             controller.operate(

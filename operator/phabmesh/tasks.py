@@ -1,0 +1,52 @@
+"""Background tasks that are named, supervised and never die silently.
+
+Every long-running loop of a process (a watch, a key rotation, the webhook's child
+process, peering) runs under :func:`spawn`: an exception that ends it is logged
+(``task_failed``, with the traceback), counted in ``phabmesh_task_failures_total{task}``,
+and the loop is started again after a pause that grows from :data:`FIRST_PAUSE` to
+:data:`MAX_PAUSE` (back to the first once it ran for :data:`STEADY` seconds). A loop that
+returns is started again as well: none of these is meant to end before it is cancelled.
+
+What a dead loop leaves behind is the loop's own business: an
+:class:`~phabmesh.kube.informer.Informer` marks itself disconnected before its exception
+leaves it, so its readers fail closed until it has listed again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from phabmesh import metrics
+
+log = structlog.get_logger(__name__)
+
+FIRST_PAUSE, MAX_PAUSE = 0.1, 30.0  # seconds before a failed loop starts again, doubling
+STEADY = 60.0  # a loop that ran this long starts again after the first pause
+
+
+def spawn(name: str, run: Callable[[], Awaitable[object]]) -> asyncio.Task[None]:
+    """``run()`` as the task ``name``, supervised until cancelled (module docstring)."""
+    return asyncio.create_task(supervise(name, run), name=name)
+
+
+async def supervise(name: str, run: Callable[[], Awaitable[object]]) -> None:
+    pause = FIRST_PAUSE
+    while True:
+        started = time.monotonic()
+        try:
+            await run()
+            log.warning("task_ended", task=name)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("task_failed", task=name)
+        metrics.current().task_failed(name)
+        if time.monotonic() - started >= STEADY:
+            pause = FIRST_PAUSE
+        await asyncio.sleep(pause * (1 + random.random()))  # noqa: S311 - jitter
+        pause = min(pause * 2, MAX_PAUSE)
