@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
+from phabmesh import metrics
 from phabmesh.kube.client import JSON, Unavailable
 from phabmesh.kube.informer import Informer
 
@@ -56,3 +57,67 @@ def test_connected_again_once_the_watch_is_accepted_without_waiting_for_an_event
             await asyncio.gather(task, return_exceptions=True)
 
     assert asyncio.run(scenario())
+
+
+class _OneBadEvent:
+    """Lists one object; the first watch sends an object the transform cannot read, the
+    next ones stay quiet."""
+
+    def __init__(self) -> None:
+        self.lists = 0
+        self.watches = 0
+        self.quiet = asyncio.Event()
+
+    async def list_all(
+        self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
+    ) -> tuple[list[JSON], str]:
+        self.lists += 1
+        return [{"metadata": {"name": "a", "resourceVersion": "5"}, "spec": 1}], "7"
+
+    async def watch(
+        self,
+        path: str,
+        resource_version: str,
+        params: Mapping[str, str] | None = None,
+        timeout_seconds: int = 300,
+        *,
+        idle_timeout: float | None = None,
+        opened: Callable[[], None] | None = None,
+    ) -> AsyncIterator[JSON]:
+        self.watches += 1
+        if opened is not None:
+            opened()
+        if self.watches == 1:
+            yield {"type": "MODIFIED", "object": {"metadata": {"name": "a"}, "spec": "bad"}}
+        self.quiet.set()
+        await asyncio.Event().wait()
+        yield {}
+
+
+def test_a_transform_that_raises_leaves_the_watch_lost_counted_and_listed_again() -> None:
+    registry = metrics.Metrics()
+
+    def transform(obj: JSON) -> int:
+        return int(obj["spec"])  # ValueError for "bad"
+
+    async def scenario() -> tuple[int, Any]:
+        metrics.use(registry)
+        client = _OneBadEvent()
+        informer: Informer[int] = Informer(client, "/api/v1/pods", transform)  # type: ignore[arg-type]
+        task = asyncio.create_task(informer.run())
+        try:
+            await asyncio.wait_for(client.quiet.wait(), timeout=10)
+            await asyncio.sleep(0)
+            assert informer.healthy and informer.items == {"a": 1}
+            return client.lists, informer
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    lists, _ = asyncio.run(scenario())
+    assert lists == 2  # listed again after the failure
+    failures = dict(
+        (labels["task"], value)
+        for labels, value in metrics.samples(registry, "phabmesh_task_failures_total")
+    )
+    assert failures == {"watch:pods": 1.0}
