@@ -80,7 +80,7 @@ def lease(pod_uid: str = "p1", binding_name: str = "runners", phase: str = "Acti
                 "podName": f"pod-{pod_uid}",
                 "binding": binding_name,
                 "bot": "ci-bot",
-                "identity": "i",
+                "identity": "runner.build.serviceaccount.identity.linkerd.cluster.local",
             },
             "status": {"phase": phase, "expiresAt": "2026-01-01T00:15:00Z"},
         }

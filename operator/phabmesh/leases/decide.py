@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from phabmesh import identity, matching, resources
+from phabmesh.leases import grants
 from phabmesh.leases.view import LeaseView
 from phabmesh.leases.world import NOT_CHECKED, BindingView, BotView, World
 
@@ -168,21 +169,27 @@ def binding_matches(binding: BindingView, pod: identity.PodFacts, naming: identi
     )
 
 
-def lease_problem(world: World, lease: LeaseView) -> str | None:
+def lease_problem(
+    world: World, lease: LeaseView, naming: identity.Naming = identity.DEFAULT_NAMING
+) -> str | None:
     """Why ``lease`` may not stand whatever the pod does, or None.
 
     Checked against the binding and the bot as they are now, never against what the
-    lease itself says: its binding must exist and still name the lease's bot, and that
-    bot must exist and allow the lease's namespace.
+    lease itself says, by the one judgement the credential endpoint and the gateway use
+    (:func:`phabmesh.leases.grants.refusal`): its binding must exist, read, and still name
+    the lease's bot and the lease's identity, and that bot must allow the lease's namespace.
     """
     binding = world.bindings.get((lease.namespace, lease.binding))
-    if binding is None:
-        return BINDING_DELETED
-    if binding.bot != lease.bot:
-        return BOT_CHANGED
-    if not bot_allows(world.bots.get(lease.bot), world.namespaces.get(lease.namespace)):
-        return BOT_GONE_HERE
-    return None
+    bot = world.bots.get(lease.bot)
+    return grants.refusal(
+        lease,
+        None if binding is None else grants.BindingFacts.of(binding.bot or "", binding.spec),
+        None if bot is None else grants.BotFacts.of(bot.spec),
+        # A namespace the world has not seen yet is taken as unlabelled, as before: the
+        # controller never revokes on its own ignorance (the gateway fails closed instead).
+        world.namespaces.get(lease.namespace, {}),
+        naming,
+    )
 
 
 def plan_pod(
@@ -222,7 +229,7 @@ def plan_pod(
             # Its binding not judged yet (a replica that acts after a peering pause, before
             # it has seen the binding's bot): no reason to revoke; judged, it is planned again.
             kept.add(lease.binding)
-        elif (problem := lease_problem(world, lease)) is not None:
+        elif (problem := lease_problem(world, lease, naming)) is not None:
             revoke.append((lease, problem))
         elif lease.binding not in wanted:
             revoke.append((lease, _lost_reason(world, pod, lease, verdicts, naming)))

@@ -48,6 +48,19 @@ class BindingFacts:
     def ttl(self) -> datetime.timedelta | None:
         return self.spec.ttl if self.spec is not None else None
 
+    @classmethod
+    def of(
+        cls, bot: str, spec: resources.BindingSpec | None, deleting: bool = False
+    ) -> BindingFacts:
+        """The facts of a binding read elsewhere (the controller's world)."""
+        return cls(
+            bot=bot,
+            spec=spec,
+            deleting=deleting,
+            allowed_methods=spec.allowed_methods if spec is not None else (),
+            require_client_id=spec.require_client_id if spec is not None else False,
+        )
+
 
 def binding_facts(obj: JSON) -> BindingFacts:
     meta = obj.get("metadata") or {}
@@ -70,6 +83,13 @@ class BotFacts:
     selector: resources.LabelSelector | None
     secret_name: str
     secret_key: str
+
+    @classmethod
+    def of(cls, spec: resources.BotSpec | None) -> BotFacts:
+        """The facts of a bot read elsewhere (the controller's world)."""
+        if spec is None:
+            return cls(None, "", "")
+        return cls(spec.namespace_selector, spec.token_secret_ref.name, spec.token_secret_ref.key)
 
 
 def bot_facts(obj: JSON) -> BotFacts:
