@@ -116,10 +116,11 @@ fmt: $(STAMP) ## Format and auto-fix the code
 	$(BIN)/ruff check --fix $(PY_SOURCES)
 
 .PHONY: lint
-lint: $(STAMP) ## ruff (lint + format check) and mypy --strict
+lint: $(STAMP) ## ruff (lint + format check), mypy --strict and the import layers (import-linter)
 	$(BIN)/ruff check $(PY_SOURCES)
 	$(BIN)/ruff format --check $(PY_SOURCES)
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache --no-logo
 	$(BIN)/hadolint Dockerfile
 
 .PHONY: package
