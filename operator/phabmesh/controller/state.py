@@ -77,17 +77,25 @@ class Memo(kopf.Memo):
         # the Writer before each write; None when the controller runs alone.
         self.acting: Callable[[], bool] | None = None
         self.client: KubeClient
+        self._own_client = True
         self.events_client: KubeClient
         self.writer: Writer
         self.secrets: Informer[SecretToken]
 
     # -- lifecycle ------------------------------------------------------------------------
 
+    def use_client(self, client: KubeClient) -> None:
+        """Talk to the API server through the process's own client (one request budget per
+        process); without it, :meth:`start` makes one."""
+        self.client = client
+        self._own_client = False
+
     async def start(self) -> None:
         connection = load_connection(self.kubeconfig)
-        self.client = KubeClient(
-            connection, qps=self.settings.kube_qps, burst=self.settings.kube_burst
-        )
+        if self._own_client:
+            self.client = KubeClient(
+                connection, qps=self.settings.kube_qps, burst=self.settings.kube_burst
+            )
         # Events: their own, smaller budget, so that they never hold up a lease write.
         self.events_client = KubeClient(
             connection,
@@ -119,5 +127,6 @@ class Memo(kopf.Memo):
         await self.leases.close()
         await self.writer.close()
         await self.events_client.close()
-        await self.client.close()
+        if self._own_client:
+            await self.client.close()
         self.conduit.session.close()

@@ -62,10 +62,9 @@ class GatewayState:
         )
         # The bots' token Secrets, each watched by name once the operator's Role lets this
         # gateway read it (phabmesh.gatewayrole): never a list of the namespace's Secrets.
-        # Their own client: a watch holds a connection, one per bot Secret.
-        self.secret_client = KubeClient(
-            client.connection, qps=settings.kube_qps, burst=settings.kube_burst, connections=0
-        )
+        # A connection pool of their own (a watch holds a connection, one per bot Secret),
+        # within the process's one request budget.
+        self.secret_client = client.sibling(connections=0)
         self.secrets = gatewayrole.BotSecrets(
             self.secret_client,
             settings.namespace,

@@ -137,6 +137,18 @@ class KubeClient:
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
+    def sibling(self, *, connections: int) -> KubeClient:
+        """A client of its own connection pool (``connections``; 0: no bound) that shares
+        this one's request budget: the process's ``kube_qps`` stays one budget."""
+        other = KubeClient(
+            self.connection,
+            timeout=self.timeout,
+            attempts=self.attempts,
+            connections=connections,
+        )
+        other._limit = self._limit
+        return other
+
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._closed:

@@ -78,6 +78,7 @@ class OperatorProcess:
         self.client = KubeClient(
             load_connection(self.kubeconfig), qps=s.kube_qps, burst=s.kube_burst
         )
+        self.memo.use_client(self.client)  # one client, one request budget, for the process
         self.keys = KeyStore(
             self.client,
             s.namespace,
