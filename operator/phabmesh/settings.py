@@ -244,17 +244,40 @@ def _render(value: Any) -> str:
     return str(value)
 
 
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _rate(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"not a rate: {text!r} (requests per second, e.g. 50)") from None
+
+
 def _convert(name: str, kind: Any, raw: str) -> Any:
+    """``raw`` as the field's type; ValueError naming the variable for anything else (a
+    rate given as a duration, a misspelt boolean, a negative number)."""
     kind = str(kind)
+    text = raw.strip()
     try:
         if kind == "float":
-            return parse_seconds(raw)
+            # Rates are numbers (per second); every other float is a duration.
+            value = _rate(text) if name.endswith("_qps") else parse_seconds(text)
+            if not value >= 0:  # negative, or NaN
+                raise ValueError(f"not a number of 0 or more: {raw!r}")
+            return value
         if kind == "int":
-            return int(raw)
+            number = int(text)
+            if number < 0:
+                raise ValueError(f"not a whole number of 0 or more: {raw!r}")
+            return number
         if kind.startswith("bool"):
-            if raw.strip().lower() in {"", "auto"} and "None" in kind:
+            word = text.lower()
+            if word in {"", "auto"} and "None" in kind:
                 return None
-            return raw.strip().lower() in {"1", "true", "yes", "on"}
+            if word in _TRUE | _FALSE:
+                return word in _TRUE
+            raise ValueError(f"not a boolean: {raw!r} (use true or false)")
     except ValueError as exc:
         raise ValueError(f"{PREFIX}{name.upper()}: {exc}") from exc
     return raw

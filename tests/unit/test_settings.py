@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from phabmesh.settings import Settings, parse_seconds
@@ -66,3 +68,39 @@ def test_the_settings_document_lists_every_setting() -> None:
     text = (Path(__file__).resolve().parents[2] / "docs" / "settings.md").read_text()
     for var, _, default in Settings.documented():
         assert f"| `{var}` | `{default}` |" in text, var
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("PHABMESH_KUBE_QPS", "5m", "PHABMESH_KUBE_QPS: not a rate: '5m' (requests per second"),
+        ("PHABMESH_LOG_JSON", "ture", "PHABMESH_LOG_JSON: not a boolean: 'ture' (use true or"),
+        ("PHABMESH_REQUIRE_CLIENT_ID", "maybe", "PHABMESH_REQUIRE_CLIENT_ID: not a boolean"),
+        ("PHABMESH_CLOCK_SKEW", "-5", "PHABMESH_CLOCK_SKEW: not a number of 0 or more: '-5'"),
+        ("PHABMESH_CLOCK_SKEW", "5 minutes", "PHABMESH_CLOCK_SKEW: not a duration"),
+        ("PHABMESH_KUBE_BURST", "-1", "PHABMESH_KUBE_BURST: not a whole number of 0 or more"),
+        ("PHABMESH_KUBE_BURST", "1.5", "PHABMESH_KUBE_BURST: invalid literal"),
+        ("PHABMESH_TOKEN_REVIEW_QPS", "nan", "PHABMESH_TOKEN_REVIEW_QPS: not a number of 0"),
+    ],
+)
+def test_a_wrong_setting_is_refused_naming_its_variable(
+    variable: str, value: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Settings.from_env({variable: value})
+
+
+def test_settings_read_their_documented_forms() -> None:
+    read = Settings.from_env(
+        {
+            "PHABMESH_KUBE_QPS": "50",
+            "PHABMESH_CLOCK_SKEW": "1m",
+            "PHABMESH_WATCH_LIVENESS": "45",
+            "PHABMESH_LOG_JSON": "auto",
+            "PHABMESH_GATEWAY_WATCH_PODS": "Off",
+            "PHABMESH_REQUIRE_CLIENT_ID": " yes ",
+        }
+    )
+    assert (read.kube_qps, read.clock_skew, read.watch_liveness) == (50.0, 60.0, 45.0)
+    assert read.log_json is None
+    assert read.gateway_watch_pods is False and read.require_client_id is True
