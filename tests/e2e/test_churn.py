@@ -709,6 +709,10 @@ class Run:
                 spec=client.V1PodSpec(
                     service_account_name=pod.sa,
                     node_name="node-a" if pod.node else None,
+                    # A pod without a node stays unbound: no scheduler by this name runs, so
+                    # the control plane's does not bind it to a KWOK node, which would run it
+                    # while the model says Pending.
+                    scheduler_name=None if pod.node else "phabmesh-churn-unscheduled",
                     containers=[client.V1Container(name="app", image="registry.invalid/app:1")],
                     init_containers=init,
                 ),
