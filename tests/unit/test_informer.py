@@ -11,17 +11,22 @@ from phabmesh.kube.client import JSON, Unavailable
 from phabmesh.kube.informer import Informer
 
 
-class _FlakyClient:
-    """Lists nothing; the first watch fails with 429, the second is accepted and stays quiet."""
+class _FakeClient:
+    """The two calls an informer makes; ``listing`` and ``stream`` say what they give."""
 
     def __init__(self) -> None:
+        self.lists = 0
         self.watches = 0
         self.quiet = asyncio.Event()
+
+    def listing(self) -> list[JSON]:
+        return []
 
     async def list_all(
         self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
     ) -> tuple[list[JSON], str]:
-        return [], "7"
+        self.lists += 1
+        return self.listing(), "7"
 
     async def watch(
         self,
@@ -34,13 +39,24 @@ class _FlakyClient:
         opened: Callable[[], None] | None = None,
     ) -> AsyncIterator[JSON]:
         self.watches += 1
-        if self.watches == 1:
-            raise Unavailable(429, "TooManyRequests", "storage is (re)initializing")
-        if opened is not None:
-            opened()
+        async for event in self.stream(opened or (lambda: None)):
+            yield event
+
+    async def stream(self, opened: Callable[[], None]) -> AsyncIterator[JSON]:
+        opened()
         self.quiet.set()
         await asyncio.Event().wait()  # no event for as long as the test runs
         yield {}
+
+
+class _FlakyClient(_FakeClient):
+    """Lists nothing; the first watch fails with 429, the second is accepted and stays quiet."""
+
+    async def stream(self, opened: Callable[[], None]) -> AsyncIterator[JSON]:
+        if self.watches == 1:
+            raise Unavailable(429, "TooManyRequests", "storage is (re)initializing")
+        async for event in super().stream(opened):
+            yield event
 
 
 def test_connected_again_once_the_watch_is_accepted_without_waiting_for_an_event() -> None:
@@ -59,39 +75,19 @@ def test_connected_again_once_the_watch_is_accepted_without_waiting_for_an_event
     assert asyncio.run(scenario())
 
 
-class _OneBadEvent:
+class _OneBadEvent(_FakeClient):
     """Lists one object; the first watch sends an object the transform cannot read, the
     next ones stay quiet."""
 
-    def __init__(self) -> None:
-        self.lists = 0
-        self.watches = 0
-        self.quiet = asyncio.Event()
+    def listing(self) -> list[JSON]:
+        return [{"metadata": {"name": "a", "resourceVersion": "5"}, "spec": 1}]
 
-    async def list_all(
-        self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
-    ) -> tuple[list[JSON], str]:
-        self.lists += 1
-        return [{"metadata": {"name": "a", "resourceVersion": "5"}, "spec": 1}], "7"
-
-    async def watch(
-        self,
-        path: str,
-        resource_version: str,
-        params: Mapping[str, str] | None = None,
-        timeout_seconds: int = 300,
-        *,
-        idle_timeout: float | None = None,
-        opened: Callable[[], None] | None = None,
-    ) -> AsyncIterator[JSON]:
-        self.watches += 1
-        if opened is not None:
-            opened()
+    async def stream(self, opened: Callable[[], None]) -> AsyncIterator[JSON]:
         if self.watches == 1:
+            opened()
             yield {"type": "MODIFIED", "object": {"metadata": {"name": "a"}, "spec": "bad"}}
-        self.quiet.set()
-        await asyncio.Event().wait()
-        yield {}
+        async for event in super().stream(opened):
+            yield event
 
 
 def test_a_transform_that_raises_leaves_the_watch_lost_counted_and_listed_again() -> None:
