@@ -565,6 +565,8 @@ def test_the_settings_give_the_agents_default_resources() -> None:
          "(phabmesh.io/agent-limits-mem)"),
         ({"agent_run_as_user": "app"}, "phabmesh.io/agent-run-as-user: 'app' is not a numeric id"),
         ({"agent_run_as_group": "4294967296"}, "phabmesh.io/agent-run-as-group: '4294967296'"),
+        ({"agent_run_as_user": "\u0661\u0662"}, "phabmesh.io/agent-run-as-user: '\u0661\u0662'"),
+        ({"agent_limits_mem": "6" * 100_000}, "phabmesh.io/agent-limits-mem: not a quantity: '666"),
     ],
 )  # fmt: skip
 def test_a_wrong_agent_annotation_is_named(annotations: dict[str, str], message: str) -> None:

@@ -311,7 +311,7 @@ def run_as(pod: Mapping[str, Any]) -> dict[str, int]:
         text = str(_annotations(pod).get(annotation, "")).strip()
         if not text:
             continue
-        if not text.isdigit() or int(text) > MAX_ID:
+        if not (text.isascii() and text.isdigit()) or int(text) > MAX_ID:
             raise InvalidAnnotation(
                 f"{annotation}: {text[:64]!r} is not a numeric id from 0 to {MAX_ID} "
                 "(the user the app runs as, e.g. 1000)"
