@@ -51,6 +51,7 @@ ALERTS = {
     "PhabmeshUpstreamErrors",
     "PhabmeshWebhookCertificateExpiring",
     "PhabmeshSigningKeyRotationOverdue",
+    "PhabmeshTaskFailing",
 }
 MONITORING_CRDS = ("podmonitors", "servicemonitors", "prometheusrules")
 # Grafana's variables, replaced by what Grafana would put there before checking the PromQL.
