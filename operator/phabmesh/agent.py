@@ -30,7 +30,6 @@ The credential is never logged.
 from __future__ import annotations
 
 import json
-import random
 import signal
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from types import FrameType
 import structlog
 
 from phabmesh import logs, podclient
+from phabmesh.backoff import Backoff
 
 log = structlog.get_logger(__name__)
 
@@ -93,7 +93,8 @@ def run_init(
 ) -> int:
     """One credential, retried until ``timeout``; 0, or 1 with the reason told."""
     deadline = clock() + timeout
-    backoff = 1.0
+    retries = Backoff(1.0, 10.0)
+    failures = 0
     while True:
         try:
             credential = fetch()
@@ -104,12 +105,12 @@ def run_init(
                 log.error("credential_refused", **{logs.ERROR: str(exc)})
                 _tell(termination_log, reason)
                 return 1
-            pause = min(backoff * (0.5 + random.random()), left)  # noqa: S311 - jitter
+            failures += 1
+            pause = min(retries.delay(failures, exc.retry_after), left)
             log.warning(
                 "credential_refresh_failed", retry_in=round(pause, 1), **{logs.ERROR: str(exc)}
             )
             sleep(pause)
-            backoff = min(backoff * 2, 10.0)
             continue
         store(credential)
         _written(credential)

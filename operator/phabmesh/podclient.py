@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import random
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ import requests
 import structlog
 
 from phabmesh import neterrors
+from phabmesh.backoff import Backoff, parse_retry_after
 
 log = structlog.get_logger(__name__)
 
@@ -34,12 +34,21 @@ FORMATS = ("phorge-token", "jwt")
 
 
 class ExchangeError(Exception):
-    """The endpoint refused or could not be reached. ``retryable`` says whether to retry."""
+    """The endpoint refused or could not be reached. ``retryable`` says whether to retry,
+    ``retry_after`` when (the endpoint's ``Retry-After`` on a 429 or 503)."""
 
-    def __init__(self, message: str, *, status: int = 0, retryable: bool = True) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 0,
+        retryable: bool = True,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.retryable = retryable
+        self.retry_after = retry_after
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +110,7 @@ def exchange(
             f"{resp.status_code} {body.get('error', '')}: {message}",
             status=resp.status_code,
             retryable=retryable,
+            retry_after=parse_retry_after(resp.headers.get("Retry-After")),
         )
     expires = datetime.datetime.fromisoformat(str(body["expiresAt"]).replace("Z", "+00:00"))
     return Credential(
@@ -141,18 +151,21 @@ def watch(
     now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
     max_backoff: float = 30.0,
 ) -> None:
-    """Keep a fresh credential stored until ``stop()``; retry failures with backoff."""
-    backoff = 1.0
+    """Keep a fresh credential stored until ``stop()``; retry failures with backoff (or
+    when the endpoint's Retry-After says)."""
+    retries = Backoff(1.0, max_backoff)
+    failures = 0
     while not stop():
         try:
             credential = fetch()
         except ExchangeError as exc:
-            log.warning("credential_refresh_failed", error=str(exc), retry_in=round(backoff, 1))
-            sleep(backoff * (0.5 + random.random()))  # noqa: S311 - jitter, not crypto
-            backoff = min(backoff * 2, max_backoff)
+            failures += 1
+            pause = retries.delay(failures, exc.retry_after)
+            log.warning("credential_refresh_failed", error=str(exc), retry_in=round(pause, 1))
+            sleep(pause)
             continue
         store(credential)
-        backoff = 1.0
+        failures = 0
         log.info(
             "credential_refreshed",
             expires_at=credential.expires_at.isoformat(),

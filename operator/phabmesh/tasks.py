@@ -15,13 +15,13 @@ leaves it, so its readers fail closed until it has listed again.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Awaitable, Callable
 
 import structlog
 
 from phabmesh import metrics
+from phabmesh.backoff import Backoff
 
 log = structlog.get_logger(__name__)
 
@@ -35,7 +35,7 @@ def spawn(name: str, run: Callable[[], Awaitable[object]]) -> asyncio.Task[None]
 
 
 async def supervise(name: str, run: Callable[[], Awaitable[object]]) -> None:
-    pause = FIRST_PAUSE
+    failures = 0
     while True:
         started = time.monotonic()
         try:
@@ -46,7 +46,5 @@ async def supervise(name: str, run: Callable[[], Awaitable[object]]) -> None:
         except Exception:
             log.exception("task_failed", task=name)
         metrics.current().task_failed(name)
-        if time.monotonic() - started >= STEADY:
-            pause = FIRST_PAUSE
-        await asyncio.sleep(pause * (1 + random.random()))  # noqa: S311 - jitter
-        pause = min(pause * 2, MAX_PAUSE)
+        failures = 1 if time.monotonic() - started >= STEADY else failures + 1
+        await asyncio.sleep(Backoff(FIRST_PAUSE, MAX_PAUSE).delay(failures))

@@ -17,6 +17,7 @@ class FakeEndpoint(BaseHTTPRequestHandler):
 
     answers: ClassVar[list[tuple[int, dict[str, object]]]] = []
     seen: ClassVar[list[dict[str, str]]] = []
+    extra_headers: ClassVar[dict[str, str]] = {}  # sent with every answer
 
     def do_POST(self) -> None:
         self.seen.append({"auth": self.headers.get("Authorization", ""), "path": self.path})
@@ -26,6 +27,8 @@ class FakeEndpoint(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in self.extra_headers.items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -35,7 +38,7 @@ class FakeEndpoint(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def endpoint() -> Iterator[str]:
-    FakeEndpoint.answers, FakeEndpoint.seen = [], []
+    FakeEndpoint.answers, FakeEndpoint.seen, FakeEndpoint.extra_headers = [], [], {}
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeEndpoint)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

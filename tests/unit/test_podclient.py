@@ -66,6 +66,30 @@ def test_refusals_carry_the_endpoints_message(endpoint: str, status: int, retrya
     assert refused.value.retryable is retryable
 
 
+def test_a_refusal_carries_the_endpoints_retry_after(endpoint: str) -> None:
+    FakeEndpoint.answers.append((429, {"error": "rate_limited", "message": "slow down"}))
+    FakeEndpoint.extra_headers = {"Retry-After": "7"}
+    with pytest.raises(podclient.ExchangeError) as refused:
+        podclient.exchange(endpoint, "sa-token")
+    assert (refused.value.retryable, refused.value.retry_after) == (True, 7.0)
+
+
+def test_watch_waits_what_the_endpoint_asks() -> None:
+    outcomes: list[object] = [podclient.ExchangeError("busy", retry_after=7.0), _credential(15)]
+    sleeps: list[float] = []
+
+    def fetch() -> podclient.Credential:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        assert isinstance(outcome, podclient.Credential)
+        return outcome
+
+    podclient.watch(fetch, lambda _: None, stop=lambda: not outcomes, sleep=sleeps.append,
+                    now=lambda: NOW)  # fmt: skip
+    assert sleeps[0] == 7.0
+
+
 def test_unreachable_endpoint_is_retryable_and_named_with_where_it_came_from() -> None:
     with pytest.raises(podclient.ExchangeError, match="unreachable") as refused:
         podclient.exchange(
@@ -131,7 +155,7 @@ def test_watch_backs_off_on_failure_then_refreshes() -> None:
         now=lambda: NOW,
     )
     assert len(stored) == 2
-    assert 0.5 <= sleeps[0] <= 1.5 and 1.0 <= sleeps[1] <= 3.0  # jittered, doubling
+    assert 0.5 <= sleeps[0] <= 1.0 and 1.0 <= sleeps[1] <= 2.0  # jittered, doubling
     assert sleeps[2:] == [600.0, 600.0]
 
 

@@ -57,6 +57,7 @@ from phabmesh import metrics, serving, tasks
 from phabmesh.admission import HANDLER_ID, Injector
 from phabmesh.admission.inject import InvalidAnnotation
 from phabmesh.admission.tls import CHECK_EVERY, WebhookTLS, service_names
+from phabmesh.backoff import Backoff
 from phabmesh.kube import KubeClient, load_connection
 from phabmesh.settings import Settings
 
@@ -384,17 +385,16 @@ class WebhookSupervisor:
     async def run(self) -> None:
         """Until cancelled: the child, again and again."""
         loop = asyncio.get_running_loop()
-        pause = RESTART_FIRST
+        exits = 0
         try:
             while True:
                 started = loop.time()
                 code = await self._run_once()
                 self.ready = False
-                if loop.time() - started > STEADY:
-                    pause = RESTART_FIRST
-                log.error("webhook_process_exited", code=code, restart_in=pause)
+                exits = 1 if loop.time() - started > STEADY else exits + 1
+                pause = Backoff(RESTART_FIRST, RESTART_MAX).delay(exits)
+                log.error("webhook_process_exited", code=code, restart_in=round(pause, 1))
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, RESTART_MAX)
         finally:
             self.ready = False
             await self._end()

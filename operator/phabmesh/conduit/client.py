@@ -22,6 +22,7 @@ import requests
 import structlog
 
 from phabmesh import neterrors
+from phabmesh.backoff import Backoff, parse_retry_after
 from phabmesh.conduit import wire
 from phabmesh.conduit.errors import (
     UNAVAILABLE,
@@ -109,8 +110,9 @@ class ConduitClient:
 
     ``timeout`` is requests' ``(connect, read)`` (or one number for both), passed
     on every call. At most ``attempts`` tries per call; between them the client
-    sleeps ``backoff * 2**n`` seconds (capped at ``max_backoff``) times a jitter
-    factor in [0.5, 1.5), or what a 429's ``Retry-After`` asks within the same cap;
+    sleeps ``backoff * 2**n`` seconds (capped at ``max_backoff``), less up to half of it
+    at random, or what a 429's ``Retry-After`` asks within the same cap
+    (:mod:`phabmesh.backoff`);
     with ``deadline`` it also stops retrying once that many seconds have gone by.
     ``sleep``, ``clock`` and ``jitter`` are there for tests.
     """
@@ -222,10 +224,7 @@ class ConduitClient:
         return self._result(method, resp, token)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(retry_after, self.max_backoff)
-        base = min(self.backoff * 2.0 ** (attempt - 1), self.max_backoff)
-        return base * (0.5 + self.jitter())
+        return Backoff(self.backoff, self.max_backoff).delay(attempt, retry_after, self.jitter)
 
     @staticmethod
     def _result(method: str, resp: requests.Response, token: str | None) -> Any:
@@ -317,8 +316,4 @@ def redirect_target(location: str | None) -> str:
 
 
 def _retry_after(resp: requests.Response) -> float | None:
-    value = resp.headers.get("Retry-After", "")
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None  # an HTTP date: fall back to the backoff
+    return parse_retry_after(resp.headers.get("Retry-After"))

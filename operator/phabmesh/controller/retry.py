@@ -10,12 +10,12 @@ One pending retry per key; a success forgets the count.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Awaitable, Callable, Hashable
 
 import structlog
 
 from phabmesh import logs
+from phabmesh.backoff import Backoff
 
 log = structlog.get_logger(__name__)
 
@@ -23,11 +23,10 @@ BASE = 0.2  # seconds before the first retry
 CAP = 30.0  # seconds: no retry waits longer
 
 
-def backoff(attempt: int, *, base: float = BASE, cap: float = CAP, jitter: float = 0.5) -> float:
-    """Seconds to wait before retry number ``attempt`` (1, 2, ...): doubling from ``base``
-    up to ``cap``, less up to ``jitter`` of it at random, so that retries spread out."""
-    delay = min(cap, base * float(2 ** min(max(attempt, 1) - 1, 32)))
-    return delay * (1 - jitter * random.random())  # noqa: S311 - spreading, not secrecy
+def backoff(attempt: int, *, base: float = BASE, cap: float = CAP) -> float:
+    """Seconds to wait before retry number ``attempt`` (1, 2, ...): phabmesh's one retry
+    policy (:mod:`phabmesh.backoff`) from ``base`` up to ``cap``."""
+    return Backoff(base, cap).delay(attempt)
 
 
 class Retries:

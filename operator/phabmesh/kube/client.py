@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -18,6 +17,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from phabmesh.backoff import Backoff, parse_retry_after
 from phabmesh.kube.config import Connection
 
 JSON = dict[str, Any]
@@ -48,7 +48,10 @@ class Gone(KubeError):
 
 
 class Unavailable(KubeError):
-    """The API server was unreachable or answered 429/5xx (after retries)."""
+    """The API server was unreachable or answered 429/5xx (after retries); ``retry_after``
+    is what its ``Retry-After`` asked (priority and fairness sends one with a 429)."""
+
+    retry_after: float | None = None
 
 
 def _error_for(status: int, body: str) -> KubeError:
@@ -114,6 +117,10 @@ class _TokenBucket:
                 self.stamp = time.monotonic()
                 self.tokens = 1
             self.tokens -= 1
+
+
+# Retries of one request: 0.05 s doubling to 2 s, or the server's Retry-After up to 2 s.
+RETRIES = Backoff(0.05, 2.0)
 
 
 class KubeClient:
@@ -185,7 +192,6 @@ class KubeClient:
         if data is not None:
             headers["Content-Type"] = content_type
         tries = attempts or self.attempts
-        delay = 0.05
         for attempt in range(1, tries + 1):
             if limited:  # else the caller keeps a budget of its own
                 await self._limit.take()
@@ -203,12 +209,13 @@ class KubeClient:
                         parsed: JSON = json.loads(text) if text else {}
                         return parsed
                     error = _error_for(resp.status, text)
+                    if isinstance(error, Unavailable):
+                        error.retry_after = parse_retry_after(resp.headers.get("Retry-After"))
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 error = Unavailable(0, type(exc).__name__, str(exc) or type(exc).__name__)
             if not isinstance(error, Unavailable) or attempt == tries:
                 raise error
-            await asyncio.sleep(delay * (1 + random.random()))  # noqa: S311 - jitter, not crypto
-            delay = min(delay * 2, 2.0)
+            await asyncio.sleep(RETRIES.delay(attempt, error.retry_after))
         raise AssertionError("unreachable")
 
     # -- conveniences ---------------------------------------------------------------------

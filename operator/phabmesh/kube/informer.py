@@ -20,7 +20,6 @@ is never silent that long. One silent for ``liveness`` seconds counts as lost:
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
@@ -28,6 +27,7 @@ from typing import Any, Generic, TypeVar
 import structlog
 
 from phabmesh import metrics
+from phabmesh.backoff import Backoff
 from phabmesh.kube.client import JSON, Gone, KubeClient, KubeError, Unavailable
 
 V = TypeVar("V")
@@ -36,6 +36,8 @@ log = structlog.get_logger(__name__)
 ADDED, MODIFIED, DELETED = "ADDED", "MODIFIED", "DELETED"
 # Seconds of silence after which a watch counts as lost (see the module docstring).
 DEFAULT_LIVENESS = 30.0
+# The pause before watching again after a failure: 0.1 s doubling to 5 s (or Retry-After).
+RECONNECT = Backoff(0.1, 5.0)
 
 
 # Which resource a collection's path names, for the watch metrics (phabmesh_watch_*{resource}).
@@ -155,7 +157,7 @@ class Informer(Generic[V]):
 
     async def run(self) -> None:
         """Run until cancelled."""
-        delay = 0.1
+        failures = 0  # since the last event: the pause before the next attempt grows
         need_list = True
         while True:
             try:
@@ -171,7 +173,7 @@ class Informer(Generic[V]):
                     opened=self._opened,
                 ):
                     self.connected = True
-                    delay = 0.1
+                    failures = 0
                     self._apply(event)
                 # The server closed the stream (timeoutSeconds): resume from the last version.
             except Gone:
@@ -181,8 +183,9 @@ class Informer(Generic[V]):
                 if self.connected:
                     log.warning("watch_disconnected", informer=self.name, error=str(exc))
                 self.connected = False
-                await asyncio.sleep(delay * (1 + random.random()))  # noqa: S311 - jitter
-                delay = min(delay * 2, 5.0)
+                failures += 1
+                retry_after = exc.retry_after if isinstance(exc, Unavailable) else None
+                await asyncio.sleep(RECONNECT.delay(failures, retry_after))
                 if isinstance(exc, KubeError) and not isinstance(exc, Unavailable):
                     need_list = True
             except Exception:
@@ -192,5 +195,5 @@ class Informer(Generic[V]):
                 metrics.current().task_failed(f"watch:{self.resource}")
                 self.connected = False
                 need_list = True
-                await asyncio.sleep(delay * (1 + random.random()))  # noqa: S311 - jitter
-                delay = min(delay * 2, 5.0)
+                failures += 1
+                await asyncio.sleep(RECONNECT.delay(failures))

@@ -206,7 +206,7 @@ def test_backoff_doubles_with_jitter_and_a_cap(mocker: MockerFixture) -> None:
         backoff=1.0,
         max_backoff=3.0,
         sleep=sleeps.append,
-        jitter=lambda: 0.5,  # the middle of [0.5, 1.5): no jitter at all
+        jitter=lambda: 0.0,  # the jitter takes nothing off: the full delays
     )
     with pytest.raises(conduit.PhabricatorUnavailable) as down:
         client.ping()
@@ -230,7 +230,7 @@ def test_the_deadline_stops_retrying(mocker: MockerFixture) -> None:
         deadline=2.5,
         sleep=sleep,
         clock=lambda: now[0],
-        jitter=lambda: 0.5,
+        jitter=lambda: 0.0,
     )
     with pytest.raises(conduit.PhabricatorUnavailable, match="timeout"):
         client.ping()
