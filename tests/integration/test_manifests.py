@@ -408,6 +408,11 @@ def test_settings_are_the_documented_ones(rendered: list[Doc]) -> None:
         "PHABMESH_REQUIRE_CLIENT_ID": "true",
         "PHABMESH_ISSUER": "http://phabmesh-issuer.phabmesh-system.svc:8443",
         "PHABMESH_LOG_JSON": "true",
+        # The credential agent's requests and limits (docs/agent.md).
+        "PHABMESH_AGENT_REQUESTS_CPU": "5m",
+        "PHABMESH_AGENT_REQUESTS_MEMORY": "40Mi",
+        "PHABMESH_AGENT_LIMITS_CPU": "",
+        "PHABMESH_AGENT_LIMITS_MEMORY": "64Mi",
     }
 
 
