@@ -282,6 +282,26 @@ def whoami(cluster: RealCluster, namespace: str, pod: str, client: str) -> tuple
     return (answer or {}).get("userName"), said
 
 
+def diagnosis(cluster: RealCluster, namespace: str, pod: str) -> str:
+    """What to read when a workload pod's call fails: the pod as admitted, its agent's log,
+    its leases, and phabmesh's own logs."""
+    parts = []
+    commands: list[tuple[str, ...]] = [
+        ("get", "pod", "-n", namespace, pod, "-o",
+         "jsonpath={.metadata.annotations}{'\\n'}{.spec.initContainers[*].name}"),
+        ("logs", "-n", namespace, pod, "-c", "phabmesh-agent", "--tail=20"),
+        ("get", "phabricatorcredentials", "-n", namespace, "-o", "wide"),
+        ("get", "pods", "-n", "phabmesh-system", "-o", "wide"),
+    ]  # fmt: skip
+    system = cluster.kubectl("get", "pods", "-n", "phabmesh-system", "-o", "name", check=False)
+    for name in system.stdout.split():
+        commands.append(("logs", "-n", "phabmesh-system", name, "--tail=40"))
+    for args in commands:
+        done = cluster.kubectl(*args, check=False)
+        parts.append(f"$ kubectl {' '.join(args)}\n{done.stdout[-6000:]}{done.stderr[-2000:]}")
+    return "\n".join(parts)
+
+
 def refused(said: str) -> bool:
     return "ERR-INVALID-AUTH" in said or "INVALID CREDENTIALS" in said
 
