@@ -7,9 +7,10 @@ and the loop is started again after a pause that grows from :data:`FIRST_PAUSE` 
 :data:`MAX_PAUSE` (back to the first once it ran for :data:`STEADY` seconds). A loop that
 returns is started again as well: none of these is meant to end before it is cancelled.
 
-What a dead loop leaves behind is the loop's own business: an
-:class:`~phabmesh.kube.informer.Informer` marks itself disconnected before its exception
-leaves it, so its readers fail closed until it has listed again.
+What a failure leaves behind is the loop's own business: an
+:class:`~phabmesh.kube.informer.Informer` handles its own (it marks itself disconnected, so
+its readers fail closed, and lists again), so its failures are counted as
+``watch:<resource>`` and it never ends.
 """
 
 from __future__ import annotations
