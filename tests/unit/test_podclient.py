@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -74,9 +75,8 @@ def test_a_refusal_carries_the_endpoints_retry_after(endpoint: str) -> None:
     assert (refused.value.retryable, refused.value.retry_after) == (True, 7.0)
 
 
-def test_watch_waits_what_the_endpoint_asks() -> None:
-    outcomes: list[object] = [podclient.ExchangeError("busy", retry_after=7.0), _credential(15)]
-    sleeps: list[float] = []
+def _in_turn(outcomes: list[object]) -> Callable[[], podclient.Credential]:
+    """A fetch that gives each of ``outcomes`` in turn, raising the errors among them."""
 
     def fetch() -> podclient.Credential:
         outcome = outcomes.pop(0)
@@ -84,6 +84,15 @@ def test_watch_waits_what_the_endpoint_asks() -> None:
             raise outcome
         assert isinstance(outcome, podclient.Credential)
         return outcome
+
+    return fetch
+
+
+def test_watch_waits_what_the_endpoint_asks() -> None:
+    outcomes: list[object] = [podclient.ExchangeError("busy", retry_after=7.0), _credential(15)]
+    sleeps: list[float] = []
+
+    fetch = _in_turn(outcomes)
 
     podclient.watch(fetch, lambda _: None, stop=lambda: not outcomes, sleep=sleeps.append,
                     now=lambda: NOW)  # fmt: skip
@@ -140,12 +149,7 @@ def test_watch_backs_off_on_failure_then_refreshes() -> None:
     stored: list[podclient.Credential] = []
     sleeps: list[float] = []
 
-    def fetch() -> podclient.Credential:
-        outcome = outcomes.pop(0)
-        if isinstance(outcome, Exception):
-            raise outcome
-        assert isinstance(outcome, podclient.Credential)
-        return outcome
+    fetch = _in_turn(outcomes)
 
     podclient.watch(
         fetch,
