@@ -27,6 +27,7 @@ from phabmesh.backoff import Backoff
 log = structlog.get_logger(__name__)
 
 FIRST_PAUSE, MAX_PAUSE = 0.1, 30.0  # seconds before a failed loop starts again, doubling
+PAUSES = Backoff(FIRST_PAUSE, MAX_PAUSE)
 STEADY = 60.0  # a loop that ran this long starts again after the first pause
 
 
@@ -48,4 +49,4 @@ async def supervise(name: str, run: Callable[[], Awaitable[object]]) -> None:
             log.exception("task_failed", task=name)
         metrics.current().task_failed(name)
         failures = 1 if time.monotonic() - started >= STEADY else failures + 1
-        await asyncio.sleep(Backoff(FIRST_PAUSE, MAX_PAUSE).delay(failures))
+        await asyncio.sleep(PAUSES.delay(failures))

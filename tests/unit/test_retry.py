@@ -14,11 +14,12 @@ from tests.unit.test_decide import binding, bot, lease, pod
 
 
 def test_backoff_doubles_up_to_the_cap_and_never_waits_less_than_half() -> None:
+    policy = retry.Retries().policy
     for attempt, full in [(1, 0.2), (2, 0.4), (3, 0.8), (9, 30.0), (10_000, 30.0)]:
         for _ in range(50):
-            delay = retry.backoff(attempt)
+            delay = policy.delay(attempt)
             assert full / 2 <= delay <= full
-    assert retry.backoff(0) <= retry.BASE  # nonsense attempts are the first one
+    assert policy.delay(0) <= retry.BASE  # nonsense attempts are the first one
 
 
 def test_one_retry_per_key_backing_off_until_it_succeeds() -> None:

@@ -17,7 +17,7 @@ def _failures(registry: metrics.Metrics, task: str) -> float:
 async def test_a_failing_task_is_counted_and_started_again_until_cancelled(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(tasks, "FIRST_PAUSE", 0.001)
+    monkeypatch.setattr(tasks, "PAUSES", tasks.Backoff(0.001, tasks.MAX_PAUSE))
     registry = metrics.Metrics()
     metrics.use(registry)
     runs: list[int] = []

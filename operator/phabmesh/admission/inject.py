@@ -124,9 +124,10 @@ class Injection:
     gateway_url: str
     agent_image: str = "phabmesh"
     agent: resources.AgentMode = resources.AGENT_NONE
-    # The agent's requests and limits: ((requests|limits, cpu|memory), quantity or "" for
-    # none, the setting that gave it), from Settings.agent_resources.
-    agent_resources: tuple[tuple[tuple[str, str], str, str], ...] = ()
+    # The agent's requests and limits, (requests|limits, cpu|memory) → quantity or "" for
+    # none, and → the setting that gave it (Settings.agent_resources).
+    agent_quantities: Mapping[tuple[str, str], str] = dataclasses.field(default_factory=dict)
+    agent_sources: Mapping[tuple[str, str], str] = dataclasses.field(default_factory=dict)
 
     def volume(self) -> dict[str, Any]:
         return {
@@ -181,8 +182,7 @@ class Injection:
         """The agent's requests and limits: the defaults, with the pod's annotations over
         them."""
         annotations = _annotations(pod)
-        values = {key: text for key, text, _ in self.agent_resources}
-        names = {key: name for key, _, name in self.agent_resources}
+        values, names = dict(self.agent_quantities), dict(self.agent_sources)
         for key, annotation in RESOURCE_ANNOTATIONS.items():
             if annotation in annotations:
                 values[key] = str(annotations[annotation]).strip()
@@ -388,14 +388,15 @@ def args_mode(container: Mapping[str, Any]) -> str:
 
 def injection_from(settings: Any) -> Injection:
     """The injection a :class:`~phabmesh.settings.Settings` describes."""
-    values, names = settings.agent_resources()
+    quantities, sources = settings.agent_resources()
     return Injection(
         audience=settings.token_audience,
         expiration_seconds=max(MIN_TOKEN_SECONDS, int(settings.injected_token_ttl)),
         credential_endpoint=settings.injected_credential_endpoint,
         gateway_url=settings.injected_gateway_url,
         agent_image=settings.agent_image,
-        agent_resources=tuple((key, text, names[key]) for key, text in values.items()),
+        agent_quantities=quantities,
+        agent_sources=sources,
     )
 
 

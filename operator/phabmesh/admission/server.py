@@ -70,6 +70,7 @@ NICENESS = 19  # the child's CPU priority: the lowest (os.nice), so a flood yiel
 OOM_SCORE_ADJ = 1000  # the first the kernel ends when the pod runs out of memory (restarted)
 REPORT_EVERY = 1.0  # seconds between the child's counts to the operator
 RESTART_FIRST, RESTART_MAX = 0.5, 30.0  # pause before restarting the child, doubling
+RESTARTS = Backoff(RESTART_FIRST, RESTART_MAX)
 STEADY = 60.0  # a child that served this long restarts after the first pause again
 
 # Refusals (the `reason` label of phabmesh_webhook_refused_total).
@@ -392,7 +393,7 @@ class WebhookSupervisor:
                 code = await self._run_once()
                 self.ready = False
                 exits = 1 if loop.time() - started > STEADY else exits + 1
-                pause = Backoff(RESTART_FIRST, RESTART_MAX).delay(exits)
+                pause = RESTARTS.delay(exits)
                 log.error("webhook_process_exited", code=code, restart_in=round(pause, 1))
                 await asyncio.sleep(pause)
         finally:

@@ -23,18 +23,11 @@ BASE = 0.2  # seconds before the first retry
 CAP = 30.0  # seconds: no retry waits longer
 
 
-def backoff(attempt: int, *, base: float = BASE, cap: float = CAP) -> float:
-    """Seconds to wait before retry number ``attempt`` (1, 2, ...): phabmesh's one retry
-    policy (:mod:`phabmesh.backoff`) from ``base`` up to ``cap``."""
-    return Backoff(base, cap).delay(attempt)
-
-
 class Retries:
     """Retries scheduled per key (a pod's UID): one pending at a time, backing off."""
 
     def __init__(self, *, base: float = BASE, cap: float = CAP) -> None:
-        self.base = base
-        self.cap = cap
+        self.policy = Backoff(base, cap)  # phabmesh's one retry policy (phabmesh.backoff)
         self._failures: dict[Hashable, int] = {}
         self._pending: dict[Hashable, asyncio.Task[None]] = {}
 
@@ -44,7 +37,7 @@ class Retries:
             return None
         attempt = self._failures.get(key, 0) + 1
         self._failures[key] = attempt
-        delay = backoff(attempt, base=self.base, cap=self.cap)
+        delay = self.policy.delay(attempt)
         self._pending[key] = asyncio.create_task(self._later(key, delay, again))
         log.info("write_retry_scheduled", key=str(key), attempt=attempt, delay=round(delay, 3))
         return delay
