@@ -426,6 +426,9 @@ MIB = 1 << 20
 BIG_ANSWER_BYTES = 14 * MIB  # under the default PHABMESH_MAX_RESPONSE_BYTES (16 MiB)
 
 
+PLAIN_FLOOD = "300 plain bodies of 1 MiB, no credential"
+
+
 def _flood_bodies() -> dict[str, tuple[str, bytes, dict[str, str], int]]:
     """What each gateway flood sends: (method, body, headers, at once)."""
     plain = b"a=" + b"0" * (MIB - 2)
@@ -442,7 +445,7 @@ def _flood_bodies() -> dict[str, tuple[str, bytes, dict[str, str], int]]:
             {"Content-Encoding": "gzip"},
             8,
         ),
-        "300 plain bodies of 1 MiB, no credential": ("user.whoami", plain, {}, 300),
+        PLAIN_FLOOD: ("user.whoami", plain, {}, 300),
     }
 
 
@@ -785,6 +788,15 @@ def main() -> None:
         "--identities", type=int, default=50, help="flooding service accounts of one namespace"
     )
     parser.add_argument("--attackers", type=int, default=1, help="hostile connections at once")
+    parser.add_argument(
+        "--only", default="", help="rows: the floods to run, by number (e.g. 4,5); all if empty"
+    )
+    parser.add_argument(
+        "--sender-nice",
+        type=int,
+        default=0,
+        help="rows: the niceness of each flood's sender (10 stands for a sender elsewhere)",
+    )
     args = parser.parse_args()
     rows = asyncio.run(run(args))
     width = max(len(r[0]) for r in rows)
@@ -792,7 +804,9 @@ def main() -> None:
         print(f"{name:<{width}}  {value}")
     print(
         f"\n(python -m bench.hostile --seconds {args.seconds:g} --names {args.names} "
-        f"--flood {args.flood} --parts {args.parts} --attackers {args.attackers})"
+        f"--flood {args.flood} --parts {args.parts} --attackers {args.attackers}"
+        + (f" --only {args.only}" if args.only else "")
+        + (f" --sender-nice {args.sender_nice})" if args.sender_nice else ")")
     )
 
 

@@ -21,17 +21,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import multiprocessing
+import os
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from bench.__main__ import NS, Conduit, Gateway, ms, pct, ready, setup
-from bench.hostile import ShippedOperator, _flood_bodies, _identities_flood, _send_flood
+from bench.hostile import (
+    FORM,
+    PLAIN_FLOOD,
+    ShippedOperator,
+    _flood_bodies,
+    _identities_flood,
+    _send_flood,
+)
 from bench.hostile_webhook import loops
 from phabmesh.dev import devcluster
 from phabmesh.kube import Conflict, KubeClient, load_connection
@@ -42,21 +54,26 @@ LEAD = 1.0  # seconds a flood runs before the probes start
 Flood = Callable[[float], Awaitable[object]]
 
 
-def _in_process(work: Callable[..., object], *args: object) -> Flood:
-    """A flood run by ``work(*args, seconds)`` in a fresh process of its own."""
+def _in_process(niceness: int, work: Callable[..., object], *args: object) -> Flood:
+    """A flood run by ``work(*args, seconds)`` in a fresh process of its own, at
+    ``niceness``."""
 
     async def run(seconds: float) -> object:
         with concurrent.futures.ProcessPoolExecutor(
-            1, mp_context=multiprocessing.get_context("spawn")
+            1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=os.nice,
+            initargs=(niceness,),
         ) as pool:
             return await asyncio.get_running_loop().run_in_executor(pool, work, *args, seconds)
 
     return run
 
 
-def _webhook(port: int) -> Flood:
+def _webhook(niceness: int, port: int) -> Flood:
     async def run(seconds: float) -> object:
         flooder = await asyncio.create_subprocess_exec(
+            "nice", "-n", str(niceness),
             sys.executable, "-m", "bench.webhook_flood", str(port), str(seconds), "8", "400000",
             NS, "runner", stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
@@ -64,6 +81,75 @@ def _webhook(port: int) -> Flood:
         return out.strip().splitlines()[-1] if out.strip() else ""
 
     return run
+
+
+def _bare_server(ready: Any, stop: Any) -> None:
+    """An aiohttp server with nothing of phabmesh: ``conduit.ping`` answered, anything else
+    refused at once (429, connection closed) without its body being read."""
+
+    async def serve() -> None:
+        async def handle(request: web.Request) -> web.Response:
+            if request.match_info["method"] == "conduit.ping":
+                return web.json_response({"result": "pong"})
+            refused = web.Response(status=429, text="busy")
+            refused.force_close()
+            return refused
+
+        app = web.Application()
+        app.router.add_route("*", "/api/{method}", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        ready.put(runner.addresses[0][1])
+        await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+        await runner.cleanup()
+
+    asyncio.run(serve())
+
+
+async def bare_floor(
+    http: aiohttp.ClientSession, niceness: int, what: str, seconds: float
+) -> tuple[str, str]:
+    """The HTTP stack's own floor: ``conduit.ping`` p99 on a bare aiohttp server, alone and
+    during the gateway flood ``what``, sent the same way."""
+    context = multiprocessing.get_context("spawn")
+    ready, stop = context.Queue(), context.Event()
+    server = context.Process(target=_bare_server, args=(ready, stop))
+    server.start()
+    try:
+        port = await asyncio.get_running_loop().run_in_executor(None, ready.get, True, 60)
+        url = f"http://127.0.0.1:{port}/api/"
+
+        async def pings() -> list[float]:
+            took: list[float] = []
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                started = time.perf_counter()
+                async with http.post(url + "conduit.ping", data=b"", headers=FORM) as answer:
+                    await answer.read()
+                took.append(time.perf_counter() - started)
+                await asyncio.sleep(0.01)
+            return took
+
+        alone = await pings()
+        _, body, headers, count = _flood_bodies()[what]
+        running = asyncio.create_task(
+            _in_process(niceness, _send_flood, url + "user.whoami", body, headers, count)(
+                seconds + LEAD + 3
+            )
+        )
+        await asyncio.sleep(LEAD)
+        during = await pings()
+        await running
+    finally:
+        stop.set()
+        server.join(10)
+    added = pct(during, 99) - pct(alone, 99)
+    return (
+        "floor",
+        f"the same flood ({what}) against a bare aiohttp server that refuses it at once: "
+        f"conduit.ping p99 {ms(pct(during, 99))} ({'+' if added >= 0 else ''}{ms(added)})",
+    )
 
 
 def _row(name: str, alone: tuple[list[float], ...], during: tuple[list[float], ...]) -> str:
@@ -100,15 +186,18 @@ async def flood_rows(
         gateway_url = f"http://127.0.0.1:{gateway.port}/api/user.whoami"
         issuer_url = f"http://127.0.0.1:{operator.issuer_port}/v1/credentials"
         floods: list[tuple[str, Flood]] = [
-            ("webhook: 8 x 400 KB AdmissionReviews", _webhook(operator.webhook_port))
+            (
+                "webhook: 8 x 400 KB AdmissionReviews",
+                _webhook(args.sender_nice, operator.webhook_port),
+            )
         ]
         for what, (_, body, headers, count) in _flood_bodies().items():
-            sender = _in_process(_send_flood, gateway_url, body, headers, count)
+            sender = _in_process(args.sender_nice, _send_flood, gateway_url, body, headers, count)
             floods.append((f"gateway: {what}", sender))
         floods.append(
             (
                 f"credential endpoint: forged tokens from {args.identities} identities",
-                _in_process(_identities_flood, issuer_url, args.identities),
+                _in_process(args.sender_nice, _identities_flood, issuer_url, args.identities),
             )
         )
         rows = [
@@ -120,12 +209,20 @@ async def flood_rows(
                 ),
             )
         ]
-        for n, (name, flood) in enumerate(floods):
+        only = {int(n) for n in args.only.split(",") if n.strip()}
+        for n, (name, flood) in enumerate(floods, 1):
+            if only and n not in only:
+                continue
             running = asyncio.create_task(flood(seconds + LEAD + 3))
             await asyncio.sleep(LEAD)
             during = await probes(f"f{n}")
-            await running
-            rows.append((f"flood {n + 1}", _row(name, alone, during)))
+            answered = await running
+            if isinstance(answered, list):  # the identities flood: one status per call
+                answered = dict(collections.Counter(answered))
+            rows.append((f"flood {n}", _row(name, alone, during)))
+            rows.append(("", f"  the flood was answered: {answered}"))
+        if not only or 4 in only:
+            rows.append(await bare_floor(http, args.sender_nice, PLAIN_FLOOD, seconds))
         return rows
     finally:
         operator.stop()

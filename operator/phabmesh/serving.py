@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import socket
@@ -109,6 +110,37 @@ def free_ports(host: str, count: int) -> int:
                 continue
             return port
     raise OSError(f"no {count} consecutive free ports on {host}")
+
+
+class Holds:
+    """Refusals of a caller over its own share, answered late: a flood waits for its answers
+    instead of being answered as fast as it can ask (as nginx's ``limit_req`` delays the
+    requests over a rate).
+
+    A caller that honours ``Retry-After`` loses little: it would have waited anyway. A
+    flooding caller's connections sit idle for the hold, so it gets about ``limit / seconds``
+    refusals a second in all, instead of as many as the event loop can write, while everyone
+    else's calls are served beside them. At most ``limit`` refusals are held at once (each
+    keeps a connection); past that they are answered at once.
+    """
+
+    def __init__(self, limit: int, seconds: float) -> None:
+        self.limit = limit
+        self.seconds = seconds
+        self.held = 0
+
+    async def hold(self, retry_after: float) -> float:
+        """Wait up to ``retry_after`` seconds (at most :attr:`seconds`) while a place is
+        free; the seconds waited."""
+        wait = min(retry_after, self.seconds)
+        if wait <= 0 or self.held >= self.limit:
+            return 0.0
+        self.held += 1
+        try:
+            await asyncio.sleep(wait)
+        finally:
+            self.held -= 1
+        return wait
 
 
 MAX_SOURCE_NAME = 253  # a Kubernetes object name; no identity is longer

@@ -199,7 +199,9 @@ async def test_many_service_accounts_of_one_namespace_drain_only_its_share(
 
     for who, (status, body, _) in answers.items():
         assert status == 200, (who, status, body)
-    assert statuses.count(429) > len(statuses) / 2, "the flood was not limited"
+    # Refused for the namespace's budget (each refusal held a while, so a few hundred), and
+    # limited to the namespace's share of reviews (below).
+    assert 429 in statuses, "the flood was never refused for its budget"
     assert set(statuses) <= {401, 429}
     # The flood's namespace share (and the two real reviews), however many identities.
     share = settings.token_review_namespace_burst + settings.token_review_namespace_qps * elapsed

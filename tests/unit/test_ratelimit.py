@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from phabmesh import ratelimit
+import asyncio
+
+from phabmesh import ratelimit, serving
 
 
 class Clock:
@@ -48,3 +50,20 @@ def test_several_budgets_are_spent_together_or_not_at_all() -> None:
     clock.now += 1
     assert ratelimit.take_all(small, large) == 0.0
     assert large.tokens == 4  # refilled to its burst of 5, one taken
+
+
+async def test_held_refusals_wait_their_turn_and_are_bounded() -> None:
+    holds = serving.Holds(limit=2, seconds=3600.0)
+    first = asyncio.create_task(holds.hold(5.0))
+    second = asyncio.create_task(holds.hold(9999.0))
+    while holds.held < 2:  # both holding, neither answered
+        await asyncio.sleep(0)
+    assert not first.done() and not second.done()
+    assert await holds.hold(5.0) == 0.0  # past the limit: answered at once
+    assert await holds.hold(0.0) == 0.0  # nothing to wait for
+    for task in (first, second):
+        task.cancel()
+    await asyncio.gather(first, second, return_exceptions=True)
+    assert holds.held == 0  # a cancelled hold gives its place back
+    short = serving.Holds(limit=1, seconds=0.01)
+    assert await short.hold(5.0) == 0.01  # never longer than its own bound

@@ -128,6 +128,10 @@ class RateLimited(Exception):
         self.scope = scope
 
 
+# Refusals for a source's or a namespace's empty TokenReview budget are held before they
+# are answered (serving.Holds): at most this many at once, each at most this long.
+HELD_REFUSALS = 256
+HOLD_SECONDS = 1.0
 UNIDENTIFIED = ""  # the namespace budget of callers without a mesh identity
 RESERVE_NAMESPACE_SHARE = 0.25  # of the lease holders' reserve, what one namespace may take
 
@@ -454,6 +458,7 @@ class CredentialEndpoint:
             collections.OrderedDict()
         )
         self._explain_budget = ratelimit.Bucket(EXPLAIN_QPS, EXPLAIN_BURST)
+        self.holds = serving.Holds(HELD_REFUSALS, HOLD_SECONDS)
         self._explain_per_pod = ratelimit.PerSource(EXPLAIN_POD_QPS, EXPLAIN_POD_BURST)
         self._explain_per_namespace = ratelimit.PerSource(
             EXPLAIN_NAMESPACE_QPS, EXPLAIN_NAMESPACE_BURST
@@ -531,13 +536,7 @@ class CredentialEndpoint:
                 mesh_identity=mesh_identity,
             )
         except RateLimited as exc:
-            retry = max(1, math.ceil(exc.retry_after))
-            scope = _SCOPES.get(exc.scope, "at once")
-            refusal = _error(
-                429, "rate_limited", f"too many credential requests ({scope}); retry in {retry} s"
-            )
-            refusal.headers["Retry-After"] = str(retry)
-            return refusal
+            return await self._rate_limited(exc)
         except KubeError as exc:
             log.warning("token_review_failed", **{logs.ERROR: str(exc)})
             return _error(503, "review_unavailable", "TokenReview failed; retry shortly")
@@ -603,6 +602,20 @@ class CredentialEndpoint:
             }
         )
         return self._mint(lease, now, end, credential_format)
+
+    async def _rate_limited(self, exc: RateLimited) -> web.Response:
+        """The refusal for an empty TokenReview budget, held first when the budget was the
+        caller's own or its namespace's (a flood waits for its answers)."""
+        held = 0.0
+        if exc.scope in _SCOPES:
+            held = await self.holds.hold(math.ceil(exc.retry_after))  # what it is told
+        retry = max(1, math.ceil(exc.retry_after - held))
+        scope = _SCOPES.get(exc.scope, "at once")
+        refusal = _error(
+            429, "rate_limited", f"too many credential requests ({scope}); retry in {retry} s"
+        )
+        refusal.headers["Retry-After"] = str(retry)
+        return refusal
 
     def _refused_at_once(self, request: web.Request) -> web.Response | None:
         """A refusal that needs no review: the endpoint is starting, or the call did not

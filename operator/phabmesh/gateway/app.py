@@ -52,7 +52,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from phabmesh import credentials, logs, matching, metrics, neterrors, resources
+from phabmesh import credentials, logs, matching, metrics, neterrors, resources, serving
 from phabmesh.conduit import client as conduit_client
 from phabmesh.conduit import responses, wire
 from phabmesh.gateway import offload
@@ -60,7 +60,6 @@ from phabmesh.gateway.budget import Budget, Held
 from phabmesh.gateway.state import GatewayState
 from phabmesh.identity import vouched_client_id
 from phabmesh.leases.view import LeaseView
-from phabmesh.serving import local_address, review_source
 from phabmesh.settings import Settings
 
 log = structlog.get_logger("phabmesh.audit")
@@ -92,6 +91,11 @@ METRIC_METHOD = web.RequestKey("phabmesh.metric_method", str)
 # What the request holds of the gateway's byte budgets, given back once it is answered.
 HELD = web.RequestKey("phabmesh.held", Held)
 RETRY_AFTER_SECONDS = 1
+# Refusals of a source over its share are held before they are answered (serving.Holds):
+# at most this many at once (each keeps its connection, but none of its body), each for at
+# most this long.
+HELD_REFUSALS = 256
+HOLD_SECONDS = 1.0
 
 
 def envelope(
@@ -133,6 +137,14 @@ class Refusal(Exception):
 
     def response(self, accept_encoding: str | None = None) -> web.Response:
         return envelope(self.code, self.info, self.status, accept_encoding, self.retry_after)
+
+
+def _stop_reading(request: web.Request) -> None:
+    """Read no more of a refused request's body, and drop what was read of it."""
+    if not request.content.is_eof():
+        request.content.read_nowait()  # may resume reading, paused again at once below
+        if request.transport is not None:
+            request.transport.pause_reading()
 
 
 def _busy(exc: offload.Busy, what: str) -> Refusal:
@@ -235,6 +247,7 @@ class Gateway:
         self.upstream = settings.phabricator_url.rstrip("/")
         self.verified = credentials.VerifiedCache()
         self._session: aiohttp.ClientSession | None = None
+        self.holds = serving.Holds(HELD_REFUSALS, HOLD_SECONDS)
         s = settings
         self.workers = offload.Workers(
             s.gateway_decode_workers, s.gateway_decode_queue, s.gateway_decode_share
@@ -280,8 +293,8 @@ class Gateway:
         app.router.add_route("*", "/api/{method}", self.handle)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        source = review_source(
-            request.headers.get(CLIENT_ID_HEADER), request.remote, local_address(request)
+        source = serving.review_source(
+            request.headers.get(CLIENT_ID_HEADER), request.remote, serving.local_address(request)
         )
         held = request[HELD] = Held(source)
         try:
@@ -302,6 +315,9 @@ class Gateway:
             decision = audit.get(logs.DECISION, "allowed")
         except Refusal as refusal:
             request[HELD].release()  # nothing of a refused call is kept while it is answered
+            if refusal.reason.endswith("_share") and refusal.retry_after:  # the flooder waits
+                _stop_reading(request)
+                await self.holds.hold(refusal.retry_after)
             response = refusal.response(request.headers.get("Accept-Encoding"))
             if not request.content.is_eof():
                 # Refused before its body was read: the connection is closed after the answer,
@@ -375,7 +391,7 @@ class Gateway:
         # Only Linkerd's mTLS proves the caller meshed: the header as the serving pod's own
         # proxy sets it (from anywhere else, anyone may have written it).
         if (self.settings.require_client_id or rules.require_client_id) and vouched_client_id(
-            client_id, request.remote, local_address(request)
+            client_id, request.remote, serving.local_address(request)
         ) is None:
             required = (
                 "this gateway requires"
