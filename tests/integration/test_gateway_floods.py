@@ -246,3 +246,24 @@ def test_the_gateways_memory_stays_under_its_limit_under_floods(
     assert held[0] < CHART_LIMIT_MIB, summary
     # And it still answers, as before.
     assert allowed()
+
+
+def test_a_held_refusal_leaves_a_kept_alive_connection_usable(child: GatewayChild) -> None:
+    """Busy refusals of a source over its share are held before they are answered; one whose
+    body was read whole keeps its connection, which then serves the next call."""
+    bomb = gzip.compress(b"a=" + b"0" * (MIB - 2))
+    whoami, ping = f"{child.base}/user.whoami", f"{child.base}/conduit.ping"
+
+    async def flood_then_ping() -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        connector = aiohttp.TCPConnector(limit=48)
+        timeout = aiohttp.ClientTimeout(total=60)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+            gz = {"Content-Encoding": "gzip"}
+            refused = await asyncio.gather(*(_send(http, whoami, bomb, gz) for _ in range(48)))
+            # The same 48 connections, kept alive, each asked again.
+            pings = await asyncio.gather(*(_send(http, ping, b"", {}) for _ in range(48)))
+            return list(refused), list(pings)
+
+    refused, pings = asyncio.run(flood_then_ping())
+    assert any(a[:2] == (429, "ERR-GATEWAY-BUSY") for a in refused), refused
+    assert all(p[:2] == (200, "None") for p in pings), pings

@@ -140,11 +140,11 @@ class Refusal(Exception):
 
 
 def _stop_reading(request: web.Request) -> None:
-    """Read no more of a refused request's body, and drop what was read of it."""
-    if not request.content.is_eof():
-        request.content.read_nowait()  # may resume reading, paused again at once below
-        if request.transport is not None:
-            request.transport.pause_reading()
+    """Read no more of a refused request's body, and drop what was read of it (its
+    connection is closed once it is answered)."""
+    request.content.read_nowait()  # may resume reading, paused again at once below
+    if request.transport is not None:
+        request.transport.pause_reading()
 
 
 def _busy(exc: offload.Busy, what: str) -> Refusal:
@@ -315,11 +315,13 @@ class Gateway:
             decision = audit.get(logs.DECISION, "allowed")
         except Refusal as refusal:
             request[HELD].release()  # nothing of a refused call is kept while it is answered
+            unread = not request.content.is_eof()
             if refusal.reason.endswith("_share") and refusal.retry_after:  # the flooder waits
-                _stop_reading(request)
+                if unread:
+                    _stop_reading(request)
                 await self.holds.hold(refusal.retry_after)
             response = refusal.response(request.headers.get("Accept-Encoding"))
-            if not request.content.is_eof():
+            if unread:
                 # Refused before its body was read: the connection is closed after the answer,
                 # so the rest of the body is never received (nor drained on the event loop).
                 response.force_close()
