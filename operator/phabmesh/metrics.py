@@ -30,6 +30,8 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from phabmesh.clock import utcnow
+
 OTHER = "other"  # any label value outside its enumeration
 
 # PhabricatorBot Ready reasons (phabmesh.controller.bots).
@@ -209,7 +211,7 @@ class _ActiveLeases(Collector):
         family = self._family()
         source = self._source() if self._source is not None else None
         if source is not None:
-            now = datetime.datetime.now(datetime.UTC)
+            now = utcnow()
             for (namespace, binding), count in sorted(source.active_leases(now).items()):
                 family.add_metric([namespace, binding], float(count))
         return [family]

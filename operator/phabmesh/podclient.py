@@ -25,6 +25,7 @@ import structlog
 
 from phabmesh import neterrors
 from phabmesh.backoff import Backoff, parse_retry_after
+from phabmesh.clock import Clock, utcnow
 
 log = structlog.get_logger(__name__)
 
@@ -148,7 +149,7 @@ def watch(
     *,
     stop: Callable[[], bool] = lambda: False,
     sleep: Callable[[float], None] = time.sleep,
-    now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
+    now: Clock = utcnow,
     max_backoff: float = 30.0,
 ) -> None:
     """Keep a fresh credential stored until ``stop()``; retry failures with backoff (or

@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from phabmesh.clock import format_time
+
 GROUP = "phabmesh.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -362,10 +364,6 @@ STATUSES: dict[str, type[_Model]] = {
 }
 
 
-def _timestamp(now: datetime.datetime) -> str:
-    return now.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def parse_conditions(raw: object) -> list[Condition]:
     """Conditions as stored on an object; malformed entries are dropped."""
     out: list[Condition] = []
@@ -404,7 +402,7 @@ def set_condition(
     if previous is not None and previous.status == new.status and previous.last_transition_time:
         stamp = previous.last_transition_time
     else:
-        stamp = _timestamp(now)
+        stamp = format_time(now)
     updated = new.model_copy(update={"last_transition_time": stamp})
     rest = [c for c in conditions if c.type != new.type]
     return sorted([*rest, updated], key=lambda c: c.type)

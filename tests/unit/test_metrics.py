@@ -12,13 +12,14 @@ import pytest
 from prometheus_client import generate_latest
 
 from phabmesh import metrics, resources
+from phabmesh.clock import format_time
 from phabmesh.controller import bots, peering
 from phabmesh.endpoint import app as endpoint_app
 from phabmesh.gateway import app as gateway_app
 from phabmesh.kube.client import JSON
 from phabmesh.kube.informer import Informer, resource_of
 from phabmesh.leases import decide
-from phabmesh.leases.view import LeaseView, format_time
+from phabmesh.leases.view import LeaseView
 from phabmesh.leases.world import BindingView, World
 
 NOW = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)

@@ -35,14 +35,13 @@ from phabmesh.admission.certificates import (
     CA_LIFETIME,
     CERT_LIFETIME,
     RENEW_BEFORE,
-    Clock,
     Material,
     issue,
     load_into,
     server_context,
     service_names,
-    utcnow,
 )
+from phabmesh.clock import Clock, utcnow
 from phabmesh.kube import Conflict, KubeClient, KubeError, NotFound
 from phabmesh.kube.client import JSON, resource_path
 
@@ -205,12 +204,10 @@ __all__ = [  # the certificates' names stay reachable here, where callers have f
     "CHECK_EVERY",
     "RENEW_BEFORE",
     "WEBHOOK_SUFFIX",
-    "Clock",
     "Material",
     "WebhookTLS",
     "issue",
     "load_into",
     "server_context",
     "service_names",
-    "utcnow",
 ]

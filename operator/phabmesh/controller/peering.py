@@ -38,10 +38,10 @@ from collections.abc import Iterable
 
 import structlog
 
+from phabmesh.clock import parse_time, utcnow
 from phabmesh.kube import KubeClient, KubeError
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.kube.informer import Informer
-from phabmesh.leases.view import parse_time
 
 GROUP, VERSION, PLURAL = "kopf.dev", "v1", "clusterkopfpeerings"
 # Seconds before its own keep-alive runs out that a replica stops acting: less than the 5 s
@@ -149,7 +149,7 @@ class PeeringView:
         while True:
             await asyncio.sleep(RENEW_POLL)
             deadline = self.own_deadline()
-            now = datetime.datetime.now(datetime.UTC)
+            now = utcnow()
             if self.stopping or not self.informer.connected or deadline is None:
                 continue
             if deadline - now > RENEW_LEFT:
@@ -172,7 +172,7 @@ class PeeringView:
         listed = self.informer.items.get(self.name)
         if listed is None or not self.informer.synced.is_set():
             return False
-        now = now or datetime.datetime.now(datetime.UTC)
+        now = now or utcnow()
         return acting(listed, self.identity, self.priority, now) and not fenced(
             listed, self.identity, now
         )

@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from phabmesh import identity, logs, metrics, resources
+from phabmesh.clock import format_time
 from phabmesh.controller import bots as botcheck
 from phabmesh.controller.retry import Retries
 from phabmesh.kube import Conflict, KubeError
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.leases import decide
-from phabmesh.leases.view import LeaseView, format_time
+from phabmesh.leases.view import LeaseView
 from phabmesh.leases.world import NOT_CHECKED, BindingView, BotView, Key, World, conditions_of
 
 if TYPE_CHECKING:

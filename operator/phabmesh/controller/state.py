@@ -13,8 +13,9 @@ import requests
 import structlog
 
 from phabmesh import conduit, identity, tasks
+from phabmesh.clock import Clock, utcnow
 from phabmesh.controller import reconcilers
-from phabmesh.controller.writer import Clock, Writer, utcnow
+from phabmesh.controller.writer import Writer
 from phabmesh.kube import KubeClient, load_connection
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.kube.informer import Informer

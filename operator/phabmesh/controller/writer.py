@@ -13,14 +13,13 @@ from typing import Any
 import structlog
 
 from phabmesh import identity, logs, metrics, resources
+from phabmesh.clock import Clock, format_time, utcnow
 from phabmesh.kube import Conflict, KubeClient, NotFound, events
 from phabmesh.kube.client import JSON, resource_path
-from phabmesh.leases.view import LeaseView, format_time
+from phabmesh.leases.view import LeaseView
 from phabmesh.leases.world import BindingView, World
 
 log = structlog.get_logger(__name__)
-
-Clock = Callable[[], datetime.datetime]
 
 
 class LeaseBusy(Exception):
@@ -37,10 +36,6 @@ class NotActing(Exception):
 
     def __init__(self) -> None:
         super().__init__("this operator replica is not acting (peering): write deferred")
-
-
-def utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
 
 
 def lease_name(pod_name: str, binding: str, pod_uid: str) -> str:

@@ -10,22 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-from collections.abc import Callable
 
 import structlog
 
 from phabmesh import credentials, metrics
+from phabmesh.clock import Clock, utcnow
 from phabmesh.kube import Conflict, KubeClient, NotFound
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.kube.informer import Informer
 
 log = structlog.get_logger(__name__)
-
-Clock = Callable[[], datetime.datetime]
-
-
-def _utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
 
 
 class KeyStore:
@@ -37,7 +31,7 @@ class KeyStore:
         *,
         rotate_every: datetime.timedelta,
         max_credential_ttl: datetime.timedelta,
-        clock: Clock = _utcnow,
+        clock: Clock = utcnow,
     ) -> None:
         self.client = client
         self.namespace = namespace

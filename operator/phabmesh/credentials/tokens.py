@@ -29,6 +29,7 @@ import jwt
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from phabmesh.clock import utcnow
 from phabmesh.credentials import errors
 from phabmesh.credentials.keys import ALGORITHM, KeyRing, b64url_decode
 
@@ -314,7 +315,7 @@ def verify_with_jwks(
             key = _jwk_key(jwk)
             if key is None:
                 continue
-            when = now if now is not None else datetime.datetime.now(datetime.UTC)
+            when = now if now is not None else utcnow()
             return _check(parsed, key, audience=audience, issuer=issuer, now=when, leeway=leeway)
     raise errors.UnknownKey("credential signed by a key the JWKS does not list")
 

@@ -42,13 +42,14 @@ from phabmesh import (
     resources,
     serving,
 )
+from phabmesh.clock import format_time, utcnow
 from phabmesh.credentials.keystore import KeyStore
 from phabmesh.kube import KubeClient, KubeError, NotFound
 from phabmesh.kube.client import resource_path
 from phabmesh.leases import decide
 from phabmesh.leases.grants import BindingFacts, Grants, credential_end
 from phabmesh.leases.index import LeaseIndex
-from phabmesh.leases.view import LeaseView, format_time
+from phabmesh.leases.view import LeaseView
 from phabmesh.serving import review_source
 from phabmesh.settings import Settings
 
@@ -441,7 +442,7 @@ class CredentialEndpoint:
         self.keys = keys
         self.leases = leases
         self.reviewer = reviewer
-        self.clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
+        self.clock = clock or utcnow
         self.naming = identity.Naming(
             control_plane_namespace=settings.linkerd_namespace,
             trust_domain=settings.trust_domain,

@@ -53,6 +53,7 @@ import structlog
 from aiohttp import web
 
 from phabmesh import credentials, logs, matching, metrics, neterrors, resources, serving
+from phabmesh.clock import utcnow
 from phabmesh.conduit import client as conduit_client
 from phabmesh.conduit import responses, wire
 from phabmesh.gateway import offload
@@ -243,7 +244,7 @@ class Gateway:
     ) -> None:
         self.settings = settings
         self.state = state
-        self.clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
+        self.clock = clock or utcnow
         self.upstream = settings.phabricator_url.rstrip("/")
         self.verified = credentials.VerifiedCache()
         self._session: aiohttp.ClientSession | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import uuid
 
+from phabmesh.clock import format_time
 from phabmesh.kube.client import JSON
 
 
@@ -20,7 +21,7 @@ def event_body(
 ) -> JSON:
     """An Event about ``ref`` (an ``involvedObject``) in its namespace ("default" for a
     cluster-scoped object), named after it with a random suffix, its message capped at 1 KiB."""
-    stamp = now.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = format_time(now)
     namespace = str(ref.get("namespace") or "default")
     return {
         "apiVersion": "v1",

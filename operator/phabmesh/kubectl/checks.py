@@ -16,12 +16,12 @@ from typing import Any
 
 from phabmesh import apicalls, conduit, credentials, gatewayrole, identity, resources
 from phabmesh.admission import certificates, tls
+from phabmesh.clock import parse_time
 from phabmesh.kube import KubeError
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.kubectl import cluster, injection
 from phabmesh.kubectl.output import Report
 from phabmesh.leases import grants
-from phabmesh.leases.view import parse_time
 from phabmesh.settings import Settings
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"

@@ -13,6 +13,7 @@ import aiohttp
 from kubernetes import config as k8s_config
 
 from phabmesh import resources
+from phabmesh.clock import utcnow
 from phabmesh.kube import KubeClient, NotFound, events, load_connection
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.settings import Settings
@@ -133,7 +134,7 @@ class Session:
         if server.tzinfo is None:
             server = server.replace(tzinfo=datetime.UTC)
         # The Date is truncated to the second: on average half a second behind.
-        return server + datetime.timedelta(seconds=0.5) - datetime.datetime.now(datetime.UTC)
+        return server + datetime.timedelta(seconds=0.5) - utcnow()
 
     async def whoami(self) -> str:
         """The caller's user name (SelfSubjectReview), for the audit line; "" if unknown."""

@@ -6,25 +6,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
 
 from phabmesh import identity, logs, resources
+from phabmesh.clock import format_time, utcnow
 from phabmesh.kube import KubeError
 from phabmesh.kube.client import JSON, resource_path
 from phabmesh.kubectl import cluster
 from phabmesh.kubectl.output import Report
 from phabmesh.leases import decide, grants
-from phabmesh.leases.view import LeaseView, format_time
+from phabmesh.leases.view import LeaseView
 
 log = structlog.get_logger("phabmesh.kubectl")
-Clock = Callable[[], datetime.datetime]
-
-
-def utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
 
 
 def naming_of(settings: Any) -> identity.Naming:

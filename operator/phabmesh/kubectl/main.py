@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from phabmesh import __version__, logs
+from phabmesh.clock import utcnow
 from phabmesh.kube import KubeError
 from phabmesh.kubectl import checks, cluster, commands, output, precheck
 
@@ -103,7 +104,7 @@ def options_of(args: argparse.Namespace) -> cluster.Options:
 
 async def _run(args: argparse.Namespace, target: tuple[str, str] | None) -> output.Report:
     options = options_of(args)
-    now = commands.utcnow()
+    now = utcnow()
     async with cluster.Session(options) as session:
         if args.command == "check" and args.pre:
             return checks.report(await precheck.run(session))

@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 from phabmesh import resources
+from phabmesh.clock import utcnow
 from phabmesh.credentials import phorge
 from phabmesh.kube import KubeClient
 from phabmesh.kube.client import resource_path
@@ -111,7 +112,7 @@ class LeaseIndex:
         start = old.renewed_at or old.issued_at
         if start is None:
             return
-        horizon = datetime.datetime.now(datetime.UTC) - TERM_KEPT_PAST_END
+        horizon = utcnow() - TERM_KEPT_PAST_END
         term = (int(old.expires_at.timestamp()), int(start.timestamp()))
         kept = [t for t in self._terms.get(old.uid, ()) if t[0] > horizon.timestamp()]
         if term[0] > horizon.timestamp() and term not in kept:

@@ -10,17 +10,8 @@ import datetime
 from collections.abc import Mapping
 from typing import Any
 
+from phabmesh.clock import parse_time
 from phabmesh.credentials import phorge
-
-
-def parse_time(value: object) -> datetime.datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def format_time(value: datetime.datetime) -> str:
-    return value.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclasses.dataclass(frozen=True)
