@@ -8,9 +8,10 @@ from none. The clock is injected.
 
 from __future__ import annotations
 
-import collections
 import time
 from collections.abc import Callable
+
+import cachetools
 
 Clock = Callable[[], float]
 
@@ -59,7 +60,7 @@ class PerSource:
         self.burst = burst
         self.max_sources = max_sources
         self.clock = clock
-        self.buckets: collections.OrderedDict[str, Bucket] = collections.OrderedDict()
+        self.buckets: cachetools.LRUCache[str, Bucket] = cachetools.LRUCache(max_sources)
 
     def take(self, source: str) -> float:
         """:meth:`Bucket.take` on ``source``'s own bucket."""
@@ -69,11 +70,7 @@ class PerSource:
 
     def bucket(self, source: str) -> Bucket:
         """``source``'s own bucket (a full one for a source not seen, or forgotten)."""
-        bucket = self.buckets.get(source)
+        bucket = self.buckets.get(source)  # the least recently seen is forgotten first
         if bucket is None:
             bucket = self.buckets[source] = Bucket(self.rate, self.burst, self.clock)
-            while len(self.buckets) > self.max_sources:
-                self.buckets.popitem(last=False)
-        else:
-            self.buckets.move_to_end(source)
         return bucket

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import datetime
 import hashlib
 from collections.abc import Callable
 from typing import Any
 
+import cachetools
 import structlog
 
 from phabmesh import identity, logs, metrics, resources
@@ -87,8 +87,8 @@ class Writer:
         self.world = world
         self.clock = clock
         self._pending: set[asyncio.Task[None]] = set()
-        self._announced: collections.OrderedDict[tuple[str, str, str], None] = (
-            collections.OrderedDict()
+        self._announced: cachetools.LRUCache[tuple[str, str, str], None] = cachetools.LRUCache(
+            self.MAX_ANNOUNCED
         )
 
     async def close(self) -> None:
@@ -273,8 +273,6 @@ class Writer:
         if said in self._announced:
             return
         self._announced[said] = None
-        if len(self._announced) > self.MAX_ANNOUNCED:
-            self._announced.popitem(last=False)
         metrics.current().lease_revoked(reason)
         log.info(
             "lease_revoked",

@@ -16,7 +16,6 @@ then issuer, audience and times against an injected clock and leeway.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import datetime
 import json
@@ -25,6 +24,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+import cachetools
 import jwt
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -357,7 +357,7 @@ class VerifiedCache:
 
     def __init__(self, size: int = 10_000) -> None:
         self.size = size
-        self._items: collections.OrderedDict[str, Claims] = collections.OrderedDict()
+        self._items: cachetools.LRUCache[str, Claims] = cachetools.LRUCache(size)
         self._ring: KeyRing | None = None
 
     def __len__(self) -> int:
@@ -379,10 +379,7 @@ class VerifiedCache:
         claims = self._items.get(token)
         if claims is None or claims.audience != audience or claims.issuer != issuer:
             claims = verify(token, ring, audience=audience, issuer=issuer, now=now, leeway=leeway)
-            self._items[token] = claims
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+            self._items[token] = claims  # the least recently used out past ``size``
             return claims
         _check_times(claims.issued_at, claims.not_before, claims.expires_at, now, leeway)
-        self._items.move_to_end(token)
         return claims

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import collections
 import datetime
 import hashlib
 import json
@@ -30,6 +29,7 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
+import cachetools
 import structlog
 from aiohttp import web
 
@@ -194,10 +194,13 @@ class TokenReviewer:
         self.negative_ttl = negative_ttl
         self.clock = clock
         self.cache_size = cache_size
-        self._cache: collections.OrderedDict[str, tuple[float, Reviewed]] = (
-            collections.OrderedDict()
+        # Successes for cache_ttl, refusals for negative_ttl, at most cache_size of each.
+        self._cache: cachetools.TTLCache[str, Reviewed] = cachetools.TTLCache(
+            cache_size, max(cache_ttl, 0), timer=clock
         )
-        self._refused: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._refused: cachetools.TTLCache[str, bool] = cachetools.TTLCache(
+            cache_size, max(negative_ttl, 0), timer=clock
+        )
         self._per_source = ratelimit.PerSource(source_rate, source_burst, cache_size, clock)
         self._per_namespace = ratelimit.PerSource(
             namespace_rate, namespace_burst, cache_size, clock
@@ -249,13 +252,11 @@ class TokenReviewer:
         caller's mesh identity (:func:`caller_identity`) and its namespace
         (:func:`caller_namespace`), or None."""
         digest = hashlib.sha256(token.encode()).hexdigest()
-        now = self.clock()
         hit = self._cache.get(digest)
-        if hit is not None and hit[0] > now:
+        if hit is not None:
             metrics.current().token_reviews.labels(result="cached").inc()
-            return hit[1]
-        refused_until = self._refused.get(digest)
-        if refused_until is not None and refused_until > now:
+            return hit
+        if digest in self._refused:
             metrics.current().token_reviews.labels(result="refused_cached").inc()
             return None
         claims = _claims(token, self.audience)
@@ -265,15 +266,14 @@ class TokenReviewer:
         self._spend(claims, source, namespace, mesh_identity)
         status = await self.client.token_review(token, [self.audience], limited=False)
         result = _reviewed(status, self.audience)
-        now = self.clock()
         if result is not None:
             metrics.current().token_reviews.labels(result="authenticated").inc()
             if self.cache_ttl > 0:
-                _remember(self._cache, digest, (now + self.cache_ttl, result), self.cache_size)
+                self._cache[digest] = result
         else:
             metrics.current().token_reviews.labels(result="refused").inc()
             if self.negative_ttl > 0:
-                _remember(self._refused, digest, now + self.negative_ttl, self.cache_size)
+                self._refused[digest] = True
         return result
 
     def _spend(
@@ -319,14 +319,6 @@ def caller_namespace(mesh_identity: str | None, naming: identity.Naming) -> str 
     """The namespace of a mesh identity of this cluster (a service account's), else None."""
     parsed = identity.parse_identity(mesh_identity, naming) if mesh_identity else None
     return parsed[1] if parsed else None
-
-
-def _remember(cache: collections.OrderedDict[K, T], key: K, value: T, size: int) -> None:
-    """Insert, dropping the oldest entries past ``size`` (every entry lives as long)."""
-    cache[key] = value
-    cache.move_to_end(key)
-    while len(cache) > size:
-        cache.popitem(last=False)
 
 
 def _claims(token: str, audience: str) -> dict[str, Any] | None:
@@ -455,8 +447,8 @@ class CredentialEndpoint:
         # The refusal path's explanations: a few seconds per (pod, binding asked for), and
         # a budget of their own, so that a caller repeating a refused request (its token
         # review cached) costs the API server nothing more.
-        self._explained: collections.OrderedDict[tuple[str, str | None], tuple[float, str]] = (
-            collections.OrderedDict()
+        self._explained: cachetools.TTLCache[tuple[str, str | None], str] = cachetools.TTLCache(
+            EXPLAIN_MEMORY, EXPLAIN_TTL, timer=time.monotonic
         )
         self._explain_budget = ratelimit.Bucket(EXPLAIN_QPS, EXPLAIN_BURST)
         self.holds = serving.Holds(HELD_REFUSALS, HOLD_SECONDS)
@@ -739,10 +731,9 @@ class CredentialEndpoint:
         if wanted and self.grants.binding(who.namespace, wanted) is None:
             return f'no PhabricatorBinding "{wanted}" in namespace {who.namespace}'
         key = (who.pod_uid, wanted)
-        now = time.monotonic()
         known = self._explained.get(key)
-        if known is not None and known[0] > now:
-            return known[1]
+        if known is not None:
+            return known
         if ratelimit.take_all(
             self._explain_per_pod.bucket(who.pod_uid),
             self._explain_per_namespace.bucket(who.namespace),
@@ -750,7 +741,7 @@ class CredentialEndpoint:
         ):
             return "no active credential lease for this pod"
         reason = await self._explain(who, wanted, leases)
-        _remember(self._explained, key, (now + EXPLAIN_TTL, reason), EXPLAIN_MEMORY)
+        self._explained[key] = reason
         return reason
 
     async def _explain(self, who: Reviewed, wanted: str | None, leases: list[LeaseView]) -> str:
