@@ -36,8 +36,9 @@ from bench import workloads
 from phabmesh import logs, resources, serving
 from phabmesh.dev import devcluster
 from phabmesh.kube import KubeClient, load_connection
-from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.client import JSON
 from phabmesh.leases.index import LeaseIndex
+from phabmesh.resources import resource_path
 from phabmesh.settings import Settings
 
 G, V = resources.GROUP, resources.VERSION

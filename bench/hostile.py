@@ -63,8 +63,9 @@ from bench.__main__ import (
 from phabmesh import resources, serving
 from phabmesh.dev import devcluster
 from phabmesh.kube import Conflict, KubeClient, load_connection
-from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.client import JSON
 from phabmesh.leases.index import LeaseIndex
+from phabmesh.resources import resource_path
 from phabmesh.settings import Settings
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}

@@ -19,9 +19,10 @@ import aiohttp
 
 from phabmesh.dev import devcluster
 from phabmesh.kube import KubeClient
-from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.client import JSON
 from phabmesh.kube.informer import Informer
 from phabmesh.leases.index import LeaseIndex
+from phabmesh.resources import resource_path
 
 NS = "fleet"
 DEPLOYMENT = "fleet"

@@ -35,9 +35,10 @@ import structlog
 
 from phabmesh import apicalls
 from phabmesh.kube import Conflict, KubeClient
-from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.client import JSON
 from phabmesh.kube.informer import DEFAULT_LIVENESS, Informer
 from phabmesh.leases.grants import BotFacts
+from phabmesh.resources import resource_path
 
 log = structlog.get_logger(__name__)
 

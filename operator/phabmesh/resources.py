@@ -18,6 +18,7 @@ import decimal
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -362,6 +363,42 @@ STATUSES: dict[str, type[_Model]] = {
     BINDING_KIND: BindingStatus,
     CREDENTIAL_KIND: CredentialStatus,
 }
+
+
+def resource_path(
+    group: str,
+    version: str,
+    plural: str,
+    namespace: str | None = None,
+    name: str | None = None,
+    subresource: str | None = None,
+) -> str:
+    """``/api/v1/namespaces/ns/pods/name/status`` and its CRD equivalents."""
+    base = f"/api/{version}" if group in ("", "core") else f"/apis/{group}/{version}"
+    if namespace is not None:
+        base += f"/namespaces/{quote(namespace, safe='')}"
+    base += f"/{plural}"
+    if name is not None:
+        base += f"/{quote(name, safe='')}"
+    if subresource is not None:
+        base += f"/{subresource}"
+    return base
+
+
+def bot_path(name: str | None = None, subresource: str | None = None) -> str:
+    return resource_path(GROUP, VERSION, BOT_PLURAL, None, name, subresource)
+
+
+def binding_path(
+    namespace: str | None, name: str | None = None, subresource: str | None = None
+) -> str:
+    return resource_path(GROUP, VERSION, BINDING_PLURAL, namespace, name, subresource)
+
+
+def lease_path(
+    namespace: str | None, name: str | None = None, subresource: str | None = None
+) -> str:
+    return resource_path(GROUP, VERSION, CREDENTIAL_PLURAL, namespace, name, subresource)
 
 
 def parse_conditions(raw: object) -> list[Condition]:

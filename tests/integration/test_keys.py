@@ -11,7 +11,7 @@ import pytest
 from phabmesh import credentials
 from phabmesh.credentials.keystore import KeyStore
 from phabmesh.kube import KubeClient, load_connection
-from phabmesh.kube.client import resource_path
+from phabmesh.resources import resource_path
 from tests.kube import Cluster
 
 HOUR = datetime.timedelta(hours=1)

@@ -10,8 +10,9 @@ import pytest
 from pytest_mock import MockerFixture
 
 from phabmesh.kube import Conflict, KubeClient, NotFound, load_connection
-from phabmesh.kube.client import Gone, resource_path
+from phabmesh.kube.client import Gone
 from phabmesh.kube.informer import Informer
+from phabmesh.resources import resource_path
 from tests.kube import Cluster
 
 

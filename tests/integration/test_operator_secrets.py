@@ -19,7 +19,8 @@ from phabmesh.admission.tls import Material, WebhookTLS, service_names
 from phabmesh.credentials.keystore import KeyStore
 from phabmesh.dev.conduit import ConduitServer
 from phabmesh.kube import Conflict, KubeClient, KubeError, load_connection
-from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.client import JSON
+from phabmesh.resources import resource_path
 from phabmesh.settings import Settings
 from tests import rbac
 from tests.kube import Cluster, wait_for

@@ -24,9 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from phabmesh.dev.conduit import ConduitServer
 from phabmesh.kube import KubeClient, load_connection
-from phabmesh.kube.client import resource_path
 from phabmesh.kube.informer import Informer
 from phabmesh.processes.gateway import GatewayProcess
+from phabmesh.resources import resource_path
 from tests import rbac
 from tests.kube import Cluster
 from tests.phab import settings_for

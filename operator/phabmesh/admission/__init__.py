@@ -18,7 +18,7 @@ import structlog
 from phabmesh import identity, metrics, resources
 from phabmesh.admission import inject
 from phabmesh.kube import KubeClient
-from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.client import JSON
 from phabmesh.kube.informer import Informer
 from phabmesh.settings import Settings
 
@@ -63,7 +63,7 @@ class Injector:
         self.skip = inject.SYSTEM_NAMESPACES | {settings.namespace, settings.linkerd_namespace}
         self.bindings: Informer[resources.BindingSpec | None] = Informer(
             client,
-            resource_path(resources.GROUP, resources.VERSION, resources.BINDING_PLURAL),
+            resources.binding_path(None),
             _binding_spec,
             on_event=self._index,
             name="injector-bindings",

@@ -43,7 +43,8 @@ from phabmesh.admission.certificates import (
 )
 from phabmesh.clock import Clock, utcnow
 from phabmesh.kube import Conflict, KubeClient, KubeError, NotFound
-from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.client import JSON
+from phabmesh.resources import resource_path
 
 log = structlog.get_logger(__name__)
 

@@ -40,8 +40,9 @@ import structlog
 
 from phabmesh.clock import parse_time, utcnow
 from phabmesh.kube import KubeClient, KubeError
-from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.client import JSON
 from phabmesh.kube.informer import Informer
+from phabmesh.resources import resource_path
 
 GROUP, VERSION, PLURAL = "kopf.dev", "v1", "clusterkopfpeerings"
 # Seconds before its own keep-alive runs out that a replica stops acting: less than the 5 s

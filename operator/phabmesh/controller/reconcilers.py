@@ -29,10 +29,11 @@ from phabmesh.clock import format_time
 from phabmesh.controller import bots as botcheck
 from phabmesh.controller.retry import Retries
 from phabmesh.kube import Conflict, KubeError
-from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.client import JSON
 from phabmesh.leases import decide
 from phabmesh.leases.view import LeaseView
 from phabmesh.leases.world import NOT_CHECKED, BindingView, BotView, Key, World, conditions_of
+from phabmesh.resources import binding_path, bot_path, resource_path
 
 if TYPE_CHECKING:
     from phabmesh import conduit
@@ -48,18 +49,6 @@ def changed(wanted: JSON, shown: Any) -> bool:
     """Whether writing ``wanted`` would change the status the cluster shows (a field set to
     None is one the write removes)."""
     return any(shown.get(key) != value for key, value in wanted.items())
-
-
-def bot_path(name: str | None = None, subresource: str | None = None) -> str:
-    return resource_path(
-        resources.GROUP, resources.VERSION, resources.BOT_PLURAL, None, name, subresource
-    )
-
-
-def binding_path(namespace: str | None, name: str | None = None) -> str:
-    return resource_path(
-        resources.GROUP, resources.VERSION, resources.BINDING_PLURAL, namespace, name
-    )
 
 
 class _Reconciler:
@@ -513,9 +502,7 @@ class Startup(_Reconciler):
         for body in bindings:
             if (body.get("metadata") or {}).get("deletionTimestamp") is None:
                 self.world.put_binding(BindingView.from_body(body))
-        leases, _ = await self.client.list_all(
-            resource_path(resources.GROUP, resources.VERSION, resources.CREDENTIAL_PLURAL)
-        )
+        leases, _ = await self.client.list_all(resources.lease_path(None))
         for body in leases:
             self.world.put_lease(LeaseView.from_body(body))
         for binding in self.world.bindings.values():

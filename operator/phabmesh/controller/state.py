@@ -17,9 +17,10 @@ from phabmesh.clock import Clock, utcnow
 from phabmesh.controller import reconcilers
 from phabmesh.controller.writer import Writer
 from phabmesh.kube import KubeClient, load_connection
-from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.client import JSON
 from phabmesh.kube.informer import Informer
 from phabmesh.leases.world import World
+from phabmesh.resources import resource_path
 from phabmesh.settings import Settings
 
 log = structlog.get_logger(__name__)

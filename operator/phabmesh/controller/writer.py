@@ -15,9 +15,10 @@ import structlog
 from phabmesh import identity, logs, metrics, resources
 from phabmesh.clock import Clock, format_time, utcnow
 from phabmesh.kube import Conflict, KubeClient, NotFound, events
-from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.client import JSON
 from phabmesh.leases.view import LeaseView
 from phabmesh.leases.world import BindingView, World
+from phabmesh.resources import lease_path, resource_path
 
 log = structlog.get_logger(__name__)
 
@@ -45,17 +46,6 @@ def lease_name(pod_name: str, binding: str, pod_uid: str) -> str:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:16]
     return f"{pod_name[:100]}.{binding[:100]}.{digest}"
-
-
-def lease_path(namespace: str, name: str | None = None, subresource: str | None = None) -> str:
-    return resource_path(
-        resources.GROUP,
-        resources.VERSION,
-        resources.CREDENTIAL_PLURAL,
-        namespace,
-        name,
-        subresource,
-    )
 
 
 class Writer:

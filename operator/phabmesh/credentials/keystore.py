@@ -16,8 +16,9 @@ import structlog
 from phabmesh import credentials, metrics
 from phabmesh.clock import Clock, utcnow
 from phabmesh.kube import Conflict, KubeClient, NotFound
-from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.client import JSON
 from phabmesh.kube.informer import Informer
+from phabmesh.resources import resource_path
 
 log = structlog.get_logger(__name__)
 

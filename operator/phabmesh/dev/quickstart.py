@@ -38,7 +38,8 @@ from phabmesh import admission, resources, serving
 from phabmesh.admission import inject
 from phabmesh.dev import devcluster
 from phabmesh.kube import Conflict, KubeClient, load_connection
-from phabmesh.kube.client import JSON, KubeError, NotFound, resource_path
+from phabmesh.kube.client import JSON, KubeError, NotFound
+from phabmesh.resources import resource_path
 from phabmesh.settings import Settings
 
 T = TypeVar("T")
@@ -46,7 +47,6 @@ SYSTEM = "phabmesh-system"
 DEMO_NAMESPACE = "ci"
 DEMO_BOT = "ci-bot"
 CLIENT_ID_HEADER = "l5d-client-id"
-G, V = resources.GROUP, resources.VERSION
 
 
 class Say:
@@ -227,10 +227,10 @@ async def _story(
 ) -> None:
     say.step("Applying the samples: bot ci-bot, namespace ci, binding ci-runners")
     plane.kubectl("apply", "-f", str(repo_file("manifests", "samples", "demo.yaml")))
-    bot_path = resource_path(G, V, resources.BOT_PLURAL, None, DEMO_BOT)
+    bot_path = resources.bot_path(DEMO_BOT)
     ready = await wait_for(lambda: _get_ready(kube, bot_path), "bot Ready")
     say.detail(f"PhabricatorBot ci-bot: Ready ({ready['reason']}: {ready['message']})")
-    binding_path = resource_path(G, V, resources.BINDING_PLURAL, DEMO_NAMESPACE, "ci-runners")
+    binding_path = resources.binding_path(DEMO_NAMESPACE, "ci-runners")
     ready = await wait_for(lambda: _get_ready(kube, binding_path), "binding Ready")
     say.detail(f"PhabricatorBinding ci/ci-runners: Ready ({ready['message']})")
 
@@ -451,7 +451,7 @@ async def _meshed_pod(kube: KubeClient) -> JSON:
 
 
 async def _active_lease(kube: KubeClient) -> JSON | None:
-    listing = await kube.get(resource_path(G, V, resources.CREDENTIAL_PLURAL, DEMO_NAMESPACE))
+    listing = await kube.get(resources.lease_path(DEMO_NAMESPACE))
     for item in listing.get("items") or []:
         if (item.get("status") or {}).get("phase") == "Active":
             return dict(item)

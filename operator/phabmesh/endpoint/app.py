@@ -45,11 +45,11 @@ from phabmesh import (
 from phabmesh.clock import format_time, utcnow
 from phabmesh.credentials.keystore import KeyStore
 from phabmesh.kube import KubeClient, KubeError, NotFound
-from phabmesh.kube.client import resource_path
 from phabmesh.leases import decide
 from phabmesh.leases.grants import BindingFacts, Grants, credential_end
 from phabmesh.leases.index import LeaseIndex
 from phabmesh.leases.view import LeaseView
+from phabmesh.resources import resource_path
 from phabmesh.serving import review_source
 from phabmesh.settings import Settings
 
@@ -759,11 +759,10 @@ class CredentialEndpoint:
         facts = identity.PodFacts.from_pod(pod, self.naming)
         if facts.uid != who.pod_uid:
             return "the pod no longer exists (another pod has its name now)"
-        g, v = resources.GROUP, resources.VERSION
         try:
             listing, bots = await asyncio.gather(
-                self.client.get(resource_path(g, v, resources.BINDING_PLURAL, who.namespace)),
-                self.client.get(resource_path(g, v, resources.BOT_PLURAL)),
+                self.client.get(resources.binding_path(who.namespace)),
+                self.client.get(resources.bot_path()),
             )
         except KubeError:
             return "no active credential lease for this pod"

@@ -14,7 +14,6 @@ from typing import Any
 from phabmesh import gatewayrole, identity, metrics, resources, tasks
 from phabmesh.credentials.keystore import KeyStore
 from phabmesh.kube import KubeClient
-from phabmesh.kube.client import resource_path
 from phabmesh.kube.informer import Informer
 from phabmesh.leases import grants
 from phabmesh.leases.index import LeaseIndex
@@ -37,17 +36,16 @@ class GatewayState:
             on_revoked=lambda _: metrics.current().gateway_revocations_seen.inc(),
             liveness=live,
         )
-        g, v = resources.GROUP, resources.VERSION
         self.bindings: Informer[BindingRules] = Informer(
             client,
-            resource_path(g, v, resources.BINDING_PLURAL),
+            resources.binding_path(None),
             grants.binding_facts,
             name="bindings",
             liveness=live,
         )
         self.bots: Informer[BotRef] = Informer(
             client,
-            resource_path(g, v, resources.BOT_PLURAL),
+            resources.bot_path(),
             grants.bot_facts,
             name="bots",
             liveness=live,

@@ -13,12 +13,12 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 
 from phabmesh.backoff import Backoff, parse_retry_after
 from phabmesh.kube.config import Connection
+from phabmesh.resources import resource_path
 
 JSON = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
@@ -73,26 +73,6 @@ def _error_for(status: int, body: str) -> KubeError:
     elif status == 429 or status >= 500:
         cls = Unavailable
     return cls(status, reason, message)
-
-
-def resource_path(
-    group: str,
-    version: str,
-    plural: str,
-    namespace: str | None = None,
-    name: str | None = None,
-    subresource: str | None = None,
-) -> str:
-    """``/api/v1/namespaces/ns/pods/name/status`` and its CRD equivalents."""
-    base = f"/api/{version}" if group in ("", "core") else f"/apis/{group}/{version}"
-    if namespace is not None:
-        base += f"/namespaces/{quote(namespace, safe='')}"
-    base += f"/{plural}"
-    if name is not None:
-        base += f"/{quote(name, safe='')}"
-    if subresource is not None:
-        base += f"/{subresource}"
-    return base
 
 
 class _TokenBucket:

@@ -18,10 +18,11 @@ from phabmesh import apicalls, conduit, credentials, gatewayrole, identity, reso
 from phabmesh.admission import certificates, tls
 from phabmesh.clock import parse_time
 from phabmesh.kube import KubeError
-from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.client import JSON
 from phabmesh.kubectl import cluster, injection
 from phabmesh.kubectl.output import Report
 from phabmesh.leases import grants
+from phabmesh.resources import resource_path
 from phabmesh.settings import Settings
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -418,9 +419,7 @@ async def _bot_secret_calls(
 ) -> list[apicalls.Call]:
     """The gateway's watches of the bots' token Secrets, which the operator grants by name in
     Role phabmesh-gateway-secrets (phabmesh.gatewayrole) as the bots come."""
-    bots = await session.items(
-        resource_path(resources.GROUP, resources.VERSION, resources.BOT_PLURAL)
-    )
+    bots = await session.items(resources.bot_path())
     own = {settings.webhook_secret, settings.signing_secret}
     names = gatewayrole.wanted((grants.bot_facts(bot) for bot in bots), own)
     return [(system, "", "secrets", verb, name) for name in names for verb in gatewayrole.VERBS]
@@ -525,13 +524,13 @@ async def run(session: cluster.Session, now: datetime.datetime) -> list[Result]:
         return judge_lease_writes(events, now)
 
     async def in_cluster() -> Result:
-        bots = await session.items(cluster.bot_path())
+        bots = await session.items(resources.bot_path())
         return judge_phabricator_in_cluster(
             settings.phabricator_url, bots, now, settings.bot_recheck_interval
         )
 
     async def injected() -> Result:
-        bindings = await session.items(cluster.binding_path(None))
+        bindings = await session.items(resources.binding_path(None))
         naming = identity.Naming(
             control_plane_namespace=settings.linkerd_namespace,
             trust_domain=settings.trust_domain,
@@ -549,8 +548,8 @@ async def run(session: cluster.Session, now: datetime.datetime) -> list[Result]:
         guarded("signing-keys", keys()),
         _phabricator(settings.phabricator_url),
         guarded("phabricator (in-cluster)", in_cluster()),
-        guarded("bots", ready(resources.BOT_KIND, cluster.bot_path())),
-        guarded("bindings", ready(resources.BINDING_KIND, cluster.binding_path(None))),
+        guarded("bots", ready(resources.BOT_KIND, resources.bot_path())),
+        guarded("bindings", ready(resources.BINDING_KIND, resources.binding_path(None))),
         guarded("lease-writes", writes()),
     )
     return results

@@ -15,7 +15,8 @@ from kubernetes import config as k8s_config
 from phabmesh import resources
 from phabmesh.clock import utcnow
 from phabmesh.kube import KubeClient, NotFound, events, load_connection
-from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.client import JSON
+from phabmesh.resources import resource_path
 from phabmesh.settings import Settings
 
 CONFIGMAP = "phabmesh-config"  # manifests/config.yaml: the settings both processes read
@@ -47,22 +48,6 @@ def default_namespace(options: Options) -> str:
         return "default"
     chosen = next((c for c in contexts if c.get("name") == options.context), None) or active
     return str(((chosen or {}).get("context") or {}).get("namespace") or "default")
-
-
-def bot_path(name: str | None = None) -> str:
-    return resource_path(resources.GROUP, resources.VERSION, resources.BOT_PLURAL, None, name)
-
-
-def binding_path(namespace: str | None, name: str | None = None) -> str:
-    return resource_path(
-        resources.GROUP, resources.VERSION, resources.BINDING_PLURAL, namespace, name
-    )
-
-
-def lease_path(namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
-    return resource_path(
-        resources.GROUP, resources.VERSION, resources.CREDENTIAL_PLURAL, namespace, name, sub
-    )
 
 
 class Session:

@@ -14,11 +14,12 @@ import structlog
 from phabmesh import identity, logs, resources
 from phabmesh.clock import format_time, utcnow
 from phabmesh.kube import KubeError
-from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.client import JSON
 from phabmesh.kubectl import cluster
 from phabmesh.kubectl.output import Report
 from phabmesh.leases import decide, grants
 from phabmesh.leases.view import LeaseView
+from phabmesh.resources import resource_path
 
 log = structlog.get_logger("phabmesh.kubectl")
 
@@ -73,9 +74,9 @@ async def why(session: cluster.Session, namespace: str, name: str) -> Report:
         resource_path("", "v1", "pods", namespace, name), f'pods "{name}" in namespace {namespace}'
     )
     bindings, bots, leases, ns_body = await asyncio.gather(
-        session.items(cluster.binding_path(namespace)),
-        session.items(cluster.bot_path()),
-        session.items(cluster.lease_path(namespace)),
+        session.items(resources.binding_path(namespace)),
+        session.items(resources.bot_path()),
+        session.items(resources.lease_path(namespace)),
         session.find(resource_path("", "v1", "namespaces", None, namespace)),
     )
     pod = identity.PodFacts.from_pod(pod_body, naming)
@@ -159,12 +160,13 @@ def holders(
 
 async def who_can(session: cluster.Session, bot: str, now: datetime.datetime) -> Report:
     settings, _ = await session.settings()
-    bot_body = await session.get(cluster.bot_path(bot), f'phabricatorbots "{bot}"')
+    bot_body = await session.get(resources.bot_path(bot), f'phabricatorbots "{bot}"')
     lease_bodies, binding_bodies, namespaces = await asyncio.gather(
         session.items(
-            cluster.lease_path(None), labelSelector=f"phabmesh.io/bot={resources.label_value(bot)}"
+            resources.lease_path(None),
+            labelSelector=f"phabmesh.io/bot={resources.label_value(bot)}",
         ),
-        session.items(cluster.binding_path(None)),
+        session.items(resources.binding_path(None)),
         session.items(resource_path("", "v1", "namespaces")),
     )
     bindings = {
@@ -270,7 +272,7 @@ async def revoke(
             return lease.pod_uid == uid
     else:
         target = await session.get(
-            cluster.binding_path(namespace, name),
+            resources.binding_path(namespace, name),
             f'phabricatorbindings "{name}" in namespace {namespace}',
         )
         ref = {"apiVersion": resources.API_VERSION, "kind": resources.BINDING_KIND}
@@ -281,7 +283,7 @@ async def revoke(
     ref.update(namespace=namespace, name=name, uid=str(target["metadata"]["uid"]))
     leases = [
         lease
-        for lease in map(LeaseView.from_body, await session.items(cluster.lease_path(namespace)))
+        for lease in map(LeaseView.from_body, await session.items(resources.lease_path(namespace)))
         if lease.active and chosen(lease)
     ]
     if not leases:
@@ -301,7 +303,7 @@ async def revoke(
             continue
         try:
             await session.client.json_patch(
-                cluster.lease_path(lease.namespace, lease.name),
+                resources.lease_path(lease.namespace, lease.name),
                 revocation_ops(lease, utcnow() + skew),
                 params=params,
             )
@@ -371,10 +373,10 @@ async def _event(session: cluster.Session, ref: JSON, message: str, now: datetim
 
 
 async def recheck(session: cluster.Session, bot: str, now: datetime.datetime) -> Report:
-    await session.get(cluster.bot_path(bot), f'phabricatorbots "{bot}"')
+    await session.get(resources.bot_path(bot), f'phabricatorbots "{bot}"')
     stamp = now.astimezone(datetime.UTC).isoformat(timespec="microseconds")
     await session.client.merge_patch(
-        cluster.bot_path(bot),
+        resources.bot_path(bot),
         {"metadata": {"annotations": {resources.RECHECK_ANNOTATION: stamp}}},
     )
     row = {"bot": bot, "requestedAt": stamp, "result": "recheck requested"}

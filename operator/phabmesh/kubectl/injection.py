@@ -18,8 +18,9 @@ from typing import Any
 from phabmesh import identity, matching, resources
 from phabmesh.admission import inject
 from phabmesh.kube import KubeError
-from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.client import JSON
 from phabmesh.kubectl import cluster
+from phabmesh.resources import resource_path
 
 CHECK = "injection"
 OK, WARN, FAIL = "OK", "WARN", "FAIL"

@@ -15,9 +15,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from phabmesh import resources
-from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.client import JSON
 from phabmesh.kubectl import cluster
 from phabmesh.kubectl.checks import FAIL, LINKERD_GROUP, OK, PEERING_CRD, WARN, Result, guarded
+from phabmesh.resources import resource_path
 
 MIN_MINOR = 30  # Kubernetes 1.30: ValidatingAdmissionPolicy v1
 # What an install creates (kustomize and Helm alike): (group, resource, namespaced).

@@ -29,9 +29,10 @@ from typing import Any
 
 from phabmesh import identity, matching, resources
 from phabmesh.kube import KubeClient
-from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.client import JSON
 from phabmesh.kube.informer import Informer
 from phabmesh.leases.view import LeaseView
+from phabmesh.resources import resource_path
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -164,20 +165,17 @@ class Grants:
         bots: Informer[BotFacts] | None = None,
     ) -> None:
         self.naming = naming
-        g, v = resources.GROUP, resources.VERSION
         self._own: list[Informer[Any]] = []
         if bindings is None:
             bindings = Informer(
                 client,
-                resource_path(g, v, resources.BINDING_PLURAL),
+                resources.binding_path(None),
                 binding_facts,
                 name="grant-bindings",
             )
             self._own.append(bindings)
         if bots is None:
-            bots = Informer(
-                client, resource_path(g, v, resources.BOT_PLURAL), bot_facts, name="grant-bots"
-            )
+            bots = Informer(client, resources.bot_path(), bot_facts, name="grant-bots")
             self._own.append(bots)
         self.bindings = bindings
         self.bots = bots

@@ -16,7 +16,6 @@ from phabmesh import resources
 from phabmesh.clock import utcnow
 from phabmesh.credentials import phorge
 from phabmesh.kube import KubeClient
-from phabmesh.kube.client import resource_path
 from phabmesh.kube.informer import DEFAULT_LIVENESS, DELETED, Informer
 from phabmesh.leases.view import LeaseView
 
@@ -54,7 +53,7 @@ class LeaseIndex:
         self._terms: dict[str, tuple[tuple[int, int], ...]] = {}
         self.informer: Informer[LeaseView] = Informer(
             client,
-            resource_path(resources.GROUP, resources.VERSION, resources.CREDENTIAL_PLURAL),
+            resources.lease_path(None),
             LeaseView.from_body,
             on_event=self._on_event,
             name="leases",

@@ -14,8 +14,9 @@ import dataclasses
 
 from phabmesh import resources
 from phabmesh.kube import KubeClient
-from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.client import JSON
 from phabmesh.kube.informer import DEFAULT_LIVENESS, Informer
+from phabmesh.resources import resource_path
 
 GONE = 100_000  # deleted pods remembered, oldest forgotten first: a few MB at most
 

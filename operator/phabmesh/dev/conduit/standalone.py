@@ -17,8 +17,9 @@ from pathlib import Path
 
 from phabmesh.dev.conduit.server import ConduitServer
 from phabmesh.kube import Conflict, KubeClient, load_connection
-from phabmesh.kube.client import JSON, resource_path
+from phabmesh.kube.client import JSON
 from phabmesh.kube.config import kubeconfig_available
+from phabmesh.resources import resource_path
 
 DEFAULT_PORT = 8081
 
