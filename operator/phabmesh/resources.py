@@ -27,6 +27,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 BOT_KIND, BOT_PLURAL = "PhabricatorBot", "phabricatorbots"
 BINDING_KIND, BINDING_PLURAL = "PhabricatorBinding", "phabricatorbindings"
 CREDENTIAL_KIND, CREDENTIAL_PLURAL = "PhabricatorCredential", "phabricatorcredentials"
+WEBHOOK_KIND, WEBHOOK_PLURAL = "PhabricatorWebhook", "phabricatorwebhooks"
 CATEGORY = "phabmesh"  # `kubectl get phabmesh` lists all three kinds
 # On a PhabricatorBot: a new value asks the operator to check the bot again now
 # (`kubectl phabmesh recheck`); any value will do, the time of the request by convention.
@@ -284,6 +285,34 @@ class CredentialSpec(_Model):
     bot: str
 
 
+class WebhookSecretRef(_Model):
+    """A key of a Secret in the webhook's own namespace."""
+
+    name: str
+    key: str = "hmacKey"
+
+
+class HeraldSource(_Model):
+    """``PhabricatorWebhook.spec.herald``: a Herald webhook and where its HMAC key is."""
+
+    secret_ref: WebhookSecretRef = Field(alias="secretRef")
+
+
+class WebhookTarget(_Model):
+    """``PhabricatorWebhook.spec.target``: a Service in the webhook's own namespace."""
+
+    service: str
+    port: int
+    path: str = "/"
+
+
+class WebhookSpec(_Model):
+    """``PhabricatorWebhook.spec``."""
+
+    herald: HeraldSource
+    target: WebhookTarget
+
+
 ConditionStatus = Literal["True", "False", "Unknown"]
 Phase = Literal["Active", "Revoked"]
 
@@ -350,15 +379,25 @@ class CredentialStatus(_Model):
     bot_phid: str | None = Field(default=None, alias="botPHID")
 
 
+class WebhookStatus(_Model):
+    """``PhabricatorWebhook.status``."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+    observed_generation: int | None = Field(default=None, alias="observedGeneration")
+    conditions: tuple[Condition, ...] = ()
+
+
 SPECS: dict[str, type[_Model]] = {
     BOT_KIND: BotSpec,
     BINDING_KIND: BindingSpec,
     CREDENTIAL_KIND: CredentialSpec,
+    WEBHOOK_KIND: WebhookSpec,
 }
 STATUSES: dict[str, type[_Model]] = {
     BOT_KIND: BotStatus,
     BINDING_KIND: BindingStatus,
     CREDENTIAL_KIND: CredentialStatus,
+    WEBHOOK_KIND: WebhookStatus,
 }
 
 
@@ -426,6 +465,24 @@ def parse_bot_spec(obj: Mapping[str, Any]) -> tuple[BotSpec | None, str | None]:
         return BotSpec.model_validate(obj.get("spec") or {}), None
     except ValueError as exc:
         return None, f"spec: {exc}"
+
+
+def parse_webhook_spec(obj: Mapping[str, Any]) -> tuple[WebhookSpec | None, str | None]:
+    """A PhabricatorWebhook's spec, or None and what is wrong with it (see parse_binding_spec)."""
+    try:
+        return WebhookSpec.model_validate(obj.get("spec") or {}), None
+    except ValueError as exc:
+        return None, f"spec: {exc}"
+
+
+def condition_true(obj: Mapping[str, Any], type_: str) -> bool:
+    """Whether ``obj`` shows condition ``type_`` True for its current generation."""
+    status = obj.get("status") or {}
+    generation = (obj.get("metadata") or {}).get("generation")
+    for condition in parse_conditions(status.get("conditions")):
+        if condition.type == type_:
+            return condition.status == "True" and condition.observed_generation == generation
+    return False
 
 
 def label_value(name: str) -> str:
