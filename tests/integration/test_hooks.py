@@ -1,0 +1,411 @@
+"""Herald webhooks through the gateway, over real sockets against the real API server: the
+Conduit test server delivers as Phorge does, the gateway verifies and forwards to a real HTTP
+target on loopback; every bad input gets its own answer, audit line and count, and nothing of
+it is forwarded."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+import structlog
+from kubernetes import client
+
+from phabmesh import herald, resources
+from phabmesh.conduit import wire
+from phabmesh.dev.conduit import ConduitServer
+from phabmesh.dev.conduit.hooks import Delivery, Hook
+from tests.kube import Cluster, wait_for
+from tests.stack import Threaded
+
+G, V = resources.GROUP, resources.VERSION
+SYSTEM = "phabmesh-system"
+KEY = "Zq3v9Lk2Pw8Tn5Rb7Yx1Hc4Jm6Gd0Fs2"  # an HMAC key as Phorge makes them: 32 characters
+PATH = "/phorge/hooks"
+
+
+class Target:
+    """A real HTTP server on loopback: every POST it receives, answered with ``status``."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, dict[str, str], bytes]] = []
+        self.status = 202
+        target = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                target.received.append((self.path, dict(self.headers.items()), body))
+                self.send_response(target.status)
+                self.send_header("Content-Type", "text/plain")
+                self.end_headers()
+                self.wfile.write(b"queued\n")
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def target() -> Iterator[Target]:
+    server = Target()
+    yield server
+    server.close()
+
+
+def _free_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _grant(cluster: Cluster, namespace: str, secret: str) -> None:
+    """What docs/webhooks.md has a namespace's admin apply: phabmesh may read this one Secret."""
+    rbac = client.RbacAuthorizationV1Api(cluster.api)
+    rbac.create_namespaced_role(
+        namespace,
+        {
+            "metadata": {"name": "phabmesh-webhook-key"},
+            "rules": [
+                {
+                    "apiGroups": [""],
+                    "resources": ["secrets"],
+                    "resourceNames": [secret],
+                    "verbs": ["get", "list", "watch"],
+                }
+            ],
+        },
+    )
+    rbac.create_namespaced_role_binding(
+        namespace,
+        {
+            "metadata": {"name": "phabmesh-webhook-key"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Role",
+                "name": "phabmesh-webhook-key",
+            },
+            "subjects": [
+                {"kind": "ServiceAccount", "name": f"phabmesh-{who}", "namespace": SYSTEM}
+                for who in ("operator", "gateway")
+            ],
+        },
+    )
+
+
+def _secret(cluster: Cluster, namespace: str, name: str, key: str = KEY) -> None:
+    cluster.core.create_namespaced_secret(
+        namespace,
+        client.V1Secret(
+            metadata=client.V1ObjectMeta(name=name),
+            data={"hmacKey": base64.b64encode(key.encode()).decode()},
+        ),
+    )
+
+
+def _service(cluster: Cluster, namespace: str, name: str, port: int) -> None:
+    cluster.core.create_namespaced_service(
+        namespace,
+        client.V1Service(
+            metadata=client.V1ObjectMeta(name=name),
+            spec=client.V1ServiceSpec(
+                selector={"app": name}, ports=[client.V1ServicePort(port=port)]
+            ),
+        ),
+    )
+
+
+def _webhook(cluster: Cluster, namespace: str, name: str, service: str, port: int) -> None:
+    cluster.custom.create_namespaced_custom_object(
+        G,
+        V,
+        namespace,
+        resources.WEBHOOK_PLURAL,
+        {
+            "apiVersion": f"{G}/{V}",
+            "kind": resources.WEBHOOK_KIND,
+            "metadata": {"name": name},
+            "spec": {
+                "herald": {"secretRef": {"name": f"{name}-key"}},
+                "target": {"service": service, "port": port, "path": PATH},
+            },
+        },
+    )
+
+
+def _ready(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    obj = cluster.custom.get_namespaced_custom_object(
+        G, V, namespace, resources.WEBHOOK_PLURAL, name
+    )
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c["type"] == "Ready"), {})
+
+
+def _wait_reason(cluster: Cluster, namespace: str, name: str, reason: str) -> dict[str, Any]:
+    return wait_for(
+        lambda: (c := _ready(cluster, namespace, name)).get("reason") == reason and c,
+        timeout=60,
+        what=f"webhook {namespace}/{name} Ready reason {reason}",
+    )
+
+
+def _gateway_sees(gateway: Threaded, namespace: str, name: str) -> None:
+    """The gateway's watches show the webhook Ready and its key."""
+    state = gateway.process.state  # type: ignore[attr-defined]
+
+    def sees() -> bool:
+        hook = state.webhook(namespace, name)
+        return hook is not None and hook.ready and state.hook_key(hook) is not None
+
+    wait_for(sees, timeout=60, what=f"the gateway to see webhook {namespace}/{name}")
+
+
+def _url(gateway: Threaded, namespace: str, name: str) -> str:
+    port = gateway.process.port  # type: ignore[attr-defined]
+    return f"http://127.0.0.1:{port}/hooks/{namespace}/{name}"
+
+
+def _edit(conduit: ConduitServer, admin_token: str, phid: str) -> None:
+    """An edit through Conduit (``user.edit``: disable the account), as an admin makes it."""
+    params = {"objectIdentifier": phid, "transactions": [{"type": "disabled", "value": True}]}
+    answer = requests.post(
+        f"{conduit.url}/api/user.edit",
+        data=wire.encode_params_json(params, admin_token),
+        timeout=10,
+    )
+    assert answer.json()["error_code"] is None, answer.text
+
+
+def _deliveries(gateway: Threaded) -> dict[str, float]:
+    port = gateway.process.metrics_port  # type: ignore[attr-defined]
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("phabmesh_hook_deliveries_total{"):
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            counts[outcome] = float(line.split()[-1])
+        if line.startswith("phabmesh_hook_delivery_seconds_count{"):
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            counts[f"seconds:{outcome}"] = float(line.split()[-1])
+    return counts
+
+
+def _moved(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+
+
+def _audit(captured: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [line for line in captured if line.get("event") == "hook_delivery"]
+
+
+def test_a_signed_delivery_reaches_the_target_and_every_bad_one_is_refused(
+    cluster: Cluster,
+    conduit: ConduitServer,
+    operator: Threaded,
+    gateway: Threaded,
+    namespace: str,
+    target: Target,
+) -> None:
+    name = "ci"
+    _grant(cluster, namespace, f"{name}-key")
+    _secret(cluster, namespace, f"{name}-key")
+    _service(cluster, namespace, "ci-listener", target.port)
+    _webhook(cluster, namespace, name, "ci-listener", target.port)
+    ready = _wait_reason(cluster, namespace, name, "Ready")
+    assert ready["status"] == "True"
+    _gateway_sees(gateway, namespace, name)
+    url = _url(gateway, namespace, name)
+    admin = f"admin-{uuid.uuid4().hex[:8]}"
+    conduit.add_user(admin, admin=True)
+    admin_token = conduit.add_token(admin)
+    edited = conduit.add_user(f"user-{uuid.uuid4().hex[:8]}")
+    hook = conduit.add_hook(url, KEY)
+    before = _deliveries(gateway)
+    try:
+        with structlog.testing.capture_logs() as captured:
+            # An edit in Phorge: its webhook delivery goes through the gateway to the target.
+            delivered_before = len(conduit.deliveries)
+            _edit(conduit, admin_token, edited.phid)
+            wait_for(lambda: len(conduit.deliveries) > delivered_before, what="the delivery")
+            delivery: Delivery = conduit.deliveries[-1]
+            assert (delivery.status, delivery.text) == (202, "queued\n")
+            assert len(target.received) == 1
+            path, headers, body = target.received[0]
+            assert path == PATH
+            assert body == delivery.body  # byte for byte: the target can check it too
+            assert headers[herald.SIGNATURE_HEADER] == herald.sign(body, KEY)
+            assert headers["Content-Type"] == "application/json"
+            verified = herald.verify(
+                body, headers[herald.SIGNATURE_HEADER], KEY, now=time.time(), freshness=60
+            )
+            assert verified.object_phid == edited.phid
+
+            # Each bad input: its own status and message; none reaches the target.
+            wrong = Hook(url, KEY[::-1])
+            forged = conduit.call_hook(wrong, edited.phid)
+            unsigned = conduit.post_hook(url, delivery.body, {"Content-Type": "application/json"})
+            epoch = int(time.time()) - 3600
+            stale = conduit.call_hook(hook, edited.phid, epoch=epoch)
+            replayed = conduit.post_hook(url, delivery.body, delivery.headers)
+            unknown = conduit.call_hook(Hook(_url(gateway, namespace, "nope"), KEY), edited.phid)
+            other_ns = conduit.call_hook(Hook(_url(gateway, "default", name), KEY), edited.phid)
+            answers = {
+                "bad_signature": forged,
+                "unsigned": unsigned,
+                "replayed": replayed,
+                "unknown_webhook": unknown,
+                "unknown_webhook(other namespace)": other_ns,
+            }
+            statuses = {k: (a.status, a.text.strip()) for k, a in answers.items()}
+            assert statuses == {
+                "bad_signature": (
+                    403,
+                    f"phabmesh: {herald.SIGNATURE_HEADER} does not match the body",
+                ),
+                "unsigned": (401, f"phabmesh: no {herald.SIGNATURE_HEADER} header"),
+                "replayed": (
+                    409,
+                    "phabmesh: this delivery was already received (same signed body)",
+                ),
+                "unknown_webhook": (404, f"phabmesh: no PhabricatorWebhook {namespace}/nope"),
+                "unknown_webhook(other namespace)": (
+                    404,
+                    f"phabmesh: no PhabricatorWebhook default/{name}",
+                ),
+            }
+            assert stale.status == 422
+            assert re.fullmatch(
+                rf"phabmesh: action\.epoch {epoch} is 360[01] s from now, outside the "
+                r"freshness window of 300 s",
+                stale.text.strip(),
+            ), stale.text
+            assert len(target.received) == 1
+            # A test call from Phorge's "Call Webhook" goes through as any delivery does.
+            tested = conduit.call_hook(hook, edited.phid)
+            assert tested.status == 202
+            assert len(target.received) == 2
+    finally:
+        conduit.remove_hook(hook)
+    moved = _moved(_deliveries(gateway), before)
+    assert moved == {
+        "delivered": 2,
+        "bad_signature": 1,
+        "unsigned": 1,
+        "stale": 1,
+        "replayed": 1,
+        "unknown_webhook": 2,
+        "seconds:delivered": 2,
+        "seconds:bad_signature": 1,
+        "seconds:unsigned": 1,
+        "seconds:stale": 1,
+        "seconds:replayed": 1,
+        "seconds:unknown_webhook": 2,
+    }
+    audit = _audit(captured)
+    assert [line["outcome"] for line in audit] == [
+        "delivered",
+        "bad_signature",
+        "unsigned",
+        "stale",
+        "replayed",
+        "unknown_webhook",
+        "unknown_webhook",
+        "delivered",
+    ]
+    first = audit[0]
+    assert first["source"] == "herald"
+    assert first["object_phid"] == edited.phid
+    assert (first["namespace"], first["webhook"]) == (namespace, name)
+    assert first["target"] == f"ci-listener:{target.port}{PATH}"
+    assert first["status"] == 202
+    assert isinstance(first["latency_ms"], float)
+    assert audit[-1]["test"] is True
+    # Never the key, never a signature, in any line of the gateway's.
+    text = repr(captured)
+    assert KEY not in text
+    for _, headers, _ in target.received:
+        assert headers[herald.SIGNATURE_HEADER] not in text
+    assert delivery.headers[herald.SIGNATURE_HEADER] not in text
+
+
+def test_a_webhook_without_its_secret_says_so_and_refuses_until_it_is_there(
+    cluster: Cluster,
+    conduit: ConduitServer,
+    operator: Threaded,
+    gateway: Threaded,
+    namespace: str,
+) -> None:
+    name = "deploys"
+    port = _free_port()  # nothing listens there: the target is unreachable
+    _grant(cluster, namespace, f"{name}-key")
+    _service(cluster, namespace, "deployer", port)
+    _webhook(cluster, namespace, name, "deployer", port)
+    missing = _wait_reason(cluster, namespace, name, "SecretMissing")
+    assert missing["status"] == "False"
+    assert missing["message"] == f'Secret "{name}-key" not found in this namespace'
+    events = cluster.core.list_namespaced_event(
+        namespace, field_selector=f"involvedObject.name={name}"
+    )
+    assert any(e.reason == "SecretMissing" and e.type == "Warning" for e in events.items)
+    url = _url(gateway, namespace, name)
+    hook = Hook(url, KEY)
+    state = gateway.process.state  # type: ignore[attr-defined]
+    wait_for(lambda: state.webhook(namespace, name), what="the gateway to see the webhook")
+    before = _deliveries(gateway)
+    with structlog.testing.capture_logs() as captured:
+        refused = conduit.call_hook(hook, "PHID-TASK-aaaaaaaaaaaaaaaaaaaa")
+        assert (refused.status, refused.text.strip()) == (
+            503,
+            f"phabmesh: PhabricatorWebhook {namespace}/{name} is not Ready (SecretMissing)",
+        )
+        # The Secret, without the key it names, then with it.
+        cluster.core.create_namespaced_secret(
+            namespace,
+            client.V1Secret(metadata=client.V1ObjectMeta(name=f"{name}-key"), data={"x": "eA=="}),
+        )
+        _wait_reason(cluster, namespace, name, "KeyMissing")
+        cluster.core.patch_namespaced_secret(
+            f"{name}-key",
+            namespace,
+            {"data": {"hmacKey": base64.b64encode(KEY.encode()).decode()}},
+        )
+        _wait_reason(cluster, namespace, name, "Ready")
+        _gateway_sees(gateway, namespace, name)
+        unreachable = conduit.call_hook(hook, "PHID-TASK-aaaaaaaaaaaaaaaaaaaa")
+        assert unreachable.status == 502
+        assert unreachable.text.startswith("phabmesh: the target could not be reached")
+        # Not delivered: Phorge's retry of the same body is not taken for a replay.
+        again = conduit.post_hook(url, unreachable.body, unreachable.headers)
+        assert again.status == 502
+    assert _moved(_deliveries(gateway), before) == {
+        "not_ready": 1,
+        "target_unreachable": 2,
+        "seconds:not_ready": 1,
+        "seconds:target_unreachable": 2,
+    }
+    audit = _audit(captured)
+    assert [(a["outcome"], a["status"]) for a in audit] == [
+        ("not_ready", 503),
+        ("target_unreachable", 502),
+        ("target_unreachable", 502),
+    ]
+    assert audit[1]["object_phid"] == "PHID-TASK-aaaaaaaaaaaaaaaaaaaa"
+    assert audit[1]["target"] == f"deployer:{port}{PATH}"
