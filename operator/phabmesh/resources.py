@@ -48,6 +48,31 @@ TOKEN_VERIFIED = "TokenVerified"  # noqa: S105 - a condition type, not a secret
 CREDENTIAL_WRITE_FAILED = "CredentialWriteFailed"
 
 # PhabricatorCredential status.phase.
+# Ready condition reasons of a PhabricatorWebhook (the operator writes them; the gateway
+# reads them).
+# (reasons, not secrets: hence the noqa on those that name a Secret or a key)
+HOOK_READY = "Ready"  # the key is in its Secret and the Service has the port
+HOOK_INVALID_SPEC = "InvalidSpec"  # the spec could not be read
+HOOK_SECRET_MISSING = "SecretMissing"  # noqa: S105 - no such Secret in the webhook's namespace
+HOOK_SECRET_FORBIDDEN = "SecretForbidden"  # noqa: S105 - the namespace did not grant it
+HOOK_KEY_MISSING = "KeyMissing"  # the Secret has no such key, or it is empty
+HOOK_SERVICE_MISSING = "ServiceMissing"  # no Service of that name in the webhook's namespace
+HOOK_PORT_MISSING = "PortMissing"  # the Service has no such port
+HOOK_CHECK_FAILED = "CheckFailed"  # the API server could not answer (status Unknown)
+HOOK_REASONS = frozenset(
+    {
+        HOOK_READY,
+        HOOK_INVALID_SPEC,
+        HOOK_SECRET_MISSING,
+        HOOK_SECRET_FORBIDDEN,
+        HOOK_KEY_MISSING,
+        HOOK_SERVICE_MISSING,
+        HOOK_PORT_MISSING,
+        HOOK_CHECK_FAILED,
+    }
+)
+
+
 ACTIVE = "Active"  # the pod may act as the bot until expiresAt
 REVOKED = "Revoked"  # it may not, ever again (the CRD refuses a way back to Active)
 

@@ -409,3 +409,40 @@ def test_a_webhook_without_its_secret_says_so_and_refuses_until_it_is_there(
     ]
     assert audit[1]["object_phid"] == "PHID-TASK-aaaaaaaaaaaaaaaaaaaa"
     assert audit[1]["target"] == f"deployer:{port}{PATH}"
+
+
+def test_phabmesh_reads_a_webhooks_secret_only_once_its_namespace_grants_it(
+    cluster: Cluster,
+    conduit: ConduitServer,
+    operator: Threaded,
+    gateway: Threaded,
+    namespace: str,
+    target: Target,
+) -> None:
+    name = "granted-later"
+    _secret(cluster, namespace, f"{name}-key")
+    _service(cluster, namespace, "listener", target.port)
+    _webhook(cluster, namespace, name, "listener", target.port)
+    forbidden = _wait_reason(cluster, namespace, name, "SecretForbidden")
+    assert forbidden["status"] == "False"
+    assert "grant it in this namespace" in forbidden["message"]
+    state = gateway.process.state  # type: ignore[attr-defined]
+    wait_for(
+        lambda: (h := state.webhook(namespace, name)) and h.reason == "SecretForbidden",
+        what="the gateway to see the webhook refused its Secret",
+    )
+    # Nothing was tried: no watch of a Secret this namespace did not grant (the session's
+    # RBAC audit fails on any refused call that is never allowed).
+    assert (namespace, f"{name}-key") not in state.hook_keys.watches
+    url = _url(gateway, namespace, name)
+    refused = conduit.call_hook(Hook(url, KEY), "PHID-TASK-aaaaaaaaaaaaaaaaaaaa")
+    assert (refused.status, refused.text.strip()) == (
+        503,
+        f"phabmesh: PhabricatorWebhook {namespace}/{name} is not Ready (SecretForbidden)",
+    )
+    _grant(cluster, namespace, f"{name}-key")
+    _wait_reason(cluster, namespace, name, "Ready")
+    _gateway_sees(gateway, namespace, name)
+    delivered = conduit.call_hook(Hook(url, KEY), "PHID-TASK-aaaaaaaaaaaaaaaaaaaa")
+    assert delivered.status == 202
+    assert [body for _, _, body in target.received] == [delivered.body]

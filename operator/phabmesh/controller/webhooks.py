@@ -1,6 +1,8 @@
 """PhabricatorWebhook readiness: is its HMAC key there, and its target Service?
 
-Gather (the Secret and the Service, each read by name in the webhook's namespace), decide
+Gather (whether the webhook's namespace lets the operator read the Secret, asked with a
+SelfSubjectAccessReview so that nothing it was not granted is ever tried; the Secret and the
+Service, each read by name in the webhook's namespace), decide
 (pure :func:`judge`), write the ``Ready`` condition only when it changes, and an Event when
 its reason does. The operator never holds the key: it reads the Secret to say whether the
 key is there, and keeps nothing of it. Webhooks are re-checked on their own events and every
@@ -29,28 +31,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 RECHECK_EVERY = 10.0  # seconds between checks of every webhook
-
-# Ready condition reasons for a PhabricatorWebhook.
-READY = "Ready"  # the key is in its Secret and the Service has the port: deliveries go through
-INVALID_SPEC = "InvalidSpec"  # the spec could not be read
-SECRET_MISSING = "SecretMissing"  # no Secret of that name in the webhook's namespace
-SECRET_FORBIDDEN = "SecretForbidden"  # the namespace has not let phabmesh read that Secret
-KEY_MISSING = "KeyMissing"  # the Secret has no such key, or it is empty
-SERVICE_MISSING = "ServiceMissing"  # no Service of that name in the webhook's namespace
-PORT_MISSING = "PortMissing"  # the Service has no such port
-CHECK_FAILED = "CheckFailed"  # the API server could not answer (status Unknown)
-REASONS = frozenset(
-    {
-        READY,
-        INVALID_SPEC,
-        SECRET_MISSING,
-        SECRET_FORBIDDEN,
-        KEY_MISSING,
-        SERVICE_MISSING,
-        PORT_MISSING,
-        CHECK_FAILED,
-    }
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,11 +64,13 @@ class WebhookView:
 
 @dataclasses.dataclass(frozen=True)
 class Found:
-    """What the reads found: a Secret's keys with a value (None: no such Secret; "forbidden":
-    not granted), a Service's ports (None: no such Service); ``error``: a read that failed."""
+    """What the reads found: a Secret's keys with a value (None: no such Secret), a Service's
+    ports (None: no such Service); ``readable``: whether the namespace lets the operator read
+    the Secret at all; ``error``: a read that failed."""
 
-    secret_keys: frozenset[str] | str | None
+    secret_keys: frozenset[str] | None
     service_ports: frozenset[int] | None
+    readable: bool = True
     error: str | None = None
 
 
@@ -102,33 +84,45 @@ class Outcome:
 def judge(webhook: WebhookView, found: Found) -> Outcome:
     """The webhook's Ready condition from what the reads found (pure)."""
     if webhook.spec is None:
-        return Outcome("False", INVALID_SPEC, webhook.problem or "spec could not be read")
+        return Outcome(
+            "False", resources.HOOK_INVALID_SPEC, webhook.problem or "spec could not be read"
+        )
     if found.error is not None:
-        return Outcome("Unknown", CHECK_FAILED, found.error)
+        return Outcome("Unknown", resources.HOOK_CHECK_FAILED, found.error)
     ref = webhook.spec.herald.secret_ref
     target = webhook.spec.target
-    if found.secret_keys == "forbidden":
+    if not found.readable:
         return Outcome(
             "False",
-            SECRET_FORBIDDEN,
+            resources.HOOK_SECRET_FORBIDDEN,
             f'phabmesh may not read Secret "{ref.name}": grant it in this namespace '
             "(docs/webhooks.md)",
         )
     if found.secret_keys is None:
-        return Outcome("False", SECRET_MISSING, f'Secret "{ref.name}" not found in this namespace')
+        return Outcome(
+            "False",
+            resources.HOOK_SECRET_MISSING,
+            f'Secret "{ref.name}" not found in this namespace',
+        )
     if ref.key not in found.secret_keys:
-        return Outcome("False", KEY_MISSING, f'Secret "{ref.name}" has no key "{ref.key}"')
+        return Outcome(
+            "False", resources.HOOK_KEY_MISSING, f'Secret "{ref.name}" has no key "{ref.key}"'
+        )
     if found.service_ports is None:
         return Outcome(
-            "False", SERVICE_MISSING, f'Service "{target.service}" not found in this namespace'
+            "False",
+            resources.HOOK_SERVICE_MISSING,
+            f'Service "{target.service}" not found in this namespace',
         )
     if target.port not in found.service_ports:
         return Outcome(
-            "False", PORT_MISSING, f'Service "{target.service}" has no port {target.port}'
+            "False",
+            resources.HOOK_PORT_MISSING,
+            f'Service "{target.service}" has no port {target.port}',
         )
     return Outcome(
         "True",
-        READY,
+        resources.HOOK_READY,
         f"deliveries are forwarded to Service {target.service} port {target.port}",
     )
 
@@ -203,18 +197,17 @@ class Webhooks(_Reconciler):
             return Found(None, None)
         ns = webhook.namespace
         ref, target = webhook.spec.herald.secret_ref, webhook.spec.target
-        keys: frozenset[str] | str | None
+        keys: frozenset[str] | None = None
         ports: frozenset[int] | None
         try:
+            if not await self._may_read(ns, ref.name):
+                # This namespace has not granted it (docs/webhooks.md): not read.
+                return Found(None, None, readable=False)
             try:
-                secret = await self.client.get(resource_path("", "v1", "secrets", ns, ref.name))
-                keys = secret_keys(secret)
+                path = resource_path("", "v1", "secrets", ns, ref.name)
+                keys = secret_keys(await self.client.get(path))
             except NotFound:
                 keys = None
-            except KubeError as exc:
-                if exc.status != 403:
-                    raise
-                keys = "forbidden"  # this namespace has not granted it (docs/webhooks.md)
             try:
                 service = await self.client.get(
                     resource_path("", "v1", "services", ns, target.service)
@@ -223,8 +216,27 @@ class Webhooks(_Reconciler):
             except NotFound:
                 ports = None
         except KubeError as exc:
-            return Found(None, None, f"the API server could not be read: {exc}")
+            return Found(None, None, error=f"the API server could not be read: {exc}")
         return Found(keys, ports)
+
+    async def _may_read(self, namespace: str, secret: str) -> bool:
+        """Whether this namespace lets the operator read the Secret (a SelfSubjectAccessReview,
+        which every account may make): what it was not granted, it does not try to read."""
+        review: JSON = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "spec": {
+                "resourceAttributes": {
+                    "namespace": namespace,
+                    "verb": "get",
+                    "resource": "secrets",
+                    "name": secret,
+                }
+            },
+        }
+        path = resource_path("authorization.k8s.io", "v1", "selfsubjectaccessreviews")
+        answer = await self.client.create(path, review)
+        return bool((answer.get("status") or {}).get("allowed"))
 
     async def _record(self, webhook: WebhookView, outcome: Outcome) -> None:
         current = self.items.get(webhook.key, webhook)  # the status as the cluster showed it

@@ -38,7 +38,8 @@ class HookFacts:
     name: str
     spec: resources.WebhookSpec | None
     ready: bool
-    reason: str  # the Ready condition's reason ("" before the operator's first check)
+    # The Ready condition's reason for this generation of the spec ("": not checked yet).
+    reason: str
 
 
 def hook_facts(obj: JSON) -> HookFacts:
@@ -46,12 +47,13 @@ def hook_facts(obj: JSON) -> HookFacts:
     spec, _ = resources.parse_webhook_spec(obj)
     conditions = resources.parse_conditions((obj.get("status") or {}).get("conditions"))
     ready = next((c for c in conditions if c.type == resources.READY), None)
+    current = ready is not None and ready.observed_generation == meta.get("generation")
     return HookFacts(
         str(meta.get("namespace")),
         str(meta.get("name")),
         spec,
         resources.condition_true(obj, resources.READY),
-        ready.reason if ready is not None else "",
+        ready.reason if ready is not None and current else "",
     )
 
 
@@ -179,10 +181,13 @@ class GatewayState:
         return self.secrets.token(ref.secret_name, ref.secret_key)
 
     def _hook_secrets(self) -> set[tuple[str, str]]:
+        """The Secrets to watch: each webhook's, once the operator has checked this generation
+        of it and found it readable (its namespace granted it). Nothing is asked for that
+        was not granted; a grant given later shows as a new reason, and the watch starts."""
         return {
             (hook.namespace, hook.spec.herald.secret_ref.name)
             for hook in self.webhooks.items.values()
-            if hook.spec is not None
+            if hook.spec is not None and hook.reason not in ("", resources.HOOK_SECRET_FORBIDDEN)
         }
 
     def webhook(self, namespace: str, name: str) -> HookFacts | None:
