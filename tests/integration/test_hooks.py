@@ -6,6 +6,8 @@ it is forwarded."""
 from __future__ import annotations
 
 import base64
+import concurrent.futures
+import dataclasses
 import http.server
 import re
 import socket
@@ -39,12 +41,17 @@ class Target:
     def __init__(self) -> None:
         self.received: list[tuple[str, dict[str, str], bytes]] = []
         self.status = 202
+        self.arrived = threading.Event()  # set on each POST
+        self.gate: threading.Event | None = None  # when set here: answer only once it is set
         target = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 target.received.append((self.path, dict(self.headers.items()), body))
+                target.arrived.set()
+                if target.gate is not None:
+                    target.gate.wait(30)
                 self.send_response(target.status)
                 self.send_header("Content-Type", "text/plain")
                 self.end_headers()
@@ -446,3 +453,63 @@ def test_phabmesh_reads_a_webhooks_secret_only_once_its_namespace_grants_it(
     delivered = conduit.call_hook(Hook(url, KEY), "PHID-TASK-aaaaaaaaaaaaaaaaaaaa")
     assert delivered.status == 202
     assert [body for _, _, body in target.received] == [delivered.body]
+
+
+def test_a_slow_target_a_busy_webhook_and_a_large_body_are_bounded(
+    cluster: Cluster,
+    conduit: ConduitServer,
+    operator: Threaded,
+    gateway: Threaded,
+    namespace: str,
+    target: Target,
+) -> None:
+    name = "bounded"
+    _grant(cluster, namespace, f"{name}-key")
+    _secret(cluster, namespace, f"{name}-key")
+    _service(cluster, namespace, "listener", target.port)
+    _webhook(cluster, namespace, name, "listener", target.port)
+    _wait_reason(cluster, namespace, name, "Ready")
+    _gateway_sees(gateway, namespace, name)
+    url = _url(gateway, namespace, name)
+    hooks = gateway.process.hooks  # type: ignore[attr-defined]
+    settings = hooks.settings
+    hooks.settings = dataclasses.replace(settings, hooks_timeout=0.5, hooks_max_concurrent=1)
+    before = _deliveries(gateway)
+    target.gate = threading.Event()
+    try:
+        # The target never answers in time: 504 (it did receive the delivery).
+        slow = conduit.call_hook(Hook(url, KEY), "PHID-TASK-aaaaaaaaaaaaaaaaaaaa")
+        assert (slow.status, slow.text.strip()) == (
+            504,
+            "phabmesh: the target did not answer within 0.5 s",
+        )
+        assert len(target.received) == 1
+        # One delivery in flight is this webhook's bound: the next is refused at once.
+        hooks.settings = dataclasses.replace(settings, hooks_max_concurrent=1)
+        target.arrived.clear()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(conduit.call_hook, Hook(url, KEY), "PHID-TASK-bbbbbbbbbbbbbbbbbbbb")
+            assert target.arrived.wait(30)
+            busy = conduit.call_hook(Hook(url, KEY), "PHID-TASK-cccccccccccccccccccc")
+            target.gate.set()
+            assert first.result(30).status == 202
+        assert busy.status == 429
+        assert "1 deliveries to this webhook are in flight" in busy.text
+        assert len(target.received) == 2
+        # Over the gateway's request size (PHABMESH_MAX_REQUEST_BYTES): 413, not read.
+        large = requests.post(url, data=b"x" * (settings.max_request_bytes + 1), timeout=30)
+        assert large.status_code == 413
+        assert len(target.received) == 2
+    finally:
+        hooks.settings = settings
+        target.gate.set()
+    assert _moved(_deliveries(gateway), before) == {
+        "target_timeout": 1,
+        "busy": 1,
+        "delivered": 1,
+        "too_large": 1,
+        "seconds:target_timeout": 1,
+        "seconds:busy": 1,
+        "seconds:delivered": 1,
+        "seconds:too_large": 1,
+    }
