@@ -185,6 +185,20 @@ def _gateway_sees(gateway: Threaded, namespace: str, name: str) -> None:
     wait_for(sees, timeout=60, what=f"the gateway to see webhook {namespace}/{name}")
 
 
+def _ready_webhook(
+    cluster: Cluster, gateway: Threaded, namespace: str, name: str, service: str, port: int
+) -> dict[str, Any]:
+    """A webhook with everything it needs (grant, Secret, Service), Ready as the gateway sees
+    it; its Ready condition."""
+    _grant(cluster, namespace, f"{name}-key")
+    _secret(cluster, namespace, f"{name}-key")
+    _service(cluster, namespace, service, port)
+    _webhook(cluster, namespace, name, service, port)
+    ready = _wait_reason(cluster, namespace, name, "Ready")
+    _gateway_sees(gateway, namespace, name)
+    return ready
+
+
 def _url(gateway: Threaded, namespace: str, name: str) -> str:
     port = gateway.process.port  # type: ignore[attr-defined]
     return f"http://127.0.0.1:{port}/hooks/{namespace}/{name}"
@@ -232,13 +246,8 @@ def test_a_signed_delivery_reaches_the_target_and_every_bad_one_is_refused(
     target: Target,
 ) -> None:
     name = "ci"
-    _grant(cluster, namespace, f"{name}-key")
-    _secret(cluster, namespace, f"{name}-key")
-    _service(cluster, namespace, "ci-listener", target.port)
-    _webhook(cluster, namespace, name, "ci-listener", target.port)
-    ready = _wait_reason(cluster, namespace, name, "Ready")
+    ready = _ready_webhook(cluster, gateway, namespace, name, "ci-listener", target.port)
     assert ready["status"] == "True"
-    _gateway_sees(gateway, namespace, name)
     url = _url(gateway, namespace, name)
     admin = f"admin-{uuid.uuid4().hex[:8]}"
     conduit.add_user(admin, admin=True)
@@ -464,12 +473,7 @@ def test_a_slow_target_a_busy_webhook_and_a_large_body_are_bounded(
     target: Target,
 ) -> None:
     name = "bounded"
-    _grant(cluster, namespace, f"{name}-key")
-    _secret(cluster, namespace, f"{name}-key")
-    _service(cluster, namespace, "listener", target.port)
-    _webhook(cluster, namespace, name, "listener", target.port)
-    _wait_reason(cluster, namespace, name, "Ready")
-    _gateway_sees(gateway, namespace, name)
+    _ready_webhook(cluster, gateway, namespace, name, "listener", target.port)
     url = _url(gateway, namespace, name)
     hooks = gateway.process.hooks  # type: ignore[attr-defined]
     settings = hooks.settings
