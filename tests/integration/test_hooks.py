@@ -464,7 +464,7 @@ def test_phabmesh_reads_a_webhooks_secret_only_once_its_namespace_grants_it(
     assert [body for _, _, body in target.received] == [delivered.body]
 
 
-def test_a_slow_target_a_busy_webhook_and_a_large_body_are_bounded(
+def test_a_slow_target_a_busy_webhook_a_large_body_and_a_failing_target(
     cluster: Cluster,
     conduit: ConduitServer,
     operator: Threaded,
@@ -504,6 +504,15 @@ def test_a_slow_target_a_busy_webhook_and_a_large_body_are_bounded(
         large = requests.post(url, data=b"x" * (settings.max_request_bytes + 1), timeout=30)
         assert large.status_code == 413
         assert len(target.received) == 2
+        # The target's own refusal is Phorge's answer; a 5xx is not delivered, so Phorge's
+        # retry of the same body is forwarded again, not refused as a replay.
+        hooks.settings = settings
+        target.status = 503
+        failed = conduit.call_hook(Hook(url, KEY), "PHID-TASK-dddddddddddddddddddd")
+        assert (failed.status, failed.text) == (503, "queued\n")
+        retried = conduit.post_hook(url, failed.body, failed.headers)
+        assert retried.status == 503
+        assert len(target.received) == 4
     finally:
         hooks.settings = settings
         target.gate.set()
@@ -512,8 +521,10 @@ def test_a_slow_target_a_busy_webhook_and_a_large_body_are_bounded(
         "busy": 1,
         "delivered": 1,
         "too_large": 1,
+        "target_error": 2,
         "seconds:target_timeout": 1,
         "seconds:busy": 1,
         "seconds:delivered": 1,
         "seconds:too_large": 1,
+        "seconds:target_error": 2,
     }
