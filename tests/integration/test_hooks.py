@@ -9,6 +9,7 @@ import base64
 import concurrent.futures
 import dataclasses
 import http.server
+import json
 import re
 import socket
 import threading
@@ -273,6 +274,13 @@ def test_a_signed_delivery_reaches_the_target_and_every_bad_one_is_refused(
                 body, headers[herald.SIGNATURE_HEADER], KEY, now=time.time(), freshness=60
             )
             assert verified.object_phid == edited.phid
+            # As Phorge builds it for an edit: the rule that called the hook, the edit's
+            # transactions, not a test.
+            payload = json.loads(body)
+            assert payload["object"] == {"type": "USER", "phid": edited.phid}
+            assert payload["triggers"] == [{"phid": hook.rule_phid}]
+            assert [x["phid"][:15] for x in payload["transactions"]] == ["PHID-XACT-USER-"]
+            assert payload["action"]["test"] is False
 
             # Each bad input: its own status and message; none reaches the target.
             wrong = Hook(url, KEY[::-1])

@@ -113,8 +113,15 @@ class Hooks:
                 503, "webhooks cannot be confirmed now (the gateway's watch is down)", "unconfirmed"
             )
         hook = self.state.webhook(namespace, name)
-        if hook is None or hook.spec is None:
-            raise HookRefusal(404, f"no PhabricatorWebhook {namespace}/{name}", "unknown_webhook")
+        if hook is None:
+            shown = f"{audit[logs.NAMESPACE]}/{audit[logs.WEBHOOK]}"  # clipped: it is anyone's
+            raise HookRefusal(404, f"no PhabricatorWebhook {shown}", "unknown_webhook")
+        if hook.spec is None:
+            raise HookRefusal(
+                503,
+                f"PhabricatorWebhook {namespace}/{name} is not Ready (InvalidSpec)",
+                "not_ready",
+            )
         target = hook.spec.target
         audit["target"] = f"{target.service}:{target.port}{target.path}"
         if not hook.ready:
@@ -197,8 +204,8 @@ class Hooks:
                 allow_redirects=False,
             ) as answer:
                 status = answer.status
-                text = await answer.content.read(MAX_ANSWER_BYTES)
                 content_type = answer.headers.get("Content-Type", "text/plain")
+                text = await _read_head(answer, MAX_ANSWER_BYTES)
         except TimeoutError as exc:
             raise HookRefusal(
                 504, f"the target did not answer within {timeout:g} s", "target_timeout"
@@ -210,3 +217,15 @@ class Hooks:
                 "target_unreachable",
             ) from exc
         return web.Response(status=status, body=text, headers={"Content-Type": content_type})
+
+
+async def _read_head(answer: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The first ``limit`` bytes of the answer's body; the rest is not read."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in answer.content.iter_chunked(16 * 1024):
+        chunks.append(chunk[: limit - size])
+        size += len(chunk)
+        if size >= limit:
+            break
+    return b"".join(chunks)

@@ -41,12 +41,15 @@ def request(
     epoch: int,
     transactions: tuple[str, ...] = (),
     test: bool = False,
+    triggers: tuple[str, ...] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
-    """The body and headers Phorge sends ``hook`` for an edit of ``object_phid``."""
+    """The body and headers Phorge sends ``hook`` for an edit of ``object_phid``. An edit's
+    triggers are the Herald rules that called the hook (default: the hook's rule); a test
+    call's, the user who asked for it."""
     body = herald.payload(
         object_phid,
         epoch=epoch,
-        triggers=(hook.rule_phid,),
+        triggers=(hook.rule_phid,) if triggers is None else triggers,
         transactions=transactions,
         test=test,
     )

@@ -120,12 +120,19 @@ class ConduitServer:
         epoch: int | None = None,
         transactions: tuple[str, ...] = (),
         test: bool = True,
+        by: str = "PHID-USER-webhooktester00",
     ) -> hooks.Delivery:
-        """Call ``hook`` now, as Phorge's "Call Webhook" test action does (``test``), and
-        wait for its answer. ``epoch``: when Phorge queued the call (default now)."""
+        """Call ``hook`` now, as Phorge's "Call Webhook" test action does (``test``; its
+        trigger is the user ``by`` who asked), and wait for its answer. ``epoch``: when
+        Phorge queued the call (default now)."""
         when = int(self.clock()) if epoch is None else epoch
         body, headers = hooks.request(
-            hook, object_phid, epoch=when, transactions=transactions, test=test
+            hook,
+            object_phid,
+            epoch=when,
+            transactions=transactions,
+            test=test,
+            triggers=(by,) if test else None,
         )
         return self.post_hook(hook.url, body, headers)
 
