@@ -3,14 +3,19 @@ the gateway's reading of it (pure)."""
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 from typing import Any
 
 import pytest
 
 from phabmesh import resources
 from phabmesh.controller import webhooks
+from phabmesh.controller.state import Memo
 from phabmesh.controller.webhooks import Found, WebhookView
 from phabmesh.gateway.state import hook_facts
+from phabmesh.kube import NotFound
+from phabmesh.settings import Settings
 
 SPEC = {
     "herald": {"secretRef": {"name": "hook-key", "key": "hmacKey"}},
@@ -91,3 +96,91 @@ def test_the_gateway_takes_a_webhook_as_ready_only_for_its_current_generation() 
     assert (forbidden.ready, forbidden.reason) == (False, "SecretForbidden")
     unchecked = hook_facts(_body())
     assert (unchecked.ready, unchecked.reason) == (False, "")
+
+
+# -- the reconciler: gather, judge, write only what changed ------------------------------------
+
+
+class _Cluster:
+    """The API server as the reconciler reads it: the access review's answer, the Secret and
+    the Service (None: not found)."""
+
+    def __init__(self) -> None:
+        self.allowed = True
+        self.secret: dict[str, Any] | None = {"data": {"hmacKey": "a2V5"}}
+        self.service: dict[str, Any] | None = {"spec": {"ports": [{"port": 8080}]}}
+        self.secret_reads = 0
+
+    async def create(self, path: str, body: Any) -> Any:
+        assert body["kind"] == "SelfSubjectAccessReview"
+        assert body["spec"]["resourceAttributes"] == {
+            "namespace": "ci",
+            "verb": "get",
+            "resource": "secrets",
+            "name": "hook-key",
+        }
+        return {"status": {"allowed": self.allowed}}
+
+    async def get(self, path: str) -> Any:
+        if "/secrets/" in path:
+            self.secret_reads += 1
+            found = self.secret
+        else:
+            assert path == "/api/v1/namespaces/ci/services/listener"
+            found = self.service
+        if found is None:
+            raise NotFound(404, "NotFound", path)
+        return found
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.patches: list[dict[str, Any]] = []
+        self.events: list[tuple[str, str]] = []
+
+    async def patch_status(self, path: str, status: Any) -> Any:
+        assert path == "/apis/phabmesh.io/v1alpha1/namespaces/ci/phabricatorwebhooks/hook"
+        self.patches.append(status)
+        return status
+
+    async def event(self, ref: Any, reason: str, message: str, type_: str = "Normal") -> None:
+        assert (ref["kind"], ref["namespace"], ref["name"]) == ("PhabricatorWebhook", "ci", "hook")
+        self.events.append((reason, type_))
+
+
+def test_the_reconciler_writes_the_condition_only_when_it_changes() -> None:
+    memo = Memo(Settings.local("http://127.0.0.1:9"))
+    cluster, writer = _Cluster(), _Writer()
+    memo.writer = writer  # type: ignore[assignment]
+    memo.use_client(cluster)  # type: ignore[arg-type]
+    times = iter(datetime.datetime(2026, 1, 1, 12, m, tzinfo=datetime.UTC) for m in range(10))
+    memo.clock = lambda: next(times)
+    reconciler = memo.webhooks
+
+    async def scenario() -> None:
+        await reconciler.seen(_body())
+        await reconciler.check_all()  # nothing changed: nothing written
+        cluster.service = None
+        await reconciler.check_all()
+        await reconciler.check_all()
+        cluster.allowed = False
+        reads = cluster.secret_reads
+        await reconciler.check_all()
+        assert cluster.secret_reads == reads  # not granted: not tried
+
+    asyncio.run(scenario())
+    ready = [p["conditions"][0] for p in writer.patches]
+    assert [(c["status"], c["reason"]) for c in ready] == [
+        ("True", "Ready"),
+        ("False", "ServiceMissing"),
+        ("False", "SecretForbidden"),
+    ]
+    assert all(p["observedGeneration"] == 3 for p in writer.patches)
+    # lastTransitionTime moves when the status flips, not when only the reason changes.
+    assert ready[1]["lastTransitionTime"] != ready[0]["lastTransitionTime"]
+    assert ready[2]["lastTransitionTime"] == ready[1]["lastTransitionTime"]
+    assert writer.events == [
+        ("Ready", "Normal"),
+        ("ServiceMissing", "Warning"),
+        ("SecretForbidden", "Warning"),
+    ]
