@@ -28,7 +28,7 @@ BOT_KIND, BOT_PLURAL = "PhabricatorBot", "phabricatorbots"
 BINDING_KIND, BINDING_PLURAL = "PhabricatorBinding", "phabricatorbindings"
 CREDENTIAL_KIND, CREDENTIAL_PLURAL = "PhabricatorCredential", "phabricatorcredentials"
 WEBHOOK_KIND, WEBHOOK_PLURAL = "PhabricatorWebhook", "phabricatorwebhooks"
-CATEGORY = "phabmesh"  # `kubectl get phabmesh` lists all three kinds
+CATEGORY = "phabmesh"  # `kubectl get phabmesh` lists every kind
 # On a PhabricatorBot: a new value asks the operator to check the bot again now
 # (`kubectl phabmesh recheck`); any value will do, the time of the request by convention.
 RECHECK_ANNOTATION = "phabmesh.io/recheck-requested-at"
