@@ -470,6 +470,18 @@ def test_phabmesh_reads_a_webhooks_secret_only_once_its_namespace_grants_it(
     delivered = conduit.call_hook(Hook(url, KEY), "PHID-TASK-aaaaaaaaaaaaaaaaaaaa")
     assert delivered.status == 202
     assert [body for _, _, body in target.received] == [delivered.body]
+    # The grant withdrawn: SecretForbidden again, the watch and the key dropped, refused.
+    rbac = client.RbacAuthorizationV1Api(cluster.api)
+    rbac.delete_namespaced_role_binding("phabmesh-webhook-key", namespace)
+    _wait_reason(cluster, namespace, name, "SecretForbidden")
+    wait_for(
+        lambda: (namespace, f"{name}-key") not in state.hook_keys.watches,
+        what="the gateway to stop watching the Secret",
+    )
+    assert state.hook_key(state.webhook(namespace, name)) is None
+    again = conduit.call_hook(Hook(url, KEY), "PHID-TASK-aaaaaaaaaaaaaaaaaaaa")
+    assert again.status == 503
+    assert len(target.received) == 1
 
 
 def test_a_slow_target_a_busy_webhook_a_large_body_and_a_failing_target(
