@@ -291,9 +291,14 @@ def test_a_signed_delivery_reaches_the_target_and_every_bad_one_is_refused(
             replayed = conduit.post_hook(url, delivery.body, delivery.headers)
             unknown = conduit.call_hook(Hook(_url(gateway, namespace, "nope"), KEY), edited.phid)
             other_ns = conduit.call_hook(Hook(_url(gateway, "default", name), KEY), edited.phid)
+            junk = b'{"object": {"phid": "PHID-TASK-x"}}\n'
+            malformed = conduit.post_hook(
+                url, junk, {herald.SIGNATURE_HEADER: herald.sign(junk, KEY)}
+            )
             answers = {
                 "bad_signature": forged,
                 "unsigned": unsigned,
+                "malformed": malformed,
                 "replayed": replayed,
                 "unknown_webhook": unknown,
                 "unknown_webhook(other namespace)": other_ns,
@@ -305,6 +310,7 @@ def test_a_signed_delivery_reaches_the_target_and_every_bad_one_is_refused(
                     f"phabmesh: {herald.SIGNATURE_HEADER} does not match the body",
                 ),
                 "unsigned": (401, f"phabmesh: no {herald.SIGNATURE_HEADER} header"),
+                "malformed": (400, "phabmesh: the body is not a Herald webhook payload"),
                 "replayed": (
                     409,
                     "phabmesh: this delivery was already received (same signed body)",
@@ -333,12 +339,14 @@ def test_a_signed_delivery_reaches_the_target_and_every_bad_one_is_refused(
         "delivered": 2,
         "bad_signature": 1,
         "unsigned": 1,
+        "malformed": 1,
         "stale": 1,
         "replayed": 1,
         "unknown_webhook": 2,
         "seconds:delivered": 2,
         "seconds:bad_signature": 1,
         "seconds:unsigned": 1,
+        "seconds:malformed": 1,
         "seconds:stale": 1,
         "seconds:replayed": 1,
         "seconds:unknown_webhook": 2,
@@ -352,6 +360,7 @@ def test_a_signed_delivery_reaches_the_target_and_every_bad_one_is_refused(
         "replayed",
         "unknown_webhook",
         "unknown_webhook",
+        "malformed",
         "delivered",
     ]
     first = audit[0]
@@ -548,3 +557,30 @@ def test_a_slow_target_a_busy_webhook_a_large_body_and_a_failing_target(
         "seconds:too_large": 1,
         "seconds:target_error": 2,
     }
+
+
+def test_a_rotated_key_is_used_at_once_and_the_old_one_refused(
+    cluster: Cluster,
+    conduit: ConduitServer,
+    operator: Threaded,
+    gateway: Threaded,
+    namespace: str,
+    target: Target,
+) -> None:
+    name = "rotated"
+    _ready_webhook(cluster, gateway, namespace, name, "listener", target.port)
+    url = _url(gateway, namespace, name)
+    assert conduit.call_hook(Hook(url, KEY), "PHID-TASK-aaaaaaaaaaaaaaaaaaaa").status == 202
+    new_key = KEY[::-1]
+    cluster.core.patch_namespaced_secret(
+        f"{name}-key", namespace, {"data": {"hmacKey": base64.b64encode(new_key.encode()).decode()}}
+    )
+    state = gateway.process.state  # type: ignore[attr-defined]
+    wait_for(
+        lambda: state.hook_key(state.webhook(namespace, name)) == new_key,
+        what="the gateway to see the new key",
+    )
+    old = conduit.call_hook(Hook(url, KEY), "PHID-TASK-bbbbbbbbbbbbbbbbbbbb")
+    assert old.status == 403
+    assert conduit.call_hook(Hook(url, new_key), "PHID-TASK-cccccccccccccccccccc").status == 202
+    assert len(target.received) == 2
