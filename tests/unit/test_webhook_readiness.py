@@ -134,6 +134,8 @@ class _Cluster:
 
 
 class _Writer:
+    acting = None  # alone: always acting
+
     def __init__(self) -> None:
         self.patches: list[dict[str, Any]] = []
         self.events: list[tuple[str, str]] = []
@@ -184,3 +186,14 @@ def test_the_reconciler_writes_the_condition_only_when_it_changes() -> None:
         ("ServiceMissing", "Warning"),
         ("SecretForbidden", "Warning"),
     ]
+
+
+def test_a_standby_replica_reads_and_writes_nothing() -> None:
+    memo = Memo(Settings.local("http://127.0.0.1:9"))
+    cluster, writer = _Cluster(), _Writer()
+    writer.acting = lambda: False  # type: ignore[assignment]
+    memo.writer = writer  # type: ignore[assignment]
+    memo.use_client(cluster)  # type: ignore[arg-type]
+    asyncio.run(memo.webhooks.seen(_body()))
+    assert (cluster.secret_reads, writer.patches, writer.events) == (0, [], [])
+    assert ("ci", "hook") in memo.webhooks.items  # known, for when it acts

@@ -176,6 +176,9 @@ class Webhooks(_Reconciler):
     async def check(self, key: Key) -> None:
         """Check one webhook and write what changed. A write this replica may not make
         (peering) or that fails is left to the next pass, :data:`RECHECK_EVERY` away."""
+        acting = self.writer.acting
+        if acting is not None and not acting():
+            return  # a standby replica reads nothing: the acting one's next pass checks it
         async with self._locks.setdefault(key, asyncio.Lock()):
             webhook = self.items.get(key)
             if webhook is None:
