@@ -31,6 +31,8 @@ def settings_for(conduit: ConduitServer) -> Settings:
         bot_recheck_interval=2.0,
         conduit_timeout=2.0,
         conduit_attempts=1,
+        # A webhook's target is a server on loopback whose port the webhook names.
+        hooks_target_url="http://127.0.0.1:{port}",
     )
 
 

@@ -24,6 +24,11 @@ OPERATOR_CALLS: Calls = [
     (ALL, "phabmesh.io", "phabricatorbindings", "list watch patch", None),
     (ALL, "phabmesh.io", "phabricatorbots/status", "patch", None),
     (ALL, "phabmesh.io", "phabricatorbindings/status", "patch", None),
+    (ALL, "phabmesh.io", "phabricatorwebhooks", "list watch", None),
+    (ALL, "phabmesh.io", "phabricatorwebhooks/status", "patch", None),
+    # A webhook's target Service, read by name for its status. Its HMAC key Secret too, by
+    # name, where the webhook's namespace grants it (docs/webhooks.md): not in this table.
+    (ALL, "", "services", "get", None),
     (ALL, "", "events", "create", None),
     (ALL, "authentication.k8s.io", "tokenreviews", "create", None),
     (ALL, "apiextensions.k8s.io", "customresourcedefinitions", "list watch", None),
@@ -45,6 +50,8 @@ GATEWAY_CALLS: Calls = [
     (ALL, "phabmesh.io", "phabricatorcredentials", "list watch", None),
     (ALL, "phabmesh.io", "phabricatorbindings", "list watch", None),
     (ALL, "phabmesh.io", "phabricatorbots", "list watch", None),
+    (ALL, "phabmesh.io", "phabricatorwebhooks", "list watch", None),
+    # Each webhook's HMAC key Secret, by name, where its namespace grants it (docs/webhooks.md).
     # The bots' token Secrets too, by name, as the Role below lists them (phabmesh.gatewayrole):
     # not in this table, since their names are the bots'.
     (SYSTEM, "", "secrets", "list watch", "phabmesh-signing-keys"),

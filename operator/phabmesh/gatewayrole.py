@@ -206,6 +206,56 @@ def secret_data(obj: JSON) -> dict[str, str]:
     return out
 
 
+class SecretWatches:
+    """One watch per Secret, by name (``fieldSelector=metadata.name=<name>``, which RBAC
+    authorizes by ``resourceNames``), started and stopped to follow the names wanted. Their
+    values are dropped with their watch."""
+
+    def __init__(self, client: KubeClient, name: str, liveness: float = DEFAULT_LIVENESS) -> None:
+        self.client = client
+        self.name = name  # each watch's, in the logs
+        self.liveness = liveness
+        # (namespace, name) -> the watch and its task.
+        self.watches: dict[tuple[str, str], tuple[Informer[dict[str, str]], asyncio.Task[None]]]
+        self.watches = {}
+
+    def follow(self, want: Collection[tuple[str, str]]) -> None:
+        """Start a watch for each wanted Secret, stop the others."""
+        for gone in set(self.watches) - set(want):
+            _, task = self.watches.pop(gone)
+            task.cancel()
+        for namespace, name in sorted(set(want) - set(self.watches)):
+            informer: Informer[dict[str, str]] = Informer(
+                self.client,
+                resource_path("", "v1", "secrets", namespace),
+                secret_data,
+                params={"fieldSelector": f"metadata.name={name}"},
+                name=self.name,
+                liveness=self.liveness,
+            )
+            self.watches[namespace, name] = (informer, asyncio.create_task(informer.run()))
+
+    @property
+    def synced(self) -> bool:
+        """Every watch listed once."""
+        return all(informer.synced.is_set() for informer, _ in self.watches.values())
+
+    def value(self, namespace: str, secret: str, key: str) -> str | None:
+        """The Secret's value under ``key`` (decoded, stripped), if watched and there."""
+        watched = self.watches.get((namespace, secret))
+        if watched is None:
+            return None
+        data = watched[0].items.get(f"{namespace}/{secret}") or {}
+        return data.get(key) or None
+
+    async def close(self) -> None:
+        tasks = [task for _, task in self.watches.values()]
+        self.watches.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class BotSecrets:
     """The gateway's side: a watch of each Secret that a bot names and the Role lists."""
 
@@ -227,7 +277,7 @@ class BotSecrets:
         self.role: Informer[frozenset[str]] = _role_informer(
             client, namespace, name, permitted, liveness
         )
-        self.watches: dict[str, tuple[Informer[dict[str, str]], asyncio.Task[None]]] = {}
+        self.secrets = SecretWatches(client, "bot-secret", liveness)
         self._running = False
         self._started = False  # a reconcile has run with the Role read
         self.role.subscribe(self._changed)
@@ -254,33 +304,15 @@ class BotSecrets:
         """Start a watch for each wanted name, stop the others (their tokens go with them)."""
         want = self.wanted()
         self._started = self.role.synced.is_set()
-        for gone in set(self.watches) - want:
-            _, task = self.watches.pop(gone)
-            task.cancel()
-        for new in sorted(want - set(self.watches)):
-            informer: Informer[dict[str, str]] = Informer(
-                self.client,
-                resource_path("", "v1", "secrets", self.namespace),
-                secret_data,
-                params={"fieldSelector": f"metadata.name={new}"},
-                name="bot-secret",
-                liveness=self.liveness,
-            )
-            self.watches[new] = (informer, asyncio.create_task(informer.run()))
+        self.secrets.follow({(self.namespace, name) for name in want})
 
     @property
     def synced(self) -> bool:
         """The Role read, and every watch started for it listed once."""
-        return self._started and all(
-            informer.synced.is_set() for informer, _ in self.watches.values()
-        )
+        return self._started and self.secrets.synced
 
     def token(self, secret: str, key: str) -> str | None:
-        watched = self.watches.get(secret)
-        if watched is None:
-            return None
-        data = watched[0].items.get(f"{self.namespace}/{secret}") or {}
-        return data.get(key) or None
+        return self.secrets.value(self.namespace, secret, key)
 
     async def run(self) -> None:
         """Watch the Role, and through it the Secrets; run until cancelled."""
@@ -294,8 +326,4 @@ class BotSecrets:
         finally:
             watcher.cancel()
             self._running = False
-            tasks = [task for _, task in self.watches.values()]
-            self.watches.clear()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.secrets.close()

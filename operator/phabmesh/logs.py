@@ -31,6 +31,7 @@ METHOD = "method"
 REASON = "reason"
 LEASE = "lease"
 DECISION = "decision"
+WEBHOOK = "webhook"  # a PhabricatorWebhook's name
 CREDENTIAL_FORMAT = "credential_format"  # "jwt" or "phorge-token" (never the credential)
 ERROR = "error"
 

@@ -113,8 +113,33 @@ GATEWAY_REFUSALS = frozenset(
     }
     | REVOCATION_REASONS
 )
+# What became of a Herald webhook delivery (phabmesh_hook_deliveries_total{outcome}):
+# delivered (the target answered below 400), target_error (it answered 400 or more), or why it
+# was not forwarded. Never a webhook's name: an unknown one comes from anyone.
+HOOK_OUTCOMES = frozenset(
+    {
+        "delivered",
+        "target_error",
+        "target_unreachable",
+        "target_timeout",
+        "unknown_webhook",
+        "not_ready",
+        "unconfirmed",
+        "key_unavailable",
+        "unsigned",
+        "bad_signature",
+        "malformed",
+        "stale",
+        "replayed",
+        "replay_full",
+        "busy",
+        "too_large",
+    }
+)
 # Resources whose watches are reported (phabmesh_watch_*{resource}).
-WATCHED_RESOURCES = frozenset({"pods", "namespaces", "leases", "bindings", "bots", "secrets"})
+WATCHED_RESOURCES = frozenset(
+    {"pods", "namespaces", "leases", "bindings", "bots", "secrets", "webhooks"}
+)
 
 
 def bounded(value: str, allowed: Collection[str]) -> str:
@@ -398,6 +423,19 @@ class Metrics:
             "not synced (or its signing keys are not loaded)",
             registry=None,
         )
+        self.hook_deliveries = Counter(
+            "phabmesh_hook_deliveries_total",
+            "Herald webhook deliveries received by the gateway, by outcome",
+            ["outcome"],
+            registry=None,
+        )
+        self.hook_latency = Histogram(
+            "phabmesh_hook_delivery_seconds",
+            "Herald webhook delivery latency (whole delivery, the target's answer included)",
+            ["outcome"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+            registry=None,
+        )
         # -- both
         self.watches = _Watches()
         self.task_failures = Counter(
@@ -432,6 +470,8 @@ class Metrics:
             self.gateway_upstream_errors,
             self.gateway_revocations_seen,
             self.gateway_fail_closed,
+            self.hook_deliveries,
+            self.hook_latency,
         ]
         served = {OPERATOR: operator, GATEWAY: gateway, ANY: operator + gateway}[process]
         for collector in [*served, self.watches, self.task_failures]:
@@ -470,6 +510,11 @@ class Metrics:
 
     def gateway_refused(self, reason: str) -> None:
         self.gateway_refusals.labels(bounded(reason, GATEWAY_REFUSALS)).inc()
+
+    def hook_delivered(self, outcome: str, seconds: float) -> None:
+        outcome = bounded(outcome, HOOK_OUTCOMES)
+        self.hook_deliveries.labels(outcome).inc()
+        self.hook_latency.labels(outcome).observe(seconds)
 
     def webhook_certificate_expires(self, when: datetime.datetime) -> None:
         self.webhook_certificate_expiry.set(when.timestamp())

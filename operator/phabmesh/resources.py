@@ -30,7 +30,8 @@ API_VERSION = f"{GROUP}/{VERSION}"
 BOT_KIND, BOT_PLURAL = "PhabricatorBot", "phabricatorbots"
 BINDING_KIND, BINDING_PLURAL = "PhabricatorBinding", "phabricatorbindings"
 CREDENTIAL_KIND, CREDENTIAL_PLURAL = "PhabricatorCredential", "phabricatorcredentials"
-CATEGORY = "phabmesh"  # `kubectl get phabmesh` lists all three kinds
+WEBHOOK_KIND, WEBHOOK_PLURAL = "PhabricatorWebhook", "phabricatorwebhooks"
+CATEGORY = "phabmesh"  # `kubectl get phabmesh` lists every kind
 # On a PhabricatorBot: a new value asks the operator to check the bot again now
 # (`kubectl phabmesh recheck`); any value will do, the time of the request by convention.
 RECHECK_ANNOTATION = "phabmesh.io/recheck-requested-at"
@@ -50,6 +51,31 @@ TOKEN_VERIFIED = "TokenVerified"  # noqa: S105 - a condition type, not a secret
 CREDENTIAL_WRITE_FAILED = "CredentialWriteFailed"
 
 # PhabricatorCredential status.phase.
+# Ready condition reasons of a PhabricatorWebhook (the operator writes them; the gateway
+# reads them).
+# (reasons, not secrets: hence the noqa on those that name a Secret or a key)
+HOOK_READY = "Ready"  # the key is in its Secret and the Service has the port
+HOOK_INVALID_SPEC = "InvalidSpec"  # the spec could not be read
+HOOK_SECRET_MISSING = "SecretMissing"  # noqa: S105 - no such Secret in the webhook's namespace
+HOOK_SECRET_FORBIDDEN = "SecretForbidden"  # noqa: S105 - the namespace did not grant it
+HOOK_KEY_MISSING = "KeyMissing"  # the Secret has no such key, or it is empty
+HOOK_SERVICE_MISSING = "ServiceMissing"  # no Service of that name in the webhook's namespace
+HOOK_PORT_MISSING = "PortMissing"  # the Service has no such port
+HOOK_CHECK_FAILED = "CheckFailed"  # the API server could not answer (status Unknown)
+HOOK_REASONS = frozenset(
+    {
+        HOOK_READY,
+        HOOK_INVALID_SPEC,
+        HOOK_SECRET_MISSING,
+        HOOK_SECRET_FORBIDDEN,
+        HOOK_KEY_MISSING,
+        HOOK_SERVICE_MISSING,
+        HOOK_PORT_MISSING,
+        HOOK_CHECK_FAILED,
+    }
+)
+
+
 ACTIVE = "Active"  # the pod may act as the bot until expiresAt
 REVOKED = "Revoked"  # it may not, ever again (the CRD refuses a way back to Active)
 
@@ -287,6 +313,34 @@ class CredentialSpec(_Model):
     bot: str
 
 
+class WebhookSecretRef(_Model):
+    """A key of a Secret in the webhook's own namespace."""
+
+    name: str
+    key: str = "hmacKey"
+
+
+class HeraldSource(_Model):
+    """``PhabricatorWebhook.spec.herald``: a Herald webhook and where its HMAC key is."""
+
+    secret_ref: WebhookSecretRef = Field(alias="secretRef")
+
+
+class WebhookTarget(_Model):
+    """``PhabricatorWebhook.spec.target``: a Service in the webhook's own namespace."""
+
+    service: str
+    port: int
+    path: str = "/"
+
+
+class WebhookSpec(_Model):
+    """``PhabricatorWebhook.spec``."""
+
+    herald: HeraldSource
+    target: WebhookTarget
+
+
 ConditionStatus = Literal["True", "False", "Unknown"]
 Phase = Literal["Active", "Revoked"]
 
@@ -353,15 +407,25 @@ class CredentialStatus(_Model):
     bot_phid: str | None = Field(default=None, alias="botPHID")
 
 
+class WebhookStatus(_Model):
+    """``PhabricatorWebhook.status``."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+    observed_generation: int | None = Field(default=None, alias="observedGeneration")
+    conditions: tuple[Condition, ...] = ()
+
+
 SPECS: dict[str, type[_Model]] = {
     BOT_KIND: BotSpec,
     BINDING_KIND: BindingSpec,
     CREDENTIAL_KIND: CredentialSpec,
+    WEBHOOK_KIND: WebhookSpec,
 }
 STATUSES: dict[str, type[_Model]] = {
     BOT_KIND: BotStatus,
     BINDING_KIND: BindingStatus,
     CREDENTIAL_KIND: CredentialStatus,
+    WEBHOOK_KIND: WebhookStatus,
 }
 
 
@@ -399,6 +463,12 @@ def lease_path(
     namespace: str | None, name: str | None = None, subresource: str | None = None
 ) -> str:
     return resource_path(GROUP, VERSION, CREDENTIAL_PLURAL, namespace, name, subresource)
+
+
+def webhook_path(
+    namespace: str | None, name: str | None = None, subresource: str | None = None
+) -> str:
+    return resource_path(GROUP, VERSION, WEBHOOK_PLURAL, namespace, name, subresource)
 
 
 def parse_conditions(raw: object) -> list[Condition]:
@@ -461,6 +531,24 @@ def parse_bot_spec(obj: Mapping[str, Any]) -> tuple[BotSpec | None, str | None]:
         return BotSpec.model_validate(obj.get("spec") or {}), None
     except ValueError as exc:
         return None, f"spec: {exc}"
+
+
+def parse_webhook_spec(obj: Mapping[str, Any]) -> tuple[WebhookSpec | None, str | None]:
+    """A PhabricatorWebhook's spec, or None and what is wrong with it (see parse_binding_spec)."""
+    try:
+        return WebhookSpec.model_validate(obj.get("spec") or {}), None
+    except ValueError as exc:
+        return None, f"spec: {exc}"
+
+
+def condition_true(obj: Mapping[str, Any], type_: str) -> bool:
+    """Whether ``obj`` shows condition ``type_`` True for its current generation."""
+    status = obj.get("status") or {}
+    generation = (obj.get("metadata") or {}).get("generation")
+    for condition in parse_conditions(status.get("conditions")):
+        if condition.type == type_:
+            return condition.status == "True" and condition.observed_generation == generation
+    return False
 
 
 def label_value(name: str) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import string
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -162,12 +164,33 @@ class Settings:
     # max_response_bytes).
     gateway_body_budget_bytes: int = 16 << 20
     gateway_answer_budget_bytes: int = 32 << 20
+    # Herald webhooks (PhabricatorWebhook, POST /hooks/<namespace>/<name> on the gateway).
+    # Where a webhook's target Service is reached: a URL with {service}, {namespace} and
+    # {port} (and no other field), http or https, through the gateway's Linkerd proxy. Change
+    # the cluster domain here if it is not cluster.local.
+    hooks_target_url: str = "http://{service}.{namespace}.svc.cluster.local:{port}"
+    # A delivery whose action.epoch is further than this from the gateway's clock is refused
+    # (stale), and one seen already within it (the same signed body) is refused (replayed).
+    hooks_freshness: float = 300.0
+    # How long the target may take to answer (Phorge itself gives up after 15 s).
+    hooks_timeout: float = 10.0
+    # Deliveries forwarded at once per webhook; one more is refused with 429.
+    hooks_max_concurrent: int = 4
+    # Deliveries remembered for the replay check (about 200 bytes each); when all are
+    # within the window, a new delivery is refused (503) rather than one forgotten.
+    hooks_replay_entries: int = 20_000
     # Logging.
     log_level: str = "INFO"
     log_json: bool | None = None
 
     def __post_init__(self) -> None:
         resources.container_resources(*self.agent_resources())
+        hook_target_url(self.hooks_target_url, "svc", "ns", 80)
+        for name in ("hooks_freshness", "hooks_timeout", "hooks_max_concurrent"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{PREFIX}{name.upper()}: must be more than 0")
+        if self.hooks_replay_entries < 1:
+            raise ValueError(f"{PREFIX}HOOKS_REPLAY_ENTRIES: must be 1 or more")
 
     def agent_resources(
         self,
@@ -217,6 +240,25 @@ class Settings:
     def documented(cls) -> list[tuple[str, str, Any]]:
         """(environment variable, field, default) for every setting: for the docs."""
         return [(PREFIX + f.name.upper(), f.name, f.default) for f in dataclasses.fields(cls)]
+
+
+HOOK_TARGET_FIELDS = frozenset({"service", "namespace", "port"})
+
+
+def hook_target_url(template: str, service: str, namespace: str, port: int) -> str:
+    """``hooks_target_url`` filled in; ValueError naming the setting for a template with
+    another field or a scheme other than http(s). (A template without {service} or
+    {namespace} sends every webhook's deliveries to one place: for tests on loopback.)"""
+    name = f"{PREFIX}HOOKS_TARGET_URL"
+    fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    if fields - HOOK_TARGET_FIELDS:
+        raise ValueError(
+            f"{name}: {template!r} may hold only {{service}}, {{namespace}} and {{port}}"
+        )
+    url = template.format(service=service, namespace=namespace, port=port)
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise ValueError(f"{name}: {template!r} is not an http or https URL")
+    return url.rstrip("/")
 
 
 def _local_values(phabricator_url: str, overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -492,7 +492,7 @@ def test_helm_install_then_uninstall(helm: Helm, tmp_path: Path) -> None:
         installed = {
             n.split("/")[-1] for n in plane.kubectl("get", "crd", "-o", "name").stdout.split()
         }
-        assert crds <= installed and len(crds) == 4
+        assert crds <= installed and len(crds) == 5
         for doc in _templated(rendered):
             meta = _get(plane, doc)["metadata"]
             assert meta["labels"]["app.kubernetes.io/managed-by"] == "Helm", _key(doc)

@@ -25,6 +25,7 @@ PLURALS = {
     resources.BOT_KIND: resources.BOT_PLURAL,
     resources.BINDING_KIND: resources.BINDING_PLURAL,
     resources.CREDENTIAL_KIND: resources.CREDENTIAL_PLURAL,
+    resources.WEBHOOK_KIND: resources.WEBHOOK_PLURAL,
 }
 
 BOT: dict[str, Any] = {
@@ -65,6 +66,16 @@ CREDENTIAL: dict[str, Any] = {
         "identity": "ci.build.serviceaccount.identity.linkerd.cluster.local",
         "binding": "valid-binding",
         "bot": "ci-bot",
+    },
+}
+
+WEBHOOK: dict[str, Any] = {
+    "apiVersion": resources.API_VERSION,
+    "kind": resources.WEBHOOK_KIND,
+    "metadata": {"name": "valid-webhook"},
+    "spec": {
+        "herald": {"secretRef": {"name": "phorge-hook"}},
+        "target": {"service": "ci-listener", "port": 8080},
     },
 }
 
@@ -244,6 +255,45 @@ BAD: list[tuple[str, dict[str, Any], str, Any, str]] = [
     ("credential without podUID", CREDENTIAL, "spec.podUID", _DELETE, "spec.podUID"),
     ("credential without identity", CREDENTIAL, "spec.identity", _DELETE, "spec.identity"),
     ("credential with empty bot", CREDENTIAL, "spec.bot", "", "spec.bot"),
+    ("webhook without herald", WEBHOOK, "spec.herald", _DELETE, "spec.herald"),
+    ("webhook without target", WEBHOOK, "spec.target", _DELETE, "spec.target"),
+    (
+        "webhook without secretRef",
+        WEBHOOK,
+        "spec.herald.secretRef",
+        _DELETE,
+        "spec.herald.secretRef",
+    ),
+    (
+        "webhook secret name not DNS",
+        WEBHOOK,
+        "spec.herald.secretRef.name",
+        "Phorge_Hook",
+        "spec.herald.secretRef.name",
+    ),
+    (
+        "webhook secret key with a slash",
+        WEBHOOK,
+        "spec.herald.secretRef.key",
+        "a/b",
+        "spec.herald.secretRef.key",
+    ),
+    ("webhook without service", WEBHOOK, "spec.target.service", _DELETE, "spec.target.service"),
+    # A dotted name would reach another namespace's Service (<service>.<namespace>.svc).
+    (
+        "webhook service in another namespace",
+        WEBHOOK,
+        "spec.target.service",
+        "api.other-team",
+        "spec.target.service",
+    ),
+    ("webhook without port", WEBHOOK, "spec.target.port", _DELETE, "spec.target.port"),
+    ("webhook port 0", WEBHOOK, "spec.target.port", 0, "spec.target.port"),
+    ("webhook port 65536", WEBHOOK, "spec.target.port", 65536, "spec.target.port"),
+    ("webhook named port", WEBHOOK, "spec.target.port", "http", "spec.target.port"),
+    ("webhook relative path", WEBHOOK, "spec.target.path", "hooks", "spec.target.path"),
+    ("webhook path with a query", WEBHOOK, "spec.target.path", "/h?x=1", "spec.target.path"),
+    ("webhook path with a space", WEBHOOK, "spec.target.path", "/a b", "spec.target.path"),
 ]
 
 
@@ -472,6 +522,62 @@ def test_valid_manifests_are_accepted_with_defaults(
         assert bots[0].split() == ["NAME", "USERNAME", "PHID", "READY", "REASON", "AGE"]
     finally:
         api.delete_cluster_custom_object(G, V, resources.BOT_PLURAL, bot_name)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("spec.target.path", "hooks", "spec.target.path must start with '/'"),
+        ("spec.target.path", "/h#x", "spec.target.path may not hold whitespace, '?' or '#'"),
+    ],
+)
+def test_a_webhooks_path_error_says_what_is_wrong(
+    api: client.CustomObjectsApi, ns: str, path: str, value: str, message: str
+) -> None:
+    body = _with(WEBHOOK, path, value)
+    body["metadata"]["name"] = "path-typo"
+    with pytest.raises(ApiException) as refused:
+        _create(api, body, ns)
+    assert message in _message(refused.value), _message(refused.value)
+
+
+def test_a_webhook_names_no_other_namespace(api: client.CustomObjectsApi, ns: str) -> None:
+    """There is no field to name one: strict field validation refuses it."""
+    body = _with(WEBHOOK, "spec.target.namespace", "other-team")
+    body["metadata"]["name"] = "elsewhere"
+    with pytest.raises(ApiException) as refused:
+        api.create_namespaced_custom_object(
+            G, V, ns, resources.WEBHOOK_PLURAL, body, field_validation="Strict"
+        )
+    assert 'unknown field "spec.target.namespace"' in _message(refused.value)
+
+
+def test_a_valid_webhook_is_accepted_with_defaults_and_columns(
+    cluster: Cluster, api: client.CustomObjectsApi, ns: str
+) -> None:
+    name = f"hook-{uuid.uuid4().hex[:8]}"
+    created = _create(api, _with(WEBHOOK, "metadata.name", name), ns)
+    try:
+        assert created["spec"]["herald"]["secretRef"]["key"] == "hmacKey"
+        assert created["spec"]["target"]["path"] == "/"
+        spec = resources.WebhookSpec.model_validate(created["spec"])
+        assert (spec.herald.secret_ref.key, spec.target.path) == ("hmacKey", "/")
+        table = cluster.kubectl("get", "phook", "-n", ns).stdout.splitlines()
+        assert table[0].split() == ["NAME", "SERVICE", "PORT", "READY", "REASON", "AGE"]
+        assert table[1].split()[:3] == [name, "ci-listener", "8080"]
+        out = " ".join(cluster.kubectl("explain", "phabricatorwebhook.spec").stdout.split())
+        for text in ("/hooks/<namespace>/<name>", "never another", "HMAC key", "-required-"):
+            assert (
+                text
+                in " ".join(cluster.kubectl("explain", "phabricatorwebhook").stdout.split()) + out
+            ), text
+        status = " ".join(
+            cluster.kubectl("explain", "phabricatorwebhook.status.conditions").stdout.split()
+        )
+        for reason in ("SecretMissing", "SecretForbidden", "KeyMissing", "ServiceMissing"):
+            assert reason in status, reason
+    finally:
+        api.delete_namespaced_custom_object(G, V, ns, resources.WEBHOOK_PLURAL, name)
 
 
 def test_explain_teaches_the_fields(cluster: Cluster, crds: object) -> None:

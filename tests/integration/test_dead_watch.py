@@ -88,7 +88,7 @@ GATEWAY_WATCHES: dict[str, tuple[Callable[[Any, str], Informer[Any]], str, str, 
     "pods": (lambda p, b: p.state.pods.informer, "pods", "pod", True),
     "signing-keys": (lambda p, b: p.state.keys.informer, "secrets", "signing-secret", False),
     "bot-secret": (
-        lambda p, b: p.state.secrets.watches[_bot_secret(p, b)][0],
+        lambda p, b: p.state.secrets.secrets.watches[p.settings.namespace, _bot_secret(p, b)][0],
         "secrets",
         "bot-secret",
         False,

@@ -545,6 +545,45 @@ def test_the_sample_token_is_a_placeholder(samples: list[Doc]) -> None:
     assert secret["stringData"]["token"].startswith("api-REPLACEME")
 
 
+def test_the_sample_webhook_reaches_only_its_service_and_admits_only_the_gateway(
+    samples: list[Doc],
+) -> None:
+    hook = _by_kind(samples, "PhabricatorWebhook")["phorge-ci"]
+    assert hook["metadata"]["namespace"] == "ci"
+    assert hook["spec"]["target"] == {"service": "ci-listener", "port": 8080, "path": "/phorge"}
+    secret = _by_kind(samples, "Secret")[hook["spec"]["herald"]["secretRef"]["name"]]
+    assert secret["stringData"]["hmacKey"].startswith("REPLACEME")
+    # The namespace grants phabmesh that one Secret, nothing more.
+    role = _by_kind(samples, "Role")["phabmesh-webhook-keys"]
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["phorge-ci-hmac"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    binding = _by_kind(samples, "RoleBinding")["phabmesh-webhook-keys"]
+    assert {(s["name"], s["namespace"]) for s in binding["subjects"]} == {
+        ("phabmesh-operator", SYSTEM),
+        ("phabmesh-gateway", SYSTEM),
+    }
+    service = _by_kind(samples, "Service")["ci-listener"]
+    assert [p["port"] for p in service["spec"]["ports"]] == [8080]
+    # The target's port admits the gateway's identity and no other.
+    server = _by_kind(samples, "Server")["ci-listener"]
+    assert (server["spec"]["port"], server["spec"]["accessPolicy"]) == (8080, "deny")
+    policy = _by_kind(samples, "AuthorizationPolicy")["ci-listener-from-phabmesh"]
+    assert policy["spec"]["targetRef"]["name"] == "ci-listener"
+    (auth,) = policy["spec"]["requiredAuthenticationRefs"]
+    mesh = _by_kind(samples, "MeshTLSAuthentication")[auth["name"]]
+    assert mesh["spec"] == {
+        "identityRefs": [
+            {"kind": "ServiceAccount", "name": "phabmesh-gateway", "namespace": SYSTEM}
+        ]
+    }
+
+
 def test_injection_webhook_reaches_the_operator_and_never_blocks_pods(rendered: list[Doc]) -> None:
     from phabmesh import admission
     from phabmesh.admission import inject

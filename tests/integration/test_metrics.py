@@ -177,7 +177,11 @@ def test_each_metric_reads_what_happened(
     # Watches: connected, and alive during the scenario (its leases and bindings were events).
     for samples, before, watched in (
         (op, op_before, {"leases", "bindings", "bots", "namespaces", "secrets"}),
-        (gw, gw_before, {"leases", "bindings", "bots", "namespaces", "secrets", "pods"}),
+        (
+            gw,
+            gw_before,
+            {"leases", "bindings", "bots", "namespaces", "secrets", "pods", "webhooks"},
+        ),
     ):
         connected = series(samples, "phabmesh_watch_connected")
         assert {dict(key)["resource"] for key in connected} == watched

@@ -43,7 +43,7 @@ def _crd_names(group: str) -> set[str]:
 
 def test_crds_holds_phabmeshs_crds_and_kopfs() -> None:
     assert _crd_names("kopf.dev") == {KOPF_CRD}
-    assert len(_crd_names("phabmesh.io")) == 3
+    assert len(_crd_names("phabmesh.io")) == 4
 
 
 def test_uninstall_deletes_only_what_is_phabmeshs(cluster: Cluster, crds: Path) -> None:

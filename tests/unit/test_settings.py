@@ -81,6 +81,20 @@ def test_the_settings_document_lists_every_setting() -> None:
         ("PHABMESH_KUBE_BURST", "-1", "PHABMESH_KUBE_BURST: not a whole number of 0 or more"),
         ("PHABMESH_KUBE_BURST", "1.5", "PHABMESH_KUBE_BURST: invalid literal"),
         ("PHABMESH_TOKEN_REVIEW_QPS", "nan", "PHABMESH_TOKEN_REVIEW_QPS: not a number of 0"),
+        (
+            "PHABMESH_HOOKS_TARGET_URL",
+            "http://{service}.{ns}:{port}",
+            "PHABMESH_HOOKS_TARGET_URL: 'http://{service}.{ns}:{port}' may hold only",
+        ),
+        (
+            "PHABMESH_HOOKS_TARGET_URL",
+            "file:///{service}",
+            "PHABMESH_HOOKS_TARGET_URL: 'file:///{service}' is not an http or https URL",
+        ),
+        ("PHABMESH_HOOKS_FRESHNESS", "0", "PHABMESH_HOOKS_FRESHNESS: must be more than 0"),
+        ("PHABMESH_HOOKS_TIMEOUT", "0s", "PHABMESH_HOOKS_TIMEOUT: must be more than 0"),
+        ("PHABMESH_HOOKS_MAX_CONCURRENT", "0", "PHABMESH_HOOKS_MAX_CONCURRENT: must be more"),
+        ("PHABMESH_HOOKS_REPLAY_ENTRIES", "0", "PHABMESH_HOOKS_REPLAY_ENTRIES: must be 1 or"),
     ],
 )
 def test_a_wrong_setting_is_refused_naming_its_variable(

@@ -197,6 +197,25 @@ async def binding_event(
         await memo.leases.renew(binding)
 
 
+# -- webhooks ---------------------------------------------------------------------------------
+
+
+@kopf.on.event(resources.GROUP, resources.VERSION, resources.WEBHOOK_PLURAL, registry=registry)
+async def webhook_event(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, name: str, memo: Memo, **_: Any
+) -> None:
+    """A webhook's Ready condition: checked when it appears or its spec changes, and by the
+    periodic pass of :class:`~phabmesh.controller.webhooks.Webhooks` (no kopf timer: it would
+    put kopf's finalizer on the webhook)."""
+    assert namespace is not None  # a namespaced resource
+    await memo.startup.listed()
+    deleting = body.get("metadata", {}).get("deletionTimestamp") is not None
+    if event.get("type") == "DELETED" or deleting:
+        memo.webhooks.forget((namespace, name))
+    else:
+        await memo.webhooks.seen(body)
+
+
 # -- pods and leases --------------------------------------------------------------------------
 
 
@@ -266,4 +285,5 @@ __all__ = [
     "pod_event",
     "pod_seen",
     "shutdown",
+    "webhook_event",
 ]

@@ -14,7 +14,7 @@ import structlog
 
 from phabmesh import conduit, identity, tasks
 from phabmesh.clock import Clock, utcnow
-from phabmesh.controller import reconcilers
+from phabmesh.controller import reconcilers, webhooks
 from phabmesh.controller.writer import Writer
 from phabmesh.kube import KubeClient, load_connection
 from phabmesh.kube.client import JSON
@@ -75,6 +75,7 @@ class Memo(kopf.Memo):
         self.bindings = reconcilers.Bindings(self)
         self.leases = reconcilers.Leases(self)
         self.startup = reconcilers.Startup(self)
+        self.webhooks = webhooks.Webhooks(self)
         # With kopf peering: whether this replica may write now (PeeringView.acting), asked by
         # the Writer before each write; None when the controller runs alone.
         self.acting: Callable[[], bool] | None = None
@@ -119,6 +120,7 @@ class Memo(kopf.Memo):
             name="bot-secrets",
         )
         self._tasks.append(tasks.spawn("bot-secrets", self.secrets.run))
+        self._tasks.append(tasks.spawn("webhook-checks", self.webhooks.run))
         await asyncio.wait_for(self.secrets.synced.wait(), timeout=60)
 
     async def stop(self) -> None:

@@ -353,7 +353,7 @@ class Gateway:
                 "name (lower-case letters, digits and '_', in words joined by '.')",
                 "bad_method",
             )
-        body = await self._read_body(request)
+        body = await self.read_body(request)
         try:
             call = await self._decode(request, body)
         except wire.RequestTooLarge as exc:
@@ -427,7 +427,7 @@ class Gateway:
             )
         return await self._forward(request, method, call.with_token(token), token, audit)
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def read_body(self, request: web.Request) -> bytes:
         """The body, each byte reserved in the body budget before it is read."""
         limit = self.settings.max_request_bytes
         held = request[HELD]

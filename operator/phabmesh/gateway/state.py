@@ -1,5 +1,6 @@
 """What the gateway knows, kept current by watches: leases, bindings, bots, namespaces'
-labels, bot tokens, keys, and (unless turned off) which pods have ended.
+labels, bot tokens, keys, (unless turned off) which pods have ended, and the Herald webhooks
+with their HMAC keys.
 
 No API server call is made per request. While the lease watch is disconnected
 the gateway cannot confirm a lease and refuses credentials (fails closed).
@@ -8,12 +9,14 @@ the gateway cannot confirm a lease and refuses credentials (fails closed).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 from typing import Any
 
 from phabmesh import gatewayrole, identity, metrics, resources, tasks
 from phabmesh.credentials.keystore import KeyStore
 from phabmesh.kube import KubeClient
+from phabmesh.kube.client import JSON
 from phabmesh.kube.informer import Informer
 from phabmesh.leases import grants
 from phabmesh.leases.index import LeaseIndex
@@ -24,6 +27,34 @@ from phabmesh.settings import Settings
 # bot's token is and which namespaces may use it: the same values the leases are judged by.
 BindingRules = grants.BindingFacts
 BotRef = grants.BotFacts
+
+
+@dataclasses.dataclass(frozen=True)
+class HookFacts:
+    """A PhabricatorWebhook as the gateway needs it: where its key is and where it goes, and
+    whether the operator judged it Ready (for this generation of its spec)."""
+
+    namespace: str
+    name: str
+    spec: resources.WebhookSpec | None
+    ready: bool
+    # The Ready condition's reason for this generation of the spec ("": not checked yet).
+    reason: str
+
+
+def hook_facts(obj: JSON) -> HookFacts:
+    meta = obj.get("metadata") or {}
+    spec, _ = resources.parse_webhook_spec(obj)
+    conditions = resources.parse_conditions((obj.get("status") or {}).get("conditions"))
+    ready = next((c for c in conditions if c.type == resources.READY), None)
+    current = ready is not None and ready.observed_generation == meta.get("generation")
+    return HookFacts(
+        str(meta.get("namespace")),
+        str(meta.get("name")),
+        spec,
+        resources.condition_true(obj, resources.READY),
+        ready.reason if ready is not None and current else "",
+    )
 
 
 class GatewayState:
@@ -71,6 +102,17 @@ class GatewayState:
             liveness=live,
         )
         self._secrets_synced = False
+        # Herald webhooks, and the HMAC key Secret each names in its own namespace, watched by
+        # name where that namespace grants it (docs/security.md): no list of any Secrets.
+        self.webhooks: Informer[HookFacts] = Informer(
+            client,
+            resources.webhook_path(None),
+            hook_facts,
+            name="webhooks",
+            liveness=live,
+        )
+        self.hook_keys = gatewayrole.SecretWatches(self.secret_client, "webhook-secret", live)
+        self.webhooks.subscribe(lambda *_: self.hook_keys.follow(self._hook_secrets()))
         self.keys = KeyStore(
             client,
             settings.namespace,
@@ -89,6 +131,7 @@ class GatewayState:
             ("bot-secrets", self.secrets.run),
             ("signing-keys", self.keys.watch),
             ("grants", self.grants.run),
+            ("webhooks", self.webhooks.run),
             *([("pods", self.pods.run)] if self.pods is not None else []),
         ):
             self._tasks.append(tasks.spawn(name, runner))
@@ -98,6 +141,7 @@ class GatewayState:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        await self.hook_keys.close()
         await self.secret_client.close()
 
     @property
@@ -134,3 +178,24 @@ class GatewayState:
         if ref is None:
             return None
         return self.secrets.token(ref.secret_name, ref.secret_key)
+
+    def _hook_secrets(self) -> set[tuple[str, str]]:
+        """The Secrets to watch: each webhook's, once the operator has checked this generation
+        of it and found it readable (its namespace granted it). Nothing is asked for that
+        was not granted; a grant given later shows as a new reason, and the watch starts."""
+        return {
+            (hook.namespace, hook.spec.herald.secret_ref.name)
+            for hook in self.webhooks.items.values()
+            if hook.spec is not None and hook.reason not in ("", resources.HOOK_SECRET_FORBIDDEN)
+        }
+
+    def webhook(self, namespace: str, name: str) -> HookFacts | None:
+        return self.webhooks.items.get(f"{namespace}/{name}")
+
+    def hook_key(self, hook: HookFacts) -> str | None:
+        """The webhook's HMAC key, from the watch of its Secret (None: not there, or not
+        listed yet)."""
+        if hook.spec is None:
+            return None
+        ref = hook.spec.herald.secret_ref
+        return self.hook_keys.value(hook.namespace, ref.name, ref.key)

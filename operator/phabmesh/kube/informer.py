@@ -48,6 +48,7 @@ _RESOURCES = {
     "phabricatorcredentials": "leases",
     "phabricatorbindings": "bindings",
     "phabricatorbots": "bots",
+    "phabricatorwebhooks": "webhooks",
 }
 
 

@@ -28,7 +28,12 @@ from phabmesh.settings import Settings
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 PEERING = "phabmesh"  # the ClusterKopfPeering of manifests/peering.yaml (`controller --peering`)
 PEERING_CRD = "clusterkopfpeerings.kopf.dev"
-PHABMESH_CRDS = (resources.BOT_PLURAL, resources.BINDING_PLURAL, resources.CREDENTIAL_PLURAL)
+PHABMESH_CRDS = (
+    resources.BOT_PLURAL,
+    resources.BINDING_PLURAL,
+    resources.CREDENTIAL_PLURAL,
+    resources.WEBHOOK_PLURAL,
+)
 LINKERD_GROUP = "policy.linkerd.io"
 # manifests/linkerd-policy.yaml: (kind, plural, name) of each object, in phabmesh's namespace.
 LINKERD_POLICY = (
@@ -84,7 +89,7 @@ def _served(crd: Mapping[str, Any]) -> list[str]:
 
 
 def judge_crds(crds: Mapping[str, JSON | None]) -> Result:
-    """phabmesh's three CRDs: installed, Established, serving phabmesh's version."""
+    """phabmesh's CRDs: installed, Established, serving phabmesh's version."""
     problems, found = [], []
     for name, crd in crds.items():
         if crd is None:

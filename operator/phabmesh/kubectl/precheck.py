@@ -17,7 +17,16 @@ from typing import Any
 from phabmesh import resources
 from phabmesh.kube.client import JSON
 from phabmesh.kubectl import cluster
-from phabmesh.kubectl.checks import FAIL, LINKERD_GROUP, OK, PEERING_CRD, WARN, Result, guarded
+from phabmesh.kubectl.checks import (
+    FAIL,
+    LINKERD_GROUP,
+    OK,
+    PEERING_CRD,
+    PHABMESH_CRDS,
+    WARN,
+    Result,
+    guarded,
+)
 from phabmesh.resources import resource_path
 
 MIN_MINOR = 30  # Kubernetes 1.30: ValidatingAdmissionPolicy v1
@@ -109,10 +118,7 @@ async def run(session: cluster.Session) -> list[Result]:
         return judge_linkerd(dict(zip(names, found, strict=True)))
 
     async def existing() -> Result:
-        names = [
-            f"{p}.{resources.GROUP}"
-            for p in (resources.BOT_PLURAL, resources.BINDING_PLURAL, resources.CREDENTIAL_PLURAL)
-        ]
+        names = [f"{p}.{resources.GROUP}" for p in PHABMESH_CRDS]
         found = await asyncio.gather(*(session.find(crd(n)) for n in names))
         kopf = await session.find(crd(PEERING_CRD))
         return judge_existing(dict(zip(names, found, strict=True)), kopf)

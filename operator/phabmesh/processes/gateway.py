@@ -1,4 +1,4 @@
-"""The gateway process: watches, the Conduit endpoint, and health/metrics."""
+"""The gateway process: watches, the Conduit endpoint, Herald webhooks, and health/metrics."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from aiohttp import web
 
 from phabmesh import metrics, serving
 from phabmesh.gateway.app import Gateway
+from phabmesh.gateway.hooks import Hooks
 from phabmesh.gateway.state import GatewayState
 from phabmesh.kube import KubeClient, load_connection
 from phabmesh.settings import Settings
@@ -53,6 +54,8 @@ class GatewayProcess:
         # aiohttp's own body limit sits above ours so that ours answers in Conduit's envelope.
         app = web.Application(client_max_size=s.max_request_bytes + 1)
         self.gateway.routes(app)
+        self.hooks = Hooks(self.gateway)
+        self.hooks.routes(app)
         # Each connection buffers at most 32 KiB of a body its handler has not read yet: a
         # flood of connections costs little memory before the body budget refuses them.
         runner = await serving.start_site(

@@ -12,7 +12,10 @@ same error codes and messages, the same envelope and headers, and answers
 compressed as Phorge compresses them (gzip or deflate after the client's
 ``Accept-Encoding``, errors too; see ``phabmesh.conduit.responses``). Tests drive it:
 add users and tokens, disable an account, terminate or delete a token, take it
-down (500 HTML, as when its database is gone) or make it slow::
+down (500 HTML, as when its database is gone) or make it slow. Herald webhooks
+(``hooks``): ``add_hook(url, key)`` has every ``user.edit`` that changes an account delivered
+to ``url`` as Phorge's ``HeraldWebhookWorker`` delivers it (``deliveries`` keeps each
+answer), and ``call_hook`` calls one at once, as Phorge's "Call Webhook" test action::
 
     server = ConduitServer()
     server.start()                      # background thread; or `async with`

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from phabmesh import serving
 from phabmesh.conduit import responses, wire
+from phabmesh.dev.conduit import hooks
 from phabmesh.dev.conduit.api import (
     COMMON_HEADERS,
     DB_DOWN_PAGE,
@@ -45,6 +46,11 @@ class ConduitServer:
         # whatever the client's Accept-Encoding says (None: Phorge's own choice).
         self.compress_anyway: responses.Coding | None = None
         self.calls: collections.Counter[str] = collections.Counter()
+        # Herald webhooks: every edit that changes an object is delivered to each, as Phorge's
+        # daemons do after the edit, and what each delivery got back is kept, in order.
+        self.hooks: list[hooks.Hook] = []
+        self.deliveries: list[hooks.Delivery] = []
+        self._delivering: set[asyncio.Task[None]] = set()
         self._lock = self.store.lock
         self._runner: web.AppRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -95,6 +101,65 @@ class ConduitServer:
         """What ``bin/auth revoke --type conduit`` does: the token is gone."""
         self.store.delete_token(token)
 
+    def add_hook(self, url: str, key: str) -> hooks.Hook:
+        """A Herald webhook to ``url`` signed with ``key``, called on every edit."""
+        hook = hooks.Hook(url, key)
+        with self._lock:
+            self.hooks.append(hook)
+        return hook
+
+    def remove_hook(self, hook: hooks.Hook) -> None:
+        with self._lock:
+            self.hooks.remove(hook)
+
+    def call_hook(
+        self,
+        hook: hooks.Hook,
+        object_phid: str,
+        *,
+        epoch: int | None = None,
+        transactions: tuple[str, ...] = (),
+        test: bool = True,
+        by: str = "PHID-USER-webhooktester00",
+    ) -> hooks.Delivery:
+        """Call ``hook`` now, as Phorge's "Call Webhook" test action does (``test``; its
+        trigger is the user ``by`` who asked), and wait for its answer. ``epoch``: when
+        Phorge queued the call (default now)."""
+        when = int(self.clock()) if epoch is None else epoch
+        body, headers = hooks.request(
+            hook,
+            object_phid,
+            epoch=when,
+            transactions=transactions,
+            test=test,
+            triggers=(by,) if test else None,
+        )
+        return self.post_hook(hook.url, body, headers)
+
+    def post_hook(self, url: str, body: bytes, headers: dict[str, str]) -> hooks.Delivery:
+        """POST a delivery as given (a replay, a forgery) from the server's loop; its answer."""
+        assert self._loop is not None, "the server is not started"
+        future = asyncio.run_coroutine_threadsafe(hooks.post(url, body, headers), self._loop)
+        return future.result(hooks.TIMEOUT + 5)
+
+    def _edited(self, object_phid: str, transactions: list[str]) -> None:
+        """After an edit: a delivery to each webhook, in the background (Phorge's daemons)."""
+        if not transactions:
+            return
+        when = int(self.store.clock())
+        for hook in list(self.hooks):
+            body, headers = hooks.request(
+                hook, object_phid, epoch=when, transactions=tuple(transactions)
+            )
+            task = asyncio.create_task(self._deliver(hook.url, body, headers))
+            self._delivering.add(task)
+            task.add_done_callback(self._delivering.discard)
+
+    async def _deliver(self, url: str, body: bytes, headers: dict[str, str]) -> None:
+        delivery = await hooks.post(url, body, headers)
+        with self._lock:
+            self.deliveries.append(delivery)
+
     # -- lifecycle ------------------------------------------------------------------------
 
     def app(self) -> web.Application:
@@ -116,6 +181,9 @@ class ConduitServer:
                 break
 
     async def stop_async(self) -> None:
+        for task in list(self._delivering):
+            task.cancel()
+        await asyncio.gather(*self._delivering, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -240,4 +308,6 @@ class ConduitServer:
                 result = self.methods.execute(method, call, user, str(request.url.origin()))
         except Failure as failure:
             return self._reply(None, failure.code, failure.info)
+        if method.endswith(".edit") and isinstance(result, dict):
+            self._edited(str(result["object"]["phid"]), [x["phid"] for x in result["transactions"]])
         return self._reply(result)

@@ -1,0 +1,288 @@
+"""PhabricatorWebhook readiness: is its HMAC key there, and its target Service?
+
+Gather (whether the webhook's namespace lets the operator read the Secret, asked with a
+SelfSubjectAccessReview so that nothing it was not granted is ever tried; the Secret and the
+Service, each read by name in the webhook's namespace), decide
+(pure :func:`judge`), write the ``Ready`` condition only when it changes, and an Event when
+its reason does. The operator never holds the key: it reads the Secret to say whether the
+key is there, and keeps nothing of it. Webhooks are re-checked on their own events and every
+:data:`RECHECK_EVERY` seconds (a Secret or a Service may come or go at any time; the operator
+watches neither, since that would need a list of every namespace's Secrets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from phabmesh import logs, resources
+from phabmesh.controller.reconcilers import _Reconciler, changed
+from phabmesh.controller.writer import NotActing
+from phabmesh.kube import KubeError, NotFound
+from phabmesh.kube.client import JSON
+from phabmesh.leases.world import Key, conditions_of
+from phabmesh.resources import resource_path, webhook_path
+
+if TYPE_CHECKING:
+    from phabmesh.controller.state import Memo
+
+log = structlog.get_logger(__name__)
+
+RECHECK_EVERY = 10.0  # seconds between checks of every webhook
+
+
+@dataclasses.dataclass(frozen=True)
+class WebhookView:
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    spec: resources.WebhookSpec | None
+    problem: str | None  # why the spec could not be read
+    status: JSON
+
+    @property
+    def key(self) -> Key:
+        return (self.namespace, self.name)
+
+    @classmethod
+    def from_body(cls, body: Any) -> WebhookView:
+        meta = body.get("metadata") or {}
+        spec, problem = resources.parse_webhook_spec(body)
+        return cls(
+            str(meta.get("namespace")),
+            str(meta.get("name")),
+            str(meta.get("uid") or ""),
+            int(meta.get("generation") or 0),
+            spec,
+            problem,
+            dict(body.get("status") or {}),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Found:
+    """What the reads found: a Secret's keys with a value (None: no such Secret), a Service's
+    ports (None: no such Service); ``readable``: whether the namespace lets the operator read
+    the Secret at all; ``error``: a read that failed."""
+
+    secret_keys: frozenset[str] | None
+    service_ports: frozenset[int] | None
+    readable: bool = True
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    status: str  # "True", "False" or "Unknown"
+    reason: str
+    message: str
+
+
+def judge(webhook: WebhookView, found: Found) -> Outcome:
+    """The webhook's Ready condition from what the reads found (pure)."""
+    if webhook.spec is None:
+        return Outcome(
+            "False", resources.HOOK_INVALID_SPEC, webhook.problem or "spec could not be read"
+        )
+    if found.error is not None:
+        return Outcome("Unknown", resources.HOOK_CHECK_FAILED, found.error)
+    ref = webhook.spec.herald.secret_ref
+    target = webhook.spec.target
+    if not found.readable:
+        return Outcome(
+            "False",
+            resources.HOOK_SECRET_FORBIDDEN,
+            f'phabmesh may not read Secret "{ref.name}": grant it in this namespace '
+            "(docs/webhooks.md)",
+        )
+    if found.secret_keys is None:
+        return Outcome(
+            "False",
+            resources.HOOK_SECRET_MISSING,
+            f'Secret "{ref.name}" not found in this namespace',
+        )
+    if ref.key not in found.secret_keys:
+        return Outcome(
+            "False", resources.HOOK_KEY_MISSING, f'Secret "{ref.name}" has no key "{ref.key}"'
+        )
+    if found.service_ports is None:
+        return Outcome(
+            "False",
+            resources.HOOK_SERVICE_MISSING,
+            f'Service "{target.service}" not found in this namespace',
+        )
+    if target.port not in found.service_ports:
+        return Outcome(
+            "False",
+            resources.HOOK_PORT_MISSING,
+            f'Service "{target.service}" has no port {target.port}',
+        )
+    return Outcome(
+        "True",
+        resources.HOOK_READY,
+        f"deliveries are forwarded to Service {target.service} port {target.port}",
+    )
+
+
+def secret_keys(secret: JSON) -> frozenset[str]:
+    """The keys of a Secret that hold a value (their values are not kept)."""
+    return frozenset(k for k, v in (secret.get("data") or {}).items() if v)
+
+
+def service_ports(service: JSON) -> frozenset[int]:
+    ports = (service.get("spec") or {}).get("ports") or []
+    return frozenset(int(p["port"]) for p in ports if isinstance(p.get("port"), int))
+
+
+class Webhooks(_Reconciler):
+    """Each webhook's Ready condition, kept equal to what its Secret and Service show."""
+
+    def __init__(self, memo: Memo) -> None:
+        super().__init__(memo)
+        self.items: dict[Key, WebhookView] = {}
+        self._locks: dict[Key, asyncio.Lock] = {}
+
+    async def seen(self, body: Any) -> None:
+        """A webhook's event: kept, and checked when its spec changed."""
+        fresh = WebhookView.from_body(body)
+        old = self.items.get(fresh.key)
+        self.items[fresh.key] = fresh
+        if old is None or old.uid != fresh.uid or old.generation != fresh.generation:
+            await self.check(fresh.key)
+
+    def forget(self, key: Key) -> None:
+        self.items.pop(key, None)
+        self._locks.pop(key, None)
+
+    async def check_all(self) -> None:
+        for key in list(self.items):
+            await self.check(key)
+
+    async def run(self, every: float = RECHECK_EVERY) -> None:
+        """Re-check every webhook every ``every`` seconds; run until cancelled."""
+        while True:
+            await asyncio.sleep(every)
+            await self.check_all()
+
+    async def check(self, key: Key) -> None:
+        """Check one webhook and write what changed. A write this replica may not make
+        (peering) or that fails is left to the next pass, :data:`RECHECK_EVERY` away."""
+        acting = self.writer.acting
+        if acting is not None and not acting():
+            return  # a standby replica reads nothing: the acting one's next pass checks it
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            webhook = self.items.get(key)
+            if webhook is None:
+                return
+            try:
+                found = await self._gather(webhook)
+                await self._record(webhook, judge(webhook, found))
+            except NotActing:
+                pass
+            except KubeError as exc:
+                log.warning(
+                    "webhook_status_write_failed",
+                    **{logs.NAMESPACE: key[0], logs.WEBHOOK: key[1]},
+                    error=str(exc),
+                )
+
+    async def _gather(self, webhook: WebhookView) -> Found:
+        if webhook.spec is None:
+            return Found(None, None)
+        ns = webhook.namespace
+        ref, target = webhook.spec.herald.secret_ref, webhook.spec.target
+        keys: frozenset[str] | None = None
+        ports: frozenset[int] | None
+        try:
+            if not await self._may_read(ns, ref.name):
+                # This namespace has not granted it (docs/webhooks.md): not read.
+                return Found(None, None, readable=False)
+            try:
+                path = resource_path("", "v1", "secrets", ns, ref.name)
+                keys = secret_keys(await self.client.get(path))
+            except NotFound:
+                keys = None
+            try:
+                service = await self.client.get(
+                    resource_path("", "v1", "services", ns, target.service)
+                )
+                ports = service_ports(service)
+            except NotFound:
+                ports = None
+        except KubeError as exc:
+            return Found(None, None, error=f"the API server could not be read: {exc}")
+        return Found(keys, ports)
+
+    async def _may_read(self, namespace: str, secret: str) -> bool:
+        """Whether this namespace lets the operator read the Secret (a SelfSubjectAccessReview,
+        which every account may make): what it was not granted, it does not try to read."""
+        review: JSON = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "spec": {
+                "resourceAttributes": {
+                    "namespace": namespace,
+                    "verb": "get",
+                    "resource": "secrets",
+                    "name": secret,
+                }
+            },
+        }
+        path = resource_path("authorization.k8s.io", "v1", "selfsubjectaccessreviews")
+        answer = await self.client.create(path, review)
+        return bool((answer.get("status") or {}).get("allowed"))
+
+    async def _record(self, webhook: WebhookView, outcome: Outcome) -> None:
+        current = self.items.get(webhook.key, webhook)  # the status as the cluster showed it
+        if current.uid != webhook.uid:
+            return
+        previous = conditions_of(current.status)
+        conditions = resources.set_condition(
+            previous,
+            resources.Condition.new(
+                resources.READY,
+                outcome.status,  # type: ignore[arg-type]  # "True", "False" or "Unknown"
+                outcome.reason,
+                outcome.message,
+                webhook.generation,
+            ),
+            self.clock(),
+        )
+        status: JSON = {
+            "observedGeneration": webhook.generation,
+            "conditions": [c.model_dump(by_alias=True, mode="json") for c in conditions],
+        }
+        if not changed(status, current.status):
+            return
+        written = await self.writer.patch_status(
+            webhook_path(webhook.namespace, webhook.name), status
+        )
+        if written is not None and webhook.key in self.items:
+            self.items[webhook.key] = dataclasses.replace(current, status=written)
+        old_ready = next((c for c in previous if c.type == resources.READY), None)
+        if old_ready is None or old_ready.reason != outcome.reason:
+            log.info(
+                "webhook_checked",
+                **{
+                    logs.NAMESPACE: webhook.namespace,
+                    logs.WEBHOOK: webhook.name,
+                    logs.REASON: outcome.reason,
+                },
+                status=outcome.status,
+            )
+            await self.writer.event(
+                {
+                    "apiVersion": resources.API_VERSION,
+                    "kind": resources.WEBHOOK_KIND,
+                    "namespace": webhook.namespace,
+                    "name": webhook.name,
+                    "uid": webhook.uid,
+                },
+                outcome.reason,
+                outcome.message,
+                "Normal" if outcome.status == "True" else "Warning",
+            )

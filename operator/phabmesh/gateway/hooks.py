@@ -1,0 +1,231 @@
+"""Herald webhooks into the mesh: ``POST /hooks/<namespace>/<name>``, the URL an admin pastes
+into Phorge for a PhabricatorWebhook.
+
+Per delivery: find the webhook (from the gateway's watch of them) and its HMAC key (from the
+watch of its Secret), bound the deliveries in flight per webhook, read the body within the
+gateway's body budget and ``max_request_bytes`` (the Conduit path's own), verify it
+(:mod:`phabmesh.herald`: signature in constant time, freshness of ``action.epoch``, replay),
+forward it with Phorge's headers to the webhook's target Service in the webhook's own
+namespace, bounded in time, and answer Phorge with the target's status. Nothing is forwarded
+unless every check passed. One audit line (``hook_delivery``) and one count per delivery;
+never the key, never the signature.
+
+Answers (plain text, each with its own status):
+
+- the target's status and body (at most :data:`MAX_ANSWER_BYTES`) once forwarded;
+- 401 no signature, 403 a wrong one, 400 not a Herald payload, 422 stale, 409 replayed;
+- 404 no such webhook, 503 not Ready (its reason), its key not available, the webhook watch
+  down, or the replay cache full; 429 too many deliveries in flight for this webhook, 413
+  too large, 429/503 the body budget;
+- 502 the target unreachable, 504 the target past ``hooks_timeout``.
+
+A delivery that was not delivered (502, 504, or the target's 5xx) is forgotten by the replay
+check, so that Phorge's retry of it (the same body) goes through.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from phabmesh import herald, logs, metrics, neterrors
+from phabmesh.gateway.app import HELD, Gateway, Refusal
+from phabmesh.gateway.budget import Held
+from phabmesh.gateway.state import HookFacts
+from phabmesh.serving import local_address, review_source
+from phabmesh.settings import hook_target_url
+
+log = structlog.get_logger("phabmesh.audit")
+
+ROUTE = "/hooks/{namespace}/{name}"
+MAX_ANSWER_BYTES = 64 * 1024  # of the target's answer, passed back to Phorge (which logs it)
+NAME_CHARS = 253  # the longest namespace or name an audit line carries
+SOURCE = "herald"
+
+
+class HookRefusal(Exception):
+    """A delivery answered without being forwarded: its status, message and outcome."""
+
+    def __init__(self, status: int, message: str, outcome: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.outcome = outcome
+
+    def response(self) -> web.Response:
+        return web.Response(status=self.status, text=f"phabmesh: {self.message}\n")
+
+
+class Hooks:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.state = gateway.state
+        self.settings = gateway.settings
+        self.replays = herald.ReplayCache(self.settings.hooks_replay_entries)
+        self.in_flight: collections.Counter[str] = collections.Counter()
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post(ROUTE, self.handle)
+
+    def now(self) -> float:
+        return self.gateway.clock().timestamp()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        source = review_source(None, request.remote, local_address(request))
+        held = request[HELD] = Held(source)
+        audit: dict[str, Any] = {
+            "source": SOURCE,
+            logs.NAMESPACE: logs.clip(request.match_info["namespace"], NAME_CHARS),
+            logs.WEBHOOK: logs.clip(request.match_info["name"], NAME_CHARS),
+        }
+        try:
+            response = await self._deliver(request, audit)
+            outcome = "delivered" if response.status < 400 else "target_error"
+        except HookRefusal as refusal:
+            response = refusal.response()
+            if not request.content.is_eof():
+                response.force_close()  # refused before its body was read: not read at all
+            outcome = refusal.outcome
+            audit["error"] = refusal.message
+        finally:
+            held.release()
+        elapsed = time.perf_counter() - started
+        metrics.current().hook_delivered(outcome, elapsed)
+        log.info(
+            "hook_delivery",
+            outcome=outcome,
+            status=response.status,
+            latency_ms=round(elapsed * 1000, 2),
+            **audit,
+        )
+        return response
+
+    async def _deliver(self, request: web.Request, audit: dict[str, Any]) -> web.Response:
+        namespace, name = request.match_info["namespace"], request.match_info["name"]
+        if not self.state.webhooks.healthy:
+            raise HookRefusal(
+                503, "webhooks cannot be confirmed now (the gateway's watch is down)", "unconfirmed"
+            )
+        hook = self.state.webhook(namespace, name)
+        if hook is None:
+            shown = f"{audit[logs.NAMESPACE]}/{audit[logs.WEBHOOK]}"  # clipped: it is anyone's
+            raise HookRefusal(404, f"no PhabricatorWebhook {shown}", "unknown_webhook")
+        if hook.spec is None:
+            raise HookRefusal(
+                503,
+                f"PhabricatorWebhook {namespace}/{name} is not Ready (InvalidSpec)",
+                "not_ready",
+            )
+        target = hook.spec.target
+        audit["target"] = f"{target.service}:{target.port}{target.path}"
+        if not hook.ready:
+            raise HookRefusal(
+                503,
+                f"PhabricatorWebhook {namespace}/{name} is not Ready "
+                f"({hook.reason or 'not checked yet'})",
+                "not_ready",
+            )
+        key = f"{namespace}/{name}"
+        if self.in_flight[key] >= self.settings.hooks_max_concurrent:
+            raise HookRefusal(
+                429,
+                f"{self.settings.hooks_max_concurrent} deliveries to this webhook are in flight "
+                "(PHABMESH_HOOKS_MAX_CONCURRENT); retry shortly",
+                "busy",
+            )
+        self.in_flight[key] += 1
+        try:
+            return await self._verify_and_forward(request, hook, key, audit)
+        finally:
+            self.in_flight[key] -= 1
+            if self.in_flight[key] <= 0:
+                del self.in_flight[key]
+
+    async def _verify_and_forward(
+        self, request: web.Request, hook: HookFacts, key: str, audit: dict[str, Any]
+    ) -> web.Response:
+        try:
+            body = await self.gateway.read_body(request)
+        except Refusal as refusal:  # the Conduit path's bounds, answered plainly
+            outcome = "too_large" if refusal.status == 413 else "busy"
+            raise HookRefusal(refusal.status, refusal.info, outcome) from refusal
+        secret = self.state.hook_key(hook)
+        if secret is None:
+            raise HookRefusal(
+                503, f"the HMAC key of PhabricatorWebhook {key} is not available", "key_unavailable"
+            )
+        freshness = self.settings.hooks_freshness
+        now = self.now()
+        try:
+            delivery = herald.verify(
+                body,
+                request.headers.get(herald.SIGNATURE_HEADER),
+                secret,
+                now=now,
+                freshness=freshness,
+            )
+            audit["object_phid"] = logs.clip(delivery.object_phid, herald.PHID_CHARS)
+            if delivery.test:
+                audit["test"] = True
+            self.replays.claim(key, delivery, now=now, freshness=freshness)
+        except herald.Rejected as rejected:
+            raise HookRefusal(rejected.status, rejected.message, rejected.reason) from rejected
+        except herald.Full as full:
+            raise HookRefusal(503, str(full), "replay_full") from full
+        try:
+            response = await self._forward(request, hook, body)
+        except HookRefusal:
+            self.replays.release(key, delivery)
+            raise
+        if response.status >= 500:
+            self.replays.release(key, delivery)
+        return response
+
+    async def _forward(self, request: web.Request, hook: HookFacts, body: bytes) -> web.Response:
+        assert hook.spec is not None  # a webhook without one is unknown (_deliver)
+        target = hook.spec.target
+        base = hook_target_url(
+            self.settings.hooks_target_url, target.service, hook.namespace, target.port
+        )
+        headers = {h: request.headers[h] for h in herald.FORWARDED_HEADERS if h in request.headers}
+        timeout = self.settings.hooks_timeout
+        try:
+            async with self.gateway.session.post(
+                base + target.path,
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+                allow_redirects=False,
+            ) as answer:
+                status = answer.status
+                content_type = answer.headers.get("Content-Type", "text/plain")
+                text = await _read_head(answer, MAX_ANSWER_BYTES)
+        except TimeoutError as exc:
+            raise HookRefusal(
+                504, f"the target did not answer within {timeout:g} s", "target_timeout"
+            ) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise HookRefusal(
+                502,
+                f"the target could not be reached: {neterrors.cause(exc, timeout)}",
+                "target_unreachable",
+            ) from exc
+        return web.Response(status=status, body=text, headers={"Content-Type": content_type})
+
+
+async def _read_head(answer: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The first ``limit`` bytes of the answer's body; the rest is not read."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in answer.content.iter_chunked(16 * 1024):
+        chunks.append(chunk[: limit - size])
+        size += len(chunk)
+        if size >= limit:
+            break
+    return b"".join(chunks)

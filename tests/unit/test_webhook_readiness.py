@@ -1,0 +1,199 @@
+"""A PhabricatorWebhook's Ready condition, judged from what the operator's reads found, and
+the gateway's reading of it (pure)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from typing import Any
+
+import pytest
+
+from phabmesh import resources
+from phabmesh.controller import webhooks
+from phabmesh.controller.state import Memo
+from phabmesh.controller.webhooks import Found, WebhookView
+from phabmesh.gateway.state import hook_facts
+from phabmesh.kube import NotFound
+from phabmesh.settings import Settings
+
+SPEC = {
+    "herald": {"secretRef": {"name": "hook-key", "key": "hmacKey"}},
+    "target": {"service": "listener", "port": 8080, "path": "/p"},
+}
+
+
+def _body(spec: Any = SPEC, generation: int = 3, status: Any = None) -> dict[str, Any]:
+    return {
+        "metadata": {"namespace": "ci", "name": "hook", "uid": "u1", "generation": generation},
+        "spec": spec,
+        "status": status or {},
+    }
+
+
+KEYS = frozenset({"hmacKey"})
+PORTS = frozenset({8080, 9090})
+
+
+@pytest.mark.parametrize(
+    ("found", "status", "reason", "message"),
+    [
+        (Found(KEYS, PORTS), "True", "Ready", "deliveries are forwarded to Service listener"),
+        (Found(None, None, readable=False), "False", "SecretForbidden", "grant it in this"),
+        (Found(None, PORTS), "False", "SecretMissing", 'Secret "hook-key" not found'),
+        (Found(frozenset({"other"}), PORTS), "False", "KeyMissing", 'has no key "hmacKey"'),
+        (Found(KEYS, None), "False", "ServiceMissing", 'Service "listener" not found'),
+        (Found(KEYS, frozenset({80})), "False", "PortMissing", "has no port 8080"),
+        (Found(None, None, error="boom"), "Unknown", "CheckFailed", "boom"),
+    ],
+)
+def test_each_finding_has_its_one_reason(
+    found: Found, status: str, reason: str, message: str
+) -> None:
+    outcome = webhooks.judge(WebhookView.from_body(_body()), found)
+    assert (outcome.status, outcome.reason) == (status, reason)
+    assert message in outcome.message
+    assert outcome.reason in resources.HOOK_REASONS
+
+
+def test_a_spec_that_cannot_be_read_is_invalid_whatever_was_found() -> None:
+    view = WebhookView.from_body(_body(spec={"target": {"service": "x"}}))
+    assert view.spec is None
+    outcome = webhooks.judge(view, Found(KEYS, PORTS))
+    assert (outcome.status, outcome.reason) == ("False", "InvalidSpec")
+    assert "herald" in outcome.message
+
+
+def test_secret_keys_keep_names_of_keys_with_a_value_and_no_value() -> None:
+    secret = {"data": {"hmacKey": "c2VjcmV0", "empty": ""}}
+    assert webhooks.secret_keys(secret) == frozenset({"hmacKey"})
+    assert webhooks.service_ports({"spec": {"ports": [{"port": 80}, {"name": "x"}]}}) == {80}
+
+
+def _ready(reason: str, generation: int, status: str = "True") -> dict[str, Any]:
+    return {
+        "conditions": [
+            {
+                "type": "Ready",
+                "status": status,
+                "reason": reason,
+                "message": "",
+                "lastTransitionTime": "2026-01-01T00:00:00Z",
+                "observedGeneration": generation,
+            }
+        ]
+    }
+
+
+def test_the_gateway_takes_a_webhook_as_ready_only_for_its_current_generation() -> None:
+    current = hook_facts(_body(status=_ready("Ready", 3)))
+    assert (current.ready, current.reason) == (True, "Ready")
+    assert current.spec is not None and current.spec.target.port == 8080
+    # Judged for an older spec: neither Ready nor a reason (its Secret is not watched yet).
+    old = hook_facts(_body(status=_ready("Ready", 2)))
+    assert (old.ready, old.reason) == (False, "")
+    forbidden = hook_facts(_body(status=_ready("SecretForbidden", 3, "False")))
+    assert (forbidden.ready, forbidden.reason) == (False, "SecretForbidden")
+    unchecked = hook_facts(_body())
+    assert (unchecked.ready, unchecked.reason) == (False, "")
+
+
+# -- the reconciler: gather, judge, write only what changed ------------------------------------
+
+
+class _Cluster:
+    """The API server as the reconciler reads it: the access review's answer, the Secret and
+    the Service (None: not found)."""
+
+    def __init__(self) -> None:
+        self.allowed = True
+        self.secret: dict[str, Any] | None = {"data": {"hmacKey": "a2V5"}}
+        self.service: dict[str, Any] | None = {"spec": {"ports": [{"port": 8080}]}}
+        self.secret_reads = 0
+
+    async def create(self, path: str, body: Any) -> Any:
+        assert body["kind"] == "SelfSubjectAccessReview"
+        assert body["spec"]["resourceAttributes"] == {
+            "namespace": "ci",
+            "verb": "get",
+            "resource": "secrets",
+            "name": "hook-key",
+        }
+        return {"status": {"allowed": self.allowed}}
+
+    async def get(self, path: str) -> Any:
+        if "/secrets/" in path:
+            self.secret_reads += 1
+            found = self.secret
+        else:
+            assert path == "/api/v1/namespaces/ci/services/listener"
+            found = self.service
+        if found is None:
+            raise NotFound(404, "NotFound", path)
+        return found
+
+
+class _Writer:
+    acting = None  # alone: always acting
+
+    def __init__(self) -> None:
+        self.patches: list[dict[str, Any]] = []
+        self.events: list[tuple[str, str]] = []
+
+    async def patch_status(self, path: str, status: Any) -> Any:
+        assert path == "/apis/phabmesh.io/v1alpha1/namespaces/ci/phabricatorwebhooks/hook"
+        self.patches.append(status)
+        return status
+
+    async def event(self, ref: Any, reason: str, message: str, type_: str = "Normal") -> None:
+        assert (ref["kind"], ref["namespace"], ref["name"]) == ("PhabricatorWebhook", "ci", "hook")
+        self.events.append((reason, type_))
+
+
+def test_the_reconciler_writes_the_condition_only_when_it_changes() -> None:
+    memo = Memo(Settings.local("http://127.0.0.1:9"))
+    cluster, writer = _Cluster(), _Writer()
+    memo.writer = writer  # type: ignore[assignment]
+    memo.use_client(cluster)  # type: ignore[arg-type]
+    times = iter(datetime.datetime(2026, 1, 1, 12, m, tzinfo=datetime.UTC) for m in range(10))
+    memo.clock = lambda: next(times)
+    reconciler = memo.webhooks
+
+    async def scenario() -> None:
+        await reconciler.seen(_body())
+        await reconciler.check_all()  # nothing changed: nothing written
+        cluster.service = None
+        await reconciler.check_all()
+        await reconciler.check_all()
+        cluster.allowed = False
+        reads = cluster.secret_reads
+        await reconciler.check_all()
+        assert cluster.secret_reads == reads  # not granted: not tried
+
+    asyncio.run(scenario())
+    ready = [p["conditions"][0] for p in writer.patches]
+    assert [(c["status"], c["reason"]) for c in ready] == [
+        ("True", "Ready"),
+        ("False", "ServiceMissing"),
+        ("False", "SecretForbidden"),
+    ]
+    assert all(p["observedGeneration"] == 3 for p in writer.patches)
+    # lastTransitionTime moves when the status flips, not when only the reason changes.
+    assert ready[1]["lastTransitionTime"] != ready[0]["lastTransitionTime"]
+    assert ready[2]["lastTransitionTime"] == ready[1]["lastTransitionTime"]
+    assert writer.events == [
+        ("Ready", "Normal"),
+        ("ServiceMissing", "Warning"),
+        ("SecretForbidden", "Warning"),
+    ]
+
+
+def test_a_standby_replica_reads_and_writes_nothing() -> None:
+    memo = Memo(Settings.local("http://127.0.0.1:9"))
+    cluster, writer = _Cluster(), _Writer()
+    writer.acting = lambda: False  # type: ignore[assignment]
+    memo.writer = writer  # type: ignore[assignment]
+    memo.use_client(cluster)  # type: ignore[arg-type]
+    asyncio.run(memo.webhooks.seen(_body()))
+    assert (cluster.secret_reads, writer.patches, writer.events) == (0, [], [])
+    assert ("ci", "hook") in memo.webhooks.items  # known, for when it acts
