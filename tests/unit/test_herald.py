@@ -6,10 +6,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from pathlib import Path
 
 import pytest
 
 from phabmesh import herald
+from phabmesh.dev.conduit import hooks
+
+# What a real Phorge sent (tests/conduit/herald/deliveries.json says how it was recorded).
+RECORDED = json.loads(
+    (Path(__file__).parents[1] / "conduit" / "herald" / "deliveries.json").read_text()
+)
 
 KEY = "0123456789abcdefghijklmnopqrstuv"  # Phorge makes 32 random characters
 NOW = 1_800_000_000
@@ -181,3 +188,45 @@ def test_the_payload_round_trips_as_json() -> None:
     assert data["action"] == {"test": False, "silent": True, "secure": True, "epoch": NOW}
     assert data["triggers"] == [{"phid": "PHID-HRUL-1"}]
     assert data["transactions"] == []
+
+
+@pytest.mark.parametrize(
+    "recorded", RECORDED["deliveries"], ids=lambda d: f"{d['what']}-{len(d['request']['body'])}"
+)
+def test_what_phorge_sent_is_rebuilt_byte_for_byte_and_verified(recorded: dict) -> None:
+    """The test server's body and headers for the same delivery are Phorge's own, and the
+    gateway's check accepts Phorge's signature (and refuses it on one changed byte)."""
+    sent = recorded["request"]
+    body = sent["body"].encode()
+    data = json.loads(body)
+    action = data["action"]
+    hook = hooks.Hook(url="http://127.0.0.1/hooks/ns/name", key=RECORDED["key"])
+    rebuilt, headers = hooks.request(
+        hook,
+        data["object"]["phid"],
+        epoch=action["epoch"],
+        transactions=tuple(t["phid"] for t in data["transactions"]),
+        test=action["test"],
+        triggers=tuple(t["phid"] for t in data["triggers"]),
+    )
+    assert rebuilt == body
+    assert data["object"]["type"] == data["object"]["phid"].split("-")[1]
+    for name, value in headers.items():
+        assert sent["headers"][name] == value, name
+    delivery = herald.verify(
+        body, sent["headers"][herald.SIGNATURE_HEADER], RECORDED["key"], now=action["epoch"],
+        freshness=WINDOW,
+    )  # fmt: skip
+    assert (delivery.object_phid, delivery.test) == (data["object"]["phid"], action["test"])
+    with pytest.raises(herald.Rejected) as refused:
+        herald.verify(
+            body.replace(b'"secure": false', b'"secure": true '),
+            sent["headers"][herald.SIGNATURE_HEADER], RECORDED["key"], now=action["epoch"],
+            freshness=WINDOW,
+        )  # fmt: skip
+    assert refused.value.reason == herald.BAD_SIGNATURE
+
+
+def test_the_recordings_cover_a_test_action_and_edits() -> None:
+    kinds = [json.loads(d["request"]["body"])["action"]["test"] for d in RECORDED["deliveries"]]
+    assert True in kinds and False in kinds

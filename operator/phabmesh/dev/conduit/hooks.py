@@ -12,6 +12,9 @@ import aiohttp
 from phabmesh import herald
 
 TIMEOUT = 15.0  # HeraldWebhookWorker: ->setTimeout(15)
+# What Phorge's HTTPSFuture sends (arcanist's cURL future, as recorded: the cURL version is
+# the Phorge host's).
+USER_AGENT = "Arcanist/1.0 cURL/7.88.1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +57,8 @@ def request(
         test=test,
     )
     headers = {
+        "User-Agent": USER_AGENT,
+        "Accept": "*/*",
         "Content-Type": "application/json",
         herald.SIGNATURE_HEADER: herald.sign(body, hook.key),
     }
