@@ -29,6 +29,10 @@ SIGNATURE_HEADER = "X-Phabricator-Webhook-Signature"
 # The headers Phorge sends that a target may read, forwarded as they came.
 FORWARDED_HEADERS = ("Content-Type", SIGNATURE_HEADER, "User-Agent")
 PHID_CHARS = 64  # the longest PHID an audit line carries
+# How far ahead of this clock an epoch may be (clocks differ a little); further ahead, a body
+# would stay fresh, and held for the replay check, longer than the window.
+FUTURE_SKEW = 60.0
+MAX_EPOCH = 1 << 53  # beyond any real time, and within a float's exact integers
 
 # Why a delivery is refused before it is forwarded, each with its HTTP status.
 UNSIGNED = "unsigned"  # no signature header
@@ -104,7 +108,8 @@ def verify(
     Nothing of the body is read before its signature is checked."""
     if not signature:
         raise Rejected(UNSIGNED, f"no {SIGNATURE_HEADER} header")
-    if not hmac.compare_digest(sign(body, key).encode(), signature.strip().lower().encode()):
+    given = signature.strip().lower().encode("ascii", "replace")  # no hex digest is otherwise
+    if not hmac.compare_digest(sign(body, key).encode(), given):
         raise Rejected(BAD_SIGNATURE, f"{SIGNATURE_HEADER} does not match the body")
     try:
         data = json.loads(body)
@@ -116,57 +121,65 @@ def verify(
         test = bool(action.get("test"))
     except (ValueError, TypeError, KeyError, AttributeError):
         raise Rejected(MALFORMED, "the body is not a Herald webhook payload") from None
-    if not isinstance(epoch, int) or isinstance(epoch, bool):
-        raise Rejected(MALFORMED, "action.epoch is not a whole number")
-    if abs(now - epoch) > freshness:
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch < MAX_EPOCH:
+        raise Rejected(MALFORMED, "action.epoch is not a time in seconds")
+    if now - epoch > freshness or epoch - now > FUTURE_SKEW:
         raise Rejected(
             STALE,
             f"action.epoch {epoch} is {round(now - epoch)} s from now, outside the "
-            f"freshness window of {round(freshness)} s",
+            f"freshness window ({round(freshness)} s back, {round(FUTURE_SKEW)} s ahead)",
         )
     return Delivery(object_phid, object_type, epoch, test, hashlib.sha256(body).hexdigest())
 
 
 class ReplayCache:
-    """Deliveries seen within the freshness window, by webhook and body digest; bounded.
+    """Deliveries seen within the freshness window, per namespace and body digest; bounded
+    per namespace, so that one namespace's deliveries never crowd out another's.
 
     A delivery is claimed before it is forwarded (so two copies at once cannot both pass)
     and released if it could not be delivered, so that Phorge's own retry (the same body)
-    gets through. An entry is kept until its epoch leaves the window: after that the
-    freshness check refuses the body anyway. When full of unexpired entries, a new delivery
-    is refused (fails closed) rather than forgetting one that could then be replayed; only
-    correctly signed bodies are ever entered, so only Phorge's own volume can fill it.
+    gets through. An entry is kept until its epoch leaves the window (at most the window
+    and :data:`FUTURE_SKEW` from now): after that the freshness check refuses the body anyway.
+    When a namespace's entries are all still live, its new delivery is refused (fails closed)
+    rather than one forgotten that could then be replayed. Only correctly signed bodies are
+    entered: a namespace that holds a webhook's key can fill its own share, and only that.
     """
 
-    def __init__(self, max_entries: int) -> None:
-        self.max_entries = max_entries
-        self._until: collections.OrderedDict[tuple[str, str], float] = collections.OrderedDict()
+    def __init__(self, per_namespace: int) -> None:
+        self.per_namespace = per_namespace
+        self._seen: dict[str, collections.OrderedDict[tuple[str, str], float]] = {}
 
     def __len__(self) -> int:
-        return len(self._until)
+        return sum(len(seen) for seen in self._seen.values())
 
-    def _expire(self, now: float) -> None:
-        for key in [k for k, until in self._until.items() if until < now]:
-            del self._until[key]
-
-    def claim(self, webhook: str, delivery: Delivery, *, now: float, freshness: float) -> None:
-        """Enter ``delivery`` for ``webhook``, or raise :class:`Rejected` (replayed) or
-        :class:`Full`."""
+    def claim(
+        self, namespace: str, webhook: str, delivery: Delivery, *, now: float, freshness: float
+    ) -> None:
+        """Enter ``delivery`` for ``webhook`` of ``namespace``, or raise :class:`Rejected`
+        (replayed) or :class:`Full`."""
+        seen = self._seen.setdefault(namespace, collections.OrderedDict())
         key = (webhook, delivery.digest)
-        until = self._until.get(key)
+        until = seen.get(key)
         if until is not None and until >= now:
             raise Rejected(REPLAYED, "this delivery was already received (same signed body)")
-        if len(self._until) >= self.max_entries:
-            self._expire(now)
-            if len(self._until) >= self.max_entries:
-                raise Full(self.max_entries)
-        self._until[key] = delivery.epoch + freshness
+        # Entries go in about the order they expire: drop the expired ones at the front.
+        while seen and next(iter(seen.values())) < now:
+            seen.popitem(last=False)
+        if len(seen) >= self.per_namespace:
+            raise Full(self.per_namespace)
+        seen[key] = delivery.epoch + freshness
 
-    def release(self, webhook: str, delivery: Delivery) -> None:
+    def release(self, namespace: str, webhook: str, delivery: Delivery) -> None:
         """Forget a claimed delivery that was not delivered."""
-        self._until.pop((webhook, delivery.digest), None)
+        seen = self._seen.get(namespace)
+        if seen is not None:
+            seen.pop((webhook, delivery.digest), None)
+            if not seen:
+                del self._seen[namespace]
 
 
 class Full(Exception):
     def __init__(self, entries: int) -> None:
-        super().__init__(f"{entries} deliveries are held for replay checks; retry shortly")
+        super().__init__(
+            f"{entries} deliveries of this namespace are held for replay checks; retry shortly"
+        )

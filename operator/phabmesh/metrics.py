@@ -134,6 +134,7 @@ HOOK_OUTCOMES = frozenset(
         "replay_full",
         "busy",
         "too_large",
+        "body_timeout",
     }
 )
 # Resources whose watches are reported (phabmesh_watch_*{resource}).

@@ -61,6 +61,9 @@ HOOK_SECRET_FORBIDDEN = "SecretForbidden"  # noqa: S105 - the namespace did not 
 HOOK_KEY_MISSING = "KeyMissing"  # the Secret has no such key, or it is empty
 HOOK_SERVICE_MISSING = "ServiceMissing"  # no Service of that name in the webhook's namespace
 HOOK_PORT_MISSING = "PortMissing"  # the Service has no such port
+# The Service could lead out of its namespace: an ExternalName (a DNS name anywhere), or no
+# selector (endpoints written by hand, which may be any address).
+HOOK_SERVICE_UNSUPPORTED = "ServiceUnsupported"
 HOOK_CHECK_FAILED = "CheckFailed"  # the API server could not answer (status Unknown)
 HOOK_REASONS = frozenset(
     {
@@ -71,6 +74,7 @@ HOOK_REASONS = frozenset(
         HOOK_KEY_MISSING,
         HOOK_SERVICE_MISSING,
         HOOK_PORT_MISSING,
+        HOOK_SERVICE_UNSUPPORTED,
         HOOK_CHECK_FAILED,
     }
 )

@@ -44,14 +44,23 @@ def add_health_routes(
 
 
 async def start_site(
-    app: web.Application, host: str, port: int, *, read_bufsize: int | None = None
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    read_bufsize: int | None = None,
+    lingering_time: float | None = None,
 ) -> web.AppRunner:
     """Serve ``app`` on host:port; returns the runner to ``cleanup()`` later.
 
     ``read_bufsize``: how much of a request body each connection buffers before it stops
     reading from its socket until the handler reads (twice this; aiohttp's default 64 KiB).
+    ``lingering_time``: how long the rest of a body the handler did not read is read and
+    dropped before the connection closes (aiohttp's default 10 s; 0: closed at once).
     """
     extra: dict[str, Any] = {} if read_bufsize is None else {"read_bufsize": read_bufsize}
+    if lingering_time is not None:
+        extra["lingering_time"] = lingering_time
     # Request bodies stay as sent: Conduit bodies are decompressed, bounded, by wire.decompress.
     runner = web.AppRunner(
         app, access_log=None, handle_signals=False, auto_decompress=False, **extra
@@ -117,11 +126,13 @@ class Holds:
     instead of being answered as fast as it can ask (as nginx's ``limit_req`` delays the
     requests over a rate).
 
-    A caller that honours ``Retry-After`` loses little: it would have waited anyway. A
-    flooding caller's connections sit idle for the hold, so it gets about ``limit / seconds``
-    refusals a second in all, instead of as many as the event loop can write, while everyone
-    else's calls are served beside them. At most ``limit`` refusals are held at once (each
-    keeps a connection); past that they are answered at once.
+    A caller that honours ``Retry-After`` loses little: it would have waited anyway (the
+    credential endpoint's ``Retry-After`` is what is left of the wait after the hold; the
+    gateway's stays its fixed second). A flooding caller's connections sit idle for the hold,
+    so it gets about ``limit / seconds`` refusals a second in all, instead of as many as the
+    event loop can write, while everyone else's calls are served beside them. At most
+    ``limit`` refusals are held at once (each keeps a connection); past that they are
+    answered at once.
     """
 
     def __init__(self, limit: int, seconds: float) -> None:

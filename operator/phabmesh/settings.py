@@ -178,7 +178,7 @@ class Settings:
     hooks_max_concurrent: int = 4
     # Deliveries remembered for the replay check (about 200 bytes each); when all are
     # within the window, a new delivery is refused (503) rather than one forgotten.
-    hooks_replay_entries: int = 20_000
+    hooks_replay_entries: int = 5_000  # per namespace
     # Logging.
     log_level: str = "INFO"
     log_json: bool | None = None

@@ -121,6 +121,8 @@ def test_a_body_changed_after_signing_or_signed_with_another_key_is_refused() ->
         b'{"action": {"epoch": true}}',
         b'{"action": {"epoch": 1.5e9}}',
         b'{"action": []}',
+        b'{"action": {"epoch": -5}}',
+        b'{"action": {"epoch": 1' + b"0" * 400 + b"}}",  # no float holds it
     ],
 )
 def test_a_signed_body_that_is_no_herald_payload_is_refused(body: bytes) -> None:
@@ -129,14 +131,16 @@ def test_a_signed_body_that_is_no_herald_payload_is_refused(body: bytes) -> None
     assert (refused.value.reason, refused.value.status) == (herald.MALFORMED, 400)
 
 
-@pytest.mark.parametrize("offset", [-301, 301, -(10**9)])
+@pytest.mark.parametrize("offset", [-301, 61, 299, -(10**9)])
 def test_a_delivery_outside_the_freshness_window_is_stale(offset: int) -> None:
+    """Older than the window, or further ahead of this clock than clocks differ (a body from
+    the future would stay fresh, and held for the replay check, longer than the window)."""
     body = _body(epoch=NOW + offset)
     with pytest.raises(herald.Rejected) as refused:
         herald.verify(body, herald.sign(body, KEY), KEY, now=NOW, freshness=WINDOW)
     assert (refused.value.reason, refused.value.status) == (herald.STALE, 422)
     # At the window's edges it is fresh.
-    for edge in (NOW - 300, NOW + 300):
+    for edge in (NOW - 300, NOW + 60):
         edged = _body(epoch=edge)
         herald.verify(edged, herald.sign(edged, KEY), KEY, now=NOW, freshness=WINDOW)
 
@@ -149,38 +153,57 @@ def _delivered(epoch: int = NOW, phid: str = "PHID-XACT-1") -> herald.Delivery:
 def test_a_replay_within_the_window_is_refused_and_after_it_forgotten() -> None:
     cache = herald.ReplayCache(10)
     delivery = _delivered()
-    cache.claim("ns/hook", delivery, now=NOW, freshness=WINDOW)
+    cache.claim("ns", "hook", delivery, now=NOW, freshness=WINDOW)
     with pytest.raises(herald.Rejected) as refused:
-        cache.claim("ns/hook", delivery, now=NOW + 299, freshness=WINDOW)
+        cache.claim("ns", "hook", delivery, now=NOW + 299, freshness=WINDOW)
     assert (refused.value.reason, refused.value.status) == (herald.REPLAYED, 409)
     # The same body to another webhook is that webhook's own first delivery.
-    cache.claim("ns/other", delivery, now=NOW, freshness=WINDOW)
+    cache.claim("ns", "other", delivery, now=NOW, freshness=WINDOW)
     # Past the window the entry may go (the freshness check refuses that body anyway).
-    cache.claim("ns/hook", delivery, now=NOW + 301, freshness=WINDOW)
+    cache.claim("ns", "hook", delivery, now=NOW + 301, freshness=WINDOW)
 
 
 def test_a_delivery_not_delivered_is_released_for_phorges_retry() -> None:
     cache = herald.ReplayCache(10)
     delivery = _delivered()
-    cache.claim("ns/hook", delivery, now=NOW, freshness=WINDOW)
-    cache.release("ns/hook", delivery)
-    cache.claim("ns/hook", delivery, now=NOW + 1, freshness=WINDOW)
+    cache.claim("ns", "hook", delivery, now=NOW, freshness=WINDOW)
+    cache.release("ns", "hook", delivery)
+    cache.claim("ns", "hook", delivery, now=NOW + 1, freshness=WINDOW)
     assert len(cache) == 1
+
+
+def test_one_namespace_filling_its_replay_entries_leaves_others_theirs() -> None:
+    """A namespace that holds a webhook's key can sign as many fresh bodies as it likes: it
+    fills its own entries, never another namespace's."""
+    cache = herald.ReplayCache(2)
+    for n in range(2):
+        cache.claim("greedy", "hook", _delivered(phid=f"PHID-XACT-{n}"), now=NOW, freshness=WINDOW)
+    with pytest.raises(herald.Full):
+        cache.claim("greedy", "other", _delivered(phid="PHID-XACT-x"), now=NOW, freshness=WINDOW)
+    cache.claim("quiet", "hook", _delivered(phid="PHID-XACT-0"), now=NOW, freshness=WINDOW)
+
+
+def test_a_signature_header_that_is_no_text_is_refused_not_an_error() -> None:
+    body = _body()
+    for header in ("\udcff" * 64, "é" * 64, " "):
+        with pytest.raises(herald.Rejected) as refused:
+            herald.verify(body, header, KEY, now=NOW, freshness=WINDOW)
+        assert refused.value.reason in (herald.BAD_SIGNATURE, herald.UNSIGNED)
 
 
 def test_a_full_cache_drops_expired_entries_and_refuses_rather_than_forgets() -> None:
     cache = herald.ReplayCache(2)
     old = _delivered(epoch=NOW - 400, phid="PHID-XACT-old")
-    cache.claim("ns/hook", old, now=NOW - 400, freshness=WINDOW)
-    cache.claim("ns/hook", _delivered(phid="PHID-XACT-a"), now=NOW, freshness=WINDOW)
+    cache.claim("ns", "hook", old, now=NOW - 400, freshness=WINDOW)
+    cache.claim("ns", "hook", _delivered(phid="PHID-XACT-a"), now=NOW, freshness=WINDOW)
     # Full, but one entry has expired: it makes room.
-    cache.claim("ns/hook", _delivered(phid="PHID-XACT-b"), now=NOW, freshness=WINDOW)
+    cache.claim("ns", "hook", _delivered(phid="PHID-XACT-b"), now=NOW, freshness=WINDOW)
     assert len(cache) == 2
     # Full of live entries: refused, and nothing forgotten.
     with pytest.raises(herald.Full):
-        cache.claim("ns/hook", _delivered(phid="PHID-XACT-c"), now=NOW, freshness=WINDOW)
+        cache.claim("ns", "hook", _delivered(phid="PHID-XACT-c"), now=NOW, freshness=WINDOW)
     with pytest.raises(herald.Rejected):
-        cache.claim("ns/hook", _delivered(phid="PHID-XACT-a"), now=NOW, freshness=WINDOW)
+        cache.claim("ns", "hook", _delivered(phid="PHID-XACT-a"), now=NOW, freshness=WINDOW)
 
 
 def test_the_payload_round_trips_as_json() -> None:

@@ -44,6 +44,12 @@ PORTS = frozenset({8080, 9090})
         (Found(frozenset({"other"}), PORTS), "False", "KeyMissing", 'has no key "hmacKey"'),
         (Found(KEYS, None), "False", "ServiceMissing", 'Service "listener" not found'),
         (Found(KEYS, frozenset({80})), "False", "PortMissing", "has no port 8080"),
+        (
+            Found(KEYS, PORTS, service_problem="is of type ExternalName"),
+            "False",
+            "ServiceUnsupported",
+            "could lead out of this namespace",
+        ),
         (Found(None, None, error="boom"), "Unknown", "CheckFailed", "boom"),
     ],
 )
@@ -108,7 +114,9 @@ class _Cluster:
     def __init__(self) -> None:
         self.allowed = True
         self.secret: dict[str, Any] | None = {"data": {"hmacKey": "a2V5"}}
-        self.service: dict[str, Any] | None = {"spec": {"ports": [{"port": 8080}]}}
+        self.service: dict[str, Any] | None = {
+            "spec": {"selector": {"app": "listener"}, "ports": [{"port": 8080}]}
+        }
         self.secret_reads = 0
 
     async def create(self, path: str, body: Any) -> Any:
@@ -197,3 +205,19 @@ def test_a_standby_replica_reads_and_writes_nothing() -> None:
     asyncio.run(memo.webhooks.seen(_body()))
     assert (cluster.secret_reads, writer.patches, writer.events) == (0, [], [])
     assert ("ci", "hook") in memo.webhooks.items  # known, for when it acts
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ({"selector": {"app": "listener"}, "ports": [{"port": 8080}]}, None),
+        ({"type": "ExternalName", "externalName": "victim.other.svc"}, "ExternalName"),
+        ({"ports": [{"port": 8080}]}, "no selector"),  # endpoints written by hand: any address
+        ({"selector": {}, "ports": [{"port": 8080}]}, "no selector"),
+    ],
+)
+def test_a_service_that_could_lead_out_of_its_namespace_is_refused(
+    spec: dict[str, object], problem: str | None
+) -> None:
+    found = webhooks.service_problem({"spec": spec})
+    assert (found is None) if problem is None else (problem in (found or ""))

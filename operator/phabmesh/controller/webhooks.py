@@ -72,6 +72,7 @@ class Found:
     secret_keys: frozenset[str] | None
     service_ports: frozenset[int] | None
     readable: bool = True
+    service_problem: str | None = None  # why the Service could lead out of its namespace
     error: str | None = None
 
 
@@ -115,6 +116,13 @@ def judge(webhook: WebhookView, found: Found) -> Outcome:
             resources.HOOK_SERVICE_MISSING,
             f'Service "{target.service}" not found in this namespace',
         )
+    if found.service_problem is not None:
+        return Outcome(
+            "False",
+            resources.HOOK_SERVICE_UNSUPPORTED,
+            f'Service "{target.service}" {found.service_problem}: it could lead out of this '
+            "namespace; use a Service that selects this namespace's pods",
+        )
     if target.port not in found.service_ports:
         return Outcome(
             "False",
@@ -131,6 +139,18 @@ def judge(webhook: WebhookView, found: Found) -> Outcome:
 def secret_keys(secret: JSON) -> frozenset[str]:
     """The keys of a Secret that hold a value (their values are not kept)."""
     return frozenset(k for k, v in (secret.get("data") or {}).items() if v)
+
+
+def service_problem(service: JSON) -> str | None:
+    """Why forwarding to ``service`` could reach outside its namespace, or None: its name
+    resolves to its own pods only when it selects them (an ExternalName is a DNS alias of any
+    name, and a Service without a selector has endpoints anyone allowed to write them chose)."""
+    spec = service.get("spec") or {}
+    if spec.get("type") == "ExternalName":
+        return "is of type ExternalName"
+    if not spec.get("selector"):
+        return "has no selector"
+    return None
 
 
 def service_ports(service: JSON) -> frozenset[int]:
@@ -210,12 +230,12 @@ class Webhooks(_Reconciler):
                 service = await self.client.get(
                     resource_path("", "v1", "services", ns, target.service)
                 )
-                ports = service_ports(service)
+                ports, problem = service_ports(service), service_problem(service)
             except NotFound:
-                ports = None
+                ports, problem = None, None
         except KubeError as exc:
             return Found(None, None, error=f"the API server could not be read: {exc}")
-        return Found(keys, ports)
+        return Found(keys, ports, service_problem=problem)
 
     async def _may_read(self, namespace: str, secret: str) -> bool:
         """Whether this namespace lets the operator read the Secret (a SelfSubjectAccessReview,

@@ -601,8 +601,8 @@ class CredentialEndpoint:
         caller's own or its namespace's (a flood waits for its answers)."""
         held = 0.0
         if exc.scope in _SCOPES:
-            held = await self.holds.hold(math.ceil(exc.retry_after))  # what it is told
-        retry = max(1, math.ceil(exc.retry_after - held))
+            held = await self.holds.hold(exc.retry_after)
+        retry = math.ceil(max(0.0, exc.retry_after - held))  # what is left of the wait
         scope = _SCOPES.get(exc.scope, "at once")
         refusal = _error(
             429, "rate_limited", f"too many credential requests ({scope}); retry in {retry} s"

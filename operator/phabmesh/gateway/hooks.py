@@ -25,6 +25,7 @@ check, so that Phorge's retry of it (the same body) goes through.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import time
 from typing import Any
@@ -44,6 +45,12 @@ log = structlog.get_logger("phabmesh.audit")
 
 ROUTE = "/hooks/{namespace}/{name}"
 MAX_ANSWER_BYTES = 64 * 1024  # of the target's answer, passed back to Phorge (which logs it)
+# Connections to targets, all webhooks together: a pool of their own, so that deliveries
+# never wait for (or hold) the connections of Conduit calls to Phabricator.
+TARGET_CONNECTIONS = 64
+# A target's answers that leave the delivery open to Phorge's retry (besides 5xx): the
+# target did not take it, so the same body is not a replay when it comes again.
+NOT_TAKEN = frozenset({408, 425, 429})
 NAME_CHARS = 253  # the longest namespace or name an audit line carries
 SOURCE = "herald"
 
@@ -68,6 +75,20 @@ class Hooks:
         self.settings = gateway.settings
         self.replays = herald.ReplayCache(self.settings.hooks_replay_entries)
         self.in_flight: collections.Counter[str] = collections.Counter()
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=TARGET_CONNECTIONS, keepalive_timeout=30),
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post(ROUTE, self.handle)
@@ -131,30 +152,28 @@ class Hooks:
                 f"({hook.reason or 'not checked yet'})",
                 "not_ready",
             )
-        key = f"{namespace}/{name}"
-        if self.in_flight[key] >= self.settings.hooks_max_concurrent:
-            raise HookRefusal(
-                429,
-                f"{self.settings.hooks_max_concurrent} deliveries to this webhook are in flight "
-                "(PHABMESH_HOOKS_MAX_CONCURRENT); retry shortly",
-                "busy",
-            )
-        self.in_flight[key] += 1
-        try:
-            return await self._verify_and_forward(request, hook, key, audit)
-        finally:
-            self.in_flight[key] -= 1
-            if self.in_flight[key] <= 0:
-                del self.in_flight[key]
+        return await self._verify_and_forward(request, hook, audit)
 
-    async def _verify_and_forward(
-        self, request: web.Request, hook: HookFacts, key: str, audit: dict[str, Any]
-    ) -> web.Response:
+    async def _read(self, request: web.Request) -> bytes:
+        """The body, within the Conduit path's bounds and within ``hooks_timeout``: a
+        caller that trickles it holds nothing of the webhook's."""
+        timeout = self.settings.hooks_timeout
         try:
-            body = await self.gateway.read_body(request)
+            async with asyncio.timeout(timeout):
+                return await self.gateway.read_body(request)
         except Refusal as refusal:  # the Conduit path's bounds, answered plainly
             outcome = "too_large" if refusal.status == 413 else "busy"
             raise HookRefusal(refusal.status, refusal.info, outcome) from refusal
+        except TimeoutError as exc:
+            raise HookRefusal(
+                408, f"the body did not arrive within {timeout:g} s", "body_timeout"
+            ) from exc
+
+    async def _verify_and_forward(
+        self, request: web.Request, hook: HookFacts, audit: dict[str, Any]
+    ) -> web.Response:
+        body = await self._read(request)
+        key = f"{hook.namespace}/{hook.name}"
         secret = self.state.hook_key(hook)
         if secret is None:
             raise HookRefusal(
@@ -173,18 +192,34 @@ class Hooks:
             audit["object_phid"] = logs.clip(delivery.object_phid, herald.PHID_CHARS)
             if delivery.test:
                 audit["test"] = True
-            self.replays.claim(key, delivery, now=now, freshness=freshness)
+        except herald.Rejected as rejected:
+            raise HookRefusal(rejected.status, rejected.message, rejected.reason) from rejected
+        # Only a verified delivery counts against the webhook's deliveries in flight.
+        if self.in_flight[key] >= self.settings.hooks_max_concurrent:
+            raise HookRefusal(
+                429,
+                f"{self.settings.hooks_max_concurrent} deliveries to this webhook are in flight "
+                "(PHABMESH_HOOKS_MAX_CONCURRENT); retry shortly",
+                "busy",
+            )
+        try:
+            self.replays.claim(hook.namespace, hook.name, delivery, now=now, freshness=freshness)
         except herald.Rejected as rejected:
             raise HookRefusal(rejected.status, rejected.message, rejected.reason) from rejected
         except herald.Full as full:
             raise HookRefusal(503, str(full), "replay_full") from full
+        self.in_flight[key] += 1
         try:
             response = await self._forward(request, hook, body)
         except HookRefusal:
-            self.replays.release(key, delivery)
+            self.replays.release(hook.namespace, hook.name, delivery)
             raise
-        if response.status >= 500:
-            self.replays.release(key, delivery)
+        finally:
+            self.in_flight[key] -= 1
+            if self.in_flight[key] <= 0:
+                del self.in_flight[key]
+        if response.status >= 500 or response.status in NOT_TAKEN:
+            self.replays.release(hook.namespace, hook.name, delivery)
         return response
 
     async def _forward(self, request: web.Request, hook: HookFacts, body: bytes) -> web.Response:
@@ -196,7 +231,7 @@ class Hooks:
         headers = {h: request.headers[h] for h in herald.FORWARDED_HEADERS if h in request.headers}
         timeout = self.settings.hooks_timeout
         try:
-            async with self.gateway.session.post(
+            async with self.session.post(
                 base + target.path,
                 data=body,
                 headers=headers,

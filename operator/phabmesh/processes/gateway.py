@@ -57,9 +57,15 @@ class GatewayProcess:
         self.hooks = Hooks(self.gateway)
         self.hooks.routes(app)
         # Each connection buffers at most 32 KiB of a body its handler has not read yet: a
-        # flood of connections costs little memory before the body budget refuses them.
+        # flood of connections costs little memory before the body budget refuses them. A
+        # body refused before it was read is not read afterwards either: the connection
+        # closes once the answer is written (no lingering), whoever sent it.
         runner = await serving.start_site(
-            app, s.gateway_host, s.gateway_port, read_bufsize=GATEWAY_READ_BUFSIZE
+            app,
+            s.gateway_host,
+            s.gateway_port,
+            read_bufsize=GATEWAY_READ_BUFSIZE,
+            lingering_time=0,
         )
         self.runners.append(runner)
         self.port = serving.bound_port(runner)
@@ -79,6 +85,7 @@ class GatewayProcess:
         for runner in self.runners:
             await runner.cleanup()
         self.runners.clear()
+        await self.hooks.close()
         await self.gateway.close()
         await self.state.stop()
         await self.client.close()
