@@ -44,23 +44,14 @@ def add_health_routes(
 
 
 async def start_site(
-    app: web.Application,
-    host: str,
-    port: int,
-    *,
-    read_bufsize: int | None = None,
-    lingering_time: float | None = None,
+    app: web.Application, host: str, port: int, *, read_bufsize: int | None = None
 ) -> web.AppRunner:
     """Serve ``app`` on host:port; returns the runner to ``cleanup()`` later.
 
     ``read_bufsize``: how much of a request body each connection buffers before it stops
     reading from its socket until the handler reads (twice this; aiohttp's default 64 KiB).
-    ``lingering_time``: how long the rest of a body the handler did not read is read and
-    dropped before the connection closes (aiohttp's default 10 s; 0: closed at once).
     """
     extra: dict[str, Any] = {} if read_bufsize is None else {"read_bufsize": read_bufsize}
-    if lingering_time is not None:
-        extra["lingering_time"] = lingering_time
     # Request bodies stay as sent: Conduit bodies are decompressed, bounded, by wire.decompress.
     runner = web.AppRunner(
         app, access_log=None, handle_signals=False, auto_decompress=False, **extra

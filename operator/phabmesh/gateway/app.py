@@ -91,6 +91,10 @@ AUDIT_INFO_CHARS = 1024
 METRIC_METHOD = web.RequestKey("phabmesh.metric_method", str)
 # What the request holds of the gateway's byte budgets, given back once it is answered.
 HELD = web.RequestKey("phabmesh.held", Held)
+# Set on a request whose refusal was held with its body unread and reading paused: its
+# connection is closed as soon as the answer is written (aiohttp would otherwise wait its
+# lingering time for the rest of a body nobody reads any more).
+CLOSE_AFTER = web.RequestKey("phabmesh.close_after", bool)
 RETRY_AFTER_SECONDS = 1
 # Refusals of a source over its share are held before they are answered (serving.Holds):
 # at most this many at once (each keeps its connection, but none of its body), each for at
@@ -300,9 +304,11 @@ class Gateway:
         held = request[HELD] = Held(source)
         try:
             response = await self._answer(request)
-            if held.taken:  # its bytes stay reserved until they are sent
+            if held.taken or request.get(CLOSE_AFTER):  # its bytes stay reserved until sent
                 await response.prepare(request)
                 await response.write_eof()
+            if request.get(CLOSE_AFTER) and request.transport is not None:
+                request.transport.close()  # after what was written is flushed
             return response
         finally:
             held.release()
@@ -320,11 +326,13 @@ class Gateway:
             if refusal.reason.endswith("_share") and refusal.retry_after:  # the flooder waits
                 if unread:
                     _stop_reading(request)
+                    request[CLOSE_AFTER] = True
                 await self.holds.hold(refusal.retry_after)
             response = refusal.response(request.headers.get("Accept-Encoding"))
             if unread:
-                # Refused before its body was read: the connection is closed after the answer,
-                # so the rest of the body is never received (nor drained on the event loop).
+                # Refused before its body was read: the connection is not kept alive. aiohttp
+                # still reads and drops the rest of the body for its lingering time, so that
+                # the caller gets to read the answer; a held refusal's is closed at once.
                 response.force_close()
             decision = refusal.decision
             audit["error_code"] = refusal.code

@@ -57,15 +57,9 @@ class GatewayProcess:
         self.hooks = Hooks(self.gateway)
         self.hooks.routes(app)
         # Each connection buffers at most 32 KiB of a body its handler has not read yet: a
-        # flood of connections costs little memory before the body budget refuses them. A
-        # body refused before it was read is not read afterwards either: the connection
-        # closes once the answer is written (no lingering), whoever sent it.
+        # flood of connections costs little memory before the body budget refuses them.
         runner = await serving.start_site(
-            app,
-            s.gateway_host,
-            s.gateway_port,
-            read_bufsize=GATEWAY_READ_BUFSIZE,
-            lingering_time=0,
+            app, s.gateway_host, s.gateway_port, read_bufsize=GATEWAY_READ_BUFSIZE
         )
         self.runners.append(runner)
         self.port = serving.bound_port(runner)
