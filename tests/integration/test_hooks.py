@@ -394,10 +394,14 @@ def test_a_webhook_without_its_secret_says_so_and_refuses_until_it_is_there(
     missing = _wait_reason(cluster, namespace, name, "SecretMissing")
     assert missing["status"] == "False"
     assert missing["message"] == f'Secret "{name}-key" not found in this namespace'
-    events = cluster.core.list_namespaced_event(
-        namespace, field_selector=f"involvedObject.name={name}"
-    )
-    assert any(e.reason == "SecretMissing" and e.type == "Warning" for e in events.items)
+
+    def warned() -> bool:  # Events are posted in the background, after the status
+        events = cluster.core.list_namespaced_event(
+            namespace, field_selector=f"involvedObject.name={name}"
+        )
+        return any(e.reason == "SecretMissing" and e.type == "Warning" for e in events.items)
+
+    wait_for(warned, what="a SecretMissing Warning Event")
     url = _url(gateway, namespace, name)
     hook = Hook(url, KEY)
     state = gateway.process.state  # type: ignore[attr-defined]
