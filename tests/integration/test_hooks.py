@@ -324,7 +324,7 @@ def test_a_signed_delivery_reaches_the_target_and_every_bad_one_is_refused(
             assert stale.status == 422
             assert re.fullmatch(
                 rf"phabmesh: action\.epoch {epoch} is 360[01] s from now, outside the "
-                r"freshness window of 300 s",
+                r"freshness window \(300 s back, 60 s ahead\)",
                 stale.text.strip(),
             ), stale.text
             assert len(target.received) == 1
