@@ -2,25 +2,26 @@
 into Phorge for a PhabricatorWebhook.
 
 Per delivery: find the webhook (from the gateway's watch of them) and its HMAC key (from the
-watch of its Secret), bound the deliveries in flight per webhook, read the body within the
-gateway's body budget and ``max_request_bytes`` (the Conduit path's own), verify it
-(:mod:`phabmesh.herald`: signature in constant time, freshness of ``action.epoch``, replay),
-forward it with Phorge's headers to the webhook's target Service in the webhook's own
-namespace, bounded in time, and answer Phorge with the target's status. Nothing is forwarded
-unless every check passed. One audit line (``hook_delivery``) and one count per delivery;
-never the key, never the signature.
+watch of its Secret), read the body within the gateway's body budget, ``max_request_bytes``
+(the Conduit path's own) and ``hooks_timeout``, verify it (:mod:`phabmesh.herald`: signature
+in constant time, freshness of ``action.epoch``, replay, per namespace), bound the verified
+deliveries in flight per webhook, forward it with Phorge's headers to the webhook's target
+Service in the webhook's own namespace over a connection pool of its own, bounded in time,
+and answer Phorge with the target's status. Nothing is forwarded unless every check passed.
+One audit line (``hook_delivery``) and one count per delivery; never the key, never the
+signature.
 
 Answers (plain text, each with its own status):
 
 - the target's status and body (at most :data:`MAX_ANSWER_BYTES`) once forwarded;
 - 401 no signature, 403 a wrong one, 400 not a Herald payload, 422 stale, 409 replayed;
 - 404 no such webhook, 503 not Ready (its reason), its key not available, the webhook watch
-  down, or the replay cache full; 429 too many deliveries in flight for this webhook, 413
-  too large, 429/503 the body budget;
+  down, or the namespace's replay entries full; 429 too many deliveries in flight for this
+  webhook, 413 too large, 429/503 the body budget, 408 a body that did not arrive in time;
 - 502 the target unreachable, 504 the target past ``hooks_timeout``.
 
-A delivery that was not delivered (502, 504, or the target's 5xx) is forgotten by the replay
-check, so that Phorge's retry of it (the same body) goes through.
+A delivery that was not delivered (502, 504, or the target's 5xx, 408, 425 or 429) is
+forgotten by the replay check, so that Phorge's retry of it (the same body) goes through.
 """
 
 from __future__ import annotations
