@@ -58,7 +58,6 @@ class PerSource:
     ) -> None:
         self.rate = rate
         self.burst = burst
-        self.max_sources = max_sources
         self.clock = clock
         self.buckets: cachetools.LRUCache[str, Bucket] = cachetools.LRUCache(max_sources)
 

@@ -356,7 +356,6 @@ class VerifiedCache:
     """
 
     def __init__(self, size: int = 10_000) -> None:
-        self.size = size
         self._items: cachetools.LRUCache[str, Claims] = cachetools.LRUCache(size)
         self._ring: KeyRing | None = None
 

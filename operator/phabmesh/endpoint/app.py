@@ -193,7 +193,6 @@ class TokenReviewer:
         self.cache_ttl = cache_ttl
         self.negative_ttl = negative_ttl
         self.clock = clock
-        self.cache_size = cache_size
         # Successes for cache_ttl, refusals for negative_ttl, at most cache_size of each.
         self._cache: cachetools.TTLCache[str, Reviewed] = cachetools.TTLCache(
             cache_size, max(cache_ttl, 0), timer=clock
