@@ -157,23 +157,39 @@ class ReplayCache:
     ) -> None:
         """Enter ``delivery`` for ``webhook`` of ``namespace``, or raise :class:`Rejected`
         (replayed) or :class:`Full`."""
+        self.claim_key(
+            namespace,
+            (webhook, delivery.digest),
+            until=delivery.epoch + freshness,
+            now=now,
+            replayed="this delivery was already received (same signed body)",
+        )
+
+    def claim_key(
+        self, namespace: str, key: tuple[str, str], *, until: float, now: float, replayed: str
+    ) -> None:
+        """Enter ``key`` of ``namespace`` until ``until``, or raise :class:`Rejected`
+        (``replayed``: it is there) or :class:`Full`. Keys should be entered in about the
+        order they expire (one cache per kind of key)."""
         seen = self._seen.setdefault(namespace, collections.OrderedDict())
-        key = (webhook, delivery.digest)
-        until = seen.get(key)
-        if until is not None and until >= now:
-            raise Rejected(REPLAYED, "this delivery was already received (same signed body)")
+        held = seen.get(key)
+        if held is not None and held >= now:
+            raise Rejected(REPLAYED, replayed)
         # Entries go in about the order they expire: drop the expired ones at the front.
         while seen and next(iter(seen.values())) < now:
             seen.popitem(last=False)
         if len(seen) >= self.per_namespace:
             raise Full(self.per_namespace)
-        seen[key] = delivery.epoch + freshness
+        seen[key] = until
 
     def release(self, namespace: str, webhook: str, delivery: Delivery) -> None:
         """Forget a claimed delivery that was not delivered."""
+        self.release_key(namespace, (webhook, delivery.digest))
+
+    def release_key(self, namespace: str, key: tuple[str, str]) -> None:
         seen = self._seen.get(namespace)
         if seen is not None:
-            seen.pop((webhook, delivery.digest), None)
+            seen.pop(key, None)
             if not seen:
                 del self._seen[namespace]
 

@@ -113,7 +113,7 @@ GATEWAY_REFUSALS = frozenset(
     }
     | REVOCATION_REASONS
 )
-# What became of a Herald webhook delivery (phabmesh_hook_deliveries_total{outcome}):
+# What became of a webhook delivery (phabmesh_hook_deliveries_total{source,outcome}):
 # delivered (the target answered below 400), target_error (it answered 400 or more), or why it
 # was not forwarded. Never a webhook's name: an unknown one comes from anyone.
 HOOK_OUTCOMES = frozenset(
@@ -135,8 +135,21 @@ HOOK_OUTCOMES = frozenset(
         "busy",
         "too_large",
         "body_timeout",
+        # Harbormaster build steps
+        "method_not_allowed",
+        "no_credential",
+        "bad_credential",
+        "no_target",
+        "unknown_target",
+        "finished_target",
+        "not_building",
+        "bot_unavailable",
+        "phabricator_unavailable",
+        "phabricator_error",
     }
 )
+# Where a call to /hooks/ came from (unknown: refused before its webhook was found).
+HOOK_SOURCES = frozenset({"herald", "harbormaster", "unknown"})
 # Resources whose watches are reported (phabmesh_watch_*{resource}).
 WATCHED_RESOURCES = frozenset(
     {"pods", "namespaces", "leases", "bindings", "bots", "secrets", "webhooks"}
@@ -426,14 +439,15 @@ class Metrics:
         )
         self.hook_deliveries = Counter(
             "phabmesh_hook_deliveries_total",
-            "Herald webhook deliveries received by the gateway, by outcome",
-            ["outcome"],
+            "Webhook deliveries (Herald) and build step calls (Harbormaster) received by the "
+            "gateway, by source and outcome",
+            ["source", "outcome"],
             registry=None,
         )
         self.hook_latency = Histogram(
             "phabmesh_hook_delivery_seconds",
-            "Herald webhook delivery latency (whole delivery, the target's answer included)",
-            ["outcome"],
+            "Webhook delivery latency (whole delivery, the target's answer included)",
+            ["source", "outcome"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
             registry=None,
         )
@@ -512,10 +526,10 @@ class Metrics:
     def gateway_refused(self, reason: str) -> None:
         self.gateway_refusals.labels(bounded(reason, GATEWAY_REFUSALS)).inc()
 
-    def hook_delivered(self, outcome: str, seconds: float) -> None:
-        outcome = bounded(outcome, HOOK_OUTCOMES)
-        self.hook_deliveries.labels(outcome).inc()
-        self.hook_latency.labels(outcome).observe(seconds)
+    def hook_delivered(self, source: str, outcome: str, seconds: float) -> None:
+        source, outcome = bounded(source, HOOK_SOURCES), bounded(outcome, HOOK_OUTCOMES)
+        self.hook_deliveries.labels(source, outcome).inc()
+        self.hook_latency.labels(source, outcome).observe(seconds)
 
     def webhook_certificate_expires(self, when: datetime.datetime) -> None:
         self.webhook_certificate_expiry.set(when.timestamp())

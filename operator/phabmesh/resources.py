@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from phabmesh.clock import format_time
 
@@ -65,6 +65,11 @@ HOOK_PORT_MISSING = "PortMissing"  # the Service has no such port
 # selector (endpoints written by hand, which may be any address).
 HOOK_SERVICE_UNSUPPORTED = "ServiceUnsupported"
 HOOK_CHECK_FAILED = "CheckFailed"  # the API server could not answer (status Unknown)
+# A Harbormaster webhook's bot: no such PhabricatorBot, its namespaceSelector does not allow
+# the webhook's namespace, or it is not usable (not Ready).
+HOOK_BOT_MISSING = "BotMissing"
+HOOK_BOT_NOT_ALLOWED = "BotNotAllowed"
+HOOK_BOT_NOT_READY = "BotNotReady"
 HOOK_REASONS = frozenset(
     {
         HOOK_READY,
@@ -76,6 +81,9 @@ HOOK_REASONS = frozenset(
         HOOK_PORT_MISSING,
         HOOK_SERVICE_UNSUPPORTED,
         HOOK_CHECK_FAILED,
+        HOOK_BOT_MISSING,
+        HOOK_BOT_NOT_ALLOWED,
+        HOOK_BOT_NOT_READY,
     }
 )
 
@@ -338,11 +346,50 @@ class WebhookTarget(_Model):
     path: str = "/"
 
 
-class WebhookSpec(_Model):
-    """``PhabricatorWebhook.spec``."""
+class CredentialSecretRef(_Model):
+    """A Secret in the webhook's own namespace holding an HTTP basic credential, under the keys
+    ``username`` and ``password`` (phabmesh generates them into it when they are missing)."""
 
-    herald: HeraldSource
+    name: str
+
+
+class HarbormasterSource(_Model):
+    """``PhabricatorWebhook.spec.harbormaster``: a Harbormaster "Make HTTP Request" build step.
+    The build target named in its request is checked through Conduit as ``botRef``, a bot this
+    namespace may use; ``credentialSecretRef``, when given, is the step's basic credential."""
+
+    bot_ref: BotRef = Field(alias="botRef")
+    credential_secret_ref: CredentialSecretRef | None = Field(
+        default=None, alias="credentialSecretRef"
+    )
+
+
+class WebhookSpec(_Model):
+    """``PhabricatorWebhook.spec``: exactly one source (``herald`` or ``harbormaster``)."""
+
+    herald: HeraldSource | None = None
+    harbormaster: HarbormasterSource | None = None
     target: WebhookTarget
+
+    @model_validator(mode="after")
+    def _one_source(self) -> WebhookSpec:
+        if (self.herald is None) == (self.harbormaster is None):
+            raise ValueError("give exactly one of herald or harbormaster")
+        return self
+
+    @property
+    def source(self) -> str:
+        """Where deliveries come from: ``herald`` or ``harbormaster``."""
+        return "herald" if self.herald is not None else "harbormaster"
+
+    @property
+    def secret_names(self) -> tuple[str, ...]:
+        """The Secrets (in the webhook's namespace) the gateway reads for this webhook."""
+        if self.herald is not None:
+            return (self.herald.secret_ref.name,)
+        assert self.harbormaster is not None
+        ref = self.harbormaster.credential_secret_ref
+        return (ref.name,) if ref is not None else ()
 
 
 ConditionStatus = Literal["True", "False", "Unknown"]

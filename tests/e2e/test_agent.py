@@ -12,24 +12,29 @@ addresses of the credential endpoint and the gateway instead of their Service na
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import http.server
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 from kubernetes import client
 
-from phabmesh import admission, resources
+from phabmesh import admission, harbormaster, resources
 from phabmesh.admission import inject
-from phabmesh.dev.conduit import ConduitServer
+from phabmesh.dev.conduit import ConduitServer, builds
 from phabmesh.settings import Settings
 from tests.kube import HOLD, Cluster, meshed_template, one_shot_job, wait_for
 from tests.phab import bind, pod_token
@@ -433,3 +438,226 @@ def test_with_a_regular_proxy_container_the_api_server_takes_the_agent_after_it(
     agent = created["containers"][1]
     assert agent["args"][:2] == ["agent", "sidecar"]
     assert agent["lifecycle"]["postStart"]["exec"]["command"][:2] == ["sh", "-c"]
+
+
+class JobStarter:
+    """What a namespace runs behind a Harbormaster webhook: a real HTTP server on loopback
+    that starts a one-pod Job for each build step call it gets (its build target PHID in the
+    Job's annotations), as a small in-cluster service with a Role to create Jobs would."""
+
+    def __init__(self, cluster: Cluster, namespace: str) -> None:
+        self.calls: list[tuple[str, str, dict[str, str]]] = []
+        starter = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = dict(self.headers.items())
+                starter.calls.append((self.command, self.path, headers))
+                job = one_shot_job(f"build-{len(starter.calls)}")
+                job["metadata"]["annotations"] = {
+                    "phorge.example/build-target": headers[harbormaster.TARGET_HEADER]
+                }
+                _apply(cluster, namespace, job)
+                self.send_response(202)
+                self.end_headers()
+                self.wfile.write(b"job started\n")
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _build_step_webhook(cluster: Cluster, ns: str, bot: str, port: int) -> None:
+    """What docs/webhooks.md has a namespace's admin apply for a build step: an empty Secret
+    for its basic credential, a Role that lets phabmesh fill and read it, a Service for the
+    job starter, and the webhook."""
+    cluster.core.create_namespaced_secret(
+        ns, client.V1Secret(metadata=client.V1ObjectMeta(name="step-credential"))
+    )
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": "phabmesh-step-credential"},
+        "rules": [
+            {
+                "apiGroups": [""],
+                "resources": ["secrets"],
+                "resourceNames": ["step-credential"],
+                "verbs": ["get", "list", "watch", "patch"],
+            }
+        ],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "phabmesh-step-credential"},
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": "phabmesh-step-credential",
+        },
+        "subjects": [
+            {"kind": "ServiceAccount", "name": f"phabmesh-{who}", "namespace": "phabmesh-system"}
+            for who in ("operator", "gateway")
+        ],
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "job-starter"},
+        "spec": {"selector": {"app": "job-starter"}, "ports": [{"port": port}]},
+    }
+    webhook = {
+        "apiVersion": f"{resources.GROUP}/{resources.VERSION}",
+        "kind": resources.WEBHOOK_KIND,
+        "metadata": {"name": "start-build"},
+        "spec": {
+            "harbormaster": {
+                "botRef": {"name": bot},
+                "credentialSecretRef": {"name": "step-credential"},
+            },
+            "target": {"service": "job-starter", "port": port, "path": "/start"},
+        },
+    }
+    for doc in (role, binding, service, webhook):
+        _apply(cluster, ns, doc)
+
+
+def test_a_harbormaster_build_starts_a_job_whose_pod_reports_back_as_the_bot(
+    cluster: Cluster,
+    conduit: ConduitServer,
+    operator: Threaded,
+    gateway: Threaded,
+    ns: str,
+    tmp_path: Path,
+) -> None:
+    bot = f"bot-{ns}"
+    cluster.custom.patch_namespaced_custom_object(
+        resources.GROUP,
+        resources.VERSION,
+        ns,
+        resources.BINDING_PLURAL,
+        "runners",
+        {"spec": {"allowedMethods": ["user.*", "conduit.ping", "harbormaster.sendmessage"]}},
+    )
+    starter = JobStarter(cluster, ns)
+    try:
+        _build_step_webhook(cluster, ns, bot, starter.port)
+
+        # phabmesh generates the step's basic credential into the Secret and says so.
+        def ready() -> bool:
+            obj = cluster.custom.get_namespaced_custom_object(
+                resources.GROUP, resources.VERSION, ns, resources.WEBHOOK_PLURAL, "start-build"
+            )
+            return resources.condition_true(obj, resources.READY)
+
+        wait_for(ready, timeout=TIMEOUT, what="the build step webhook to be Ready")
+        data = cluster.core.read_namespaced_secret("step-credential", ns).data
+        username = base64.b64decode(data["username"]).decode()
+        password = base64.b64decode(data["password"]).decode()
+        assert username == "phabmesh-start-build" and len(password) == 32
+        events = cluster.core.list_namespaced_event(
+            ns, field_selector="involvedObject.name=start-build"
+        ).items
+        assert "CredentialGenerated" in {e.reason for e in events}
+        assert all(password not in (e.message or "") for e in events)
+        state = gateway.process.state  # type: ignore[attr-defined]
+        wait_for(
+            lambda: (
+                (hook := state.webhook(ns, "start-build")) is not None
+                and hook.ready
+                and state.hook_credential(hook) is not None
+            ),
+            timeout=TIMEOUT,
+            what="the gateway to see the webhook and its credential",
+        )
+
+        # Phorge runs a build whose "Make HTTP Request" step calls the gateway.
+        port = gateway.process.port  # type: ignore[attr-defined]
+        url = f"http://127.0.0.1:{port}/hooks/{ns}/start-build"
+        step = builds.Step(
+            uri=url + "?target=${target.phid}&build=${build.id}",
+            credential=(username, password),
+        )
+        target, answer = conduit.run_build(step)
+        assert (answer.status, answer.text) == (202, "job started\n")
+        assert target.status == builds.WAITING
+        [(method, path, headers)] = starter.calls
+        assert (method, path) == ("POST", f"/start?target={target.phid}&build={target.build_id}")
+        assert headers[harbormaster.TARGET_HEADER] == target.phid
+        assert "Authorization" not in headers  # the step's credential stays at the gateway
+
+        # Each bad call gets its own answer, and none reaches the job starter.
+        called = answer.url
+        auth = builds.request_headers(step)
+        plain = {k: v for k, v in auth.items() if k != "Authorization"}
+        wrong = builds.request_headers(dataclasses.replace(step, credential=(username, "x")))
+        unknown = url + "?target=PHID-HMBT-" + "a" * 20
+        bad = {
+            "replayed": requests.post(called, headers=auth, timeout=10),
+            "no credential": requests.post(called, headers=plain, timeout=10),
+            "wrong credential": requests.post(called, headers=wrong, timeout=10),
+            "no target": requests.post(url + "?build=1", headers=auth, timeout=10),
+            "unknown target": requests.post(unknown, headers=auth, timeout=10),
+        }
+        assert {k: (r.status_code, r.text.strip()) for k, r in bad.items()} == {
+            "replayed": (
+                409,
+                f"phabmesh: build target {target.phid} was already called (it waits for a message)",
+            ),
+            "no credential": (
+                401,
+                "phabmesh: no basic credential: give the build step the Passphrase credential "
+                "of this webhook's Secret",
+            ),
+            "wrong credential": (
+                403,
+                "phabmesh: the basic credential does not match this webhook's",
+            ),
+            "no target": (
+                400,
+                "phabmesh: no ?target= in the URI: end the build step's URI with "
+                "?target=${target.phid}",
+            ),
+            "unknown target": (
+                404,
+                f"phabmesh: no build target PHID-HMBT-{'a' * 20} that the webhook's bot can see",
+            ),
+        }
+        assert len(starter.calls) == 1
+
+        # The Job's pod gets its credential from its init agent and reports back through the
+        # gateway as the bot, with arc: the build passes.
+        pod = _running(cluster, ns, "build-1")
+        job = client.BatchV1Api(cluster.api).read_namespaced_job("build-1", ns)
+        assert job.metadata.annotations["phorge.example/build-target"] == target.phid
+        container = _assert_injected(_stored(cluster, ns, pod), "init")
+        agent = Agent(cluster, operator, gateway, ns, pod, container, tmp_path)
+        wait_for(
+            lambda: agent.run().returncode == 0,
+            timeout=TIMEOUT,
+            what="the init agent to write a credential",
+        )
+        result, error = _arc(
+            agent.home, "harbormaster.sendmessage", {"receiver": target.phid, "type": "pass"}
+        )
+        assert (result, error) == (None, "")
+        assert target.status == builds.PASSED
+        assert conduit.methods.builds.builds[target.build_id] == "passed"
+        # Replayed once the build has passed: the target has finished.
+        again = requests.post(called, headers=auth, timeout=10)
+        assert (again.status_code, again.text.strip()) == (
+            409,
+            f"phabmesh: build target {target.phid} has finished (target/passed)",
+        )
+        assert len(starter.calls) == 1
+    finally:
+        starter.close()

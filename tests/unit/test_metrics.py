@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 
-from phabmesh import herald, metrics, resources
+from phabmesh import harbormaster, herald, metrics, resources
 from phabmesh.clock import format_time
 from phabmesh.controller import bots, peering
 from phabmesh.endpoint import app as endpoint_app
@@ -72,18 +72,25 @@ def test_the_enumerations_hold_every_reason_the_code_defines() -> None:
     assert metrics.REVOCATION_REASONS == resources.REVOCATION_REASONS
     # Every way a Herald delivery is refused for what it carries is an outcome of its own.
     assert set(herald.STATUSES) < metrics.HOOK_OUTCOMES
+    # And every way a Harbormaster build step's call is.
+    assert harbormaster.REASONS < metrics.HOOK_OUTCOMES
 
 
 def test_a_hook_delivery_is_counted_and_timed_by_a_bounded_outcome() -> None:
     m = metrics.Metrics(metrics.GATEWAY)
-    m.hook_delivered("delivered", 0.01)
-    m.hook_delivered("stale", 0.001)
-    m.hook_delivered("ns/a-webhook-name", 0.001)  # never a label of its own
-    assert sample(m, "phabmesh_hook_deliveries_total", outcome="delivered") == 1
-    assert sample(m, "phabmesh_hook_deliveries_total", outcome="stale") == 1
-    assert sample(m, "phabmesh_hook_deliveries_total", outcome="other") == 1
-    assert sample(m, "phabmesh_hook_delivery_seconds_count", outcome="delivered") == 1
-    assert sample(m, "phabmesh_hook_delivery_seconds_sum", outcome="delivered") == 0.01
+    m.hook_delivered("herald", "delivered", 0.01)
+    m.hook_delivered("herald", "stale", 0.001)
+    m.hook_delivered("herald", "ns/a-webhook-name", 0.001)  # never a label of its own
+    m.hook_delivered("ns/name", "unknown_target", 0.001)  # nor a source
+    h = {"source": "herald"}
+    assert sample(m, "phabmesh_hook_deliveries_total", **h, outcome="delivered") == 1
+    assert sample(m, "phabmesh_hook_deliveries_total", **h, outcome="stale") == 1
+    assert sample(m, "phabmesh_hook_deliveries_total", **h, outcome="other") == 1
+    assert (
+        sample(m, "phabmesh_hook_deliveries_total", source="other", outcome="unknown_target") == 1
+    )
+    assert sample(m, "phabmesh_hook_delivery_seconds_count", **h, outcome="delivered") == 1
+    assert sample(m, "phabmesh_hook_delivery_seconds_sum", **h, outcome="delivered") == 0.01
 
 
 def test_a_value_outside_its_enumeration_is_counted_as_other() -> None:

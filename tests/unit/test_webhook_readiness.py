@@ -62,12 +62,82 @@ def test_each_finding_has_its_one_reason(
     assert outcome.reason in resources.HOOK_REASONS
 
 
-def test_a_spec_that_cannot_be_read_is_invalid_whatever_was_found() -> None:
-    view = WebhookView.from_body(_body(spec={"target": {"service": "x"}}))
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"target": {"service": "x", "port": 80}}, "give exactly one of herald or harbormaster"),
+        (
+            {**SPEC, "harbormaster": {"botRef": {"name": "ci-bot"}}},
+            "give exactly one of herald or harbormaster",
+        ),
+        ({"herald": SPEC["herald"], "target": {"service": "x"}}, "target.port"),
+    ],
+)
+def test_a_spec_that_cannot_be_read_is_invalid_whatever_was_found(
+    spec: dict[str, Any], message: str
+) -> None:
+    view = WebhookView.from_body(_body(spec=spec))
     assert view.spec is None
     outcome = webhooks.judge(view, Found(KEYS, PORTS))
     assert (outcome.status, outcome.reason) == ("False", "InvalidSpec")
-    assert "herald" in outcome.message
+    assert message in outcome.message
+
+
+BUILD_STEP = {
+    "harbormaster": {"botRef": {"name": "ci-bot"}, "credentialSecretRef": {"name": "step"}},
+    "target": {"service": "listener", "port": 8080},
+}
+CREDENTIAL = frozenset({"username", "password"})
+
+
+@pytest.mark.parametrize(
+    ("found", "status", "reason", "message"),
+    [
+        (Found(CREDENTIAL, PORTS), "True", "Ready", "deliveries are forwarded"),
+        (Found(None, None, readable=False), "False", "SecretForbidden", "get and patch"),
+        (Found(None, PORTS), "False", "SecretMissing", 'Secret "step" not found'),
+        (Found(frozenset({"username"}), PORTS), "False", "KeyMissing", 'no key "password"'),
+        (Found(CREDENTIAL, PORTS, bot=None), "False", "BotMissing", '"ci-bot" not found'),
+        (
+            Found(CREDENTIAL, PORTS, bot=(False, True)),
+            "False",
+            "BotNotAllowed",
+            'does not allow namespace "ci"',
+        ),
+        (Found(CREDENTIAL, PORTS, bot=(True, False)), "False", "BotNotReady", "is not Ready"),
+        (Found(CREDENTIAL, None), "False", "ServiceMissing", 'Service "listener" not found'),
+    ],
+)
+def test_a_build_step_webhook_needs_its_credential_and_a_bot_this_namespace_may_use(
+    found: Found, status: str, reason: str, message: str
+) -> None:
+    outcome = webhooks.judge(WebhookView.from_body(_body(spec=BUILD_STEP)), found)
+    assert (outcome.status, outcome.reason) == (status, reason)
+    assert message in outcome.message
+    assert outcome.reason in resources.HOOK_REASONS
+
+
+def test_a_build_step_webhook_without_a_credential_needs_no_secret() -> None:
+    spec = {"harbormaster": {"botRef": {"name": "ci-bot"}}, "target": BUILD_STEP["target"]}
+    view = WebhookView.from_body(_body(spec=spec))
+    assert view.spec is not None and view.spec.secret_names == ()
+    outcome = webhooks.judge(view, Found(frozenset(), PORTS))
+    assert (outcome.status, outcome.reason) == ("True", "Ready")
+
+
+def test_a_generated_credential_fills_only_what_is_missing() -> None:
+    import base64
+
+    both = webhooks.generated_credential(frozenset(), "phabmesh-step")["data"]
+    assert base64.b64decode(both["username"]) == b"phabmesh-step"
+    password = base64.b64decode(both["password"]).decode()
+    assert len(password) == 32 and password.isascii()
+    again = webhooks.generated_credential(frozenset(), "phabmesh-step")["data"]
+    assert again["password"] != both["password"]  # random each time
+    # A password already there is kept (the admin may have pasted it into Phorge).
+    assert webhooks.generated_credential(frozenset({"password"}), "u")["data"] == {
+        "username": base64.b64encode(b"u").decode()
+    }
 
 
 def test_secret_keys_keep_names_of_keys_with_a_value_and_no_value() -> None:

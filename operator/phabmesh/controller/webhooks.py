@@ -1,11 +1,15 @@
-"""PhabricatorWebhook readiness: is its HMAC key there, and its target Service?
+"""PhabricatorWebhook readiness: is its HMAC key (Herald) or its bot and basic credential
+(Harbormaster) there, and its target Service?
 
 Gather (whether the webhook's namespace lets the operator read the Secret, asked with a
 SelfSubjectAccessReview so that nothing it was not granted is ever tried; the Secret and the
 Service, each read by name in the webhook's namespace), decide
 (pure :func:`judge`), write the ``Ready`` condition only when it changes, and an Event when
 its reason does. The operator never holds the key: it reads the Secret to say whether the
-key is there, and keeps nothing of it. Webhooks are re-checked on their own events and every
+key is there, and keeps nothing of it. A Harbormaster webhook's basic credential is the one
+thing it writes outside its own namespace: when the Secret the namespace created for it lacks
+``username`` or ``password``, and the namespace granted ``patch`` on it, the operator generates
+them into it (never logged, never kept). Webhooks are re-checked on their own events and every
 :data:`RECHECK_EVERY` seconds (a Secret or a Service may come or go at any time; the operator
 watches neither, since that would need a list of every namespace's Secrets).
 """
@@ -13,7 +17,9 @@ watches neither, since that would need a list of every namespace's Secrets).
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import secrets
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -23,6 +29,7 @@ from phabmesh.controller.reconcilers import _Reconciler, changed
 from phabmesh.controller.writer import NotActing
 from phabmesh.kube import KubeError, NotFound
 from phabmesh.kube.client import JSON
+from phabmesh.leases.decide import bot_allows
 from phabmesh.leases.world import Key, conditions_of
 from phabmesh.resources import resource_path, webhook_path
 
@@ -32,6 +39,12 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 RECHECK_EVERY = 10.0  # seconds between checks of every webhook
+# A Harbormaster webhook's basic credential, in its Secret: what the gateway compares the
+# build step's Authorization with, and what the admin pastes into a Passphrase credential.
+USERNAME_KEY, PASSWORD_KEY = "username", "password"
+CREDENTIAL_KEYS = (USERNAME_KEY, PASSWORD_KEY)
+PASSWORD_BYTES = 24  # of randomness in a generated password (32 URL-safe characters)
+CREDENTIAL_GENERATED = "CredentialGenerated"  # the Event when phabmesh wrote one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +87,9 @@ class Found:
     readable: bool = True
     service_problem: str | None = None  # why the Service could lead out of its namespace
     error: str | None = None
+    # Harbormaster: the bot named by botRef (None: no such bot), whether its namespaceSelector
+    # allows the webhook's namespace, and whether it is usable (Ready).
+    bot: tuple[bool, bool] | None = (True, True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,25 +107,13 @@ def judge(webhook: WebhookView, found: Found) -> Outcome:
         )
     if found.error is not None:
         return Outcome("Unknown", resources.HOOK_CHECK_FAILED, found.error)
-    ref = webhook.spec.herald.secret_ref
-    target = webhook.spec.target
-    if not found.readable:
-        return Outcome(
-            "False",
-            resources.HOOK_SECRET_FORBIDDEN,
-            f'phabmesh may not read Secret "{ref.name}": grant it in this namespace '
-            "(docs/webhooks.md)",
-        )
-    if found.secret_keys is None:
-        return Outcome(
-            "False",
-            resources.HOOK_SECRET_MISSING,
-            f'Secret "{ref.name}" not found in this namespace',
-        )
-    if ref.key not in found.secret_keys:
-        return Outcome(
-            "False", resources.HOOK_KEY_MISSING, f'Secret "{ref.name}" has no key "{ref.key}"'
-        )
+    spec = webhook.spec
+    target = spec.target
+    secret = _judge_secret(spec, found)
+    if secret is not None:
+        return secret
+    if spec.harbormaster is not None and found.bot != (True, True):
+        return _judge_bot(spec.harbormaster.bot_ref.name, webhook.namespace, found.bot)
     if found.service_ports is None:
         return Outcome(
             "False",
@@ -134,6 +138,76 @@ def judge(webhook: WebhookView, found: Found) -> Outcome:
         resources.HOOK_READY,
         f"deliveries are forwarded to Service {target.service} port {target.port}",
     )
+
+
+def _needed_keys(spec: resources.WebhookSpec) -> tuple[str, tuple[str, ...]] | None:
+    """The Secret this webhook needs and the keys it must hold (None: it needs none)."""
+    if spec.herald is not None:
+        return spec.herald.secret_ref.name, (spec.herald.secret_ref.key,)
+    assert spec.harbormaster is not None
+    ref = spec.harbormaster.credential_secret_ref
+    return (ref.name, CREDENTIAL_KEYS) if ref is not None else None
+
+
+def _judge_secret(spec: resources.WebhookSpec, found: Found) -> Outcome | None:
+    needed = _needed_keys(spec)
+    if needed is None:
+        return None
+    name, keys = needed
+    if not found.readable:
+        verbs = "get" if spec.herald is not None else "get and patch"
+        return Outcome(
+            "False",
+            resources.HOOK_SECRET_FORBIDDEN,
+            f'phabmesh may not {verbs} Secret "{name}": grant it in this namespace '
+            "(docs/webhooks.md)",
+        )
+    if found.secret_keys is None:
+        return Outcome(
+            "False",
+            resources.HOOK_SECRET_MISSING,
+            f'Secret "{name}" not found in this namespace',
+        )
+    missing = [k for k in keys if k not in found.secret_keys]
+    if missing:
+        return Outcome(
+            "False",
+            resources.HOOK_KEY_MISSING,
+            f'Secret "{name}" has no key "{missing[0]}"'
+            + ("" if spec.herald is not None else " (phabmesh generates it where granted patch)"),
+        )
+    return None
+
+
+def _judge_bot(bot: str, namespace: str, found: tuple[bool, bool] | None) -> Outcome:
+    if found is None:
+        return Outcome("False", resources.HOOK_BOT_MISSING, f'PhabricatorBot "{bot}" not found')
+    allowed, _ = found
+    if not allowed:
+        return Outcome(
+            "False",
+            resources.HOOK_BOT_NOT_ALLOWED,
+            f'PhabricatorBot "{bot}" does not allow namespace "{namespace}" (its '
+            "namespaceSelector)",
+        )
+    return Outcome(
+        "False",
+        resources.HOOK_BOT_NOT_READY,
+        f'PhabricatorBot "{bot}" is not Ready (kubectl describe phabricatorbot {bot})',
+    )
+
+
+def generated_credential(keys: frozenset[str], username: str) -> JSON:
+    """The merge patch that fills a credential Secret's missing keys: ``username`` (the
+    webhook's own, unless one is there) and a random ``password``. An existing password is
+    kept: the admin may have pasted it into Phorge already."""
+    data: dict[str, str] = {}
+    if USERNAME_KEY not in keys:
+        data[USERNAME_KEY] = base64.b64encode(username.encode()).decode()
+    if PASSWORD_KEY not in keys:
+        password = secrets.token_urlsafe(PASSWORD_BYTES)
+        data[PASSWORD_KEY] = base64.b64encode(password.encode()).decode()
+    return {"data": data}
 
 
 def secret_keys(secret: JSON) -> frozenset[str]:
@@ -214,18 +288,16 @@ class Webhooks(_Reconciler):
         if webhook.spec is None:
             return Found(None, None)
         ns = webhook.namespace
-        ref, target = webhook.spec.herald.secret_ref, webhook.spec.target
-        keys: frozenset[str] | None = None
+        spec, target = webhook.spec, webhook.spec.target
+        needed = _needed_keys(spec)
+        keys: frozenset[str] | None = frozenset()
         ports: frozenset[int] | None
         try:
-            if not await self._may_read(ns, ref.name):
-                # This namespace has not granted it (docs/webhooks.md): not read.
-                return Found(None, None, readable=False)
-            try:
-                path = resource_path("", "v1", "secrets", ns, ref.name)
-                keys = secret_keys(await self.client.get(path))
-            except NotFound:
-                keys = None
+            if needed is not None:
+                readable, keys = await self._secret(webhook, *needed)
+                if not readable:
+                    # This namespace has not granted it (docs/webhooks.md): not read.
+                    return Found(None, None, readable=False)
             try:
                 service = await self.client.get(
                     resource_path("", "v1", "services", ns, target.service)
@@ -235,18 +307,58 @@ class Webhooks(_Reconciler):
                 ports, problem = None, None
         except KubeError as exc:
             return Found(None, None, error=f"the API server could not be read: {exc}")
-        return Found(keys, ports, service_problem=problem)
+        return Found(keys, ports, service_problem=problem, bot=self._bot(webhook))
 
-    async def _may_read(self, namespace: str, secret: str) -> bool:
-        """Whether this namespace lets the operator read the Secret (a SelfSubjectAccessReview,
-        which every account may make): what it was not granted, it does not try to read."""
+    def _bot(self, webhook: WebhookView) -> tuple[bool, bool] | None:
+        """A Harbormaster webhook's bot, as the operator's world shows it (see Found.bot)."""
+        assert webhook.spec is not None
+        if webhook.spec.harbormaster is None:
+            return (True, True)
+        bot = self.world.bots.get(webhook.spec.harbormaster.bot_ref.name)
+        if bot is None:
+            return None
+        labels = self.world.namespaces.get(webhook.namespace)
+        return (bot_allows(bot, labels), bot.ready)
+
+    async def _secret(
+        self, webhook: WebhookView, name: str, keys: tuple[str, ...]
+    ) -> tuple[bool, frozenset[str] | None]:
+        """Whether the namespace lets the operator read the Secret, and its keys with a value
+        (None: no such Secret). A Harbormaster credential with a key missing is generated into
+        it when the namespace granted ``patch``."""
+        ns = webhook.namespace
+        if not await self._may(ns, name, "get"):
+            return False, None
+        path = resource_path("", "v1", "secrets", ns, name)
+        try:
+            found = secret_keys(await self.client.get(path))
+        except NotFound:
+            return True, None
+        if keys != CREDENTIAL_KEYS or all(k in found for k in keys):
+            return True, found
+        if not await self._may(ns, name, "patch"):
+            return False, None
+        await self.client.merge_patch(path, generated_credential(found, f"phabmesh-{webhook.name}"))
+        await self.writer.event(
+            self._ref(webhook),
+            CREDENTIAL_GENERATED,
+            f'phabmesh generated the basic credential into Secret "{name}" (keys username and '
+            "password): paste them into the build step's Passphrase credential in Phorge",
+            "Normal",
+        )
+        return True, found | set(keys)
+
+    async def _may(self, namespace: str, secret: str, verb: str) -> bool:
+        """Whether this namespace lets the operator ``verb`` the Secret (a
+        SelfSubjectAccessReview, which every account may make): what it was not granted, it
+        does not try."""
         review: JSON = {
             "apiVersion": "authorization.k8s.io/v1",
             "kind": "SelfSubjectAccessReview",
             "spec": {
                 "resourceAttributes": {
                     "namespace": namespace,
-                    "verb": "get",
+                    "verb": verb,
                     "resource": "secrets",
                     "name": secret,
                 }
@@ -295,14 +407,18 @@ class Webhooks(_Reconciler):
                 status=outcome.status,
             )
             await self.writer.event(
-                {
-                    "apiVersion": resources.API_VERSION,
-                    "kind": resources.WEBHOOK_KIND,
-                    "namespace": webhook.namespace,
-                    "name": webhook.name,
-                    "uid": webhook.uid,
-                },
+                self._ref(webhook),
                 outcome.reason,
                 outcome.message,
                 "Normal" if outcome.status == "True" else "Warning",
             )
+
+    @staticmethod
+    def _ref(webhook: WebhookView) -> JSON:
+        return {
+            "apiVersion": resources.API_VERSION,
+            "kind": resources.WEBHOOK_KIND,
+            "namespace": webhook.namespace,
+            "name": webhook.name,
+            "uid": webhook.uid,
+        }

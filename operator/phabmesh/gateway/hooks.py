@@ -1,5 +1,6 @@
-"""Herald webhooks into the mesh: ``POST /hooks/<namespace>/<name>``, the URL an admin pastes
-into Phorge for a PhabricatorWebhook.
+"""Phorge's calls into the mesh: ``/hooks/<namespace>/<name>``, the URL an admin pastes into
+Phorge for a PhabricatorWebhook: a Herald webhook's delivery, or a Harbormaster build step's
+request (:mod:`phabmesh.harbormaster`; its checks are listed below the Herald ones).
 
 Per delivery: find the webhook (from the gateway's watch of them) and its HMAC key (from the
 watch of its Secret), read the body within the gateway's body budget, ``max_request_bytes``
@@ -22,12 +23,20 @@ Answers (plain text, each with its own status):
 
 A delivery that was not delivered (502, 504, or the target's 5xx, 408, 425 or 429) is
 forgotten by the replay check, so that Phorge's retry of it (the same body) goes through.
+
+A Harbormaster build step's request (any of the step's methods): its basic credential when the
+webhook has one (401 none, 403 wrong; 503 not available), ``?target=`` a build target PHID
+(400), the target, looked up with ``harbormaster.target.search`` as the webhook's bot,
+Building now (404 not found, 409 waiting or finished; 503 the bot's token not available or
+Phabricator down, 502 its error), and one call per target (409). Then it is forwarded with
+its method and query, and ``X-Phabmesh-Build-Target``; never the credential.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import time
 from typing import Any
 
@@ -35,7 +44,8 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from phabmesh import herald, logs, metrics, neterrors
+from phabmesh import harbormaster, herald, logs, metrics, neterrors
+from phabmesh.conduit.client import mask_tokens
 from phabmesh.gateway.app import HELD, Gateway, Refusal
 from phabmesh.gateway.budget import Held
 from phabmesh.gateway.state import HookFacts
@@ -53,7 +63,7 @@ TARGET_CONNECTIONS = 64
 # target did not take it, so the same body is not a replay when it comes again.
 NOT_TAKEN = frozenset({408, 425, 429})
 NAME_CHARS = 253  # the longest namespace or name an audit line carries
-SOURCE = "herald"
+MAX_SEARCH_BYTES = 256 * 1024  # of harbormaster.target.search's answer (one target's)
 
 
 class HookRefusal(Exception):
@@ -75,6 +85,8 @@ class Hooks:
         self.state = gateway.state
         self.settings = gateway.settings
         self.replays = herald.ReplayCache(self.settings.hooks_replay_entries)
+        # Build targets called within harbormaster.CLAIM_SECONDS, per namespace.
+        self.targets = herald.ReplayCache(self.settings.hooks_replay_entries)
         self.in_flight: collections.Counter[str] = collections.Counter()
         self._session: aiohttp.ClientSession | None = None
 
@@ -92,7 +104,7 @@ class Hooks:
             await self._session.close()
 
     def routes(self, app: web.Application) -> None:
-        app.router.add_post(ROUTE, self.handle)
+        app.router.add_route("*", ROUTE, self.handle)
 
     def now(self) -> float:
         return self.gateway.clock().timestamp()
@@ -102,7 +114,7 @@ class Hooks:
         source = review_source(None, request.remote, local_address(request))
         held = request[HELD] = Held(source)
         audit: dict[str, Any] = {
-            "source": SOURCE,
+            "source": "unknown",
             logs.NAMESPACE: logs.clip(request.match_info["namespace"], NAME_CHARS),
             logs.WEBHOOK: logs.clip(request.match_info["name"], NAME_CHARS),
         }
@@ -118,7 +130,7 @@ class Hooks:
         finally:
             held.release()
         elapsed = time.perf_counter() - started
-        metrics.current().hook_delivered(outcome, elapsed)
+        metrics.current().hook_delivered(audit["source"], outcome, elapsed)
         log.info(
             "hook_delivery",
             outcome=outcome,
@@ -145,6 +157,7 @@ class Hooks:
                 "not_ready",
             )
         target = hook.spec.target
+        audit["source"] = hook.spec.source
         audit["target"] = f"{target.service}:{target.port}{target.path}"
         if not hook.ready:
             raise HookRefusal(
@@ -153,7 +166,134 @@ class Hooks:
                 f"({hook.reason or 'not checked yet'})",
                 "not_ready",
             )
+        allowed = {"POST"} if hook.spec.herald is not None else harbormaster.METHODS
+        if request.method not in allowed:
+            raise HookRefusal(
+                405,
+                f"{request.method} is not how Phorge calls this webhook "
+                f"({', '.join(sorted(allowed))})",
+                "method_not_allowed",
+            )
+        if hook.spec.harbormaster is not None:
+            return await self._build_step(request, hook, audit)
         return await self._verify_and_forward(request, hook, audit)
+
+    async def _build_step(
+        self, request: web.Request, hook: HookFacts, audit: dict[str, Any]
+    ) -> web.Response:
+        """A Harbormaster build step's request: credential, target, once, Building; then
+        forwarded."""
+        assert hook.spec is not None and hook.spec.harbormaster is not None
+        key = f"{hook.namespace}/{hook.name}"
+        try:
+            if hook.spec.harbormaster.credential_secret_ref is not None:
+                credential = self.state.hook_credential(hook)
+                if credential is None:
+                    raise HookRefusal(
+                        503,
+                        f"the basic credential of PhabricatorWebhook {key} is not available",
+                        "key_unavailable",
+                    )
+                harbormaster.check_basic(request.headers.get("Authorization"), *credential)
+            phid = harbormaster.target_phid(request.query)
+        except harbormaster.Refused as refused:
+            raise HookRefusal(refused.status, refused.message, refused.reason) from refused
+        audit["object_phid"] = phid
+        body = await self._read(request)
+        self._admit(key)
+        self.in_flight[key] += 1
+        try:
+            # Phorge's word first (a later replay is told the target waits or has finished),
+            # then the claim, with no wait between them: of two copies at once, one passes.
+            await self._check_target(hook, phid)
+            return await self._claim_and_forward(request, hook, body, phid)
+        finally:
+            self._done(key)
+
+    async def _claim_and_forward(
+        self, request: web.Request, hook: HookFacts, body: bytes, phid: str
+    ) -> web.Response:
+        now = self.now()
+        claim = (hook.name, phid)
+        try:
+            self.targets.claim_key(
+                hook.namespace,
+                claim,
+                until=now + harbormaster.CLAIM_SECONDS,
+                now=now,
+                replayed=f"build target {phid} is being called already",
+            )
+        except herald.Rejected as rejected:
+            raise HookRefusal(rejected.status, rejected.message, rejected.reason) from rejected
+        except herald.Full as full:
+            raise HookRefusal(503, str(full), "replay_full") from full
+        try:
+            added = {harbormaster.TARGET_HEADER: phid}
+            response = await self._forward(
+                request, hook, body, added, harbormaster.FORWARDED_HEADERS
+            )
+        except HookRefusal:
+            self.targets.release_key(hook.namespace, claim)
+            raise
+        if response.status >= 500 or response.status in NOT_TAKEN:
+            self.targets.release_key(hook.namespace, claim)
+        return response
+
+    async def _check_target(self, hook: HookFacts, phid: str) -> None:
+        """``harbormaster.target.search`` as the webhook's bot: the target is Building."""
+        assert hook.spec is not None and hook.spec.harbormaster is not None
+        bot = hook.spec.harbormaster.bot_ref.name
+        token = self.state.bot_token(bot)
+        if token is None:
+            raise HookRefusal(
+                503, f'the token of PhabricatorBot "{bot}" is not available', "bot_unavailable"
+            )
+        timeout = self.settings.conduit_timeout
+        url = f"{self.gateway.upstream}/api/{harbormaster.SEARCH_METHOD}"
+        form = {"api.token": token, **harbormaster.search_params(phid)}
+        try:
+            async with self.session.post(
+                url,
+                data=form,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+                allow_redirects=False,
+            ) as answer:
+                status = answer.status
+                raw = await _read_head(answer, MAX_SEARCH_BYTES)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise HookRefusal(
+                503,
+                f"Phabricator is unavailable ({neterrors.cause(exc, timeout)}); retry later",
+                "phabricator_unavailable",
+            ) from exc
+        if status != 200:
+            raise HookRefusal(
+                503, f"Phabricator answered HTTP {status}; retry later", "phabricator_unavailable"
+            )
+        try:
+            harbormaster.judge_search(json.loads(raw), phid)
+        except ValueError as exc:  # not JSON (json.JSONDecodeError, UnicodeDecodeError)
+            raise HookRefusal(
+                502, "Phabricator's answer is not JSON", harbormaster.PHABRICATOR_ERROR
+            ) from exc
+        except harbormaster.Refused as refused:
+            message = mask_tokens(refused.message, token)
+            raise HookRefusal(refused.status, message, refused.reason) from refused
+
+    def _admit(self, key: str) -> None:
+        """A verified call counts against its webhook's calls in flight."""
+        if self.in_flight[key] >= self.settings.hooks_max_concurrent:
+            raise HookRefusal(
+                429,
+                f"{self.settings.hooks_max_concurrent} deliveries to this webhook are in flight "
+                "(PHABMESH_HOOKS_MAX_CONCURRENT); retry shortly",
+                "busy",
+            )
+
+    def _done(self, key: str) -> None:
+        self.in_flight[key] -= 1
+        if self.in_flight[key] <= 0:
+            del self.in_flight[key]
 
     async def _read(self, request: web.Request) -> bytes:
         """The body, within the Conduit path's bounds and within ``hooks_timeout``: a
@@ -196,13 +336,7 @@ class Hooks:
         except herald.Rejected as rejected:
             raise HookRefusal(rejected.status, rejected.message, rejected.reason) from rejected
         # Only a verified delivery counts against the webhook's deliveries in flight.
-        if self.in_flight[key] >= self.settings.hooks_max_concurrent:
-            raise HookRefusal(
-                429,
-                f"{self.settings.hooks_max_concurrent} deliveries to this webhook are in flight "
-                "(PHABMESH_HOOKS_MAX_CONCURRENT); retry shortly",
-                "busy",
-            )
+        self._admit(key)
         try:
             self.replays.claim(hook.namespace, hook.name, delivery, now=now, freshness=freshness)
         except herald.Rejected as rejected:
@@ -211,29 +345,39 @@ class Hooks:
             raise HookRefusal(503, str(full), "replay_full") from full
         self.in_flight[key] += 1
         try:
-            response = await self._forward(request, hook, body)
+            response = await self._forward(request, hook, body, {}, herald.FORWARDED_HEADERS)
         except HookRefusal:
             self.replays.release(hook.namespace, hook.name, delivery)
             raise
         finally:
-            self.in_flight[key] -= 1
-            if self.in_flight[key] <= 0:
-                del self.in_flight[key]
+            self._done(key)
         if response.status >= 500 or response.status in NOT_TAKEN:
             self.replays.release(hook.namespace, hook.name, delivery)
         return response
 
-    async def _forward(self, request: web.Request, hook: HookFacts, body: bytes) -> web.Response:
+    async def _forward(
+        self,
+        request: web.Request,
+        hook: HookFacts,
+        body: bytes,
+        added: dict[str, str],
+        forwarded: tuple[str, ...],
+    ) -> web.Response:
+        """Pass the call on to the webhook's target: its method, its query, the ``forwarded``
+        headers (the source's: never a credential) and ``added``."""
         assert hook.spec is not None  # a webhook without one is unknown (_deliver)
         target = hook.spec.target
         base = hook_target_url(
             self.settings.hooks_target_url, target.service, hook.namespace, target.port
         )
-        headers = {h: request.headers[h] for h in herald.FORWARDED_HEADERS if h in request.headers}
+        headers = {h: request.headers[h] for h in forwarded if h in request.headers}
+        headers.update(added)
+        query = f"?{request.query_string}" if request.query_string else ""
         timeout = self.settings.hooks_timeout
         try:
-            async with self.session.post(
-                base + target.path,
+            async with self.session.request(
+                request.method,
+                base + target.path + query,
                 data=body,
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout),

@@ -184,9 +184,10 @@ class GatewayState:
         of it and found it readable (its namespace granted it). Nothing is asked for that
         was not granted; a grant given later shows as a new reason, and the watch starts."""
         return {
-            (hook.namespace, hook.spec.herald.secret_ref.name)
+            (hook.namespace, name)
             for hook in self.webhooks.items.values()
             if hook.spec is not None and hook.reason not in ("", resources.HOOK_SECRET_FORBIDDEN)
+            for name in hook.spec.secret_names
         }
 
     def webhook(self, namespace: str, name: str) -> HookFacts | None:
@@ -195,7 +196,21 @@ class GatewayState:
     def hook_key(self, hook: HookFacts) -> str | None:
         """The webhook's HMAC key, from the watch of its Secret (None: not there, or not
         listed yet)."""
-        if hook.spec is None:
+        if hook.spec is None or hook.spec.herald is None:
             return None
         ref = hook.spec.herald.secret_ref
         return self.hook_keys.value(hook.namespace, ref.name, ref.key)
+
+    def hook_credential(self, hook: HookFacts) -> tuple[str, str] | None:
+        """A Harbormaster webhook's basic credential (username, password), from the watch of
+        its Secret (None: not there, or not listed yet)."""
+        if hook.spec is None or hook.spec.harbormaster is None:
+            return None
+        ref = hook.spec.harbormaster.credential_secret_ref
+        if ref is None:
+            return None
+        username = self.hook_keys.value(hook.namespace, ref.name, "username")
+        password = self.hook_keys.value(hook.namespace, ref.name, "password")
+        if not username or not password:
+            return None
+        return username, password

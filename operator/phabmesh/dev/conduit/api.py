@@ -20,6 +20,10 @@ PARAMS: dict[str, frozenset[str]] = {
     "user.edit": frozenset({"transactions", "objectIdentifier"}),
     "user.disable": frozenset({"phids"}),
     "user.enable": frozenset({"phids"}),
+    "harbormaster.target.search": frozenset(
+        {"queryKey", "constraints", "attachments", "order", "before", "after", "limit"}
+    ),
+    "harbormaster.sendmessage": frozenset({"receiver", "type", "unit", "lint", "buildTargetPHID"}),
 }
 CONSTRAINTS = frozenset(
     {
@@ -83,6 +87,31 @@ METHODS: dict[str, dict[str, Any]] = {
         "description": "Returns the parameters of the Conduit methods.",
         "params": [],
         "return": "dict<dict>",
+    },
+    "harbormaster.sendmessage": {
+        "description": "Modify running builds, and report build results.",
+        "params": {
+            "receiver": "required string|phid",
+            "type": 'required string-constant<"abort", "fail", "pass", "pause", '
+            '"restart", "resume", "work">',
+            "unit": "optional list<wild>",
+            "lint": "optional list<wild>",
+            "buildTargetPHID": "deprecated optional phid",
+        },
+        "return": "void",
+    },
+    "harbormaster.target.search": {
+        "description": "Retrieve information about Harbormaster build targets.",
+        "params": {
+            "queryKey": "optional string",
+            "constraints": "optional map<string, wild>",
+            "attachments": "optional map<string, bool>",
+            "order": "optional order",
+            "before": "optional string",
+            "after": "optional string",
+            "limit": "optional int (default = 100)",
+        },
+        "return": "map<string, wild>",
     },
     "user.disable": {
         "description": "Permanently disable specified users (admin only).",

@@ -14,6 +14,7 @@ from phabmesh.dev.conduit.api import (
     QUERY_KEYS,
     THREE_STATE,
 )
+from phabmesh.dev.conduit.builds import Builds
 from phabmesh.dev.conduit.php import Failure
 from phabmesh.dev.conduit.store import Store, TestUser, _random
 
@@ -24,6 +25,7 @@ class Methods:
     def __init__(self, store: Store, hostname: str) -> None:
         self.store = store
         self.hostname = hostname
+        self.builds = Builds()
 
     def execute(self, method: str, call: wire.Call, user: TestUser | None, base: str) -> Any:
         if method == "conduit.ping":
@@ -43,6 +45,10 @@ class Methods:
                 "roles": user.roles(whoami=True),
                 "primaryEmail": user.email,
             }
+        if method == "harbormaster.target.search":
+            return self.builds.search(call.params)
+        if method == "harbormaster.sendmessage":
+            return self.builds.send_message(call.params, int(self.store.clock()))
         if method == "user.search":
             return self._search(call.params, user, strict=call.strict)
         if method == "user.edit":

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from phabmesh import serving
 from phabmesh.conduit import responses, wire
-from phabmesh.dev.conduit import hooks
+from phabmesh.dev.conduit import builds, hooks
 from phabmesh.dev.conduit.api import (
     COMMON_HEADERS,
     DB_DOWN_PAGE,
@@ -141,6 +141,26 @@ class ConduitServer:
         assert self._loop is not None, "the server is not started"
         future = asyncio.run_coroutine_threadsafe(hooks.post(url, body, headers), self._loop)
         return future.result(hooks.TIMEOUT + 5)
+
+    def run_build(
+        self, step: builds.Step, *, revision: int | None = 1
+    ) -> tuple[builds.Target, hooks.Delivery]:
+        """Run a build of one "Make HTTP Request" ``step`` as Phorge's daemons do, and wait
+        for the step's request: its target (Waiting, Passed or Failed after it) and what the
+        request got back."""
+        assert self._loop is not None, "the server is not started"
+        with self._lock:
+            target = self.methods.builds.start(step, int(self.clock()))
+        values = builds.variables(target, revision)
+        url = builds.request_url(step.uri, values)
+        headers = builds.request_headers(step)
+        future = asyncio.run_coroutine_threadsafe(
+            builds.send(step.method, url, headers), self._loop
+        )
+        delivery = future.result(builds.REQUEST_SECONDS + 5)
+        with self._lock:
+            self.methods.builds.requested(target, delivery, int(self.clock()))
+        return target, delivery
 
     def _edited(self, object_phid: str, transactions: list[str]) -> None:
         """After an edit: a delivery to each webhook, in the background (Phorge's daemons)."""
