@@ -79,6 +79,18 @@ WEBHOOK: dict[str, Any] = {
     },
 }
 
+BUILD_STEP: dict[str, Any] = {
+    **WEBHOOK,
+    "metadata": {"name": "valid-build-step"},
+    "spec": {
+        "harbormaster": {
+            "botRef": {"name": "ci-bot"},
+            "credentialSecretRef": {"name": "step-credential"},
+        },
+        "target": {"service": "job-starter", "port": 8080},
+    },
+}
+
 _DELETE = object()
 
 
@@ -255,7 +267,34 @@ BAD: list[tuple[str, dict[str, Any], str, Any, str]] = [
     ("credential without podUID", CREDENTIAL, "spec.podUID", _DELETE, "spec.podUID"),
     ("credential without identity", CREDENTIAL, "spec.identity", _DELETE, "spec.identity"),
     ("credential with empty bot", CREDENTIAL, "spec.bot", "", "spec.bot"),
-    ("webhook without herald", WEBHOOK, "spec.herald", _DELETE, "spec.herald"),
+    (
+        "webhook without a source",
+        WEBHOOK,
+        "spec.herald",
+        _DELETE,
+        "spec must give exactly one of herald or harbormaster",
+    ),
+    (
+        "webhook with two sources",
+        WEBHOOK,
+        "spec.harbormaster",
+        {"botRef": {"name": "ci-bot"}},
+        "spec must give exactly one of herald or harbormaster",
+    ),
+    (
+        "build step webhook without botRef",
+        BUILD_STEP,
+        "spec.harbormaster.botRef",
+        _DELETE,
+        "spec.harbormaster.botRef",
+    ),
+    (
+        "build step credential Secret not DNS",
+        BUILD_STEP,
+        "spec.harbormaster.credentialSecretRef.name",
+        "Step_Credential",
+        "spec.harbormaster.credentialSecretRef.name",
+    ),
     ("webhook without target", WEBHOOK, "spec.target", _DELETE, "spec.target"),
     (
         "webhook without secretRef",
@@ -561,7 +600,16 @@ def test_a_valid_webhook_is_accepted_with_defaults_and_columns(
         assert created["spec"]["herald"]["secretRef"]["key"] == "hmacKey"
         assert created["spec"]["target"]["path"] == "/"
         spec = resources.WebhookSpec.model_validate(created["spec"])
+        assert spec.herald is not None and spec.source == "herald"
         assert (spec.herald.secret_ref.key, spec.target.path) == ("hmacKey", "/")
+        step = _create(api, _with(BUILD_STEP, "metadata.name", f"{name}-step"), ns)
+        built = resources.WebhookSpec.model_validate(step["spec"])
+        assert built.source == "harbormaster" and built.secret_names == ("step-credential",)
+        harbor = " ".join(
+            cluster.kubectl("explain", "phabricatorwebhook.spec.harbormaster").stdout.split()
+        )
+        for text in ("${target.phid}", "Wait For Message", "get and patch"):
+            assert text in harbor, text
         table = cluster.kubectl("get", "phook", "-n", ns).stdout.splitlines()
         assert table[0].split() == ["NAME", "SERVICE", "PORT", "READY", "REASON", "AGE"]
         assert table[1].split()[:3] == [name, "ci-listener", "8080"]
@@ -574,10 +622,19 @@ def test_a_valid_webhook_is_accepted_with_defaults_and_columns(
         status = " ".join(
             cluster.kubectl("explain", "phabricatorwebhook.status.conditions").stdout.split()
         )
-        for reason in ("SecretMissing", "SecretForbidden", "KeyMissing", "ServiceMissing"):
+        for reason in (
+            "SecretMissing",
+            "SecretForbidden",
+            "KeyMissing",
+            "ServiceMissing",
+            "BotMissing",
+            "BotNotAllowed",
+            "BotNotReady",
+        ):
             assert reason in status, reason
     finally:
-        api.delete_namespaced_custom_object(G, V, ns, resources.WEBHOOK_PLURAL, name)
+        for each in (name, f"{name}-step"):
+            api.delete_namespaced_custom_object(G, V, ns, resources.WEBHOOK_PLURAL, each)
 
 
 def test_explain_teaches_the_fields(cluster: Cluster, crds: object) -> None:

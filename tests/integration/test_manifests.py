@@ -545,6 +545,28 @@ def test_the_sample_token_is_a_placeholder(samples: list[Doc]) -> None:
     assert secret["stringData"]["token"].startswith("api-REPLACEME")
 
 
+def test_the_sample_build_step_names_a_bot_ci_may_use_and_grants_one_secret(
+    samples: list[Doc],
+) -> None:
+    hook = _by_kind(samples, "PhabricatorWebhook")["start-build"]
+    source = hook["spec"]["harbormaster"]
+    assert source["botRef"]["name"] in _by_kind(samples, "PhabricatorBot")
+    secret = _by_kind(samples, "Secret")[source["credentialSecretRef"]["name"]]
+    assert "data" not in secret and "stringData" not in secret  # phabmesh fills it
+    role = _by_kind(samples, "Role")["phabmesh-build-step-credential"]
+    assert role["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": [secret["metadata"]["name"]],
+            "verbs": ["get", "list", "watch", "patch"],
+        }
+    ]
+    service = _by_kind(samples, "Service")[hook["spec"]["target"]["service"]]
+    assert service["metadata"]["namespace"] == hook["metadata"]["namespace"] == "ci"
+    assert service["spec"]["selector"]
+
+
 def test_the_sample_webhook_reaches_only_its_service_and_admits_only_the_gateway(
     samples: list[Doc],
 ) -> None:
