@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     why.add_argument("pod", metavar="POD")
     who = sub.add_parser(
-        "who-can", parents=[common], help="pods and identities holding a credential for a bot now"
+        "who-can",
+        parents=[common],
+        help="pods and identities holding a credential for a bot now, and webhooks acting as it",
     )
     who.add_argument("bot", metavar="BOT")
     revoke = sub.add_parser(
