@@ -198,13 +198,15 @@ async def post_all(
     batch: list[tuple[bytes, dict[str, str]]],
     concurrency: int,
     seconds: float,
-) -> tuple[list[float], Counter[int]]:
+) -> tuple[list[float], Counter[int], float]:
     """Post ``batch`` to ``url``, ``concurrency`` at a time, for ``seconds`` at most: each
-    answered delivery's latency (any status) and the count of each status."""
+    answered delivery's latency (any status), the count of each status, and the seconds it
+    all took."""
     queue = list(reversed(batch))
     took: list[float] = []
     statuses: Counter[int] = Counter()
-    end = time.perf_counter() + seconds
+    begun = time.perf_counter()
+    end = begun + seconds
 
     async def worker() -> None:
         while queue and time.perf_counter() < end:
@@ -216,7 +218,7 @@ async def post_all(
             took.append(time.perf_counter() - started)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return took, statuses
+    return took, statuses, time.perf_counter() - begun
 
 
 def _ms(seconds: float) -> str:
@@ -225,17 +227,19 @@ def _ms(seconds: float) -> str:
 
 def row(
     concurrency: int,
-    direct: tuple[list[float], Counter[int]],
-    gateway: tuple[list[float], Counter[int]],
+    direct: tuple[list[float], Counter[int], float],
+    gateway: tuple[list[float], Counter[int], float],
 ) -> tuple[str, str, str]:
-    """One figure: p50/p95/p99 straight and through the gateway, their ratio, the ms added."""
-    (d, d_status), (g, g_status) = direct, gateway
+    """One figure: p50/p95/p99 straight and through the gateway, their ratio, the ms added,
+    and the deliveries per second of each."""
+    (d, d_status, d_took), (g, g_status, g_took) = direct, gateway
     parts = []
     for p in (50, 95, 99):
         dp, gp = pct(d, p), pct(g, p)
         parts.append(f"p{p} {_ms(dp)} -> {_ms(gp)} ms ({gp / dp:.1f}x, +{(gp - dp) * 1000:.2f} ms)")
-    answers = f"{len(g)} via gateway {dict(sorted(g_status.items()))}, {len(d)} direct " + str(
-        dict(sorted(d_status.items()))
+    answers = (
+        f"{len(g)} via gateway {dict(sorted(g_status.items()))} at {len(g) / g_took:.0f}/s, "
+        f"{len(d)} direct {dict(sorted(d_status.items()))} at {len(d) / d_took:.0f}/s"
     )
     return (
         f"webhook delivery, concurrency {concurrency}: direct -> through the gateway",

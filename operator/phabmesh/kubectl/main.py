@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check",
         parents=[common],
-        help="check the install: CRDs, webhook, peering, RBAC, Linkerd policy, keys, Phabricator",
+        help="check the install: CRDs, webhook, peering, RBAC, Linkerd policy, keys, "
+        "Phabricator, PhabricatorWebhooks",
     )
     check.add_argument(
         "--pre",
