@@ -173,8 +173,25 @@ def test_who_can_act_as_a_bot(cluster: Cluster, bound: str) -> None:
         make_pod(cluster, bound, name)
     make_pod(cluster, bound, "stranger", sa="other")
     wait_for(lambda: len(active_leases(cluster, bound)) == 2, what="two leases")
+    # A Herald webhook is about no bot: who-can lists no webhook for it.
+    cluster.custom.create_namespaced_custom_object(
+        G,
+        V,
+        bound,
+        resources.WEBHOOK_PLURAL,
+        {
+            "apiVersion": f"{G}/{V}",
+            "kind": resources.WEBHOOK_KIND,
+            "metadata": {"name": "herald"},
+            "spec": {
+                "herald": {"secretRef": {"name": "herald-hmac"}},
+                "target": {"service": "listener", "port": 8080},
+            },
+        },
+    )
     found = answer(cluster, "who-can", bot)
     assert found["bot"] == bot
+    assert found["webhooks"] == []
     assert sorted((h["namespace"], h["pod"]) for h in found["holders"]) == [
         (bound, "runner-1"),
         (bound, "runner-2"),
@@ -537,6 +554,38 @@ def _endpoint(cluster: Cluster, namespace: str, port: int) -> None:
     )
 
 
+def _viewer(cluster: Cluster, namespace: str) -> str:
+    """The kubeconfig of ServiceAccount `viewer` of ``namespace``: it may read what the
+    webhook line reads (and phabmesh's ConfigMap), and create no SubjectAccessReview."""
+    cluster.core.create_namespaced_service_account(
+        namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="viewer"))
+    )
+    rbac = client.RbacAuthorizationV1Api(cluster.api)
+    rbac.create_cluster_role(
+        {
+            "metadata": {"name": f"viewer-{namespace}"},
+            "rules": [
+                {"apiGroups": [G], "resources": ["phabricatorwebhooks"], "verbs": ["list"]},
+                {"apiGroups": [""], "resources": ["services", "configmaps"], "verbs": ["get"]},
+                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                 "verbs": ["list"]},
+            ],
+        }
+    )  # fmt: skip
+    rbac.create_cluster_role_binding(
+        {
+            "metadata": {"name": f"viewer-{namespace}"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": f"viewer-{namespace}",
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": "viewer", "namespace": namespace}],
+        }
+    )
+    return str(cluster.plane.service_account_kubeconfig(namespace, "viewer"))
+
+
 def _hooks_line(cluster: Cluster) -> dict[str, str]:
     return _checks(plugin(cluster, "check", "-o", "json"))["phabricatorwebhooks"]
 
@@ -589,6 +638,27 @@ def test_check_fails_a_ready_webhook_whose_key_the_gateway_may_not_read(
     assert any(
         row.split()[:2] == ["phabricatorwebhooks", "FAIL"] for row in table.stdout.splitlines()
     )
+
+    # Someone who may read the webhooks, Services and EndpointSlices but may not ask what
+    # others may: the line says the gateway's access was not asked, and guesses nothing.
+    viewer = _viewer(cluster, namespace)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "phabmesh.kubectl", "--kubeconfig", viewer, "check",
+             "-o", "json"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        line = _checks(done)["phabricatorwebhooks"]
+        assert line["status"] == "WARN", line
+        assert (
+            f"whether {SYSTEM}/phabmesh-gateway may read their keys was not asked: your user "
+            "may not create subjectaccessreviews"
+        ) in line["message"], line
+        assert "is Ready but" not in line["message"], line
+    finally:
+        rbac = client.RbacAuthorizationV1Api(cluster.api)
+        rbac.delete_cluster_role_binding(f"viewer-{namespace}")
+        rbac.delete_cluster_role(f"viewer-{namespace}")
 
     # The namespace grants it to the gateway too: the line no longer names this webhook.
     client.RbacAuthorizationV1Api(cluster.api).patch_namespaced_role_binding(
