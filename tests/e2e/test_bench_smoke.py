@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 
+from bench import hooks
 from bench.__main__ import run
 
 
@@ -42,3 +44,15 @@ def test_benchmarks_produce_every_figure() -> None:
     ):
         assert figure in names
     assert all(value and "None" not in value for _, value, _ in rows)
+
+
+def test_the_webhook_delivery_benchmark_produces_every_figure() -> None:
+    rows = asyncio.run(hooks.run(argparse.Namespace(deliveries=8, seconds=60.0)))
+    assert [name for name, _, _ in rows] == [
+        f"webhook delivery, concurrency {c}: direct -> through the gateway" for c in (1, 16)
+    ]
+    for _, value, _ in rows:
+        for p in ("p50", "p95", "p99"):
+            assert p in value
+        # Every delivery went through the gateway to the target, and straight to it.
+        assert re.search(r"8 via gateway \{202: 8\} at \d+/s, 8 direct \{202: 8\} at \d+/s", value)

@@ -23,6 +23,7 @@ from kubernetes.client.rest import ApiException
 from phabmesh import admission, resources
 from phabmesh.admission import certificates
 from phabmesh.dev.conduit import ConduitServer
+from phabmesh.dev.conduit.hooks import Hook
 from phabmesh.settings import Settings
 from tests.kube import Cluster, wait_for
 from tests.phab import (
@@ -172,8 +173,25 @@ def test_who_can_act_as_a_bot(cluster: Cluster, bound: str) -> None:
         make_pod(cluster, bound, name)
     make_pod(cluster, bound, "stranger", sa="other")
     wait_for(lambda: len(active_leases(cluster, bound)) == 2, what="two leases")
+    # A Herald webhook is about no bot: who-can lists no webhook for it.
+    cluster.custom.create_namespaced_custom_object(
+        G,
+        V,
+        bound,
+        resources.WEBHOOK_PLURAL,
+        {
+            "apiVersion": f"{G}/{V}",
+            "kind": resources.WEBHOOK_KIND,
+            "metadata": {"name": "herald"},
+            "spec": {
+                "herald": {"secretRef": {"name": "herald-hmac"}},
+                "target": {"service": "listener", "port": 8080},
+            },
+        },
+    )
     found = answer(cluster, "who-can", bot)
     assert found["bot"] == bot
+    assert found["webhooks"] == []
     assert sorted((h["namespace"], h["pod"]) for h in found["holders"]) == [
         (bound, "runner-1"),
         (bound, "runner-2"),
@@ -443,3 +461,246 @@ def test_check_pre_says_whether_phabmesh_can_be_installed_and_by_whom(
     assert "customresourcedefinitions" in permissions["message"]
     assert "(see docs/install.md#" in permissions["message"]
     assert refused.returncode == 1
+
+
+# -- check: PhabricatorWebhooks ---------------------------------------------------------------
+
+HOOK_KEY = "Zq3v9Lk2Pw8Tn5Rb7Yx1Hc4Jm6Gd0Fs2"  # an HMAC key as Phorge makes them
+
+
+def _hook_objects(cluster: Cluster, namespace: str, port: int) -> None:
+    """Webhook `ci` with its key Secret `ci-hmac` and its target Service `ci-listener`, and a
+    Role of the namespace that grants the Secret to the operator only (the gateway left out of
+    the RoleBinding, the mistake the check is there to catch)."""
+    cluster.core.create_namespaced_secret(
+        namespace,
+        client.V1Secret(
+            metadata=client.V1ObjectMeta(name="ci-hmac"),
+            data={"hmacKey": base64.b64encode(HOOK_KEY.encode()).decode()},
+        ),
+    )
+    cluster.core.create_namespaced_service(
+        namespace,
+        client.V1Service(
+            metadata=client.V1ObjectMeta(name="ci-listener"),
+            spec=client.V1ServiceSpec(
+                selector={"app": "ci-listener"}, ports=[client.V1ServicePort(port=port)]
+            ),
+        ),
+    )
+    rbac = client.RbacAuthorizationV1Api(cluster.api)
+    rbac.create_namespaced_role(
+        namespace,
+        {
+            "metadata": {"name": "phabmesh-webhook-key"},
+            "rules": [
+                {
+                    "apiGroups": [""],
+                    "resources": ["secrets"],
+                    "resourceNames": ["ci-hmac"],
+                    "verbs": ["get", "list", "watch"],
+                }
+            ],
+        },
+    )
+    rbac.create_namespaced_role_binding(
+        namespace,
+        {
+            "metadata": {"name": "phabmesh-webhook-key"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Role",
+                "name": "phabmesh-webhook-key",
+            },
+            "subjects": [
+                {"kind": "ServiceAccount", "name": "phabmesh-operator", "namespace": SYSTEM}
+            ],
+        },
+    )
+    cluster.custom.create_namespaced_custom_object(
+        G,
+        V,
+        namespace,
+        resources.WEBHOOK_PLURAL,
+        {
+            "apiVersion": f"{G}/{V}",
+            "kind": resources.WEBHOOK_KIND,
+            "metadata": {"name": "ci"},
+            "spec": {
+                "herald": {"secretRef": {"name": "ci-hmac"}},
+                "target": {"service": "ci-listener", "port": port},
+            },
+        },
+    )
+
+
+def _endpoint(cluster: Cluster, namespace: str, port: int) -> None:
+    """A ready endpoint for Service ci-listener (an EndpointSlice as a listener pod's would be;
+    no node runs pods here)."""
+    client.DiscoveryV1Api(cluster.api).create_namespaced_endpoint_slice(
+        namespace,
+        {
+            "metadata": {
+                "name": "ci-listener-hand",
+                "labels": {
+                    "kubernetes.io/service-name": "ci-listener",
+                    "endpointslice.kubernetes.io/managed-by": "tests.phabmesh.io",
+                },
+            },
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.0.0.7"], "conditions": {"ready": True}}],
+            "ports": [{"name": "", "port": port, "protocol": "TCP"}],
+        },
+    )
+
+
+def _viewer(cluster: Cluster, namespace: str) -> str:
+    """The kubeconfig of ServiceAccount `viewer` of ``namespace``: it may read what the
+    webhook line reads (and phabmesh's ConfigMap), and create no SubjectAccessReview."""
+    cluster.core.create_namespaced_service_account(
+        namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="viewer"))
+    )
+    rbac = client.RbacAuthorizationV1Api(cluster.api)
+    rbac.create_cluster_role(
+        {
+            "metadata": {"name": f"viewer-{namespace}"},
+            "rules": [
+                {"apiGroups": [G], "resources": ["phabricatorwebhooks"], "verbs": ["list"]},
+                {"apiGroups": [""], "resources": ["services", "configmaps"], "verbs": ["get"]},
+                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                 "verbs": ["list"]},
+            ],
+        }
+    )  # fmt: skip
+    rbac.create_cluster_role_binding(
+        {
+            "metadata": {"name": f"viewer-{namespace}"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": f"viewer-{namespace}",
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": "viewer", "namespace": namespace}],
+        }
+    )
+    return str(cluster.plane.service_account_kubeconfig(namespace, "viewer"))
+
+
+def _hooks_line(cluster: Cluster) -> dict[str, str]:
+    return _checks(plugin(cluster, "check", "-o", "json"))["phabricatorwebhooks"]
+
+
+def test_check_fails_a_ready_webhook_whose_key_the_gateway_may_not_read(
+    cluster: Cluster, conduit: ConduitServer, operator: Threaded, gateway: Threaded, namespace: str
+) -> None:
+    port = 18080
+    _hook_objects(cluster, namespace, port)
+    _endpoint(cluster, namespace, port)
+    wait_for(
+        lambda: any(
+            c["type"] == "Ready" and c["status"] == "True"
+            for c in (
+                cluster.custom.get_namespaced_custom_object(
+                    G, V, namespace, resources.WEBHOOK_PLURAL, "ci"
+                ).get("status")
+                or {}
+            ).get("conditions")
+            or []
+        ),
+        timeout=60,
+        what="the webhook to be Ready (the operator may read its Secret)",
+    )
+    # Ready, yet the gateway cannot read the key: Phorge's deliveries are refused.
+    gateway_port = gateway.process.port  # type: ignore[attr-defined]
+    url = f"http://127.0.0.1:{gateway_port}/hooks/{namespace}/ci"
+    refused = wait_for(
+        lambda: (d := conduit.call_hook(Hook(url, HOOK_KEY), "PHID-USER-x")).status == 503 and d,
+        timeout=30,
+        what="the gateway to refuse the delivery for want of the key",
+    )
+    assert refused.text.strip() == (
+        f"phabmesh: the HMAC key of PhabricatorWebhook {namespace}/ci is not available"
+    )
+
+    line = _hooks_line(cluster)
+    assert line["status"] == "FAIL", line
+    assert (
+        f"{namespace}/ci is Ready but {SYSTEM}/phabmesh-gateway may not list or watch Secret "
+        "ci-hmac"
+    ) in line["message"], line
+    assert (
+        f"fix: in {namespace}, a Role granting get, list, watch on Secret ci-hmac bound to "
+        f"ServiceAccount {SYSTEM}/phabmesh-gateway"
+    ) in line["message"], line
+    assert line["message"].endswith("(see docs/webhooks.md#troubleshooting)")
+    table = plugin(cluster, "check")
+    assert table.returncode == 1
+    assert any(
+        row.split()[:2] == ["phabricatorwebhooks", "FAIL"] for row in table.stdout.splitlines()
+    )
+
+    # Someone who may read the webhooks, Services and EndpointSlices but may not ask what
+    # others may: the line says the gateway's access was not asked, and guesses nothing.
+    viewer = _viewer(cluster, namespace)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "phabmesh.kubectl", "--kubeconfig", viewer, "check",
+             "-o", "json"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        line = _checks(done)["phabricatorwebhooks"]
+        assert line["status"] == "WARN", line
+        assert (
+            f"whether {SYSTEM}/phabmesh-gateway may read their keys was not asked: your user "
+            "may not create subjectaccessreviews"
+        ) in line["message"], line
+        assert "is Ready but" not in line["message"], line
+    finally:
+        rbac = client.RbacAuthorizationV1Api(cluster.api)
+        rbac.delete_cluster_role_binding(f"viewer-{namespace}")
+        rbac.delete_cluster_role(f"viewer-{namespace}")
+
+    # The namespace grants it to the gateway too: the line no longer names this webhook.
+    client.RbacAuthorizationV1Api(cluster.api).patch_namespaced_role_binding(
+        "phabmesh-webhook-key",
+        namespace,
+        [
+            {
+                "op": "add",
+                "path": "/subjects/-",
+                "value": {
+                    "kind": "ServiceAccount",
+                    "name": "phabmesh-gateway",
+                    "namespace": SYSTEM,
+                },
+            }
+        ],
+    )
+    state = gateway.process.state  # type: ignore[attr-defined]
+    wait_for(
+        lambda: (
+            (hook := state.webhook(namespace, "ci")) is not None
+            and state.hook_key(hook) is not None
+        ),
+        timeout=60,
+        what="the gateway to read the key once granted",
+    )
+    line = _hooks_line(cluster)
+    assert namespace not in line["message"], line
+    others = [
+        h
+        for h in cluster.custom.list_cluster_custom_object(G, V, resources.WEBHOOK_PLURAL)["items"]
+        if h["metadata"]["namespace"] != namespace
+    ]
+    if not others:  # no other test's webhook left in the cluster: the line is exactly OK
+        assert line["status"] == "OK", line
+        assert line["message"].startswith(f"1 Ready; {SYSTEM}/phabmesh-gateway may read every key")
+
+    # No listener pod ready: a WARN that deliveries would get 502.
+    client.DiscoveryV1Api(cluster.api).delete_namespaced_endpoint_slice(
+        "ci-listener-hand", namespace
+    )
+    line = _hooks_line(cluster)
+    assert line["status"] in ("WARN", "FAIL"), line
+    assert f"{namespace}/ci: Service ci-listener has no ready endpoint" in line["message"], line
+    assert "502" in line["message"]

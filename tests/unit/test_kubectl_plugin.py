@@ -6,6 +6,7 @@ import base64
 import datetime
 import json
 import re
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 from typing import Any
 
@@ -578,3 +579,228 @@ def test_lease_writes_refused_lately_fail_the_check() -> None:
     assert checks.judge_lease_writes([event(30)], NOW).status == "OK"  # long past
     failed = checks.judge_lease_writes([event(30), event(2), event(5)], NOW)
     assert failed.status == "FAIL" and "2 pod(s)" in failed.message and "ci/p2" in failed.message
+
+
+# -- PhabricatorWebhooks ----------------------------------------------------------------------
+
+
+def _hook(
+    name: str,
+    reason: str | None = "Ready",
+    message: str = "",
+    namespace: str = "ci",
+    generation: int = 1,
+    checked: int = 1,
+    spec: JSON | None = None,
+) -> JSON:
+    status: JSON = {}
+    if reason is not None:
+        status = {
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "True" if reason == "Ready" else "False",
+                    "reason": reason,
+                    "message": message,
+                    "lastTransitionTime": "2026-06-01T00:00:00Z",
+                    "observedGeneration": checked,
+                }
+            ]
+        }
+    return {
+        "metadata": {"namespace": namespace, "name": name, "generation": generation},
+        "spec": spec
+        if spec is not None
+        else {
+            "herald": {"secretRef": {"name": f"{name}-hmac"}},
+            "target": {"service": f"{name}-listener", "port": 8080, "path": "/"},
+        },
+        "status": status,
+    }
+
+
+def test_judge_webhooks_none_is_ok() -> None:
+    assert checks.judge_webhooks([], {}, {}, SYSTEM) == checks.Result(
+        "phabricatorwebhooks", "OK", "no PhabricatorWebhook in any namespace"
+    )
+
+
+def test_judge_webhooks_all_ready_reachable_and_readable() -> None:
+    ok = checks.judge_webhooks([_hook("a"), _hook("b")], {}, {"ci/a": 1, "ci/b": 2}, SYSTEM)
+    assert ok.status == "OK", ok
+    assert ok.message.startswith("2 Ready; phabmesh-system/phabmesh-gateway may read every key")
+
+
+def test_a_ready_webhook_whose_key_the_gateway_may_not_read_fails_naming_the_role() -> None:
+    failed = checks.judge_webhooks(
+        [_hook("a"), _hook("b")], {"ci/a": ["list", "watch"]}, {"ci/a": 1, "ci/b": 1}, SYSTEM
+    )
+    assert failed.status == "FAIL"
+    assert "ci/a is Ready but phabmesh-system/phabmesh-gateway may not list or watch" in (
+        failed.message
+    )
+    assert "Secret a-hmac" in failed.message
+    assert "a Role granting get, list, watch on Secret a-hmac" in failed.message
+    assert "ci/b" not in failed.message
+    line = checks.with_fix(failed)
+    assert line.message.endswith("(see docs/webhooks.md#troubleshooting)")
+    # A webhook that is not Ready is refused anyway: its reason is what to fix, not the grant.
+    not_ready = checks.judge_webhooks(
+        [_hook("a", "SecretForbidden", 'phabmesh may not read Secret "a-hmac"')],
+        {"ci/a": ["list"]},
+        {},
+        SYSTEM,
+    )
+    assert not_ready.status == "WARN", not_ready
+
+
+@pytest.mark.parametrize(
+    ("reason", "fix"),
+    [
+        ("SecretForbidden", "bound to ServiceAccounts phabmesh-system/phabmesh-operator and "
+         "phabmesh-system/phabmesh-gateway"),
+        ("SecretMissing", "kubectl -n ci create secret generic a-hmac --from-literal=hmacKey="),
+        ("KeyMissing", "under hmacKey in Secret a-hmac"),
+        ("ServiceMissing", "create Service a-listener in ci"),
+        ("PortMissing", "add port 8080 to Service a-listener"),
+        ("ServiceUnsupported", "a Service with a selector"),
+        ("InvalidSpec", "correct the spec"),
+        ("CheckFailed", "see its log"),
+    ],
+)  # fmt: skip
+def test_each_webhook_not_ready_says_its_reason_message_and_fix(reason: str, fix: str) -> None:
+    result = checks.judge_webhooks([_hook("a", reason, "what the operator said")], {}, {}, SYSTEM)
+    assert result.status == "WARN"
+    assert f"1 webhook(s): 1 not Ready: ci/a {reason}: what the operator said (fix: " in (
+        result.message
+    )
+    assert fix in result.message, result.message
+
+
+def test_a_webhook_not_checked_for_its_generation_is_not_ready() -> None:
+    unchecked = checks.judge_webhooks([_hook("a", None)], {}, {}, SYSTEM)
+    assert unchecked.status == "WARN" and "ci/a NotChecked: not checked yet" in unchecked.message
+    stale = checks.judge_webhooks([_hook("a", generation=2, checked=1)], {}, {"ci/a": 1}, SYSTEM)
+    assert stale.status == "WARN" and "not checked since its spec changed" in stale.message
+
+
+def test_a_ready_webhook_without_a_ready_endpoint_warns_of_502() -> None:
+    warned = checks.judge_webhooks([_hook("a"), _hook("b")], {}, {"ci/a": 0, "ci/b": 3}, SYSTEM)
+    assert warned.status == "WARN"
+    assert "ci/a: Service a-listener has no ready endpoint" in warned.message
+    assert "502" in warned.message and "ci/b" not in warned.message
+
+
+def test_the_webhook_line_is_bounded() -> None:
+    hooks = [_hook(f"h{i:02d}", "SecretMissing", "gone") for i in range(25)]
+    result = checks.judge_webhooks(hooks, {}, {}, SYSTEM, more=40)
+    assert result.message.startswith("65 webhook(s) (the first 25 looked at; 40 more not): ")
+    assert result.message.count("SecretMissing") == checks.HOOKS_SHOWN
+    assert "; and 15 more" in result.message
+    unknown = checks.judge_webhooks([_hook("a")], {}, {"ci/a": 1}, SYSTEM, more=-1)
+    assert unknown.status == "OK" and unknown.message.endswith("(the first 1 looked at; more not)")
+
+
+def test_a_user_who_may_not_ask_for_the_gateway_is_told_so() -> None:
+    result = checks.judge_webhooks(
+        [_hook("a")], {}, {"ci/a": 1}, SYSTEM, unasked="your user may not create them"
+    )
+    assert result.status == "WARN"
+    assert "may read their keys was not asked: your user may not create them" in result.message
+
+
+def test_webhook_key_and_target_from_the_raw_object() -> None:
+    assert checks.hook_key_secret(_hook("a")) == ("a-hmac", "hmacKey")
+    keyed = _hook("a", spec={"herald": {"secretRef": {"name": "s", "key": "k"}}})
+    assert checks.hook_key_secret(keyed) == ("s", "k")
+    assert checks.hook_target(keyed) is None
+    harbormaster = _hook(
+        "b",
+        spec={
+            "harbormaster": {"botRef": {"name": "ci-bot"}},
+            "target": {"service": "x", "port": 1},
+        },
+    )
+    assert checks.hook_key_secret(harbormaster) is None
+    assert checks.hook_target(harbormaster) == ("x", 1)
+    # A Ready build step webhook without a credential has no Secret for the gateway to read.
+    assert checks.judge_webhooks([harbormaster], {}, {"ci/b": 1}, SYSTEM).status == "OK"
+    # With one, the gateway reads its credential Secret: judged as a Herald key is.
+    spec = harbormaster["spec"]
+    with_credential = _hook(
+        "c",
+        spec={
+            **spec,
+            "harbormaster": {**spec["harbormaster"], "credentialSecretRef": {"name": "cred"}},
+        },
+    )
+    assert checks.hook_key_secret(with_credential) == ("cred", "password")
+    failed = checks.judge_webhooks([with_credential], {"ci/c": ["watch"]}, {"ci/c": 1}, SYSTEM)
+    assert failed.status == "FAIL"
+    assert "may not watch Secret cred" in failed.message
+    assert "get, list, watch, patch on Secret cred" in failed.message
+
+
+def test_ready_endpoints_count_the_targets_port_only() -> None:
+    service: JSON = {
+        "spec": {"ports": [{"name": "http", "port": 8080}, {"name": "admin", "port": 9000}]}
+    }
+    slices: list[JSON] = [
+        {
+            "ports": [{"name": "http", "port": 80}],
+            "endpoints": [
+                {"addresses": ["10.0.0.1"], "conditions": {"ready": True}},
+                {"addresses": ["10.0.0.2"], "conditions": {"ready": False}},
+                {"addresses": ["10.0.0.3"]},
+            ],
+        },
+        {"ports": [{"name": "admin", "port": 9}], "endpoints": [{"addresses": ["10.0.0.4"]}]},
+    ]
+    assert checks.ready_endpoints(service, 8080, slices) == 2
+    assert checks.ready_endpoints(service, 9000, slices) == 1
+    assert checks.ready_endpoints(service, 1234, slices) == 0
+    assert checks.ready_endpoints(None, 8080, slices) == 0
+    assert checks.ready_endpoints(service, 8080, []) == 0
+    unnamed: JSON = {"spec": {"ports": [{"port": 80}]}}
+    assert (
+        checks.ready_endpoints(unnamed, 80, [{"ports": [{"port": 8080}], "endpoints": [{}]}]) == 1
+    )
+
+
+def test_who_can_lists_the_webhooks_acting_as_the_bot() -> None:
+    def harbormaster(name: str, bot: str, reason: str = "Ready") -> JSON:
+        return _hook(
+            name,
+            reason,
+            spec={
+                "harbormaster": {"botRef": {"name": bot}},
+                "target": {"service": "s", "port": 80},
+            },
+        )
+
+    hooks = [
+        harbormaster("z", "ci-bot"),
+        harbormaster("a", "ci-bot", "ServiceMissing"),
+        harbormaster("other", "other-bot"),
+        _hook("herald"),  # no harbormaster source: about no bot
+        _hook("broken", spec={"harbormaster": "junk"}),
+        _hook("nobot", spec={"harbormaster": {}}),
+    ]
+    assert commands.acting_webhooks("ci-bot", hooks) == [
+        {"namespace": "ci", "webhook": "a", "ready": False, "reason": "ServiceMissing"},
+        {"namespace": "ci", "webhook": "z", "ready": True, "reason": "Ready"},
+    ]
+    assert commands.acting_webhooks("nobody", hooks) == []
+
+
+def test_more_tables_print_after_the_first_as_kubectl_get_does() -> None:
+    report = output.Report(
+        (("name", "name"),),
+        [{"name": "a"}],
+        more=[((("webhook", "webhook"),), [{"webhook": "w"}]), ((("x", "x"),), [])],
+    )
+    assert output.render(report, "table") == ("NAME\na\n\nWEBHOOK\nw\n", "")
+    only_more = dataclasses_replace(report, rows=[])
+    assert output.render(only_more, "table") == ("WEBHOOK\nw\n", "")
+    none = dataclasses_replace(report, rows=[], more=[])
+    assert output.render(none, "table") == ("", "No resources found.\n")

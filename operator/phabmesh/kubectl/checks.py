@@ -62,6 +62,7 @@ FIXES = {
     "bots": "docs/troubleshooting.md#phabricatorbot-ready",
     "bindings": "docs/troubleshooting.md#phabricatorbinding-ready",
     "lease-writes": "docs/troubleshooting.md#a-pods-credential-lease-is-not-written",
+    "phabricatorwebhooks": "docs/webhooks.md#troubleshooting",
     # check --pre
     "kubernetes": "docs/install.md#installing-and-uninstalling",
     "linkerd": "docs/install.md#installing-and-uninstalling",
@@ -369,6 +370,221 @@ def judge_ready(kind: str, objects: Sequence[JSON]) -> Result:
     return Result(label, OK, f"{len(objects)} Ready")
 
 
+# -- PhabricatorWebhooks ----------------------------------------------------------------------
+
+HOOKS = "phabricatorwebhooks"
+HOOKS_PAGE = 250  # webhooks looked at, at most (the first page of the list)
+HOOKS_SHOWN = 10  # webhooks named per finding in the line
+GATEWAY_ACCOUNT = "phabmesh-gateway"  # manifests/gateway.yaml, charts/phabmesh: its ServiceAccount
+# What the gateway asks of a webhook's key Secret (a watch of it, by name: gateway/state.py).
+GATEWAY_KEY_VERBS = ("list", "watch")
+DEFAULT_HOOK_KEY = "hmacKey"  # spec.herald.secretRef.key's default (crds/phabricatorwebhooks.yaml)
+
+
+def hook_key_secret(hook: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(Secret name, key) of what the gateway reads for a webhook, from the object as the API
+    server returned it: a Herald webhook's HMAC key, or a Harbormaster build step's basic
+    credential (its ``password``); None for a webhook without one (a build step without a
+    credential, or an unreadable spec)."""
+    spec = hook.get("spec") or {}
+    ref = ((spec.get("herald") or {}).get("secretRef")) or {}
+    key = str(ref.get("key") or DEFAULT_HOOK_KEY) if isinstance(ref, Mapping) else ""
+    if not ref:
+        ref = ((spec.get("harbormaster") or {}).get("credentialSecretRef")) or {}
+        key = "password"
+    name = ref.get("name") if isinstance(ref, Mapping) else None
+    if not isinstance(name, str) or not name:
+        return None
+    return name, key
+
+
+def _is_build_step(hook: Mapping[str, Any]) -> bool:
+    return bool((hook.get("spec") or {}).get("harbormaster"))
+
+
+def hook_target(hook: Mapping[str, Any]) -> tuple[str, int] | None:
+    """(Service, port) a webhook forwards to; None when its spec does not say."""
+    target = (hook.get("spec") or {}).get("target") or {}
+    if not isinstance(target, Mapping):
+        return None
+    service, port = target.get("service"), target.get("port")
+    if not isinstance(service, str) or not service or not isinstance(port, int):
+        return None
+    return service, port
+
+
+def ready_endpoints(service: JSON | None, port: int, slices: Sequence[JSON]) -> int:
+    """The ready endpoints that serve ``port`` of ``service`` in its EndpointSlices (an
+    endpoint with no ``ready`` condition counts as ready, as Kubernetes says)."""
+    if service is None:
+        return 0
+    names = {
+        str(p.get("name") or "")
+        for p in (service.get("spec") or {}).get("ports") or []
+        if p.get("port") == port
+    }
+    if not names:
+        return 0
+    count = 0
+    for piece in slices:
+        served = {str(p.get("name") or "") for p in piece.get("ports") or []}
+        if not served & names:
+            continue
+        count += sum(
+            1
+            for endpoint in piece.get("endpoints") or []
+            if (endpoint.get("conditions") or {}).get("ready") is not False
+        )
+    return count
+
+
+def _hook_fix(reason: str, hook: Mapping[str, Any], system: str) -> str:
+    """What to do about a webhook that is not Ready, by its reason."""
+    ns = (hook.get("metadata") or {}).get("namespace")
+    secret = hook_key_secret(hook)
+    target = hook_target(hook)
+    s_name, s_key = secret or ("<secret>", DEFAULT_HOOK_KEY)
+    service, port = target or ("<service>", 0)
+    step = _is_build_step(hook)
+    verbs = "get, list, watch, patch" if step else "get, list, watch"
+    bot = (((hook.get("spec") or {}).get("harbormaster") or {}).get("botRef") or {}).get("name")
+    fixes = {
+        resources.HOOK_SECRET_FORBIDDEN: (
+            f"in {ns}, a Role granting {verbs} on Secret {s_name} bound to "
+            f"ServiceAccounts {system}/phabmesh-operator and {system}/{GATEWAY_ACCOUNT}"
+        ),
+        resources.HOOK_SECRET_MISSING: (
+            f"create it empty (phabmesh fills it): kubectl -n {ns} create secret generic {s_name}"
+            if step
+            else f"create it: kubectl -n {ns} create secret generic {s_name} "
+            f'--from-literal={s_key}="$KEY"'
+        ),
+        resources.HOOK_KEY_MISSING: (
+            f"grant phabmesh patch on Secret {s_name} (it generates username and password), "
+            "or put both there"
+            if step
+            else f"put the webhook's HMAC key under {s_key} in Secret {s_name}"
+        ),
+        resources.HOOK_BOT_MISSING: f"create PhabricatorBot {bot}, or name another in botRef",
+        resources.HOOK_BOT_NOT_ALLOWED: (
+            f"label namespace {ns} as PhabricatorBot {bot}'s namespaceSelector asks, or name "
+            "a bot meant for it"
+        ),
+        resources.HOOK_BOT_NOT_READY: f"kubectl describe phabricatorbot {bot} says why",
+        resources.HOOK_SERVICE_MISSING: (
+            f"create Service {service} in {ns}, or name an existing one in spec.target.service"
+        ),
+        resources.HOOK_PORT_MISSING: (
+            f"add port {port} to Service {service}, or name one of its ports in spec.target.port"
+        ),
+        resources.HOOK_SERVICE_UNSUPPORTED: (
+            "name a Service with a selector of this namespace's pods in spec.target.service"
+        ),
+        resources.HOOK_INVALID_SPEC: "correct the spec (kubectl describe says what is wrong)",
+        resources.HOOK_CHECK_FAILED: "the operator could not read the API server: see its log",
+    }
+    return fixes.get(reason, "is the operator running?")
+
+
+def _hook_name(hook: Mapping[str, Any]) -> str:
+    meta = hook.get("metadata") or {}
+    return f"{meta.get('namespace')}/{meta.get('name')}"
+
+
+def _first(items: Sequence[str], prefix: str = "") -> str:
+    """The first :data:`HOOKS_SHOWN` of ``items`` after ``prefix``; "" for none."""
+    if not items:
+        return ""
+    left = len(items) - HOOKS_SHOWN
+    return prefix + "; ".join(items[:HOOKS_SHOWN]) + (f"; and {left} more" if left > 0 else "")
+
+
+def _not_ready(hook: Mapping[str, Any], system: str) -> str:
+    """A webhook that is not Ready: its reason, its message and the fix."""
+    ready = _condition(hook, resources.READY)
+    if ready.get("status") == "True":  # for an earlier generation of its spec
+        reason, message = "NotChecked", "not checked since its spec changed"
+    else:
+        reason = str(ready.get("reason") or "NotChecked")
+        message = str(ready.get("message") or "not checked yet")
+    return f"{_hook_name(hook)} {reason}: {message} (fix: {_hook_fix(reason, hook, system)})"
+
+
+def judge_webhooks(
+    hooks: Sequence[JSON],
+    denied: Mapping[str, Sequence[str]],
+    endpoints: Mapping[str, int],
+    system: str,
+    *,
+    more: int = 0,
+    unasked: str | None = None,
+) -> Result:
+    """PhabricatorWebhooks: each one not Ready (its reason, message and fix: a WARN, it is a
+    user's object); each Ready one whose key Secret the gateway's ServiceAccount may not
+    list and watch (``denied``: the verbs refused, by namespace/name; a FAIL: the operator
+    judged it Ready with its own access, but the gateway refuses every delivery); each Ready
+    one whose target Service has no ready endpoint (``endpoints``, by namespace/name; a
+    WARN: deliveries get 502). ``more``: webhooks past the ones listed; ``unasked``: why
+    the gateway's access could not be asked (the caller may not create SubjectAccessReviews).
+    """
+    if not hooks:
+        return Result(HOOKS, OK, "no PhabricatorWebhook in any namespace")
+    not_ready, unreadable, no_endpoint = [], [], []
+    for hook in hooks:
+        name = _hook_name(hook)
+        if not resources.condition_true(hook, resources.READY):
+            not_ready.append(_not_ready(hook, system))
+            continue
+        refused = denied.get(name)
+        secret = hook_key_secret(hook)
+        if refused and secret is not None:
+            verbs = "get, list, watch, patch" if _is_build_step(hook) else "get, list, watch"
+            unreadable.append(
+                f"{name} is Ready but {system}/{GATEWAY_ACCOUNT} may not "
+                f"{' or '.join(refused)} Secret {secret[0]}: every delivery is refused "
+                f"(key_unavailable); fix: in {hook.get('metadata', {}).get('namespace')}, a "
+                f"Role granting {verbs} on Secret {secret[0]} bound to ServiceAccount "
+                f"{system}/{GATEWAY_ACCOUNT} as well as {system}/phabmesh-operator"
+            )
+        if endpoints.get(name) == 0:
+            service = (hook_target(hook) or ("?", 0))[0]
+            no_endpoint.append(
+                f"{name}: Service {service} has no ready endpoint on its port: deliveries "
+                "would get 502 (start its pods, or check its selector)"
+            )
+    total = len(hooks) + max(more, 0)
+    parts = [
+        found
+        for found in (
+            _first(unreadable),
+            _first(not_ready, f"{len(not_ready)} not Ready: "),
+            _first(no_endpoint),
+        )
+        if found
+    ]
+    if unasked is not None:
+        parts.append(
+            f"whether {system}/{GATEWAY_ACCOUNT} may read their keys was not asked: {unasked}"
+        )
+    listed = ""
+    if more:
+        listed = f" (the first {len(hooks)} looked at; " + (
+            f"{more} more not)" if more > 0 else "more not)"
+        )
+    if unreadable:
+        status = FAIL
+    elif parts:
+        status = WARN
+    else:
+        return Result(
+            HOOKS,
+            OK,
+            f"{total} Ready; {system}/{GATEWAY_ACCOUNT} may read every key; every target has a "
+            "ready endpoint" + listed,
+        )
+    return Result(HOOKS, status, f"{total} webhook(s){listed}: " + "; ".join(parts))
+
+
 WRITES_WINDOW = datetime.timedelta(minutes=10)  # how far back refused lease writes count
 
 
@@ -453,6 +669,66 @@ async def _rbac(session: cluster.Session, system: str, settings: Settings) -> Re
         allowed = await asyncio.gather(*(session.may(user, groups, call) for call in calls))
         denied[who] = [call for call, ok in zip(calls, allowed, strict=True) if not ok]
     return judge_rbac({who: calls for who, calls in denied.items() if calls}, asked)
+
+
+async def _webhooks(session: cluster.Session, system: str) -> Result:
+    """One page of PhabricatorWebhooks (at most :data:`HOOKS_PAGE`); for each Ready one, a
+    SubjectAccessReview per verb the gateway uses on its key Secret, and its target
+    Service's EndpointSlices (each Secret and Service asked once, 16 calls at a time)."""
+    page = await session.client.get(resources.webhook_path(None), params={"limit": str(HOOKS_PAGE)})
+    hooks: list[JSON] = list(page.get("items") or [])
+    meta = page.get("metadata") or {}
+    more = int(meta.get("remainingItemCount") or -1) if meta.get("continue") else 0
+    ready = [h for h in hooks if resources.condition_true(h, resources.READY)]
+    gate = asyncio.Semaphore(16)
+    user = f"system:serviceaccount:{system}:{GATEWAY_ACCOUNT}"
+    groups = ["system:serviceaccounts", f"system:serviceaccounts:{system}", "system:authenticated"]
+
+    async def refused(namespace: str, secret: str) -> list[str]:
+        async with gate:
+            allowed = [
+                await session.may(user, groups, (namespace, "", "secrets", verb, secret))
+                for verb in GATEWAY_KEY_VERBS
+            ]
+        return [verb for verb, ok in zip(GATEWAY_KEY_VERBS, allowed, strict=True) if not ok]
+
+    async def serving(namespace: str, service: str, port: int) -> int:
+        async with gate:
+            found = await session.find(resource_path("", "v1", "services", namespace, service))
+            slices = await session.items(
+                resource_path("discovery.k8s.io", "v1", "endpointslices", namespace),
+                labelSelector=f"kubernetes.io/service-name={service}",
+            )
+        return ready_endpoints(found, port, slices)
+
+    secrets = sorted(
+        {(str(h["metadata"]["namespace"]), key[0]) for h in ready if (key := hook_key_secret(h))}
+    )
+    targets = sorted(
+        {(str(h["metadata"]["namespace"]), *t) for h in ready if (t := hook_target(h))}
+    )
+    denied: dict[str, list[str]] = {}
+    unasked = None
+    try:
+        answers = await asyncio.gather(*(refused(ns, name) for ns, name in secrets))
+    except KubeError as exc:
+        if exc.status != 403:
+            raise
+        unasked = "your user may not create subjectaccessreviews (authorization.k8s.io)"
+    else:
+        by_secret = dict(zip(secrets, answers, strict=True))
+        for hook in ready:
+            key = hook_key_secret(hook)
+            ns = str(hook["metadata"]["namespace"])
+            if key is not None and by_secret[(ns, key[0])]:
+                denied[_hook_name(hook)] = by_secret[(ns, key[0])]
+    counts = dict(zip(targets, await asyncio.gather(*(serving(*t) for t in targets)), strict=True))
+    endpoints = {
+        _hook_name(h): counts[(str(h["metadata"]["namespace"]), *t)]
+        for h in ready
+        if (t := hook_target(h))
+    }
+    return judge_webhooks(hooks, denied, endpoints, system, more=more, unasked=unasked)
 
 
 async def _phabricator(url: str) -> Result:
@@ -556,6 +832,7 @@ async def run(session: cluster.Session, now: datetime.datetime) -> list[Result]:
         guarded("bots", ready(resources.BOT_KIND, resources.bot_path())),
         guarded("bindings", ready(resources.BINDING_KIND, resources.binding_path(None))),
         guarded("lease-writes", writes()),
+        guarded(HOOKS, _webhooks(session, system)),
     )
     return results
 

@@ -158,16 +158,51 @@ def holders(
     return rows
 
 
+WHO_CAN_WEBHOOK_COLUMNS = (
+    ("namespace", "namespace"),
+    ("webhook", "webhook"),
+    ("ready", "ready"),
+    ("reason", "reason"),
+)
+
+
+def acting_webhooks(bot: str, webhooks: list[JSON]) -> list[dict[str, Any]]:
+    """The PhabricatorWebhooks whose ``spec.harbormaster.botRef.name`` is ``bot``: the
+    gateway acts as that bot (a Conduit call) when it checks one's build target. Webhooks
+    without that field (Herald ones) are not about any bot."""
+    rows = []
+    for hook in webhooks:
+        source = (hook.get("spec") or {}).get("harbormaster")
+        ref = source.get("botRef") if isinstance(source, Mapping) else None
+        if not isinstance(ref, Mapping) or ref.get("name") != bot:
+            continue
+        meta = hook.get("metadata") or {}
+        conditions = (hook.get("status") or {}).get("conditions") or []
+        ready: Mapping[str, Any] = next(
+            (c for c in conditions if c.get("type") == resources.READY), {}
+        )
+        rows.append(
+            {
+                "namespace": str(meta.get("namespace")),
+                "webhook": str(meta.get("name")),
+                "ready": resources.condition_true(hook, resources.READY),
+                "reason": ready.get("reason") or "NotChecked",
+            }
+        )
+    return sorted(rows, key=lambda r: (r["namespace"], r["webhook"]))
+
+
 async def who_can(session: cluster.Session, bot: str, now: datetime.datetime) -> Report:
     settings, _ = await session.settings()
     bot_body = await session.get(resources.bot_path(bot), f'phabricatorbots "{bot}"')
-    lease_bodies, binding_bodies, namespaces = await asyncio.gather(
+    lease_bodies, binding_bodies, namespaces, webhooks = await asyncio.gather(
         session.items(
             resources.lease_path(None),
             labelSelector=f"phabmesh.io/bot={resources.label_value(bot)}",
         ),
         session.items(resources.binding_path(None)),
         session.items(resource_path("", "v1", "namespaces")),
+        session.items(resources.webhook_path(None)),
     )
     bindings = {
         (str(b["metadata"]["namespace"]), str(b["metadata"]["name"])): grants.binding_facts(b)
@@ -183,11 +218,14 @@ async def who_can(session: cluster.Session, bot: str, now: datetime.datetime) ->
         naming_of(settings),
         now,
     )
+    hooks = acting_webhooks(bot, webhooks)
     return Report(
         WHO_CAN_COLUMNS,
         rows,
-        document={"bot": bot, "holders": rows},
-        empty=f"No pod holds a credential for PhabricatorBot {bot}.",
+        document={"bot": bot, "holders": rows, "webhooks": hooks},
+        empty=f"No pod holds a credential for PhabricatorBot {bot}, and no "
+        "PhabricatorWebhook acts as it.",
+        more=[(WHO_CAN_WEBHOOK_COLUMNS, hooks)],
     )
 
 

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check",
         parents=[common],
-        help="check the install: CRDs, webhook, peering, RBAC, Linkerd policy, keys, Phabricator",
+        help="check the install: CRDs, webhook, peering, RBAC, Linkerd policy, keys, "
+        "Phabricator, PhabricatorWebhooks",
     )
     check.add_argument(
         "--pre",
@@ -66,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     why.add_argument("pod", metavar="POD")
     who = sub.add_parser(
-        "who-can", parents=[common], help="pods and identities holding a credential for a bot now"
+        "who-can",
+        parents=[common],
+        help="pods and identities holding a credential for a bot now, and webhooks acting as it",
     )
     who.add_argument("bot", metavar="BOT")
     revoke = sub.add_parser(

@@ -27,6 +27,9 @@ class Report:
     document: Any = None
     empty: str = "No resources found."
     exit_code: int = 0
+    # Further tables, each printed after a blank line when it has rows (as ``kubectl get
+    # a,b`` prints one table per kind): (columns, rows).
+    more: Sequence[tuple[Sequence[tuple[str, str]], Sequence[Mapping[str, Any]]]] = ()
 
 
 def cell(value: Any) -> str:
@@ -60,6 +63,11 @@ def render(report: Report, fmt: str) -> tuple[str, str]:
         return yaml.safe_dump(json.loads(json.dumps(document, default=str)), sort_keys=False), ""
     if fmt != "table":
         raise ValueError(f"unknown output format {fmt!r}: use one of {', '.join(FORMATS)}")
-    if not report.rows:
+    tables = [
+        table(columns, rows)
+        for columns, rows in ((report.columns, report.rows), *report.more)
+        if rows
+    ]
+    if not tables:
         return "", report.empty + "\n"
-    return table(report.columns, report.rows), ""
+    return "\n".join(tables), ""
