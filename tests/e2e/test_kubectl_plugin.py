@@ -192,6 +192,26 @@ def test_who_can_act_as_a_bot(cluster: Cluster, bound: str) -> None:
     found = answer(cluster, "who-can", bot)
     assert found["bot"] == bot
     assert found["webhooks"] == []
+    # A Harbormaster build step webhook checks its targets as the bot: listed.
+    cluster.custom.create_namespaced_custom_object(
+        G,
+        V,
+        bound,
+        resources.WEBHOOK_PLURAL,
+        {
+            "apiVersion": f"{G}/{V}",
+            "kind": resources.WEBHOOK_KIND,
+            "metadata": {"name": "start-build"},
+            "spec": {
+                "harbormaster": {"botRef": {"name": bot}},
+                "target": {"service": "job-starter", "port": 8080},
+            },
+        },
+    )
+    found = answer(cluster, "who-can", bot)
+    assert [(w["namespace"], w["webhook"]) for w in found["webhooks"]] == [
+        (bound, "start-build")
+    ]
     assert sorted((h["namespace"], h["pod"]) for h in found["holders"]) == [
         (bound, "runner-1"),
         (bound, "runner-2"),
@@ -203,7 +223,8 @@ def test_who_can_act_as_a_bot(cluster: Cluster, bound: str) -> None:
     assert yaml.safe_load(as_yaml.stdout) == found
     table = plugin(cluster, "who-can", bot).stdout.splitlines()
     assert table[0].split() == ["NAMESPACE", "POD", "IDENTITY", "BINDING", "EXPIRES", "CREDENTIAL"]
-    assert len(table) == 3
+    assert len(table) == 3 + 3  # a blank line, then the webhooks' table: header and one
+    assert table[-1].split()[:2] == [bound, "start-build"]
     cluster.core.delete_namespaced_pod("runner-2", bound, grace_period_seconds=0)
     wait_for(
         lambda: [h["pod"] for h in answer(cluster, "who-can", bot)["holders"]] == ["runner-1"],
