@@ -169,6 +169,10 @@ class Settings:
     # {port} (and no other field), http or https, through the gateway's Linkerd proxy. Change
     # the cluster domain here if it is not cluster.local.
     hooks_target_url: str = "http://{service}.{namespace}.svc.cluster.local:{port}"
+    # A port of the gateway's own for /hooks/ alone (also served on gateway_port), so that a
+    # Phorge outside the mesh can be let in there (Linkerd policy, NetworkPolicy) while
+    # /api/ stays for meshed callers. 0: any free port (tests).
+    hooks_port: int = 8081
     # A delivery whose action.epoch is further than this from the gateway's clock is refused
     # (stale), and one seen already within it (the same signed body) is refused (replayed).
     hooks_freshness: float = 300.0
@@ -269,6 +273,7 @@ def _local_values(phabricator_url: str, overrides: Mapping[str, Any]) -> dict[st
         "issuer_port": 0,
         "gateway_host": "127.0.0.1",
         "gateway_port": 0,
+        "hooks_port": 0,
         "metrics_port": 0,
         "webhook_host": "127.0.0.1",
         "webhook_port": 0,

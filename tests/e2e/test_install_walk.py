@@ -377,6 +377,7 @@ def test_install_on_the_local_control_plane_use_break_and_uninstall(
                 ("WEBHOOK_HOST", "127.0.0.1"),
                 ("ISSUER_PORT", "0"),
                 ("GATEWAY_PORT", "0"),
+                ("HOOKS_PORT", "0"),
                 ("METRICS_PORT", "0"),
                 ("WEBHOOK_PORT", "0"),
             )

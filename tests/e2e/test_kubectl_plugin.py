@@ -209,9 +209,7 @@ def test_who_can_act_as_a_bot(cluster: Cluster, bound: str) -> None:
         },
     )
     found = answer(cluster, "who-can", bot)
-    assert [(w["namespace"], w["webhook"]) for w in found["webhooks"]] == [
-        (bound, "start-build")
-    ]
+    assert [(w["namespace"], w["webhook"]) for w in found["webhooks"]] == [(bound, "start-build")]
     assert sorted((h["namespace"], h["pod"]) for h in found["holders"]) == [
         (bound, "runner-1"),
         (bound, "runner-2"),

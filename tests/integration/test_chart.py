@@ -253,6 +253,7 @@ def test_values_take_effect(helm: Helm, default: list[Doc]) -> None:
         ("linkerd.requireClientID=maybe", "/linkerd/requireClientID"),
         ("agent.resources.limits.memory=64MB", "at '/agent/resources/limits/memory'"),
         ("agent.resources.limit.memory=64Mi", "additional properties 'limit' not allowed"),
+        ("gateway.hooksFrom={phorge.example.org}", "at '/gateway/hooksFrom/0'"),
     ],
 )
 def test_values_schema_refuses_mistakes(helm: Helm, value: str, refusal: str) -> None:
@@ -540,3 +541,36 @@ def test_webhook_callers_narrow_and_the_client_ca_mounts(helm: Helm, default: li
     assert {_key(d) for d in off} == {_key(d) for d in default} - {
         _key(d) for d in default if d["kind"] == "NetworkPolicy"
     }
+
+
+def test_a_phorge_outside_the_mesh_is_let_in_on_the_hooks_port_alone(
+    helm: Helm, default: list[Doc]
+) -> None:
+    """gateway.hooksFrom: those networks, unmeshed, on the gateway's hooks port and nowhere
+    else; by default the hooks port is for meshed callers, as /api/ is."""
+    docs = _template(helm, "gateway.hooksFrom={203.0.113.0/24,2001:db8::/32}")
+    keyed = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    networks = keyed["NetworkAuthentication", "phabmesh-hooks-networks"]["spec"]["networks"]
+    assert networks == [{"cidr": "203.0.113.0/24"}, {"cidr": "2001:db8::/32"}]
+    policy = keyed["AuthorizationPolicy", "phabmesh-gateway-hooks-networks"]["spec"]
+    assert policy["targetRef"]["name"] == "phabmesh-gateway-hooks"
+    server = keyed["Server", "phabmesh-gateway-hooks"]["spec"]
+    assert (server["port"], server["accessPolicy"]) == ("hooks", "deny")
+    # No policy lets those networks reach another Server (/api/, the endpoint).
+    for (kind, _), doc in keyed.items():
+        if kind == "AuthorizationPolicy" and "hooks" not in doc["spec"]["targetRef"]["name"]:
+            refs = {r["name"] for r in doc["spec"]["requiredAuthenticationRefs"]}
+            assert "phabmesh-hooks-networks" not in refs
+    rules = keyed["NetworkPolicy", "phabmesh-gateway"]["spec"]["ingress"]
+    (outside,) = [r for r in rules if any("ipBlock" in peer for peer in r["from"])]
+    assert outside == {
+        "from": [{"ipBlock": {"cidr": "203.0.113.0/24"}}, {"ipBlock": {"cidr": "2001:db8::/32"}}],
+        "ports": [{"port": "hooks", "protocol": "TCP"}],
+    }
+    # By default: the hooks port has its Server, for meshed callers only.
+    plain = {(d["kind"], d["metadata"]["name"]): d for d in default}
+    assert ("NetworkAuthentication", "phabmesh-hooks-networks") not in plain
+    meshed = plain["AuthorizationPolicy", "phabmesh-gateway-hooks-meshed"]["spec"]
+    assert meshed["requiredAuthenticationRefs"][0]["name"] == "phabmesh-meshed-clients"
+    ports = plain["Service", "phabmesh-gateway"]["spec"]["ports"]
+    assert {"name": "hooks", "port": 8081, "targetPort": "hooks", "protocol": "TCP"} in ports

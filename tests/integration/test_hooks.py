@@ -588,3 +588,17 @@ def test_a_rotated_key_is_used_at_once_and_the_old_one_refused(
     assert old.status == 403
     assert conduit.call_hook(Hook(url, new_key), "PHID-TASK-cccccccccccccccccccc").status == 202
     assert len(target.received) == 2
+
+
+def test_the_hooks_port_serves_hooks_and_nothing_else(gateway: Threaded) -> None:
+    """The port a Phorge outside the mesh may be let in on: /hooks/ answers there, /api/ does
+    not (it stays on the Conduit port, for meshed callers)."""
+    port = gateway.process.hooks_port  # type: ignore[attr-defined]
+    assert port and port != gateway.process.port  # type: ignore[attr-defined]
+    hook = requests.post(f"http://127.0.0.1:{port}/hooks/nowhere/none", data=b"{}", timeout=10)
+    assert (hook.status_code, hook.text.strip()) == (
+        404,
+        "phabmesh: no PhabricatorWebhook nowhere/none",
+    )
+    api = requests.post(f"http://127.0.0.1:{port}/api/conduit.ping", data={}, timeout=10)
+    assert api.status_code == 404 and "ERR-" not in api.text

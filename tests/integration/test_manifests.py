@@ -241,6 +241,8 @@ def test_everything_applies_to_a_real_api_server(cluster: Cluster, installed: li
         ("service", "phabmesh-gateway"),
         ("poddisruptionbudget", "phabmesh-operator"),
         ("server.policy.linkerd.io", "phabmesh-metrics"),
+        ("server.policy.linkerd.io", "phabmesh-gateway-hooks"),
+        ("authorizationpolicy.policy.linkerd.io", "phabmesh-gateway-hooks-meshed"),
         ("networkpolicy", "phabmesh-operator"),
         ("networkpolicy", "phabmesh-gateway"),
     ]:
@@ -342,7 +344,7 @@ def test_rbac_grants_exactly_the_calls_made(rendered: list[Doc]) -> None:
         (
             "phabmesh-gateway",
             ["gateway"],
-            {"conduit": 8080, "metrics": 9090},
+            {"conduit": 8080, "hooks": 8081, "metrics": 9090},
             {"cpu": "100m", "memory": "128Mi"},
             "256Mi",
         ),
@@ -442,6 +444,7 @@ def test_services_and_budgets_select_the_pods(rendered: list[Doc]) -> None:
     }
     assert {p["port"]: p["targetPort"] for p in services["phabmesh-gateway"]["spec"]["ports"]} == {
         8080: "conduit",
+        8081: "hooks",
         9090: "metrics",
     }
     for service in services.values():
@@ -481,10 +484,16 @@ def test_only_meshed_clients_reach_the_gateway_and_the_issuer(rendered: list[Doc
     assert meshed["spec"] == {"identities": ["*"]}
     assert allowed == {
         "phabmesh-gateway": {"MeshTLSAuthentication"},
+        "phabmesh-gateway-hooks": {"MeshTLSAuthentication"},
         "phabmesh-issuer": {"MeshTLSAuthentication"},
         "phabmesh-metrics": {"NetworkAuthentication"},
     }
-    assert {servers[s]["spec"]["port"] for s in allowed} == {"conduit", "issuer", "metrics"}
+    assert {servers[s]["spec"]["port"] for s in allowed} == {
+        "conduit",
+        "hooks",
+        "issuer",
+        "metrics",
+    }
     anyone = _by_kind(policy, "NetworkAuthentication")["phabmesh-any-network"]
     assert {n["cidr"] for n in anyone["spec"]["networks"]} == {"0.0.0.0/0", "::/0"}
 

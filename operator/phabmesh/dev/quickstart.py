@@ -648,7 +648,8 @@ def run_against_cluster(say: Say) -> int:
             running(GatewayProcess(gateway_settings, kubeconfig=str(as_gateway))) as gateway,
         ):
             say.detail(
-                f"credential endpoint :{operator.issuer_port}, gateway :{gateway.port}, "
+                f"credential endpoint :{operator.issuer_port}, gateway :{gateway.port} "
+                f"(/hooks/ also :{gateway.hooks_port}), "
                 f"metrics :{operator.metrics_port} (operator) and :{gateway.metrics_port} "
                 "(gateway); Ctrl-C stops them"
             )

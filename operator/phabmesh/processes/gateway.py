@@ -34,6 +34,7 @@ class GatewayProcess:
         self.clock = clock  # None: the system clock (another only to test clock skew)
         self.runners: list[web.AppRunner] = []
         self.port = 0
+        self.hooks_port = 0
         self.metrics_port = 0
         # Its own registry: what this process records, and nothing another process of the
         # same interpreter does (see phabmesh.metrics).
@@ -63,12 +64,26 @@ class GatewayProcess:
         )
         self.runners.append(runner)
         self.port = serving.bound_port(runner)
+        # /hooks/ alone, on a port of its own: the one a Phorge outside the mesh may be let in
+        # on (the shipped policies: meshed callers only, unless told otherwise).
+        hooks_app = web.Application(client_max_size=s.max_request_bytes + 1)
+        self.hooks.routes(hooks_app)
+        runner = await serving.start_site(
+            hooks_app, s.gateway_host, s.hooks_port, read_bufsize=GATEWAY_READ_BUFSIZE
+        )
+        self.runners.append(runner)
+        self.hooks_port = serving.bound_port(runner)
         health = web.Application()
         serving.add_health_routes(health, lambda: self.state.ready, self.metrics.registry)
         runner = await serving.start_site(health, s.gateway_host, s.metrics_port)
         self.runners.append(runner)
         self.metrics_port = serving.bound_port(runner)
-        log.info("gateway_started", port=self.port, metrics_port=self.metrics_port)
+        log.info(
+            "gateway_started",
+            port=self.port,
+            hooks_port=self.hooks_port,
+            metrics_port=self.metrics_port,
+        )
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
         async with asyncio.timeout(timeout):
