@@ -16,13 +16,13 @@ PARAMS: dict[str, frozenset[str]] = {
     "user.whoami": frozenset(),
     "user.search": frozenset(
         {"queryKey", "constraints", "attachments", "order", "before", "after", "limit"}
-    ),
+    ),  # SEARCH_PARAMS' keys (defined below)
     "user.edit": frozenset({"transactions", "objectIdentifier"}),
     "user.disable": frozenset({"phids"}),
     "user.enable": frozenset({"phids"}),
     "harbormaster.target.search": frozenset(
         {"queryKey", "constraints", "attachments", "order", "before", "after", "limit"}
-    ),
+    ),  # SEARCH_PARAMS' keys
     "harbormaster.sendmessage": frozenset({"receiver", "type", "unit", "lint", "buildTargetPHID"}),
 }
 CONSTRAINTS = frozenset(
@@ -71,6 +71,16 @@ _EDIT_DOCS = (
     "https://we.phorge.it/diviner/find/?name=Conduit%20API%3A%20Using%20Edit%20Endpoints&type="
     "article&jump=1 | Conduit API: Using Edit Endpoints ]]**."
 )
+# Every *.search method's parameters (PhabricatorSearchEngineAPIMethod).
+SEARCH_PARAMS = {
+    "queryKey": "optional string",
+    "constraints": "optional map<string, wild>",
+    "attachments": "optional map<string, bool>",
+    "order": "optional order",
+    "before": "optional string",
+    "after": "optional string",
+    "limit": "optional int (default = 100)",
+}
 METHODS: dict[str, dict[str, Any]] = {
     "conduit.getcapabilities": {
         "description": "List capabilities, wire formats, and authentication protocols available "
@@ -102,15 +112,7 @@ METHODS: dict[str, dict[str, Any]] = {
     },
     "harbormaster.target.search": {
         "description": "Retrieve information about Harbormaster build targets.",
-        "params": {
-            "queryKey": "optional string",
-            "constraints": "optional map<string, wild>",
-            "attachments": "optional map<string, bool>",
-            "order": "optional order",
-            "before": "optional string",
-            "after": "optional string",
-            "limit": "optional int (default = 100)",
-        },
+        "params": SEARCH_PARAMS,
         "return": "map<string, wild>",
     },
     "user.disable": {
@@ -133,15 +135,7 @@ METHODS: dict[str, dict[str, Any]] = {
     },
     "user.search": {
         "description": _SEARCH_DOCS,
-        "params": {
-            "queryKey": "optional string",
-            "constraints": "optional map<string, wild>",
-            "attachments": "optional map<string, bool>",
-            "order": "optional order",
-            "before": "optional string",
-            "after": "optional string",
-            "limit": "optional int (default = 100)",
-        },
+        "params": SEARCH_PARAMS,
         "return": "map<string, wild>",
     },
     "user.whoami": {
