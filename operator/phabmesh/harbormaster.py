@@ -73,7 +73,11 @@ class Refused(Exception):
 
 
 def target_phid(query: Mapping[str, str]) -> str:
-    """The build target's PHID from the call's query (``?target=${target.phid}``)."""
+    """The build target's PHID from the call's query (``?target=${target.phid}``), given
+    once."""
+    getall = getattr(query, "getall", None)  # a MultiDict: the same name more than once
+    if getall is not None and len(getall(TARGET_PARAMETER, [])) > 1:
+        raise Refused(400, NO_TARGET, "more than one ?target= in the URI: give it once")
     value = query.get(TARGET_PARAMETER)
     if value is None:
         raise Refused(

@@ -144,6 +144,7 @@ HOOK_OUTCOMES = frozenset(
         "finished_target",
         "not_building",
         "bot_unavailable",
+        "bot_not_allowed",
         "phabricator_unavailable",
         "phabricator_error",
     }

@@ -356,12 +356,11 @@ class CredentialSecretRef(_Model):
 class HarbormasterSource(_Model):
     """``PhabricatorWebhook.spec.harbormaster``: a Harbormaster "Make HTTP Request" build step.
     The build target named in its request is checked through Conduit as ``botRef``, a bot this
-    namespace may use; ``credentialSecretRef``, when given, is the step's basic credential."""
+    namespace may use; ``credentialSecretRef`` is the step's basic credential (required: a
+    target PHID alone proves nothing about who calls)."""
 
     bot_ref: BotRef = Field(alias="botRef")
-    credential_secret_ref: CredentialSecretRef | None = Field(
-        default=None, alias="credentialSecretRef"
-    )
+    credential_secret_ref: CredentialSecretRef = Field(alias="credentialSecretRef")
 
 
 class WebhookSpec(_Model):
@@ -388,8 +387,7 @@ class WebhookSpec(_Model):
         if self.herald is not None:
             return (self.herald.secret_ref.name,)
         assert self.harbormaster is not None
-        ref = self.harbormaster.credential_secret_ref
-        return (ref.name,) if ref is not None else ()
+        return (self.harbormaster.credential_secret_ref.name,)
 
 
 ConditionStatus = Literal["True", "False", "Unknown"]

@@ -482,33 +482,34 @@ def _build_step_webhook(cluster: Cluster, ns: str, bot: str, port: int) -> None:
     cluster.core.create_namespaced_secret(
         ns, client.V1Secret(metadata=client.V1ObjectMeta(name="step-credential"))
     )
-    role = {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "Role",
-        "metadata": {"name": "phabmesh-step-credential"},
-        "rules": [
+    grants = []
+    for role, verbs, account in (
+        ("phabmesh-build-step-fill", ["get", "patch"], "phabmesh-operator"),
+        ("phabmesh-build-step-read", ["list", "watch"], "phabmesh-gateway"),
+    ):
+        rule = {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["step-credential"],
+            "verbs": verbs,
+        }
+        grants += [
             {
-                "apiGroups": [""],
-                "resources": ["secrets"],
-                "resourceNames": ["step-credential"],
-                "verbs": ["get", "list", "watch", "patch"],
-            }
-        ],
-    }
-    binding = {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "RoleBinding",
-        "metadata": {"name": "phabmesh-step-credential"},
-        "roleRef": {
-            "apiGroup": "rbac.authorization.k8s.io",
-            "kind": "Role",
-            "name": "phabmesh-step-credential",
-        },
-        "subjects": [
-            {"kind": "ServiceAccount", "name": f"phabmesh-{who}", "namespace": "phabmesh-system"}
-            for who in ("operator", "gateway")
-        ],
-    }
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": {"name": role},
+                "rules": [rule],
+            },
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": role},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
+                "subjects": [
+                    {"kind": "ServiceAccount", "name": account, "namespace": "phabmesh-system"}
+                ],
+            },
+        ]
     service = {
         "apiVersion": "v1",
         "kind": "Service",
@@ -527,7 +528,7 @@ def _build_step_webhook(cluster: Cluster, ns: str, bot: str, port: int) -> None:
             "target": {"service": "job-starter", "port": port, "path": "/start"},
         },
     }
-    for doc in (role, binding, service, webhook):
+    for doc in (*grants, service, webhook):
         _apply(cluster, ns, doc)
 
 
@@ -659,5 +660,31 @@ def test_a_harbormaster_build_starts_a_job_whose_pod_reports_back_as_the_bot(
             f"phabmesh: build target {target.phid} has finished (target/passed)",
         )
         assert len(starter.calls) == 1
+
+        # The query reaches the job starter as Phorge sent it, never decoded and re-encoded:
+        # an encoded "target" is not a second target, and a repeated one is refused.
+        second, answer = conduit.run_build(
+            dataclasses.replace(step, uri=step.uri + "&note=%2574arget%3DPHID-HMBT-x&p=%2541")
+        )
+        assert answer.status == 202, answer.text
+        assert starter.calls[-1][1] == (
+            f"/start?target={second.phid}&build={second.build_id}"
+            "&note=%2574arget%3DPHID-HMBT-x&p=%2541"
+        )
+        twice = requests.post(
+            f"{url}?target={second.phid}&target={second.phid}", headers=auth, timeout=10
+        )
+        assert (twice.status_code, twice.text.strip()) == (
+            400,
+            "phabmesh: more than one ?target= in the URI: give it once",
+        )
+        # Once the namespace may no longer use the bot, nothing goes through: the gateway
+        # judges the bot by its own watches, the operator then says BotNotAllowed.
+        cluster.core.patch_namespace(ns, {"metadata": {"labels": {"phabmesh.io/bots": None}}})
+        calls = len(starter.calls)
+        target, refused = conduit.run_build(step)
+        assert refused.status in (403, 503), refused.text
+        assert "does not allow namespace" in refused.text or "BotNotAllowed" in refused.text
+        assert target.status == builds.FAILED and len(starter.calls) == calls
     finally:
         starter.close()

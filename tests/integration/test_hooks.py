@@ -602,3 +602,20 @@ def test_the_hooks_port_serves_hooks_and_nothing_else(gateway: Threaded) -> None
     )
     api = requests.post(f"http://127.0.0.1:{port}/api/conduit.ping", data={}, timeout=10)
     assert api.status_code == 404 and "ERR-" not in api.text
+
+
+def test_a_query_on_a_herald_webhooks_url_is_not_passed_on(
+    cluster: Cluster,
+    conduit: ConduitServer,
+    operator: Threaded,
+    gateway: Threaded,
+    namespace: str,
+    target: Target,
+) -> None:
+    """The signature covers the body, not the URL: a query someone added to the URL never
+    reaches the target."""
+    _ready_webhook(cluster, gateway, namespace, "q", "q-listener", target.port)
+    hook = Hook(_url(gateway, namespace, "q") + "?deploy=prod&x=%2541", KEY)
+    answer = conduit.call_hook(hook, "PHID-USER-aaaaaaaaaaaaaaaaaaaa")
+    assert answer.status == 202, answer.text
+    assert [path for path, _, _ in target.received] == [PATH]

@@ -562,15 +562,21 @@ def test_the_sample_build_step_names_a_bot_ci_may_use_and_grants_one_secret(
     assert source["botRef"]["name"] in _by_kind(samples, "PhabricatorBot")
     secret = _by_kind(samples, "Secret")[source["credentialSecretRef"]["name"]]
     assert "data" not in secret and "stringData" not in secret  # phabmesh fills it
-    role = _by_kind(samples, "Role")["phabmesh-build-step-credential"]
-    assert role["rules"] == [
-        {
-            "apiGroups": [""],
-            "resources": ["secrets"],
-            "resourceNames": [secret["metadata"]["name"]],
-            "verbs": ["get", "list", "watch", "patch"],
-        }
-    ]
+    # The operator fills it, the gateway reads it: each only that, on that one name.
+    roles, bindings = _by_kind(samples, "Role"), _by_kind(samples, "RoleBinding")
+    for role, verbs, account in (
+        ("phabmesh-build-step-fill", ["get", "patch"], "phabmesh-operator"),
+        ("phabmesh-build-step-read", ["list", "watch"], "phabmesh-gateway"),
+    ):
+        assert roles[role]["rules"] == [
+            {
+                "apiGroups": [""],
+                "resources": ["secrets"],
+                "resourceNames": [secret["metadata"]["name"]],
+                "verbs": verbs,
+            }
+        ]
+        assert [s["name"] for s in bindings[role]["subjects"]] == [account]
     service = _by_kind(samples, "Service")[hook["spec"]["target"]["service"]]
     assert service["metadata"]["namespace"] == hook["metadata"]["namespace"] == "ci"
     assert service["spec"]["selector"]

@@ -67,7 +67,10 @@ def test_each_finding_has_its_one_reason(
     [
         ({"target": {"service": "x", "port": 80}}, "give exactly one of herald or harbormaster"),
         (
-            {**SPEC, "harbormaster": {"botRef": {"name": "ci-bot"}}},
+            {
+                **SPEC,
+                "harbormaster": {"botRef": {"name": "b"}, "credentialSecretRef": {"name": "c"}},
+            },
             "give exactly one of herald or harbormaster",
         ),
         ({"herald": SPEC["herald"], "target": {"service": "x"}}, "target.port"),
@@ -117,12 +120,115 @@ def test_a_build_step_webhook_needs_its_credential_and_a_bot_this_namespace_may_
     assert outcome.reason in resources.HOOK_REASONS
 
 
-def test_a_build_step_webhook_without_a_credential_needs_no_secret() -> None:
+def test_a_build_step_webhook_without_a_credential_is_invalid() -> None:
     spec = {"harbormaster": {"botRef": {"name": "ci-bot"}}, "target": BUILD_STEP["target"]}
     view = WebhookView.from_body(_body(spec=spec))
-    assert view.spec is not None and view.spec.secret_names == ()
+    assert view.spec is None
     outcome = webhooks.judge(view, Found(frozenset(), PORTS))
-    assert (outcome.status, outcome.reason) == ("True", "Ready")
+    assert (outcome.reason, "credentialSecretRef" in outcome.message) == ("InvalidSpec", True)
+
+
+class _CredentialCluster:
+    """The API server as the reconciler reads and writes a build step's credential Secret:
+    which verbs the namespace granted, the Secret (its data), and the merge patches made."""
+
+    def __init__(self, granted: set[str], data: dict[str, str]) -> None:
+        self.granted = granted
+        self.secret = {"metadata": {"resourceVersion": "41"}, "data": data}
+        self.patches: list[dict[str, Any]] = []
+        self.conflict = False
+        self.service = {"spec": {"selector": {"app": "listener"}, "ports": [{"port": 8080}]}}
+
+    async def create(self, path: str, body: Any) -> Any:
+        attributes = body["spec"]["resourceAttributes"]
+        assert (attributes["namespace"], attributes["name"]) == ("ci", "step")
+        return {"status": {"allowed": attributes["verb"] in self.granted}}
+
+    async def get(self, path: str) -> Any:
+        return self.secret if "/secrets/" in path else self.service
+
+    async def merge_patch(self, path: str, patch: Any) -> Any:
+        assert path == "/api/v1/namespaces/ci/secrets/step"
+        self.patches.append(patch)
+        if self.conflict:
+            raise webhooks.Conflict(409, "Conflict", "the object has been modified")
+        return self.secret
+
+
+def _step_check(cluster: _CredentialCluster) -> _Writer:
+    memo = Memo(Settings.local("http://127.0.0.1:9"))
+    writer = _Writer()
+    memo.writer = writer  # type: ignore[assignment]
+    memo.use_client(cluster)  # type: ignore[arg-type]
+    memo.world.bots["ci-bot"] = _bot_view()
+    memo.world.namespaces["ci"] = {}
+    asyncio.run(memo.webhooks.seen(_body(spec=BUILD_STEP)))
+    return writer
+
+
+def _bot_view() -> Any:
+    from phabmesh.leases.world import BotView
+
+    return BotView.from_body(
+        {
+            "metadata": {"name": "ci-bot", "generation": 1},
+            "spec": {
+                "username": "ci-bot",
+                "tokenSecretRef": {"name": "ci-bot-token"},
+                "namespaceSelector": {},
+            },
+            "status": {
+                "conditions": [
+                    {
+                        "type": "Ready",
+                        "status": "True",
+                        "reason": "Verified",
+                        "message": "",
+                        "lastTransitionTime": "2026-01-01T00:00:00Z",
+                        "observedGeneration": 1,
+                    }
+                ]
+            },
+        }
+    )
+
+
+def test_a_build_steps_credential_is_generated_over_the_secret_as_read() -> None:
+    cluster = _CredentialCluster({"get", "patch"}, {})
+    writer = _step_check(cluster)
+    [patch] = cluster.patches
+    assert patch["metadata"] == {"resourceVersion": "41"}  # a write since the read: 409
+    assert set(patch["data"]) == {"username", "password"}
+    assert writer.events == [("CredentialGenerated", "Normal"), ("Ready", "Normal")]
+
+
+def test_a_password_written_since_the_read_is_kept() -> None:
+    cluster = _CredentialCluster({"get", "patch"}, {})
+    cluster.conflict = True
+    writer = _step_check(cluster)
+    assert len(cluster.patches) == 1
+    assert writer.events == [("KeyMissing", "Warning")]  # read again at the next pass
+
+
+def test_a_credential_phabmesh_may_not_patch_in_is_key_missing_and_says_what_to_grant() -> None:
+    cluster = _CredentialCluster({"get"}, {"username": "dQ=="})
+    writer = _step_check(cluster)
+    assert cluster.patches == []
+    assert writer.events == [("KeyMissing", "Warning")]
+    message = writer.patches[0]["conditions"][0]["message"]
+    assert 'no key "password"' in message and "grants it patch" in message
+
+
+def test_a_standby_replica_generates_nothing() -> None:
+    cluster = _CredentialCluster({"get", "patch"}, {})
+    memo = Memo(Settings.local("http://127.0.0.1:9"))
+    writer = _Writer()
+    acting = iter([True, False])  # acting when the check starts, not by the write
+    writer.acting = lambda: next(acting, False)  # type: ignore[assignment]
+    memo.writer = writer  # type: ignore[assignment]
+    memo.use_client(cluster)  # type: ignore[arg-type]
+    asyncio.run(memo.webhooks.seen(_body(spec=BUILD_STEP)))
+    assert (cluster.patches, writer.events) == ([], [])
 
 
 def test_a_generated_credential_fills_only_what_is_missing() -> None:

@@ -27,7 +27,7 @@ import structlog
 from phabmesh import logs, resources
 from phabmesh.controller.reconcilers import _Reconciler, changed
 from phabmesh.controller.writer import NotActing
-from phabmesh.kube import KubeError, NotFound
+from phabmesh.kube import Conflict, KubeError, NotFound
 from phabmesh.kube.client import JSON
 from phabmesh.leases.decide import bot_allows
 from phabmesh.leases.world import Key, conditions_of
@@ -145,8 +145,7 @@ def _needed_keys(spec: resources.WebhookSpec) -> tuple[str, tuple[str, ...]] | N
     if spec.herald is not None:
         return spec.herald.secret_ref.name, (spec.herald.secret_ref.key,)
     assert spec.harbormaster is not None
-    ref = spec.harbormaster.credential_secret_ref
-    return (ref.name, CREDENTIAL_KEYS) if ref is not None else None
+    return spec.harbormaster.credential_secret_ref.name, CREDENTIAL_KEYS
 
 
 def _judge_secret(spec: resources.WebhookSpec, found: Found) -> Outcome | None:
@@ -174,7 +173,11 @@ def _judge_secret(spec: resources.WebhookSpec, found: Found) -> Outcome | None:
             "False",
             resources.HOOK_KEY_MISSING,
             f'Secret "{name}" has no key "{missing[0]}"'
-            + ("" if spec.herald is not None else " (phabmesh generates it where granted patch)"),
+            + (
+                ""
+                if spec.herald is not None
+                else " (phabmesh generates it where this namespace grants it patch)"
+            ),
         )
     return None
 
@@ -331,14 +334,27 @@ class Webhooks(_Reconciler):
             return False, None
         path = resource_path("", "v1", "secrets", ns, name)
         try:
-            found = secret_keys(await self.client.get(path))
+            secret = await self.client.get(path)
         except NotFound:
             return True, None
+        found = secret_keys(secret)
         if keys != CREDENTIAL_KEYS or all(k in found for k in keys):
             return True, found
         if not await self._may(ns, name, "patch"):
-            return False, None
-        await self.client.merge_patch(path, generated_credential(found, f"phabmesh-{webhook.name}"))
+            return True, found  # KeyMissing: what to grant is in its message
+        acting = self.writer.acting
+        if acting is not None and not acting():
+            raise NotActing
+        patch = generated_credential(found, f"phabmesh-{webhook.name}")
+        # Only over the Secret as read: a password written since then is kept (409, and the
+        # next pass reads it).
+        patch["metadata"] = {
+            "resourceVersion": (secret.get("metadata") or {}).get("resourceVersion")
+        }
+        try:
+            await self.client.merge_patch(path, patch)
+        except Conflict:
+            return True, found
         await self.writer.event(
             self._ref(webhook),
             CREDENTIAL_GENERATED,

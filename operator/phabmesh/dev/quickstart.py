@@ -601,7 +601,10 @@ def run_against_cluster(say: Say) -> int:
     settings = Settings.from_env()
     # Two processes in one: each its own metrics port (deployed, each pod has its own).
     gateway_settings = dataclasses.replace(
-        settings, metrics_port=settings.metrics_port + 1 if settings.metrics_port else 0
+        settings,
+        metrics_port=settings.metrics_port + 1 if settings.metrics_port else 0,
+        # The hooks port only where asked for (the local Conduit server may hold 8081).
+        hooks_port=settings.hooks_port if "PHABMESH_HOOKS_PORT" in os.environ else 0,
     )
     say.step("Using the configured cluster: running the operator and the gateway locally")
     say.detail(f"Phabricator: {settings.phabricator_url} (set PHABMESH_PHABRICATOR_URL)")

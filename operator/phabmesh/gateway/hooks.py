@@ -42,9 +42,10 @@ from typing import Any
 
 import aiohttp
 import structlog
+import yarl
 from aiohttp import web
 
-from phabmesh import harbormaster, herald, logs, metrics, neterrors
+from phabmesh import harbormaster, herald, logs, matching, metrics, neterrors
 from phabmesh.conduit.client import mask_tokens
 from phabmesh.gateway.app import HELD, Gateway, Refusal
 from phabmesh.gateway.budget import Held
@@ -85,7 +86,8 @@ class Hooks:
         self.state = gateway.state
         self.settings = gateway.settings
         self.replays = herald.ReplayCache(self.settings.hooks_replay_entries)
-        # Build targets called within harbormaster.CLAIM_SECONDS, per namespace.
+        # Build targets called within harbormaster.CLAIM_SECONDS, all webhooks together (a
+        # target is claimed only once Phorge said it is Building, so only real ones enter).
         self.targets = herald.ReplayCache(self.settings.hooks_replay_entries)
         self.in_flight: collections.Counter[str] = collections.Counter()
         self._session: aiohttp.ClientSession | None = None
@@ -186,15 +188,14 @@ class Hooks:
         assert hook.spec is not None and hook.spec.harbormaster is not None
         key = f"{hook.namespace}/{hook.name}"
         try:
-            if hook.spec.harbormaster.credential_secret_ref is not None:
-                credential = self.state.hook_credential(hook)
-                if credential is None:
-                    raise HookRefusal(
-                        503,
-                        f"the basic credential of PhabricatorWebhook {key} is not available",
-                        "key_unavailable",
-                    )
-                harbormaster.check_basic(request.headers.get("Authorization"), *credential)
+            credential = self.state.hook_credential(hook)
+            if credential is None:
+                raise HookRefusal(
+                    503,
+                    f"the basic credential of PhabricatorWebhook {key} is not available",
+                    "key_unavailable",
+                )
+            harbormaster.check_basic(request.headers.get("Authorization"), *credential)
             phid = harbormaster.target_phid(request.query)
         except harbormaster.Refused as refused:
             raise HookRefusal(refused.status, refused.message, refused.reason) from refused
@@ -214,10 +215,11 @@ class Hooks:
         self, request: web.Request, hook: HookFacts, body: bytes, phid: str
     ) -> web.Response:
         now = self.now()
-        claim = (hook.name, phid)
+        # One call per target, whichever webhook of whichever namespace it comes to.
+        claim = ("", phid)
         try:
             self.targets.claim_key(
-                hook.namespace,
+                "",
                 claim,
                 until=now + harbormaster.CLAIM_SECONDS,
                 now=now,
@@ -233,16 +235,35 @@ class Hooks:
                 request, hook, body, added, harbormaster.FORWARDED_HEADERS
             )
         except HookRefusal:
-            self.targets.release_key(hook.namespace, claim)
+            self.targets.release_key("", claim)
             raise
         if response.status >= 500 or response.status in NOT_TAKEN:
-            self.targets.release_key(hook.namespace, claim)
+            self.targets.release_key("", claim)
         return response
 
     async def _check_target(self, hook: HookFacts, phid: str) -> None:
         """``harbormaster.target.search`` as the webhook's bot: the target is Building."""
         assert hook.spec is not None and hook.spec.harbormaster is not None
         bot = hook.spec.harbormaster.bot_ref.name
+        # The bot is judged as a lease's is, by this gateway's own watches: not only by the
+        # operator's Ready, which lags a change of the bot or of the namespace's labels.
+        if not self.state.grants.healthy:
+            raise HookRefusal(
+                503, "bots cannot be confirmed now (the gateway's watch is down)", "unconfirmed"
+            )
+        facts = self.state.bots.items.get(bot)
+        labels = self.state.grants.namespaces.items.get(hook.namespace)
+        if (
+            facts is None
+            or facts.selector is None
+            or labels is None
+            or not matching.selector_matches(facts.selector, labels)
+        ):
+            raise HookRefusal(
+                403,
+                f'PhabricatorBot "{bot}" does not allow namespace "{hook.namespace}"',
+                "bot_not_allowed",
+            )
         token = self.state.bot_token(bot)
         if token is None:
             raise HookRefusal(
@@ -372,12 +393,16 @@ class Hooks:
         )
         headers = {h: request.headers[h] for h in forwarded if h in request.headers}
         headers.update(added)
-        query = f"?{request.query_string}" if request.query_string else ""
+        # The call's query exactly as it came, never decoded and encoded again (the target
+        # reads what the gateway checked); a Herald delivery's query, which its signature
+        # does not cover, is not passed on.
+        raw = request.rel_url.raw_query_string if hook.spec.harbormaster is not None else ""
+        url = yarl.URL(base + target.path + (f"?{raw}" if raw else ""), encoded=True)
         timeout = self.settings.hooks_timeout
         try:
             async with self.session.request(
                 request.method,
-                base + target.path + query,
+                url,
                 data=body,
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout),

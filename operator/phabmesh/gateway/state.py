@@ -207,8 +207,6 @@ class GatewayState:
         if hook.spec is None or hook.spec.harbormaster is None:
             return None
         ref = hook.spec.harbormaster.credential_secret_ref
-        if ref is None:
-            return None
         username = self.hook_keys.value(hook.namespace, ref.name, "username")
         password = self.hook_keys.value(hook.namespace, ref.name, "password")
         if not username or not password:

@@ -38,11 +38,13 @@ LINKERD_GROUP = "policy.linkerd.io"
 # manifests/linkerd-policy.yaml: (kind, plural, name) of each object, in phabmesh's namespace.
 LINKERD_POLICY = (
     ("Server", "servers", "phabmesh-gateway"),
+    ("Server", "servers", "phabmesh-gateway-hooks"),
     ("Server", "servers", "phabmesh-issuer"),
     ("Server", "servers", "phabmesh-metrics"),
     ("MeshTLSAuthentication", "meshtlsauthentications", "phabmesh-meshed-clients"),
     ("NetworkAuthentication", "networkauthentications", "phabmesh-any-network"),
     ("AuthorizationPolicy", "authorizationpolicies", "phabmesh-gateway-meshed"),
+    ("AuthorizationPolicy", "authorizationpolicies", "phabmesh-gateway-hooks-meshed"),
     ("AuthorizationPolicy", "authorizationpolicies", "phabmesh-issuer-meshed"),
     ("AuthorizationPolicy", "authorizationpolicies", "phabmesh-metrics-unauthenticated"),
 )
@@ -446,11 +448,15 @@ def _hook_fix(reason: str, hook: Mapping[str, Any], system: str) -> str:
     s_name, s_key = secret or ("<secret>", DEFAULT_HOOK_KEY)
     service, port = target or ("<service>", 0)
     step = _is_build_step(hook)
-    verbs = "get, list, watch, patch" if step else "get, list, watch"
+    verbs = "get, list, watch"
     bot = (((hook.get("spec") or {}).get("harbormaster") or {}).get("botRef") or {}).get("name")
     fixes = {
         resources.HOOK_SECRET_FORBIDDEN: (
-            f"in {ns}, a Role granting {verbs} on Secret {s_name} bound to "
+            f"in {ns}, a Role granting get and patch on Secret {s_name} bound to "
+            f"ServiceAccount {system}/phabmesh-operator, and one granting list and watch on it "
+            f"bound to {system}/{GATEWAY_ACCOUNT}"
+            if step
+            else f"in {ns}, a Role granting {verbs} on Secret {s_name} bound to "
             f"ServiceAccounts {system}/phabmesh-operator and {system}/{GATEWAY_ACCOUNT}"
         ),
         resources.HOOK_SECRET_MISSING: (
@@ -538,7 +544,7 @@ def judge_webhooks(
         refused = denied.get(name)
         secret = hook_key_secret(hook)
         if refused and secret is not None:
-            verbs = "get, list, watch, patch" if _is_build_step(hook) else "get, list, watch"
+            verbs = "list, watch" if _is_build_step(hook) else "get, list, watch"
             unreadable.append(
                 f"{name} is Ready but {system}/{GATEWAY_ACCOUNT} may not "
                 f"{' or '.join(refused)} Secret {secret[0]}: every delivery is refused "
