@@ -203,7 +203,10 @@ def test_who_can_act_as_a_bot(cluster: Cluster, bound: str) -> None:
             "kind": resources.WEBHOOK_KIND,
             "metadata": {"name": "start-build"},
             "spec": {
-                "harbormaster": {"botRef": {"name": bot}},
+                "harbormaster": {
+                    "botRef": {"name": bot},
+                    "credentialSecretRef": {"name": "start-build-credential"},
+                },
                 "target": {"service": "job-starter", "port": 8080},
             },
         },

@@ -278,7 +278,7 @@ BAD: list[tuple[str, dict[str, Any], str, Any, str]] = [
         "webhook with two sources",
         WEBHOOK,
         "spec.harbormaster",
-        {"botRef": {"name": "ci-bot"}},
+        {"botRef": {"name": "ci-bot"}, "credentialSecretRef": {"name": "step-credential"}},
         "spec must give exactly one of herald or harbormaster",
     ),
     (
@@ -287,6 +287,13 @@ BAD: list[tuple[str, dict[str, Any], str, Any, str]] = [
         "spec.harbormaster.botRef",
         _DELETE,
         "spec.harbormaster.botRef",
+    ),
+    (
+        "build step webhook without a credential",
+        BUILD_STEP,
+        "spec.harbormaster.credentialSecretRef",
+        _DELETE,
+        "spec.harbormaster.credentialSecretRef",
     ),
     (
         "build step credential Secret not DNS",
