@@ -37,9 +37,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
+import signal
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -72,6 +75,14 @@ from phabmesh.resources import resource_path
 Row = tuple[str, str]
 MATCH = {"phab": "yes"}  # what every binding of the population selects
 LINKERD_NS = "linkerd"
+
+
+class Rows(list[Row]):
+    """The figures so far; each is also printed (to stderr) as soon as it is measured."""
+
+    def append(self, row: Row) -> None:
+        super().append(row)
+        print(f"[{time.strftime('%H:%M:%S')}] {row[0]}: {row[1]}", file=sys.stderr, flush=True)
 
 
 class OutOfTime(Exception):
@@ -334,7 +345,7 @@ def per_pod(counts: Counter[tuple[str, str, str]], started: int) -> str:
     for (who, _, _), n in counts.items():
         total[who] += n
     top = ", ".join(
-        f"{who} {verb} {resource} {n}" for (who, verb, resource), n in counts.most_common(4)
+        f"{who} {verb} {resource} {n}" for (who, verb, resource), n in counts.most_common(6)
     )
     return (
         f"operator {total['operator'] / max(started, 1):.2f}, gateway "
@@ -357,9 +368,13 @@ def ms(values: list[float]) -> str:
 
 async def run(args: argparse.Namespace) -> list[Row]:
     """Every figure measured before the deadline (a row says where it stopped, if it did)."""
-    rows: list[Row] = []
+    rows = Rows()
     clock = Clock(time.perf_counter() + args.deadline)
-    with tempfile.TemporaryDirectory(prefix="phabmesh-scale-") as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = getattr(args, "workdir", None) or stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="phabmesh-scale-")
+        )
+        Path(tmp).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - before anything runs
         plane = devcluster.ControlPlane(
             Path(tmp) / "plane", nodes=args.nodes, client_qps=args.client_qps
         )
@@ -587,6 +602,50 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
 
         await gathered([credential(u) for u in sample], 16)
 
+        # The Deployment scaled back to 0: every lease revoked; the sample refused.
+        gw = f"http://127.0.0.1:{gateway.port}/api/user.whoami"
+        refused: dict[str, float] = {}
+
+        async def refusal(uid: str, credential: str) -> None:
+            await clock.until(lambda: uid in watch.deleting_at, 600, every=0.02)
+            while clock.left() > 0 and uid not in refused:
+                async with http.post(gw, data={"api.token": credential}) as r:
+                    body = await r.json()
+                if body.get("error_code"):
+                    refused[uid] = time.perf_counter() - watch.deleting_at[uid]
+                    return
+                await asyncio.sleep(0.02)
+
+        probes = [asyncio.create_task(refusal(u, c)) for u, c in credentials.items()]
+        mark = audit.mark()
+        t = time.perf_counter()
+        await asyncio.to_thread(plane.kubectl, "scale", "-n", ns, "deploy/fleet", "--replicas=0")
+        try:
+            await clock.until(lambda: uids <= watch.revoked_at.keys(), 1800)
+            all_revoked = time.perf_counter() - t
+            await asyncio.wait_for(asyncio.gather(*probes), max(1, min(120, clock.left())))
+        finally:
+            for probe in probes:
+                probe.cancel()
+        await settled(clock, children)
+        stopped = per_pod(audit.since(mark), len(uids))
+        revocation = [watch.revoked_at[u] - watch.deleting_at[u] for u in uids]
+        rows.append(
+            (
+                f"revocation: Deployment {args.scale_up} -> 0, pod's deletionTimestamp -> its "
+                "lease revoked",
+                f"{ms(revocation)}; every lease revoked {all_revoked:.1f} s after kubectl scale",
+            )
+        )
+        rows.append(
+            (
+                f"revocation, {len(credentials)} of those pods: deletionTimestamp -> the gateway "
+                "refuses its credential",
+                ms(list(refused.values())) + f" ({len(refused)} of {len(credentials)})",
+            )
+        )
+        rows.append(("API requests per pod stop (audit log, the same scale-down)", stopped))
+
         # An operator restart at full size: some pods deleted and replaced while it is down.
         operator.stop()
         children.remove(operator)
@@ -621,61 +680,38 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
 
         await clock.until(lambda: len(replacements()) >= len(mesh_pods), 300, every=0.5)
         fresh = replacements()
+        size = len(watch.pods.items)
+        mark = audit.mark()
         t = time.perf_counter()
         operator = Operator(plane, conduit, tmp)
         children.append(operator)
-        took = await ready(http, operator.metrics_port, min(600, max(clock.left(), 1)))
-        await clock.until(lambda: gone <= watch.revoked_at.keys(), 600)
-        await clock.until(leased(fresh), 600)
-        swept = time.perf_counter() - t
-        rows.append(
-            (
-                f"operator restart at {len(watch.pods.items)} pods: start -> ready; -> swept "
-                "and judged",
-                f"{took:.1f} s; {swept:.1f} s (the {len(gone)} leases of pods deleted while it "
-                f"was down revoked, the {len(fresh)} pods created meanwhile leased); RSS then "
-                f"{operator.memory_mb()[0]:.0f} MB",
-            )
-        )
-        await settled(clock, children)
-
-        # The Deployment scaled back to 0: every lease revoked; the sample refused.
-        gw = f"http://127.0.0.1:{gateway.port}/api/user.whoami"
-        refused: dict[str, float] = {}
-
-        async def refusal(uid: str, credential: str) -> None:
-            await clock.until(lambda: uid in watch.deleting_at, 600, every=0.02)
-            while clock.left() > 0 and uid not in refused:
-                async with http.post(gw, data={"api.token": credential}) as r:
-                    body = await r.json()
-                if body.get("error_code"):
-                    refused[uid] = time.perf_counter() - watch.deleting_at[uid]
-                    return
-                await asyncio.sleep(0.02)
-
-        probes = [asyncio.create_task(refusal(u, c)) for u, c in credentials.items()]
-        t = time.perf_counter()
-        await asyncio.to_thread(plane.kubectl, "scale", "-n", ns, "deploy/fleet", "--replicas=0")
+        limit = max(1.0, min(args.restart_limit, clock.left() - 30))
         try:
-            await clock.until(lambda: uids <= watch.revoked_at.keys(), 1800)
-            all_revoked = time.perf_counter() - t
-            await asyncio.wait_for(asyncio.gather(*probes), max(1, min(120, clock.left())))
-        finally:
-            for probe in probes:
-                probe.cancel()
-        revocation = [watch.revoked_at[u] - watch.deleting_at[u] for u in uids]
-        rows.append(
-            (
-                f"revocation: Deployment {args.scale_up} -> 0, pod's deletionTimestamp -> its "
-                "lease revoked",
-                f"{ms(revocation)}; every lease revoked {all_revoked:.1f} s after kubectl scale",
+            took = f"{await ready(http, operator.metrics_port, limit):.1f} s"
+        except RuntimeError:
+            took = f"not within {limit:.0f} s"
+        try:
+            await clock.until(leased(fresh), max(1.0, limit - (time.perf_counter() - t)))
+            judged = f"{time.perf_counter() - t:.1f} s"
+        except OutOfTime:
+            pages = sum(
+                n
+                for (who, verb, what), n in audit.since(mark).items()
+                if (who, verb, what) == ("operator", "list", "pods")
             )
-        )
+            judged = (
+                f"not within {time.perf_counter() - t:.0f} s: "
+                f"{len(fresh & watch.active_at.keys())} of the {len(fresh)} leased; it had read "
+                f"{pages} pages of 500 pods (its sweep's list and kopf's: about "
+                f"{2 * (size // 500 + 1)} pages in all)"
+            )
         rows.append(
             (
-                f"revocation, {len(credentials)} of those pods: deletionTimestamp -> the gateway "
-                "refuses its credential",
-                ms(list(refused.values())) + f" ({len(refused)} of {len(credentials)})",
+                f"operator restart at {size} pods: start -> ready; -> every pod judged (the "
+                f"{len(fresh)} meshed pods created while it was down leased)",
+                f"{took}; {judged}; RSS then {operator.memory_mb()[0]:.0f} MB (the "
+                f"{len(gone)} leases of the pods deleted while it was down: deleted with their "
+                "pods by the garbage collector)",
             )
         )
     finally:
@@ -706,6 +742,12 @@ def main() -> None:
     parser.add_argument(
         "--client-qps", type=int, default=1000, help="the controller manager's request rate"
     )
+    parser.add_argument(
+        "--restart-limit", type=float, default=600, help="seconds for the operator's restart"
+    )
+    parser.add_argument(
+        "--workdir", help="keep the control plane's and the processes' files and logs here"
+    )
     parser.add_argument("--deadline", type=float, default=1500, help="seconds for the whole run")
     args = parser.parse_args()
     problems = [
@@ -718,6 +760,11 @@ def main() -> None:
     if problems:
         parser.error("; ".join(problems))
     logs.configure("WARNING")
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # as Ctrl-C: every process of the run is stopped on the way out
+
+    signal.signal(signal.SIGTERM, interrupted)
     rows = asyncio.run(run(args))
     width = max(len(r[0]) for r in rows)
     print(f"\n{'figure':<{width}}  measured")
@@ -728,7 +775,8 @@ def main() -> None:
         f"--meshed {args.meshed:g} --jobs {args.jobs:g} --bindings {args.bindings} "
         f"--nodes {args.nodes} --scale-up {args.scale_up} --bursts {args.bursts} "
         f"--sample {args.sample} --restart-pods {args.restart_pods} "
-        f"--client-qps {args.client_qps} --deadline {args.deadline:g})"
+        f"--client-qps {args.client_qps} --restart-limit {args.restart_limit:g} "
+        f"--deadline {args.deadline:g})"
     )
 
 
