@@ -393,7 +393,8 @@ async def run(args: argparse.Namespace) -> list[Row]:
                     timeout=max(clock.left(), 1),
                 )
             except (OutOfTime, TimeoutError) as exc:
-                rows.append(("stopped early", f"at {args.deadline} s: {exc or 'deadline'}"))
+                why = str(exc) or "the run's deadline passed"
+                rows.append(("stopped early", f"--deadline {args.deadline:g} s: {why}"))
         finally:
             conduit.stop()
             plane.stop()
