@@ -83,3 +83,10 @@ def test_scale_benchmark_produces_every_figure() -> None:
     assert all(value and "None" not in value for _, value in rows)
     revoked = next(value for name, value in rows if name.startswith("revocation, 3 of"))
     assert revoked.endswith("(3 of 3)"), revoked
+
+
+def test_kopf_hold_releases_every_worker() -> None:
+    from bench import kopf_hold
+
+    listed, released = asyncio.run(kopf_hold.hold(20))
+    assert 0 <= listed <= released
