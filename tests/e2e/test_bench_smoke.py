@@ -56,3 +56,51 @@ def test_the_webhook_delivery_benchmark_produces_every_figure() -> None:
             assert p in value
         # Every delivery went through the gateway to the target, and straight to it.
         assert re.search(r"8 via gateway \{202: 8\} at \d+/s, 8 direct \{202: 8\} at \d+/s", value)
+
+
+def test_scale_benchmark_produces_every_figure() -> None:
+    from bench import scale
+
+    args = argparse.Namespace(
+        pods=60,
+        namespaces=4,
+        meshed=0.2,
+        jobs=0.1,
+        bindings=4,
+        nodes=2,
+        scale_up=10,
+        bursts="3,6",
+        sample=3,
+        restart_pods=2,
+        client_qps=200,
+        restart_limit=300,
+        deadline=600,
+        workdir=None,
+    )
+    rows = asyncio.run(scale.run(args))
+    names = " | ".join(name for name, _ in rows)
+    assert "stopped early" not in names, rows
+    for figure in (
+        "population: 60 pods in 4 namespaces",
+        "operator RSS",
+        "gateway RSS",
+        "issuance: 3 pods patched Running at once",
+        "issuance: 6 pods patched Running at once",
+        "scale-up: Deployment 0 -> 10 meshed pods",
+        "API requests per pod start",
+        "operator restart",
+        "revocation: Deployment 10 -> 0",
+        "revocation, 3 of those pods",
+        "API requests per pod stop",
+    ):
+        assert figure in names, figure
+    assert all(value and "None" not in value for _, value in rows)
+    revoked = next(value for name, value in rows if name.startswith("revocation, 3 of"))
+    assert revoked.endswith("(3 of 3)"), revoked
+
+
+def test_kopf_hold_releases_every_worker() -> None:
+    from bench import kopf_hold
+
+    listed, released = asyncio.run(kopf_hold.hold(20))
+    assert 0 <= listed <= released

@@ -197,10 +197,13 @@ class ControlPlane:
         delays: Delays | None = None,
         real_node: bool = False,
         node_setup: Sequence[Callable[[RealNode], None]] = (),
+        client_qps: int | None = None,
     ) -> None:
         """``real_node``: also run a real node (``self.real_node``), started last and stopped
         first; each of ``node_setup`` is then called with it once it is Ready (to import
-        images and apply manifests: ``RealNode.install``)."""
+        images and apply manifests: ``RealNode.install``). ``client_qps``: the request rate
+        of the controller manager's and the scheduler's clients (``--kube-api-qps``, burst
+        twice that; by default theirs, 20 and 50 a second), for pods by the ten thousand."""
         self.workdir = workdir
         self.binaries = binaries or build_binaries()
         self.nodes = [f"kwok-node-{i}" for i in range(nodes)]
@@ -214,6 +217,7 @@ class ControlPlane:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self.real_node: RealNode | None = None
         self.node_setup = tuple(node_setup)
+        self.client_qps = client_qps
         if real_node:
             from phabmesh.dev.realnode import RealNode
 
@@ -399,6 +403,7 @@ class ControlPlane:
                 "--bind-address=127.0.0.1",
                 f"--secure-port={free_port()}",
                 "--concurrent-gc-syncs=20",
+                *self._client_qps_flags(),
                 "--v=0",
             ],
         )
@@ -434,12 +439,18 @@ class ControlPlane:
                 "--leader-elect=false",
                 "--bind-address=127.0.0.1",
                 f"--secure-port={free_port()}",
+                *self._client_qps_flags(),
                 "--v=0",
             ],
         )
         time.sleep(0.2)
         if proc.poll() is not None:
             raise ControlPlaneError("kube-scheduler exited while starting")
+
+    def _client_qps_flags(self) -> list[str]:
+        if self.client_qps is None:
+            return []
+        return [f"--kube-api-qps={self.client_qps}", f"--kube-api-burst={2 * self.client_qps}"]
 
     def write_kwok_config(self) -> Path:
         """KWOK's stages with this control plane's delays, as one file."""
