@@ -177,13 +177,36 @@ class Operator(Child):
 
 
 class Gateway(Child):
-    def __init__(self, plane: devcluster.ControlPlane, conduit: Conduit, tmp: Path) -> None:
+    """``phabmesh gateway`` on free ports; ``settings``: more PHABMESH_* variables."""
+
+    log_name = "gw.log"
+
+    def __init__(
+        self,
+        plane: devcluster.ControlPlane,
+        conduit: Conduit,
+        tmp: Path,
+        settings: dict[str, str] | None = None,
+    ) -> None:
         self.port = serving.free_port("127.0.0.1")
         self.metrics_port = serving.free_port("127.0.0.1")
         env = phabmesh_env(
             plane, conduit, "gateway", gateway_port=self.port, metrics_port=self.metrics_port
         )
-        super().__init__([sys.executable, "-m", "phabmesh.cli", "gateway"], env, tmp / "gw.log")
+        env.update(settings or {})
+        argv = [sys.executable, "-m", "phabmesh.cli", "gateway"]
+        super().__init__(argv, env, tmp / self.log_name)
+
+
+def install(plane: devcluster.ControlPlane) -> None:
+    """phabmesh's CRDs (Established) and RBAC on ``plane``: namespace phabmesh-system and the
+    ServiceAccounts the operator and the gateway run as."""
+    root = devcluster.repo_root()
+    assert root is not None, "run from a phabmesh checkout"
+    crds = str(root / "crds")
+    plane.kubectl("apply", "--server-side", "-f", crds)
+    plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", crds)
+    plane.install_rbac(root / "manifests")
 
 
 async def ready(http: aiohttp.ClientSession, metrics_port: int, limit: float = 120) -> float:
@@ -306,12 +329,7 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str, str]]:
         plane.start()
         conduit = Conduit(Path(tmp))
         try:
-            root = devcluster.repo_root()
-            assert root is not None, "run from a phabmesh checkout"
-            crds = str(root / "crds")
-            plane.kubectl("apply", "--server-side", "-f", crds)
-            plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", crds)
-            plane.install_rbac(root / "manifests")  # creates phabmesh-system
+            install(plane)
             rows += await scenario(plane, conduit, args, Path(tmp))
         finally:
             conduit.stop()

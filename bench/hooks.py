@@ -41,7 +41,16 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from bench.__main__ import SYSTEM, Child, Conduit, Operator, pct, phabmesh_env, ready, until
+from bench.__main__ import (
+    SYSTEM,
+    Conduit,
+    Gateway,
+    Operator,
+    install,
+    pct,
+    ready,
+    until,
+)
 from phabmesh import logs, resources, serving
 from phabmesh.dev import devcluster
 from phabmesh.dev.conduit.hooks import Hook, request
@@ -95,19 +104,17 @@ class Target:
             self.proc.stdout.close()
 
 
-class HookGateway(Child):
+class HookGateway(Gateway):
     """``phabmesh gateway`` forwarding every webhook's deliveries to 127.0.0.1:<its port>."""
 
+    log_name = "gw-hooks.log"
+
     def __init__(self, plane: devcluster.ControlPlane, conduit: Conduit, tmp: Path) -> None:
-        self.port = serving.free_port("127.0.0.1")
-        self.metrics_port = serving.free_port("127.0.0.1")
-        env = phabmesh_env(
-            plane, conduit, "gateway", gateway_port=self.port, metrics_port=self.metrics_port
-        )
-        env["PHABMESH_HOOKS_TARGET_URL"] = "http://127.0.0.1:{port}"
-        env["PHABMESH_HOOKS_MAX_CONCURRENT"] = str(max(CONCURRENCY))
-        argv = [sys.executable, "-m", "phabmesh.cli", "gateway"]
-        super().__init__(argv, env, tmp / "gw-hooks.log")
+        settings = {
+            "PHABMESH_HOOKS_TARGET_URL": "http://127.0.0.1:{port}",
+            "PHABMESH_HOOKS_MAX_CONCURRENT": str(max(CONCURRENCY)),
+        }
+        super().__init__(plane, conduit, tmp, settings)
 
 
 async def setup(kube: KubeClient, target_port: int) -> None:
@@ -256,12 +263,7 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str, str]]:
         conduit = Conduit(tmp)
         target = Target(tmp)
         try:
-            root = devcluster.repo_root()
-            assert root is not None, "run from a phabmesh checkout"
-            crds = str(root / "crds")
-            plane.kubectl("apply", "--server-side", "-f", crds)
-            plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", crds)
-            plane.install_rbac(root / "manifests")  # creates phabmesh-system
+            install(plane)
             return await measure(plane, conduit, target, args, tmp)
         finally:
             target.stop()

@@ -53,6 +53,7 @@ from bench.__main__ import (
     G,
     Operator,
     V,
+    install,
     ms,
     pct,
     pods,
@@ -743,11 +744,7 @@ async def run(args: argparse.Namespace) -> list[tuple[str, str]]:
         conduit = Conduit(Path(tmp))
         gateway: Gateway | None = None
         try:
-            crds = str(devcluster.repo_root() / "crds")  # type: ignore[operator]
-            plane.kubectl("apply", "--server-side", "-f", crds)
-            plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", crds)
-            # phabmesh-system and the ServiceAccounts the operator runs as.
-            plane.install_rbac(devcluster.repo_root() / "manifests")  # type: ignore[operator]
+            install(plane)
             rows: list[tuple[str, str]] = []
             if "gateway" in args.parts:
                 gateway = Gateway(plane, conduit, Path(tmp))

@@ -58,6 +58,7 @@ from bench.__main__ import (
     Gateway,
     Operator,
     binding,
+    install,
     namespace,
     pct,
     pods,
@@ -381,12 +382,7 @@ async def run(args: argparse.Namespace) -> list[Row]:
         plane.start()
         conduit = Conduit(Path(tmp))
         try:
-            root = devcluster.repo_root()
-            assert root is not None, "run from a phabmesh checkout"
-            crds = str(root / "crds")
-            plane.kubectl("apply", "--server-side", "-f", crds)
-            plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", crds)
-            plane.install_rbac(root / "manifests")
+            install(plane)
             try:
                 await asyncio.wait_for(
                     scenario(plane, conduit, args, Path(tmp), clock, rows),

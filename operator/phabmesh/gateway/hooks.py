@@ -45,7 +45,7 @@ import structlog
 import yarl
 from aiohttp import web
 
-from phabmesh import harbormaster, herald, logs, matching, metrics, neterrors
+from phabmesh import harbormaster, herald, logs, metrics, neterrors
 from phabmesh.conduit.client import mask_tokens
 from phabmesh.gateway.app import HELD, Gateway, Refusal
 from phabmesh.gateway.budget import Held
@@ -251,14 +251,7 @@ class Hooks:
             raise HookRefusal(
                 503, "bots cannot be confirmed now (the gateway's watch is down)", "unconfirmed"
             )
-        facts = self.state.bots.items.get(bot)
-        labels = self.state.grants.namespaces.items.get(hook.namespace)
-        if (
-            facts is None
-            or facts.selector is None
-            or labels is None
-            or not matching.selector_matches(facts.selector, labels)
-        ):
+        if not self.state.grants.bot_allows(bot, hook.namespace):
             raise HookRefusal(
                 403,
                 f'PhabricatorBot "{bot}" does not allow namespace "{hook.namespace}"',

@@ -122,12 +122,7 @@ def refusal(
         return resources.BINDING_NOT_READY
     if binding.bot != lease.bot:
         return resources.BOT_CHANGED
-    if (
-        bot is None
-        or bot.selector is None
-        or labels is None
-        or not matching.selector_matches(bot.selector, labels)
-    ):
+    if not bot_allows(bot, labels):
         return resources.BOT_NOT_ALLOWED
     subject = identity.parse_identity(lease.identity, naming)
     if subject is None or subject[1] != lease.namespace:
@@ -135,6 +130,17 @@ def refusal(
     if not matching.subjects_match(binding.spec, lease.namespace, subject[0], naming):
         return resources.NO_LONGER_MATCHED
     return None
+
+
+def bot_allows(bot: BotFacts | None, labels: Mapping[str, str] | None) -> bool:
+    """The bot exists, its spec reads, and its namespaceSelector selects these namespace
+    labels (None: the namespace is not known, so no)."""
+    return (
+        bot is not None
+        and bot.selector is not None
+        and labels is not None
+        and matching.selector_matches(bot.selector, labels)
+    )
 
 
 def credential_end(
@@ -198,6 +204,10 @@ class Grants:
 
     def binding(self, namespace: str, name: str) -> BindingFacts | None:
         return self.bindings.items.get(f"{namespace}/{name}")
+
+    def bot_allows(self, bot: str, namespace: str) -> bool:
+        """Whether bot ``bot`` may be used from ``namespace``, as the watches show it now."""
+        return bot_allows(self.bots.items.get(bot), self.namespaces.items.get(namespace))
 
     def refusal(self, lease: LeaseView) -> str | None:
         return refusal(
