@@ -31,7 +31,6 @@ OPERATOR_CALLS: Calls = [
     (ALL, "", "services", "get", None),
     (ALL, "", "events", "create", None),
     (ALL, "authentication.k8s.io", "tokenreviews", "create", None),
-    (ALL, "apiextensions.k8s.io", "customresourcedefinitions", "list watch", None),
     (ALL, "kopf.dev", "clusterkopfpeerings", "list watch patch", None),
     (
         ALL,

@@ -36,7 +36,7 @@ import structlog
 from phabmesh import apicalls
 from phabmesh.kube import Conflict, KubeClient
 from phabmesh.kube.client import JSON
-from phabmesh.kube.informer import DEFAULT_LIVENESS, Informer
+from phabmesh.kube.informer import DEFAULT_LIVENESS, Informer, Watched
 from phabmesh.leases.grants import BotFacts
 from phabmesh.resources import resource_path
 
@@ -114,7 +114,7 @@ class RoleKeeper:
         self,
         client: KubeClient,
         namespace: str,
-        bots: Informer[BotFacts],
+        bots: Watched[BotFacts],
         *,
         excluded: Collection[str],
         acting: Callable[[], bool],
@@ -263,7 +263,7 @@ class BotSecrets:
         self,
         client: KubeClient,
         namespace: str,
-        bots: Informer[BotFacts],
+        bots: Watched[BotFacts],
         *,
         excluded: Collection[str],
         name: str = ROLE,

@@ -35,6 +35,16 @@ CATEGORY = "phabmesh"  # `kubectl get phabmesh` lists every kind
 # On a PhabricatorBot: a new value asks the operator to check the bot again now
 # (`kubectl phabmesh recheck`); any value will do, the time of the request by convention.
 RECHECK_ANNOTATION = "phabmesh.io/recheck-requested-at"
+# The finalizer kopf put on objects that had a kopf timer (bots; bindings before that) in
+# earlier versions of phabmesh. Nothing puts it any more; the controller takes it off.
+KOPF_FINALIZER = "kopf.zalando.org/KopfFinalizerMarker"
+
+
+def kopf_finalizer_at(meta: Mapping[str, Any]) -> int:
+    """Where :data:`KOPF_FINALIZER` is in ``metadata.finalizers``; -1: not there."""
+    finalizers = list(meta.get("finalizers") or [])
+    return finalizers.index(KOPF_FINALIZER) if KOPF_FINALIZER in finalizers else -1
+
 
 # Condition types (on bots: Ready and TokenVerified; on bindings: Ready and BotReady).
 READY = "Ready"  # the object does its job: a verified bot, a binding that issues credentials

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import requests
 
-from phabmesh import metrics
+from phabmesh import metrics, resources
+from phabmesh.controller.driver import Work
 from phabmesh.dev.conduit import ConduitServer
 from phabmesh.kube.client import JSON
 from phabmesh.kube.informer import Informer
@@ -214,3 +215,65 @@ def test_a_dead_credential_endpoint_watch_refuses_until_it_is_back(
         fault.restore()
     wait_for(lambda: informer.healthy, what=f"the {watch} watch back")
     wait_for(lambda: exchange(operator, token).status_code == 200, what="credentials again")
+
+
+def _webhook(cluster: Cluster, namespace: str) -> None:
+    """A new PhabricatorWebhook: an event of the webhooks watch."""
+    cluster.custom.create_namespaced_custom_object(
+        resources.GROUP,
+        resources.VERSION,
+        namespace,
+        resources.WEBHOOK_PLURAL,
+        {
+            "apiVersion": f"{resources.GROUP}/{resources.VERSION}",
+            "kind": resources.WEBHOOK_KIND,
+            "metadata": {"name": f"hook-{uuid.uuid4().hex[:6]}"},
+            "spec": {
+                "herald": {"secretRef": {"name": "hook-key"}},
+                "target": {"service": "deployer", "port": 8080, "path": "/hooks"},
+            },
+        },
+    )
+
+
+# The operator process's watches that only the controller reads (the others are the
+# endpoint's too, above): watch -> its informer, what makes it an event.
+CONTROLLER_WATCHES: dict[str, tuple[Callable[[Any, str], Any], str]] = {
+    "pods": (lambda p, b: p.watches.pods, "pod"),
+    "webhooks": (lambda p, b: p.memo.controller.webhooks, "webhook"),
+    "secrets": (lambda p, b: p.watches.secrets, "bot-secret"),
+}
+
+
+@pytest.mark.parametrize("watch", sorted({*CONTROLLER_WATCHES, *ENDPOINT_WATCHES}))
+def test_a_dead_operator_watch_holds_every_decision_until_it_is_back(
+    watch: str, cluster: Cluster, operator: Threaded, bound: str
+) -> None:
+    """While any watch of the operator process is dead, the controller decides nothing (its
+    World may be stale): the work waits, and is done once the watch has listed again."""
+    make_pod(cluster, bound, "runner-1")
+    wait_for(lambda: active_leases(cluster, bound), what="a lease")
+    process: Any = operator.process
+    pick, what = {**ENDPOINT_WATCHES, **CONTROLLER_WATCHES}[watch]
+    controller = process.memo.controller
+    fault = Fault(pick(process, bound))
+    fault.on = True
+    if what == "webhook":
+        _webhook(cluster, bound)
+    elif what == "bot-secret":
+        secret = process.memo.world.bots[f"bot-{bound}"].spec.token_secret_ref.name
+        _touch(cluster, "secret", secret, "-n", SYSTEM)
+    else:
+        _event(cluster, process, bound, what)
+    try:
+        wait_for(lambda: not fault.informer.connected, what="the watch dead")
+        assert not controller.may_decide()
+        if watch != "pods":  # a new pod is known, its work waits: no lease is written
+            uid = make_pod(cluster, bound, "runner-2").metadata.uid
+            wait_for(lambda: Work("pod", uid) in controller.queue.waiting, what="its work queued")
+            assert not any(x["spec"]["podUID"] == uid for x in active_leases(cluster, bound))
+    finally:
+        fault.restore()
+    wait_for(lambda: fault.informer.healthy, what=f"the {watch} watch back")
+    make_pod(cluster, bound, "runner-3")
+    wait_for(lambda: len(active_leases(cluster, bound)) >= 2, what="leases written again")

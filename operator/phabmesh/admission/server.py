@@ -285,7 +285,10 @@ class WebhookProcess:
         s = self.settings
         metrics.use(metrics.Metrics(metrics.OPERATOR))  # counts go to the operator instead
         self.client = KubeClient(
-            load_connection(self.kubeconfig), qps=s.kube_qps, burst=s.kube_burst
+            load_connection(self.kubeconfig),
+            qps=s.kube_qps,
+            burst=s.kube_burst,
+            component="webhook",
         )
         self.injector = Injector(s, self.client, on_decision=self._decided)
         self.tls = WebhookTLS(

@@ -1,4 +1,4 @@
-"""The phabmesh controller: kopf handlers for bots, bindings, pods and leases."""
+"""The phabmesh controller: bots, bindings, pods and leases, driven by the process's watches."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 import kopf
 
-from phabmesh import metrics
 from phabmesh.controller import peering
 from phabmesh.settings import Settings
 
@@ -28,7 +27,7 @@ async def operate(
     liveness_endpoint: str | None = None,
     peering_identity: str | None = None,
     peering_priority: int | None = None,
-    memo: Memo | None = None,
+    memo: Memo,
 ) -> None:
     """Run the controller until ``stop_flag`` is set (or the task is cancelled).
 
@@ -38,13 +37,9 @@ async def operate(
     peering object back with them); by default kopf's own identity and a random priority.
     """
     from phabmesh.controller import handlers
-    from phabmesh.controller.state import Memo
 
     if kubeconfig:
         os.environ["KUBECONFIG"] = kubeconfig  # kopf's login reads it
-    if memo is None:  # else the caller's (the operator process keeps it)
-        memo = Memo(settings, kubeconfig=kubeconfig)
-    metrics.current().active_leases.track(memo.world)  # phabmesh_leases_active, at each scrape
     await kopf.operator(
         registry=handlers.registry,
         memo=memo,

@@ -4,8 +4,7 @@
 - :class:`Bindings`: each binding's verdict (Ready, BotReady) and its status;
 - :class:`Leases`: which leases each pod holds: issue, renew, revoke, and retries of the
   writes that failed;
-- :class:`Startup`: what the operator reads before its first decision, and the sweep of
-  leases whose pods went while it was away.
+- :class:`Startup`: the sweep of leases whose pods went while the operator was away.
 
 Each gathers from the World (kept by watch events), decides with a pure policy
 (:mod:`phabmesh.controller.bots`, :mod:`phabmesh.leases.decide`), and writes (through
@@ -19,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -31,15 +30,15 @@ from phabmesh.controller.retry import Retries
 from phabmesh.kube import Conflict, KubeError
 from phabmesh.kube.client import JSON
 from phabmesh.leases import decide
-from phabmesh.leases.view import LeaseView
 from phabmesh.leases.world import NOT_CHECKED, BindingView, BotView, Key, World, conditions_of
-from phabmesh.resources import binding_path, bot_path, resource_path
+from phabmesh.resources import binding_path, bot_path
 
 if TYPE_CHECKING:
     from phabmesh import conduit
-    from phabmesh.controller.state import Memo, SecretToken
+    from phabmesh.controller.state import Memo
     from phabmesh.controller.writer import Writer
     from phabmesh.kube import KubeClient
+    from phabmesh.leases.watches import SecretToken
     from phabmesh.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -469,112 +468,21 @@ class Leases(_Reconciler):
         self._pending_events = {t for t in self._pending_events if not t.done()}
 
 
-class _FirstLists:
-    """Which objects kopf's first lists hold, by kind; None once :meth:`Startup.listed` ran."""
-
-    def __init__(self) -> None:
-        self.seen: dict[str, set[object]] | None = {
-            kind: set() for kind in ("namespaces", "bots", "bindings", "leases")
-        }
-        self.lock = asyncio.Lock()
-
-
 class Startup(_Reconciler):
-    """Before the first decision: what the cluster holds, and the sweep of orphaned leases."""
+    """Before the first decision: the sweep of orphaned leases."""
 
-    def __init__(self, memo: Memo) -> None:
-        super().__init__(memo)
-        # What kopf's first lists hold, until :meth:`listed` has dropped what preload read
-        # that has gone since.
-        self.first_lists = _FirstLists()
+    async def sweep(self, listed: Iterable[Key]) -> int:
+        """Revoke every lease of ``listed`` whose pod is gone or is another incarnation.
 
-    async def preload(self) -> None:
-        """Read namespaces, bots, bindings and leases before any pod event is decided."""
-        namespaces, _ = await self.client.list_all(resource_path("", "v1", "namespaces"))
-        for ns in namespaces:
-            meta = ns.get("metadata") or {}
-            self.world.namespaces[str(meta.get("name"))] = dict(meta.get("labels") or {})
-        bots, _ = await self.client.list_all(bot_path())
-        for body in bots:
-            bot = BotView.from_body(body)
-            self.world.bots[bot.name] = bot
-        bindings, _ = await self.client.list_all(binding_path(None))
-        for body in bindings:
-            if (body.get("metadata") or {}).get("deletionTimestamp") is None:
-                self.world.put_binding(BindingView.from_body(body))
-        leases, _ = await self.client.list_all(resources.lease_path(None))
-        for body in leases:
-            self.world.put_lease(LeaseView.from_body(body))
-        for binding in self.world.bindings.values():
-            self.memo.bindings.judge(binding)
-
-    def saw(self, kind: str, key: object) -> None:
-        """kopf listed or watched this object (its index functions call this)."""
-        if self.first_lists.seen is not None:
-            self.first_lists.seen[kind].add(key)
-
-    async def listed(self) -> None:
-        """Once, when the first handler runs: kopf holds every handler back until its first
-        lists are indexed, so whatever :meth:`preload` read and those lists lack was deleted
-        in between. No watch event will ever say so: forget it here, and revoke what it held.
+        ``listed``: the leases of the first list, taken before the pods were listed
+        (:mod:`phabmesh.leases.watches`), so a lease's pod that existed then is known now
+        unless it has since gone.
         """
-        first = self.first_lists
-        if first.seen is None:
-            return
-        async with first.lock:
-            seen, first.seen = first.seen, None
-            if seen is None:
-                return
-            world = self.world
-            affected: set[str] = set()
-            namespaces = [n for n in world.namespaces if n not in seen["namespaces"]]
-            for name in namespaces:
-                world.namespaces.pop(name, None)
-                affected.add(name)
-            bots = [b for b in world.bots if b not in seen["bots"]]
-            for name in bots:
-                affected.update(world.namespaces_of_bot(name))
-                world.bots.pop(name, None)
-                self.memo.bots.forget(name)
-                metrics.current().bot_gone(name)
-            bindings = [k for k in world.bindings if k not in seen["bindings"]]
-            for key in bindings:
-                world.drop_binding(key)
-                self.memo.bindings.forget(key)
-                metrics.current().binding_gone(*key)
-                affected.add(key[0])
-            leases = [k for k in world.leases if k not in seen["leases"]]
-            for key in leases:
-                world.drop_lease(key)
-            if namespaces or bots or bindings or leases:
-                log.info(
-                    "deleted_before_watch_dropped",
-                    namespaces=len(namespaces),
-                    bots=len(bots),
-                    bindings=len(bindings),
-                    leases=len(leases),
-                )
-            for namespace in affected:
-                await self.memo.bindings.refresh_namespace(namespace)
-
-    async def sweep(self) -> int:
-        """Revoke every lease whose pod is gone or is another incarnation (another UID).
-
-        Leases were listed (in :meth:`preload`) before pods are listed here, so a
-        lease's pod that existed then is in this list unless it has since gone.
-        """
-        uids: set[str] = set()
-        path = resource_path("", "v1", "pods")
-        query = {"limit": "500"}
-        while True:
-            page = await self.client.get(path, params=query)
-            for pod in page.get("items") or []:
-                uids.add(str(pod["metadata"]["uid"]))
-            cont = (page.get("metadata") or {}).get("continue")
-            if not cont:
-                break
-            query["continue"] = cont
-        orphans = [lease for lease in self.world.leases.values() if lease.pod_uid not in uids]
+        world = self.world
+        leases = (world.leases.get(key) for key in listed)
+        orphans = [
+            lease for lease in leases if lease is not None and lease.pod_uid not in world.pods
+        ]
         results = await asyncio.gather(
             *(self.writer.revoke(lease, decide.POD_GONE) for lease in orphans),
             return_exceptions=True,

@@ -1,45 +1,28 @@
-"""The controller's memo: what every handler shares (settings, World, clients, writer)
-and the reconcilers (:mod:`phabmesh.controller.reconcilers`), one per concern."""
+"""The controller's memo: what the controller's parts share (settings, World, clients,
+writer, the process's watches) and the reconcilers
+(:mod:`phabmesh.controller.reconcilers`), one per concern."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import kopf
 import requests
 import structlog
 
-from phabmesh import conduit, identity, tasks
+from phabmesh import conduit, identity, metrics, tasks
 from phabmesh.clock import Clock, utcnow
 from phabmesh.controller import reconcilers, webhooks
+from phabmesh.controller.driver import Controller
 from phabmesh.controller.writer import Writer
 from phabmesh.kube import KubeClient, load_connection
-from phabmesh.kube.client import JSON
 from phabmesh.kube.informer import Informer
+from phabmesh.leases.watches import SecretToken, Watches
 from phabmesh.leases.world import World
-from phabmesh.resources import resource_path
 from phabmesh.settings import Settings
 
 log = structlog.get_logger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class SecretToken:
-    version: str
-    data: Mapping[str, str]
-
-
-def _secret_token(obj: JSON) -> SecretToken:
-    data = {}
-    for key, value in (obj.get("data") or {}).items():
-        try:
-            data[key] = base64.b64decode(value).decode().strip()
-        except ValueError:
-            continue
-    return SecretToken(str((obj.get("metadata") or {}).get("resourceVersion", "")), data)
 
 
 class Memo(kopf.Memo):
@@ -81,9 +64,11 @@ class Memo(kopf.Memo):
         self.acting: Callable[[], bool] | None = None
         self.client: KubeClient
         self._own_client = True
+        # The process's shared watches, and the controller they drive (use_watches).
+        self.watches: Watches
+        self.controller: Controller
         self.events_client: KubeClient
         self.writer: Writer
-        self.secrets: Informer[SecretToken]
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -93,11 +78,30 @@ class Memo(kopf.Memo):
         self.client = client
         self._own_client = False
 
+    def use_watches(self, watches: Watches) -> None:
+        """Drive the controller from the process's shared watches (before they run)."""
+        self.watches = watches
+        self.controller = Controller(self, watches, acting=self._acting)
+
+    @property
+    def secrets(self) -> Informer[SecretToken]:
+        """The Secrets of phabmesh's namespace (bot tokens among them), from the process's
+        watch."""
+        return self.watches.secrets
+
+    def _acting(self) -> bool:
+        return self.acting is None or self.acting()
+
     async def start(self) -> None:
+        """Clients, writer and the controller's own tasks; then wait until every watch
+        has listed and the start-up sweep has run (:meth:`Controller.start`)."""
         connection = load_connection(self.kubeconfig)
         if self._own_client:
             self.client = KubeClient(
-                connection, qps=self.settings.kube_qps, burst=self.settings.kube_burst
+                connection,
+                qps=self.settings.kube_qps,
+                burst=self.settings.kube_burst,
+                component="operator",
             )
         # Events: their own, smaller budget, so that they never hold up a lease write.
         self.events_client = KubeClient(
@@ -105,6 +109,7 @@ class Memo(kopf.Memo):
             qps=max(1.0, self.settings.kube_qps / 4),
             burst=max(1, self.settings.kube_burst // 4),
             connections=16,
+            component=self.client.component,
         )
         self.writer = Writer(
             self.client,
@@ -113,15 +118,12 @@ class Memo(kopf.Memo):
             events_client=self.events_client,
             acting=self.acting,
         )
-        self.secrets = Informer(
-            self.client,
-            resource_path("", "v1", "secrets", self.settings.namespace),
-            _secret_token,
-            name="bot-secrets",
-        )
-        self._tasks.append(tasks.spawn("bot-secrets", self.secrets.run))
         self._tasks.append(tasks.spawn("webhook-checks", self.webhooks.run))
-        await asyncio.wait_for(self.secrets.synced.wait(), timeout=60)
+        self._tasks.append(tasks.spawn("controller-work", self.controller.queue.run))
+        self._tasks.append(tasks.spawn("bot-ticks", self.controller.ticks))
+        swept = await self.controller.start()
+        metrics.current().active_leases.track(self.world)  # phabmesh_leases_active
+        log.info("controller_ready", swept=swept)
 
     async def stop(self) -> None:
         for task in self._tasks:

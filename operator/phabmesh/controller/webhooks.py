@@ -56,6 +56,7 @@ class WebhookView:
     spec: resources.WebhookSpec | None
     problem: str | None  # why the spec could not be read
     status: JSON
+    deleting: bool = False  # marked for deletion: as good as deleted
 
     @property
     def key(self) -> Key:
@@ -73,6 +74,7 @@ class WebhookView:
             spec,
             problem,
             dict(body.get("status") or {}),
+            meta.get("deletionTimestamp") is not None,
         )
 
 
@@ -243,12 +245,16 @@ class Webhooks(_Reconciler):
         self.items: dict[Key, WebhookView] = {}
         self._locks: dict[Key, asyncio.Lock] = {}
 
+    def put(self, fresh: WebhookView) -> bool:
+        """A webhook's event: kept; True when it is to be checked (new, or its spec changed)."""
+        old = self.items.get(fresh.key)
+        self.items[fresh.key] = fresh
+        return old is None or old.uid != fresh.uid or old.generation != fresh.generation
+
     async def seen(self, body: Any) -> None:
         """A webhook's event: kept, and checked when its spec changed."""
         fresh = WebhookView.from_body(body)
-        old = self.items.get(fresh.key)
-        self.items[fresh.key] = fresh
-        if old is None or old.uid != fresh.uid or old.generation != fresh.generation:
+        if self.put(fresh):
             await self.check(fresh.key)
 
     def forget(self, key: Key) -> None:

@@ -14,7 +14,7 @@ import structlog
 
 from phabmesh import identity, logs, metrics, resources
 from phabmesh.clock import Clock, format_time, utcnow
-from phabmesh.kube import Conflict, KubeClient, NotFound, events
+from phabmesh.kube import Conflict, KubeClient, KubeError, NotFound, events
 from phabmesh.kube.client import JSON
 from phabmesh.leases.view import LeaseView
 from phabmesh.leases.world import BindingView, World
@@ -308,6 +308,22 @@ class Writer:
             )
         except Exception as exc:  # an Event is best effort
             log.warning("event_post_failed", reason=reason, error=str(exc))
+
+    async def remove_finalizer(self, path: str, index: int, finalizer: str) -> None:
+        """Take ``finalizer`` off the object at ``path``, where the watch last showed it at
+        ``index`` (a test-and-remove: nothing else is touched; a stale index fails the test,
+        and the object's next event tries again)."""
+        self._may_write()
+        at = f"/metadata/finalizers/{index}"
+        try:
+            await self.client.json_patch(
+                path, [{"op": "test", "path": at, "value": finalizer}, {"op": "remove", "path": at}]
+            )
+        except (NotFound, Conflict):
+            return
+        except KubeError as exc:
+            if exc.status != 422:  # the test failed: the list changed meanwhile
+                raise
 
     async def patch_status(self, path: str, status: JSON) -> JSON | None:
         """Merge ``status`` in; the status the API server then holds (None: object gone)."""

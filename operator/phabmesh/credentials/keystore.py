@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+from typing import Any
 
 import structlog
 
@@ -17,10 +18,14 @@ from phabmesh import credentials, metrics
 from phabmesh.clock import Clock, utcnow
 from phabmesh.kube import Conflict, KubeClient, NotFound
 from phabmesh.kube.client import JSON
-from phabmesh.kube.informer import Informer
+from phabmesh.kube.informer import Informer, Watched
 from phabmesh.resources import resource_path
 
 log = structlog.get_logger(__name__)
+
+
+def _whole(obj: JSON) -> JSON:
+    return obj
 
 
 class KeyStore:
@@ -33,6 +38,7 @@ class KeyStore:
         rotate_every: datetime.timedelta,
         max_credential_ttl: datetime.timedelta,
         clock: Clock = utcnow,
+        secrets: Informer[Any] | None = None,
     ) -> None:
         self.client = client
         self.namespace = namespace
@@ -42,14 +48,25 @@ class KeyStore:
         self.clock = clock
         self.ring: credentials.KeyRing | None = None
         self.version = ""
-        self.informer: Informer[JSON] = Informer(
-            client,
-            resource_path("", "v1", "secrets", namespace),
-            lambda obj: obj,
-            params={"fieldSelector": f"metadata.name={secret_name}"},
-            on_event=self._on_event,
-            name="signing-keys",
-        )
+        # The process's watch of its namespace's Secrets when it has one (a view of this
+        # Secret alone), else a watch of this Secret of its own.
+        self.informer: Watched[JSON]
+        if secrets is not None:
+            self.informer = secrets.view(
+                _whole,
+                on_event=self._on_event,
+                name="signing-keys",
+                only=f"{namespace}/{secret_name}",
+            )
+        else:
+            self.informer = Informer(
+                client,
+                resource_path("", "v1", "secrets", namespace),
+                _whole,
+                params={"fieldSelector": f"metadata.name={secret_name}"},
+                on_event=self._on_event,
+                name="signing-keys",
+            )
 
     @property
     def path(self) -> str:

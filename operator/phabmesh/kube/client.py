@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 
+from phabmesh import __version__
 from phabmesh.backoff import Backoff, parse_retry_after
 from phabmesh.kube.config import Connection
 from phabmesh.resources import resource_path
@@ -103,8 +104,15 @@ class _TokenBucket:
 RETRIES = Backoff(0.05, 2.0)
 
 
+def user_agent(component: str) -> str:
+    """What the API server's audit log shows for a process's requests:
+    ``phabmesh/<version> (<component>)``."""
+    return f"phabmesh/{__version__} ({component})"
+
+
 class KubeClient:
-    """One per process; create it inside the running event loop and ``close()`` it."""
+    """One per process; create it inside the running event loop and ``close()`` it.
+    ``component`` names the process in its User-Agent (:func:`user_agent`)."""
 
     def __init__(
         self,
@@ -115,8 +123,10 @@ class KubeClient:
         timeout: float = 30.0,
         attempts: int = 4,
         connections: int = 64,
+        component: str = "client",
     ) -> None:
         self.connection = connection
+        self.component = component
         self.timeout = timeout
         self.attempts = max(1, attempts)
         self._limit = _TokenBucket(qps, burst)
@@ -132,6 +142,7 @@ class KubeClient:
             timeout=self.timeout,
             attempts=self.attempts,
             connections=connections,
+            component=self.component,
         )
         other._limit = self._limit
         return other
@@ -146,6 +157,7 @@ class KubeClient:
                     ssl=self.connection.ssl_context, limit=self._connections
                 ),
                 raise_for_status=False,
+                headers={"User-Agent": user_agent(self.component)},
             )
         return self._session
 

@@ -10,6 +10,11 @@ exception (a transform's, an unreadable answer) is logged (``watch_failed``),
 counted (``phabmesh_task_failures_total{task="watch:<resource>"}``), leaves it
 disconnected, and it lists again after a pause: a watch never dies silently.
 
+One watch can feed several readers that each keep their own reduction of the objects:
+:meth:`Informer.view` adds a :class:`View` with its own ``transform``, kept current by the
+informer's list and watch (one request stream, however many readers). A view is connected,
+synced and healthy exactly when its informer is.
+
 A watch can also stall without breaking (the connection stays open, nothing comes):
 each watch asks the API server to end it within two thirds of ``liveness``, and the
 server sends a bookmark 2 s before that end (and about every minute), so a healthy watch
@@ -31,6 +36,7 @@ from phabmesh.backoff import Backoff
 from phabmesh.kube.client import JSON, Gone, KubeClient, KubeError, Unavailable
 
 V = TypeVar("V")
+W = TypeVar("W")
 log = structlog.get_logger(__name__)
 
 ADDED, MODIFIED, DELETED = "ADDED", "MODIFIED", "DELETED"
@@ -89,6 +95,9 @@ class Informer(Generic[V]):
         self.watch_timeout = watch_timeout or max(1, int(liveness * 2 / 3))
         self.read_deadline = max(liveness, self.watch_timeout + 1.0)
         self.items: dict[str, V] = {}
+        # While a DELETED event is emitted: the value the object had (None at other times).
+        self.removed: V | None = None
+        self._views: list[View[Any]] = []
         self.synced = asyncio.Event()
         self.connected = False
         self.resource_version = ""
@@ -116,20 +125,52 @@ class Informer(Generic[V]):
             except Exception:
                 log.exception("informer_handler_failed", informer=self.name, key=key)
 
+    def view(
+        self,
+        transform: Callable[[JSON], W],
+        *,
+        on_event: Callable[[str, str, W | None], None] | None = None,
+        name: str = "",
+        only: str | None = None,
+    ) -> View[W]:
+        """Another reader's reduction of the same objects, fed by this informer (module
+        docstring); ``only``: of the one object of that key (``namespace/name``). Made
+        before :meth:`run` starts, so that it sees the first list."""
+        view = View(self, transform, on_event=on_event, name=name or self.name, only=only)
+        self._views.append(view)
+        return view
+
+    def _put(self, kind: str, key: str, obj: JSON) -> None:
+        value = self.transform(obj)
+        self.items[key] = value
+        self._emit(kind, key, value)
+        for view in self._views:
+            view._put(kind, key, obj)
+
+    def _drop(self, key: str) -> None:
+        self.removed = self.items.pop(key, None)
+        try:
+            self._emit(DELETED, key, None)
+        finally:
+            self.removed = None
+        for view in self._views:
+            view._drop(key)
+
     async def relist(self) -> None:
         objects, version = await self.client.list_all(self.path, self.params, self.chunk)
-        fresh = {object_key(obj): self.transform(obj) for obj in objects}
-        for key in [k for k in self.items if k not in fresh]:
-            del self.items[key]
-            self._emit(DELETED, key, None)
-        for key, value in fresh.items():
-            kind = MODIFIED if key in self.items else ADDED
-            self.items[key] = value
-            self._emit(kind, key, value)
+        listed = {object_key(obj) for obj in objects}
+        for key in [k for k in self.items if k not in listed]:
+            self._drop(key)
+        while objects:  # consumed as it goes: the list's bodies go as soon as each is reduced
+            obj = objects.pop()
+            key = object_key(obj)
+            self._put(MODIFIED if key in self.items else ADDED, key, obj)
         self.resource_version = version
         self.connected = True
         self.alive_at = time.time()
         self.synced.set()
+        for view in self._views:
+            view.synced.set()
 
     def _opened(self) -> None:
         """The API server accepted a watch from our version: nothing is missed from here."""
@@ -149,12 +190,9 @@ class Informer(Generic[V]):
             return
         key = object_key(obj)
         if kind == DELETED:
-            self.items.pop(key, None)
-            self._emit(DELETED, key, None)
+            self._drop(key)
         elif kind in (ADDED, MODIFIED):
-            value = self.transform(obj)
-            self.items[key] = value
-            self._emit(kind, key, value)
+            self._put(kind, key, obj)
 
     async def run(self) -> None:
         """Run until cancelled."""
@@ -198,3 +236,71 @@ class Informer(Generic[V]):
                 need_list = True
                 failures += 1
                 await asyncio.sleep(RECONNECT.delay(failures))
+
+
+class View(Generic[V]):
+    """A reader's own reduction of an :class:`Informer`'s objects (:meth:`Informer.view`):
+    ``items``, ``synced``, ``connected`` and ``healthy`` as an informer has them, kept
+    current by the informer it was made from. :meth:`run` waits: the informer runs."""
+
+    def __init__(
+        self,
+        source: Informer[Any],
+        transform: Callable[[JSON], V],
+        *,
+        on_event: Callable[[str, str, V | None], None] | None = None,
+        name: str = "",
+        only: str | None = None,
+    ) -> None:
+        self.source = source
+        self.only = only
+        self.transform = transform
+        self.on_event = on_event
+        self.name = name
+        self.resource = source.resource
+        self.items: dict[str, V] = {}
+        self.removed: V | None = None
+        self.synced = asyncio.Event()
+        self._listeners: list[Callable[[str, str, V | None], None]] = []
+
+    @property
+    def connected(self) -> bool:
+        return self.source.connected
+
+    @property
+    def healthy(self) -> bool:
+        return self.source.healthy
+
+    def subscribe(self, handler: Callable[[str, str, V | None], None]) -> None:
+        self._listeners.append(handler)
+
+    def _emit(self, kind: str, key: str, value: V | None) -> None:
+        handlers = [self.on_event] if self.on_event is not None else []
+        for handler in [*handlers, *self._listeners]:
+            try:
+                handler(kind, key, value)
+            except Exception:
+                log.exception("informer_handler_failed", informer=self.name, key=key)
+
+    def _put(self, kind: str, key: str, obj: JSON) -> None:
+        if self.only is not None and key != self.only:
+            return
+        value = self.transform(obj)
+        self.items[key] = value
+        self._emit(kind, key, value)
+
+    def _drop(self, key: str) -> None:
+        if self.only is not None and key != self.only:
+            return
+        self.removed = self.items.pop(key, None)
+        try:
+            self._emit(DELETED, key, None)
+        finally:
+            self.removed = None
+
+    async def run(self) -> None:
+        """Nothing to run: the informer feeds this view. Waits until cancelled."""
+        await asyncio.Event().wait()
+
+
+Watched = Informer[V] | View[V]  # what a reader of a collection is given

@@ -59,6 +59,7 @@ class Session:
             load_connection(options.kubeconfig, options.context),
             qps=50.0,
             burst=100,
+            component="kubectl-phabmesh",
             timeout=15.0,
             attempts=2,
         )

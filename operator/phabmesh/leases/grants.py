@@ -30,7 +30,7 @@ from typing import Any
 from phabmesh import identity, matching, resources
 from phabmesh.kube import KubeClient
 from phabmesh.kube.client import JSON
-from phabmesh.kube.informer import Informer
+from phabmesh.kube.informer import Informer, Watched
 from phabmesh.leases.view import LeaseView
 from phabmesh.resources import resource_path
 
@@ -157,9 +157,10 @@ def credential_end(
 class Grants:
     """Bindings, bots and namespaces' labels, each from one watch, to judge leases by.
 
-    Informers the process already runs for bindings or bots can be passed in (they must
-    use :func:`binding_facts` and :func:`bot_facts`); the others are made here, and
-    :meth:`run` runs only those it made.
+    Watches the process already runs for bindings, bots or namespaces can be passed in, as
+    informers or views (:meth:`~phabmesh.kube.informer.Informer.view`) that reduce with
+    :func:`binding_facts`, :func:`bot_facts` and :func:`namespace_labels`; the others are
+    made here, and :meth:`run` runs only those it made.
     """
 
     def __init__(
@@ -167,8 +168,9 @@ class Grants:
         client: KubeClient,
         naming: identity.Naming,
         *,
-        bindings: Informer[BindingFacts] | None = None,
-        bots: Informer[BotFacts] | None = None,
+        bindings: Watched[BindingFacts] | None = None,
+        bots: Watched[BotFacts] | None = None,
+        namespaces: Watched[Mapping[str, str]] | None = None,
     ) -> None:
         self.naming = naming
         self._own: list[Informer[Any]] = []
@@ -183,14 +185,18 @@ class Grants:
         if bots is None:
             bots = Informer(client, resources.bot_path(), bot_facts, name="grant-bots")
             self._own.append(bots)
+        if namespaces is None:
+            namespaces = Informer(
+                client, resource_path("", "v1", "namespaces"), namespace_labels, name="namespaces"
+            )
+            self._own.append(namespaces)
         self.bindings = bindings
         self.bots = bots
-        self.namespaces: Informer[Mapping[str, str]] = Informer(
-            client, resource_path("", "v1", "namespaces"), namespace_labels, name="namespaces"
-        )
-        self._own.append(self.namespaces)
+        self.namespaces = namespaces
 
     async def run(self) -> None:
+        if not self._own:  # every watch is the process's: nothing of its own to run
+            await asyncio.Event().wait()
         await asyncio.gather(*(informer.run() for informer in self._own))
 
     @property

@@ -7,6 +7,7 @@ or silent for ``liveness`` seconds (stalled), ``connected`` is False and readers
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import datetime
 from collections import defaultdict
@@ -36,6 +37,8 @@ class LeaseIndex:
         client: KubeClient,
         on_revoked: Callable[[LeaseView], None] | None = None,
         liveness: float = DEFAULT_LIVENESS,
+        *,
+        informer: Informer[LeaseView] | None = None,
     ) -> None:
         self.on_revoked = on_revoked
         self.by_uid: dict[str, LeaseView] = {}
@@ -51,14 +54,18 @@ class LeaseIndex:
         # Earlier terms of each lease seen on the watch, newest last: (expiresAt, start) in
         # Unix seconds, each as one status write set them (see term_start).
         self._terms: dict[str, tuple[tuple[int, int], ...]] = {}
-        self.informer: Informer[LeaseView] = Informer(
-            client,
-            resources.lease_path(None),
-            LeaseView.from_body,
-            on_event=self._on_event,
-            name="leases",
-            liveness=liveness,
-        )
+        # The process's lease watch when it has one (leases.watches), else one of its own.
+        self._own = informer is None
+        if informer is None:
+            informer = Informer(
+                client,
+                resources.lease_path(None),
+                LeaseView.from_body,
+                name="leases",
+                liveness=liveness,
+            )
+        informer.subscribe(self._on_event)
+        self.informer: Informer[LeaseView] = informer
 
     @property
     def connected(self) -> bool:
@@ -69,6 +76,8 @@ class LeaseIndex:
         return self.informer.synced.is_set()
 
     async def run(self) -> None:
+        if not self._own:  # the process runs the watch
+            await asyncio.Event().wait()
         await self.informer.run()
 
     def _on_event(self, kind: str, key: str, lease: LeaseView | None) -> None:

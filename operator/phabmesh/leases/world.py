@@ -50,6 +50,8 @@ class BotView:
     status: Status = dataclasses.field(default_factory=dict, compare=False)
     recheck: str = ""  # resources.RECHECK_ANNOTATION: a new value asks for a check now
     uid: str = ""  # for its Events' involvedObject (kubectl describe finds them by uid)
+    # Where kopf's finalizer of earlier versions is in its finalizers (-1: not there).
+    kopf_finalizer: int = dataclasses.field(default=-1, compare=False)
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> BotView:
@@ -69,6 +71,7 @@ class BotView:
             status=status,
             recheck=str((meta.get("annotations") or {}).get(resources.RECHECK_ANNOTATION) or ""),
             uid=str(meta.get("uid") or ""),
+            kopf_finalizer=resources.kopf_finalizer_at(meta),
         )
 
 
@@ -81,6 +84,9 @@ class BindingView:
     spec: resources.BindingSpec | None
     problems: tuple[str, ...]
     status: Status = dataclasses.field(default_factory=dict, compare=False)  # as on BotView
+    # Marked for deletion (someone else's finalizer may hold it): as good as deleted.
+    deleting: bool = dataclasses.field(default=False, compare=False)
+    kopf_finalizer: int = dataclasses.field(default=-1, compare=False)  # as on BotView
 
     @property
     def key(self) -> Key:
@@ -103,6 +109,8 @@ class BindingView:
             spec=spec,
             problems=tuple(problems),
             status=body.get("status") or {},
+            deleting=meta.get("deletionTimestamp") is not None,
+            kopf_finalizer=resources.kopf_finalizer_at(meta),
         )
 
 

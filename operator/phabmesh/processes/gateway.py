@@ -44,7 +44,10 @@ class GatewayProcess:
         metrics.use(self.metrics)  # for everything started from here
         s = self.settings
         self.client = KubeClient(
-            load_connection(self.kubeconfig), qps=s.kube_qps, burst=s.kube_burst
+            load_connection(self.kubeconfig),
+            qps=s.kube_qps,
+            burst=s.kube_burst,
+            component="gateway",
         )
         self.state = GatewayState(s, self.client)
         state = self.state

@@ -26,7 +26,9 @@ from phabmesh.controller.state import Memo
 from phabmesh.credentials.keystore import KeyStore
 from phabmesh.endpoint.app import CredentialEndpoint, TokenReviewer
 from phabmesh.kube import KubeClient, load_connection
+from phabmesh.leases.grants import Grants, binding_facts, bot_facts
 from phabmesh.leases.index import LeaseIndex
+from phabmesh.leases.watches import Watches
 from phabmesh.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -76,28 +78,46 @@ class OperatorProcess:
         self.metrics.acting_from(self.acting)
         s = self.settings
         self.client = KubeClient(
-            load_connection(self.kubeconfig), qps=s.kube_qps, burst=s.kube_burst
+            load_connection(self.kubeconfig),
+            qps=s.kube_qps,
+            burst=s.kube_burst,
+            component=f"operator; {self.peering_identity}",
         )
         self.memo.use_client(self.client)  # one client, one request budget, for the process
+        # One watch per resource for the whole process: the controller's World, the
+        # endpoint's grants and lease index, and the gateway Role keeper read them.
+        self.watches = Watches(
+            self.client, self.memo.naming, namespace=s.namespace, liveness=s.watch_liveness
+        )
+        self.memo.use_watches(self.watches)
         self.keys = KeyStore(
             self.client,
             s.namespace,
             s.signing_secret,
             rotate_every=datetime.timedelta(seconds=s.key_rotation_interval),
             max_credential_ttl=datetime.timedelta(seconds=s.max_credential_ttl + s.clock_skew),
+            secrets=self.watches.secrets,
         )
-        self.leases = LeaseIndex(self.client, liveness=s.watch_liveness)
+        self.leases = LeaseIndex(self.client, informer=self.watches.leases)
+        grants = Grants(
+            self.client,
+            self.memo.naming,
+            bindings=self.watches.bindings.view(binding_facts, name="grant-bindings"),
+            bots=self.watches.bots.view(bot_facts, name="grant-bots"),
+            namespaces=self.watches.namespaces,
+        )
         self.issuer = CredentialEndpoint(
             s,
             self.client,
             self.keys,
             self.leases,
             TokenReviewer.from_settings(self.client, s),
+            grants=grants,
         )
         await self.keys.ensure()
         self.tasks.append(tasks.spawn("signing-keys", self.keys.run))
-        self.tasks.append(tasks.spawn("lease-index", self.leases.run))
-        self.tasks.append(tasks.spawn("grants", self.issuer.grants.run))
+        for name, loop in self.watches.tasks().items():
+            self.tasks.append(tasks.spawn(name, loop))
         self.webhook_tls = WebhookTLS(
             self.client,
             s.namespace,

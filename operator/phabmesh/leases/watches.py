@@ -1,0 +1,122 @@
+"""The operator process's watches: one list-and-watch per resource, shared by every reader.
+
+The controller (its World), the credential endpoint (its grants and lease index), the
+signing keys and the gateway Role keeper all read the same namespaces, bots, bindings,
+leases, pods, webhooks and Secrets of phabmesh's namespace. Each
+resource is listed and watched once here (:class:`~phabmesh.kube.informer.Informer`), reduced
+once to the view the controller keeps; a reader that keeps another reduction takes a
+:meth:`~phabmesh.kube.informer.Informer.view` of it, fed by the same watch.
+
+Pods are listed only once the leases are: every lease of that first list belongs to a pod
+that the pod list that follows holds, unless the pod is gone (what the controller's start-up
+sweep relies on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from phabmesh import identity, resources
+from phabmesh.kube import KubeClient
+from phabmesh.kube.client import JSON
+from phabmesh.kube.informer import DEFAULT_LIVENESS, Informer
+from phabmesh.leases.grants import namespace_labels
+from phabmesh.leases.view import LeaseView
+from phabmesh.leases.world import BindingView, BotView
+
+
+@dataclasses.dataclass(frozen=True)
+class SecretToken:
+    """A Secret of phabmesh's namespace as the controller reads bot tokens from it."""
+
+    version: str
+    data: Mapping[str, str]
+
+
+def secret_token(obj: JSON) -> SecretToken:
+    data = {}
+    for key, value in (obj.get("data") or {}).items():
+        try:
+            data[key] = base64.b64decode(value).decode().strip()
+        except ValueError:
+            continue
+    return SecretToken(str((obj.get("metadata") or {}).get("resourceVersion", "")), data)
+
+
+def _nothing(_obj: JSON) -> None:
+    """The base reduction of a resource whose readers each keep their own (views)."""
+    return None
+
+
+class Watches:
+    """Start with :meth:`tasks` (each under :func:`phabmesh.tasks.spawn`)."""
+
+    def __init__(
+        self,
+        client: KubeClient,
+        naming: identity.Naming,
+        *,
+        namespace: str,
+        liveness: float = DEFAULT_LIVENESS,
+        chunk: int = 500,
+    ) -> None:
+        def informer(path: str, transform: Callable[[JSON], Any], name: str) -> Informer[Any]:
+            return Informer(client, path, transform, name=name, liveness=liveness, chunk=chunk)
+
+        self.namespaces: Informer[Mapping[str, str]] = informer(
+            resources.resource_path("", "v1", "namespaces"), namespace_labels, "namespaces"
+        )
+        self.bots: Informer[BotView] = informer(resources.bot_path(), BotView.from_body, "bots")
+        self.bindings: Informer[BindingView] = informer(
+            resources.binding_path(None), BindingView.from_body, "bindings"
+        )
+        self.leases: Informer[LeaseView] = informer(
+            resources.lease_path(None), LeaseView.from_body, "leases"
+        )
+        self.pods: Informer[identity.PodFacts] = informer(
+            resources.resource_path("", "v1", "pods"),
+            lambda pod: identity.PodFacts.from_pod(pod, naming),
+            "pods",
+        )
+        self.webhooks: Informer[None] = informer(resources.webhook_path(None), _nothing, "webhooks")
+        # phabmesh's own namespace: bot tokens (the controller), the signing keys (a view).
+        self.secrets: Informer[SecretToken] = informer(
+            resources.resource_path("", "v1", "secrets", namespace), secret_token, "secrets"
+        )
+
+    @property
+    def all(self) -> tuple[Informer[Any], ...]:
+        return (
+            self.namespaces,
+            self.bots,
+            self.bindings,
+            self.leases,
+            self.pods,
+            self.webhooks,
+            self.secrets,
+        )
+
+    @property
+    def synced(self) -> bool:
+        return all(informer.synced.is_set() for informer in self.all)
+
+    async def wait_synced(self) -> None:
+        await asyncio.gather(*(informer.synced.wait() for informer in self.all))
+
+    async def _pods(self) -> None:
+        await self.leases.synced.wait()  # see the module docstring
+        await self.pods.run()
+
+    def tasks(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        """Each watch's loop, by task name."""
+        loops: dict[str, Callable[[], Awaitable[None]]] = {
+            f"watch:{informer.resource}": informer.run
+            for informer in self.all
+            if informer is not self.pods
+        }
+        loops["watch:pods"] = self._pods
+        return loops
