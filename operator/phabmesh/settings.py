@@ -54,7 +54,7 @@ def _rate(text: str) -> float:
         raise ValueError(f"not a rate: {text!r} (requests per second, e.g. 50)") from None
 
 
-def _whole(text: str) -> float:
+def _whole(text: str) -> int:
     try:
         return int(text)
     except ValueError:
@@ -691,12 +691,23 @@ def _renamed(env: Mapping[str, str]) -> Mapping[str, str]:
     merged = dict(env)
     for old in given:
         new = PREFIX + DEPRECATED[old].upper()
-        if new in env and env[new].strip() != env[old].strip():
+        if new in env and not _same(DEPRECATED[old], env[new], env[old]):
             raise ValueError(
                 f"{old} (deprecated) and {new} are both set, to different values: set only {new}"
             )
         merged.setdefault(new, env[old])
     return merged
+
+
+def _same(field: str, one: str, other: str) -> bool:
+    """Whether two texts give ``field`` one value (``8443`` and ``08443`` do)."""
+    if one.strip() == other.strip():
+        return True
+    try:
+        values = [getattr(Settings(**{field: text}), field) for text in (one, other)]
+    except ValueError:
+        return False
+    return bool(values[0] == values[1])
 
 
 _warned: set[str] = set()

@@ -301,8 +301,11 @@ def test_old_and_new_names_set_to_different_values_are_refused() -> None:
     assert "PHABMESH_ISSUER_PORT (deprecated) and PHABMESH_ENDPOINT_PORT" in message
     assert "set only PHABMESH_ENDPOINT_PORT" in message
     # The same value under both names is no conflict.
-    same = {"PHABMESH_ISSUER_PORT": "9443", "PHABMESH_ENDPOINT_PORT": " 9443"}
-    assert Settings.from_env(same).endpoint_port == 9443
+    for same in ("9443", " 9443", "09443"):
+        env = {"PHABMESH_ISSUER_PORT": same, "PHABMESH_ENDPOINT_PORT": "9443"}
+        assert Settings.from_env(env).endpoint_port == 9443
+    with pytest.raises(ValueError, match="PHABMESH_ISSUER_HOST \\(deprecated\\) and"):
+        Settings.from_env({"PHABMESH_ISSUER_HOST": "10.0.0.1", "PHABMESH_ENDPOINT_HOST": "::"})
 
 
 def test_the_deprecated_names_are_documented() -> None:
