@@ -158,7 +158,7 @@ class Operator(Child):
             plane,
             conduit,
             "operator",
-            issuer_port=self.issuer_port,
+            endpoint_port=self.issuer_port,
             metrics_port=self.metrics_port,
             webhook_port=self.webhook_port,
         )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from phabmesh import __version__, logs, podclient
 from phabmesh.podclient import DEFAULT_TOKEN_FILE as _TOKEN_FILE
-from phabmesh.settings import Settings
+from phabmesh.settings import Settings, warn_deprecated
 
 
 def _dev_kits_missing(command: str) -> int | None:
@@ -64,9 +64,16 @@ def _dev_conduit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings() -> Settings:
-    settings = Settings.from_env()
+def _settings(command: str) -> Settings:
+    """This process's settings, logging configured by them, each deprecated variable set
+    logged once; exit 2 with one line naming the variable for a value it cannot use."""
+    try:
+        settings = Settings.from_env()
+    except (ValueError, TypeError) as exc:
+        print(f"phabmesh {command}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     logs.configure(settings.log_level, settings.log_json)
+    warn_deprecated()
     return settings
 
 
@@ -87,7 +94,7 @@ def _controller(args: argparse.Namespace) -> int:
 
     from phabmesh.processes.operator import OperatorProcess
 
-    settings = _settings()
+    settings = _settings("controller")
     process = OperatorProcess(settings, kubeconfig=args.kubeconfig, standalone=not args.peering)
     try:
         asyncio.run(process.run_until_signalled())
@@ -103,7 +110,7 @@ def _webhook(args: argparse.Namespace) -> int:
 
     from phabmesh.admission.server import WebhookProcess
 
-    settings = _settings()
+    settings = _settings("webhook")
     try:
         asyncio.run(WebhookProcess(settings, kubeconfig=args.kubeconfig).run_until_told())
     except ConfigException as exc:
@@ -130,7 +137,7 @@ def _gateway(args: argparse.Namespace) -> int:
 
     from phabmesh.processes.gateway import GatewayProcess
 
-    settings = _settings()
+    settings = _settings("gateway")
     try:
         asyncio.run(GatewayProcess(settings, kubeconfig=args.kubeconfig).run_until_signalled())
     except ConfigException as exc:

@@ -54,8 +54,10 @@ _SECRET_KEYS = frozenset(
 MAX_VALUE_CHARS = 8192
 # Characters of a token, a JWT or base64 key material: a cut never leaves a piece of one.
 _BASE64_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.+/="
-# Conduit API and CLI tokens: fixed length, so a search costs at most 32 steps per position.
-_CONDUIT_TOKEN = re.compile(r"(?:api|cli)-[a-z0-9]{28}")
+# Conduit tokens (api-, cli-, clr-): of any length after a word boundary, since Phorge echoes
+# a wrong one, whatever its length, in its errors; and a whole one (28 characters) anywhere.
+# Either way a search costs at most 32 steps per position, or consumes what it matched.
+_CONDUIT_TOKEN = re.compile(r"\b(?:api|cli|clr)-[A-Za-z0-9]+|(?:api|cli|clr)-[a-z0-9]{28}")
 # A maximal run of base64url characters and dots: each character is read once.
 _DOTTED_RUN = re.compile(r"[A-Za-z0-9_.-]+")
 _PEM_HEAD = re.compile(r"-----BEGIN [A-Z ]{0,40}PRIVATE KEY-----")
@@ -108,8 +110,14 @@ def _mask_private_keys(text: str) -> str:
     return "".join(out)
 
 
-def redact_text(text: str) -> str:
-    """Mask every token-, credential- or key-shaped substring of ``text``, in linear time."""
+def redact_text(text: str, *secrets: str | None) -> str:
+    """``text`` with each of ``secrets`` (those known to the caller: the token it sent) and
+    every token-, credential- or key-shaped substring masked, in linear time: Conduit tokens
+    of any length, JWTs and PEM private keys. The one redaction of phabmesh, for log lines
+    and for Phabricator's error messages passed on to callers alike."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
     text = _mask_private_keys(text)
     text = _CONDUIT_TOKEN.sub(REDACTED, text)
     return _mask_jwts(text)

@@ -372,10 +372,10 @@ def test_install_on_the_local_control_plane_use_break_and_uninstall(
         ports = {
             f"PHABMESH_{name}": value
             for name, value in (
-                ("ISSUER_HOST", "127.0.0.1"),
+                ("ENDPOINT_HOST", "127.0.0.1"),
                 ("GATEWAY_HOST", "127.0.0.1"),
                 ("WEBHOOK_HOST", "127.0.0.1"),
-                ("ISSUER_PORT", "0"),
+                ("ENDPOINT_PORT", "0"),
                 ("GATEWAY_PORT", "0"),
                 ("HOOKS_PORT", "0"),
                 ("METRICS_PORT", "0"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import dataclasses
 import datetime
 import gzip
 import http.client
@@ -481,8 +480,8 @@ def test_no_cookie_or_header_of_one_caller_reaches_another(
     upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CookieUpstream)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     # A DNS name, not an address: cookie jars keep cookies only for those.
-    settings = dataclasses.replace(
-        settings_for(conduit), phabricator_url=f"http://localhost:{upstream.server_port}"
+    settings = settings_for(conduit).replace(
+        phabricator_url=f"http://localhost:{upstream.server_port}"
     )
     own = Threaded(GatewayProcess(settings, kubeconfig=str(cluster.kubeconfig))).start()
     try:
@@ -622,7 +621,7 @@ def test_a_redirect_from_upstream_is_never_followed_with_the_bot_token(
     """The gateway's client once re-sent the body, with the bot's real token, where a 307/308
     pointed, and answered a 301/302's target's answer as Phabricator's."""
     with redirecting() as redirects:
-        settings = dataclasses.replace(settings_for(conduit), phabricator_url=redirects.url)
+        settings = settings_for(conduit).replace(phabricator_url=redirects.url)
         own = Threaded(GatewayProcess(settings, kubeconfig=str(cluster.kubeconfig))).start()
         try:
             state = own.process.state  # type: ignore[attr-defined]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import dataclasses
 import http.server
 import json
 import re
@@ -510,7 +509,7 @@ def test_a_slow_target_a_busy_webhook_a_large_body_and_a_failing_target(
     url = _url(gateway, namespace, name)
     hooks = gateway.process.hooks  # type: ignore[attr-defined]
     settings = hooks.settings
-    hooks.settings = dataclasses.replace(settings, hooks_timeout=0.5, hooks_max_concurrent=1)
+    hooks.settings = settings.replace(hooks_timeout=0.5, hooks_max_concurrent=1)
     before = _deliveries(gateway)
     target.gate = threading.Event()
     try:
@@ -522,7 +521,7 @@ def test_a_slow_target_a_busy_webhook_a_large_body_and_a_failing_target(
         )
         assert len(target.received) == 1
         # One delivery in flight is this webhook's bound: the next is refused at once.
-        hooks.settings = dataclasses.replace(settings, hooks_max_concurrent=1)
+        hooks.settings = settings.replace(hooks_max_concurrent=1)
         target.arrived.clear()
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             first = pool.submit(conduit.call_hook, Hook(url, KEY), "PHID-TASK-bbbbbbbbbbbbbbbbbbbb")

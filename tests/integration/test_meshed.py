@@ -13,7 +13,6 @@ inbound proxy connects from inside the serving pod.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -85,7 +84,7 @@ def strict_endpoint(operator: Threaded) -> Iterator[str]:
     same watches, keys and TokenReviews, served on a port of its own."""
     process: OperatorProcess = operator.process  # type: ignore[assignment]
     strict = copy.copy(process.issuer)
-    strict.settings = dataclasses.replace(process.settings, require_client_id=True)
+    strict.settings = process.settings.replace(require_client_id=True)
 
     async def serve() -> web.AppRunner:
         app = web.Application(client_max_size=64 * 1024)
@@ -102,7 +101,7 @@ def strict_endpoint(operator: Threaded) -> Iterator[str]:
 @pytest.fixture
 def strict_gateway(conduit: ConduitServer, phabmesh_rbac: rbac.Installed) -> Iterator[Threaded]:
     """A gateway process of its own with PHABMESH_REQUIRE_CLIENT_ID on."""
-    settings = dataclasses.replace(settings_for(conduit), require_client_id=True)
+    settings = settings_for(conduit).replace(require_client_id=True)
     kubeconfig = phabmesh_rbac.kubeconfig("gateway")
     proc = Threaded(GatewayProcess(settings, kubeconfig=kubeconfig)).start()
     try:

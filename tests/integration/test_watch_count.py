@@ -4,7 +4,6 @@ server's audit log records them (each request carries the process's User-Agent,
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 from collections import defaultdict
 from typing import Any
@@ -70,7 +69,7 @@ def test_the_operator_process_opens_one_watch_per_resource(
     cluster: Cluster, conduit: ConduitServer, system: str, phabmesh_rbac: rbac.Installed
 ) -> None:
     # Watches renewed every 4 s: within seconds, each resource's watch has been replaced.
-    settings = dataclasses.replace(settings_for(conduit), watch_liveness=6.0)
+    settings = settings_for(conduit).replace(watch_liveness=6.0)
     process = OperatorProcess(settings, kubeconfig=phabmesh_rbac.kubeconfig("operator"))
     since = datetime.datetime.now(datetime.UTC)
     proc = Threaded(process).start()

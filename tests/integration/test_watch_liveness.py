@@ -163,7 +163,7 @@ async def test_a_gateway_whose_lease_watch_stalls_says_it_fails_closed(
     tmp_path: Path,
 ) -> None:
     kubeconfig = _through(phabmesh_rbac.kubeconfig("gateway"), proxy.port, tmp_path / "kc")
-    settings = dataclasses.replace(settings_for(conduit), watch_liveness=3.0)
+    settings = settings_for(conduit).replace(watch_liveness=3.0)
     # Started off this loop: the proxy serves on it.
     gateway = await asyncio.to_thread(
         Threaded(GatewayProcess(settings, kubeconfig=kubeconfig)).start

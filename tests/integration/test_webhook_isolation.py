@@ -10,7 +10,6 @@ Pod Security ``restricted``: it set neither runAsNonRoot nor a seccomp profile.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import socket
@@ -267,7 +266,7 @@ def test_a_client_ca_makes_the_webhook_require_a_client_certificate(
     stranger = Pki.create(tmp_path / "other")
     base: Settings = operator.process.settings  # type: ignore[attr-defined]
     port = serving.free_port("127.0.0.1")
-    settings = dataclasses.replace(base, webhook_port=port, webhook_client_ca=str(pki.ca_cert))
+    settings = base.replace(webhook_port=port, webhook_client_ca=str(pki.ca_cert))
     child = Threaded(WebhookProcess(settings, kubeconfig=phabmesh_rbac.kubeconfig("operator")))
     child.start()
     try:

@@ -385,6 +385,11 @@ def test_judge_ready_and_report() -> None:
     assert checks.judge_config({}, None, Settings()).status == "OK"
     unproven = checks.judge_config({}, None, Settings(require_client_id=False))
     assert unproven.status == "WARN" and "PHABMESH_REQUIRE_CLIENT_ID is false" in unproven.message
+    old = {"data": {"PHABMESH_ISSUER_PORT": "8443"}}
+    renamed = checks.judge_config(old, None, Settings.from_env(old["data"]))
+    assert renamed.status == "WARN"
+    assert "PHABMESH_ISSUER_PORT (now PHABMESH_ENDPOINT_PORT)" in renamed.message
+    assert "8443" not in renamed.message
 
 
 def test_the_namespace_defaults_to_the_contexts(tmp_path: Path) -> None:

@@ -65,7 +65,9 @@ def test_a_private_key_without_its_end_line_is_still_masked() -> None:
         ("-----BEGIN PRIVATE KEY-----" * 40_000, logs.REDACTED),  # 1 MiB
         ("eyJ" * 350_000, "eyJ" * 350_000),
         ("eyJa." * 200_000, logs.REDACTED),
-        ("api-" * 260_000, "api-" * 260_000),
+        ("api-" * 260_000, f"{logs.REDACTED}-" * 130_000),  # token-shaped, of any length
+        ("xapi-" * 210_000, "xapi-" * 210_000),
+        ("api-" + "a" * 27 + "-", logs.REDACTED + "-"),
         ("-----BEGIN " * 95_000, "-----BEGIN " * 95_000),
     ],
 )
@@ -86,3 +88,40 @@ def test_long_values_are_clipped_and_never_end_in_part_of_a_token(
     assert info.endswith("more characters]")
     assert "api-" not in info and "q7v3" not in info  # the token's start is not left at the cut
     assert logs.clip("short") == "short"
+
+
+# One redaction for log lines and for Phabricator's error messages passed on to callers.
+PHORGE_ERRORS = [
+    # Phorge echoes a token of any length, in any case, when it refuses it.
+    'API token "api-short" has the wrong length. API tokens should be 32 characters long.',
+    'API token "api-Q7V3XK2M9W4Z8P1N6R5T0Y3U2B7CEXTRA" is not valid.',
+    'Conduit token "cli-abc123" is unknown.',
+    'Cluster token "clr-' + "z" * 40 + '" has expired.',
+]
+
+
+@pytest.mark.parametrize("message", PHORGE_ERRORS)
+def test_tokens_of_any_length_are_masked(message: str) -> None:
+    token = message.split('"')[1]
+    masked = logs.redact_text(message)
+    assert token not in masked
+    assert masked.count(logs.REDACTED) == 1
+    assert masked.replace(logs.REDACTED, token) == message  # nothing else masked
+
+
+def test_a_whole_token_is_masked_even_glued_to_a_word() -> None:
+    assert logs.redact_text(f"token{CONDUIT_TOKEN}.") == f"token{logs.REDACTED}."
+
+
+def test_the_secrets_a_caller_knows_are_masked_whatever_their_shape() -> None:
+    message = 'Session key "hunter2" is not valid for user "bot"; jwt ' + JWT
+    masked = logs.redact_text(message, "hunter2", None, "")
+    assert "hunter2" not in masked and JWT not in masked
+    assert (
+        masked == f'Session key "{logs.REDACTED}" is not valid for user "bot"; jwt {logs.REDACTED}'
+    )
+
+
+def test_text_without_secrets_is_left_as_it_is() -> None:
+    plain = "api: 3 calls; the apiserver said api - fine; l5d-client-id ns/sa; /api/user.whoami"
+    assert logs.redact_text(plain) == plain

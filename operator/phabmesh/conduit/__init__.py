@@ -1,6 +1,6 @@
 """Conduit, Phabricator's API: wire formats, errors, and a client. Knows nothing of Kubernetes."""
 
-from phabmesh.conduit.client import ConduitClient, Constraints, User, WhoAmI, mask_tokens
+from phabmesh.conduit.client import ConduitClient, Constraints, User, WhoAmI
 from phabmesh.conduit.errors import (
     UNAVAILABLE,
     CallError,
@@ -25,5 +25,4 @@ __all__ = [
     "User",
     "WhoAmI",
     "error_for",
-    "mask_tokens",
 ]

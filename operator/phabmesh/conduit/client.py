@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -30,19 +29,9 @@ from phabmesh.conduit.errors import (
     PhabricatorUnavailable,
     error_for,
 )
+from phabmesh.logs import redact_text
 
 log = structlog.get_logger(__name__)
-
-_TOKEN = re.compile(r"\b(api|cli|clr)-[A-Za-z0-9]+")
-REDACTED = "[REDACTED]"
-
-
-def mask_tokens(text: str, *secrets: str | None) -> str:
-    """``text`` without Conduit tokens: anything token-shaped, and each of ``secrets``."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, REDACTED)
-    return _TOKEN.sub(REDACTED, text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,7 +231,7 @@ class ConduitClient:
             )
         code = envelope.get("error_code")
         if code:
-            info = mask_tokens(str(envelope.get("error_info") or ""), token)
+            info = redact_text(str(envelope.get("error_info") or ""), token)
             raise error_for(str(code), info)
         return envelope.get("result")
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import dataclasses
 import json
 import os
 import signal
@@ -40,7 +39,7 @@ from phabmesh.dev import devcluster
 from phabmesh.kube import Conflict, KubeClient, load_connection
 from phabmesh.kube.client import JSON, KubeError, NotFound
 from phabmesh.resources import resource_path
-from phabmesh.settings import Settings
+from phabmesh.settings import Settings, warn_deprecated
 
 T = TypeVar("T")
 SYSTEM = "phabmesh-system"
@@ -599,9 +598,9 @@ def run_against_cluster(say: Say) -> int:
     from phabmesh.processes.operator import PEERING_NAME, OperatorProcess
 
     settings = Settings.from_env()
+    warn_deprecated()
     # Two processes in one: each its own metrics port (deployed, each pod has its own).
-    gateway_settings = dataclasses.replace(
-        settings,
+    gateway_settings = settings.replace(
         metrics_port=settings.metrics_port + 1 if settings.metrics_port else 0,
         # The hooks port only where asked for (the local Conduit server may hold 8081).
         hooks_port=settings.hooks_port if "PHABMESH_HOOKS_PORT" in os.environ else 0,

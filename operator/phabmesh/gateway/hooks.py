@@ -46,7 +46,6 @@ import yarl
 from aiohttp import web
 
 from phabmesh import harbormaster, herald, logs, metrics, neterrors
-from phabmesh.conduit.client import mask_tokens
 from phabmesh.gateway.app import HELD, Gateway, Refusal
 from phabmesh.gateway.budget import Held
 from phabmesh.gateway.state import HookFacts
@@ -291,7 +290,7 @@ class Hooks:
                 502, "Phabricator's answer is not JSON", harbormaster.PHABRICATOR_ERROR
             ) from exc
         except harbormaster.Refused as refused:
-            message = mask_tokens(refused.message, token)
+            message = logs.redact_text(refused.message, token)
             raise HookRefusal(refused.status, message, refused.reason) from refused
 
     def _admit(self, key: str) -> None:

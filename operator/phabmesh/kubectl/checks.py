@@ -23,7 +23,7 @@ from phabmesh.kubectl import cluster, injection
 from phabmesh.kubectl.output import Report
 from phabmesh.leases import grants
 from phabmesh.resources import resource_path
-from phabmesh.settings import Settings
+from phabmesh.settings import DEPRECATED, PREFIX, Settings
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 PEERING = "phabmesh"  # the ClusterKopfPeering of manifests/peering.yaml (`controller --peering`)
@@ -338,6 +338,17 @@ def judge_config(configmap: JSON | None, error: str | None, settings: Settings |
             "config",
             WARN,
             f"no ConfigMap {cluster.CONFIGMAP} in {settings.namespace}: defaults assumed",
+        )
+    data = configmap.get("data") or {}
+    renamed = [
+        f"{old} (now {PREFIX}{DEPRECATED[old].upper()})" for old in DEPRECATED if old in data
+    ]
+    if renamed:
+        return Result(
+            "config",
+            WARN,
+            f"ConfigMap {cluster.CONFIGMAP}: deprecated names, still read: {', '.join(renamed)}; "
+            "set the new names instead",
         )
     if not settings.require_client_id:
         return Result(

@@ -98,7 +98,7 @@ class Session:
             data: Mapping[str, str] = (configmap or {}).get("data") or {}
             settings = Settings.from_env(data)
             if "PHABMESH_NAMESPACE" not in data:
-                settings = dataclasses.replace(settings, namespace=self.options.system)
+                settings = settings.replace(namespace=self.options.system)
             self._settings = (settings, configmap)
         return self._settings
 

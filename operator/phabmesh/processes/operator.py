@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import datetime
 import signal
 
@@ -139,7 +138,7 @@ class OperatorProcess:
         self.tasks.append(tasks.spawn("gateway-role", self.gateway_role.run))
         self.webhook_port = s.webhook_port or serving.free_port(s.webhook_host)
         self.webhook = WebhookSupervisor(
-            dataclasses.replace(s, webhook_port=self.webhook_port), kubeconfig=self.kubeconfig
+            s.replace(webhook_port=self.webhook_port), kubeconfig=self.kubeconfig
         )
         self.tasks.append(tasks.spawn("webhook-process", self.webhook.run))
         if not self.standalone:
@@ -168,12 +167,12 @@ class OperatorProcess:
         self.tasks.append(self.controller_task)  # last: stop() and run_until_signalled() wait on it
         app = web.Application(client_max_size=64 * 1024)
         self.issuer.routes(app)
-        runner = await serving.start_site(app, s.issuer_host, s.issuer_port)
+        runner = await serving.start_site(app, s.endpoint_host, s.endpoint_port)
         self.runners.append(runner)
         self.issuer_port = serving.bound_port(runner)
         health = web.Application()
         serving.add_health_routes(health, self.ready, self.metrics.registry)
-        runner = await serving.start_site(health, s.issuer_host, s.metrics_port)
+        runner = await serving.start_site(health, s.endpoint_host, s.metrics_port)
         self.runners.append(runner)
         self.metrics_port = serving.bound_port(runner)
         log.info(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -143,6 +144,24 @@ def test_a_refused_token_appears_nowhere(server: ConduitServer, secret: str) -> 
     assert secret not in repr(refused.value)
     assert secret not in refused.value.info
     assert secret not in repr(logs)
+
+
+def test_secrets_in_an_error_message_are_masked_whatever_their_kind(mocker: MockerFixture) -> None:
+    # Phorge's error_info may carry more than the token sent: another token of any length,
+    # a JWT, a private key. None reaches the caller or the log.
+    jwt = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlLXNpZ25hdHVyZQ"
+    pem = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA\n-----END PRIVATE KEY-----"
+    info = f"token api-Short1 refused; session {jwt}; key {pem}; sent hunter2"
+    body = json.dumps({"result": None, "error_code": "ERR-CONDUIT-CORE", "error_info": info})
+    session = requests.Session()
+    mocker.patch.object(session, "post", return_value=_response(200, body))
+    client = conduit.ConduitClient("http://phorge.invalid", session=session, attempts=1)
+    with capture_logs() as logs, pytest.raises(conduit.CoreError) as refused:
+        client.call("user.whoami", token="hunter2")
+    shown = f"{refused.value} {refused.value.info} {logs!r}"
+    for secret in ("api-Short1", jwt, "MC4CAQAwBQYDK2VwBCIEIA", "hunter2"):
+        assert secret not in shown, secret
+    assert refused.value.info.startswith("token [REDACTED] refused; session [REDACTED]; key ")
 
 
 def test_transient_failures_are_retried_until_they_pass(server: ConduitServer) -> None:
