@@ -350,3 +350,18 @@ async def test_kopfs_finalizer_of_earlier_versions_is_taken_off_bots_and_binding
         (resources.bot_path("ci-bot"), 0, resources.KOPF_FINALIZER),
     ]
     assert ("build", "held") not in memo.world.bindings  # being deleted: as good as gone
+
+
+async def test_a_pod_recreated_under_its_name_drops_the_old_incarnation() -> None:
+    """A relist after the watch expired shows only the new pod of that name: the old one is
+    gone from the World and its work (revoking its lease) is queued."""
+    memo, _, recorder = _controller(CLUSTER)
+    await _started(memo)
+    await _drain(memo)
+    again = _pod("p1")
+    again["metadata"]["uid"] = "p1-again"
+    memo.watches.pods._put("MODIFIED", "build/pod-p1", again)
+    assert "p1" not in memo.world.pods and "p1-again" in memo.world.pods
+    assert {w.key for w in memo.controller.queue.order} == {"p1", "p1-again"}
+    await _drain(memo)
+    assert ("l-p1-runners", decide.POD_DELETED) in recorder.revoked

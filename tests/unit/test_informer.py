@@ -117,3 +117,39 @@ def test_a_transform_that_raises_leaves_the_watch_lost_counted_and_listed_again(
         for labels, value in metrics.samples(registry, "phabmesh_task_failures_total")
     )
     assert failures == {"watch:pods": 1.0}
+
+
+def test_a_readers_handler_that_raises_fails_the_watch_for_every_reader_and_lists_again() -> None:
+    """A view's handler fails on one event: that reader no longer knows what it holds, so the
+    one watch behind every reader counts as lost, is counted, and lists again."""
+    registry = metrics.Metrics()
+    seen: list[tuple[str, str]] = []
+
+    def fussy(kind: str, key: str, value: Any) -> None:
+        seen.append((kind, key))
+        if value == "bad":
+            raise RuntimeError("a reader's bug")
+
+    async def scenario() -> tuple[int, bool]:
+        metrics.use(registry)
+        client = _OneBadEvent()
+        informer: Informer[Any] = Informer(client, "/api/v1/pods", lambda obj: obj)  # type: ignore[arg-type]
+        view = informer.view(lambda obj: obj["spec"], on_event=fussy)
+        task = asyncio.create_task(informer.run())
+        try:
+            await asyncio.wait_for(client.quiet.wait(), timeout=10)
+            await asyncio.sleep(0)
+            return client.lists, view.healthy and view.items == {"a": 1}
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    lists, healthy = asyncio.run(scenario())
+    assert lists == 2  # listed again after the reader's failure
+    assert healthy  # and the view holds the listed object again
+    assert seen == [("ADDED", "a"), ("MODIFIED", "a"), ("MODIFIED", "a")]
+    failures = {
+        labels["task"]: value
+        for labels, value in metrics.samples(registry, "phabmesh_task_failures_total")
+    }
+    assert failures.get("watch:pods") == 1

@@ -283,7 +283,7 @@ class Controller:
         namespace, _, name = key_text.partition("/")
         key: Key = (namespace, name)
         if kind == DELETED or lease is None:
-            removed = self.watches.leases.removed
+            removed = self.watches.leases.previous
             dropped = world.drop_lease(key, removed.uid if removed is not None else None)
             if dropped is not None and dropped.active:
                 # Deleted while Active, not by this operator (its revocations are Revoked
@@ -297,12 +297,13 @@ class Controller:
 
     def _on_pod(self, kind: str, _key: str, pod: identity.PodFacts | None) -> None:
         world = self.memo.world
+        previous = self.watches.pods.previous
+        if previous is not None and (pod is None or previous.uid != pod.uid):
+            # Gone, or another incarnation under the same name (a relist after the watch
+            # expired shows only the new one): the old one is deleted.
+            world.drop_pod(previous.uid)
+            self.queue.put(Work("pod", previous.uid))
         if kind == DELETED or pod is None:
-            removed = self.watches.pods.removed
-            if removed is None:
-                return
-            world.drop_pod(removed.uid)
-            self.queue.put(Work("pod", removed.uid))
             return
         # With the cluster's naming: a pod of another control plane or trust domain is not
         # meshed here (its identity is not the one a lease would carry).

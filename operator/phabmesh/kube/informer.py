@@ -6,7 +6,7 @@ list's resourceVersion, keeping ``items`` (key ``namespace/name`` → the value
 the last version seen (bookmarks included), lists again after ``410 Gone``
 (emitting DELETED for objects that vanished meanwhile), and reports whether it
 is ``connected`` so that readers can fail closed while it is not. Any other
-exception (a transform's, an unreadable answer) is logged (``watch_failed``),
+exception (a transform's, a reader's handler's, an unreadable answer) is logged (``watch_failed``),
 counted (``phabmesh_task_failures_total{task="watch:<resource>"}``), leaves it
 disconnected, and it lists again after a pause: a watch never dies silently.
 
@@ -69,6 +69,22 @@ def object_key(obj: Mapping[str, Any]) -> str:
     return f"{ns}/{meta.get('name')}" if ns else str(meta.get("name"))
 
 
+def _call_all(reader: Informer[Any] | View[Any], kind: str, key: str, value: Any) -> None:
+    """Every handler of ``reader`` on one event; then the first failure, if any, is raised:
+    a reader whose handler failed no longer knows what it holds, so the watch counts as
+    failed (its readers fail closed) and lists again."""
+    handlers = [reader.on_event] if reader.on_event is not None else []
+    failure: Exception | None = None
+    for handler in [*handlers, *reader._listeners]:
+        try:
+            handler(kind, key, value)
+        except Exception as exc:
+            log.exception("informer_handler_failed", informer=reader.name, key=key)
+            failure = failure or exc
+    if failure is not None:
+        raise failure
+
+
 class Informer(Generic[V]):
     def __init__(
         self,
@@ -95,8 +111,9 @@ class Informer(Generic[V]):
         self.watch_timeout = watch_timeout or max(1, int(liveness * 2 / 3))
         self.read_deadline = max(liveness, self.watch_timeout + 1.0)
         self.items: dict[str, V] = {}
-        # While a DELETED event is emitted: the value the object had (None at other times).
-        self.removed: V | None = None
+        # While an event is emitted: the value the object had before it (None when it is new,
+        # and between events).
+        self.previous: V | None = None
         self._views: list[View[Any]] = []
         self.synced = asyncio.Event()
         self.connected = False
@@ -118,12 +135,7 @@ class Informer(Generic[V]):
         self._listeners.append(handler)
 
     def _emit(self, kind: str, key: str, value: V | None) -> None:
-        handlers = [self.on_event] if self.on_event is not None else []
-        for handler in [*handlers, *self._listeners]:
-            try:
-                handler(kind, key, value)
-            except Exception:
-                log.exception("informer_handler_failed", informer=self.name, key=key)
+        _call_all(self, kind, key, value)
 
     def view(
         self,
@@ -142,17 +154,21 @@ class Informer(Generic[V]):
 
     def _put(self, kind: str, key: str, obj: JSON) -> None:
         value = self.transform(obj)
+        self.previous = self.items.get(key)
         self.items[key] = value
-        self._emit(kind, key, value)
+        try:
+            self._emit(kind, key, value)
+        finally:
+            self.previous = None
         for view in self._views:
             view._put(kind, key, obj)
 
     def _drop(self, key: str) -> None:
-        self.removed = self.items.pop(key, None)
+        self.previous = self.items.pop(key, None)
         try:
             self._emit(DELETED, key, None)
         finally:
-            self.removed = None
+            self.previous = None
         for view in self._views:
             view._drop(key)
 
@@ -259,7 +275,7 @@ class View(Generic[V]):
         self.name = name
         self.resource = source.resource
         self.items: dict[str, V] = {}
-        self.removed: V | None = None
+        self.previous: V | None = None
         self.synced = asyncio.Event()
         self._listeners: list[Callable[[str, str, V | None], None]] = []
 
@@ -275,28 +291,27 @@ class View(Generic[V]):
         self._listeners.append(handler)
 
     def _emit(self, kind: str, key: str, value: V | None) -> None:
-        handlers = [self.on_event] if self.on_event is not None else []
-        for handler in [*handlers, *self._listeners]:
-            try:
-                handler(kind, key, value)
-            except Exception:
-                log.exception("informer_handler_failed", informer=self.name, key=key)
+        _call_all(self, kind, key, value)
 
     def _put(self, kind: str, key: str, obj: JSON) -> None:
         if self.only is not None and key != self.only:
             return
         value = self.transform(obj)
+        self.previous = self.items.get(key)
         self.items[key] = value
-        self._emit(kind, key, value)
+        try:
+            self._emit(kind, key, value)
+        finally:
+            self.previous = None
 
     def _drop(self, key: str) -> None:
         if self.only is not None and key != self.only:
             return
-        self.removed = self.items.pop(key, None)
+        self.previous = self.items.pop(key, None)
         try:
             self._emit(DELETED, key, None)
         finally:
-            self.removed = None
+            self.previous = None
 
     async def run(self) -> None:
         """Nothing to run: the informer feeds this view. Waits until cancelled."""
