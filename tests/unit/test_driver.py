@@ -5,10 +5,12 @@ replaced by a recorder and the API by a fake of the two calls an informer makes)
 from __future__ import annotations
 
 import asyncio
+import datetime
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from phabmesh import identity, resources
+from phabmesh.controller import bots as botcheck
 from phabmesh.controller.driver import BotWork, Work, WorkQueue
 from phabmesh.controller.state import Memo
 from phabmesh.kube.client import JSON
@@ -75,6 +77,12 @@ class _Cluster:
         self.objects = objects
         self.listed: list[str] = []
 
+    async def list_pages(
+        self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
+    ) -> AsyncIterator[tuple[list[JSON], str]]:
+        """One page: all of ``list_all``."""
+        yield await self.list_all(path, params, chunk)
+
     async def list_all(
         self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
     ) -> tuple[list[JSON], str]:
@@ -125,11 +133,15 @@ class _Recorder:
 
 
 class _Bots:
+    """Records the checks asked for; each counts as made (its schedule)."""
+
     def __init__(self) -> None:
         self.checked: list[tuple[str, bool]] = []
+        self.schedules: dict[str, botcheck.Schedule] = {}
 
     async def check(self, name: str, *, only_if_due: bool = False) -> None:
         self.checked.append((name, only_if_due))
+        self.schedules[name] = botcheck.Schedule(last_at=datetime.datetime.now(datetime.UTC))
 
     def forget(self, name: str) -> None:
         return None
@@ -365,3 +377,60 @@ async def test_a_pod_recreated_under_its_name_drops_the_old_incarnation() -> Non
     assert {w.key for w in memo.controller.queue.order} == {"p1", "p1-again"}
     await _drain(memo)
     assert ("l-p1-runners", decide.POD_DELETED) in recorder.revoked
+
+
+async def test_a_standby_takes_over_with_the_leaders_bot_readiness_and_revokes_nothing() -> None:
+    """A standby never checks a bot: it takes readiness from the status the acting replica
+    writes, and judges every binding again before its first work once it acts, so a live
+    lease is not revoked "BotNotReady" for a bot it saw unchecked at its first list."""
+    unchecked = _bot()
+    del unchecked["status"]
+    memo, _, recorder = _controller({**CLUSTER, "phabricatorbots": [unchecked]})
+    acting = False
+    memo.acting = lambda: acting
+    await _started(memo)
+    assert not memo.bindings.verdicts[("build", "runners")].ready  # bot not checked yet
+    memo.watches.bots._put("MODIFIED", "ci-bot", _bot())  # the leader verified it
+    assert memo.world.bots["ci-bot"].ready
+    workers = asyncio.create_task(memo.controller.queue.run())
+    try:
+        await asyncio.sleep(0.05)
+        assert recorder.revoked == [("l-gone-runners", decide.POD_GONE)]  # the sweep only
+        acting = True
+        await _until(lambda: not memo.controller.queue.order and not memo.controller.queue.busy)
+    finally:
+        workers.cancel()
+        await asyncio.gather(workers, return_exceptions=True)
+    assert not any(name == "l-p1-runners" for name, _ in recorder.revoked), recorder.revoked
+
+
+async def test_the_sweep_takes_the_leases_listed_before_the_pods_not_later_ones() -> None:
+    """The leases the sweep may revoke are those the lease list held when the pods were
+    listed after it; one written later (its pod not yet seen) is not among them."""
+    memo, _, recorder = _controller(CLUSTER)
+    loops = [asyncio.create_task(loop()) for loop in memo.watches.tasks().values()]
+    try:
+        await asyncio.wait_for(memo.watches.wait_synced(), timeout=10)
+        # A lease that came on the watch after the first lists (another replica issued it
+        # for a pod this one has not seen yet), before the controller's start ran.
+        memo.watches.leases._put("ADDED", "build/l-p3-runners", _lease("p3"))
+        await asyncio.wait_for(memo.controller.start(), timeout=10)
+    finally:
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+    assert recorder.revoked == [("l-gone-runners", decide.POD_GONE)]
+
+
+async def test_a_standby_queues_no_revocation_event_and_forgets_pods_that_hold_nothing() -> None:
+    memo, _, _ = _controller(CLUSTER)
+    memo.acting = lambda: False
+    await _started(memo)
+    queue = memo.controller.queue
+    waiting = len(queue)
+    for i in range(100):  # pods that came and went while it stood by, holding no lease
+        memo.watches.pods._put("ADDED", f"build/pod-x{i}", _pod(f"x{i}"))
+        memo.watches.pods._drop(f"build/pod-x{i}")
+    memo.watches.leases._drop("build/l-p1-runners")  # deleted while Active (by the GC)
+    assert not any(w.kind == "revoked" for w in queue.waiting)  # the acting one says it
+    assert len(queue) <= waiting + 1

@@ -22,6 +22,12 @@ class _FakeClient:
     def listing(self) -> list[JSON]:
         return []
 
+    async def list_pages(
+        self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
+    ) -> AsyncIterator[tuple[list[JSON], str]]:
+        """One page: all of ``list_all``."""
+        yield await self.list_all(path, params, chunk)
+
     async def list_all(
         self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
     ) -> tuple[list[JSON], str]:

@@ -229,6 +229,12 @@ class _OneList:
     def __init__(self) -> None:
         self.bookmarked = asyncio.Event()
 
+    async def list_pages(
+        self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
+    ) -> AsyncIterator[tuple[list[JSON], str]]:
+        """One page: all of ``list_all``."""
+        yield await self.list_all(path, params, chunk)
+
     async def list_all(
         self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
     ) -> tuple[list[JSON], str]:

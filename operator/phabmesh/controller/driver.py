@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from typing import TYPE_CHECKING
@@ -27,6 +28,7 @@ import structlog
 
 from phabmesh import metrics, resources
 from phabmesh.controller.webhooks import WebhookView
+from phabmesh.controller.writer import NotActing
 from phabmesh.kube.informer import DELETED, View
 from phabmesh.leases import decide
 from phabmesh.leases.view import LeaseView
@@ -42,6 +44,7 @@ log = structlog.get_logger(__name__)
 WORKERS = 64  # objects handled at once: lease writes in flight, within the process's qps
 TICK = 5.0  # seconds between bot due-checks and renewal passes over each bot's bindings
 ACTING_POLL = 0.5  # seconds between looks at whether a paused replica acts again
+UNFINALIZE_AGAIN = 10.0  # seconds before a failed removal of kopf's old finalizer is retried
 
 
 @dataclasses.dataclass
@@ -64,7 +67,9 @@ class WorkQueue:
 
     ``put`` is synchronous (watch listeners call it); the first ``put`` of an idle object
     queues it, a later one only merges into the waiting work; an object's work put while it
-    is being handled is handled again after.
+    is being handled is handled again after. Each new piece of work wakes one idle worker.
+    ``on_resume`` runs (synchronously, before any work is taken) each time the work may run
+    again after it might not: at the start, and when the replica acts again.
     """
 
     def __init__(
@@ -73,15 +78,18 @@ class WorkQueue:
         *,
         workers: int = WORKERS,
         may_run: Callable[[], bool] = lambda: True,
+        on_resume: Callable[[], None] = lambda: None,
     ) -> None:
         self.handle = handle
         self.workers = workers
         self.may_run = may_run
+        self.on_resume = on_resume
         self.waiting: dict[Work, object] = {}  # work not yet taken, with its merged data
         self.order: collections.deque[Work] = collections.deque()
         self.busy: set[Work] = set()
         self.ready = asyncio.Event()  # every watch listed and the sweep ran: work may start
-        self._wake = asyncio.Event()
+        self._idle: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._running = False  # whether the work ran at the last look (see on_resume)
         self.handled = 0
 
     def __len__(self) -> int:
@@ -90,7 +98,15 @@ class WorkQueue:
     def open(self) -> None:
         """Let the workers begin (the work put so far included)."""
         self.ready.set()
-        self._wake.set()
+        for _ in range(min(len(self.order), self.workers)):
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def put(
         self,
@@ -107,20 +123,35 @@ class WorkQueue:
         self.waiting[work] = data
         if work not in self.busy:
             self.order.append(work)
-            self._wake.set()
+            self._wake_one()
+
+    def discard(self, work: Work) -> None:
+        """Forget ``work`` if it waits (nothing is left to do for it)."""
+        if self.waiting.pop(work, _ABSENT) is not _ABSENT and work not in self.busy:
+            with contextlib.suppress(ValueError):
+                self.order.remove(work)
 
     async def _next(self) -> tuple[Work, object]:
         while True:
             if self.ready.is_set() and self.order:
                 if self.may_run():
+                    if not self._running:
+                        self._running = True
+                        self.on_resume()
                     work = self.order.popleft()
                     data = self.waiting.pop(work)
                     self.busy.add(work)
                     return work, data
-                await asyncio.sleep(ACTING_POLL)  # paused (peering): the work waits
+                self._running = False
+                await asyncio.sleep(ACTING_POLL)  # paused: the work waits
                 continue
-            self._wake.clear()
-            await self._wake.wait()
+            waiter = asyncio.get_running_loop().create_future()
+            self._idle.append(waiter)
+            try:
+                await waiter
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
 
     async def _worker(self) -> None:
         while True:
@@ -137,13 +168,15 @@ class WorkQueue:
                 self.handled += 1
                 if work in self.waiting:  # put again while handled: its turn comes again
                     self.order.append(work)
-                    self._wake.set()
             if self.order:
-                self._wake.set()  # another worker may be waiting for what remains
+                self._wake_one()  # another worker may take what remains
 
     async def run(self) -> None:
         """The workers, until cancelled."""
         await asyncio.gather(*(self._worker() for _ in range(self.workers)))
+
+
+_ABSENT = object()
 
 
 def _merge_bot(old: object, new: object) -> object:
@@ -166,7 +199,12 @@ class Controller:
         self.memo = memo
         self.watches = watches
         self.acting = acting or (lambda: True)
-        self.queue = WorkQueue(self.handle, workers=workers, may_run=self.may_decide)
+        self.queue = WorkQueue(
+            self.handle, workers=workers, may_run=self.may_decide, on_resume=self.rejudge
+        )
+        # Set once the start-up judgement has run: before it, what the first lists show is
+        # judged all at once (start), and each pod's own work follows.
+        self.started = False
         self.webhooks: View[WebhookView] = watches.webhooks.view(
             WebhookView.from_body, on_event=self._on_webhook, name="controller-webhooks"
         )
@@ -177,21 +215,26 @@ class Controller:
         watches.pods.subscribe(self._on_pod)
 
     def may_decide(self) -> bool:
-        """This replica acts, and every watch is current: a dead watch's World is not decided
-        on (fail closed) until the watch has listed again."""
-        return self.acting() and all(informer.healthy for informer in self.watches.all)
+        """This replica acts, and every watch a lease decision reads is current: a lost
+        watch's World is not decided on (fail closed) until the watch has listed again."""
+        return self.acting() and all(i.healthy for i in self.watches.decisive)
+
+    def rejudge(self) -> None:
+        """Every binding judged from the World as it is now: before the first work once this
+        replica acts again (a standby's verdicts are as old as its last work)."""
+        for binding in self.memo.world.bindings.values():
+            self.memo.bindings.judge(binding)
 
     # -- start-up -----------------------------------------------------------------------
 
     async def start(self) -> int:
         """Wait until every watch has listed once, sweep orphaned leases, then let the work
         begin. Returns how many leases the sweep revoked."""
-        await self.watches.leases.synced.wait()
-        listed = set(self.memo.world.leases)  # before the pods are listed (leases.watches)
         await self.watches.wait_synced()
-        for binding in self.memo.world.bindings.values():
-            self.memo.bindings.judge(binding)
-        swept = await self.memo.startup.sweep(listed)
+        self.rejudge()
+        self.started = True
+        # The leases the lease list held when the pods were listed (leases.watches).
+        swept = await self.memo.startup.sweep(self.watches.first_leases or ())
         self.queue.open()
         log.info(
             "controller_started",
@@ -224,7 +267,7 @@ class Controller:
         else:
             assert isinstance(labels, Mapping)
             world.namespaces[name] = labels
-        if world.bindings_by_ns.get(name):
+        if world.bindings_by_ns.get(name) and self.started:
             self.queue.put(Work("namespace", name))
 
     def _on_bot(self, kind: str, name: str, fresh: BotView | None) -> None:
@@ -240,17 +283,33 @@ class Controller:
         if fresh.kopf_finalizer >= 0:
             self._unfinalize(resources.bot_path(name), fresh.kopf_finalizer)
         old = world.bots.get(name)
-        work = BotWork(refresh=True)
-        # Keep the readiness this process decided; take spec changes from the event, and
-        # the status it shows (what the next status write is compared with).
-        if old is not None and old.generation == fresh.generation and old.spec == fresh.spec:
-            world.bots[name] = dataclasses.replace(old, status=fresh.status, recheck=fresh.recheck)
+        same = (
+            old is not None
+            and old.uid == fresh.uid
+            and old.generation == fresh.generation
+            and old.spec == fresh.spec
+        )
+        if same and old is not None:
+            # Keep the readiness this process decided, if it checked this generation itself;
+            # else (a standby) the readiness the status shows, the acting replica's.
+            schedule = self.memo.bots.schedules.get(name)
+            if schedule is not None and schedule.last_at is not None:
+                world.bots[name] = dataclasses.replace(
+                    old, status=fresh.status, recheck=fresh.recheck
+                )
+            else:
+                world.bots[name] = fresh
             if fresh.recheck == old.recheck:
                 return
-            work.check = True  # `kubectl phabmesh recheck`: check it now
-        else:
-            world.bots[name] = fresh
-            work.check = fresh.generation != (old.generation if old else -1)
+            # `kubectl phabmesh recheck`: check it now
+            self.queue.put(Work("bot", name), BotWork(check=True), _merge_bot)
+            return
+        world.bots[name] = fresh
+        if old is not None and old.uid != fresh.uid:
+            self.memo.bots.forget(name)  # another bot of that name: checked afresh
+        # A new or changed bot is checked now; its bindings are judged again (but at the
+        # first lists, which start judges all at once).
+        work = BotWork(check=True, refresh=self.started)
         self.queue.put(Work("bot", name), work, _merge_bot)
 
     def _on_binding(self, kind: str, key_text: str, fresh: BindingView | None) -> None:
@@ -264,14 +323,21 @@ class Controller:
             world.drop_binding(key)
             self.memo.bindings.forget(key)
             metrics.current().binding_gone(namespace, name)
-            self.queue.put(Work("namespace", namespace))
+            if self.started:
+                self.queue.put(Work("namespace", namespace))
             return
         old = world.bindings.get(key)
-        if old is not None and old.generation == fresh.generation and old.spec == fresh.spec:
+        if (
+            old is not None
+            and old.uid == fresh.uid
+            and old.generation == fresh.generation
+            and old.spec == fresh.spec
+        ):
             world.put_binding(dataclasses.replace(old, status=fresh.status))
             return
         world.put_binding(fresh)
-        self.queue.put(Work("binding", key))
+        if self.started:
+            self.queue.put(Work("binding", key))
 
     def _unfinalize(self, path: str, index: int) -> None:
         """kopf's finalizer of earlier versions goes: nothing of this version needs it, and
@@ -285,10 +351,11 @@ class Controller:
         if kind == DELETED or lease is None:
             removed = self.watches.leases.previous
             dropped = world.drop_lease(key, removed.uid if removed is not None else None)
-            if dropped is not None and dropped.active:
+            if dropped is not None and dropped.active and self.acting():
                 # Deleted while Active, not by this operator (its revocations are Revoked
                 # first): only the garbage collector (with the pod that owns it) or the
-                # namespace controller may (manifests/lease-policy.yaml). Say so on the pod.
+                # namespace controller may (manifests/lease-policy.yaml). Say so on the pod
+                # (the acting replica does: a standby would say it again on taking over).
                 self.queue.put(Work("revoked", (key, dropped.uid)), dropped)
             return
         world.put_lease(lease)
@@ -302,7 +369,11 @@ class Controller:
             # Gone, or another incarnation under the same name (a relist after the watch
             # expired shows only the new one): the old one is deleted.
             world.drop_pod(previous.uid)
-            self.queue.put(Work("pod", previous.uid))
+            gone = Work("pod", previous.uid)
+            if world.leases_by_pod.get(previous.uid):
+                self.queue.put(gone)  # its leases go
+            else:
+                self.queue.discard(gone)  # nothing left to do for it
         if kind == DELETED or pod is None:
             return
         # With the cluster's naming: a pod of another control plane or trust domain is not
@@ -340,7 +411,14 @@ class Controller:
             await memo.webhooks.check(work.key)
         elif work.kind == "unfinalize":
             assert isinstance(work.key, str) and isinstance(data, int)
-            await memo.writer.remove_finalizer(work.key, data, resources.KOPF_FINALIZER)
+            try:
+                await memo.writer.remove_finalizer(work.key, data, resources.KOPF_FINALIZER)
+            except NotActing:
+                pass  # the acting replica removes it
+            except Exception:
+                # The object may have no further event (being deleted): try again later.
+                asyncio.get_running_loop().call_later(UNFINALIZE_AGAIN, self.queue.put, work, data)
+                raise
         elif work.kind == "revoked":
             assert isinstance(data, LeaseView)
             await memo.writer.announce_revoked(data, decide.POD_DELETED)

@@ -441,6 +441,11 @@ class Leases(_Reconciler):
         if not failures:
             self.retries.succeeded(uid)
 
+    async def _again(self, uid: str) -> None:
+        """A retry: the pod's work queued again, so that it waits (as all work does) while
+        this replica does not act or a watch is lost."""
+        self.memo.requeue_pod(uid)
+
     def write_failed(self, uid: str, error: Exception) -> None:
         """A lease write for this pod failed: reconcile it again later, backing off, until
         its leases are what they should be (or nothing more is wanted). A write the API
@@ -448,7 +453,7 @@ class Leases(_Reconciler):
         the pod, as a Warning Event, where `kubectl describe` and `kubectl phabmesh why`
         show it: at most one per pod per :data:`WRITE_FAILED_EVERY`."""
         log.warning("lease_write_failed", **{logs.POD_UID: uid, logs.ERROR: str(error)})
-        self.retries.failed(uid, lambda: self.reconcile_pod(uid))
+        self.retries.failed(uid, lambda: self._again(uid))
         pod = self.world.pods.get(uid)
         refused = isinstance(error, KubeError) and 400 <= error.status < 500
         if pod is None or not refused or isinstance(error, Conflict):

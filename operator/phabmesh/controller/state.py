@@ -14,7 +14,7 @@ import structlog
 from phabmesh import conduit, identity, metrics, tasks
 from phabmesh.clock import Clock, utcnow
 from phabmesh.controller import reconcilers, webhooks
-from phabmesh.controller.driver import Controller
+from phabmesh.controller.driver import Controller, Work
 from phabmesh.controller.writer import Writer
 from phabmesh.kube import KubeClient, load_connection
 from phabmesh.kube.informer import Informer
@@ -88,6 +88,10 @@ class Memo(kopf.Memo):
         """The Secrets of phabmesh's namespace (bot tokens among them), from the process's
         watch."""
         return self.watches.secrets
+
+    def requeue_pod(self, uid: str) -> None:
+        """The pod's leases to be reconciled again, as its queued work."""
+        self.controller.queue.put(Work("pod", uid))
 
     def _acting(self) -> bool:
         return self.acting is None or self.acting()

@@ -232,14 +232,28 @@ class KubeClient:
     ) -> tuple[list[JSON], str]:
         """Every item of a collection, read in pages; returns (items, resourceVersion)."""
         items: list[JSON] = []
+        version = ""
+        async for page, page_version in self.list_pages(path, params, chunk):
+            items.extend(page)
+            version = page_version
+        return items, version
+
+    async def list_pages(
+        self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
+    ) -> AsyncIterator[tuple[list[JSON], str]]:
+        """A collection page by page: (the page's items, the list's resourceVersion, known
+        with the last page; "" before it). One page is held at a time."""
         query = dict(params or {}, limit=str(chunk))
         while True:
             page = await self.get(path, params=query)
-            items.extend(page.get("items") or [])
             meta = page.get("metadata") or {}
             cont = meta.get("continue")
+            yield (
+                list(page.get("items") or []),
+                "" if cont else str(meta.get("resourceVersion", "")),
+            )
             if not cont:
-                return items, str(meta.get("resourceVersion", ""))
+                return
             query["continue"] = cont
 
     async def watch(

@@ -173,14 +173,21 @@ class Informer(Generic[V]):
             view._drop(key)
 
     async def relist(self) -> None:
-        objects, version = await self.client.list_all(self.path, self.params, self.chunk)
-        listed = {object_key(obj) for obj in objects}
+        """List the collection again, a page at a time: each page reduced as it comes (one
+        page of bodies held at once), other tasks let run between pages; then what the list
+        no longer holds is DELETED."""
+        listed: set[str] = set()
+        version = ""
+        async for page, page_version in self.client.list_pages(self.path, self.params, self.chunk):
+            version = page_version
+            for obj in page:
+                key = object_key(obj)
+                listed.add(key)
+                self._put(MODIFIED if key in self.items else ADDED, key, obj)
+            del page
+            await asyncio.sleep(0)
         for key in [k for k in self.items if k not in listed]:
             self._drop(key)
-        while objects:  # consumed as it goes: the list's bodies go as soon as each is reduced
-            obj = objects.pop()
-            key = object_key(obj)
-            self._put(MODIFIED if key in self.items else ADDED, key, obj)
         self.resource_version = version
         self.connected = True
         self.alive_at = time.time()
@@ -232,7 +239,10 @@ class Informer(Generic[V]):
                     self._apply(event)
                 # The server closed the stream (timeoutSeconds): resume from the last version.
             except Gone:
+                # Events were missed: what the readers hold is not current until the new
+                # list is in (they fail closed meanwhile).
                 log.info("watch_expired", informer=self.name)
+                self.connected = False
                 need_list = True
             except (Unavailable, KubeError) as exc:
                 if self.connected:

@@ -83,6 +83,9 @@ class Watches:
             "pods",
         )
         self.webhooks: Informer[None] = informer(resources.webhook_path(None), _nothing, "webhooks")
+        # The leases of the first lease list, taken as the pods' first list begins: every
+        # one whose pod that list lacks is an orphan (the controller's start-up sweep).
+        self.first_leases: set[tuple[str, str]] | None = None
         # phabmesh's own namespace: bot tokens (the controller), the signing keys (a view).
         self.secrets: Informer[SecretToken] = informer(
             resources.resource_path("", "v1", "secrets", namespace), secret_token, "secrets"
@@ -101,6 +104,11 @@ class Watches:
         )
 
     @property
+    def decisive(self) -> tuple[Informer[Any], ...]:
+        """What a lease decision reads: while one of these is lost, none is made."""
+        return (self.namespaces, self.bots, self.bindings, self.leases, self.pods)
+
+    @property
     def synced(self) -> bool:
         return all(informer.synced.is_set() for informer in self.all)
 
@@ -109,6 +117,10 @@ class Watches:
 
     async def _pods(self) -> None:
         await self.leases.synced.wait()  # see the module docstring
+        if self.first_leases is None:
+            self.first_leases = {
+                (key.partition("/")[0], key.partition("/")[2]) for key in self.leases.items
+            }
         await self.pods.run()
 
     def tasks(self) -> dict[str, Callable[[], Awaitable[None]]]:
