@@ -5,7 +5,6 @@ breaks breaks nothing else. Docs: docs/reliability.md."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import signal
 import subprocess
@@ -310,7 +309,7 @@ def test_operator_down_the_gateway_still_refuses_pods_that_ended(stack: Stack) -
     # Beside it, a gateway that follows the leases alone.
     assert stack.operator is not None and stack.gateway is not None
     leases_only = GatewayProcess(
-        dataclasses.replace(stack.settings, gateway_watch_pods=False),
+        stack.settings.replace(gateway_watch_pods=False),
         kubeconfig=stack.cluster.phabmesh_kubeconfig("gateway"),
     )
     second = Threaded(leases_only).start()

@@ -176,7 +176,11 @@ def test_each_metric_reads_what_happened(
     assert value(gw, "phabmesh_gateway_fail_closed") == 0.0
     # Watches: connected, and alive during the scenario (its leases and bindings were events).
     for samples, before, watched in (
-        (op, op_before, {"leases", "bindings", "bots", "namespaces", "secrets"}),
+        (
+            op,
+            op_before,
+            {"leases", "bindings", "bots", "namespaces", "secrets", "pods", "webhooks"},
+        ),
         (
             gw,
             gw_before,
