@@ -8,8 +8,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from phabmesh import __version__, logs, podclient
-from phabmesh.podclient import DEFAULT_TOKEN_FILE as _TOKEN_FILE
+from phabmesh import __version__, logs
+from phabmesh.pod import client as podclient
+from phabmesh.pod.client import DEFAULT_TOKEN_FILE as _TOKEN_FILE
 from phabmesh.settings import Settings, warn_deprecated
 
 
@@ -190,7 +191,7 @@ def _credential(args: argparse.Namespace) -> int:
 
 
 def _agent(args: argparse.Namespace) -> int:
-    from phabmesh import agent
+    from phabmesh.pod import agent
 
     logs.configure(os.environ.get("PHABMESH_LOG_LEVEL", "INFO"))
     fetch = _fetcher(args)

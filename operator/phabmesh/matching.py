@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from phabmesh import identity, resources
 
 # Selection reasons, CamelCase: whether a binding picks a pod, and if not, why. Whether a
-# picked pod may hold a lease (its phase, its proxy) is phabmesh.leases.decide's question.
+# picked pod may hold a lease (its phase, its proxy) is phabmesh.leases.plans' question.
 MATCHED = "Matched"  # the binding's namespace, subjects and selector pick the pod
 OTHER_NAMESPACE = "OtherNamespace"  # the pod lives outside the binding's namespace
 IDENTITY_NOT_LISTED = "IdentityNotListed"  # neither identities nor identityRefs name the pod

@@ -48,7 +48,7 @@ BOT_REASONS = frozenset(
         "InvalidSpec",
     }
 )
-# PhabricatorBinding Ready reasons (phabmesh.leases.decide).
+# PhabricatorBinding Ready reasons (phabmesh.leases.reasons).
 BINDING_REASONS = frozenset(
     {"Ready", "InvalidSpec", "InvalidSubjects", "BotNotReady", "BotNotAllowed"}
 )

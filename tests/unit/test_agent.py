@@ -10,7 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from phabmesh import agent, podclient
+from phabmesh.pod import agent
+from phabmesh.pod import client as podclient
 from tests.unit.conftest import FakeEndpoint
 
 TOKEN = "api-" + "a" * 28

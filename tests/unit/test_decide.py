@@ -6,7 +6,7 @@ import dataclasses
 import datetime
 
 from phabmesh import identity
-from phabmesh.leases import decide
+from phabmesh.leases import explain, plans, readiness, reasons
 from phabmesh.leases.view import LeaseView
 from phabmesh.leases.world import BindingView, BotView, World
 
@@ -108,15 +108,15 @@ def world(
 
 
 def verdicts(w: World, bot_view: BotView | None, labels: dict[str, str] | None = None) -> dict:  # type: ignore[type-arg]
-    return {b.key: decide.judge_binding(b, bot_view, labels or {}) for b in w.bindings.values()}
+    return {b.key: readiness.judge_binding(b, bot_view, labels or {}) for b in w.bindings.values()}
 
 
 def test_running_meshed_matching_pod_gets_a_lease() -> None:
     w = world(pod(), bindings=(binding(),))
-    plan = decide.plan_pod(w, "p1", N, verdicts(w, bot()))
+    plan = plans.plan_pod(w, "p1", N, verdicts(w, bot()))
     assert [b.name for b in plan.issue] == ["runners"] and plan.revoke == ()
     w.put_lease(lease())
-    assert not decide.plan_pod(w, "p1", N, verdicts(w, bot()))  # holds it already
+    assert not plans.plan_pod(w, "p1", N, verdicts(w, bot()))  # holds it already
 
 
 def test_a_pending_pod_whose_agent_runs_is_issued_its_lease() -> None:
@@ -147,9 +147,9 @@ def test_a_pending_pod_whose_agent_runs_is_issued_its_lease() -> None:
         }
     )
     w = world(running, bindings=(binding(),))
-    assert decide.plan_pod(w, "p1", N, verdicts(w, bot())).issue
+    assert plans.plan_pod(w, "p1", N, verdicts(w, bot())).issue
     w = world(waiting, bindings=(binding(),))
-    assert not decide.plan_pod(w, "p1", N, verdicts(w, bot())).issue
+    assert not plans.plan_pod(w, "p1", N, verdicts(w, bot())).issue
 
 
 def _pending_on_node(states: list[dict[str, object]]) -> identity.PodFacts:
@@ -185,23 +185,23 @@ def test_a_pending_pod_keeps_its_lease_while_an_init_container_restarts() -> Non
     )
     assert not restarting.started
     w = world(restarting, bindings=(binding(),), leases=(lease(),))
-    plan = decide.plan_pod(w, "p1", N, verdicts(w, bot()))
+    plan = plans.plan_pod(w, "p1", N, verdicts(w, bot()))
     assert not plan.revoke and not plan.issue
-    explained = decide.explain_pod(w, "p1", N, verdicts(w, bot()))
+    explained = explain.explain_pod(w, "p1", N, verdicts(w, bot()))
     assert explained.reason == "Matched"
     # Without a lease held, such a pod is not issued one yet.
     w = world(restarting, bindings=(binding(),))
-    assert not decide.plan_pod(w, "p1", N, verdicts(w, bot())).issue
+    assert not plans.plan_pod(w, "p1", N, verdicts(w, bot())).issue
     # Off its node (Unknown), or ended, the lease goes.
     for facts in (pod(phase="Unknown"), pod(phase="Succeeded")):
         w = world(facts, bindings=(binding(),), leases=(lease(),))
-        assert decide.plan_pod(w, "p1", N, verdicts(w, bot())).revoke
+        assert plans.plan_pod(w, "p1", N, verdicts(w, bot())).revoke
 
 
 def test_pods_that_may_not_hold_a_lease() -> None:
     for facts in (pod(phase="Pending"), pod(meshed=False), pod(sa="other")):
         w = world(facts, bindings=(binding(),))
-        assert not decide.plan_pod(w, "p1", N, verdicts(w, bot()))
+        assert not plans.plan_pod(w, "p1", N, verdicts(w, bot()))
 
 
 def test_every_revocation_reason() -> None:
@@ -209,34 +209,38 @@ def test_every_revocation_reason() -> None:
         (
             world(pod(deleting=True), bindings=(binding(),), leases=(lease(),)),
             bot(),
-            decide.POD_TERMINATING,
+            reasons.POD_TERMINATING,
         ),
         (
             world(pod(phase="Succeeded"), bindings=(binding(),), leases=(lease(),)),
             bot(),
-            decide.POD_SUCCEEDED,
+            reasons.POD_SUCCEEDED,
         ),
         (
             world(pod(phase="Failed"), bindings=(binding(),), leases=(lease(),)),
             bot(),
-            decide.POD_FAILED,
+            reasons.POD_FAILED,
         ),
-        (world(bindings=(binding(),), leases=(lease(),)), bot(), decide.POD_DELETED),
-        (world(pod(), leases=(lease(),)), bot(), decide.BINDING_DELETED),
+        (world(bindings=(binding(),), leases=(lease(),)), bot(), reasons.POD_DELETED),
+        (world(pod(), leases=(lease(),)), bot(), reasons.BINDING_DELETED),
         (
             world(pod(sa="other"), bindings=(binding(),), leases=(lease(),)),
             bot(),
-            decide.NO_LONGER_MATCHED,
+            reasons.NO_LONGER_MATCHED,
         ),
-        (world(pod(), bindings=(binding(),), leases=(lease(),)), bot(ready=False), decide.BOT_LOST),
+        (
+            world(pod(), bindings=(binding(),), leases=(lease(),)),
+            bot(ready=False),
+            reasons.BOT_LOST,
+        ),
         (
             world(pod(), bindings=(binding(),), leases=(lease(),), bots=()),
             None,
-            decide.BOT_GONE_HERE,
+            reasons.BOT_GONE_HERE,
         ),
     ]
     for w, bot_view, reason in cases:
-        plan = decide.plan_pod(w, "p1", N, verdicts(w, bot_view))
+        plan = plans.plan_pod(w, "p1", N, verdicts(w, bot_view))
         assert [(lv.name, r) for lv, r in plan.revoke] == [("l-p1-runners", reason)], reason
         assert plan.issue == ()
 
@@ -244,11 +248,11 @@ def test_every_revocation_reason() -> None:
 def test_namespace_selector_gates_the_binding() -> None:
     picky = bot(selector={"matchLabels": {"team": "ci"}})
     b = binding()
-    assert decide.judge_binding(b, picky, {"team": "ci"}).ready
-    refused = decide.judge_binding(b, picky, {"team": "web"})
+    assert readiness.judge_binding(b, picky, {"team": "ci"}).ready
+    refused = readiness.judge_binding(b, picky, {"team": "web"})
     assert (refused.ready, refused.reason, refused.bot_ready) == (
         False,
-        decide.BOT_NOT_ALLOWED,
+        reasons.BOT_NOT_ALLOWED,
         False,
     )
 
@@ -256,21 +260,21 @@ def test_namespace_selector_gates_the_binding() -> None:
 def test_a_bot_the_namespace_may_not_use_is_indistinguishable_from_none() -> None:
     """Neither existence, readiness nor PHID of a bot leaks to a namespace it excludes."""
     b = binding()
-    missing = decide.judge_binding(b, None, {"team": "web"})
+    missing = readiness.judge_binding(b, None, {"team": "web"})
     for view in (
         bot(selector={"matchLabels": {"team": "ci"}}),
         bot(ready=False, selector={"matchLabels": {"team": "ci"}}),
     ):
-        excluded = decide.judge_binding(b, view, {"team": "web"})
+        excluded = readiness.judge_binding(b, view, {"team": "web"})
         shown = dataclasses.replace(excluded, detail="")
         assert shown == dataclasses.replace(missing, detail="")
         assert (excluded.bot_shown, excluded.bot_phid) == (False, None)
-        assert excluded.reason == decide.BOT_NOT_ALLOWED
+        assert excluded.reason == reasons.BOT_NOT_ALLOWED
     assert missing.detail != excluded.detail  # the operator's log still tells them apart
     # Allowed: the bot's details are the namespace's to see.
-    allowed = decide.judge_binding(b, bot(ready=False), {})
+    allowed = readiness.judge_binding(b, bot(ready=False), {})
     assert (allowed.reason, allowed.bot_shown, allowed.bot_phid) == (
-        decide.BOT_NOT_READY,
+        reasons.BOT_NOT_READY,
         True,
         "PHID-USER-x",
     )
@@ -278,7 +282,7 @@ def test_a_bot_the_namespace_may_not_use_is_indistinguishable_from_none() -> Non
 
 def test_revoked_leases_are_not_held() -> None:
     w = world(pod(), bindings=(binding(),), leases=(lease(phase="Revoked"),))
-    plan = decide.plan_pod(w, "p1", N, verdicts(w, bot()))
+    plan = plans.plan_pod(w, "p1", N, verdicts(w, bot()))
     assert [b.name for b in plan.issue] == ["runners"]
 
 
@@ -291,7 +295,7 @@ def test_counts() -> None:
         bindings=(binding(),),
         leases=(lease("a"),),
     )
-    assert decide.count_binding(w, binding(), N) == decide.BindingCounts(
+    assert readiness.count_binding(w, binding(), N) == readiness.BindingCounts(
         matched=1, active=1, unmeshed=1
     )
 
@@ -299,9 +303,9 @@ def test_counts() -> None:
 def test_renewal_at_two_thirds() -> None:
     ttl = datetime.timedelta(minutes=15)
     view = lease()  # expires at 00:15
-    assert not decide.due_for_renewal(view, ttl, T0 + datetime.timedelta(minutes=9, seconds=59))
-    assert decide.due_for_renewal(view, ttl, T0 + datetime.timedelta(minutes=10))
-    assert not decide.due_for_renewal(
+    assert not plans.due_for_renewal(view, ttl, T0 + datetime.timedelta(minutes=9, seconds=59))
+    assert plans.due_for_renewal(view, ttl, T0 + datetime.timedelta(minutes=10))
+    assert not plans.due_for_renewal(
         lease(phase="Revoked"), ttl, T0 + datetime.timedelta(minutes=14)
     )
 
@@ -328,8 +332,8 @@ def test_a_lease_for_the_bot_the_binding_no_longer_names_is_revoked_and_replaced
         leases=(lease(),),  # for ci-bot
         bots=(bot(), named_bot("other-bot")),
     )
-    plan = decide.plan_pod(w, "p1", N, verdicts(w, named_bot("other-bot")))
-    assert [(lv.bot, r) for lv, r in plan.revoke] == [("ci-bot", decide.BOT_CHANGED)]
+    plan = plans.plan_pod(w, "p1", N, verdicts(w, named_bot("other-bot")))
+    assert [(lv.bot, r) for lv, r in plan.revoke] == [("ci-bot", reasons.BOT_CHANGED)]
     assert [(b.name, b.bot) for b in plan.issue] == [("runners", "other-bot")]
 
 
@@ -337,8 +341,8 @@ def test_a_lease_of_a_bot_that_stops_allowing_the_namespace_is_revoked() -> None
     picky = bot(selector={"matchLabels": {"team": "ci"}})
     w = world(pod(), bindings=(binding(),), leases=(lease(),), bots=(picky,), labels={})
     # Even with a verdict that still says Ready (judged before the selector changed).
-    plan = decide.plan_pod(w, "p1", N, verdicts(w, bot()))
-    assert [r for _, r in plan.revoke] == [decide.BOT_GONE_HERE]
+    plan = plans.plan_pod(w, "p1", N, verdicts(w, bot()))
+    assert [r for _, r in plan.revoke] == [reasons.BOT_GONE_HERE]
     assert plan.issue == ()
 
 
@@ -355,10 +359,10 @@ def test_namespaces_of_a_bot_include_those_holding_its_leases() -> None:
 def test_a_shorter_ttl_makes_a_lease_due_at_once() -> None:
     view = lease()  # expires at 00:15, issued under a 15m TTL
     now = T0 + datetime.timedelta(seconds=13)
-    assert not decide.due_for_renewal(view, datetime.timedelta(minutes=15), now)
-    assert decide.due_for_renewal(view, datetime.timedelta(minutes=1), now)
+    assert not plans.due_for_renewal(view, datetime.timedelta(minutes=15), now)
+    assert plans.due_for_renewal(view, datetime.timedelta(minutes=1), now)
     # A longer TTL waits for the usual renewal point.
-    assert not decide.due_for_renewal(view, datetime.timedelta(minutes=30), now)
+    assert not plans.due_for_renewal(view, datetime.timedelta(minutes=30), now)
 
 
 def test_pods_of_another_mesh_get_nothing_and_are_counted() -> None:
@@ -376,58 +380,58 @@ def test_pods_of_another_mesh_get_nothing_and_are_counted() -> None:
         N,
     )
     w = world(other_plane, pod("a"), bindings=(binding(),))
-    assert not decide.plan_pod(w, "o", N, verdicts(w, bot()))
-    assert decide.count_binding(w, binding(), N) == decide.BindingCounts(
+    assert not plans.plan_pod(w, "o", N, verdicts(w, bot()))
+    assert readiness.count_binding(w, binding(), N) == readiness.BindingCounts(
         matched=1, active=0, unmeshed=0, other_mesh=1
     )
 
 
 def _revoked_by_admin(pod_uid: str = "p1") -> LeaseView:
     return dataclasses.replace(
-        lease(pod_uid, phase="Revoked"), reason=decide.REVOKED_BY_ADMIN, resource_version="9"
+        lease(pod_uid, phase="Revoked"), reason=reasons.REVOKED_BY_ADMIN, resource_version="9"
     )
 
 
 def test_no_new_lease_where_an_administrator_revoked_one() -> None:
     w = world(pod(), bindings=(binding(),), leases=(_revoked_by_admin(),))
-    assert not decide.plan_pod(w, "p1", N, verdicts(w, bot()))  # nor is it deleted
+    assert not plans.plan_pod(w, "p1", N, verdicts(w, bot()))  # nor is it deleted
     # Once the pod is gone, it goes like any Revoked lease left behind.
     w.drop_pod("p1")
-    assert [x.reason for x in decide.plan_pod(w, "p1", N, verdicts(w, bot())).delete] == [
-        decide.REVOKED_BY_ADMIN
+    assert [x.reason for x in plans.plan_pod(w, "p1", N, verdicts(w, bot())).delete] == [
+        reasons.REVOKED_BY_ADMIN
     ]
     w.put_pod(pod())
     # Another pod of the same binding still gets its lease, and a lease the operator revoked
     # for a reason of its own does not hold a re-issue back.
     w.put_pod(pod(uid="p2"))
-    assert [b.name for b in decide.plan_pod(w, "p2", N, verdicts(w, bot())).issue] == ["runners"]
-    own = dataclasses.replace(lease(phase="Revoked"), reason=decide.NO_LONGER_MATCHED)
+    assert [b.name for b in plans.plan_pod(w, "p2", N, verdicts(w, bot())).issue] == ["runners"]
+    own = dataclasses.replace(lease(phase="Revoked"), reason=reasons.NO_LONGER_MATCHED)
     w = world(pod(), bindings=(binding(),), leases=(own,))
-    plan = decide.plan_pod(w, "p1", N, verdicts(w, bot()))
+    plan = plans.plan_pod(w, "p1", N, verdicts(w, bot()))
     assert [b.name for b in plan.issue] == ["runners"] and plan.delete == (own,)
 
 
 def test_explain_pod_gives_the_one_reason() -> None:
     cases = [
         (world(pod(), bindings=(binding(),), leases=(lease(),)), bot(), "Matched", True),
-        (world(pod(), bindings=(binding(),)), bot(), decide.ISSUE_PENDING, False),
-        (world(pod()), bot(), decide.NO_BINDING, False),
+        (world(pod(), bindings=(binding(),)), bot(), explain.ISSUE_PENDING, False),
+        (world(pod()), bot(), explain.NO_BINDING, False),
         (world(pod(sa="other"), bindings=(binding(),)), bot(), "IdentityNotListed", False),
-        (world(pod(meshed=False), bindings=(binding(),)), bot(), decide.NOT_MESHED, False),
-        (world(pod(phase="Pending"), bindings=(binding(),)), bot(), decide.NOT_RUNNING, False),
-        (world(pod(deleting=True), bindings=(binding(),)), bot(), decide.POD_TERMINATING, False),
-        (world(pod(), bindings=(binding(),)), bot(ready=False), decide.BOT_NOT_READY, False),
-        (world(pod(), bindings=(binding(),), bots=()), None, decide.BOT_NOT_ALLOWED, False),
+        (world(pod(meshed=False), bindings=(binding(),)), bot(), reasons.NOT_MESHED, False),
+        (world(pod(phase="Pending"), bindings=(binding(),)), bot(), reasons.NOT_RUNNING, False),
+        (world(pod(deleting=True), bindings=(binding(),)), bot(), reasons.POD_TERMINATING, False),
+        (world(pod(), bindings=(binding(),)), bot(ready=False), reasons.BOT_NOT_READY, False),
+        (world(pod(), bindings=(binding(),), bots=()), None, reasons.BOT_NOT_ALLOWED, False),
         (
             world(pod(), bindings=(binding(),), leases=(_revoked_by_admin(),)),
             bot(),
-            decide.REVOKED_BY_ADMIN,
+            reasons.REVOKED_BY_ADMIN,
             False,
         ),
-        (world(bindings=(binding(),)), bot(), decide.POD_DELETED, False),
+        (world(bindings=(binding(),)), bot(), reasons.POD_DELETED, False),
     ]
     for w, bot_view, reason, holds in cases:
-        explained = decide.explain_pod(w, "p1", N, verdicts(w, bot_view))
+        explained = explain.explain_pod(w, "p1", N, verdicts(w, bot_view))
         assert (explained.reason, explained.holds) == (reason, holds), explained
         assert explained.message
 
@@ -435,9 +439,9 @@ def test_explain_pod_gives_the_one_reason() -> None:
 def test_explain_pod_agrees_with_plan_pod() -> None:
     """The explanation rests on the plan: a lease being revoked is not held."""
     w = world(pod(sa="other"), bindings=(binding(),), leases=(lease(),))
-    plan = decide.plan_pod(w, "p1", N, verdicts(w, bot()))
-    explained = decide.explain_pod(w, "p1", N, verdicts(w, bot()))
-    assert [r for _, r in plan.revoke] == [explained.reason] == [decide.NO_LONGER_MATCHED]
+    plan = plans.plan_pod(w, "p1", N, verdicts(w, bot()))
+    explained = explain.explain_pod(w, "p1", N, verdicts(w, bot()))
+    assert [r for _, r in plan.revoke] == [explained.reason] == [reasons.NO_LONGER_MATCHED]
     assert not explained.holds
 
 
@@ -445,12 +449,12 @@ def test_the_nearest_miss_explains() -> None:
     """Of several bindings, the one that picks the pod but is not Ready says why."""
     other = binding(name="others", sa="someone-else")
     w = world(pod(), bindings=(other, binding()))
-    explained = decide.explain_pod(w, "p1", N, verdicts(w, bot(ready=False)))
-    assert explained.reason == decide.BOT_NOT_READY
+    explained = explain.explain_pod(w, "p1", N, verdicts(w, bot(ready=False)))
+    assert explained.reason == reasons.BOT_NOT_READY
     assert '"runners"' in explained.message
     assert {e.binding.name: e.reason for e in explained.bindings} == {
         "others": "IdentityNotListed",
-        "runners": decide.BOT_NOT_READY,
+        "runners": reasons.BOT_NOT_READY,
     }
 
 
@@ -473,16 +477,16 @@ def test_linkerds_label_without_its_proxy_gets_no_lease_and_says_what_is_missing
     )
     w = world(label_only, annotated, bindings=(binding(),))
     for uid in ("l", "a"):
-        assert not decide.plan_pod(w, uid, N, verdicts(w, bot()))
-        explained = decide.explain_pod(w, uid, N, verdicts(w, bot()))
-        assert (explained.reason, explained.holds) == (decide.NOT_MESHED, False)
+        assert not plans.plan_pod(w, uid, N, verdicts(w, bot()))
+        explained = explain.explain_pod(w, uid, N, verdicts(w, bot()))
+        assert (explained.reason, explained.holds) == (reasons.NOT_MESHED, False)
         assert "not meshed (ProxyMissing)" in explained.message
         assert "no linkerd-proxy container" in explained.message
         assert "linkerd.io/inject: enabled" in explained.message
-    assert decide.count_binding(w, binding(), N) == decide.BindingCounts(
+    assert readiness.count_binding(w, binding(), N) == readiness.BindingCounts(
         matched=0, active=0, unmeshed=2, other_mesh=0
     )
     # A pod Linkerd never touched is told the same container is what it lacks.
     w = world(pod(meshed=False), bindings=(binding(),))
-    message = decide.explain_pod(w, "p1", N, verdicts(w, bot())).message
+    message = explain.explain_pod(w, "p1", N, verdicts(w, bot())).message
     assert "not meshed (NoProxy): no linkerd-proxy container" in message

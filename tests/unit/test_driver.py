@@ -14,7 +14,7 @@ from phabmesh.controller import bots as botcheck
 from phabmesh.controller.driver import BotWork, Work, WorkQueue
 from phabmesh.controller.state import Memo
 from phabmesh.kube.client import JSON
-from phabmesh.leases import decide
+from phabmesh.leases import reasons
 from phabmesh.leases.view import LeaseView
 from phabmesh.leases.watches import Watches
 from phabmesh.settings import Settings
@@ -195,7 +195,7 @@ async def test_start_up_lists_leases_before_pods_and_sweeps_only_orphans_of_the_
     swept = await _started(memo)
     assert cluster.listed.index("phabricatorcredentials") < cluster.listed.index("pods")
     assert swept == 1
-    assert recorder.revoked == [("l-gone-runners", decide.POD_GONE)]
+    assert recorder.revoked == [("l-gone-runners", reasons.POD_GONE)]
     # The World holds what the watches listed, the bindings judged.
     assert set(memo.world.pods) == {"p1", "p2"}
     assert ("build", "runners") in memo.bindings.verdicts
@@ -213,7 +213,7 @@ async def test_a_lease_seen_after_the_first_list_is_never_swept() -> None:
     memo.watches.leases._put("ADDED", "build/l-p3-runners", _lease("p3"))
     assert await memo.startup.sweep([]) == 0
     await _drain(memo)
-    assert ("l-p3-runners", decide.POD_GONE) not in recorder.revoked
+    assert ("l-p3-runners", reasons.POD_GONE) not in recorder.revoked
 
 
 async def test_a_deleted_pod_is_dropped_from_the_world_and_reconciled() -> None:
@@ -224,7 +224,7 @@ async def test_a_deleted_pod_is_dropped_from_the_world_and_reconciled() -> None:
     assert "p1" not in memo.world.pods
     assert [w for w in memo.controller.queue.order] == [Work("pod", "p1")]
     await _drain(memo)
-    assert ("l-p1-runners", decide.POD_DELETED) in recorder.revoked
+    assert ("l-p1-runners", reasons.POD_DELETED) in recorder.revoked
 
 
 async def test_a_new_recheck_annotation_checks_the_bot_now() -> None:
@@ -258,7 +258,7 @@ async def test_a_binding_marked_for_deletion_is_as_good_as_deleted() -> None:
     memo.watches.bindings._put("MODIFIED", "build/runners", deleting)
     assert ("build", "runners") not in memo.world.bindings
     await _drain(memo)
-    assert ("l-p1-runners", decide.BINDING_DELETED) in recorder.revoked
+    assert ("l-p1-runners", reasons.BINDING_DELETED) in recorder.revoked
 
 
 async def _until(predicate: Callable[[], bool]) -> None:
@@ -376,7 +376,7 @@ async def test_a_pod_recreated_under_its_name_drops_the_old_incarnation() -> Non
     assert "p1" not in memo.world.pods and "p1-again" in memo.world.pods
     assert {w.key for w in memo.controller.queue.order} == {"p1", "p1-again"}
     await _drain(memo)
-    assert ("l-p1-runners", decide.POD_DELETED) in recorder.revoked
+    assert ("l-p1-runners", reasons.POD_DELETED) in recorder.revoked
 
 
 async def test_a_standby_takes_over_with_the_leaders_bot_readiness_and_revokes_nothing() -> None:
@@ -395,7 +395,7 @@ async def test_a_standby_takes_over_with_the_leaders_bot_readiness_and_revokes_n
     workers = asyncio.create_task(memo.controller.queue.run())
     try:
         await asyncio.sleep(0.05)
-        assert recorder.revoked == [("l-gone-runners", decide.POD_GONE)]  # the sweep only
+        assert recorder.revoked == [("l-gone-runners", reasons.POD_GONE)]  # the sweep only
         acting = True
         await _until(lambda: not memo.controller.queue.order and not memo.controller.queue.busy)
     finally:
@@ -419,7 +419,7 @@ async def test_the_sweep_takes_the_leases_listed_before_the_pods_not_later_ones(
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
-    assert recorder.revoked == [("l-gone-runners", decide.POD_GONE)]
+    assert recorder.revoked == [("l-gone-runners", reasons.POD_GONE)]
 
 
 async def test_a_standby_queues_no_revocation_event_and_forgets_pods_that_hold_nothing() -> None:

@@ -18,7 +18,7 @@ from phabmesh.admission import certificates
 from phabmesh.controller import bots
 from phabmesh.kube.client import JSON
 from phabmesh.kubectl import checks, cluster, commands, injection, main, output, precheck
-from phabmesh.leases import decide, grants
+from phabmesh.leases import explain, grants, readiness, reasons
 from phabmesh.leases.view import LeaseView
 from phabmesh.leases.world import BindingView, World
 from phabmesh.settings import Settings
@@ -129,7 +129,7 @@ def test_why_report_shape() -> None:
             "status": {"phase": "Running"},
         }
     )
-    explained = decide.Explanation(decide.NO_BINDING, "no PhabricatorBinding in namespace ci")
+    explained = explain.Explanation(explain.NO_BINDING, "no PhabricatorBinding in namespace ci")
     report = commands.why_report(explained, pod, N)
     (row,) = report.rows
     assert row == report.document
@@ -166,13 +166,13 @@ def test_the_operators_verdict_is_read_from_the_binding_when_current() -> None:
         ],
     }
     body = _binding_body(status)
-    verdict = decide.shown_verdict(body, BindingView.from_body(body), World())
+    verdict = readiness.shown_verdict(body, BindingView.from_body(body), World())
     assert (verdict.ready, verdict.reason, verdict.bot_shown) == (True, "Ready", True)
     # Stale (another generation) or absent: judged here as the operator judges, and with no
     # bot known, the bot is not allowed.
     for stale in (_binding_body({**status, "observedGeneration": 1}), _binding_body()):
-        judged = decide.shown_verdict(stale, BindingView.from_body(stale), World())
-        assert (judged.ready, judged.reason) == (False, decide.BOT_NOT_ALLOWED)
+        judged = readiness.shown_verdict(stale, BindingView.from_body(stale), World())
+        assert (judged.ready, judged.reason) == (False, reasons.BOT_NOT_ALLOWED)
 
 
 def _lease(name: str, **spec: str) -> LeaseView:

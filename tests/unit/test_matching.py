@@ -124,7 +124,7 @@ def test_a_custom_control_plane_and_trust_domain() -> None:
             {"identities": ["*"], "podSelector": {"matchLabels": {"app": "x"}}},
             matching.SELECTOR_MISMATCH,
         ),
-        # Selection only: the pod's state is phabmesh.leases.decide's (test_decide.py).
+        # Selection only: the pod's state is phabmesh.leases.plans' (test_decide.py).
         (pod(terminating=True), {"identities": ["*"]}, matching.MATCHED),
         (pod(phase="Pending", meshed=False), {"identities": ["*"]}, matching.MATCHED),
         (

@@ -18,7 +18,7 @@ from phabmesh.endpoint import app as endpoint_app
 from phabmesh.gateway import app as gateway_app
 from phabmesh.kube.client import JSON
 from phabmesh.kube.informer import Informer, resource_of
-from phabmesh.leases import decide
+from phabmesh.leases import reasons
 from phabmesh.leases.view import LeaseView
 from phabmesh.leases.world import BindingView, World
 
@@ -62,11 +62,11 @@ def test_the_enumerations_hold_every_reason_the_code_defines() -> None:
     assert bot_reasons == _constants(bots)
     assert bot_reasons == metrics.BOT_REASONS
     binding_reasons = {
-        decide.READY,
-        decide.INVALID_SPEC,
-        decide.INVALID_SUBJECTS,
-        decide.BOT_NOT_READY,
-        decide.BOT_NOT_ALLOWED,
+        reasons.READY,
+        reasons.INVALID_SPEC,
+        reasons.INVALID_SUBJECTS,
+        reasons.BOT_NOT_READY,
+        reasons.BOT_NOT_ALLOWED,
     }
     assert binding_reasons == metrics.BINDING_REASONS
     assert metrics.REVOCATION_REASONS == resources.REVOCATION_REASONS
@@ -140,9 +140,9 @@ def test_a_bot_has_one_series_which_follows_its_reason_and_goes_with_it() -> Non
 
 def test_a_binding_has_one_series_which_follows_its_reason_and_goes_with_it() -> None:
     m = metrics.Metrics()
-    m.binding_status("build", "runners", False, decide.BOT_NOT_READY)
-    m.binding_status("build", "runners", True, decide.READY)
-    m.binding_status("other", "runners", False, decide.BOT_NOT_ALLOWED)
+    m.binding_status("build", "runners", False, reasons.BOT_NOT_READY)
+    m.binding_status("build", "runners", True, reasons.READY)
+    m.binding_status("other", "runners", False, reasons.BOT_NOT_ALLOWED)
     assert sample(m, "phabmesh_binding_ready", namespace="build", binding="runners", reason="Ready")
     assert len(series(m, "phabmesh_binding_ready")) == 2
     m.binding_gone("build", "runners")

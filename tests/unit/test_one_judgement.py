@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from phabmesh import identity
-from phabmesh.leases import decide, grants
+from phabmesh.leases import grants, plans
 from phabmesh.leases.view import LeaseView
 from phabmesh.leases.world import BindingView, BotView, World
 
@@ -104,7 +104,7 @@ def test_the_controller_and_the_gateway_judge_a_lease_alike(
         view = BotView.from_body(bot)
         world.bots[view.name] = view
     world.namespaces[NAMESPACE] = namespace_labels
-    controller = decide.lease_problem(world, lease, NAMING)
+    controller = plans.lease_problem(world, lease, NAMING)
     gateway = grants.refusal(
         lease,
         grants.binding_facts(binding) if binding is not None else None,
@@ -123,6 +123,6 @@ def test_an_unreadable_binding_is_binding_not_ready_to_both() -> None:
     world.bots[bot.name] = bot
     world.namespaces[NAMESPACE] = {}
     lease = _lease(IDENTITY)
-    assert decide.lease_problem(world, lease, NAMING) == "BindingNotReady"
+    assert plans.lease_problem(world, lease, NAMING) == "BindingNotReady"
     facts = grants.binding_facts(body), grants.bot_facts(_bot({}))
     assert grants.refusal(lease, *facts, {}, NAMING) == "BindingNotReady"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from phabmesh import podclient
+from phabmesh.pod import client as podclient
 from tests.unit.conftest import FakeEndpoint
 
 NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from phabmesh import resources
-from phabmesh.leases import decide
+from phabmesh.leases import reasons
 
 CRDS = Path(__file__).resolve().parents[2] / "crds"
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
@@ -184,20 +184,20 @@ def test_revocation_reasons_are_the_crds_and_the_controllers() -> None:
     assert documented == resources.REVOCATION_REASONS
     assert all(re.fullmatch(reason["pattern"], r) for r in resources.REVOCATION_REASONS)
     controller = {
-        decide.POD_TERMINATING,
-        decide.POD_SUCCEEDED,
-        decide.POD_FAILED,
-        decide.POD_DELETED,
-        decide.POD_GONE,
-        decide.NOT_RUNNING,
-        decide.NOT_MESHED,
-        decide.NO_LONGER_MATCHED,
-        decide.BINDING_DELETED,
-        decide.BINDING_NOT_READY,
-        decide.BOT_LOST,
-        decide.BOT_CHANGED,
-        decide.BOT_GONE_HERE,
-        decide.REVOKED_BY_ADMIN,
+        reasons.POD_TERMINATING,
+        reasons.POD_SUCCEEDED,
+        reasons.POD_FAILED,
+        reasons.POD_DELETED,
+        reasons.POD_GONE,
+        reasons.NOT_RUNNING,
+        reasons.NOT_MESHED,
+        reasons.NO_LONGER_MATCHED,
+        reasons.BINDING_DELETED,
+        reasons.BINDING_NOT_READY,
+        reasons.BOT_LOST,
+        reasons.BOT_CHANGED,
+        reasons.BOT_GONE_HERE,
+        reasons.REVOKED_BY_ADMIN,
     }
     assert controller == resources.REVOCATION_REASONS
 

@@ -7,7 +7,7 @@ import asyncio
 
 from phabmesh.controller import retry
 from phabmesh.identity import Naming
-from phabmesh.leases import decide
+from phabmesh.leases import plans, readiness
 from phabmesh.leases.view import LeaseView
 from phabmesh.leases.world import World
 from tests.unit.test_decide import binding, bot, lease, pod
@@ -76,12 +76,12 @@ def test_a_lease_left_revoked_is_deleted_by_the_pods_plan() -> None:
     active = lease("p1", "runners")
     world.put_lease(active)
     verdicts = {
-        b.key: decide.judge_binding(b, world.bots["ci-bot"], {}) for b in world.bindings.values()
+        b.key: readiness.judge_binding(b, world.bots["ci-bot"], {}) for b in world.bindings.values()
     }
-    assert not decide.plan_pod(world, active.pod_uid, Naming(), verdicts)
+    assert not plans.plan_pod(world, active.pod_uid, Naming(), verdicts)
     left = LeaseView(**{**active.__dict__, "phase": "Revoked", "reason": "PodTerminating"})
     world.put_lease(left)
-    plan = decide.plan_pod(world, active.pod_uid, Naming(), verdicts)
+    plan = plans.plan_pod(world, active.pod_uid, Naming(), verdicts)
     assert plan.delete == (left,)
     # The pod is still entitled: issued again once the delete has freed the name (the
     # revocations and deletes of a plan go first).

@@ -30,7 +30,7 @@ from phabmesh import metrics, resources
 from phabmesh.controller.webhooks import WebhookView
 from phabmesh.controller.writer import NotActing
 from phabmesh.kube.informer import DELETED, View
-from phabmesh.leases import decide
+from phabmesh.leases import plans, reasons
 from phabmesh.leases.view import LeaseView
 from phabmesh.leases.watches import Watches
 from phabmesh.leases.world import BindingView, BotView, Key
@@ -421,7 +421,7 @@ class Controller:
                 raise
         elif work.kind == "revoked":
             assert isinstance(data, LeaseView)
-            await memo.writer.announce_revoked(data, decide.POD_DELETED)
+            await memo.writer.announce_revoked(data, reasons.POD_DELETED)
 
     async def _lease(self, key: Hashable) -> None:
         """A lease the pod should not hold (written by someone else, or left from before a
@@ -434,7 +434,7 @@ class Controller:
         if lease is None or not lease.active or lease.pod_uid not in memo.world.pods:
             return
         verdicts = memo.bindings.verdicts_in(lease.namespace)
-        plan = decide.plan_pod(memo.world, lease.pod_uid, memo.naming, verdicts)
+        plan = plans.plan_pod(memo.world, lease.pod_uid, memo.naming, verdicts)
         if any(revoked.key == lease.key for revoked, _ in plan.revoke):
             await memo.leases.reconcile_pod(lease.pod_uid)
 

@@ -7,9 +7,10 @@
 - :class:`Startup`: the sweep of leases whose pods went while the operator was away.
 
 Each gathers from the World (kept by watch events), decides with a pure policy
-(:mod:`phabmesh.controller.bots`, :mod:`phabmesh.leases.decide`), and writes (through
-the :class:`~phabmesh.controller.writer.Writer`) only what changed against the object as
-the cluster last showed it. The shared parts (settings, World, clients, writer) are the
+(:mod:`phabmesh.controller.bots`, :mod:`phabmesh.leases.plans`,
+:mod:`phabmesh.leases.readiness`), and writes (through the
+:class:`~phabmesh.controller.writer.Writer`) only what changed against the object as the
+cluster last showed it. The shared parts (settings, World, clients, writer) are the
 :class:`~phabmesh.controller.state.Memo`'s.
 """
 
@@ -29,7 +30,7 @@ from phabmesh.controller import bots as botcheck
 from phabmesh.controller.retry import Retries
 from phabmesh.kube import Conflict, KubeError
 from phabmesh.kube.client import JSON
-from phabmesh.leases import decide
+from phabmesh.leases import plans, readiness, reasons
 from phabmesh.leases.world import NOT_CHECKED, BindingView, BotView, Key, World, conditions_of
 from phabmesh.resources import binding_path, bot_path
 
@@ -221,20 +222,20 @@ class Bindings(_Reconciler):
 
     def __init__(self, memo: Memo) -> None:
         super().__init__(memo)
-        self.verdicts: dict[Key, decide.Verdict] = {}
+        self.verdicts: dict[Key, readiness.Verdict] = {}
 
-    def judge(self, binding: BindingView) -> decide.Verdict:
+    def judge(self, binding: BindingView) -> readiness.Verdict:
         verdict = self.verdicts[binding.key] = self._verdict(binding)
         return verdict
 
     def forget(self, key: Key) -> None:
         self.verdicts.pop(key, None)
 
-    def _verdict(self, binding: BindingView) -> decide.Verdict:
+    def _verdict(self, binding: BindingView) -> readiness.Verdict:
         bot = self.world.bots.get(binding.bot) if binding.bot else None
-        return decide.judge_binding(binding, bot, self.world.namespaces.get(binding.namespace))
+        return readiness.judge_binding(binding, bot, self.world.namespaces.get(binding.namespace))
 
-    def verdicts_in(self, namespace: str) -> dict[Key, decide.Verdict]:
+    def verdicts_in(self, namespace: str) -> dict[Key, readiness.Verdict]:
         """The verdicts, those of the namespace's bindings judged first if they are not yet:
         a replica that was paused by peering has had no binding event, and a pod's event may
         come first when it acts; a binding it has not judged is not one to revoke by."""
@@ -266,7 +267,7 @@ class Bindings(_Reconciler):
     async def write_status(self, binding: BindingView) -> None:
         verdict = self.verdicts.get(binding.key) or self._verdict(binding)
         metrics.current().binding_status(*binding.key, verdict.ready, verdict.reason)
-        counts = decide.count_binding(self.world, binding, self.naming)
+        counts = readiness.count_binding(self.world, binding, self.naming)
         now = self.clock()
         seen = self.world.bindings.get(binding.key, binding)  # as the cluster last showed it
         previous = conditions_of(seen.status)
@@ -369,7 +370,7 @@ class Leases(_Reconciler):
         due = [
             lease
             for lease in self.world.leases_of_binding(binding.key)
-            if decide.due_for_renewal(lease, ttl, now)
+            if plans.due_for_renewal(lease, ttl, now)
         ]
         for lease in due:
             await self.reconcile_pod(lease.pod_uid)
@@ -399,7 +400,7 @@ class Leases(_Reconciler):
                     if pod is not None
                     else self.memo.bindings.verdicts
                 )
-                plan = decide.plan_pod(self.world, uid, self.naming, verdicts)
+                plan = plans.plan_pod(self.world, uid, self.naming, verdicts)
                 if plan:
                     await self._execute(uid, plan)
                 else:
@@ -409,7 +410,7 @@ class Leases(_Reconciler):
             if entry.users == 0 and uid not in self.world.pods:
                 self._pod_locks.pop(uid, None)
 
-    async def _execute(self, uid: str, plan: decide.Plan) -> None:
+    async def _execute(self, uid: str, plan: plans.Plan) -> None:
         # Revocations first: a lease re-issued for another bot takes the revoked one's name.
         revokes = await asyncio.gather(
             *(self.writer.revoke(lease, reason) for lease, reason in plan.revoke),
@@ -489,7 +490,7 @@ class Startup(_Reconciler):
             lease for lease in leases if lease is not None and lease.pod_uid not in world.pods
         ]
         results = await asyncio.gather(
-            *(self.writer.revoke(lease, decide.POD_GONE) for lease in orphans),
+            *(self.writer.revoke(lease, reasons.POD_GONE) for lease in orphans),
             return_exceptions=True,
         )
         for lease, result in zip(orphans, results, strict=True):

@@ -29,7 +29,7 @@ from phabmesh.controller.reconcilers import _Reconciler, changed
 from phabmesh.controller.writer import NotActing
 from phabmesh.kube import Conflict, KubeError, NotFound
 from phabmesh.kube.client import JSON
-from phabmesh.leases.decide import bot_allows
+from phabmesh.leases.readiness import bot_allows
 from phabmesh.leases.world import Key, conditions_of
 from phabmesh.resources import resource_path, webhook_path
 

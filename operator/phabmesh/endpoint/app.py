@@ -45,7 +45,7 @@ from phabmesh import (
 from phabmesh.clock import format_time, utcnow
 from phabmesh.credentials.keystore import KeyStore
 from phabmesh.kube import KubeClient, KubeError, NotFound
-from phabmesh.leases import decide
+from phabmesh.leases import explain
 from phabmesh.leases.grants import BindingFacts, Grants, credential_end
 from phabmesh.leases.index import LeaseIndex
 from phabmesh.leases.view import LeaseView
@@ -744,7 +744,7 @@ class CredentialEndpoint:
         return reason
 
     async def _explain(self, who: Reviewed, wanted: str | None, leases: list[LeaseView]) -> str:
-        """From the decision the operator makes (:func:`phabmesh.leases.decide.
+        """From the decision the operator makes (:func:`phabmesh.leases.explain.
         explain_from_objects`) over the pod, its namespace's bindings and the bots as the API
         server shows them now, and the pod's ``leases`` as this process's watch shows them."""
         try:
@@ -770,7 +770,7 @@ class CredentialEndpoint:
             for body in listing.get("items") or []
             if not wanted or (body.get("metadata") or {}).get("name") == wanted
         ]
-        explanation = decide.explain_from_objects(
+        explanation = explain.explain_from_objects(
             facts,
             bindings,
             self.naming,

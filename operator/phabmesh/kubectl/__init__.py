@@ -4,7 +4,7 @@ cluster.
 - ``check``: is the install healthy (CRDs, webhook and caBundle, peering, RBAC, Linkerd
   policy, signing keys, Phabricator)?
 - ``why POD``: the one reason a pod holds a credential or holds none, from the operator's own
-  pure decisions (:func:`phabmesh.leases.decide.explain_pod`) over the objects read now;
+  pure decisions (:func:`phabmesh.leases.explain.explain_pod`) over the objects read now;
 - ``who-can BOT``: which pods and identities hold a credential for a bot now;
 - ``revoke pod/NAME|binding/NAME``: revoke credentials now, with an Event and an audit line;
 - ``recheck BOT``: ask the operator to check a bot against Phabricator now.

@@ -17,7 +17,7 @@ from phabmesh.kube import KubeError
 from phabmesh.kube.client import JSON
 from phabmesh.kubectl import cluster
 from phabmesh.kubectl.output import Report
-from phabmesh.leases import decide, grants
+from phabmesh.leases import explain, grants
 from phabmesh.leases.view import LeaseView
 from phabmesh.resources import resource_path
 
@@ -40,7 +40,7 @@ WHY_COLUMNS = (
 
 
 def why_report(
-    explanation: decide.Explanation, pod: identity.PodFacts, naming: identity.Naming
+    explanation: explain.Explanation, pod: identity.PodFacts, naming: identity.Naming
 ) -> Report:
     row: dict[str, Any] = {
         "namespace": pod.namespace,
@@ -80,7 +80,7 @@ async def why(session: cluster.Session, namespace: str, name: str) -> Report:
         session.find(resource_path("", "v1", "namespaces", None, namespace)),
     )
     pod = identity.PodFacts.from_pod(pod_body, naming)
-    explanation = decide.explain_from_objects(
+    explanation = explain.explain_from_objects(
         pod,
         bindings,
         naming,
@@ -88,7 +88,7 @@ async def why(session: cluster.Session, namespace: str, name: str) -> Report:
         namespace_labels=((ns_body or {}).get("metadata") or {}).get("labels") or {},
         leases=[LeaseView.from_body(body) for body in leases],
     )
-    if explanation.reason == decide.ISSUE_PENDING:
+    if explanation.reason == explain.ISSUE_PENDING:
         refused = await last_write_failure(session, namespace, pod.uid)
         if refused:
             explanation = dataclasses.replace(

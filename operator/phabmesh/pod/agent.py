@@ -1,7 +1,7 @@
 """The credential agent: ``phabmesh agent sidecar|init``, the container the webhook adds.
 
 It exchanges the pod's projected service-account token for a credential (the same
-exchange as ``phabmesh credential``, :mod:`phabmesh.podclient`) and writes, into one
+exchange as ``phabmesh credential``, :mod:`phabmesh.pod.client`) and writes, into one
 directory (``/var/run/phabmesh`` in an injected pod, an emptyDir every app container
 mounts, and their ``HOME``):
 
@@ -38,8 +38,9 @@ from types import FrameType
 
 import structlog
 
-from phabmesh import logs, podclient
+from phabmesh import logs
 from phabmesh.backoff import Backoff
+from phabmesh.pod import client as podclient
 
 log = structlog.get_logger(__name__)
 
