@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from phabmesh import identity, resources
@@ -18,6 +18,7 @@ from phabmesh.leases import reasons
 from phabmesh.leases.view import LeaseView
 from phabmesh.leases.watches import Watches
 from phabmesh.settings import Settings
+from tests.fakeapi import FakeAPI
 
 LEASE = "runner.build.serviceaccount.identity.linkerd.cluster.local"
 
@@ -69,19 +70,14 @@ def _binding(name: str = "runners") -> JSON:
     }
 
 
-class _Cluster:
+class _Cluster(FakeAPI):
     """Lists what it holds per collection and records the order of the lists; its watches
     stay open and quiet."""
 
     def __init__(self, objects: Mapping[str, list[JSON]]) -> None:
+        super().__init__()
         self.objects = objects
         self.listed: list[str] = []
-
-    async def list_pages(
-        self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
-    ) -> AsyncIterator[tuple[list[JSON], str]]:
-        """One page: all of ``list_all``."""
-        yield await self.list_all(path, params, chunk)
 
     async def list_all(
         self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
@@ -89,21 +85,6 @@ class _Cluster:
         collection = path.rstrip("/").rsplit("/", 1)[-1]
         self.listed.append(collection)
         return [dict(obj) for obj in self.objects.get(collection, [])], "1"
-
-    async def watch(
-        self,
-        path: str,
-        resource_version: str,
-        params: Mapping[str, str] | None = None,
-        timeout_seconds: int = 300,
-        *,
-        idle_timeout: float | None = None,
-        opened: Callable[[], None] | None = None,
-    ) -> AsyncIterator[JSON]:
-        if opened is not None:
-            opened()
-        await asyncio.Event().wait()
-        yield {}
 
 
 class _Recorder:

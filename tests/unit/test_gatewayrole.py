@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator, Mapping
-from typing import Any, cast
+from collections.abc import Mapping
+from typing import cast
 
 from phabmesh import gatewayrole
 from phabmesh.kube import KubeClient, KubeError
 from phabmesh.kube.client import JSON
 from phabmesh.kube.informer import Informer
 from phabmesh.leases.grants import BotFacts
+from tests.fakeapi import FakeAPI
 
 OWN = {"phabmesh-webhook-tls", "phabmesh-signing-keys"}
 
@@ -99,19 +100,13 @@ def test_the_gateway_watches_what_the_role_lists_and_a_bot_names() -> None:
     assert not unread.synced
 
 
-class _LaggingAuthorizer:
+class _LaggingAuthorizer(FakeAPI):
     """The API server right after the Role named Secret ``a``: the Role reads so already,
     the first two reads of the Secret are still refused (403), then it is served."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.refusals = 2
-        self.quiet = asyncio.Event()
-
-    async def list_pages(
-        self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
-    ) -> AsyncIterator[tuple[list[JSON], str]]:
-        """One page: all of ``list_all``."""
-        yield await self.list_all(path, params, chunk)
 
     async def list_all(
         self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
@@ -123,13 +118,6 @@ class _LaggingAuthorizer:
             raise KubeError(403, "Forbidden", 'secrets "a" is forbidden')
         token = base64.b64encode(b"api-token-a").decode()
         return [{"metadata": {"name": "a", "namespace": "ns"}, "data": {"token": token}}], "2"
-
-    async def watch(self, *args: Any, **kwargs: Any) -> AsyncIterator[JSON]:
-        opened = kwargs.get("opened")
-        if opened is not None:
-            opened()
-        await asyncio.Event().wait()  # quiet for as long as the test runs
-        yield {}
 
 
 def _role(names: list[str]) -> JSON:

@@ -9,50 +9,19 @@ from typing import Any
 from phabmesh import metrics
 from phabmesh.kube.client import JSON, Unavailable
 from phabmesh.kube.informer import Informer
+from tests.fakeapi import FakeAPI
 
 
-class _FakeClient:
+class _FakeClient(FakeAPI):
     """The two calls an informer makes; ``listing`` and ``stream`` say what they give."""
-
-    def __init__(self) -> None:
-        self.lists = 0
-        self.watches = 0
-        self.quiet = asyncio.Event()
 
     def listing(self) -> list[JSON]:
         return []
 
-    async def list_pages(
-        self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
-    ) -> AsyncIterator[tuple[list[JSON], str]]:
-        """One page: all of ``list_all``."""
-        yield await self.list_all(path, params, chunk)
-
     async def list_all(
         self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
     ) -> tuple[list[JSON], str]:
-        self.lists += 1
         return self.listing(), "7"
-
-    async def watch(
-        self,
-        path: str,
-        resource_version: str,
-        params: Mapping[str, str] | None = None,
-        timeout_seconds: int = 300,
-        *,
-        idle_timeout: float | None = None,
-        opened: Callable[[], None] | None = None,
-    ) -> AsyncIterator[JSON]:
-        self.watches += 1
-        async for event in self.stream(opened or (lambda: None)):
-            yield event
-
-    async def stream(self, opened: Callable[[], None]) -> AsyncIterator[JSON]:
-        opened()
-        self.quiet.set()
-        await asyncio.Event().wait()  # no event for as long as the test runs
-        yield {}
 
 
 class _FlakyClient(_FakeClient):

@@ -21,6 +21,7 @@ from phabmesh.kube.informer import Informer, resource_of
 from phabmesh.leases import reasons
 from phabmesh.leases.view import LeaseView
 from phabmesh.leases.world import BindingView, World
+from tests.fakeapi import FakeAPI
 
 NOW = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)
 
@@ -223,35 +224,20 @@ def test_watches_of_a_resource_are_connected_only_together_and_as_fresh_as_the_s
     assert sample(m, "phabmesh_watch_connected", resource="bindings") == 0.0
 
 
-class _OneList:
+class _OneList(FakeAPI):
     """Lists one object; its watch is accepted, sends a bookmark, then stays quiet."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.bookmarked = asyncio.Event()
-
-    async def list_pages(
-        self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
-    ) -> AsyncIterator[tuple[list[JSON], str]]:
-        """One page: all of ``list_all``."""
-        yield await self.list_all(path, params, chunk)
 
     async def list_all(
         self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
     ) -> tuple[list[JSON], str]:
         return [{"metadata": {"name": "a", "resourceVersion": "5"}}], "5"
 
-    async def watch(
-        self,
-        path: str,
-        resource_version: str,
-        params: Mapping[str, str] | None = None,
-        timeout_seconds: int = 300,
-        *,
-        idle_timeout: float | None = None,
-        opened: Callable[[], None] | None = None,
-    ) -> AsyncIterator[JSON]:
-        if opened is not None:
-            opened()
+    async def stream(self, opened: Callable[[], None]) -> AsyncIterator[JSON]:
+        opened()
         yield {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}}
         self.bookmarked.set()
         await asyncio.Event().wait()

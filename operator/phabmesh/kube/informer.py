@@ -69,23 +69,63 @@ def object_key(obj: Mapping[str, Any]) -> str:
     return f"{ns}/{meta.get('name')}" if ns else str(meta.get("name"))
 
 
-def _call_all(reader: Informer[Any] | View[Any], kind: str, key: str, value: Any) -> None:
-    """Every handler of ``reader`` on one event; then the first failure, if any, is raised:
-    a reader whose handler failed no longer knows what it holds, so the watch counts as
-    failed (its readers fail closed) and lists again."""
-    handlers = [reader.on_event] if reader.on_event is not None else []
-    failure: Exception | None = None
-    for handler in [*handlers, *reader._listeners]:
+class _Reader(Generic[V]):
+    """What a reader of a collection keeps: ``items`` (key → its reduction of the object),
+    kept by :meth:`_put` and :meth:`_drop`, which call its handlers."""
+
+    def __init__(
+        self,
+        transform: Callable[[JSON], V],
+        on_event: Callable[[str, str, V | None], None] | None,
+        name: str,
+    ) -> None:
+        self.transform = transform
+        self.on_event = on_event
+        self.name = name
+        self._listeners: list[Callable[[str, str, V | None], None]] = []
+        self.items: dict[str, V] = {}
+        # While an event is emitted: the value the object had before it (None when it is new,
+        # and between events).
+        self.previous: V | None = None
+
+    def subscribe(self, handler: Callable[[str, str, V | None], None]) -> None:
+        """Call ``handler`` on each event too, after ``on_event`` (for a second reader of a
+        shared informer)."""
+        self._listeners.append(handler)
+
+    def _emit(self, kind: str, key: str, value: V | None) -> None:
+        """Every handler on one event; then the first failure, if any, is raised: a reader
+        whose handler failed no longer knows what it holds, so the watch counts as failed
+        (its readers fail closed) and lists again."""
+        handlers = [self.on_event] if self.on_event is not None else []
+        failure: Exception | None = None
+        for handler in [*handlers, *self._listeners]:
+            try:
+                handler(kind, key, value)
+            except Exception as exc:
+                log.exception("informer_handler_failed", informer=self.name, key=key)
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    def _put(self, kind: str, key: str, obj: JSON) -> None:
+        value = self.transform(obj)
+        self.previous = self.items.get(key)
+        self.items[key] = value
         try:
-            handler(kind, key, value)
-        except Exception as exc:
-            log.exception("informer_handler_failed", informer=reader.name, key=key)
-            failure = failure or exc
-    if failure is not None:
-        raise failure
+            self._emit(kind, key, value)
+        finally:
+            self.previous = None
+
+    def _drop(self, key: str) -> None:
+        self.previous = self.items.pop(key, None)
+        try:
+            self._emit(DELETED, key, None)
+        finally:
+            self.previous = None
 
 
-class Informer(Generic[V]):
+class Informer(_Reader[V]):
     def __init__(
         self,
         client: KubeClient,
@@ -99,21 +139,14 @@ class Informer(Generic[V]):
         watch_timeout: int | None = None,
         liveness: float = DEFAULT_LIVENESS,
     ) -> None:
+        super().__init__(transform, on_event, name or path)
         self.client = client
         self.path = path
-        self.transform = transform
         self.params = dict(params or {})
-        self.on_event = on_event
-        self._listeners: list[Callable[[str, str, V | None], None]] = []
-        self.name = name or path
         self.chunk = chunk
         self.liveness = liveness
         self.watch_timeout = watch_timeout or max(1, int(liveness * 2 / 3))
         self.read_deadline = max(liveness, self.watch_timeout + 1.0)
-        self.items: dict[str, V] = {}
-        # While an event is emitted: the value the object had before it (None when it is new,
-        # and between events).
-        self.previous: V | None = None
         self._views: list[View[Any]] = []
         self.synced = asyncio.Event()
         self.connected = False
@@ -128,14 +161,6 @@ class Informer(Generic[V]):
     def healthy(self) -> bool:
         """Connected and synced: what the process knows of the collection is current."""
         return self.connected and self.synced.is_set()
-
-    def subscribe(self, handler: Callable[[str, str, V | None], None]) -> None:
-        """Call ``handler`` on each event too, after ``on_event`` (for a second reader of a
-        shared informer)."""
-        self._listeners.append(handler)
-
-    def _emit(self, kind: str, key: str, value: V | None) -> None:
-        _call_all(self, kind, key, value)
 
     def view(
         self,
@@ -153,22 +178,12 @@ class Informer(Generic[V]):
         return view
 
     def _put(self, kind: str, key: str, obj: JSON) -> None:
-        value = self.transform(obj)
-        self.previous = self.items.get(key)
-        self.items[key] = value
-        try:
-            self._emit(kind, key, value)
-        finally:
-            self.previous = None
+        super()._put(kind, key, obj)
         for view in self._views:
             view._put(kind, key, obj)
 
     def _drop(self, key: str) -> None:
-        self.previous = self.items.pop(key, None)
-        try:
-            self._emit(DELETED, key, None)
-        finally:
-            self.previous = None
+        super()._drop(key)
         for view in self._views:
             view._drop(key)
 
@@ -264,7 +279,7 @@ class Informer(Generic[V]):
                 await asyncio.sleep(RECONNECT.delay(failures))
 
 
-class View(Generic[V]):
+class View(_Reader[V]):
     """A reader's own reduction of an :class:`Informer`'s objects (:meth:`Informer.view`):
     ``items``, ``synced``, ``connected`` and ``healthy`` as an informer has them, kept
     current by the informer it was made from. :meth:`run` waits: the informer runs."""
@@ -278,16 +293,11 @@ class View(Generic[V]):
         name: str = "",
         only: str | None = None,
     ) -> None:
+        super().__init__(transform, on_event, name)
         self.source = source
         self.only = only
-        self.transform = transform
-        self.on_event = on_event
-        self.name = name
         self.resource = source.resource
-        self.items: dict[str, V] = {}
-        self.previous: V | None = None
         self.synced = asyncio.Event()
-        self._listeners: list[Callable[[str, str, V | None], None]] = []
 
     @property
     def connected(self) -> bool:
@@ -297,31 +307,13 @@ class View(Generic[V]):
     def healthy(self) -> bool:
         return self.source.healthy
 
-    def subscribe(self, handler: Callable[[str, str, V | None], None]) -> None:
-        self._listeners.append(handler)
-
-    def _emit(self, kind: str, key: str, value: V | None) -> None:
-        _call_all(self, kind, key, value)
-
     def _put(self, kind: str, key: str, obj: JSON) -> None:
-        if self.only is not None and key != self.only:
-            return
-        value = self.transform(obj)
-        self.previous = self.items.get(key)
-        self.items[key] = value
-        try:
-            self._emit(kind, key, value)
-        finally:
-            self.previous = None
+        if self.only is None or key == self.only:
+            super()._put(kind, key, obj)
 
     def _drop(self, key: str) -> None:
-        if self.only is not None and key != self.only:
-            return
-        self.previous = self.items.pop(key, None)
-        try:
-            self._emit(DELETED, key, None)
-        finally:
-            self.previous = None
+        if self.only is None or key == self.only:
+            super()._drop(key)
 
     async def run(self) -> None:
         """Nothing to run: the informer feeds this view. Waits until cancelled."""

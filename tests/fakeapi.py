@@ -1,0 +1,50 @@
+"""A test double of the two calls an informer makes (list and watch), for unit tests of
+pure logic: ``list_all`` says what a list holds (one page), ``stream`` what a watch sends."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping
+
+from phabmesh.kube.client import JSON
+
+
+class FakeAPI:
+    """Lists nothing; its watch is accepted, then stays quiet (``quiet`` is set)."""
+
+    def __init__(self) -> None:
+        self.lists = 0
+        self.watches = 0
+        self.quiet = asyncio.Event()
+
+    async def list_all(
+        self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
+    ) -> tuple[list[JSON], str]:
+        return [], "1"
+
+    async def list_pages(
+        self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
+    ) -> AsyncIterator[tuple[list[JSON], str]]:
+        """One page: all of ``list_all``."""
+        self.lists += 1
+        yield await self.list_all(path, params, chunk)
+
+    async def watch(
+        self,
+        path: str,
+        resource_version: str,
+        params: Mapping[str, str] | None = None,
+        timeout_seconds: int = 300,
+        *,
+        idle_timeout: float | None = None,
+        opened: Callable[[], None] | None = None,
+    ) -> AsyncIterator[JSON]:
+        self.watches += 1
+        async for event in self.stream(opened or (lambda: None)):
+            yield event
+
+    async def stream(self, opened: Callable[[], None]) -> AsyncIterator[JSON]:
+        opened()
+        self.quiet.set()
+        await asyncio.Event().wait()  # no event for as long as the test runs
+        yield {}
