@@ -151,14 +151,14 @@ class Operator(Child):
         *,
         shipped_budgets: bool = False,
     ) -> None:
-        self.issuer_port = serving.free_port("127.0.0.1")
+        self.endpoint_port = serving.free_port("127.0.0.1")
         self.metrics_port = serving.free_port("127.0.0.1")
         self.webhook_port = serving.free_port("127.0.0.1")
         env = phabmesh_env(
             plane,
             conduit,
             "operator",
-            endpoint_port=self.issuer_port,
+            endpoint_port=self.endpoint_port,
             metrics_port=self.metrics_port,
             webhook_port=self.webhook_port,
         )
@@ -353,7 +353,7 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
         children += [operator, gateway]
         await ready(http, operator.metrics_port)
         await ready(http, gateway.metrics_port)
-        issuer = f"http://127.0.0.1:{operator.issuer_port}/v1/credentials"
+        issuer = f"http://127.0.0.1:{operator.endpoint_port}/v1/credentials"
         gw = f"http://127.0.0.1:{gateway.port}/api/user.whoami"
 
         # Issuance: a few pods, then `burst` pods, patched Running at once -> leases Active.

@@ -326,7 +326,7 @@ async def credential_flood(
             ) == len(uids)
 
         await until(all_active, 60)
-        url = f"http://127.0.0.1:{operator.issuer_port}/v1/credentials"
+        url = f"http://127.0.0.1:{operator.endpoint_port}/v1/credentials"
         identity = f"runner.{NS}.serviceaccount.identity.linkerd.cluster.local"
 
         async def exchange(pod: dict[str, object]) -> float:
@@ -534,7 +534,7 @@ async def identities_flood(
             return held == uids
 
         await until(all_active, 60)
-        url = f"http://127.0.0.1:{operator.issuer_port}/v1/credentials"
+        url = f"http://127.0.0.1:{operator.endpoint_port}/v1/credentials"
         alone = await _exchanges(http, kube, url, created, args.seconds)
         with concurrent.futures.ProcessPoolExecutor(
             1, mp_context=multiprocessing.get_context("spawn")
@@ -613,7 +613,7 @@ async def gateway_floods(  # noqa: PLR0915 - one measured story, told in order
         await ready(http, gateway.metrics_port)
         pod = (await pods(kube, NS, 1, running=True))[0]
         token = await kube.pod_token(NS, "runner", pod, seconds=3600)
-        url = f"http://127.0.0.1:{operator.issuer_port}/v1/credentials"
+        url = f"http://127.0.0.1:{operator.endpoint_port}/v1/credentials"
         credential = ""
 
         async def exchanged() -> bool:

@@ -184,7 +184,7 @@ async def flood_rows(
 
         alone = await probes("alone")
         gateway_url = f"http://127.0.0.1:{gateway.port}/api/user.whoami"
-        issuer_url = f"http://127.0.0.1:{operator.issuer_port}/v1/credentials"
+        issuer_url = f"http://127.0.0.1:{operator.endpoint_port}/v1/credentials"
         floods: list[tuple[str, Flood]] = [
             (
                 "webhook: 8 x 400 KB AdmissionReviews",

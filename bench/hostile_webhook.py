@@ -71,7 +71,7 @@ async def loops(
 ) -> tuple[list[float], list[float], list[float]]:
     """(ping, exchange, issuance) times, each loop one after another for ``seconds``
     (exchanges ``pace`` seconds apart)."""
-    url = f"http://127.0.0.1:{operator.issuer_port}/v1/credentials"
+    url = f"http://127.0.0.1:{operator.endpoint_port}/v1/credentials"
     identity = f"runner.{NS}.serviceaccount.identity.linkerd.cluster.local"
     (pod,) = await pods(kube, NS, 1, prefix=f"exchanger-{tag}", running=True)
 

@@ -585,7 +585,7 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
         )
 
         # Credentials for a sample of those pods, to be refused by the gateway on scale-down.
-        issuer = f"http://127.0.0.1:{operator.issuer_port}/v1/credentials"
+        issuer = f"http://127.0.0.1:{operator.endpoint_port}/v1/credentials"
         sample = sorted(uids)[: args.sample]
         names = {watch.uid_of[k]: k.split("/", 1)[1] for k in list(watch.uid_of)}
         credentials: dict[str, str] = {}

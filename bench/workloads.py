@@ -90,7 +90,7 @@ class Fleet:
     def __init__(
         self, kube: KubeClient, http: aiohttp.ClientSession, issuer: str, gateway: str
     ) -> None:
-        self.kube, self.http, self.issuer, self.gateway = kube, http, issuer, gateway
+        self.kube, self.http, self.endpoint, self.gateway = kube, http, issuer, gateway
         self.running_at: dict[str, float] = {}
         self.first_ok: dict[str, float] = {}  # uid -> seconds from Running to the first OK
         self.deleting_at: dict[str, float] = {}
@@ -139,7 +139,7 @@ class Fleet:
         while time.perf_counter() < deadline and pod.uid not in self.deleting_at:
             async with (
                 self.gate,
-                self.http.post(self.issuer, headers={"Authorization": f"Bearer {token}"}) as r,
+                self.http.post(self.endpoint, headers={"Authorization": f"Bearer {token}"}) as r,
             ):
                 body = await r.json() if r.status == 200 else None
             if body is not None:

@@ -223,7 +223,7 @@ def pod_token(
 
 
 def exchange(operator: Threaded, token: str, **params: str) -> requests.Response:
-    port = operator.process.issuer_port  # type: ignore[attr-defined]
+    port = operator.process.endpoint_port  # type: ignore[attr-defined]
     return requests.post(
         f"http://127.0.0.1:{port}/v1/credentials",
         headers={"Authorization": f"Bearer {token}"},

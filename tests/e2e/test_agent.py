@@ -156,7 +156,7 @@ class Agent:
         self.token_file.write_text(pod_token(cluster, namespace, pod))
         self.log = workdir / "agent.log"
         self.termination_log = workdir / "termination-log"
-        issuer = operator.process.issuer_port  # type: ignore[attr-defined]
+        issuer = operator.process.endpoint_port  # type: ignore[attr-defined]
         self.gateway_url = f"http://127.0.0.1:{gateway.process.port}"  # type: ignore[attr-defined]
         # The container's own arguments, then where things are on this machine.
         self.argv = [sys.executable, "-m", "phabmesh.cli", *container["args"]]

@@ -509,9 +509,9 @@ class System:
         wait_for(lambda: process.state.ready, timeout=60, what="gateway ready")
 
     @property
-    def issuer_port(self) -> int:
+    def endpoint_port(self) -> int:
         assert self.operator is not None
-        return int(self.operator.process.issuer_port)  # type: ignore[attr-defined]
+        return int(self.operator.process.endpoint_port)  # type: ignore[attr-defined]
 
     @property
     def gateway_port(self) -> int:
@@ -1032,7 +1032,7 @@ class Run:
 
     def _exchange(self, token: str, binding: str) -> requests.Response:
         return requests.post(
-            f"http://127.0.0.1:{self.system.issuer_port}/v1/credentials",
+            f"http://127.0.0.1:{self.system.endpoint_port}/v1/credentials",
             headers={"Authorization": f"Bearer {token}"},
             params={"binding": binding},
             timeout=10,

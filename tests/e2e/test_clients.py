@@ -136,7 +136,7 @@ class Stack:
         assert self.operator is not None
         token_file = workdir / "serviceaccount-token"
         token_file.write_text(pod_token(self.cluster, NS, pod))
-        port = self.operator.process.issuer_port  # type: ignore[attr-defined]
+        port = self.operator.process.endpoint_port  # type: ignore[attr-defined]
         endpoint = ["--endpoint", f"http://127.0.0.1:{port}", "--token-file", str(token_file)]
         done = subprocess.run(
             [sys.executable, "-m", "phabmesh.cli", "credential", "--print", *endpoint, *args],

@@ -105,7 +105,7 @@ class Stack:
     def credential(self, pod: client.V1Pod, credential_format: str | None = None) -> str:
         """The pod's credential: in the default format, or as ``?format=`` asks."""
         assert self.operator is not None
-        port = self.operator.process.issuer_port  # type: ignore[attr-defined]
+        port = self.operator.process.endpoint_port  # type: ignore[attr-defined]
         token = pod_token(self.cluster, NS, pod)
         params = {"format": credential_format} if credential_format else {}
 

@@ -187,9 +187,9 @@ def test_a_dead_gateway_watch_fails_closed_and_comes_back(
 # watch -> its informer in an OperatorProcess, what makes it an event.
 ENDPOINT_WATCHES: dict[str, tuple[Callable[[Any, str], Informer[Any]], str]] = {
     "leases": (lambda p, b: p.leases.informer, "lease"),
-    "bindings": (lambda p, b: p.issuer.grants.bindings, "binding"),
-    "bots": (lambda p, b: p.issuer.grants.bots, "bot"),
-    "namespaces": (lambda p, b: p.issuer.grants.namespaces, "namespace"),
+    "bindings": (lambda p, b: p.endpoint.grants.bindings, "binding"),
+    "bots": (lambda p, b: p.endpoint.grants.bots, "bot"),
+    "namespaces": (lambda p, b: p.endpoint.grants.namespaces, "namespace"),
     "signing-keys": (lambda p, b: p.keys.informer, "signing-secret"),
 }
 

@@ -65,7 +65,7 @@ async def test_a_flood_of_bad_tokens_costs_few_reviews_and_a_real_pod_goes_on(
     token = pod_token(cluster, bound, pod)
     identity = f"runner.{bound}.serviceaccount.identity.linkerd.cluster.local"
     settings = operator.process.settings  # type: ignore[attr-defined]
-    url = f"http://127.0.0.1:{operator.process.issuer_port}/v1/credentials"  # type: ignore[attr-defined]
+    url = f"http://127.0.0.1:{operator.process.endpoint_port}/v1/credentials"  # type: ignore[attr-defined]
     before = token_reviews(cluster)
     started = time.monotonic()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=600)) as http:
@@ -100,7 +100,7 @@ def test_an_overlong_binding_name_is_refused_before_any_review(
 ) -> None:
     import requests
 
-    url = f"http://127.0.0.1:{operator.process.issuer_port}/v1/credentials"  # type: ignore[attr-defined]
+    url = f"http://127.0.0.1:{operator.process.endpoint_port}/v1/credentials"  # type: ignore[attr-defined]
     before = token_reviews(cluster)
     answer = requests.post(
         url,
@@ -167,7 +167,7 @@ async def test_many_service_accounts_of_one_namespace_drain_only_its_share(
     holder = make_pod(cluster, bound, "runner-1")
     other = make_pod(cluster, namespace_2, "runner-1")
     wait_for(lambda: active_leases(cluster, bound) and active_leases(cluster, namespace_2))
-    url = f"http://127.0.0.1:{operator.process.issuer_port}/v1/credentials"  # type: ignore[attr-defined]
+    url = f"http://127.0.0.1:{operator.process.endpoint_port}/v1/credentials"  # type: ignore[attr-defined]
     settings = operator.process.settings  # type: ignore[attr-defined]
     real = {
         "lease holder of the flooded namespace": (
@@ -221,7 +221,7 @@ async def test_random_binding_names_cost_no_api_reads_and_leave_others_their_exp
     # explained.
     prober = make_pod(cluster, bound, "prober", sa="other")
     victim = make_pod(cluster, bound, "victim", sa="other")
-    url = f"http://127.0.0.1:{operator.process.issuer_port}/v1/credentials"  # type: ignore[attr-defined]
+    url = f"http://127.0.0.1:{operator.process.endpoint_port}/v1/credentials"  # type: ignore[attr-defined]
     token = pod_token(cluster, bound, prober)
     bot_lists = _list_calls(cluster, "phabricatorbots")
     victim_token = pod_token(cluster, bound, victim)

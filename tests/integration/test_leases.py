@@ -181,7 +181,7 @@ def test_running_meshed_pod_gets_a_lease_and_a_credential(
     body = response.json()
     assert body["identity"] == identity
     assert body["format"] == "jwt"
-    port = operator.process.issuer_port  # type: ignore[attr-defined]
+    port = operator.process.endpoint_port  # type: ignore[attr-defined]
     jwks = requests.get(f"http://127.0.0.1:{port}/.well-known/jwks.json", timeout=5).json()
     claims = credentials.verify_with_jwks(
         body["credential"],
@@ -282,7 +282,7 @@ def test_several_bindings_need_a_choice(
     assert ambiguous.json()["bindings"] == ["runners", "second"]
     chosen = exchange(operator, token, binding="second")
     assert chosen.status_code == 200 and chosen.json()["binding"] == "second"
-    port = operator.process.issuer_port  # type: ignore[attr-defined]
+    port = operator.process.endpoint_port  # type: ignore[attr-defined]
     spoofed = requests.post(
         f"http://127.0.0.1:{port}/v1/credentials",
         headers={"Authorization": f"Bearer {token}", "l5d-client-id": "someone.else"},

@@ -83,7 +83,7 @@ def strict_endpoint(operator: Threaded) -> Iterator[str]:
     """The session operator's credential endpoint, with PHABMESH_REQUIRE_CLIENT_ID on: the
     same watches, keys and TokenReviews, served on a port of its own."""
     process: OperatorProcess = operator.process  # type: ignore[assignment]
-    strict = copy.copy(process.issuer)
+    strict = copy.copy(process.endpoint)
     strict.settings = process.settings.replace(require_client_id=True)
 
     async def serve() -> web.AppRunner:

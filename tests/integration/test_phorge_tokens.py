@@ -156,7 +156,7 @@ def test_the_caller_chooses_the_format(
     for asked in ("jwt", "JWT"):
         body = exchange(operator, issued.token, format=asked).json()
         assert body["format"] == "jwt"
-        port = operator.process.issuer_port  # type: ignore[attr-defined]
+        port = operator.process.endpoint_port  # type: ignore[attr-defined]
         jwks = requests.get(f"http://127.0.0.1:{port}/.well-known/jwks.json", timeout=5).json()
         claims = credentials.verify_with_jwks(
             body["credential"],

@@ -209,7 +209,7 @@ class Bots(_Reconciler):
             )
         if readiness_changed:
             for namespace in self.world.namespaces_of_bot(bot.name):
-                await self.memo.bindings.refresh_namespace(namespace)
+                self.memo.requeue_namespace(namespace)  # its pods, as that namespace's work
 
     def _saw_status_of_bot(self, name: str, status: JSON | None) -> None:
         current = self.world.bots.get(name)

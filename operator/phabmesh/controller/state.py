@@ -93,6 +93,10 @@ class Memo(kopf.Memo):
         """The pod's leases to be reconciled again, as its queued work."""
         self.controller.queue.put(Work("pod", uid))
 
+    def requeue_namespace(self, namespace: str) -> None:
+        """The namespace's bindings judged and its pods reconciled again, as its queued work."""
+        self.controller.queue.put(Work("namespace", namespace))
+
     def _acting(self) -> bool:
         return self.acting is None or self.acting()
 

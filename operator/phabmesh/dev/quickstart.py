@@ -171,7 +171,7 @@ async def demo(
             ):
                 await wait_for(_true(operator.ready), "the operator", 60)
                 await wait_for(_true(lambda: gateway.state.ready), "the gateway", 60)
-                issuer_url = f"http://127.0.0.1:{operator.issuer_port}"
+                issuer_url = f"http://127.0.0.1:{operator.endpoint_port}"
                 gateway_url = f"http://127.0.0.1:{gateway.port}"
                 say.detail(f"credential endpoint {issuer_url}, gateway {gateway_url}")
                 say.detail(f"pod injection webhook {webhook_url} (manifests/webhook.yaml)")
@@ -650,7 +650,7 @@ def run_against_cluster(say: Say) -> int:
             running(GatewayProcess(gateway_settings, kubeconfig=str(as_gateway))) as gateway,
         ):
             say.detail(
-                f"credential endpoint :{operator.issuer_port}, gateway :{gateway.port} "
+                f"credential endpoint :{operator.endpoint_port}, gateway :{gateway.port} "
                 f"(/hooks/ also :{gateway.hooks_port}), "
                 f"metrics :{operator.metrics_port} (operator) and :{gateway.metrics_port} "
                 "(gateway); Ctrl-C stops them"

@@ -47,7 +47,7 @@ class OperatorProcess:
         self.controller_ready = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self.runners: list[web.AppRunner] = []
-        self.issuer_port = 0
+        self.endpoint_port = 0
         self.metrics_port = 0
         self.webhook_port = 0
         # Its own registry: what this process records, and nothing another process of the
@@ -61,7 +61,7 @@ class OperatorProcess:
         self.memo = Memo(settings, kubeconfig=kubeconfig)
 
     def ready(self) -> bool:
-        return self.controller_ready.is_set() and self.issuer.ready and self.webhook.settled
+        return self.controller_ready.is_set() and self.endpoint.ready and self.webhook.settled
 
     def acting(self) -> bool:
         """The controller runs and is not paused by kopf peering (phabmesh_operator_acting)."""
@@ -105,7 +105,7 @@ class OperatorProcess:
             bots=self.watches.bots.view(bot_facts, name="grant-bots"),
             namespaces=self.watches.namespaces,
         )
-        self.issuer = CredentialEndpoint(
+        self.endpoint = CredentialEndpoint(
             s,
             self.client,
             self.keys,
@@ -130,7 +130,7 @@ class OperatorProcess:
         self.gateway_role = gatewayrole.RoleKeeper(
             self.client,
             s.namespace,
-            self.issuer.grants.bots,
+            self.endpoint.grants.bots,
             excluded={s.webhook_secret, s.signing_secret},
             acting=self.acting,
             liveness=s.watch_liveness,
@@ -166,10 +166,10 @@ class OperatorProcess:
         )
         self.tasks.append(self.controller_task)  # last: stop() and run_until_signalled() wait on it
         app = web.Application(client_max_size=64 * 1024)
-        self.issuer.routes(app)
+        self.endpoint.routes(app)
         runner = await serving.start_site(app, s.endpoint_host, s.endpoint_port)
         self.runners.append(runner)
-        self.issuer_port = serving.bound_port(runner)
+        self.endpoint_port = serving.bound_port(runner)
         health = web.Application()
         serving.add_health_routes(health, self.ready, self.metrics.registry)
         runner = await serving.start_site(health, s.endpoint_host, s.metrics_port)
@@ -177,7 +177,7 @@ class OperatorProcess:
         self.metrics_port = serving.bound_port(runner)
         log.info(
             "operator_started",
-            issuer_port=self.issuer_port,
+            endpoint_port=self.endpoint_port,
             metrics_port=self.metrics_port,
             webhook_port=self.webhook_port,
         )
