@@ -13,6 +13,7 @@ from phabmesh import identity, resources
 from phabmesh.controller import bots as botcheck
 from phabmesh.controller.driver import BotWork, Work, WorkQueue
 from phabmesh.controller.state import Memo
+from phabmesh.kube import NotFound
 from phabmesh.kube.client import JSON
 from phabmesh.leases import reasons
 from phabmesh.leases.view import LeaseView
@@ -415,3 +416,23 @@ async def test_a_standby_queues_no_revocation_event_and_forgets_pods_that_hold_n
     memo.watches.leases._drop("build/l-p1-runners")  # deleted while Active (by the GC)
     assert not any(w.kind == "revoked" for w in queue.waiting)  # the acting one says it
     assert len(queue) <= waiting + 1
+
+
+async def test_a_cluster_without_the_webhook_crd_still_starts_and_serves_leases() -> None:
+    class _NoWebhookCRD(_Cluster):
+        async def list_all(
+            self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
+        ) -> tuple[list[JSON], str]:
+            if path.endswith("/phabricatorwebhooks"):
+                raise NotFound(404, "NotFound", "the server could not find the requested resource")
+            return await super().list_all(path, params, chunk)
+
+    memo = Memo(Settings.local("http://127.0.0.1:9"))
+    memo.use_watches(Watches(_NoWebhookCRD(CLUSTER), memo.naming, namespace="phabmesh-system"))  # type: ignore[arg-type]
+    recorder = _Recorder()
+    memo.writer = recorder  # type: ignore[assignment]
+    memo.bots = _Bots()  # type: ignore[assignment]
+    assert await _started(memo) == 1
+    assert not memo.watches.webhooks.healthy
+    await _drain(memo)
+    assert set(recorder.issued) == {"p2"}

@@ -113,7 +113,11 @@ class Watches:
         return all(informer.synced.is_set() for informer in self.all)
 
     async def wait_synced(self) -> None:
-        await asyncio.gather(*(informer.synced.wait() for informer in self.all))
+        """Until every watch that leases and bot checks read has listed once. Not the
+        webhooks': without the PhabricatorWebhook CRD (an upgrade that skipped it) leases
+        are served all the same, and that watch keeps trying."""
+        needed = (*self.decisive, self.secrets)
+        await asyncio.gather(*(informer.synced.wait() for informer in needed))
 
     async def _pods(self) -> None:
         await self.leases.synced.wait()  # see the module docstring
