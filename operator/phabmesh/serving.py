@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import secrets
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -94,16 +95,20 @@ def free_port(host: str) -> int:
     return free_ports(host, 1)
 
 
+# Where ports told up front are taken from: below Linux's ephemeral range (32768-60999), from
+# which the system picks the local port of every outgoing connection and of every listener on
+# port 0, so that none of those takes a port between its choice here and its use.
+CHOSEN_PORTS = range(20000, 32000)
+
+
 def free_ports(host: str, count: int) -> int:
     """The first of ``count`` consecutive ports all free on ``host`` now (``phabmesh run``
     gives the gateway the port after the operator's)."""
-    for _ in range(100):
+    for _ in range(200):
+        port = secrets.choice(CHOSEN_PORTS[: len(CHOSEN_PORTS) - count])
         with contextlib.ExitStack() as held:
-            first = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            first.bind((host, 0))
-            port = int(first.getsockname()[1])
             try:
-                for offset in range(1, count):
+                for offset in range(count):
                     sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
                     sock.bind((host, port + offset))
             except OSError:

@@ -93,6 +93,8 @@ class _Recorder:
         self.revoked: list[tuple[str, str]] = []
         self.issued: list[str] = []
         self.unfinalized: list[tuple[str, int, str]] = []
+        self.statuses: list[str] = []
+        self.events: list[tuple[str, str]] = []
         self.acting: Callable[[], bool] | None = None
 
     async def revoke(self, lease: LeaseView, reason: str, message: str = "") -> None:
@@ -107,11 +109,13 @@ class _Recorder:
     async def remove_finalizer(self, path: str, index: int, finalizer: str) -> None:
         self.unfinalized.append((path, index, finalizer))
 
-    async def patch_status(self, path: str, status: Any) -> None:
-        return None
+    async def patch_status(self, path: str, status: Any) -> Any:
+        await asyncio.sleep(0.01)  # the API server's time: another writer may come meanwhile
+        self.statuses.append(path)
+        return status
 
-    async def event(self, *args: Any, **kwargs: Any) -> None:
-        return None
+    async def event(self, ref: Any, reason: str, *args: Any, **kwargs: Any) -> None:
+        self.events.append((ref.get("name"), reason))
 
 
 class _Bots:
@@ -436,3 +440,14 @@ async def test_a_cluster_without_the_webhook_crd_still_starts_and_serves_leases(
     assert not memo.watches.webhooks.healthy
     await _drain(memo)
     assert set(recorder.issued) == {"p2"}
+
+
+async def test_two_status_writes_of_a_binding_at_once_write_and_say_it_once() -> None:
+    """The bot's periodic pass and a namespace's work may write one binding's status at the
+    same time: the second compares with what the first wrote (one write, one Ready Event)."""
+    memo, _, recorder = _controller(CLUSTER)
+    await _started(memo)
+    binding = memo.world.bindings[("build", "runners")]
+    await asyncio.gather(memo.bindings.write_status(binding), memo.bindings.write_status(binding))
+    assert recorder.events == [("runners", "Ready")]
+    assert len(recorder.statuses) == 1

@@ -223,6 +223,10 @@ class Bindings(_Reconciler):
     def __init__(self, memo: Memo) -> None:
         super().__init__(memo)
         self.verdicts: dict[Key, readiness.Verdict] = {}
+        # One status write per binding at a time: a second writer (the bot's periodic pass
+        # beside a namespace's work) compares with what the first wrote, so a change is
+        # written, and said as an Event, once.
+        self._writing: dict[Key, asyncio.Lock] = {}
 
     def judge(self, binding: BindingView) -> readiness.Verdict:
         verdict = self.verdicts[binding.key] = self._verdict(binding)
@@ -265,6 +269,15 @@ class Bindings(_Reconciler):
             await self.write_status(binding)
 
     async def write_status(self, binding: BindingView) -> None:
+        lock = self._writing.setdefault(binding.key, asyncio.Lock())
+        try:
+            async with lock:
+                await self._write_status(binding)
+        finally:
+            if not lock.locked() and binding.key not in self.world.bindings:
+                self._writing.pop(binding.key, None)
+
+    async def _write_status(self, binding: BindingView) -> None:
         verdict = self.verdicts.get(binding.key) or self._verdict(binding)
         metrics.current().binding_status(*binding.key, verdict.ready, verdict.reason)
         counts = readiness.count_binding(self.world, binding, self.naming)
