@@ -47,6 +47,12 @@ def secret_token(obj: JSON) -> SecretToken:
     return SecretToken(str((obj.get("metadata") or {}).get("resourceVersion", "")), data)
 
 
+def _key(text: str) -> tuple[str, str]:
+    """``namespace/name`` (an informer's key) as the World's (namespace, name)."""
+    namespace, _, name = text.partition("/")
+    return (namespace, name)
+
+
 def _nothing(_obj: JSON) -> None:
     """The base reduction of a resource whose readers each keep their own (views)."""
     return None
@@ -108,10 +114,6 @@ class Watches:
         """What a lease decision reads: while one of these is lost, none is made."""
         return (self.namespaces, self.bots, self.bindings, self.leases, self.pods)
 
-    @property
-    def synced(self) -> bool:
-        return all(informer.synced.is_set() for informer in self.all)
-
     async def wait_synced(self) -> None:
         """Until every watch that leases and bot checks read has listed once. Not the
         webhooks': without the PhabricatorWebhook CRD (an upgrade that skipped it) leases
@@ -122,9 +124,7 @@ class Watches:
     async def _pods(self) -> None:
         await self.leases.synced.wait()  # see the module docstring
         if self.first_leases is None:
-            self.first_leases = {
-                (key.partition("/")[0], key.partition("/")[2]) for key in self.leases.items
-            }
+            self.first_leases = {_key(key) for key in self.leases.items}
         await self.pods.run()
 
     def tasks(self) -> dict[str, Callable[[], Awaitable[None]]]:
