@@ -18,6 +18,7 @@ from kubernetes import client
 
 from phabmesh import resources
 from phabmesh.dev.conduit import ConduitServer
+from phabmesh.leases import readiness
 from tests.kube import HAND_NODE, Cluster, wait_for
 from tests.phab import (
     SYSTEM,
@@ -217,10 +218,14 @@ def _bot_checked_after_its_binding(
     conduit.add_user(bot, bot=True)
     token = conduit.add_token(bot) if valid else "api-" + "x" * 28
 
+    def judged() -> bool:  # the binding's verdict written in its status
+        binding = memo.world.bindings.get(key)
+        return binding is not None and readiness.of_binding(binding) is not None
+
     def whoami_held(asked: str) -> Any:  # in the operator's worker thread
         if asked == token:
             deadline = time.monotonic() + 30
-            while key not in memo.bindings.verdicts and time.monotonic() < deadline:
+            while not judged() and time.monotonic() < deadline:
                 time.sleep(0.02)
         return original(asked)
 

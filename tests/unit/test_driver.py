@@ -112,7 +112,7 @@ class _Recorder:
     async def patch_status(self, path: str, status: Any) -> Any:
         await asyncio.sleep(0.01)  # the API server's time: another writer may come meanwhile
         self.statuses.append(path)
-        return status
+        return {"status": status}
 
     async def event(self, ref: Any, reason: str, *args: Any, **kwargs: Any) -> None:
         self.events.append((ref.get("name"), reason))
@@ -182,14 +182,17 @@ async def test_start_up_lists_leases_before_pods_and_sweeps_only_orphans_of_the_
     assert cluster.listed.index("phabricatorcredentials") < cluster.listed.index("pods")
     assert swept == 1
     assert recorder.revoked == [("l-gone-runners", reasons.POD_GONE)]
-    # The World holds what the watches listed, the bindings judged.
+    # The World holds what the watches listed.
     assert set(memo.world.pods) == {"p1", "p2"}
-    assert ("build", "runners") in memo.bindings.verdicts
+    assert ("build", "runners") in memo.world.bindings
     # Nothing was handled before start; every pod's work waits for the workers.
     pods = {w.key for w in memo.controller.queue.order if w.kind == "pod"}
     assert pods == {"p1", "p2"}
     await _drain(memo)
-    assert set(recorder.issued) == {"p2"}  # p1 holds its lease already
+    # The binding's verdict written in its status (after the bot's check), and the pods
+    # planned from it: p1 holds its lease already.
+    assert recorder.statuses == [resources.binding_path("build", "runners")]
+    assert set(recorder.issued) == {"p2"}
 
 
 async def test_a_lease_seen_after_the_first_list_is_never_swept() -> None:
@@ -197,7 +200,7 @@ async def test_a_lease_seen_after_the_first_list_is_never_swept() -> None:
     await _started(memo)
     # A lease written after start-up whose pod's event is not in yet.
     memo.watches.leases._put("ADDED", "build/l-p3-runners", _lease("p3"))
-    assert await memo.startup.sweep([]) == 0
+    assert await memo.leases.sweep([]) == 0
     await _drain(memo)
     assert ("l-p3-runners", reasons.POD_GONE) not in recorder.revoked
 
@@ -367,15 +370,15 @@ async def test_a_pod_recreated_under_its_name_drops_the_old_incarnation() -> Non
 
 async def test_a_standby_takes_over_with_the_leaders_bot_readiness_and_revokes_nothing() -> None:
     """A standby never checks a bot: it takes readiness from the status the acting replica
-    writes, and judges every binding again before its first work once it acts, so a live
-    lease is not revoked "BotNotReady" for a bot it saw unchecked at its first list."""
+    writes, and plans leases from the bindings' status that replica wrote, so a live lease
+    is not revoked "BotNotReady" for a bot it saw unchecked at its first list."""
     unchecked = _bot()
     del unchecked["status"]
     memo, _, recorder = _controller({**CLUSTER, "phabricatorbots": [unchecked]})
     acting = False
     memo.acting = lambda: acting
     await _started(memo)
-    assert not memo.bindings.verdicts[("build", "runners")].ready  # bot not checked yet
+    assert not memo.world.bots["ci-bot"].ready  # not checked yet, at the first list
     memo.watches.bots._put("MODIFIED", "ci-bot", _bot())  # the leader verified it
     assert memo.world.bots["ci-bot"].ready
     workers = asyncio.create_task(memo.controller.queue.run())

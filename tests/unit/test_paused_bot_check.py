@@ -1,6 +1,7 @@
-"""A bot checked by a replica that may not write (paused by kopf peering): its bindings are
-judged by the check's answer all the same, so that when the replica acts it does not act on
-the bot's old readiness (a live lease revoked "BotNotReady" at a failover)."""
+"""A replica that may not write (paused by peering) decides nothing from what it has not
+written: a bot it checks keeps the readiness its status shows, and a pod's leases are
+planned from the bindings' status, so that when it acts it acts on what the acting replica
+wrote, never on a readiness of its own (a live lease revoked "BotNotReady" at a failover)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class _Memo:
         return datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 
 
-async def test_a_paused_replicas_bot_check_still_rejudges_the_bots_bindings() -> None:
+async def test_a_paused_replicas_bot_check_leaves_the_readiness_its_status_shows() -> None:
     memo = _Memo()
     bot = BotView.from_body(  # just applied: no status yet
         {
@@ -67,15 +68,16 @@ async def test_a_paused_replicas_bot_check_still_rejudges_the_bots_bindings() ->
     verified = botcheck.Outcome("True", "Verified", "user ci-bot", phid="PHID-USER-x")
     with pytest.raises(NotActing):  # its status write is deferred
         await memo.bots._record_bot(bot, verified)
-    assert memo.world.bots["ci-bot"].ready
-    assert memo.bindings.verdicts[binding.key].ready
+    # Not written, so not the bot's readiness: the acting replica's status is.
+    assert not memo.world.bots["ci-bot"].ready
+    assert not memo.bindings.judge(binding).ready
 
 
 @pytest.mark.parametrize("bot_seen", [True, False])
 async def test_a_pods_event_before_its_bindings_event_keeps_its_lease(bot_seen: bool) -> None:
-    """A replica paused by peering has had no binding event; when it acts, a pod's event
-    may come first. Its binding, Ready by the world's bot, is judged then: the pod keeps its
-    lease (no write at all), where before it was revoked "BotNotReady" and issued anew."""
+    """A replica paused by peering acts; a pod's event comes first, its binding's status not
+    yet written for its spec: the pod keeps its lease (no write at all), where before it was
+    revoked "BotNotReady" and issued anew."""
     memo = _Memo()
     memo.writer = Writer(_Refusing(), memo.world)  # type: ignore[arg-type]  # any write fails
     memo.leases = reconcilers.Leases(memo)  # type: ignore[attr-defined,arg-type]
@@ -141,9 +143,4 @@ async def test_a_pods_event_before_its_bindings_event_keeps_its_lease(bot_seen: 
             }
         )
     )
-    assert not memo.bindings.verdicts  # never judged here
     await memo.leases.reconcile_pod("p1")  # _Refusing fails the test on any write
-    if bot_seen:
-        assert memo.bindings.verdicts[("build", "runners")].ready
-    else:
-        assert not memo.bindings.verdicts  # judged by the bot's event, when it comes

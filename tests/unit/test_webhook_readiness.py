@@ -327,7 +327,7 @@ class _Writer:
     async def patch_status(self, path: str, status: Any) -> Any:
         assert path == "/apis/phabmesh.io/v1alpha1/namespaces/ci/phabricatorwebhooks/hook"
         self.patches.append(status)
-        return status
+        return {"status": status}  # the object as the API server then holds it
 
     async def event(self, ref: Any, reason: str, message: str, type_: str = "Normal") -> None:
         assert (ref["kind"], ref["namespace"], ref["name"]) == ("PhabricatorWebhook", "ci", "hook")

@@ -30,7 +30,7 @@ from phabmesh import metrics, resources
 from phabmesh.controller.webhooks import WebhookView
 from phabmesh.controller.writer import NotActing
 from phabmesh.kube.informer import DELETED, View
-from phabmesh.leases import plans, reasons
+from phabmesh.leases import plans, readiness, reasons
 from phabmesh.leases.view import LeaseView
 from phabmesh.leases.watches import Watches
 from phabmesh.leases.world import BindingView, BotView, Key
@@ -68,8 +68,6 @@ class WorkQueue:
     ``put`` is synchronous (watch listeners call it); the first ``put`` of an idle object
     queues it, a later one only merges into the waiting work; an object's work put while it
     is being handled is handled again after. Each new piece of work wakes one idle worker.
-    ``on_resume`` runs (synchronously, before any work is taken) each time the work may run
-    again after it might not: at the start, and when the replica acts again.
     """
 
     def __init__(
@@ -78,18 +76,15 @@ class WorkQueue:
         *,
         workers: int = WORKERS,
         may_run: Callable[[], bool] = lambda: True,
-        on_resume: Callable[[], None] = lambda: None,
     ) -> None:
         self.handle = handle
         self.workers = workers
         self.may_run = may_run
-        self.on_resume = on_resume
         self.waiting: dict[Work, object] = {}  # work not yet taken, with its merged data
         self.order: collections.deque[Work] = collections.deque()
         self.busy: set[Work] = set()
         self.ready = asyncio.Event()  # every watch listed and the sweep ran: work may start
         self._idle: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._running = False  # whether the work ran at the last look (see on_resume)
         self.handled = 0
 
     def __len__(self) -> int:
@@ -135,14 +130,10 @@ class WorkQueue:
         while True:
             if self.ready.is_set() and self.order:
                 if self.may_run():
-                    if not self._running:
-                        self._running = True
-                        self.on_resume()
                     work = self.order.popleft()
                     data = self.waiting.pop(work)
                     self.busy.add(work)
                     return work, data
-                self._running = False
                 await asyncio.sleep(ACTING_POLL)  # paused: the work waits
                 continue
             waiter = asyncio.get_running_loop().create_future()
@@ -199,9 +190,7 @@ class Controller:
         self.memo = memo
         self.watches = watches
         self.acting = acting or (lambda: True)
-        self.queue = WorkQueue(
-            self.handle, workers=workers, may_run=self.may_decide, on_resume=self.rejudge
-        )
+        self.queue = WorkQueue(self.handle, workers=workers, may_run=self.may_decide)
         # Set once the start-up judgement has run: before it, what the first lists show is
         # judged all at once (start), and each pod's own work follows.
         self.started = False
@@ -219,22 +208,15 @@ class Controller:
         watch's World is not decided on (fail closed) until the watch has listed again."""
         return self.acting() and all(i.healthy for i in self.watches.decisive)
 
-    def rejudge(self) -> None:
-        """Every binding judged from the World as it is now: before the first work once this
-        replica acts again (a standby's verdicts are as old as its last work)."""
-        for binding in self.memo.world.bindings.values():
-            self.memo.bindings.judge(binding)
-
     # -- start-up -----------------------------------------------------------------------
 
     async def start(self) -> int:
         """Wait until every watch has listed once, sweep orphaned leases, then let the work
         begin. Returns how many leases the sweep revoked."""
         await self.watches.wait_synced()
-        self.rejudge()
         self.started = True
         # The leases the lease list held when the pods were listed (leases.watches).
-        swept = await self.memo.startup.sweep(self.watches.first_leases or ())
+        swept = await self.memo.leases.sweep(self.watches.first_leases or ())
         self.queue.open()
         log.info(
             "controller_started",
@@ -283,6 +265,8 @@ class Controller:
         if fresh.kopf_finalizer >= 0:
             self._unfinalize(resources.bot_path(name), fresh.kopf_finalizer)
         old = world.bots.get(name)
+        if old is not None and old.uid == fresh.uid and fresh.older_than(old):
+            return  # an earlier state than the answer to this process's own write shows
         same = (
             old is not None
             and old.uid == fresh.uid
@@ -290,19 +274,14 @@ class Controller:
             and old.spec == fresh.spec
         )
         if same and old is not None:
-            # Keep the readiness this process decided, if it checked this generation itself;
-            # else (a standby) the readiness the status shows, the acting replica's.
-            schedule = self.memo.bots.schedules.get(name)
-            if schedule is not None and schedule.last_at is not None:
-                world.bots[name] = dataclasses.replace(
-                    old, status=fresh.status, recheck=fresh.recheck
-                )
-            else:
-                world.bots[name] = fresh
-            if fresh.recheck == old.recheck:
-                return
-            # `kubectl phabmesh recheck`: check it now
-            self.queue.put(Work("bot", name), BotWork(check=True), _merge_bot)
+            # Its status: its readiness is what that says (the acting replica's check).
+            world.bots[name] = fresh
+            if readiness.of_bot(old) != readiness.of_bot(fresh) and self.started:
+                for namespace in world.namespaces_of_bot(name):
+                    self.queue.put(Work("namespace", namespace))
+            if fresh.recheck != old.recheck:
+                # `kubectl phabmesh recheck`: check it now
+                self.queue.put(Work("bot", name), BotWork(check=True), _merge_bot)
             return
         world.bots[name] = fresh
         if old is not None and old.uid != fresh.uid:
@@ -321,19 +300,27 @@ class Controller:
         # Marked for deletion (someone else's finalizer may hold it): as good as deleted.
         if kind == DELETED or fresh is None or fresh.deleting:
             world.drop_binding(key)
-            self.memo.bindings.forget(key)
             metrics.current().binding_gone(namespace, name)
             if self.started:
                 self.queue.put(Work("namespace", namespace))
             return
         old = world.bindings.get(key)
+        if old is not None and old.uid == fresh.uid and fresh.older_than(old):
+            return  # an earlier state than the answer to this process's own write shows
         if (
             old is not None
             and old.uid == fresh.uid
             and old.generation == fresh.generation
             and old.spec == fresh.spec
         ):
-            world.put_binding(dataclasses.replace(old, status=fresh.status))
+            world.put_binding(
+                dataclasses.replace(
+                    old, status=fresh.status, resource_version=fresh.resource_version
+                )
+            )
+            if readiness.of_binding(old) != readiness.of_binding(fresh) and self.started:
+                # Another replica's status write: lease plans read it.
+                self.memo.requeue_pods_in(namespace)
             return
         world.put_binding(fresh)
         if self.started:
@@ -433,7 +420,7 @@ class Controller:
         lease = memo.world.leases.get(key)
         if lease is None or not lease.active or lease.pod_uid not in memo.world.pods:
             return
-        verdicts = memo.bindings.verdicts_in(lease.namespace)
+        verdicts = readiness.status_verdicts(memo.world, lease.namespace)
         plan = plans.plan_pod(memo.world, lease.pod_uid, memo.naming, verdicts)
         if any(revoked.key == lease.key for revoked, _ in plan.revoke):
             await memo.leases.reconcile_pod(lease.pod_uid)
@@ -457,7 +444,7 @@ class Controller:
             await memo.bots.check(name, only_if_due=True)
         if work.refresh or work.check:
             for namespace in sorted(set(memo.world.namespaces_of_bot(name))):
-                await memo.bindings.refresh_namespace(namespace)
+                self.queue.put(Work("namespace", namespace))
         if work.tick:
             for binding in memo.world.bindings_of_bot(name):
                 await memo.leases.renew(binding)

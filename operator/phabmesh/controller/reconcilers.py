@@ -1,17 +1,22 @@
 """The controller's reconcilers, one per concern, each with only its own state.
 
 - :class:`Bots`: each bot's check against Phabricator (when due) and its status;
-- :class:`Bindings`: each binding's verdict (Ready, BotReady) and its status;
-- :class:`Leases`: which leases each pod holds: issue, renew, revoke, and retries of the
-  writes that failed;
-- :class:`Startup`: the sweep of leases whose pods went while the operator was away.
+- :class:`Bindings`: each binding's verdict (Ready, BotReady), written in its status;
+- :class:`Leases`: which leases each pod holds: issue, renew, revoke, retries of the
+  writes that failed, and the start-up sweep of leases whose pods went meanwhile.
 
-Each gathers from the World (kept by watch events), decides with a pure policy
-(:mod:`phabmesh.controller.bots`, :mod:`phabmesh.leases.plans`,
-:mod:`phabmesh.leases.readiness`), and writes (through the
+Each gathers from the World (kept by watch events and by the API's answers to this
+process's own writes), decides with a pure policy (:mod:`phabmesh.controller.bots`,
+:mod:`phabmesh.leases.plans`, :mod:`phabmesh.leases.readiness`), and writes (through the
 :class:`~phabmesh.controller.writer.Writer`) only what changed against the object as the
 cluster last showed it. The shared parts (settings, World, clients, writer) are the
 :class:`~phabmesh.controller.state.Memo`'s.
+
+They talk only through the API's objects, as the endpoint and ``kubectl phabmesh`` do: a
+bot's readiness is what its status says, a binding's verdict is judged from that and
+written in the binding's status, and a pod's leases are planned from the bindings' status.
+A change one of them writes asks for the others' work through the work queue
+(``Memo.requeue_*``), never by calling them.
 """
 
 from __future__ import annotations
@@ -166,20 +171,11 @@ class Bots(_Reconciler):
                 now,
             )
         dumped = [c.model_dump(by_alias=True, mode="json") for c in new_conditions]
-        # Unknown (Phabricator unreachable) keeps a verified bot usable: leases are not
-        # revoked for a Phabricator outage; they are for a definite "no". Read from the
-        # conditions written, so that a restarted operator judges the same.
-        usable = resources.bot_usable(dumped, bot.generation)
-        updated = dataclasses.replace(bot, ready=usable, phid=phid, reason=outcome.reason)
-        self.world.bots[bot.name] = dataclasses.replace(updated, status=shown.status)
         metrics.current().bot_status(bot.name, outcome.ready, outcome.reason)
-        readiness_changed = previous is None or previous.ready != usable
-        if readiness_changed:
-            # Judged again before any write: a write this replica may not make (paused by
-            # peering) must not leave its bindings judged by the bot's old readiness, which
-            # it would act on once it acts (revoking live leases "BotNotReady").
-            for namespace in self.world.namespaces_of_bot(bot.name):
-                self.memo.bindings.rejudge(namespace)
+        # Its readiness is what the status says once written (resources.bot_usable: Unknown,
+        # Phabricator unreachable, keeps a verified bot usable; leases are revoked for a
+        # definite "no", not for an outage), so that every replica, the endpoint and a
+        # restarted operator judge the same; the bindings are judged from it.
         status: JSON = {
             "phid": phid,
             "observedGeneration": bot.generation,
@@ -189,7 +185,7 @@ class Bots(_Reconciler):
             written = await self.writer.patch_status(
                 bot_path(bot.name), {**status, "lastCheckedAt": format_time(now)}
             )
-            self._saw_status_of_bot(bot.name, written)
+            self._saw_bot(bot.name, written)
         old_ready = next((c for c in conditions if c.type == resources.READY), None)
         if old_ready is None or old_ready.reason != outcome.reason:
             log.info(
@@ -207,66 +203,46 @@ class Bots(_Reconciler):
                 outcome.message,
                 "Normal" if outcome.ready else "Warning",
             )
-        if readiness_changed:
-            for namespace in self.world.namespaces_of_bot(bot.name):
-                self.memo.requeue_namespace(namespace)  # its pods, as that namespace's work
 
-    def _saw_status_of_bot(self, name: str, status: JSON | None) -> None:
+    def _saw_bot(self, name: str, written: JSON | None) -> None:
+        """The API's answer to the bot's status write: the World shows it at once (its watch
+        event comes later, and is then no change); a change of readiness asks for its
+        namespaces' work (their bindings judged again, their pods planned)."""
         current = self.world.bots.get(name)
-        if status is not None and current is not None:
-            self.world.bots[name] = dataclasses.replace(current, status=status)
+        if written is None or current is None:
+            return
+        fresh = current.shown(written)
+        if fresh.older_than(current):
+            return
+        self.world.bots[name] = fresh
+        if readiness.of_bot(current) != readiness.of_bot(fresh):
+            for namespace in self.world.namespaces_of_bot(name):
+                self.memo.requeue_namespace(namespace)
 
 
 class Bindings(_Reconciler):
-    """Binding verdicts, re-judged when their namespace, bot or spec changes; status."""
+    """Binding verdicts, judged from the World (the bot's readiness as its status says) and
+    written in the binding's status, where lease plans read them."""
 
     def __init__(self, memo: Memo) -> None:
         super().__init__(memo)
-        self.verdicts: dict[Key, readiness.Verdict] = {}
         # One status write per binding at a time: a second writer (the bot's periodic pass
         # beside a namespace's work) compares with what the first wrote, so a change is
         # written, and said as an Event, once.
         self._writing: dict[Key, asyncio.Lock] = {}
 
     def judge(self, binding: BindingView) -> readiness.Verdict:
-        verdict = self.verdicts[binding.key] = self._verdict(binding)
-        return verdict
-
-    def forget(self, key: Key) -> None:
-        self.verdicts.pop(key, None)
-
-    def _verdict(self, binding: BindingView) -> readiness.Verdict:
         bot = self.world.bots.get(binding.bot) if binding.bot else None
         return readiness.judge_binding(binding, bot, self.world.namespaces.get(binding.namespace))
 
-    def verdicts_in(self, namespace: str) -> dict[Key, readiness.Verdict]:
-        """The verdicts, those of the namespace's bindings judged first if they are not yet:
-        a replica that was paused by peering has had no binding event, and a pod's event may
-        come first when it acts; a binding it has not judged is not one to revoke by."""
-        for binding in self.world.bindings_in(namespace):
-            # (not while its bot is unknown here: that bot's event judges it)
-            if binding.key not in self.verdicts and binding.bot in self.world.bots:
-                self.verdicts[binding.key] = self._verdict(binding)
-        return self.verdicts
-
-    def rejudge(self, namespace: str) -> None:
-        """The verdicts of the namespace's bindings, from the world as it is now."""
-        for binding in self.world.bindings_in(namespace):
-            self.verdicts[binding.key] = self._verdict(binding)
-        stale = [k for k in self.verdicts if k[0] == namespace and k not in self.world.bindings]
-        for key in stale:
-            del self.verdicts[key]
-
     async def refresh_namespace(self, namespace: str) -> None:
-        """Bindings, bots or labels changed here: re-judge bindings, reconcile every pod."""
-        self.rejudge(namespace)
-        uids = set(self.world.pods_by_ns.get(namespace, ()))
-        uids.update(
-            lease.pod_uid for lease in self.world.leases.values() if lease.namespace == namespace
-        )
-        await asyncio.gather(*(self.memo.leases.reconcile_pod(uid) for uid in uids))
+        """Bindings, bots or labels changed here: each binding judged and its status written,
+        then every pod of the namespace (and every pod holding a lease here) planned again,
+        as its own work (a binding's subjects, selector or namespace may have changed even
+        where its verdict has not)."""
         for binding in self.world.bindings_in(namespace):
             await self.write_status(binding)
+        self.memo.requeue_pods_in(namespace)
 
     async def write_status(self, binding: BindingView) -> None:
         lock = self._writing.setdefault(binding.key, asyncio.Lock())
@@ -277,8 +253,22 @@ class Bindings(_Reconciler):
             if not lock.locked() and binding.key not in self.world.bindings:
                 self._writing.pop(binding.key, None)
 
+    def _saw_binding(self, binding: BindingView, written: JSON | None) -> None:
+        """The API's answer to the status write: the World shows it at once (its watch event
+        is then no change); when the readiness shown changed, the namespace's pods are
+        planned again by it."""
+        current = self.world.bindings.get(binding.key)
+        if written is None or current is None or current.uid != binding.uid:
+            return
+        fresh = current.shown(written)
+        if fresh.older_than(current):
+            return
+        self.world.put_binding(fresh)
+        if readiness.of_binding(current) != readiness.of_binding(fresh):
+            self.memo.requeue_pods_in(binding.namespace)
+
     async def _write_status(self, binding: BindingView) -> None:
-        verdict = self.verdicts.get(binding.key) or self._verdict(binding)
+        verdict = self.judge(binding)
         metrics.current().binding_status(*binding.key, verdict.ready, verdict.reason)
         counts = readiness.count_binding(self.world, binding, self.naming)
         now = self.clock()
@@ -315,9 +305,7 @@ class Bindings(_Reconciler):
         written = await self.writer.patch_status(
             binding_path(binding.namespace, binding.name), status
         )
-        current = self.world.bindings.get(binding.key)
-        if written is not None and current is not None and current.uid == binding.uid:
-            self.world.put_binding(dataclasses.replace(current, status=written))
+        self._saw_binding(binding, written)
         old_ready = next((c for c in previous if c.type == "Ready"), None)
         old_bot = next((c for c in previous if c.type == resources.BOT_READY), None)
         # Until the bot's first check answers, the binding waits without an Event (a bot
@@ -408,11 +396,7 @@ class Leases(_Reconciler):
         try:
             async with entry.lock:
                 pod = self.world.pods.get(uid)
-                verdicts = (
-                    self.memo.bindings.verdicts_in(pod.namespace)
-                    if pod is not None
-                    else self.memo.bindings.verdicts
-                )
+                verdicts = readiness.status_verdicts(self.world, pod.namespace) if pod else {}
                 plan = plans.plan_pod(self.world, uid, self.naming, verdicts)
                 if plan:
                     await self._execute(uid, plan)
@@ -438,7 +422,7 @@ class Leases(_Reconciler):
             )
             for binding in plan.issue:
                 assert binding.spec is not None
-                verdict = self.memo.bindings.verdicts.get(binding.key)
+                verdict = readiness.status_verdict(binding.status, binding.generation)
                 writes.append(
                     self.writer.issue(
                         pod,
@@ -486,10 +470,6 @@ class Leases(_Reconciler):
         self._pending_events.add(asyncio.ensure_future(task))
         self._pending_events = {t for t in self._pending_events if not t.done()}
 
-
-class Startup(_Reconciler):
-    """Before the first decision: the sweep of orphaned leases."""
-
     async def sweep(self, listed: Iterable[Key]) -> int:
         """Revoke every lease of ``listed`` whose pod is gone or is another incarnation.
 
@@ -508,5 +488,5 @@ class Startup(_Reconciler):
         )
         for lease, result in zip(orphans, results, strict=True):
             if isinstance(result, Exception):
-                self.memo.leases.write_failed(lease.pod_uid, result)
+                self.write_failed(lease.pod_uid, result)
         return len(orphans)

@@ -57,7 +57,6 @@ class Memo(kopf.Memo):
         self.bots = reconcilers.Bots(self)
         self.bindings = reconcilers.Bindings(self)
         self.leases = reconcilers.Leases(self)
-        self.startup = reconcilers.Startup(self)
         self.webhooks = webhooks.Webhooks(self)
         # With kopf peering: whether this replica may write now (PeeringView.acting), asked by
         # the Writer before each write; None when the controller runs alone.
@@ -96,6 +95,15 @@ class Memo(kopf.Memo):
     def requeue_namespace(self, namespace: str) -> None:
         """The namespace's bindings judged and its pods reconciled again, as its queued work."""
         self.controller.queue.put(Work("namespace", namespace))
+
+    def requeue_pods_in(self, namespace: str) -> None:
+        """Every pod of the namespace, and every pod holding a lease there, reconciled again,
+        each as its own queued work."""
+        world = self.world
+        uids = set(world.pods_by_ns.get(namespace, ()))
+        uids.update(world.leases[key].pod_uid for key in world.leases if key[0] == namespace)
+        for uid in uids:
+            self.controller.queue.put(Work("pod", uid))
 
     def _acting(self) -> bool:
         return self.acting is None or self.acting()

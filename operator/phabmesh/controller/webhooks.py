@@ -416,7 +416,9 @@ class Webhooks(_Reconciler):
             webhook_path(webhook.namespace, webhook.name), status
         )
         if written is not None and webhook.key in self.items:
-            self.items[webhook.key] = dataclasses.replace(current, status=written)
+            self.items[webhook.key] = dataclasses.replace(
+                current, status=written.get("status") or {}
+            )
         old_ready = next((c for c in previous if c.type == resources.READY), None)
         if old_ready is None or old_ready.reason != outcome.reason:
             log.info(

@@ -326,14 +326,15 @@ class Writer:
                 raise
 
     async def patch_status(self, path: str, status: JSON) -> JSON | None:
-        """Merge ``status`` in; the status the API server then holds (None: object gone)."""
+        """Merge ``status`` in; the object as the API server then holds it (None: gone).
+
+        Its ``metadata.resourceVersion`` tells a later watch event about an earlier state
+        (which must not undo what this answer shows) from a newer one."""
         self._may_write()
         try:
-            updated = await self.client.merge_patch(path + "/status", {"status": status})
+            return await self.client.merge_patch(path + "/status", {"status": status})
         except NotFound:
             return None
-        written: JSON = updated.get("status") or {}
-        return written
 
 
 def _pod_ref(namespace: str, name: str, uid: str) -> dict[str, Any]:

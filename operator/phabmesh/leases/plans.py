@@ -116,17 +116,15 @@ def plan_pod(
     wanted = {e.binding.name for e in entitlements(world, pod, naming, verdicts) if e.entitled}
     kept: set[str] = set()
     for lease in held:
+        slot = (lease.namespace, lease.binding)
         if blocked_held is not None:
             revoke.append((lease, blocked_held))
-        elif (lease.namespace, lease.binding) not in verdicts and (
-            lease.namespace,
-            lease.binding,
-        ) in world.bindings:
-            # Its binding not judged yet (a replica that acts after a peering pause, before
-            # it has seen the binding's bot): no reason to revoke; judged, it is planned again.
-            kept.add(lease.binding)
         elif (problem := lease_problem(world, lease, naming)) is not None:
             revoke.append((lease, problem))
+        elif slot not in verdicts and slot in world.bindings:
+            # Its binding's status not written since its spec changed: no reason to revoke
+            # (the checks above stand); once it is, the pod is planned again.
+            kept.add(lease.binding)
         elif lease.binding not in wanted:
             revoke.append((lease, _lost_reason(world, pod, lease, verdicts, naming)))
         else:

@@ -2,8 +2,9 @@
 (:func:`judge_binding`, :class:`Verdict`), whether a bot allows a namespace, and the pods and
 leases a binding counts.
 
-Pure: no I/O. The controller writes the verdicts; ``kubectl phabmesh`` and the credential
-endpoint read them back (:func:`shown_verdict`).
+Pure: no I/O. The controller's Bindings reconciler writes the verdicts in the bindings'
+status; lease plans, ``kubectl phabmesh`` and the credential endpoint read them back
+(:func:`status_verdicts`, :func:`shown_verdict`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from phabmesh.leases.reasons import (
     INVALID_SUBJECTS,
     READY,
 )
-from phabmesh.leases.world import NOT_CHECKED, BindingView, BotView, World
+from phabmesh.leases.world import NOT_CHECKED, BindingView, BotView, Key, World
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,25 +125,58 @@ def count_binding(world: World, binding: BindingView, naming: identity.Naming) -
     return BindingCounts(matched, active, unmeshed, other_mesh)
 
 
-def shown_verdict(body: Mapping[str, Any], binding: BindingView, world: World) -> Verdict:
-    """A binding's readiness as the operator last wrote it (its Ready and BotReady
-    conditions, when they are about the binding's current generation); otherwise judged as
-    the operator judges it, from the bot and the namespace ``world`` holds. For the parts
-    that read bindings from the API instead of the operator's memory."""
-    status = body.get("status") or {}
-    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+def status_verdict(status: Mapping[str, Any], generation: int) -> Verdict | None:
+    """A binding's readiness as the operator last wrote it in ``status`` (its Ready and
+    BotReady conditions and botPHID), or None when the status is not about ``generation``
+    (not judged yet since the spec last changed)."""
+    conditions = {c.get("type"): c for c in status.get("conditions") or [] if isinstance(c, dict)}
     ready = conditions.get(resources.READY)
-    if ready is not None and status.get("observedGeneration") == binding.generation:
-        bot_ready = conditions.get(resources.BOT_READY) or {}
-        return Verdict(
-            ready.get("status") == "True",
-            str(ready.get("reason") or ""),
-            str(ready.get("message") or ""),
-            bot_ready.get("status") == "True",
-            str(bot_ready.get("reason") or ""),
-            str(bot_ready.get("message") or ""),
-            status.get("botPHID"),
-            bot_shown=bool(bot_ready),
-        )
+    if ready is None or status.get("observedGeneration") != generation:
+        return None
+    bot_ready = conditions.get(resources.BOT_READY) or {}
+    return Verdict(
+        ready.get("status") == "True",
+        str(ready.get("reason") or ""),
+        str(ready.get("message") or ""),
+        bot_ready.get("status") == "True",
+        str(bot_ready.get("reason") or ""),
+        str(bot_ready.get("message") or ""),
+        status.get("botPHID"),
+        bot_shown=bool(bot_ready),
+    )
+
+
+def status_verdicts(world: World, namespace: str) -> dict[Key, Verdict]:
+    """The readiness the statuses of the namespace's bindings show (those judged since their
+    spec last changed): what lease plans read. The controller's Bindings reconciler writes
+    them; the controller's Leases reconciler, the credential endpoint and ``kubectl phabmesh``
+    read them back, so that all of them go by the same readiness."""
+    found: dict[Key, Verdict] = {}
+    for binding in world.bindings_in(namespace):
+        verdict = status_verdict(binding.status, binding.generation)
+        if verdict is not None:
+            found[binding.key] = verdict
+    return found
+
+
+def shown_verdict(body: Mapping[str, Any], binding: BindingView, world: World) -> Verdict:
+    """A binding's readiness as the operator last wrote it (:func:`status_verdict`);
+    otherwise judged as the operator judges it, from the bot and the namespace ``world``
+    holds. For the parts that explain a binding read from the API."""
+    shown = status_verdict(body.get("status") or {}, binding.generation)
+    if shown is not None:
+        return shown
     bot = world.bots.get(binding.bot) if binding.bot else None
     return judge_binding(binding, bot, world.namespaces.get(binding.namespace))
+
+
+def of_bot(bot: BotView) -> tuple[bool, str, str | None]:
+    """What a bot's bindings are judged by: the readiness, reason and PHID its status shows.
+    A change of it has its bindings judged again."""
+    return (bot.ready, bot.reason, bot.phid)
+
+
+def of_binding(binding: BindingView) -> Verdict | None:
+    """The readiness a binding's status shows, which lease plans read (None: not judged
+    since its spec last changed). A change of it has the binding's pods planned again."""
+    return status_verdict(binding.status, binding.generation)

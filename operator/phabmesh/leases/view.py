@@ -14,6 +14,13 @@ from phabmesh.clock import parse_time
 from phabmesh.credentials import phorge
 
 
+def older_version(mine: str, theirs: str) -> bool:
+    """Is ``mine`` an earlier resourceVersion of an object than ``theirs`` (a watch event
+    that arrives after the answer to this process's own write)? Unknown, so False, when
+    either is not a number."""
+    return mine.isdigit() and theirs.isdigit() and int(mine) < int(theirs)
+
+
 @dataclasses.dataclass(frozen=True)
 class LeaseView:
     namespace: str
@@ -36,9 +43,8 @@ class LeaseView:
 
     def older_than(self, other: LeaseView) -> bool:
         """Is this an earlier state of the same object than ``other`` (a watch event that
-        arrives after the writer's own answer)? Unknown when either version is not a number."""
-        mine, theirs = self.resource_version, other.resource_version
-        return mine.isdigit() and theirs.isdigit() and int(mine) < int(theirs)
+        arrives after the writer's own answer)?"""
+        return older_version(self.resource_version, other.resource_version)
 
     @property
     def key(self) -> tuple[str, str]:

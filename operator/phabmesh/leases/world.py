@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from phabmesh import identity, resources
-from phabmesh.leases.view import LeaseView
+from phabmesh.leases.view import LeaseView, older_version
 
 Key = tuple[str, str]  # (namespace, name)
 Status = Mapping[str, Any]
@@ -52,27 +52,44 @@ class BotView:
     uid: str = ""  # for its Events' involvedObject (kubectl describe finds them by uid)
     # Where kopf's finalizer of earlier versions is in its finalizers (-1: not there).
     kopf_finalizer: int = dataclasses.field(default=-1, compare=False)
+    resource_version: str = dataclasses.field(default="", compare=False)
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> BotView:
         meta = body.get("metadata") or {}
-        status = body.get("status") or {}
         spec, _ = resources.parse_bot_spec(body)
-        conditions = status.get("conditions") or []
-        ready = next((c for c in conditions if c.get("type") == resources.READY), None)
-        generation = int(meta.get("generation") or 0)
-        return cls(
+        view = cls(
             name=str(meta.get("name")),
-            generation=generation,
+            generation=int(meta.get("generation") or 0),
             spec=spec,
-            ready=resources.bot_usable(conditions, generation),
-            phid=status.get("phid"),
-            reason=str((ready or {}).get("reason") or NOT_CHECKED),
-            status=status,
+            ready=False,
+            phid=None,
+            reason=NOT_CHECKED,
             recheck=str((meta.get("annotations") or {}).get(resources.RECHECK_ANNOTATION) or ""),
             uid=str(meta.get("uid") or ""),
             kopf_finalizer=resources.kopf_finalizer_at(meta),
         )
+        return view.shown(body)
+
+    def shown(self, body: Mapping[str, Any]) -> BotView:
+        """This bot with the status (and readiness) ``body`` shows: a watch event's, or the
+        API's answer to a status write. Its readiness is only ever what the status says."""
+        meta = body.get("metadata") or {}
+        status = body.get("status") or {}
+        conditions = status.get("conditions") or []
+        ready = next((c for c in conditions if c.get("type") == resources.READY), None)
+        return dataclasses.replace(
+            self,
+            ready=resources.bot_usable(conditions, self.generation),
+            phid=status.get("phid"),
+            reason=str((ready or {}).get("reason") or NOT_CHECKED),
+            status=status,
+            resource_version=str(meta.get("resourceVersion") or ""),
+        )
+
+    def older_than(self, other: BotView) -> bool:
+        """An earlier state of the object than ``other`` (see :func:`older_version`)."""
+        return older_version(self.resource_version, other.resource_version)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +104,7 @@ class BindingView:
     # Marked for deletion (someone else's finalizer may hold it): as good as deleted.
     deleting: bool = dataclasses.field(default=False, compare=False)
     kopf_finalizer: int = dataclasses.field(default=-1, compare=False)  # as on BotView
+    resource_version: str = dataclasses.field(default="", compare=False)
 
     @property
     def key(self) -> Key:
@@ -111,7 +129,21 @@ class BindingView:
             status=body.get("status") or {},
             deleting=meta.get("deletionTimestamp") is not None,
             kopf_finalizer=resources.kopf_finalizer_at(meta),
+            resource_version=str(meta.get("resourceVersion") or ""),
         )
+
+    def shown(self, body: Mapping[str, Any]) -> BindingView:
+        """This binding with the status ``body`` shows (the API's answer to a status write)."""
+        meta = body.get("metadata") or {}
+        return dataclasses.replace(
+            self,
+            status=body.get("status") or {},
+            resource_version=str(meta.get("resourceVersion") or ""),
+        )
+
+    def older_than(self, other: BindingView) -> bool:
+        """An earlier state of the object than ``other`` (see :func:`older_version`)."""
+        return older_version(self.resource_version, other.resource_version)
 
 
 class World:
