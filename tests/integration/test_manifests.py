@@ -336,7 +336,7 @@ def test_rbac_grants_exactly_the_calls_made(rendered: list[Doc]) -> None:
     [
         (
             "phabmesh-operator",
-            ["controller", "--peering"],
+            ["operator", "--peering"],
             {"issuer": 8443, "metrics": 9090, "webhook": 9443},
             {"cpu": "100m", "memory": "256Mi"},
             "512Mi",
