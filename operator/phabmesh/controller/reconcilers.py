@@ -11,7 +11,7 @@ Each gathers from the World (kept by watch events), decides with a pure policy
 :mod:`phabmesh.leases.readiness`), and writes (through the
 :class:`~phabmesh.controller.writer.Writer`) only what changed against the object as the
 cluster last showed it. The shared parts (settings, World, clients, writer) are the
-:class:`~phabmesh.controller.state.Memo`'s.
+:class:`~phabmesh.controller.memo.Memo`'s.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from phabmesh.resources import binding_path, bot_path
 
 if TYPE_CHECKING:
     from phabmesh import conduit
-    from phabmesh.controller.state import Memo
+    from phabmesh.controller.memo import Memo
     from phabmesh.controller.writer import Writer
     from phabmesh.kube import KubeClient
     from phabmesh.leases.watches import SecretToken
