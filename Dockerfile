@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# phabmesh: one image for the operator (`phabmesh controller`), the gateway
+# phabmesh: one image for the operator (`phabmesh operator`), the gateway
 # (`phabmesh gateway`) and the credential agent the webhook adds to pods (`phabmesh agent`,
 # which needs the image's `test` and `sh` for its probe and hook). Build with BuildKit:
 # `docker build -t ghcr.io/phabmesh/phabmesh:0.1.0 .`
@@ -45,5 +45,5 @@ USER 65532:65532
 # 8443 credential endpoint, 8080 Conduit gateway, 9090 metrics and health.
 EXPOSE 8443 8080 9090
 ENTRYPOINT ["phabmesh"]
-# The manifests pass `controller --peering` (several replicas) or `gateway`.
-CMD ["controller"]
+# The manifests pass `operator --peering` (several replicas) or `gateway`.
+CMD ["operator"]

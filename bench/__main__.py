@@ -5,7 +5,7 @@
 
 Everything runs on 127.0.0.1, each part as its own process as deployed: a real
 kube-apiserver and etcd, the Conduit test server as Phabricator (``bench.conduit``),
-``phabmesh controller`` and ``phabmesh gateway``; this process only generates load and
+``phabmesh operator`` and ``phabmesh gateway``; this process only generates load and
 watches. Every load loop is bounded in count and time. Nothing here asserts: it
 measures and prints.
 
@@ -140,7 +140,7 @@ def phabmesh_env(
 
 
 class Operator(Child):
-    """``phabmesh controller``; with ``shipped_budgets``, its TokenReview budgets as shipped
+    """``phabmesh operator``; with ``shipped_budgets``, its TokenReview budgets as shipped
     (else raised for the benchmark's one-identity pods, below)."""
 
     def __init__(
@@ -173,7 +173,7 @@ class Operator(Child):
             env["PHABMESH_TOKEN_REVIEW_NAMESPACE_BURST"] = "5000"  # noqa: S105 - a number
             env["PHABMESH_TOKEN_REVIEW_NAMESPACE_QPS"] = "1000"  # noqa: S105 - a number
         log = tmp / ("op-shipped.log" if shipped_budgets else "op.log")
-        super().__init__([sys.executable, "-m", "phabmesh.cli", "controller"], env, log)
+        super().__init__([sys.executable, "-m", "phabmesh.cli", "operator"], env, log)
 
 
 class Gateway(Child):

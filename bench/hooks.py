@@ -5,7 +5,7 @@ straight to the target.
 
 Everything runs on 127.0.0.1, each part as its own process as deployed: a real
 kube-apiserver and etcd, the Conduit test server as Phabricator (``bench.conduit``),
-``phabmesh controller`` and ``phabmesh gateway`` under the RBAC of manifests/, and the
+``phabmesh operator`` and ``phabmesh gateway`` under the RBAC of manifests/, and the
 webhook's target, a plain HTTP server answering 202 (``--serve-target``, a process of its
 own). A PhabricatorWebhook in namespace ``hooks-bench`` names the target; its namespace
 grants both ServiceAccounts its key Secret (docs/webhooks.md). The gateway reaches the

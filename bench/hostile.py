@@ -10,7 +10,7 @@ hostile request of up to the body limit over and over on one connection (or
 ``conduit.ping`` after another on another connection; it prints the pings' latency
 against the same pings with no attack, and the gateway's memory. Then it sends
 ``--names`` unauthenticated calls to distinct method names and counts the series of
-``phabmesh_gateway_requests_total``. Last, with ``phabmesh controller`` beside them, the
+``phabmesh_gateway_requests_total``. Last, with ``phabmesh operator`` beside them, the
 credential endpoint: a real pod's exchange (an uncached TokenReview) alone, then while
 ``--flood`` requests with junk tokens and as many with forged ones (JWTs for the right
 audience) arrive at once, and how many TokenReviews the flood cost. Then, with the shipped
@@ -392,7 +392,7 @@ FLOOD_NAMESPACE = "tenant-flood"  # the flooding identities' namespace (headers 
 
 
 class ShippedOperator(Operator):
-    """``phabmesh controller`` with the shipped TokenReview budgets."""
+    """``phabmesh operator`` with the shipped TokenReview budgets."""
 
     def __init__(self, plane: devcluster.ControlPlane, conduit: Conduit, tmp: Path) -> None:
         super().__init__(plane, conduit, tmp, shipped_budgets=True)

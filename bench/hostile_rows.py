@@ -1,6 +1,6 @@
 """``python -m bench.hostile --parts rows``: one row per flood, the same three probes in each.
 
-``phabmesh controller`` (with the shipped TokenReview budgets) and ``phabmesh gateway`` run
+``phabmesh operator`` (with the shipped TokenReview budgets) and ``phabmesh gateway`` run
 as processes of their own against the local control plane. For ``--seconds``, three loops
 run side by side (``bench.hostile_webhook.loops``): ``conduit.ping`` through the gateway, a
 pod's credential exchange (a fresh token each time, an uncached TokenReview, 10 a second)

@@ -1,7 +1,7 @@
 """``python -m bench.hostile --parts webhook``: a flood of big AdmissionReviews at the
 injection webhook's port, and what the rest of phabmesh waits meanwhile.
 
-``phabmesh controller`` and ``phabmesh gateway`` run as processes of their own against the
+``phabmesh operator`` and ``phabmesh gateway`` run as processes of their own against the
 local control plane. For ``--seconds`` without the flood, then as long with it
 (``bench.webhook_flood``, a process of its own: 8 connections each sending one 400 KB
 AdmissionReview after another), three loops run side by side: ``conduit.ping`` through the

@@ -6,7 +6,7 @@
 
 The same parts as ``python -m bench`` (bench/__main__.py), each its own process on
 127.0.0.1: kube-apiserver and etcd, the controller manager, KWOK's simulated nodes, the
-Conduit test server, ``phabmesh controller`` and ``phabmesh gateway`` under the RBAC of
+Conduit test server, ``phabmesh operator`` and ``phabmesh gateway`` under the RBAC of
 manifests/. The population is made as a cluster makes it: Deployments and Jobs, their pods
 created by the controller manager and run by KWOK (no start or stop delay: what is measured
 is phabmesh's work, not a kubelet's). Every pod names its node (``spec.nodeName``): the

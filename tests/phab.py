@@ -239,14 +239,14 @@ def time_of(text: str) -> datetime.datetime:
 def spawn_operator(
     cluster: Cluster, conduit: ConduitServer, log: Path, *args: str
 ) -> subprocess.Popen[bytes]:
-    """``phabmesh controller`` as a real process (loopback listeners, JSON logs to ``log``)."""
+    """``phabmesh operator`` as a real process (loopback listeners, JSON logs to ``log``)."""
     local = Settings.local_env(
         conduit.url, namespace=SYSTEM, log_json=True, log_level="INFO", peering_lifetime=10
     )
     env = dict(os.environ, KUBECONFIG=cluster.phabmesh_kubeconfig("operator"), **local)
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "phabmesh.cli", "controller", *args],
+            [sys.executable, "-m", "phabmesh.cli", "operator", *args],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -8,10 +8,16 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import structlog
+
 from phabmesh import __version__, logs
 from phabmesh.pod import client as podclient
 from phabmesh.pod.client import DEFAULT_TOKEN_FILE as _TOKEN_FILE
 from phabmesh.settings import Settings, warn_deprecated
+
+# Renamed commands still run: old name → the command it runs now (a line on stderr and a
+# ``command_deprecated`` log line say so).
+DEPRECATED_COMMANDS = {"controller": "operator"}
 
 
 def _dev_kits_missing(command: str) -> int | None:
@@ -75,6 +81,10 @@ def _settings(command: str) -> Settings:
         raise SystemExit(2) from None
     logs.configure(settings.log_level, settings.log_json)
     warn_deprecated()
+    if command in DEPRECATED_COMMANDS:
+        structlog.get_logger("phabmesh.cli").warning(
+            "command_deprecated", old=command, new=DEPRECATED_COMMANDS[command]
+        )
     return settings
 
 
@@ -88,20 +98,31 @@ def _no_cluster(command: str, exc: Exception) -> int:
     return 2
 
 
-def _controller(args: argparse.Namespace) -> int:
+def _operator(args: argparse.Namespace, command: str = "operator") -> int:
     import asyncio
 
     from kubernetes.config import ConfigException
 
     from phabmesh.processes.operator import OperatorProcess
 
-    settings = _settings("controller")
+    settings = _settings(command)
     process = OperatorProcess(settings, kubeconfig=args.kubeconfig, standalone=not args.peering)
     try:
         asyncio.run(process.run_until_signalled())
     except ConfigException as exc:
-        return _no_cluster("controller", exc)
+        return _no_cluster(command, exc)
     return 0
+
+
+def _controller(args: argparse.Namespace) -> int:
+    """``phabmesh controller``, the operator's former command: one line on stderr and a
+    ``command_deprecated`` log line, then the operator as ``phabmesh operator`` runs it."""
+    print(
+        "phabmesh controller: deprecated, use `phabmesh operator` (same flags)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return _operator(args, command="controller")
 
 
 def _webhook(args: argparse.Namespace) -> int:
@@ -260,20 +281,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     phorge.set_defaults(func=_dev_conduit)
 
-    ctl = sub.add_parser(
-        "controller", help="run the operator: the controller and the credential endpoint"
-    )
-    ctl.add_argument("--kubeconfig", help="default: $KUBECONFIG, ~/.kube/config or in-cluster")
-    ctl.add_argument(
-        "--peering",
-        action="store_true",
-        help="coordinate with other replicas (kopf peering) so that only one acts",
-    )
-    ctl.set_defaults(func=_controller)
+    for name, func, what in (
+        ("operator", _operator, "run the operator: the controller and the credential endpoint"),
+        ("controller", _controller, "deprecated name of `operator`"),
+    ):
+        ctl = sub.add_parser(name, help=what)
+        ctl.add_argument("--kubeconfig", help="default: $KUBECONFIG, ~/.kube/config or in-cluster")
+        ctl.add_argument(
+            "--peering",
+            action="store_true",
+            help="coordinate with other replicas (kopf peering) so that only one acts",
+        )
+        ctl.set_defaults(func=func)
 
     hook = sub.add_parser(
         "webhook",
-        help="serve the pod-injection webhook (the controller starts it: no need to run it)",
+        help="serve the pod-injection webhook (the operator starts it: no need to run it)",
     )
     hook.add_argument("--kubeconfig", help="default: $KUBECONFIG, ~/.kube/config or in-cluster")
     hook.set_defaults(func=_webhook)

@@ -4,7 +4,7 @@ Pure: no I/O. The CRDs in ``crds/`` and these models must agree; ``python -m
 phabmesh.dev.schemacheck crds/`` (``make manifests``) fails when they drift.
 
 Parse a watched object's parts with ``BotSpec.model_validate(body["spec"])`` (and
-``BindingSpec``, ``CredentialSpec``, ``*Status`` alike): fields are read by their
+``BindingSpec``, ``LeaseSpec``, ``*Status`` alike): fields are read by their
 CRD (camelCase) names and exposed as snake_case attributes; dump with
 ``model_dump(by_alias=True, mode="json")``. Spec models refuse unknown fields;
 status models ignore them. Defaults equal the CRD's, so a spec the API server
@@ -324,8 +324,8 @@ class BindingSpec(_Model):
         return parse_duration(self.credential_ttl)
 
 
-class CredentialSpec(_Model):
-    """``PhabricatorCredential.spec``: immutable once written."""
+class LeaseSpec(_Model):
+    """``PhabricatorCredential.spec``, a lease's: immutable once written."""
 
     pod_name: str = Field(alias="podName")
     pod_uid: str = Field(alias="podUID")
@@ -452,8 +452,8 @@ class BindingStatus(_Model):
     bot_phid: str | None = Field(default=None, alias="botPHID")
 
 
-class CredentialStatus(_Model):
-    """``PhabricatorCredential.status``."""
+class LeaseStatus(_Model):
+    """``PhabricatorCredential.status``, a lease's."""
 
     model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
     phase: Phase | None = None
@@ -477,13 +477,13 @@ class WebhookStatus(_Model):
 SPECS: dict[str, type[_Model]] = {
     BOT_KIND: BotSpec,
     BINDING_KIND: BindingSpec,
-    CREDENTIAL_KIND: CredentialSpec,
+    CREDENTIAL_KIND: LeaseSpec,
     WEBHOOK_KIND: WebhookSpec,
 }
 STATUSES: dict[str, type[_Model]] = {
     BOT_KIND: BotStatus,
     BINDING_KIND: BindingStatus,
-    CREDENTIAL_KIND: CredentialStatus,
+    CREDENTIAL_KIND: LeaseStatus,
     WEBHOOK_KIND: WebhookStatus,
 }
 

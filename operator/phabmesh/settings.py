@@ -245,8 +245,11 @@ class Settings(BaseSettings):
     issuer: str = setting(
         "http://phabmesh-issuer.phabmesh-system.svc:8443",
         "endpoint",
-        "`iss` of the credentials phabmesh signs (the issuer Service's URL; plain HTTP inside "
-        "the mesh, Linkerd adds mTLS).",
+        "`iss` of the credentials phabmesh signs, compared by the gateway; JWT validators "
+        "find `/.well-known/openid-configuration` and the JWKS under it. An identifier: its "
+        "default names the credential endpoint's former Service, `phabmesh-issuer` (kept, "
+        "deprecated as an address for agents), so that credentials already out and validators "
+        "configured with it stay valid; agents call `phabmesh-endpoint`.",
     )
     credential_audience: str = setting(
         "phabmesh-gateway",
@@ -346,7 +349,7 @@ class Settings(BaseSettings):
     endpoint_port: Count = setting(
         8443,
         "endpoint",
-        "Port of the credential endpoint (the `phabmesh-issuer` Service's target). Formerly "
+        "Port of the credential endpoint (the `phabmesh-endpoint` Service's target). Formerly "
         "`PHABMESH_ISSUER_PORT` (still read, deprecated).",
     )
     gateway_host: str = setting(
@@ -523,7 +526,7 @@ class Settings(BaseSettings):
         "[security.md](security.md#who-may-call-phabmeshs-ports).",
     )
     injected_credential_endpoint: str = setting(
-        "http://phabmesh-issuer.phabmesh-system.svc:8443",
+        "http://phabmesh-endpoint.phabmesh-system.svc:8443",
         "webhook",
         "Injected pods get it as `PHABMESH_CREDENTIAL_ENDPOINT`.",
     )

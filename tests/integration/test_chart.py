@@ -287,7 +287,10 @@ def test_another_namespace_is_named_everywhere(helm: Helm) -> None:
     assert namespaced and {d["metadata"]["namespace"] for d in namespaced} == {"tools"}
     (config,) = [d for d in docs if d["kind"] == "ConfigMap"]
     assert config["data"]["PHABMESH_NAMESPACE"] == "tools"
+    # `iss` is an identifier, kept as it was; pods are told the endpoint's new Service.
     assert config["data"]["PHABMESH_ISSUER"] == "http://phabmesh-issuer.tools.svc:8443"
+    endpoint = config["data"]["PHABMESH_INJECTED_CREDENTIAL_ENDPOINT"]
+    assert endpoint == "http://phabmesh-endpoint.tools.svc:8443"
     injected = config["data"]["PHABMESH_INJECTED_GATEWAY_URL"]
     assert injected == "http://phabmesh-gateway.tools.svc:8080"
     policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"}

@@ -352,7 +352,7 @@ def test_names_outside_the_zones_are_refused_without_an_upstream(
 ) -> None:
     for name, qtype in (
         ("example.com", A),
-        ("phabmesh-issuer.phabmesh-system.svc", A),  # only with a search domain appended
+        ("phabmesh-endpoint.phabmesh-system.svc", A),  # only with a search domain appended
         (reverse_name("192.0.2.1"), PTR),
         (reverse_name("10.97.0.1"), PTR),  # outside the Service range
     ):

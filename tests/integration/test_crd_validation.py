@@ -534,13 +534,13 @@ def test_valid_manifests_are_accepted_with_defaults(
         assert resources.BindingSpec.model_validate(created["spec"]).credential_format == "JWT"
 
         cred = _create(api, copy.deepcopy(CREDENTIAL), ns)
-        resources.CredentialSpec.model_validate(cred["spec"])
+        resources.LeaseSpec.model_validate(cred["spec"])
         # A lease's end lies ahead: the column must read as that time, not an age.
         for status in ({**ACTIVE, "expiresAt": "2099-01-01T00:15:00Z"}, REVOKED):
             updated = api.patch_namespaced_custom_object(
                 G, V, ns, resources.CREDENTIAL_PLURAL, "valid-credential", {"status": status}
             )
-        assert resources.CredentialStatus.model_validate(updated["status"]).phase == "Revoked"
+        assert resources.LeaseStatus.model_validate(updated["status"]).phase == "Revoked"
 
         # A fresh discovery cache: kubectl's shared one may predate the CRDs, and a category
         # lookup does not refresh it on a miss (resource names do).
@@ -660,3 +660,11 @@ def test_explain_teaches_the_fields(cluster: Cluster, crds: object) -> None:
         assert text in " ".join(out.split()), text
     status = cluster.kubectl("explain", "pcred.status.reason").stdout
     assert "PodTerminating" in status
+
+
+def test_a_phabricatorcredential_explains_itself_as_a_lease(cluster: Cluster, crds: object) -> None:
+    """The kind keeps its name; its short name and its description say what it is."""
+    out = " ".join(cluster.kubectl("explain", "phablease").stdout.split())
+    assert "KIND: PhabricatorCredential" in out
+    assert "The lease of a credential, despite the kind's name" in out
+    assert "is never stored here" in out

@@ -137,7 +137,7 @@ def test_podman_loads_it_under_the_name_the_chart_and_kustomize_deploy(podman: P
     config = inspected["Config"]
     assert config["User"] == "65532:65532"
     assert config["Entrypoint"] == ["phabmesh"]
-    assert config["Cmd"] == ["controller"]
+    assert config["Cmd"] == ["operator"]
     assert set(config["ExposedPorts"]) == {"8443/tcp", "8080/tcp", "9090/tcp"}
     assert "PYTHONDONTWRITEBYTECODE=1" in config["Env"]
     assert "PYTHONUNBUFFERED=1" in config["Env"]
@@ -167,7 +167,7 @@ def test_the_agents_probe_and_hook_commands_run_in_it(podman: Podman) -> None:
     assert written.returncode == 0, written.stderr
 
 
-@pytest.mark.parametrize("command", ["controller", "gateway", "agent"])
+@pytest.mark.parametrize("command", ["operator", "gateway", "agent"])
 def test_each_command_gets_past_imports_and_arguments(podman: Podman, command: str) -> None:
     done = podman.run(command, "--help")
     assert done.returncode == 0, done.stderr
@@ -183,8 +183,8 @@ def test_version_is_the_wheel_of_this_checkout(podman: Podman) -> None:
 def test_outside_a_cluster_the_servers_say_so_in_one_line(
     podman: Podman, command: list[str]
 ) -> None:
-    done = podman.run(*command)  # [] is the image's CMD: controller
-    name = command[0] if command else "controller"
+    done = podman.run(*command)  # [] is the image's CMD: operator
+    name = command[0] if command else "operator"
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [

@@ -237,6 +237,7 @@ def test_everything_applies_to_a_real_api_server(cluster: Cluster, installed: li
         ("serviceaccount", "phabmesh-operator"),
         ("serviceaccount", "phabmesh-gateway"),
         ("configmap", "phabmesh-config"),
+        ("service", "phabmesh-endpoint"),
         ("service", "phabmesh-issuer"),
         ("service", "phabmesh-gateway"),
         ("poddisruptionbudget", "phabmesh-operator"),
@@ -336,8 +337,8 @@ def test_rbac_grants_exactly_the_calls_made(rendered: list[Doc]) -> None:
     [
         (
             "phabmesh-operator",
-            ["controller", "--peering"],
-            {"issuer": 8443, "metrics": 9090, "webhook": 9443},
+            ["operator", "--peering"],
+            {"endpoint": 8443, "metrics": 9090, "webhook": 9443},
             {"cpu": "100m", "memory": "256Mi"},
             "512Mi",
         ),
@@ -432,16 +433,24 @@ def _pods_selected(rendered: list[Doc], selector: Doc) -> list[Doc]:
     return selected
 
 
-def _port_names(pod: Doc) -> set[str]:
-    return {p["name"] for c in pod["spec"]["containers"] for p in c["ports"]}
+def _port_names(pod: Doc) -> set[str | int]:
+    """The ports a pod declares, by name and by number."""
+    ports = [p for c in pod["spec"]["containers"] for p in c["ports"]]
+    return {p["name"] for p in ports} | {p["containerPort"] for p in ports}
 
 
 def test_services_and_budgets_select_the_pods(rendered: list[Doc]) -> None:
     services = _by_kind(rendered, "Service")
-    assert {p["port"]: p["targetPort"] for p in services["phabmesh-issuer"]["spec"]["ports"]} == {
-        8443: "issuer",
+    # The credential endpoint's port by number: the pods of the release before named it
+    # otherwise, and stay behind both Services while a rolling upgrade replaces them.
+    assert {p["port"]: p["targetPort"] for p in services["phabmesh-endpoint"]["spec"]["ports"]} == {
+        8443: 8443,
         9090: "metrics",
     }
+    assert [p["name"] for p in services["phabmesh-endpoint"]["spec"]["ports"]] == [
+        "endpoint",
+        "metrics",
+    ]
     assert {p["port"]: p["targetPort"] for p in services["phabmesh-gateway"]["spec"]["ports"]} == {
         8080: "conduit",
         8081: "hooks",
@@ -460,7 +469,42 @@ def test_services_and_budgets_select_the_pods(rendered: list[Doc]) -> None:
 # --- Linkerd policy -----------------------------------------------------------------------
 
 
-def test_only_meshed_clients_reach_the_gateway_and_the_issuer(rendered: list[Doc]) -> None:
+def test_the_deprecated_issuer_service_is_the_endpoints_under_its_old_name(
+    rendered: list[Doc],
+) -> None:
+    """phabmesh-issuer, the endpoint's former Service: kept (agents configured with its URL,
+    the default `iss`), the same pods and ports as phabmesh-endpoint, its port's old name."""
+    services = _by_kind(rendered, "Service")
+    old, new = services["phabmesh-issuer"], services["phabmesh-endpoint"]
+    assert old["spec"]["selector"] == new["spec"]["selector"]
+    assert [p["name"] for p in old["spec"]["ports"]] == ["issuer", "metrics"]
+
+    def ports(service: Doc) -> list[tuple[int, object, str]]:
+        return [(p["port"], p["targetPort"], p["protocol"]) for p in service["spec"]["ports"]]
+
+    assert ports(old) == ports(new)
+    # What the pods of the release before (port named "issuer") and of this one declare.
+    (pod,) = _pods_selected(rendered, {"matchLabels": old["spec"]["selector"]})
+    before = _port_names(pod) - {"endpoint"} | {"issuer"}
+    for service in (old, new):
+        assert {p["targetPort"] for p in service["spec"]["ports"]} <= _port_names(pod) & before
+    # The one Linkerd Server of that port covers both Services, and the pods before too.
+    servers = _by_kind(rendered, "Server")
+    covering = [s for s in servers.values() if s["spec"]["port"] in (8443, "endpoint", "issuer")]
+    assert [s["metadata"]["name"] for s in covering] == ["phabmesh-endpoint"]
+    assert covering[0]["spec"]["port"] == 8443
+    assert _pods_selected(rendered, covering[0]["spec"]["podSelector"]) == [pod]
+    # The NetworkPolicy lets both Services' port in, by number as well.
+    (netpol,) = [
+        d
+        for d in _by_kind(rendered, "NetworkPolicy").values()
+        if d["spec"]["podSelector"]["matchLabels"] == old["spec"]["selector"]
+    ]
+    allowed = {p["port"] for rule in netpol["spec"]["ingress"] for p in rule["ports"]}
+    assert 8443 in allowed and not allowed & {"issuer", "endpoint"}
+
+
+def test_only_meshed_clients_reach_the_gateway_and_the_endpoint(rendered: list[Doc]) -> None:
     policy = [d for d in rendered if d["apiVersion"].startswith(LINKERD_GROUP + "/")]
     objects = {(d["kind"], d["metadata"]["name"]): d for d in policy}
     servers = _by_kind(policy, "Server")
@@ -485,13 +529,13 @@ def test_only_meshed_clients_reach_the_gateway_and_the_issuer(rendered: list[Doc
     assert allowed == {
         "phabmesh-gateway": {"MeshTLSAuthentication"},
         "phabmesh-gateway-hooks": {"MeshTLSAuthentication"},
-        "phabmesh-issuer": {"MeshTLSAuthentication"},
+        "phabmesh-endpoint": {"MeshTLSAuthentication"},
         "phabmesh-metrics": {"NetworkAuthentication"},
     }
     assert {servers[s]["spec"]["port"] for s in allowed} == {
         "conduit",
         "hooks",
-        "issuer",
+        8443,
         "metrics",
     }
     anyone = _by_kind(policy, "NetworkAuthentication")["phabmesh-any-network"]
@@ -680,8 +724,9 @@ def test_a_network_policy_names_every_port_of_each_pod(rendered: list[Doc]) -> N
         ]
         assert policy["spec"]["policyTypes"] == ["Ingress"], name
         named = {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]}
-        ports = {p["name"] for c in template["spec"]["containers"] for p in c["ports"]}
-        assert ports <= named, (name, ports - named)
+        declared = [p for c in template["spec"]["containers"] for p in c["ports"]]
+        missing = [p["name"] for p in declared if not {p["name"], p["containerPort"]} & named]
+        assert not missing, (name, missing)
         for rule in policy["spec"]["ingress"]:
             rule_ports = {port["port"] for port in rule["ports"]}
             assert "webhook" not in rule_ports or rule_ports == {"webhook"}, name

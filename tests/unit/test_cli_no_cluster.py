@@ -1,4 +1,4 @@
-"""`phabmesh controller`, `gateway` and `webhook` with no cluster to connect to (as in the
+"""`phabmesh operator`, `gateway` and `webhook` with no cluster to connect to (as in the
 image run outside Kubernetes): one line that says so and what to give, not a traceback."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _cli(tmp_path: Path, *args: str, drop: tuple[str, ...]) -> subprocess.Comple
     )
 
 
-@pytest.mark.parametrize("command", ["controller", "gateway", "webhook"])
+@pytest.mark.parametrize("command", ["operator", "gateway", "webhook"])
 def test_no_cluster_is_one_line_naming_what_to_give(command: str, tmp_path: Path) -> None:
     done = _cli(tmp_path, command, drop=("KUBE", "PHABMESH_"))
     assert done.returncode == 2, done.stderr
@@ -47,3 +47,31 @@ def test_an_explicit_kubeconfig_that_is_missing_is_named(tmp_path: Path) -> None
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert done.stderr.startswith("phabmesh gateway: no cluster to connect to"), done.stderr
+
+
+def test_the_former_command_controller_still_runs_the_operator_and_says_so(
+    tmp_path: Path,
+) -> None:
+    """`phabmesh controller` (the operator's command before `phabmesh operator`): one line on
+    stderr naming the new command, a `command_deprecated` log line, then the operator as
+    `phabmesh operator` runs it (here: as far as finding no cluster)."""
+    done = _cli(tmp_path, "controller", "--peering", drop=("KUBE", "PHABMESH_"))
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[0] == "phabmesh controller: deprecated, use `phabmesh operator` (same flags)"
+    logged = [line for line in lines if "command_deprecated" in line]
+    assert len(logged) == 1, done.stderr
+    assert "old=controller" in logged[0] or '"old": "controller"' in logged[0], logged[0]
+    assert lines[-1].startswith("phabmesh controller: no cluster to connect to"), lines[-1]
+
+
+def test_the_parser_sends_both_names_to_the_operator() -> None:
+    from phabmesh import cli
+
+    new = cli.build_parser().parse_args(["operator", "--peering"])
+    old = cli.build_parser().parse_args(["controller", "--peering", "--kubeconfig", "k"])
+    assert new.func is cli._operator
+    assert old.func is cli._controller
+    assert (new.peering, old.peering, old.kubeconfig) == (True, True, "k")
+    assert cli.DEPRECATED_COMMANDS == {"controller": "operator"}

@@ -70,7 +70,7 @@ def test_how_it_starts_is_what_make_image_writes() -> None:
     config = image.image_config()
     assert runtime["USER"] == config.user == "65532:65532"
     assert json.loads(runtime["ENTRYPOINT"]) == list(config.entrypoint) == ["phabmesh"]
-    assert json.loads(runtime["CMD"]) == list(config.cmd) == ["controller"]
+    assert json.loads(runtime["CMD"]) == list(config.cmd) == ["operator"]
     assert {f"{port}/tcp" for port in runtime["EXPOSE"].split()} == set(config.exposed_ports)
     env = {f"{key}={value}" for key, value in re.findall(r"(\w+)=(\S+)", runtime["ENV"])}
     assert env == {e for e in config.env if not e.startswith("PATH=")}

@@ -12,7 +12,7 @@ from typing import Any
 from phabmesh import identity, resources
 from phabmesh.controller import bots as botcheck
 from phabmesh.controller.driver import BotWork, Work, WorkQueue
-from phabmesh.controller.state import Memo
+from phabmesh.controller.memo import Memo
 from phabmesh.kube import NotFound
 from phabmesh.kube.client import JSON
 from phabmesh.leases import reasons

@@ -104,7 +104,7 @@ def test_app_containers_get_the_mount_and_variables_and_nothing_else_changes() -
         assert container["env"][: len(old.get("env", []))] == old.get("env", [])
         added = {e["name"]: e["value"] for e in container["env"][len(old.get("env", [])) :]}
         assert added == {
-            "PHABMESH_CREDENTIAL_ENDPOINT": "http://phabmesh-issuer.phabmesh-system.svc:8443",
+            "PHABMESH_CREDENTIAL_ENDPOINT": "http://phabmesh-endpoint.phabmesh-system.svc:8443",
             "PHABMESH_GATEWAY_URL": "http://phabmesh-gateway.phabmesh-system.svc:8080",
             "PHABMESH_TOKEN_FILE": inject.TOKEN_FILE,
         }

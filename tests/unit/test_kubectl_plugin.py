@@ -392,6 +392,25 @@ def test_judge_ready_and_report() -> None:
     assert "8443" not in renamed.message
 
 
+def test_check_warns_of_a_configmap_that_injects_the_deprecated_service() -> None:
+    old_url = "http://phabmesh-issuer.phabmesh-system.svc:8443"
+    old = {"data": {"PHABMESH_INJECTED_CREDENTIAL_ENDPOINT": old_url}}
+    warned = checks.judge_config(old, None, Settings.from_env(old["data"]))
+    assert warned.status == "WARN"
+    assert "names the deprecated Service phabmesh-issuer" in warned.message
+    assert "http://phabmesh-endpoint.phabmesh-system.svc:8443" in warned.message
+    # With a renamed setting too: both said, in one line.
+    both = {"data": {**old["data"], "PHABMESH_ISSUER_PORT": "8443"}}
+    warned = checks.judge_config(both, None, Settings.from_env(both["data"]))
+    assert "PHABMESH_ISSUER_PORT (now PHABMESH_ENDPOINT_PORT)" in warned.message
+    assert "phabmesh-issuer" in warned.message.split("; ", 1)[1]
+    # The new name, the default, or another host: nothing to say about it.
+    for url in ("http://phabmesh-endpoint.tools.svc:8443", "http://issuer.example:8443"):
+        new = {"data": {"PHABMESH_INJECTED_CREDENTIAL_ENDPOINT": url}}
+        assert checks.judge_config(new, None, Settings.from_env(new["data"])).status == "OK"
+    assert checks.judge_config({}, None, Settings()).status == "OK"
+
+
 def test_the_namespace_defaults_to_the_contexts(tmp_path: Path) -> None:
     kubeconfig = tmp_path / "config"
     kubeconfig.write_text(

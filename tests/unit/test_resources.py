@@ -168,7 +168,7 @@ def test_bot_spec_parses_camel_case_and_round_trips() -> None:
 def test_spec_models_refuse_unknown_fields_and_statuses_ignore_them() -> None:
     with pytest.raises(pydantic.ValidationError, match="botName"):
         resources.BindingSpec.model_validate({**BINDING, "botName": "b"})
-    status = resources.CredentialStatus.model_validate(
+    status = resources.LeaseStatus.model_validate(
         {"phase": "Active", "expiresAt": "2026-01-01T00:15:00Z", "future": 1}
     )
     assert status.phase == resources.ACTIVE

@@ -183,7 +183,7 @@ DRIFTS: list[tuple[str, str, Edit, str]] = [
         "status schema missing",
         "phabricatorcredentials.yaml",
         _drop_status,
-        "PhabricatorCredential.status: in CredentialStatus, not in the CRD",
+        "PhabricatorCredential.status: in LeaseStatus, not in the CRD",
     ),
 ]
 

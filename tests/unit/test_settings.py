@@ -331,7 +331,7 @@ def _cli(tmp_path: Path, command: str, **env: str) -> subprocess.CompletedProces
     )
 
 
-@pytest.mark.parametrize("command", ["controller", "gateway", "webhook"])
+@pytest.mark.parametrize("command", ["operator", "gateway", "webhook"])
 @pytest.mark.parametrize(
     ("variable", "value", "expected"),
     [
@@ -350,10 +350,10 @@ def test_a_process_refuses_a_bad_setting_in_one_line(
 
 
 def test_a_process_refuses_both_names_set_differently(tmp_path: Path) -> None:
-    done = _cli(tmp_path, "controller", PHABMESH_ISSUER_PORT="8443", PHABMESH_ENDPOINT_PORT="9443")
+    done = _cli(tmp_path, "operator", PHABMESH_ISSUER_PORT="8443", PHABMESH_ENDPOINT_PORT="9443")
     assert done.returncode == 2, done.stderr
     (line,) = done.stderr.strip().splitlines()
-    assert line.startswith("phabmesh controller: PHABMESH_ISSUER_PORT (deprecated) and ")
+    assert line.startswith("phabmesh operator: PHABMESH_ISSUER_PORT (deprecated) and ")
 
 
 def test_a_process_warns_of_a_deprecated_name_at_start(tmp_path: Path) -> None:

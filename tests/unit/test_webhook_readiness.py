@@ -11,7 +11,7 @@ import pytest
 
 from phabmesh import resources
 from phabmesh.controller import webhooks
-from phabmesh.controller.state import Memo
+from phabmesh.controller.memo import Memo
 from phabmesh.controller.webhooks import Found, WebhookView
 from phabmesh.gateway.state import hook_facts
 from phabmesh.kube import NotFound

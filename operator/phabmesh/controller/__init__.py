@@ -13,7 +13,7 @@ from phabmesh.controller import peering
 from phabmesh.settings import Settings
 
 if TYPE_CHECKING:
-    from phabmesh.controller.state import Memo
+    from phabmesh.controller.memo import Memo
 
 
 async def operate(

@@ -37,7 +37,7 @@ from phabmesh.leases.world import BindingView, BotView, Key
 
 if TYPE_CHECKING:
     from phabmesh import identity
-    from phabmesh.controller.state import Memo
+    from phabmesh.controller.memo import Memo
 
 log = structlog.get_logger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 import kopf
 import structlog
 
-from phabmesh.controller.state import Memo
+from phabmesh.controller.memo import Memo
 
 log = structlog.get_logger(__name__)
 registry = kopf.OperatorRegistry()

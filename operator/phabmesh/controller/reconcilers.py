@@ -10,7 +10,7 @@ process's own writes), decides with a pure policy (:mod:`phabmesh.controller.bot
 :mod:`phabmesh.leases.plans`, :mod:`phabmesh.leases.readiness`), and writes (through the
 :class:`~phabmesh.controller.writer.Writer`) only what changed against the object as the
 cluster last showed it. The shared parts (settings, World, clients, writer) are the
-:class:`~phabmesh.controller.state.Memo`'s.
+:class:`~phabmesh.controller.memo.Memo`'s.
 
 They talk only through the API's objects, as the endpoint and ``kubectl phabmesh`` do: a
 bot's readiness is what its status says, a binding's verdict is judged from that and
@@ -41,7 +41,7 @@ from phabmesh.resources import binding_path, bot_path
 
 if TYPE_CHECKING:
     from phabmesh import conduit
-    from phabmesh.controller.state import Memo
+    from phabmesh.controller.memo import Memo
     from phabmesh.controller.writer import Writer
     from phabmesh.kube import KubeClient
     from phabmesh.leases.watches import SecretToken

@@ -34,7 +34,7 @@ from phabmesh.leases.world import Key, conditions_of
 from phabmesh.resources import resource_path, webhook_path
 
 if TYPE_CHECKING:
-    from phabmesh.controller.state import Memo
+    from phabmesh.controller.memo import Memo
 
 log = structlog.get_logger(__name__)
 

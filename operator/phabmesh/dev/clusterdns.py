@@ -1,6 +1,6 @@
 """Cluster DNS for a real node of the local control plane: CoreDNS as ``kube-system/kube-dns``.
 
-Pods resolve Services by name (``phabmesh-issuer.phabmesh-system.svc``) through the node's
+Pods resolve Services by name (``phabmesh-endpoint.phabmesh-system.svc``) through the node's
 ``clusterDNS`` address, ``CLUSTER_IP``. CoreDNS is built from its Go module with only the
 plugins the Corefile below uses (``tests/controlplane/coredns``, ``gobuild.coredns``), put in
 an image without a registry (``image``), and installed with its RBAC, Corefile, Deployment and

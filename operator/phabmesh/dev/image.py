@@ -107,7 +107,7 @@ def image_config() -> ociimage.ImageConfig:
     """How a container of the image starts: as the Dockerfile says."""
     return ociimage.ImageConfig(
         entrypoint=("phabmesh",),
-        cmd=("controller",),
+        cmd=("operator",),
         user=USER,
         env=ENV,
         exposed_ports=PORTS,

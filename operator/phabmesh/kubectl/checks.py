@@ -11,6 +11,7 @@ import asyncio
 import base64
 import dataclasses
 import datetime
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ from phabmesh.resources import resource_path
 from phabmesh.settings import DEPRECATED, PREFIX, Settings
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
-PEERING = "phabmesh"  # the ClusterKopfPeering of manifests/peering.yaml (`controller --peering`)
+PEERING = "phabmesh"  # the ClusterKopfPeering of manifests/peering.yaml (`operator --peering`)
 PEERING_CRD = "clusterkopfpeerings.kopf.dev"
 PHABMESH_CRDS = (
     resources.BOT_PLURAL,
@@ -35,17 +36,21 @@ PHABMESH_CRDS = (
     resources.WEBHOOK_PLURAL,
 )
 LINKERD_GROUP = "policy.linkerd.io"
+# The credential endpoint's Service (manifests/operator.yaml), and its former name: a Service
+# still there, deprecated as the address agents call.
+ENDPOINT_SERVICE = "phabmesh-endpoint"
+OLD_ENDPOINT_SERVICE = "phabmesh-issuer"
 # manifests/linkerd-policy.yaml: (kind, plural, name) of each object, in phabmesh's namespace.
 LINKERD_POLICY = (
     ("Server", "servers", "phabmesh-gateway"),
     ("Server", "servers", "phabmesh-gateway-hooks"),
-    ("Server", "servers", "phabmesh-issuer"),
+    ("Server", "servers", "phabmesh-endpoint"),
     ("Server", "servers", "phabmesh-metrics"),
     ("MeshTLSAuthentication", "meshtlsauthentications", "phabmesh-meshed-clients"),
     ("NetworkAuthentication", "networkauthentications", "phabmesh-any-network"),
     ("AuthorizationPolicy", "authorizationpolicies", "phabmesh-gateway-meshed"),
     ("AuthorizationPolicy", "authorizationpolicies", "phabmesh-gateway-hooks-meshed"),
-    ("AuthorizationPolicy", "authorizationpolicies", "phabmesh-issuer-meshed"),
+    ("AuthorizationPolicy", "authorizationpolicies", "phabmesh-endpoint-meshed"),
     ("AuthorizationPolicy", "authorizationpolicies", "phabmesh-metrics-unauthenticated"),
 )
 COLUMNS = (("check", "check"), ("status", "status"), ("message", "message"))
@@ -329,6 +334,12 @@ def judge_phabricator_in_cluster(
     return Result(label, OK, f"the operator's bot checks reached {url} {int(age)} s ago")
 
 
+def _names_service(url: str, service: str) -> bool:
+    """Whether ``url``'s host is the Service ``service`` (``name``, ``name.ns``, ``….svc…``)."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    return host.split(".")[0] == service
+
+
 def judge_config(configmap: JSON | None, error: str | None, settings: Settings | None) -> Result:
     if error is not None:
         return Result("config", FAIL, f"ConfigMap {cluster.CONFIGMAP}: {error}")
@@ -343,13 +354,19 @@ def judge_config(configmap: JSON | None, error: str | None, settings: Settings |
     renamed = [
         f"{old} (now {PREFIX}{DEPRECATED[old].upper()})" for old in DEPRECATED if old in data
     ]
+    warnings = []
     if renamed:
-        return Result(
-            "config",
-            WARN,
-            f"ConfigMap {cluster.CONFIGMAP}: deprecated names, still read: {', '.join(renamed)}; "
-            "set the new names instead",
+        warnings.append(
+            f"deprecated names, still read: {', '.join(renamed)}; set the new names instead"
         )
+    if _names_service(settings.injected_credential_endpoint, OLD_ENDPOINT_SERVICE):
+        warnings.append(
+            "PHABMESH_INJECTED_CREDENTIAL_ENDPOINT names the deprecated Service "
+            f"{OLD_ENDPOINT_SERVICE}: pods injected from now on call it; name "
+            f"{ENDPOINT_SERVICE} instead (http://{ENDPOINT_SERVICE}.{settings.namespace}.svc:8443)"
+        )
+    if warnings:
+        return Result("config", WARN, f"ConfigMap {cluster.CONFIGMAP}: {'; '.join(warnings)}")
     if not settings.require_client_id:
         return Result(
             "config",

@@ -30,7 +30,7 @@ from phabmesh.clock import Clock, utcnow
 log = structlog.get_logger(__name__)
 
 DEFAULT_TOKEN_FILE = "/var/run/secrets/phabmesh.io/serviceaccount/token"  # noqa: S105 - a path
-DEFAULT_ENDPOINT = "http://phabmesh-issuer.phabmesh-system.svc:8443"
+DEFAULT_ENDPOINT = "http://phabmesh-endpoint.phabmesh-system.svc:8443"
 FORMATS = ("phorge-token", "jwt")
 
 

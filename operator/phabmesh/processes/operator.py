@@ -21,7 +21,7 @@ from phabmesh import controller, gatewayrole, metrics, serving, tasks
 from phabmesh.admission.server import WebhookSupervisor
 from phabmesh.admission.tls import WebhookTLS, service_names
 from phabmesh.controller import peering
-from phabmesh.controller.state import Memo
+from phabmesh.controller.memo import Memo
 from phabmesh.credentials.keystore import KeyStore
 from phabmesh.endpoint.app import CredentialEndpoint, TokenReviewer
 from phabmesh.kube import KubeClient, load_connection

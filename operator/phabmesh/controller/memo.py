@@ -26,7 +26,7 @@ log = structlog.get_logger(__name__)
 
 
 class Memo(kopf.Memo):
-    """Shared by every handler of one controller process (kopf's ``memo``)."""
+    """Shared by every handler of the controller in one operator process (kopf's ``memo``)."""
 
     def __init__(
         self,
