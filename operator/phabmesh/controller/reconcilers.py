@@ -367,7 +367,7 @@ class Leases(_Reconciler):
 
     def __init__(self, memo: Memo) -> None:
         super().__init__(memo)
-        self.retries = Retries()  # lease writes that failed, per pod UID
+        self.retries = Retries(self.settings.backoff())  # lease writes that failed, per pod UID
         self._pod_locks: dict[str, _PodLock] = {}
         self._said_failed: dict[str, datetime.datetime] = {}  # pod UID -> last Event
         self._pending_events: set[asyncio.Future[None]] = set()
