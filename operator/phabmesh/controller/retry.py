@@ -5,7 +5,8 @@ unreachable past the client's own few quick retries, a conflict with a lease bei
 deleted): the pod's reconcile is scheduled again, later each time, and the reconcile
 decides afresh from the world, so a retry does exactly what is still wanted, or nothing.
 One pending retry per key; a success forgets the count. The waits are the process's retry
-policy (``PHABMESH_RETRY_FIRST``, ``..._CAP``), or the API server's ``Retry-After`` (a
+policy (``PHABMESH_RETRY_FIRST``, ``..._CAP``), or, for a failure given to
+:meth:`Retries.failed`, the API server's ``Retry-After`` (a
 :class:`~phabmesh.kube.KubeError`'s ``retry_after``) up to its cap.
 """
 
