@@ -26,7 +26,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from phabmesh import backoff, resources
+from phabmesh import resources
+from phabmesh.backoff import DEFAULT_CAP, DEFAULT_FIRST, Backoff
 
 log = structlog.get_logger(__name__)
 
@@ -224,7 +225,7 @@ class Settings(BaseSettings):
     )
     # The one retry policy (phabmesh.backoff): its two settings, checked in _consistent.
     retry_first: Duration = setting(
-        backoff.DEFAULT_FIRST,
+        DEFAULT_FIRST,
         "retry",
         "Every retry loop waits this long before its first retry, then twice as long each time"
         " (less up to half at random), at most `PHABMESH_RETRY_CAP`: the controller's lease "
@@ -235,7 +236,7 @@ class Settings(BaseSettings):
         "`PHABMESH_RETRY_CAP`.",
     )
     retry_cap: Duration = setting(
-        backoff.DEFAULT_CAP,
+        DEFAULT_CAP,
         "retry",
         "The longest any retry waits (see `PHABMESH_RETRY_FIRST`), also when the other side's "
         "`Retry-After` (API server, Phabricator, credential endpoint) asks for longer.",
@@ -630,9 +631,9 @@ class Settings(BaseSettings):
         _check_retry(self.retry_first, self.retry_cap)
         return self
 
-    def backoff(self) -> backoff.Backoff:
+    def backoff(self) -> Backoff:
         """This process's retry policy (``PHABMESH_RETRY_FIRST``, ``..._CAP``)."""
-        return backoff.Backoff(self.retry_first, self.retry_cap)
+        return Backoff(self.retry_first, self.retry_cap)
 
     def agent_resources(
         self,
@@ -705,7 +706,7 @@ def _check_retry(first: float, cap: float) -> None:
 RETRY_VARIABLES = {PREFIX + "RETRY_FIRST": "retry_first", PREFIX + "RETRY_CAP": "retry_cap"}
 
 
-def retry_policy(env: Mapping[str, str] | None = None) -> backoff.Backoff:
+def retry_policy(env: Mapping[str, str] | None = None) -> Backoff:
     """The retry policy alone, from ``env`` (default: this process's environment): for the
     pod side (``phabmesh agent``, ``phabmesh credential``), which reads no other setting;
     ValueError naming the variable for a value it cannot use."""

@@ -14,9 +14,7 @@ def _failures(registry: metrics.Metrics, task: str) -> float:
                if labels.get("task") == task)  # fmt: skip
 
 
-async def test_a_failing_task_is_counted_and_started_again_until_cancelled(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_a_failing_task_is_counted_and_started_again_until_cancelled() -> None:
     registry = metrics.Metrics()
     metrics.use(registry)
     runs: list[int] = []

@@ -272,7 +272,7 @@ class Informer(_Reader[V]):
                 self.connected = False
                 failures += 1
                 await asyncio.sleep(pauses.delay(failures, exc.retry_after))
-                if isinstance(exc, KubeError) and not isinstance(exc, Unavailable):
+                if not isinstance(exc, Unavailable):
                     need_list = True
             except Exception:
                 # A fault of our own (a transform, an answer we could not read): readers fail
