@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
 
+from phabmesh import backoff
 from phabmesh.kube.client import JSON
 
 
@@ -13,6 +14,7 @@ class FakeAPI:
     """Lists nothing; its watch is accepted, then stays quiet (``quiet`` is set)."""
 
     def __init__(self) -> None:
+        self.policy = backoff.DEFAULT  # a KubeClient's retry policy (its watches' reconnects)
         self.lists = 0
         self.watches = 0
         self.quiet = asyncio.Event()

@@ -11,9 +11,10 @@ from pathlib import Path
 import structlog
 
 from phabmesh import __version__, logs
+from phabmesh.backoff import Backoff
 from phabmesh.pod import client as podclient
 from phabmesh.pod.client import DEFAULT_TOKEN_FILE as _TOKEN_FILE
-from phabmesh.settings import Settings, warn_deprecated
+from phabmesh.settings import Settings, retry_policy, warn_deprecated
 
 # Renamed commands still run: old name → the command it runs now (a line on stderr and a
 # ``command_deprecated`` log line say so).
@@ -190,8 +191,19 @@ def _fetcher(args: argparse.Namespace) -> Callable[[], podclient.Credential]:
     return fetch
 
 
+def _pod_retry_policy(command: str) -> Backoff:
+    """The pod side's retry policy, from its environment; exit 2 with one line naming the
+    variable for a value it cannot use."""
+    try:
+        return retry_policy()
+    except (ValueError, TypeError) as exc:
+        print(f"phabmesh {command}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _credential(args: argparse.Namespace) -> int:
     logs.configure("INFO")
+    policy = _pod_retry_policy("credential")
     fetch = _fetcher(args)
 
     def store(credential: podclient.Credential) -> None:
@@ -201,7 +213,7 @@ def _credential(args: argparse.Namespace) -> int:
             print(credential.token, flush=True)
 
     if args.watch:
-        podclient.watch(fetch, store)
+        podclient.watch(fetch, store, policy=policy)
         return 0
     try:
         store(fetch())
@@ -215,13 +227,18 @@ def _agent(args: argparse.Namespace) -> int:
     from phabmesh.pod import agent
 
     logs.configure(os.environ.get("PHABMESH_LOG_LEVEL", "INFO"))
+    policy = _pod_retry_policy("agent")
     fetch = _fetcher(args)
     store = agent.Writer(Path(args.dir), args.gateway or "")
     if args.mode == "init":
         return agent.run_init(
-            fetch, store, timeout=args.timeout, termination_log=Path(args.termination_log)
+            fetch,
+            store,
+            timeout=args.timeout,
+            termination_log=Path(args.termination_log),
+            policy=policy,
         )
-    return agent.run_sidecar(fetch, store)
+    return agent.run_sidecar(fetch, store, policy)
 
 
 def _exchange_flags(parser: argparse.ArgumentParser) -> None:

@@ -27,6 +27,7 @@ from pydantic_settings import (
 )
 
 from phabmesh import resources
+from phabmesh.backoff import DEFAULT_CAP, DEFAULT_FIRST, Backoff
 
 log = structlog.get_logger(__name__)
 
@@ -124,6 +125,7 @@ Level = Annotated[str, BeforeValidator(_level)]
 # The groups of settings, in the order docs/settings.md shows them: name → title.
 GROUPS = {
     "common": "Every process",
+    "retry": "Retries (every process, and the pod side)",
     "kubernetes": "Kubernetes client",
     "controller": "Controller",
     "endpoint": "Credential endpoint",
@@ -220,6 +222,24 @@ class Settings(BaseSettings):
         "watch resumes from the last version seen. Each watch asks the API server to end it "
         "within two thirds of this (`timeoutSeconds`), and the server sends a bookmark 2 s "
         "before that end, so a healthy watch is never silent so long.",
+    )
+    # The one retry policy (phabmesh.backoff): its two settings, checked in _consistent.
+    retry_first: Duration = setting(
+        DEFAULT_FIRST,
+        "retry",
+        "Every retry loop waits this long before its first retry, then twice as long each time"
+        " (less up to half at random), at most `PHABMESH_RETRY_CAP`: the controller's lease "
+        "writes, the supervised tasks, the webhook's process, the Conduit client, the agent and"
+        " `phabmesh credential --watch` (which read it from the pod's environment). A "
+        "Kubernetes request's own retries and a watch's reconnects wait a quarter of it, "
+        "doubling to a fifteenth of the cap (0.05 s to 2 s by default). More than 0, at most "
+        "`PHABMESH_RETRY_CAP`.",
+    )
+    retry_cap: Duration = setting(
+        DEFAULT_CAP,
+        "retry",
+        "The longest any retry waits (see `PHABMESH_RETRY_FIRST`), also when the other side's "
+        "`Retry-After` (API server, Phabricator, credential endpoint) asks for longer.",
     )
     kube_qps: Rate = setting(
         400.0,
@@ -611,7 +631,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"{PREFIX}{name.upper()}: must be more than 0")
         if self.hooks_replay_entries < 1:
             raise ValueError(f"{PREFIX}HOOKS_REPLAY_ENTRIES: must be 1 or more")
+        _check_retry(self.retry_first, self.retry_cap)
         return self
+
+    def backoff(self) -> Backoff:
+        """This process's retry policy (``PHABMESH_RETRY_FIRST``, ``..._CAP``)."""
+        return Backoff(self.retry_first, self.retry_cap)
 
     def agent_resources(
         self,
@@ -669,6 +694,28 @@ class Settings(BaseSettings):
         group = extra["group"]
         assert isinstance(group, str)
         return group
+
+
+def _check_retry(first: float, cap: float) -> None:
+    for name, value in (("RETRY_FIRST", first), ("RETRY_CAP", cap)):
+        if not value > 0:
+            raise ValueError(f"{PREFIX}{name}: must be more than 0 (a duration, e.g. 200ms or 0.2)")
+    if first > cap:
+        raise ValueError(
+            f"{PREFIX}RETRY_FIRST: must be at most {PREFIX}RETRY_CAP ({first:g} s > {cap:g} s)"
+        )
+
+
+RETRY_VARIABLES = {PREFIX + "RETRY_FIRST": "retry_first", PREFIX + "RETRY_CAP": "retry_cap"}
+
+
+def retry_policy(env: Mapping[str, str] | None = None) -> Backoff:
+    """The retry policy alone, from ``env`` (default: this process's environment): for the
+    pod side (``phabmesh agent``, ``phabmesh credential``), which reads no other setting;
+    ValueError naming the variable for a value it cannot use."""
+    env = os.environ if env is None else env
+    given = {field: env[var] for var, field in RETRY_VARIABLES.items() if var in env}
+    return Settings(**given).backoff()
 
 
 class _EnvSource(EnvSettingsSource):

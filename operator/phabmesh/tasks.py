@@ -3,9 +3,10 @@
 Every long-running loop of a process (a watch, a key rotation, the webhook's child
 process, peering) runs under :func:`spawn`: an exception that ends it is logged
 (``task_failed``, with the traceback), counted in ``phabmesh_task_failures_total{task}``,
-and the loop is started again after a pause that grows from :data:`FIRST_PAUSE` to
-:data:`MAX_PAUSE` (back to the first once it ran for :data:`STEADY` seconds). A loop that
-returns is started again as well: none of these is meant to end before it is cancelled.
+and the loop is started again after a pause that follows the process's retry policy
+(``policy``: ``PHABMESH_RETRY_FIRST`` doubling to ``PHABMESH_RETRY_CAP``; back to the first
+once it ran for :data:`STEADY` seconds). A loop that returns is started again as well: none
+of these is meant to end before it is cancelled.
 
 What a failure leaves behind is the loop's own business: an
 :class:`~phabmesh.kube.informer.Informer` handles its own (it marks itself disconnected, so
@@ -21,22 +22,25 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from phabmesh import metrics
+from phabmesh import backoff, metrics
 from phabmesh.backoff import Backoff
 
 log = structlog.get_logger(__name__)
 
-FIRST_PAUSE, MAX_PAUSE = 0.1, 30.0  # seconds before a failed loop starts again, doubling
-PAUSES = Backoff(FIRST_PAUSE, MAX_PAUSE)
 STEADY = 60.0  # a loop that ran this long starts again after the first pause
 
 
-def spawn(name: str, run: Callable[[], Awaitable[object]]) -> asyncio.Task[None]:
-    """``run()`` as the task ``name``, supervised until cancelled (module docstring)."""
-    return asyncio.create_task(supervise(name, run), name=name)
+def spawn(
+    name: str, run: Callable[[], Awaitable[object]], policy: Backoff = backoff.DEFAULT
+) -> asyncio.Task[None]:
+    """``run()`` as the task ``name``, supervised until cancelled (module docstring);
+    ``policy``: the process's retry policy (``Settings.backoff()``)."""
+    return asyncio.create_task(supervise(name, run, policy), name=name)
 
 
-async def supervise(name: str, run: Callable[[], Awaitable[object]]) -> None:
+async def supervise(
+    name: str, run: Callable[[], Awaitable[object]], policy: Backoff = backoff.DEFAULT
+) -> None:
     failures = 0
     while True:
         started = time.monotonic()
@@ -49,4 +53,4 @@ async def supervise(name: str, run: Callable[[], Awaitable[object]]) -> None:
             log.exception("task_failed", task=name)
         metrics.current().task_failed(name)
         failures = 1 if time.monotonic() - started >= STEADY else failures + 1
-        await asyncio.sleep(PAUSES.delay(failures))
+        await asyncio.sleep(policy.delay(failures))

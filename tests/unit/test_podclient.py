@@ -159,7 +159,7 @@ def test_watch_backs_off_on_failure_then_refreshes() -> None:
         now=lambda: NOW,
     )
     assert len(stored) == 2
-    assert 0.5 <= sleeps[0] <= 1.0 and 1.0 <= sleeps[1] <= 2.0  # jittered, doubling
+    assert 0.1 <= sleeps[0] <= 0.2 and 0.2 <= sleeps[1] <= 0.4  # jittered, doubling
     assert sleeps[2:] == [600.0, 600.0]
 
 

@@ -5,26 +5,28 @@ from __future__ import annotations
 
 import asyncio
 
+from phabmesh.backoff import Backoff
 from phabmesh.controller import retry
 from phabmesh.identity import Naming
 from phabmesh.leases import plans, readiness
 from phabmesh.leases.view import LeaseView
 from phabmesh.leases.world import World
+from phabmesh.settings import Settings
 from tests.unit.test_decide import binding, bot, lease, pod
 
 
 def test_backoff_doubles_up_to_the_cap_and_never_waits_less_than_half() -> None:
-    policy = retry.Retries().policy
+    policy = retry.Retries(Settings().backoff()).policy
     for attempt, full in [(1, 0.2), (2, 0.4), (3, 0.8), (9, 30.0), (10_000, 30.0)]:
         for _ in range(50):
             delay = policy.delay(attempt)
             assert full / 2 <= delay <= full
-    assert policy.delay(0) <= retry.BASE  # nonsense attempts are the first one
+    assert policy.delay(0) <= 0.2  # nonsense attempts are the first one
 
 
 def test_one_retry_per_key_backing_off_until_it_succeeds() -> None:
     async def scenario() -> tuple[list[int], int, int]:
-        retries = retry.Retries(base=0.01, cap=0.05)
+        retries = retry.Retries(Backoff(0.01, 0.05))
         runs: list[int] = []
         left = {"failures": 3}
 
@@ -53,7 +55,7 @@ def test_one_retry_per_key_backing_off_until_it_succeeds() -> None:
 
 def test_close_cancels_what_is_pending() -> None:
     async def scenario() -> list[str]:
-        retries = retry.Retries(base=10, cap=10)
+        retries = retry.Retries(Backoff(10, 10))
         ran: list[str] = []
 
         async def again() -> None:

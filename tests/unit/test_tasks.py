@@ -14,10 +14,7 @@ def _failures(registry: metrics.Metrics, task: str) -> float:
                if labels.get("task") == task)  # fmt: skip
 
 
-async def test_a_failing_task_is_counted_and_started_again_until_cancelled(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(tasks, "PAUSES", tasks.Backoff(0.001, tasks.MAX_PAUSE))
+async def test_a_failing_task_is_counted_and_started_again_until_cancelled() -> None:
     registry = metrics.Metrics()
     metrics.use(registry)
     runs: list[int] = []
@@ -32,7 +29,7 @@ async def test_a_failing_task_is_counted_and_started_again_until_cancelled(
         steady.set()
         await asyncio.Event().wait()
 
-    task = tasks.spawn("example", run)
+    task = tasks.spawn("example", run, tasks.Backoff(0.001, 30.0))
     assert task.get_name() == "example"
     await asyncio.wait_for(steady.wait(), timeout=5)
     assert runs == [0, 1, 2]

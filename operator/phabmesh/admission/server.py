@@ -69,8 +69,6 @@ WAIT_TIMEOUT = 2.0  # seconds a review may wait for a place before it is refused
 NICENESS = 19  # the child's CPU priority: the lowest (os.nice), so a flood yields to all else
 OOM_SCORE_ADJ = 1000  # the first the kernel ends when the pod runs out of memory (restarted)
 REPORT_EVERY = 1.0  # seconds between the child's counts to the operator
-RESTART_FIRST, RESTART_MAX = 0.5, 30.0  # pause before restarting the child, doubling
-RESTARTS = Backoff(RESTART_FIRST, RESTART_MAX)
 STEADY = 60.0  # a child that served this long restarts after the first pause again
 
 # Refusals (the `reason` label of phabmesh_webhook_refused_total).
@@ -289,6 +287,7 @@ class WebhookProcess:
             qps=s.kube_qps,
             burst=s.kube_burst,
             component="webhook",
+            policy=s.backoff(),
         )
         self.injector = Injector(s, self.client, on_decision=self._decided)
         self.tls = WebhookTLS(
@@ -303,8 +302,9 @@ class WebhookProcess:
         if s.webhook_client_ca:
             client_verifying(self.tls.context, s.webhook_client_ca)
         keep_tls = functools.partial(self.tls.run, CHECK_EVERY, keep=False)
-        self.tasks.append(tasks.spawn("webhook-tls", keep_tls))
-        self.tasks.append(tasks.spawn("injector-bindings", self.injector.bindings.run))
+        self.tasks.append(tasks.spawn("webhook-tls", keep_tls, s.backoff()))
+        bindings = self.injector.bindings.run
+        self.tasks.append(tasks.spawn("injector-bindings", bindings, s.backoff()))
         await self.injector.bindings.synced.wait()
         self.app = WebhookApp(s, self.injector)
         self.runner = await self.app.runner(s)
@@ -372,6 +372,11 @@ class WebhookSupervisor:
     ready: bool = False  # the child serves
     starts: int = 0
     child: asyncio.subprocess.Process | None = None
+    # The pause before restarting the child: the retry policy of the settings.
+    restarts: Backoff = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.restarts = self.settings.backoff()
 
     @property
     def settled(self) -> bool:
@@ -396,7 +401,7 @@ class WebhookSupervisor:
                 code = await self._run_once()
                 self.ready = False
                 exits = 1 if loop.time() - started > STEADY else exits + 1
-                pause = RESTARTS.delay(exits)
+                pause = self.restarts.delay(exits)
                 log.error("webhook_process_exited", code=code, restart_in=round(pause, 1))
                 await asyncio.sleep(pause)
         finally:

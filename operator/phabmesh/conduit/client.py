@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -20,7 +19,7 @@ from urllib.parse import urlencode, urlsplit
 import requests
 import structlog
 
-from phabmesh import neterrors
+from phabmesh import backoff, neterrors
 from phabmesh.backoff import Backoff, parse_retry_after
 from phabmesh.conduit import wire
 from phabmesh.conduit.errors import (
@@ -98,10 +97,10 @@ class ConduitClient:
     """Calls one Phabricator/Phorge's Conduit API.
 
     ``timeout`` is requests' ``(connect, read)`` (or one number for both), passed
-    on every call. At most ``attempts`` tries per call; between them the client
-    sleeps ``backoff * 2**n`` seconds (capped at ``max_backoff``), less up to half of it
-    at random, or what a 429's ``Retry-After`` asks within the same cap
-    (:mod:`phabmesh.backoff`);
+    on every call. At most ``attempts`` tries per call; between them the client waits as
+    ``policy`` (the process's retry policy, :mod:`phabmesh.backoff`) says: its first pause,
+    doubling, at most its cap, less up to half at random, or what a 429's or 503's
+    ``Retry-After`` asks within the same cap;
     with ``deadline`` it also stops retrying once that many seconds have gone by.
     ``sleep``, ``clock`` and ``jitter`` are there for tests.
     """
@@ -113,21 +112,19 @@ class ConduitClient:
         session: requests.Session | None = None,
         timeout: float | tuple[float, float] = (3.05, 10.0),
         attempts: int = 3,
-        backoff: float = 0.2,
-        max_backoff: float = 5.0,
+        policy: Backoff = backoff.DEFAULT,
         deadline: float | None = None,
         encoding: wire.Encoding = "form",
         compress: bool = False,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
-        jitter: Callable[[], float] = random.random,
+        jitter: Callable[[], float] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.session = session if session is not None else requests.Session()
         self.timeout = timeout
         self.attempts = max(1, attempts)
-        self.backoff = backoff
-        self.max_backoff = max_backoff
+        self.policy = policy
         self.deadline = deadline
         self.encoding = encoding
         self.compress = compress
@@ -213,7 +210,7 @@ class ConduitClient:
         return self._result(method, resp, token)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
-        return Backoff(self.backoff, self.max_backoff).delay(attempt, retry_after, self.jitter)
+        return self.policy.delay(attempt, retry_after, self.jitter)
 
     @staticmethod
     def _result(method: str, resp: requests.Response, token: str | None) -> Any:

@@ -50,6 +50,7 @@ class Memo(kopf.Memo):
             session=requests.Session(),
             timeout=settings.conduit_timeout,
             attempts=settings.conduit_attempts,
+            policy=settings.backoff(),
         )
         self._tasks: list[asyncio.Task[None]] = []
         # The reconcilers, made here: kopf hands each object's handlers a shallow copy of
@@ -118,6 +119,7 @@ class Memo(kopf.Memo):
                 qps=self.settings.kube_qps,
                 burst=self.settings.kube_burst,
                 component="operator",
+                policy=self.settings.backoff(),
             )
         # Events: their own, smaller budget, so that they never hold up a lease write.
         self.events_client = KubeClient(
@@ -126,6 +128,7 @@ class Memo(kopf.Memo):
             burst=max(1, self.settings.kube_burst // 4),
             connections=16,
             component=self.client.component,
+            policy=self.settings.backoff(),
         )
         self.writer = Writer(
             self.client,
@@ -134,9 +137,13 @@ class Memo(kopf.Memo):
             events_client=self.events_client,
             acting=self.acting,
         )
-        self._tasks.append(tasks.spawn("webhook-checks", self.webhooks.run))
-        self._tasks.append(tasks.spawn("controller-work", self.controller.queue.run))
-        self._tasks.append(tasks.spawn("bot-ticks", self.controller.ticks))
+        self._tasks.append(
+            tasks.spawn("webhook-checks", self.webhooks.run, self.settings.backoff())
+        )
+        self._tasks.append(
+            tasks.spawn("controller-work", self.controller.queue.run, self.settings.backoff())
+        )
+        self._tasks.append(tasks.spawn("bot-ticks", self.controller.ticks, self.settings.backoff()))
         swept = await self.controller.start()
         metrics.current().active_leases.track(self.world)  # phabmesh_leases_active
         log.info("controller_ready", swept=swept)

@@ -355,7 +355,7 @@ class Leases(_Reconciler):
 
     def __init__(self, memo: Memo) -> None:
         super().__init__(memo)
-        self.retries = Retries()  # lease writes that failed, per pod UID
+        self.retries = Retries(self.settings.backoff())  # lease writes that failed, per pod UID
         self._pod_locks: dict[str, _PodLock] = {}
         self._said_failed: dict[str, datetime.datetime] = {}  # pod UID -> last Event
         self._pending_events: set[asyncio.Future[None]] = set()
@@ -451,7 +451,7 @@ class Leases(_Reconciler):
         the pod, as a Warning Event, where `kubectl describe` and `kubectl phabmesh why`
         show it: at most one per pod per :data:`WRITE_FAILED_EVERY`."""
         log.warning("lease_write_failed", **{logs.POD_UID: uid, logs.ERROR: str(error)})
-        self.retries.failed(uid, lambda: self._again(uid))
+        self.retries.failed(uid, lambda: self._again(uid), error)
         pod = self.world.pods.get(uid)
         refused = isinstance(error, KubeError) and 400 <= error.status < 500
         if pod is None or not refused or isinstance(error, Conflict):

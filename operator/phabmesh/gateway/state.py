@@ -134,7 +134,7 @@ class GatewayState:
             ("webhooks", self.webhooks.run),
             *([("pods", self.pods.run)] if self.pods is not None else []),
         ):
-            self._tasks.append(tasks.spawn(name, runner))
+            self._tasks.append(tasks.spawn(name, runner, self.settings.backoff()))
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -3,7 +3,9 @@
 Errors form a small tree: :class:`NotFound`, :class:`Conflict`, :class:`Gone`
 (permanent for that call) and :class:`Unavailable` (the API server could not be
 reached or answered 429/5xx: retryable). Transient failures are retried a few
-times with jittered backoff before :class:`Unavailable` is raised.
+times (``attempts``) with the short form of the process's retry policy
+(:meth:`phabmesh.backoff.Backoff.short`), or after the server's ``Retry-After`` up to its
+cap, before :class:`Unavailable` is raised.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from phabmesh import __version__
+from phabmesh import __version__, backoff
 from phabmesh.backoff import Backoff, parse_retry_after
 from phabmesh.kube.config import Connection
 from phabmesh.resources import resource_path
@@ -27,7 +29,10 @@ JSON_PATCH = "application/json-patch+json"
 
 
 class KubeError(Exception):
-    """The API server refused a call."""
+    """The API server refused a call; ``retry_after``: the seconds its ``Retry-After`` asked
+    (priority and fairness sends one with a 429), None without one."""
+
+    retry_after: float | None = None
 
     def __init__(self, status: int, reason: str, message: str) -> None:
         super().__init__(f"{status} {reason}: {message}")
@@ -49,10 +54,7 @@ class Gone(KubeError):
 
 
 class Unavailable(KubeError):
-    """The API server was unreachable or answered 429/5xx (after retries); ``retry_after``
-    is what its ``Retry-After`` asked (priority and fairness sends one with a 429)."""
-
-    retry_after: float | None = None
+    """The API server was unreachable or answered 429/5xx (after retries)."""
 
 
 def _error_for(status: int, body: str) -> KubeError:
@@ -74,6 +76,13 @@ def _error_for(status: int, body: str) -> KubeError:
     elif status == 429 or status >= 500:
         cls = Unavailable
     return cls(status, reason, message)
+
+
+def _answer_error(resp: aiohttp.ClientResponse, body: str) -> KubeError:
+    """The error an answer of 300 or more is, with its ``Retry-After``."""
+    error = _error_for(resp.status, body)
+    error.retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+    return error
 
 
 class _TokenBucket:
@@ -100,10 +109,6 @@ class _TokenBucket:
             self.tokens -= 1
 
 
-# Retries of one request: 0.05 s doubling to 2 s, or the server's Retry-After up to 2 s.
-RETRIES = Backoff(0.05, 2.0)
-
-
 def user_agent(component: str) -> str:
     """What the API server's audit log shows for a process's requests:
     ``phabmesh/<version> (<component>)``."""
@@ -112,7 +117,9 @@ def user_agent(component: str) -> str:
 
 class KubeClient:
     """One per process; create it inside the running event loop and ``close()`` it.
-    ``component`` names the process in its User-Agent (:func:`user_agent`)."""
+    ``component`` names the process in its User-Agent (:func:`user_agent`). ``policy``: the
+    process's retry policy (its settings'); a request's own retries use its short form, and
+    so do the reconnects of the watches made with this client."""
 
     def __init__(
         self,
@@ -124,8 +131,10 @@ class KubeClient:
         attempts: int = 4,
         connections: int = 64,
         component: str = "client",
+        policy: Backoff = backoff.DEFAULT,
     ) -> None:
         self.connection = connection
+        self.policy = policy
         self.component = component
         self.timeout = timeout
         self.attempts = max(1, attempts)
@@ -143,6 +152,7 @@ class KubeClient:
             attempts=self.attempts,
             connections=connections,
             component=self.component,
+            policy=self.policy,
         )
         other._limit = self._limit
         return other
@@ -184,6 +194,7 @@ class KubeClient:
         if data is not None:
             headers["Content-Type"] = content_type
         tries = attempts or self.attempts
+        retries = self.policy.short()
         for attempt in range(1, tries + 1):
             if limited:  # else the caller keeps a budget of its own
                 await self._limit.take()
@@ -200,14 +211,12 @@ class KubeClient:
                     if resp.status < 300:
                         parsed: JSON = json.loads(text) if text else {}
                         return parsed
-                    error = _error_for(resp.status, text)
-                    if isinstance(error, Unavailable):
-                        error.retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                    error = _answer_error(resp, text)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 error = Unavailable(0, type(exc).__name__, str(exc) or type(exc).__name__)
             if not isinstance(error, Unavailable) or attempt == tries:
                 raise error
-            await asyncio.sleep(RETRIES.delay(attempt, error.retry_after))
+            await asyncio.sleep(retries.delay(attempt, error.retry_after))
         raise AssertionError("unreachable")
 
     # -- conveniences ---------------------------------------------------------------------
@@ -296,7 +305,7 @@ class KubeClient:
                 ),
             ) as resp:
                 if resp.status >= 300:
-                    raise _error_for(resp.status, await resp.text())
+                    raise _answer_error(resp, await resp.text())
                 if opened is not None:
                     opened()
                 async for line in resp.content:

@@ -20,6 +20,10 @@ each watch asks the API server to end it within two thirds of ``liveness``, and 
 server sends a bookmark 2 s before that end (and about every minute), so a healthy watch
 is never silent that long. One silent for ``liveness`` seconds counts as lost:
 ``connected`` goes False and a new watch resumes from the last version seen.
+
+After a failure it waits before listing or watching again: the short form of the process's
+retry policy (:meth:`phabmesh.backoff.Backoff.short`, its client's ``policy``), or what the
+API server's ``Retry-After`` asked (of a list or of a watch) up to that form's cap.
 """
 
 from __future__ import annotations
@@ -42,8 +46,6 @@ log = structlog.get_logger(__name__)
 ADDED, MODIFIED, DELETED = "ADDED", "MODIFIED", "DELETED"
 # Seconds of silence after which a watch counts as lost (see the module docstring).
 DEFAULT_LIVENESS = 30.0
-# The pause before watching again after a failure: 0.1 s doubling to 5 s (or Retry-After).
-RECONNECT = Backoff(0.1, 5.0)
 
 
 # Which resource a collection's path names, for the watch metrics (phabmesh_watch_*{resource}).
@@ -138,9 +140,13 @@ class Informer(_Reader[V]):
         chunk: int = 500,
         watch_timeout: int | None = None,
         liveness: float = DEFAULT_LIVENESS,
+        reconnect: Backoff | None = None,
     ) -> None:
         super().__init__(transform, on_event, name or path)
         self.client = client
+        # The pause before listing or watching again after a failure (module docstring);
+        # None: the short form of the client's policy.
+        self.reconnect = reconnect
         self.path = path
         self.params = dict(params or {})
         self.chunk = chunk
@@ -234,6 +240,7 @@ class Informer(_Reader[V]):
 
     async def run(self) -> None:
         """Run until cancelled."""
+        pauses = self.reconnect or self.client.policy.short()
         failures = 0  # since the last event: the pause before the next attempt grows
         need_list = True
         while True:
@@ -259,14 +266,13 @@ class Informer(_Reader[V]):
                 log.info("watch_expired", informer=self.name)
                 self.connected = False
                 need_list = True
-            except (Unavailable, KubeError) as exc:
+            except KubeError as exc:
                 if self.connected:
                     log.warning("watch_disconnected", informer=self.name, error=str(exc))
                 self.connected = False
                 failures += 1
-                retry_after = exc.retry_after if isinstance(exc, Unavailable) else None
-                await asyncio.sleep(RECONNECT.delay(failures, retry_after))
-                if isinstance(exc, KubeError) and not isinstance(exc, Unavailable):
+                await asyncio.sleep(pauses.delay(failures, exc.retry_after))
+                if not isinstance(exc, Unavailable):
                     need_list = True
             except Exception:
                 # A fault of our own (a transform, an answer we could not read): readers fail
@@ -276,7 +282,7 @@ class Informer(_Reader[V]):
                 self.connected = False
                 need_list = True
                 failures += 1
-                await asyncio.sleep(RECONNECT.delay(failures))
+                await asyncio.sleep(pauses.delay(failures))
 
 
 class View(_Reader[V]):

@@ -18,7 +18,9 @@ new one, never a part.
   the file exists, so the app containers start after it), then replaces it when a third
   of its life is left and at least 30 s before it expires, so the old one is still good
   while a client switches over. Failures are logged with the endpoint's reason and
-  retried with backoff; SIGTERM ends it.
+  retried with backoff (the retry policy of the pod's ``PHABMESH_RETRY_FIRST`` and
+  ``PHABMESH_RETRY_CAP``, or the endpoint's ``Retry-After`` up to that cap); SIGTERM ends
+  it.
 - ``init``: writes one credential and exits 0. When the exchange keeps failing until
   ``--timeout``, or fails for good (the endpoint refused the token itself), it exits 1
   and writes the reason to the termination message (``/dev/termination-log``), which
@@ -38,7 +40,7 @@ from types import FrameType
 
 import structlog
 
-from phabmesh import logs
+from phabmesh import backoff, logs
 from phabmesh.backoff import Backoff
 from phabmesh.pod import client as podclient
 
@@ -91,10 +93,12 @@ def run_init(
     termination_log: Path,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    policy: Backoff = backoff.DEFAULT,
 ) -> int:
-    """One credential, retried until ``timeout``; 0, or 1 with the reason told."""
+    """One credential, retried (after ``policy``'s pauses, or the endpoint's Retry-After up
+    to its cap) until ``timeout``; 0, or 1 with the reason told."""
     deadline = clock() + timeout
-    retries = Backoff(1.0, 10.0)
+    retries = policy
     failures = 0
     while True:
         try:
@@ -130,6 +134,7 @@ def _tell(termination_log: Path, reason: str) -> None:
 def run_sidecar(
     fetch: Callable[[], podclient.Credential],
     store: Callable[[podclient.Credential], None],
+    policy: Backoff = backoff.DEFAULT,
 ) -> int:
     """Keep a fresh credential written until SIGTERM or SIGINT."""
 
@@ -138,5 +143,5 @@ def run_sidecar(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    podclient.watch(fetch, store)  # logs credential_refreshed at each write
+    podclient.watch(fetch, store, policy=policy)  # logs credential_refreshed at each write
     return 0

@@ -23,7 +23,7 @@ from typing import Any
 import requests
 import structlog
 
-from phabmesh import neterrors
+from phabmesh import backoff, neterrors
 from phabmesh.backoff import Backoff, parse_retry_after
 from phabmesh.clock import Clock, utcnow
 
@@ -150,11 +150,12 @@ def watch(
     stop: Callable[[], bool] = lambda: False,
     sleep: Callable[[float], None] = time.sleep,
     now: Clock = utcnow,
-    max_backoff: float = 30.0,
+    policy: Backoff = backoff.DEFAULT,
 ) -> None:
-    """Keep a fresh credential stored until ``stop()``; retry failures with backoff (or
-    when the endpoint's Retry-After says)."""
-    retries = Backoff(1.0, max_backoff)
+    """Keep a fresh credential stored until ``stop()``; retry failures after the pauses of
+    ``policy`` (the retry policy of the pod's ``PHABMESH_RETRY_FIRST`` and ``..._CAP``), or
+    after the endpoint's ``Retry-After`` up to its cap."""
+    retries = policy
     failures = 0
     while not stop():
         try:

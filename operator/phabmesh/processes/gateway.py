@@ -48,6 +48,7 @@ class GatewayProcess:
             qps=s.kube_qps,
             burst=s.kube_burst,
             component="gateway",
+            policy=s.backoff(),
         )
         self.state = GatewayState(s, self.client)
         state = self.state

@@ -81,6 +81,7 @@ class OperatorProcess:
             qps=s.kube_qps,
             burst=s.kube_burst,
             component=f"operator; {self.peering_identity}",
+            policy=s.backoff(),
         )
         self.memo.use_client(self.client)  # one client, one request budget, for the process
         # One watch per resource for the whole process: the controller's World, the
@@ -114,9 +115,9 @@ class OperatorProcess:
             grants=grants,
         )
         await self.keys.ensure()
-        self.tasks.append(tasks.spawn("signing-keys", self.keys.run))
+        self.tasks.append(tasks.spawn("signing-keys", self.keys.run, s.backoff()))
         for name, loop in self.watches.tasks().items():
-            self.tasks.append(tasks.spawn(name, loop))
+            self.tasks.append(tasks.spawn(name, loop, s.backoff()))
         self.webhook_tls = WebhookTLS(
             self.client,
             s.namespace,
@@ -125,7 +126,7 @@ class OperatorProcess:
             service_names(s.webhook_service, s.namespace),
         )
         await self.webhook_tls.refresh()
-        self.tasks.append(tasks.spawn("webhook-tls", self.webhook_tls.run))
+        self.tasks.append(tasks.spawn("webhook-tls", self.webhook_tls.run, s.backoff()))
         # Which bot-token Secrets the gateway may read: the bots' own, never these two.
         self.gateway_role = gatewayrole.RoleKeeper(
             self.client,
@@ -135,12 +136,12 @@ class OperatorProcess:
             acting=self.acting,
             liveness=s.watch_liveness,
         )
-        self.tasks.append(tasks.spawn("gateway-role", self.gateway_role.run))
+        self.tasks.append(tasks.spawn("gateway-role", self.gateway_role.run, s.backoff()))
         self.webhook_port = s.webhook_port or serving.free_port(s.webhook_host)
         self.webhook = WebhookSupervisor(
             s.replace(webhook_port=self.webhook_port), kubeconfig=self.kubeconfig
         )
-        self.tasks.append(tasks.spawn("webhook-process", self.webhook.run))
+        self.tasks.append(tasks.spawn("webhook-process", self.webhook.run, s.backoff()))
         if not self.standalone:
             self.peering = peering.PeeringView(
                 self.client,
@@ -149,7 +150,7 @@ class OperatorProcess:
                 self.peering_priority,
                 int(s.peering_lifetime),
             )
-            self.tasks.append(tasks.spawn("peering", self.peering.run))
+            self.tasks.append(tasks.spawn("peering", self.peering.run, s.backoff()))
             self.memo.acting = self.peering.acting  # the controller writes only while acting
         self.controller_task = asyncio.create_task(
             controller.operate(

@@ -12,6 +12,7 @@ from pytest_mock import MockerFixture
 from structlog.testing import capture_logs
 
 from phabmesh import conduit
+from phabmesh.backoff import Backoff
 from phabmesh.dev.conduit import ConduitServer
 from tests.redirects import REDIRECT_STATUSES, redirecting
 
@@ -68,7 +69,9 @@ def test_errors_become_typed_and_hide_the_token(server: ConduitServer) -> None:
 def test_server_errors_are_retried_with_backoff_then_raised(server: ConduitServer) -> None:
     server.down = True
     sleeps: list[float] = []
-    client = conduit.ConduitClient(server.url, attempts=3, backoff=0.1, sleep=sleeps.append)
+    client = conduit.ConduitClient(
+        server.url, attempts=3, policy=Backoff(0.1, 5.0), sleep=sleeps.append
+    )
     with pytest.raises(conduit.PhabricatorUnavailable) as down:
         client.ping()
     assert down.value.retryable
@@ -208,7 +211,11 @@ def test_retry_after_is_honoured_within_the_cap(mocker: MockerFixture) -> None:
     )
     sleeps: list[float] = []
     client = conduit.ConduitClient(
-        "http://phorge.invalid", session=session, attempts=3, max_backoff=10, sleep=sleeps.append
+        "http://phorge.invalid",
+        session=session,
+        attempts=3,
+        policy=Backoff(0.2, 10),
+        sleep=sleeps.append,
     )
     assert client.ping() == "ok"
     assert sleeps == [2.0, 10.0]
@@ -222,8 +229,7 @@ def test_backoff_doubles_with_jitter_and_a_cap(mocker: MockerFixture) -> None:
         "http://phorge.invalid",
         session=session,
         attempts=5,
-        backoff=1.0,
-        max_backoff=3.0,
+        policy=Backoff(1.0, 3.0),
         sleep=sleeps.append,
         jitter=lambda: 0.0,  # the jitter takes nothing off: the full delays
     )
@@ -245,7 +251,7 @@ def test_the_deadline_stops_retrying(mocker: MockerFixture) -> None:
         "http://phorge.invalid",
         session=session,
         attempts=10,
-        backoff=1.0,
+        policy=Backoff(1.0, 5.0),
         deadline=2.5,
         sleep=sleep,
         clock=lambda: now[0],
