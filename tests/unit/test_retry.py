@@ -88,3 +88,30 @@ def test_a_lease_left_revoked_is_deleted_by_the_pods_plan() -> None:
     # The pod is still entitled: issued again once the delete has freed the name (the
     # revocations and deletes of a plan go first).
     assert [b.name for b in plan.issue] == ["runners"]
+
+
+def test_a_refused_lease_write_is_retried_after_the_retry_after_it_carried() -> None:
+    """The API server's Retry-After on a refused lease write (429 under priority and
+    fairness) is what the pod's retry waits, capped by the policy."""
+    from phabmesh.controller import reconcilers
+    from phabmesh.kube import KubeError
+    from tests.unit.test_paused_bot_check import _Memo
+
+    async def scenario() -> list[float | None]:
+        memo = _Memo()
+        leases = reconcilers.Leases(memo)  # type: ignore[arg-type]
+        delays: list[float | None] = []
+        failed = leases.retries.failed
+
+        def recorded(*args: object, **kwargs: object) -> float | None:
+            delays.append(failed(*args, **kwargs))  # type: ignore[arg-type]
+            return delays[-1]
+
+        leases.retries.failed = recorded  # type: ignore[method-assign]
+        refused = KubeError(429, "TooManyRequests", "slow down")
+        refused.retry_after = 7.0
+        leases.write_failed("p1", refused)
+        await leases.close()
+        return delays
+
+    assert asyncio.run(scenario()) == [7.0]
