@@ -29,7 +29,7 @@ from phabmesh import conduit
 from phabmesh.controller.driver import BotWork, Work
 from phabmesh.controller.memo import Memo
 from phabmesh.controller.writer import Writer
-from phabmesh.kube import KubeError
+from phabmesh.kube import KubeError, Unavailable
 from phabmesh.kube.client import JSON
 from phabmesh.leases.watches import Watches
 from phabmesh.resources import binding_path, bot_path, lease_path, resource_path, webhook_path
@@ -39,6 +39,7 @@ from tests.fakekube import Call, FakeKube
 NOW = datetime.datetime(2026, 3, 1, 12, 0, tzinfo=datetime.UTC)
 T = "2026-03-01T12:00:00Z"  # NOW, as written
 EARLIER = "2026-03-01T11:00:00Z"  # an earlier pass's time
+T5 = "2026-03-01T12:00:05Z"  # NOW and one periodic pass (controller.driver.TICK)
 IN_4M = "2026-03-01T12:04:00Z"  # a lease due for renewal (a 15m TTL, less than a third left)
 IN_10M = "2026-03-01T12:10:00Z"  # a lease not due yet
 IN_15M = "2026-03-01T12:15:00Z"  # NOW + the binding's TTL
@@ -187,27 +188,30 @@ def pod(account: str = "runner", meshed: bool = True) -> dict[str, JSON]:
     return {resource_path("", "v1", "pods", "build", "runner-1"): body}
 
 
-def lease(expires: str = IN_10M, pod_uid: str = POD_UID) -> dict[str, JSON]:
+def lease(expires: str = IN_10M, phase: str = "Active") -> dict[str, JSON]:
     body: JSON = {
         "apiVersion": "phabmesh.io/v1alpha1",
         "kind": "PhabricatorCredential",
         "metadata": {"name": LEASE_NAME, "namespace": "build", "uid": LEASE_UID},
         "spec": {
             "podName": "runner-1",
-            "podUID": pod_uid,
+            "podUID": POD_UID,
             "serviceAccount": "runner",
             "identity": IDENTITY,
             "binding": "runners",
             "bot": "ci-bot",
         },
         "status": {
-            "phase": "Active",
+            "phase": phase,
             "issuedAt": EARLIER,
             "renewedAt": EARLIER,
             "expiresAt": expires,
             "botPHID": PHID,
         },
     }
+    if phase == "Revoked":  # revoked earlier, its delete not done
+        reason = {"reason": "BotNotReady", "message": "bot not ready", "revokedAt": EARLIER}
+        body["status"].update(reason)
     return {LEASE: body}
 
 
@@ -263,7 +267,7 @@ def pod_ref() -> JSON:
     }
 
 
-def event(ref: JSON, reason: str, message: str, type_: str = "Normal") -> JSON:
+def event(ref: JSON, reason: str, message: str, type_: str = "Normal", at: str = T) -> JSON:
     """An Event's body as the API server is sent it (its name's suffix is filled in by
     :func:`numbered`: the n-th Event of the test)."""
     return {
@@ -277,8 +281,8 @@ def event(ref: JSON, reason: str, message: str, type_: str = "Normal") -> JSON:
         "source": {"component": "phabmesh"},
         "reportingComponent": "phabmesh.io/controller",
         "reportingInstance": "phabmesh",
-        "firstTimestamp": T,
-        "lastTimestamp": T,
+        "firstTimestamp": at,
+        "lastTimestamp": at,
         "count": 1,
     }
 
@@ -313,6 +317,13 @@ def revoked(reason: str, message: str) -> list[Call]:
         ("json_patch", LEASE, ops),
         ("delete", LEASE, {"propagationPolicy": "Background", "preconditions": {"uid": LEASE_UID}}),
     ]
+
+
+DELETE_REVOKED: Call = (
+    "delete",
+    LEASE,
+    {"propagationPolicy": "Background", "preconditions": {"uid": LEASE_UID}},
+)
 
 
 def revoked_event(reason: str) -> JSON:
@@ -407,26 +418,48 @@ def _event_names(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("phabmesh.kube.events.uuid", fake)
 
 
+class Clock:
+    """The controller's clock: NOW until a row moves it on (:func:`later`)."""
+
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> datetime.datetime:
+        return self.now
+
+
+def later(seconds: float) -> Act:
+    """Time goes on (the step queues nothing)."""
+
+    def act(memo: Memo) -> None:
+        clock = memo.clock
+        assert isinstance(clock, Clock)
+        clock.now += datetime.timedelta(seconds=seconds)
+
+    return act
+
+
 async def run(
     objects: dict[str, JSON],
-    act: Act,
+    act: Act | tuple[Act, ...],
     *,
     rounds: int = 1,
     phabricator: FakeConduit | None = None,
     prepare: Callable[[FakeKube], None] = lambda _kube: None,
 ) -> tuple[Run, list[Work]]:
-    """Start a controller over ``objects`` (first lists, the sweep), do ``act`` and handle
-    ``rounds`` rounds of the work queued; the work left queued is returned. ``prepare``
-    readies the fake API server (a failure to inject) once the first lists are in."""
-    kube, events = FakeKube(objects), FakeKube()
+    """Start a controller over ``objects`` (first lists, the sweep), then each step of
+    ``act``, each followed by ``rounds`` rounds of the work queued; the work left queued is
+    returned. ``prepare`` readies the fake API server (a failure to inject) once the first
+    lists are in."""
+    kube, events, clock = FakeKube(objects), FakeKube(), Clock()
     memo = Memo(
         Settings.local("http://127.0.0.1:9"),
         conduit_client=phabricator or FakeConduit(),  # type: ignore[arg-type]
-        clock=lambda: NOW,
+        clock=clock,
     )
     memo.use_client(kube)  # type: ignore[arg-type]
     memo.use_watches(Watches(kube, memo.naming, namespace=OWN))  # type: ignore[arg-type]
-    memo.writer = Writer(kube, memo.world, lambda: NOW, events_client=events)  # type: ignore[arg-type]
+    memo.writer = Writer(kube, memo.world, clock, events_client=events)  # type: ignore[arg-type]
     loops = [asyncio.create_task(loop()) for loop in memo.watches.tasks().values()]
     try:
         await asyncio.wait_for(memo.controller.start(), timeout=5)
@@ -439,15 +472,16 @@ async def run(
     queue.order.clear()  # what the first lists queued: the cluster before is as it is
     queue.waiting.clear()
     done = Run(memo, kube, events)
-    act(memo)
-    for _ in range(rounds):
-        taken = [(work, queue.waiting.pop(work)) for work in queue.order]
-        queue.order.clear()
-        for work, data in taken:
-            try:
-                await memo.controller.handle(work, data)
-            except Exception as exc:  # as a worker does: logged, the next work goes on
-                done.failures.append((work, exc))
+    for step in act if isinstance(act, tuple) else (act,):
+        step(memo)
+        for _ in range(rounds):
+            taken = [(work, queue.waiting.pop(work)) for work in queue.order]
+            queue.order.clear()
+            for work, data in taken:
+                try:
+                    await memo.controller.handle(work, data)
+                except Exception as exc:  # as a worker does: logged, the next work goes on
+                    done.failures.append((work, exc))
     await asyncio.gather(*memo.leases._pending_events)
     await asyncio.gather(*memo.writer._pending)
     done.retries = memo.leases.retries.pending
@@ -458,7 +492,7 @@ async def run(
 @dataclasses.dataclass(frozen=True)
 class Row:
     objects: dict[str, JSON]
-    act: Act
+    act: Act | tuple[Act, ...]  # one step, or steps
     writes: list[Call]
     events: list[JSON] = dataclasses.field(default_factory=list)
     queued: list[Work] = dataclasses.field(default_factory=list)
@@ -488,6 +522,14 @@ async def check(row: Row) -> Run:
 # -- Bots ---------------------------------------------------------------------------------
 
 CHECK = put("bot", "ci-bot", BotWork(check=True))
+FIRST_CHECK: JSON = {
+    "phid": PHID,
+    "observedGeneration": 1,
+    "conditions": [
+        cond("Ready", "True", "Verified", VERIFIED_MSG),
+        cond("TokenVerified", "True", "Verified", VERIFIED_MSG),
+    ],
+}
 UNAVAILABLE_MSG = "Phabricator is unavailable: ERR-UNAVAILABLE: connection refused"
 MISSING_MSG = 'Secret "ci-bot-token" not found in namespace "phabmesh-system"'
 
@@ -580,6 +622,54 @@ BOTS = {
         [event(bot_ref(), "NotABot", '"ci-bot" is a human account, not a bot', "Warning")],
         phabricator=FakeConduit(roles=()),
     ),
+    "a-token-phabricator-refuses-now": Row(
+        {**namespace(), **bot(VERIFIED), **token(), **binding()},
+        CHECK,
+        [
+            status_patch(
+                BOT,
+                {
+                    "phid": None,
+                    "observedGeneration": 1,
+                    "conditions": [
+                        cond("Ready", "False", "TokenInvalid", INVALID_MSG),
+                        cond("TokenVerified", "False", "TokenInvalid", INVALID_MSG),
+                    ],
+                    "lastCheckedAt": T,
+                },
+            )
+        ],
+        [event(bot_ref(), "TokenInvalid", INVALID_MSG, "Warning")],
+        queued=[Work("namespace", "build")],
+        phabricator=FakeConduit(error=conduit.InvalidAuth("ERR-INVALID-AUTH", "unknown token")),
+    ),
+    # A status write the API server did not take (unavailable past the client's retries) is
+    # not the bot's status: the next periodic pass, seconds later, checks and writes it,
+    # not the next recheck interval (5 minutes), meanwhile the bot's bindings stay
+    # BotNotReady (a new bot) or its leases live on (a token Phabricator refuses now).
+    "a-status-write-that-failed-is-written-at-the-next-periodic-pass": Row(
+        {**namespace(), **bot(), **token()},
+        (CHECK, later(5), put("bot", "ci-bot", BotWork(tick=True))),
+        [
+            status_patch(BOT, {**FIRST_CHECK, "lastCheckedAt": T}),
+            status_patch(
+                BOT,
+                {
+                    **FIRST_CHECK,
+                    "conditions": [
+                        cond("Ready", "True", "Verified", VERIFIED_MSG, T5),
+                        cond("TokenVerified", "True", "Verified", VERIFIED_MSG, T5),
+                    ],
+                    "lastCheckedAt": T5,
+                },
+            ),
+        ],
+        [event(bot_ref(), "Verified", VERIFIED_MSG, at=T5)],
+        prepare=lambda kube: kube.fail(
+            "merge_patch", BOT + "/status", Unavailable(503, "ServiceUnavailable", "try again")
+        ),
+        failed=1,  # the first check's work (a worker logs it)
+    ),
 }
 
 
@@ -592,6 +682,7 @@ async def test_bots(row: Row) -> None:
 
 JUDGE = put("namespace", "build")
 PLAN = [Work("pod", POD_UID)]  # the namespace's pods planned again, each as its own work
+UNCHECKED_MSG = 'PhabricatorBot "ci-bot" is not checked yet'
 SUBJECTS_MSG = (
     "spec.identityRefs[0].namespace: 'other' is another namespace; a binding only matches "
     "pods in its own ('build')"
@@ -667,6 +758,23 @@ BINDINGS = {
         ],
         [event(binding_ref(), "InvalidSubjects", SUBJECTS_MSG, "Warning")],
     ),
+    "bot-not-checked-yet-is-written-without-an-event": Row(
+        {**namespace(), **bot(), **binding()},
+        JUDGE,
+        [
+            status_patch(
+                BINDING,
+                {
+                    **binding_status(matched=0),
+                    "botPHID": None,
+                    "conditions": [
+                        cond("BotReady", "False", "NotChecked", UNCHECKED_MSG),
+                        cond("Ready", "False", "BotNotReady", UNCHECKED_MSG),
+                    ],
+                },
+            )
+        ],
+    ),
     "unchanged-verdict-writes-nothing": Row(
         {**namespace(), **bot(VERIFIED), **binding(binding_status(matched=1)), **pod()},
         JUDGE,
@@ -703,6 +811,12 @@ def pod_deleted(memo: Memo) -> None:
     memo.watches.pods._drop("build/runner-1")
 
 
+def pod_terminating(memo: Memo) -> None:
+    body = memo.client.objects[POD]  # type: ignore[attr-defined]
+    body["metadata"]["deletionTimestamp"] = T
+    memo.watches.pods._put("MODIFIED", "build/runner-1", body)
+
+
 def binding_deleted(memo: Memo) -> None:
     memo.client.objects.pop(BINDING)  # type: ignore[attr-defined]
     memo.watches.bindings._drop("build/runners")
@@ -722,6 +836,12 @@ LEASES_TABLE = {
         pod_deleted,
         revoked("PodDeleted", "pod deleted"),
         [revoked_event("PodDeleted")],
+    ),
+    "revoke-when-the-pod-terminates": Row(
+        HOLDING,
+        pod_terminating,
+        revoked("PodTerminating", "pod terminating"),
+        [revoked_event("PodTerminating")],
     ),
     "revoke-on-binding-deletion": Row(
         HOLDING,
@@ -749,12 +869,33 @@ LEASES_TABLE = {
         [revoked_event("PodGone")],
         rounds=0,
     ),
-    "a-refused-delete-leaves-it-revoked-and-is-retried": Row(
+    "a-refused-delete-leaves-it-revoked-and-the-retry-deletes-it": Row(
         HOLDING,
-        pod_deleted,
-        revoked("PodDeleted", "pod deleted"),
+        (pod_deleted, put("pod", POD_UID)),  # the event; the retry the refusal scheduled
+        [*revoked("PodDeleted", "pod deleted"), DELETE_REVOKED],
         [revoked_event("PodDeleted")],
         prepare=lambda kube: kube.fail("delete", LEASE, KubeError(403, "Forbidden", "denied")),
+        retries=1,  # the retry's timer, which the second step stands for
+    ),
+    "a-revoked-lease-left-behind-is-deleted-before-the-new-one-is-created": Row(
+        {**READY, **pod(), **lease(phase="Revoked")},
+        put("pod", POD_UID),
+        [DELETE_REVOKED, ("create", LEASES, ISSUED_LEASE)],
+        [event(pod_ref(), "CredentialIssued", ISSUED_MSG_POD)],
+    ),
+    "a-refused-create-is-said-on-the-pod-and-retried": Row(
+        {**READY, **pod()},
+        put("pod", POD_UID),
+        [("create", LEASES, ISSUED_LEASE)],
+        [
+            event(
+                pod_ref(),
+                "CredentialWriteFailed",
+                "the operator could not write this pod's credential lease: 403 Forbidden: denied",
+                "Warning",
+            )
+        ],
+        prepare=lambda kube: kube.fail("create", LEASES, KubeError(403, "Forbidden", "denied")),
         retries=1,
     ),
 }
