@@ -41,6 +41,7 @@ T = "2026-03-01T12:00:00Z"  # NOW, as written
 EARLIER = "2026-03-01T11:00:00Z"  # an earlier pass's time
 T5 = "2026-03-01T12:00:05Z"  # NOW and one periodic pass (controller.driver.TICK)
 IN_4M = "2026-03-01T12:04:00Z"  # a lease due for renewal (a 15m TTL, less than a third left)
+IN_5M = "2026-03-01T12:05:00Z"  # NOW + a TTL shortened to 5m
 IN_10M = "2026-03-01T12:10:00Z"  # a lease not due yet
 IN_15M = "2026-03-01T12:15:00Z"  # NOW + the binding's TTL
 
@@ -61,14 +62,14 @@ SSAR = resource_path("authorization.k8s.io", "v1", "selfsubjectaccessreviews")
 # -- the cluster before -------------------------------------------------------------------
 
 
-def cond(type_: str, status: str, reason: str, message: str, at: str = T) -> JSON:
+def cond(type_: str, status: str, reason: str, message: str, at: str = T, gen: int = 1) -> JSON:
     return {
         "type": type_,
         "status": status,
         "reason": reason,
         "message": message,
         "lastTransitionTime": at,
-        "observedGeneration": 1,
+        "observedGeneration": gen,
     }
 
 
@@ -98,18 +99,20 @@ NOT_READY_MSG = 'PhabricatorBot "ci-bot" is not Ready (TokenInvalid)'
 NOT_ALLOWED_MSG = 'PhabricatorBot "ci-bot" does not exist or does not allow namespace "build"'
 
 
-def binding_status(matched: int = 1, active: int = 0, at: str = EARLIER, **kw: Any) -> JSON:
+def binding_status(
+    matched: int = 1, active: int = 0, at: str = EARLIER, gen: int = 1, **kw: Any
+) -> JSON:
     """A binding's status as the operator writes it for a Ready verdict."""
     return {
-        "observedGeneration": 1,
+        "observedGeneration": gen,
         "matchedPods": matched,
         "activeCredentials": active,
         "unmeshedPods": 0,
         "otherMeshPods": 0,
         "botPHID": PHID,
         "conditions": [
-            cond("BotReady", "True", "Ready", BOT_READY_MSG, at),
-            cond("Ready", "True", "Ready", ISSUED_MSG, at),
+            cond("BotReady", "True", "Ready", BOT_READY_MSG, at, gen),
+            cond("Ready", "True", "Ready", ISSUED_MSG, at, gen),
         ],
         **kw,
     }
@@ -124,6 +127,14 @@ NOT_READY_STATUS: JSON = {
     ],
 }
 del NOT_READY_STATUS["botPHID"]
+NOT_READY_AT_T: JSON = {
+    **binding_status(),
+    "botPHID": None,
+    "conditions": [
+        cond("BotReady", "False", "TokenInvalid", NOT_READY_MSG),
+        cond("Ready", "False", "BotNotReady", NOT_READY_MSG),
+    ],
+}
 
 
 def namespace(labels: dict[str, str] | None = None) -> dict[str, JSON]:
@@ -156,7 +167,7 @@ def token() -> dict[str, JSON]:
     return {path: {"metadata": {"name": "ci-bot-token", "namespace": OWN}, "data": data}}
 
 
-def binding(status: JSON | None = None, **spec: Any) -> dict[str, JSON]:
+def binding(status: JSON | None = None, generation: int = 1, **spec: Any) -> dict[str, JSON]:
     body: JSON = {
         "apiVersion": "phabmesh.io/v1alpha1",
         "kind": "PhabricatorBinding",
@@ -164,7 +175,7 @@ def binding(status: JSON | None = None, **spec: Any) -> dict[str, JSON]:
             "name": "runners",
             "namespace": "build",
             "uid": "binding-uid",
-            "generation": 1,
+            "generation": generation,
         },
         "spec": {
             "botRef": {"name": "ci-bot"},
@@ -817,6 +828,18 @@ def pod_terminating(memo: Memo) -> None:
     memo.watches.pods._put("MODIFIED", "build/runner-1", body)
 
 
+def bot_refused(memo: Memo) -> None:
+    """Another replica's check wrote that Phabricator refuses the bot's token."""
+    body = bot(TOKEN_INVALID)[BOT]
+    memo.client.objects[BOT] = body  # type: ignore[attr-defined]
+    memo.watches.bots._put("MODIFIED", "ci-bot", body)
+
+
+def bot_deleted(memo: Memo) -> None:
+    memo.client.objects.pop(BOT)  # type: ignore[attr-defined]
+    memo.watches.bots._drop("ci-bot")
+
+
 def binding_deleted(memo: Memo) -> None:
     memo.client.objects.pop(BINDING)  # type: ignore[attr-defined]
     memo.watches.bindings._drop("build/runners")
@@ -850,11 +873,55 @@ LEASES_TABLE = {
         [revoked_event("BindingDeleted")],
         rounds=2,  # the namespace's work, then its pods'
     ),
+    # Another replica's status write says the bot is not Ready: its bindings are judged
+    # again (their status written), then their pods planned (the lease revoked).
+    "revoke-when-the-bots-status-turns-not-ready": Row(
+        HOLDING,
+        bot_refused,
+        [
+            status_patch(BINDING, {**NOT_READY_AT_T, "activeCredentials": 1}),
+            *revoked("BotNotReady", "bot not ready"),
+        ],
+        [
+            event(binding_ref(), "BotNotReady", NOT_READY_MSG, "Warning"),
+            revoked_event("BotNotReady"),
+        ],
+        rounds=2,
+    ),
+    "revoke-on-bot-deletion": Row(
+        HOLDING,
+        bot_deleted,
+        [
+            status_patch(
+                BINDING,
+                {
+                    **binding_status(active=1),
+                    "botPHID": None,
+                    "conditions": [cond("Ready", "False", "BotNotAllowed", NOT_ALLOWED_MSG)],
+                },
+            ),
+            *revoked("BotNotAllowed", "bot not allowed in this namespace"),
+        ],
+        [
+            event(binding_ref(), "BotNotAllowed", NOT_ALLOWED_MSG, "Warning"),
+            revoked_event("BotNotAllowed"),
+        ],
+        rounds=2,
+    ),
     "revoke-when-the-bot-is-not-ready": Row(
         {**HOLDING, **binding(NOT_READY_STATUS)},
         put("pod", POD_UID),
         revoked("BotNotReady", "bot not ready"),
         [revoked_event("BotNotReady")],
+    ),
+    "a-shorter-ttl-shortens-live-leases-at-once": Row(
+        {**HOLDING, **binding(binding_status(active=1), generation=2, credentialTTL="5m")},
+        put("binding", ("build", "runners")),
+        [
+            status_patch(BINDING, binding_status(active=1, gen=2)),
+            ("merge_patch", LEASE, {"status": {"renewedAt": T, "expiresAt": IN_5M}}),
+        ],
+        queued=PLAN,
     ),
     "renewal-when-due-on-the-periodic-pass": Row(
         {**HOLDING, **lease(expires=IN_4M)},
