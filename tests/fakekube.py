@@ -2,13 +2,15 @@
 
 It answers as the API server does where the controller's writes depend on it: create
 (409 AlreadyExists), get and delete (404 NotFound; a delete's UID or resourceVersion
-precondition that does not hold: 409), merge patches (RFC 7386; a ``metadata.resourceVersion``
-in the patch is a precondition: 409), JSON patches (RFC 6902 test/add/replace/remove; an
-operation that does not apply, a failed test among them: 422 and nothing written), the status
-subresource (a write to ``.../status`` changes only the status; a write to the object keeps
-the status, and a create drops it, for the kinds that have one) and a numeric
+precondition that does not hold: 409; a delete answers a Status), merge patches (RFC 7386; a
+``metadata.resourceVersion`` in the patch is a precondition: 409), JSON patches (RFC 6902
+test/add/replace/remove as the API server applies them: a replace of a missing member adds
+it; an operation that does not apply, a failed test among them: 422 and nothing written),
+the status subresource (a write to ``.../status`` changes only the status; a write to the
+object keeps the status, and a create drops it, for the kinds that have one) and a numeric
 ``resourceVersion`` bumped on every write. A test may make one call fail (:meth:`fail`) or
 answer it with a body of its own (:meth:`answer`, e.g. an access review).
+tests/integration/test_fakekube_contract.py makes the same calls to the real API server.
 
 No sockets and no time: it also lists what it holds, one page, and its watches stay quiet
 (:class:`tests.fakeapi.FakeAPI`), so that the process's informers can list from it.
@@ -138,7 +140,8 @@ class FakeKube(FakeAPI):
                     f"{meta.get(field)}"
                 )  # fmt: skip
         del self.objects[path]
-        return copy.deepcopy(old)
+        details = {"name": meta.get("name"), "kind": _plural(path), "uid": meta.get("uid")}
+        return {"apiVersion": "v1", "kind": "Status", "status": "Success", "details": details}
 
     async def list_all(
         self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
@@ -281,10 +284,10 @@ def _apply(doc: Any, op: JSON) -> Any:
         parent.insert(key, value)
     elif kind == "add":
         parent[key] = value
+    elif kind == "replace" and (exists or isinstance(parent, dict)):
+        parent[key] = value  # the API server replaces a missing member as an add
     elif not exists:
         raise _unprocessable(f"{kind} operation does not apply: doc is missing key: {path!r}")
-    elif kind == "replace":
-        parent[key] = value
     else:
         del parent[key]
     return doc

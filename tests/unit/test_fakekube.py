@@ -97,7 +97,7 @@ async def test_json_patch_ops_and_a_failed_test_is_422_with_nothing_written() ->
         [{"op": "test", "path": "/metadata/uid", "value": "another"}],
         [{"op": "test", "path": "/metadata/nothing", "value": "u1"}],
         [{"op": "add", "path": "/status/x", "value": 1}, {"op": "remove", "path": "/spec/none"}],
-        [{"op": "replace", "path": "/spec/none", "value": 1}],
+        [{"op": "replace", "path": "/status/conditions/5", "value": 1}],
         [{"op": "add", "path": "/none/x", "value": 1}],
         [{"op": "move", "from": "/spec", "path": "/x"}],
     ):
