@@ -281,7 +281,7 @@ def _apply(doc: Any, op: JSON) -> Any:
         if not exists or parent[key] != value:
             raise _unprocessable(f"testing value {path!r} failed: test operation failed")
     elif kind == "add" and isinstance(parent, list):
-        parent.insert(key, value)
+        parent.insert(int(key), value)
     elif kind == "add":
         parent[key] = value
     elif kind == "replace" and (exists or isinstance(parent, dict)):

@@ -93,17 +93,18 @@ async def test_json_patch_ops_and_a_failed_test_is_422_with_nothing_written() ->
     }
     assert held["metadata"]["labels"] == {}
     version = held["metadata"]["resourceVersion"]
-    for ops in (
+    refused: list[list[dict[str, Any]]] = [
         [{"op": "test", "path": "/metadata/uid", "value": "another"}],
         [{"op": "test", "path": "/metadata/nothing", "value": "u1"}],
         [{"op": "add", "path": "/status/x", "value": 1}, {"op": "remove", "path": "/spec/none"}],
         [{"op": "replace", "path": "/status/conditions/5", "value": 1}],
         [{"op": "add", "path": "/none/x", "value": 1}],
         [{"op": "move", "from": "/spec", "path": "/x"}],
-    ):
-        with pytest.raises(KubeError) as refused:
+    ]
+    for ops in refused:
+        with pytest.raises(KubeError) as error:
             await kube.json_patch(LEASE, ops)
-        assert refused.value.status == 422
+        assert error.value.status == 422
     assert kube.objects[LEASE]["metadata"]["resourceVersion"] == version
     assert "x" not in kube.objects[LEASE]["status"]
 

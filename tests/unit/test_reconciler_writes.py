@@ -471,7 +471,9 @@ async def run(
     memo.use_client(kube)  # type: ignore[arg-type]
     memo.use_watches(Watches(kube, memo.naming, namespace=OWN))  # type: ignore[arg-type]
     memo.writer = Writer(kube, memo.world, clock, events_client=events)  # type: ignore[arg-type]
-    loops = [asyncio.create_task(loop()) for loop in memo.watches.tasks().values()]
+    loops: list[asyncio.Task[None]] = [
+        asyncio.ensure_future(loop()) for loop in memo.watches.tasks().values()
+    ]
     try:
         await asyncio.wait_for(memo.controller.start(), timeout=5)
     finally:
@@ -514,7 +516,7 @@ class Row:
     retries: int = 0  # pods whose lease writes are to be tried again
 
 
-def rows(table: dict[str, Row]) -> Any:
+def rows(table: dict[str, Row]) -> pytest.MarkDecorator:
     return pytest.mark.parametrize("row", list(table.values()), ids=list(table))
 
 
