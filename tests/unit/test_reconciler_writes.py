@@ -220,6 +220,8 @@ def lease(expires: str = IN_10M, phase: str = "Active") -> dict[str, JSON]:
             "botPHID": PHID,
         },
     }
+    if phase == "Pending":  # created without its status (an earlier version's two steps)
+        del body["status"]
     if phase == "Revoked":  # revoked earlier, its delete not done
         reason = {"reason": "BotNotReady", "message": "bot not ready", "revokedAt": EARLIER}
         body["status"].update(reason)
@@ -819,6 +821,30 @@ ISSUED_MSG_POD = (
 )
 
 
+OPS_PHID = "PHID-USER-opsbot"
+OPS_BOT = {
+    bot_path("ops-bot"): {
+        **bot(VERIFIED)[BOT],
+        "metadata": {"name": "ops-bot", "uid": "ops-bot-uid", "generation": 1},
+        "spec": {"username": "ops-bot", "tokenSecretRef": {"name": "ops"}, "namespaceSelector": {}},
+        "status": {**VERIFIED, "phid": OPS_PHID},
+    }
+}
+OPS_READY = [
+    cond("BotReady", "True", "Ready", 'PhabricatorBot "ops-bot" is Ready', EARLIER, 2),
+    cond("Ready", "True", "Ready", ISSUED_MSG, EARLIER, 2),
+]
+SWAPPED_LEASE: JSON = {
+    **ISSUED_LEASE,
+    "metadata": {
+        **ISSUED_LEASE["metadata"],
+        "labels": {"phabmesh.io/binding": "runners", "phabmesh.io/bot": "ops-bot"},
+    },
+    "spec": {**ISSUED_LEASE["spec"], "bot": "ops-bot"},
+    "status": {**ISSUED_LEASE["status"], "botPHID": OPS_PHID},
+}
+
+
 def pod_deleted(memo: Memo) -> None:
     memo.client.objects.pop(POD)  # type: ignore[attr-defined]
     memo.watches.pods._drop("build/runner-1")
@@ -950,6 +976,46 @@ LEASES_TABLE = {
         {**READY, **pod(), **lease(phase="Revoked")},
         put("pod", POD_UID),
         [DELETE_REVOKED, ("create", LEASES, ISSUED_LEASE)],
+        [event(pod_ref(), "CredentialIssued", ISSUED_MSG_POD)],
+    ),
+    # The binding names another bot now: the old bot's lease goes first, then the new bot's
+    # lease is created under the same name (the pod's and the binding's).
+    "a-bot-swap-revokes-then-issues-under-the-same-name": Row(
+        {
+            **HOLDING,
+            **OPS_BOT,
+            **binding(
+                {**binding_status(active=1, gen=2, botPHID=OPS_PHID), "conditions": OPS_READY},
+                generation=2,
+                botRef={"name": "ops-bot"},
+            ),
+        },
+        put("pod", POD_UID),
+        [
+            *revoked("BotChanged", "the binding names another bot now"),
+            ("create", LEASES, SWAPPED_LEASE),
+        ],
+        [
+            revoked_event("BotChanged"),
+            event(pod_ref(), "CredentialIssued", ISSUED_MSG_POD.replace("ci-bot", "ops-bot")),
+        ],
+    ),
+    # A lease created by an earlier version in two steps (no status yet): this pod's, so its
+    # status is added (only to that lease: its UID tested), not a second one created.
+    "a-pending-lease-of-this-pod-is-finished": Row(
+        {**READY, **pod(), **lease(phase="Pending")},
+        put("pod", POD_UID),
+        [
+            ("create", LEASES, ISSUED_LEASE),
+            (
+                "json_patch",
+                LEASE,
+                [
+                    {"op": "test", "path": "/metadata/uid", "value": LEASE_UID},
+                    {"op": "add", "path": "/status", "value": ISSUED_LEASE["status"]},
+                ],
+            ),
+        ],
         [event(pod_ref(), "CredentialIssued", ISSUED_MSG_POD)],
     ),
     "a-refused-create-is-said-on-the-pod-and-retried": Row(
