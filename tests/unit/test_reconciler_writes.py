@@ -703,6 +703,15 @@ SUBJECTS_MSG = (
     "pods in its own ('build')"
 )
 
+WAITING: JSON = {
+    **binding_status(matched=0),
+    "conditions": [
+        cond("BotReady", "False", "NotChecked", UNCHECKED_MSG, EARLIER),
+        cond("Ready", "False", "BotNotReady", UNCHECKED_MSG, EARLIER),
+    ],
+}
+del WAITING["botPHID"]
+
 BINDINGS = {
     "ready": Row(
         {**namespace(), **bot(VERIFIED), **binding(), **pod()},
@@ -790,6 +799,26 @@ BINDINGS = {
             )
         ],
     ),
+    # Its bot's first answer after the binding waited for it is said, even when the reason
+    # stays BotNotReady.
+    "the-first-answer-after-waiting-is-said": Row(
+        {**namespace(), **bot(TOKEN_INVALID), **binding(WAITING)},
+        JUDGE,
+        [
+            status_patch(
+                BINDING,
+                {
+                    **WAITING,
+                    "botPHID": None,
+                    "conditions": [
+                        cond("BotReady", "False", "TokenInvalid", NOT_READY_MSG, EARLIER),
+                        cond("Ready", "False", "BotNotReady", NOT_READY_MSG, EARLIER),
+                    ],
+                },
+            )
+        ],
+        [event(binding_ref(), "BotNotReady", NOT_READY_MSG, "Warning")],
+    ),
     "unchanged-verdict-writes-nothing": Row(
         {**namespace(), **bot(VERIFIED), **binding(binding_status(matched=1)), **pod()},
         JUDGE,
@@ -848,6 +877,12 @@ SWAPPED_LEASE: JSON = {
 def pod_deleted(memo: Memo) -> None:
     memo.client.objects.pop(POD)  # type: ignore[attr-defined]
     memo.watches.pods._drop("build/runner-1")
+
+
+def terminating_pod() -> dict[str, JSON]:
+    body = pod()[POD]
+    body["metadata"]["deletionTimestamp"] = EARLIER
+    return {POD: body}
 
 
 def pod_terminating(memo: Memo) -> None:
@@ -963,6 +998,26 @@ LEASES_TABLE = {
         revoked("PodGone", "pod gone"),
         [revoked_event("PodGone")],
         rounds=0,
+    ),
+    # An orphan the start-up finds Revoked already (its delete failed before a restart) is
+    # deleted, as a pod's plan deletes one: not revoked again, which would overwrite its
+    # reason and revokedAt (the record of when access ended, and why) and say a second
+    # CredentialRevoked, "PodGone", on the pod.
+    "start-up-deletes-an-orphan-left-revoked-without-revoking-it-again": Row(
+        {k: v for k, v in {**HOLDING, **lease(phase="Revoked")}.items() if k != POD},
+        nothing,
+        [DELETE_REVOKED],
+        rounds=0,
+    ),
+    "a-due-lease-of-a-terminating-pod-is-revoked-not-renewed": Row(
+        {**HOLDING, **lease(expires=IN_4M), **terminating_pod()},
+        put("bot", "ci-bot", BotWork(tick=True)),
+        [
+            *revoked("PodTerminating", "pod terminating"),
+            # The pass then writes the binding's counts: the pod and its lease gone from them.
+            status_patch(BINDING, binding_status(matched=0, active=0)),
+        ],
+        [revoked_event("PodTerminating")],
     ),
     "a-refused-delete-leaves-it-revoked-and-the-retry-deletes-it": Row(
         HOLDING,
