@@ -712,6 +712,10 @@ WAITING: JSON = {
 }
 del WAITING["botPHID"]
 
+RESPECCED = bot(VERIFIED)
+RESPECCED[BOT]["metadata"]["generation"] = 2
+RESPECCED[BOT]["spec"]["username"] = "another-account"
+
 BINDINGS = {
     "ready": Row(
         {**namespace(), **bot(VERIFIED), **binding(), **pod()},
@@ -818,6 +822,27 @@ BINDINGS = {
             )
         ],
         [event(binding_ref(), "BotNotReady", NOT_READY_MSG, "Warning")],
+    ),
+    # The bot's spec changed (another username, generation 2) and its check has not answered
+    # yet: the status's Ready is the old spec's verification, which makes a bot with a changed
+    # spec usable only once verified (resources.bot_usable), so the binding waits as for a
+    # bot not checked yet, rather than going on Ready with the old account's PHID.
+    "a-bot-whose-spec-changed-waits-for-its-check": Row(
+        {**namespace(), **RESPECCED, **binding()},
+        JUDGE,
+        [
+            status_patch(
+                BINDING,
+                {
+                    **binding_status(matched=0),
+                    "botPHID": None,
+                    "conditions": [
+                        cond("BotReady", "False", "NotChecked", UNCHECKED_MSG),
+                        cond("Ready", "False", "BotNotReady", UNCHECKED_MSG),
+                    ],
+                },
+            )
+        ],
     ),
     "unchanged-verdict-writes-nothing": Row(
         {**namespace(), **bot(VERIFIED), **binding(binding_status(matched=1)), **pod()},
