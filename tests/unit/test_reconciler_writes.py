@@ -10,6 +10,13 @@ of every row, so a row with no work shows what the start-up alone writes.
 The work a row's handling queues for the other reconcilers is asserted too (``queued``): the
 reconcilers ask each other's work through the queue, never by calling each other; a row
 handles ``rounds`` rounds of queued work (one by default).
+
+Three rows fail on the controller as it is, each for a defect it shows:
+``a-status-write-that-failed-is-written-at-the-next-periodic-pass`` (a bot's status write
+the API server did not take is tried again only after the recheck interval),
+``start-up-deletes-an-orphan-left-revoked-without-revoking-it-again`` (the start-up sweep
+revokes a Revoked lease again) and ``a-bot-whose-spec-changed-waits-for-its-check`` (a Ready
+of the bot's earlier generation keeps it usable).
 """
 
 from __future__ import annotations
