@@ -544,8 +544,11 @@ def parse_conditions(raw: object) -> list[Condition]:
 def bot_usable(conditions: Sequence[Mapping[str, Any]], generation: int) -> bool:
     """May a bot's credentials be issued and kept? Ready, or Ready Unknown (Phabricator
     unavailable) after a verification of this generation of its spec that no definite "no"
-    has followed: an outage of Phabricator revokes nothing; a definite answer does, and a
-    changed spec (another username, another Secret) is not usable until it is verified."""
+    has followed: an outage of Phabricator revokes nothing; a definite answer does. A Ready of
+    the spec's earlier generation stands until the check of the new one answers (queued at
+    once): every spec change bumps the generation, a namespaceSelector edit too, and taking
+    the bot as unchecked meanwhile would revoke its live leases. After a changed spec, an
+    Unknown answer is not usable until a check has verified it."""
     by_type = {str(c.get("type")): c for c in conditions if isinstance(c, Mapping)}
     ready = (by_type.get(READY) or {}).get("status")
     verified = by_type.get(TOKEN_VERIFIED) or {}

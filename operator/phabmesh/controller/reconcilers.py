@@ -121,8 +121,10 @@ class Bots(_Reconciler):
             return
         outcome = await self._check(bot, secret)
         metrics.current().bot_checked(outcome.ready, outcome.reason)
-        schedule.record(now, bot.generation, version, outcome)
         await self._record_bot(bot, outcome)
+        # Recorded once its status is written: a check whose write failed (or was deferred,
+        # not acting) is due again at the next pass, not a recheck interval later.
+        schedule.record(now, bot.generation, version, outcome)
 
     async def _check(self, bot: BotView, secret: SecretToken | None) -> botcheck.Outcome:
         if bot.spec is None:
@@ -240,9 +242,16 @@ class Bindings(_Reconciler):
         then every pod of the namespace (and every pod holding a lease here) planned again,
         as its own work (a binding's subjects, selector or namespace may have changed even
         where its verdict has not)."""
-        for binding in self.world.bindings_in(namespace):
-            await self.write_status(binding)
+        bindings = self.world.bindings_in(namespace)
+        results = await asyncio.gather(
+            *(self.write_status(binding) for binding in bindings), return_exceptions=True
+        )
         self.memo.requeue_pods_in(namespace)
+        # Each binding's write is its own: one refused does not hold the others' (nor the
+        # pods' work); the first failure fails the work, which says so.
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def write_status(self, binding: BindingView) -> None:
         lock = self._writing.setdefault(binding.key, asyncio.Lock())
@@ -482,8 +491,15 @@ class Leases(_Reconciler):
         orphans = [
             lease for lease in leases if lease is not None and lease.pod_uid not in world.pods
         ]
+        # One Revoked already (by an administrator, or before a delete that failed) keeps
+        # its reason and time, and is said no second time: it is only deleted.
         results = await asyncio.gather(
-            *(self.writer.revoke(lease, reasons.POD_GONE) for lease in orphans),
+            *(
+                self.writer.delete_revoked(lease)
+                if lease.phase == "Revoked"
+                else self.writer.revoke(lease, reasons.POD_GONE)
+                for lease in orphans
+            ),
             return_exceptions=True,
         )
         for lease, result in zip(orphans, results, strict=True):
