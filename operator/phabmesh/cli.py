@@ -140,7 +140,14 @@ def _gateway(args: argparse.Namespace) -> int:
 
     settings = _settings("gateway")
     try:
-        asyncio.run(GatewayProcess(settings, kubeconfig=args.kubeconfig).run_until_signalled())
+        if settings.gateway_workers > 1:
+            from phabmesh.gateway.workers import GatewayWorkers
+            from phabmesh.kube import load_connection
+
+            load_connection(args.kubeconfig)  # no cluster: said here, not by each worker
+            asyncio.run(GatewayWorkers(settings, kubeconfig=args.kubeconfig).run_until_signalled())
+        else:
+            asyncio.run(GatewayProcess(settings, kubeconfig=args.kubeconfig).run_until_signalled())
     except ConfigException as exc:
         return _no_cluster("gateway", exc)
     return 0

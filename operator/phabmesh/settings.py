@@ -419,6 +419,16 @@ class Settings(BaseSettings):
         "503, `Retry-After: 1`; a source may hold at most half of it (else 429). Never below "
         "`PHABMESH_MAX_RESPONSE_BYTES`.",
     )
+    gateway_workers: Count = setting(
+        1,
+        "gateway",
+        "Processes that serve the gateway's ports together (`SO_REUSEPORT`: the kernel spreads"
+        " connections over them), so that one gateway pod can use more than one CPU. Each "
+        "keeps its own watches (about 60 MB more memory per process) and its share of "
+        "`PHABMESH_GATEWAY_DECODE_WORKERS` (at least one each); a parent process supervises "
+        "them (a dead one is started again), serves `/metrics` as their sum and `/readyz` "
+        "once every one is ready. 1: one process, no parent.",
+    )
     hooks_target_url: str = setting(
         "http://{service}.{namespace}.svc.cluster.local:{port}",
         "hooks",
@@ -608,6 +618,8 @@ class Settings(BaseSettings):
                 raise ValueError(f"{PREFIX}{name.upper()}: must be more than 0")
         if self.hooks_replay_entries < 1:
             raise ValueError(f"{PREFIX}HOOKS_REPLAY_ENTRIES: must be 1 or more")
+        if self.gateway_workers < 1:
+            raise ValueError(f"{PREFIX}GATEWAY_WORKERS: must be 1 or more")
         return self
 
     def agent_resources(
