@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from phabmesh.kube import KubeClient, load_connection
 from phabmesh.leases.index import LeaseIndex
 
 CLIENTS = 32
+# The gateways log as deployed: one JSON audit line per call (to a file here).
+AS_DEPLOYED = {"PHABMESH_LOG_LEVEL": "INFO"}
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -129,15 +132,22 @@ async def scenario(  # noqa: PLR0912, PLR0915 - one measured story, told in orde
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
     leases = LeaseIndex(kube)
     watching = asyncio.create_task(leases.run())
-    gateways: dict[int, Gateway] = {}
+    gateways: dict[str, Gateway] = {}
     operator: Operator | None = None
     try:
         await setup(kube, conduit)
         operator = Operator(plane, conduit, tmp)
         for n in workers:
             Gateway.log_name = f"gw{n}.log"
-            gateways[n] = Gateway(
-                plane, conduit, tmp, {"PHABMESH_GATEWAY_WORKERS": str(n)} if n != 1 else {}
+            gateways[f"gateway x{n}"] = Gateway(
+                plane, conduit, tmp, {**AS_DEPLOYED, "PHABMESH_GATEWAY_WORKERS": str(n)}
+            )
+        if args.before:
+            # Another build of the gateway, one process, beside this one: its modules first.
+            Gateway.log_name = "gw-before.log"
+            path = os.pathsep.join([str(Path(args.before) / "operator"), *sys.path])
+            gateways["before x1"] = Gateway(
+                plane, conduit, tmp, {**AS_DEPLOYED, "PYTHONPATH": path}
             )
         await ready(http, operator.metrics_port)
         for gw in gateways.values():
@@ -168,7 +178,7 @@ async def scenario(  # noqa: PLR0912, PLR0915 - one measured story, told in orde
                 async with http.post(url, data={"api.token": c}) as r:
                     await r.read()
         results: dict[str, list[Run]] = {"direct": []}
-        results.update({f"gateway x{n}": [] for n in workers})
+        results.update({name: [] for name in gateways})
         for _ in range(args.repeat):
             results["direct"].append(
                 await throughput(
@@ -179,8 +189,8 @@ async def scenario(  # noqa: PLR0912, PLR0915 - one measured story, told in orde
                     {"load": load_pids, "conduit": conduit_pids},
                 )
             )
-            for n, gw in gateways.items():
-                results[f"gateway x{n}"].append(
+            for name, gw in gateways.items():
+                results[name].append(
                     await throughput(
                         http,
                         f"http://127.0.0.1:{gw.port}/api/user.whoami",
@@ -205,10 +215,10 @@ async def scenario(  # noqa: PLR0912, PLR0915 - one measured story, told in orde
                 per_call = statistics.median(r.cpu["gateway"] / r.calls * 1e6 for r in runs)
                 line += f"; gateway CPU per call {per_call:.0f} us"
             print(line)
-        for n, gw in gateways.items():
+        for name, gw in gateways.items():
             pids = tree(gw.proc.pid)
             mem = ", ".join(f"{rss_mb(p):.0f}" for p in pids)
-            print(f"gateway x{n} RSS per process (MB; the first is the parent): {mem}")
+            print(f"{name} RSS per process (MB; the first is the parent): {mem}")
     finally:
         for gw in gateways.values():
             gw.stop()
@@ -225,6 +235,9 @@ def cli() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--workers", default="1", help="gateways' worker counts, in turn")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--before", help="a source tree (its operator/) of another gateway to measure beside"
+    )
     args = parser.parse_args()
     logs.configure("WARNING")
     asyncio.run(main(args))
