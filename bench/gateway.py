@@ -107,7 +107,8 @@ async def throughput(
     return Run(done / seconds, cpu, done)
 
 
-async def main(args: argparse.Namespace) -> None:
+async def main(args: argparse.Namespace) -> list[str]:
+    """The figures, a line each (also printed)."""
     workers = [int(n) for n in args.workers.split(",")]
     with tempfile.TemporaryDirectory(prefix="phabmesh-bench-gw-") as tmp:
         plane = devcluster.ControlPlane(Path(tmp) / "plane")
@@ -115,7 +116,7 @@ async def main(args: argparse.Namespace) -> None:
         conduit = Conduit(Path(tmp))
         try:
             install(plane)
-            await scenario(plane, conduit, Path(tmp), workers, args)
+            return await scenario(plane, conduit, Path(tmp), workers, args)
         finally:
             conduit.stop()
             plane.stop()
@@ -127,12 +128,13 @@ async def scenario(  # noqa: PLR0912, PLR0915 - one measured story, told in orde
     tmp: Path,
     workers: list[int],
     args: argparse.Namespace,
-) -> None:
+) -> list[str]:
     kube = KubeClient(load_connection(str(plane.kubeconfig)), qps=0, burst=1000)
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
     leases = LeaseIndex(kube)
     watching = asyncio.create_task(leases.run())
     gateways: dict[str, Gateway] = {}
+    lines: list[str] = []
     operator: Operator | None = None
     try:
         await setup(kube, conduit)
@@ -204,7 +206,7 @@ async def scenario(  # noqa: PLR0912, PLR0915 - one measured story, told in orde
                     )
                 )
         direct = statistics.median(r.rate for r in results["direct"])
-        print(f"\n{CLIENTS} clients, {args.seconds:g} s each, median of {args.repeat}")
+        lines.append(f"{CLIENTS} clients, {args.seconds:g} s each, median of {args.repeat}")
         for name, runs in results.items():
             rate = statistics.median(r.rate for r in runs)
             rates = ", ".join(f"{r.rate:.0f}" for r in runs)
@@ -214,11 +216,11 @@ async def scenario(  # noqa: PLR0912, PLR0915 - one measured story, told in orde
             if "gateway" in runs[0].cpu:
                 per_call = statistics.median(r.cpu["gateway"] / r.calls * 1e6 for r in runs)
                 line += f"; gateway CPU per call {per_call:.0f} us"
-            print(line)
+            lines.append(line)
         for name, gw in gateways.items():
             pids = tree(gw.proc.pid)
             mem = ", ".join(f"{rss_mb(p):.0f}" for p in pids)
-            print(f"{name} RSS per process (MB; the first is the parent): {mem}")
+            lines.append(f"{name} RSS per process (MB; the first is the parent): {mem}")
     finally:
         for gw in gateways.values():
             gw.stop()
@@ -228,6 +230,8 @@ async def scenario(  # noqa: PLR0912, PLR0915 - one measured story, told in orde
         await asyncio.gather(watching, return_exceptions=True)
         await http.close()
         await kube.close()
+    print("", *lines, sep="\n")
+    return lines
 
 
 def cli() -> None:
