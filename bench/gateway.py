@@ -65,11 +65,14 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / TICKS
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def memory_mb(pid: int) -> str:
+    """Resident (RSS) and proportional (PSS: shared pages split between their users) MB."""
+    values = {}
+    for name, field in (("status", "VmRSS:"), ("smaps_rollup", "Pss:")):
+        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+            if line.startswith(field):
+                values[field] = int(line.split()[1]) / 1024
+    return f"{values.get('VmRSS:', float('nan')):.0f}/{values.get('Pss:', float('nan')):.0f}"
 
 
 @dataclasses.dataclass
@@ -219,8 +222,8 @@ async def scenario(  # noqa: PLR0912, PLR0915 - one measured story, told in orde
             lines.append(line)
         for name, gw in gateways.items():
             pids = tree(gw.proc.pid)
-            mem = ", ".join(f"{rss_mb(p):.0f}" for p in pids)
-            lines.append(f"{name} RSS per process (MB; the first is the parent): {mem}")
+            mem = ", ".join(memory_mb(p) for p in pids)
+            lines.append(f"{name} RSS/PSS per process (MB; the first is the parent): {mem}")
     finally:
         for gw in gateways.values():
             gw.stop()

@@ -136,17 +136,17 @@ def _gateway(args: argparse.Namespace) -> int:
 
     from kubernetes.config import ConfigException
 
-    from phabmesh.processes.gateway import GatewayProcess
-
     settings = _settings("gateway")
     try:
-        if settings.gateway_workers > 1:
+        if settings.gateway_workers > 1:  # the parent: none of the gateway's own modules
             from phabmesh.gateway.workers import GatewayWorkers
             from phabmesh.kube import load_connection
 
             load_connection(args.kubeconfig)  # no cluster: said here, not by each worker
             asyncio.run(GatewayWorkers(settings, kubeconfig=args.kubeconfig).run_until_signalled())
         else:
+            from phabmesh.processes.gateway import GatewayProcess
+
             asyncio.run(GatewayProcess(settings, kubeconfig=args.kubeconfig).run_until_signalled())
     except ConfigException as exc:
         return _no_cluster("gateway", exc)

@@ -115,5 +115,5 @@ def test_gateway_benchmark_measures_each_worker_count() -> None:
     for name in ("direct", "gateway x1", "gateway x2"):
         assert re.search(rf"^{name} +\d+/s", text, re.MULTILINE), text
     assert re.search(
-        r"gateway x2 RSS per process \(MB; the first is the parent\): \d+, \d+, \d+", text
+        r"gateway x2 RSS/PSS per process \(MB; the first is the parent\): \d+/\d+, \d+/\d+", text
     )

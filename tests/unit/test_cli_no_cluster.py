@@ -47,3 +47,16 @@ def test_an_explicit_kubeconfig_that_is_missing_is_named(tmp_path: Path) -> None
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert done.stderr.startswith("phabmesh gateway: no cluster to connect to"), done.stderr
+
+
+def test_gateway_workers_with_no_cluster_say_so_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parent says it, before any worker starts (each would say it again)."""
+    missing = tmp_path / "nowhere.yaml"
+    monkeypatch.setenv("PHABMESH_GATEWAY_WORKERS", "2")
+    done = _cli(tmp_path, "gateway", "--kubeconfig", str(missing), drop=("KUBE",))
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("phabmesh gateway: no cluster to connect to"), done.stderr
