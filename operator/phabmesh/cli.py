@@ -139,8 +139,8 @@ def _gateway(args: argparse.Namespace) -> int:
     settings = _settings("gateway")
     try:
         if settings.gateway_workers > 1:  # the parent: none of the gateway's own modules
-            from phabmesh.gateway.workers import GatewayWorkers
             from phabmesh.kube import load_connection
+            from phabmesh.processes.gateway_workers import GatewayWorkers
 
             load_connection(args.kubeconfig)  # no cluster: said here, not by each worker
             asyncio.run(GatewayWorkers(settings, kubeconfig=args.kubeconfig).run_until_signalled())

@@ -25,7 +25,7 @@ from tests.stack import Threaded
 def workers(
     system: str, conduit: ConduitServer, operator: Threaded, phabmesh_rbac: rbac.Installed
 ) -> Iterator[Threaded]:
-    from phabmesh.gateway.workers import GatewayWorkers
+    from phabmesh.processes.gateway_workers import GatewayWorkers
 
     settings = settings_for(conduit).replace(gateway_workers=2, gateway_decode_workers=2)
     proc = Threaded(GatewayWorkers(settings, kubeconfig=phabmesh_rbac.kubeconfig("gateway")))

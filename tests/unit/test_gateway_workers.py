@@ -1,4 +1,4 @@
-"""How the gateway's parent process merges its workers' metrics (phabmesh.gateway.workers)."""
+"""How the gateway's parent merges its workers' metrics (phabmesh.processes.gateway_workers)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from phabmesh import metrics
-from phabmesh.gateway.workers import Merged, requests_counted, worker_settings
+from phabmesh.processes.gateway_workers import Merged, requests_counted, worker_settings
 from phabmesh.settings import Settings
 
 

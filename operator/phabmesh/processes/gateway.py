@@ -32,7 +32,7 @@ class GatewayProcess:
         metrics_host: str | None = None,
     ) -> None:
         self.settings = settings
-        # One of several worker processes (phabmesh.gateway.workers): the gateway's ports
+        # One of several worker processes (processes.gateway_workers): the gateway's ports
         # shared with SO_REUSEPORT, its health and metrics on a port of its own.
         self.reuse_port = reuse_port
         self.metrics_host = metrics_host

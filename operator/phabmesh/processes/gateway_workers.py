@@ -111,6 +111,7 @@ def _main(env: dict[str, str], kubeconfig: str | None, parent: Connection) -> No
 
 
 async def _serve(settings: Settings, kubeconfig: str | None, parent: Connection) -> None:
+    # Imported in the worker only: the parent needs none of the gateway's own modules.
     from phabmesh.processes.gateway import GatewayProcess
 
     process = GatewayProcess(
