@@ -428,7 +428,9 @@ class Settings(BaseSettings):
         "parent: raise the memory limit with it) and its share of "
         "`PHABMESH_GATEWAY_DECODE_WORKERS` (at least one each); a parent process supervises "
         "them (a dead one is started again), serves `/metrics` as their sum and `/readyz` "
-        "once every one is ready. 1: one process, no parent.",
+        "once every one is ready. Every bound is per worker, as it is per replica: the body "
+        "and answer budgets (memory), the decoding queue, a source's shares, and the webhooks'"
+        " replay checks ([webhooks](webhooks.md)). 1: one process, no parent.",
     )
     hooks_target_url: str = setting(
         "http://{service}.{namespace}.svc.cluster.local:{port}",
