@@ -424,7 +424,7 @@ class Settings(BaseSettings):
         "gateway",
         "Processes that serve the gateway's ports together (`SO_REUSEPORT`: the kernel spreads"
         " connections over them), so that one gateway pod can use more than one CPU. Each "
-        "keeps its own watches (about 80 MB resident per process, plus about 75 MB for the "
+        "keeps its own watches (about 80 MB resident per process, plus about 65 MB for the "
         "parent: raise the memory limit with it) and its share of "
         "`PHABMESH_GATEWAY_DECODE_WORKERS` (at least one each); a parent process supervises "
         "them (a dead one is started again), serves `/metrics` as their sum and `/readyz` "
