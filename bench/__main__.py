@@ -69,8 +69,9 @@ async def until(check: Callable[[], Awaitable[bool]], limit: float) -> float | N
 class Child:
     """A process of the benchmark (a phabmesh process or the Conduit server).
 
-    With ``PHABMESH_BENCH_PROFILE=<dir>`` each phabmesh process runs under cProfile and
-    writes ``<dir>/<name>-<n>.prof`` when it stops (read with ``python -m pstats``).
+    With ``PHABMESH_BENCH_PROFILE=<dir>`` each phabmesh process runs under cProfile, timed in
+    its own CPU seconds (``bench.profiled``), and writes ``<dir>/<name>-<n>.prof`` when it
+    stops (read with ``python -m pstats``).
     """
 
     def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
@@ -78,7 +79,7 @@ class Child:
         profile = os.environ.get("PHABMESH_BENCH_PROFILE")
         if profile:
             dump = Path(profile) / f"{log.stem}-{time.monotonic_ns()}.prof"
-            argv = [argv[0], "-m", "cProfile", "-o", str(dump), *argv[1:]]
+            argv = [argv[0], "-m", "bench.profiled", str(dump), *argv[1:]]
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
                 argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL

@@ -158,11 +158,18 @@ def _gateway(args: argparse.Namespace) -> int:
 
     from kubernetes.config import ConfigException
 
-    from phabmesh.processes.gateway import GatewayProcess
-
     settings = _settings("gateway")
     try:
-        asyncio.run(GatewayProcess(settings, kubeconfig=args.kubeconfig).run_until_signalled())
+        if settings.gateway_workers > 1:  # the parent: none of the gateway's own modules
+            from phabmesh.kube import load_connection
+            from phabmesh.processes.gateway_workers import GatewayWorkers
+
+            load_connection(args.kubeconfig)  # no cluster: said here, not by each worker
+            asyncio.run(GatewayWorkers(settings, kubeconfig=args.kubeconfig).run_until_signalled())
+        else:
+            from phabmesh.processes.gateway import GatewayProcess
+
+            asyncio.run(GatewayProcess(settings, kubeconfig=args.kubeconfig).run_until_signalled())
     except ConfigException as exc:
         return _no_cluster("gateway", exc)
     return 0

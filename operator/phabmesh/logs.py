@@ -110,6 +110,15 @@ def _mask_private_keys(text: str) -> str:
     return "".join(out)
 
 
+def _may_hold_secret(text: str) -> bool:
+    """Whether any of the maskers below could match: each needs its own literal (a PEM
+    private key's ``-----BEGIN ``, a Conduit token's ``api-``/``cli-``/``clr-``, a JWT's
+    ``eyJ``). Most log values hold none, and are passed on after these few scans."""
+    return (
+        "eyJ" in text or "-----BEGIN " in text or "api-" in text or "cli-" in text or "clr-" in text
+    )
+
+
 def redact_text(text: str, *secrets: str | None) -> str:
     """``text`` with each of ``secrets`` (those known to the caller: the token it sent) and
     every token-, credential- or key-shaped substring masked, in linear time: Conduit tokens
@@ -118,6 +127,8 @@ def redact_text(text: str, *secrets: str | None) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret, REDACTED)
+    if not _may_hold_secret(text):
+        return text
     text = _mask_private_keys(text)
     text = _CONDUIT_TOKEN.sub(REDACTED, text)
     return _mask_jwts(text)
@@ -187,6 +198,12 @@ def configure(
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
+    # No line shows where it was logged from, nor the thread or process: the standard
+    # library need not find those out for each record (the logging HOWTO's "Optimization").
+    logging._srcfile = None  # the documented way to skip the caller lookup
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     root = logging.getLogger()

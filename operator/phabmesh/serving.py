@@ -45,12 +45,19 @@ def add_health_routes(
 
 
 async def start_site(
-    app: web.Application, host: str, port: int, *, read_bufsize: int | None = None
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    read_bufsize: int | None = None,
+    reuse_port: bool = False,
 ) -> web.AppRunner:
     """Serve ``app`` on host:port; returns the runner to ``cleanup()`` later.
 
     ``read_bufsize``: how much of a request body each connection buffers before it stops
     reading from its socket until the handler reads (twice this; aiohttp's default 64 KiB).
+    ``reuse_port``: with ``SO_REUSEPORT``, beside other processes listening on the same port
+    (the kernel spreads the connections over them).
     """
     extra: dict[str, Any] = {} if read_bufsize is None else {"read_bufsize": read_bufsize}
     # Request bodies stay as sent: Conduit bodies are decompressed, bounded, by wire.decompress.
@@ -58,7 +65,7 @@ async def start_site(
         app, access_log=None, handle_signals=False, auto_decompress=False, **extra
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
     await site.start()
     return runner
 

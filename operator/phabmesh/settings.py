@@ -442,6 +442,19 @@ class Settings(BaseSettings):
         "503, `Retry-After: 1`; a source may hold at most half of it (else 429). Never below "
         "`PHABMESH_MAX_RESPONSE_BYTES`.",
     )
+    gateway_workers: Count = setting(
+        1,
+        "gateway",
+        "Processes that serve the gateway's ports together (`SO_REUSEPORT`: the kernel spreads"
+        " connections over them), so that one gateway pod can use more than one CPU. Each "
+        "keeps its own watches (about 80 MB resident per process, plus about 65 MB for the "
+        "parent: raise the memory limit with it) and its share of "
+        "`PHABMESH_GATEWAY_DECODE_WORKERS` (at least one each); a parent process supervises "
+        "them (a dead one is started again), serves `/metrics` as their sum and `/readyz` "
+        "once every one is ready. Every bound is per worker, as it is per replica: the body "
+        "and answer budgets (memory), the decoding queue, a source's shares, and the webhooks'"
+        " replay checks ([webhooks](webhooks.md)). 1: one process, no parent.",
+    )
     hooks_target_url: str = setting(
         "http://{service}.{namespace}.svc.cluster.local:{port}",
         "hooks",
@@ -632,6 +645,8 @@ class Settings(BaseSettings):
         if self.hooks_replay_entries < 1:
             raise ValueError(f"{PREFIX}HOOKS_REPLAY_ENTRIES: must be 1 or more")
         _check_retry(self.retry_first, self.retry_cap)
+        if self.gateway_workers < 1:
+            raise ValueError(f"{PREFIX}GATEWAY_WORKERS: must be 1 or more")
         return self
 
     def backoff(self) -> Backoff:

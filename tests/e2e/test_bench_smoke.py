@@ -104,3 +104,16 @@ def test_kopf_hold_releases_every_worker() -> None:
 
     listed, released = asyncio.run(kopf_hold.hold(20))
     assert 0 <= listed <= released
+
+
+def test_gateway_benchmark_measures_each_worker_count() -> None:
+    from bench import gateway
+
+    args = argparse.Namespace(seconds=0.3, workers="1,2", repeat=1, before=None)
+    lines = asyncio.run(gateway.main(args))
+    text = "\n".join(lines)
+    for name in ("direct", "gateway x1", "gateway x2"):
+        assert re.search(rf"^{name} +\d+/s", text, re.MULTILINE), text
+    assert re.search(
+        r"gateway x2 RSS/PSS per process \(MB; the first is the parent\): \d+/\d+, \d+/\d+", text
+    )

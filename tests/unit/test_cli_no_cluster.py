@@ -75,3 +75,16 @@ def test_the_parser_sends_both_names_to_the_operator() -> None:
     assert old.func is cli._controller
     assert (new.peering, old.peering, old.kubeconfig) == (True, True, "k")
     assert cli.DEPRECATED_COMMANDS == {"controller": "operator"}
+
+
+def test_gateway_workers_with_no_cluster_say_so_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parent says it, before any worker starts (each would say it again)."""
+    missing = tmp_path / "nowhere.yaml"
+    monkeypatch.setenv("PHABMESH_GATEWAY_WORKERS", "2")
+    done = _cli(tmp_path, "gateway", "--kubeconfig", str(missing), drop=("KUBE",))
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("phabmesh gateway: no cluster to connect to"), done.stderr

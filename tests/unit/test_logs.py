@@ -125,3 +125,53 @@ def test_the_secrets_a_caller_knows_are_masked_whatever_their_shape() -> None:
 def test_text_without_secrets_is_left_as_it_is() -> None:
     plain = "api: 3 calls; the apiserver said api - fine; l5d-client-id ns/sa; /api/user.whoami"
     assert logs.redact_text(plain) == plain
+
+
+def test_plain_values_skip_the_token_scans_and_secrets_are_still_masked(
+    json_logs: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit line's values (names, namespaces, a decision) are scanned for a token only
+    when one could be there: the per-call CPU of the gateway's audit line."""
+    scans: list[str] = []
+    full = logs._mask_private_keys
+
+    def counted(text: str) -> str:
+        scans.append(text)
+        return full(text)
+
+    monkeypatch.setattr(logs, "_mask_private_keys", counted)
+    audit = {"method": "user.whoami", "namespace": "team", "bot": "ci", "decision": "allowed"}
+    structlog.get_logger("phabmesh.audit").info("conduit_call", latency_ms=1.2, **audit)
+    assert scans == []
+    line = json.loads(json_logs.getvalue())
+    assert {k: line[k] for k in audit} == audit
+    for secret in (CONDUIT_TOKEN, JWT, "cli-" + "x" * 28, "clr-abc", "-----BEGIN PRIVATE KEY-----"):
+        assert secret not in logs.redact_text(f"echoed {secret} back")
+    assert len(scans) == 5
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "plain",
+        "a-b-c",
+        "api",
+        "eyJ",
+        "x.eyJ.y.z",
+        "-----BEGIN ",
+        "api-",
+        "xcli-y",
+        "clr-",
+        "A-pi-",
+    ],
+)
+def test_the_scan_skip_changes_no_output(text: str) -> None:
+    """Every text the quick check passes on unscanned is one the maskers leave as it is."""
+    masked = logs._mask_jwts(logs._CONDUIT_TOKEN.sub(logs.REDACTED, logs._mask_private_keys(text)))
+    assert logs.redact_text(text) == masked
+    for suffix in ("", " tail", "-" * 5):
+        whole = text + suffix
+        assert logs.redact_text(whole) == logs._mask_jwts(
+            logs._CONDUIT_TOKEN.sub(logs.REDACTED, logs._mask_private_keys(whole))
+        )

@@ -208,11 +208,13 @@ class Call:
         """Phorge types JSON-encoded params strictly; form fields are loosely typed strings."""
         return self.encoding != "form"
 
+    # Made directly, not by dataclasses.replace (which looks the fields up every time): once
+    # or twice a call on the gateway's event loop.
     def without_token(self) -> Call:
-        return dataclasses.replace(self, token=None)
+        return Call(self.params, None, self.encoding, self.output, self.size, self.packed)
 
     def with_token(self, token: str) -> Call:
-        return dataclasses.replace(self, token=token)
+        return Call(self.params, token, self.encoding, self.output, self.size, self.packed)
 
     def encode(self) -> tuple[bytes, str]:
         """Re-encode in the same style (body, content type)."""
@@ -327,7 +329,8 @@ def decode_request(
     del http_method
     raw = _form_bytes(content_type, body, content_encoding, max_bytes)
     call = _decode_form(raw, query_string)
-    return dataclasses.replace(call, size=len(raw) + len(query_string))
+    size = len(raw) + len(query_string)
+    return Call(call.params, call.token, call.encoding, call.output, size, call.packed)
 
 
 def decode_packed(*args: Any, **kwargs: Any) -> Call:

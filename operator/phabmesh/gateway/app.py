@@ -252,6 +252,9 @@ class Gateway:
         self.upstream = settings.phabricator_url.rstrip("/")
         self.verified = credentials.VerifiedCache()
         self._session: aiohttp.ClientSession | None = None
+        # The metrics series each (method label, decision) records into (see _series).
+        self._recorded: metrics.Metrics | None = None
+        self._serieses: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.holds = serving.Holds(HELD_REFUSALS, HOLD_SECONDS)
         s = settings
         self.workers = offload.Workers(
@@ -283,6 +286,7 @@ class Gateway:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
+                timeout=aiohttp.ClientTimeout(total=self.settings.conduit_timeout),
                 auto_decompress=False,
                 # Phorge sets a session cookie on anonymous calls: no caller's may reach another.
                 cookie_jar=aiohttp.DummyCookieJar(),
@@ -343,12 +347,27 @@ class Gateway:
         # The method label comes only from a fixed set or a binding's allowlist, never from an
         # unauthenticated request: its series stay bounded by the configuration.
         label = request.get(METRIC_METHOD, "other")
-        recorded = metrics.current()
-        recorded.gateway_requests.labels(method=label, decision=decision).inc()
-        recorded.gateway_latency.labels(decision=decision).observe(elapsed)
+        counted, timed = self._series(label, decision)
+        counted.inc()
+        timed.observe(elapsed)
         audit[logs.DECISION] = decision
         log.info("conduit_call", latency_ms=round(elapsed * 1000, 2), **audit)
         return response
+
+    def _series(self, method: str, decision: str) -> tuple[Any, Any]:
+        """The request counter's and the latency histogram's series for this call, looked up
+        once per label set (prometheus_client's ``labels()`` checks and locks every time)."""
+        recorded = metrics.current()
+        key = (method, decision)
+        if self._recorded is not recorded:
+            self._recorded, self._serieses = recorded, {}
+        found = self._serieses.get(key)
+        if found is None:
+            found = self._serieses[key] = (
+                recorded.gateway_requests.labels(method=method, decision=decision),
+                recorded.gateway_latency.labels(decision=decision),
+            )
+        return found
 
     async def _handle(
         self, request: web.Request, method: str, audit: dict[str, Any]
@@ -447,6 +466,8 @@ class Gateway:
         try:
             if declared is not None:
                 held.take(self.bodies, declared, whole=declared)
+                # No more than declared: the parser stops there (one read, no chunk loop).
+                return await request.read()
             chunks: list[bytes] = []
             size = 0
             async for chunk in request.content.iter_chunked(64 * 1024):
@@ -636,7 +657,6 @@ class Gateway:
                 f"{self.upstream}/api/{method}",
                 data=data,
                 headers={"Content-Type": content_type, "Accept-Encoding": UPSTREAM_ACCEPT_ENCODING},
-                timeout=aiohttp.ClientTimeout(total=self.settings.conduit_timeout),
                 # The body carries the bot's real token: never re-sent where a 307/308 points,
                 # and a 301/302's target never answers as if it were Phabricator.
                 allow_redirects=False,
@@ -714,6 +734,7 @@ async def _read_bounded(
         raise responses.BodyTooLarge(f"body over {limit} bytes")
     if declared is not None:
         reserve(declared, declared)
+        return await upstream.read()  # no more than declared: the parser stops there
     chunks: list[bytes] = []
     size = 0
     async for chunk in upstream.content.iter_chunked(64 * 1024):

@@ -28,8 +28,14 @@ class GatewayProcess:
         *,
         kubeconfig: str | None = None,
         clock: Callable[[], datetime.datetime] | None = None,
+        reuse_port: bool = False,
+        metrics_host: str | None = None,
     ) -> None:
         self.settings = settings
+        # One of several worker processes (processes.gateway_workers): the gateway's ports
+        # shared with SO_REUSEPORT, its health and metrics on a port of its own.
+        self.reuse_port = reuse_port
+        self.metrics_host = metrics_host
         self.kubeconfig = kubeconfig
         self.clock = clock  # None: the system clock (another only to test clock skew)
         self.runners: list[web.AppRunner] = []
@@ -64,7 +70,11 @@ class GatewayProcess:
         # Each connection buffers at most 32 KiB of a body its handler has not read yet: a
         # flood of connections costs little memory before the body budget refuses them.
         runner = await serving.start_site(
-            app, s.gateway_host, s.gateway_port, read_bufsize=GATEWAY_READ_BUFSIZE
+            app,
+            s.gateway_host,
+            s.gateway_port,
+            read_bufsize=GATEWAY_READ_BUFSIZE,
+            reuse_port=self.reuse_port,
         )
         self.runners.append(runner)
         self.port = serving.bound_port(runner)
@@ -73,13 +83,19 @@ class GatewayProcess:
         hooks_app = web.Application(client_max_size=s.max_request_bytes + 1)
         self.hooks.routes(hooks_app)
         runner = await serving.start_site(
-            hooks_app, s.gateway_host, s.hooks_port, read_bufsize=GATEWAY_READ_BUFSIZE
+            hooks_app,
+            s.gateway_host,
+            s.hooks_port,
+            read_bufsize=GATEWAY_READ_BUFSIZE,
+            reuse_port=self.reuse_port,
         )
         self.runners.append(runner)
         self.hooks_port = serving.bound_port(runner)
         health = web.Application()
         serving.add_health_routes(health, lambda: self.state.ready, self.metrics.registry)
-        runner = await serving.start_site(health, s.gateway_host, s.metrics_port)
+        runner = await serving.start_site(
+            health, self.metrics_host or s.gateway_host, s.metrics_port
+        )
         self.runners.append(runner)
         self.metrics_port = serving.bound_port(runner)
         log.info(
