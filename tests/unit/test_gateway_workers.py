@@ -71,3 +71,52 @@ def test_each_worker_gets_the_shared_ports_and_a_share_of_the_decoders() -> None
 def test_no_workers_is_refused_with_the_variable_named() -> None:
     with pytest.raises(ValueError, match="PHABMESH_GATEWAY_WORKERS: must be 1 or more"):
         Settings.from_env({"PHABMESH_GATEWAY_WORKERS": "0"})
+
+
+def test_a_worker_that_keeps_exiting_is_restarted_after_the_retry_policys_pauses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its pauses double from PHABMESH_RETRY_FIRST while it exits soon after each start
+    (a replacement that could not start counts as one more), as every retry of phabmesh."""
+    import asyncio
+    import types
+
+    from phabmesh.processes import gateway_workers
+
+    settings = Settings().replace(gateway_workers=2, retry_first=0.5, retry_cap=4.0)
+    parent = gateway_workers.GatewayWorkers(settings)
+    pauses: list[float] = []
+    installed: list[int] = []
+    attempts = {"left": 1}  # the first replacement fails to start
+    real_sleep = asyncio.sleep
+
+    async def sleep(delay: float) -> None:
+        pauses.append(delay)
+        await real_sleep(0)
+
+    async def exited(process: object) -> None:
+        return None
+
+    def fake_worker(slot: int) -> gateway_workers.Worker:
+        process = types.SimpleNamespace(pid=1, exitcode=1)
+        pipe = types.SimpleNamespace(close=lambda: None)
+        return gateway_workers.Worker(slot, process, pipe, 0)  # type: ignore[arg-type]
+
+    async def spawn(slot: int) -> gateway_workers.Worker:
+        if attempts["left"]:
+            attempts["left"] -= 1
+            raise OSError("no more processes")
+        return fake_worker(slot)
+
+    def install(worker: gateway_workers.Worker) -> None:
+        installed.append(worker.slot)
+
+    monkeypatch.setattr(gateway_workers.asyncio, "sleep", sleep)
+    monkeypatch.setattr(gateway_workers, "_exited", exited)
+    monkeypatch.setattr(parent, "_spawn", spawn)
+    monkeypatch.setattr(parent, "_install", install)
+    asyncio.run(parent._supervise(fake_worker(1)))
+    assert installed == [1]
+    assert len(pauses) == 2
+    assert 0.25 <= pauses[0] <= 0.5  # the first pause: half of to all of the first
+    assert 0.5 <= pauses[1] <= 1.0  # then doubled

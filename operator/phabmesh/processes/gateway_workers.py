@@ -26,9 +26,11 @@ The parent serves the health and metrics port:
   ``phabmesh_gateway_worker_requests_total`` (the calls the worker now in that slot counted).
 
 A worker that exits is logged (``gateway_worker_exited``), counted, and started again after
-:data:`RESTART_DELAY` seconds. On SIGTERM the parent sends SIGTERM to every worker: each
-stops accepting and finishes the calls it has (aiohttp's graceful shutdown), then exits. A
-worker whose parent is gone (its pipe to the parent closes) stops the same way.
+the retry policy's pause (``PHABMESH_RETRY_FIRST``, doubling up to ``PHABMESH_RETRY_CAP``
+while it keeps exiting within that cap of its start; :mod:`phabmesh.backoff`). On SIGTERM
+the parent sends SIGTERM to every worker: each stops accepting and finishes the calls it
+has (aiohttp's graceful shutdown), then exits. A worker whose parent is gone (its pipe to
+the parent closes) stops the same way.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import dataclasses
 import multiprocessing
 import signal
 import socket
+import time
 from collections.abc import Iterable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -65,7 +68,6 @@ from phabmesh.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-RESTART_DELAY = 1.0
 # How long a worker may take from its start to serving (an interpreter, then its watches'
 # first lists are not waited for: readiness says when they are done).
 START_TIMEOUT = 120.0
@@ -138,6 +140,7 @@ class Worker:
     pipe: Connection  # kept open while the parent lives: the worker stops when it closes
     metrics_port: int
     last: str = ""  # its metrics as last scraped
+    started: float = dataclasses.field(default_factory=time.monotonic)
 
     @property
     def pid(self) -> int:
@@ -237,6 +240,8 @@ class GatewayWorkers:
         self.settings = settings
         self.kubeconfig = kubeconfig
         self.count = settings.gateway_workers
+        self.policy = settings.backoff()
+        self._exits: dict[int, int] = {}  # slot -> exits in a row, each soon after its start
         self.workers: list[Worker | None] = [None] * self.count
         self.port = 0
         self.hooks_port = 0
@@ -340,14 +345,18 @@ class GatewayWorkers:
             pid=worker.pid,
             exit_code=worker.process.exitcode,
         )
+        lived = time.monotonic() - worker.started
+        exits = 1 if lived > self.policy.cap else self._exits.get(worker.slot, 0) + 1
+        self._exits[worker.slot] = exits
         while not self._stopping:
-            await asyncio.sleep(RESTART_DELAY)
+            await asyncio.sleep(self.policy.delay(exits))
             if self._stopping:
                 return
             try:
                 replacement = await self._spawn(worker.slot)
             except Exception as exc:  # logged, tried again
                 log.warning("gateway_worker_start_failed", worker=worker.slot, error=str(exc))
+                exits += 1
                 continue
             if self._stopping:
                 replacement.process.terminate()
