@@ -58,7 +58,8 @@ def test_a_replica_missing_from_the_peering_object_is_fenced() -> None:
 
 
 def test_kopfs_keep_alive_rhythm_never_fences_a_healthy_replica() -> None:
-    # kopf renews every lifetime minus 5 to 10 s: the entry always has at least 5 s left.
+    # kopf (a replica of an earlier version) renews every lifetime minus 5 to 10 s: the entry
+    # always has at least 5 s left.
     for slack in range(5, 11):
         renewed = T0 + datetime.timedelta(seconds=LIFETIME - slack)
         obj = _peering(me=(7, T0))
@@ -97,3 +98,76 @@ def test_a_writer_that_is_not_acting_writes_nothing_and_counts_it() -> None:
     asyncio.run(attempts())
     deferred = metrics.samples(recorded, "phabmesh_controller_writes_deferred_total")
     assert [value for _, value in deferred] == [4.0]
+
+
+class _Patches:
+    """Records the merge patches of the peering object."""
+
+    def __init__(self) -> None:
+        self.patches: list[tuple[str, Any]] = []
+
+    async def merge_patch(self, path: str, body: Any, **_: Any) -> Any:
+        self.patches.append((path, body))
+        return body
+
+
+def _view(obj: dict[str, Any] | None) -> tuple[peering.PeeringView, _Patches]:
+    client = _Patches()
+    view = peering.PeeringView(client, "phabmesh", "me", 7, LIFETIME)  # type: ignore[arg-type]
+    if obj is not None:
+        view.informer.items["phabmesh"] = peering.peers(obj)
+    view.informer.connected = True
+    return view, client
+
+
+PATH = "/apis/kopf.dev/v1/clusterkopfpeerings/phabmesh"
+
+
+@pytest.mark.parametrize(
+    ("entries", "now", "written"),
+    [
+        # Not there yet (just started, or removed by a peer that judged it dead): added.
+        ({}, T0, {"me": {"priority": 7, "lifetime": LIFETIME, "lastseen": T0.isoformat()}}),
+        # Less than half its lifetime passed: nothing to write.
+        ({"me": (7, T0)}, T0 + datetime.timedelta(seconds=29), None),
+        # Half of it passed: renewed.
+        (
+            {"me": (7, T0)},
+            T0 + datetime.timedelta(seconds=30),
+            {"me": {"priority": 7, "lifetime": LIFETIME, "lastseen": "2026-01-01T00:00:30+00:00"}},
+        ),
+        # A peer whose keep-alive ran out: removed, as kopf removes it; a live one is kept.
+        (
+            {"me": (7, T0), "dead": (9, T0 - datetime.timedelta(seconds=61)), "live": (3, T0)},
+            T0,
+            {"dead": None},
+        ),
+    ],
+    ids=["added", "fresh", "renewed-at-half", "dead-peer-removed"],
+)
+def test_the_replica_keeps_its_own_entry_alive_and_removes_dead_peers(
+    entries: dict[str, tuple[int, datetime.datetime]],
+    now: datetime.datetime,
+    written: dict[str, Any] | None,
+) -> None:
+    view, client = _view(_peering(**entries))
+    asyncio.run(view.tend(now))
+    assert client.patches == ([] if written is None else [(PATH, {"status": written})])
+
+
+def test_nothing_is_written_without_the_peering_object_nor_once_stopping() -> None:
+    view, client = _view(None)
+    asyncio.run(view.tend(T0))
+    assert client.patches == []
+    view, client = _view(_peering())
+    view.stopping = True
+    asyncio.run(view.tend(T0))
+    assert client.patches == []
+
+
+def test_goodbye_removes_its_own_entry_and_stops_renewing() -> None:
+    view, client = _view(_peering(me=(7, T0)))
+    asyncio.run(view.goodbye())
+    assert client.patches == [(PATH, {"status": {"me": None}})]
+    asyncio.run(view.tend(T0 + datetime.timedelta(seconds=59)))
+    assert len(client.patches) == 1

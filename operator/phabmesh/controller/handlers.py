@@ -1,10 +1,10 @@
-"""What kopf still does for the controller: log in, start and stop it, and peering.
+"""What kopf still does for the controller: log in, start and stop it.
 
-kopf watches nothing of phabmesh's: the process's shared watches
-(:mod:`phabmesh.leases.watches`) feed the controller (:mod:`phabmesh.controller.driver`).
-kopf keeps this replica's entry in the peering object alive (kopf peering), and runs the
-start-up and clean-up below; its ``ready_flag`` is set once :func:`configure` has returned,
-that is once every watch has listed and the start-up sweep has run.
+kopf runs standalone and watches nothing: the process's shared watches
+(:mod:`phabmesh.leases.watches`) feed the controller (:mod:`phabmesh.controller.driver`),
+and which replica acts is :mod:`phabmesh.controller.peering`'s. kopf runs the start-up and
+clean-up below; its ``ready_flag`` is set once :func:`configure` has returned, that is once
+every watch has listed and the start-up sweep has run.
 """
 
 from __future__ import annotations
@@ -30,12 +30,8 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 async def configure(settings: kopf.OperatorSettings, memo: Memo, **_: Any) -> None:
     settings.posting.enabled = False  # no kopf handler runs on an object: nothing to post
     # kopf serves no resource: it need not follow the cluster's CRDs (a watch of its own).
-    # Its peering resource is found once, at start.
     settings.scanning.disabled = True
     settings.networking.request_timeout = 30
-    # settings.peering.priority: random per process, given to kopf by controller.operate
-    # (phabmesh.controller.peering.new_priority), so that exactly one of identical replicas acts.
-    settings.peering.lifetime = int(memo.settings.peering_lifetime)
     # The injection webhook is not kopf's: it runs in a process of its own
     # (phabmesh.admission.server), off this event loop.
     settings.admission.server = None

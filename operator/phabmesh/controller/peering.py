@@ -1,29 +1,27 @@
-"""Whether this replica's controller acts, read from kopf's peering object.
+"""Which of the operator's replicas acts: kopf's peering protocol, kept by phabmesh itself.
 
-kopf pauses a replica's watching handlers while another live replica of the ClusterKopfPeering
-has a higher (or the same) priority, and keeps them paused until the peering object says
-otherwise; it keeps that state to itself. This process passes kopf its peering identity and
-priority, watches the same object, and applies kopf's rule (``process_peering_event``): it
-acts while no other live peer (``lastseen + lifetime`` not passed) has a priority as high as
-its own. Without the object (or before its watch has listed) it does not act, as kopf does
-not. In standalone mode (no peering) the controller acts once started.
+The replicas announce themselves in one ClusterKopfPeering (``status.<identity>``: priority,
+lifetime, ``lastseen``), exactly as kopf writes it, so that replicas of an earlier version,
+whose kopf keeps the entries, take part in the same election during a rolling upgrade. This
+process lists and watches that one object (the only watch of it in the process), keeps its
+own entry alive (:meth:`PeeringView.keep_alive`), removes the entries of peers whose
+``lastseen + lifetime`` has passed, as kopf does, and removes its own when it stops
+(:meth:`PeeringView.goodbye`). kopf runs standalone: it watches nothing.
+
+The rule is kopf's (``process_peering_event``): a replica acts while no other live peer has
+a priority as high as its own. Without the object (or before its watch has listed) it does
+not act. In standalone mode (no peering) the controller acts once started.
 
 kopf's rule alone lets two replicas act at once. A replica judges the others by the
 ``lastseen`` they last wrote; the acting one never asks whether its own keep-alive still
 lands. When the API server is away longer than what is left of the acting replica's
 lifetime, the standby sees it dead as soon as it can read again, and acts; the other, which
-never saw a live peer above it, acts too until its next keep-alive (up to ``lifetime`` - 5 s
-later). So this replica also *fences* itself (:func:`fenced`): it acts only while its own
-keep-alive, as the peering object shows it, is younger than its lifetime less
-:data:`FENCE_MARGIN`, i.e. before any other replica could judge it dead. kopf renews a
-keep-alive at least 5 s before it runs out, so a healthy replica is never fenced.
-
-kopf renews a keep-alive on its own rhythm, which an outage breaks: back from one, every
-replica would stay fenced until its next turn (up to ``lifetime`` - 5 s). So the view also
-renews this replica's entry, exactly as kopf writes it, as soon as it can once the entry is
-about to run out (:meth:`PeeringView.renew_when_due`). It never adds an entry that is not
-there: kopf removes its own when it stops, and a peer removes one it judged dead; kopf's
-next keep-alive adds it back.
+never saw a live peer above it, would act too until its next keep-alive. So this replica
+also *fences* itself (:func:`fenced`): it acts only while its own keep-alive, as the peering
+object shows it, is younger than its lifetime less :data:`FENCE_MARGIN`, i.e. before any
+other replica could judge it dead. Its keep-alive is renewed once half of its lifetime has
+passed, and at once when the API server answers again after an outage, so a healthy
+replica is never fenced.
 """
 
 from __future__ import annotations
@@ -49,10 +47,7 @@ GROUP, VERSION, PLURAL = "kopf.dev", "v1", "clusterkopfpeerings"
 # kopf keeps at least between a renewal and the end of the lifetime it renews, and more than
 # the clock difference between replicas' nodes (NTP keeps it far smaller).
 FENCE_MARGIN = datetime.timedelta(seconds=2)
-# The view renews this replica's keep-alive itself once less than this is left of it (kopf
-# renews with 5 to 10 s left; this only acts when kopf's turn did not come).
-RENEW_LEFT = FENCE_MARGIN + datetime.timedelta(seconds=2)
-RENEW_POLL = 0.5  # seconds between looks at the entry
+RENEW_POLL = 0.5  # seconds between looks at the entries
 log = structlog.get_logger(__name__)
 
 
@@ -127,7 +122,8 @@ class PeeringView:
         self.priority = priority
         self.lifetime = lifetime
         self.name = name
-        self.stopping = False  # set before kopf's goodbye, so that nothing renews after it
+        self.stopping = False  # set before the goodbye, so that nothing renews after it
+        self.was_acting: bool | None = None  # at the last look, for the log of a change
         self.informer: Informer[tuple[Peer, ...]] = Informer(
             client,
             resource_path(GROUP, VERSION, PLURAL),
@@ -137,35 +133,57 @@ class PeeringView:
         )
 
     async def run(self) -> None:
-        await asyncio.gather(self.informer.run(), self.renew_when_due())
+        await asyncio.gather(self.informer.run(), self.keep_alive())
 
     def own_deadline(self) -> datetime.datetime | None:
         listed = self.informer.items.get(self.name) or ()
         return max((p.deadline for p in listed if p.identity == self.identity), default=None)
 
-    async def renew_when_due(self) -> None:
-        """Renew this replica's entry (as kopf's ``touch`` does) when it is about to run out
-        and kopf has not: after an API server outage, at once once it answers again."""
-        path = resource_path(GROUP, VERSION, PLURAL, None, self.name)
+    @property
+    def path(self) -> str:
+        return resource_path(GROUP, VERSION, PLURAL, None, self.name)
+
+    async def keep_alive(self) -> None:
+        """This replica's entry written at start and renewed once half its lifetime has
+        passed (at once after an outage, when the API server answers again); peers whose
+        keep-alive has run out removed. Nothing while the object is not there."""
         while True:
+            await self.tend(utcnow())
             await asyncio.sleep(RENEW_POLL)
-            deadline = self.own_deadline()
-            now = utcnow()
-            if self.stopping or not self.informer.connected or deadline is None:
-                continue
-            if deadline - now > RENEW_LEFT:
-                continue
-            entry = {
-                "priority": self.priority,
-                "lifetime": self.lifetime,
-                "lastseen": now.isoformat(),
-            }
-            try:
-                await self.client.merge_patch(path, {"status": {self.identity: entry}}, attempts=1)
-            except KubeError as exc:
-                log.warning("peering_renewal_failed", error=str(exc))
-            else:
-                log.info("peering_renewed", late_seconds=round((now - deadline).total_seconds(), 1))
+
+    async def tend(self, now: datetime.datetime) -> None:
+        """One look at the entries (see :meth:`keep_alive`)."""
+        now_acting = self.acting(now)
+        if now_acting != self.was_acting:
+            log.info("peering_acting" if now_acting else "peering_paused", identity=self.identity)
+            self.was_acting = now_acting
+        listed = self.informer.items.get(self.name)
+        if self.stopping or not self.informer.connected or listed is None:
+            return
+        deadline = self.own_deadline()
+        if deadline is None or deadline - now <= datetime.timedelta(seconds=self.lifetime / 2):
+            await self._patch({self.identity: self.entry(now)}, "peering_renewed")
+        dead = [p.identity for p in listed if p.deadline <= now]
+        dead = [identity for identity in dead if identity != self.identity]
+        if dead:
+            await self._patch(dict.fromkeys(dead), "peering_dead_removed", dead=dead)
+
+    def entry(self, now: datetime.datetime) -> JSON:
+        """This replica's entry, as kopf writes it (``touch``)."""
+        return {"priority": self.priority, "lifetime": self.lifetime, "lastseen": now.isoformat()}
+
+    async def goodbye(self) -> None:
+        """This replica's entry removed (it stops): another one takes over at once."""
+        self.stopping = True
+        await self._patch({self.identity: None}, "peering_goodbye")
+
+    async def _patch(self, status: JSON, event: str, **fields: object) -> None:
+        try:
+            await self.client.merge_patch(self.path, {"status": status}, attempts=1)
+        except KubeError as exc:
+            log.warning("peering_write_failed", error=str(exc), write=event)
+        else:
+            (log.debug if event == "peering_renewed" else log.info)(event, **fields)
 
     def acting(self, now: datetime.datetime | None = None) -> bool:
         """kopf's rule, and this replica's own keep-alive fresh (:func:`fenced`): what the

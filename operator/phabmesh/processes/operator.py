@@ -1,9 +1,9 @@
-"""The operator process: the kopf controller and the credential endpoint side by side,
+"""The operator process: the controller and the credential endpoint side by side,
 and the pod-injection webhook in a child process it supervises.
 
 The controller and the endpoint share one Kubernetes client and one event loop; the
-endpoint keeps serving on a standby replica (kopf peering pauses only the controller's
-handlers), and so does the webhook. The webhook is kept off this loop
+endpoint keeps serving on a standby replica (peering pauses only the controller's
+work), and so does the webhook. The webhook is kept off this loop
 (:mod:`phabmesh.admission.server`): what its callers send costs its own process.
 """
 
@@ -64,7 +64,7 @@ class OperatorProcess:
         return self.controller_ready.is_set() and self.endpoint.ready and self.webhook.settled
 
     def acting(self) -> bool:
-        """The controller runs and is not paused by kopf peering (phabmesh_operator_acting)."""
+        """The controller runs and is not paused by peering (phabmesh_operator_acting)."""
         task = self.controller_task
         if task is None or task.done() or self.stop_flag.is_set():
             return False
@@ -158,10 +158,6 @@ class OperatorProcess:
                 kubeconfig=self.kubeconfig,
                 stop_flag=self.stop_flag,
                 ready_flag=self.controller_ready,
-                standalone=self.standalone,
-                peering_name=None if self.standalone else PEERING_NAME,
-                peering_identity=self.peering_identity,
-                peering_priority=self.peering_priority,
                 memo=self.memo,
             )
         )
@@ -186,13 +182,16 @@ class OperatorProcess:
     async def stop(self) -> None:
         self.stop_flag.set()
         if self.peering is not None:
-            self.peering.stopping = True  # kopf says goodbye in the peering object: no renewal
+            self.peering.stopping = True  # no renewal from now on
         for runner in self.runners:
             await runner.cleanup()
         controller_task = self.tasks[-1] if self.tasks else None
         if controller_task is not None:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
                 await asyncio.wait_for(asyncio.shield(controller_task), timeout=10)
+        if self.peering is not None:
+            # The controller has stopped: its entry goes, and another replica acts at once.
+            await self.peering.goodbye()
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
