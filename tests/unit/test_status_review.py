@@ -378,3 +378,29 @@ async def test_an_earlier_bot_event_with_an_opaque_resource_version_undoes_the_s
     await _drain(memo)
     assert memo.world.bots["ci-bot"].ready, "the answer to the status write was undone"
     assert not [r for r in writer.revoked if r[0] == "l-p1-runners"], writer.revoked
+
+
+# -- 6. A status write from a view the tick took before the binding's spec changed ---------
+
+
+async def test_a_ticks_stale_binding_view_writes_its_status_back_to_an_older_generation() -> None:
+    """The bot's periodic pass takes its bindings' views, renews their leases (awaiting the
+    API), then writes each one's status from the view it took. Meanwhile the binding's spec
+    changed (generation 2) and its status was written for it; the pass then writes the
+    status judged from generation 1 over it: observedGeneration goes back to 1, the binding
+    has no verdict for its generation, and lease plans issue nothing by it until the next
+    pass writes it again (Bindings.write_status does not take the binding as the World
+    holds it under its lock)."""
+    memo, writer, _, _ = _controller(CLUSTER)
+    await _started(memo)
+    await _drain(memo)
+    taken = memo.world.bindings[("build", "runners")]  # the pass's view, generation 1
+    edited = _binding()
+    edited["metadata"].update(generation=2, resourceVersion=writer.version())
+    edited["spec"]["credentialTTL"] = "10m"
+    memo.watches.bindings._put("MODIFIED", "build/runners", edited)
+    await _drain(memo)
+    assert writer.statuses[-1][1]["observedGeneration"] == 2
+    await memo.bindings.write_status(taken)  # the pass goes on with the view it took
+    shown = memo.world.bindings[("build", "runners")]
+    assert shown.status.get("observedGeneration") == 2, shown.status
