@@ -228,6 +228,14 @@ async def _ticks(memo: Memo, clock: _Clock, seconds: float) -> None:
         await _drain(memo)
 
 
+def _recheck(memo: Memo, writer: _Writer) -> None:
+    """`kubectl phabmesh recheck ci-bot`: the annotation's event, with the bot's status as
+    the cluster holds it."""
+    body = _bot(version=writer.version(), recheck="now")
+    body["status"] = dict(memo.world.bots["ci-bot"].status)
+    memo.watches.bots._put("MODIFIED", "ci-bot", body)
+
+
 def _pod_changed(memo: Memo, uid: str) -> None:
     """Any update of the pod (a status change, a label): its work is queued."""
     memo.watches.pods._put("MODIFIED", f"build/pod-{uid}", _pod(uid))
@@ -280,7 +288,7 @@ async def test_a_failed_bot_status_write_keeps_a_revoked_tokens_leases_live() ->
     assert not [name for name, _ in writer.revoked]
     bots.outcome = REVOKED
     writer.failing = lambda path: path == resources.bot_path("ci-bot")
-    memo.watches.bots._put("MODIFIED", "ci-bot", _bot(version=writer.version(), recheck="now"))
+    _recheck(memo, writer)
     await _drain(memo)
     writer.failing = lambda path: False  # the API server is well again
     await _ticks(memo, clock, 60)
@@ -345,7 +353,7 @@ async def test_a_pod_planned_before_its_bindings_status_write_gets_a_revoked_bot
     await _drain(memo)
     bots.outcome = REVOKED
     bots.during = lambda: memo.watches.pods._put("ADDED", "build/pod-p3", _pod("p3"))
-    memo.watches.bots._put("MODIFIED", "ci-bot", _bot(version=writer.version(), recheck="now"))
+    _recheck(memo, writer)
     await _drain(memo)
     assert not memo.world.bots["ci-bot"].ready
     assert "p3" not in writer.issued
@@ -376,8 +384,8 @@ async def test_an_earlier_bot_event_with_an_opaque_resource_version_undoes_the_s
     assert memo.world.bots["ci-bot"].ready
     memo.watches.bots._put("MODIFIED", "ci-bot", late[0])
     await _drain(memo)
-    assert memo.world.bots["ci-bot"].ready, "the answer to the status write was undone"
     assert not [r for r in writer.revoked if r[0] == "l-p1-runners"], writer.revoked
+    assert memo.world.bots["ci-bot"].ready, "the answer to the status write was undone"
 
 
 # -- 6. A status write from a view the tick took before the binding's spec changed ---------
