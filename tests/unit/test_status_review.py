@@ -20,8 +20,7 @@ from phabmesh.controller import bots as botcheck
 from phabmesh.controller import reconcilers
 from phabmesh.controller.driver import TICK, BotWork, Work
 from phabmesh.controller.memo import Memo
-from phabmesh.kube import KubeError
-from phabmesh.kube.client import JSON
+from phabmesh.kube.client import JSON, Unavailable
 from phabmesh.leases import reasons
 from phabmesh.leases.view import LeaseView
 from phabmesh.leases.watches import Watches
@@ -117,7 +116,8 @@ class _Cluster(FakeAPI):
 
 class _Writer:
     """Records lease writes; a status write answers with the object as the API server then
-    holds it (its status, a new resourceVersion), or raises while ``failing(path)`` says so."""
+    holds it (its status, a new resourceVersion), or fails, as the client does once its own
+    retries are spent, while ``failing(path)`` says so."""
 
     def __init__(self) -> None:
         self.revoked: list[tuple[str, str]] = []
@@ -149,7 +149,8 @@ class _Writer:
     async def patch_status(self, path: str, status: JSON) -> JSON:
         await asyncio.sleep(0)
         if self.failing(path):
-            raise KubeError(500, "InternalError", "etcdserver: request timed out")
+            # What the client raises once its own retries are spent (an API server restart).
+            raise Unavailable(503, "ServiceUnavailable", "the API server is not ready")
         self.statuses.append((path, status))
         return {"metadata": {"resourceVersion": next(self.versions)}, "status": status}
 
@@ -256,10 +257,11 @@ CLUSTER: dict[str, list[JSON]] = {
 async def test_a_failed_bot_status_write_loses_the_checks_outcome_until_the_recheck_interval() -> (
     None
 ):
-    """A new bot verified by Phabricator, its status write refused once (an API server
-    hiccup): the check counts as made (Schedule.record runs before the write), so no tick
-    checks it again before bot_recheck_interval (300 s); the World goes by the status, which
-    still says NotChecked, so for a minute of ticks and pod events no pod gets a lease."""
+    """A new bot verified by Phabricator, its status write failing once (the API server
+    unavailable past the client's retries): the check counts as made (Schedule.record runs
+    before the write), so no tick checks it again before bot_recheck_interval (300 s); the
+    World goes by the status, which still says NotChecked, so for a minute of ticks and pod
+    events no pod gets a lease."""
     memo, writer, _, clock = _controller(
         {**CLUSTER, "phabricatorbots": [_bot(status=False)], "phabricatorcredentials": []}
     )
@@ -278,7 +280,7 @@ async def test_a_failed_bot_status_write_loses_the_checks_outcome_until_the_rech
 
 
 async def test_a_failed_bot_status_write_keeps_a_revoked_tokens_leases_live() -> None:
-    """Phabricator says the token is revoked, the status write fails once: the World keeps
+    """Phabricator says the token is revoked; that status write fails: the World keeps
     the status's Ready, and no tick rechecks the bot for 300 s, so p1's lease is not revoked
     within a minute of ticks and pod events (before, the check's outcome judged the bindings
     before the write, and the pod's next reconcile revoked it)."""
