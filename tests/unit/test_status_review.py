@@ -414,3 +414,35 @@ async def test_a_ticks_stale_binding_view_writes_its_status_back_to_an_older_gen
     await memo.bindings.write_status(taken)  # the pass goes on with the view it took
     shown = memo.world.bindings[("build", "runners")]
     assert shown.status.get("observedGeneration") == 2, shown.status
+
+
+# -- 7. Pods queued again by a status change: a lease whose pod is not seen yet is revoked ---
+
+
+async def test_a_status_change_requeue_revokes_the_lease_of_a_pod_not_seen_yet() -> None:
+    """After a failover, the lease watch shows a lease the previous replica issued for a pod
+    the pod watch has not shown yet (two watches, each with its own lag). A binding status
+    written by another replica (its event, readiness changed) queues every pod "holding a
+    lease there" (Memo.requeue_pods_in): that pod's work finds no pod and revokes its live
+    lease PodDeleted, where the lease's own work (Controller._lease) leaves an unseen pod
+    alone. The namespace refresh did the same before this change; every status answer and
+    every other replica's status event now reaches it too."""
+    memo, writer, _, _ = _controller(CLUSTER)
+    await _started(memo)
+    await _drain(memo)
+    memo.watches.leases._put("ADDED", "build/l-p3-runners", _lease("p3"))
+    await _drain(memo)
+    assert not [r for r in writer.revoked if r[0] == "l-p3-runners"]
+    shown = memo.world.bindings[("build", "runners")].status
+    body = _binding()
+    body["metadata"]["resourceVersion"] = writer.version()
+    body["status"] = {
+        **shown,
+        "conditions": [
+            {**c, "message": "judged by the other replica"} if c["type"] == "Ready" else c
+            for c in shown["conditions"]
+        ],
+    }
+    memo.watches.bindings._put("MODIFIED", "build/runners", body)
+    await _drain(memo)
+    assert ("l-p3-runners", reasons.POD_DELETED) not in writer.revoked
