@@ -400,7 +400,8 @@ async def test_a_ticks_stale_binding_view_writes_its_status_back_to_an_older_gen
     status judged from generation 1 over it: observedGeneration goes back to 1, the binding
     has no verdict for its generation, and lease plans issue nothing by it until the next
     pass writes it again (Bindings.write_status does not take the binding as the World
-    holds it under its lock)."""
+    holds it under its lock). The race is older than this change; that lease plans now go
+    by the status it leaves is new."""
     memo, writer, _, _ = _controller(CLUSTER)
     await _started(memo)
     await _drain(memo)
