@@ -234,7 +234,7 @@ async def test_a_new_recheck_annotation_checks_the_bot_now() -> None:
     informer._put("MODIFIED", "ci-bot", _bot("2026-06-01T10:00:00.000001+00:00"))  # once
     await _drain(memo)
     assert len(bots.checked) == 2
-    # The readiness this process decided is kept (not the status the event carries).
+    # Its readiness is what the status of the last event says.
     assert memo.world.bots["ci-bot"].ready is True
 
 

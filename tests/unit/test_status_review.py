@@ -361,24 +361,20 @@ async def test_a_pod_planned_before_its_bindings_status_write_gets_a_revoked_bot
     assert "p3" not in writer.issued
 
 
-# -- 5. Opaque resourceVersions: an earlier event undoes the status write's answer ---------
+# -- 5. An earlier event after the status write's answer -----------------------------------
 
 
-async def test_an_earlier_bot_event_with_an_opaque_resource_version_undoes_the_status_answer() -> (
-    None
-):
-    """resourceVersions are opaque strings (API conventions); older_version then knows
-    nothing and an event older than the answer to the operator's own status write is taken:
-    the bot, just verified, is NotChecked again, its binding judged BotNotReady and p1's
-    live lease revoked, until the write's own event comes. Before, the checking replica kept
-    the readiness it had decided."""
-    unchecked = _bot(status=False, version="rv-a")
+async def test_an_earlier_bot_event_never_undoes_the_status_answer() -> None:
+    """An event older than the answer to the operator's own status write (a label added while
+    Phabricator was asked) comes after that answer: it is ignored, so the bot, just verified,
+    is not NotChecked again and p1's live lease is kept. resourceVersions are compared as
+    integers (Kubernetes' comparable resource versions, KEP-5504, stable since 1.35): "99"
+    is older than "100", which a comparison of the strings would get wrong."""
+    unchecked = _bot(status=False, version="99")
     memo, writer, bots, _ = _controller({**CLUSTER, "phabricatorbots": [unchecked]})
-    writer.versions = iter(f"rv-{n}" for n in range(100, 10_000))
-    # A label added while Phabricator is asked: its event (rv-b, before the status write)
-    # comes after the write's answer.
+    writer.versions = iter(str(n) for n in range(100, 10_000))
     late: list[JSON] = []
-    labelled = _bot(status=False, version="rv-b")
+    labelled = _bot(status=False, version="99")
     labelled["metadata"]["labels"] = {"team": "ci"}
     bots.during = lambda: late.append(labelled)
     await _started(memo)
@@ -447,3 +443,22 @@ async def test_a_status_change_requeue_revokes_the_lease_of_a_pod_not_seen_yet()
     memo.watches.bindings._put("MODIFIED", "build/runners", body)
     await _drain(memo)
     assert ("l-p3-runners", reasons.POD_DELETED) not in writer.revoked
+
+
+async def test_a_namespace_whose_status_write_failed_has_its_work_queued_again() -> None:
+    """A binding's status write that fails (a bot with no periodic pass: deleted) is not left
+    for a later event: the namespace's work is queued again, backing off, and writes it."""
+    memo, writer, _, _ = _controller(CLUSTER)
+    await _started(memo)
+    await _drain(memo)
+    writer.failing = lambda path: path == resources.binding_path("build", "runners")
+    memo.watches.bots._drop("ci-bot")
+    await _drain(memo)
+    assert memo.bindings.retries.pending == 1
+    writer.failing = lambda path: False
+    await asyncio.gather(*memo.bindings.retries._pending.values())  # its backoff, then queued
+    assert Work("namespace", "build") in memo.controller.queue.waiting
+    written = len(writer.statuses)
+    await _drain(memo)
+    assert len(writer.statuses) == written + 1  # the binding's status, BotNotAllowed now
+    assert memo.bindings.retries.attempts("build") == 0

@@ -191,8 +191,8 @@ class Controller:
         self.watches = watches
         self.acting = acting or (lambda: True)
         self.queue = WorkQueue(self.handle, workers=workers, may_run=self.may_decide)
-        # Set once the start-up judgement has run: before it, what the first lists show is
-        # judged all at once (start), and each pod's own work follows.
+        # Set once the first lists are in and the sweep has run: before it, the first lists'
+        # events queue no namespace or binding work (each pod's own work covers them).
         self.started = False
         self.webhooks: View[WebhookView] = watches.webhooks.view(
             WebhookView.from_body, on_event=self._on_webhook, name="controller-webhooks"

@@ -98,12 +98,11 @@ class Memo(kopf.Memo):
         self.controller.queue.put(Work("namespace", namespace))
 
     def requeue_pods_in(self, namespace: str) -> None:
-        """Every pod of the namespace, and every pod holding a lease there, reconciled again,
-        each as its own queued work."""
-        world = self.world
-        uids = set(world.pods_by_ns.get(namespace, ()))
-        uids.update(world.leases[key].pod_uid for key in world.leases if key[0] == namespace)
-        for uid in uids:
+        """Every pod of the namespace the World holds reconciled again, each as its own
+        queued work. Only pods seen: a lease whose pod the pod watch has not shown yet is not
+        a deleted pod's (a deleted pod's work is queued by its event, and the leases of pods
+        gone while the operator was away by the start-up sweep)."""
+        for uid in list(self.world.pods_by_ns.get(namespace, ())):
             self.controller.queue.put(Work("pod", uid))
 
     def _acting(self) -> bool:
@@ -154,6 +153,7 @@ class Memo(kopf.Memo):
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         await self.leases.close()
+        await self.bindings.close()
         await self.writer.close()
         await self.events_client.close()
         if self._own_client:

@@ -121,9 +121,13 @@ class Bots(_Reconciler):
             return
         outcome = await self._check(bot, secret)
         metrics.current().bot_checked(outcome.ready, outcome.reason)
-        await self._record_bot(bot, outcome)
-        # Recorded once its status is written: a check whose write failed (or was deferred,
-        # not acting) is due again at the next pass, not a recheck interval later.
+        try:
+            await self._record_bot(bot, outcome)
+        except BaseException:
+            # Its status not written (refused, or deferred: not acting): due again at the
+            # next pass, not a recheck interval after an earlier check.
+            schedule.last_at = None
+            raise
         schedule.record(now, bot.generation, version, outcome)
 
     async def _check(self, bot: BotView, secret: SecretToken | None) -> botcheck.Outcome:
@@ -211,8 +215,9 @@ class Bots(_Reconciler):
         event comes later, and is then no change); a change of readiness asks for its
         namespaces' work (their bindings judged again, their pods planned)."""
         current = self.world.bots.get(name)
-        if written is None or current is None:
-            return
+        uid = str((written or {}).get("metadata", {}).get("uid") or "")
+        if written is None or current is None or (uid and current.uid and uid != current.uid):
+            return  # gone, or another bot of that name since
         fresh = current.shown(written)
         if fresh.older_than(current):
             return
@@ -232,6 +237,11 @@ class Bindings(_Reconciler):
         # beside a namespace's work) compares with what the first wrote, so a change is
         # written, and said as an Event, once.
         self._writing: dict[Key, asyncio.Lock] = {}
+        # A namespace whose status writes failed: its work queued again, backing off.
+        self.retries = Retries(self.settings.backoff())
+
+    async def close(self) -> None:
+        await self.retries.close()
 
     def judge(self, binding: BindingView) -> readiness.Verdict:
         bot = self.world.bots.get(binding.bot) if binding.bot else None
@@ -248,16 +258,26 @@ class Bindings(_Reconciler):
         )
         self.memo.requeue_pods_in(namespace)
         # Each binding's write is its own: one refused does not hold the others' (nor the
-        # pods' work); the first failure fails the work, which says so.
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        # pods' work); the namespace's work is queued again later, and the first failure
+        # fails this one, which says so.
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            self.retries.failed(namespace, lambda: self._again(namespace), failures[0])
+            raise failures[0]
+        self.retries.succeeded(namespace)
+
+    async def _again(self, namespace: str) -> None:
+        self.memo.requeue_namespace(namespace)
 
     async def write_status(self, binding: BindingView) -> None:
         lock = self._writing.setdefault(binding.key, asyncio.Lock())
         try:
             async with lock:
-                await self._write_status(binding)
+                # The binding as the World holds it now (a caller's view may be from before
+                # a spec change, and would write the status back to an older generation).
+                current = self.world.bindings.get(binding.key)
+                if current is not None and current.uid == binding.uid:
+                    await self._write_status(current)
         finally:
             if not lock.locked() and binding.key not in self.world.bindings:
                 self._writing.pop(binding.key, None)

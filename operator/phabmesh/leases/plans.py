@@ -131,10 +131,14 @@ def plan_pod(
             kept.add(lease.binding)
     issue: list[BindingView] = []
     if blocked is None:
+        # And the bot's own status still usable: its binding's status is written after it,
+        # and a pod planned in between is not given a lease of a bot known to be refused.
         issue = [
             binding
             for binding in world.bindings_in(pod.namespace)
-            if binding.name in wanted and binding.name not in kept
+            if binding.name in wanted
+            and binding.name not in kept
+            and _bot_usable(world, binding.bot)
         ]
     return Plan(tuple(issue), tuple(revoke), delete)
 
@@ -204,6 +208,11 @@ def _lost_reason(
     if verdict is not None and not verdict.bot_ready:
         return BOT_LOST
     return BINDING_NOT_READY
+
+
+def _bot_usable(world: World, name: str | None) -> bool:
+    bot = world.bots.get(name or "")
+    return bot is not None and bot.ready
 
 
 def due_for_renewal(lease: LeaseView, ttl: datetime.timedelta, now: datetime.datetime) -> bool:

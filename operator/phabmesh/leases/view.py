@@ -16,8 +16,12 @@ from phabmesh.credentials import phorge
 
 def older_version(mine: str, theirs: str) -> bool:
     """Is ``mine`` an earlier resourceVersion of an object than ``theirs`` (a watch event
-    that arrives after the answer to this process's own write)? Unknown, so False, when
-    either is not a number."""
+    that arrives after the answer to this process's own write)?
+
+    Compared as integers: Kubernetes' resource versions are comparable (KEP-5504, stable
+    since 1.35, checked by conformance: positive integers without leading zeros). An API
+    server outside that contract gives versions that are not numbers: unknown, so False
+    (the event is taken)."""
     return mine.isdigit() and theirs.isdigit() and int(mine) < int(theirs)
 
 
