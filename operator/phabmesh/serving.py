@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import secrets
+import signal
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -68,6 +69,19 @@ async def start_site(
     site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
     await site.start()
     return runner
+
+
+async def until_signalled(also: asyncio.Future[Any] | None = None) -> None:
+    """Until SIGINT or SIGTERM (or ``also`` is done: a task the process cannot go on
+    without)."""
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, done.set)
+    waiter = asyncio.ensure_future(done.wait())
+    waiting = {waiter} if also is None else {waiter, also}
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
 
 
 def bound_port(runner: web.AppRunner) -> int:

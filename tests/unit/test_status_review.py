@@ -27,18 +27,11 @@ from phabmesh.leases.watches import Watches
 from phabmesh.leases.world import BotView
 from phabmesh.settings import Settings
 from tests.fakeapi import FakeAPI
+from tests.unit.test_driver import _pod
 
 LEASE = "runner.build.serviceaccount.identity.linkerd.cluster.local"
 VERIFIED = botcheck.Outcome("True", botcheck.VERIFIED, "user ci-bot", phid="PHID-USER-x")
 REVOKED = botcheck.Outcome("False", botcheck.TOKEN_INVALID, "Phabricator does not accept it")
-
-
-def _pod(uid: str) -> JSON:
-    return {
-        "metadata": {"name": f"pod-{uid}", "namespace": "build", "uid": uid},
-        "spec": {"serviceAccountName": "runner", "containers": [{"name": "linkerd-proxy"}]},
-        "status": {"phase": "Running"},
-    }
 
 
 def _lease(pod_uid: str, binding: str = "runners") -> JSON:

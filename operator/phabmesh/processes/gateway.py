@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import signal
 from collections.abc import Callable
 
 import structlog
@@ -121,9 +120,5 @@ class GatewayProcess:
 
     async def run_until_signalled(self) -> None:
         await self.start()
-        done = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, done.set)
-        await done.wait()
+        await serving.until_signalled()
         await self.stop()

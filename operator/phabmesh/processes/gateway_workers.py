@@ -452,11 +452,7 @@ class GatewayWorkers:
 
     async def run_until_signalled(self) -> None:
         await self.start()
-        done = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, done.set)
-        await done.wait()
+        await serving.until_signalled()
         await self.stop()
 
 

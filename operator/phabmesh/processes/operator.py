@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import signal
 
 import structlog
 from aiohttp import web
@@ -199,12 +198,5 @@ class OperatorProcess:
 
     async def run_until_signalled(self) -> None:
         await self.start()
-        loop = asyncio.get_running_loop()
-        done = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, done.set)
-        controller_task = self.tasks[-1]
-        waiter = asyncio.create_task(done.wait())
-        await asyncio.wait({waiter, controller_task}, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
+        await serving.until_signalled(self.tasks[-1])  # or the controller ends
         await self.stop()
