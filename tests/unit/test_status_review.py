@@ -27,6 +27,7 @@ from phabmesh.leases.watches import Watches
 from phabmesh.leases.world import BotView
 from phabmesh.settings import Settings
 from tests.fakeapi import FakeAPI
+from tests.unit.test_driver import _lease as driver_lease
 from tests.unit.test_driver import _pod
 
 LEASE = "runner.build.serviceaccount.identity.linkerd.cluster.local"
@@ -35,22 +36,10 @@ REVOKED = botcheck.Outcome("False", botcheck.TOKEN_INVALID, "Phabricator does no
 
 
 def _lease(pod_uid: str, binding: str = "runners") -> JSON:
-    return {
-        "metadata": {
-            "name": f"l-{pod_uid}-{binding}",
-            "namespace": "build",
-            "uid": f"l-{pod_uid}-{binding}",
-            "resourceVersion": "1",
-        },
-        "spec": {
-            "podUID": pod_uid,
-            "podName": f"pod-{pod_uid}",
-            "binding": binding,
-            "bot": "ci-bot",
-            "identity": LEASE,
-        },
-        "status": {"phase": "Active", "expiresAt": "2026-01-01T00:15:00Z"},
-    }
+    """The driver tests' lease, with a resourceVersion and a uid of its own."""
+    body = driver_lease(pod_uid, binding)
+    body["metadata"].update(uid=f"l-{pod_uid}-{binding}", resourceVersion="1")
+    return body
 
 
 def _bot(*, status: bool = True, version: str = "1", recheck: str = "") -> JSON:
