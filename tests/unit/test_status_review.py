@@ -30,7 +30,6 @@ from tests.fakeapi import FakeAPI
 from tests.unit.test_driver import _lease as driver_lease
 from tests.unit.test_driver import _pod
 
-LEASE = "runner.build.serviceaccount.identity.linkerd.cluster.local"
 VERIFIED = botcheck.Outcome("True", botcheck.VERIFIED, "user ci-bot", phid="PHID-USER-x")
 REVOKED = botcheck.Outcome("False", botcheck.TOKEN_INVALID, "Phabricator does not accept it")
 
