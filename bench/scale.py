@@ -67,7 +67,7 @@ from bench.__main__ import (
 )
 from phabmesh import identity, logs, resources
 from phabmesh.dev import devcluster
-from phabmesh.kube import KubeClient, load_connection
+from phabmesh.kube import KubeClient, load_connection, shapes
 from phabmesh.kube.client import JSON
 from phabmesh.kube.informer import Informer
 from phabmesh.leases.view import LeaseView
@@ -146,7 +146,12 @@ class Watch:
         self.revoked_at: dict[str, float] = {}  # pod uid -> its Active lease first seen not so
         self.lease_pod: dict[str, str] = {}  # lease "ns/name" -> pod uid
         self.pods: Informer[PodSeen] = Informer(
-            kube, resource_path("", "v1", "pods"), _pod, on_event=self._pod_event, name="pods"
+            kube,
+            resource_path("", "v1", "pods"),
+            _pod,
+            on_event=self._pod_event,
+            name="pods",
+            shape=shapes.POD,
         )
         self.leases: Informer[LeaseView] = Informer(
             kube,

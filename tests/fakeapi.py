@@ -4,10 +4,13 @@ pure logic: ``list_all`` says what a list holds (one page), ``stream`` what a wa
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
 
 from phabmesh import backoff
 from phabmesh.kube.client import JSON
+from phabmesh.kube.shapes import Shape
 
 
 class FakeAPI:
@@ -25,11 +28,19 @@ class FakeAPI:
         return [], "1"
 
     async def list_pages(
-        self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
+        self,
+        path: str,
+        params: Mapping[str, str] | None = None,
+        chunk: int = 500,
+        shape: Shape[Any] | None = None,
     ) -> AsyncIterator[tuple[list[JSON], str]]:
-        """One page: all of ``list_all``."""
+        """One page: all of ``list_all``, through ``shape`` as the API's JSON would go."""
         self.lists += 1
-        yield await self.list_all(path, params, chunk)
+        items, version = await self.list_all(path, params, chunk)
+        if shape is not None:
+            page = shape.page(json.dumps({"metadata": {}, "items": items}).encode())
+            items = list(page.get("items") or [])
+        yield items, version
 
     async def watch(
         self,
@@ -40,10 +51,11 @@ class FakeAPI:
         *,
         idle_timeout: float | None = None,
         opened: Callable[[], None] | None = None,
+        shape: Shape[Any] | None = None,
     ) -> AsyncIterator[JSON]:
         self.watches += 1
         async for event in self.stream(opened or (lambda: None)):
-            yield event
+            yield event if shape is None else shape.event(json.dumps(event).encode())
 
     async def stream(self, opened: Callable[[], None]) -> AsyncIterator[JSON]:
         opened()

@@ -21,6 +21,7 @@ import aiohttp
 from phabmesh import __version__, backoff
 from phabmesh.backoff import Backoff, parse_retry_after
 from phabmesh.kube.config import Connection
+from phabmesh.kube.shapes import Shape
 from phabmesh.resources import resource_path
 
 JSON = dict[str, Any]
@@ -188,7 +189,10 @@ class KubeClient:
         timeout: float | None = None,
         attempts: int | None = None,
         limited: bool = True,
+        decode: Callable[[bytes], JSON] | None = None,
     ) -> JSON:
+        """``decode``: how a successful answer's body becomes JSON (by default, whole; a
+        :class:`~phabmesh.kube.shapes.Shape` keeps only what its reader reads)."""
         data = None if body is None else json.dumps(body).encode()
         headers = {"Accept": "application/json", **self.connection.headers()}
         if data is not None:
@@ -207,11 +211,13 @@ class KubeClient:
                     headers=headers,
                     timeout=aiohttp.ClientTimeout(total=timeout or self.timeout),
                 ) as resp:
-                    text = await resp.text()
+                    raw = await resp.read()
                     if resp.status < 300:
-                        parsed: JSON = json.loads(text) if text else {}
+                        if not raw:
+                            return {}
+                        parsed: JSON = decode(raw) if decode is not None else json.loads(raw)
                         return parsed
-                    error = _answer_error(resp, text)
+                    error = _answer_error(resp, raw.decode(errors="replace"))
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 error = Unavailable(0, type(exc).__name__, str(exc) or type(exc).__name__)
             if not isinstance(error, Unavailable) or attempt == tries:
@@ -248,13 +254,19 @@ class KubeClient:
         return items, version
 
     async def list_pages(
-        self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
+        self,
+        path: str,
+        params: Mapping[str, str] | None = None,
+        chunk: int = 500,
+        shape: Shape[Any] | None = None,
     ) -> AsyncIterator[tuple[list[JSON], str]]:
         """A collection page by page: (the page's items, the list's resourceVersion, known
-        with the last page; "" before it). One page is held at a time."""
+        with the last page; "" before it). One page is held at a time; with ``shape``, only
+        the fields it declares."""
         query = dict(params or {}, limit=str(chunk))
+        decode = shape.page if shape is not None else None
         while True:
-            page = await self.get(path, params=query)
+            page = await self.get(path, params=query, decode=decode)
             meta = page.get("metadata") or {}
             cont = meta.get("continue")
             yield (
@@ -274,14 +286,17 @@ class KubeClient:
         *,
         idle_timeout: float | None = None,
         opened: Callable[[], None] | None = None,
+        shape: Shape[Any] | None = None,
     ) -> AsyncIterator[JSON]:
         """Raw watch events from ``resource_version`` until the server ends the stream.
 
         Raises :class:`Gone` when the version is too old and :class:`Unavailable`
         when the connection fails, stays silent for ``idle_timeout`` seconds (by default
         30 s past ``timeout_seconds``) or outlasts ``timeout_seconds`` by that much.
-        ``opened`` is called once the server has accepted the watch.
+        ``opened`` is called once the server has accepted the watch. With ``shape``, each
+        event's object holds only the fields it declares.
         """
+        decode = shape.event if shape is not None else json.loads
         query = dict(
             params or {},
             watch="true",
@@ -311,7 +326,7 @@ class KubeClient:
                 async for line in resp.content:
                     if not line.strip():
                         continue
-                    event: JSON = json.loads(line)
+                    event: JSON = decode(line)
                     if event.get("type") == "ERROR":
                         obj = event.get("object") or {}
                         raise _error_for(int(obj.get("code", 500)), json.dumps(obj))

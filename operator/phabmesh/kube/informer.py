@@ -38,6 +38,7 @@ import structlog
 from phabmesh import metrics
 from phabmesh.backoff import Backoff
 from phabmesh.kube.client import JSON, Gone, KubeClient, KubeError, Unavailable
+from phabmesh.kube.shapes import Shape
 
 V = TypeVar("V")
 W = TypeVar("W")
@@ -141,8 +142,12 @@ class Informer(_Reader[V]):
         watch_timeout: int | None = None,
         liveness: float = DEFAULT_LIVENESS,
         reconnect: Backoff | None = None,
+        shape: Shape[Any] | None = None,
     ) -> None:
+        """``shape``: the fields that ``transform`` and every view read (only those are
+        decoded: :mod:`phabmesh.kube.shapes`); by default every field."""
         super().__init__(transform, on_event, name or path)
+        self.shape = shape
         self.client = client
         # The pause before listing or watching again after a failure (module docstring);
         # None: the short form of the client's policy.
@@ -199,7 +204,9 @@ class Informer(_Reader[V]):
         no longer holds is DELETED."""
         listed: set[str] = set()
         version = ""
-        async for page, page_version in self.client.list_pages(self.path, self.params, self.chunk):
+        async for page, page_version in self.client.list_pages(
+            self.path, self.params, self.chunk, self.shape
+        ):
             version = page_version
             for obj in page:
                 key = object_key(obj)
@@ -255,6 +262,7 @@ class Informer(_Reader[V]):
                     self.watch_timeout,
                     idle_timeout=self.read_deadline,
                     opened=self._opened,
+                    shape=self.shape,
                 ):
                     self.connected = True
                     failures = 0

@@ -13,7 +13,7 @@ import collections
 import dataclasses
 
 from phabmesh import resources
-from phabmesh.kube import KubeClient
+from phabmesh.kube import KubeClient, shapes
 from phabmesh.kube.client import JSON
 from phabmesh.kube.informer import DEFAULT_LIVENESS, Informer
 from phabmesh.resources import resource_path
@@ -51,6 +51,7 @@ class PodEnds:
             on_event=self._on_event,
             name="pods",
             liveness=liveness,
+            shape=shapes.POD,
         )
 
     async def run(self) -> None:

@@ -21,9 +21,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from phabmesh import identity, resources
-from phabmesh.kube import KubeClient
+from phabmesh.kube import KubeClient, shapes
 from phabmesh.kube.client import JSON
 from phabmesh.kube.informer import DEFAULT_LIVENESS, Informer
+from phabmesh.kube.shapes import Shape
 from phabmesh.leases.grants import namespace_labels
 from phabmesh.leases.view import LeaseView
 from phabmesh.leases.world import BindingView, BotView
@@ -70,8 +71,12 @@ class Watches:
         liveness: float = DEFAULT_LIVENESS,
         chunk: int = 500,
     ) -> None:
-        def informer(path: str, transform: Callable[[JSON], Any], name: str) -> Informer[Any]:
-            return Informer(client, path, transform, name=name, liveness=liveness, chunk=chunk)
+        def informer(
+            path: str, transform: Callable[[JSON], Any], name: str, shape: Shape[Any] | None = None
+        ) -> Informer[Any]:
+            return Informer(
+                client, path, transform, name=name, liveness=liveness, chunk=chunk, shape=shape
+            )
 
         self.namespaces: Informer[Mapping[str, str]] = informer(
             resources.resource_path("", "v1", "namespaces"), namespace_labels, "namespaces"
@@ -87,6 +92,7 @@ class Watches:
             resources.resource_path("", "v1", "pods"),
             lambda pod: identity.PodFacts.from_pod(pod, naming),
             "pods",
+            shapes.POD,
         )
         self.webhooks: Informer[None] = informer(resources.webhook_path(None), _nothing, "webhooks")
         # The leases of the first lease list, taken as the pods' first list begins: every
