@@ -254,6 +254,25 @@ class ControlPlane:
             self.stop()
             raise
 
+    def start_api_only(self) -> None:
+        """etcd and kube-apiserver alone: no controller, no scheduler, no node. For a
+        benchmark that writes every object, pods and their status included, itself."""
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            (self.workdir / "logs").mkdir(exist_ok=True)
+            Pki.create(self.pki.root, node=None)
+            self._write_kubeconfigs()
+            self.start_etcd()
+            self.start_apiserver()
+        except BaseException:
+            self.stop()
+            raise
+
+    def pid(self, name: str) -> int | None:
+        """The process id of component ``name`` (``etcd``, ``kube-apiserver``...), if it runs."""
+        proc = self._procs.get(name)
+        return proc.pid if proc is not None and proc.poll() is None else None
+
     def stop(self) -> None:
         try:
             if self.real_node is not None:
