@@ -151,6 +151,10 @@ HOOK_OUTCOMES = frozenset(
 )
 # Where a call to /hooks/ came from (unknown: refused before its webhook was found).
 HOOK_SOURCES = frozenset({"herald", "harbormaster", "unknown"})
+# What the controller's work queue holds (phabmesh.controller.driver.Work.kind).
+WORK_KINDS = frozenset(
+    {"pod", "lease", "binding", "namespace", "judge", "bot", "webhook", "unfinalize", "revoked"}
+)
 # Resources whose watches are reported (phabmesh_watch_*{resource}).
 WATCHED_RESOURCES = frozenset(
     {"pods", "namespaces", "leases", "bindings", "bots", "secrets", "webhooks"}
@@ -350,6 +354,19 @@ class Metrics:
             "Controller writes not made because this replica was not acting (peering)",
             registry=None,
         )
+        self.work_waiting = Gauge(
+            "phabmesh_controller_work_waiting",
+            "Controller work queued and not yet taken (each object's work once, however often "
+            "it was queued): what the controller has yet to catch up with",
+            registry=None,
+        )
+        self.work_handled = Counter(
+            "phabmesh_controller_work_handled_total",
+            "Controller work handled, by kind (pod, lease, namespace, judge, binding, bot, "
+            "webhook...)",
+            ["kind"],
+            registry=None,
+        )
         # -- the credential endpoint and the webhook (operator process)
         self.credential_requests = Counter(
             "phabmesh_credential_requests_total",
@@ -470,6 +487,8 @@ class Metrics:
             self.active_leases,
             self.operator_acting,
             self.writes_deferred,
+            self.work_waiting,
+            self.work_handled,
             self.credential_requests,
             self.credential_refusals,
             self.token_reviews,
@@ -497,6 +516,10 @@ class Metrics:
 
     def task_failed(self, task: str) -> None:
         self.task_failures.labels(task).inc()
+
+    def work_done(self, kind: str, waiting: int) -> None:
+        self.work_handled.labels(bounded(kind, WORK_KINDS)).inc()
+        self.work_waiting.set(waiting)
 
     def lease_issued(self) -> None:
         self.leases_issued.inc()

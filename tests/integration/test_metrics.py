@@ -153,6 +153,9 @@ def test_each_metric_reads_what_happened(
 
     # The controller (other tests' objects keep it busy too: at least this test's events).
     assert moved(op, op_before, "phabmesh_leases_issued_total") >= 1
+    assert moved(op, op_before, "phabmesh_controller_work_handled_total", kind="pod") >= 1
+    assert moved(op, op_before, "phabmesh_controller_work_handled_total", kind="bot") >= 1
+    assert "phabmesh_controller_work_waiting" in names(op)
     assert moved(op, op_before, "phabmesh_bot_checks_total", result="Ready") >= 1
     assert series(op, "phabmesh_bot_ready", bot=bot) == {
         frozenset({("bot", bot), ("reason", "Verified")}): 1.0

@@ -14,6 +14,7 @@ from prometheus_client import generate_latest
 from phabmesh import harbormaster, herald, metrics, resources
 from phabmesh.clock import format_time
 from phabmesh.controller import bots, peering
+from phabmesh.controller.driver import Work, WorkQueue
 from phabmesh.endpoint import app as endpoint_app
 from phabmesh.gateway import app as gateway_app
 from phabmesh.kube.client import JSON
@@ -405,3 +406,33 @@ def test_credential_endpoint_refusals_say_why_for_the_metrics() -> None:
     refused = endpoint_app._error(403, "no_lease", "x", reason=resources.BINDING_DELETED)
     assert refused[endpoint_app.REFUSAL] == "BindingDeleted"
     assert refused[endpoint_app.REFUSAL] in metrics.CREDENTIAL_REFUSALS
+
+
+def test_the_work_queue_says_how_much_waits_and_what_it_handled() -> None:
+    m = metrics.Metrics()
+    seen: list[float | None] = []
+
+    async def handle(work: Work, _data: object) -> None:
+        seen.append(sample(m, "phabmesh_controller_work_waiting"))
+
+    async def run() -> None:
+        metrics.use(m)
+        queue = WorkQueue(handle, workers=1)
+        for uid in ("a", "b", "a"):  # "a" twice: its work once
+            queue.put(Work("pod", uid))
+        queue.put(Work("judge", "build"))
+        queue.put(Work("bogus", "x"))
+        assert sample(m, "phabmesh_controller_work_waiting") == 4
+        workers = asyncio.create_task(queue.run())
+        queue.open()
+        while queue.handled < 4:
+            await asyncio.sleep(0.01)
+        workers.cancel()
+        await asyncio.gather(workers, return_exceptions=True)
+
+    asyncio.run(run())
+    assert seen == [3, 2, 1, 0]  # read as each was handled: what still waited
+    assert sample(m, "phabmesh_controller_work_waiting") == 0
+    assert sample(m, "phabmesh_controller_work_handled_total", kind="pod") == 2
+    assert sample(m, "phabmesh_controller_work_handled_total", kind="judge") == 1
+    assert sample(m, "phabmesh_controller_work_handled_total", kind="other") == 1

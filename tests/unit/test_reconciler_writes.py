@@ -577,6 +577,14 @@ BOTS = {
         queued=[Work("namespace", "build")],
     ),
     "unchanged-outcome-writes-nothing": Row({**namespace(), **bot(VERIFIED), **token()}, CHECK, []),
+    # A check whose outcome is the same (as at every start-up): its bindings are judged
+    # again, and their pods, each planned from its own event, are not planned twice.
+    "unchanged-outcome-judges-its-bindings-and-plans-no-pod-again": Row(
+        {**namespace(), **bot(VERIFIED), **token(), **binding()},
+        CHECK,
+        [],
+        queued=[Work("judge", "build")],
+    ),
     "phabricator-unreachable-is-unknown-and-keeps-token-verified": Row(
         {**namespace(), **bot(VERIFIED), **token()},
         CHECK,
@@ -726,6 +734,21 @@ BINDINGS = {
     "ready": Row(
         {**namespace(), **bot(VERIFIED), **binding(), **pod()},
         JUDGE,
+        [status_patch(BINDING, binding_status(matched=1, at=T))],
+        [event(binding_ref(), "Ready", ISSUED_MSG)],
+        queued=PLAN,
+    ),
+    # Judged after a bot check whose outcome did not change (every start-up): its verdict
+    # stands, nothing is written and no pod is planned again (each was, from its own event).
+    "judged-after-a-check-the-same-verdict-plans-no-pod": Row(
+        {**namespace(), **bot(VERIFIED), **binding(binding_status()), **pod()},
+        put("judge", "build"),
+        [],
+    ),
+    # The same with a verdict that changes: its pods are planned, from its status's answer.
+    "judged-after-a-check-a-new-verdict-plans-its-pods": Row(
+        {**namespace(), **bot(VERIFIED), **binding(), **pod()},
+        put("judge", "build"),
         [status_patch(BINDING, binding_status(matched=1, at=T))],
         [event(binding_ref(), "Ready", ISSUED_MSG)],
         queued=PLAN,

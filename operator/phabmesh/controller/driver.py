@@ -58,7 +58,7 @@ class BotWork:
 class Work:
     """What one object's work is; ``data`` is merged by the queue (:meth:`WorkQueue.put`)."""
 
-    kind: str  # "pod", "lease", "binding", "namespace", "bot", "webhook", "revoked"...
+    kind: str  # "pod", "lease", "binding", "namespace", "judge", "bot", "webhook", "revoked"...
     key: Hashable
 
 
@@ -116,6 +116,7 @@ class WorkQueue:
                 self.waiting[work] = data
             return
         self.waiting[work] = data
+        metrics.current().work_waiting.set(len(self.waiting))
         if work not in self.busy:
             self.order.append(work)
             self._wake_one()
@@ -125,6 +126,7 @@ class WorkQueue:
         if self.waiting.pop(work, _ABSENT) is not _ABSENT and work not in self.busy:
             with contextlib.suppress(ValueError):
                 self.order.remove(work)
+        metrics.current().work_waiting.set(len(self.waiting))
 
     async def _next(self) -> tuple[Work, object]:
         while True:
@@ -132,6 +134,7 @@ class WorkQueue:
                 if self.may_run():
                     work = self.order.popleft()
                     data = self.waiting.pop(work)
+                    metrics.current().work_waiting.set(len(self.waiting))
                     self.busy.add(work)
                     return work, data
                 await asyncio.sleep(ACTING_POLL)  # paused: the work waits
@@ -157,6 +160,7 @@ class WorkQueue:
             finally:
                 self.busy.discard(work)
                 self.handled += 1
+                metrics.current().work_done(work.kind, len(self.waiting))
                 if work in self.waiting:  # put again while handled: its turn comes again
                     self.order.append(work)
             if self.order:
@@ -388,6 +392,9 @@ class Controller:
         elif work.kind == "namespace":
             assert isinstance(work.key, str)
             await memo.bindings.refresh_namespace(work.key)
+        elif work.kind == "judge":
+            assert isinstance(work.key, str)
+            await memo.bindings.refresh_namespace(work.key, pods=False)
         elif work.kind == "binding":
             await self._binding(work.key)
         elif work.kind == "bot":
@@ -443,8 +450,15 @@ class Controller:
         elif work.tick:
             await memo.bots.check(name, only_if_due=True)
         if work.refresh or work.check:
+            # Its bindings judged again. Their pods are planned again only if the bot's spec
+            # changed (which namespaces and pods it serves); a check alone changes at most
+            # verdicts, and a changed verdict queues its pods when its status is written
+            # (``_on_binding``). So a start-up, whose pods are each planned from their own
+            # event, plans none twice.
+            again = "namespace" if work.refresh else "judge"
             for namespace in sorted(set(memo.world.namespaces_of_bot(name))):
-                self.queue.put(Work("namespace", namespace))
+                if Work("namespace", namespace) not in self.queue.waiting:  # it judges too
+                    self.queue.put(Work(again, namespace))
         if work.tick:
             for binding in memo.world.bindings_of_bot(name):
                 await memo.leases.renew(binding)

@@ -247,16 +247,17 @@ class Bindings(_Reconciler):
         bot = self.world.bots.get(binding.bot) if binding.bot else None
         return readiness.judge_binding(binding, bot, self.world.namespaces.get(binding.namespace))
 
-    async def refresh_namespace(self, namespace: str) -> None:
+    async def refresh_namespace(self, namespace: str, *, pods: bool = True) -> None:
         """Bindings, bots or labels changed here: each binding judged and its status written,
-        then every pod of the namespace (and every pod holding a lease here) planned again,
-        as its own work (a binding's subjects, selector or namespace may have changed even
-        where its verdict has not)."""
+        then (``pods``) every pod of the namespace (and every pod holding a lease here)
+        planned again, as its own work (a binding's subjects, selector or namespace may have
+        changed even where its verdict has not)."""
         bindings = self.world.bindings_in(namespace)
         results = await asyncio.gather(
             *(self.write_status(binding) for binding in bindings), return_exceptions=True
         )
-        self.memo.requeue_pods_in(namespace)
+        if pods:
+            self.memo.requeue_pods_in(namespace)
         # Each binding's write is its own: one refused does not hold the others' (nor the
         # pods' work); the namespace's work is queued again later, and the first failure
         # fails this one, which says so.
