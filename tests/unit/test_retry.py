@@ -4,12 +4,12 @@ that deletes a lease left Revoked by a delete that failed."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from phabmesh.backoff import Backoff
 from phabmesh.controller import retry
 from phabmesh.identity import Naming
 from phabmesh.leases import plans, readiness
-from phabmesh.leases.view import LeaseView
 from phabmesh.leases.world import World
 from phabmesh.settings import Settings
 from tests.unit.test_decide import binding, bot, lease, pod
@@ -81,7 +81,7 @@ def test_a_lease_left_revoked_is_deleted_by_the_pods_plan() -> None:
         b.key: readiness.judge_binding(b, world.bots["ci-bot"], {}) for b in world.bindings.values()
     }
     assert not plans.plan_pod(world, active.pod_uid, Naming(), verdicts)
-    left = LeaseView(**{**active.__dict__, "phase": "Revoked", "reason": "PodTerminating"})
+    left = dataclasses.replace(active, phase="Revoked", reason="PodTerminating")
     world.put_lease(left)
     plan = plans.plan_pod(world, active.pod_uid, Naming(), verdicts)
     assert plan.delete == (left,)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +26,7 @@ def older_version(mine: str, theirs: str) -> bool:
     return mine.isdigit() and theirs.isdigit() and int(mine) < int(theirs)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class LeaseView:
     namespace: str
     name: str
@@ -74,20 +75,22 @@ class LeaseView:
         meta = body.get("metadata") or {}
         spec = body.get("spec") or {}
         status = body.get("status") or {}
+        # Thousands are kept: the strings many leases share (namespace, binding, bot,
+        # identity, phase, reason, the bot's PHID) are interned, held once.
         return cls(
-            namespace=str(meta.get("namespace")),
+            namespace=sys.intern(str(meta.get("namespace"))),
             name=str(meta.get("name")),
             pod_uid=str(spec.get("podUID", "")),
             pod_name=str(spec.get("podName", "")),
-            binding=str(spec.get("binding", "")),
-            bot=str(spec.get("bot", "")),
-            identity=str(spec.get("identity", "")),
-            phase=str(status.get("phase") or "Pending"),
+            binding=sys.intern(str(spec.get("binding", ""))),
+            bot=sys.intern(str(spec.get("bot", ""))),
+            identity=sys.intern(str(spec.get("identity", ""))),
+            phase=sys.intern(str(status.get("phase") or "Pending")),
             expires_at=parse_time(status.get("expiresAt")),
             issued_at=parse_time(status.get("issuedAt")),
             uid=str(meta.get("uid", "")),
-            reason=str(status.get("reason") or ""),
-            bot_phid=str(status.get("botPHID") or ""),
+            reason=sys.intern(str(status.get("reason") or "")),
+            bot_phid=sys.intern(str(status.get("botPHID") or "")),
             resource_version=str(meta.get("resourceVersion") or ""),
             renewed_at=parse_time(status.get("renewedAt")),
         )
