@@ -19,6 +19,7 @@ class FakeAPI:
     def __init__(self) -> None:
         self.policy = backoff.DEFAULT  # a KubeClient's retry policy (its watches' reconnects)
         self.lists = 0
+        self.listed_from: list[str] = []  # each list's not_older_than ("": consistent)
         self.watches = 0
         self.quiet = asyncio.Event()
 
@@ -33,9 +34,11 @@ class FakeAPI:
         params: Mapping[str, str] | None = None,
         chunk: int = 500,
         shape: Shape[Any] | None = None,
+        not_older_than: str = "",
     ) -> AsyncIterator[tuple[list[JSON], str]]:
         """One page: all of ``list_all``, through ``shape`` as the API's JSON would go."""
         self.lists += 1
+        self.listed_from.append(not_older_than)
         items, version = await self.list_all(path, params, chunk)
         if shape is not None:
             page = shape.page(json.dumps({"metadata": {}, "items": items}).encode())

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import structlog.testing
 from pytest_mock import MockerFixture
 
 from phabmesh.kube import Conflict, KubeClient, NotFound, load_connection
@@ -120,3 +122,69 @@ async def test_informer_lists_again_after_410_gone(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def _pod(name: str) -> dict[str, object]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {"schedulerName": "none", "containers": [{"name": "app", "image": "app"}]},
+    }
+
+
+async def test_a_list_not_older_than_a_version_holds_what_that_version_held_page_by_page(
+    kube: KubeClient, namespace: str, cluster: Cluster
+) -> None:
+    path = resource_path("", "v1", "pods", namespace)
+    for i in range(5):
+        await kube.create(path, _pod(f"p-{i}"))
+    last = await kube.create(path, _pod("last"))
+    version = last["metadata"]["resourceVersion"]
+    # As the operator lists (its ServiceAccount's requests are in the audit log).
+    operator = KubeClient(load_connection(cluster.phabmesh_kubeconfig("operator")))
+    try:
+        pages = [
+            (items, listed)
+            async for items, listed in operator.list_pages(path, chunk=2, not_older_than=version)
+        ]
+    finally:
+        await operator.close()
+    names = sorted(i["metadata"]["name"] for items, _ in pages for i in items)
+    assert names == sorted([*(f"p-{i}" for i in range(5)), "last"])
+    assert len(pages) == 3  # the cache pages it as asked
+    assert int(pages[-1][1]) >= int(version)
+    # As the API server saw it: the first page from the version, the others by their token.
+    asked = _audited_lists(cluster, namespace)
+    assert len(asked) == 3
+    assert asked[0]["resourceVersionMatch"] == ["NotOlderThan"]
+    assert asked[0]["resourceVersion"] == [version]
+    assert all("continue" in a and "resourceVersion" not in a for a in asked[1:])
+
+
+async def test_a_list_from_a_version_the_cache_never_reaches_is_read_consistently(
+    kube: KubeClient, namespace: str
+) -> None:
+    path = resource_path("", "v1", "configmaps", namespace)
+    await kube.create(path, _cm("here", "1"))
+    # Far ahead of anything written: the watch cache waits for it, then answers 504.
+    with structlog.testing.capture_logs() as logs:
+        pages = [p async for p in kube.list_pages(path, not_older_than=str(10**15))]
+    assert [e["event"] for e in logs] == ["list_cache_behind"]
+    assert [i["metadata"]["name"] for items, _ in pages for i in items] == ["here"]
+    assert 0 < int(pages[-1][1]) < 10**15
+
+
+def _audited_lists(cluster: Cluster, namespace: str) -> list[dict[str, list[str]]]:
+    """The query of each list of pods in ``namespace`` the audit log holds, in order."""
+    asked = []
+    for event in cluster.plane.audit_events():
+        ref = event.get("objectRef") or {}
+        assert isinstance(ref, dict)
+        if (
+            event.get("verb") == "list"
+            and ref.get("resource") == "pods"
+            and ref.get("namespace") == namespace
+        ):
+            asked.append(parse_qs(urlsplit(str(event["requestURI"])).query))
+    return asked

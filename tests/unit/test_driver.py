@@ -85,7 +85,8 @@ class _Cluster(FakeAPI):
     ) -> tuple[list[JSON], str]:
         collection = path.rstrip("/").rsplit("/", 1)[-1]
         self.listed.append(collection)
-        return [dict(obj) for obj in self.objects.get(collection, [])], "1"
+        # Each list at its own version: the later, the higher.
+        return [dict(obj) for obj in self.objects.get(collection, [])], str(len(self.listed))
 
 
 class _Recorder:
@@ -179,7 +180,12 @@ async def test_start_up_lists_leases_before_pods_and_sweeps_only_orphans_of_the_
 ):
     memo, cluster, recorder = _controller(CLUSTER)
     swept = await _started(memo)
-    assert cluster.listed.index("phabricatorcredentials") < cluster.listed.index("pods")
+    leases, pods = cluster.listed.index("phabricatorcredentials"), cluster.listed.index("pods")
+    assert leases < pods
+    # The pods at least as new as the lease list (the API server's watch cache serves
+    # that); every other first list is a consistent read.
+    assert cluster.listed_from[pods] == str(leases + 1)
+    assert {v for i, v in enumerate(cluster.listed_from) if i != pods} == {""}
     assert swept == 1
     assert recorder.revoked == [("l-gone-runners", reasons.POD_GONE)]
     # The World holds what the watches listed.

@@ -80,13 +80,16 @@ def test_a_transform_that_raises_leaves_the_watch_lost_counted_and_listed_again(
             await asyncio.wait_for(client.quiet.wait(), timeout=10)
             await asyncio.sleep(0)
             assert informer.healthy and informer.items == {"a": 1}
-            return client.lists, informer
+            return client.lists, client
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    lists, _ = asyncio.run(scenario())
+    lists, client = asyncio.run(scenario())
     assert lists == 2  # listed again after the failure
+    # The first list a consistent read; the second no older than what the first showed
+    # (so that the API server's watch cache serves it).
+    assert client.listed_from == ["", "7"]
     failures = dict(
         (labels["task"], value)
         for labels, value in metrics.samples(registry, "phabmesh_task_failures_total")

@@ -66,3 +66,39 @@ def test_deleted_pods_are_remembered_within_a_bound(monkeypatch: pytest.MonkeyPa
         _feed(ends, "DELETED", _pod(f"p{i}", f"u{i}"))
     assert list(ends.gone) == ["u2", "u3", "u4"]
     assert ends.reason("u0") is None
+
+
+def test_pods_are_listed_after_the_leases_and_at_least_as_new() -> None:
+    import asyncio
+    from collections.abc import Mapping
+
+    from phabmesh.kube.client import JSON
+    from phabmesh.kube.informer import Informer
+    from tests.fakeapi import FakeAPI
+
+    class Versions(FakeAPI):
+        async def list_all(
+            self, path: str, params: Mapping[str, str] | None = None, chunk: int = 500
+        ) -> tuple[list[JSON], str]:
+            return [], "41" if "phabricatorcredentials" in path else "42"
+
+    async def scenario() -> list[str]:
+        api = Versions()
+        leases: Informer[Any] = Informer(
+            api, "/apis/phabmesh.io/v1alpha1/phabricatorcredentials", dict
+        )  # type: ignore[arg-type]
+        ends = PodEnds(api, after=leases)  # type: ignore[arg-type]
+        pods = asyncio.create_task(ends.run())
+        await asyncio.sleep(0.05)
+        assert api.listed_from == []  # nothing before the leases have listed
+        watching = asyncio.create_task(leases.run())
+        try:
+            await asyncio.wait_for(ends.informer.synced.wait(), 5)
+            return api.listed_from
+        finally:
+            for task in (pods, watching):
+                task.cancel()
+            await asyncio.gather(pods, watching, return_exceptions=True)
+
+    # The leases' list a consistent read; the pods' at least as new as it.
+    assert asyncio.run(scenario()) == ["", "41"]

@@ -120,7 +120,11 @@ class GatewayState:
             rotate_every=datetime.timedelta(seconds=settings.key_rotation_interval),
             max_credential_ttl=datetime.timedelta(seconds=settings.max_credential_ttl),
         )
-        self.pods = PodEnds(client, live) if settings.gateway_watch_pods else None
+        self.pods = (
+            PodEnds(client, live, after=self.leases.informer)
+            if settings.gateway_watch_pods
+            else None
+        )
         self._tasks: list[asyncio.Task[Any]] = []
 
     async def start(self) -> None:

@@ -17,12 +17,15 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
+import structlog
 
 from phabmesh import __version__, backoff
 from phabmesh.backoff import Backoff, parse_retry_after
 from phabmesh.kube.config import Connection
 from phabmesh.kube.shapes import Shape
 from phabmesh.resources import resource_path
+
+log = structlog.get_logger(__name__)
 
 JSON = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
@@ -259,14 +262,36 @@ class KubeClient:
         params: Mapping[str, str] | None = None,
         chunk: int = 500,
         shape: Shape[Any] | None = None,
+        not_older_than: str = "",
     ) -> AsyncIterator[tuple[list[JSON], str]]:
         """A collection page by page: (the page's items, the list's resourceVersion, known
         with the last page; "" before it). One page is held at a time; with ``shape``, only
-        the fields it declares."""
-        query = dict(params or {}, limit=str(chunk))
+        the fields it declares.
+
+        By default a consistent read: etcd serves every page, the API server decoding and
+        converting each object (at 50,000 pods, five times the API server's CPU of the
+        same list from its watch cache). With ``not_older_than`` (a resourceVersion this
+        process has seen) the list is at least as new as that version, and the API
+        server's watch cache serves it, page by page (``resourceVersionMatch=NotOlderThan``,
+        which client-go's informers use as well). A cache that does not reach that version
+        in time (504, "Too large resource version") is passed by: a consistent read then.
+        """
+        base = dict(params or {}, limit=str(chunk))
+        query = dict(base)
+        if not_older_than:
+            query.update(resourceVersion=not_older_than, resourceVersionMatch="NotOlderThan")
         decode = shape.page if shape is not None else None
         while True:
-            page = await self.get(path, params=query, decode=decode)
+            try:
+                # A cache behind is not waited for again: its 504 came after 3 s.
+                again = 1 if "resourceVersion" in query else None
+                page = await self.get(path, params=query, decode=decode, attempts=again)
+            except KubeError as error:
+                if "resourceVersion" not in query or error.status != 504:
+                    raise
+                log.info("list_cache_behind", path=path, error=str(error))
+                query = dict(base)
+                continue
             meta = page.get("metadata") or {}
             cont = meta.get("continue")
             yield (
@@ -275,7 +300,8 @@ class KubeClient:
             )
             if not cont:
                 return
-            query["continue"] = cont
+            # A continued list names its version in the token alone.
+            query = dict(base, **{"continue": cont})
 
     async def watch(
         self,

@@ -148,6 +148,10 @@ class Informer(_Reader[V]):
         decoded: :mod:`phabmesh.kube.shapes`); by default every field."""
         super().__init__(transform, on_event, name or path)
         self.shape = shape
+        # A version the first list must be at least as new as ("": a consistent read); each
+        # later list is at least as new as what this informer has seen. Either is served by
+        # the API server's watch cache (KubeClient.list_pages).
+        self.not_older_than = ""
         self.client = client
         # The pause before listing or watching again after a failure (module docstring);
         # None: the short form of the client's policy.
@@ -205,7 +209,11 @@ class Informer(_Reader[V]):
         listed: set[str] = set()
         version = ""
         async for page, page_version in self.client.list_pages(
-            self.path, self.params, self.chunk, self.shape
+            self.path,
+            self.params,
+            self.chunk,
+            self.shape,
+            not_older_than=self.resource_version or self.not_older_than,
         ):
             version = page_version
             for obj in page:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Any
 
 from phabmesh import resources
 from phabmesh.kube import KubeClient, shapes
@@ -40,7 +41,16 @@ def pod_life(obj: JSON) -> PodLife:
 
 
 class PodEnds:
-    def __init__(self, client: KubeClient, liveness: float = DEFAULT_LIVENESS) -> None:
+    def __init__(
+        self,
+        client: KubeClient,
+        liveness: float = DEFAULT_LIVENESS,
+        after: Informer[Any] | None = None,
+    ) -> None:
+        """``after``: the process's lease watch. The pods are listed once it has listed, and
+        at least as new as its list (which lets the API server's watch cache serve theirs):
+        every lease then known has its pod in that list, unless the pod is gone."""
+        self.after = after
         self.ended: dict[str, str] = {}  # pod uid -> reason, for pods that exist and ended
         self.gone: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._uid_of: dict[str, str] = {}  # "ns/name" -> uid of the pod under that name
@@ -55,6 +65,9 @@ class PodEnds:
         )
 
     async def run(self) -> None:
+        if self.after is not None:
+            await self.after.synced.wait()
+            self.informer.not_older_than = self.after.resource_version
         await self.informer.run()
 
     @property
