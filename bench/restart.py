@@ -1,7 +1,8 @@
 """An operator restart at cluster scale, and where its time goes, in one run.
 
     python -m bench.restart [--pods 50000] [--namespaces 2000] [--meshed 0.2]
-                            [--bindings 2000] [--restarts 2] [--profile] [--deadline 1500]
+                            [--bindings 2000] [--restarts 2] [--profile] [--meshed-only]
+                            [--deadline 1500]
 
 Only etcd and kube-apiserver run (``ControlPlane.start_api_only``): this process writes every
 pod and its status itself, as a kubelet would leave it (conditions, container statuses,
@@ -19,6 +20,9 @@ and issues a lease for each meshed pod. Then, with the operator stopped:
 - ``--restarts`` restarts of the operator: to ready (every watch listed and swept), with the
   operator's CPU and the API server's and etcd's meanwhile;
 - with ``--profile``, one more restart under cProfile (``bench.profiled``), its top functions.
+
+With ``--meshed-only`` the operator runs with ``PHABMESH_WATCH_UNMESHED_PODS=false``: it
+watches only the pods Linkerd's label marks (the meshed fifth here).
 
 Bounded by ``--deadline``; nothing asserts: it measures and prints.
 """
@@ -348,9 +352,16 @@ def main() -> None:
     parser.add_argument("--restarts", type=int, default=2, help="timed restarts of the operator")
     parser.add_argument("--restart-pods", type=int, default=50, help="made while it is down")
     parser.add_argument("--profile", action="store_true", help="and one more under cProfile")
+    parser.add_argument(
+        "--meshed-only",
+        action="store_true",
+        help="the operator with PHABMESH_WATCH_UNMESHED_PODS=false (Linkerd's label selector)",
+    )
     parser.add_argument("--deadline", type=float, default=1500, help="seconds for the whole run")
     args = parser.parse_args()
     args.jobs = 0.0
+    if args.meshed_only:  # the operator's environment is this process's, with its settings
+        os.environ["PHABMESH_WATCH_UNMESHED_PODS"] = "false"
     rows = asyncio.run(run(args))
     print(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
 

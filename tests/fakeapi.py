@@ -20,6 +20,7 @@ class FakeAPI:
         self.policy = backoff.DEFAULT  # a KubeClient's retry policy (its watches' reconnects)
         self.lists = 0
         self.listed_from: list[str] = []  # each list's not_older_than ("": consistent)
+        self.listed_params: list[dict[str, str]] = []  # each list's query (label selector...)
         self.watches = 0
         self.quiet = asyncio.Event()
 
@@ -39,6 +40,7 @@ class FakeAPI:
         """One page: all of ``list_all``, through ``shape`` as the API's JSON would go."""
         self.lists += 1
         self.listed_from.append(not_older_than)
+        self.listed_params.append(dict(params or {}))
         items, version = await self.list_all(path, params, chunk)
         if shape is not None:
             page = shape.page(json.dumps({"metadata": {}, "items": items}).encode())

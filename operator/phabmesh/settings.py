@@ -213,6 +213,17 @@ class Settings(BaseSettings):
         "Port of the metrics and health endpoints of the operator and of the gateway, on the "
         "address of each one's main listener.",
     )
+    watch_unmeshed_pods: Flag = setting(
+        True,
+        "common",
+        "The operator and the gateway watch every pod. Off (`false`): only pods that carry "
+        "Linkerd's label `linkerd.io/control-plane-ns`, which Linkerd's injector puts on every "
+        "pod it injects (a label selector the API server applies): pods outside the mesh then "
+        "cost them nothing, in memory, in CPU and at a restart. A pod that loses the label "
+        "leaves the watch, and its lease is revoked as its pod's; a pod with a `linkerd-proxy` "
+        "container but not the label gets no lease. A binding's `unmeshedPods` then counts "
+        "only labelled pods without a proxy (`kubectl phabmesh why` explains any pod).",
+    )
     watch_liveness: Duration = setting(
         30.0,
         "common",

@@ -11,6 +11,7 @@ import pytest
 import structlog.testing
 from pytest_mock import MockerFixture
 
+from phabmesh import identity
 from phabmesh.kube import Conflict, KubeClient, NotFound, load_connection
 from phabmesh.kube.client import Gone
 from phabmesh.kube.informer import Informer
@@ -188,3 +189,47 @@ def _audited_lists(cluster: Cluster, namespace: str) -> list[dict[str, list[str]
         ):
             asked.append(parse_qs(urlsplit(str(event["requestURI"])).query))
     return asked
+
+
+async def test_a_pod_watch_of_the_meshed_alone_follows_linkerds_label(
+    kube: KubeClient, namespace: str
+) -> None:
+    """PHABMESH_WATCH_UNMESHED_PODS=false: the API server applies the label selector, to
+    the list and to the watch; a pod that loses the label leaves the watch (DELETED: its
+    lease is revoked as its pod's), and comes back with it."""
+    path = resource_path("", "v1", "pods", namespace)
+    labelled = _pod("labelled")
+    labelled["metadata"]["labels"] = {identity.CONTROL_PLANE_LABEL: "linkerd"}  # type: ignore[index]
+    await kube.create(path, labelled)
+    await kube.create(path, _pod("plain"))
+    seen: list[tuple[str, str]] = []
+    informer = Informer(
+        kube,
+        path,
+        lambda obj: obj["metadata"]["name"],
+        params=identity.pod_watch_params(False),
+        on_event=lambda kind, key, _v: seen.append((kind, key)),
+        watch_timeout=5,
+    )
+    task = asyncio.create_task(informer.run())
+
+    async def until(check: Any) -> None:
+        while not check():
+            await asyncio.sleep(0.05)
+
+    try:
+        await asyncio.wait_for(informer.synced.wait(), 10)
+        assert set(informer.items) == {f"{namespace}/labelled"}
+        label = identity.CONTROL_PLANE_LABEL
+        await kube.merge_patch(f"{path}/labelled", {"metadata": {"labels": {label: None}}})
+        await asyncio.wait_for(until(lambda: not informer.items), 10)
+        await kube.merge_patch(f"{path}/plain", {"metadata": {"labels": {label: "linkerd"}}})
+        await asyncio.wait_for(until(lambda: f"{namespace}/plain" in informer.items), 10)
+        assert seen == [
+            ("ADDED", f"{namespace}/labelled"),
+            ("DELETED", f"{namespace}/labelled"),
+            ("ADDED", f"{namespace}/plain"),
+        ]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

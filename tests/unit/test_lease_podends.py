@@ -102,3 +102,16 @@ def test_pods_are_listed_after_the_leases_and_at_least_as_new() -> None:
 
     # The leases' list a consistent read; the pods' at least as new as it.
     assert asyncio.run(scenario()) == ["", "41"]
+
+
+def test_the_meshed_alone_are_watched_when_unmeshed_pods_are_not() -> None:
+    from phabmesh import identity
+    from phabmesh.leases.watches import Watches
+
+    selector = {"labelSelector": "linkerd.io/control-plane-ns"}
+    for unmeshed, params in ((True, {}), (False, selector)):
+        watches = Watches(None, identity.Naming(), namespace="x", unmeshed_pods=unmeshed)  # type: ignore[arg-type]
+        assert watches.pods.params == params
+        assert PodEnds(None, unmeshed_pods=unmeshed).informer.params == params  # type: ignore[arg-type]
+        # Nothing else is filtered.
+        assert all(i.params == {} for i in watches.all if i is not watches.pods)

@@ -121,7 +121,12 @@ class GatewayState:
             max_credential_ttl=datetime.timedelta(seconds=settings.max_credential_ttl),
         )
         self.pods = (
-            PodEnds(client, live, after=self.leases.informer)
+            PodEnds(
+                client,
+                live,
+                after=self.leases.informer,
+                unmeshed_pods=settings.watch_unmeshed_pods,
+            )
             if settings.gateway_watch_pods
             else None
         )

@@ -13,7 +13,7 @@ import collections
 import dataclasses
 from typing import Any
 
-from phabmesh import resources
+from phabmesh import identity, resources
 from phabmesh.kube import KubeClient, shapes
 from phabmesh.kube.client import JSON
 from phabmesh.kube.informer import DEFAULT_LIVENESS, Informer
@@ -46,6 +46,7 @@ class PodEnds:
         client: KubeClient,
         liveness: float = DEFAULT_LIVENESS,
         after: Informer[Any] | None = None,
+        unmeshed_pods: bool = True,
     ) -> None:
         """``after``: the process's lease watch. The pods are listed once it has listed, and
         at least as new as its list (which lets the API server's watch cache serve theirs):
@@ -62,6 +63,7 @@ class PodEnds:
             name="pods",
             liveness=liveness,
             shape=shapes.POD,
+            params=identity.pod_watch_params(unmeshed_pods),
         )
 
     async def run(self) -> None:

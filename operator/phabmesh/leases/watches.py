@@ -71,12 +71,27 @@ class Watches:
         namespace: str,
         liveness: float = DEFAULT_LIVENESS,
         chunk: int = 500,
+        unmeshed_pods: bool = True,
     ) -> None:
+        """``unmeshed_pods`` false: only the pods Linkerd's injector labelled are watched
+        (``PHABMESH_WATCH_UNMESHED_PODS``)."""
+
         def informer(
-            path: str, transform: Callable[[JSON], Any], name: str, shape: Shape[Any] | None = None
+            path: str,
+            transform: Callable[[JSON], Any],
+            name: str,
+            shape: Shape[Any] | None = None,
+            params: Mapping[str, str] | None = None,
         ) -> Informer[Any]:
             return Informer(
-                client, path, transform, name=name, liveness=liveness, chunk=chunk, shape=shape
+                client,
+                path,
+                transform,
+                name=name,
+                liveness=liveness,
+                chunk=chunk,
+                shape=shape,
+                params=params,
             )
 
         self.namespaces: Informer[Mapping[str, str]] = informer(
@@ -94,6 +109,7 @@ class Watches:
             lambda pod: identity.PodFacts.from_pod(pod, naming),
             "pods",
             shapes.POD,
+            identity.pod_watch_params(unmeshed_pods),
         )
         self.webhooks: Informer[None] = informer(resources.webhook_path(None), _nothing, "webhooks")
         # The leases of the first lease list, taken as the pods' first list begins: every

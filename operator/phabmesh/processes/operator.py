@@ -86,7 +86,11 @@ class OperatorProcess:
         # One watch per resource for the whole process: the controller's World, the
         # endpoint's grants and lease index, and the gateway Role keeper read them.
         self.watches = Watches(
-            self.client, self.memo.naming, namespace=s.namespace, liveness=s.watch_liveness
+            self.client,
+            self.memo.naming,
+            namespace=s.namespace,
+            liveness=s.watch_liveness,
+            unmeshed_pods=s.watch_unmeshed_pods,
         )
         self.memo.use_watches(self.watches)
         self.keys = KeyStore(
