@@ -233,3 +233,33 @@ async def test_a_pod_watch_of_the_meshed_alone_follows_linkerds_label(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_the_first_pod_list_after_the_leases_is_not_held_by_a_quiet_pod_cache(
+    kube: KubeClient, namespace: str, crds: object
+) -> None:
+    """The operator lists pods once the leases are listed, and that list must be at least as
+    new as the lease list (the start-up sweep). No pod written since: the pods' watch cache
+    has not reached the lease list's version, so a list "not older than" that version is held
+    by the API server, then refused (504). The pods are read consistently instead."""
+    from phabmesh.leases.watches import Watches
+
+    pods = resource_path("", "v1", "pods", namespace)
+    for i in range(3):
+        await kube.create(pods, _pod(f"p-{i}"))
+    # The last write is not a pod's (as a lease's renewal or a status write often is).
+    await kube.create(resource_path("", "v1", "configmaps", namespace), _cm("later", "1"))
+    watches = Watches(kube, identity.Naming(), namespace=namespace, chunk=2)
+    run = watches.tasks()
+    loops = [asyncio.create_task(run["watch:leases"]()), asyncio.create_task(run["watch:pods"]())]
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await asyncio.wait_for(watches.pods.synced.wait(), 30)
+    finally:
+        for task in loops:
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+    assert "list_cache_behind" not in [e["event"] for e in logs]
+    assert {f"{namespace}/p-{i}" for i in range(3)} <= set(watches.pods.items)
+    # At least as new as the lease list, as the sweep needs.
+    assert int(watches.pods.resource_version) >= int(watches.leases.resource_version)

@@ -182,10 +182,10 @@ async def test_start_up_lists_leases_before_pods_and_sweeps_only_orphans_of_the_
     swept = await _started(memo)
     leases, pods = cluster.listed.index("phabricatorcredentials"), cluster.listed.index("pods")
     assert leases < pods
-    # The pods at least as new as the lease list (the API server's watch cache serves
-    # that); every other first list is a consistent read.
-    assert cluster.listed_from[pods] == str(leases + 1)
-    assert {v for i, v in enumerate(cluster.listed_from) if i != pods} == {""}
+    # The pods' list a consistent read, so newer than the lease list; not "not older than"
+    # the lease list's version, which a quiet pods' watch cache does not reach (the API
+    # server holds such a list 3 s, then refuses it). Every first list is consistent.
+    assert set(cluster.listed_from) == {""}
     assert swept == 1
     assert recorder.revoked == [("l-gone-runners", reasons.POD_GONE)]
     # The World holds what the watches listed.

@@ -271,10 +271,13 @@ class KubeClient:
         By default a consistent read: etcd serves every page, the API server decoding and
         converting each object (at 50,000 pods, five times the API server's CPU of the
         same list from its watch cache). With ``not_older_than`` (a resourceVersion this
-        process has seen) the list is at least as new as that version, and the API
-        server's watch cache serves it, page by page (``resourceVersionMatch=NotOlderThan``,
-        which client-go's informers use as well). A cache that does not reach that version
-        in time (504, "Too large resource version") is passed by: a consistent read then.
+        process has seen of this collection) the list is at least as new as that version,
+        and the API server's watch cache serves it, page by page
+        (``resourceVersionMatch=NotOlderThan``, which client-go's informers use as well). A
+        cache that does not reach that version in time (504, "Too large resource version") is
+        passed by: a consistent read then.
+        Another resource's version is one this collection's cache reaches only with this
+        collection's next write: such a list is held 3 s, then read consistently after all.
         """
         base = dict(params or {}, limit=str(chunk))
         query = dict(base)

@@ -48,9 +48,10 @@ class PodEnds:
         after: Informer[Any] | None = None,
         unmeshed_pods: bool = True,
     ) -> None:
-        """``after``: the process's lease watch. The pods are listed once it has listed, and
-        at least as new as its list (which lets the API server's watch cache serve theirs):
-        every lease then known has its pod in that list, unless the pod is gone."""
+        """``after``: the process's lease watch. The pods are listed once it has listed, by a
+        consistent read: every lease then known has its pod in that list, unless the pod is
+        gone (not "not older than" the lease list's version: see
+        :mod:`phabmesh.leases.watches`)."""
         self.after = after
         self.ended: dict[str, str] = {}  # pod uid -> reason, for pods that exist and ended
         self.gone: collections.OrderedDict[str, str] = collections.OrderedDict()
@@ -69,7 +70,6 @@ class PodEnds:
     async def run(self) -> None:
         if self.after is not None:
             await self.after.synced.wait()
-            self.informer.not_older_than = self.after.resource_version
         await self.informer.run()
 
     @property

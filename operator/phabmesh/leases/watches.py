@@ -7,10 +7,11 @@ resource is listed and watched once here (:class:`~phabmesh.kube.informer.Inform
 once to the view the controller keeps; a reader that keeps another reduction takes a
 :meth:`~phabmesh.kube.informer.Informer.view` of it, fed by the same watch.
 
-Pods are listed only once the leases are, and at least as new as the lease list
-(``resourceVersionMatch=NotOlderThan`` its version, which lets the API server's watch cache
-serve the list): every lease of that first list belongs to a pod that the pod list holds,
-unless the pod is gone (what the controller's start-up sweep relies on).
+Pods are listed only once the leases are, by a consistent read (newer than the lease list):
+every lease of that first list belongs to a pod that the pod list holds, unless the pod is
+gone (what the controller's start-up sweep relies on). Not "not older than" the lease list's
+version: that is a version of another resource, which the pods' watch cache reaches only with
+a pod's next write; until then the API server holds the list (3 s), then refuses it (504).
 """
 
 from __future__ import annotations
@@ -148,8 +149,6 @@ class Watches:
         await self.leases.synced.wait()  # see the module docstring
         if self.first_leases is None:
             self.first_leases = {_key(key) for key in self.leases.items}
-            # At least as new as the lease list: the API server's watch cache serves it.
-            self.pods.not_older_than = self.leases.resource_version
         await self.pods.run()
 
     def tasks(self) -> dict[str, Callable[[], Awaitable[None]]]:
