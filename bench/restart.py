@@ -1,8 +1,8 @@
 """An operator restart at cluster scale, and where its time goes, in one run.
 
     python -m bench.restart [--pods 50000] [--namespaces 2000] [--meshed 0.2]
-                            [--bindings 2000] [--restarts 2] [--profile] [--meshed-only]
-                            [--deadline 1500]
+                            [--bindings 2000] [--restarts 2] [--modes all,meshed]
+                            [--profile] [--deadline 1500]
 
 Only etcd and kube-apiserver run (``ControlPlane.start_api_only``): this process writes every
 pod and its status itself, as a kubelet would leave it (conditions, container statuses,
@@ -21,8 +21,9 @@ and issues a lease for each meshed pod. Then, with the operator stopped:
   operator's CPU and the API server's and etcd's meanwhile;
 - with ``--profile``, one more restart under cProfile (``bench.profiled``), its top functions.
 
-With ``--meshed-only`` the operator runs with ``PHABMESH_WATCH_UNMESHED_PODS=false``: it
-watches only the pods Linkerd's label marks (the meshed fifth here).
+``--modes``: the restarts are made for each, ``all`` (the operator watches every pod, as by
+default) and ``meshed`` (``PHABMESH_WATCH_UNMESHED_PODS=false``: only the pods Linkerd's label
+marks, the meshed fifth here).
 
 Bounded by ``--deadline``; nothing asserts: it measures and prints.
 """
@@ -282,21 +283,24 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
         )
         operator.stop()
         children.remove(operator)
-        latest = (await kube.get(resource_path("", "v1", "namespaces"), params={"limit": "1"}))[
-            "metadata"
-        ]["resourceVersion"]
+        # The latest version of the pods this process's watch has seen (a version of the
+        # pods: their watch cache has it, and serves the list at once).
+        latest = watch.pods.resource_version
         for label, params, since in (
             ("a consistent read (etcd)", {}, ""),
             ("from the watch cache (resourceVersion=0: one page)", {"resourceVersion": "0"}, ""),
-            ("not older than the latest version (as the operator lists)", {}, latest),
+            ("not older than the latest pod version (as the operator lists again)", {}, latest),
         ):
             row, _ = await list_pods(plane, kube, params, since)
             rows.append((f"pod list, pages of 500, {label}", row))
-        for n in range(args.restarts):
+        runs = [(mode, n) for mode in args.modes.split(",") for n in range(args.restarts)]
+        for k, (mode, n) in enumerate(runs):
+            # The operator's environment is this process's: its pod watch as the mode says.
+            os.environ["PHABMESH_WATCH_UNMESHED_PODS"] = str(mode != "meshed").lower()
             # Meshed pods made while it is down, in the last namespaces it lists: to be
             # leased once it has planned (nearly) every pod.
             last = Plan(args).with_binding - 1
-            fresh = [f"new{n}-{j}" for j in range(args.restart_pods)]
+            fresh = [f"new{k}-{j}" for j in range(args.restart_pods)]
             await gathered(
                 [
                     pod_maker(kube, f"s-{last - j % 10}", name, j, True, True, plane.nodes)()
@@ -307,7 +311,7 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
 
             def uids(names: list[str] = fresh) -> set[str]:
                 want = set(names)
-                return {p.uid for k, p in list(watch.pods.items.items()) if k.split("/")[1] in want}
+                return {p.uid for key, p in list(watch.pods.items.items()) if key.split("/")[1] in want}
 
             await clock.until(lambda names=fresh: len(uids(names)) == len(names), 60)  # type: ignore[misc]
             new = uids()
@@ -317,7 +321,8 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
             await clock.until(lambda new=new: new <= watch.active_at.keys(), 300)  # type: ignore[misc]
             took = time.perf_counter() - t
             row += f"; the {len(new)} pods made while it was down leased {took:.1f} s"
-            rows.append((f"operator restart {n + 1} at {args.pods} pods", row))
+            watched = "every pod" if mode != "meshed" else "the meshed pods alone (Linkerd's label)"
+            rows.append((f"operator restart {n + 1} at {args.pods} pods, watching {watched}", row))
             operator.stop()
             children.remove(operator)
         if args.profile:
@@ -353,15 +358,14 @@ def main() -> None:
     parser.add_argument("--restart-pods", type=int, default=50, help="made while it is down")
     parser.add_argument("--profile", action="store_true", help="and one more under cProfile")
     parser.add_argument(
-        "--meshed-only",
-        action="store_true",
-        help="the operator with PHABMESH_WATCH_UNMESHED_PODS=false (Linkerd's label selector)",
+        "--modes",
+        default="all,meshed",
+        help="the restarts' pod watches: all (every pod), meshed (PHABMESH_WATCH_UNMESHED_PODS="
+        "false: Linkerd's label selector)",
     )
     parser.add_argument("--deadline", type=float, default=1500, help="seconds for the whole run")
     args = parser.parse_args()
     args.jobs = 0.0
-    if args.meshed_only:  # the operator's environment is this process's, with its settings
-        os.environ["PHABMESH_WATCH_UNMESHED_PODS"] = "false"
     rows = asyncio.run(run(args))
     print(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
 
