@@ -311,7 +311,9 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
 
             def uids(names: list[str] = fresh) -> set[str]:
                 want = set(names)
-                return {p.uid for key, p in list(watch.pods.items.items()) if key.split("/")[1] in want}
+                return {
+                    p.uid for key, p in list(watch.pods.items.items()) if key.split("/")[1] in want
+                }
 
             await clock.until(lambda names=fresh: len(uids(names)) == len(names), 60)  # type: ignore[misc]
             new = uids()
