@@ -53,6 +53,8 @@ def pod_watch_params(unmeshed: bool) -> dict[str, str]:
     """The pod watch's query: every pod, or (``unmeshed`` false) only those Linkerd's
     injector labelled (``PHABMESH_WATCH_UNMESHED_PODS``)."""
     return {} if unmeshed else {"labelSelector": CONTROL_PLANE_LABEL}
+
+
 INJECT_ANNOTATION = "linkerd.io/inject"
 DEFAULT_SERVICE_ACCOUNT = "default"
 
