@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -224,6 +225,21 @@ async def ready(http: aiohttp.ClientSession, metrics_port: int, limit: float = 1
     if took is None:
         raise RuntimeError(f"not ready within {limit} s (port {metrics_port})")
     return took
+
+
+async def stop_all(
+    children: list[Child],
+    watching: asyncio.Task[Any],
+    http: aiohttp.ClientSession,
+    kube: KubeClient,
+) -> None:
+    """A run's end: its processes stopped, newest first; its watch and clients closed."""
+    for child in reversed(children):
+        child.stop()
+    watching.cancel()
+    await asyncio.gather(watching, return_exceptions=True)
+    await http.close()
+    await kube.close()
 
 
 async def namespace(kube: KubeClient, name: str) -> None:
@@ -556,12 +572,7 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
         rows += await workloads.figures(kube, http, leases, plane, issuer, gw, steps)
         rows += await at_size(kube, http, leases, plane, conduit, (operator, gateway), args, tmp)
     finally:
-        for child in reversed(children):
-            child.stop()
-        watching.cancel()
-        await asyncio.gather(watching, return_exceptions=True)
-        await http.close()
-        await kube.close()
+        await stop_all(children, watching, http, kube)
     return rows
 
 

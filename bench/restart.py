@@ -44,7 +44,17 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.__main__ import Child, Conduit, Operator, binding, install, namespace, ready, setup
+from bench.__main__ import (
+    Child,
+    Conduit,
+    Operator,
+    binding,
+    install,
+    namespace,
+    ready,
+    setup,
+    stop_all,
+)
 from bench.scale import MATCH, Audit, Clock, OutOfTime, Plan, Rows, Watch, gathered, pod_template
 from phabmesh.dev import devcluster
 from phabmesh.kube import KubeClient, load_connection
@@ -342,12 +352,7 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
             for dump in sorted(out.glob("*.prof")):
                 print(top(dump), file=sys.stderr)
     finally:
-        for child in reversed(children):
-            child.stop()
-        watching.cancel()
-        await asyncio.gather(watching, return_exceptions=True)
-        await http.close()
-        await kube.close()
+        await stop_all(children, watching, http, kube)
 
 
 def main() -> None:

@@ -64,6 +64,7 @@ from bench.__main__ import (
     pods,
     ready,
     setup,
+    stop_all,
 )
 from phabmesh import identity, logs, resources
 from phabmesh.dev import devcluster
@@ -718,12 +719,7 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
             )
         )
     finally:
-        for child in reversed(children):
-            child.stop()
-        watching.cancel()
-        await asyncio.gather(watching, return_exceptions=True)
-        await http.close()
-        await kube.close()
+        await stop_all(children, watching, http, kube)
 
 
 def _kb(mb: float, count: int) -> str:
