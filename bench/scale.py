@@ -160,6 +160,7 @@ class Watch:
             LeaseView.from_body,
             on_event=self._lease_event,
             name="leases",
+            shape=shapes.LEASE,
         )
 
     def _pod_event(self, _kind: str, key: str, pod: PodSeen | None) -> None:

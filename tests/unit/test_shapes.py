@@ -18,6 +18,7 @@ from phabmesh import identity
 from phabmesh.kube import shapes
 from phabmesh.kube.informer import object_key
 from phabmesh.leases.podends import pod_life
+from phabmesh.leases.view import LeaseView
 
 NAMING = identity.Naming(control_plane_namespace="linkerd", trust_domain="cluster.local")
 STAMP = "2026-01-01T00:00:00Z"
@@ -287,3 +288,105 @@ def test_the_shapes_decoder_is_typed() -> None:
     # The shape is what makes the decoding cheap: a plain decoder would build every field.
     assert isinstance(shapes.POD._list, msgspec.json.Decoder)
     assert shapes.POD._list.type is not Any
+
+
+# -- leases -----------------------------------------------------------------------------------
+
+
+def _lease_readings(lease: dict[str, Any]) -> tuple[object, ...]:
+    meta = lease.get("metadata") or {}
+    return (LeaseView.from_body(lease), object_key(lease), meta.get("resourceVersion"))
+
+
+def _lease_via_list(lease: dict[str, Any]) -> dict[str, Any]:
+    page = shapes.LEASE.page(json.dumps({"metadata": {}, "items": [lease]}).encode())
+    (item,) = page["items"]
+    return item  # type: ignore[no-any-return]
+
+
+def stored_lease(**status: Any) -> dict[str, Any]:
+    """A lease as the API server returns it: the operator's fields, and what the server adds."""
+    return {
+        "apiVersion": "phabmesh.io/v1alpha1",
+        "kind": "PhabricatorCredential",
+        "metadata": {
+            "name": "web-7d9c-abcde-runners",
+            "namespace": "shop",
+            "uid": "7c1d2e3f-0000-4000-8000-000000000001",
+            "resourceVersion": "98765",
+            "generation": 1,
+            "creationTimestamp": STAMP,
+            "labels": {"phabmesh.io/binding": "runners"},
+            "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": "web", "uid": "u"}],
+            "managedFields": [{"manager": "phabmesh", "operation": "Update", "time": STAMP}],
+        },
+        "spec": {
+            "podUID": "0b1c7a3e-5c2b-4b7e-9a2d-1f0e6c9d8a7b",
+            "podName": "web-7d9c-abcde",
+            "binding": "runners",
+            "bot": "ci-bot",
+            "identity": "web.shop.serviceaccount.identity.linkerd.cluster.local",
+        },
+        "status": {
+            "phase": "Active",
+            "botPHID": "PHID-USER-abcdefghijklmnopqrst",
+            "issuedAt": STAMP,
+            "expiresAt": "2026-01-01T00:10:00Z",
+            "renewedAt": STAMP,
+            "conditions": [{"type": "Active", "status": "True"}],
+            **status,
+        },
+    }
+
+
+def test_a_lease_reads_the_same_through_its_shape() -> None:
+    for lease in (
+        stored_lease(),
+        stored_lease(phase="Revoked", reason="PodTerminating"),
+        {"metadata": {"name": "bare", "namespace": "x"}},
+        {},
+    ):
+        assert _lease_readings(_lease_via_list(lease)) == _lease_readings(lease)
+        event = shapes.LEASE.event(json.dumps({"type": "MODIFIED", "object": lease}).encode())
+        assert _lease_readings(event["object"]) == _lease_readings(lease)
+    assert "managedFields" not in _lease_via_list(stored_lease())["metadata"]
+
+
+_time = st.sampled_from([STAMP, "2026-06-01T12:00:00Z", "2026-06-01T12:00:00.5Z"])
+_lease = st.fixed_dictionaries(
+    {},
+    optional={
+        "metadata": st.fixed_dictionaries(
+            {},
+            optional={
+                "name": _text,
+                "namespace": _text,
+                "uid": _text,
+                "resourceVersion": st.integers(0, 10**9).map(str),
+                "finalizers": st.lists(_text, max_size=2),
+            },
+        ),
+        "spec": st.fixed_dictionaries(
+            {},
+            optional={k: _text for k in ("podUID", "podName", "binding", "bot", "identity")},
+        ),
+        "status": st.fixed_dictionaries(
+            {},
+            optional={
+                "phase": st.sampled_from(["Pending", "Active", "Revoked"]) | _text,
+                "reason": _text,
+                "botPHID": _text,
+                "issuedAt": _time,
+                "expiresAt": _time,
+                "renewedAt": _time,
+                "message": _text,
+            },
+        ),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_lease)
+def test_arbitrary_leases_read_the_same_through_their_shape(lease: dict[str, Any]) -> None:
+    assert _lease_readings(_lease_via_list(lease)) == _lease_readings(lease)

@@ -124,3 +124,42 @@ class Pod(_Struct):
 
 
 POD: Shape[Pod] = Shape(Pod)
+
+
+# -- leases (PhabricatorCredentials) ------------------------------------------------------------
+
+
+class LeaseMeta(_Struct):
+    name: str | None = None
+    namespace: str | None = None
+    uid: str | None = None
+    resourceVersion: str | None = None
+
+
+class LeaseSpec(_Struct):
+    podUID: str | None = None
+    podName: str | None = None
+    binding: str | None = None
+    bot: str | None = None
+    identity: str | None = None
+
+
+class LeaseStatus(_Struct):
+    phase: str | None = None
+    reason: str | None = None
+    botPHID: str | None = None
+    issuedAt: str | None = None
+    expiresAt: str | None = None
+    renewedAt: str | None = None
+
+
+class Lease(_Struct):
+    """What ``phabmesh.leases.view.LeaseView`` reads of a lease, and the informer's key and
+    version. Every lease's renewal is a watch event of each process: decoded here alone."""
+
+    metadata: LeaseMeta | None = None
+    spec: LeaseSpec | None = None
+    status: LeaseStatus | None = None
+
+
+LEASE: Shape[Lease] = Shape(Lease)

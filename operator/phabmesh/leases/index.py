@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from phabmesh import resources
 from phabmesh.clock import utcnow
 from phabmesh.credentials import phorge
-from phabmesh.kube import KubeClient
+from phabmesh.kube import KubeClient, shapes
 from phabmesh.kube.informer import DEFAULT_LIVENESS, DELETED, Informer
 from phabmesh.leases.view import LeaseView
 
@@ -63,6 +63,7 @@ class LeaseIndex:
                 LeaseView.from_body,
                 name="leases",
                 liveness=liveness,
+                shape=shapes.LEASE,
             )
         informer.subscribe(self._on_event)
         self.informer: Informer[LeaseView] = informer

@@ -103,7 +103,7 @@ class Watches:
             resources.binding_path(None), BindingView.from_body, "bindings"
         )
         self.leases: Informer[LeaseView] = informer(
-            resources.lease_path(None), LeaseView.from_body, "leases"
+            resources.lease_path(None), LeaseView.from_body, "leases", shapes.LEASE
         )
         self.pods: Informer[identity.PodFacts] = informer(
             resources.resource_path("", "v1", "pods"),
