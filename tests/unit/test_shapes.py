@@ -233,24 +233,33 @@ _annotations = st.dictionaries(
     st.sampled_from(["enabled", "disabled", "ingress", "edge-25.1.1"]) | _text,
     max_size=3,
 )
+
+
+def _metadata(**more: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
+    """Any subset of an object's name, namespace, uid and version, and ``more``."""
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "name": _text,
+            "namespace": _text,
+            "uid": _text,
+            "resourceVersion": st.integers(0, 10**9).map(str),
+            **more,
+        },
+    )
+
+
 _state = st.dictionaries(
     st.sampled_from(["running", "waiting", "terminated"]), st.just({"startedAt": STAMP}), max_size=2
 )
 _pod = st.fixed_dictionaries(
     {},
     optional={
-        "metadata": st.fixed_dictionaries(
-            {},
-            optional={
-                "name": _text,
-                "namespace": _text,
-                "uid": _text,
-                "resourceVersion": st.integers(0, 10**9).map(str),
-                "deletionTimestamp": st.just(STAMP) | st.none(),
-                "labels": _labels,
-                "annotations": _annotations,
-                "finalizers": st.lists(_text, max_size=2),
-            },
+        "metadata": _metadata(
+            deletionTimestamp=st.just(STAMP) | st.none(),
+            labels=_labels,
+            annotations=_annotations,
+            finalizers=st.lists(_text, max_size=2),
         ),
         "spec": st.fixed_dictionaries(
             {},
@@ -356,16 +365,7 @@ _time = st.sampled_from([STAMP, "2026-06-01T12:00:00Z", "2026-06-01T12:00:00.5Z"
 _lease = st.fixed_dictionaries(
     {},
     optional={
-        "metadata": st.fixed_dictionaries(
-            {},
-            optional={
-                "name": _text,
-                "namespace": _text,
-                "uid": _text,
-                "resourceVersion": st.integers(0, 10**9).map(str),
-                "finalizers": st.lists(_text, max_size=2),
-            },
-        ),
+        "metadata": _metadata(finalizers=st.lists(_text, max_size=2)),
         "spec": st.fixed_dictionaries(
             {},
             optional={k: _text for k in ("podUID", "podName", "binding", "bot", "identity")},
