@@ -116,17 +116,21 @@ class WorkQueue:
                 self.waiting[work] = data
             return
         self.waiting[work] = data
-        metrics.current().work_waiting.set(len(self.waiting))
+        self._counted()
         if work not in self.busy:
             self.order.append(work)
             self._wake_one()
+
+    def _counted(self) -> None:
+        """The waiting work's gauge, after each change of it."""
+        metrics.current().work_waiting.set(len(self.waiting))
 
     def discard(self, work: Work) -> None:
         """Forget ``work`` if it waits (nothing is left to do for it)."""
         if self.waiting.pop(work, _ABSENT) is not _ABSENT and work not in self.busy:
             with contextlib.suppress(ValueError):
                 self.order.remove(work)
-        metrics.current().work_waiting.set(len(self.waiting))
+        self._counted()
 
     async def _next(self) -> tuple[Work, object]:
         while True:
@@ -134,7 +138,7 @@ class WorkQueue:
                 if self.may_run():
                     work = self.order.popleft()
                     data = self.waiting.pop(work)
-                    metrics.current().work_waiting.set(len(self.waiting))
+                    self._counted()
                     self.busy.add(work)
                     return work, data
                 await asyncio.sleep(ACTING_POLL)  # paused: the work waits
