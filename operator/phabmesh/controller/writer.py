@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import datetime
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import cachetools
@@ -50,7 +50,9 @@ def lease_name(pod_name: str, binding: str, pod_uid: str) -> str:
 
 class Writer:
     """Every write the controller makes. Events go out in the background through their own
-    client (its own rate limit), so a burst of them never delays a lease write.
+    client (its own rate limit), so a burst of them never delays a lease write; and each
+    waits until no lease write is in flight (:attr:`EVENT_YIELD` at most), so that a burst
+    of issues or revocations does not share the API server with its own Events.
 
     ``acting`` (with kopf peering: :meth:`phabmesh.controller.peering.PeeringView.acting`) is
     asked before every lease and status write; while it says no, the write raises
@@ -61,6 +63,9 @@ class Writer:
     MAX_PENDING_EVENTS = 2000
     # Leases whose revocation was announced, newest last: a revocation is said once.
     MAX_ANNOUNCED = 10_000
+    # Seconds an Event waits at most for the lease writes in flight to end (under steady
+    # churn they never all end: the Event then goes all the same).
+    EVENT_YIELD = 5.0
 
     def __init__(
         self,
@@ -80,12 +85,27 @@ class Writer:
         self._announced: cachetools.LRUCache[tuple[str, str, str], None] = cachetools.LRUCache(
             self.MAX_ANNOUNCED
         )
+        self._lease_writes = 0
+        self._no_lease_writes = asyncio.Event()
+        self._no_lease_writes.set()
 
     async def close(self) -> None:
         """Cancel the Events not posted yet (best effort, as all Events)."""
         for task in list(self._pending):
             task.cancel()
         await asyncio.gather(*self._pending, return_exceptions=True)
+
+    @contextlib.contextmanager
+    def _lease_write(self) -> Iterator[None]:
+        """Around each lease write: the Events wait while any is in flight."""
+        self._lease_writes += 1
+        self._no_lease_writes.clear()
+        try:
+            yield
+        finally:
+            self._lease_writes -= 1
+            if not self._lease_writes:
+                self._no_lease_writes.set()
 
     def _may_write(self) -> None:
         if self.acting is not None and not self.acting():
@@ -149,7 +169,8 @@ class Writer:
             "status": status,
         }
         try:
-            updated = await self.client.create(lease_path(pod.namespace), body)
+            with self._lease_write():
+                updated = await self.client.create(lease_path(pod.namespace), body)
         except Conflict:
             # Already there: another pass created it (or an earlier create of this one
             # landed and its answer did not), or a lease without status from a version
@@ -165,7 +186,8 @@ class Writer:
                 {"op": "test", "path": "/metadata/uid", "value": existing.uid},
                 {"op": "add", "path": "/status", "value": status},
             ]
-            updated = await self.client.json_patch(lease_path(pod.namespace, name), ops)
+            with self._lease_write():
+                updated = await self.client.json_patch(lease_path(pod.namespace, name), ops)
         lease = LeaseView.from_body(updated)
         self.world.put_lease(lease)
         metrics.current().lease_issued()
@@ -193,9 +215,10 @@ class Writer:
         now = self.clock()
         status = {"renewedAt": format_time(now), "expiresAt": format_time(now + ttl)}
         try:
-            updated = await self.client.merge_patch(
-                lease_path(lease.namespace, lease.name), {"status": status}
-            )
+            with self._lease_write():
+                updated = await self.client.merge_patch(
+                    lease_path(lease.namespace, lease.name), {"status": status}
+                )
         except NotFound:
             self.world.drop_lease(lease.key)
             return
@@ -223,10 +246,12 @@ class Writer:
                 ops += [
                     {"op": "add", "path": f"/status/{k}", "value": v} for k, v in revoked.items()
                 ]
-                updated = await self.client.json_patch(path, ops)
+                with self._lease_write():
+                    updated = await self.client.json_patch(path, ops)
                 options["preconditions"] = {"uid": lease.uid}
             else:
-                updated = await self.client.merge_patch(path, {"status": revoked})
+                with self._lease_write():
+                    updated = await self.client.merge_patch(path, {"status": revoked})
             # Kept, Revoked, until the watch's DELETED event: a late event from its Active
             # past is older than this and cannot bring it back.
             self.world.put_lease(LeaseView.from_body(updated))
@@ -237,7 +262,7 @@ class Writer:
         # Revoked: the gateway refuses it from now on, whether or not the delete lands (a
         # failed one is retried: the pod's plan deletes what is Revoked and still there).
         await self.announce_revoked(lease, reason)
-        with contextlib.suppress(NotFound):
+        with contextlib.suppress(NotFound), self._lease_write():
             await self.client.delete(path, body=options)
 
     async def delete_revoked(self, lease: LeaseView) -> None:
@@ -247,7 +272,8 @@ class Writer:
         if lease.uid:
             options["preconditions"] = {"uid": lease.uid}
         try:
-            await self.client.delete(lease_path(lease.namespace, lease.name), body=options)
+            with self._lease_write():
+                await self.client.delete(lease_path(lease.namespace, lease.name), body=options)
         except NotFound:
             self.world.drop_lease(lease.key, lease.uid)
         except Conflict:  # another lease under that name now: this one is gone
@@ -302,6 +328,8 @@ class Writer:
             reporting_component="phabmesh.io/controller",
         )
         namespace = body["metadata"]["namespace"]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._no_lease_writes.wait(), self.EVENT_YIELD)
         try:
             await self.events_client.create(
                 resource_path("", "v1", "events", namespace), body, attempts=1
