@@ -367,6 +367,10 @@ class Metrics:
             ["kind"],
             registry=None,
         )
+        # Each kind's child made once: a piece of work handled is one increment.
+        self._work_handled = {
+            kind: self.work_handled.labels(kind) for kind in (*sorted(WORK_KINDS), OTHER)
+        }
         # -- the credential endpoint and the webhook (operator process)
         self.credential_requests = Counter(
             "phabmesh_credential_requests_total",
@@ -517,9 +521,8 @@ class Metrics:
     def task_failed(self, task: str) -> None:
         self.task_failures.labels(task).inc()
 
-    def work_done(self, kind: str, waiting: int) -> None:
-        self.work_handled.labels(bounded(kind, WORK_KINDS)).inc()
-        self.work_waiting.set(waiting)
+    def work_done(self, kind: str) -> None:
+        self._work_handled[bounded(kind, WORK_KINDS)].inc()
 
     def lease_issued(self) -> None:
         self.leases_issued.inc()

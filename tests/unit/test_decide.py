@@ -204,6 +204,21 @@ def test_pods_that_may_not_hold_a_lease() -> None:
         assert not plans.plan_pod(w, "p1", N, verdicts(w, bot()))
 
 
+def test_an_idle_pod_is_planned_alike_without_the_verdicts() -> None:
+    # The controller reads no verdict for a pod that may hold no lease and holds none: its
+    # plan is the same without them. A pod that may hold one, or holds one, is not idle.
+    for facts in (pod(phase="Pending"), pod(meshed=False), pod(deleting=True)):
+        w = world(facts, bindings=(binding(),))
+        assert plans.idle(w, facts)
+        assert plans.plan_pod(w, "p1", N, {}) == plans.plan_pod(w, "p1", N, verdicts(w, bot()))
+    for facts, held in ((pod(), ()), (pod(sa="other"), ()), (pod(meshed=False), (lease(),))):
+        w = world(facts, bindings=(binding(),), leases=held)
+        assert not plans.idle(w, facts)
+    w = world(pod(meshed=False), bindings=(binding(),), leases=(lease(),))
+    revoked = plans.plan_pod(w, "p1", N, verdicts(w, bot())).revoke
+    assert [(lv.name, r) for lv, r in revoked] == [("l-p1-runners", reasons.NOT_MESHED)]
+
+
 def test_every_revocation_reason() -> None:
     cases = [
         (

@@ -86,6 +86,8 @@ class WorkQueue:
         self.ready = asyncio.Event()  # every watch listed and the sweep ran: work may start
         self._idle: collections.deque[asyncio.Future[None]] = collections.deque()
         self.handled = 0
+        # The waiting work's gauge reads the queue when it is scraped: nothing per item.
+        metrics.current().work_waiting.set_function(self.__len__)
 
     def __len__(self) -> int:
         return len(self.waiting)
@@ -116,21 +118,15 @@ class WorkQueue:
                 self.waiting[work] = data
             return
         self.waiting[work] = data
-        self._counted()
         if work not in self.busy:
             self.order.append(work)
             self._wake_one()
-
-    def _counted(self) -> None:
-        """The waiting work's gauge, after each change of it."""
-        metrics.current().work_waiting.set(len(self.waiting))
 
     def discard(self, work: Work) -> None:
         """Forget ``work`` if it waits (nothing is left to do for it)."""
         if self.waiting.pop(work, _ABSENT) is not _ABSENT and work not in self.busy:
             with contextlib.suppress(ValueError):
                 self.order.remove(work)
-        self._counted()
 
     async def _next(self) -> tuple[Work, object]:
         while True:
@@ -138,7 +134,6 @@ class WorkQueue:
                 if self.may_run():
                     work = self.order.popleft()
                     data = self.waiting.pop(work)
-                    self._counted()
                     self.busy.add(work)
                     return work, data
                 await asyncio.sleep(ACTING_POLL)  # paused: the work waits
@@ -164,7 +159,7 @@ class WorkQueue:
             finally:
                 self.busy.discard(work)
                 self.handled += 1
-                metrics.current().work_done(work.kind, len(self.waiting))
+                metrics.current().work_done(work.kind)
                 if work in self.waiting:  # put again while handled: its turn comes again
                     self.order.append(work)
             if self.order:

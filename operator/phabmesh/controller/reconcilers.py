@@ -426,7 +426,11 @@ class Leases(_Reconciler):
         try:
             async with entry.lock:
                 pod = self.world.pods.get(uid)
-                verdicts = readiness.status_verdicts(self.world, pod.namespace) if pod else {}
+                verdicts = (
+                    readiness.status_verdicts(self.world, pod.namespace)
+                    if pod is not None and not plans.idle(self.world, pod)
+                    else {}
+                )
                 plan = plans.plan_pod(self.world, uid, self.naming, verdicts)
                 if plan:
                     await self._execute(uid, plan)

@@ -52,6 +52,12 @@ def pod_reason(pod: identity.PodFacts, *, holding: bool = False) -> str | None:
     return None
 
 
+def idle(world: World, pod: identity.PodFacts) -> bool:
+    """A pod that may hold no lease and holds none (most unmeshed pods): its plan is empty
+    whatever its namespace's bindings say, so their verdicts need not be read for it."""
+    return pod_reason(pod) is not None and not world.leases_of_pod(pod.uid)
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """What to do about one pod: which bindings to issue for, which leases to revoke, and
@@ -113,7 +119,13 @@ def plan_pod(
     blocked = pod_reason(pod)
     blocked_held = pod_reason(pod, holding=True)
     revoke: list[tuple[LeaseView, str]] = []
-    wanted = {e.binding.name for e in entitlements(world, pod, naming, verdicts) if e.entitled}
+    # What the bindings entitle it to, where it is read: not for a pod that may hold
+    # nothing and holds nothing (most unmeshed pods), which saves matching every binding.
+    wanted: set[str] = (
+        {e.binding.name for e in entitlements(world, pod, naming, verdicts) if e.entitled}
+        if blocked is None or (held and blocked_held is None)
+        else set()
+    )
     kept: set[str] = set()
     for lease in held:
         slot = (lease.namespace, lease.binding)
