@@ -194,6 +194,7 @@ class Controller:
         self.watches = watches
         self.acting = acting or (lambda: True)
         self.queue = WorkQueue(self.handle, workers=workers, may_run=self.may_decide)
+        self._decisive = watches.decisive
         # Set once the first lists are in and the sweep has run: before it, the first lists'
         # events queue no namespace or binding work (each pod's own work covers them).
         self.started = False
@@ -209,7 +210,7 @@ class Controller:
     def may_decide(self) -> bool:
         """This replica acts, and every watch a lease decision reads is current: a lost
         watch's World is not decided on (fail closed) until the watch has listed again."""
-        return self.acting() and all(i.healthy for i in self.watches.decisive)
+        return self.acting() and all(i.healthy for i in self._decisive)
 
     # -- start-up -----------------------------------------------------------------------
 

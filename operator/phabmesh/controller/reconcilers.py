@@ -57,22 +57,17 @@ def changed(wanted: JSON, shown: Any) -> bool:
 
 
 class _Reconciler:
-    """The shared parts, read from the memo when used (tests replace the writer)."""
+    """The shared parts: the World and the naming, made with the memo and never replaced,
+    are kept; the rest is read from the memo when used (tests replace the writer)."""
 
     def __init__(self, memo: Memo) -> None:
         self.memo = memo
+        self.world: World = memo.world  # read for every pod: not through the memo's lookup
+        self.naming: identity.Naming = memo.naming
 
     @property
     def settings(self) -> Settings:
         return self.memo.settings
-
-    @property
-    def world(self) -> World:
-        return self.memo.world
-
-    @property
-    def naming(self) -> identity.Naming:
-        return self.memo.naming
 
     @property
     def writer(self) -> Writer:
