@@ -68,6 +68,7 @@ async def _settle() -> None:
 
 async def test_an_event_waits_until_no_lease_write_is_in_flight() -> None:
     writer, kube, events = _writer()
+    writer.EVENT_YIELD = 3600  # only the end of the lease writes can let it go
     first = asyncio.create_task(writer.delete_revoked(_lease(1)))
     second = asyncio.create_task(writer.delete_revoked(_lease(2)))
     await _settle()
@@ -77,7 +78,7 @@ async def test_an_event_waits_until_no_lease_write_is_in_flight() -> None:
     assert events.calls == []  # two lease writes in flight: the Event waits
 
     kube.gate.set()
-    await asyncio.gather(first, second, *writer._pending)
+    await asyncio.wait_for(asyncio.gather(first, second, *writer._pending), 60)
     assert [verb for verb, _, _ in kube.calls] == ["delete-begun"] * 2 + ["delete"] * 2
     [(verb, path, body)] = events.calls
     assert (verb, path, body["reason"]) == (
@@ -100,7 +101,43 @@ async def test_an_event_goes_all_the_same_when_lease_writes_never_stop() -> None
     assert [verb for verb, _, _ in kube.calls] == ["delete-begun"]  # still in flight
     held.cancel()
     await asyncio.gather(held, return_exceptions=True)
-    # A lease write that ended by an error (here: cancelled) counts out as well.
+    # A lease write that ended by an error (here: cancelled) counts out as well: the next
+    # Event does not wait.
+    writer.EVENT_YIELD = 3600
     await writer.event(POD, "CredentialRevoked", "again")
-    await _settle()
+    await asyncio.wait_for(asyncio.gather(*writer._pending), 60)
     assert len(events.calls) == 2
+
+
+async def test_past_a_quarter_of_the_cap_waiting_events_go_without_waiting() -> None:
+    writer, kube, events = _writer()
+    writer.EVENT_YIELD = 3600
+    writer.MAX_PENDING_EVENTS = 8  # a quarter: 2
+    held = asyncio.create_task(writer.delete_revoked(_lease(1)))
+    await _settle()
+    for i in range(5):
+        await writer.event(POD, "CredentialIssued", f"credential {i}")
+    await _settle()
+    # The first two wait for the lease write; the others find two waiting and go.
+    assert [body["message"] for _, _, body in events.calls] == [
+        "credential 2",
+        "credential 3",
+        "credential 4",
+    ]
+    kube.gate.set()
+    await asyncio.wait_for(asyncio.gather(held, *writer._pending), 60)
+    assert len(events.calls) == 5
+
+
+async def test_at_close_the_waiting_events_go() -> None:
+    writer, _kube, events = _writer()
+    writer.EVENT_YIELD = 3600
+    held = asyncio.create_task(writer.delete_revoked(_lease(1)))
+    await _settle()
+    await writer.event(POD, "CredentialRevoked", "credential revoked")
+    await _settle()
+    assert events.calls == []
+    await asyncio.wait_for(writer.close(), 60)
+    assert [body["reason"] for _, _, body in events.calls] == ["CredentialRevoked"]
+    held.cancel()
+    await asyncio.gather(held, return_exceptions=True)

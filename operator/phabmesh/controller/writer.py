@@ -64,8 +64,12 @@ class Writer:
     # Leases whose revocation was announced, newest last: a revocation is said once.
     MAX_ANNOUNCED = 10_000
     # Seconds an Event waits at most for the lease writes in flight to end (under steady
-    # churn they never all end: the Event then goes all the same).
+    # churn they never all end: the Event then goes all the same). Past a quarter of
+    # MAX_PENDING_EVENTS waiting, a new Event does not wait: a long burst keeps its Events
+    # far from being dropped.
     EVENT_YIELD = 5.0
+    # At close, seconds the Events not posted yet have to go, waiting no more.
+    CLOSE_GRACE = 2.0
 
     def __init__(
         self,
@@ -88,9 +92,15 @@ class Writer:
         self._lease_writes = 0
         self._no_lease_writes = asyncio.Event()
         self._no_lease_writes.set()
+        self._closing = False
 
     async def close(self) -> None:
-        """Cancel the Events not posted yet (best effort, as all Events)."""
+        """The Events not posted yet go at once, for :attr:`CLOSE_GRACE` at most; those
+        still not posted then are cancelled (best effort, as all Events)."""
+        self._closing = True
+        self._no_lease_writes.set()
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=self.CLOSE_GRACE)
         for task in list(self._pending):
             task.cancel()
         await asyncio.gather(*self._pending, return_exceptions=True)
@@ -99,7 +109,8 @@ class Writer:
     def _lease_write(self) -> Iterator[None]:
         """Around each lease write: the Events wait while any is in flight."""
         self._lease_writes += 1
-        self._no_lease_writes.clear()
+        if not self._closing:
+            self._no_lease_writes.clear()
         try:
             yield
         finally:
@@ -313,11 +324,15 @@ class Writer:
         if len(self._pending) >= self.MAX_PENDING_EVENTS:
             log.warning("event_dropped", reason=reason, pending=len(self._pending))
             return
-        task = asyncio.create_task(self._post_event(ref, reason, message, type_))
+        # Past a quarter of the cap waiting, it goes without waiting (EVENT_YIELD).
+        wait = len(self._pending) < self.MAX_PENDING_EVENTS // 4
+        task = asyncio.create_task(self._post_event(ref, reason, message, type_, wait))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _post_event(self, ref: JSON, reason: str, message: str, type_: str) -> None:
+    async def _post_event(
+        self, ref: JSON, reason: str, message: str, type_: str, wait: bool
+    ) -> None:
         body = events.event_body(
             ref,
             reason,
@@ -328,9 +343,10 @@ class Writer:
             reporting_component="phabmesh.io/controller",
         )
         namespace = body["metadata"]["namespace"]
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._no_lease_writes.wait(), self.EVENT_YIELD)
         try:
+            if wait:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._no_lease_writes.wait(), self.EVENT_YIELD)
             await self.events_client.create(
                 resource_path("", "v1", "events", namespace), body, attempts=1
             )

@@ -147,13 +147,13 @@ def cache_home() -> Path:
 
 def etcd_binary(log: Path | None = None) -> Path:
     """etcd, built (once) from ``go.etcd.io/etcd/server/v3`` pinned in
-    ``tests/controlplane/etcd/go.mod``. ``PHABMESH_ETCD`` names a prebuilt one instead, as
-    does an ``etcd`` in ``PHABMESH_K8S_BIN_DIR``."""
+    ``tests/controlplane/etcd/go.mod``. ``PHABMESH_ETCD`` names a prebuilt one instead, and
+    otherwise ``PHABMESH_K8S_BIN_DIR`` (prebuilt binaries, all of them) holds it as ``etcd``."""
     env = os.environ.get("PHABMESH_ETCD")
     if env:
         return Path(env)
     bin_dir = os.environ.get("PHABMESH_K8S_BIN_DIR")
-    if bin_dir and (Path(bin_dir) / "etcd").is_file():
+    if bin_dir:
         return Path(bin_dir) / "etcd"
     mod = module_dir() / "etcd"
     version = required_version(mod / "go.mod", "go.etcd.io/etcd/server/v3")

@@ -152,7 +152,8 @@ class Informer(_Reader[V]):
         # later list is at least as new as what this informer has seen. Either is served by
         # the API server's watch cache (KubeClient.list_pages). Only a version of this
         # collection: another resource's is one its watch cache may not reach until its next
-        # write (the list is then held 3 s, and read consistently after all).
+        # write where etcd does not report progress (the list is then held 3 s, and read
+        # consistently after all).
         self.not_older_than = ""
         self.client = client
         # The pause before listing or watching again after a failure (module docstring);

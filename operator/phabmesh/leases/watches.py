@@ -9,9 +9,12 @@ once to the view the controller keeps; a reader that keeps another reduction tak
 
 Pods are listed only once the leases are, by a consistent read (newer than the lease list):
 every lease of that first list belongs to a pod that the pod list holds, unless the pod is
-gone (what the controller's start-up sweep relies on). Not "not older than" the lease list's
-version: that is a version of another resource, which the pods' watch cache reaches only with
-a pod's next write; until then the API server holds the list (3 s), then refuses it (504).
+gone (what the controller's start-up sweep relies on). A consistent read is served by the
+API server's watch cache once the cache has caught up with etcd, where etcd reports watch
+progress (Kubernetes 1.31 and later), and by etcd elsewhere. Not "not older than" the lease
+list's version: that is a version of another resource, which the pods' watch cache of an
+etcd without progress reports reaches only with a pod's next write; until then the API
+server holds the list (3 s), then refuses it (504).
 """
 
 from __future__ import annotations
