@@ -55,24 +55,24 @@ from bench.__main__ import (
     setup,
     stop_all,
 )
-from bench.scale import MATCH, Audit, Clock, OutOfTime, Plan, Rows, Watch, gathered, pod_template
+from bench.scale import (
+    MATCH,
+    Audit,
+    Clock,
+    OutOfTime,
+    Plan,
+    Rows,
+    Watch,
+    cpu_of,
+    gathered,
+    pod_template,
+)
 from phabmesh.dev import devcluster
 from phabmesh.kube import KubeClient, load_connection
 from phabmesh.kube.client import JSON
 from phabmesh.resources import resource_path
 
 STAMP = "2026-01-01T00:00:00Z"
-
-
-def cpu_of(pid: int | None) -> float:
-    """CPU seconds (user + system) of process ``pid`` so far; 0 if it is gone."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def status(i: int, *, meshed: bool) -> JSON:

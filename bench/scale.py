@@ -24,7 +24,9 @@ which get leases. Then, in order:
 - a Deployment of meshed pods scaled 0 -> ``--scale-up``: until every pod Running and every
   lease Active, and the phabmesh processes' API requests per pod start (the audit log);
 - an operator restart at full size: to ready, and to swept and judged (every lease of a pod
-  deleted while it was down revoked, every pod created meanwhile holding an Active lease);
+  deleted while it was down revoked, every pod created meanwhile holding an Active lease),
+  with the CPU from start to ready of the operator and of what shares its cores (the API
+  server, etcd, KWOK, the controller manager, the scheduler, the gateway);
 - that Deployment scaled back to 0: from each pod's deletionTimestamp to its lease revoked,
   and for ``--sample`` of its pods to the gateway refusing their credential.
 
@@ -688,6 +690,9 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
         fresh = replacements()
         size = len(watch.pods.items)
         mark = audit.mark()
+        pids = {label: plane.pid(name) for label, name in BESIDE}
+        pids["gateway"] = gateway.proc.pid
+        before = {label: cpu_of(pid) for label, pid in pids.items()}
         t = time.perf_counter()
         operator = Operator(plane, conduit, tmp)
         children.append(operator)
@@ -696,6 +701,10 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
             took = f"{await ready(http, operator.metrics_port, limit):.1f} s"
         except RuntimeError:
             took = f"not within {limit:.0f} s"
+        used = ", ".join(
+            [f"operator {cpu_of(operator.proc.pid):.1f} s (its start included)"]
+            + [f"{label} {cpu_of(pid) - before[label]:.1f} s" for label, pid in pids.items()]
+        )
         try:
             await clock.until(leased(fresh), max(1.0, limit - (time.perf_counter() - t)))
             judged = f"{time.perf_counter() - t:.1f} s"
@@ -714,13 +723,35 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
             (
                 f"operator restart at {size} pods: start -> ready; -> every pod judged (the "
                 f"{len(fresh)} meshed pods created while it was down leased)",
-                f"{took}; {judged}; RSS then {operator.memory_mb()[0]:.0f} MB (the "
+                f"{took}; {judged}; CPU from start to ready: {used}; "
+                f"RSS then {operator.memory_mb()[0]:.0f} MB (the "
                 f"{len(gone)} leases of the pods deleted while it was down: deleted with their "
                 "pods by the garbage collector)",
             )
         )
     finally:
         await stop_all(children, watching, http, kube)
+
+
+def cpu_of(pid: int | None) -> float:
+    """CPU seconds (user + system) of process ``pid`` so far; 0 if it is gone."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# What shares the cores with the operator, for the CPU figures of its restart.
+BESIDE = (
+    ("API server", "kube-apiserver"),
+    ("etcd", "etcd"),
+    ("KWOK", "kwok"),
+    ("controller manager", "kube-controller-manager"),
+    ("scheduler", "kube-scheduler"),
+)
 
 
 def _kb(mb: float, count: int) -> str:

@@ -97,6 +97,8 @@ def test_scale_benchmark_produces_every_figure() -> None:
     assert all(value and "None" not in value for _, value in rows)
     revoked = next(value for name, value in rows if name.startswith("revocation, 3 of"))
     assert revoked.endswith("(3 of 3)"), revoked
+    restart = next(value for name, value in rows if name.startswith("operator restart"))
+    assert re.search(r"CPU from start to ready: operator \d+\.\d s .*API server \d", restart)
 
 
 def test_kopf_hold_releases_every_worker() -> None:
