@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import datetime
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import cachetools
@@ -50,9 +50,7 @@ def lease_name(pod_name: str, binding: str, pod_uid: str) -> str:
 
 class Writer:
     """Every write the controller makes. Events go out in the background through their own
-    client (its own rate limit), so a burst of them never delays a lease write; and each
-    waits until no lease write is in flight (:attr:`EVENT_YIELD` at most), so that a burst
-    of issues or revocations does not share the API server with its own Events.
+    client (its own rate limit), so a burst of them never delays a lease write.
 
     ``acting`` (with kopf peering: :meth:`phabmesh.controller.peering.PeeringView.acting`) is
     asked before every lease and status write; while it says no, the write raises
@@ -63,13 +61,6 @@ class Writer:
     MAX_PENDING_EVENTS = 2000
     # Leases whose revocation was announced, newest last: a revocation is said once.
     MAX_ANNOUNCED = 10_000
-    # Seconds an Event waits at most for the lease writes in flight to end (under steady
-    # churn they never all end: the Event then goes all the same). Past a quarter of
-    # MAX_PENDING_EVENTS waiting, a new Event does not wait: a long burst keeps its Events
-    # far from being dropped.
-    EVENT_YIELD = 5.0
-    # At close, seconds the Events not posted yet have to go, waiting no more.
-    CLOSE_GRACE = 2.0
 
     def __init__(
         self,
@@ -89,34 +80,12 @@ class Writer:
         self._announced: cachetools.LRUCache[tuple[str, str, str], None] = cachetools.LRUCache(
             self.MAX_ANNOUNCED
         )
-        self._lease_writes = 0
-        self._no_lease_writes = asyncio.Event()
-        self._no_lease_writes.set()
-        self._closing = False
 
     async def close(self) -> None:
-        """The Events not posted yet go at once, for :attr:`CLOSE_GRACE` at most; those
-        still not posted then are cancelled (best effort, as all Events)."""
-        self._closing = True
-        self._no_lease_writes.set()
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=self.CLOSE_GRACE)
+        """Cancel the Events not posted yet (best effort, as all Events)."""
         for task in list(self._pending):
             task.cancel()
         await asyncio.gather(*self._pending, return_exceptions=True)
-
-    @contextlib.contextmanager
-    def _lease_write(self) -> Iterator[None]:
-        """Around each lease write: the Events wait while any is in flight."""
-        self._lease_writes += 1
-        if not self._closing:
-            self._no_lease_writes.clear()
-        try:
-            yield
-        finally:
-            self._lease_writes -= 1
-            if not self._lease_writes:
-                self._no_lease_writes.set()
 
     def _may_write(self) -> None:
         if self.acting is not None and not self.acting():
@@ -180,8 +149,7 @@ class Writer:
             "status": status,
         }
         try:
-            with self._lease_write():
-                updated = await self.client.create(lease_path(pod.namespace), body)
+            updated = await self.client.create(lease_path(pod.namespace), body)
         except Conflict:
             # Already there: another pass created it (or an earlier create of this one
             # landed and its answer did not), or a lease without status from a version
@@ -197,8 +165,7 @@ class Writer:
                 {"op": "test", "path": "/metadata/uid", "value": existing.uid},
                 {"op": "add", "path": "/status", "value": status},
             ]
-            with self._lease_write():
-                updated = await self.client.json_patch(lease_path(pod.namespace, name), ops)
+            updated = await self.client.json_patch(lease_path(pod.namespace, name), ops)
         lease = LeaseView.from_body(updated)
         self.world.put_lease(lease)
         metrics.current().lease_issued()
@@ -226,10 +193,9 @@ class Writer:
         now = self.clock()
         status = {"renewedAt": format_time(now), "expiresAt": format_time(now + ttl)}
         try:
-            with self._lease_write():
-                updated = await self.client.merge_patch(
-                    lease_path(lease.namespace, lease.name), {"status": status}
-                )
+            updated = await self.client.merge_patch(
+                lease_path(lease.namespace, lease.name), {"status": status}
+            )
         except NotFound:
             self.world.drop_lease(lease.key)
             return
@@ -257,12 +223,10 @@ class Writer:
                 ops += [
                     {"op": "add", "path": f"/status/{k}", "value": v} for k, v in revoked.items()
                 ]
-                with self._lease_write():
-                    updated = await self.client.json_patch(path, ops)
+                updated = await self.client.json_patch(path, ops)
                 options["preconditions"] = {"uid": lease.uid}
             else:
-                with self._lease_write():
-                    updated = await self.client.merge_patch(path, {"status": revoked})
+                updated = await self.client.merge_patch(path, {"status": revoked})
             # Kept, Revoked, until the watch's DELETED event: a late event from its Active
             # past is older than this and cannot bring it back.
             self.world.put_lease(LeaseView.from_body(updated))
@@ -273,7 +237,7 @@ class Writer:
         # Revoked: the gateway refuses it from now on, whether or not the delete lands (a
         # failed one is retried: the pod's plan deletes what is Revoked and still there).
         await self.announce_revoked(lease, reason)
-        with contextlib.suppress(NotFound), self._lease_write():
+        with contextlib.suppress(NotFound):
             await self.client.delete(path, body=options)
 
     async def delete_revoked(self, lease: LeaseView) -> None:
@@ -283,8 +247,7 @@ class Writer:
         if lease.uid:
             options["preconditions"] = {"uid": lease.uid}
         try:
-            with self._lease_write():
-                await self.client.delete(lease_path(lease.namespace, lease.name), body=options)
+            await self.client.delete(lease_path(lease.namespace, lease.name), body=options)
         except NotFound:
             self.world.drop_lease(lease.key, lease.uid)
         except Conflict:  # another lease under that name now: this one is gone
@@ -324,15 +287,11 @@ class Writer:
         if len(self._pending) >= self.MAX_PENDING_EVENTS:
             log.warning("event_dropped", reason=reason, pending=len(self._pending))
             return
-        # Past a quarter of the cap waiting, it goes without waiting (EVENT_YIELD).
-        wait = len(self._pending) < self.MAX_PENDING_EVENTS // 4
-        task = asyncio.create_task(self._post_event(ref, reason, message, type_, wait))
+        task = asyncio.create_task(self._post_event(ref, reason, message, type_))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _post_event(
-        self, ref: JSON, reason: str, message: str, type_: str, wait: bool
-    ) -> None:
+    async def _post_event(self, ref: JSON, reason: str, message: str, type_: str) -> None:
         body = events.event_body(
             ref,
             reason,
@@ -344,9 +303,6 @@ class Writer:
         )
         namespace = body["metadata"]["namespace"]
         try:
-            if wait:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._no_lease_writes.wait(), self.EVENT_YIELD)
             await self.events_client.create(
                 resource_path("", "v1", "events", namespace), body, attempts=1
             )
