@@ -116,16 +116,12 @@ def plan_pod(
     )
     if pod is None:
         return Plan(revoke=tuple((lease, POD_DELETED) for lease in held), delete=delete)
+    if idle(world, pod):
+        return Plan()  # most unmeshed pods: no binding needs matching
     blocked = pod_reason(pod)
     blocked_held = pod_reason(pod, holding=True)
     revoke: list[tuple[LeaseView, str]] = []
-    # What the bindings entitle it to, where it is read: not for a pod that may hold
-    # nothing and holds nothing (most unmeshed pods), which saves matching every binding.
-    wanted: set[str] = (
-        {e.binding.name for e in entitlements(world, pod, naming, verdicts) if e.entitled}
-        if blocked is None or (held and blocked_held is None)
-        else set()
-    )
+    wanted = {e.binding.name for e in entitlements(world, pod, naming, verdicts) if e.entitled}
     kept: set[str] = set()
     for lease in held:
         slot = (lease.namespace, lease.binding)
