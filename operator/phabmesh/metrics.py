@@ -387,8 +387,8 @@ class Metrics:
         self.token_reviews = Counter(
             "phabmesh_token_reviews_total",
             "Tokens presented at the credential endpoint, by what became of them (cached, "
-            "refused_cached, not_a_token, limited_source, limited_namespace, limited_all, "
-            "reserve, authenticated, refused)",
+            "refused_cached, joined, not_a_token, limited_source, limited_namespace, "
+            "limited_all, reserve, authenticated, refused)",
             ["result"],
             registry=None,
         )

@@ -6,6 +6,7 @@ flood against the real API server is in tests/integration/test_issuer_flood.py).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import collections
 import heapq
@@ -317,3 +318,57 @@ def test_the_namespace_is_the_mesh_identitys_only_from_the_local_proxy() -> None
     assert caller_identity(identity, "10.0.0.9") is None  # anyone's to send from elsewhere
     assert caller_namespace(None, naming) is None  # unidentified: one shared budget
     assert caller_namespace("runner.ci.serviceaccount.identity.other.example", naming) is None
+
+
+class Slow(Reviews):
+    """Answers once let go (``answer``), or fails with ``error``."""
+
+    def __init__(self, good: set[str]) -> None:
+        super().__init__(good)
+        self.answer = asyncio.Event()
+        self.error: Exception | None = None
+
+    async def token_review(
+        self, token: str, audiences: list[str], *, limited: bool = True
+    ) -> dict[str, Any]:
+        await self.answer.wait()
+        if self.error is not None:
+            self.calls.append((token, limited))
+            raise self.error
+        return await super().token_review(token, audiences, limited=limited)
+
+
+async def test_concurrent_requests_with_one_token_share_one_review() -> None:
+    """A pod retrying with the same token while its first review is under way: one review,
+    one unit of its budget, one answer for all, even when the first caller goes away."""
+    good = jwt("real")
+    api = Slow({good})
+    tokens = reviewer(api, Clock(), source_burst=2)
+    first = asyncio.ensure_future(tokens.review(good, "10.0.0.9"))
+    await asyncio.sleep(0)
+    joined = [asyncio.ensure_future(tokens.review(good, "10.0.0.9")) for _ in range(50)]
+    await asyncio.sleep(0)
+    first.cancel()  # its caller disconnected
+    api.answer.set()
+    answers = await asyncio.gather(*joined)
+    assert all(who is not None and who.pod_uid == "u" for who in answers)
+    assert len(api.calls) == 1
+    # The source spent one of its two: another token still gets a review.
+    assert await tokens.review(jwt("forged"), "10.0.0.9") is None
+    assert len(api.calls) == 2
+
+
+async def test_a_shared_review_that_fails_fails_for_all_and_the_next_one_reviews_again() -> None:
+    token = jwt("real")
+    api = Slow({token})
+    api.error = OSError("connection reset")
+    tokens = reviewer(api, Clock())
+    callers = [asyncio.ensure_future(tokens.review(token, f"s{i}")) for i in range(5)]
+    await asyncio.sleep(0)
+    api.answer.set()
+    outcomes = await asyncio.gather(*callers, return_exceptions=True)
+    assert all(isinstance(o, OSError) for o in outcomes)
+    assert len(api.calls) == 1
+    api.error = None
+    assert await tokens.review(token, "s0") is not None
+    assert len(api.calls) == 2

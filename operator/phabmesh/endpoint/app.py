@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -142,7 +143,8 @@ class TokenReviewer:
 
     In order: a token reviewed successfully within ``cache_ttl`` passes, and one refused
     within ``negative_ttl`` is refused again, without a review (both cached by the token's
-    hash, at most ``cache_size`` of each); a token that is not even a JWT for the audience is
+    hash, at most ``cache_size`` of each); a token under review for another request waits
+    for that review's answer, spending nothing; a token that is not even a JWT for the audience is
     refused without a review; otherwise the review spends, all at once or not at all, from
     the source's own budget (``source_rate``/``source_burst``, by ``l5d-client-id`` or peer
     address), its namespace's (``namespace_rate``/``namespace_burst``: the namespace of its
@@ -220,6 +222,9 @@ class TokenReviewer:
             self._reserve = None
         # (pod UID the token names, caller's mesh identity) -> an Active lease has both?
         self.holds_lease = holds_lease
+        # Reviews under way, by the token's hash: a request with the same token joins its
+        # review rather than spend another (a burst of one pod's retries is one review).
+        self._in_flight: dict[str, asyncio.Future[Reviewed | None]] = {}
 
     @classmethod
     def from_settings(cls, client: KubeClient, settings: Settings) -> TokenReviewer:
@@ -258,11 +263,29 @@ class TokenReviewer:
         if digest in self._refused:
             metrics.current().token_reviews.labels(result="refused_cached").inc()
             return None
+        pending = self._in_flight.get(digest)
+        if pending is not None:  # the same token, under review for another request
+            metrics.current().token_reviews.labels(result="joined").inc()
+            return await asyncio.shield(pending)
         claims = _claims(token, self.audience)
         if claims is None:
             metrics.current().token_reviews.labels(result="not_a_token").inc()
             return None
         self._spend(claims, source, namespace, mesh_identity)
+        task = asyncio.ensure_future(self._review(token, digest))
+        self._in_flight[digest] = task
+        task.add_done_callback(functools.partial(self._review_done, digest))
+        # Shielded: a caller that goes away leaves the review to those who joined it.
+        return await asyncio.shield(task)
+
+    def _review_done(self, digest: str, task: asyncio.Future[Reviewed | None]) -> None:
+        if self._in_flight.get(digest) is task:
+            del self._in_flight[digest]
+        if not task.cancelled():
+            task.exception()  # retrieved: every caller may have gone away
+
+    async def _review(self, token: str, digest: str) -> Reviewed | None:
+        """One TokenReview, its answer cached."""
         status = await self.client.token_review(token, [self.audience], limited=False)
         result = _reviewed(status, self.audience)
         if result is not None:
