@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 
 import pytest
 
+from phabmesh.conduit import responses
+from phabmesh.gateway.app import HELD, Gateway
 from phabmesh.gateway.budget import Budget, Held
 from phabmesh.gateway.offload import Busy, Workers
+from phabmesh.settings import Settings
 
 KIB = 1024
+MIB = 1024 * KIB
 
 
 def _budget() -> Budget:
@@ -46,7 +51,7 @@ def test_a_body_of_unknown_size_counts_as_large_chunk_by_chunk() -> None:
         held.take(budget, 4 * KIB)
     assert share.value.status == 429
     held.release()
-    assert budget.used == 0 and held.taken == []
+    assert budget.used == 0 and held.taken == {}
 
 
 def test_the_pool_admits_a_share_per_source_and_a_bounded_queue() -> None:
@@ -78,3 +83,51 @@ def test_the_pool_runs_work_and_frees_its_place() -> None:
 
 def _double() -> int:
     return 21 * 2
+
+
+def test_a_part_given_back_leaves_the_rest_held_until_release() -> None:
+    budget = _budget()
+    held = Held("a")
+    held.take(budget, 30 * KIB)
+    held.give(budget, 10 * KIB)
+    assert budget.used == 20 * KIB and held.taken == {budget: 20 * KIB}
+    held.give(budget, 99 * KIB)  # never more than it holds
+    held.take(budget, 5 * KIB)
+    held.release()
+    assert budget.used == 0 and held.taken == {}
+
+
+@pytest.mark.parametrize("room", [1 * MIB, 6 * MIB])
+async def test_a_compressed_answer_is_inflated_only_as_far_as_its_bytes_are_reserved(
+    room: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Phabricator's answer, compressed anyway: every step past the first (small, made and
+    reserved with no await between) is reserved in the answer budget before it is made, so
+    concurrent answers never hold more than the budget, whatever they inflate to."""
+    gateway = Gateway(Settings.local("http://127.0.0.1:9"), state=None)  # type: ignore[arg-type]
+    answers = gateway.answers
+    answers.used = answers.limit - answers.small_reserve - room  # what other answers hold
+    request = {HELD: Held("a")}
+    bomb = gzip.compress(b"x" * (5 * MIB))
+    made = 0
+    step = responses.Inflation.step
+
+    def reserved_first(inflation: responses.Inflation, at_most: int) -> int:
+        nonlocal made
+        if made:  # the first step is reserved once made, in the same turn of the loop
+            assert request[HELD].taken[answers] >= made + at_most
+        now = step(inflation, at_most)
+        made += now
+        return now
+
+    monkeypatch.setattr(responses.Inflation, "step", reserved_first)
+    if room < 5 * MIB:
+        with pytest.raises(Busy):
+            await gateway._inflate(bomb, "gzip", request)  # type: ignore[arg-type]
+        assert made <= room
+    else:
+        result = await gateway._inflate(bomb, "gzip", request)  # type: ignore[arg-type]
+        assert len(result) == made == 5 * MIB
+        assert request[HELD].taken[answers] == 5 * MIB  # exactly what it holds
+    request[HELD].release()
+    await gateway.close()

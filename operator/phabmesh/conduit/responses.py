@@ -80,7 +80,7 @@ class BodyTooLarge(ValueError):
 class Encoded:
     """An answer's body as sent, and the headers that say how it is encoded."""
 
-    body: bytes
+    body: bytes | bytearray
     coding: Coding | None
 
     @property
@@ -126,13 +126,13 @@ def _refused(element: str) -> bool:
     return False
 
 
-def compress(body: bytes, coding: Coding) -> bytes:
+def compress(body: bytes | bytearray, coding: Coding) -> bytes:
     """``body`` as PHP's zlib.output_compression writes it (level 6; gzip: mtime 0, OS unix)."""
     compressor = zlib.compressobj(LEVEL, zlib.DEFLATED, _WBITS[coding])
     return compressor.compress(body) + compressor.flush()
 
 
-def encode(body: bytes, accept_encoding: str | None) -> Encoded:
+def encode(body: bytes | bytearray, accept_encoding: str | None) -> Encoded:
     """The body as Phorge would send it to a client that sent this ``Accept-Encoding``."""
     coding = negotiate(accept_encoding)
     if coding is None:
@@ -140,49 +140,76 @@ def encode(body: bytes, accept_encoding: str | None) -> Encoded:
     return Encoded(compress(body, coding), coding)
 
 
-async def encode_async(body: bytes, accept_encoding: str | None) -> Encoded:
+async def encode_async(body: bytes | bytearray, accept_encoding: str | None) -> Encoded:
     """:func:`encode`, in a worker thread when the body is large."""
     if len(body) > THREAD_ABOVE_BYTES and negotiate(accept_encoding) is not None:
         return await asyncio.to_thread(encode, body, accept_encoding)
     return encode(body, accept_encoding)
 
 
-def decode(body: bytes, content_encoding: str | None, max_bytes: int) -> bytes:
-    """A response body as sent with this ``Content-Encoding``, decoded, never past ``max_bytes``.
+class Inflation:
+    """A response body as sent with this ``Content-Encoding``, decoded in steps of bounded
+    size, never past ``max_bytes``: whoever holds the body can reserve each step's bytes
+    before they exist (the gateway's answer budget), and stop between two.
 
     Takes ``gzip``/``x-gzip`` and ``deflate``, zlib-wrapped (as PHP sends it) or raw (as
-    some servers do), and ``identity``. Raises :class:`BodyTooLarge` or
-    :class:`UnreadableBody`.
+    some servers do), and ``identity`` (nothing to do: :attr:`done` at once). Raises
+    :class:`BodyTooLarge` or :class:`UnreadableBody`, from the constructor or a step. A step
+    may run in a worker thread (zlib releases the GIL), one at a time.
     """
-    codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
-    codings = [c for c in codings if c and c != "identity"]
-    if len(body) > max_bytes:
-        raise BodyTooLarge(f"body over {max_bytes} bytes")
-    if not codings:
-        return body
-    if len(codings) > 1 or codings[0] not in ("gzip", "x-gzip", "deflate"):
-        raise UnreadableBody(f"unsupported Content-Encoding {content_encoding!r}")
-    if codings[0] == "deflate":
-        wbits = zlib.MAX_WBITS if _zlib_wrapped(body) else -zlib.MAX_WBITS
-    else:
-        wbits = 16 + zlib.MAX_WBITS
-    inflater = zlib.decompressobj(wbits)
-    try:
-        out = inflater.decompress(body, max_bytes + 1)
-    except zlib.error as exc:
-        raise UnreadableBody(f"corrupt {codings[0]} body") from exc
-    if len(out) > max_bytes or inflater.unconsumed_tail:
-        raise BodyTooLarge(f"body over {max_bytes} bytes once decompressed")
-    if not inflater.eof:
-        raise UnreadableBody(f"truncated {codings[0]} body")
-    return out
+
+    def __init__(self, body: bytes, content_encoding: str | None, max_bytes: int) -> None:
+        codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
+        codings = [c for c in codings if c and c != "identity"]
+        if len(body) > max_bytes:
+            raise BodyTooLarge(f"body over {max_bytes} bytes")
+        self.body = body
+        self.max_bytes = max_bytes
+        self._out = bytearray()  # grown in place: never a second copy of what is inflated
+        self._pending = body  # what is still to inflate
+        self._inflater: Any = None
+        self.done = not codings
+        if self.done:
+            return
+        if len(codings) > 1 or codings[0] not in ("gzip", "x-gzip", "deflate"):
+            raise UnreadableBody(f"unsupported Content-Encoding {content_encoding!r}")
+        self.coding = codings[0]
+        if self.coding == "deflate":
+            wbits = zlib.MAX_WBITS if _zlib_wrapped(body) else -zlib.MAX_WBITS
+        else:
+            wbits = 16 + zlib.MAX_WBITS
+        self._inflater = zlib.decompressobj(wbits)
+
+    def step(self, at_most: int) -> int:
+        """Inflate at most ``at_most`` (> 0) more bytes; how many it inflated."""
+        asked = min(at_most, self.max_bytes + 1 - len(self._out))
+        try:
+            chunk = self._inflater.decompress(self._pending, asked)
+        except zlib.error as exc:
+            raise UnreadableBody(f"corrupt {self.coding} body") from exc
+        self._pending = self._inflater.unconsumed_tail
+        self._out += chunk
+        if len(self._out) > self.max_bytes:
+            raise BodyTooLarge(f"body over {self.max_bytes} bytes once decompressed")
+        if self._inflater.eof:
+            self.done = True
+        elif not self._pending and len(chunk) < asked:  # all of it read, and not the end
+            raise UnreadableBody(f"truncated {self.coding} body")
+        return len(chunk)
+
+    @property
+    def result(self) -> bytes | bytearray:
+        """The body decoded, once :attr:`done`."""
+        return self.body if self._inflater is None else self._out
 
 
-async def decode_async(body: bytes, content_encoding: str | None, max_bytes: int) -> bytes:
-    """:func:`decode`, in a worker thread when the body is large."""
-    if len(body) > THREAD_ABOVE_BYTES and content_encoding:
-        return await asyncio.to_thread(decode, body, content_encoding, max_bytes)
-    return decode(body, content_encoding, max_bytes)
+def decode(body: bytes, content_encoding: str | None, max_bytes: int) -> bytes | bytearray:
+    """A response body as sent with this ``Content-Encoding``, decoded in one go, never past
+    ``max_bytes`` (:class:`Inflation`)."""
+    inflation = Inflation(body, content_encoding, max_bytes)
+    while not inflation.done:
+        inflation.step(max_bytes + 1)
+    return inflation.result
 
 
 def _zlib_wrapped(body: bytes) -> bool:

@@ -84,6 +84,9 @@ UPSTREAM_ACCEPT_ENCODING = "identity"
 # gateway.offload). A compressed body is first inflated here up to this size and no further
 # (tens of microseconds whatever it holds): arc's small calls, all gzip, never queue.
 INLINE_DECODE_BYTES = 16 * 1024
+# A large compressed answer is inflated this much at a time, each step's bytes reserved in
+# the answer budget before they exist.
+INFLATE_STEP_BYTES = 1 << 20
 # Longest method name an audit line carries (a Conduit method name is at most 128).
 AUDIT_METHOD_CHARS = 128
 AUDIT_INFO_CHARS = 1024
@@ -539,6 +542,24 @@ class Gateway:
                 retry_after=RETRY_AFTER_SECONDS,
             ) from exc
 
+    async def _inflate(
+        self, raw: bytes, coding: str | None, request: web.Request
+    ) -> bytes | bytearray:
+        """Phabricator's answer decoded, its inflated bytes held in the answer budget as well,
+        each step reserved before it is inflated (offload.Busy past the budget): a small
+        answer at once on the event loop, a larger one a step at a time in a thread."""
+        inflation = responses.Inflation(raw, coding, self.settings.max_response_bytes)
+        if inflation.done:
+            return inflation.result
+        held = request[HELD]
+        size = inflation.step(responses.THREAD_ABOVE_BYTES)  # no await: made and held at once
+        held.take(self.answers, size, whole=size if inflation.done else None)
+        while not inflation.done:
+            held.take(self.answers, INFLATE_STEP_BYTES)
+            made = await asyncio.to_thread(inflation.step, INFLATE_STEP_BYTES)
+            held.give(self.answers, INFLATE_STEP_BYTES - made)
+        return inflation.result
+
     def _reserve_answer(self, request: web.Request) -> Callable[[int, int | None], None]:
         held = request[HELD]
         return lambda size, whole: held.take(self.answers, size, whole)
@@ -699,7 +720,9 @@ class Gateway:
         except responses.BodyTooLarge as exc:
             raise _too_large(limit) from exc
         try:
-            payload = await responses.decode_async(raw, coding, limit)
+            payload = await self._inflate(raw, coding, request)
+        except offload.Busy as exc:
+            raise _busy(exc, "answers") from exc
         except responses.BodyTooLarge as exc:
             raise _too_large(limit) from exc
         except responses.UnreadableBody as exc:
@@ -710,11 +733,6 @@ class Gateway:
                 "upstream_unreadable",
                 502,
             ) from exc
-        if payload is not raw:  # inflated from what was sent: it is held as well
-            try:
-                request[HELD].take(self.answers, len(payload), whole=len(payload))
-            except offload.Busy as exc:
-                raise _busy(exc, "answers") from exc
         if bot_token and bot_token.encode() in payload:
             # Phorge echoes a refused token in error_info: never hand the bot's out.
             payload = payload.replace(bot_token.encode(), b"[REDACTED]")

@@ -61,13 +61,19 @@ class Held:
     """What one request holds of each budget; :meth:`release` gives it all back."""
 
     source: str
-    taken: list[tuple[Budget, int]] = dataclasses.field(default_factory=list)
+    taken: dict[Budget, int] = dataclasses.field(default_factory=dict)
 
     def take(self, budget: Budget, size: int, whole: int | None = None) -> None:
         budget.take(self.source, size, whole)
-        self.taken.append((budget, size))
+        self.taken[budget] = self.taken.get(budget, 0) + size
+
+    def give(self, budget: Budget, size: int) -> None:
+        """Give back ``size`` of what was taken from ``budget`` (reserved, then not needed)."""
+        size = min(size, self.taken.get(budget, 0))
+        budget.give(self.source, size)
+        self.taken[budget] -= size
 
     def release(self) -> None:
-        taken, self.taken = self.taken, []
-        for budget, size in taken:
+        taken, self.taken = self.taken, {}
+        for budget, size in taken.items():
             budget.give(self.source, size)

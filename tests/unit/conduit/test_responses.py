@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import random
 import zlib
 
 import pytest
@@ -126,9 +127,38 @@ def test_large_bodies_go_to_a_thread_and_come_back_the_same() -> None:
     big = b'{"result":"' + b"abc" * (responses.THREAD_ABOVE_BYTES // 2) + b'"}'
     encoded = asyncio.run(responses.encode_async(big, "gzip"))
     assert encoded == responses.encode(big, "gzip")
-    assert asyncio.run(responses.decode_async(encoded.body, "gzip", 1 << 24)) == big
+    assert responses.decode(encoded.body, "gzip", 1 << 24) == big
     small = asyncio.run(responses.encode_async(BODY, "deflate"))
     assert small == responses.encode(BODY, "deflate")
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+@pytest.mark.parametrize("step", [1, 1000, 1 << 16])
+def test_an_answer_inflates_in_steps_no_larger_than_asked(
+    coding: responses.Coding, step: int
+) -> None:
+    body = bytes(random.Random(7).choices(b"abcdefgh", k=200_000))
+    inflation = responses.Inflation(responses.compress(body, coding), coding, 1 << 20)
+    made = []
+    while not inflation.done:
+        made.append(inflation.step(step))
+    assert all(0 <= n <= step for n in made)
+    assert sum(made) == len(body) and bytes(inflation.result) == body
+
+
+def test_a_bomb_stops_at_its_bound_step_by_step_and_a_cut_body_is_unreadable() -> None:
+    inflation = responses.Inflation(gzip.compress(b"x" * (8 << 20)), "gzip", 1 << 20)
+    made = 0
+    with pytest.raises(responses.BodyTooLarge):
+        while True:
+            made += inflation.step(1 << 16)
+    assert made <= 1 << 20  # nothing past the bound was ever inflated
+    cut = responses.Inflation(gzip.compress(BODY)[:-12], "gzip", 1 << 20)
+    with pytest.raises(responses.UnreadableBody):
+        while not cut.done:
+            cut.step(10)
+    plain = responses.Inflation(BODY, "identity", 1 << 20)
+    assert plain.done and plain.result is BODY
 
 
 def test_the_conduit_headers_are_phorges() -> None:
