@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime
-from collections import defaultdict
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from phabmesh import resources
 from phabmesh.clock import utcnow
@@ -20,6 +20,7 @@ from phabmesh.kube import KubeClient, shapes
 from phabmesh.kube.informer import DEFAULT_LIVENESS, DELETED, Informer
 from phabmesh.leases.view import LeaseView
 
+T = TypeVar("T")
 TOMBSTONES = 100_000  # bounded memory: about 15 MB at most
 # Of the most recently removed leases, what a Phorge-shaped credential's MAC needs, so that
 # the refusal can say why its lease went (older ones are refused as matching no lease):
@@ -42,13 +43,14 @@ class LeaseIndex:
     ) -> None:
         self.on_revoked = on_revoked
         self.by_uid: dict[str, LeaseView] = {}
-        self.by_pod: defaultdict[str, dict[str, LeaseView]] = defaultdict(dict)
+        # A pod has a lease or two, a locator one lease: tuples (a dict each is 184 bytes).
+        self.by_pod: dict[str, tuple[LeaseView, ...]] = {}
         self._uid_of: dict[str, str] = {}  # "ns/name" -> lease uid
         # Why recently removed leases went: so a refusal can say "pod deleted", not just "gone".
         self.tombstones: collections.OrderedDict[str, str] = collections.OrderedDict()
         # Phorge-shaped credentials name their lease by locator: locator -> lease uid ->
-        # (lease, its digest); and of the tombstoned leases, locator -> lease uid -> digest.
-        self._by_locator: dict[str, dict[str, tuple[LeaseView, bytes]]] = {}
+        # ((lease, its digest), ...); and of the tombstoned leases, locator -> lease uid -> digest.
+        self._by_locator: dict[str, tuple[tuple[LeaseView, bytes], ...]] = {}
         self._buried: dict[str, tuple[tuple[str, bytes], ...]] = {}
         self._buried_order: collections.deque[tuple[str, str]] = collections.deque()
         # Earlier terms of each lease seen on the watch, newest last: (expiresAt, start) in
@@ -87,12 +89,8 @@ class LeaseIndex:
         if old_uid is not None:
             old = self.by_uid.pop(old_uid, None)
             if old is not None:
-                pods = self.by_pod.get(old.pod_uid)
-                if pods is not None:
-                    pods.pop(old_uid, None)
-                    if not pods:
-                        del self.by_pod[old.pod_uid]
-                _unfile(self._by_locator, phorge.locator(old_uid), old_uid)
+                _unfile(self.by_pod, old.pod_uid, old_uid, lambda lease: lease.uid)
+                _unfile(self._by_locator, phorge.locator(old_uid), old_uid, _filed_uid)
         if kind == DELETED or lease is None:
             if old_uid is not None:
                 self._terms.pop(old_uid, None)
@@ -107,9 +105,10 @@ class LeaseIndex:
             self.on_revoked(lease)
         self._uid_of[key] = lease.uid
         self.by_uid[lease.uid] = lease
-        self.by_pod[lease.pod_uid][lease.uid] = lease
-        filed = self._by_locator.setdefault(phorge.locator(lease.uid), {})
-        filed[lease.uid] = (lease, lease.phorge_digest())
+        self.by_pod[lease.pod_uid] = (*self.by_pod.get(lease.pod_uid, ()), lease)
+        locator = phorge.locator(lease.uid)
+        filed = (lease, lease.phorge_digest())
+        self._by_locator[locator] = (*self._by_locator.get(locator, ()), filed)
 
     def _remember_term(self, old: LeaseView, new: LeaseView) -> None:
         """Keep ``old``'s term if ``new`` starts another (a renewal or a shortening)."""
@@ -162,28 +161,29 @@ class LeaseIndex:
         self._buried_order.append((locator, uid))
         while len(self._buried_order) > BURIED:
             locator, gone = self._buried_order.popleft()
-            kept = tuple(entry for entry in self._buried.get(locator, ()) if entry[0] != gone)
-            if kept:
-                self._buried[locator] = kept
-            else:
-                self._buried.pop(locator, None)
+            _unfile(self._buried, locator, gone, lambda entry: entry[0])
 
     def at_locator(self, locator: str) -> Iterable[tuple[LeaseView, bytes]]:
         """The leases a Phorge-shaped credential with this locator may belong to (usually
         one), each with its digest."""
-        return self._by_locator.get(locator, {}).values()
+        return self._by_locator.get(locator, ())
 
     def buried_at(self, locator: str) -> Iterable[tuple[str, bytes]]:
         """Recently removed leases with this locator: (lease uid, digest) each."""
         return self._buried.get(locator, ())
 
     def of_pod(self, pod_uid: str) -> list[LeaseView]:
-        return list(self.by_pod.get(pod_uid, {}).values())
+        return list(self.by_pod.get(pod_uid, ()))
 
 
-def _unfile(index: dict[str, dict[str, tuple[LeaseView, bytes]]], locator: str, uid: str) -> None:
-    filed = index.get(locator)
-    if filed is not None:
-        filed.pop(uid, None)
-        if not filed:
-            del index[locator]
+def _filed_uid(filed: tuple[LeaseView, bytes]) -> str:
+    return filed[0].uid
+
+
+def _unfile(index: dict[str, tuple[T, ...]], at: str, uid: str, uid_of: Callable[[T], str]) -> None:
+    """Take the entry of lease ``uid`` out of ``index[at]`` (and the key once empty)."""
+    kept = tuple(entry for entry in index.get(at, ()) if uid_of(entry) != uid)
+    if kept:
+        index[at] = kept
+    else:
+        index.pop(at, None)
