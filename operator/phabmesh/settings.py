@@ -449,7 +449,8 @@ class Settings(BaseSettings):
         "gateway",
         "Bytes of Phabricator's answers the gateway holds at once (as sent, plus the inflated "
         "copy of a compressed one), reserved by `Content-Length` or chunk as they are read (a "
-        "compressed one's inflated bytes a MiB at a time, before they are inflated) and "
+        "compressed one's inflated bytes past its first 256 KiB a MiB at a time, before they "
+        "are inflated) and "
         "given back once the answer is sent to the caller. Past it: `ERR-GATEWAY-BUSY`, HTTP "
         "503, `Retry-After: 1`; a source may hold at most half of it (else 429). Never below "
         "`PHABMESH_MAX_RESPONSE_BYTES`.",

@@ -131,3 +131,30 @@ async def test_a_compressed_answer_is_inflated_only_as_far_as_its_bytes_are_rese
         assert request[HELD].taken[answers] == 5 * MIB  # exactly what it holds
     request[HELD].release()
     await gateway.close()
+
+
+async def test_an_answer_that_fits_its_share_with_less_than_a_step_to_spare_is_served() -> None:
+    """Each step takes what the budget has room for (1 MiB at most), not a whole step: an
+    answer that fits the source's share passes, whatever is left of it at its last step."""
+    gateway = Gateway(Settings.local("http://127.0.0.1:9"), state=None)  # type: ignore[arg-type]
+    share = gateway.answers.share
+    body = b"x" * (share - 100 * KIB)
+    raw = gzip.compress(body)
+    request = {HELD: Held("a")}
+    request[HELD].take(gateway.answers, len(raw), whole=len(raw))  # as sent, as _forward does
+    result = await gateway._inflate(raw, "gzip", request)  # type: ignore[arg-type]
+    assert len(result) == len(body)
+    assert request[HELD].taken[gateway.answers] == len(raw) + len(body)
+    request[HELD].release()
+    assert gateway.answers.used == 0
+    await gateway.close()
+
+
+def test_giving_back_is_bounded_by_what_was_taken() -> None:
+    budget, other = _budget(), _budget()
+    held = Held("a")
+    held.give(other, 5 * KIB)  # never taken: nothing to give
+    assert other.used == 0
+    with pytest.raises(ValueError, match="cannot give back"):
+        held.give(budget, -1)
+    assert budget.used == 0

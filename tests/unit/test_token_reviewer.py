@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from phabmesh.endpoint.app import RateLimited, TokenReviewer
+from phabmesh.endpoint.app import MAX_JOINED, RateLimited, TokenReviewer
 from phabmesh.settings import Settings
 
 AUDIENCE = "phabmesh.io"
@@ -372,3 +372,23 @@ async def test_a_shared_review_that_fails_fails_for_all_and_the_next_one_reviews
     api.error = None
     assert await tokens.review(token, "s0") is not None
     assert len(api.calls) == 2
+
+
+async def test_past_the_free_joiners_copies_of_a_token_pay_their_budgets() -> None:
+    """A forged token's copies sent while its one review is under way: the first
+    MAX_JOINED wait for it for free, the rest spend their source's budget or are refused."""
+    forged = jwt("forged")
+    api = Slow(set())
+    tokens = reviewer(api, Clock(), source_burst=3)
+    first = asyncio.ensure_future(tokens.review(forged, "10.0.0.9"))
+    await asyncio.sleep(0)
+    copies = [
+        asyncio.ensure_future(tokens.review(forged, "10.0.0.9")) for _ in range(MAX_JOINED + 10)
+    ]
+    await asyncio.sleep(0)
+    api.answer.set()
+    outcomes = await asyncio.gather(first, *copies, return_exceptions=True)
+    limited = [o for o in outcomes if isinstance(o, RateLimited)]
+    assert len(api.calls) == 1  # still one review
+    assert len(limited) == 10 - 2  # the source's other two units paid for two of them
+    assert all(o is None for o in outcomes if not isinstance(o, RateLimited))

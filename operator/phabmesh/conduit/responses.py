@@ -158,7 +158,9 @@ class Inflation:
     may run in a worker thread (zlib releases the GIL), one at a time.
     """
 
-    def __init__(self, body: bytes, content_encoding: str | None, max_bytes: int) -> None:
+    def __init__(
+        self, body: bytes | bytearray, content_encoding: str | None, max_bytes: int
+    ) -> None:
         codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
         codings = [c for c in codings if c and c != "identity"]
         if len(body) > max_bytes:
@@ -182,6 +184,8 @@ class Inflation:
 
     def step(self, at_most: int) -> int:
         """Inflate at most ``at_most`` (> 0) more bytes; how many it inflated."""
+        if at_most <= 0:  # zlib would take 0 as no bound at all
+            raise ValueError(f"a step of {at_most} bytes")
         asked = min(at_most, self.max_bytes + 1 - len(self._out))
         try:
             chunk = self._inflater.decompress(self._pending, asked)
@@ -203,7 +207,9 @@ class Inflation:
         return self.body if self._inflater is None else self._out
 
 
-def decode(body: bytes, content_encoding: str | None, max_bytes: int) -> bytes | bytearray:
+def decode(
+    body: bytes | bytearray, content_encoding: str | None, max_bytes: int
+) -> bytes | bytearray:
     """A response body as sent with this ``Content-Encoding``, decoded in one go, never past
     ``max_bytes`` (:class:`Inflation`)."""
     inflation = Inflation(body, content_encoding, max_bytes)
@@ -212,6 +218,6 @@ def decode(body: bytes, content_encoding: str | None, max_bytes: int) -> bytes |
     return inflation.result
 
 
-def _zlib_wrapped(body: bytes) -> bool:
+def _zlib_wrapped(body: bytes | bytearray) -> bool:
     """RFC 1950's two-byte header: method 8, and the check bits."""
     return len(body) >= 2 and body[0] & 0x0F == 8 and (body[0] << 8 | body[1]) % 31 == 0

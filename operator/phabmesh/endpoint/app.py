@@ -135,6 +135,9 @@ class RateLimited(Exception):
 HELD_REFUSALS = 256
 HOLD_SECONDS = 1.0
 UNIDENTIFIED = ""  # the namespace budget of callers without a mesh identity
+# Requests that may wait for one review in flight for free (its token's retries); those past
+# them spend from their budgets as a review would, so a forged token's copies are bounded.
+MAX_JOINED = 64
 RESERVE_NAMESPACE_SHARE = 0.25  # of the lease holders' reserve, what one namespace may take
 
 
@@ -144,7 +147,8 @@ class TokenReviewer:
     In order: a token reviewed successfully within ``cache_ttl`` passes, and one refused
     within ``negative_ttl`` is refused again, without a review (both cached by the token's
     hash, at most ``cache_size`` of each); a token under review for another request waits
-    for that review's answer, spending nothing; a token that is not even a JWT for the audience is
+    for that review's answer, spending nothing (:data:`MAX_JOINED` such requests, then each
+    spends as below); a token that is not even a JWT for the audience is
     refused without a review; otherwise the review spends, all at once or not at all, from
     the source's own budget (``source_rate``/``source_burst``, by ``l5d-client-id`` or peer
     address), its namespace's (``namespace_rate``/``namespace_burst``: the namespace of its
@@ -224,7 +228,8 @@ class TokenReviewer:
         self.holds_lease = holds_lease
         # Reviews under way, by the token's hash: a request with the same token joins its
         # review rather than spend another (a burst of one pod's retries is one review).
-        self._in_flight: dict[str, asyncio.Future[Reviewed | None]] = {}
+        # Past MAX_JOINED callers, a request joins only if its budgets let it.
+        self._in_flight: dict[str, tuple[asyncio.Future[Reviewed | None], int]] = {}
 
     @classmethod
     def from_settings(cls, client: KubeClient, settings: Settings) -> TokenReviewer:
@@ -263,23 +268,28 @@ class TokenReviewer:
         if digest in self._refused:
             metrics.current().token_reviews.labels(result="refused_cached").inc()
             return None
-        pending = self._in_flight.get(digest)
-        if pending is not None:  # the same token, under review for another request
-            metrics.current().token_reviews.labels(result="joined").inc()
-            return await asyncio.shield(pending)
         claims = _claims(token, self.audience)
         if claims is None:
             metrics.current().token_reviews.labels(result="not_a_token").inc()
             return None
+        pending = self._in_flight.get(digest)
+        if pending is not None:  # the same token, under review for another request
+            task, joined = pending
+            if joined >= MAX_JOINED:  # past these, each pays its budgets as a review would
+                self._spend(claims, source, namespace, mesh_identity)
+            self._in_flight[digest] = (task, joined + 1)
+            metrics.current().token_reviews.labels(result="joined").inc()
+            return await asyncio.shield(task)
         self._spend(claims, source, namespace, mesh_identity)
         task = asyncio.ensure_future(self._review(token, digest))
-        self._in_flight[digest] = task
+        self._in_flight[digest] = (task, 0)
         task.add_done_callback(functools.partial(self._review_done, digest))
         # Shielded: a caller that goes away leaves the review to those who joined it.
         return await asyncio.shield(task)
 
     def _review_done(self, digest: str, task: asyncio.Future[Reviewed | None]) -> None:
-        if self._in_flight.get(digest) is task:
+        pending = self._in_flight.get(digest)
+        if pending is not None and pending[0] is task:
             del self._in_flight[digest]
         if not task.cancelled():
             task.exception()  # retrieved: every caller may have gone away

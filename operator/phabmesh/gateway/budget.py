@@ -49,6 +49,11 @@ class Budget:
         self.used += size
         self._by_source[source] += size
 
+    def room(self, source: str) -> int:
+        """The most a large reservation of ``source`` can take now (0: none)."""
+        ceiling = self.limit - self.small_reserve
+        return max(0, min(self.share - self._by_source[source], ceiling - self.used))
+
     def give(self, source: str, size: int) -> None:
         self.used -= size
         self._by_source[source] -= size
@@ -69,9 +74,12 @@ class Held:
 
     def give(self, budget: Budget, size: int) -> None:
         """Give back ``size`` of what was taken from ``budget`` (reserved, then not needed)."""
+        if size < 0:
+            raise ValueError(f"cannot give back {size} bytes")
         size = min(size, self.taken.get(budget, 0))
-        budget.give(self.source, size)
-        self.taken[budget] -= size
+        if size:
+            budget.give(self.source, size)
+            self.taken[budget] -= size
 
     def release(self) -> None:
         taken, self.taken = self.taken, {}
