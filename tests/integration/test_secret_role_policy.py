@@ -51,9 +51,7 @@ def policed(cluster: Cluster, namespace: str) -> Iterator[str]:
     docs = [
         d
         for d in yaml.safe_load_all(rendered)
-        if d
-        and d["kind"].startswith("ValidatingAdmissionPolicy")
-        and d["metadata"]["name"] == ROLE
+        if d and d["kind"].startswith("ValidatingAdmissionPolicy") and d["metadata"]["name"] == ROLE
     ]
     assert len(docs) == 2, "the policy and its binding"
     for doc in docs:
