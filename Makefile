@@ -187,6 +187,9 @@ YES ?=
 comma := ,
 PHABMESH_KINDS := phabricatorbots.phabmesh.io,phabricatorbindings.phabmesh.io,phabricatorcredentials.phabmesh.io
 HELD := {range .items[?(@.metadata.finalizers)]}{.kind} {.metadata.name} {.metadata.namespace}{"\n"}{end}
+PHABMESH_CRDS := $(subst $(comma), ,$(PHABMESH_KINDS))
+# Why the API server has not finished a CRD's deletion (its Terminating condition).
+TERMINATING := {.metadata.name}: {.status.conditions[?(@.type=="Terminating")].reason} {.status.conditions[?(@.type=="Terminating")].message}{"\n"}
 
 .PHONY: uninstall
 uninstall: $(STAMP) ## Remove phabmesh's CRDs (every bot, binding and lease) and its peering object; kopf's CRD stays
@@ -200,7 +203,10 @@ uninstall: $(STAMP) ## Remove phabmesh's CRDs (every bot, binding and lease) and
 	held=$$(for kind in $(subst $(comma), ,$(PHABMESH_KINDS)); do \
 	  $(KUBECTL) get $$kind -A -o jsonpath='$(HELD)' 2>/dev/null; done); \
 	if [ -z "$$held" ]; then \
-	  echo "make uninstall: phabmesh's CRDs are still being deleted after $(UNINSTALL_WAIT); see: $(KUBECTL) get crd $(PHABMESH_KINDS)" >&2; \
+	  echo "make uninstall: phabmesh's CRDs are still being deleted after $(UNINSTALL_WAIT); see: $(KUBECTL) get crd $(PHABMESH_CRDS)" >&2; \
+	  for crd in $(PHABMESH_CRDS); do \
+	    $(KUBECTL) get crd $$crd --ignore-not-found -o jsonpath='$(TERMINATING)' 2>/dev/null | sed 's/^/  /' >&2; \
+	  done; \
 	  exit 1; \
 	fi; \
 	echo "make uninstall: these objects still carry a finalizer after $(UNINSTALL_WAIT), so their CRDs cannot go:" >&2; \

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from phabmesh.dev import devcluster
-from tests.kube import Cluster
+from tests.kube import Cluster, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 KOPF_CRD = "clusterkopfpeerings.kopf.dev"
@@ -39,6 +39,32 @@ def _uninstall_args() -> list[str]:
 def _crd_names(group: str) -> set[str]:
     docs = [yaml.safe_load(f.read_text()) for f in (REPO / "crds").glob("*.yaml")]
     return {d["metadata"]["name"] for d in docs if d["spec"]["group"] == group}
+
+
+def _served_from_cache(plane: devcluster.ControlPlane, *crd_files: Path) -> None:
+    """Wait until the API server's watch cache of each CRD's objects is ready (a list at
+    resourceVersion 0 answers from it: 429 "storage is (re)initializing" until then).
+
+    A CRD deleted before then may stay Terminating for minutes: its finalizer's list of
+    the objects fails (InstanceDeletionFailed) and is retried with a growing backoff. An
+    install is never that young when it is uninstalled; these control planes are.
+    """
+    for path in crd_files:
+        crd = yaml.safe_load(path.read_text())
+        version = next(v["name"] for v in crd["spec"]["versions"] if v.get("storage"))
+        url = f"/apis/{crd['spec']['group']}/{version}/{crd['spec']['names']['plural']}"
+
+        def answered(url: str = url) -> bool:
+            raw = plane.kubectl("get", "--raw", f"{url}?resourceVersion=0&limit=1", check=False)
+            return raw.returncode == 0
+
+        wait_for(answered, timeout=60, what=f"the watch cache of {url}")
+
+
+def _phabmesh_crds() -> list[Path]:
+    return [
+        f for f in sorted((REPO / "crds").glob("*.yaml")) if f.name != "clusterkopfpeerings.yaml"
+    ]
 
 
 def test_crds_holds_phabmeshs_crds_and_kopfs() -> None:
@@ -96,6 +122,7 @@ def test_make_uninstall_keeps_kopfs_crd_and_other_operators_peering(tmp_path: Pa
         # Another kopf-based operator's peering object.
         other = "{apiVersion: kopf.dev/v1, kind: ClusterKopfPeering, metadata: {name: other}}"
         plane.kubectl("apply", "--server-side", "-f", "-", input=other)
+        _served_from_cache(plane, *_phabmesh_crds())
 
         result = _make_uninstall(plane)
         assert result.returncode == 0, result.stderr
@@ -109,6 +136,13 @@ def test_make_uninstall_keeps_kopfs_crd_and_other_operators_peering(tmp_path: Pa
         # Without kopf's CRD (no kopf operator left, CRD removed by hand): no error either.
         plane.kubectl("delete", "-f", str(REPO / "crds" / "clusterkopfpeerings.yaml"))
         plane.kubectl("apply", "--server-side", "-f", str(REPO / "crds" / "phabricatorbots.yaml"))
+        plane.kubectl(
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/phabricatorbots.phabmesh.io",
+        )
+        _served_from_cache(plane, REPO / "crds" / "phabricatorbots.yaml")
         result = _make_uninstall(plane)
         assert result.returncode == 0, result.stderr
         assert plane.kubectl("get", "crd", "-o", "name").stdout.split() == []
@@ -132,6 +166,7 @@ def test_make_uninstall_never_hangs_on_a_finalizer_no_operator_removes(tmp_path:
         plane.kubectl("apply", "--server-side", "-f", crds)
         plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", crds)
         plane.kubectl("create", "-f", "-", input=yaml.safe_dump(held))
+        _served_from_cache(plane, *_phabmesh_crds())
 
         refused = _make_uninstall(plane, "UNINSTALL_WAIT=3s")
         assert refused.returncode != 0
