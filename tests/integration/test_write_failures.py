@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from phabmesh.dev.conduit import ConduitServer
 from phabmesh.kube import Conflict, KubeClient
 from phabmesh.kube.client import Unavailable
 from phabmesh.processes.operator import OperatorProcess
+from tests.integration.test_lease_policy import REFUSAL, _lease
 from tests.kube import Cluster, wait_for
 from tests.phab import (
     SYSTEM,
@@ -229,6 +231,14 @@ def test_a_write_the_api_server_refuses_is_said_where_people_look(
         plane.kubectl("apply", "-f", str(REPO / "manifests" / "lease-policy.yaml"))
         plane.kubectl("create", "namespace", SYSTEM)
         plane.kubectl("create", "namespace", "refused")
+        plane.kubectl("create", "namespace", "probe")
+
+        def in_force() -> bool:  # the API server takes a new policy in a moment after
+            probe = _lease("probe", f"probe-{time.monotonic_ns()}")
+            made = plane.kubectl("create", "-f", "-", input=json.dumps(probe), check=False)
+            return made.returncode != 0 and REFUSAL in made.stderr
+
+        wait_for(in_force, timeout=60, what="the lease policy to be in force")
         wait_for(lambda: cluster.core.list_namespaced_service_account("refused").items)
         as_admin = OperatorProcess(settings_for(conduit), kubeconfig=str(plane.kubeconfig))
         operator = Threaded(as_admin).start()
