@@ -415,7 +415,7 @@ class Leases(_Reconciler):
 
     async def reconcile_pod(self, uid: str) -> None:
         """One reconcile of a pod at a time: its lock is forgotten as soon as no reconcile
-        holds or awaits it (kept for every live pod, locks were 0.2 KB a pod)."""
+        holds or awaits it (a lock per live pod would cost every pod its memory)."""
         entry = self._pod_locks.setdefault(uid, _PodLock())
         entry.users += 1
         try:
