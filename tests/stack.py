@@ -8,6 +8,8 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import structlog
+
 
 class Process(Protocol):
     async def start(self) -> None: ...
@@ -44,3 +46,17 @@ class Threaded:
 
 async def _wrap(make: Callable[[], Awaitable[Any]]) -> Any:
     return await make()
+
+
+def this_thread_only() -> Callable[[Any, str, dict[str, Any]], dict[str, Any]]:
+    """A structlog processor for ``capture_logs(processors=[this_thread_only()])``: it drops
+    what threads other than the caller's log. The session's operator and gateway run in
+    threads of their own, and structlog's capture is process-wide."""
+    mine = threading.get_ident()
+
+    def keep(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+        if threading.get_ident() != mine:
+            raise structlog.DropEvent
+        return event
+
+    return keep

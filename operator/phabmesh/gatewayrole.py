@@ -211,10 +211,17 @@ class SecretWatches:
     authorizes by ``resourceNames``), started and stopped to follow the names wanted. Their
     values are dropped with their watch."""
 
-    def __init__(self, client: KubeClient, name: str, liveness: float = DEFAULT_LIVENESS) -> None:
+    def __init__(
+        self,
+        client: KubeClient,
+        name: str,
+        liveness: float = DEFAULT_LIVENESS,
+        on_event: Callable[[str, str, dict[str, str] | None], None] | None = None,
+    ) -> None:
         self.client = client
         self.name = name  # each watch's, in the logs
         self.liveness = liveness
+        self.on_event = on_event  # called on each event of every watch
         # (namespace, name) -> the watch and its task.
         self.watches: dict[tuple[str, str], tuple[Informer[dict[str, str]], asyncio.Task[None]]]
         self.watches = {}
@@ -232,6 +239,7 @@ class SecretWatches:
                 params={"fieldSelector": f"metadata.name={name}"},
                 name=self.name,
                 liveness=self.liveness,
+                on_event=self.on_event,
             )
             self.watches[namespace, name] = (informer, asyncio.create_task(informer.run()))
 
@@ -268,6 +276,7 @@ class BotSecrets:
         excluded: Collection[str],
         name: str = ROLE,
         liveness: float = DEFAULT_LIVENESS,
+        on_event: Callable[[str, str, Any], None] | None = None,
     ) -> None:
         self.client = client
         self.namespace = namespace
@@ -277,7 +286,7 @@ class BotSecrets:
         self.role: Informer[frozenset[str]] = _role_informer(
             client, namespace, name, permitted, liveness
         )
-        self.secrets = SecretWatches(client, "bot-secret", liveness)
+        self.secrets = SecretWatches(client, "bot-secret", liveness, on_event)
         self._running = False
         self._started = False  # a reconcile has run with the Role read
         self.role.subscribe(self._changed)

@@ -453,6 +453,13 @@ class Metrics:
             "Lease revocations seen on the gateway's watch",
             registry=None,
         )
+        self.gateway_catch_ups = Counter(
+            "phabmesh_gateway_catch_ups_total",
+            "Calls with a credential issued moments ago that waited for the gateway's watches "
+            "to see its lease, binding or bot token, by outcome",
+            ["outcome"],
+            registry=None,
+        )
         self.gateway_fail_closed = Gauge(
             "phabmesh_gateway_fail_closed",
             "1 while the gateway refuses every credential because a watch it needs is down or "
@@ -508,6 +515,7 @@ class Metrics:
             self.gateway_latency,
             self.gateway_upstream_errors,
             self.gateway_revocations_seen,
+            self.gateway_catch_ups,
             self.gateway_fail_closed,
             self.hook_deliveries,
             self.hook_latency,

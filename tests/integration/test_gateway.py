@@ -67,7 +67,7 @@ def _pod(
     issued = exchange(operator, pod_token(cluster, bound, created), **params)
     assert issued.status_code == 200, issued.text
     bot_token = conduit.add_token(f"bot-{bound}")
-    wait_for(lambda: _gateway_ready(gateway), what="the gateway to see the lease")
+    wait_for(lambda: _leases_seen(gateway, bound), what="the gateway to see the lease")
     return Pod("runner-1", issued.json()["credential"], bot_token)
 
 
@@ -98,10 +98,6 @@ def any_pod(
 ) -> Pod:
     """A pod with a credential in each format in turn."""
     return _pod(cluster, conduit, operator, gateway, bound, format=request.param)
-
-
-def _gateway_ready(gateway: Threaded) -> bool:
-    return bool(gateway.process.state.leases.by_uid)  # type: ignore[attr-defined]
 
 
 def _leases_seen(gateway: Threaded, namespace: str) -> list[LeaseView]:

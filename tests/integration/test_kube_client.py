@@ -17,6 +17,7 @@ from phabmesh.kube.client import Gone
 from phabmesh.kube.informer import Informer
 from phabmesh.resources import resource_path
 from tests.kube import Cluster
+from tests.stack import this_thread_only
 
 
 @pytest.fixture
@@ -169,7 +170,7 @@ async def test_a_list_from_a_version_the_cache_never_reaches_is_read_consistentl
     path = resource_path("", "v1", "configmaps", namespace)
     await kube.create(path, _cm("here", "1"))
     # Far ahead of anything written: the watch cache waits for it, then answers 504.
-    with structlog.testing.capture_logs() as logs:
+    with structlog.testing.capture_logs(processors=[this_thread_only()]) as logs:
         pages = [p async for p in kube.list_pages(path, not_older_than=str(10**15))]
     assert [e["event"] for e in logs] == ["list_cache_behind"]
     assert [i["metadata"]["name"] for items, _ in pages for i in items] == ["here"]
@@ -253,7 +254,7 @@ async def test_the_first_pod_list_after_the_leases_is_not_held_by_a_quiet_pod_ca
     run = watches.tasks()
     loops = [asyncio.create_task(run["watch:leases"]()), asyncio.create_task(run["watch:pods"]())]
     try:
-        with structlog.testing.capture_logs() as logs:
+        with structlog.testing.capture_logs(processors=[this_thread_only()]) as logs:
             await asyncio.wait_for(watches.pods.synced.wait(), 30)
     finally:
         for task in loops:

@@ -11,6 +11,7 @@ from structlog.testing import capture_logs
 
 from phabmesh import settings
 from phabmesh.settings import Settings, parse_seconds
+from tests.stack import this_thread_only
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -261,7 +262,7 @@ def test_a_deprecated_name_is_read_and_warned_of_once_without_its_value() -> Non
     env = {"PHABMESH_ISSUER_PORT": "47123", "PHABMESH_ISSUER_HOST": "10.1.2.3"}
     read = Settings.from_env(env)
     assert (read.endpoint_host, read.endpoint_port) == ("10.1.2.3", 47123)
-    with capture_logs() as logged:
+    with capture_logs(processors=[this_thread_only()]) as logged:
         assert settings.warn_deprecated(env) == [
             ("PHABMESH_ISSUER_HOST", "PHABMESH_ENDPOINT_HOST"),
             ("PHABMESH_ISSUER_PORT", "PHABMESH_ENDPOINT_PORT"),
@@ -287,7 +288,7 @@ def test_a_deprecated_name_is_read_and_warned_of_once_without_its_value() -> Non
 @pytest.mark.usefixtures("fresh_warnings")
 def test_the_new_name_alone_warns_of_nothing() -> None:
     env = {"PHABMESH_ENDPOINT_PORT": "8443"}
-    with capture_logs() as logged:
+    with capture_logs(processors=[this_thread_only()]) as logged:
         assert settings.warn_deprecated(env) == []
     assert logged == []
     assert Settings.from_env(env).endpoint_port == 8443

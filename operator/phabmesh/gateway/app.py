@@ -104,6 +104,11 @@ RETRY_AFTER_SECONDS = 1
 # most this long.
 HELD_REFUSALS = 256
 HOLD_SECONDS = 1.0
+# A credential this young (seconds from its issue) that its lease, binding or bot's token
+# has not reached this gateway yet waits for them (Gateway._admit); so many such calls at
+# most wait at once, the others are refused at once.
+CATCH_UP_SECONDS = 5.0
+MAX_CATCHING_UP = 256
 
 
 def envelope(
@@ -134,6 +139,7 @@ class Refusal(Exception):
         status: int = 200,
         reason: str | None = None,
         retry_after: int | None = None,
+        settling: bool = False,
     ) -> None:
         super().__init__(info)
         self.code = code
@@ -142,6 +148,8 @@ class Refusal(Exception):
         self.status = status
         self.reason = reason or decision
         self.retry_after = retry_after
+        # What refused may be what this gateway has not seen yet (Gateway._admit).
+        self.settling = settling
 
     def response(self, accept_encoding: str | None = None) -> web.Response:
         return envelope(self.code, self.info, self.status, accept_encoding, self.retry_after)
@@ -259,6 +267,7 @@ class Gateway:
         self._recorded: metrics.Metrics | None = None
         self._serieses: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.holds = serving.Holds(HELD_REFUSALS, HOLD_SECONDS)
+        self._catching_up = 0  # calls waiting in _admit
         s = settings
         self.workers = offload.Workers(
             s.gateway_decode_workers, s.gateway_decode_queue, s.gateway_decode_share
@@ -409,9 +418,54 @@ class Gateway:
                 logs.CREDENTIAL_FORMAT: claims.format,
             }
         )
+        token = await self._admit(request, claims, method)
+        return await self._forward(request, method, call.with_token(token), token, audit)
+
+    async def _admit(self, request: web.Request, claims: Caller, method: str) -> str:
+        """The bot's token, if the credential may call ``method`` now; else a Refusal.
+
+        A credential made moments ago can reach this gateway before its lease, its binding or
+        its bot's token do: each comes by a watch of its own, and the operator does not wait
+        for them. While the credential is that young (CATCH_UP_SECONDS from its issue), a
+        refusal that such a watch can lift waits for the watches to move and is judged
+        again; past that, or with MAX_CATCHING_UP calls already waiting, it stands.
+        """
+        waited = False
+        while True:
+            try:
+                token = self._judge(request, claims, method)
+            except Refusal as refusal:
+                wait = self._catch_up_time(claims, refusal)
+                crowded = wait > 0 and self._catching_up >= MAX_CATCHING_UP
+                if wait <= 0 or crowded:
+                    if waited or crowded:
+                        outcome = "crowded" if crowded else "refused"
+                        metrics.current().gateway_catch_ups.labels(outcome=outcome).inc()
+                    raise
+                waited = True
+                self._catching_up += 1
+                try:
+                    await self.state.changes.wait(wait)
+                finally:
+                    self._catching_up -= 1
+            else:
+                if waited:
+                    metrics.current().gateway_catch_ups.labels(outcome="served").inc()
+                return token
+
+    def _catch_up_time(self, claims: Caller, refusal: Refusal) -> float:
+        """How long a call refused so may wait for the watches (0: not at all)."""
+        if not refusal.settling or claims.issued_at is None:
+            return 0.0
+        age = (self.clock() - claims.issued_at).total_seconds()
+        return min(CATCH_UP_SECONDS - age, CATCH_UP_SECONDS)
+
+    def _judge(self, request: web.Request, claims: Caller, method: str) -> str:
         self._check_lease(claims)
         rules = self.state.binding(claims.namespace, claims.binding)
-        if rules is None or rules.deleting:
+        if rules is None:
+            raise _revoked("BindingDeleted", settling=True)
+        if rules.deleting:
             raise _revoked("BindingDeleted")
         client_id = request.headers.get(CLIENT_ID_HEADER)
         if client_id is not None and client_id != claims.subject:
@@ -454,8 +508,9 @@ class Gateway:
                 "ERR-INVALID-AUTH",
                 f"credential refused: the token of bot {claims.bot} is not available",
                 "bot_token_missing",
+                settling=True,
             )
-        return await self._forward(request, method, call.with_token(token), token, audit)
+        return token
 
     async def read_body(self, request: web.Request) -> bytes:
         """The body, each byte reserved in the body budget before it is read."""
@@ -622,8 +677,8 @@ class Gateway:
 
     def _gone(self, lease_uid: str) -> Refusal:
         reason = self.state.leases.tombstones.get(lease_uid)
-        if not reason:
-            return _revoked("LeaseGone", "lease no longer exists")
+        if not reason:  # or not seen yet
+            return _revoked("LeaseGone", "lease no longer exists", settling=True)
         return _revoked(
             reason if reason in resources.REVOCATION_MESSAGES else "LeaseDeleted",
             resources.REVOCATION_MESSAGES.get(reason, "lease deleted"),
@@ -636,8 +691,8 @@ class Gateway:
         lease = leases.by_uid.get(claims.lease_uid)
         if lease is None:
             raise self._gone(claims.lease_uid)
-        if not lease.active:
-            raise _revoked(lease.reason or "revoked")
+        if not lease.active:  # Pending: the write that made it Active is on its way
+            raise _revoked(lease.reason or "revoked", settling=lease.phase == "Pending")
         if (lease.pod_uid, lease.namespace, lease.binding, lease.bot, lease.identity) != (
             claims.pod_uid,
             claims.namespace,
@@ -652,8 +707,8 @@ class Gateway:
         # The lease is judged by the binding, the bot and the namespace this gateway sees,
         # not by what the lease says: a lease the operator did not grant grants nothing.
         problem = self.state.grants.refusal(lease)
-        if problem:
-            raise _revoked(problem)
+        if problem:  # as the operator judged it when it issued, or a watch here is behind
+            raise _revoked(problem, settling=True)
         now = self.clock()
         leeway = datetime.timedelta(seconds=self.settings.clock_skew)
         if lease.expires_at is None or now > lease.expires_at + leeway:
@@ -787,8 +842,14 @@ def _unconfirmed() -> Refusal:
     )
 
 
-def _revoked(reason: str, detail: str | None = None) -> Refusal:
+def _revoked(reason: str, detail: str | None = None, *, settling: bool = False) -> Refusal:
     """Refused for its lease: ``reason`` (a revocation reason, or why the lease is unusable)
     for the metrics, ``detail`` (by default the reason's message) for the caller."""
     text = detail or resources.revocation_message(reason)
-    return Refusal("ERR-INVALID-AUTH", f"credential revoked: {text}", "revoked", reason=reason)
+    return Refusal(
+        "ERR-INVALID-AUTH",
+        f"credential revoked: {text}",
+        "revoked",
+        reason=reason,
+        settling=settling,
+    )

@@ -9,6 +9,7 @@ the gateway cannot confirm a lease and refuses credentials (fails closed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 from typing import Any
@@ -57,11 +58,32 @@ def hook_facts(obj: JSON) -> HookFacts:
     )
 
 
+class Changes:
+    """Wakes the calls waiting for the watches a credential is judged by to move: any event
+    of the leases, bindings, bots, namespaces, the Secrets Role and the bots' Secrets."""
+
+    def __init__(self) -> None:
+        self._moved: asyncio.Event | None = None  # made for the first waiter, set on the event
+
+    def notify(self, *_: Any) -> None:
+        if self._moved is not None:
+            self._moved.set()
+            self._moved = None
+
+    async def wait(self, timeout: float) -> None:
+        """Until the next event, or ``timeout`` seconds."""
+        if self._moved is None:
+            self._moved = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._moved.wait(), timeout)
+
+
 class GatewayState:
     def __init__(self, settings: Settings, client: KubeClient) -> None:
         self.settings = settings
         self.client = client
         live = settings.watch_liveness
+        self.changes = Changes()
         self.leases = LeaseIndex(
             client,
             on_revoked=lambda _: metrics.current().gateway_revocations_seen.inc(),
@@ -100,7 +122,16 @@ class GatewayState:
             self.bots,
             excluded={settings.webhook_secret, settings.signing_secret},
             liveness=live,
+            on_event=self.changes.notify,
         )
+        for watch in (
+            self.leases.informer,
+            self.bindings,
+            self.bots,
+            self.grants.namespaces,
+            self.secrets.role,
+        ):
+            watch.subscribe(self.changes.notify)
         self._secrets_synced = False
         # Herald webhooks, and the HMAC key Secret each names in its own namespace, watched by
         # name where that namespace grants it (docs/security.md): no list of any Secrets.
