@@ -94,6 +94,24 @@ class Child:
             fields[key] = value.strip()
         return (int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024)
 
+    def memory_kinds(self) -> dict[str, float]:
+        """Resident MB by kind of mapping: ``heap`` (glibc's main arena), ``anonymous``
+        (Python's object arenas, glibc's other arenas, large blocks), ``files`` (code)."""
+        kinds = {"heap": 0.0, "anonymous": 0.0, "files": 0.0}
+        kind = "files"
+        for line in Path(f"/proc/{self.proc.pid}/smaps").read_text().splitlines():
+            head = line.split()
+            if not head:
+                continue
+            if "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
+                path = head[5] if len(head) > 5 else ""
+                kind = (
+                    "heap" if path == "[heap]" else "files" if path.startswith("/") else "anonymous"
+                )
+            elif head[0] == "Rss:":
+                kinds[kind] += int(head[1]) / 1024
+        return kinds
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

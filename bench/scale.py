@@ -68,7 +68,7 @@ from bench.__main__ import (
     setup,
     stop_all,
 )
-from phabmesh import identity, logs, resources
+from phabmesh import identity, logs, memory, resources
 from phabmesh.dev import devcluster
 from phabmesh.kube import KubeClient, load_connection, shapes
 from phabmesh.kube.client import JSON
@@ -318,6 +318,13 @@ async def settled(clock: Clock, children: list[Child], limit: float = 30) -> flo
     return time.perf_counter() - start
 
 
+async def rested(clock: Clock, children: list[Child]) -> None:
+    """Settled, then three of the processes' memory periods: what a burst left is measured
+    once the process has given back what it gives back by itself (phabmesh.memory)."""
+    await settled(clock, children)
+    await asyncio.sleep(3 * memory.PERIOD)
+
+
 class Audit:
     """The phabmesh processes' requests, from the API server's audit log."""
 
@@ -470,8 +477,9 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
 
         await clock.until(population(unmeshed), 3600, every=1)
         made = time.perf_counter() - t
-        await settled(clock, children)
+        await rested(clock, children)
         after_plain = {"operator": operator.memory_mb()[0], "gateway": gateway.memory_mb()[0]}
+        kinds_plain = operator.memory_kinds()
 
         # The meshed pods, every one selected by its namespace's binding.
         t = time.perf_counter()
@@ -495,8 +503,9 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
         await clock.until(population(args.pods), 3600, every=1)
         await clock.until(all_leased, 600, every=1)
         made_meshed = time.perf_counter() - t
-        await settled(clock, children)
+        await rested(clock, children)
         after_mesh = {"operator": operator.memory_mb()[0], "gateway": gateway.memory_mb()[0]}
+        kinds_mesh = operator.memory_kinds()
         rows.append(
             (
                 f"population: {args.pods} pods in {args.namespaces} namespaces, "
@@ -517,6 +526,16 @@ async def scenario(  # noqa: PLR0915 - one measured story, told in order
                     f"per pod overall {_kb(after_mesh[who] - base[who], args.pods)}",
                 )
             )
+
+        rows.append(
+            (
+                "operator RSS by mapping: after the unmeshed / after the meshed",
+                ", ".join(
+                    f"{kind} {kinds_plain[kind]:.0f} / {kinds_mesh[kind]:.0f} MB"
+                    for kind in kinds_plain
+                ),
+            )
+        )
 
         # Issuance with hand-made pods patched Running at once, beside the patches' own time.
         await namespace(kube, "burst")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import structlog
 from aiohttp import web
 
-from phabmesh import metrics, serving
+from phabmesh import memory, metrics, serving, tasks
 from phabmesh.gateway.app import Gateway
 from phabmesh.gateway.hooks import Hooks
 from phabmesh.gateway.state import GatewayState
@@ -59,6 +59,7 @@ class GatewayProcess:
         state = self.state
         self.metrics.fail_closed_from(lambda: not state.ready)
         await self.state.start()
+        self.trimming = tasks.spawn("memory-trim", memory.Trimmer().run, s.backoff())
         self.gateway = Gateway(s, self.state, clock=self.clock)
         await self.gateway.workers.start()
         # aiohttp's own body limit sits above ours so that ours answers in Conduit's envelope.
@@ -115,6 +116,8 @@ class GatewayProcess:
         self.runners.clear()
         await self.hooks.close()
         await self.gateway.close()
+        self.trimming.cancel()
+        await asyncio.gather(self.trimming, return_exceptions=True)
         await self.state.stop()
         await self.client.close()
 

@@ -16,7 +16,7 @@ import datetime
 import structlog
 from aiohttp import web
 
-from phabmesh import controller, gatewayrole, metrics, serving, tasks
+from phabmesh import controller, gatewayrole, memory, metrics, serving, tasks
 from phabmesh.admission.server import WebhookSupervisor
 from phabmesh.admission.tls import WebhookTLS, service_names
 from phabmesh.controller import peering
@@ -119,6 +119,7 @@ class OperatorProcess:
         )
         await self.keys.ensure()
         self.tasks.append(tasks.spawn("signing-keys", self.keys.run, s.backoff()))
+        self.tasks.append(tasks.spawn("memory-trim", memory.Trimmer().run, s.backoff()))
         for name, loop in self.watches.tasks().items():
             self.tasks.append(tasks.spawn(name, loop, s.backoff()))
         self.webhook_tls = WebhookTLS(
