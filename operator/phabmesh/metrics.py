@@ -312,6 +312,13 @@ class Metrics:
         self.leases_issued = Counter(
             "phabmesh_leases_issued_total", "Credential leases created", registry=None
         )
+        self.events = Counter(
+            "phabmesh_events_total",
+            "Kubernetes Events the operator made, by outcome: posted, failed (the API server "
+            "refused or did not answer), dropped (too many not yet posted)",
+            ["outcome"],
+            registry=None,
+        )
         self.leases_revoked = Counter(
             "phabmesh_leases_revoked_total",
             "Credential leases revoked, by revocation reason",
@@ -492,6 +499,7 @@ class Metrics:
         operator: list[Collector] = [
             self.leases_issued,
             self.leases_revoked,
+            self.events,
             self.bot_checks,
             self.bot_ready.gauge,
             self.binding_ready.gauge,

@@ -285,6 +285,7 @@ class Writer:
         """Post a Kubernetes Event about ``ref`` in the background; failures are logged, never
         raised. Past :attr:`MAX_PENDING_EVENTS` not yet posted, new ones are dropped."""
         if len(self._pending) >= self.MAX_PENDING_EVENTS:
+            metrics.current().events.labels(outcome="dropped").inc()
             log.warning("event_dropped", reason=reason, pending=len(self._pending))
             return
         task = asyncio.create_task(self._post_event(ref, reason, message, type_))
@@ -307,7 +308,10 @@ class Writer:
                 resource_path("", "v1", "events", namespace), body, attempts=1
             )
         except Exception as exc:  # an Event is best effort
+            metrics.current().events.labels(outcome="failed").inc()
             log.warning("event_post_failed", reason=reason, error=str(exc))
+        else:
+            metrics.current().events.labels(outcome="posted").inc()
 
     async def remove_finalizer(self, path: str, index: int, finalizer: str) -> None:
         """Take ``finalizer`` off the object at ``path``, where the watch last showed it at
