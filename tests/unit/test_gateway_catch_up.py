@@ -144,3 +144,31 @@ async def test_past_the_waiting_bound_a_young_credential_is_refused_at_once(
         task.cancel()
     await asyncio.gather(*waiting, return_exceptions=True)
     assert gateway._catching_up == 0  # a caller that went away leaves no place taken
+
+
+async def test_a_flood_of_events_wakes_the_waiters_once_per_gap() -> None:
+    changes = Changes(gap=3600)  # no second wake due within the test but the one it makes
+    wakes = 0
+
+    async def waiter() -> None:
+        nonlocal wakes
+        while True:
+            await changes.wait(3600)
+            wakes += 1
+
+    task = asyncio.create_task(waiter())
+    await asyncio.sleep(0)
+    changes.notify()  # the first wake comes at once
+    for _ in range(1000):  # the next ones wait for the gap, all of them together
+        await asyncio.sleep(0)
+        changes.notify()
+    assert wakes == 1
+    due = changes._wake_later
+    assert due is not None
+    due.cancel()
+    changes._wake()  # as the timer does when the gap is over
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert wakes == 2
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

@@ -28,6 +28,8 @@ from phabmesh.settings import Settings
 # bot's token is and which namespaces may use it: the same values the leases are judged by.
 BindingRules = grants.BindingFacts
 BotRef = grants.BotFacts
+# Seconds between two wakes of the calls waiting for the watches (Changes), at least.
+WAKE_GAP = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,18 +62,37 @@ def hook_facts(obj: JSON) -> HookFacts:
 
 class Changes:
     """Wakes the calls waiting for the watches a credential is judged by to move: any event
-    of the leases, bindings, bots, namespaces, the Secrets Role and the bots' Secrets."""
+    of the leases, bindings, bots, namespaces, the Secrets Role and the bots' Secrets.
 
-    def __init__(self) -> None:
-        self._moved: asyncio.Event | None = None  # made for the first waiter, set on the event
+    Wakes come at most every :data:`WAKE_GAP` seconds, the events between them together:
+    a watch that brings thousands of events a second (a scale-up's leases) wakes each
+    waiting call a few dozen times a second, not once per event."""
+
+    def __init__(self, gap: float = WAKE_GAP) -> None:
+        self.gap = gap
+        self._moved: asyncio.Event | None = None  # made for the first waiter, set on the wake
+        self._woken_at = -gap
+        self._wake_later: asyncio.TimerHandle | None = None
 
     def notify(self, *_: Any) -> None:
+        if self._moved is None or self._wake_later is not None:
+            return  # nobody waits, or a wake is due already
+        loop = asyncio.get_running_loop()
+        due = self._woken_at + self.gap - loop.time()
+        if due <= 0:
+            self._wake()
+        else:
+            self._wake_later = loop.call_later(due, self._wake)
+
+    def _wake(self) -> None:
+        self._wake_later = None
+        self._woken_at = asyncio.get_running_loop().time()
         if self._moved is not None:
             self._moved.set()
             self._moved = None
 
     async def wait(self, timeout: float) -> None:
-        """Until the next event, or ``timeout`` seconds."""
+        """Until the next wake, or ``timeout`` seconds."""
         if self._moved is None:
             self._moved = asyncio.Event()
         with contextlib.suppress(TimeoutError):
