@@ -4,9 +4,9 @@ A burst (a restart's lists, a scale-up's thousands of leases, a flood of calls) 
 and frees far more than the process keeps. glibc's allocator keeps what was freed inside
 its heaps for the next allocation: the process's RSS stays at the burst's peak, although
 the objects are gone. Once a burst is over, :class:`Trimmer` asks glibc to return its
-free pages to the system (``malloc_trim(0)``). It costs a walk of the heap's free lists,
-once per burst, never while the process is busy. Without glibc (musl, another system) it
-does nothing.
+free pages to the system (``malloc_trim(0)``). It costs a walk of the heap's free lists, in
+a thread of its own, after every second of CPU time the process has worked, and never
+while the process is busy. Without glibc (musl, another system) it does nothing.
 """
 
 from __future__ import annotations
@@ -39,10 +39,14 @@ def _rss_mb() -> float:
 
 
 def _malloc_trim() -> Callable[[], object] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
+    for name in ("libc.so.6", ctypes.util.find_library("c")):
+        try:
+            trim = ctypes.CDLL(name).malloc_trim if name else None
+        except (OSError, AttributeError):
+            continue
+        if trim is not None:
+            break
+    else:
         return None
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
@@ -71,13 +75,18 @@ class Trimmer:
         self._worked = 0.0  # CPU seconds since the last trim
         self.trims = 0
 
-    def look(self) -> bool:
-        """One period's look: True if it trimmed."""
+    def due(self) -> bool:
+        """One period's look: whether to trim now."""
         now = self.cpu()
         used, self._last = now - self._last, now
         self._worked += used
-        if self.trim is None or used > self.quiet * self.period or self._worked < self.worth:
-            return False
+        return not (
+            self.trim is None or used > self.quiet * self.period or self._worked < self.worth
+        )
+
+    def run_trim(self) -> None:
+        """Trim (glibc takes its arenas' locks in turn: run it off the event loop)."""
+        assert self.trim is not None
         before, started = _rss_mb(), time.perf_counter()
         self.trim()
         took, after = time.perf_counter() - started, _rss_mb()
@@ -90,10 +99,10 @@ class Trimmer:
             rss_mb_after=round(after),
             ms=round(took * 1000, 1),
         )
-        return True
 
     async def run(self) -> None:
-        """Look every period until cancelled."""
+        """Look every period until cancelled; trim in a thread when it is due."""
         while True:
             await asyncio.sleep(self.period)
-            self.look()
+            if self.due():
+                await asyncio.to_thread(self.run_trim)

@@ -7,9 +7,11 @@ from __future__ import annotations
 import concurrent.futures
 from typing import Any
 
+import pytest
 import requests
 
 from phabmesh.dev.conduit import ConduitServer
+from phabmesh.gateway import app
 from phabmesh.processes.gateway import GatewayProcess
 from tests import rbac
 from tests.kube import Cluster, wait_for
@@ -40,9 +42,13 @@ def test_a_call_made_before_the_gateway_has_the_bots_token_waits_for_it(
     operator: Threaded,
     phabmesh_rbac: rbac.Installed,
     namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A gateway of its own, under its RBAC, whose watches of the bots' Secrets start only
     when the test lets them: a Secrets Role watch that lags behind the operator's issue."""
+    # The credential stays young for the whole test, however slow the machine (the gateway
+    # runs in this process).
+    monkeypatch.setattr(app, "CATCH_UP_SECONDS", 120.0)
     kubeconfig = phabmesh_rbac.kubeconfig("gateway")
     own = Threaded(GatewayProcess(settings_for(conduit), kubeconfig=kubeconfig)).start()
     try:

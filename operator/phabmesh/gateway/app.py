@@ -40,6 +40,7 @@ so the token redaction and anything else that reads the body see the decoded tex
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import datetime
 import functools
@@ -109,6 +110,7 @@ HOLD_SECONDS = 1.0
 # most wait at once, the others are refused at once.
 CATCH_UP_SECONDS = 5.0
 MAX_CATCHING_UP = 256
+MAX_CATCHING_UP_PER_SOURCE = 16
 
 
 def envelope(
@@ -268,6 +270,7 @@ class Gateway:
         self._serieses: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.holds = serving.Holds(HELD_REFUSALS, HOLD_SECONDS)
         self._catching_up = 0  # calls waiting in _admit
+        self._catching_up_from: collections.Counter[str] = collections.Counter()  # by source
         s = settings
         self.workers = offload.Workers(
             s.gateway_decode_workers, s.gateway_decode_queue, s.gateway_decode_share
@@ -418,38 +421,60 @@ class Gateway:
                 logs.CREDENTIAL_FORMAT: claims.format,
             }
         )
-        token = await self._admit(request, claims, method)
+        token = await self._admit(request, call.token, claims, method)
         return await self._forward(request, method, call.with_token(token), token, audit)
 
-    async def _admit(self, request: web.Request, claims: Caller, method: str) -> str:
+    async def _admit(
+        self, request: web.Request, credential: str, claims: Caller, method: str
+    ) -> str:
         """The bot's token, if the credential may call ``method`` now; else a Refusal.
 
         A credential made moments ago can reach this gateway before its lease, its binding or
         its bot's token do: each comes by a watch of its own, and the operator does not wait
-        for them. While the credential is that young (CATCH_UP_SECONDS from its issue), a
-        refusal that such a watch can lift waits for the watches to move and is judged
-        again; past that, or with MAX_CATCHING_UP calls already waiting, it stands.
+        for them. While the credential is that young (CATCH_UP_SECONDS from its issue, or
+        from now if its issue time is ahead of this gateway's clock), a refusal that such a
+        watch can lift waits for the watches to move, and the credential is verified and
+        judged again. Past that, the refusal stands; with MAX_CATCHING_UP calls waiting (or
+        MAX_CATCHING_UP_PER_SOURCE from the caller's source), it stands at once; and a call
+        whose caller went away while it waited is never forwarded.
         """
-        waited = False
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None  # on the loop's clock: past it, the refusal stands
+        source = request[HELD].source
         while True:
             try:
+                if deadline is not None:  # after a wait: a key retired meanwhile counts
+                    claims = self._verify(credential)
                 token = self._judge(request, claims, method)
             except Refusal as refusal:
-                wait = self._catch_up_time(claims, refusal)
-                crowded = wait > 0 and self._catching_up >= MAX_CATCHING_UP
-                if wait <= 0 or crowded:
-                    if waited or crowded:
-                        outcome = "crowded" if crowded else "refused"
-                        metrics.current().gateway_catch_ups.labels(outcome=outcome).inc()
+                if deadline is None:
+                    wait = self._catch_up_time(claims, refusal)
+                    if wait <= 0:
+                        raise
+                    deadline = loop.time() + wait
+                elif not refusal.settling or loop.time() >= deadline:
+                    metrics.current().gateway_catch_ups.labels(outcome="refused").inc()
                     raise
-                waited = True
+                if (
+                    self._catching_up >= MAX_CATCHING_UP
+                    or self._catching_up_from[source] >= MAX_CATCHING_UP_PER_SOURCE
+                ):
+                    metrics.current().gateway_catch_ups.labels(outcome="crowded").inc()
+                    raise
                 self._catching_up += 1
+                self._catching_up_from[source] += 1
                 try:
-                    await self.state.changes.wait(wait)
+                    await self.state.changes.wait(deadline - loop.time())
                 finally:
                     self._catching_up -= 1
+                    self._catching_up_from[source] -= 1
+                    if not self._catching_up_from[source]:
+                        del self._catching_up_from[source]
+                if request.transport is None or request.transport.is_closing():
+                    metrics.current().gateway_catch_ups.labels(outcome="gone").inc()
+                    raise
             else:
-                if waited:
+                if deadline is not None:
                     metrics.current().gateway_catch_ups.labels(outcome="served").inc()
                 return token
 
@@ -457,15 +482,15 @@ class Gateway:
         """How long a call refused so may wait for the watches (0: not at all)."""
         if not refusal.settling or claims.issued_at is None:
             return 0.0
-        age = (self.clock() - claims.issued_at).total_seconds()
-        return min(CATCH_UP_SECONDS - age, CATCH_UP_SECONDS)
+        if self.state.pod_ended(claims.pod_uid):  # its pod is gone: nothing to wait for
+            return 0.0
+        age = max((self.clock() - claims.issued_at).total_seconds(), 0.0)
+        return CATCH_UP_SECONDS - age
 
     def _judge(self, request: web.Request, claims: Caller, method: str) -> str:
         self._check_lease(claims)
         rules = self.state.binding(claims.namespace, claims.binding)
-        if rules is None:
-            raise _revoked("BindingDeleted", settling=True)
-        if rules.deleting:
+        if rules is None or rules.deleting:  # what _check_lease's grants saw: not reached
             raise _revoked("BindingDeleted")
         client_id = request.headers.get(CLIENT_ID_HEADER)
         if client_id is not None and client_id != claims.subject:
@@ -707,8 +732,9 @@ class Gateway:
         # The lease is judged by the binding, the bot and the namespace this gateway sees,
         # not by what the lease says: a lease the operator did not grant grants nothing.
         problem = self.state.grants.refusal(lease)
-        if problem:  # as the operator judged it when it issued, or a watch here is behind
-            raise _revoked(problem, settling=True)
+        if problem:  # a watch here may be behind what the operator judged when it issued
+            binding = self.state.binding(lease.namespace, lease.binding)
+            raise _revoked(problem, settling=binding is None or not binding.deleting)
         now = self.clock()
         leeway = datetime.timedelta(seconds=self.settings.clock_skew)
         if lease.expires_at is None or now > lease.expires_at + leeway:
@@ -839,6 +865,7 @@ def _unconfirmed() -> Refusal:
         "credential cannot be confirmed: the gateway has lost a watch it judges credentials by "
         "(leases, bindings, bots, namespaces or pods); retry shortly",
         "unconfirmed",
+        settling=True,  # a watch listing again: a young credential waits for it
     )
 
 

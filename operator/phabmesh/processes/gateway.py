@@ -111,12 +111,12 @@ class GatewayProcess:
                 await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
+        self.trimming.cancel()
         for runner in self.runners:
             await runner.cleanup()
         self.runners.clear()
         await self.hooks.close()
         await self.gateway.close()
-        self.trimming.cancel()
         await asyncio.gather(self.trimming, return_exceptions=True)
         await self.state.stop()
         await self.client.close()
