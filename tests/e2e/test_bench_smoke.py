@@ -84,6 +84,7 @@ def test_scale_benchmark_produces_every_figure() -> None:
         "population: 60 pods in 4 namespaces",
         "operator RSS",
         "gateway RSS",
+        "operator RSS by mapping",
         "issuance: 3 pods patched Running at once",
         "issuance: 6 pods patched Running at once",
         "scale-up: Deployment 0 -> 10 meshed pods",
@@ -99,6 +100,7 @@ def test_scale_benchmark_produces_every_figure() -> None:
     assert revoked.endswith("(3 of 3)"), revoked
     restart = next(value for name, value in rows if name.startswith("operator restart"))
     assert re.search(r"CPU from start to ready: operator \d+\.\d s .*API server \d", restart)
+    assert re.search(r"started once the control plane was quiet \(\d+ s after", restart)
 
 
 def test_kopf_hold_releases_every_worker() -> None:
