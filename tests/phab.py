@@ -251,3 +251,14 @@ def spawn_operator(
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+
+
+def whoami(gateway: Threaded, credential: str, timeout: float = 10) -> dict[str, Any]:
+    """``user.whoami`` through ``gateway`` with ``credential``: Conduit's envelope."""
+    port = gateway.process.port  # type: ignore[attr-defined]
+    answer: dict[str, Any] = requests.post(
+        f"http://127.0.0.1:{port}/api/user.whoami",
+        data={"api.token": credential, "output": "json"},
+        timeout=timeout,
+    ).json()
+    return answer

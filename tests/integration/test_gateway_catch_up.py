@@ -5,7 +5,6 @@ token by watches of its own. A call made at once waits for them, a little."""
 from __future__ import annotations
 
 import concurrent.futures
-from typing import Any
 
 import pytest
 import requests
@@ -15,18 +14,8 @@ from phabmesh.gateway import app
 from phabmesh.processes.gateway import GatewayProcess
 from tests import rbac
 from tests.kube import Cluster, wait_for
-from tests.phab import active_leases, bind, exchange, make_pod, pod_token, settings_for
+from tests.phab import active_leases, bind, exchange, make_pod, pod_token, settings_for, whoami
 from tests.stack import Threaded
-
-
-def _whoami(gateway: Threaded, credential: str) -> dict[str, Any]:
-    port = gateway.process.port  # type: ignore[attr-defined]
-    answer: dict[str, Any] = requests.post(
-        f"http://127.0.0.1:{port}/api/user.whoami",
-        data={"api.token": credential, "output": "json"},
-        timeout=30,
-    ).json()
-    return answer
 
 
 def _catch_ups(gateway: Threaded, outcome: str) -> float:
@@ -66,7 +55,7 @@ def test_a_call_made_before_the_gateway_has_the_bots_token_waits_for_it(
         assert state.bot_token(bot) is None  # the gateway does not have it yet
         served_before = _catch_ups(own, "served")
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            answer = pool.submit(_whoami, own, credential)
+            answer = pool.submit(whoami, own, credential, 30)
             gateway = own.process.gateway  # type: ignore[attr-defined]
             wait_for(lambda: gateway._catching_up == 1 or answer.done(), what="the call")
             assert not answer.done(), answer.result()  # answered without its bot's token

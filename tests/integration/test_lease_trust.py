@@ -10,7 +10,6 @@ import datetime
 from typing import Any
 
 import pytest
-import requests
 
 from phabmesh import credentials, resources
 from phabmesh.controller.writer import Writer
@@ -31,18 +30,9 @@ from tests.phab import (
     make_pod,
     pod_token,
     time_of,
+    whoami,
 )
 from tests.stack import Threaded
-
-
-def whoami(gateway: Threaded, credential: str) -> dict[str, Any]:
-    port = gateway.process.port  # type: ignore[attr-defined]
-    answer: dict[str, Any] = requests.post(
-        f"http://127.0.0.1:{port}/api/user.whoami",
-        data={"api.token": credential, "output": "json"},
-        timeout=10,
-    ).json()
-    return answer
 
 
 def acts_as(gateway: Threaded, credential: str) -> str | None:

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import datetime
 import time
-from typing import Any
 
 import pytest
-import requests
 
 from phabmesh import resources
 from phabmesh.dev.conduit import ConduitServer
@@ -31,20 +29,11 @@ from tests.phab import (
     pod_token,
     settings_for,
     time_of,
+    whoami,
 )
 from tests.stack import Threaded
 
 OUTLIVED = "credential outlived the binding's credentialTTL"
-
-
-def _whoami(gateway: Threaded, credential: str) -> dict[str, Any]:
-    port = gateway.process.port  # type: ignore[attr-defined]
-    answer: dict[str, Any] = requests.post(
-        f"http://127.0.0.1:{port}/api/user.whoami",
-        data={"api.token": credential, "output": "json"},
-        timeout=10,
-    ).json()
-    return answer
 
 
 @pytest.mark.parametrize("credential_format", ["phorge-token", "jwt"])
@@ -74,7 +63,7 @@ def test_a_young_credential_keeps_its_time_when_the_ttl_shrinks(
         assert issued.json()["format"] == credential_format
         wait_for(
             lambda: (
-                (answer := _whoami(own, credential)).get("result")
+                (answer := whoami(own, credential)).get("result")
                 and answer["result"]["userName"] == bot
             ),
             what="the gateway to answer as the bot",
@@ -111,7 +100,7 @@ def test_a_young_credential_keeps_its_time_when_the_ttl_shrinks(
         assert time_of(issued.json()["expiresAt"]) > shrunk_at + datetime.timedelta(minutes=1)
 
         # Young: still good, though it ends after its lease now does.
-        answer = _whoami(own, credential)
+        answer = whoami(own, credential)
         assert answer.get("error_code") is None, answer
         assert answer["result"]["userName"] == bot
 
@@ -121,7 +110,7 @@ def test_a_young_credential_keeps_its_time_when_the_ttl_shrinks(
         at = shrunk_at + datetime.timedelta(minutes=1) + skew - datetime.timedelta(seconds=2)
         assert at > made + datetime.timedelta(minutes=1) + skew
         ahead[0] = at - datetime.datetime.now(datetime.UTC)
-        answer = _whoami(own, credential)
+        answer = whoami(own, credential)
         assert answer.get("error_code") == "ERR-INVALID-AUTH", answer
         assert OUTLIVED in str(answer["error_info"])
     finally:
