@@ -302,32 +302,34 @@ async def gathered(work: list[Awaitable[object]], at_once: int) -> None:
 # -- measuring ----------------------------------------------------------------------------------
 
 
-def cpu_seconds(child: Child) -> float:
-    fields = Path(f"/proc/{child.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+async def quiet(
+    clock: Clock,
+    pids: list[int | None],
+    enough: Callable[[list[float]], bool],
+    limit: float,
+    spare: float = 0,
+) -> float:
+    """Seconds until ``enough`` holds of the CPU seconds each of ``pids`` used over 2 s (at
+    most ``limit``, and only while the run has ``spare`` seconds left beyond that)."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < min(limit, max(clock.left() - spare, 0)):
+        before = [cpu_of(pid) for pid in pids]
+        await asyncio.sleep(2)
+        if enough([cpu_of(pid) - b for pid, b in zip(pids, before, strict=True)]):
+            break
+    return time.perf_counter() - start
 
 
 async def settled(clock: Clock, children: list[Child], limit: float = 30) -> float:
     """Seconds until each of ``children`` has used under 5 % of a core over 2 s."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < min(limit, max(clock.left(), 0)):
-        before = [cpu_seconds(c) for c in children]
-        await asyncio.sleep(2)
-        if all(cpu_seconds(c) - b < 0.1 for c, b in zip(children, before, strict=True)):
-            return time.perf_counter() - start
-    return time.perf_counter() - start
+    pids: list[int | None] = [c.proc.pid for c in children]
+    return await quiet(clock, pids, lambda used: all(u < 0.1 for u in used), limit)
 
 
 async def plane_quiet(clock: Clock, pids: dict[str, int | None], limit: float = 60) -> float:
     """Seconds until the processes ``pids`` together use under a quarter of a core over 2 s
     (at most ``limit``): idle, a control plane's own upkeep takes a few percent."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < min(limit, max(clock.left() - 120, 0)):
-        before = sum(cpu_of(pid) for pid in pids.values())
-        await asyncio.sleep(2)
-        if sum(cpu_of(pid) for pid in pids.values()) - before < 0.5:
-            break
-    return time.perf_counter() - start
+    return await quiet(clock, list(pids.values()), lambda used: sum(used) < 0.5, limit, 120)
 
 
 async def rested(clock: Clock, children: list[Child]) -> None:

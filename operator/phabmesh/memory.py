@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import os
 import time
 from collections.abc import Callable
@@ -39,18 +38,17 @@ def _rss_mb() -> float:
 
 
 def _malloc_trim() -> Callable[[], object] | None:
-    for name in ("libc.so.6", ctypes.util.find_library("c")):
+    """glibc's ``malloc_trim(0)``, or None without glibc: from its usual soname, else from
+    the symbols the process has loaded already (``dlopen(NULL)``)."""
+    for name in ("libc.so.6", None):
         try:
-            trim = ctypes.CDLL(name).malloc_trim if name else None
+            trim = ctypes.CDLL(name).malloc_trim
         except (OSError, AttributeError):
             continue
-        if trim is not None:
-            break
-    else:
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return lambda: trim(0)
+        trim.argtypes = [ctypes.c_size_t]
+        trim.restype = ctypes.c_int
+        return lambda: trim(0)
+    return None
 
 
 class Trimmer:
